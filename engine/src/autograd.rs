@@ -1,0 +1,264 @@
+//! The autograd tape.
+//!
+//! An op whose inputs require grad records a [`Node`] on its output: the op's name, one edge per
+//! input (to the input's own node, or to the leaf slot that will receive its gradient), and the
+//! op's [`Backward`] object, which holds exactly the buffers the backward needs (not the inputs
+//! themselves: a node never keeps an input's storage alive unless its backward asked for it).
+//! The nodes reachable from a loss, in reverse topological order, are the tape that
+//! [`Tensor::backward`] replays.
+//!
+//! Rules:
+//! - `backward()` needs a one-element tensor; it adds into the `.grad()` of every leaf that
+//!   requires grad (accumulating across calls until [`Tensor::zero_grad`]).
+//! - Each node's backward object is taken out and dropped as soon as it has run, so saved buffers
+//!   are freed during the backward pass, not at its end; running backward twice through one graph
+//!   is therefore an error that says so.
+//! - Backward rules run in no-grad mode: gradients are not themselves differentiable.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::{DType, Error, Result, Shape, Tensor};
+
+/// The backward half of an op. `grad` is the gradient of the loss with respect to the op's
+/// output; the result holds one entry per input, in the order the op recorded them (`None` for
+/// an input that gets no gradient, such as an index tensor).
+pub trait Backward: Send + Sync {
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>>;
+}
+
+/// A closure is a backward too: handy for ops whose backward is a line of other ops.
+impl<F> Backward for F
+where
+    F: FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync,
+{
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        (*self)(grad)
+    }
+}
+
+static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Where the gradient of a tensor goes: into a leaf's slot or through an op's node.
+#[derive(Clone)]
+pub(crate) enum GradEdge {
+    Leaf(Arc<Leaf>),
+    Node(Arc<Node>),
+}
+
+pub(crate) struct Leaf {
+    pub(crate) name: Mutex<Option<String>>,
+    pub(crate) grad: Mutex<Option<Tensor>>,
+}
+
+pub(crate) struct Node {
+    id: u64,
+    op: &'static str,
+    inputs: Vec<Option<(GradEdge, Shape, DType)>>,
+    backward: Mutex<Option<Box<dyn Backward>>>,
+}
+
+impl Leaf {
+    pub(crate) fn new(name: Option<String>) -> Self {
+        Leaf {
+            name: Mutex::new(name),
+            grad: Mutex::new(None),
+        }
+    }
+
+    fn accumulate(&self, g: Tensor) -> Result<()> {
+        let mut slot = self.grad.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(match slot.take() {
+            None => g,
+            Some(old) => old.add_same_shape(&g)?,
+        });
+        Ok(())
+    }
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// True unless inside a [`no_grad`] scope on this thread.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// Restores the previous grad mode when dropped.
+#[must_use = "the no-grad scope ends when this guard is dropped"]
+pub struct NoGradGuard {
+    previous: bool,
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.previous));
+    }
+}
+
+/// Turns recording off on this thread until the guard is dropped.
+pub fn no_grad() -> NoGradGuard {
+    let previous = GRAD_ENABLED.with(|g| g.replace(false));
+    NoGradGuard { previous }
+}
+
+/// Runs `f` with recording off.
+pub fn with_no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let _guard = no_grad();
+    f()
+}
+
+impl Tensor {
+    /// Attaches a backward node to `out` when grad mode is on and some input requires grad.
+    /// `make_backward` runs only in that case, so an op saves buffers only when they will be
+    /// used.
+    pub fn record<B: Backward + 'static>(
+        out: Tensor,
+        op: &'static str,
+        inputs: &[&Tensor],
+        make_backward: impl FnOnce() -> B,
+    ) -> Tensor {
+        if !is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
+            return out;
+        }
+        let edges = inputs
+            .iter()
+            .map(|t| {
+                t.grad_edge()
+                    .map(|e| (e, t.shape().clone(), t.dtype()))
+            })
+            .collect();
+        let node = Node {
+            id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
+            op,
+            inputs: edges,
+            backward: Mutex::new(Some(Box::new(make_backward()))),
+        };
+        out.with_grad_edge(GradEdge::Node(Arc::new(node)))
+    }
+
+    /// Back-propagates from this one-element tensor into every leaf that requires grad.
+    pub fn backward(&self) -> Result<()> {
+        if self.elem_count() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward() needs a one-element tensor (a loss); got shape {}",
+                self.shape()
+            )));
+        }
+        let seed = Tensor::ones(self.shape().clone(), self.dtype(), self.device())?;
+        self.backward_with(seed)
+    }
+
+    /// Back-propagates `grad` (same shape as this tensor) as the gradient of this tensor.
+    pub fn backward_with(&self, grad: Tensor) -> Result<()> {
+        if grad.shape() != self.shape() {
+            return Err(Error::Autograd(format!(
+                "backward_with: gradient of shape {} for a tensor of shape {}",
+                grad.shape(),
+                self.shape()
+            )));
+        }
+        let root = match self.grad_edge() {
+            None => {
+                return Err(Error::Autograd(
+                    "backward() on a tensor that does not require grad: no input of the \
+                     computation required grad, or it ran in no-grad mode"
+                        .into(),
+                ))
+            }
+            Some(GradEdge::Leaf(leaf)) => return leaf.accumulate(grad),
+            Some(GradEdge::Node(node)) => node,
+        };
+        let _guard = no_grad();
+        let order = topological_order(&root);
+        let mut pending: HashMap<u64, Tensor> = HashMap::new();
+        pending.insert(root.id, grad);
+        for node in order {
+            // A node that no gradient reached (its consumers all returned None) has nothing to do.
+            let Some(g) = pending.remove(&node.id) else {
+                continue;
+            };
+            let backward = node
+                .backward
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or_else(|| {
+                    Error::Autograd(format!(
+                        "the graph through `{}` was already used by an earlier backward() and its \
+                         saved buffers are freed; run the forward pass again",
+                        node.op
+                    ))
+                })?;
+            let grads = backward.backward(&g)?;
+            if grads.len() != node.inputs.len() {
+                return Err(Error::Autograd(format!(
+                    "`{}` backward returned {} gradients for {} inputs",
+                    node.op,
+                    grads.len(),
+                    node.inputs.len()
+                )));
+            }
+            for (i, (edge, g)) in node.inputs.iter().zip(grads).enumerate() {
+                let (Some((edge, shape, dtype)), Some(g)) = (edge, g) else {
+                    continue;
+                };
+                if g.shape() != shape || g.dtype() != *dtype {
+                    return Err(Error::Autograd(format!(
+                        "`{}` backward gave input {i} a gradient of shape {} {}; expected {} {}",
+                        node.op,
+                        g.shape(),
+                        g.dtype(),
+                        shape,
+                        dtype
+                    )));
+                }
+                match edge {
+                    GradEdge::Leaf(leaf) => leaf.accumulate(g)?,
+                    GradEdge::Node(n) => {
+                        let merged = match pending.remove(&n.id) {
+                            Some(old) => old.add_same_shape(&g)?,
+                            None => g,
+                        };
+                        pending.insert(n.id, merged);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Nodes reachable from `root`, every node before the nodes it feeds on (so a node's gradient is
+/// complete when it is reached). Iterative DFS: graphs of deep models would overflow a recursive
+/// one.
+fn topological_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut post = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack: Vec<(Arc<Node>, usize)> = vec![(root.clone(), 0)];
+    seen.insert(root.id);
+    while let Some((node, next_input)) = stack.pop() {
+        let child = node.inputs[next_input..]
+            .iter()
+            .enumerate()
+            .find_map(|(offset, e)| match e {
+                Some((GradEdge::Node(n), _, _)) if !seen.contains(&n.id) => {
+                    Some((next_input + offset, n.clone()))
+                }
+                _ => None,
+            });
+        match child {
+            Some((index, child)) => {
+                seen.insert(child.id);
+                stack.push((node, index + 1));
+                stack.push((child, 0));
+            }
+            None => post.push(node),
+        }
+    }
+    post.reverse();
+    post
+}

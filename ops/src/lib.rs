@@ -1,0 +1,1 @@
+pub use mvar_engine as engine;

@@ -103,6 +103,8 @@ pub trait Float:
 {
     fn from_f32(v: f32) -> Self;
     fn from_usize(v: usize) -> Self;
+    /// Widens to f64 (exact for f32 and f64; unlike `ToPrimitive::to_f64`, never None).
+    fn as_f64(self) -> f64;
 }
 
 impl Float for f32 {
@@ -112,6 +114,9 @@ impl Float for f32 {
     fn from_usize(v: usize) -> Self {
         v as f32
     }
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
 }
 
 impl Float for f64 {
@@ -120,5 +125,8 @@ impl Float for f64 {
     }
     fn from_usize(v: usize) -> Self {
         v as f64
+    }
+    fn as_f64(self) -> f64 {
+        self
     }
 }

@@ -6,7 +6,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::bf16;
 use mvar_cuda::{HostData, HostVec};
@@ -207,15 +209,16 @@ impl Tensor {
         &self.0.device
     }
 
-    /// Read access to the elements. Do not hold it across a call that writes this tensor.
+    /// Read access to the elements. Recursive reads are fine (an op may read the same storage
+    /// twice, as in `x * x`); do not hold it across a call that writes this tensor.
     pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
-        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.read_recursive()
     }
 
     /// Write access to the elements, for in-place updates (optimizers). Every tensor that shares
     /// this storage (reshapes, detached copies) sees the change.
     pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
-        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.write()
     }
 
     /// True when both handles read the same buffer.

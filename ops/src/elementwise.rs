@@ -1,0 +1,603 @@
+//! Elementwise ops: unary maps, binary ops with NumPy broadcasting, scalar forms, comparisons,
+//! where / masked fill, and the broadcast pair `broadcast_to` / `sum_to`.
+//!
+//! Every differentiable op here has a fused backward kernel (one pass computes the input
+//! gradient from the saved tensor and the output gradient), which is also the shape the CUDA
+//! kernels take.
+
+use mvar_engine::cpu::FloatKernel;
+use mvar_engine::{CpuStorage, DType, Error, Float, Result, Shape, Tensor};
+
+use crate::util::{
+    broadcast_map2, broadcast_map3, float_kernel, map1, map_zip, one, require_dtype, require_float,
+    same_device, same_dtype, tensor, with_cpu,
+};
+
+// ----------------------------------------------------------------------------------------------
+// unary
+
+/// The unary float maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+    Sigmoid,
+    Silu,
+    /// GELU with the tanh approximation (VAR's FFN).
+    GeluTanh,
+    Relu,
+    Abs,
+    Square,
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044_715;
+
+impl UnaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Silu => "silu",
+            UnaryOp::GeluTanh => "gelu_tanh",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Square => "square",
+        }
+    }
+
+    #[inline]
+    fn forward<T: Float>(self, x: T) -> T {
+        let one = T::one();
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Rsqrt => one / x.sqrt(),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Sigmoid => sigmoid_scalar(x),
+            UnaryOp::Silu => x * sigmoid_scalar(x),
+            UnaryOp::GeluTanh => {
+                let half = T::from_f64(0.5);
+                let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_C) * x * x * x);
+                half * x * (one + u.tanh())
+            }
+            UnaryOp::Relu => x.max(T::zero()),
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Square => x * x,
+        }
+    }
+
+    /// Whether the backward reads the output (true) or the input (false).
+    fn backward_uses_output(self) -> bool {
+        matches!(
+            self,
+            UnaryOp::Exp | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Tanh | UnaryOp::Sigmoid
+        )
+    }
+
+    /// dL/dx from the saved value (input or output, see `backward_uses_output`) and dL/dy.
+    #[inline]
+    fn backward<T: Float>(self, s: T, g: T) -> T {
+        let one = T::one();
+        let half = T::from_f64(0.5);
+        match self {
+            UnaryOp::Neg => -g,
+            UnaryOp::Exp => g * s,
+            UnaryOp::Log => g / s,
+            UnaryOp::Sqrt => g * half / s,
+            UnaryOp::Rsqrt => -g * half * s * s * s,
+            UnaryOp::Tanh => g * (one - s * s),
+            UnaryOp::Sigmoid => g * s * (one - s),
+            UnaryOp::Silu => {
+                let sg = sigmoid_scalar(s);
+                g * (sg + s * sg * (one - sg))
+            }
+            UnaryOp::GeluTanh => {
+                let k = T::from_f64(SQRT_2_OVER_PI);
+                let c = T::from_f64(GELU_C);
+                let t = (k * (s + c * s * s * s)).tanh();
+                let du = k * (one + T::from_f64(3.0) * c * s * s);
+                g * (half * (one + t) + half * s * (one - t * t) * du)
+            }
+            UnaryOp::Relu => {
+                if s > T::zero() {
+                    g
+                } else {
+                    T::zero()
+                }
+            }
+            UnaryOp::Abs => {
+                if s > T::zero() {
+                    g
+                } else if s < T::zero() {
+                    -g
+                } else {
+                    T::zero()
+                }
+            }
+            UnaryOp::Square => g * (s + s),
+        }
+    }
+}
+
+#[inline]
+fn sigmoid_scalar<T: Float>(x: T) -> T {
+    // Split by sign so that exp never overflows.
+    if x >= T::zero() {
+        T::one() / (T::one() + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (T::one() + e)
+    }
+}
+
+struct UnaryFwd(UnaryOp);
+impl FloatKernel for UnaryFwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let op = self.0;
+        Ok(vec![map1(x[0], move |v| op.forward(v))])
+    }
+}
+
+struct UnaryBwd(UnaryOp);
+impl FloatKernel for UnaryBwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let op = self.0;
+        Ok(vec![map_zip(x[0], x[1], move |s, g| op.backward(s, g))])
+    }
+}
+
+/// Applies a unary map.
+pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    let out = tensor(one(float_kernel(op.name(), &[x], &UnaryFwd(op))?), x.shape().clone(), x.device())?;
+    let saved = if op.backward_uses_output() { out.detach() } else { x.detach() };
+    Ok(Tensor::record(out, op.name(), &[x], move || {
+        move |g: &Tensor| {
+            let dx = one(float_kernel(op.name(), &[&saved, g], &UnaryBwd(op))?);
+            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+        }
+    }))
+}
+
+macro_rules! unary_fns {
+    ($($name:ident => $op:ident),* $(,)?) => {
+        $(
+            #[doc = concat!("Elementwise `", stringify!($name), "`.")]
+            pub fn $name(x: &Tensor) -> Result<Tensor> {
+                unary(x, UnaryOp::$op)
+            }
+        )*
+    };
+}
+
+unary_fns!(
+    neg => Neg, exp => Exp, log => Log, sqrt => Sqrt, rsqrt => Rsqrt, tanh => Tanh,
+    sigmoid => Sigmoid, silu => Silu, gelu_tanh => GeluTanh, relu => Relu, abs => Abs,
+    square => Square,
+);
+
+// ----------------------------------------------------------------------------------------------
+// binary with broadcasting
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+}
+
+impl BinaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+        }
+    }
+
+    #[inline]
+    fn forward<T: Float>(self, a: T, b: T) -> T {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Maximum => {
+                if a >= b {
+                    a
+                } else {
+                    b
+                }
+            }
+            BinaryOp::Minimum => {
+                if a <= b {
+                    a
+                } else {
+                    b
+                }
+            }
+        }
+    }
+
+    /// (dL/da, dL/db) at one element. Ties of maximum/minimum split the gradient evenly, as
+    /// PyTorch does.
+    #[inline]
+    fn backward<T: Float>(self, a: T, b: T, g: T) -> (T, T) {
+        let half = T::from_f64(0.5);
+        match self {
+            BinaryOp::Add => (g, g),
+            BinaryOp::Sub => (g, -g),
+            BinaryOp::Mul => (g * b, g * a),
+            BinaryOp::Div => (g / b, -g * a / (b * b)),
+            BinaryOp::Maximum | BinaryOp::Minimum => {
+                let a_wins = if self == BinaryOp::Maximum { a > b } else { a < b };
+                if a == b {
+                    (g * half, g * half)
+                } else if a_wins {
+                    (g, T::zero())
+                } else {
+                    (T::zero(), g)
+                }
+            }
+        }
+    }
+}
+
+struct BinaryFwd {
+    op: BinaryOp,
+    a: Shape,
+    b: Shape,
+    out: Shape,
+}
+impl FloatKernel for BinaryFwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let op = self.op;
+        Ok(vec![broadcast_map2(&self.out, (x[0], &self.a), (x[1], &self.b), move |a, b| {
+            op.forward(a, b)
+        })])
+    }
+}
+
+/// Gradients of both inputs at the broadcast shape (reduced to the input shapes afterwards).
+struct BinaryBwd {
+    op: BinaryOp,
+    a: Shape,
+    b: Shape,
+    out: Shape,
+}
+impl FloatKernel for BinaryBwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let op = self.op;
+        let pairs = broadcast_map3(
+            &self.out,
+            (x[0], &self.a),
+            (x[1], &self.b),
+            (x[2], &self.out),
+            move |a, b, g| {
+                let (da, db) = op.backward(a, b, g);
+                Pair(da, db)
+            },
+        );
+        let (da, db) = pairs.into_iter().map(|p| (p.0, p.1)).unzip();
+        Ok(vec![da, db])
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Pair<T>(T, T);
+
+/// `a op b` with NumPy broadcasting.
+pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    let name = op.name();
+    same_device(name, &[a, b])?;
+    same_dtype(name, &[a, b])?;
+    let out_shape = Shape::broadcast(name, a.shape(), b.shape())?;
+    let k = BinaryFwd {
+        op,
+        a: a.shape().clone(),
+        b: b.shape().clone(),
+        out: out_shape.clone(),
+    };
+    let out = tensor(one(float_kernel(name, &[a, b], &k)?), out_shape.clone(), a.device())?;
+    let (sa, sb) = (a.detach(), b.detach());
+    Ok(Tensor::record(out, name, &[a, b], move || {
+        move |g: &Tensor| {
+            // Add and sub need neither input: skip reading them.
+            let (ga, gb) = match op {
+                BinaryOp::Add => (g.clone(), g.clone()),
+                BinaryOp::Sub => (g.clone(), neg(g)?),
+                _ => {
+                    let k = BinaryBwd {
+                        op,
+                        a: sa.shape().clone(),
+                        b: sb.shape().clone(),
+                        out: out_shape.clone(),
+                    };
+                    let mut v = float_kernel(name, &[&sa, &sb, g], &k)?;
+                    let gb = tensor(v.pop().expect("two outputs"), out_shape.clone(), g.device())?;
+                    let ga = tensor(v.pop().expect("two outputs"), out_shape.clone(), g.device())?;
+                    (ga, gb)
+                }
+            };
+            Ok(vec![Some(sum_to(&ga, sa.shape())?), Some(sum_to(&gb, sb.shape())?)])
+        }
+    }))
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Add)
+}
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Sub)
+}
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Mul)
+}
+pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Div)
+}
+pub fn maximum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Maximum)
+}
+pub fn minimum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Minimum)
+}
+
+// ----------------------------------------------------------------------------------------------
+// scalar forms
+
+struct Affine {
+    mul: f64,
+    add: f64,
+}
+impl FloatKernel for Affine {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (m, a) = (T::from_f64(self.mul), T::from_f64(self.add));
+        Ok(vec![map1(x[0], move |v| v * m + a)])
+    }
+}
+
+/// `x * mul + add`.
+pub fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+    let out = tensor(one(float_kernel("affine", &[x], &Affine { mul, add })?), x.shape().clone(), x.device())?;
+    Ok(Tensor::record(out, "affine", &[x], move || {
+        move |g: &Tensor| Ok(vec![Some(affine(g, mul, 0.0)?)])
+    }))
+}
+
+pub fn add_scalar(x: &Tensor, v: f64) -> Result<Tensor> {
+    affine(x, 1.0, v)
+}
+
+pub fn mul_scalar(x: &Tensor, v: f64) -> Result<Tensor> {
+    affine(x, v, 0.0)
+}
+
+struct Powf(f64);
+impl FloatKernel for Powf {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let p = T::from_f64(self.0);
+        Ok(vec![map1(x[0], move |v| v.powf(p))])
+    }
+}
+
+struct PowfBwd(f64);
+impl FloatKernel for PowfBwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let p = T::from_f64(self.0);
+        let pm1 = T::from_f64(self.0 - 1.0);
+        Ok(vec![map_zip(x[0], x[1], move |v, g| g * p * v.powf(pm1))])
+    }
+}
+
+/// `x ^ p` for a scalar exponent.
+pub fn powf(x: &Tensor, p: f64) -> Result<Tensor> {
+    let out = tensor(one(float_kernel("powf", &[x], &Powf(p))?), x.shape().clone(), x.device())?;
+    let saved = x.detach();
+    Ok(Tensor::record(out, "powf", &[x], move || {
+        move |g: &Tensor| {
+            let dx = one(float_kernel("powf", &[&saved, g], &PowfBwd(p))?);
+            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+        }
+    }))
+}
+
+struct Clamp(f64, f64);
+impl FloatKernel for Clamp {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (lo, hi) = (T::from_f64(self.0), T::from_f64(self.1));
+        Ok(vec![map1(x[0], move |v| v.max(lo).min(hi))])
+    }
+}
+
+struct ClampBwd(f64, f64);
+impl FloatKernel for ClampBwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (lo, hi) = (T::from_f64(self.0), T::from_f64(self.1));
+        Ok(vec![map_zip(x[0], x[1], move |v, g| if v >= lo && v <= hi { g } else { T::zero() })])
+    }
+}
+
+/// Clamps into [lo, hi]; the gradient passes where the input is inside.
+pub fn clamp(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+    if lo > hi || lo.is_nan() || hi.is_nan() {
+        return Err(Error::invalid("clamp", format!("lo {lo} > hi {hi}: expected lo <= hi")));
+    }
+    let out = tensor(one(float_kernel("clamp", &[x], &Clamp(lo, hi))?), x.shape().clone(), x.device())?;
+    let saved = x.detach();
+    Ok(Tensor::record(out, "clamp", &[x], move || {
+        move |g: &Tensor| {
+            let dx = one(float_kernel("clamp", &[&saved, g], &ClampBwd(lo, hi))?);
+            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+        }
+    }))
+}
+
+// ----------------------------------------------------------------------------------------------
+// comparisons, where, masked fill
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// `a cmp b` as a u8 mask (1 = true), with broadcasting. Works on every dtype; not
+/// differentiable.
+pub fn compare(a: &Tensor, b: &Tensor, op: CmpOp) -> Result<Tensor> {
+    same_dtype("compare", &[a, b])?;
+    let out_shape = Shape::broadcast("compare", a.shape(), b.shape())?;
+    let mask = with_cpu("compare", &[a, b], |s| {
+        let (x, y) = (s[0].to_f64_vec(), s[1].to_f64_vec());
+        Ok(broadcast_map2(&out_shape, (&x, a.shape()), (&y, b.shape()), move |x, y| {
+            let r = match op {
+                CmpOp::Eq => x == y,
+                CmpOp::Ne => x != y,
+                CmpOp::Lt => x < y,
+                CmpOp::Le => x <= y,
+                CmpOp::Gt => x > y,
+                CmpOp::Ge => x >= y,
+            };
+            r as u8
+        }))
+    })?;
+    tensor(CpuStorage::U8(mask), out_shape, a.device())
+}
+
+/// `cond ? a : b` elementwise with broadcasting of all three; `cond` is a u8 mask.
+pub fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "where_cond";
+    require_dtype(OP, cond, "the condition", DType::U8)?;
+    require_float(OP, a)?;
+    same_dtype(OP, &[a, b])?;
+    same_device(OP, &[cond, a, b])?;
+    let out_shape = Shape::broadcast(OP, &Shape::broadcast(OP, cond.shape(), a.shape())?, b.shape())?;
+    let k = Where {
+        cond: cond.to_vec::<u8>()?,
+        shapes: [cond.shape().clone(), a.shape().clone(), b.shape().clone(), out_shape.clone()],
+    };
+    let out = tensor(one(float_kernel(OP, &[a, b], &k)?), out_shape.clone(), a.device())?;
+    let cond = cond.detach();
+    let (a_shape, b_shape) = (a.shape().clone(), b.shape().clone());
+    Ok(Tensor::record(out, OP, &[a, b], move || {
+        move |g: &Tensor| {
+            let zeros = Tensor::zeros((), g.dtype(), g.device())?;
+            let ga = where_cond(&cond, g, &zeros)?;
+            let gb = where_cond(&cond, &zeros, g)?;
+            Ok(vec![Some(sum_to(&ga, &a_shape)?), Some(sum_to(&gb, &b_shape)?)])
+        }
+    }))
+}
+
+struct Where {
+    cond: Vec<u8>,
+    shapes: [Shape; 4],
+}
+impl FloatKernel for Where {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let [c, a, b, out] = &self.shapes;
+        Ok(vec![broadcast_map3(out, (&self.cond[..], c), (x[0], a), (x[1], b), |c, a, b| {
+            if c != 0 {
+                a
+            } else {
+                b
+            }
+        })])
+    }
+}
+
+/// `x` with `value` where `mask` (u8, broadcast to x's shape) is 1.
+pub fn masked_fill(x: &Tensor, mask: &Tensor, value: f64) -> Result<Tensor> {
+    let fill = Tensor::full(value, (), x.dtype(), x.device())?;
+    let out = where_cond(mask, &fill, x)?;
+    if out.shape() != x.shape() {
+        return Err(Error::shape(
+            "masked_fill",
+            Error::shapes(&[x.shape(), mask.shape()]),
+            "a mask that broadcasts to the input's shape",
+        ));
+    }
+    Ok(out)
+}
+
+// ----------------------------------------------------------------------------------------------
+// broadcast_to / sum_to
+
+/// `x` expanded (copied) to `shape` by broadcasting.
+pub fn broadcast_to(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
+    let shape = shape.into();
+    let target = Shape::broadcast("broadcast_to", x.shape(), &shape)?;
+    if target != shape {
+        return Err(Error::shape(
+            "broadcast_to",
+            Error::shapes(&[x.shape(), &shape]),
+            format!("an input that broadcasts to {shape} without growing it"),
+        ));
+    }
+    if x.shape() == &shape {
+        return Ok(x.clone());
+    }
+    let k = Expand {
+        from: x.shape().clone(),
+        to: shape.clone(),
+    };
+    let out = tensor(one(float_kernel("broadcast_to", &[x], &k)?), shape, x.device())?;
+    let from = x.shape().clone();
+    Ok(Tensor::record(out, "broadcast_to", &[x], move || {
+        move |g: &Tensor| Ok(vec![Some(sum_to(g, &from)?)])
+    }))
+}
+
+struct Expand {
+    from: Shape,
+    to: Shape,
+}
+impl FloatKernel for Expand {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let unit = [T::zero()];
+        Ok(vec![broadcast_map2(&self.to, (x[0], &self.from), (&unit[..], &Shape::scalar()), |a, _| a)])
+    }
+}
+
+/// Sums `x` down to `shape`, the inverse of broadcasting `shape` up to `x`'s shape (how
+/// gradients of broadcast inputs are formed).
+pub fn sum_to(x: &Tensor, shape: &Shape) -> Result<Tensor> {
+    if x.shape() == shape {
+        return Ok(x.clone());
+    }
+    let grown = Shape::broadcast("sum_to", shape, x.shape())?;
+    if &grown != x.shape() {
+        return Err(Error::shape(
+            "sum_to",
+            Error::shapes(&[x.shape(), shape]),
+            format!("a target shape that broadcasts to {}", x.shape()),
+        ));
+    }
+    let pad = x.rank() - shape.rank();
+    let axes: Vec<usize> = (0..x.rank())
+        .filter(|&i| i < pad || (shape.dims()[i - pad] == 1 && x.dims()[i] != 1))
+        .collect();
+    let summed = crate::reduce::sum_axes(x, &axes, true)?;
+    summed.reshape(shape.clone())
+}

@@ -1,0 +1,233 @@
+//! Matrix products through the `gemm` crate (BLIS-style kernels, threaded with rayon).
+//!
+//! `matmul(a, b)`: a [..., m, k] @ b [..., k, n] -> [..., m, n], batch axes broadcast NumPy-style.
+//! `matmul_t` takes either operand transposed in its last two axes without copying it: the
+//! strides are handed to the GEMM. Backward uses that to form a^T and b^T products for free,
+//! and `linear` uses it for x @ w^T with PyTorch's [out, in] weight layout.
+//!
+//! Threading: one GEMM call uses every thread when the matrices are large; a batch of small
+//! matrices (attention heads) runs one single-threaded GEMM per batch entry across the threads
+//! instead, because gemm's own splitting does not pay below a few MFLOP.
+
+use gemm::Parallelism;
+use mvar_engine::cpu::FloatKernel;
+use mvar_engine::{Error, Float, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::elementwise::{add, sum_to};
+use crate::util::{float_kernel, one, same_device, same_dtype, tensor};
+
+/// A matrix product of one batch entry is "small" below this many multiply-adds.
+const SMALL_GEMM_FLOPS: usize = 1 << 21;
+
+/// Shapes of a (possibly transposed) batched product.
+#[derive(Clone, Debug)]
+struct MatmulPlan {
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    batch: Shape,
+    a_batch: Shape,
+    b_batch: Shape,
+}
+
+fn split_batch(s: &Shape) -> (Shape, usize, usize) {
+    let d = s.dims();
+    let r = d.len();
+    (Shape::new(&d[..r - 2]), d[r - 2], d[r - 1])
+}
+
+impl MatmulPlan {
+    fn new(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Self> {
+        if a.rank() < 2 || b.rank() < 2 {
+            return Err(Error::shape(
+                "matmul",
+                Error::shapes(&[a.shape(), b.shape()]),
+                "operands of rank >= 2 ([..., m, k] and [..., k, n])",
+            ));
+        }
+        let (a_batch, ar, ac) = split_batch(a.shape());
+        let (b_batch, br, bc) = split_batch(b.shape());
+        let (m, ka) = if trans_a { (ac, ar) } else { (ar, ac) };
+        let (kb, n) = if trans_b { (bc, br) } else { (br, bc) };
+        if ka != kb {
+            return Err(Error::shape(
+                "matmul",
+                format!(
+                    "{}{} and {}{}",
+                    a.shape(),
+                    if trans_a { " (transposed)" } else { "" },
+                    b.shape(),
+                    if trans_b { " (transposed)" } else { "" }
+                ),
+                format!("inner dimensions that agree ({ka} vs {kb})"),
+            ));
+        }
+        let batch = Shape::broadcast("matmul", &a_batch, &b_batch)?;
+        Ok(MatmulPlan {
+            m,
+            k: ka,
+            n,
+            trans_a,
+            trans_b,
+            batch,
+            a_batch,
+            b_batch,
+        })
+    }
+
+    fn out_shape(&self) -> Shape {
+        let mut d = self.batch.dims().to_vec();
+        d.extend([self.m, self.n]);
+        Shape::new(d)
+    }
+
+    /// Offset (in matrices) of batch entry `i` in an operand with batch shape `own`.
+    fn operand_index(&self, own: &Shape, mut i: usize) -> usize {
+        let rank = self.batch.rank();
+        let pad = rank - own.rank();
+        let strides = own.strides();
+        let mut off = 0;
+        for ax in (0..rank).rev() {
+            let d = self.batch.dims()[ax];
+            let idx = i % d;
+            i /= d;
+            if ax >= pad && own.dims()[ax - pad] != 1 {
+                off += idx * strides[ax - pad];
+            }
+        }
+        off
+    }
+}
+
+struct Gemm(MatmulPlan);
+
+impl FloatKernel for Gemm {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let p = &self.0;
+        let (m, k, n) = (p.m, p.k, p.n);
+        let batches = p.batch.elem_count();
+        let mut out = vec![T::zero(); batches * m * n];
+        if m * n == 0 {
+            return Ok(vec![out]);
+        }
+        let (a, b) = (x[0], x[1]);
+        // Row/column strides of the logical (m x k) and (k x n) operands.
+        let (a_rs, a_cs) = if p.trans_a { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if p.trans_b { (1, k as isize) } else { (n as isize, 1) };
+        let small = m * n * k < SMALL_GEMM_FLOPS;
+        let threads = rayon::current_num_threads();
+        let one_product = |bi: usize, dst: &mut [T], par: Parallelism| {
+            let ai = p.operand_index(&p.a_batch, bi) * m * k;
+            let bj = p.operand_index(&p.b_batch, bi) * k * n;
+            let (a_mat, b_mat) = (&a[ai..ai + m * k], &b[bj..bj + k * n]);
+            // SAFETY: the pointers cover exactly m*k, k*n and m*n elements with the strides
+            // given (row-major, or its transpose), and dst does not alias the operands.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a_mat.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    b_mat.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    T::zero(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        };
+        if k == 0 {
+            return Ok(vec![out]);
+        }
+        if batches > 1 && small {
+            out.par_chunks_mut(m * n)
+                .enumerate()
+                .for_each(|(bi, dst)| one_product(bi, dst, Parallelism::None));
+        } else {
+            let par = if small || threads == 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
+            for (bi, dst) in out.chunks_mut(m * n).enumerate() {
+                one_product(bi, dst, par);
+            }
+        }
+        Ok(vec![out])
+    }
+}
+
+/// a @ b with broadcast batch axes.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_t(a, b, false, false)
+}
+
+/// op(a) @ op(b) where op transposes the last two axes when its flag is set (no copy).
+pub fn matmul_t(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    same_device("matmul", &[a, b])?;
+    same_dtype("matmul", &[a, b])?;
+    let plan = MatmulPlan::new(a, b, trans_a, trans_b)?;
+    let out_shape = plan.out_shape();
+    let out = tensor(one(float_kernel("matmul", &[a, b], &Gemm(plan))?), out_shape, a.device())?;
+    let (sa, sb) = (a.detach(), b.detach());
+    let (a_req, b_req) = (a.requires_grad(), b.requires_grad());
+    Ok(Tensor::record(out, "matmul", &[a, b], move || {
+        move |g: &Tensor| {
+            // C = op(A) op(B):  d op(A) = dC op(B)^T,  d op(B) = op(A)^T dC, then undo op.
+            let ga = if !a_req {
+                None
+            } else if !trans_a {
+                Some(matmul_t(g, &sb, false, !trans_b)?)
+            } else {
+                Some(matmul_t(&sb, g, trans_b, true)?)
+            };
+            let gb = if !b_req {
+                None
+            } else if !trans_b {
+                Some(matmul_t(&sa, g, !trans_a, false)?)
+            } else {
+                Some(matmul_t(g, &sa, true, trans_a)?)
+            };
+            Ok(vec![
+                ga.map(|t| sum_to(&t, sa.shape())).transpose()?,
+                gb.map(|t| sum_to(&t, sb.shape())).transpose()?,
+            ])
+        }
+    }))
+}
+
+/// x @ w^T + b with PyTorch's weight layout w [out, in] and bias [out].
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if w.rank() != 2 || x.rank() < 1 || x.dims()[x.rank() - 1] != w.dims()[1] {
+        return Err(Error::shape(
+            "linear",
+            format!("input {} and weight {}", x.shape(), w.shape()),
+            "input [..., in] and weight [out, in]",
+        ));
+    }
+    let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+    let x2 = x.reshape([lead.iter().product::<usize>(), w.dims()[1]])?;
+    let mut y = matmul_t(&x2, w, false, true)?;
+    if let Some(b) = bias {
+        if b.dims() != [w.dims()[0]] {
+            return Err(Error::shape(
+                "linear",
+                format!("bias {} for weight {}", b.shape(), w.shape()),
+                format!("bias [{}]", w.dims()[0]),
+            ));
+        }
+        y = add(&y, b)?;
+    }
+    let mut out_dims = lead;
+    out_dims.push(w.dims()[0]);
+    y.reshape(out_dims)
+}

@@ -1,0 +1,247 @@
+//! Reductions over axes: sum, mean, max (with its argmax) and argmax.
+//!
+//! Every kernel sees its input as [outer, n, inner] around the reduced axis. Sums accumulate in
+//! f64 on the CPU: this backend is the reference the GPU kernels are checked against, so it
+//! favours accuracy over the last few percent of speed.
+
+use mvar_engine::cpu::FloatKernel;
+use mvar_engine::{CpuStorage, Error, Float, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::elementwise::{broadcast_to, mul_scalar};
+use crate::util::{float_kernel, one, tensor, with_cpu};
+
+fn keepdim_shape(shape: &Shape, axis: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    d[axis] = 1;
+    Shape::new(d)
+}
+
+fn drop_axis(shape: &Shape, axis: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    d.remove(axis);
+    Shape::new(d)
+}
+
+/// Output rows processed per task when the outer extent alone is too small to keep all threads
+/// busy.
+const INNER_CHUNK: usize = 4096;
+
+struct SumAxis {
+    outer: usize,
+    n: usize,
+    inner: usize,
+}
+impl FloatKernel for SumAxis {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (outer, n, inner) = (self.outer, self.n, self.inner);
+        let x = x[0];
+        let mut out = vec![T::zero(); outer * inner];
+        let row = |(o, dst): (usize, &mut [T])| {
+            if inner == 1 {
+                let s: f64 = x[o * n..(o + 1) * n].iter().map(|v| v.as_f64()).sum();
+                dst[0] = T::from_f64(s);
+                return;
+            }
+            let body = |(c, d): (usize, &mut [T])| {
+                let i0 = c * INNER_CHUNK;
+                let mut acc = vec![0.0f64; d.len()];
+                for s in 0..n {
+                    let src = &x[(o * n + s) * inner + i0..][..d.len()];
+                    for (a, v) in acc.iter_mut().zip(src) {
+                        *a += v.as_f64();
+                    }
+                }
+                for (d, a) in d.iter_mut().zip(acc) {
+                    *d = T::from_f64(a);
+                }
+            };
+            if n * inner >= mvar_engine::cpu::PARALLEL_MIN_ELEMS {
+                dst.par_chunks_mut(INNER_CHUNK).enumerate().for_each(body);
+            } else {
+                dst.chunks_mut(INNER_CHUNK).enumerate().for_each(body);
+            }
+        };
+        if outer > 1 && outer * n * inner >= mvar_engine::cpu::PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(inner).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(inner).enumerate().for_each(row);
+        }
+        Ok(vec![out])
+    }
+}
+
+/// Sum over one axis.
+pub fn sum(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+    let ax = x.shape().axis("sum", axis)?;
+    sum_axes(x, &[ax], keepdim)
+}
+
+/// Sum over several axes (given non-negative; duplicates ignored).
+pub fn sum_axes(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
+    let mut axes = axes.to_vec();
+    axes.sort_unstable();
+    axes.dedup();
+    if let Some(&bad) = axes.iter().find(|&&a| a >= x.rank()) {
+        return Err(Error::IndexOutOfRange {
+            op: "sum",
+            what: "axis",
+            index: bad as i64,
+            size: x.rank(),
+        });
+    }
+    let mut out = x.clone();
+    for &ax in axes.iter().rev() {
+        out = sum_one_axis(&out, ax)?;
+    }
+    if keepdim {
+        return Ok(out);
+    }
+    let dims: Vec<usize> = x
+        .dims()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !axes.contains(i))
+        .map(|(_, &d)| d)
+        .collect();
+    out.reshape(dims)
+}
+
+fn sum_one_axis(x: &Tensor, ax: usize) -> Result<Tensor> {
+    let (outer, n, inner) = x.shape().split_at_axis(ax);
+    let out_shape = keepdim_shape(x.shape(), ax);
+    let k = SumAxis { outer, n, inner };
+    let out = tensor(one(float_kernel("sum", &[x], &k)?), out_shape, x.device())?;
+    let in_shape = x.shape().clone();
+    Ok(Tensor::record(out, "sum", &[x], move || {
+        move |g: &Tensor| Ok(vec![Some(broadcast_to(g, in_shape)?)])
+    }))
+}
+
+/// Sum of every element, shape [].
+pub fn sum_all(x: &Tensor) -> Result<Tensor> {
+    let axes: Vec<usize> = (0..x.rank()).collect();
+    sum_axes(x, &axes, false)
+}
+
+/// Mean over one axis.
+pub fn mean(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+    let ax = x.shape().axis("mean", axis)?;
+    mean_axes(x, &[ax], keepdim)
+}
+
+/// Mean over several axes.
+pub fn mean_axes(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
+    let mut uniq = axes.to_vec();
+    uniq.sort_unstable();
+    uniq.dedup();
+    let count: usize = uniq.iter().filter_map(|&a| x.dims().get(a)).product();
+    if count == 0 {
+        return Err(Error::invalid("mean", format!("mean over an empty axis of shape {}", x.shape())));
+    }
+    mul_scalar(&sum_axes(x, &uniq, keepdim)?, 1.0 / count as f64)
+}
+
+/// Mean of every element, shape [].
+pub fn mean_all(x: &Tensor) -> Result<Tensor> {
+    let axes: Vec<usize> = (0..x.rank()).collect();
+    mean_axes(x, &axes, false)
+}
+
+/// Index of the first largest value along the axis of `[outer, n, inner]`; NaN counts as the
+/// largest, as in PyTorch.
+fn argmax_kernel(x: &[f64], outer: usize, n: usize, inner: usize) -> Vec<i64> {
+    let mut out = vec![0i64; outer * inner];
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut best = 0usize;
+            let mut best_v = x[o * n * inner + i];
+            for s in 1..n {
+                let v = x[(o * n + s) * inner + i];
+                if !best_v.is_nan() && (v > best_v || v.is_nan()) {
+                    best = s;
+                    best_v = v;
+                }
+            }
+            out[o * inner + i] = best as i64;
+        }
+    }
+    out
+}
+
+/// Index of the largest value along `axis` (i64). Works on every dtype; not differentiable.
+pub fn argmax(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+    let ax = x.shape().axis("argmax", axis)?;
+    let (outer, n, inner) = x.shape().split_at_axis(ax);
+    if n == 0 {
+        return Err(Error::invalid("argmax", format!("argmax over an empty axis of shape {}", x.shape())));
+    }
+    let idx = with_cpu("argmax", &[x], |s| Ok(argmax_kernel(&s[0].to_f64_vec(), outer, n, inner)))?;
+    let shape = if keepdim { keepdim_shape(x.shape(), ax) } else { drop_axis(x.shape(), ax) };
+    tensor(CpuStorage::I64(idx), shape, x.device())
+}
+
+struct GatherAlong {
+    idx: Vec<i64>,
+    outer: usize,
+    n: usize,
+    inner: usize,
+}
+impl FloatKernel for GatherAlong {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (n, inner) = (self.n, self.inner);
+        let out = (0..self.outer * inner)
+            .map(|j| {
+                let (o, i) = (j / inner, j % inner);
+                x[0][(o * n + self.idx[j] as usize) * inner + i]
+            })
+            .collect();
+        Ok(vec![out])
+    }
+}
+
+struct ScatterAlong {
+    idx: Vec<i64>,
+    outer: usize,
+    n: usize,
+    inner: usize,
+}
+impl FloatKernel for ScatterAlong {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (n, inner) = (self.n, self.inner);
+        let mut out = vec![T::zero(); self.outer * n * inner];
+        for (j, &g) in x[0].iter().enumerate() {
+            let (o, i) = (j / inner, j % inner);
+            out[(o * n + self.idx[j] as usize) * inner + i] += g;
+        }
+        Ok(vec![out])
+    }
+}
+
+/// Largest value along `axis`; the gradient goes to the first position that holds it.
+pub fn max(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+    let ax = x.shape().axis("max", axis)?;
+    let (outer, n, inner) = x.shape().split_at_axis(ax);
+    let idx = argmax(x, axis, true)?.to_vec::<i64>()?;
+    let k = GatherAlong { idx: idx.clone(), outer, n, inner };
+    let kept = keepdim_shape(x.shape(), ax);
+    let out = tensor(one(float_kernel("max", &[x], &k)?), kept.clone(), x.device())?;
+    let in_shape = x.shape().clone();
+    let out = Tensor::record(out, "max", &[x], move || {
+        move |g: &Tensor| {
+            let k = ScatterAlong { idx, outer, n, inner };
+            let dx = one(float_kernel("max", &[g], &k)?);
+            Ok(vec![Some(tensor(dx, in_shape, g.device())?)])
+        }
+    });
+    if keepdim {
+        Ok(out)
+    } else {
+        out.reshape(drop_axis(x.shape(), ax))
+    }
+}
+
+/// Smallest value along `axis` (as -max(-x)).
+pub fn min(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+    crate::elementwise::neg(&max(&crate::elementwise::neg(x)?, axis, keepdim)?)
+}

@@ -1,0 +1,298 @@
+//! Checks and plumbing shared by every op: device/dtype agreement, access to CPU storage,
+//! broadcast iteration.
+
+use mvar_engine::cpu::{run_float, FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::{CpuStorage, DType, Device, Error, Result, Shape, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// All tensors on one device.
+pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    if let Some(first) = ts.first() {
+        if let Some(other) = ts.iter().find(|t| t.device() != first.device()) {
+            return Err(Error::DeviceMismatch {
+                op,
+                got: format!("{} and {}", first.device(), other.device()),
+                expected: "all inputs on one device".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// All tensors of one dtype.
+pub(crate) fn same_dtype(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    if let Some(first) = ts.first() {
+        if let Some(other) = ts.iter().find(|t| t.dtype() != first.dtype()) {
+            return Err(Error::DTypeMismatch {
+                op,
+                got: format!("{} and {}", first.dtype(), other.dtype()),
+                expected: "all float inputs of one dtype".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn require_float(op: &'static str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(Error::dtype(op, t.dtype(), "a float dtype (f32, bf16 or f64)"));
+    }
+    Ok(())
+}
+
+pub(crate) fn require_dtype(op: &'static str, t: &Tensor, what: &str, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::dtype(op, t.dtype(), format!("{dtype} for {what}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn require_rank(op: &'static str, t: &Tensor, what: &str, rank: usize) -> Result<()> {
+    if t.rank() != rank {
+        return Err(Error::shape(op, format!("{what} of shape {}", t.shape()), format!("a rank-{rank} tensor")));
+    }
+    Ok(())
+}
+
+/// The CPU storage behind a read guard, or the error every op gives for a device it has no
+/// kernel for. The CUDA backend replaces these call sites with a dispatch.
+pub(crate) fn cpu<'a>(op: &'static str, s: &'a Storage) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        Storage::Cuda(_) => Err(Error::Unsupported {
+            op,
+            msg: "no CUDA kernel for this op in this build; run it on the CPU (MVAR_DEVICE=cpu)".into(),
+        }),
+    }
+}
+
+/// Runs `f` on the CPU storages of `ts` (after the device check).
+pub(crate) fn with_cpu<R>(
+    op: &'static str,
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&CpuStorage]) -> Result<R>,
+) -> Result<R> {
+    same_device(op, ts)?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
+    let cpus: Vec<&CpuStorage> = guards.iter().map(|g| cpu(op, g)).collect::<Result<_>>()?;
+    f(&cpus)
+}
+
+/// Runs a float kernel on the CPU storages of `ts` (device and dtype checked).
+pub(crate) fn float_kernel(
+    op: &'static str,
+    ts: &[&Tensor],
+    kernel: &impl FloatKernel,
+) -> Result<Vec<CpuStorage>> {
+    for t in ts {
+        require_float(op, t)?;
+    }
+    same_dtype(op, ts)?;
+    with_cpu(op, ts, |cpus| run_float(op, cpus, kernel))
+}
+
+/// A new tensor on `device` from host storage.
+pub(crate) fn tensor(cpu: CpuStorage, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    Tensor::from_cpu(cpu, shape, device)
+}
+
+/// Takes the single output of a kernel.
+pub(crate) fn one(mut v: Vec<CpuStorage>) -> CpuStorage {
+    v.swap_remove(0)
+}
+
+/// Iterates an output shape row by row (a row = the last axis) and gives, for each input
+/// broadcast to that shape, the offset of the row's first element and the step along the row
+/// (0 when the input is broadcast along the last axis).
+pub(crate) struct Broadcast {
+    out_dims: Vec<usize>,
+    /// per input: strides aligned to the output's axes, 0 on broadcast axes
+    strides: Vec<Vec<usize>>,
+    row_len: usize,
+}
+
+impl Broadcast {
+    pub(crate) fn new(out: &Shape, inputs: &[&Shape]) -> Self {
+        let rank = out.rank();
+        let strides = inputs
+            .iter()
+            .map(|s| {
+                let own = s.strides();
+                let pad = rank - s.rank();
+                (0..rank)
+                    .map(|i| {
+                        if i < pad || s.dims()[i - pad] == 1 {
+                            0
+                        } else {
+                            own[i - pad]
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let row_len = if rank == 0 { 1 } else { out.dims()[rank - 1] };
+        Broadcast {
+            out_dims: out.dims().to_vec(),
+            strides,
+            row_len,
+        }
+    }
+
+    pub(crate) fn row_len(&self) -> usize {
+        self.row_len
+    }
+
+    /// Step along the row for input `i`.
+    pub(crate) fn row_step(&self, i: usize) -> usize {
+        self.strides[i].last().copied().unwrap_or(0)
+    }
+
+    /// Offset of row `row`'s first element in input `i`.
+    pub(crate) fn row_offset(&self, i: usize, mut row: usize) -> usize {
+        let rank = self.out_dims.len();
+        if rank <= 1 {
+            return 0;
+        }
+        let mut off = 0;
+        for ax in (0..rank - 1).rev() {
+            let d = self.out_dims[ax];
+            off += (row % d) * self.strides[i][ax];
+            row /= d;
+        }
+        off
+    }
+}
+
+/// out[i] = f(a[ia], b[ib]) over the broadcast of a and b to `out`.
+pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Default>(
+    out: &Shape,
+    a: (&[A], &Shape),
+    b: (&[B], &Shape),
+    f: impl Fn(A, B) -> R + Sync + Send,
+) -> Vec<R> {
+    let n = out.elem_count();
+    if a.1 == out && b.1 == out {
+        return map_zip(a.0, b.0, f);
+    }
+    let bc = Broadcast::new(out, &[a.1, b.1]);
+    let row = bc.row_len().max(1);
+    let (sa, sb) = (bc.row_step(0), bc.row_step(1));
+    let mut v = vec![R::default(); n];
+    let fill = |(r, chunk): (usize, &mut [R])| {
+        let (oa, ob) = (bc.row_offset(0, r), bc.row_offset(1, r));
+        for (j, o) in chunk.iter_mut().enumerate() {
+            *o = f(a.0[oa + j * sa], b.0[ob + j * sb]);
+        }
+    };
+    if n >= PARALLEL_MIN_ELEMS {
+        v.par_chunks_mut(row).enumerate().for_each(fill);
+    } else {
+        v.chunks_mut(row).enumerate().for_each(fill);
+    }
+    v
+}
+
+/// out[i] = f(a[ia], b[ib], c[ic]) over the broadcast of a, b and c to `out`.
+pub(crate) fn broadcast_map3<A: Copy + Sync, B: Copy + Sync, C: Copy + Sync, R: Copy + Send + Default>(
+    out: &Shape,
+    a: (&[A], &Shape),
+    b: (&[B], &Shape),
+    c: (&[C], &Shape),
+    f: impl Fn(A, B, C) -> R + Sync + Send,
+) -> Vec<R> {
+    let n = out.elem_count();
+    let bc = Broadcast::new(out, &[a.1, b.1, c.1]);
+    let row = bc.row_len().max(1);
+    let (sa, sb, sc) = (bc.row_step(0), bc.row_step(1), bc.row_step(2));
+    let mut v = vec![R::default(); n];
+    let fill = |(r, chunk): (usize, &mut [R])| {
+        let (oa, ob, oc) = (bc.row_offset(0, r), bc.row_offset(1, r), bc.row_offset(2, r));
+        for (j, o) in chunk.iter_mut().enumerate() {
+            *o = f(a.0[oa + j * sa], b.0[ob + j * sb], c.0[oc + j * sc]);
+        }
+    };
+    if n >= PARALLEL_MIN_ELEMS {
+        v.par_chunks_mut(row).enumerate().for_each(fill);
+    } else {
+        v.chunks_mut(row).enumerate().for_each(fill);
+    }
+    v
+}
+
+/// out[i] = f(x[i]), threaded for large inputs.
+pub(crate) fn map1<A: Copy + Sync, R: Send>(x: &[A], f: impl Fn(A) -> R + Sync + Send) -> Vec<R> {
+    if x.len() >= PARALLEL_MIN_ELEMS {
+        x.par_iter().map(|&a| f(a)).collect()
+    } else {
+        x.iter().map(|&a| f(a)).collect()
+    }
+}
+
+/// out[i] = f(a[i], b[i]), threaded for large inputs.
+pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Send>(
+    a: &[A],
+    b: &[B],
+    f: impl Fn(A, B) -> R + Sync + Send,
+) -> Vec<R> {
+    if a.len() >= PARALLEL_MIN_ELEMS {
+        a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect()
+    } else {
+        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+    }
+}
+
+/// A kernel that only moves elements, written once for every dtype (no float conversion, so
+/// bf16 and integer tensors are copied bit for bit).
+pub(crate) trait CopyKernel {
+    fn run<T: WithDType + Default>(&self, x: &[&[T]]) -> Result<Vec<T>>;
+}
+
+/// Runs a copy kernel on tensors of one dtype and device.
+pub(crate) fn copy_kernel(op: &'static str, ts: &[&Tensor], k: &impl CopyKernel) -> Result<CpuStorage> {
+    same_dtype(op, ts)?;
+    with_cpu(op, ts, |s| {
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let xs: Vec<&[$t]> = s.iter().map(|c| c.as_slice::<$t>(op)).collect::<Result<_>>()?;
+                Ok(CpuStorage::$v(k.run(&xs)?))
+            }};
+        }
+        match s[0].dtype() {
+            DType::F32 => go!(f32, F32),
+            DType::BF16 => go!(mvar_engine::bf16, BF16),
+            DType::F64 => go!(f64, F64),
+            DType::I64 => go!(i64, I64),
+            DType::U8 => go!(u8, U8),
+        }
+    })
+}
+
+/// out[i] = x[offset(i)] where offset(i) = sum over axes of index(i, axis) * strides[axis]:
+/// a copy through arbitrary strides (permute is this with permuted strides).
+pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(x: &[T], out_dims: &[usize], strides: &[usize]) -> Vec<T> {
+    let n: usize = out_dims.iter().product();
+    let rank = out_dims.len();
+    let row = if rank == 0 { 1 } else { out_dims[rank - 1] };
+    let step = if rank == 0 { 0 } else { strides[rank - 1] };
+    let mut out = vec![T::default(); n];
+    if n == 0 {
+        return out;
+    }
+    let fill = |(r, chunk): (usize, &mut [T])| {
+        let mut rem = r;
+        let mut off = 0;
+        for ax in (0..rank.saturating_sub(1)).rev() {
+            off += (rem % out_dims[ax]) * strides[ax];
+            rem /= out_dims[ax];
+        }
+        for (j, o) in chunk.iter_mut().enumerate() {
+            *o = x[off + j * step];
+        }
+    };
+    if n >= PARALLEL_MIN_ELEMS {
+        out.par_chunks_mut(row).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(row).enumerate().for_each(fill);
+    }
+    out
+}

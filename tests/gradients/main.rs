@@ -1,0 +1,84 @@
+//! Property tests: the gradient of every op against central finite differences in f64, on
+//! random shapes and values (see `mvar::ops::testing` for the error measure).
+//!
+//! Set `MVAR_GRADCHECK_LOG=path` to append "op<TAB>worst relative error" for every case run.
+
+use std::io::Write;
+
+use mvar::engine::{Generator, Result, Tensor};
+use mvar::ops::testing::{check_gradients, randn_f64, GradCheck};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+
+mod core_ops;
+
+/// Runs the finite-difference check and fails the proptest case when it does not pass.
+pub fn check(op: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor]) -> std::result::Result<(), TestCaseError> {
+    check_with(op, f, inputs, GradCheck::default())
+}
+
+pub fn check_with(
+    op: &str,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    cfg: GradCheck,
+) -> std::result::Result<(), TestCaseError> {
+    let report = check_gradients(f, inputs, cfg).map_err(|e| TestCaseError::fail(format!("{op}: {e}")))?;
+    if let Ok(path) = std::env::var("MVAR_GRADCHECK_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            // One write per line: tests run on several threads and append to one file.
+            let _ = f.write_all(format!("{op}\t{:e}\n", report.worst()).as_bytes());
+        }
+    }
+    prop_assert!(report.passed(), "{op}: relative gradient errors {:?} above {}", report.errors, report.tolerance);
+    Ok(())
+}
+
+/// A shape of rank 1..=max_rank with axes 1..=max_dim.
+pub fn shape(max_rank: usize, max_dim: usize) -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(1..=max_dim, 1..=max_rank)
+}
+
+/// Two shapes that broadcast together: the second is the first with some axes set to 1 and
+/// possibly some leading axes dropped; then the pair is maybe swapped.
+pub fn broadcast_pair() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
+    (shape(3, 3), prop::collection::vec(any::<bool>(), 3), 0usize..3, any::<bool>()).prop_map(
+        |(full, ones, drop, swap)| {
+            let mut other: Vec<usize> = full.iter().zip(&ones).map(|(&d, &one)| if one { 1 } else { d }).collect();
+            let drop = drop.min(other.len() - 1);
+            other.drain(..drop);
+            if swap {
+                (other, full)
+            } else {
+                (full, other)
+            }
+        },
+    )
+}
+
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    randn_f64(shape, &mut Generator::new(seed)).expect("random tensor")
+}
+
+/// Random values bounded away from zero: |x| >= 0.5, random sign unless `positive`.
+pub fn away_from_zero(shape: &[usize], seed: u64, positive: bool) -> Tensor {
+    let mut g = Generator::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = g
+        .normal(n, 0.0, 1.0)
+        .into_iter()
+        .map(|x| {
+            let m = 0.5 + x.abs();
+            if positive || x >= 0.0 {
+                m
+            } else {
+                -m
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, shape.to_vec(), &mvar::engine::Device::Cpu).expect("tensor")
+}
+
+pub fn config() -> ProptestConfig {
+    ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() }
+}

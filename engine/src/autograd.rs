@@ -60,6 +60,30 @@ pub(crate) struct Node {
     backward: Mutex<Option<Box<dyn Backward>>>,
 }
 
+/// Dropping a long chain of nodes recursively would overflow the stack (a transformer's graph is
+/// tens of thousands of nodes deep through the residual stream), so a node hands the inputs it
+/// owns alone to an explicit stack before it goes.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack: Vec<Arc<Node>> = take_node_inputs(&mut self.inputs);
+        while let Some(node) = stack.pop() {
+            if let Ok(mut owned) = Arc::try_unwrap(node) {
+                stack.extend(take_node_inputs(&mut owned.inputs));
+            }
+        }
+    }
+}
+
+fn take_node_inputs(inputs: &mut Vec<Option<(GradEdge, Shape, DType)>>) -> Vec<Arc<Node>> {
+    inputs
+        .drain(..)
+        .filter_map(|e| match e {
+            Some((GradEdge::Node(n), _, _)) => Some(n),
+            _ => None,
+        })
+        .collect()
+}
+
 impl Leaf {
     pub(crate) fn new(name: Option<String>) -> Self {
         Leaf {

@@ -221,6 +221,12 @@ impl Tensor {
         self.0.storage.write()
     }
 
+    /// How many tensor handles (including ones saved on the tape) share this storage; lets
+    /// tests check that backward releases what it saved.
+    pub fn storage_handle_count(&self) -> usize {
+        Arc::strong_count(&self.0.storage)
+    }
+
     /// True when both handles read the same buffer.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.0.storage, &other.0.storage)

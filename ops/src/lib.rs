@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod index;
 pub mod layout;
 pub mod matmul;
+pub mod optim;
 pub mod reduce;
 pub mod testing;
 mod util;
@@ -17,6 +18,7 @@ pub use elementwise::*;
 pub use index::*;
 pub use layout::*;
 pub use matmul::*;
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use reduce::*;
 
 pub use mvar_engine as engine;

@@ -59,10 +59,15 @@ pub(crate) fn require_rank(op: &'static str, t: &Tensor, what: &str, rank: usize
 pub(crate) fn cpu<'a>(op: &'static str, s: &'a Storage) -> Result<&'a CpuStorage> {
     match s {
         Storage::Cpu(c) => Ok(c),
-        Storage::Cuda(_) => Err(Error::Unsupported {
-            op,
-            msg: "no CUDA kernel for this op in this build; run it on the CPU (MVAR_DEVICE=cpu)".into(),
-        }),
+        Storage::Cuda(_) => Err(no_cuda_kernel(op)),
+    }
+}
+
+/// The error for an op asked of a CUDA tensor before its kernel exists.
+pub(crate) fn no_cuda_kernel(op: &'static str) -> Error {
+    Error::Unsupported {
+        op,
+        msg: "no CUDA kernel for this op in this build; run it on the CPU (MVAR_DEVICE=cpu)".into(),
     }
 }
 

@@ -126,7 +126,9 @@ impl CudaDevice {
 
     /// The marketing name of the GPU, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> Result<String, CudaError> {
-        self.ctx.name().map_err(driver_err("reading the device name"))
+        self.ctx
+            .name()
+            .map_err(driver_err("reading the device name"))
     }
 
     /// (major, minor) compute capability, e.g. (9, 0) for Hopper.
@@ -150,7 +152,11 @@ impl CudaDevice {
             .map_err(driver_err("synchronising the stream"))
     }
 
-    fn oom_or_driver(&self, during: &'static str, bytes: usize) -> impl Fn(cudarc::driver::DriverError) -> CudaError + '_ {
+    fn oom_or_driver(
+        &self,
+        during: &'static str,
+        bytes: usize,
+    ) -> impl Fn(cudarc::driver::DriverError) -> CudaError + '_ {
         move |e| {
             let oom = format!("{e:?}").contains("OUT_OF_MEMORY");
             match (oom, self.memory_info()) {
@@ -193,7 +199,10 @@ impl CudaDevice {
 
     /// A zero-filled device buffer of `len` elements.
     pub fn zeros(&self, kind: BufferKind, len: usize) -> Result<CudaBuffer, CudaError> {
-        let err = self.oom_or_driver("allocating a zero-filled buffer", len * kind.size_in_bytes());
+        let err = self.oom_or_driver(
+            "allocating a zero-filled buffer",
+            len * kind.size_in_bytes(),
+        );
         Ok(match kind {
             BufferKind::F32 => CudaBuffer::F32(self.stream.alloc_zeros(len).map_err(err)?),
             BufferKind::BF16 => CudaBuffer::BF16(self.stream.alloc_zeros(len).map_err(err)?),
@@ -308,6 +317,9 @@ mod tests {
         let n = device_count();
         let err = CudaDevice::new(n + 7).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("driver") || msg.contains(&format!("{}", n + 7)), "{msg}");
+        assert!(
+            msg.contains("driver") || msg.contains(&format!("{}", n + 7)),
+            "{msg}"
+        );
     }
 }

@@ -150,10 +150,7 @@ impl Tensor {
         }
         let edges = inputs
             .iter()
-            .map(|t| {
-                t.grad_edge()
-                    .map(|e| (e, t.shape().clone(), t.dtype()))
-            })
+            .map(|t| t.grad_edge().map(|e| (e, t.shape().clone(), t.dtype())))
             .collect();
         let node = Node {
             id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),

@@ -40,11 +40,17 @@ pub fn run_float(
     }
     match dtype {
         DType::F32 => {
-            let xs: Vec<&[f32]> = inputs.iter().map(|s| s.as_slice(op)).collect::<Result<_>>()?;
+            let xs: Vec<&[f32]> = inputs
+                .iter()
+                .map(|s| s.as_slice(op))
+                .collect::<Result<_>>()?;
             Ok(kernel.run(&xs)?.into_iter().map(CpuStorage::F32).collect())
         }
         DType::F64 => {
-            let xs: Vec<&[f64]> = inputs.iter().map(|s| s.as_slice(op)).collect::<Result<_>>()?;
+            let xs: Vec<&[f64]> = inputs
+                .iter()
+                .map(|s| s.as_slice(op))
+                .collect::<Result<_>>()?;
             Ok(kernel.run(&xs)?.into_iter().map(CpuStorage::F64).collect())
         }
         DType::BF16 => {

@@ -20,7 +20,10 @@ impl ParamStore {
     pub fn insert(&mut self, name: impl Into<String>, value: &Tensor) -> Result<Tensor> {
         let name = name.into();
         if self.index.contains_key(&name) {
-            return Err(Error::invalid("ParamStore::insert", format!("parameter {name:?} is already registered")));
+            return Err(Error::invalid(
+                "ParamStore::insert",
+                format!("parameter {name:?} is already registered"),
+            ));
         }
         let leaf = value.detach().with_grad_named(Some(name.clone()))?;
         self.index.insert(name.clone(), self.params.len());

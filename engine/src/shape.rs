@@ -65,10 +65,18 @@ impl Shape {
     pub fn broadcast(op: &'static str, a: &Shape, b: &Shape) -> Result<Shape> {
         let rank = a.rank().max(b.rank());
         let mut out = vec![0; rank];
-        for i in 0..rank {
-            let da = if i + a.rank() >= rank { a.0[i + a.rank() - rank] } else { 1 };
-            let db = if i + b.rank() >= rank { b.0[i + b.rank() - rank] } else { 1 };
-            out[i] = if da == db || db == 1 {
+        for (i, slot) in out.iter_mut().enumerate() {
+            let da = if i + a.rank() >= rank {
+                a.0[i + a.rank() - rank]
+            } else {
+                1
+            };
+            let db = if i + b.rank() >= rank {
+                b.0[i + b.rank() - rank]
+            } else {
+                1
+            };
+            *slot = if da == db || db == 1 {
                 da
             } else if da == 1 {
                 db
@@ -148,7 +156,10 @@ mod tests {
         assert_eq!(s.dims(), &[4, 5, 3]);
         let e = Shape::broadcast("add", &Shape::new([2, 3]), &Shape::new([4])).unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("add") && m.contains("[2, 3]") && m.contains("[4]"), "{m}");
+        assert!(
+            m.contains("add") && m.contains("[2, 3]") && m.contains("[4]"),
+            "{m}"
+        );
     }
 
     #[test]

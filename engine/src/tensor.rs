@@ -46,7 +46,11 @@ impl Tensor {
     // construction
 
     /// Wraps a storage; its length must equal the shape's element count.
-    pub fn from_storage(storage: Storage, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    pub fn from_storage(
+        storage: Storage,
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         if storage.len() != shape.elem_count() {
             return Err(Error::shape(
@@ -60,7 +64,14 @@ impl Tensor {
             _ => {
                 return Err(Error::DeviceMismatch {
                     op: "from_storage",
-                    got: format!("{} storage", if matches!(storage, Storage::Cpu(_)) { "cpu" } else { "cuda" }),
+                    got: format!(
+                        "{} storage",
+                        if matches!(storage, Storage::Cpu(_)) {
+                            "cpu"
+                        } else {
+                            "cuda"
+                        }
+                    ),
                     expected: format!("storage on {device}"),
                 })
             }
@@ -85,12 +96,20 @@ impl Tensor {
     }
 
     /// A tensor from a vector of elements.
-    pub fn from_vec<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    pub fn from_vec<T: WithDType>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Tensor> {
         Tensor::from_cpu(T::into_storage(data), shape, device)
     }
 
     /// A tensor from a slice of elements.
-    pub fn from_slice<T: WithDType>(data: &[T], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    pub fn from_slice<T: WithDType>(
+        data: &[T],
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Tensor> {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
@@ -99,14 +118,27 @@ impl Tensor {
         Tensor::full(value, (), dtype, device)
     }
 
-    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn full(
+        value: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         match device {
             Device::Cuda(d) if value == 0.0 && dtype != DType::F64 => {
                 let kind = cuda_kind(dtype, "zeros")?;
-                Tensor::from_storage(Storage::Cuda(d.zeros(kind, shape.elem_count())?), shape, device)
+                Tensor::from_storage(
+                    Storage::Cuda(d.zeros(kind, shape.elem_count())?),
+                    shape,
+                    device,
+                )
             }
-            _ => Tensor::from_cpu(CpuStorage::full(dtype, shape.elem_count(), value), shape, device),
+            _ => Tensor::from_cpu(
+                CpuStorage::full(dtype, shape.elem_count(), value),
+                shape,
+                device,
+            ),
         }
     }
 
@@ -127,7 +159,13 @@ impl Tensor {
     }
 
     /// start, start + step, ... below `end` (a 1-D tensor).
-    pub fn arange(start: f64, end: f64, step: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn arange(
+        start: f64,
+        end: f64,
+        step: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         if step == 0.0 || !step.is_finite() || (end - start) / step < 0.0 {
             return Err(Error::invalid(
                 "arange",
@@ -329,7 +367,11 @@ impl Tensor {
     /// Like [`Tensor::with_grad`], with a name (parameters are named for checkpoints).
     pub fn with_grad_named(&self, name: Option<String>) -> Result<Tensor> {
         if !self.dtype().is_float() {
-            return Err(Error::dtype("with_grad", self.dtype(), "a float dtype: only floats have gradients"));
+            return Err(Error::dtype(
+                "with_grad",
+                self.dtype(),
+                "a float dtype: only floats have gradients",
+            ));
         }
         Ok(self.with_grad_edge(GradEdge::Leaf(Arc::new(Leaf::new(name)))))
     }
@@ -366,7 +408,9 @@ impl Tensor {
                 *l.grad.lock().unwrap_or_else(|e| e.into_inner()) = grad;
                 Ok(())
             }
-            _ => Err(Error::Autograd("set_grad on a tensor that is not a leaf".into())),
+            _ => Err(Error::Autograd(
+                "set_grad on a tensor that is not a leaf".into(),
+            )),
         }
     }
 
@@ -399,24 +443,39 @@ impl Tensor {
         let known: usize = dims.iter().filter(|&&d| d != usize::MAX).product();
         let inferred = dims.iter().filter(|&&d| d == usize::MAX).count();
         if inferred > 1 {
-            return Err(Error::invalid("reshape", "at most one axis can be inferred"));
+            return Err(Error::invalid(
+                "reshape",
+                "at most one axis can be inferred",
+            ));
         }
         if inferred == 1 {
-            if known == 0 || self.elem_count() % known != 0 {
+            if known == 0 || !self.elem_count().is_multiple_of(known) {
                 return Err(Error::shape(
                     "reshape",
-                    format!("{} ({} elements) into {:?}", self.shape(), self.elem_count(), dims),
+                    format!(
+                        "{} ({} elements) into {:?}",
+                        self.shape(),
+                        self.elem_count(),
+                        dims
+                    ),
                     "a shape whose known axes divide the element count",
                 ));
             }
             let n = self.elem_count() / known;
-            dims.iter_mut().filter(|d| **d == usize::MAX).for_each(|d| *d = n);
+            dims.iter_mut()
+                .filter(|d| **d == usize::MAX)
+                .for_each(|d| *d = n);
         }
         let shape = Shape::new(dims);
         if shape.elem_count() != self.elem_count() {
             return Err(Error::shape(
                 "reshape",
-                format!("{} ({} elements) into {}", self.shape(), self.elem_count(), shape),
+                format!(
+                    "{} ({} elements) into {}",
+                    self.shape(),
+                    self.elem_count(),
+                    shape
+                ),
                 format!("a shape with {} elements", self.elem_count()),
             ));
         }
@@ -443,7 +502,11 @@ impl Tensor {
             return Ok(self.clone());
         }
         let out = match &*self.storage() {
-            Storage::Cpu(c) => Tensor::from_storage(Storage::Cpu(c.to_dtype(dtype)), self.shape().clone(), self.device())?,
+            Storage::Cpu(c) => Tensor::from_storage(
+                Storage::Cpu(c.to_dtype(dtype)),
+                self.shape().clone(),
+                self.device(),
+            )?,
             Storage::Cuda(_) => {
                 // Until the conversion kernel lands, a round trip through the host keeps this
                 // correct; it is not a hot path (casts happen once per parameter per step).
@@ -475,11 +538,19 @@ impl Tensor {
     /// Overwrites this tensor's elements with `src`'s, in place (same shape, dtype and device).
     /// Not recorded on the tape: this is how optimizers and checkpoint loading write parameters.
     pub fn copy_from(&self, src: &Tensor) -> Result<()> {
-        if src.shape() != self.shape() || src.dtype() != self.dtype() || src.device() != self.device() {
+        if src.shape() != self.shape()
+            || src.dtype() != self.dtype()
+            || src.device() != self.device()
+        {
             return Err(Error::shape(
                 "copy_from",
                 format!("{} {} {}", src.shape(), src.dtype(), src.device()),
-                format!("{} {} {} (the destination's)", self.shape(), self.dtype(), self.device()),
+                format!(
+                    "{} {} {} (the destination's)",
+                    self.shape(),
+                    self.dtype(),
+                    self.device()
+                ),
             ));
         }
         if self.same_storage(src) {
@@ -497,7 +568,10 @@ impl Tensor {
     /// Elementwise sum of two tensors of one shape and dtype. The tape uses it to add up
     /// gradients, which is why it lives here and not with the other ops.
     pub fn add_same_shape(&self, other: &Tensor) -> Result<Tensor> {
-        if self.shape() != other.shape() || self.dtype() != other.dtype() || self.device() != other.device() {
+        if self.shape() != other.shape()
+            || self.dtype() != other.dtype()
+            || self.device() != other.device()
+        {
             return Err(Error::shape(
                 "add_same_shape",
                 format!(
@@ -518,10 +592,19 @@ impl Tensor {
                 (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(zip_add(x, y)),
                 (CpuStorage::F64(x), CpuStorage::F64(y)) => CpuStorage::F64(zip_add(x, y)),
                 (CpuStorage::BF16(x), CpuStorage::BF16(y)) => CpuStorage::BF16(
-                    x.iter().zip(y).map(|(a, b)| bf16::from_f32(a.to_f32() + b.to_f32())).collect(),
+                    x.iter()
+                        .zip(y)
+                        .map(|(a, b)| bf16::from_f32(a.to_f32() + b.to_f32()))
+                        .collect(),
                 ),
                 (CpuStorage::I64(x), CpuStorage::I64(y)) => CpuStorage::I64(zip_add(x, y)),
-                _ => return Err(Error::dtype("add_same_shape", self.dtype(), "f32, bf16, f64 or i64")),
+                _ => {
+                    return Err(Error::dtype(
+                        "add_same_shape",
+                        self.dtype(),
+                        "f32, bf16, f64 or i64",
+                    ))
+                }
             },
             _ => {
                 return Err(Error::Unsupported {
@@ -582,7 +665,11 @@ impl fmt::Debug for Tensor {
             self.shape(),
             self.dtype(),
             self.device(),
-            if self.requires_grad() { " requires_grad" } else { "" }
+            if self.requires_grad() {
+                " requires_grad"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -592,7 +679,12 @@ impl fmt::Display for Tensor {
         fmt::Debug::fmt(self, f)?;
         if let Ok(v) = self.to_vec_f64() {
             let shown: Vec<String> = v.iter().take(8).map(|x| format!("{x:.5}")).collect();
-            write!(f, " [{}{}]", shown.join(", "), if v.len() > 8 { ", ..." } else { "" })?;
+            write!(
+                f,
+                " [{}{}]",
+                shown.join(", "),
+                if v.len() > 8 { ", ..." } else { "" }
+            )?;
         }
         Ok(())
     }

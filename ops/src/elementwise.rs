@@ -160,8 +160,16 @@ impl FloatKernel for UnaryBwd {
 
 /// Applies a unary map.
 pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
-    let out = tensor(one(float_kernel(op.name(), &[x], &UnaryFwd(op))?), x.shape().clone(), x.device())?;
-    let saved = if op.backward_uses_output() { out.detach() } else { x.detach() };
+    let out = tensor(
+        one(float_kernel(op.name(), &[x], &UnaryFwd(op))?),
+        x.shape().clone(),
+        x.device(),
+    )?;
+    let saved = if op.backward_uses_output() {
+        out.detach()
+    } else {
+        x.detach()
+    };
     Ok(Tensor::record(out, op.name(), &[x], move || {
         move |g: &Tensor| {
             let dx = one(float_kernel(op.name(), &[&saved, g], &UnaryBwd(op))?);
@@ -247,7 +255,11 @@ impl BinaryOp {
             BinaryOp::Mul => (g * b, g * a),
             BinaryOp::Div => (g / b, -g * a / (b * b)),
             BinaryOp::Maximum | BinaryOp::Minimum => {
-                let a_wins = if self == BinaryOp::Maximum { a > b } else { a < b };
+                let a_wins = if self == BinaryOp::Maximum {
+                    a > b
+                } else {
+                    a < b
+                };
                 if a == b {
                     (g * half, g * half)
                 } else if a_wins {
@@ -269,9 +281,12 @@ struct BinaryFwd {
 impl FloatKernel for BinaryFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let op = self.op;
-        Ok(vec![broadcast_map2(&self.out, (x[0], &self.a), (x[1], &self.b), move |a, b| {
-            op.forward(a, b)
-        })])
+        Ok(vec![broadcast_map2(
+            &self.out,
+            (x[0], &self.a),
+            (x[1], &self.b),
+            move |a, b| op.forward(a, b),
+        )])
     }
 }
 
@@ -315,7 +330,11 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         b: b.shape().clone(),
         out: out_shape.clone(),
     };
-    let out = tensor(one(float_kernel(name, &[a, b], &k)?), out_shape.clone(), a.device())?;
+    let out = tensor(
+        one(float_kernel(name, &[a, b], &k)?),
+        out_shape.clone(),
+        a.device(),
+    )?;
     let (sa, sb) = (a.detach(), b.detach());
     Ok(Tensor::record(out, name, &[a, b], move || {
         move |g: &Tensor| {
@@ -336,7 +355,10 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
                     (ga, gb)
                 }
             };
-            Ok(vec![Some(sum_to(&ga, sa.shape())?), Some(sum_to(&gb, sb.shape())?)])
+            Ok(vec![
+                Some(sum_to(&ga, sa.shape())?),
+                Some(sum_to(&gb, sb.shape())?),
+            ])
         }
     }))
 }
@@ -376,7 +398,11 @@ impl FloatKernel for Affine {
 
 /// `x * mul + add`.
 pub fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
-    let out = tensor(one(float_kernel("affine", &[x], &Affine { mul, add })?), x.shape().clone(), x.device())?;
+    let out = tensor(
+        one(float_kernel("affine", &[x], &Affine { mul, add })?),
+        x.shape().clone(),
+        x.device(),
+    )?;
     Ok(Tensor::record(out, "affine", &[x], move || {
         move |g: &Tensor| Ok(vec![Some(affine(g, mul, 0.0)?)])
     }))
@@ -409,7 +435,11 @@ impl FloatKernel for PowfBwd {
 
 /// `x ^ p` for a scalar exponent.
 pub fn powf(x: &Tensor, p: f64) -> Result<Tensor> {
-    let out = tensor(one(float_kernel("powf", &[x], &Powf(p))?), x.shape().clone(), x.device())?;
+    let out = tensor(
+        one(float_kernel("powf", &[x], &Powf(p))?),
+        x.shape().clone(),
+        x.device(),
+    )?;
     let saved = x.detach();
     Ok(Tensor::record(out, "powf", &[x], move || {
         move |g: &Tensor| {
@@ -431,16 +461,29 @@ struct ClampBwd(f64, f64);
 impl FloatKernel for ClampBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let (lo, hi) = (T::from_f64(self.0), T::from_f64(self.1));
-        Ok(vec![map_zip(x[0], x[1], move |v, g| if v >= lo && v <= hi { g } else { T::zero() })])
+        Ok(vec![map_zip(x[0], x[1], move |v, g| {
+            if v >= lo && v <= hi {
+                g
+            } else {
+                T::zero()
+            }
+        })])
     }
 }
 
 /// Clamps into [lo, hi]; the gradient passes where the input is inside.
 pub fn clamp(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
     if lo > hi || lo.is_nan() || hi.is_nan() {
-        return Err(Error::invalid("clamp", format!("lo {lo} > hi {hi}: expected lo <= hi")));
+        return Err(Error::invalid(
+            "clamp",
+            format!("lo {lo} > hi {hi}: expected lo <= hi"),
+        ));
     }
-    let out = tensor(one(float_kernel("clamp", &[x], &Clamp(lo, hi))?), x.shape().clone(), x.device())?;
+    let out = tensor(
+        one(float_kernel("clamp", &[x], &Clamp(lo, hi))?),
+        x.shape().clone(),
+        x.device(),
+    )?;
     let saved = x.detach();
     Ok(Tensor::record(out, "clamp", &[x], move || {
         move |g: &Tensor| {
@@ -470,17 +513,22 @@ pub fn compare(a: &Tensor, b: &Tensor, op: CmpOp) -> Result<Tensor> {
     let out_shape = Shape::broadcast("compare", a.shape(), b.shape())?;
     let mask = with_cpu("compare", &[a, b], |s| {
         let (x, y) = (s[0].to_f64_vec(), s[1].to_f64_vec());
-        Ok(broadcast_map2(&out_shape, (&x, a.shape()), (&y, b.shape()), move |x, y| {
-            let r = match op {
-                CmpOp::Eq => x == y,
-                CmpOp::Ne => x != y,
-                CmpOp::Lt => x < y,
-                CmpOp::Le => x <= y,
-                CmpOp::Gt => x > y,
-                CmpOp::Ge => x >= y,
-            };
-            r as u8
-        }))
+        Ok(broadcast_map2(
+            &out_shape,
+            (&x, a.shape()),
+            (&y, b.shape()),
+            move |x, y| {
+                let r = match op {
+                    CmpOp::Eq => x == y,
+                    CmpOp::Ne => x != y,
+                    CmpOp::Lt => x < y,
+                    CmpOp::Le => x <= y,
+                    CmpOp::Gt => x > y,
+                    CmpOp::Ge => x >= y,
+                };
+                r as u8
+            },
+        ))
     })?;
     tensor(CpuStorage::U8(mask), out_shape, a.device())
 }
@@ -492,12 +540,25 @@ pub fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     require_float(OP, a)?;
     same_dtype(OP, &[a, b])?;
     same_device(OP, &[cond, a, b])?;
-    let out_shape = Shape::broadcast(OP, &Shape::broadcast(OP, cond.shape(), a.shape())?, b.shape())?;
+    let out_shape = Shape::broadcast(
+        OP,
+        &Shape::broadcast(OP, cond.shape(), a.shape())?,
+        b.shape(),
+    )?;
     let k = Where {
         cond: cond.to_vec::<u8>()?,
-        shapes: [cond.shape().clone(), a.shape().clone(), b.shape().clone(), out_shape.clone()],
+        shapes: [
+            cond.shape().clone(),
+            a.shape().clone(),
+            b.shape().clone(),
+            out_shape.clone(),
+        ],
     };
-    let out = tensor(one(float_kernel(OP, &[a, b], &k)?), out_shape.clone(), a.device())?;
+    let out = tensor(
+        one(float_kernel(OP, &[a, b], &k)?),
+        out_shape.clone(),
+        a.device(),
+    )?;
     let cond = cond.detach();
     let (a_shape, b_shape) = (a.shape().clone(), b.shape().clone());
     Ok(Tensor::record(out, OP, &[a, b], move || {
@@ -505,7 +566,10 @@ pub fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             let zeros = Tensor::zeros((), g.dtype(), g.device())?;
             let ga = where_cond(&cond, g, &zeros)?;
             let gb = where_cond(&cond, &zeros, g)?;
-            Ok(vec![Some(sum_to(&ga, &a_shape)?), Some(sum_to(&gb, &b_shape)?)])
+            Ok(vec![
+                Some(sum_to(&ga, &a_shape)?),
+                Some(sum_to(&gb, &b_shape)?),
+            ])
         }
     }))
 }
@@ -517,13 +581,19 @@ struct Where {
 impl FloatKernel for Where {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let [c, a, b, out] = &self.shapes;
-        Ok(vec![broadcast_map3(out, (&self.cond[..], c), (x[0], a), (x[1], b), |c, a, b| {
-            if c != 0 {
-                a
-            } else {
-                b
-            }
-        })])
+        Ok(vec![broadcast_map3(
+            out,
+            (&self.cond[..], c),
+            (x[0], a),
+            (x[1], b),
+            |c, a, b| {
+                if c != 0 {
+                    a
+                } else {
+                    b
+                }
+            },
+        )])
     }
 }
 
@@ -562,7 +632,11 @@ pub fn broadcast_to(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
         from: x.shape().clone(),
         to: shape.clone(),
     };
-    let out = tensor(one(float_kernel("broadcast_to", &[x], &k)?), shape, x.device())?;
+    let out = tensor(
+        one(float_kernel("broadcast_to", &[x], &k)?),
+        shape,
+        x.device(),
+    )?;
     let from = x.shape().clone();
     Ok(Tensor::record(out, "broadcast_to", &[x], move || {
         move |g: &Tensor| Ok(vec![Some(sum_to(g, &from)?)])
@@ -576,7 +650,12 @@ struct Expand {
 impl FloatKernel for Expand {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let unit = [T::zero()];
-        Ok(vec![broadcast_map2(&self.to, (x[0], &self.from), (&unit[..], &Shape::scalar()), |a, _| a)])
+        Ok(vec![broadcast_map2(
+            &self.to,
+            (x[0], &self.from),
+            (&unit[..], &Shape::scalar()),
+            |a, _| a,
+        )])
     }
 }
 

@@ -4,13 +4,21 @@
 use mvar_engine::cpu::FloatKernel;
 use mvar_engine::{DType, Error, Float, Result, Shape, Tensor, WithDType};
 
-use crate::util::{copy_kernel, float_kernel, one, require_dtype, require_float, same_device, tensor, CopyKernel};
+use crate::util::{
+    copy_kernel, float_kernel, one, require_dtype, require_float, require_rank, same_device,
+    tensor, CopyKernel,
+};
 
 fn checked_indices(op: &'static str, idx: &Tensor, size: usize) -> Result<Vec<i64>> {
     require_dtype(op, idx, "the indices", DType::I64)?;
     let v = idx.to_vec::<i64>()?;
     if let Some(&bad) = v.iter().find(|&&i| i < 0 || i as usize >= size) {
-        return Err(Error::IndexOutOfRange { op, what: "index", index: bad, size });
+        return Err(Error::IndexOutOfRange {
+            op,
+            what: "index",
+            index: bad,
+            size,
+        });
     }
     Ok(v)
 }
@@ -60,10 +68,19 @@ pub fn index_select(x: &Tensor, axis: isize, idx: &Tensor) -> Result<Tensor> {
     let ax = x.shape().axis(OP, axis)?;
     same_device(OP, &[x, idx])?;
     if idx.rank() != 1 {
-        return Err(Error::shape(OP, format!("indices of shape {}", idx.shape()), "1-D indices"));
+        return Err(Error::shape(
+            OP,
+            format!("indices of shape {}", idx.shape()),
+            "1-D indices",
+        ));
     }
     let (outer, n, inner) = x.shape().split_at_axis(ax);
-    let sel = Select { idx: checked_indices(OP, idx, n)?, outer, n, inner };
+    let sel = Select {
+        idx: checked_indices(OP, idx, n)?,
+        outer,
+        n,
+        inner,
+    };
     let mut dims = x.dims().to_vec();
     dims[ax] = sel.idx.len();
     let out = tensor(copy_kernel(OP, &[x], &sel)?, dims, x.device())?;
@@ -80,12 +97,15 @@ pub fn index_select(x: &Tensor, axis: isize, idx: &Tensor) -> Result<Tensor> {
 pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     require_float(OP, table)?;
-    if table.rank() != 2 {
-        return Err(Error::shape(OP, format!("table of shape {}", table.shape()), "a table [num_embeddings, dim]"));
-    }
+    require_rank(OP, table, "the table [num_embeddings, dim]", 2)?;
     let flat = ids.reshape([ids.elem_count()])?;
     let rows = index_select(table, 0, &flat).map_err(|e| match e {
-        Error::IndexOutOfRange { index, size, .. } => Error::IndexOutOfRange { op: OP, what: "token id", index, size },
+        Error::IndexOutOfRange { index, size, .. } => Error::IndexOutOfRange {
+            op: OP,
+            what: "token id",
+            index,
+            size,
+        },
         other => other,
     })?;
     let mut dims = ids.dims().to_vec();
@@ -110,7 +130,11 @@ impl GatherPlan {
         for ax in (0..dims.len()).rev() {
             let c = rem % dims[ax];
             rem /= dims[ax];
-            off += if ax == self.axis { self.idx[pos] as usize } else { c } * xs[ax];
+            off += if ax == self.axis {
+                self.idx[pos] as usize
+            } else {
+                c
+            } * xs[ax];
         }
         off
     }
@@ -140,7 +164,12 @@ pub fn gather(x: &Tensor, axis: isize, idx: &Tensor) -> Result<Tensor> {
     let ax = x.shape().axis(OP, axis)?;
     same_device(OP, &[x, idx])?;
     let fits = idx.rank() == x.rank()
-        && idx.dims().iter().zip(x.dims()).enumerate().all(|(i, (a, b))| i == ax || a <= b);
+        && idx
+            .dims()
+            .iter()
+            .zip(x.dims())
+            .enumerate()
+            .all(|(i, (a, b))| i == ax || a <= b);
     if !fits {
         return Err(Error::shape(
             OP,
@@ -154,7 +183,11 @@ pub fn gather(x: &Tensor, axis: isize, idx: &Tensor) -> Result<Tensor> {
         x_shape: x.shape().clone(),
         axis: ax,
     };
-    let out = tensor(copy_kernel(OP, &[x], &plan)?, idx.shape().clone(), x.device())?;
+    let out = tensor(
+        copy_kernel(OP, &[x], &plan)?,
+        idx.shape().clone(),
+        x.device(),
+    )?;
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
             let shape = plan.x_shape.clone();

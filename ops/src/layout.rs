@@ -23,11 +23,16 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let rank = x.rank();
     let mut seen = vec![false; rank];
     let valid = perm.len() == rank
-        && perm.iter().all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+        && perm
+            .iter()
+            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
     if !valid {
         return Err(Error::invalid(
             "permute",
-            format!("permutation {perm:?} for shape {}: expected each of 0..{rank} exactly once", x.shape()),
+            format!(
+                "permutation {perm:?} for shape {}: expected each of 0..{rank} exactly once",
+                x.shape()
+            ),
         ));
     }
     if perm.iter().enumerate().all(|(i, &p)| i == p) {
@@ -51,7 +56,10 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
 
 /// Swaps two axes (negative axes count from the end).
 pub fn transpose(x: &Tensor, a: isize, b: isize) -> Result<Tensor> {
-    let (a, b) = (x.shape().axis("transpose", a)?, x.shape().axis("transpose", b)?);
+    let (a, b) = (
+        x.shape().axis("transpose", a)?,
+        x.shape().axis("transpose", b)?,
+    );
     let mut perm: Vec<usize> = (0..x.rank()).collect();
     perm.swap(a, b);
     permute(x, &perm)
@@ -95,7 +103,11 @@ pub fn narrow(x: &Tensor, axis: isize, start: usize, len: usize) -> Result<Tenso
     if start.checked_add(len).is_none_or(|end| end > n) {
         return Err(Error::invalid(
             "narrow",
-            format!("range {start}..{} on axis {ax} of shape {}: expected an end <= {n}", start.saturating_add(len), x.shape()),
+            format!(
+                "range {start}..{} on axis {ax} of shape {}: expected an end <= {n}",
+                start.saturating_add(len),
+                x.shape()
+            ),
         ));
     }
     if start == 0 && len == n {
@@ -104,13 +116,31 @@ pub fn narrow(x: &Tensor, axis: isize, start: usize, len: usize) -> Result<Tenso
     let (outer, _, inner) = x.shape().split_at_axis(ax);
     let mut out_dims = x.dims().to_vec();
     out_dims[ax] = len;
-    let k = Band { outer, n, inner, start, len, extract: true };
+    let k = Band {
+        outer,
+        n,
+        inner,
+        start,
+        len,
+        extract: true,
+    };
     let out = tensor(copy_kernel("narrow", &[x], &k)?, out_dims, x.device())?;
     let in_shape = x.shape().clone();
     Ok(Tensor::record(out, "narrow", &[x], move || {
         move |g: &Tensor| {
-            let k = Band { outer, n, inner, start, len, extract: false };
-            Ok(vec![Some(tensor(copy_kernel("narrow", &[g], &k)?, in_shape, g.device())?)])
+            let k = Band {
+                outer,
+                n,
+                inner,
+                start,
+                len,
+                extract: false,
+            };
+            Ok(vec![Some(tensor(
+                copy_kernel("narrow", &[g], &k)?,
+                in_shape,
+                g.device(),
+            )?)])
         }
     }))
 }
@@ -135,16 +165,25 @@ impl CopyKernel for Concat {
 
 /// Joins tensors along `axis`; all other axes must agree.
 pub fn concat(xs: &[&Tensor], axis: isize) -> Result<Tensor> {
-    let first = xs.first().ok_or_else(|| Error::invalid("concat", "no tensors to concatenate"))?;
+    let first = xs
+        .first()
+        .ok_or_else(|| Error::invalid("concat", "no tensors to concatenate"))?;
     let ax = first.shape().axis("concat", axis)?;
     same_device("concat", xs)?;
     for x in xs {
         let compatible = x.rank() == first.rank()
-            && x.dims().iter().zip(first.dims()).enumerate().all(|(i, (a, b))| i == ax || a == b);
+            && x.dims()
+                .iter()
+                .zip(first.dims())
+                .enumerate()
+                .all(|(i, (a, b))| i == ax || a == b);
         if !compatible {
             return Err(Error::shape(
                 "concat",
-                xs.iter().map(|t| t.shape().to_string()).collect::<Vec<_>>().join(", "),
+                xs.iter()
+                    .map(|t| t.shape().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 format!("tensors of one rank that agree on every axis but {ax}"),
             ));
         }
@@ -156,7 +195,11 @@ pub fn concat(xs: &[&Tensor], axis: isize) -> Result<Tensor> {
     let sizes: Vec<usize> = xs.iter().map(|x| x.dims()[ax]).collect();
     let mut out_dims = first.dims().to_vec();
     out_dims[ax] = sizes.iter().sum();
-    let k = Concat { outer, sizes: sizes.clone(), inner };
+    let k = Concat {
+        outer,
+        sizes: sizes.clone(),
+        inner,
+    };
     let out = tensor(copy_kernel("concat", xs, &k)?, out_dims, first.device())?;
     Ok(Tensor::record(out, "concat", xs, move || {
         move |g: &Tensor| {
@@ -177,7 +220,11 @@ pub fn split(x: &Tensor, sizes: &[usize], axis: isize) -> Result<Vec<Tensor>> {
     if sizes.iter().sum::<usize>() != x.dims()[ax] {
         return Err(Error::invalid(
             "split",
-            format!("sizes {sizes:?} for axis {ax} of shape {}: expected sizes that add up to {}", x.shape(), x.dims()[ax]),
+            format!(
+                "sizes {sizes:?} for axis {ax} of shape {}: expected sizes that add up to {}",
+                x.shape(),
+                x.dims()[ax]
+            ),
         ));
     }
     let mut start = 0;
@@ -194,7 +241,12 @@ pub fn split(x: &Tensor, sizes: &[usize], axis: isize) -> Result<Vec<Tensor>> {
 /// Inserts an axis of size 1 at `axis` (free).
 pub fn unsqueeze(x: &Tensor, axis: usize) -> Result<Tensor> {
     if axis > x.rank() {
-        return Err(Error::IndexOutOfRange { op: "unsqueeze", what: "axis", index: axis as i64, size: x.rank() + 1 });
+        return Err(Error::IndexOutOfRange {
+            op: "unsqueeze",
+            what: "axis",
+            index: axis as i64,
+            size: x.rank() + 1,
+        });
     }
     let mut d = x.dims().to_vec();
     d.insert(axis, 1);

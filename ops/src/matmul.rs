@@ -115,8 +115,16 @@ impl FloatKernel for Gemm {
         }
         let (a, b) = (x[0], x[1]);
         // Row/column strides of the logical (m x k) and (k x n) operands.
-        let (a_rs, a_cs) = if p.trans_a { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if p.trans_b { (1, k as isize) } else { (n as isize, 1) };
+        let (a_rs, a_cs) = if p.trans_a {
+            (1, m as isize)
+        } else {
+            (k as isize, 1)
+        };
+        let (b_rs, b_cs) = if p.trans_b {
+            (1, k as isize)
+        } else {
+            (n as isize, 1)
+        };
         let small = m * n * k < SMALL_GEMM_FLOPS;
         let threads = rayon::current_num_threads();
         let one_product = |bi: usize, dst: &mut [T], par: Parallelism| {
@@ -157,7 +165,11 @@ impl FloatKernel for Gemm {
                 .enumerate()
                 .for_each(|(bi, dst)| one_product(bi, dst, Parallelism::None));
         } else {
-            let par = if small || threads == 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
+            let par = if small || threads == 1 {
+                Parallelism::None
+            } else {
+                Parallelism::Rayon(threads)
+            };
             for (bi, dst) in out.chunks_mut(m * n).enumerate() {
                 one_product(bi, dst, par);
             }
@@ -177,7 +189,11 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<
     same_dtype("matmul", &[a, b])?;
     let plan = MatmulPlan::new(a, b, trans_a, trans_b)?;
     let out_shape = plan.out_shape();
-    let out = tensor(one(float_kernel("matmul", &[a, b], &Gemm(plan))?), out_shape, a.device())?;
+    let out = tensor(
+        one(float_kernel("matmul", &[a, b], &Gemm(plan))?),
+        out_shape,
+        a.device(),
+    )?;
     let (sa, sb) = (a.detach(), b.detach());
     let (a_req, b_req) = (a.requires_grad(), b.requires_grad());
     Ok(Tensor::record(out, "matmul", &[a, b], move || {

@@ -58,9 +58,17 @@ pub struct AdamW {
 impl AdamW {
     /// An optimizer for `params`; `no_decay(name, param)` says which parameters get no weight
     /// decay.
-    pub fn new(params: &ParamStore, config: AdamWConfig, no_decay: impl Fn(&str, &Tensor) -> bool) -> Result<Self> {
+    pub fn new(
+        params: &ParamStore,
+        config: AdamWConfig,
+        no_decay: impl Fn(&str, &Tensor) -> bool,
+    ) -> Result<Self> {
         config.validate()?;
-        let no_decay = params.iter().filter(|(n, t)| no_decay(n, t)).map(|(n, _)| n.to_string()).collect();
+        let no_decay = params
+            .iter()
+            .filter(|(n, t)| no_decay(n, t))
+            .map(|(n, _)| n.to_string())
+            .collect();
         Ok(AdamW {
             config,
             step: 0,
@@ -100,7 +108,11 @@ impl AdamW {
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (name, p) in params.iter() {
             let Some(g) = p.grad() else { continue };
-            let decay = if self.no_decay.contains(name) { 0.0 } else { c.weight_decay };
+            let decay = if self.no_decay.contains(name) {
+                0.0
+            } else {
+                c.weight_decay
+            };
             let hyper = Hyper {
                 decay: 1.0 - c.lr * decay,
                 beta1: c.beta1,
@@ -131,7 +143,9 @@ impl AdamWConfig {
             && (0.0..1.0).contains(&self.beta2)
             && self.eps > 0.0
             && self.weight_decay >= 0.0
-            && [self.lr, self.eps, self.weight_decay].iter().all(|v| v.is_finite());
+            && [self.lr, self.eps, self.weight_decay]
+                .iter()
+                .all(|v| v.is_finite());
         if !ok {
             return Err(Error::invalid(
                 "AdamW",
@@ -151,7 +165,13 @@ struct Hyper {
     eps: f64,
 }
 
-fn update_in_place(name: &str, p: &Tensor, grad: &CpuStorage, mut mo: Moments, h: &Hyper) -> Result<Moments> {
+fn update_in_place(
+    name: &str,
+    p: &Tensor,
+    grad: &CpuStorage,
+    mut mo: Moments,
+    h: &Hyper,
+) -> Result<Moments> {
     let mut storage = p.storage_mut();
     let param = match &mut *storage {
         Storage::Cpu(c) => c,
@@ -187,9 +207,17 @@ fn adamw_kernel<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], h: &Hy
         *p = *p - step_size * *m / denom;
     };
     if p.len() >= mvar_engine::cpu::PARALLEL_MIN_ELEMS {
-        p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).for_each(update);
+        p.par_iter_mut()
+            .zip(g.par_iter())
+            .zip(m.par_iter_mut())
+            .zip(v.par_iter_mut())
+            .for_each(update);
     } else {
-        p.iter_mut().zip(g.iter()).zip(m.iter_mut()).zip(v.iter_mut()).for_each(update);
+        p.iter_mut()
+            .zip(g.iter())
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .for_each(update);
     }
 }
 
@@ -198,8 +226,11 @@ fn adamw_kernel<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], h: &Hy
 /// Returns the norm before clipping. A non-finite norm is returned as is and the gradients are
 /// left untouched, so the caller can stop on a NaN/inf loss with the evidence intact.
 pub fn clip_grad_norm(params: &ParamStore, max_norm: f64) -> Result<f64> {
-    if !(max_norm > 0.0) {
-        return Err(Error::invalid("clip_grad_norm", format!("max_norm {max_norm}: expected > 0")));
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(Error::invalid(
+            "clip_grad_norm",
+            format!("max_norm {max_norm}: expected > 0"),
+        ));
     }
     let grads: Vec<Tensor> = params.iter().filter_map(|(_, p)| p.grad()).collect();
     let mut sum_sq = 0.0f64;

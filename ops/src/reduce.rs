@@ -137,7 +137,10 @@ pub fn mean_axes(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
     uniq.dedup();
     let count: usize = uniq.iter().filter_map(|&a| x.dims().get(a)).product();
     if count == 0 {
-        return Err(Error::invalid("mean", format!("mean over an empty axis of shape {}", x.shape())));
+        return Err(Error::invalid(
+            "mean",
+            format!("mean over an empty axis of shape {}", x.shape()),
+        ));
     }
     mul_scalar(&sum_axes(x, &uniq, keepdim)?, 1.0 / count as f64)
 }
@@ -174,10 +177,19 @@ pub fn argmax(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
     let ax = x.shape().axis("argmax", axis)?;
     let (outer, n, inner) = x.shape().split_at_axis(ax);
     if n == 0 {
-        return Err(Error::invalid("argmax", format!("argmax over an empty axis of shape {}", x.shape())));
+        return Err(Error::invalid(
+            "argmax",
+            format!("argmax over an empty axis of shape {}", x.shape()),
+        ));
     }
-    let idx = with_cpu("argmax", &[x], |s| Ok(argmax_kernel(&s[0].to_f64_vec(), outer, n, inner)))?;
-    let shape = if keepdim { keepdim_shape(x.shape(), ax) } else { drop_axis(x.shape(), ax) };
+    let idx = with_cpu("argmax", &[x], |s| {
+        Ok(argmax_kernel(&s[0].to_f64_vec(), outer, n, inner))
+    })?;
+    let shape = if keepdim {
+        keepdim_shape(x.shape(), ax)
+    } else {
+        drop_axis(x.shape(), ax)
+    };
     tensor(CpuStorage::I64(idx), shape, x.device())
 }
 
@@ -223,13 +235,27 @@ pub fn max(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
     let ax = x.shape().axis("max", axis)?;
     let (outer, n, inner) = x.shape().split_at_axis(ax);
     let idx = argmax(x, axis, true)?.to_vec::<i64>()?;
-    let k = GatherAlong { idx: idx.clone(), outer, n, inner };
+    let k = GatherAlong {
+        idx: idx.clone(),
+        outer,
+        n,
+        inner,
+    };
     let kept = keepdim_shape(x.shape(), ax);
-    let out = tensor(one(float_kernel("max", &[x], &k)?), kept.clone(), x.device())?;
+    let out = tensor(
+        one(float_kernel("max", &[x], &k)?),
+        kept.clone(),
+        x.device(),
+    )?;
     let in_shape = x.shape().clone();
     let out = Tensor::record(out, "max", &[x], move || {
         move |g: &Tensor| {
-            let k = ScatterAlong { idx, outer, n, inner };
+            let k = ScatterAlong {
+                idx,
+                outer,
+                n,
+                inner,
+            };
             let dx = one(float_kernel("max", &[g], &k)?);
             Ok(vec![Some(tensor(dx, in_shape, g.device())?)])
         }

@@ -60,10 +60,19 @@ pub fn check_gradients(
     inputs: &[Tensor],
     cfg: GradCheck,
 ) -> Result<GradReport> {
-    if let Some(bad) = inputs.iter().find(|t| t.dtype() != DType::F64 || !t.device().is_cpu()) {
-        return Err(Error::invalid("check_gradients", format!("input {bad:?}: expected f64 tensors on the CPU")));
+    if let Some(bad) = inputs
+        .iter()
+        .find(|t| t.dtype() != DType::F64 || !t.device().is_cpu())
+    {
+        return Err(Error::invalid(
+            "check_gradients",
+            format!("input {bad:?}: expected f64 tensors on the CPU"),
+        ));
     }
-    let leaves: Vec<Tensor> = inputs.iter().map(|t| t.detach().with_grad()).collect::<Result<_>>()?;
+    let leaves: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.detach().with_grad())
+        .collect::<Result<_>>()?;
     let y = f(&leaves)?;
     let mut rng = Generator::new(cfg.seed);
     let w = rng.normal(y.elem_count(), 0.0, 1.0);

@@ -35,7 +35,11 @@ pub(crate) fn same_dtype(op: &'static str, ts: &[&Tensor]) -> Result<()> {
 
 pub(crate) fn require_float(op: &'static str, t: &Tensor) -> Result<()> {
     if !t.dtype().is_float() {
-        return Err(Error::dtype(op, t.dtype(), "a float dtype (f32, bf16 or f64)"));
+        return Err(Error::dtype(
+            op,
+            t.dtype(),
+            "a float dtype (f32, bf16 or f64)",
+        ));
     }
     Ok(())
 }
@@ -49,7 +53,11 @@ pub(crate) fn require_dtype(op: &'static str, t: &Tensor, what: &str, dtype: DTy
 
 pub(crate) fn require_rank(op: &'static str, t: &Tensor, what: &str, rank: usize) -> Result<()> {
     if t.rank() != rank {
-        return Err(Error::shape(op, format!("{what} of shape {}", t.shape()), format!("a rank-{rank} tensor")));
+        return Err(Error::shape(
+            op,
+            format!("{what} of shape {}", t.shape()),
+            format!("a rank-{rank} tensor"),
+        ));
     }
     Ok(())
 }
@@ -198,7 +206,12 @@ pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + De
 }
 
 /// out[i] = f(a[ia], b[ib], c[ic]) over the broadcast of a, b and c to `out`.
-pub(crate) fn broadcast_map3<A: Copy + Sync, B: Copy + Sync, C: Copy + Sync, R: Copy + Send + Default>(
+pub(crate) fn broadcast_map3<
+    A: Copy + Sync,
+    B: Copy + Sync,
+    C: Copy + Sync,
+    R: Copy + Send + Default,
+>(
     out: &Shape,
     a: (&[A], &Shape),
     b: (&[B], &Shape),
@@ -211,7 +224,11 @@ pub(crate) fn broadcast_map3<A: Copy + Sync, B: Copy + Sync, C: Copy + Sync, R: 
     let (sa, sb, sc) = (bc.row_step(0), bc.row_step(1), bc.row_step(2));
     let mut v = vec![R::default(); n];
     let fill = |(r, chunk): (usize, &mut [R])| {
-        let (oa, ob, oc) = (bc.row_offset(0, r), bc.row_offset(1, r), bc.row_offset(2, r));
+        let (oa, ob, oc) = (
+            bc.row_offset(0, r),
+            bc.row_offset(1, r),
+            bc.row_offset(2, r),
+        );
         for (j, o) in chunk.iter_mut().enumerate() {
             *o = f(a.0[oa + j * sa], b.0[ob + j * sb], c.0[oc + j * sc]);
         }
@@ -240,7 +257,10 @@ pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Send>(
     f: impl Fn(A, B) -> R + Sync + Send,
 ) -> Vec<R> {
     if a.len() >= PARALLEL_MIN_ELEMS {
-        a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect()
+        a.par_iter()
+            .zip(b.par_iter())
+            .map(|(&x, &y)| f(x, y))
+            .collect()
     } else {
         a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
     }
@@ -253,12 +273,19 @@ pub(crate) trait CopyKernel {
 }
 
 /// Runs a copy kernel on tensors of one dtype and device.
-pub(crate) fn copy_kernel(op: &'static str, ts: &[&Tensor], k: &impl CopyKernel) -> Result<CpuStorage> {
+pub(crate) fn copy_kernel(
+    op: &'static str,
+    ts: &[&Tensor],
+    k: &impl CopyKernel,
+) -> Result<CpuStorage> {
     same_dtype(op, ts)?;
     with_cpu(op, ts, |s| {
         macro_rules! go {
             ($t:ty, $v:ident) => {{
-                let xs: Vec<&[$t]> = s.iter().map(|c| c.as_slice::<$t>(op)).collect::<Result<_>>()?;
+                let xs: Vec<&[$t]> = s
+                    .iter()
+                    .map(|c| c.as_slice::<$t>(op))
+                    .collect::<Result<_>>()?;
                 Ok(CpuStorage::$v(k.run(&xs)?))
             }};
         }
@@ -274,7 +301,11 @@ pub(crate) fn copy_kernel(op: &'static str, ts: &[&Tensor], k: &impl CopyKernel)
 
 /// out[i] = x[offset(i)] where offset(i) = sum over axes of index(i, axis) * strides[axis]:
 /// a copy through arbitrary strides (permute is this with permuted strides).
-pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(x: &[T], out_dims: &[usize], strides: &[usize]) -> Vec<T> {
+pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(
+    x: &[T],
+    out_dims: &[usize],
+    strides: &[usize],
+) -> Vec<T> {
     let n: usize = out_dims.iter().product();
     let rank = out_dims.len();
     let row = if rank == 0 { 1 } else { out_dims[rank - 1] };

@@ -20,17 +20,38 @@ fn assert_mentions(m: &str, parts: &[&str]) {
 fn shape_errors_name_op_shapes_and_expectation() {
     let a = t(&[0.0; 6], &[2, 3]);
     let b = t(&[0.0; 4], &[4]);
-    assert_mentions(&msg(ops::add(&a, &b)), &["add", "[2, 3]", "[4]", "broadcast"]);
-    assert_mentions(&msg(ops::matmul(&a, &a)), &["matmul", "[2, 3]", "inner dimensions", "3 vs 2"]);
+    assert_mentions(
+        &msg(ops::add(&a, &b)),
+        &["add", "[2, 3]", "[4]", "broadcast"],
+    );
+    assert_mentions(
+        &msg(ops::matmul(&a, &a)),
+        &["matmul", "[2, 3]", "inner dimensions", "3 vs 2"],
+    );
     assert_mentions(&msg(ops::matmul(&b, &a)), &["matmul", "rank >= 2"]);
-    assert_mentions(&msg(ops::linear(&a, &t(&[0.0; 8], &[2, 4]), None)), &["linear", "[2, 3]", "[2, 4]"]);
+    assert_mentions(
+        &msg(ops::linear(&a, &t(&[0.0; 8], &[2, 4]), None)),
+        &["linear", "[2, 3]", "[2, 4]"],
+    );
     assert_mentions(&msg(ops::concat(&[&a, &b], 0)), &["concat", "[2, 3], [4]"]);
-    assert_mentions(&msg(ops::narrow(&a, 1, 2, 2)), &["narrow", "[2, 3]", "end <= 3"]);
+    assert_mentions(
+        &msg(ops::narrow(&a, 1, 2, 2)),
+        &["narrow", "[2, 3]", "end <= 3"],
+    );
     assert_mentions(&msg(ops::split(&a, &[1, 1], 1)), &["split", "add up to 3"]);
-    assert_mentions(&msg(ops::permute(&a, &[0, 0])), &["permute", "[0, 0]", "exactly once"]);
+    assert_mentions(
+        &msg(ops::permute(&a, &[0, 0])),
+        &["permute", "[0, 0]", "exactly once"],
+    );
     assert_mentions(&msg(ops::sum(&a, 2, false)), &["sum", "axis 2", "< 2"]);
-    assert_mentions(&msg(ops::broadcast_to(&a, [3, 3])), &["broadcast_to", "[2, 3]", "[3, 3]"]);
-    assert_mentions(&msg(a.reshape([4, 2])), &["reshape", "[2, 3]", "6 elements"]);
+    assert_mentions(
+        &msg(ops::broadcast_to(&a, [3, 3])),
+        &["broadcast_to", "[2, 3]", "[3, 3]"],
+    );
+    assert_mentions(
+        &msg(a.reshape([4, 2])),
+        &["reshape", "[2, 3]", "6 elements"],
+    );
 }
 
 #[test]
@@ -40,9 +61,15 @@ fn dtype_errors() {
     assert_mentions(&msg(ops::add(&a, &b)), &["add", "f64 and f32"]);
     let idx = Tensor::from_vec(vec![0i64, 1], [2], &Device::Cpu).unwrap();
     assert_mentions(&msg(ops::exp(&idx)), &["exp", "i64", "float"]);
-    assert_mentions(&msg(ops::index_select(&a, 0, &b)), &["index_select", "f32", "i64"]);
+    assert_mentions(
+        &msg(ops::index_select(&a, 0, &b)),
+        &["index_select", "f32", "i64"],
+    );
     let mask = t(&[1.0, 0.0], &[2]);
-    assert_mentions(&msg(ops::where_cond(&mask, &a, &a)), &["where_cond", "f64", "u8"]);
+    assert_mentions(
+        &msg(ops::where_cond(&mask, &a, &a)),
+        &["where_cond", "f64", "u8"],
+    );
     assert_mentions(&msg(idx.with_grad()), &["with_grad", "i64", "float"]);
 }
 
@@ -50,11 +77,20 @@ fn dtype_errors() {
 fn index_errors() {
     let table = t(&[0.0; 6], &[3, 2]);
     let ids = Tensor::from_vec(vec![0i64, 3], [2], &Device::Cpu).unwrap();
-    assert_mentions(&msg(ops::embedding(&ids, &table)), &["embedding", "token id 3", "< 3"]);
+    assert_mentions(
+        &msg(ops::embedding(&ids, &table)),
+        &["embedding", "token id 3", "< 3"],
+    );
     let neg = Tensor::from_vec(vec![-1i64], [1], &Device::Cpu).unwrap();
-    assert_mentions(&msg(ops::index_select(&table, 0, &neg)), &["index_select", "-1", "< 3"]);
+    assert_mentions(
+        &msg(ops::index_select(&table, 0, &neg)),
+        &["index_select", "-1", "< 3"],
+    );
     let gidx = Tensor::from_vec(vec![0i64, 2, 1], [3, 1], &Device::Cpu).unwrap();
-    assert_mentions(&msg(ops::gather(&table, 1, &gidx)), &["gather", "index 2", "< 2"]);
+    assert_mentions(
+        &msg(ops::gather(&table, 1, &gidx)),
+        &["gather", "index 2", "< 2"],
+    );
 }
 
 #[test]

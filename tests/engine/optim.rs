@@ -6,13 +6,33 @@ fn adamw_first_step_matches_the_closed_form() {
     // At t = 1 the bias-corrected ratio m_hat / sqrt(v_hat) is g / |g|, so
     // p1 = p0 (1 - lr wd) - lr g / (|g| + eps) exactly (up to rounding).
     let mut ps = ParamStore::new();
-    let w = ps.insert("w", &Tensor::from_vec(vec![1.0f64, -2.0, 0.5], [3], &Device::Cpu).unwrap()).unwrap();
-    let b = ps.insert("b", &Tensor::from_vec(vec![0.3f64], [1], &Device::Cpu).unwrap()).unwrap();
-    let cfg = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.5 };
+    let w = ps
+        .insert(
+            "w",
+            &Tensor::from_vec(vec![1.0f64, -2.0, 0.5], [3], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let b = ps
+        .insert(
+            "b",
+            &Tensor::from_vec(vec![0.3f64], [1], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let cfg = AdamWConfig {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.5,
+    };
     let mut opt = AdamW::new(&ps, cfg, |name, _| name == "b").unwrap();
     let g = [0.2f64, -3.0, 1e-3];
-    w.set_grad(Some(Tensor::from_slice(&g, [3], &Device::Cpu).unwrap())).unwrap();
-    b.set_grad(Some(Tensor::from_slice(&[4.0f64], [1], &Device::Cpu).unwrap())).unwrap();
+    w.set_grad(Some(Tensor::from_slice(&g, [3], &Device::Cpu).unwrap()))
+        .unwrap();
+    b.set_grad(Some(
+        Tensor::from_slice(&[4.0f64], [1], &Device::Cpu).unwrap(),
+    ))
+    .unwrap();
     opt.step(&ps).unwrap();
     let got = w.to_vec::<f64>().unwrap();
     for ((p0, gi), p1) in [1.0, -2.0, 0.5].iter().zip(g).zip(got) {
@@ -29,12 +49,24 @@ fn adamw_first_step_matches_the_closed_form() {
 #[test]
 fn adamw_second_step_matches_a_hand_computation() {
     let mut ps = ParamStore::new();
-    let w = ps.insert("w", &Tensor::from_vec(vec![1.0f64], [1], &Device::Cpu).unwrap()).unwrap();
-    let cfg = AdamWConfig { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let w = ps
+        .insert(
+            "w",
+            &Tensor::from_vec(vec![1.0f64], [1], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let cfg = AdamWConfig {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let mut opt = AdamW::new(&ps, cfg, |_, _| false).unwrap();
     let (mut p, mut m, mut v) = (1.0f64, 0.0, 0.0);
     for (t, g) in [(1, 0.5f64), (2, -0.25)] {
-        w.set_grad(Some(Tensor::from_slice(&[g], [1], &Device::Cpu).unwrap())).unwrap();
+        w.set_grad(Some(Tensor::from_slice(&[g], [1], &Device::Cpu).unwrap()))
+            .unwrap();
         opt.step(&ps).unwrap();
         p *= 1.0 - 0.01 * 0.1;
         m = 0.9 * m + 0.1 * g;
@@ -48,24 +80,49 @@ fn adamw_second_step_matches_a_hand_computation() {
 #[test]
 fn adamw_minimises_a_quadratic() {
     let mut ps = ParamStore::new();
-    let x = ps.insert("x", &Tensor::from_vec(vec![3.0f32, -4.0], [2], &Device::Cpu).unwrap()).unwrap();
-    let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.0, ..AdamWConfig::default() };
+    let x = ps
+        .insert(
+            "x",
+            &Tensor::from_vec(vec![3.0f32, -4.0], [2], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let cfg = AdamWConfig {
+        lr: 0.1,
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
     let mut opt = AdamW::new(&ps, cfg, |_, _| false).unwrap();
     for _ in 0..300 {
         ps.zero_grad();
-        ops::sum_all(&ops::square(&x).unwrap()).unwrap().backward().unwrap();
+        ops::sum_all(&ops::square(&x).unwrap())
+            .unwrap()
+            .backward()
+            .unwrap();
         opt.step(&ps).unwrap();
     }
-    assert!(x.to_vec::<f32>().unwrap().iter().all(|v| v.abs() < 0.05), "{:?}", x.to_vec::<f32>());
+    assert!(
+        x.to_vec::<f32>().unwrap().iter().all(|v| v.abs() < 0.05),
+        "{:?}",
+        x.to_vec::<f32>()
+    );
 }
 
 #[test]
 fn adamw_rejects_bad_settings_and_bf16_master_weights() {
     let mut ps = ParamStore::new();
-    let bad = AdamWConfig { beta1: 1.0, ..AdamWConfig::default() };
-    assert!(AdamW::new(&ps, bad, |_, _| false).unwrap_err().to_string().contains("AdamW"));
-    let w = ps.insert("w", &Tensor::zeros([2], DType::BF16, &Device::Cpu).unwrap()).unwrap();
-    w.set_grad(Some(Tensor::zeros([2], DType::BF16, &Device::Cpu).unwrap())).unwrap();
+    let bad = AdamWConfig {
+        beta1: 1.0,
+        ..AdamWConfig::default()
+    };
+    assert!(AdamW::new(&ps, bad, |_, _| false)
+        .unwrap_err()
+        .to_string()
+        .contains("AdamW"));
+    let w = ps
+        .insert("w", &Tensor::zeros([2], DType::BF16, &Device::Cpu).unwrap())
+        .unwrap();
+    w.set_grad(Some(Tensor::zeros([2], DType::BF16, &Device::Cpu).unwrap()))
+        .unwrap();
     let mut opt = AdamW::new(&ps, AdamWConfig::default(), |_, _| false).unwrap();
     let err = opt.step(&ps).unwrap_err().to_string();
     assert!(err.contains("\"w\"") && err.contains("f32"), "{err}");
@@ -74,10 +131,20 @@ fn adamw_rejects_bad_settings_and_bf16_master_weights() {
 #[test]
 fn clipping_scales_all_gradients_together() {
     let mut ps = ParamStore::new();
-    let a = ps.insert("a", &Tensor::zeros([2], DType::F64, &Device::Cpu).unwrap()).unwrap();
-    let b = ps.insert("b", &Tensor::zeros([1], DType::F64, &Device::Cpu).unwrap()).unwrap();
-    a.set_grad(Some(Tensor::from_slice(&[3.0f64, 0.0], [2], &Device::Cpu).unwrap())).unwrap();
-    b.set_grad(Some(Tensor::from_slice(&[4.0f64], [1], &Device::Cpu).unwrap())).unwrap();
+    let a = ps
+        .insert("a", &Tensor::zeros([2], DType::F64, &Device::Cpu).unwrap())
+        .unwrap();
+    let b = ps
+        .insert("b", &Tensor::zeros([1], DType::F64, &Device::Cpu).unwrap())
+        .unwrap();
+    a.set_grad(Some(
+        Tensor::from_slice(&[3.0f64, 0.0], [2], &Device::Cpu).unwrap(),
+    ))
+    .unwrap();
+    b.set_grad(Some(
+        Tensor::from_slice(&[4.0f64], [1], &Device::Cpu).unwrap(),
+    ))
+    .unwrap();
     let norm = clip_grad_norm(&ps, 1.0).unwrap();
     assert!((norm - 5.0).abs() < 1e-12);
     let coef = 1.0 / (5.0 + 1e-6);
@@ -88,7 +155,10 @@ fn clipping_scales_all_gradients_together() {
     assert!((norm2 - 1.0).abs() < 1e-5);
     assert!((b.grad().unwrap().to_vec::<f64>().unwrap()[0] - 4.0 * coef).abs() < 1e-12);
     // A NaN gradient is reported, not spread.
-    b.set_grad(Some(Tensor::from_slice(&[f64::NAN], [1], &Device::Cpu).unwrap())).unwrap();
+    b.set_grad(Some(
+        Tensor::from_slice(&[f64::NAN], [1], &Device::Cpu).unwrap(),
+    ))
+    .unwrap();
     assert!(clip_grad_norm(&ps, 1.0).unwrap().is_nan());
     assert!(clip_grad_norm(&ps, 0.0).is_err());
 }

@@ -8,10 +8,19 @@ fn backward_fills_leaf_grads_and_accumulates_until_zeroed() {
     let x = t(&[1.0, 2.0, 3.0], &[3]).with_grad().unwrap();
     let loss = ops::sum_all(&ops::square(&x).unwrap()).unwrap();
     loss.backward().unwrap();
-    assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![2.0, 4.0, 6.0]);
+    assert_eq!(
+        x.grad().unwrap().to_vec::<f64>().unwrap(),
+        vec![2.0, 4.0, 6.0]
+    );
     // A second forward/backward adds to the same slot.
-    ops::sum_all(&ops::square(&x).unwrap()).unwrap().backward().unwrap();
-    assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![4.0, 8.0, 12.0]);
+    ops::sum_all(&ops::square(&x).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        x.grad().unwrap().to_vec::<f64>().unwrap(),
+        vec![4.0, 8.0, 12.0]
+    );
     x.zero_grad();
     assert!(x.grad().is_none());
 }
@@ -51,7 +60,10 @@ fn no_grad_and_detach_stop_recording() {
     let d = x.detach();
     assert!(!d.requires_grad());
     assert!(d.same_storage(&x));
-    let err = ops::sum_all(&ops::square(&d).unwrap()).unwrap().backward().unwrap_err();
+    let err = ops::sum_all(&ops::square(&d).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap_err();
     assert!(err.to_string().contains("does not require grad"), "{err}");
 }
 
@@ -64,7 +76,10 @@ fn backward_needs_a_scalar_and_a_graph_runs_once() {
     let loss = ops::sum_all(&y).unwrap();
     loss.backward().unwrap();
     let err = loss.backward().unwrap_err().to_string();
-    assert!(err.contains("already used") && err.contains("run the forward pass again"), "{err}");
+    assert!(
+        err.contains("already used") && err.contains("run the forward pass again"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -76,22 +91,38 @@ fn saved_buffers_are_released_by_backward() {
     let probe = h.detach();
     let loss = ops::sum_all(&h).unwrap();
     drop(h);
-    assert_eq!(probe.storage_handle_count(), 2, "probe + the copy saved by exp's node");
+    assert_eq!(
+        probe.storage_handle_count(),
+        2,
+        "probe + the copy saved by exp's node"
+    );
     loss.backward().unwrap();
-    assert_eq!(probe.storage_handle_count(), 1, "backward must drop what it saved");
+    assert_eq!(
+        probe.storage_handle_count(),
+        1,
+        "backward must drop what it saved"
+    );
     let want: Vec<f64> = [0.5f64, -1.0].iter().map(|v| v.exp()).collect();
     assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), want);
 }
 
 #[test]
 fn reshape_is_free_and_differentiable() {
-    let x = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).with_grad().unwrap();
+    let x = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])
+        .with_grad()
+        .unwrap();
     let r = x.reshape([3, usize::MAX]).unwrap();
     assert_eq!(r.dims(), &[3, 2]);
     assert!(r.same_storage(&x));
     let w = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2]);
-    ops::sum_all(&r.mul(&w).unwrap()).unwrap().backward().unwrap();
-    assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    ops::sum_all(&r.mul(&w).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        x.grad().unwrap().to_vec::<f64>().unwrap(),
+        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    );
     assert!(x.reshape([4, 2]).is_err());
 }
 
@@ -99,7 +130,10 @@ fn reshape_is_free_and_differentiable() {
 fn dtype_casts_are_differentiable() {
     let x = t(&[1.5, -2.0], &[2]).with_grad().unwrap();
     let y = x.to_dtype(DType::F32).unwrap();
-    ops::sum_all(&ops::square(&y).unwrap()).unwrap().backward().unwrap();
+    ops::sum_all(&ops::square(&y).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
     let g = x.grad().unwrap();
     assert_eq!(g.dtype(), DType::F64);
     assert_eq!(g.to_vec::<f64>().unwrap(), vec![3.0, -4.0]);
@@ -108,31 +142,69 @@ fn dtype_casts_are_differentiable() {
 #[test]
 fn named_parameters_keep_order_and_names() {
     let mut ps = ParamStore::new();
-    let w = ps.insert("blocks.0.attn.proj.weight", &Tensor::zeros([2, 2], DType::F32, &Device::Cpu).unwrap()).unwrap();
-    ps.insert("head.bias", &Tensor::zeros([2], DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let w = ps
+        .insert(
+            "blocks.0.attn.proj.weight",
+            &Tensor::zeros([2, 2], DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    ps.insert(
+        "head.bias",
+        &Tensor::zeros([2], DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
     assert_eq!(w.name().as_deref(), Some("blocks.0.attn.proj.weight"));
     assert!(w.is_leaf());
     let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
     assert_eq!(names, vec!["blocks.0.attn.proj.weight", "head.bias"]);
     assert_eq!(ps.num_elements(), 6);
-    let err = ps.insert("head.bias", &Tensor::zeros([2], DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+    let err = ps
+        .insert(
+            "head.bias",
+            &Tensor::zeros([2], DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("already registered"), "{err}");
 }
 
 #[test]
 fn creation_functions() {
     let d = Device::Cpu;
-    assert_eq!(Tensor::arange(0.0, 5.0, 2.0, DType::I64, &d).unwrap().to_vec::<i64>().unwrap(), vec![0, 2, 4]);
-    assert_eq!(Tensor::full(2.5, [2], DType::F32, &d).unwrap().to_vec::<f32>().unwrap(), vec![2.5, 2.5]);
+    assert_eq!(
+        Tensor::arange(0.0, 5.0, 2.0, DType::I64, &d)
+            .unwrap()
+            .to_vec::<i64>()
+            .unwrap(),
+        vec![0, 2, 4]
+    );
+    assert_eq!(
+        Tensor::full(2.5, [2], DType::F32, &d)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap(),
+        vec![2.5, 2.5]
+    );
     assert!(Tensor::arange(0.0, 5.0, -1.0, DType::F32, &d).is_err());
-    assert_eq!(Tensor::scalar(3.0, DType::F64, &d).unwrap().to_scalar::<f64>().unwrap(), 3.0);
+    assert_eq!(
+        Tensor::scalar(3.0, DType::F64, &d)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        3.0
+    );
     let mut g1 = mvar::engine::Generator::new(5);
     let mut g2 = mvar::engine::Generator::new(5);
     let a = Tensor::randn([4, 4], 0.0, 1.0, DType::F32, &d, &mut g1).unwrap();
     let b = Tensor::randn([4, 4], 0.0, 1.0, DType::F32, &d, &mut g2).unwrap();
     assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
-    let u = Tensor::rand_uniform([100], 2.0, 3.0, DType::F64, &d, &mut g1).unwrap().to_vec::<f64>().unwrap();
+    let u = Tensor::rand_uniform([100], 2.0, 3.0, DType::F64, &d, &mut g1)
+        .unwrap()
+        .to_vec::<f64>()
+        .unwrap();
     assert!(u.iter().all(|&v| v > 2.0 && v < 3.0));
     assert!(Tensor::from_vec(vec![1.0f32; 5], [2, 3], &d).is_err());
-    assert!(a.to_vec::<f64>().is_err(), "reading f32 as f64 must be a dtype error");
+    assert!(
+        a.to_vec::<f64>().is_err(),
+        "reading f32 as f64 must be a dtype error"
+    );
 }

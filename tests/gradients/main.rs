@@ -13,7 +13,11 @@ use proptest::test_runner::TestCaseError;
 mod core_ops;
 
 /// Runs the finite-difference check and fails the proptest case when it does not pass.
-pub fn check(op: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor]) -> std::result::Result<(), TestCaseError> {
+pub fn check(
+    op: &str,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+) -> std::result::Result<(), TestCaseError> {
     check_with(op, f, inputs, GradCheck::default())
 }
 
@@ -23,14 +27,24 @@ pub fn check_with(
     inputs: &[Tensor],
     cfg: GradCheck,
 ) -> std::result::Result<(), TestCaseError> {
-    let report = check_gradients(f, inputs, cfg).map_err(|e| TestCaseError::fail(format!("{op}: {e}")))?;
+    let report =
+        check_gradients(f, inputs, cfg).map_err(|e| TestCaseError::fail(format!("{op}: {e}")))?;
     if let Ok(path) = std::env::var("MVAR_GRADCHECK_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             // One write per line: tests run on several threads and append to one file.
             let _ = f.write_all(format!("{op}\t{:e}\n", report.worst()).as_bytes());
         }
     }
-    prop_assert!(report.passed(), "{op}: relative gradient errors {:?} above {}", report.errors, report.tolerance);
+    prop_assert!(
+        report.passed(),
+        "{op}: relative gradient errors {:?} above {}",
+        report.errors,
+        report.tolerance
+    );
     Ok(())
 }
 
@@ -42,9 +56,18 @@ pub fn shape(max_rank: usize, max_dim: usize) -> impl Strategy<Value = Vec<usize
 /// Two shapes that broadcast together: the second is the first with some axes set to 1 and
 /// possibly some leading axes dropped; then the pair is maybe swapped.
 pub fn broadcast_pair() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
-    (shape(3, 3), prop::collection::vec(any::<bool>(), 3), 0usize..3, any::<bool>()).prop_map(
-        |(full, ones, drop, swap)| {
-            let mut other: Vec<usize> = full.iter().zip(&ones).map(|(&d, &one)| if one { 1 } else { d }).collect();
+    (
+        shape(3, 3),
+        prop::collection::vec(any::<bool>(), 3),
+        0usize..3,
+        any::<bool>(),
+    )
+        .prop_map(|(full, ones, drop, swap)| {
+            let mut other: Vec<usize> = full
+                .iter()
+                .zip(&ones)
+                .map(|(&d, &one)| if one { 1 } else { d })
+                .collect();
             let drop = drop.min(other.len() - 1);
             other.drain(..drop);
             if swap {
@@ -52,8 +75,7 @@ pub fn broadcast_pair() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
             } else {
                 (full, other)
             }
-        },
-    )
+        })
 }
 
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -80,5 +102,9 @@ pub fn away_from_zero(shape: &[usize], seed: u64, positive: bool) -> Tensor {
 }
 
 pub fn config() -> ProptestConfig {
-    ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 12,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }

@@ -5,19 +5,23 @@
 //! methods for chaining. Each op records itself on the engine's tape with its backward written
 //! beside its forward in the same file. Ops know nothing about models.
 
+pub mod attention;
 pub mod elementwise;
 pub mod index;
 pub mod layout;
 pub mod matmul;
+pub mod na2d;
 pub mod optim;
 pub mod reduce;
 pub mod testing;
 mod util;
 
+pub use attention::*;
 pub use elementwise::*;
 pub use index::*;
 pub use layout::*;
 pub use matmul::*;
+pub use na2d::*;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use reduce::*;
 

@@ -10,6 +10,7 @@ use mvar::ops::testing::{check_gradients, randn_f64, GradCheck};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
+mod attention_ops;
 mod core_ops;
 
 /// Runs the finite-difference check and fails the proptest case when it does not pass.

@@ -1,0 +1,504 @@
+//! Scaled dot-product attention with the masks VAR and MVAR train with: the CPU reference the
+//! fused CUDA kernels are checked against.
+//!
+//! Layouts: q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] -> out [B, H, Lq, Dv].
+//!
+//!   S = scale * q k^T + mask        (per (b, h): Lq x Lk)
+//!   P = softmax(S) over the keys    (row-wise)
+//!   out = P v
+//!
+//! Masks ([`AttnMask`]): an additive float tensor broadcast to [B, H, Lq, Lk] (0 / -inf entries;
+//! it gets no gradient), or one of the two scale-block masks, which are computed from the scale
+//! lengths (each query row sees one contiguous range of keys) and never stored as an L x L tensor.
+//! A query row whose keys are all masked has output 0 and passes gradient 0 (not NaN).
+//!
+//! The forward saves the per-row log-sum-exp `lse = log sum_j exp(S_ij)` and the backward
+//! recomputes `P = exp(S - lse)` from q and k instead of storing P, as the flash-attention kernels
+//! do. With dO the output gradient:
+//!
+//!   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = scale dS K,  dK = scale dS^T Q
+//!
+//! The products run through `gemm` (single-threaded per (b, h)), and the (b, h) pairs run in
+//! parallel with rayon. bf16 is computed in f32 (see `mvar_engine::cpu`); the log-sum-exp is
+//! kept in f64 whatever the dtype, because rounding it to bf16 would put an error of up to 0.4 %
+//! on every recomputed probability.
+
+use std::sync::{Arc, Mutex};
+
+use gemm::Parallelism;
+use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::{Error, Float, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::util::{
+    float_kernel, one, require_float, require_rank, same_device, same_dtype, tensor,
+};
+
+const OP: &str = "attention";
+
+/// Which (query, key) pairs may attend, and how.
+#[derive(Debug, Clone)]
+pub enum AttnMask {
+    /// Every query sees every key.
+    None,
+    /// Added to the scaled scores: a float tensor broadcastable to [B, H, Lq, Lk] (typically
+    /// [Lq, Lk]) whose entries are 0 (visible) or -inf (masked). Not differentiated.
+    Additive(Tensor),
+    /// The tokens form consecutive scales of these lengths (Lq == Lk == their sum); query i sees
+    /// key j iff scale(i) >= scale(j). VAR's training mask: bidirectional inside a scale, and
+    /// every earlier scale is visible.
+    BlockCausal(Vec<usize>),
+    /// Like `BlockCausal`, but query i sees key j iff scale(i) == scale(j): MVAR's scale-Markov
+    /// mask.
+    BlockDiagonal(Vec<usize>),
+}
+
+/// A mask resolved against the problem size, in the form the kernels read.
+enum MaskPlan {
+    None,
+    /// Mask values (widened to f64) with their strides over [B, H, Lq, Lk], 0 on broadcast axes.
+    Additive {
+        values: Vec<f64>,
+        strides: [usize; 4],
+    },
+    /// Query i sees keys `ranges[i].0 .. ranges[i].1` (both block masks are of this form).
+    KeyRanges(Vec<(usize, usize)>),
+}
+
+/// The visible key range of every query when the sequence is made of consecutive scales of
+/// lengths `lens`: the own scale only (`causal == false`), or every scale up to the own one.
+fn block_key_ranges(lens: &[usize], causal: bool) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::with_capacity(lens.iter().sum());
+    let mut start = 0;
+    for &n in lens {
+        let end = start + n;
+        ranges.extend(std::iter::repeat_n(
+            (if causal { 0 } else { start }, end),
+            n,
+        ));
+        start = end;
+    }
+    ranges
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    /// B * H: the number of independent attention problems.
+    heads: usize,
+    /// H, to split a head index into (b, h) for broadcast masks.
+    h: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+}
+
+struct Plan {
+    dims: Dims,
+    scale: f64,
+    mask: MaskPlan,
+}
+
+impl Plan {
+    /// Scores of head `bh` into `s` (Lq x Lk): scale * q k^T + mask, -inf where masked.
+    fn scores<T: Float>(&self, bh: usize, q: &[T], k: &[T], s: &mut [T]) {
+        let Dims { lq, lk, d, .. } = self.dims;
+        mm(s, q, false, k, true, (lq, lk, d), T::from_f64(self.scale));
+        match &self.mask {
+            MaskPlan::None => {}
+            MaskPlan::Additive { values, strides } => {
+                let base = (bh / self.dims.h) * strides[0] + (bh % self.dims.h) * strides[1];
+                for i in 0..lq {
+                    for j in 0..lk {
+                        s[i * lk + j] +=
+                            T::from_f64(values[base + i * strides[2] + j * strides[3]]);
+                    }
+                }
+            }
+            MaskPlan::KeyRanges(ranges) => {
+                for (i, &(lo, hi)) in ranges.iter().enumerate() {
+                    let row = &mut s[i * lk..(i + 1) * lk];
+                    row[..lo].fill(T::neg_infinity());
+                    row[hi..].fill(T::neg_infinity());
+                }
+            }
+        }
+    }
+
+    /// Runs `f` for every head, in parallel when the work is large enough to pay for it.
+    fn per_head<R: Send>(&self, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+        let Dims {
+            heads,
+            lq,
+            lk,
+            d,
+            dv,
+            ..
+        } = self.dims;
+        if heads > 1 && heads * lq * lk * (d + dv) >= PARALLEL_MIN_ELEMS {
+            (0..heads).into_par_iter().map(f).collect()
+        } else {
+            (0..heads).map(f).collect()
+        }
+    }
+}
+
+/// dst (m x n, row-major) = beta * op(a) op(b), with op(a) m x kk and op(b) kk x n. `a` is stored
+/// row-major as m x kk, or as kk x m when `ta` (its transpose is read through the strides, no
+/// copy); likewise `b`.
+fn mm<T: Float>(
+    dst: &mut [T],
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    (m, n, kk): (usize, usize, usize),
+    beta: T,
+) {
+    // Sizes come from validated shapes; a mismatch here is a bug in this file, and the unsafe
+    // call below must never see one.
+    assert!(
+        dst.len() == m * n && a.len() == m * kk && b.len() == kk * n,
+        "attention: gemm operand sizes"
+    );
+    if m * n == 0 {
+        return;
+    }
+    if kk == 0 {
+        dst.fill(T::zero());
+        return;
+    }
+    let (a_rs, a_cs) = if ta {
+        (1, m as isize)
+    } else {
+        (kk as isize, 1)
+    };
+    let (b_rs, b_cs) = if tb {
+        (1, kk as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the slices hold exactly m*kk, kk*n and m*n elements (checked above), the strides
+    // address them row-major or transposed, and dst does not alias the operands.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            kk,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::zero(),
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// In place: `row <- softmax(row)`; returns the row's log-sum-exp. A row that is all -inf (every
+/// key masked, or no keys) becomes all zeros with log-sum-exp -inf.
+pub(crate) fn softmax_row<T: Float>(row: &mut [T]) -> T {
+    let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    if m == T::neg_infinity() {
+        row.fill(T::zero());
+        return m;
+    }
+    let mut sum = T::zero();
+    for x in row.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    // sum >= 1: the largest entry contributes exp(0).
+    let inv = T::one() / sum;
+    for x in row.iter_mut() {
+        *x = *x * inv;
+    }
+    m + sum.ln()
+}
+
+/// `exp(s - lse)`: a probability recomputed from its score and its row's log-sum-exp (0 for a
+/// fully masked row, whose lse is -inf).
+#[inline]
+pub(crate) fn prob_from_lse<T: Float>(s: T, lse: T) -> T {
+    if lse == T::neg_infinity() {
+        T::zero()
+    } else {
+        (s - lse).exp()
+    }
+}
+
+struct Forward {
+    plan: Arc<Plan>,
+    /// Per-row log-sum-exp [B, H, Lq], handed back beside the output (see the module docs for why
+    /// it is f64 and not an output of the dtype).
+    lse: Mutex<Vec<f64>>,
+}
+
+impl FloatKernel for Forward {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (q, k, v) = (x[0], x[1], x[2]);
+        let Dims {
+            heads,
+            lq,
+            lk,
+            d,
+            dv,
+            ..
+        } = self.plan.dims;
+        let per_head = self.plan.per_head(|bh| {
+            let (qh, kh, vh) = (
+                &q[bh * lq * d..][..lq * d],
+                &k[bh * lk * d..][..lk * d],
+                &v[bh * lk * dv..][..lk * dv],
+            );
+            let mut p = vec![T::zero(); lq * lk];
+            self.plan.scores(bh, qh, kh, &mut p);
+            let lse: Vec<f64> = (0..lq)
+                .map(|i| softmax_row(&mut p[i * lk..(i + 1) * lk]).as_f64())
+                .collect();
+            let mut o = vec![T::zero(); lq * dv];
+            mm(&mut o, &p, false, vh, false, (lq, dv, lk), T::one());
+            (o, lse)
+        });
+        let mut out = Vec::with_capacity(heads * lq * dv);
+        let mut lse = Vec::with_capacity(heads * lq);
+        for (o, l) in per_head {
+            out.extend(o);
+            lse.extend(l);
+        }
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok(vec![out])
+    }
+}
+
+/// The fused backward: inputs [dO, q, k, v, O], outputs [dq, dk, dv].
+struct Backward {
+    plan: Arc<Plan>,
+    lse: Vec<f64>,
+}
+
+impl FloatKernel for Backward {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (go, q, k, v, o) = (x[0], x[1], x[2], x[3], x[4]);
+        let Dims {
+            heads,
+            lq,
+            lk,
+            d,
+            dv,
+            ..
+        } = self.plan.dims;
+        let scale = T::from_f64(self.plan.scale);
+        let per_head = self.plan.per_head(|bh| {
+            let (qh, kh, vh) = (
+                &q[bh * lq * d..][..lq * d],
+                &k[bh * lk * d..][..lk * d],
+                &v[bh * lk * dv..][..lk * dv],
+            );
+            let (goh, oh) = (
+                &go[bh * lq * dv..][..lq * dv],
+                &o[bh * lq * dv..][..lq * dv],
+            );
+            let mut p = vec![T::zero(); lq * lk];
+            self.plan.scores(bh, qh, kh, &mut p);
+            for i in 0..lq {
+                let lse = T::from_f64(self.lse[bh * lq + i]);
+                for s in &mut p[i * lk..(i + 1) * lk] {
+                    *s = prob_from_lse(*s, lse);
+                }
+            }
+            let mut dvh = vec![T::zero(); lk * dv];
+            mm(&mut dvh, &p, true, goh, false, (lk, dv, lq), T::one());
+            // dP, then dS in the same buffer.
+            let mut ds = vec![T::zero(); lq * lk];
+            mm(&mut ds, goh, false, vh, true, (lq, lk, dv), T::one());
+            for i in 0..lq {
+                let delta = goh[i * dv..(i + 1) * dv]
+                    .iter()
+                    .zip(&oh[i * dv..(i + 1) * dv])
+                    .fold(T::zero(), |a, (&g, &y)| a + g * y);
+                for j in 0..lk {
+                    ds[i * lk + j] = p[i * lk + j] * (ds[i * lk + j] - delta);
+                }
+            }
+            let mut dqh = vec![T::zero(); lq * d];
+            mm(&mut dqh, &ds, false, kh, false, (lq, d, lk), scale);
+            let mut dkh = vec![T::zero(); lk * d];
+            mm(&mut dkh, &ds, true, qh, false, (lk, d, lq), scale);
+            (dqh, dkh, dvh)
+        });
+        let (mut dq, mut dk, mut dvv) = (
+            Vec::with_capacity(heads * lq * d),
+            Vec::with_capacity(heads * lk * d),
+            Vec::with_capacity(heads * lk * dv),
+        );
+        for (a, b, c) in per_head {
+            dq.extend(a);
+            dk.extend(b);
+            dvv.extend(c);
+        }
+        Ok(vec![dq, dk, dvv])
+    }
+}
+
+fn layout_error(q: &Tensor, k: &Tensor, v: &Tensor, why: &str) -> Error {
+    Error::shape(
+        OP,
+        format!("q {}, k {}, v {} ({why})", q.shape(), k.shape(), v.shape()),
+        "q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]",
+    )
+}
+
+fn resolve_mask(
+    mask: &AttnMask,
+    q: &Tensor,
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+) -> Result<MaskPlan> {
+    match mask {
+        AttnMask::None => Ok(MaskPlan::None),
+        AttnMask::Additive(m) => {
+            same_device(OP, &[q, m])?;
+            require_float(OP, m)?;
+            let target = [b, h, lq, lk];
+            let fits = m.rank() <= 4
+                && m.dims()
+                    .iter()
+                    .rev()
+                    .zip(target.iter().rev())
+                    .all(|(&md, &t)| md == 1 || md == t);
+            if !fits {
+                return Err(Error::shape(
+                    OP,
+                    format!("additive mask {}", m.shape()),
+                    format!(
+                        "a mask broadcastable to the scores [B, H, Lq, Lk] = {}",
+                        Shape::new(target.to_vec())
+                    ),
+                ));
+            }
+            let mut dims = vec![1; 4 - m.rank()];
+            dims.extend_from_slice(m.dims());
+            let own = Shape::new(dims.clone()).strides();
+            let strides = [0, 1, 2, 3].map(|a| if dims[a] == 1 { 0 } else { own[a] });
+            Ok(MaskPlan::Additive {
+                values: m.to_vec_f64()?,
+                strides,
+            })
+        }
+        AttnMask::BlockCausal(lens) | AttnMask::BlockDiagonal(lens) => {
+            let causal = matches!(mask, AttnMask::BlockCausal(_));
+            let name = if causal {
+                "BlockCausal"
+            } else {
+                "BlockDiagonal"
+            };
+            let total = lens.iter().try_fold(0usize, |a, &n| a.checked_add(n));
+            if total != Some(lq) || lq != lk {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "{name} mask with scale lengths {lens:?} (sum {}) for Lq = {lq} queries and Lk = {lk} keys; \
+                         expected Lq == Lk == the sum of the scale lengths",
+                        total.map_or_else(|| "overflows".to_string(), |t| t.to_string())
+                    ),
+                ));
+            }
+            Ok(MaskPlan::KeyRanges(block_key_ranges(lens, causal)))
+        }
+    }
+}
+
+/// `softmax(q k^T * scale + mask) v`, softmax over the keys.
+///
+/// q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] (one float dtype and device) ->
+/// [B, H, Lq, Dv] of that dtype. Differentiable in q, k and v; see [`AttnMask`] for the masks and
+/// the module docs for the exact forward and backward.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    same_device(OP, &[q, k, v])?;
+    for t in [q, k, v] {
+        require_float(OP, t)?;
+    }
+    same_dtype(OP, &[q, k, v])?;
+    require_rank(OP, q, "q [B, H, Lq, D]", 4)?;
+    require_rank(OP, k, "k [B, H, Lk, D]", 4)?;
+    require_rank(OP, v, "v [B, H, Lk, Dv]", 4)?;
+    let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+    if kd[..2] != qd[..2] || vd[..2] != qd[..2] {
+        return Err(layout_error(q, k, v, "batch and head axes differ"));
+    }
+    if kd[3] != qd[3] {
+        return Err(layout_error(q, k, v, "q and k head dims differ"));
+    }
+    if vd[2] != kd[2] {
+        return Err(layout_error(
+            q,
+            k,
+            v,
+            "k and v have different numbers of keys",
+        ));
+    }
+    if !scale.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            format!("scale {scale}: expected a finite number"),
+        ));
+    }
+    let (b, h, lq, d) = (qd[0], qd[1], qd[2], qd[3]);
+    let (lk, dv) = (kd[2], vd[3]);
+    let plan = Arc::new(Plan {
+        dims: Dims {
+            heads: b * h,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+        },
+        scale,
+        mask: resolve_mask(mask, q, b, h, lq, lk)?,
+    });
+    let fwd = Forward {
+        plan: plan.clone(),
+        lse: Mutex::new(Vec::new()),
+    };
+    let out = tensor(
+        one(float_kernel(OP, &[q, k, v], &fwd)?),
+        [b, h, lq, dv],
+        q.device(),
+    )?;
+    let lse = fwd.lse.into_inner().unwrap_or_else(|e| e.into_inner());
+    let saved = [q.detach(), k.detach(), v.detach(), out.detach()];
+    Ok(Tensor::record(out, OP, &[q, k, v], move || {
+        move |g: &Tensor| {
+            let [q, k, v, o] = saved;
+            let mut grads =
+                float_kernel(OP, &[g, &q, &k, &v, &o], &Backward { plan, lse })?.into_iter();
+            let mut next = |like: &Tensor| -> Result<Option<Tensor>> {
+                let data = grads.next().ok_or_else(|| {
+                    Error::Autograd("attention backward: missing gradient".into())
+                })?;
+                Ok(Some(tensor(data, like.shape().clone(), like.device())?))
+            };
+            Ok(vec![next(&q)?, next(&k)?, next(&v)?])
+        }
+    }))
+}

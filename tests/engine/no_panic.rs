@@ -118,6 +118,32 @@ pub fn core_ops() -> Vec<(&'static str, OpFn)> {
         ("embedding", |x| ops::embedding(&x.b, &x.a)),
         ("reshape", |x| x.a.reshape(x.b.shape().clone())),
         ("to_dtype", |x| x.a.to_dtype(x.b.dtype())),
+        ("attention", |x| {
+            ops::attention(&x.a, &x.b, &x.c, 0.5, &ops::AttnMask::None)
+        }),
+        ("attention block-causal", |x| {
+            ops::attention(
+                &x.a,
+                &x.b,
+                &x.b,
+                1.0,
+                &ops::AttnMask::BlockCausal(vec![x.n, x.m]),
+            )
+        }),
+        ("attention block-diagonal", |x| {
+            ops::attention(
+                &x.a,
+                &x.a,
+                &x.b,
+                1.0,
+                &ops::AttnMask::BlockDiagonal(vec![x.n, 1, x.m]),
+            )
+        }),
+        ("attention additive", |x| {
+            ops::attention(&x.a, &x.a, &x.a, 1.0, &ops::AttnMask::Additive(x.c.clone()))
+        }),
+        ("na2d", |x| ops::na2d(&x.a, &x.b, &x.c, x.n, 1.0)),
+        ("na2d self", |x| ops::na2d(&x.a, &x.a, &x.a, x.n, 1.0)),
     ]
 }
 
@@ -159,6 +185,47 @@ proptest! {
 
     #[test]
     fn core_ops_never_panic(a in args()) {
+        let r = run_all(&core_ops(), &a);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
+}
+
+/// Attention-shaped inputs: q, k, v of a common [B, H, X, Y, D] (or [B, H, L, D]) shape, each
+/// with maybe one axis changed, so that the ops get past their first checks.
+pub fn attention_args() -> impl Strategy<Value = Args> {
+    (
+        prop::collection::vec(0usize..4, 5),
+        any::<bool>(),
+        prop::collection::vec((0usize..5, 0usize..4), 3),
+        dtype_strategy(),
+        any::<u64>(),
+        (-5isize..5, 0usize..6, 0usize..6),
+    )
+        .prop_map(|(base, rank4, tweaks, dt, seed, (axis, n, m))| {
+            let base = if rank4 { base[..4].to_vec() } else { base };
+            let make = |(ax, v): (usize, usize), s: u64| {
+                let mut sh = base.clone();
+                if ax < sh.len() {
+                    sh[ax] = v;
+                }
+                any_tensor(&sh, dt, s)
+            };
+            Args {
+                a: make(tweaks[0], seed),
+                b: make(tweaks[1], seed ^ 1),
+                c: make(tweaks[2], seed ^ 2),
+                axis,
+                n,
+                m,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn attention_like_ops_never_panic(a in attention_args()) {
         let r = run_all(&core_ops(), &a);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }

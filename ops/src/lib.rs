@@ -5,19 +5,25 @@
 //! methods for chaining. Each op records itself on the engine's tape with its backward written
 //! beside its forward in the same file. Ops know nothing about models.
 
+pub mod dropout;
 pub mod elementwise;
 pub mod index;
 pub mod layout;
 pub mod matmul;
+pub mod norm;
 pub mod reduce;
+pub mod softmax;
 pub mod testing;
 mod util;
 
+pub use dropout::*;
 pub use elementwise::*;
 pub use index::*;
 pub use layout::*;
 pub use matmul::*;
+pub use norm::*;
 pub use reduce::*;
+pub use softmax::*;
 
 pub use mvar_engine as engine;
 pub use mvar_engine::{DType, Device, Error, Result, Shape, Tensor};

@@ -6,24 +6,30 @@
 //! beside its forward in the same file. Ops know nothing about models.
 
 pub mod attention;
+pub mod dropout;
 pub mod elementwise;
 pub mod index;
 pub mod layout;
 pub mod matmul;
 pub mod na2d;
+pub mod norm;
 pub mod optim;
 pub mod reduce;
+pub mod softmax;
 pub mod testing;
 mod util;
 
 pub use attention::*;
+pub use dropout::*;
 pub use elementwise::*;
 pub use index::*;
 pub use layout::*;
 pub use matmul::*;
 pub use na2d::*;
+pub use norm::*;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use reduce::*;
+pub use softmax::*;
 
 pub use mvar_engine as engine;
 pub use mvar_engine::{DType, Device, Error, Result, Shape, Tensor};

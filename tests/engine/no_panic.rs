@@ -143,6 +143,25 @@ pub fn core_ops() -> Vec<(&'static str, OpFn)> {
             ops::attention(&x.a, &x.a, &x.a, 1.0, &ops::AttnMask::Additive(x.c.clone()))
         }),
         ("na2d", |x| ops::na2d(&x.a, &x.b, &x.c, x.n, 1.0)),
+        ("softmax", |x| ops::softmax(&x.a, x.axis)),
+        ("log_softmax", |x| ops::log_softmax(&x.a, x.axis)),
+        ("cross_entropy", |x| {
+            ops::cross_entropy(&x.a, &x.b, None, 0.1)
+        }),
+        ("cross_entropy weighted", |x| {
+            ops::cross_entropy(&x.a, &x.b, Some(&x.c), x.n as f64 / 4.0)
+        }),
+        ("layer_norm", |x| ops::layer_norm(&x.a, 1e-6)),
+        ("group_norm", |x| {
+            ops::group_norm(&x.a, x.n, &x.b, &x.c, 1e-6)
+        }),
+        ("l2_normalize", |x| ops::l2_normalize(&x.a, 1e-12)),
+        ("dropout", |x| {
+            ops::dropout(&x.a, x.n as f64 / 4.0, &mut Generator::new(1))
+        }),
+        ("drop_path", |x| {
+            ops::drop_path(&x.a, x.m as f64 / 4.0, &mut Generator::new(2))
+        }),
         ("na2d self", |x| ops::na2d(&x.a, &x.a, &x.a, x.n, 1.0)),
     ]
 }

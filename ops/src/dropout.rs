@@ -1,0 +1,129 @@
+//! Dropout and drop-path (stochastic depth), with inverted scaling: kept values are multiplied by
+//! 1 / (1 - p) so the expectation is unchanged.
+//!
+//! - dropout: every element is kept or zeroed independently.
+//! - drop_path: one decision per sample along axis 0, shared by all of that sample's elements
+//!   (timm's DropPath, which VAR applies to each block's residual branches).
+//!
+//! Draw order (a CUDA kernel reproduces it from the generator's state before the call): the op
+//! makes exactly one draw `rng.uniform(m, 0.0, 1.0)` with m = the element count (dropout) or the
+//! sample count `x.dims()[0]` (drop_path); decision i uses uniform i of that draw, i being the
+//! row-major element index (dropout) or the sample index (drop_path), and keeps iff
+//! u_i < 1 - p compared in f64. With u_i = ((w_i >> 8) + 0.5) / 2^24 from Philox word w_i (see
+//! `mvar_engine::rng`), that is (w_i >> 8) + 0.5 < (1 - p) * 2^24. The draw advances the
+//! generator by ceil(m / 4) Philox blocks. p == 0 returns x itself and draws nothing; an
+//! invalid call returns its error before drawing.
+//!
+//! The backward multiplies the output gradient by the same saved mask and scale.
+
+use std::sync::Arc;
+
+use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::{Error, Float, Generator, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::util::{float_kernel, one, require_float, tensor};
+
+/// out[i] = x[i] * scale where mask[i / group] is set, else 0. The forward and the backward
+/// are this same kernel.
+struct MaskScale {
+    mask: Arc<Vec<bool>>,
+    group: usize,
+    scale: f64,
+}
+impl FloatKernel for MaskScale {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let scale = T::from_f64(self.scale);
+        let f = |(i, &v): (usize, &T)| {
+            if self.mask[i / self.group] {
+                v * scale
+            } else {
+                T::zero()
+            }
+        };
+        let out = if x[0].len() >= PARALLEL_MIN_ELEMS {
+            x[0].par_iter().enumerate().map(f).collect()
+        } else {
+            x[0].iter().enumerate().map(f).collect()
+        };
+        Ok(vec![out])
+    }
+}
+
+fn check_p(op: &'static str, x: &Tensor, p: f64) -> Result<()> {
+    require_float(op, x)?;
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            op,
+            format!("drop probability {p}: expected a value in [0, 1)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Draws the decisions (see the module docs) and applies them in groups of `group` elements.
+fn masked(
+    op: &'static str,
+    x: &Tensor,
+    p: f64,
+    decisions: usize,
+    group: usize,
+    rng: &mut Generator,
+) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let mask: Arc<Vec<bool>> = Arc::new(
+        rng.uniform(decisions, 0.0, 1.0)
+            .into_iter()
+            .map(|u| u < keep)
+            .collect(),
+    );
+    let scale = 1.0 / keep;
+    let k = MaskScale {
+        mask,
+        group: group.max(1),
+        scale,
+    };
+    let out = tensor(
+        one(float_kernel(op, &[x], &k)?),
+        x.shape().clone(),
+        x.device(),
+    )?;
+    Ok(Tensor::record(out, op, &[x], move || {
+        move |g: &Tensor| {
+            let dx = one(float_kernel(op, &[g], &k)?);
+            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+        }
+    }))
+}
+
+/// Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p), else
+/// zeroed. `p` in [0, 1); p == 0 returns `x` unchanged without drawing. Same shape and dtype as
+/// `x`. The mask comes from `rng` in the order given in the module docs.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut Generator) -> Result<Tensor> {
+    const OP: &str = "dropout";
+    check_p(OP, x, p)?;
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    masked(OP, x, p, x.elem_count(), 1, rng)
+}
+
+/// Drop-path (stochastic depth): each sample along axis 0 is kept whole with probability 1 - p
+/// and scaled by 1 / (1 - p), else zeroed. `x` of rank >= 1, `p` in [0, 1); p == 0 returns `x`
+/// unchanged without drawing. One uniform per sample (see the module docs).
+pub fn drop_path(x: &Tensor, p: f64, rng: &mut Generator) -> Result<Tensor> {
+    const OP: &str = "drop_path";
+    check_p(OP, x, p)?;
+    let Some(&samples) = x.dims().first() else {
+        return Err(Error::shape(
+            OP,
+            format!("input of shape {}", x.shape()),
+            "a tensor [N, ...] of rank >= 1",
+        ));
+    };
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let per_sample = x.dims()[1..].iter().product();
+    masked(OP, x, p, samples, per_sample, rng)
+}

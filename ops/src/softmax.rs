@@ -1,0 +1,350 @@
+//! Softmax, log-softmax and the fused cross-entropy loss.
+//!
+//! softmax and log_softmax work along any axis: the input is seen as [outer, n, inner] around
+//! it, and a "lane" is the n elements along the axis at one (outer, inner) position. Both are
+//! computed stably from the lane maximum m and the log-sum-exp lse = m + ln(sum_j exp(x_j - m)):
+//! - softmax:     y_j = exp(x_j - m) / sum_k exp(x_k - m)
+//! - log_softmax: y_j = x_j - lse
+//!
+//! and their fused backwards read only the output and the incoming gradient g:
+//! - softmax:     dx = y * (g - sum(g * y))
+//! - log_softmax: dx = g - exp(y) * sum(g)
+//!
+//! cross_entropy takes logits [..., V], i64 targets [...] and optional per-token weights [...]
+//! and returns the per-token loss [...] (no reduction), PyTorch's definition with label
+//! smoothing eps (using `-log p[c] = lse - x[c]`); its backward is one pass per row from the
+//! saved lse:
+//!
+//! ```text
+//! loss   = w * ((1 - eps) * (lse - x[t]) + eps * (lse - mean_c x[c]))
+//! d x[c] = g * w * (exp(x[c] - lse) - (1 - eps) * [c == t] - eps / V)
+//! ```
+//!
+//! Lane sums accumulate in f64 (this backend is the reference the CUDA kernels are checked
+//! against); the elementwise arithmetic runs in the kernel's type (f32 for f32 and bf16).
+
+use std::sync::{Arc, Mutex};
+
+use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::{DType, Error, Float, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::util::{
+    float_kernel, one, require_dtype, require_float, same_device, same_dtype, tensor,
+};
+
+/// Writes `f(lanes of inputs, lane of out)` for every lane of the inputs seen as
+/// [outer, n, inner]. Last-axis lanes (inner == 1) are passed as slices of the inputs; strided
+/// lanes are gathered into buffers first and the result is scattered back. Threaded over outer
+/// blocks for large inputs.
+pub(crate) fn map_lanes<T: Float, const N: usize>(
+    inputs: [&[T]; N],
+    (outer, n, inner): (usize, usize, usize),
+    f: impl Fn([&[T]; N], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let total = outer * n * inner;
+    let mut out = vec![T::zero(); total];
+    if total == 0 {
+        return out;
+    }
+    let block = n * inner;
+    let run = |(o, dst): (usize, &mut [T])| {
+        if inner == 1 {
+            f(std::array::from_fn(|k| &inputs[k][o * n..(o + 1) * n]), dst);
+            return;
+        }
+        let mut bufs: [Vec<T>; N] = std::array::from_fn(|_| vec![T::zero(); n]);
+        let mut lane_out = vec![T::zero(); n];
+        for i in 0..inner {
+            for (buf, x) in bufs.iter_mut().zip(&inputs) {
+                for (s, b) in buf.iter_mut().enumerate() {
+                    *b = x[o * block + s * inner + i];
+                }
+            }
+            f(std::array::from_fn(|k| bufs[k].as_slice()), &mut lane_out);
+            for (s, &v) in lane_out.iter().enumerate() {
+                dst[s * inner + i] = v;
+            }
+        }
+    };
+    if total >= PARALLEL_MIN_ELEMS && outer > 1 {
+        out.par_chunks_mut(block).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(block).enumerate().for_each(run);
+    }
+    out
+}
+
+/// Largest element of a lane (-inf for an empty one). NaNs are skipped here but still reach the
+/// output through exp, as in PyTorch.
+#[inline]
+fn lane_max<T: Float>(x: &[T]) -> T {
+    x.iter().fold(T::neg_infinity(), |m, &v| m.max(v))
+}
+
+/// ln(sum_j exp(x_j - m)) with m the lane maximum, accumulated in f64.
+#[inline]
+fn log_sum_exp<T: Float>(x: &[T]) -> f64 {
+    let m = lane_max(x);
+    let s: f64 = x.iter().map(|&v| (v - m).exp().as_f64()).sum();
+    m.as_f64() + s.ln()
+}
+
+struct SoftmaxFwd {
+    dims: (usize, usize, usize),
+    log: bool,
+}
+impl FloatKernel for SoftmaxFwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let log = self.log;
+        Ok(vec![map_lanes([x[0]], self.dims, move |[x], y| {
+            let m = lane_max(x);
+            if log {
+                let s: f64 = x.iter().map(|&v| (v - m).exp().as_f64()).sum();
+                let ln_s = T::from_f64(s.ln());
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = v - m - ln_s;
+                }
+            } else {
+                let mut s = 0.0f64;
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = (v - m).exp();
+                    s += o.as_f64();
+                }
+                let inv = T::from_f64(1.0 / s);
+                y.iter_mut().for_each(|o| *o = *o * inv);
+            }
+        })])
+    }
+}
+
+/// Inputs [y, g] (y the forward's output).
+struct SoftmaxBwd {
+    dims: (usize, usize, usize),
+    log: bool,
+}
+impl FloatKernel for SoftmaxBwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let log = self.log;
+        Ok(vec![map_lanes(
+            [x[0], x[1]],
+            self.dims,
+            move |[y, g], dx| {
+                if log {
+                    let sg = T::from_f64(g.iter().map(|v| v.as_f64()).sum());
+                    for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
+                        *d = gv - yv.exp() * sg;
+                    }
+                } else {
+                    let dot =
+                        T::from_f64(y.iter().zip(g).map(|(a, b)| a.as_f64() * b.as_f64()).sum());
+                    for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
+                        *d = yv * (gv - dot);
+                    }
+                }
+            },
+        )])
+    }
+}
+
+fn softmax_impl(op: &'static str, x: &Tensor, axis: isize, log: bool) -> Result<Tensor> {
+    require_float(op, x)?;
+    let ax = x.shape().axis(op, axis)?;
+    let dims = x.shape().split_at_axis(ax);
+    let out = tensor(
+        one(float_kernel(op, &[x], &SoftmaxFwd { dims, log })?),
+        x.shape().clone(),
+        x.device(),
+    )?;
+    let y = out.detach();
+    Ok(Tensor::record(out, op, &[x], move || {
+        move |g: &Tensor| {
+            let dx = one(float_kernel(op, &[&y, g], &SoftmaxBwd { dims, log })?);
+            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+        }
+    }))
+}
+
+/// Softmax along `axis` (negative counts from the end): exp(x - m) / sum(exp(x - m)) with m the
+/// maximum along the axis. Same shape and dtype as `x`. A lane of all -inf gives NaN, as in
+/// PyTorch.
+pub fn softmax(x: &Tensor, axis: isize) -> Result<Tensor> {
+    softmax_impl("softmax", x, axis, false)
+}
+
+/// Log-softmax along `axis`: x - m - ln(sum(exp(x - m))). Same shape and dtype as `x`.
+pub fn log_softmax(x: &Tensor, axis: isize) -> Result<Tensor> {
+    softmax_impl("log_softmax", x, axis, true)
+}
+
+// ----------------------------------------------------------------------------------------------
+// cross-entropy
+
+/// Inputs [logits] or [logits, weights]; one output, the per-row loss. Leaves each row's
+/// log-sum-exp in `lse` for the backward (kept in f64 so a bf16 forward does not round it).
+struct CrossEntropyFwd {
+    targets: Arc<Vec<i64>>,
+    classes: usize,
+    smoothing: f64,
+    lse: Mutex<Vec<f64>>,
+}
+impl FloatKernel for CrossEntropyFwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let v = self.classes;
+        let rows = self.targets.len();
+        let eps = self.smoothing;
+        let per_row = |r: usize| -> (T, f64) {
+            let row = &x[0][r * v..(r + 1) * v];
+            let lse = log_sum_exp(row);
+            // Targets are range-checked before the kernel runs.
+            let nll = lse - row[self.targets[r] as usize].as_f64();
+            let mean_x = row.iter().map(|c| c.as_f64()).sum::<f64>() / v as f64;
+            let mut loss = (1.0 - eps) * nll + eps * (lse - mean_x);
+            if let Some(w) = x.get(1) {
+                loss *= w[r].as_f64();
+            }
+            (T::from_f64(loss), lse)
+        };
+        let (loss, lse): (Vec<T>, Vec<f64>) = if rows * v >= PARALLEL_MIN_ELEMS {
+            (0..rows).into_par_iter().map(per_row).unzip()
+        } else {
+            (0..rows).map(per_row).unzip()
+        };
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok(vec![loss])
+    }
+}
+
+/// Inputs [logits, g] or [logits, g, weights]; one output, d logits.
+struct CrossEntropyBwd {
+    targets: Arc<Vec<i64>>,
+    classes: usize,
+    smoothing: f64,
+    lse: Vec<f64>,
+}
+impl FloatKernel for CrossEntropyBwd {
+    fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let v = self.classes;
+        let mut dx = vec![T::zero(); x[0].len()];
+        if dx.is_empty() {
+            return Ok(vec![dx]);
+        }
+        let off = T::from_f64(self.smoothing / v as f64);
+        let on = T::from_f64(1.0 - self.smoothing) + off;
+        let row = |(r, d): (usize, &mut [T])| {
+            let mut scale = x[1][r];
+            if let Some(w) = x.get(2) {
+                scale = scale * w[r];
+            }
+            let lse = T::from_f64(self.lse[r]);
+            let t = self.targets[r] as usize;
+            for (c, (o, &l)) in d.iter_mut().zip(&x[0][r * v..(r + 1) * v]).enumerate() {
+                let target = if c == t { on } else { off };
+                *o = scale * ((l - lse).exp() - target);
+            }
+        };
+        if dx.len() >= PARALLEL_MIN_ELEMS {
+            dx.par_chunks_mut(v).enumerate().for_each(row);
+        } else {
+            dx.chunks_mut(v).enumerate().for_each(row);
+        }
+        Ok(vec![dx])
+    }
+}
+
+/// Per-token cross-entropy with optional weights and label smoothing (PyTorch's
+/// `F.cross_entropy(logits, targets, reduction='none', label_smoothing=eps)`, times `weights`).
+///
+/// - `logits` [..., V] float (V >= 1), `targets` [...] i64 with the leading shape of `logits`,
+///   every target in 0..V (else `IndexOutOfRange`);
+/// - `weights` [...] of the logits' dtype, multiplied into each token's loss; it receives no
+///   gradient (it is not recorded on the tape);
+/// - `label_smoothing` eps in [0, 1]: `loss = (1 - eps) * (-log p[t]) + eps * mean_c(-log p[c])`.
+///
+/// Returns [...] in the logits' dtype; only `logits` gets a gradient.
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+    label_smoothing: f64,
+) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    require_float(OP, logits)?;
+    require_dtype(OP, targets, "the targets", DType::I64)?;
+    let mut all = vec![logits, targets];
+    all.extend(weights);
+    same_device(OP, &all)?;
+    if !(0.0..=1.0).contains(&label_smoothing) {
+        return Err(Error::invalid(
+            OP,
+            format!("label_smoothing {label_smoothing}: expected a value in [0, 1]"),
+        ));
+    }
+    let rank = logits.rank();
+    if rank == 0 || logits.dims()[rank - 1] == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("logits of shape {}", logits.shape()),
+            "logits [..., V] with V >= 1",
+        ));
+    }
+    let lead = &logits.dims()[..rank - 1];
+    let classes = logits.dims()[rank - 1];
+    if targets.dims() != lead {
+        return Err(Error::shape(
+            OP,
+            format!("logits {} and targets {}", logits.shape(), targets.shape()),
+            format!("targets of shape {lead:?}, the logits' shape without the class axis"),
+        ));
+    }
+    if let Some(w) = weights {
+        require_float(OP, w)?;
+        same_dtype(OP, &[logits, w])?;
+        if w.dims() != lead {
+            return Err(Error::shape(
+                OP,
+                format!("logits {} and weights {}", logits.shape(), w.shape()),
+                format!("weights of shape {lead:?}, the targets' shape"),
+            ));
+        }
+    }
+    let t = targets.to_vec::<i64>()?;
+    if let Some(&bad) = t.iter().find(|&&i| i < 0 || i as usize >= classes) {
+        return Err(Error::IndexOutOfRange {
+            op: OP,
+            what: "target",
+            index: bad,
+            size: classes,
+        });
+    }
+    let targets = Arc::new(t);
+    let k = CrossEntropyFwd {
+        targets: targets.clone(),
+        classes,
+        smoothing: label_smoothing,
+        lse: Mutex::new(vec![]),
+    };
+    let mut inputs = vec![logits];
+    inputs.extend(weights);
+    let out = tensor(
+        one(float_kernel(OP, &inputs, &k)?),
+        lead.to_vec(),
+        logits.device(),
+    )?;
+    let lse = k.lse.into_inner().unwrap_or_else(|e| e.into_inner());
+    let (x, w) = (logits.detach(), weights.map(|w| w.detach()));
+    Ok(Tensor::record(out, OP, &[logits], move || {
+        move |g: &Tensor| {
+            let k = CrossEntropyBwd {
+                targets,
+                classes,
+                smoothing: label_smoothing,
+                lse,
+            };
+            let mut inputs = vec![&x, g];
+            inputs.extend(w.as_ref());
+            let dx = one(float_kernel(OP, &inputs, &k)?);
+            Ok(vec![Some(tensor(dx, x.shape().clone(), g.device())?)])
+        }
+    }))
+}

@@ -124,6 +124,99 @@ fn layout(c: &mut Criterion) {
     g.finish();
 }
 
+fn nn(c: &mut Criterion) {
+    let _ng = no_grad();
+    let mut g = c.benchmark_group("nn");
+    // VAR-d16 shapes at batch 8: 8 x 680 tokens of width 1024; logits over a 4096-code vocabulary.
+    let x = randn(&[8 * 680, 1024], DType::F32, 1);
+    g.throughput(Throughput::Bytes(bytes(2 * x.elem_count(), DType::F32)));
+    g.bench_function("layer_norm [5440,1024] f32", |b| {
+        b.iter(|| ops::layer_norm(&x, 1e-6).unwrap())
+    });
+    g.bench_function("softmax [5440,1024] f32", |b| {
+        b.iter(|| ops::softmax(&x, -1).unwrap())
+    });
+    let logits = randn(&[2 * 680, 4096], DType::F32, 2);
+    let targets = Tensor::from_vec(
+        (0..2 * 680)
+            .map(|i| (i * 31 % 4096) as i64)
+            .collect::<Vec<_>>(),
+        [2 * 680],
+        &Device::Cpu,
+    )
+    .unwrap();
+    g.throughput(Throughput::Bytes(bytes(logits.elem_count(), DType::F32)));
+    g.bench_function("cross_entropy [1360,4096] f32", |b| {
+        b.iter(|| ops::cross_entropy(&logits, &targets, None, 0.0).unwrap())
+    });
+    // VQVAE GroupNorm: 32 groups over [4, 128, 64, 64].
+    let img = randn(&[4, 128, 64, 64], DType::F32, 3);
+    let (w, bias) = (randn(&[128], DType::F32, 4), randn(&[128], DType::F32, 5));
+    g.throughput(Throughput::Bytes(bytes(2 * img.elem_count(), DType::F32)));
+    g.bench_function("group_norm 32 groups [4,128,64,64] f32", |b| {
+        b.iter(|| ops::group_norm(&img, 32, &w, &bias, 1e-6).unwrap())
+    });
+    g.finish();
+}
+
+/// Forward and backward of the attention references on MVAR-like shapes (head dim 64).
+fn attention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("attention");
+    // Block-causal VAR attention over the 10-scale pyramid up to 10x10 (L = 255 ... the first 8
+    // scales), batch 2 x 16 heads; and 7x7 neighbourhood attention on a 16x16 map.
+    let scales: Vec<usize> = [1usize, 2, 3, 4, 5, 6, 8, 10]
+        .iter()
+        .map(|p| p * p)
+        .collect();
+    let l: usize = scales.iter().sum();
+    let (q, k, v) = (
+        randn(&[2, 16, l, 64], DType::F32, 1),
+        randn(&[2, 16, l, 64], DType::F32, 2),
+        randn(&[2, 16, l, 64], DType::F32, 3),
+    );
+    let mask = ops::AttnMask::BlockCausal(scales);
+    g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::F32)));
+    g.bench_function(format!("block-causal fwd [2,16,{l},64] f32"), |b| {
+        b.iter(|| mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 1.0, &mask).unwrap()))
+    });
+    let (qg, kg, vg) = (
+        q.with_grad().unwrap(),
+        k.with_grad().unwrap(),
+        v.with_grad().unwrap(),
+    );
+    g.bench_function(format!("block-causal fwd+bwd [2,16,{l},64] f32"), |b| {
+        b.iter(|| {
+            ops::sum_all(&ops::attention(&qg, &kg, &vg, 1.0, &mask).unwrap())
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
+    let (nq, nk, nv) = (
+        randn(&[2, 16, 16, 16, 64], DType::F32, 4),
+        randn(&[2, 16, 16, 16, 64], DType::F32, 5),
+        randn(&[2, 16, 16, 16, 64], DType::F32, 6),
+    );
+    g.throughput(Throughput::Bytes(bytes(4 * nq.elem_count(), DType::F32)));
+    g.bench_function("na2d k7 fwd [2,16,16,16,64] f32", |b| {
+        b.iter(|| mvar::engine::with_no_grad(|| ops::na2d(&nq, &nk, &nv, 7, 1.0).unwrap()))
+    });
+    let (nqg, nkg, nvg) = (
+        nq.with_grad().unwrap(),
+        nk.with_grad().unwrap(),
+        nv.with_grad().unwrap(),
+    );
+    g.bench_function("na2d k7 fwd+bwd [2,16,16,16,64] f32", |b| {
+        b.iter(|| {
+            ops::sum_all(&ops::na2d(&nqg, &nkg, &nvg, 7, 1.0).unwrap())
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -134,6 +227,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = matmul, elementwise, reduce, layout
+    targets = matmul, elementwise, reduce, layout, nn, attention
 }
 criterion_main!(benches);

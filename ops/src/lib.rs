@@ -5,16 +5,20 @@
 //! methods for chaining. Each op records itself on the engine's tape with its backward written
 //! beside its forward in the same file. Ops know nothing about models.
 
+pub mod conv;
 pub mod elementwise;
 pub mod index;
+pub mod interp;
 pub mod layout;
 pub mod matmul;
 pub mod reduce;
 pub mod testing;
 mod util;
 
+pub use conv::*;
 pub use elementwise::*;
 pub use index::*;
+pub use interp::*;
 pub use layout::*;
 pub use matmul::*;
 pub use reduce::*;

@@ -11,6 +11,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 mod core_ops;
+mod spatial_ops;
 
 /// Runs the finite-difference check and fails the proptest case when it does not pass.
 pub fn check(op: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor]) -> std::result::Result<(), TestCaseError> {

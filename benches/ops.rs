@@ -217,6 +217,49 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
+fn spatial(c: &mut Criterion) {
+    let _ng = no_grad();
+    let mut g = c.benchmark_group("spatial");
+    // VQVAE-like convolutions: 3x3 same conv at 64 channels on 64x64, and the stride-2
+    // downsampler with its right/bottom pad.
+    let x = randn(&[2, 64, 64, 64], DType::F32, 1);
+    let w = randn(&[64, 64, 3, 3], DType::F32, 2);
+    let b = randn(&[64], DType::F32, 3);
+    g.throughput(Throughput::Elements(2 * 2 * 64 * 64 * 64 * 64 * 9));
+    g.bench_function("conv2d 3x3 [2,64,64,64] f32 (FLOPs)", |bch| {
+        bch.iter(|| ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap())
+    });
+    let pad = ops::Padding {
+        top: 0,
+        bottom: 1,
+        left: 0,
+        right: 1,
+    };
+    g.throughput(Throughput::Elements(2 * 2 * 64 * 32 * 32 * 64 * 9));
+    g.bench_function(
+        "conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)",
+        |bch| bch.iter(|| ops::conv2d(&x, &w, Some(&b), (2, 2), pad).unwrap()),
+    );
+    // The quantizer's interpolations: batch 32 of 32-channel 16x16 latents <-> a 5x5 scale.
+    let latents = randn(&[32, 32, 16, 16], DType::F32, 4);
+    let small = randn(&[32, 32, 5, 5], DType::F32, 5);
+    g.throughput(Throughput::Bytes(bytes(
+        latents.elem_count() + small.elem_count(),
+        DType::F32,
+    )));
+    g.bench_function("area_downsample 16->5 [32,32] f32", |bch| {
+        bch.iter(|| ops::area_downsample(&latents, 5, 5).unwrap())
+    });
+    g.bench_function("bicubic_upsample 5->16 [32,32] f32", |bch| {
+        bch.iter(|| ops::bicubic_upsample(&small, 16, 16).unwrap())
+    });
+    g.throughput(Throughput::Bytes(bytes(5 * x.elem_count(), DType::F32)));
+    g.bench_function("upsample_nearest x2 [2,64,64,64] f32", |bch| {
+        bch.iter(|| ops::upsample_nearest(&x, 2).unwrap())
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -227,6 +270,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = matmul, elementwise, reduce, layout, nn, attention
+    targets = matmul, elementwise, reduce, layout, nn, attention, spatial
 }
 criterion_main!(benches);

@@ -6,9 +6,11 @@
 //! beside its forward in the same file. Ops know nothing about models.
 
 pub mod attention;
+pub mod conv;
 pub mod dropout;
 pub mod elementwise;
 pub mod index;
+pub mod interp;
 pub mod layout;
 pub mod matmul;
 pub mod na2d;
@@ -20,9 +22,11 @@ pub mod testing;
 mod util;
 
 pub use attention::*;
+pub use conv::*;
 pub use dropout::*;
 pub use elementwise::*;
 pub use index::*;
+pub use interp::*;
 pub use layout::*;
 pub use matmul::*;
 pub use na2d::*;

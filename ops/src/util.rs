@@ -332,3 +332,14 @@ pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(
     }
     out
 }
+
+/// The element count of a new output, or an error naming `op` when it overflows or could not
+/// be allocated at all (more bytes than `isize::MAX` even at 64 bytes an element, the widest
+/// per-element scratch an op keeps), so that absurd sizes give an `Err` instead of a
+/// capacity-overflow panic.
+pub(crate) fn output_len(op: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize / 64)
+        .ok_or_else(|| Error::invalid(op, format!("output shape {dims:?}: too many elements")))
+}

@@ -143,6 +143,23 @@ pub fn core_ops() -> Vec<(&'static str, OpFn)> {
             ops::attention(&x.a, &x.a, &x.a, 1.0, &ops::AttnMask::Additive(x.c.clone()))
         }),
         ("na2d", |x| ops::na2d(&x.a, &x.b, &x.c, x.n, 1.0)),
+        ("conv2d", |x| {
+            ops::conv2d(&x.a, &x.b, Some(&x.c), (x.n, x.m), ops::Padding::same(x.n))
+        }),
+        ("conv2d asymmetric", |x| {
+            let pad = ops::Padding {
+                top: 0,
+                bottom: x.m,
+                left: 0,
+                right: x.n,
+            };
+            ops::conv2d(&x.a, &x.b, None, (2, 2), pad)
+        }),
+        ("upsample_nearest", |x| ops::upsample_nearest(&x.a, x.n)),
+        ("area_downsample", |x| ops::area_downsample(&x.a, x.n, x.m)),
+        ("bicubic_upsample", |x| {
+            ops::bicubic_upsample(&x.a, x.n, x.m)
+        }),
         ("softmax", |x| ops::softmax(&x.a, x.axis)),
         ("log_softmax", |x| ops::log_softmax(&x.a, x.axis)),
         ("cross_entropy", |x| {

@@ -13,6 +13,7 @@ use proptest::test_runner::TestCaseError;
 mod attention_ops;
 mod core_ops;
 mod nn_ops;
+mod spatial_ops;
 
 /// Runs the finite-difference check and fails the proptest case when it does not pass.
 pub fn check(

@@ -106,7 +106,7 @@ pub fn away_from_zero(shape: &[usize], seed: u64, positive: bool) -> Tensor {
 
 pub fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: 12,
+        cases: 48,
         failure_persistence: None,
         ..ProptestConfig::default()
     }

@@ -5,7 +5,7 @@
 //! favours accuracy over the last few percent of speed.
 
 use mvar_engine::cpu::FloatKernel;
-use mvar_engine::{CpuStorage, Error, Float, Result, Shape, Tensor};
+use mvar_engine::{CpuStorage, Error, Float, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::elementwise::{broadcast_to, mul_scalar};
@@ -155,24 +155,50 @@ pub fn mean_all(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Index of the first largest value along the axis of `[outer, n, inner]`; NaN counts as the
-/// largest, as in PyTorch.
-fn argmax_kernel(x: &[f64], outer: usize, n: usize, inner: usize) -> Vec<i64> {
+/// largest, as in PyTorch. Written for every element type (no conversion), threaded over rows.
+fn argmax_kernel<T: WithDType>(x: &[T], outer: usize, n: usize, inner: usize) -> Vec<i64> {
+    #[allow(clippy::eq_op)]
+    let is_nan = |v: T| v != v;
     let mut out = vec![0i64; outer * inner];
-    for o in 0..outer {
-        for i in 0..inner {
+    let row = |(o, dst): (usize, &mut [i64])| {
+        for (i, d) in dst.iter_mut().enumerate() {
             let mut best = 0usize;
             let mut best_v = x[o * n * inner + i];
+            if is_nan(best_v) {
+                continue;
+            }
             for s in 1..n {
                 let v = x[(o * n + s) * inner + i];
-                if !best_v.is_nan() && (v > best_v || v.is_nan()) {
+                if v > best_v || is_nan(v) {
                     best = s;
                     best_v = v;
+                    if is_nan(v) {
+                        break;
+                    }
                 }
             }
-            out[o * inner + i] = best as i64;
+            *d = best as i64;
         }
+    };
+    if inner == 0 {
+        return out;
+    }
+    if outer * n * inner >= mvar_engine::cpu::PARALLEL_MIN_ELEMS {
+        out.par_chunks_mut(inner).enumerate().for_each(row);
+    } else {
+        out.chunks_mut(inner).enumerate().for_each(row);
     }
     out
+}
+
+fn argmax_any(x: &CpuStorage, outer: usize, n: usize, inner: usize) -> Vec<i64> {
+    match x {
+        CpuStorage::F32(v) => argmax_kernel(v, outer, n, inner),
+        CpuStorage::BF16(v) => argmax_kernel(v, outer, n, inner),
+        CpuStorage::F64(v) => argmax_kernel(v, outer, n, inner),
+        CpuStorage::I64(v) => argmax_kernel(v, outer, n, inner),
+        CpuStorage::U8(v) => argmax_kernel(v, outer, n, inner),
+    }
 }
 
 /// Index of the largest value along `axis` (i64). Works on every dtype; not differentiable.
@@ -185,9 +211,7 @@ pub fn argmax(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
             format!("argmax over an empty axis of shape {}", x.shape()),
         ));
     }
-    let idx = with_cpu("argmax", &[x], |s| {
-        Ok(argmax_kernel(&s[0].to_f64_vec(), outer, n, inner))
-    })?;
+    let idx = with_cpu("argmax", &[x], |s| Ok(argmax_any(s[0], outer, n, inner)))?;
     let shape = if keepdim {
         keepdim_shape(x.shape(), ax)
     } else {

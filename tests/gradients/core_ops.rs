@@ -182,3 +182,52 @@ fn bf16_and_f32_paths_agree_with_f64() {
         }
     }
 }
+
+#[test]
+fn argmax_takes_the_first_maximum_and_nan_wins() {
+    let x = Tensor::from_vec(
+        vec![1.0f32, 3.0, 3.0, 0.0, f32::NAN, 2.0, f32::NAN, 5.0],
+        [2, 4],
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        ops::argmax(&x, -1, false).unwrap().to_vec::<i64>().unwrap(),
+        vec![1, 0]
+    );
+    let y = Tensor::from_vec(
+        vec![1.0f32, 2.0, f32::NAN, 2.0, 0.5, 7.0],
+        [3, 2],
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        ops::argmax(&y, 0, false).unwrap().to_vec::<i64>().unwrap(),
+        vec![1, 2]
+    );
+    let ints = Tensor::from_vec(vec![4i64, 9, 9, 1], [4], &Device::Cpu).unwrap();
+    assert_eq!(
+        ops::argmax(&ints, 0, true)
+            .unwrap()
+            .to_vec::<i64>()
+            .unwrap(),
+        vec![1]
+    );
+    let big = randn(&[300, 257], 3).to_dtype(DType::F32).unwrap();
+    let v = big.to_vec::<f32>().unwrap();
+    let want: Vec<i64> = v
+        .chunks(257)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(0, |b, (i, &x)| if x > r[b] { i } else { b }) as i64
+        })
+        .collect();
+    assert_eq!(
+        ops::argmax(&big, 1, false)
+            .unwrap()
+            .to_vec::<i64>()
+            .unwrap(),
+        want
+    );
+}

@@ -1,0 +1,116 @@
+// common.cuh: put in front of every kernel file by the loader (see cuda/src/kernels.rs).
+//
+// What every kernel shares:
+// - bf16 is handled as its raw 16 bits (`bf16_t`), widened to f32 on load and rounded to
+//   nearest-even on store, so no CUDA header is needed and the bits match the `half` crate on the
+//   host. All arithmetic is f32 ("bf16 storage, f32 accumulation").
+// - `Io<T>` loads/stores any element type as float; kernels are templates over the storage type
+//   and are instantiated with extern "C" names `<name>_<suffix>` (suffix f32, bf16, i64, u8).
+// - Grid-stride loops over 64-bit element counts: the host launches at most 65536 blocks and
+//   every thread walks the remainder, so any size works with one launch configuration.
+// - Broadcasting: a `Layout` describes up to MAX_RANK output axes and, per input, the stride of
+//   each output axis in that input (0 on broadcast axes); `offset_of` turns an output index into
+//   an input offset.
+
+typedef unsigned short bf16_t;
+typedef long long i64;
+typedef unsigned char u8;
+
+#define MAX_RANK 8
+// NVRTC compiles without the C headers, so no INFINITY macro.
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t h) {
+    return __uint_as_float(((unsigned int)h) << 16);
+}
+
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (bf16_t)((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    return (bf16_t)(u >> 16);
+}
+
+template <typename T> struct Io;
+template <> struct Io<float> {
+    static __device__ __forceinline__ float load(const float* p, i64 i) { return p[i]; }
+    static __device__ __forceinline__ void store(float* p, i64 i, float v) { p[i] = v; }
+};
+template <> struct Io<bf16_t> {
+    static __device__ __forceinline__ float load(const bf16_t* p, i64 i) { return bf16_to_f32(p[i]); }
+    static __device__ __forceinline__ void store(bf16_t* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
+};
+template <> struct Io<i64> {
+    static __device__ __forceinline__ float load(const i64* p, i64 i) { return (float)p[i]; }
+    static __device__ __forceinline__ void store(i64* p, i64 i, float v) { p[i] = (i64)v; }
+};
+template <> struct Io<u8> {
+    static __device__ __forceinline__ float load(const u8* p, i64 i) { return (float)p[i]; }
+    static __device__ __forceinline__ void store(u8* p, i64 i, float v) { p[i] = (u8)v; }
+};
+
+#define GRID_STRIDE(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
+
+// Output shape and, for up to three inputs, the stride of each output axis in that input.
+// Mirrors `mvar_cuda::ops::Layout` (repr(C)).
+struct Layout {
+    int rank;
+    int contiguous;  // 1 when every input has the output's shape: offsets are the index itself
+    i64 dims[MAX_RANK];
+    i64 strides[3][MAX_RANK];
+};
+
+__device__ __forceinline__ i64 offset_of(const Layout& l, int input, i64 i) {
+    if (l.contiguous) return i;
+    i64 off = 0;
+    for (int ax = l.rank - 1; ax >= 0; --ax) {
+        i64 d = l.dims[ax];
+        off += (i % d) * l.strides[input][ax];
+        i /= d;
+    }
+    return off;
+}
+
+// Block-wide sum of one float per thread (blockDim.x a multiple of 32, at most 1024). Every
+// thread gets the total. `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    return scratch[0];
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : NEG_INF;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    return scratch[0];
+}

@@ -1,0 +1,297 @@
+// elementwise.cu: unary maps, binary ops with NumPy broadcasting, scalar forms (affine, powf,
+// clamp), comparisons, where, broadcast copies, dtype casts and fills; forwards and the fused
+// backwards of the differentiable ones.
+//
+// Layout: dense row-major buffers. Broadcasting inputs are read through a `Layout` (output dims,
+// per-input strides with 0 on broadcast axes); when all shapes agree the host sets
+// `contiguous` and offsets are the element index itself.
+// Parallel decomposition: one thread per output element, grid-stride loop, 256 threads a block.
+// Each thread reads its inputs once and writes its outputs once, so these kernels are bound by
+// memory bandwidth; the binary backward writes both input gradients at the output shape and the
+// host reduces broadcast axes afterwards with the sum kernel.
+// Numerics: every value is computed in f32, bf16 widened on load and rounded once on store.
+//
+// Op codes mirror cuda/src/ops/elementwise.rs (`unary::*`, `binary::*`, `scalar::*`, `cmp::*`).
+
+#define U_NEG 0
+#define U_EXP 1
+#define U_LOG 2
+#define U_SQRT 3
+#define U_RSQRT 4
+#define U_TANH 5
+#define U_SIGMOID 6
+#define U_SILU 7
+#define U_GELU_TANH 8
+#define U_RELU 9
+#define U_ABS 10
+#define U_SQUARE 11
+
+#define B_ADD 0
+#define B_SUB 1
+#define B_MUL 2
+#define B_DIV 3
+#define B_MAX 4
+#define B_MIN 5
+
+#define S_AFFINE 0
+#define S_POWF 1
+#define S_CLAMP 2
+
+#define C_EQ 0
+#define C_NE 1
+#define C_LT 2
+#define C_LE 3
+#define C_GT 4
+#define C_GE 5
+
+#define SQRT_2_OVER_PI 0.7978845608028654f
+#define GELU_C 0.044715f
+
+__device__ __forceinline__ float sigmoid_f(float x) {
+    // Split by sign so that expf never overflows.
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+__device__ __forceinline__ float unary_forward(int op, float x) {
+    switch (op) {
+        case U_NEG: return -x;
+        case U_EXP: return expf(x);
+        case U_LOG: return logf(x);
+        case U_SQRT: return sqrtf(x);
+        case U_RSQRT: return rsqrtf(x);
+        case U_TANH: return tanhf(x);
+        case U_SIGMOID: return sigmoid_f(x);
+        case U_SILU: return x * sigmoid_f(x);
+        case U_GELU_TANH: {
+            float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+            return 0.5f * x * (1.0f + tanhf(u));
+        }
+        case U_RELU: return fmaxf(x, 0.0f);
+        case U_ABS: return fabsf(x);
+        case U_SQUARE: return x * x;
+    }
+    return __int_as_float(0x7fc00000);  // unknown op: NaN, never silently plausible
+}
+
+// dL/dx from the saved value s (the output for exp, sqrt, rsqrt, tanh, sigmoid; the input for
+// the others, as the CPU reference saves them) and dL/dy.
+__device__ __forceinline__ float unary_backward(int op, float s, float g) {
+    switch (op) {
+        case U_NEG: return -g;
+        case U_EXP: return g * s;
+        case U_LOG: return g / s;
+        case U_SQRT: return g * 0.5f / s;
+        case U_RSQRT: return -g * 0.5f * s * s * s;
+        case U_TANH: return g * (1.0f - s * s);
+        case U_SIGMOID: return g * s * (1.0f - s);
+        case U_SILU: {
+            float sg = sigmoid_f(s);
+            return g * (sg + s * sg * (1.0f - sg));
+        }
+        case U_GELU_TANH: {
+            float t = tanhf(SQRT_2_OVER_PI * (s + GELU_C * s * s * s));
+            float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_C * s * s);
+            return g * (0.5f * (1.0f + t) + 0.5f * s * (1.0f - t * t) * du);
+        }
+        case U_RELU: return s > 0.0f ? g : 0.0f;
+        case U_ABS: return s > 0.0f ? g : (s < 0.0f ? -g : 0.0f);
+        case U_SQUARE: return g * (s + s);
+    }
+    return __int_as_float(0x7fc00000);
+}
+
+__device__ __forceinline__ float binary_forward(int op, float a, float b) {
+    switch (op) {
+        case B_ADD: return a + b;
+        case B_SUB: return a - b;
+        case B_MUL: return a * b;
+        case B_DIV: return a / b;
+        case B_MAX: return a >= b ? a : b;
+        case B_MIN: return a <= b ? a : b;
+    }
+    return __int_as_float(0x7fc00000);
+}
+
+// (dL/da, dL/db) at one element; ties of max/min split the gradient evenly (as PyTorch).
+__device__ __forceinline__ void binary_backward(int op, float a, float b, float g, float* da, float* db) {
+    switch (op) {
+        case B_ADD: *da = g; *db = g; return;
+        case B_SUB: *da = g; *db = -g; return;
+        case B_MUL: *da = g * b; *db = g * a; return;
+        case B_DIV: *da = g / b; *db = -g * a / (b * b); return;
+        case B_MAX:
+        case B_MIN: {
+            bool a_wins = (op == B_MAX) ? (a > b) : (a < b);
+            if (a == b) { *da = 0.5f * g; *db = 0.5f * g; }
+            else if (a_wins) { *da = g; *db = 0.0f; }
+            else { *da = 0.0f; *db = g; }
+            return;
+        }
+    }
+    *da = *db = __int_as_float(0x7fc00000);
+}
+
+template <typename T>
+__device__ void unary_fwd_impl(T* out, const T* x, i64 n, int op) {
+    GRID_STRIDE(i, n) Io<T>::store(out, i, unary_forward(op, Io<T>::load(x, i)));
+}
+
+template <typename T>
+__device__ void unary_bwd_impl(T* dx, const T* saved, const T* g, i64 n, int op) {
+    GRID_STRIDE(i, n) Io<T>::store(dx, i, unary_backward(op, Io<T>::load(saved, i), Io<T>::load(g, i)));
+}
+
+template <typename T>
+__device__ void binary_fwd_impl(T* out, const T* a, const T* b, i64 n, int op, Layout l) {
+    GRID_STRIDE(i, n) {
+        float x = Io<T>::load(a, offset_of(l, 0, i));
+        float y = Io<T>::load(b, offset_of(l, 1, i));
+        Io<T>::store(out, i, binary_forward(op, x, y));
+    }
+}
+
+// Gradients of both inputs at the output shape; a null output pointer skips that input.
+template <typename T>
+__device__ void binary_bwd_impl(T* ga, T* gb, const T* a, const T* b, const T* g, i64 n, int op, Layout l) {
+    GRID_STRIDE(i, n) {
+        float x = Io<T>::load(a, offset_of(l, 0, i));
+        float y = Io<T>::load(b, offset_of(l, 1, i));
+        float da, db;
+        binary_backward(op, x, y, Io<T>::load(g, i), &da, &db);
+        if (ga) Io<T>::store(ga, i, da);
+        if (gb) Io<T>::store(gb, i, db);
+    }
+}
+
+template <typename T>
+__device__ void scalar_fwd_impl(T* out, const T* x, i64 n, int op, float p0, float p1) {
+    GRID_STRIDE(i, n) {
+        float v = Io<T>::load(x, i);
+        float r;
+        if (op == S_AFFINE) r = v * p0 + p1;
+        else if (op == S_POWF) r = powf(v, p0);
+        else r = fminf(fmaxf(v, p0), p1);
+        Io<T>::store(out, i, r);
+    }
+}
+
+template <typename T>
+__device__ void scalar_bwd_impl(T* dx, const T* x, const T* g, i64 n, int op, float p0, float p1) {
+    GRID_STRIDE(i, n) {
+        float v = Io<T>::load(x, i), gi = Io<T>::load(g, i);
+        float r;
+        if (op == S_AFFINE) r = gi * p0;
+        else if (op == S_POWF) r = gi * p0 * powf(v, p0 - 1.0f);
+        else r = (v >= p0 && v <= p1) ? gi : 0.0f;
+        Io<T>::store(dx, i, r);
+    }
+}
+
+// Comparisons read values natively (i64 exactly, bf16 widened) and write a u8 mask.
+template <typename T> __device__ __forceinline__ double as_double(T v) { return (double)v; }
+template <> __device__ __forceinline__ double as_double<bf16_t>(bf16_t v) { return (double)bf16_to_f32(v); }
+
+template <typename T>
+__device__ void compare_impl(u8* out, const T* a, const T* b, i64 n, int op, Layout l) {
+    GRID_STRIDE(i, n) {
+        double x = as_double(a[offset_of(l, 0, i)]);
+        double y = as_double(b[offset_of(l, 1, i)]);
+        bool r;
+        switch (op) {
+            case C_EQ: r = x == y; break;
+            case C_NE: r = x != y; break;
+            case C_LT: r = x < y; break;
+            case C_LE: r = x <= y; break;
+            case C_GT: r = x > y; break;
+            default: r = x >= y; break;
+        }
+        out[i] = r ? 1 : 0;
+    }
+}
+
+// where: inputs (cond, a, b) in that order in the layout.
+template <typename T>
+__device__ void where_impl(T* out, const u8* cond, const T* a, const T* b, i64 n, Layout l) {
+    GRID_STRIDE(i, n) {
+        out[i] = cond[offset_of(l, 0, i)] ? a[offset_of(l, 1, i)] : b[offset_of(l, 2, i)];
+    }
+}
+
+// Broadcast copy (broadcast_to) and strided copies in general: input 0 of the layout.
+template <typename T>
+__device__ void expand_impl(T* out, const T* x, i64 n, Layout l) {
+    GRID_STRIDE(i, n) out[i] = x[offset_of(l, 0, i)];
+}
+
+template <typename T>
+__device__ void fill_impl(T* out, i64 n, float v) {
+    GRID_STRIDE(i, n) Io<T>::store(out, i, v);
+}
+
+#define FLOAT_KERNELS(T, S)                                                                          \
+    extern "C" __global__ void unary_fwd_##S(T* out, const T* x, i64 n, int op) {                  \
+        unary_fwd_impl<T>(out, x, n, op);                                                           \
+    }                                                                                               \
+    extern "C" __global__ void unary_bwd_##S(T* dx, const T* s, const T* g, i64 n, int op) {       \
+        unary_bwd_impl<T>(dx, s, g, n, op);                                                         \
+    }                                                                                               \
+    extern "C" __global__ void binary_fwd_##S(T* out, const T* a, const T* b, i64 n, int op,      \
+                                             Layout l) {                                            \
+        binary_fwd_impl<T>(out, a, b, n, op, l);                                                    \
+    }                                                                                               \
+    extern "C" __global__ void binary_bwd_##S(T* ga, T* gb, const T* a, const T* b, const T* g,   \
+                                             i64 n, int op, Layout l) {                             \
+        binary_bwd_impl<T>(ga, gb, a, b, g, n, op, l);                                              \
+    }                                                                                               \
+    extern "C" __global__ void scalar_fwd_##S(T* out, const T* x, i64 n, int op, float p0,         \
+                                             float p1) {                                            \
+        scalar_fwd_impl<T>(out, x, n, op, p0, p1);                                                  \
+    }                                                                                               \
+    extern "C" __global__ void scalar_bwd_##S(T* dx, const T* x, const T* g, i64 n, int op,        \
+                                             float p0, float p1) {                                  \
+        scalar_bwd_impl<T>(dx, x, g, n, op, p0, p1);                                                \
+    }
+
+FLOAT_KERNELS(float, f32)
+FLOAT_KERNELS(bf16_t, bf16)
+
+#define ANY_KERNELS(T, S)                                                                            \
+    extern "C" __global__ void compare_##S(u8* out, const T* a, const T* b, i64 n, int op,         \
+                                          Layout l) {                                               \
+        compare_impl<T>(out, a, b, n, op, l);                                                       \
+    }                                                                                               \
+    extern "C" __global__ void where_##S(T* out, const u8* c, const T* a, const T* b, i64 n,       \
+                                        Layout l) {                                                 \
+        where_impl<T>(out, c, a, b, n, l);                                                          \
+    }                                                                                               \
+    extern "C" __global__ void expand_##S(T* out, const T* x, i64 n, Layout l) {                   \
+        expand_impl<T>(out, x, n, l);                                                               \
+    }                                                                                               \
+    extern "C" __global__ void fill_##S(T* out, i64 n, float v) { fill_impl<T>(out, n, v); }
+
+ANY_KERNELS(float, f32)
+ANY_KERNELS(bf16_t, bf16)
+ANY_KERNELS(i64, i64)
+ANY_KERNELS(u8, u8)
+
+// Casts between every pair of element kinds, through f32 (exact for bf16 <-> f32 widening and
+// for integers below 2^24, which is what tensors of ids and masks hold).
+#define CAST(TA, SA, TB, SB)                                                                         \
+    extern "C" __global__ void cast_##SA##_to_##SB(TB* out, const TA* x, i64 n) {                  \
+        GRID_STRIDE(i, n) Io<TB>::store(out, i, Io<TA>::load(x, i));                                \
+    }
+
+CAST(float, f32, bf16_t, bf16)
+CAST(float, f32, i64, i64)
+CAST(float, f32, u8, u8)
+CAST(bf16_t, bf16, float, f32)
+CAST(bf16_t, bf16, i64, i64)
+CAST(bf16_t, bf16, u8, u8)
+CAST(i64, i64, float, f32)
+CAST(i64, i64, bf16_t, bf16)
+CAST(i64, i64, u8, u8)
+CAST(u8, u8, float, f32)
+CAST(u8, u8, bf16_t, bf16)
+CAST(u8, u8, i64, i64)

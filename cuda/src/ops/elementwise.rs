@@ -1,0 +1,454 @@
+//! Launch wrappers of `kernels/elementwise.cu`.
+
+use cudarc::driver::PushKernelArg;
+
+use crate::buffer::{BufferKind, CudaBuffer};
+use crate::device::{launch_1d, launch_err};
+use crate::kernels::ELEMENTWISE;
+use crate::ops::{check_lens, float_kind, Layout};
+use crate::{CudaDevice, CudaError};
+
+/// Unary op codes (`U_*` in elementwise.cu).
+pub mod unary {
+    pub const NEG: i32 = 0;
+    pub const EXP: i32 = 1;
+    pub const LOG: i32 = 2;
+    pub const SQRT: i32 = 3;
+    pub const RSQRT: i32 = 4;
+    pub const TANH: i32 = 5;
+    pub const SIGMOID: i32 = 6;
+    pub const SILU: i32 = 7;
+    pub const GELU_TANH: i32 = 8;
+    pub const RELU: i32 = 9;
+    pub const ABS: i32 = 10;
+    pub const SQUARE: i32 = 11;
+}
+
+/// Binary op codes (`B_*`).
+pub mod binary {
+    pub const ADD: i32 = 0;
+    pub const SUB: i32 = 1;
+    pub const MUL: i32 = 2;
+    pub const DIV: i32 = 3;
+    pub const MAXIMUM: i32 = 4;
+    pub const MINIMUM: i32 = 5;
+}
+
+/// Scalar-parameter op codes (`S_*`).
+pub mod scalar {
+    pub const AFFINE: i32 = 0;
+    pub const POWF: i32 = 1;
+    pub const CLAMP: i32 = 2;
+}
+
+/// Comparison codes (`C_*`).
+pub mod cmp {
+    pub const EQ: i32 = 0;
+    pub const NE: i32 = 1;
+    pub const LT: i32 = 2;
+    pub const LE: i32 = 3;
+    pub const GT: i32 = 4;
+    pub const GE: i32 = 5;
+}
+
+const THREADS: u32 = 256;
+
+fn elems(dims: &[usize]) -> usize {
+    dims.iter().product()
+}
+
+/// y = f(x) elementwise.
+pub fn unary_forward(dev: &CudaDevice, x: &CudaBuffer, op: i32) -> Result<CudaBuffer, CudaError> {
+    let kind = float_kind("unary", &[x])?;
+    let n = x.len();
+    let out = dev.alloc(kind, n, "unary output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(&ELEMENTWISE, &format!("unary_fwd_{}", kind.suffix()))?;
+    let (po, px, nn) = (out.device_ptr(), x.device_ptr(), n as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&px).arg(&nn).arg(&op);
+    // SAFETY: out and x hold n elements of `kind`, as the kernel reads and writes.
+    unsafe { b.launch(launch_1d(n, THREADS)) }
+        .map_err(launch_err("unary", format!("{n} elements, op {op}")))?;
+    Ok(out)
+}
+
+/// dx from the saved value (input or output, per op) and dy.
+pub fn unary_backward(
+    dev: &CudaDevice,
+    saved: &CudaBuffer,
+    g: &CudaBuffer,
+    op: i32,
+) -> Result<CudaBuffer, CudaError> {
+    let kind = float_kind("unary backward", &[saved, g])?;
+    let n = g.len();
+    check_lens("unary backward", &[(saved, n)])?;
+    let out = dev.alloc(kind, n, "unary backward output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(&ELEMENTWISE, &format!("unary_bwd_{}", kind.suffix()))?;
+    let (po, ps, pg, nn) = (
+        out.device_ptr(),
+        saved.device_ptr(),
+        g.device_ptr(),
+        n as i64,
+    );
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&ps).arg(&pg).arg(&nn).arg(&op);
+    // SAFETY: all three buffers hold n elements of `kind`.
+    unsafe { b.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        "unary backward",
+        format!("{n} elements, op {op}"),
+    ))?;
+    Ok(out)
+}
+
+/// out = a op b, a and b broadcast to `out_dims`.
+pub fn binary_forward(
+    dev: &CudaDevice,
+    a: (&CudaBuffer, &[usize]),
+    b: (&CudaBuffer, &[usize]),
+    out_dims: &[usize],
+    op: i32,
+) -> Result<CudaBuffer, CudaError> {
+    let kind = float_kind("binary", &[a.0, b.0])?;
+    check_lens("binary", &[(a.0, elems(a.1)), (b.0, elems(b.1))])?;
+    let n = elems(out_dims);
+    let out = dev.alloc(kind, n, "binary output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let layout = Layout::broadcast("binary", out_dims, &[a.1, b.1])?;
+    let f = dev.function(&ELEMENTWISE, &format!("binary_fwd_{}", kind.suffix()))?;
+    let (po, pa, pb, nn) = (
+        out.device_ptr(),
+        a.0.device_ptr(),
+        b.0.device_ptr(),
+        n as i64,
+    );
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(&po)
+        .arg(&pa)
+        .arg(&pb)
+        .arg(&nn)
+        .arg(&op)
+        .arg(&layout);
+    // SAFETY: the layout maps every output index into the inputs' element ranges.
+    unsafe { bld.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        "binary",
+        format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
+    ))?;
+    Ok(out)
+}
+
+/// (dL/da, dL/db) at the output shape, each only when asked for; the caller sums broadcast axes.
+pub fn binary_backward(
+    dev: &CudaDevice,
+    a: (&CudaBuffer, &[usize]),
+    b: (&CudaBuffer, &[usize]),
+    g: &CudaBuffer,
+    out_dims: &[usize],
+    op: i32,
+    want: (bool, bool),
+) -> Result<(Option<CudaBuffer>, Option<CudaBuffer>), CudaError> {
+    let kind = float_kind("binary backward", &[a.0, b.0, g])?;
+    let n = elems(out_dims);
+    check_lens(
+        "binary backward",
+        &[(a.0, elems(a.1)), (b.0, elems(b.1)), (g, n)],
+    )?;
+    let ga = if want.0 {
+        Some(dev.alloc(kind, n, "binary backward output")?)
+    } else {
+        None
+    };
+    let gb = if want.1 {
+        Some(dev.alloc(kind, n, "binary backward output")?)
+    } else {
+        None
+    };
+    if n == 0 || (ga.is_none() && gb.is_none()) {
+        return Ok((ga, gb));
+    }
+    let layout = Layout::broadcast("binary backward", out_dims, &[a.1, b.1])?;
+    let f = dev.function(&ELEMENTWISE, &format!("binary_bwd_{}", kind.suffix()))?;
+    let pga = ga.as_ref().map_or(0, |t| t.device_ptr());
+    let pgb = gb.as_ref().map_or(0, |t| t.device_ptr());
+    let (pa, pb, pg, nn) = (a.0.device_ptr(), b.0.device_ptr(), g.device_ptr(), n as i64);
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(&pga)
+        .arg(&pgb)
+        .arg(&pa)
+        .arg(&pb)
+        .arg(&pg)
+        .arg(&nn)
+        .arg(&op)
+        .arg(&layout);
+    // SAFETY: outputs hold n elements (or are null and skipped); inputs are read via the layout.
+    unsafe { bld.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        "binary backward",
+        format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
+    ))?;
+    Ok((ga, gb))
+}
+
+/// affine (x * p0 + p1), powf (x ^ p0) or clamp (into [p0, p1]).
+pub fn scalar_forward(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    op: i32,
+    p0: f32,
+    p1: f32,
+) -> Result<CudaBuffer, CudaError> {
+    let kind = float_kind("scalar op", &[x])?;
+    let n = x.len();
+    let out = dev.alloc(kind, n, "scalar op output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(&ELEMENTWISE, &format!("scalar_fwd_{}", kind.suffix()))?;
+    let (po, px, nn) = (out.device_ptr(), x.device_ptr(), n as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&px).arg(&nn).arg(&op).arg(&p0).arg(&p1);
+    // SAFETY: out and x hold n elements.
+    unsafe { b.launch(launch_1d(n, THREADS)) }
+        .map_err(launch_err("scalar op", format!("{n} elements, op {op}")))?;
+    Ok(out)
+}
+
+/// Backward of powf and clamp from the saved input (affine's backward is an affine forward).
+pub fn scalar_backward(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    g: &CudaBuffer,
+    op: i32,
+    p0: f32,
+    p1: f32,
+) -> Result<CudaBuffer, CudaError> {
+    let kind = float_kind("scalar op backward", &[x, g])?;
+    let n = g.len();
+    check_lens("scalar op backward", &[(x, n)])?;
+    let out = dev.alloc(kind, n, "scalar op backward output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(&ELEMENTWISE, &format!("scalar_bwd_{}", kind.suffix()))?;
+    let (po, px, pg, nn) = (out.device_ptr(), x.device_ptr(), g.device_ptr(), n as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po)
+        .arg(&px)
+        .arg(&pg)
+        .arg(&nn)
+        .arg(&op)
+        .arg(&p0)
+        .arg(&p1);
+    // SAFETY: all buffers hold n elements.
+    unsafe { b.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        "scalar op backward",
+        format!("{n} elements, op {op}"),
+    ))?;
+    Ok(out)
+}
+
+/// a cmp b as a u8 mask, broadcast to `out_dims`; any element kind (both the same).
+pub fn compare(
+    dev: &CudaDevice,
+    a: (&CudaBuffer, &[usize]),
+    b: (&CudaBuffer, &[usize]),
+    out_dims: &[usize],
+    op: i32,
+) -> Result<CudaBuffer, CudaError> {
+    same_kind("compare", &[a.0, b.0])?;
+    check_lens("compare", &[(a.0, elems(a.1)), (b.0, elems(b.1))])?;
+    let n = elems(out_dims);
+    let out = dev.alloc(BufferKind::U8, n, "compare output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let layout = Layout::broadcast("compare", out_dims, &[a.1, b.1])?;
+    let f = dev.function(&ELEMENTWISE, &format!("compare_{}", a.0.kind().suffix()))?;
+    let (po, pa, pb, nn) = (
+        out.device_ptr(),
+        a.0.device_ptr(),
+        b.0.device_ptr(),
+        n as i64,
+    );
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(&po)
+        .arg(&pa)
+        .arg(&pb)
+        .arg(&nn)
+        .arg(&op)
+        .arg(&layout);
+    // SAFETY: the layout maps every output index into the inputs.
+    unsafe { bld.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        "compare",
+        format!("{:?} and {:?} -> {out_dims:?}", a.1, b.1),
+    ))?;
+    Ok(out)
+}
+
+/// cond ? a : b with broadcasting of all three; cond is u8, a and b of one kind.
+pub fn where_cond(
+    dev: &CudaDevice,
+    cond: (&CudaBuffer, &[usize]),
+    a: (&CudaBuffer, &[usize]),
+    b: (&CudaBuffer, &[usize]),
+    out_dims: &[usize],
+) -> Result<CudaBuffer, CudaError> {
+    same_kind("where_cond", &[a.0, b.0])?;
+    if cond.0.kind() != BufferKind::U8 {
+        return Err(CudaError::Launch {
+            op: "where_cond".into(),
+            sizes: format!("condition {:?}", cond.0.kind()),
+            message: "expected a u8 condition".into(),
+        });
+    }
+    check_lens(
+        "where_cond",
+        &[
+            (cond.0, elems(cond.1)),
+            (a.0, elems(a.1)),
+            (b.0, elems(b.1)),
+        ],
+    )?;
+    let n = elems(out_dims);
+    let out = dev.alloc(a.0.kind(), n, "where_cond output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let layout = Layout::broadcast("where_cond", out_dims, &[cond.1, a.1, b.1])?;
+    let f = dev.function(&ELEMENTWISE, &format!("where_{}", a.0.kind().suffix()))?;
+    let (po, pc, pa, pb, nn) = (
+        out.device_ptr(),
+        cond.0.device_ptr(),
+        a.0.device_ptr(),
+        b.0.device_ptr(),
+        n as i64,
+    );
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(&po)
+        .arg(&pc)
+        .arg(&pa)
+        .arg(&pb)
+        .arg(&nn)
+        .arg(&layout);
+    // SAFETY: the layout maps every output index into the three inputs.
+    unsafe { bld.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        "where_cond",
+        format!("{:?}, {:?}, {:?} -> {out_dims:?}", cond.1, a.1, b.1),
+    ))?;
+    Ok(out)
+}
+
+/// `x` (of shape `x_dims`) copied to `out_dims` by broadcasting; any kind.
+pub fn expand(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    x_dims: &[usize],
+    out_dims: &[usize],
+) -> Result<CudaBuffer, CudaError> {
+    check_lens("broadcast_to", &[(x, elems(x_dims))])?;
+    let layout = Layout::broadcast("broadcast_to", out_dims, &[x_dims])?;
+    copy_with_layout(dev, x, out_dims, layout, "broadcast_to")
+}
+
+/// out[i] = x[sum_k index_k(i) * strides[k]] over `out_dims`: a permute, or any strided read.
+pub fn strided_copy(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    out_dims: &[usize],
+    strides: &[usize],
+) -> Result<CudaBuffer, CudaError> {
+    let layout = Layout::strided("strided copy", out_dims, strides)?;
+    copy_with_layout(dev, x, out_dims, layout, "strided copy")
+}
+
+fn copy_with_layout(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    out_dims: &[usize],
+    layout: Layout,
+    op: &str,
+) -> Result<CudaBuffer, CudaError> {
+    let n = elems(out_dims);
+    let out = dev.alloc(x.kind(), n, op)?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(&ELEMENTWISE, &format!("expand_{}", x.kind().suffix()))?;
+    let (po, px, nn) = (out.device_ptr(), x.device_ptr(), n as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&px).arg(&nn).arg(&layout);
+    // SAFETY: the caller's layout maps every output index inside x.
+    unsafe { b.launch(launch_1d(n, THREADS)) }
+        .map_err(launch_err(op, format!("{} -> {out_dims:?}", x.len())))?;
+    Ok(out)
+}
+
+/// The elements converted to `to` (through f32).
+pub fn cast(dev: &CudaDevice, x: &CudaBuffer, to: BufferKind) -> Result<CudaBuffer, CudaError> {
+    if x.kind() == to {
+        return dev.duplicate(x);
+    }
+    let n = x.len();
+    let out = dev.alloc(to, n, "cast output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(
+        &ELEMENTWISE,
+        &format!("cast_{}_to_{}", x.kind().suffix(), to.suffix()),
+    )?;
+    let (po, px, nn) = (out.device_ptr(), x.device_ptr(), n as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&px).arg(&nn);
+    // SAFETY: both buffers hold n elements of their kinds.
+    unsafe { b.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        "cast",
+        format!("{n} elements {:?} -> {to:?}", x.kind()),
+    ))?;
+    Ok(out)
+}
+
+/// `len` copies of `value`.
+pub fn fill(
+    dev: &CudaDevice,
+    kind: BufferKind,
+    len: usize,
+    value: f32,
+) -> Result<CudaBuffer, CudaError> {
+    if value == 0.0 {
+        return dev.zeros(kind, len);
+    }
+    let out = dev.alloc(kind, len, "fill")?;
+    if len == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(&ELEMENTWISE, &format!("fill_{}", kind.suffix()))?;
+    let (po, nn) = (out.device_ptr(), len as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&nn).arg(&value);
+    // SAFETY: out holds len elements.
+    unsafe { b.launch(launch_1d(len, THREADS)) }
+        .map_err(launch_err("fill", format!("{len} elements")))?;
+    Ok(out)
+}
+
+fn same_kind(op: &str, bufs: &[&CudaBuffer]) -> Result<(), CudaError> {
+    if bufs.windows(2).any(|w| w[0].kind() != w[1].kind()) {
+        return Err(CudaError::Launch {
+            op: op.to_string(),
+            sizes: bufs
+                .iter()
+                .map(|b| format!("{:?}", b.kind()))
+                .collect::<Vec<_>>()
+                .join(" and "),
+            message: "expected buffers of one kind".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Launch wrappers: typed host functions that check their buffers, allocate the output and
+//! launch a kernel. They know buffers and sizes, not tensors; `mvar-ops` calls them from each
+//! op's CUDA branch.
+
+pub mod elementwise;
+
+use cudarc::driver::DeviceRepr;
+
+use crate::buffer::{BufferKind, CudaBuffer};
+use crate::CudaError;
+
+/// Most axes a broadcast/strided kernel handles (`MAX_RANK` in common.cuh).
+pub const MAX_RANK: usize = 8;
+
+/// Mirror of `struct Layout` in common.cuh: the output's dims and, per input (up to three), the
+/// stride of each output axis in that input, 0 on broadcast axes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    rank: i32,
+    contiguous: i32,
+    dims: [i64; MAX_RANK],
+    strides: [[i64; MAX_RANK]; 3],
+}
+
+// SAFETY: plain old data with the C layout of the device struct.
+unsafe impl DeviceRepr for Layout {}
+
+fn row_major_strides(dims: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
+impl Layout {
+    /// Inputs of the given shapes broadcast (NumPy rules, already checked by the caller) to `out`.
+    pub fn broadcast(op: &str, out: &[usize], inputs: &[&[usize]]) -> Result<Layout, CudaError> {
+        let mut l = Layout::empty(op, out)?;
+        l.contiguous = inputs.iter().all(|s| *s == out) as i32;
+        for (k, s) in inputs.iter().enumerate().take(3) {
+            let own = row_major_strides(s);
+            let pad = out
+                .len()
+                .checked_sub(s.len())
+                .ok_or_else(|| CudaError::Launch {
+                    op: op.to_string(),
+                    sizes: format!("input {s:?} for output {out:?}"),
+                    message: "an input of higher rank than the output".into(),
+                })?;
+            for i in 0..out.len() {
+                l.strides[k][i] = if i < pad || s[i - pad] == 1 {
+                    0
+                } else {
+                    own[i - pad] as i64
+                };
+            }
+        }
+        Ok(l)
+    }
+
+    /// One input read through arbitrary strides (a permuted view, for example).
+    pub fn strided(op: &str, out: &[usize], strides: &[usize]) -> Result<Layout, CudaError> {
+        let mut l = Layout::empty(op, out)?;
+        for (i, &s) in strides.iter().enumerate().take(out.len()) {
+            l.strides[0][i] = s as i64;
+        }
+        Ok(l)
+    }
+
+    fn empty(op: &str, out: &[usize]) -> Result<Layout, CudaError> {
+        if out.len() > MAX_RANK {
+            return Err(CudaError::Launch {
+                op: op.to_string(),
+                sizes: format!("output {out:?}"),
+                message: format!(
+                    "rank {} exceeds the kernels' limit of {MAX_RANK}",
+                    out.len()
+                ),
+            });
+        }
+        let mut dims = [1i64; MAX_RANK];
+        for (d, &o) in dims.iter_mut().zip(out) {
+            *d = o as i64;
+        }
+        Ok(Layout {
+            rank: out.len() as i32,
+            contiguous: 0,
+            dims,
+            strides: [[0; MAX_RANK]; 3],
+        })
+    }
+}
+
+/// The kind of a float buffer, or an error naming the op.
+pub(crate) fn float_kind(op: &str, bufs: &[&CudaBuffer]) -> Result<BufferKind, CudaError> {
+    let kind = bufs.first().map(|b| b.kind()).unwrap_or(BufferKind::F32);
+    if !kind.is_float() || bufs.iter().any(|b| b.kind() != kind) {
+        return Err(CudaError::Launch {
+            op: op.to_string(),
+            sizes: bufs
+                .iter()
+                .map(|b| format!("{:?}[{}]", b.kind(), b.len()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            message: "expected f32 or bf16 buffers of one kind".into(),
+        });
+    }
+    Ok(kind)
+}
+
+/// Checks that each buffer has its expected element count.
+pub(crate) fn check_lens(op: &str, pairs: &[(&CudaBuffer, usize)]) -> Result<(), CudaError> {
+    for (b, want) in pairs {
+        if b.len() != *want {
+            return Err(CudaError::Launch {
+                op: op.to_string(),
+                sizes: format!("buffer of {} elements", b.len()),
+                message: format!("expected {want} elements"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_layout_has_zero_strides_on_broadcast_axes() {
+        let l = Layout::broadcast("t", &[4, 5, 3], &[&[4, 1, 3], &[5, 1]]).unwrap();
+        assert_eq!(l.rank, 3);
+        assert_eq!(l.contiguous, 0);
+        assert_eq!(&l.strides[0][..3], &[3, 0, 1]);
+        assert_eq!(&l.strides[1][..3], &[0, 1, 0]);
+        let c = Layout::broadcast("t", &[2, 3], &[&[2, 3], &[2, 3]]).unwrap();
+        assert_eq!(c.contiguous, 1);
+        assert!(Layout::broadcast("t", &[1; 9], &[]).is_err());
+    }
+
+    #[test]
+    fn layout_matches_the_c_struct_size() {
+        // int rank, int contiguous, i64 dims[8], i64 strides[3][8]
+        assert_eq!(std::mem::size_of::<Layout>(), 4 + 4 + 8 * 8 + 3 * 8 * 8);
+    }
+}

@@ -1,0 +1,91 @@
+//! The GPU-free check of every kernel: NVRTC compiles each file in `cuda/kernels/` to a CUBIN for
+//! sm_80 and sm_90 (ptxas runs inside NVRTC, so this is a real assembly), and the register and
+//! spill figures of every kernel are printed.
+//!
+//! Without libnvrtc on the loader path the test prints that it skipped; with
+//! `MVAR_REQUIRE_NVRTC=1` (as `.ci/run` sets after installing the NVRTC wheel) a missing NVRTC
+//! fails it.
+
+use mvar_cuda::compile::{compile, nvrtc_version, parse_ptxas_log};
+use mvar_cuda::kernels::{KernelFile, ALL};
+
+fn nvrtc_or_skip() -> bool {
+    if mvar_cuda::nvrtc_present() {
+        return true;
+    }
+    if std::env::var("MVAR_REQUIRE_NVRTC").as_deref() == Ok("1") {
+        panic!(
+            "MVAR_REQUIRE_NVRTC=1 but libnvrtc.so.13 could not be loaded: put the \
+             nvidia-cuda-nvrtc wheel's nvidia/cu13/lib (or the toolkit's lib64) on LD_LIBRARY_PATH"
+        );
+    }
+    println!(
+        "skipped: NVRTC not found (libnvrtc.so.13 not on the loader path); kernels not compiled"
+    );
+    false
+}
+
+#[test]
+fn every_kernel_file_compiles_for_sm80_and_sm90() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let (major, minor) = nvrtc_version().expect("NVRTC version");
+    println!("NVRTC {major}.{minor}: {} kernel files", ALL.len());
+    let mut failures = Vec::new();
+    for arch in ["sm_80", "sm_90"] {
+        let mut kernels = 0;
+        let mut spilling = 0;
+        for file in ALL {
+            match compile(file, arch) {
+                Ok(c) => {
+                    assert!(!c.cubin.is_empty(), "{}: empty CUBIN for {arch}", file.name);
+                    let stats = parse_ptxas_log(&c.log);
+                    assert!(
+                        !stats.is_empty(),
+                        "{}: no kernel in the ptxas report for {arch}:\n{}",
+                        file.name,
+                        c.log
+                    );
+                    kernels += stats.len();
+                    for k in &stats {
+                        if k.spill_stores + k.spill_loads > 0 {
+                            spilling += 1;
+                        }
+                        if arch == "sm_90" {
+                            println!(
+                                "  {arch} {:<18} {:<28} {:>3} registers, {:>4} B spill stores, {:>4} B spill loads, {:>6} B smem",
+                                file.name, k.kernel, k.registers, k.spill_stores, k.spill_loads, k.shared_bytes
+                            );
+                        }
+                    }
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        println!("{arch}: {kernels} kernels compiled, {spilling} with spills");
+    }
+    assert!(
+        failures.is_empty(),
+        "kernel compilation failed:\n{}",
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn a_compile_error_shows_the_log_and_the_file_name() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let broken = KernelFile {
+        name: "broken_on_purpose.cu",
+        source: "extern \"C\" __global__ void k() { no_such_function(); }",
+    };
+    let err = compile(&broken, "sm_90")
+        .expect_err("a broken kernel must not compile")
+        .to_string();
+    assert!(
+        err.contains("broken_on_purpose.cu") && err.contains("no_such_function"),
+        "{err}"
+    );
+}

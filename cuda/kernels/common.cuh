@@ -45,11 +45,14 @@ template <> struct Io<bf16_t> {
 };
 template <> struct Io<i64> {
     static __device__ __forceinline__ float load(const i64* p, i64 i) { return (float)p[i]; }
-    static __device__ __forceinline__ void store(i64* p, i64 i, float v) { p[i] = (i64)v; }
+    // Rust's `as` semantics: NaN -> 0, out of range saturates (the CPU reference uses `as`).
+    static __device__ __forceinline__ void store(i64* p, i64 i, float v) {
+        p[i] = (v != v) ? 0 : (v >= 9.2233720e18f ? 9223372036854775807LL : (v <= -9.2233720e18f ? (-9223372036854775807LL - 1) : (i64)v));
+    }
 };
 template <> struct Io<u8> {
     static __device__ __forceinline__ float load(const u8* p, i64 i) { return (float)p[i]; }
-    static __device__ __forceinline__ void store(u8* p, i64 i, float v) { p[i] = (u8)v; }
+    static __device__ __forceinline__ void store(u8* p, i64 i, float v) { p[i] = (u8)fminf(fmaxf(v, 0.0f), 255.0f); }
 };
 
 #define GRID_STRIDE(i, n) \

@@ -126,10 +126,11 @@ impl Tensor {
     ) -> Result<Tensor> {
         let shape = shape.into();
         match device {
-            Device::Cuda(d) if value == 0.0 && dtype != DType::F64 => {
-                let kind = cuda_kind(dtype, "zeros")?;
+            Device::Cuda(d) => {
+                let kind = cuda_kind(dtype, "full")?;
+                let n = shape.elem_count();
                 Tensor::from_storage(
-                    Storage::Cuda(d.zeros(kind, shape.elem_count())?),
+                    Storage::Cuda(mvar_cuda::ops::elementwise::fill(d, kind, n, value as f32)?),
                     shape,
                     device,
                 )
@@ -507,11 +508,13 @@ impl Tensor {
                 self.shape().clone(),
                 self.device(),
             )?,
-            Storage::Cuda(_) => {
-                // Until the conversion kernel lands, a round trip through the host keeps this
-                // correct; it is not a hot path (casts happen once per parameter per step).
-                let host = self.to_cpu_storage()?.to_dtype(dtype);
-                Tensor::from_cpu(host, self.shape().clone(), self.device())?
+            Storage::Cuda(b) => {
+                let Device::Cuda(dev) = self.device() else {
+                    return Err(cuda_on_cpu("to_dtype"));
+                };
+                let kind = cuda_kind(dtype, "to_dtype")?;
+                let cast = mvar_cuda::ops::elementwise::cast(dev, b, kind)?;
+                Tensor::from_storage(Storage::Cuda(cast), self.shape().clone(), self.device())?
             }
         };
         if !dtype.is_float() || !self.dtype().is_float() {
@@ -556,12 +559,12 @@ impl Tensor {
         if self.same_storage(src) {
             return Ok(());
         }
-        let host = src.to_cpu_storage()?;
-        let mut dst = self.storage_mut();
-        match (&mut *dst, self.device()) {
-            (Storage::Cuda(buf), Device::Cuda(d)) => *buf = upload(d, &host)?,
-            (storage, _) => *storage = Storage::Cpu(host),
-        }
+        let fresh = match (&*src.storage(), self.device()) {
+            (Storage::Cuda(b), Device::Cuda(d)) => Storage::Cuda(d.duplicate(b)?),
+            (Storage::Cpu(c), Device::Cpu) => Storage::Cpu(c.clone()),
+            _ => return Err(cuda_on_cpu("copy_from")),
+        };
+        *self.storage_mut() = fresh;
         Ok(())
     }
 
@@ -606,12 +609,26 @@ impl Tensor {
                     ))
                 }
             },
-            _ => {
-                return Err(Error::Unsupported {
-                    op: "add_same_shape",
-                    msg: format!("no kernel for {} yet", self.device()),
-                })
+            (Storage::Cuda(x), Storage::Cuda(y)) => {
+                let Device::Cuda(dev) = self.device() else {
+                    return Err(cuda_on_cpu("add_same_shape"));
+                };
+                let dims = self.dims();
+                let sum = mvar_cuda::ops::elementwise::binary_forward(
+                    dev,
+                    (x, dims),
+                    (y, dims),
+                    dims,
+                    mvar_cuda::ops::elementwise::binary::ADD,
+                )?;
+                drop((a, b));
+                return Tensor::from_storage(
+                    Storage::Cuda(sum),
+                    self.shape().clone(),
+                    self.device(),
+                );
             }
+            _ => return Err(cuda_on_cpu("add_same_shape")),
         };
         drop((a, b));
         Tensor::from_storage(Storage::Cpu(sum), self.shape().clone(), self.device())
@@ -624,6 +641,16 @@ fn zip_add<T: Copy + std::ops::Add<Output = T> + Send + Sync>(x: &[T], y: &[T]) 
         x.par_iter().zip(y).map(|(&a, &b)| a + b).collect()
     } else {
         x.iter().zip(y).map(|(&a, &b)| a + b).collect()
+    }
+}
+
+/// A tensor whose storage is not on its own device: an internal inconsistency, reported rather
+/// than trusted.
+fn cuda_on_cpu(op: &'static str) -> Error {
+    Error::DeviceMismatch {
+        op,
+        got: "storage on another device than the tensor".into(),
+        expected: "storage on the tensor's device".into(),
     }
 }
 

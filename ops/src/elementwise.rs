@@ -5,12 +5,13 @@
 //! gradient from the saved tensor and the output gradient), which is also the shape the CUDA
 //! kernels take.
 
-use mvar_engine::cpu::FloatKernel;
+use mvar_engine::cpu::{run_float, FloatKernel};
+use mvar_engine::cuda::ops::elementwise as ew;
 use mvar_engine::{CpuStorage, DType, Error, Float, Result, Shape, Tensor};
 
 use crate::util::{
-    broadcast_map2, broadcast_map3, float_kernel, map1, map_zip, one, require_dtype, require_float,
-    same_device, same_dtype, tensor, with_cpu,
+    broadcast_map2, broadcast_map3, dispatch, float_op, map1, map_zip, out_tensor, require_dtype,
+    require_float, same_device, same_dtype,
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -75,6 +76,25 @@ impl UnaryOp {
             UnaryOp::Relu => x.max(T::zero()),
             UnaryOp::Abs => x.abs(),
             UnaryOp::Square => x * x,
+        }
+    }
+
+    /// The op's code in the CUDA kernels.
+    fn cuda_code(self) -> i32 {
+        use ew::unary as u;
+        match self {
+            UnaryOp::Neg => u::NEG,
+            UnaryOp::Exp => u::EXP,
+            UnaryOp::Log => u::LOG,
+            UnaryOp::Sqrt => u::SQRT,
+            UnaryOp::Rsqrt => u::RSQRT,
+            UnaryOp::Tanh => u::TANH,
+            UnaryOp::Sigmoid => u::SIGMOID,
+            UnaryOp::Silu => u::SILU,
+            UnaryOp::GeluTanh => u::GELU_TANH,
+            UnaryOp::Relu => u::RELU,
+            UnaryOp::Abs => u::ABS,
+            UnaryOp::Square => u::SQUARE,
         }
     }
 
@@ -160,11 +180,11 @@ impl FloatKernel for UnaryBwd {
 
 /// Applies a unary map.
 pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
-    let out = tensor(
-        one(float_kernel(op.name(), &[x], &UnaryFwd(op))?),
-        x.shape().clone(),
-        x.device(),
-    )?;
+    let code = op.cuda_code();
+    let out = float_op(op.name(), &[x], &UnaryFwd(op), |dev, b| {
+        Ok(vec![ew::unary_forward(dev, b[0], code)?])
+    })?;
+    let out = out_tensor(out, x.shape().clone(), x.device())?;
     let saved = if op.backward_uses_output() {
         out.detach()
     } else {
@@ -172,8 +192,10 @@ pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     };
     Ok(Tensor::record(out, op.name(), &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(op.name(), &[&saved, g], &UnaryBwd(op))?);
-            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+            let dx = float_op(op.name(), &[&saved, g], &UnaryBwd(op), |dev, b| {
+                Ok(vec![ew::unary_backward(dev, b[0], b[1], code)?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
         }
     }))
 }
@@ -217,6 +239,18 @@ impl BinaryOp {
             BinaryOp::Div => "div",
             BinaryOp::Maximum => "maximum",
             BinaryOp::Minimum => "minimum",
+        }
+    }
+
+    fn cuda_code(self) -> i32 {
+        use ew::binary as b;
+        match self {
+            BinaryOp::Add => b::ADD,
+            BinaryOp::Sub => b::SUB,
+            BinaryOp::Mul => b::MUL,
+            BinaryOp::Div => b::DIV,
+            BinaryOp::Maximum => b::MAXIMUM,
+            BinaryOp::Minimum => b::MINIMUM,
         }
     }
 
@@ -330,11 +364,22 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         b: b.shape().clone(),
         out: out_shape.clone(),
     };
-    let out = tensor(
-        one(float_kernel(name, &[a, b], &k)?),
-        out_shape.clone(),
-        a.device(),
-    )?;
+    let code = op.cuda_code();
+    let dims = (
+        a.dims().to_vec(),
+        b.dims().to_vec(),
+        out_shape.dims().to_vec(),
+    );
+    let out = float_op(name, &[a, b], &k, |dev, x| {
+        Ok(vec![ew::binary_forward(
+            dev,
+            (x[0], &dims.0),
+            (x[1], &dims.1),
+            &dims.2,
+            code,
+        )?])
+    })?;
+    let out = out_tensor(out, out_shape.clone(), a.device())?;
     let (sa, sb) = (a.detach(), b.detach());
     Ok(Tensor::record(out, name, &[a, b], move || {
         move |g: &Tensor| {
@@ -349,9 +394,25 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
                         b: sb.shape().clone(),
                         out: out_shape.clone(),
                     };
-                    let mut v = float_kernel(name, &[&sa, &sb, g], &k)?;
-                    let gb = tensor(v.pop().expect("two outputs"), out_shape.clone(), g.device())?;
-                    let ga = tensor(v.pop().expect("two outputs"), out_shape.clone(), g.device())?;
+                    let dims = (
+                        sa.dims().to_vec(),
+                        sb.dims().to_vec(),
+                        out_shape.dims().to_vec(),
+                    );
+                    let mut v = float_op(name, &[&sa, &sb, g], &k, |dev, x| {
+                        let (ga, gb) = ew::binary_backward(
+                            dev,
+                            (x[0], &dims.0),
+                            (x[1], &dims.1),
+                            x[2],
+                            &dims.2,
+                            code,
+                            (true, true),
+                        )?;
+                        Ok(ga.into_iter().chain(gb).collect())
+                    })?;
+                    let gb = out_tensor(v.split_off(1), out_shape.clone(), g.device())?;
+                    let ga = out_tensor(v, out_shape.clone(), g.device())?;
                     (ga, gb)
                 }
             };
@@ -398,11 +459,16 @@ impl FloatKernel for Affine {
 
 /// `x * mul + add`.
 pub fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
-    let out = tensor(
-        one(float_kernel("affine", &[x], &Affine { mul, add })?),
-        x.shape().clone(),
-        x.device(),
-    )?;
+    let out = float_op("affine", &[x], &Affine { mul, add }, |dev, b| {
+        Ok(vec![ew::scalar_forward(
+            dev,
+            b[0],
+            ew::scalar::AFFINE,
+            mul as f32,
+            add as f32,
+        )?])
+    })?;
+    let out = out_tensor(out, x.shape().clone(), x.device())?;
     Ok(Tensor::record(out, "affine", &[x], move || {
         move |g: &Tensor| Ok(vec![Some(affine(g, mul, 0.0)?)])
     }))
@@ -435,16 +501,30 @@ impl FloatKernel for PowfBwd {
 
 /// `x ^ p` for a scalar exponent.
 pub fn powf(x: &Tensor, p: f64) -> Result<Tensor> {
-    let out = tensor(
-        one(float_kernel("powf", &[x], &Powf(p))?),
-        x.shape().clone(),
-        x.device(),
-    )?;
+    let out = float_op("powf", &[x], &Powf(p), |dev, b| {
+        Ok(vec![ew::scalar_forward(
+            dev,
+            b[0],
+            ew::scalar::POWF,
+            p as f32,
+            0.0,
+        )?])
+    })?;
+    let out = out_tensor(out, x.shape().clone(), x.device())?;
     let saved = x.detach();
     Ok(Tensor::record(out, "powf", &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel("powf", &[&saved, g], &PowfBwd(p))?);
-            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+            let dx = float_op("powf", &[&saved, g], &PowfBwd(p), |dev, b| {
+                Ok(vec![ew::scalar_backward(
+                    dev,
+                    b[0],
+                    b[1],
+                    ew::scalar::POWF,
+                    p as f32,
+                    0.0,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
         }
     }))
 }
@@ -479,16 +559,31 @@ pub fn clamp(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
             format!("lo {lo} > hi {hi}: expected lo <= hi"),
         ));
     }
-    let out = tensor(
-        one(float_kernel("clamp", &[x], &Clamp(lo, hi))?),
-        x.shape().clone(),
-        x.device(),
-    )?;
+    let (lo32, hi32) = (lo as f32, hi as f32);
+    let out = float_op("clamp", &[x], &Clamp(lo, hi), |dev, b| {
+        Ok(vec![ew::scalar_forward(
+            dev,
+            b[0],
+            ew::scalar::CLAMP,
+            lo32,
+            hi32,
+        )?])
+    })?;
+    let out = out_tensor(out, x.shape().clone(), x.device())?;
     let saved = x.detach();
     Ok(Tensor::record(out, "clamp", &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel("clamp", &[&saved, g], &ClampBwd(lo, hi))?);
-            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+            let dx = float_op("clamp", &[&saved, g], &ClampBwd(lo, hi), |dev, b| {
+                Ok(vec![ew::scalar_backward(
+                    dev,
+                    b[0],
+                    b[1],
+                    ew::scalar::CLAMP,
+                    lo32,
+                    hi32,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
         }
     }))
 }
@@ -506,14 +601,34 @@ pub enum CmpOp {
     Ge,
 }
 
+impl CmpOp {
+    fn cuda_code(self) -> i32 {
+        use ew::cmp as c;
+        match self {
+            CmpOp::Eq => c::EQ,
+            CmpOp::Ne => c::NE,
+            CmpOp::Lt => c::LT,
+            CmpOp::Le => c::LE,
+            CmpOp::Gt => c::GT,
+            CmpOp::Ge => c::GE,
+        }
+    }
+}
+
 /// `a cmp b` as a u8 mask (1 = true), with broadcasting. Works on every dtype; not
 /// differentiable.
 pub fn compare(a: &Tensor, b: &Tensor, op: CmpOp) -> Result<Tensor> {
     same_dtype("compare", &[a, b])?;
     let out_shape = Shape::broadcast("compare", a.shape(), b.shape())?;
-    let mask = with_cpu("compare", &[a, b], |s| {
+    let code = op.cuda_code();
+    let dims = (
+        a.dims().to_vec(),
+        b.dims().to_vec(),
+        out_shape.dims().to_vec(),
+    );
+    let cpu_fn = |s: &[&CpuStorage]| {
         let (x, y) = (s[0].to_f64_vec(), s[1].to_f64_vec());
-        Ok(broadcast_map2(
+        Ok(vec![CpuStorage::U8(broadcast_map2(
             &out_shape,
             (&x, a.shape()),
             (&y, b.shape()),
@@ -528,9 +643,18 @@ pub fn compare(a: &Tensor, b: &Tensor, op: CmpOp) -> Result<Tensor> {
                 };
                 r as u8
             },
-        ))
+        ))])
+    };
+    let mask = dispatch("compare", &[a, b], cpu_fn, |dev, x| {
+        Ok(vec![ew::compare(
+            dev,
+            (x[0], &dims.0),
+            (x[1], &dims.1),
+            &dims.2,
+            code,
+        )?])
     })?;
-    tensor(CpuStorage::U8(mask), out_shape, a.device())
+    out_tensor(mask, out_shape, a.device())
 }
 
 /// `cond ? a : b` elementwise with broadcasting of all three; `cond` is a u8 mask.
@@ -545,20 +669,30 @@ pub fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         &Shape::broadcast(OP, cond.shape(), a.shape())?,
         b.shape(),
     )?;
-    let k = Where {
-        cond: cond.to_vec::<u8>()?,
-        shapes: [
-            cond.shape().clone(),
-            a.shape().clone(),
-            b.shape().clone(),
-            out_shape.clone(),
-        ],
-    };
-    let out = tensor(
-        one(float_kernel(OP, &[a, b], &k)?),
+    let shapes = [
+        cond.shape().clone(),
+        a.shape().clone(),
+        b.shape().clone(),
         out_shape.clone(),
-        a.device(),
-    )?;
+    ];
+    let cpu_fn = |s: &[&CpuStorage]| {
+        let k = Where {
+            cond: s[0].as_slice::<u8>(OP)?,
+            shapes: &shapes,
+        };
+        run_float(OP, &[s[1], s[2]], &k)
+    };
+    let out = dispatch(OP, &[cond, a, b], cpu_fn, |dev, x| {
+        let [c, sa, sb, so] = &shapes;
+        Ok(vec![ew::where_cond(
+            dev,
+            (x[0], c.dims()),
+            (x[1], sa.dims()),
+            (x[2], sb.dims()),
+            so.dims(),
+        )?])
+    })?;
+    let out = out_tensor(out, out_shape.clone(), a.device())?;
     let cond = cond.detach();
     let (a_shape, b_shape) = (a.shape().clone(), b.shape().clone());
     Ok(Tensor::record(out, OP, &[a, b], move || {
@@ -574,16 +708,16 @@ pub fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }))
 }
 
-struct Where {
-    cond: Vec<u8>,
-    shapes: [Shape; 4],
+struct Where<'a> {
+    cond: &'a [u8],
+    shapes: &'a [Shape; 4],
 }
-impl FloatKernel for Where {
+impl FloatKernel for Where<'_> {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let [c, a, b, out] = &self.shapes;
+        let [c, a, b, out] = self.shapes;
         Ok(vec![broadcast_map3(
             out,
-            (&self.cond[..], c),
+            (self.cond, c),
             (x[0], a),
             (x[1], b),
             |c, a, b| {
@@ -632,11 +766,11 @@ pub fn broadcast_to(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
         from: x.shape().clone(),
         to: shape.clone(),
     };
-    let out = tensor(
-        one(float_kernel("broadcast_to", &[x], &k)?),
-        shape,
-        x.device(),
-    )?;
+    let dims = (x.dims().to_vec(), shape.dims().to_vec());
+    let out = float_op("broadcast_to", &[x], &k, |dev, b| {
+        Ok(vec![ew::expand(dev, b[0], &dims.0, &dims.1)?])
+    })?;
+    let out = out_tensor(out, shape, x.device())?;
     let from = x.shape().clone();
     Ok(Tensor::record(out, "broadcast_to", &[x], move || {
         move |g: &Tensor| Ok(vec![Some(sum_to(g, &from)?)])

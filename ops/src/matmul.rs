@@ -15,7 +15,11 @@ use mvar_engine::{Error, Float, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::elementwise::{add, sum_to};
-use crate::util::{float_kernel, one, same_device, same_dtype, tensor};
+use mvar_engine::cuda::blas::{self, GemmShape};
+use mvar_engine::cuda::ops::elementwise as ew;
+use mvar_engine::cuda::{CudaBuffer, CudaDevice};
+
+use crate::util::{float_op, out_tensor, same_device, same_dtype};
 
 /// A matrix product of one batch entry is "small" below this many multiply-adds.
 const SMALL_GEMM_FLOPS: usize = 1 << 21;
@@ -178,6 +182,48 @@ impl FloatKernel for Gemm {
     }
 }
 
+/// The product on cuBLAS. An operand whose batch axes are all 1 is shared by every batch entry
+/// (stride 0); one that is broadcast along only some batch axes is expanded first.
+fn cuda_gemm(
+    dev: &CudaDevice,
+    p: &MatmulPlan,
+    a: &CudaBuffer,
+    b: &CudaBuffer,
+) -> Result<CudaBuffer> {
+    let batch = p.batch.elem_count();
+    let expand =
+        |x: &CudaBuffer, own: &Shape, rows: usize, cols: usize| -> Result<Option<CudaBuffer>> {
+            if own == &p.batch || own.elem_count() == 1 {
+                return Ok(None);
+            }
+            let mut from = own.dims().to_vec();
+            from.extend([rows, cols]);
+            let mut to = p.batch.dims().to_vec();
+            to.extend([rows, cols]);
+            Ok(Some(ew::expand(dev, x, &from, &to)?))
+        };
+    let (ar, ac) = if p.trans_a { (p.k, p.m) } else { (p.m, p.k) };
+    let (br, bc) = if p.trans_b { (p.n, p.k) } else { (p.k, p.n) };
+    let a_full = expand(a, &p.a_batch, ar, ac)?;
+    let b_full = expand(b, &p.b_batch, br, bc)?;
+    let shape = GemmShape {
+        batch,
+        m: p.m,
+        n: p.n,
+        k: p.k,
+        trans_a: p.trans_a,
+        trans_b: p.trans_b,
+        a_batched: a_full.is_some() || p.a_batch.elem_count() == batch && batch > 1,
+        b_batched: b_full.is_some() || p.b_batch.elem_count() == batch && batch > 1,
+    };
+    Ok(blas::gemm(
+        dev,
+        a_full.as_ref().unwrap_or(a),
+        b_full.as_ref().unwrap_or(b),
+        shape,
+    )?)
+}
+
 /// a @ b with broadcast batch axes.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     matmul_t(a, b, false, false)
@@ -189,11 +235,10 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<
     same_dtype("matmul", &[a, b])?;
     let plan = MatmulPlan::new(a, b, trans_a, trans_b)?;
     let out_shape = plan.out_shape();
-    let out = tensor(
-        one(float_kernel("matmul", &[a, b], &Gemm(plan))?),
-        out_shape,
-        a.device(),
-    )?;
+    let out = float_op("matmul", &[a, b], &Gemm(plan.clone()), |dev, x| {
+        Ok(vec![cuda_gemm(dev, &plan, x[0], x[1])?])
+    })?;
+    let out = out_tensor(out, out_shape, a.device())?;
     let (sa, sb) = (a.detach(), b.detach());
     let (a_req, b_req) = (a.requires_grad(), b.requires_grad());
     Ok(Tensor::record(out, "matmul", &[a, b], move || {

@@ -2,6 +2,7 @@
 //! broadcast iteration.
 
 use mvar_engine::cpu::{run_float, FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::cuda::{CudaBuffer, CudaDevice};
 use mvar_engine::{CpuStorage, DType, Device, Error, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -89,6 +90,74 @@ pub(crate) fn with_cpu<R>(
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     let cpus: Vec<&CpuStorage> = guards.iter().map(|g| cpu(op, g)).collect::<Result<_>>()?;
     f(&cpus)
+}
+
+/// The dispatch point of every op: runs `cpu` on the CPU storages of `ts`, or `cuda` on their
+/// device buffers, and returns the output storages. Device agreement is checked here; each op
+/// checks dtypes and shapes before calling.
+pub(crate) fn dispatch(
+    op: &'static str,
+    ts: &[&Tensor],
+    cpu_fn: impl FnOnce(&[&CpuStorage]) -> Result<Vec<CpuStorage>>,
+    cuda_fn: impl FnOnce(&CudaDevice, &[&CudaBuffer]) -> Result<Vec<CudaBuffer>>,
+) -> Result<Vec<Storage>> {
+    same_device(op, ts)?;
+    let device = ts
+        .first()
+        .map(|t| t.device().clone())
+        .unwrap_or(Device::Cpu);
+    let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
+    match &device {
+        Device::Cpu => {
+            let cpus: Vec<&CpuStorage> =
+                guards.iter().map(|g| cpu(op, g)).collect::<Result<_>>()?;
+            Ok(cpu_fn(&cpus)?.into_iter().map(Storage::Cpu).collect())
+        }
+        Device::Cuda(dev) => {
+            let bufs: Vec<&CudaBuffer> = guards
+                .iter()
+                .map(|g| match &**g {
+                    Storage::Cuda(b) => Ok(b),
+                    Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                        op,
+                        got: "a CPU buffer in a CUDA tensor".into(),
+                        expected: "storage on the tensor's device".into(),
+                    }),
+                })
+                .collect::<Result<_>>()?;
+            Ok(cuda_fn(dev, &bufs)?
+                .into_iter()
+                .map(Storage::Cuda)
+                .collect())
+        }
+    }
+}
+
+/// [`dispatch`] for float ops: checks that every input is a float of one dtype and runs the CPU
+/// side as a [`FloatKernel`].
+pub(crate) fn float_op(
+    op: &'static str,
+    ts: &[&Tensor],
+    kernel: &impl FloatKernel,
+    cuda_fn: impl FnOnce(&CudaDevice, &[&CudaBuffer]) -> Result<Vec<CudaBuffer>>,
+) -> Result<Vec<Storage>> {
+    for t in ts {
+        require_float(op, t)?;
+    }
+    same_dtype(op, ts)?;
+    dispatch(op, ts, |cpus| run_float(op, cpus, kernel), cuda_fn)
+}
+
+/// A new tensor from one output storage.
+pub(crate) fn out_tensor(
+    mut storages: Vec<Storage>,
+    shape: impl Into<Shape>,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = storages
+        .pop()
+        .ok_or_else(|| Error::invalid("dispatch", "a kernel returned no output"))?;
+    Tensor::from_storage(s, shape, device)
 }
 
 /// Runs a float kernel on the CPU storages of `ts` (device and dtype checked).

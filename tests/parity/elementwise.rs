@@ -1,0 +1,121 @@
+use mvar::engine::{DType, Device, Tensor};
+use mvar::ops::{self, BinaryOp, CmpOp, UnaryOp};
+use proptest::prelude::*;
+
+use crate::{away_from_zero, config, gpu, parity, randn};
+
+const UNARY: [UnaryOp; 12] = [
+    UnaryOp::Neg,
+    UnaryOp::Exp,
+    UnaryOp::Log,
+    UnaryOp::Sqrt,
+    UnaryOp::Rsqrt,
+    UnaryOp::Tanh,
+    UnaryOp::Sigmoid,
+    UnaryOp::Silu,
+    UnaryOp::GeluTanh,
+    UnaryOp::Relu,
+    UnaryOp::Abs,
+    UnaryOp::Square,
+];
+
+fn shape() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(1usize..6, 1..4)
+}
+
+/// Two shapes that broadcast together (the second with some axes set to 1 or dropped).
+fn broadcast_pair() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
+    (
+        shape(),
+        prop::collection::vec(any::<bool>(), 3),
+        0usize..3,
+        any::<bool>(),
+    )
+        .prop_map(|(full, ones, drop, swap)| {
+            let mut other: Vec<usize> = full
+                .iter()
+                .zip(&ones)
+                .map(|(&d, &one)| if one { 1 } else { d })
+                .collect();
+            let drop = drop.min(other.len() - 1);
+            other.drain(..drop);
+            if swap {
+                (other, full)
+            } else {
+                (full, other)
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn unary(s in shape(), seed in any::<u64>()) {
+        for op in UNARY {
+            let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt);
+            parity(op.name(), |_, x| ops::unary(&x[0], op), &[away_from_zero(&s, seed, positive)])?;
+        }
+    }
+
+    #[test]
+    fn binary((sa, sb) in broadcast_pair(), seed in any::<u64>()) {
+        for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Maximum, BinaryOp::Minimum] {
+            let b = if op == BinaryOp::Div { away_from_zero(&sb, seed ^ 1, false) } else { randn(&sb, seed ^ 1) };
+            parity(op.name(), |_, x| ops::binary(&x[0], &x[1], op), &[randn(&sa, seed), b])?;
+        }
+    }
+
+    #[test]
+    fn scalar_forms(s in shape(), seed in any::<u64>()) {
+        parity("affine", |_, x| ops::affine(&x[0], -1.5, 0.25), &[randn(&s, seed)])?;
+        parity("powf", |_, x| ops::powf(&x[0], 1.7), &[away_from_zero(&s, seed, true)])?;
+        parity("clamp", |_, x| ops::clamp(&x[0], -0.5, 0.7), &[randn(&s, seed)])?;
+    }
+
+    #[test]
+    fn where_and_broadcast((sa, sb) in broadcast_pair(), seed in any::<u64>()) {
+        let mask: Vec<u8> = randn(&sb, seed ^ 5).to_vec::<f32>().unwrap().iter().map(|&v| (v > 0.0) as u8).collect();
+        let cond = Tensor::from_vec(mask, sb.clone(), &Device::Cpu).unwrap();
+        parity("where_cond", |d, x| ops::where_cond(&cond.to_device(d)?, &x[0], &x[1]), &[randn(&sa, seed), randn(&sb, seed ^ 1)])?;
+        let full = mvar::engine::Shape::broadcast("t", &sa.clone().into(), &sb.clone().into()).unwrap();
+        parity("broadcast_to", |_, x| ops::broadcast_to(&x[0], full.clone()), &[randn(&sb, seed)])?;
+    }
+}
+
+#[test]
+fn compare_and_cast_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let a = randn(&[3, 4], 1);
+    let b = randn(&[4], 2);
+    for op in [
+        CmpOp::Eq,
+        CmpOp::Ne,
+        CmpOp::Lt,
+        CmpOp::Le,
+        CmpOp::Gt,
+        CmpOp::Ge,
+    ] {
+        let want = ops::compare(&a, &b, op).unwrap().to_vec::<u8>().unwrap();
+        let got =
+            ops::compare(&a.to_device(&gpu).unwrap(), &b.to_device(&gpu).unwrap(), op).unwrap();
+        assert_eq!(got.to_vec::<u8>().unwrap(), want, "{op:?}");
+    }
+    let x = randn(&[257], 3);
+    for dt in [DType::BF16, DType::I64, DType::U8, DType::F32] {
+        let want = x.to_dtype(dt).unwrap().to_vec_f64().unwrap();
+        let got = x
+            .to_device(&gpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        assert_eq!(got, want, "cast f32 -> {dt}");
+    }
+    let filled = Tensor::full(2.5, [1000], DType::BF16, &gpu)
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    assert!(filled.iter().all(|&v| v == 2.5));
+}

@@ -1,262 +1,479 @@
-//! criterion benchmarks, one group per op family, on the CPU (the CUDA backend adds its device
-//! to the same groups).
+//! criterion benchmarks, one group per op family, on the CPU and, when one is found at run time,
+//! on the GPU (same groups, ids prefixed `cpu/` or `cuda/`).
 //!
 //! Throughput is reported the way each family is judged: matmul and conv in FLOPs (criterion
 //! prints them as "elem/s": 1 Gelem/s = 1 GFLOP/s, counting a multiply-add as 2 FLOPs), memory-
-//! bound ops in bytes read + written.
+//! bound ops in bytes read + written once. GPU timings synchronise the device inside the timed
+//! region, so they measure finished work, not queued launches. `benches/torch_reference.py`
+//! times the same cases with PyTorch on the same GPU, under the same ids.
 //!
-//! Run: `cargo bench --bench ops` (all) or `cargo bench --bench ops -- matmul` (one family).
+//! Run: `cargo bench --bench ops` (all) or `cargo bench --bench ops -- matmul` (one family);
+//! `MVAR_BENCH_DEVICES=cpu` or `=cuda` restricts the devices.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use mvar::engine::{no_grad, DType, Device, Generator, Tensor};
 use mvar::ops;
 
-fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
+/// The devices to benchmark on: the CPU, and the first GPU if one opens.
+fn devices() -> Vec<Device> {
+    let want = std::env::var("MVAR_BENCH_DEVICES").unwrap_or_default();
+    let mut out = Vec::new();
+    if want.is_empty() || want.contains("cpu") {
+        out.push(Device::Cpu);
+    }
+    if want.is_empty() || want.contains("cuda") {
+        if let Ok(d) = Device::cuda(0) {
+            out.push(d);
+        }
+    }
+    out
+}
+
+fn tag(d: &Device) -> &'static str {
+    if d.is_cpu() {
+        "cpu"
+    } else {
+        "cuda"
+    }
+}
+
+/// Random values (generated on the host, then moved).
+fn randn(shape: &[usize], dtype: DType, device: &Device, seed: u64) -> Tensor {
     Tensor::randn(
         shape.to_vec(),
         0.0,
         1.0,
-        dtype,
+        DType::F32,
         &Device::Cpu,
         &mut Generator::new(seed),
     )
-    .unwrap()
+    .and_then(|t| t.to_dtype(dtype))
+    .and_then(|t| t.to_device(device))
+    .expect("bench input")
+}
+
+/// A large tensor filled on the device itself (generating hundreds of millions of random values
+/// on the host would dominate the run; bandwidth-bound ops do not care about the values).
+fn filled(shape: &[usize], dtype: DType, device: &Device, value: f64) -> Tensor {
+    Tensor::full(value, shape.to_vec(), dtype, device).expect("bench input")
 }
 
 fn bytes(n: usize, dtype: DType) -> u64 {
     (n * dtype.size_in_bytes()) as u64
 }
 
+/// Times `f` on `device`; on a GPU the device is synchronised before the clock starts and stops.
+fn bench(g: &mut BenchmarkGroup<'_, WallTime>, device: &Device, id: String, mut f: impl FnMut()) {
+    let dev = device.clone();
+    g.bench_function(BenchmarkId::from_parameter(id), move |b| {
+        b.iter_custom(|iters| {
+            dev.synchronize().expect("sync");
+            let start = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            dev.synchronize().expect("sync");
+            start.elapsed()
+        })
+    });
+}
+
 fn matmul(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("matmul");
-    // Square, VAR-d16-like projections (680 tokens, width 1024, MLP 4096), and per-head attention
-    // products (batch 32 x 16 heads of 256 x 64).
-    for &(m, k, n, dt) in &[
-        (1024, 1024, 1024, DType::F32),
-        (680, 1024, 1024, DType::F32),
-        (680, 1024, 4096, DType::F32),
-        (256, 256, 256, DType::F64),
-        (1024, 1024, 1024, DType::BF16),
-    ] {
-        let (a, b) = (randn(&[m, k], dt, 1), randn(&[k, n], dt, 2));
-        g.throughput(Throughput::Elements((2 * m * k * n) as u64));
-        g.bench_with_input(
-            BenchmarkId::new(format!("{dt}"), format!("{m}x{k}x{n}")),
-            &(),
-            |bch, _| bch.iter(|| ops::matmul(&a, &b).unwrap()),
+    for d in devices() {
+        // Square; VAR-d16 projections (680 tokens, width 1024, MLP 4096); on the GPU the bf16
+        // 4096^3 product of the acceptance figure.
+        let mut cases = vec![
+            (1024, 1024, 1024, DType::F32),
+            (680, 1024, 1024, DType::F32),
+            (680, 1024, 4096, DType::F32),
+            (1024, 1024, 1024, DType::BF16),
+        ];
+        if d.is_cpu() {
+            cases.push((256, 256, 256, DType::F64));
+        } else {
+            cases.extend([
+                (4096, 4096, 4096, DType::BF16),
+                (4096, 4096, 4096, DType::F32),
+                (8 * 680, 1024, 4096, DType::BF16),
+            ]);
+        }
+        for (m, k, n, dt) in cases {
+            let (a, b) = (randn(&[m, k], dt, &d, 1), randn(&[k, n], dt, &d, 2));
+            g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+            bench(&mut g, &d, format!("{}/{dt}/{m}x{k}x{n}", tag(&d)), || {
+                ops::matmul(&a, &b).unwrap();
+            });
+        }
+        let (q, kt) = (
+            randn(&[512, 256, 64], DType::F32, &d, 3),
+            randn(&[512, 256, 64], DType::F32, &d, 4),
+        );
+        g.throughput(Throughput::Elements(2 * 512 * 256 * 256 * 64));
+        bench(
+            &mut g,
+            &d,
+            format!("{}/f32/batched 512x(256x64 @ 64x256)", tag(&d)),
+            || {
+                ops::matmul_t(&q, &kt, false, true).unwrap();
+            },
         );
     }
-    let (q, kt) = (
-        randn(&[512, 256, 64], DType::F32, 3),
-        randn(&[512, 256, 64], DType::F32, 4),
-    );
-    g.throughput(Throughput::Elements(2 * 512 * 256 * 256 * 64));
-    g.bench_function("f32/batched 512x(256x64 @ 64x256)", |bch| {
-        bch.iter(|| ops::matmul_t(&q, &kt, false, true).unwrap())
-    });
     g.finish();
 }
 
 fn elementwise(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("elementwise");
-    let n = 1 << 22;
-    let (x, y) = (
-        randn(&[n / 1024, 1024], DType::F32, 1),
-        randn(&[n / 1024, 1024], DType::F32, 2),
-    );
-    let bias = randn(&[1024], DType::F32, 3);
-    g.throughput(Throughput::Bytes(bytes(2 * n, DType::F32)));
-    g.bench_function("gelu_tanh f32 4M", |b| {
-        b.iter(|| ops::gelu_tanh(&x).unwrap())
-    });
-    g.throughput(Throughput::Bytes(bytes(3 * n, DType::F32)));
-    g.bench_function("add f32 4M", |b| b.iter(|| ops::add(&x, &y).unwrap()));
-    g.throughput(Throughput::Bytes(bytes(2 * n, DType::F32)));
-    g.bench_function("add broadcast [4096,1024]+[1024] f32", |b| {
-        b.iter(|| ops::add(&x, &bias).unwrap())
-    });
+    for d in devices() {
+        let t = tag(&d);
+        let n = if d.is_cpu() { 1 << 22 } else { 1 << 26 };
+        let (x, y) = if d.is_cpu() {
+            (
+                randn(&[n / 1024, 1024], DType::F32, &d, 1),
+                randn(&[n / 1024, 1024], DType::F32, &d, 2),
+            )
+        } else {
+            (
+                filled(&[n / 1024, 1024], DType::F32, &d, 1.5),
+                filled(&[n / 1024, 1024], DType::F32, &d, -0.5),
+            )
+        };
+        let bias = randn(&[1024], DType::F32, &d, 3);
+        g.throughput(Throughput::Bytes(bytes(3 * n, DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/add f32 [{},1024]", n / 1024),
+            || {
+                ops::add(&x, &y).unwrap();
+            },
+        );
+        g.throughput(Throughput::Bytes(bytes(2 * n, DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/gelu_tanh f32 [{},1024]", n / 1024),
+            || {
+                ops::gelu_tanh(&x).unwrap();
+            },
+        );
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/add broadcast f32 [{},1024]+[1024]", n / 1024),
+            || {
+                ops::add(&x, &bias).unwrap();
+            },
+        );
+        if d.is_cuda() {
+            let xb = filled(&[n / 1024, 1024], DType::BF16, &d, 1.5);
+            g.throughput(Throughput::Bytes(bytes(2 * n, DType::BF16)));
+            bench(
+                &mut g,
+                &d,
+                format!("{t}/gelu_tanh bf16 [{},1024]", n / 1024),
+                || {
+                    ops::gelu_tanh(&xb).unwrap();
+                },
+            );
+        }
+    }
     g.finish();
 }
 
 fn reduce(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("reduce");
-    let x = randn(&[4096, 1024], DType::F32, 1);
-    g.throughput(Throughput::Bytes(bytes(x.elem_count(), DType::F32)));
-    g.bench_function("sum last axis [4096,1024] f32", |b| {
-        b.iter(|| ops::sum(&x, -1, false).unwrap())
-    });
-    g.bench_function("sum first axis [4096,1024] f32", |b| {
-        b.iter(|| ops::sum(&x, 0, false).unwrap())
-    });
-    g.bench_function("max last axis [4096,1024] f32", |b| {
-        b.iter(|| ops::max(&x, -1, false).unwrap())
-    });
+    for d in devices() {
+        let t = tag(&d);
+        let x = randn(&[4096, 1024], DType::F32, &d, 1);
+        g.throughput(Throughput::Bytes(bytes(x.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/sum last axis [4096,1024] f32"),
+            || {
+                let _ = ops::sum(&x, -1, false);
+            },
+        );
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/sum first axis [4096,1024] f32"),
+            || {
+                let _ = ops::sum(&x, 0, false);
+            },
+        );
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/max last axis [4096,1024] f32"),
+            || {
+                let _ = ops::max(&x, -1, false);
+            },
+        );
+    }
     g.finish();
 }
 
 fn layout(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("layout");
-    // [B, L, 3, H, D] -> [3, B, H, L, D]: the qkv split of a VAR-d16 block at batch 8.
-    let qkv = randn(&[8, 680, 3, 16, 64], DType::F32, 1);
-    g.throughput(Throughput::Bytes(bytes(2 * qkv.elem_count(), DType::F32)));
-    g.bench_function("permute qkv [8,680,3,16,64]", |b| {
-        b.iter(|| ops::permute(&qkv, &[2, 0, 3, 1, 4]).unwrap())
-    });
-    let table = randn(&[4096, 32], DType::F32, 2);
-    let ids = Tensor::from_vec(
-        (0..8 * 680)
-            .map(|i| (i * 7919 % 4096) as i64)
-            .collect::<Vec<_>>(),
-        [8, 680],
-        &Device::Cpu,
-    )
-    .unwrap();
-    g.throughput(Throughput::Bytes(bytes(8 * 680 * 32, DType::F32)));
-    g.bench_function("embedding 8x680 from [4096,32]", |b| {
-        b.iter(|| ops::embedding(&ids, &table).unwrap())
-    });
+    for d in devices() {
+        let t = tag(&d);
+        // [B, L, 3, H, D] -> [3, B, H, L, D]: the qkv split of a VAR-d16 block at batch 8.
+        let qkv = randn(&[8, 680, 3, 16, 64], DType::F32, &d, 1);
+        g.throughput(Throughput::Bytes(bytes(2 * qkv.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/permute qkv [8,680,3,16,64]"),
+            || {
+                ops::permute(&qkv, &[2, 0, 3, 1, 4]).unwrap();
+            },
+        );
+        let table = randn(&[4096, 32], DType::F32, &d, 2);
+        let ids = Tensor::from_vec(
+            (0..8 * 680)
+                .map(|i| (i * 7919 % 4096) as i64)
+                .collect::<Vec<_>>(),
+            [8, 680],
+            &d,
+        )
+        .expect("ids");
+        g.throughput(Throughput::Bytes(bytes(8 * 680 * 32, DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/embedding 8x680 from [4096,32]"),
+            || {
+                let _ = ops::embedding(&ids, &table);
+            },
+        );
+    }
     g.finish();
 }
 
 fn nn(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("nn");
-    // VAR-d16 shapes at batch 8: 8 x 680 tokens of width 1024; logits over a 4096-code vocabulary.
-    let x = randn(&[8 * 680, 1024], DType::F32, 1);
-    g.throughput(Throughput::Bytes(bytes(2 * x.elem_count(), DType::F32)));
-    g.bench_function("layer_norm [5440,1024] f32", |b| {
-        b.iter(|| ops::layer_norm(&x, 1e-6).unwrap())
-    });
-    g.bench_function("softmax [5440,1024] f32", |b| {
-        b.iter(|| ops::softmax(&x, -1).unwrap())
-    });
-    let logits = randn(&[2 * 680, 4096], DType::F32, 2);
-    let targets = Tensor::from_vec(
-        (0..2 * 680)
-            .map(|i| (i * 31 % 4096) as i64)
-            .collect::<Vec<_>>(),
-        [2 * 680],
-        &Device::Cpu,
-    )
-    .unwrap();
-    g.throughput(Throughput::Bytes(bytes(logits.elem_count(), DType::F32)));
-    g.bench_function("cross_entropy [1360,4096] f32", |b| {
-        b.iter(|| ops::cross_entropy(&logits, &targets, None, 0.0).unwrap())
-    });
-    // VQVAE GroupNorm: 32 groups over [4, 128, 64, 64].
-    let img = randn(&[4, 128, 64, 64], DType::F32, 3);
-    let (w, bias) = (randn(&[128], DType::F32, 4), randn(&[128], DType::F32, 5));
-    g.throughput(Throughput::Bytes(bytes(2 * img.elem_count(), DType::F32)));
-    g.bench_function("group_norm 32 groups [4,128,64,64] f32", |b| {
-        b.iter(|| ops::group_norm(&img, 32, &w, &bias, 1e-6).unwrap())
-    });
+    for d in devices() {
+        let t = tag(&d);
+        // VAR-d16 at batch 8: 8 x 680 tokens of width 1024; on the GPU also a large layer_norm for
+        // the bandwidth figure.
+        let x = randn(&[8 * 680, 1024], DType::F32, &d, 1);
+        g.throughput(Throughput::Bytes(bytes(2 * x.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/layer_norm [5440,1024] f32"),
+            || {
+                let _ = ops::layer_norm(&x, 1e-6);
+            },
+        );
+        bench(&mut g, &d, format!("{t}/softmax [5440,1024] f32"), || {
+            let _ = ops::softmax(&x, -1);
+        });
+        if d.is_cuda() {
+            for dt in [DType::F32, DType::BF16] {
+                let big = filled(&[65536, 1024], dt, &d, 0.25);
+                g.throughput(Throughput::Bytes(bytes(2 * big.elem_count(), dt)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/layer_norm [65536,1024] {dt}"),
+                    || {
+                        let _ = ops::layer_norm(&big, 1e-6);
+                    },
+                );
+            }
+        }
+        let logits = randn(&[2 * 680, 4096], DType::F32, &d, 2);
+        let targets = Tensor::from_vec(
+            (0..2 * 680)
+                .map(|i| (i * 31 % 4096) as i64)
+                .collect::<Vec<_>>(),
+            [2 * 680],
+            &d,
+        )
+        .expect("targets");
+        g.throughput(Throughput::Bytes(bytes(logits.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/cross_entropy [1360,4096] f32"),
+            || {
+                let _ = ops::cross_entropy(&logits, &targets, None, 0.0);
+            },
+        );
+        // VQVAE GroupNorm: 32 groups over [4, 128, 64, 64].
+        let img = randn(&[4, 128, 64, 64], DType::F32, &d, 3);
+        let (w, bias) = (
+            randn(&[128], DType::F32, &d, 4),
+            randn(&[128], DType::F32, &d, 5),
+        );
+        g.throughput(Throughput::Bytes(bytes(2 * img.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/group_norm 32 groups [4,128,64,64] f32"),
+            || {
+                let _ = ops::group_norm(&img, 32, &w, &bias, 1e-6);
+            },
+        );
+    }
     g.finish();
 }
 
-/// Forward and backward of the attention references on MVAR-like shapes (head dim 64).
+/// Forward and backward of the attention references (CPU only until the fused kernels land).
 fn attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention");
-    // Block-causal VAR attention over the 10-scale pyramid up to 10x10 (L = 255 ... the first 8
-    // scales), batch 2 x 16 heads; and 7x7 neighbourhood attention on a 16x16 map.
+    let d = Device::Cpu;
+    if !devices().contains(&d) {
+        return;
+    }
+    // Block-causal attention over the first 8 scales of the 256-px pyramid (L = 255), batch 2 x
+    // 16 heads; 7x7 neighbourhood attention on a 16x16 map.
     let scales: Vec<usize> = [1usize, 2, 3, 4, 5, 6, 8, 10]
         .iter()
         .map(|p| p * p)
         .collect();
     let l: usize = scales.iter().sum();
     let (q, k, v) = (
-        randn(&[2, 16, l, 64], DType::F32, 1),
-        randn(&[2, 16, l, 64], DType::F32, 2),
-        randn(&[2, 16, l, 64], DType::F32, 3),
+        randn(&[2, 16, l, 64], DType::F32, &d, 1),
+        randn(&[2, 16, l, 64], DType::F32, &d, 2),
+        randn(&[2, 16, l, 64], DType::F32, &d, 3),
     );
     let mask = ops::AttnMask::BlockCausal(scales);
     g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::F32)));
-    g.bench_function(format!("block-causal fwd [2,16,{l},64] f32"), |b| {
-        b.iter(|| mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 1.0, &mask).unwrap()))
-    });
+    bench(
+        &mut g,
+        &d,
+        format!("cpu/block-causal fwd [2,16,{l},64] f32"),
+        || {
+            mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 1.0, &mask).unwrap());
+        },
+    );
     let (qg, kg, vg) = (
         q.with_grad().unwrap(),
         k.with_grad().unwrap(),
         v.with_grad().unwrap(),
     );
-    g.bench_function(format!("block-causal fwd+bwd [2,16,{l},64] f32"), |b| {
-        b.iter(|| {
+    bench(
+        &mut g,
+        &d,
+        format!("cpu/block-causal fwd+bwd [2,16,{l},64] f32"),
+        || {
             ops::sum_all(&ops::attention(&qg, &kg, &vg, 1.0, &mask).unwrap())
                 .unwrap()
                 .backward()
-                .unwrap()
-        })
-    });
-    let (nq, nk, nv) = (
-        randn(&[2, 16, 16, 16, 64], DType::F32, 4),
-        randn(&[2, 16, 16, 16, 64], DType::F32, 5),
-        randn(&[2, 16, 16, 16, 64], DType::F32, 6),
+                .unwrap();
+        },
     );
+    let na = |s| randn(&[2, 16, 16, 16, 64], DType::F32, &d, s);
+    let (nq, nk, nv) = (na(4), na(5), na(6));
     g.throughput(Throughput::Bytes(bytes(4 * nq.elem_count(), DType::F32)));
-    g.bench_function("na2d k7 fwd [2,16,16,16,64] f32", |b| {
-        b.iter(|| mvar::engine::with_no_grad(|| ops::na2d(&nq, &nk, &nv, 7, 1.0).unwrap()))
-    });
+    bench(
+        &mut g,
+        &d,
+        "cpu/na2d k7 fwd [2,16,16,16,64] f32".into(),
+        || {
+            mvar::engine::with_no_grad(|| ops::na2d(&nq, &nk, &nv, 7, 1.0).unwrap());
+        },
+    );
     let (nqg, nkg, nvg) = (
         nq.with_grad().unwrap(),
         nk.with_grad().unwrap(),
         nv.with_grad().unwrap(),
     );
-    g.bench_function("na2d k7 fwd+bwd [2,16,16,16,64] f32", |b| {
-        b.iter(|| {
+    bench(
+        &mut g,
+        &d,
+        "cpu/na2d k7 fwd+bwd [2,16,16,16,64] f32".into(),
+        || {
             ops::sum_all(&ops::na2d(&nqg, &nkg, &nvg, 7, 1.0).unwrap())
                 .unwrap()
                 .backward()
-                .unwrap()
-        })
-    });
+                .unwrap();
+        },
+    );
     g.finish();
 }
 
 fn spatial(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("spatial");
-    // VQVAE-like convolutions: 3x3 same conv at 64 channels on 64x64, and the stride-2
-    // downsampler with its right/bottom pad.
-    let x = randn(&[2, 64, 64, 64], DType::F32, 1);
-    let w = randn(&[64, 64, 3, 3], DType::F32, 2);
-    let b = randn(&[64], DType::F32, 3);
-    g.throughput(Throughput::Elements(2 * 2 * 64 * 64 * 64 * 64 * 9));
-    g.bench_function("conv2d 3x3 [2,64,64,64] f32 (FLOPs)", |bch| {
-        bch.iter(|| ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap())
-    });
-    let pad = ops::Padding {
-        top: 0,
-        bottom: 1,
-        left: 0,
-        right: 1,
-    };
-    g.throughput(Throughput::Elements(2 * 2 * 64 * 32 * 32 * 64 * 9));
-    g.bench_function(
-        "conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)",
-        |bch| bch.iter(|| ops::conv2d(&x, &w, Some(&b), (2, 2), pad).unwrap()),
-    );
-    // The quantizer's interpolations: batch 32 of 32-channel 16x16 latents <-> a 5x5 scale.
-    let latents = randn(&[32, 32, 16, 16], DType::F32, 4);
-    let small = randn(&[32, 32, 5, 5], DType::F32, 5);
-    g.throughput(Throughput::Bytes(bytes(
-        latents.elem_count() + small.elem_count(),
-        DType::F32,
-    )));
-    g.bench_function("area_downsample 16->5 [32,32] f32", |bch| {
-        bch.iter(|| ops::area_downsample(&latents, 5, 5).unwrap())
-    });
-    g.bench_function("bicubic_upsample 5->16 [32,32] f32", |bch| {
-        bch.iter(|| ops::bicubic_upsample(&small, 16, 16).unwrap())
-    });
-    g.throughput(Throughput::Bytes(bytes(5 * x.elem_count(), DType::F32)));
-    g.bench_function("upsample_nearest x2 [2,64,64,64] f32", |bch| {
-        bch.iter(|| ops::upsample_nearest(&x, 2).unwrap())
-    });
+    for d in devices() {
+        let t = tag(&d);
+        // VQVAE-like convolutions: 3x3 same conv at 64 channels on 64x64, and the stride-2
+        // downsampler with its right/bottom pad.
+        let x = randn(&[2, 64, 64, 64], DType::F32, &d, 1);
+        let w = randn(&[64, 64, 3, 3], DType::F32, &d, 2);
+        let b = randn(&[64], DType::F32, &d, 3);
+        g.throughput(Throughput::Elements(2 * 2 * 64 * 64 * 64 * 64 * 9));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/conv2d 3x3 [2,64,64,64] f32 (FLOPs)"),
+            || {
+                let _ = ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1));
+            },
+        );
+        let pad = ops::Padding {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        };
+        g.throughput(Throughput::Elements(2 * 2 * 64 * 32 * 32 * 64 * 9));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)"),
+            || {
+                let _ = ops::conv2d(&x, &w, Some(&b), (2, 2), pad);
+            },
+        );
+        // The quantizer's interpolations: batch 32 of 32-channel 16x16 latents <-> a 5x5 scale.
+        let latents = randn(&[32, 32, 16, 16], DType::F32, &d, 4);
+        let small = randn(&[32, 32, 5, 5], DType::F32, &d, 5);
+        g.throughput(Throughput::Bytes(bytes(
+            latents.elem_count() + small.elem_count(),
+            DType::F32,
+        )));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/area_downsample 16->5 [32,32] f32"),
+            || {
+                let _ = ops::area_downsample(&latents, 5, 5);
+            },
+        );
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/bicubic_upsample 5->16 [32,32] f32"),
+            || {
+                let _ = ops::bicubic_upsample(&small, 16, 16);
+            },
+        );
+        g.throughput(Throughput::Bytes(bytes(5 * x.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/upsample_nearest x2 [2,64,64,64] f32"),
+            || {
+                let _ = ops::upsample_nearest(&x, 2);
+            },
+        );
+    }
     g.finish();
 }
 

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""PyTorch timings of the cases in benches/ops.rs, on the same GPU, under the same ids.
+
+The reference for speed is "the PyTorch way of doing the same thing": eager PyTorch ops (cuBLAS
+for matmul, its own kernels for the rest), timed with CUDA events around `iters` calls after a
+warm-up, median of `reps` repetitions. Each line: id, median time, and the rate counted exactly as
+the criterion bench counts it (FLOPs with a multiply-add as 2, or bytes read + written once).
+
+Usage on the GPU machine: python3 benches/torch_reference.py [--json out.jsonl]
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, iters=20, reps=5):
+    """Median milliseconds per call."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / iters)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", help="also write one JSON object per case to this file")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # our f32 GEMM runs without TF32 too
+    dev = torch.device("cuda")
+    rows = []
+
+    def report(group, case_id, ms, flops=None, nbytes=None):
+        rate = f"{flops / ms / 1e9:.1f} TFLOP/s" if flops else f"{nbytes / ms / 1e6:.1f} GB/s"
+        rows.append({"group": group, "id": case_id, "ms": ms, "flops": flops, "bytes": nbytes})
+        print(f"{group}/{case_id}\t{ms:.4f} ms\t{rate}", flush=True)
+
+    size = {torch.float32: 4, torch.bfloat16: 2}
+    name = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+    # matmul
+    for m, k, n, dt in [(1024, 1024, 1024, torch.float32), (680, 1024, 1024, torch.float32),
+                        (680, 1024, 4096, torch.float32), (1024, 1024, 1024, torch.bfloat16),
+                        (4096, 4096, 4096, torch.bfloat16), (4096, 4096, 4096, torch.float32),
+                        (8 * 680, 1024, 4096, torch.bfloat16)]:
+        a, b = torch.randn(m, k, device=dev, dtype=dt), torch.randn(k, n, device=dev, dtype=dt)
+        report("matmul", f"cuda/{name[dt]}/{m}x{k}x{n}", timed(lambda: a @ b), flops=2 * m * k * n)
+    q, kt = torch.randn(512, 256, 64, device=dev), torch.randn(512, 256, 64, device=dev)
+    report("matmul", "cuda/f32/batched 512x(256x64 @ 64x256)", timed(lambda: q @ kt.transpose(1, 2)),
+           flops=2 * 512 * 256 * 256 * 64)
+
+    # elementwise
+    n = 1 << 26
+    x = torch.full((n // 1024, 1024), 1.5, device=dev)
+    y = torch.full((n // 1024, 1024), -0.5, device=dev)
+    bias = torch.randn(1024, device=dev)
+    report("elementwise", f"cuda/add f32 [{n // 1024},1024]", timed(lambda: x + y), nbytes=3 * n * 4)
+    report("elementwise", f"cuda/gelu_tanh f32 [{n // 1024},1024]",
+           timed(lambda: F.gelu(x, approximate="tanh")), nbytes=2 * n * 4)
+    report("elementwise", f"cuda/add broadcast f32 [{n // 1024},1024]+[1024]", timed(lambda: x + bias),
+           nbytes=2 * n * 4)
+    xb = x.to(torch.bfloat16)
+    report("elementwise", f"cuda/gelu_tanh bf16 [{n // 1024},1024]",
+           timed(lambda: F.gelu(xb, approximate="tanh")), nbytes=2 * n * 2)
+
+    # reduce
+    r = torch.randn(4096, 1024, device=dev)
+    report("reduce", "cuda/sum last axis [4096,1024] f32", timed(lambda: r.sum(-1)), nbytes=r.numel() * 4)
+    report("reduce", "cuda/sum first axis [4096,1024] f32", timed(lambda: r.sum(0)), nbytes=r.numel() * 4)
+    report("reduce", "cuda/max last axis [4096,1024] f32", timed(lambda: r.max(-1)), nbytes=r.numel() * 4)
+
+    # layout
+    qkv = torch.randn(8, 680, 3, 16, 64, device=dev)
+    report("layout", "cuda/permute qkv [8,680,3,16,64]", timed(lambda: qkv.permute(2, 0, 3, 1, 4).contiguous()),
+           nbytes=2 * qkv.numel() * 4)
+    table = torch.randn(4096, 32, device=dev)
+    ids = (torch.arange(8 * 680, device=dev) * 7919 % 4096).reshape(8, 680)
+    report("layout", "cuda/embedding 8x680 from [4096,32]", timed(lambda: F.embedding(ids, table)),
+           nbytes=8 * 680 * 32 * 4)
+
+    # nn
+    h = torch.randn(8 * 680, 1024, device=dev)
+    report("nn", "cuda/layer_norm [5440,1024] f32", timed(lambda: F.layer_norm(h, (1024,), eps=1e-6)),
+           nbytes=2 * h.numel() * 4)
+    report("nn", "cuda/softmax [5440,1024] f32", timed(lambda: h.softmax(-1)), nbytes=2 * h.numel() * 4)
+    for dt in (torch.float32, torch.bfloat16):
+        big = torch.full((65536, 1024), 0.25, device=dev, dtype=dt)
+        report("nn", f"cuda/layer_norm [65536,1024] {name[dt]}",
+               timed(lambda: F.layer_norm(big, (1024,), eps=1e-6)), nbytes=2 * big.numel() * size[dt])
+    logits = torch.randn(2 * 680, 4096, device=dev)
+    targets = torch.arange(2 * 680, device=dev) * 31 % 4096
+    report("nn", "cuda/cross_entropy [1360,4096] f32",
+           timed(lambda: F.cross_entropy(logits, targets, reduction="none")), nbytes=logits.numel() * 4)
+    img = torch.randn(4, 128, 64, 64, device=dev)
+    w, b = torch.randn(128, device=dev), torch.randn(128, device=dev)
+    report("nn", "cuda/group_norm 32 groups [4,128,64,64] f32",
+           timed(lambda: F.group_norm(img, 32, w, b, eps=1e-6)), nbytes=2 * img.numel() * 4)
+
+    # spatial
+    xs = torch.randn(2, 64, 64, 64, device=dev)
+    wc, bc = torch.randn(64, 64, 3, 3, device=dev), torch.randn(64, device=dev)
+    report("spatial", "cuda/conv2d 3x3 [2,64,64,64] f32 (FLOPs)", timed(lambda: F.conv2d(xs, wc, bc, padding=1)),
+           flops=2 * 2 * 64 * 64 * 64 * 64 * 9)
+    report("spatial", "cuda/conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)",
+           timed(lambda: F.conv2d(F.pad(xs, (0, 1, 0, 1)), wc, bc, stride=2)), flops=2 * 2 * 64 * 32 * 32 * 64 * 9)
+    lat, small = torch.randn(32, 32, 16, 16, device=dev), torch.randn(32, 32, 5, 5, device=dev)
+    report("spatial", "cuda/area_downsample 16->5 [32,32] f32",
+           timed(lambda: F.interpolate(lat, size=(5, 5), mode="area")), nbytes=(lat.numel() + small.numel()) * 4)
+    report("spatial", "cuda/bicubic_upsample 5->16 [32,32] f32",
+           timed(lambda: F.interpolate(small, size=(16, 16), mode="bicubic")), nbytes=(lat.numel() + small.numel()) * 4)
+    report("spatial", "cuda/upsample_nearest x2 [2,64,64,64] f32",
+           timed(lambda: F.interpolate(xs, scale_factor=2, mode="nearest")), nbytes=5 * xs.numel() * 4)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,8 @@
-//! Models on the mvar engine.
+//! Models on the mvar engine: the multi-scale VQVAE tokenizer (VAR / MVAR share it), with
+//! checkpoint I/O under the official PyTorch tensor names.
+
+pub mod checkpoint;
+pub mod nn;
+pub mod vqvae;
+
+pub use vqvae::{phi_index, VqVae, VqVaeConfig};

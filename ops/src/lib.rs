@@ -16,6 +16,7 @@ pub mod matmul;
 pub mod na2d;
 pub mod norm;
 pub mod optim;
+pub mod quant;
 pub mod reduce;
 pub mod softmax;
 pub mod testing;
@@ -32,6 +33,7 @@ pub use matmul::*;
 pub use na2d::*;
 pub use norm::*;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use quant::*;
 pub use reduce::*;
 pub use softmax::*;
 

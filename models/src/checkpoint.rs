@@ -1,0 +1,338 @@
+//! Checkpoint I/O in safetensors, under the official tensor names.
+//!
+//! Reading checks everything a corrupt or mismatched file can get wrong and says which tensor and
+//! what was expected: a missing or unreadable file, a truncated or corrupt header, a tensor of
+//! the wrong shape, a missing tensor. Writing is atomic: the file is written under a temporary
+//! name, flushed to disk, then renamed over the destination, so a crash never leaves a partial
+//! checkpoint where a good one was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use half::{bf16, f16};
+#[cfg(test)]
+use mvar_engine::DType;
+use mvar_engine::{CpuStorage, Device, Error, Result, Tensor};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+
+fn format_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format {
+        what: format!("checkpoint {}", path.display()),
+        msg: msg.into(),
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+/// Every tensor of a safetensors file, on the CPU, by name. f16/bf16/f32/f64 become f32 or keep
+/// bf16/f64; integer tensors become i64 (or u8 for u8).
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    parse_safetensors(&bytes).map_err(|msg| format_err(path, msg))
+}
+
+/// Parses safetensors bytes (see [`read_safetensors`]); the error says what is wrong.
+pub fn parse_safetensors(bytes: &[u8]) -> std::result::Result<BTreeMap<String, Tensor>, String> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("not a valid safetensors file (truncated or corrupt?): {e}"))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let n: usize = shape.iter().product();
+        let want = n * view.dtype().bitsize() / 8;
+        if data.len() != want {
+            return Err(format!(
+                "tensor {name:?}: {} bytes of data for shape {shape:?}, expected {want}",
+                data.len()
+            ));
+        }
+        let cpu = match view.dtype() {
+            StDtype::F32 => CpuStorage::F32(
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            StDtype::F64 => CpuStorage::F64(
+                data.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            ),
+            StDtype::BF16 => CpuStorage::BF16(
+                data.chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            StDtype::F16 => CpuStorage::F32(
+                data.chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            StDtype::I64 => CpuStorage::I64(
+                data.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            ),
+            StDtype::I32 => CpuStorage::I64(
+                data.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                    .collect(),
+            ),
+            StDtype::U8 => CpuStorage::U8(data.to_vec()),
+            StDtype::BOOL => CpuStorage::U8(data.to_vec()),
+            other => return Err(format!("tensor {name:?}: unsupported dtype {other:?}")),
+        };
+        let t = Tensor::from_cpu(cpu, shape, &Device::Cpu)
+            .map_err(|e| format!("tensor {name:?}: {e}"))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+fn to_bytes(t: &Tensor) -> Result<(StDtype, Vec<u8>)> {
+    Ok(match t.to_cpu_storage()? {
+        CpuStorage::F32(v) => (
+            StDtype::F32,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        CpuStorage::F64(v) => (
+            StDtype::F64,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        CpuStorage::BF16(v) => (
+            StDtype::BF16,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        CpuStorage::I64(v) => (
+            StDtype::I64,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        CpuStorage::U8(v) => (StDtype::U8, v),
+    })
+}
+
+/// Serialises named tensors (any device) to safetensors bytes.
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let owned: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| to_bytes(t).map(|(d, b)| (n.clone(), d, t.dims().to_vec(), b)))
+        .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Format {
+                    what: format!("tensor {n:?}"),
+                    msg: e.to_string(),
+                })
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| Error::Format {
+        what: "safetensors serialisation".into(),
+        msg: e.to_string(),
+    })
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(path, e)
+    })
+}
+
+/// Writes named tensors to a safetensors file atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    write_atomic(path, &serialize(tensors, metadata)?)
+}
+
+/// What [`load_into`] did.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// Names in the file that matched no target (reported, not an error unless `strict`).
+    pub unexpected: Vec<String>,
+}
+
+/// Copies tensors from `source` into `targets` (in place, keeping each target's dtype and
+/// device), matching by name. Every target must be present with exactly its shape. With
+/// `strict`, a tensor of the file that matches no target is an error too.
+pub fn load_into(
+    what: &str,
+    targets: &[(String, Tensor)],
+    source: &BTreeMap<String, Tensor>,
+    strict: bool,
+) -> Result<LoadReport> {
+    let mut report = LoadReport::default();
+    for (name, target) in targets {
+        let src = source.get(name).ok_or_else(|| Error::Format {
+            what: what.to_string(),
+            msg: format!(
+                "tensor {name:?} is missing; expected shape {}",
+                target.shape()
+            ),
+        })?;
+        if src.shape() != target.shape() {
+            return Err(Error::Format {
+                what: what.to_string(),
+                msg: format!(
+                    "tensor {name:?} has shape {}; expected {}",
+                    src.shape(),
+                    target.shape()
+                ),
+            });
+        }
+        if !src.dtype().is_float() && target.dtype().is_float() {
+            return Err(Error::Format {
+                what: what.to_string(),
+                msg: format!(
+                    "tensor {name:?} is {}; expected a float tensor",
+                    src.dtype()
+                ),
+            });
+        }
+        let value = src.to_dtype(target.dtype())?.to_device(target.device())?;
+        target.copy_from(&value)?;
+        report.loaded += 1;
+    }
+    let known: std::collections::HashSet<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
+    report.unexpected = source
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .cloned()
+        .collect();
+    if strict && !report.unexpected.is_empty() {
+        return Err(Error::Format {
+            what: what.to_string(),
+            msg: format!(
+                "unexpected tensors {:?} (strict loading)",
+                report.unexpected
+            ),
+        });
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "mvar-ckpt-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip_and_errors_name_the_tensor() {
+        let dir = tmpdir();
+        let path = dir.join("a.safetensors");
+        let w = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2], &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(vec![3i64, -1], [2], &Device::Cpu).unwrap();
+        write_safetensors(&path, &[("w".into(), w.clone()), ("ids".into(), ids)], None).unwrap();
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back["w"].to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(back["ids"].to_vec::<i64>().unwrap(), vec![3, -1]);
+
+        let target = Tensor::zeros([2, 2], DType::F32, &Device::Cpu).unwrap();
+        let r = load_into("test", &[("w".into(), target.clone())], &back, false).unwrap();
+        assert_eq!(r.loaded, 1);
+        assert_eq!(r.unexpected, vec!["ids".to_string()]);
+        assert_eq!(target.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        let e = load_into("test", &[("w".into(), target.clone())], &back, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ids"), "{e}");
+
+        let wrong = Tensor::zeros([4], DType::F32, &Device::Cpu).unwrap();
+        let e = load_into("ckpt x", &[("w".into(), wrong)], &back, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"w\"") && e.contains("[2, 2]") && e.contains("expected [4]"),
+            "{e}"
+        );
+        let e = load_into("ckpt x", &[("missing".into(), target)], &back, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing") && e.contains("expected shape [2, 2]"),
+            "{e}"
+        );
+
+        // Truncated and corrupt files.
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+        let e = read_safetensors(&cut).unwrap_err().to_string();
+        assert!(
+            e.contains("cut.safetensors") && e.contains("truncated or corrupt"),
+            "{e}"
+        );
+        let junk = dir.join("junk.safetensors");
+        std::fs::write(&junk, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
+        assert!(read_safetensors(&junk)
+            .unwrap_err()
+            .to_string()
+            .contains("junk.safetensors"));
+        let e = read_safetensors(&dir.join("nope.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope.safetensors"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn atomic_write_leaves_no_temporary_file() {
+        let dir = tmpdir().join("atomic");
+        let path = dir.join("x.bin");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    }
+}

@@ -130,7 +130,7 @@ impl VqVaeConfig {
                 self.dropout
             ));
         }
-        if self.quant_conv_ks % 2 == 0 {
+        if self.quant_conv_ks.is_multiple_of(2) {
             return bad(format!(
                 "quant_conv_ks {}: expected an odd kernel size",
                 self.quant_conv_ks

@@ -2,6 +2,7 @@
 //! checkpoint I/O under the official PyTorch tensor names.
 
 pub mod checkpoint;
+pub mod data;
 pub mod nn;
 pub mod vqvae;
 

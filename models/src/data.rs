@@ -1,0 +1,509 @@
+//! Labelled image data sets held in memory.
+//!
+//! An ImageFolder (`root/<class>/<image>`, PNG or JPEG; classes in sorted folder order) is decoded
+//! once on a rayon pool and preprocessed the way the official VAR trainer does it: the shorter
+//! side is resized to 1.125 x the target side with a Lanczos filter, then batches take a random
+//! crop (training) or the centre crop (validation) of the target side, optionally flipped
+//! horizontally, scaled to [-1, 1]. The small data sets this is meant for fit in memory many
+//! times over; streaming and token caching belong to the training driver.
+
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+use mvar_engine::{Device, Error, Generator, Result, Tensor};
+use rayon::prelude::*;
+
+/// How a batch is cut from the stored images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crop {
+    /// A random crop per image (training).
+    Random,
+    /// The centre crop (validation, evaluation).
+    Center,
+}
+
+/// Decoded, resized RGB images with class labels.
+pub struct ImageDataset {
+    /// Stored images: RGB, row-major HWC, each at least `side` on both axes.
+    images: Vec<(usize, usize, Vec<u8>)>,
+    labels: Vec<usize>,
+    classes: Vec<String>,
+    paths: Vec<PathBuf>,
+    side: usize,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+fn is_image(p: &Path) -> bool {
+    matches!(
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
+        Some("png" | "jpg" | "jpeg")
+    )
+}
+
+impl std::fmt::Debug for ImageDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ImageDataset({} images, {} classes, side {})",
+            self.len(),
+            self.classes.len(),
+            self.side
+        )
+    }
+}
+
+impl ImageDataset {
+    /// Loads `root/<class>/<image>` and prepares it for crops of `side` x `side`.
+    pub fn load_folder(root: &Path, side: usize) -> Result<Self> {
+        if side == 0 {
+            return Err(Error::invalid("ImageDataset", "image side 0"));
+        }
+        let meta = std::fs::metadata(root).map_err(|e| io_err(root, e))?;
+        if !meta.is_dir() {
+            return Err(Error::Format {
+                what: root.display().to_string(),
+                msg: "not a folder; expected root/<class>/<image>".into(),
+            });
+        }
+        let mut class_dirs: Vec<PathBuf> = std::fs::read_dir(root)
+            .map_err(|e| io_err(root, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        class_dirs.sort();
+        let mut files = Vec::new();
+        let mut classes = Vec::new();
+        for dir in &class_dirs {
+            let mut imgs: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| io_err(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_image(p))
+                .collect();
+            if imgs.is_empty() {
+                continue;
+            }
+            imgs.sort();
+            let label = classes.len();
+            classes.push(
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+            files.extend(imgs.into_iter().map(|p| (p, label)));
+        }
+        if files.is_empty() {
+            return Err(Error::Format {
+                what: root.display().to_string(),
+                msg: "no images found; expected root/<class>/<image>.png|jpg".into(),
+            });
+        }
+        let target = (side as f64 * 1.125).round() as u32;
+        let decoded: Vec<(usize, usize, Vec<u8>)> = files
+            .par_iter()
+            .map(|(p, _)| decode_resized(p, target))
+            .collect::<Result<_>>()?;
+        Ok(ImageDataset {
+            images: decoded,
+            labels: files.iter().map(|(_, l)| *l).collect(),
+            paths: files.into_iter().map(|(p, _)| p).collect(),
+            classes,
+            side,
+        })
+    }
+
+    /// Reads a split of a CIFAR-style binary data set: `dir/<split>.bin` holds records of one
+    /// label byte and 3 x 32 x 32 pixel bytes (red plane, green, blue, each row-major) and
+    /// `dir/batches.meta.txt` the class names, one per line. Images get the same preprocessing
+    /// as an image folder.
+    pub fn load_cifar_binary(dir: &Path, split: &str, side: usize) -> Result<Self> {
+        const REC: usize = 1 + 3 * 32 * 32;
+        let bin = dir.join(format!("{split}.bin"));
+        let meta = dir.join("batches.meta.txt");
+        let bytes = std::fs::read(&bin).map_err(|e| io_err(&bin, e))?;
+        let classes: Vec<String> = std::fs::read_to_string(&meta)
+            .map_err(|e| io_err(&meta, e))?
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        if bytes.is_empty() || bytes.len() % REC != 0 {
+            return Err(Error::Format {
+                what: bin.display().to_string(),
+                msg: format!("{} bytes: expected a non-empty multiple of {REC} (1 label + 3072 pixels per image); truncated?", bytes.len()),
+            });
+        }
+        let target = (side as f64 * 1.125).round() as u32;
+        let records: Vec<&[u8]> = bytes.chunks_exact(REC).collect();
+        let decoded: Vec<(usize, (usize, usize, Vec<u8>))> = records
+            .par_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let label = r[0] as usize;
+                if label >= classes.len() {
+                    return Err(Error::Format {
+                        what: format!("{} image {i}", bin.display()),
+                        msg: format!(
+                            "label {label}; {} has {} classes",
+                            meta.display(),
+                            classes.len()
+                        ),
+                    });
+                }
+                let mut hwc = vec![0u8; 32 * 32 * 3];
+                for p in 0..1024 {
+                    for c in 0..3 {
+                        hwc[p * 3 + c] = r[1 + c * 1024 + p];
+                    }
+                }
+                let img = image::RgbImage::from_raw(32, 32, hwc)
+                    .ok_or_else(|| Error::invalid("load_cifar_binary", "32x32 image buffer"))?;
+                Ok((label, resize_shorter(img, target)))
+            })
+            .collect::<Result<_>>()?;
+        let n = decoded.len();
+        let (labels, images): (Vec<usize>, Vec<_>) = decoded.into_iter().unzip();
+        Ok(ImageDataset {
+            images,
+            labels,
+            classes,
+            paths: (0..n)
+                .map(|i| PathBuf::from(format!("{}[{i}]", bin.display())))
+                .collect(),
+            side,
+        })
+    }
+
+    /// A data set from images already at `side` x `side` (HWC u8), e.g. raw array batches.
+    pub fn from_arrays(
+        images: Vec<Vec<u8>>,
+        labels: Vec<usize>,
+        classes: Vec<String>,
+        side: usize,
+    ) -> Result<Self> {
+        if images.len() != labels.len() || images.iter().any(|i| i.len() != side * side * 3) {
+            return Err(Error::invalid(
+                "ImageDataset::from_arrays",
+                format!(
+                    "{} images of {side}x{side}x3 bytes with one label each",
+                    images.len()
+                ),
+            ));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l >= classes.len()) {
+            return Err(Error::IndexOutOfRange {
+                op: "ImageDataset::from_arrays",
+                what: "label",
+                index: bad as i64,
+                size: classes.len(),
+            });
+        }
+        let n = images.len();
+        Ok(ImageDataset {
+            images: images.into_iter().map(|v| (side, side, v)).collect(),
+            labels,
+            classes,
+            paths: (0..n)
+                .map(|i| PathBuf::from(format!("array[{i}]")))
+                .collect(),
+            side,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    pub fn side(&self) -> usize {
+        self.side
+    }
+
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    pub fn label(&self, i: usize) -> usize {
+        self.labels[i]
+    }
+
+    pub fn path(&self, i: usize) -> &Path {
+        &self.paths[i]
+    }
+
+    /// Images `indices` as [B, 3, side, side] in [-1, 1] on `device`, and their labels (i64 [B]).
+    /// `rng` picks crop offsets and flips (one draw per image, in order) when `crop` is Random
+    /// or `flip` is set.
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        crop: Crop,
+        flip: bool,
+        rng: &mut Generator,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = self.side;
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(Error::IndexOutOfRange {
+                op: "ImageDataset::batch",
+                what: "image index",
+                index: bad as i64,
+                size: self.len(),
+            });
+        }
+        let draws = rng.uniform(indices.len() * 3, 0.0, 1.0);
+        let mut out = vec![0f32; indices.len() * 3 * s * s];
+        out.par_chunks_mut(3 * s * s)
+            .zip(indices.par_iter().enumerate())
+            .for_each(|(dst, (k, &i))| {
+                let (h, w, px) = &self.images[i];
+                let (oy, ox) = match crop {
+                    Crop::Center => ((h - s) / 2, (w - s) / 2),
+                    Crop::Random => {
+                        let pick =
+                            |u: f64, room: usize| ((u * (room + 1) as f64) as usize).min(room);
+                        (pick(draws[3 * k], h - s), pick(draws[3 * k + 1], w - s))
+                    }
+                };
+                let mirror = flip && draws[3 * k + 2] < 0.5;
+                for y in 0..s {
+                    for x in 0..s {
+                        let sx = if mirror { s - 1 - x } else { x };
+                        let at = ((oy + y) * w + ox + sx) * 3;
+                        for c in 0..3 {
+                            // x/255 then x + x - 1: the official normalisation, op for op.
+                            let v = px[at + c] as f32 / 255.0;
+                            dst[(c * s + y) * s + x] = v + v - 1.0;
+                        }
+                    }
+                }
+            });
+        let imgs = Tensor::from_vec(out, [indices.len(), 3, s, s], device)?;
+        let labels = Tensor::from_vec(
+            indices
+                .iter()
+                .map(|&i| self.labels[i] as i64)
+                .collect::<Vec<_>>(),
+            [indices.len()],
+            device,
+        )?;
+        Ok((imgs, labels))
+    }
+}
+
+/// Decodes an image and resizes it so that its shorter side is `target` (Lanczos3).
+fn decode_resized(path: &Path, target: u32) -> Result<(usize, usize, Vec<u8>)> {
+    let img = image::open(path)
+        .map_err(|e| Error::Format {
+            what: path.display().to_string(),
+            msg: format!("unreadable image: {e}"),
+        })?
+        .to_rgb8();
+    if img.width() == 0 || img.height() == 0 {
+        return Err(Error::Format {
+            what: path.display().to_string(),
+            msg: "empty image".into(),
+        });
+    }
+    Ok(resize_shorter(img, target))
+}
+
+/// Resizes so that the shorter side is `target` (Lanczos3), keeping the aspect ratio.
+fn resize_shorter(img: image::RgbImage, target: u32) -> (usize, usize, Vec<u8>) {
+    let (w, h) = img.dimensions();
+    let (nw, nh) = if w <= h {
+        (
+            target,
+            ((h as f64 * target as f64 / w as f64).round() as u32).max(target),
+        )
+    } else {
+        (
+            ((w as f64 * target as f64 / h as f64).round() as u32).max(target),
+            target,
+        )
+    };
+    let resized = if (nw, nh) == (w, h) {
+        img
+    } else {
+        image::imageops::resize(&img, nw, nh, FilterType::Lanczos3)
+    };
+    (nh as usize, nw as usize, resized.into_raw())
+}
+
+/// Writes `img` [3, H, W] in [-1, 1] (or a batch laid out as a grid) as a PNG.
+pub fn save_png(path: &Path, chw: &[f32], h: usize, w: usize) -> Result<()> {
+    let mut buf = vec![0u8; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                let v = (chw[(c * h + y) * w + x] + 1.0) * 0.5;
+                buf[(y * w + x) * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+        }
+    }
+    let img = image::RgbImage::from_raw(w as u32, h as u32, buf)
+        .ok_or_else(|| Error::invalid("save_png", format!("{h}x{w} image buffer")))?;
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Format {
+        what: path.display().to_string(),
+        msg: format!("PNG encoding failed: {e}"),
+    })?;
+    crate::checkpoint::write_atomic(path, &bytes)
+}
+
+/// Tiles images [N, 3, S, S] in [-1, 1] into a grid of `cols` columns (1-pixel gaps), as
+/// (CHW pixels, height, width), for [`save_png`].
+pub fn grid(images: &Tensor, cols: usize) -> Result<(Vec<f32>, usize, usize)> {
+    let (n, s) = match images.dims() {
+        &[n, 3, h, w] if h == w => (n, h),
+        _ => {
+            return Err(Error::shape(
+                "grid",
+                images.shape().to_string(),
+                "[N, 3, S, S]",
+            ))
+        }
+    };
+    let cols = cols.clamp(1, n.max(1));
+    let rows = n.div_ceil(cols);
+    let (gh, gw) = (rows * (s + 1) + 1, cols * (s + 1) + 1);
+    let src = images.to_vec_f32()?;
+    let mut out = vec![1.0f32; 3 * gh * gw];
+    for i in 0..n {
+        let (r, c) = (i / cols, i % cols);
+        for ch in 0..3 {
+            for y in 0..s {
+                for x in 0..s {
+                    out[(ch * gh + r * (s + 1) + 1 + y) * gw + c * (s + 1) + 1 + x] =
+                        src[((i * 3 + ch) * s + y) * s + x];
+                }
+            }
+        }
+    }
+    Ok((out, gh, gw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_png(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
+        let img = image::RgbImage::from_fn(w, h, |x, _| {
+            image::Rgb([rgb[0], rgb[1], (x % 256) as u8 ^ rgb[2]])
+        });
+        img.save(path).unwrap();
+    }
+
+    #[test]
+    fn folder_loading_preprocessing_and_errors() {
+        let root = std::env::temp_dir().join(format!("mvar-data-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("b_dogs")).unwrap();
+        std::fs::create_dir_all(root.join("a_cats")).unwrap();
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        write_png(&root.join("a_cats/1.png"), 40, 32, [255, 0, 0]);
+        write_png(&root.join("a_cats/2.png"), 32, 48, [255, 0, 0]);
+        write_png(&root.join("b_dogs/1.png"), 64, 64, [0, 255, 0]);
+        let ds = ImageDataset::load_folder(&root, 16).unwrap();
+        assert_eq!(ds.len(), 3);
+        assert_eq!(ds.classes(), &["a_cats".to_string(), "b_dogs".to_string()]);
+        assert_eq!(
+            (0..3).map(|i| ds.label(i)).collect::<Vec<_>>(),
+            vec![0, 0, 1]
+        );
+        // Shorter side resized to round(1.125 * 16) = 18.
+        assert_eq!((ds.images[0].0, ds.images[0].1), (18, 23));
+        assert_eq!((ds.images[1].0, ds.images[1].1), (27, 18));
+        let mut g = Generator::new(0);
+        let (x, y) = ds
+            .batch(&[0, 2], Crop::Random, true, &mut g, &Device::Cpu)
+            .unwrap();
+        assert_eq!(x.dims(), &[2, 3, 16, 16]);
+        assert_eq!(y.to_vec::<i64>().unwrap(), vec![0, 1]);
+        let v = x.to_vec::<f32>().unwrap();
+        assert!(v.iter().all(|&p| (-1.0..=1.0).contains(&p)));
+        // Red channel of the red class is 1 everywhere.
+        assert!(v[..256].iter().all(|&p| (p - 1.0).abs() < 1e-6));
+        let (c, _) = ds
+            .batch(&[1], Crop::Center, false, &mut g, &Device::Cpu)
+            .unwrap();
+        assert_eq!(c.dims(), &[1, 3, 16, 16]);
+        assert!(ds
+            .batch(&[3], Crop::Center, false, &mut g, &Device::Cpu)
+            .is_err());
+
+        std::fs::write(
+            root.join("b_dogs/broken.png"),
+            b"\x89PNG\r\n\x1a\nnot really",
+        )
+        .unwrap();
+        let e = ImageDataset::load_folder(&root, 16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("broken.png") && e.contains("unreadable image"),
+            "{e}"
+        );
+        let e = ImageDataset::load_folder(&root.join("empty"), 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no images found"), "{e}");
+        let e = ImageDataset::load_folder(&root.join("missing"), 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_bundled_cifar_subset_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cifar10-subset");
+        let ds = ImageDataset::load_cifar_binary(&dir, "test", 32).unwrap();
+        assert_eq!(ds.len(), 200);
+        assert_eq!(ds.classes().len(), 10);
+        assert_eq!(ds.classes()[3], "cat");
+        assert_eq!(
+            (0..10)
+                .map(|c| (0..200).filter(|&i| ds.label(i) == c).count())
+                .collect::<Vec<_>>(),
+            vec![20; 10]
+        );
+        let tmp = std::env::temp_dir().join(format!("mvar-cifar-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::copy(dir.join("batches.meta.txt"), tmp.join("batches.meta.txt")).unwrap();
+        let bytes = std::fs::read(dir.join("test.bin")).unwrap();
+        std::fs::write(tmp.join("cut.bin"), &bytes[..bytes.len() - 100]).unwrap();
+        let e = ImageDataset::load_cifar_binary(&tmp, "cut", 32)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cut.bin") && e.contains("truncated"), "{e}");
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+
+    #[test]
+    fn grid_and_png() {
+        let imgs = Tensor::zeros([3, 3, 4, 4], mvar_engine::DType::F32, &Device::Cpu).unwrap();
+        let (px, h, w) = grid(&imgs, 2).unwrap();
+        assert_eq!((h, w), (11, 11));
+        let path = std::env::temp_dir().join(format!("mvar-grid-{}.png", std::process::id()));
+        save_png(&path, &px, h, w).unwrap();
+        let back = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), (11, 11));
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -22,10 +22,13 @@ pub enum Crop {
     Center,
 }
 
+/// One stored image: (height, width, RGB bytes row-major HWC).
+type Pixels = (usize, usize, Vec<u8>);
+
 /// Decoded, resized RGB images with class labels.
 pub struct ImageDataset {
     /// Stored images: RGB, row-major HWC, each at least `side` on both axes.
-    images: Vec<(usize, usize, Vec<u8>)>,
+    images: Vec<Pixels>,
     labels: Vec<usize>,
     classes: Vec<String>,
     paths: Vec<PathBuf>,
@@ -107,7 +110,7 @@ impl ImageDataset {
             });
         }
         let target = (side as f64 * 1.125).round() as u32;
-        let decoded: Vec<(usize, usize, Vec<u8>)> = files
+        let decoded: Vec<Pixels> = files
             .par_iter()
             .map(|(p, _)| decode_resized(p, target))
             .collect::<Result<_>>()?;
@@ -143,7 +146,7 @@ impl ImageDataset {
         }
         let target = (side as f64 * 1.125).round() as u32;
         let records: Vec<&[u8]> = bytes.chunks_exact(REC).collect();
-        let decoded: Vec<(usize, (usize, usize, Vec<u8>))> = records
+        let decoded: Vec<(usize, Pixels)> = records
             .par_iter()
             .enumerate()
             .map(|(i, r)| {
@@ -303,7 +306,7 @@ impl ImageDataset {
 }
 
 /// Decodes an image and resizes it so that its shorter side is `target` (Lanczos3).
-fn decode_resized(path: &Path, target: u32) -> Result<(usize, usize, Vec<u8>)> {
+fn decode_resized(path: &Path, target: u32) -> Result<Pixels> {
     let img = image::open(path)
         .map_err(|e| Error::Format {
             what: path.display().to_string(),
@@ -320,7 +323,7 @@ fn decode_resized(path: &Path, target: u32) -> Result<(usize, usize, Vec<u8>)> {
 }
 
 /// Resizes so that the shorter side is `target` (Lanczos3), keeping the aspect ratio.
-fn resize_shorter(img: image::RgbImage, target: u32) -> (usize, usize, Vec<u8>) {
+fn resize_shorter(img: image::RgbImage, target: u32) -> Pixels {
     let (w, h) = img.dimensions();
     let (nw, nh) = if w <= h {
         (

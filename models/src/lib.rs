@@ -6,4 +6,4 @@ pub mod data;
 pub mod nn;
 pub mod vqvae;
 
-pub use vqvae::{phi_index, VqVae, VqVaeConfig};
+pub use vqvae::{phi_index, QuantizeOutput, VqVae, VqVaeConfig};

@@ -598,6 +598,19 @@ impl Quantizer {
     }
 }
 
+/// What the quantizer's training forward returns.
+pub struct QuantizeOutput {
+    /// f_hat with the straight-through gradient to f.
+    pub f_hat_st: Tensor,
+    /// The commitment + codebook loss, averaged over scales.
+    pub loss: Tensor,
+    /// Token maps per scale, i64 [B, pn^2].
+    pub idx: Vec<Tensor>,
+    /// The vectors each scale quantised, [B * pn^2, Cvae] per scale (no grad): where dead codes
+    /// are restarted from.
+    pub residuals: Vec<Tensor>,
+}
+
 /// The VQVAE with its parameters (named as the official state dict) and buffers.
 pub struct VqVae {
     pub config: VqVaeConfig,
@@ -883,8 +896,8 @@ impl VqVae {
     /// into the codebook and the Phi convs through f_hat, the loss
     /// mean over scales of beta * mse(f_hat.detach(), f) + mse(f_hat, f.detach()), and the
     /// straight-through output f_hat.detach() - f.detach() + f, whose gradient reaches the
-    /// encoder unchanged. Returns (f_hat_st, vq_loss, per-scale token maps).
-    pub fn quantize_train(&self, f: &Tensor, beta: f64) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+    /// encoder unchanged.
+    pub fn quantize_train(&self, f: &Tensor, beta: f64) -> Result<QuantizeOutput> {
         let full = self.full();
         let sn = self.config.v_patch_nums.len();
         let f_ng = f.detach();
@@ -892,6 +905,7 @@ impl VqVae {
         let mut f_hat: Option<Tensor> = None;
         let mut loss: Option<Tensor> = None;
         let mut idxs = Vec::with_capacity(sn);
+        let mut residuals = Vec::with_capacity(sn);
         for (si, &pn) in self.config.v_patch_nums.iter().enumerate() {
             let idx = {
                 let _ng = no_grad();
@@ -900,6 +914,8 @@ impl VqVae {
                 } else {
                     rest.clone()
                 };
+                let (b, c) = (z.dims()[0], z.dims()[1]);
+                residuals.push(ops::permute(&z, &[0, 2, 3, 1])?.reshape([b * pn * pn, c])?);
                 self.quantize.nearest(&z)?
             };
             let h = self
@@ -925,8 +941,8 @@ impl VqVae {
             _ => return Err(Error::invalid("quantize_train", "no scales")),
         };
         let loss = ops::mul_scalar(&loss, 1.0 / sn as f64)?;
-        let st = ops::add(&ops::sub(&f_hat.detach(), &f_ng)?, f)?;
-        Ok((st, loss, idxs))
+        let f_hat_st = ops::add(&ops::sub(&f_hat.detach(), &f_ng)?, f)?;
+        Ok(QuantizeOutput { f_hat_st, loss, idx: idxs, residuals })
     }
 }
 

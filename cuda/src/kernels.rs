@@ -35,4 +35,7 @@ macro_rules! kernel_files {
 
 kernel_files! {
     ELEMENTWISE => "elementwise.cu",
+    REDUCE => "reduce.cu",
+    SOFTMAX => "softmax.cu",
+    NORM => "norm.cu",
 }

@@ -31,15 +31,109 @@
 //! The tie n == eps takes the first branch, as PyTorch's clamp_min does.
 //!
 //! Each forward saves its input and its per-row statistics (mean and rstd, or the norm) in f64;
-//! row sums accumulate in f64, the elementwise arithmetic runs in the kernel's type.
+//! row sums accumulate in f64, the elementwise arithmetic runs in the kernel's type. On the GPU
+//! the statistics are computed in f32 and stay on the device (a detached f32 tensor kept by the
+//! backward closure, see [`Saved`]).
 
 use std::sync::Mutex;
 
-use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
-use mvar_engine::{Error, Float, Result, Tensor};
+use mvar_engine::cpu::{run_float, FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::cuda::ops::norm::{self as cn, GroupNormShape};
+use mvar_engine::cuda::{CudaBuffer, CudaDevice};
+use mvar_engine::{Device, Error, Float, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{float_kernel, one, require_float, same_device, same_dtype, tensor};
+use crate::util::{dispatch, float_op, out_tensor, require_float, same_device, same_dtype};
+
+// ----------------------------------------------------------------------------------------------
+// statistics saved for a backward
+
+/// What a forward leaves for its backward besides its inputs: the host statistics its CPU kernel
+/// computed, or, on the GPU, device tensors (the f32 statistics the CUDA kernel wrote, plus any
+/// device input the backward kernel reads, such as cross-entropy's targets).
+pub(crate) enum Saved<C> {
+    Cpu(C),
+    Cuda(Vec<Tensor>),
+}
+
+impl<C> Saved<C> {
+    /// Takes the statistics from a forward's outputs: the CUDA branch returns them as the last
+    /// storage (of `shape`, f32); the CPU kernel left them in its own state, read by `cpu`.
+    pub(crate) fn take(
+        op: &'static str,
+        outs: &mut Vec<Storage>,
+        cpu: impl FnOnce() -> C,
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Saved::Cpu(cpu())),
+            Device::Cuda(_) => {
+                let stats = match (outs.len(), outs.pop()) {
+                    (2.., Some(s)) => s,
+                    _ => {
+                        return Err(Error::invalid(
+                            op,
+                            "the CUDA forward returned no statistics",
+                        ))
+                    }
+                };
+                Ok(Saved::Cuda(vec![Tensor::from_storage(
+                    stats, shape, device,
+                )?]))
+            }
+        }
+    }
+
+    /// Adds a device tensor the CUDA backward needs (ignored on the CPU).
+    pub(crate) fn keep(mut self, t: &Tensor) -> Self {
+        if let Saved::Cuda(v) = &mut self {
+            v.push(t.detach());
+        }
+        self
+    }
+}
+
+/// `b[i]`, or an error naming `op` (for the saved buffers handed to a CUDA backward).
+pub(crate) fn nth<'a>(op: &'static str, b: &[&'a CudaBuffer], i: usize) -> Result<&'a CudaBuffer> {
+    b.get(i)
+        .copied()
+        .ok_or_else(|| Error::invalid(op, "a saved statistics buffer is missing"))
+}
+
+/// Runs a backward over the float tensors `floats` (checked to be floats of one dtype): on the
+/// CPU the kernel made by `cpu_kernel` from the host statistics, on the GPU `cuda` with the
+/// floats' buffers and the saved device buffers.
+pub(crate) fn backward_with_saved<C, K: FloatKernel>(
+    op: &'static str,
+    floats: &[&Tensor],
+    saved: Saved<C>,
+    cpu_kernel: impl FnOnce(C) -> K,
+    cuda: impl FnOnce(&CudaDevice, &[&CudaBuffer], &[&CudaBuffer]) -> Result<Vec<CudaBuffer>>,
+) -> Result<Vec<Storage>> {
+    for t in floats {
+        require_float(op, t)?;
+    }
+    same_dtype(op, floats)?;
+    let k = floats.len();
+    let (cpu, on_device) = match saved {
+        Saved::Cpu(c) => (Some(c), vec![]),
+        Saved::Cuda(v) => (None, v),
+    };
+    let mut ts = floats.to_vec();
+    ts.extend(on_device.iter());
+    dispatch(
+        op,
+        &ts,
+        |s| {
+            let c = cpu.ok_or_else(|| {
+                Error::invalid(op, "statistics saved on the GPU for a CPU backward")
+            })?;
+            run_float(op, &s[..k], &cpu_kernel(c))
+        },
+        |dev, b| cuda(dev, &b[..k], &b[k..]),
+    )
+}
 
 /// Fills `out` (rows of `d` elements) with `f(row index, row)` per row and collects what each
 /// call returns; threaded for large inputs.
@@ -84,6 +178,15 @@ fn check_eps(op: &'static str, eps: f64) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The number of rows of the last axis: the product of the other axes (also when the last axis
+/// is empty, so it is not the element count over the axis size).
+fn leading_rows(op: &'static str, x: &Tensor) -> Result<usize> {
+    x.dims()[..x.rank().saturating_sub(1)]
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid(op, format!("shape {}: too many rows", x.shape())))
 }
 
 /// The size of the last axis, or an error for a rank-0 tensor.
@@ -156,22 +259,40 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     require_float(OP, x)?;
     check_eps(OP, eps)?;
     let d = last_axis(OP, x)?;
+    let rows = leading_rows(OP, x)?;
     let k = LayerNormFwd {
         d,
         eps,
         stats: Mutex::new(vec![]),
     };
-    let out = tensor(
-        one(float_kernel(OP, &[x], &k)?),
-        x.shape().clone(),
+    let mut outs = float_op(OP, &[x], &k, |dev, b| {
+        let (y, stats) = cn::layer_norm_forward(dev, b[0], rows, d, eps as f32)?;
+        Ok(vec![y, stats])
+    })?;
+    let stats = Saved::take(
+        OP,
+        &mut outs,
+        || k.stats.into_inner().unwrap_or_else(|e| e.into_inner()),
+        [rows, 2],
         x.device(),
     )?;
-    let stats = k.stats.into_inner().unwrap_or_else(|e| e.into_inner());
+    let out = out_tensor(outs, x.shape().clone(), x.device())?;
     let saved = x.detach();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(OP, &[&saved, g], &LayerNormBwd { d, stats })?);
-            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+            let dx = backward_with_saved(
+                OP,
+                &[&saved, g],
+                stats,
+                |stats| LayerNormBwd { d, stats },
+                |dev, b, st| {
+                    let stats = nth(OP, st, 0)?;
+                    Ok(vec![cn::layer_norm_backward(
+                        dev, b[0], b[1], stats, rows, d,
+                    )?])
+                },
+            )?;
+            Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
         }
     }))
 }
@@ -315,24 +436,50 @@ pub fn group_norm(
         cpg: channels / num_groups,
         spatial: x.dims()[2..].iter().product(),
     };
+    let gs = GroupNormShape {
+        batch: x.dims()[0],
+        channels,
+        groups: num_groups,
+        spatial: g.spatial,
+    };
+    let stat_rows = gs
+        .batch
+        .checked_mul(num_groups)
+        .ok_or_else(|| Error::invalid(OP, format!("input {}: too many groups", x.shape())))?;
     let k = GroupNormFwd {
         g,
         eps,
         stats: Mutex::new(vec![]),
     };
-    let out = tensor(
-        one(float_kernel(OP, &[x, weight, bias], &k)?),
-        x.shape().clone(),
+    let mut outs = float_op(OP, &[x, weight, bias], &k, |dev, b| {
+        let (y, stats) = cn::group_norm_forward(dev, b[0], b[1], b[2], gs, eps as f32)?;
+        Ok(vec![y, stats])
+    })?;
+    let stats = Saved::take(
+        OP,
+        &mut outs,
+        || k.stats.into_inner().unwrap_or_else(|e| e.into_inner()),
+        [stat_rows, 2],
         x.device(),
     )?;
-    let stats = k.stats.into_inner().unwrap_or_else(|e| e.into_inner());
+    let out = out_tensor(outs, x.shape().clone(), x.device())?;
     let (sx, sw) = (x.detach(), weight.detach());
     Ok(Tensor::record(out, OP, &[x, weight, bias], move || {
         move |grad: &Tensor| {
-            let k = GroupNormBwd { g, channels, stats };
-            let mut v = float_kernel(OP, &[&sx, &sw, grad], &k)?.into_iter();
+            let v = backward_with_saved(
+                OP,
+                &[&sx, &sw, grad],
+                stats,
+                |stats| GroupNormBwd { g, channels, stats },
+                |dev, b, st| {
+                    let stats = nth(OP, st, 0)?;
+                    let (dx, dw, db) = cn::group_norm_backward(dev, b[0], b[1], b[2], stats, gs)?;
+                    Ok(vec![dx, dw, db])
+                },
+            )?;
+            let mut v = v.into_iter();
             let mut next = |shape: &[usize]| match v.next() {
-                Some(s) => tensor(s, shape.to_vec(), grad.device()).map(Some),
+                Some(s) => Tensor::from_storage(s, shape.to_vec(), grad.device()).map(Some),
                 None => Err(Error::invalid(
                     OP,
                     "backward kernel returned too few outputs",
@@ -410,26 +557,40 @@ pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     require_float(OP, x)?;
     check_eps(OP, eps)?;
     let d = last_axis(OP, x)?;
+    let rows = leading_rows(OP, x)?;
     let k = L2NormalizeFwd {
         d,
         eps,
         norms: Mutex::new(vec![]),
     };
-    let out = tensor(
-        one(float_kernel(OP, &[x], &k)?),
-        x.shape().clone(),
+    let mut outs = float_op(OP, &[x], &k, |dev, b| {
+        let (y, norms) = cn::l2_normalize_forward(dev, b[0], rows, d, eps as f32)?;
+        Ok(vec![y, norms])
+    })?;
+    let norms = Saved::take(
+        OP,
+        &mut outs,
+        || k.norms.into_inner().unwrap_or_else(|e| e.into_inner()),
+        [rows],
         x.device(),
     )?;
-    let norms = k.norms.into_inner().unwrap_or_else(|e| e.into_inner());
+    let out = out_tensor(outs, x.shape().clone(), x.device())?;
     let saved = x.detach();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(
+            let dx = backward_with_saved(
                 OP,
                 &[&saved, g],
-                &L2NormalizeBwd { d, eps, norms },
-            )?);
-            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+                norms,
+                |norms| L2NormalizeBwd { d, eps, norms },
+                |dev, b, st| {
+                    let norms = nth(OP, st, 0)?;
+                    Ok(vec![cn::l2_normalize_backward(
+                        dev, b[0], b[1], norms, rows, d, eps as f32,
+                    )?])
+                },
+            )?;
+            Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
         }
     }))
 }

@@ -2,14 +2,16 @@
 //!
 //! Every kernel sees its input as [outer, n, inner] around the reduced axis. Sums accumulate in
 //! f64 on the CPU: this backend is the reference the GPU kernels are checked against, so it
-//! favours accuracy over the last few percent of speed.
+//! favours accuracy over the last few percent of speed. On CUDA (`cuda/kernels/reduce.cu`) sums
+//! accumulate in f32, and max keeps its argmax indices on the device for the backward.
 
-use mvar_engine::cpu::FloatKernel;
+use mvar_engine::cpu::{run_float, FloatKernel};
+use mvar_engine::cuda::ops::reduce as cr;
 use mvar_engine::{CpuStorage, Error, Float, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::elementwise::{broadcast_to, mul_scalar};
-use crate::util::{float_kernel, one, tensor, with_cpu};
+use crate::util::{dispatch, float_op, out_tensor, require_float};
 
 fn keepdim_shape(shape: &Shape, axis: usize) -> Shape {
     let mut d = shape.dims().to_vec();
@@ -114,7 +116,10 @@ fn sum_one_axis(x: &Tensor, ax: usize) -> Result<Tensor> {
     let (outer, n, inner) = x.shape().split_at_axis(ax);
     let out_shape = keepdim_shape(x.shape(), ax);
     let k = SumAxis { outer, n, inner };
-    let out = tensor(one(float_kernel("sum", &[x], &k)?), out_shape, x.device())?;
+    let out = float_op("sum", &[x], &k, |dev, b| {
+        Ok(vec![cr::sum_axis(dev, b[0], outer, n, inner)?])
+    })?;
+    let out = out_tensor(out, out_shape, x.device())?;
     let in_shape = x.shape().clone();
     Ok(Tensor::record(out, "sum", &[x], move || {
         move |g: &Tensor| Ok(vec![Some(broadcast_to(g, in_shape)?)])
@@ -211,13 +216,18 @@ pub fn argmax(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
             format!("argmax over an empty axis of shape {}", x.shape()),
         ));
     }
-    let idx = with_cpu("argmax", &[x], |s| Ok(argmax_any(s[0], outer, n, inner)))?;
+    let idx = dispatch(
+        "argmax",
+        &[x],
+        |s| Ok(vec![CpuStorage::I64(argmax_any(s[0], outer, n, inner))]),
+        |dev, b| Ok(vec![cr::argmax(dev, b[0], outer, n, inner)?]),
+    )?;
     let shape = if keepdim {
         keepdim_shape(x.shape(), ax)
     } else {
         drop_axis(x.shape(), ax)
     };
-    tensor(CpuStorage::I64(idx), shape, x.device())
+    out_tensor(idx, shape, x.device())
 }
 
 struct GatherAlong {
@@ -261,30 +271,45 @@ impl FloatKernel for ScatterAlong {
 pub fn max(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
     let ax = x.shape().axis("max", axis)?;
     let (outer, n, inner) = x.shape().split_at_axis(ax);
-    let idx = argmax(x, axis, true)?.to_vec::<i64>()?;
-    let k = GatherAlong {
-        idx: idx.clone(),
-        outer,
-        n,
-        inner,
-    };
+    // The indices stay on x's device: the CPU kernels read them from host memory, the CUDA
+    // ones from the device buffer, and nothing is copied back.
+    let idx = argmax(x, axis, true)?;
+    require_float("max", x)?;
     let kept = keepdim_shape(x.shape(), ax);
-    let out = tensor(
-        one(float_kernel("max", &[x], &k)?),
-        kept.clone(),
-        x.device(),
-    )?;
-    let in_shape = x.shape().clone();
-    let out = Tensor::record(out, "max", &[x], move || {
-        move |g: &Tensor| {
-            let k = ScatterAlong {
-                idx,
+    let out = dispatch(
+        "max",
+        &[x, &idx],
+        |s| {
+            let k = GatherAlong {
+                idx: s[1].as_slice::<i64>("max")?.to_vec(),
                 outer,
                 n,
                 inner,
             };
-            let dx = one(float_kernel("max", &[g], &k)?);
-            Ok(vec![Some(tensor(dx, in_shape, g.device())?)])
+            run_float("max", &s[..1], &k)
+        },
+        |dev, b| Ok(vec![cr::gather_along(dev, b[0], b[1], outer, n, inner)?]),
+    )?;
+    let out = out_tensor(out, kept.clone(), x.device())?;
+    let in_shape = x.shape().clone();
+    let out = Tensor::record(out, "max", &[x], move || {
+        move |g: &Tensor| {
+            require_float("max", g)?;
+            let dx = dispatch(
+                "max",
+                &[g, &idx],
+                |s| {
+                    let k = ScatterAlong {
+                        idx: s[1].as_slice::<i64>("max")?.to_vec(),
+                        outer,
+                        n,
+                        inner,
+                    };
+                    run_float("max", &s[..1], &k)
+                },
+                |dev, b| Ok(vec![cr::scatter_along(dev, b[0], b[1], outer, n, inner)?]),
+            )?;
+            Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
         }
     });
     if keepdim {

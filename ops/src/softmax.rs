@@ -21,16 +21,19 @@
 //! ```
 //!
 //! Lane sums accumulate in f64 (this backend is the reference the CUDA kernels are checked
-//! against); the elementwise arithmetic runs in the kernel's type (f32 for f32 and bf16).
+//! against); the elementwise arithmetic runs in the kernel's type (f32 for f32 and bf16). On CUDA
+//! (`cuda/kernels/softmax.cu`) everything is f32 and cross_entropy's lse stays on the device.
 
 use std::sync::{Arc, Mutex};
 
-use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::cpu::{run_float, FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::cuda::ops::softmax as cs;
 use mvar_engine::{DType, Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::norm::{backward_with_saved, nth, Saved};
 use crate::util::{
-    float_kernel, one, require_dtype, require_float, same_device, same_dtype, tensor,
+    dispatch, float_op, out_tensor, require_dtype, require_float, same_device, same_dtype,
 };
 
 /// Writes `f(lanes of inputs, lane of out)` for every lane of the inputs seen as
@@ -151,16 +154,20 @@ fn softmax_impl(op: &'static str, x: &Tensor, axis: isize, log: bool) -> Result<
     require_float(op, x)?;
     let ax = x.shape().axis(op, axis)?;
     let dims = x.shape().split_at_axis(ax);
-    let out = tensor(
-        one(float_kernel(op, &[x], &SoftmaxFwd { dims, log })?),
-        x.shape().clone(),
-        x.device(),
-    )?;
+    let (outer, n, inner) = dims;
+    let out = float_op(op, &[x], &SoftmaxFwd { dims, log }, |dev, b| {
+        Ok(vec![cs::softmax_forward(dev, b[0], outer, n, inner, log)?])
+    })?;
+    let out = out_tensor(out, x.shape().clone(), x.device())?;
     let y = out.detach();
     Ok(Tensor::record(out, op, &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(op, &[&y, g], &SoftmaxBwd { dims, log })?);
-            Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
+            let dx = float_op(op, &[&y, g], &SoftmaxBwd { dims, log }, |dev, b| {
+                Ok(vec![cs::softmax_backward(
+                    dev, b[0], b[1], outer, n, inner, log,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
         }
     }))
 }
@@ -308,6 +315,8 @@ pub fn cross_entropy(
             ));
         }
     }
+    // The range check runs on the host for both devices (targets on the GPU are copied back):
+    // a kernel cannot return an error.
     let t = targets.to_vec::<i64>()?;
     if let Some(&bad) = t.iter().find(|&&i| i < 0 || i as usize >= classes) {
         return Err(Error::IndexOutOfRange {
@@ -317,34 +326,71 @@ pub fn cross_entropy(
             size: classes,
         });
     }
-    let targets = Arc::new(t);
+    let rows = t.len();
+    let eps = label_smoothing as f32;
+    let targets_host = Arc::new(t);
     let k = CrossEntropyFwd {
-        targets: targets.clone(),
+        targets: targets_host.clone(),
         classes,
         smoothing: label_smoothing,
         lse: Mutex::new(vec![]),
     };
-    let mut inputs = vec![logits];
-    inputs.extend(weights);
-    let out = tensor(
-        one(float_kernel(OP, &inputs, &k)?),
-        lead.to_vec(),
-        logits.device(),
+    // Dispatched over [logits, targets, weights?]: the CPU kernel reads the floats (and its own
+    // copy of the targets), the CUDA kernel the targets' device buffer.
+    let mut outs = dispatch(
+        OP,
+        &all,
+        |s| {
+            let mut floats = vec![s[0]];
+            floats.extend(s.get(2).copied());
+            run_float(OP, &floats, &k)
+        },
+        |dev, b| {
+            let (loss, lse) =
+                cs::cross_entropy_forward(dev, b[0], b[1], b.get(2).copied(), rows, classes, eps)?;
+            Ok(vec![loss, lse])
+        },
     )?;
-    let lse = k.lse.into_inner().unwrap_or_else(|e| e.into_inner());
+    let lse = Saved::take(
+        OP,
+        &mut outs,
+        || k.lse.into_inner().unwrap_or_else(|e| e.into_inner()),
+        [rows],
+        logits.device(),
+    )?
+    .keep(targets);
+    let out = out_tensor(outs, lead.to_vec(), logits.device())?;
     let (x, w) = (logits.detach(), weights.map(|w| w.detach()));
     Ok(Tensor::record(out, OP, &[logits], move || {
         move |g: &Tensor| {
-            let k = CrossEntropyBwd {
-                targets,
-                classes,
-                smoothing: label_smoothing,
-                lse,
-            };
             let mut inputs = vec![&x, g];
             inputs.extend(w.as_ref());
-            let dx = one(float_kernel(OP, &inputs, &k)?);
-            Ok(vec![Some(tensor(dx, x.shape().clone(), g.device())?)])
+            let dx = backward_with_saved(
+                OP,
+                &inputs,
+                lse,
+                |lse| CrossEntropyBwd {
+                    targets: targets_host,
+                    classes,
+                    smoothing: label_smoothing,
+                    lse,
+                },
+                |dev, b, st| {
+                    let (lse, targets) = (nth(OP, st, 0)?, nth(OP, st, 1)?);
+                    Ok(vec![cs::cross_entropy_backward(
+                        dev,
+                        b[0],
+                        b[1],
+                        targets,
+                        lse,
+                        b.get(2).copied(),
+                        rows,
+                        classes,
+                        eps,
+                    )?])
+                },
+            )?;
+            Ok(vec![Some(out_tensor(dx, x.shape().clone(), g.device())?)])
         }
     }))
 }

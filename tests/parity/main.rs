@@ -7,6 +7,7 @@
 
 mod elementwise;
 mod matmul;
+mod nn;
 
 use std::sync::OnceLock;
 

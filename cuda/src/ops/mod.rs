@@ -3,6 +3,9 @@
 //! op's CUDA branch.
 
 pub mod elementwise;
+pub mod norm;
+pub mod reduce;
+pub mod softmax;
 
 use cudarc::driver::DeviceRepr;
 

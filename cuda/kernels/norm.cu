@@ -1,0 +1,239 @@
+// norm.cu: layer norm over the last axis (no affine), group norm with per-channel affine, and
+// L2 normalisation over the last axis; forwards and fused backwards.
+//
+// Layouts (dense row-major):
+// - layer_norm, l2_normalize: x [rows, d]; saved statistics in f32: (mean, rstd) interleaved as
+//   [rows, 2] for layer norm, the L2 norm [rows] for l2_normalize.
+// - group_norm: x [N, C, S] (S the product of the spatial axes), weight and bias [C]. Group row
+//   r = n * G + g holds the cpg = C / G channels of group g of sample n, which are contiguous:
+//   cpg * S elements starting at r * cpg * S; element k of the row has channel g * cpg + k / S.
+//   (mean, rstd) per group row are saved in f32 as [N * G, 2].
+//
+// Parallel decomposition:
+// - every forward and the dx backwards: one block per row (group row for group norm); threads
+//   stride the row (coalesced), block_sum gives the row sums, a last pass writes the row.
+//   Blocks grid-stride over rows.
+// - group_norm_bwd_params: dweight[c] = sum(g * xhat) and dbias[c] = sum(g) reduce over samples
+//   and positions, which is across rows. A second kernel computes them with one block per channel
+//   (threads stride the N * S elements of the channel, block_sum combines), so each output has
+//   one writer: no atomics, no zero fill, and a deterministic result.
+//
+// Numerics: f32 throughout (bf16 widened on load, rounded once on store); statistics two-pass
+// (mean, then the mean of squared deviations: biased variance, as PyTorch), rstd =
+// 1 / sqrt(var + eps) with eps inside the root.
+//   layer norm:  y = xhat = (x - mean) * rstd;  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+//   group norm:  y = xhat * w[c] + b[c];  h = g * w[c];  dx = rstd * (h - mean(h) - xhat * mean(h * xhat))
+//   l2:          y = x / max(n, eps);  dx = (g - y * sum(g * y)) / n if n >= eps, else g / eps
+// The l2 branch depends only on the row's norm, so it is uniform across the block.
+
+#define ROW_THREADS_MAX 512
+
+// Two-pass mean and rstd of one row of d elements, returned to every thread of the block.
+template <typename T>
+__device__ __forceinline__ void row_mean_rstd(const T* xr, i64 d, float eps, float* scratch, float* mean,
+                                              float* rstd) {
+    float s = 0.0f;
+    for (i64 k = threadIdx.x; k < d; k += blockDim.x) s += Io<T>::load(xr, k);
+    float m = block_sum(s, scratch) / (float)d;
+    float q = 0.0f;
+    for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+        float c = Io<T>::load(xr, k) - m;
+        q += c * c;
+    }
+    float var = block_sum(q, scratch) / (float)d;
+    *mean = m;
+    *rstd = 1.0f / sqrtf(var + eps);
+}
+
+template <typename T>
+__device__ void layer_norm_fwd_impl(T* y, float* stats, const T* x, i64 rows, i64 d, float eps) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * d;
+        T* yr = y + r * d;
+        float mean, rstd;
+        row_mean_rstd(xr, d, eps, scratch, &mean, &rstd);
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) Io<T>::store(yr, k, (Io<T>::load(xr, k) - mean) * rstd);
+        if (threadIdx.x == 0) {
+            stats[2 * r] = mean;
+            stats[2 * r + 1] = rstd;
+        }
+    }
+}
+
+template <typename T>
+__device__ void layer_norm_bwd_impl(T* dx, const T* x, const T* g, const float* stats, i64 rows, i64 d) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * d;
+        const T* gr = g + r * d;
+        T* dr = dx + r * d;
+        float mean = stats[2 * r], rstd = stats[2 * r + 1];
+        float sg = 0.0f, sgx = 0.0f;
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+            float gv = Io<T>::load(gr, k);
+            sg += gv;
+            sgx += gv * ((Io<T>::load(xr, k) - mean) * rstd);
+        }
+        float mg = block_sum(sg, scratch) / (float)d;
+        float mgx = block_sum(sgx, scratch) / (float)d;
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+            float xhat = (Io<T>::load(xr, k) - mean) * rstd;
+            Io<T>::store(dr, k, rstd * (Io<T>::load(gr, k) - mg - xhat * mgx));
+        }
+    }
+}
+
+template <typename T>
+__device__ void group_norm_fwd_impl(T* y, float* stats, const T* x, const T* w, const T* b, i64 rows, i64 groups,
+                                    i64 cpg, i64 spatial, float eps) {
+    __shared__ float scratch[32];
+    i64 d = cpg * spatial;
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * d;
+        T* yr = y + r * d;
+        i64 c0 = (r % groups) * cpg;
+        float mean, rstd;
+        row_mean_rstd(xr, d, eps, scratch, &mean, &rstd);
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+            i64 c = c0 + k / spatial;
+            float xhat = (Io<T>::load(xr, k) - mean) * rstd;
+            Io<T>::store(yr, k, xhat * Io<T>::load(w, c) + Io<T>::load(b, c));
+        }
+        if (threadIdx.x == 0) {
+            stats[2 * r] = mean;
+            stats[2 * r + 1] = rstd;
+        }
+    }
+}
+
+template <typename T>
+__device__ void group_norm_bwd_dx_impl(T* dx, const T* x, const T* w, const T* g, const float* stats, i64 rows,
+                                       i64 groups, i64 cpg, i64 spatial) {
+    __shared__ float scratch[32];
+    i64 d = cpg * spatial;
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * d;
+        const T* gr = g + r * d;
+        T* dr = dx + r * d;
+        i64 c0 = (r % groups) * cpg;
+        float mean = stats[2 * r], rstd = stats[2 * r + 1];
+        float sh = 0.0f, shx = 0.0f;
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+            float h = Io<T>::load(gr, k) * Io<T>::load(w, c0 + k / spatial);
+            sh += h;
+            shx += h * ((Io<T>::load(xr, k) - mean) * rstd);
+        }
+        float mh = block_sum(sh, scratch) / (float)d;
+        float mhx = block_sum(shx, scratch) / (float)d;
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+            float h = Io<T>::load(gr, k) * Io<T>::load(w, c0 + k / spatial);
+            float xhat = (Io<T>::load(xr, k) - mean) * rstd;
+            Io<T>::store(dr, k, rstd * (h - mh - xhat * mhx));
+        }
+    }
+}
+
+template <typename T>
+__device__ void group_norm_bwd_params_impl(T* dw, T* db, const T* x, const T* g, const float* stats, i64 batch,
+                                           i64 channels, i64 groups, i64 cpg, i64 spatial) {
+    __shared__ float scratch[32];
+    i64 per_channel = batch * spatial;
+    for (i64 c = blockIdx.x; c < channels; c += gridDim.x) {
+        i64 grp = c / cpg;
+        float sgx = 0.0f, sg = 0.0f;
+        for (i64 j = threadIdx.x; j < per_channel; j += blockDim.x) {
+            i64 nb = j / spatial, s = j - nb * spatial;
+            i64 r = nb * groups + grp;
+            i64 e = (nb * channels + c) * spatial + s;
+            float gv = Io<T>::load(g, e);
+            sgx += gv * ((Io<T>::load(x, e) - stats[2 * r]) * stats[2 * r + 1]);
+            sg += gv;
+        }
+        sgx = block_sum(sgx, scratch);
+        sg = block_sum(sg, scratch);
+        if (threadIdx.x == 0) {
+            Io<T>::store(dw, c, sgx);
+            Io<T>::store(db, c, sg);
+        }
+    }
+}
+
+template <typename T>
+__device__ void l2_normalize_fwd_impl(T* y, float* norms, const T* x, i64 rows, i64 d, float eps) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * d;
+        T* yr = y + r * d;
+        float ss = 0.0f;
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+            float v = Io<T>::load(xr, k);
+            ss += v * v;
+        }
+        float norm = sqrtf(block_sum(ss, scratch));
+        float denom = fmaxf(norm, eps);
+        for (i64 k = threadIdx.x; k < d; k += blockDim.x) Io<T>::store(yr, k, Io<T>::load(xr, k) / denom);
+        if (threadIdx.x == 0) norms[r] = norm;
+    }
+}
+
+template <typename T>
+__device__ void l2_normalize_bwd_impl(T* dx, const T* x, const T* g, const float* norms, i64 rows, i64 d,
+                                      float eps) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * d;
+        const T* gr = g + r * d;
+        T* dr = dx + r * d;
+        float norm = norms[r];
+        if (norm >= eps) {
+            float dot = 0.0f;
+            for (i64 k = threadIdx.x; k < d; k += blockDim.x) dot += Io<T>::load(xr, k) / norm * Io<T>::load(gr, k);
+            dot = block_sum(dot, scratch);
+            for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
+                float yv = Io<T>::load(xr, k) / norm;
+                Io<T>::store(dr, k, (Io<T>::load(gr, k) - yv * dot) / norm);
+            }
+        } else {
+            // The denominator was the constant eps: no dependence through the norm.
+            for (i64 k = threadIdx.x; k < d; k += blockDim.x) Io<T>::store(dr, k, Io<T>::load(gr, k) / eps);
+        }
+    }
+}
+
+#define NORM_KERNELS(T, S)                                                                          \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        layer_norm_fwd_##S(T* y, float* stats, const T* x, i64 rows, i64 d, float eps) {            \
+        layer_norm_fwd_impl<T>(y, stats, x, rows, d, eps);                                          \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        layer_norm_bwd_##S(T* dx, const T* x, const T* g, const float* stats, i64 rows, i64 d) {    \
+        layer_norm_bwd_impl<T>(dx, x, g, stats, rows, d);                                           \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        group_norm_fwd_##S(T* y, float* stats, const T* x, const T* w, const T* b, i64 rows,        \
+                           i64 groups, i64 cpg, i64 spatial, float eps) {                           \
+        group_norm_fwd_impl<T>(y, stats, x, w, b, rows, groups, cpg, spatial, eps);                 \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        group_norm_bwd_dx_##S(T* dx, const T* x, const T* w, const T* g, const float* stats,        \
+                              i64 rows, i64 groups, i64 cpg, i64 spatial) {                         \
+        group_norm_bwd_dx_impl<T>(dx, x, w, g, stats, rows, groups, cpg, spatial);                  \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        group_norm_bwd_params_##S(T* dw, T* db, const T* x, const T* g, const float* stats,         \
+                                  i64 batch, i64 channels, i64 groups, i64 cpg, i64 spatial) {      \
+        group_norm_bwd_params_impl<T>(dw, db, x, g, stats, batch, channels, groups, cpg, spatial);  \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        l2_normalize_fwd_##S(T* y, float* norms, const T* x, i64 rows, i64 d, float eps) {          \
+        l2_normalize_fwd_impl<T>(y, norms, x, rows, d, eps);                                        \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        l2_normalize_bwd_##S(T* dx, const T* x, const T* g, const float* norms, i64 rows, i64 d,    \
+                             float eps) {                                                           \
+        l2_normalize_bwd_impl<T>(dx, x, g, norms, rows, d, eps);                                    \
+    }
+
+NORM_KERNELS(float, f32)
+NORM_KERNELS(bf16_t, bf16)

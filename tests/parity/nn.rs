@@ -1,0 +1,282 @@
+//! Parity of the reductions, softmax / cross-entropy and normalisations.
+//!
+//! Inputs are rounded to bf16 values first (`bf16_exact`), so that the GPU bf16 run sees the same
+//! numbers as the CPU f32 reference and only the arithmetic differs: sums that cancel, or rows
+//! whose spread is close to bf16 spacing, would otherwise differ by the input rounding alone.
+//! Shapes avoid cases whose exact gradient is zero while the computed one is rounding noise
+//! (layer norm over 2 elements), which no relative tolerance can compare.
+
+use mvar::engine::{DType, Device, Error, Tensor};
+use mvar::ops;
+use proptest::prelude::*;
+
+use crate::{config, gpu, parity, randn};
+
+fn shape() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(1usize..6, 1..4)
+}
+
+/// A shape and one of its axes.
+fn shape_and_axis() -> impl Strategy<Value = (Vec<usize>, usize)> {
+    shape().prop_flat_map(|s| {
+        let r = s.len();
+        (Just(s), 0..r)
+    })
+}
+
+/// [rows, n] with rows longer than a warp and than a block of row threads, at lengths that are
+/// multiples of neither.
+fn long_rows() -> impl Strategy<Value = Vec<usize>> {
+    (1usize..4, 1usize..1500).prop_map(|(r, n)| vec![r, n])
+}
+
+/// The values of `t` rounded to bf16 (still f32).
+fn bf16_exact(t: Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .and_then(|b| b.to_dtype(DType::F32))
+        .expect("round to bf16")
+}
+
+fn randn_b(shape: &[usize], seed: u64) -> Tensor {
+    bf16_exact(randn(shape, seed))
+}
+
+/// A random permutation of the element indices, from a simple LCG (reproducible per seed).
+fn permutation(count: usize, seed: u64) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..count).collect();
+    let mut state = seed | 1;
+    for i in (1..count).rev() {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        p.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    p
+}
+
+/// Pairwise distinct values, exact in bf16 (multiples of 0.25 below 32 in magnitude), so that
+/// max and min pick the same position in every dtype. At most 250 elements.
+fn distinct(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = permutation(n, seed)
+        .into_iter()
+        .map(|k| (k as f32 - n as f32 / 2.0) * 0.25)
+        .collect();
+    Tensor::from_vec(v, shape.to_vec(), &Device::Cpu).expect("tensor")
+}
+
+/// Rows of bf16-exact N(0, 1) values with a unique maximum (+100) and minimum (-100) each.
+fn spiked_rows(rows: usize, n: usize, seed: u64) -> Tensor {
+    let mut v = randn_b(&[rows, n], seed).to_vec::<f32>().expect("values");
+    for r in 0..rows {
+        let p = permutation(n, seed ^ r as u64);
+        v[r * n + p[0]] = 100.0;
+        if n > 1 {
+            v[r * n + p[1]] = -100.0;
+        }
+    }
+    Tensor::from_vec(v, vec![rows, n], &Device::Cpu).expect("tensor")
+}
+
+/// Valid class indices for `lead` positions.
+fn targets(lead: &[usize], classes: usize, seed: u64) -> Tensor {
+    let n: usize = lead.iter().product();
+    let t: Vec<i64> = permutation(n.max(1) * classes, seed)
+        .into_iter()
+        .take(n)
+        .map(|k| (k % classes) as i64)
+        .collect();
+    Tensor::from_vec(t, lead.to_vec(), &Device::Cpu).expect("targets")
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn sum_and_mean((s, axis) in shape_and_axis(), keepdim in any::<bool>(), seed in any::<u64>()) {
+        let x = randn_b(&s, seed);
+        parity("sum", |_, x| ops::sum(&x[0], axis as isize, keepdim), std::slice::from_ref(&x))?;
+        parity("mean", |_, x| ops::mean(&x[0], axis as isize, keepdim), std::slice::from_ref(&x))?;
+        parity("sum_all", |_, x| ops::sum_all(&x[0]), std::slice::from_ref(&x))?;
+        let axes: Vec<usize> = (0..s.len()).filter(|a| a % 2 == 0).collect();
+        parity("mean_axes", |_, x| ops::mean_axes(&x[0], &axes, keepdim), &[x])?;
+    }
+
+    #[test]
+    fn sum_over_long_axes(s in long_rows(), seed in any::<u64>()) {
+        let x = randn_b(&s, seed);
+        // axis 1: one block per row; axis 0: one thread per column looping over the rows.
+        parity("sum rows", |_, x| ops::sum(&x[0], 1, false), std::slice::from_ref(&x))?;
+        parity("sum cols", |_, x| ops::sum(&x[0], 0, false), &[x.reshape([s[1], s[0]]).unwrap()])?;
+    }
+
+    #[test]
+    fn max_and_min((s, axis) in shape_and_axis(), keepdim in any::<bool>(), seed in any::<u64>()) {
+        let x = distinct(&s, seed);
+        parity("max", |_, x| ops::max(&x[0], axis as isize, keepdim), std::slice::from_ref(&x))?;
+        parity("min", |_, x| ops::min(&x[0], axis as isize, keepdim), &[x])?;
+    }
+
+    #[test]
+    fn max_and_min_of_long_rows(s in long_rows(), seed in any::<u64>()) {
+        let x = spiked_rows(s[0], s[1], seed);
+        parity("max", |_, x| ops::max(&x[0], -1, false), std::slice::from_ref(&x))?;
+        parity("min", |_, x| ops::min(&x[0], -1, false), &[x])?;
+    }
+
+    #[test]
+    fn argmax_matches_the_cpu_in_every_dtype(
+        (s, axis) in prop_oneof![shape_and_axis(), long_rows().prop_map(|s| (s, 1))],
+        keepdim in any::<bool>(),
+        with_nan in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let Some(gpu) = gpu() else { return Ok(()) };
+        // Few distinct values, so there are many ties: the first maximum must win.
+        let n: usize = s.iter().product();
+        let mut v: Vec<f32> = permutation(n, seed).into_iter().map(|k| (k % 4) as f32).collect();
+        if with_nan && n > 2 {
+            v[n / 3] = f32::NAN;
+            v[n - 1] = f32::NAN;
+        }
+        let base = Tensor::from_vec(v, s.clone(), &Device::Cpu).unwrap();
+        for dt in [DType::F32, DType::BF16, DType::I64, DType::U8] {
+            let x = base.to_dtype(dt).unwrap();
+            let want = ops::argmax(&x, axis as isize, keepdim).unwrap();
+            let got = ops::argmax(&x.to_device(&gpu).unwrap(), axis as isize, keepdim).unwrap();
+            prop_assert_eq!(got.dims(), want.dims());
+            prop_assert_eq!(got.to_vec::<i64>().unwrap(), want.to_vec::<i64>().unwrap(), "{}", dt);
+        }
+    }
+
+    #[test]
+    fn softmax_and_log_softmax((s, axis) in shape_and_axis(), seed in any::<u64>()) {
+        let x = randn_b(&s, seed);
+        parity("softmax", |_, x| ops::softmax(&x[0], axis as isize), std::slice::from_ref(&x))?;
+        parity("log_softmax", |_, x| ops::log_softmax(&x[0], axis as isize), &[x])?;
+    }
+
+    #[test]
+    fn softmax_of_long_rows(s in long_rows(), seed in any::<u64>()) {
+        let x = randn_b(&s, seed);
+        parity("softmax", |_, x| ops::softmax(&x[0], -1), std::slice::from_ref(&x))?;
+        parity("log_softmax", |_, x| ops::log_softmax(&x[0], -1), &[x])?;
+    }
+
+    #[test]
+    fn cross_entropy(
+        lead in prop::collection::vec(1usize..5, 1..3),
+        classes in prop_oneof![1usize..8, 30usize..1100],
+        smoothing in prop::sample::select(vec![0.0, 0.25]),
+        weighted in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let shape = [lead.clone(), vec![classes]].concat();
+        let t = targets(&lead, classes, seed ^ 7);
+        let mut inputs = vec![randn_b(&shape, seed)];
+        if weighted {
+            // Positive weights away from zero, bf16-exact.
+            let w = randn_b(&lead, seed ^ 3).to_vec::<f32>().unwrap().iter().map(|v| 0.5 + v.abs()).collect();
+            inputs.push(bf16_exact(Tensor::from_vec::<f32>(w, lead.clone(), &Device::Cpu).unwrap()));
+        }
+        parity(
+            "cross_entropy",
+            |d, x| ops::cross_entropy(&x[0], &t.to_device(d)?, x.get(1), smoothing),
+            &inputs,
+        )?;
+    }
+
+    #[test]
+    fn layer_norm(
+        lead in prop::collection::vec(1usize..5, 0..3),
+        d in prop_oneof![Just(1usize), 3usize..9, 30usize..1500],
+        seed in any::<u64>(),
+    ) {
+        let shape = [lead, vec![d]].concat();
+        parity("layer_norm", |_, x| ops::layer_norm(&x[0], 1e-5), &[randn_b(&shape, seed)])?;
+    }
+
+    #[test]
+    fn group_norm(
+        n in 1usize..3,
+        groups in 1usize..4,
+        cpg in prop::sample::select(vec![1usize, 3, 4]),
+        spatial in prop::collection::vec(1usize..6, 0..3),
+        seed in any::<u64>(),
+    ) {
+        // A group row of 2 elements has an exactly zero dx (see the module docs): widen it.
+        let spatial = if cpg * spatial.iter().product::<usize>() == 2 { vec![3] } else { spatial };
+        let channels = groups * cpg;
+        let shape = [vec![n, channels], spatial].concat();
+        let inputs = [
+            randn_b(&shape, seed),
+            bf16_exact(ops::affine(&randn(&[channels], seed ^ 1), 0.5, 1.0).unwrap()),
+            randn_b(&[channels], seed ^ 2),
+        ];
+        parity(
+            "group_norm",
+            |_, x| ops::group_norm(&x[0], groups, &x[1], &x[2], 1e-6),
+            &inputs,
+        )?;
+    }
+
+    #[test]
+    fn l2_normalize(
+        lead in prop::collection::vec(1usize..5, 0..3),
+        d in prop_oneof![1usize..9, 30usize..1500],
+        large_eps in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        // eps 1e-12 takes the x / ||x|| branch; eps 1e3 (above every norm here) the x / eps one.
+        let eps = if large_eps { 1e3 } else { 1e-12 };
+        let shape = [lead, vec![d]].concat();
+        parity("l2_normalize", |_, x| ops::l2_normalize(&x[0], eps), &[randn_b(&shape, seed)])?;
+    }
+}
+
+#[test]
+fn argmax_compares_i64_exactly() {
+    let Some(gpu) = gpu() else { return };
+    // Neighbours above 2^40 are equal once rounded through f32: only native compares see them.
+    let base = 1i64 << 40;
+    let v: Vec<i64> = vec![base, base + 3, base + 1, base + 2, base + 3, base - 5];
+    let x = Tensor::from_vec(v, [2, 3], &Device::Cpu).unwrap();
+    for axis in [0, 1] {
+        let want = ops::argmax(&x, axis, false)
+            .unwrap()
+            .to_vec::<i64>()
+            .unwrap();
+        let got = ops::argmax(&x.to_device(&gpu).unwrap(), axis, false)
+            .unwrap()
+            .to_vec::<i64>()
+            .unwrap();
+        assert_eq!(got, want, "axis {axis}");
+    }
+}
+
+#[test]
+fn cross_entropy_reports_a_target_out_of_range_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let logits = randn(&[3, 5], 1).to_device(&gpu).unwrap();
+    for bad in [5i64, -1] {
+        let t = Tensor::from_vec(vec![0i64, bad, 2], [3], &gpu).unwrap();
+        match ops::cross_entropy(&logits, &t, None, 0.0) {
+            Err(Error::IndexOutOfRange { index, size, .. }) => {
+                assert_eq!((index, size), (bad, 5));
+            }
+            other => panic!("expected IndexOutOfRange, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn empty_tensors_reduce_and_normalize_without_launching() {
+    let Some(gpu) = gpu() else { return };
+    let x = Tensor::zeros([0, 4], DType::F32, &gpu).unwrap();
+    assert_eq!(ops::sum(&x, 1, false).unwrap().dims(), &[0]);
+    let s = ops::sum(&x, 0, false).unwrap();
+    assert_eq!(s.to_vec::<f32>().unwrap(), vec![0.0; 4]);
+    assert_eq!(ops::softmax(&x, -1).unwrap().dims(), &[0, 4]);
+    assert_eq!(ops::layer_norm(&x, 1e-5).unwrap().dims(), &[0, 4]);
+    assert_eq!(ops::l2_normalize(&x, 1e-12).unwrap().dims(), &[0, 4]);
+}

@@ -38,4 +38,6 @@ kernel_files! {
     REDUCE => "reduce.cu",
     SOFTMAX => "softmax.cu",
     NORM => "norm.cu",
+    INDEX => "index.cu",
+    CONV => "conv.cu",
 }

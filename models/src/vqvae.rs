@@ -942,7 +942,12 @@ impl VqVae {
         };
         let loss = ops::mul_scalar(&loss, 1.0 / sn as f64)?;
         let f_hat_st = ops::add(&ops::sub(&f_hat.detach(), &f_ng)?, f)?;
-        Ok(QuantizeOutput { f_hat_st, loss, idx: idxs, residuals })
+        Ok(QuantizeOutput {
+            f_hat_st,
+            loss,
+            idx: idxs,
+            residuals,
+        })
     }
 }
 

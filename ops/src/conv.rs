@@ -22,13 +22,18 @@
 //! im2col/col2im run in parallel too); a smaller batch runs its samples in turn with one
 //! threaded GEMM per tile. The weight gradient is accumulated per fixed group of samples and
 //! the groups are summed in order, so results do not depend on scheduling.
+//!
+//! On CUDA the same products run on cuBLAS around the im2col / col2im kernels of
+//! `cuda/kernels/conv.cu` (batch tiles bounded to 256 MiB of columns; see
+//! `mvar_cuda::ops::conv`).
 
 use gemm::Parallelism;
 use mvar_engine::cpu::FloatKernel;
+use mvar_engine::cuda::ops::conv as cu;
 use mvar_engine::{Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{float_kernel, output_len, require_rank, same_device, same_dtype, tensor};
+use crate::util::{float_op, out_tensor, output_len, require_rank, same_device, same_dtype};
 
 /// Zero rows/columns added on each side of the input before the kernel slides over it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -170,6 +175,25 @@ impl ConvGeom {
             ho,
             wo,
         })
+    }
+
+    /// The geometry as the CUDA wrappers take it.
+    fn cuda_shape(&self) -> cu::Conv2dShape {
+        cu::Conv2dShape {
+            n: self.n,
+            cin: self.cin,
+            h: self.h,
+            w: self.w,
+            cout: self.cout,
+            kh: self.kh,
+            kw: self.kw,
+            sh: self.sh,
+            sw: self.sw,
+            top: self.pad.top,
+            bottom: self.pad.bottom,
+            left: self.pad.left,
+            right: self.pad.right,
+        }
     }
 
     /// Rows of the column matrix (the GEMM's inner dimension).
@@ -618,8 +642,17 @@ pub fn conv2d(
         g: g.clone(),
         has_bias: bias.is_some(),
     };
-    let mut outs = float_kernel(OP, &ts, &fwd)?;
-    let out = tensor(outs.swap_remove(0), [g.n, g.cout, g.ho, g.wo], x.device())?;
+    let shape = g.cuda_shape();
+    let outs = float_op(OP, &ts, &fwd, |dev, b| {
+        Ok(vec![cu::conv2d_forward(
+            dev,
+            b[0],
+            b[1],
+            b.get(2).copied(),
+            &shape,
+        )?])
+    })?;
+    let out = out_tensor(outs, [g.n, g.cout, g.ho, g.wo], x.device())?;
     Ok(Tensor::record(out, OP, &ts, || {
         let bwd = ConvBwd {
             need_dx: x.requires_grad(),
@@ -636,7 +669,21 @@ pub fn conv2d(
             let mut ins = vec![gy];
             ins.extend(xs.as_ref());
             ins.extend(ws.as_ref());
-            let mut outs = float_kernel(OP, &ins, &bwd)?.into_iter();
+            let mut outs = float_op(OP, &ins, &bwd, |dev, b| {
+                // b = [dy, x if dW is needed, w if dx is needed], as `ins`.
+                let x = bwd.need_dw.then(|| b[1]);
+                let w = bwd.need_dx.then(|| b[b.len() - 1]);
+                let grads = cu::conv2d_backward(dev, b[0], x, w, &bwd.g.cuda_shape(), bwd.need_db)?;
+                // Gradients not asked for come back empty, as the CPU kernel's do.
+                let kind = b[0].kind();
+                let empty = || dev.alloc(kind, 0, "conv2d backward");
+                Ok(vec![
+                    grads.dx.map_or_else(empty, Ok)?,
+                    grads.dw.map_or_else(empty, Ok)?,
+                    grads.db.map_or_else(empty, Ok)?,
+                ])
+            })?
+            .into_iter();
             let (dx, dw, db) = match (outs.next(), outs.next(), outs.next()) {
                 (Some(a), Some(b), Some(c)) => (a, b, c),
                 _ => {
@@ -648,13 +695,17 @@ pub fn conv2d(
             };
             let dev = gy.device();
             let mut grads = vec![
-                bwd.need_dx.then(|| tensor(dx, x_shape, dev)).transpose()?,
-                bwd.need_dw.then(|| tensor(dw, w_shape, dev)).transpose()?,
+                bwd.need_dx
+                    .then(|| Tensor::from_storage(dx, x_shape, dev))
+                    .transpose()?,
+                bwd.need_dw
+                    .then(|| Tensor::from_storage(dw, w_shape, dev))
+                    .transpose()?,
             ];
             if has_bias {
                 grads.push(
                     bwd.need_db
-                        .then(|| tensor(db, bwd.g.cout, dev))
+                        .then(|| Tensor::from_storage(db, bwd.g.cout, dev))
                         .transpose()?,
                 );
             }

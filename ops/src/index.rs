@@ -2,11 +2,13 @@
 //! checked; an index out of range is an error naming the op, the index and the valid range.
 
 use mvar_engine::cpu::FloatKernel;
+use mvar_engine::cuda::ops::index as cu;
+use mvar_engine::cuda::HostData;
 use mvar_engine::{DType, Error, Float, Result, Shape, Tensor, WithDType};
 
 use crate::util::{
-    copy_kernel, float_kernel, one, require_dtype, require_float, require_rank, same_device,
-    tensor, CopyKernel,
+    dispatch, float_op, out_tensor, require_dtype, require_float, require_rank, run_copy,
+    same_device, CopyKernel,
 };
 
 fn checked_indices(op: &'static str, idx: &Tensor, size: usize) -> Result<Vec<i64>> {
@@ -43,10 +45,10 @@ impl CopyKernel for Select {
 }
 
 /// Adds the rows of g back into the selected positions (backward of index_select).
-struct SelectBwd(Select);
-impl FloatKernel for SelectBwd {
+struct SelectBwd<'a>(&'a Select);
+impl FloatKernel for SelectBwd<'_> {
     fn run<T: Float>(&self, g: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let s = &self.0;
+        let s = self.0;
         let mut out = vec![T::zero(); s.outer * s.n * s.inner];
         let k = s.idx.len();
         for o in 0..s.outer {
@@ -83,12 +85,24 @@ pub fn index_select(x: &Tensor, axis: isize, idx: &Tensor) -> Result<Tensor> {
     };
     let mut dims = x.dims().to_vec();
     dims[ax] = sel.idx.len();
-    let out = tensor(copy_kernel(OP, &[x], &sel)?, dims, x.device())?;
+    // The indices ride along as a second input so that the GPU reads them where they are; the
+    // CPU copy only looks at x.
+    let out = dispatch(
+        OP,
+        &[x, idx],
+        |s| Ok(vec![run_copy(OP, &s[..1], &sel)?]),
+        |dev, b| Ok(vec![cu::index_select(dev, b[0], b[1], outer, n, inner)?]),
+    )?;
+    let out = out_tensor(out, dims, x.device())?;
     let in_shape = x.shape().clone();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(OP, &[g], &SelectBwd(sel))?);
-            Ok(vec![Some(tensor(dx, in_shape, g.device())?)])
+            let dx = float_op(OP, &[g], &SelectBwd(&sel), |dev, b| {
+                Ok(vec![cu::index_select_backward(
+                    dev, b[0], &sel.idx, outer, n, inner,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
         }
     }))
 }
@@ -146,8 +160,8 @@ impl CopyKernel for GatherPlan {
     }
 }
 
-struct GatherBwd(GatherPlan);
-impl FloatKernel for GatherBwd {
+struct GatherBwd<'a>(&'a GatherPlan);
+impl FloatKernel for GatherBwd<'_> {
     fn run<T: Float>(&self, g: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let mut out = vec![T::zero(); self.0.x_shape.elem_count()];
         for (p, &v) in g[0].iter().enumerate() {
@@ -183,16 +197,29 @@ pub fn gather(x: &Tensor, axis: isize, idx: &Tensor) -> Result<Tensor> {
         x_shape: x.shape().clone(),
         axis: ax,
     };
-    let out = tensor(
-        copy_kernel(OP, &[x], &plan)?,
-        idx.shape().clone(),
-        x.device(),
+    let out = dispatch(
+        OP,
+        &[x, idx],
+        |s| Ok(vec![run_copy(OP, &s[..1], &plan)?]),
+        |dev, b| Ok(vec![cu::gather(dev, b[0], x.dims(), b[1], idx.dims(), ax)?]),
     )?;
+    let out = out_tensor(out, idx.shape().clone(), x.device())?;
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
-            let shape = plan.x_shape.clone();
-            let dx = one(float_kernel(OP, &[g], &GatherBwd(plan))?);
-            Ok(vec![Some(tensor(dx, shape, g.device())?)])
+            let p = &plan;
+            let dx = float_op(OP, &[g], &GatherBwd(p), |dev, b| {
+                // The checked host indices go up again: the backward keeps no device copy.
+                let idx = dev.upload(HostData::I64(&p.idx))?;
+                Ok(vec![cu::gather_backward(
+                    dev,
+                    b[0],
+                    &idx,
+                    p.x_shape.dims(),
+                    p.idx_shape.dims(),
+                    p.axis,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, p.x_shape.clone(), g.device())?)])
         }
     }))
 }

@@ -17,12 +17,18 @@
 //!
 //! Every backward is the transpose of its forward (a scatter-add of the same weights), computed
 //! from the per-axis tables the forward uses.
+//!
+//! On CUDA only `upsample_nearest` has kernels (`cuda/kernels/conv.cu`); area and bicubic
+//! resampling of a CUDA tensor return the "no CUDA kernel" error.
 
 use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::cuda::ops::conv as cu;
 use mvar_engine::{Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{float_kernel, one, output_len, require_float, require_rank, tensor};
+use crate::util::{
+    float_kernel, float_op, one, out_tensor, output_len, require_float, require_rank, tensor,
+};
 
 /// N*C planes of [h, w] in, [oh, ow] out.
 #[derive(Debug, Clone, Copy)]
@@ -171,16 +177,21 @@ pub fn upsample_nearest(x: &Tensor, factor: usize) -> Result<Tensor> {
         w.checked_mul(factor).ok_or_else(too_big)?,
     );
     let (p, dims) = Planes::new(OP, x, oh.max(1), ow.max(1))?;
-    let out = tensor(
-        one(float_kernel(OP, &[x], &NearestFwd { p, f: factor })?),
-        dims,
-        x.device(),
-    )?;
+    let out = float_op(OP, &[x], &NearestFwd { p, f: factor }, |dev, b| {
+        Ok(vec![cu::upsample_nearest(
+            dev, b[0], p.planes, p.h, p.w, factor,
+        )?])
+    })?;
+    let out = out_tensor(out, dims, x.device())?;
     let in_shape = x.shape().clone();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(OP, &[g], &NearestBwd { p, f: factor })?);
-            Ok(vec![Some(tensor(dx, in_shape, g.device())?)])
+            let dx = float_op(OP, &[g], &NearestBwd { p, f: factor }, |dev, b| {
+                Ok(vec![cu::upsample_nearest_backward(
+                    dev, b[0], p.planes, p.h, p.w, factor,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
         }
     }))
 }

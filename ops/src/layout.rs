@@ -4,9 +4,10 @@
 //! docs/architecture.md for why there are no strided views). Reshape, which needs no copy, lives
 //! in the engine.
 
+use mvar_engine::cuda::ops::index as cu;
 use mvar_engine::{Error, Result, Shape, Tensor, WithDType};
 
-use crate::util::{copy_kernel, same_device, strided_copy, tensor, CopyKernel};
+use crate::util::{copy_op, out_tensor, same_device, strided_copy, CopyKernel};
 
 struct Permute {
     out_dims: Vec<usize>,
@@ -44,7 +45,10 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         out_dims: out_dims.clone(),
         strides: perm.iter().map(|&p| in_strides[p]).collect(),
     };
-    let out = tensor(copy_kernel("permute", &[x], &k)?, out_dims, x.device())?;
+    let out = copy_op("permute", &[x], &k, |dev, b| {
+        Ok(vec![cu::permute(dev, b[0], x.dims(), perm)?])
+    })?;
+    let out = out_tensor(out, out_dims, x.device())?;
     let mut inverse = vec![0; rank];
     for (i, &p) in perm.iter().enumerate() {
         inverse[p] = i;
@@ -124,7 +128,17 @@ pub fn narrow(x: &Tensor, axis: isize, start: usize, len: usize) -> Result<Tenso
         len,
         extract: true,
     };
-    let out = tensor(copy_kernel("narrow", &[x], &k)?, out_dims, x.device())?;
+    let band = cu::Band {
+        outer,
+        n,
+        inner,
+        start,
+        len,
+    };
+    let out = copy_op("narrow", &[x], &k, |dev, b| {
+        Ok(vec![cu::narrow(dev, b[0], band)?])
+    })?;
+    let out = out_tensor(out, out_dims, x.device())?;
     let in_shape = x.shape().clone();
     Ok(Tensor::record(out, "narrow", &[x], move || {
         move |g: &Tensor| {
@@ -136,11 +150,10 @@ pub fn narrow(x: &Tensor, axis: isize, start: usize, len: usize) -> Result<Tenso
                 len,
                 extract: false,
             };
-            Ok(vec![Some(tensor(
-                copy_kernel("narrow", &[g], &k)?,
-                in_shape,
-                g.device(),
-            )?)])
+            let dx = copy_op("narrow", &[g], &k, |dev, b| {
+                Ok(vec![cu::narrow_backward(dev, b[0], band)?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
         }
     }))
 }
@@ -200,7 +213,10 @@ pub fn concat(xs: &[&Tensor], axis: isize) -> Result<Tensor> {
         sizes: sizes.clone(),
         inner,
     };
-    let out = tensor(copy_kernel("concat", xs, &k)?, out_dims, first.device())?;
+    let out = copy_op("concat", xs, &k, |dev, b| {
+        Ok(vec![cu::concat(dev, b, outer, &sizes, inner)?])
+    })?;
+    let out = out_tensor(out, out_dims, first.device())?;
     Ok(Tensor::record(out, "concat", xs, move || {
         move |g: &Tensor| {
             let mut start = 0;

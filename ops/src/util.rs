@@ -341,31 +341,41 @@ pub(crate) trait CopyKernel {
     fn run<T: WithDType + Default>(&self, x: &[&[T]]) -> Result<Vec<T>>;
 }
 
-/// Runs a copy kernel on tensors of one dtype and device.
-pub(crate) fn copy_kernel(
+/// Runs a copy kernel on CPU storages of one dtype.
+pub(crate) fn run_copy(
+    op: &'static str,
+    s: &[&CpuStorage],
+    k: &impl CopyKernel,
+) -> Result<CpuStorage> {
+    macro_rules! go {
+        ($t:ty, $v:ident) => {{
+            let xs: Vec<&[$t]> = s
+                .iter()
+                .map(|c| c.as_slice::<$t>(op))
+                .collect::<Result<_>>()?;
+            Ok(CpuStorage::$v(k.run(&xs)?))
+        }};
+    }
+    let first = s.first().ok_or_else(|| Error::invalid(op, "no inputs"))?;
+    match first.dtype() {
+        DType::F32 => go!(f32, F32),
+        DType::BF16 => go!(mvar_engine::bf16, BF16),
+        DType::F64 => go!(f64, F64),
+        DType::I64 => go!(i64, I64),
+        DType::U8 => go!(u8, U8),
+    }
+}
+
+/// [`dispatch`] for ops that only move elements: tensors of one dtype (any) and device, a
+/// [`CopyKernel`] on the CPU, `cuda_fn` on the GPU.
+pub(crate) fn copy_op(
     op: &'static str,
     ts: &[&Tensor],
     k: &impl CopyKernel,
-) -> Result<CpuStorage> {
+    cuda_fn: impl FnOnce(&CudaDevice, &[&CudaBuffer]) -> Result<Vec<CudaBuffer>>,
+) -> Result<Vec<Storage>> {
     same_dtype(op, ts)?;
-    with_cpu(op, ts, |s| {
-        macro_rules! go {
-            ($t:ty, $v:ident) => {{
-                let xs: Vec<&[$t]> = s
-                    .iter()
-                    .map(|c| c.as_slice::<$t>(op))
-                    .collect::<Result<_>>()?;
-                Ok(CpuStorage::$v(k.run(&xs)?))
-            }};
-        }
-        match s[0].dtype() {
-            DType::F32 => go!(f32, F32),
-            DType::BF16 => go!(mvar_engine::bf16, BF16),
-            DType::F64 => go!(f64, F64),
-            DType::I64 => go!(i64, I64),
-            DType::U8 => go!(u8, U8),
-        }
-    })
+    dispatch(op, ts, |s| Ok(vec![run_copy(op, s, k)?]), cuda_fn)
 }
 
 /// out[i] = x[offset(i)] where offset(i) = sum over axes of index(i, axis) * strides[axis]:

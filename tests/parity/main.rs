@@ -5,7 +5,9 @@
 //! Without a GPU every test prints "skipped: no CUDA device" and passes; with
 //! `MVAR_REQUIRE_GPU=1` a missing GPU fails them (the GPU runner sets it).
 
+mod conv;
 mod elementwise;
+mod index;
 mod matmul;
 mod nn;
 

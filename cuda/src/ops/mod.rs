@@ -2,7 +2,9 @@
 //! launch a kernel. They know buffers and sizes, not tensors; `mvar-ops` calls them from each
 //! op's CUDA branch.
 
+pub mod conv;
 pub mod elementwise;
+pub mod index;
 pub mod norm;
 pub mod reduce;
 pub mod softmax;

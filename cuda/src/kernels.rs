@@ -35,4 +35,6 @@ macro_rules! kernel_files {
 
 kernel_files! {
     ELEMENTWISE => "elementwise.cu",
+    OPTIM => "optim.cu",
+    RANDOM => "random.cu",
 }

@@ -3,6 +3,8 @@
 //! op's CUDA branch.
 
 pub mod elementwise;
+pub mod optim;
+pub mod random;
 
 use cudarc::driver::DeviceRepr;
 

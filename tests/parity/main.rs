@@ -7,6 +7,7 @@
 
 mod elementwise;
 mod matmul;
+mod optim;
 
 use std::sync::OnceLock;
 

@@ -213,6 +213,9 @@ fn adamw_reads_bf16_gradients() {
     let n = 1031;
     let p0 = randn(&[n], 1);
     let g16 = randn(&[n], 2).to_dtype(DType::BF16).unwrap();
+    // Copied to the GPU first: the CPU step below updates p0's storage in place.
+    let param = p0.to_device(&gpu).unwrap();
+    let grad = g16.to_device(&gpu).unwrap();
     // The CPU reference sees the gradient the GPU reads: bf16 widened exactly to f32.
     let cfg = AdamWConfig::default();
     let mut ps = ParamStore::new();
@@ -224,8 +227,6 @@ fn adamw_reads_bf16_gradients() {
         .unwrap();
     let want = f64s(&p);
 
-    let param = p0.to_device(&gpu).unwrap();
-    let grad = g16.to_device(&gpu).unwrap();
     let m = dev.zeros(BufferKind::F32, n).unwrap();
     let v = dev.zeros(BufferKind::F32, n).unwrap();
     let (b1, b2) = (1.0 - cfg.beta1, 1.0 - cfg.beta2);

@@ -40,4 +40,6 @@ kernel_files! {
     NORM => "norm.cu",
     INDEX => "index.cu",
     CONV => "conv.cu",
+    OPTIM => "optim.cu",
+    RANDOM => "random.cu",
 }

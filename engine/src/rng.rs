@@ -92,6 +92,16 @@ impl Generator {
         out
     }
 
+    /// Reserves the blocks a draw of `words` values consumes (ceil(words / 4), exactly as
+    /// [`Generator::next_u32s`] advances) without computing them, and returns the first. A GPU
+    /// kernel then draws value i from word i % 4 of block first + i / 4, keyed by the seed
+    /// (`state().seed`) as (low word, high word).
+    pub fn reserve(&mut self, words: usize) -> u64 {
+        let first = self.offset;
+        self.offset += words.div_ceil(4) as u64;
+        first
+    }
+
     /// `n` values uniform in (lo, hi).
     pub fn uniform(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
         self.next_u32s(n)
@@ -163,6 +173,37 @@ mod tests {
         assert_eq!(a.state(), b.state());
         let mut c = Generator::from_state(GeneratorState { seed: 7, offset: 1 });
         assert_eq!(c.uniform(4, 0.0, 1.0), whole[4..].to_vec());
+    }
+
+    #[test]
+    fn the_gpu_mask_index_arithmetic_matches_uniform() {
+        use mvar_cuda::ops::random::{draw_position, keep_mask_reference, keep_threshold};
+        for (seed, skip, n, p) in [
+            (0u64, 0usize, 1usize, 0.5f64),
+            (7, 3, 4, 0.1),
+            (0xDEAD_BEEF_0123_4567, 5, 5, 0.3),
+            (u64::MAX, 1, 257, 0.9),
+            (42, 0, 1023, 0.25),
+        ] {
+            let mut cpu = Generator::new(seed);
+            cpu.next_u32s(skip);
+            let mut gpu = cpu.clone();
+            let u = cpu.uniform(n, 0.0, 1.0);
+            let keep = 1.0 - p;
+            let want: Vec<u8> = u.iter().map(|&v| (v < keep) as u8).collect();
+            let first = gpu.reserve(n);
+            assert_eq!(gpu.state(), cpu.state(), "reserve advances as uniform does");
+            let key = gpu.key();
+            let block = |b: u64| philox4x32_10([b as u32, (b >> 32) as u32, 0, 0], key);
+            let got = keep_mask_reference(first, n, keep_threshold(keep), block);
+            assert_eq!(got, want, "seed {seed}, n {n}, p {p}");
+            // The word each value reads, one value at a time.
+            for (i, &ui) in u.iter().enumerate() {
+                let (b, q) = draw_position(first, i as u64);
+                assert_eq!(u32_to_open_unit(block(b)[q]), ui);
+            }
+        }
+        assert_eq!(Generator::new(1).reserve(0), 0);
     }
 
     #[test]

@@ -15,14 +15,21 @@
 //! invalid call returns its error before drawing.
 //!
 //! The backward multiplies the output gradient by the same saved mask and scale.
+//!
+//! On CUDA the mask is drawn on the device (`random.cu`, the same Philox4x32-10) from the
+//! generator's seed and the blocks [`Generator::reserve`] sets aside, so it equals the CPU's mask
+//! bit for bit and the generator ends in the same state. The mask is kept as a u8 device tensor
+//! (one byte per decision) for the backward.
 
 use std::sync::Arc;
 
 use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
-use mvar_engine::{Error, Float, Generator, Result, Tensor};
+use mvar_engine::cuda::ops::random;
+use mvar_engine::cuda::CudaDevice;
+use mvar_engine::{Device, Error, Float, Generator, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{float_kernel, one, require_float, tensor};
+use crate::util::{dispatch, float_kernel, one, out_tensor, require_float, tensor};
 
 /// out[i] = x[i] * scale where mask[i / group] is set, else 0. The forward and the backward
 /// are this same kernel.
@@ -70,6 +77,9 @@ fn masked(
     group: usize,
     rng: &mut Generator,
 ) -> Result<Tensor> {
+    if let Device::Cuda(dev) = x.device() {
+        return masked_cuda(op, x, dev, p, decisions, group.max(1), rng);
+    }
     let keep = 1.0 - p;
     let mask: Arc<Vec<bool>> = Arc::new(
         rng.uniform(decisions, 0.0, 1.0)
@@ -93,6 +103,41 @@ fn masked(
             let dx = one(float_kernel(op, &[g], &k)?);
             Ok(vec![Some(tensor(dx, g.shape().clone(), g.device())?)])
         }
+    }))
+}
+
+/// The CUDA side of [`masked`]: the same decisions drawn on the device, then out = x * scale
+/// where kept.
+fn masked_cuda(
+    op: &'static str,
+    x: &Tensor,
+    dev: &CudaDevice,
+    p: f64,
+    decisions: usize,
+    group: usize,
+    rng: &mut Generator,
+) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let threshold = random::keep_threshold(keep);
+    let seed = rng.state().seed;
+    let first = rng.reserve(decisions);
+    let mask = random::keep_mask(dev, seed, first, decisions, threshold)?;
+    let mask = Tensor::from_storage(Storage::Cuda(mask), [decisions], x.device())?;
+    // The CPU closure is never reached: the mask lives on the GPU, so `dispatch` only accepts a
+    // tensor on that GPU (a CPU one is a device mismatch).
+    let apply = move |t: &Tensor| -> Result<Tensor> {
+        let out = dispatch(
+            op,
+            &[t, &mask],
+            |_| Err(Error::invalid(op, "a CUDA mask applied to CPU storage")),
+            |dev, b| Ok(vec![random::mask_scale(dev, b[0], b[1], group, scale)?]),
+        )?;
+        out_tensor(out, t.shape().clone(), t.device())
+    };
+    let out = apply(x)?;
+    Ok(Tensor::record(out, op, &[x], move || {
+        move |g: &Tensor| Ok(vec![Some(apply(g)?)])
     }))
 }
 

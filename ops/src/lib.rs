@@ -32,7 +32,7 @@ pub use layout::*;
 pub use matmul::*;
 pub use na2d::*;
 pub use norm::*;
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
 pub use quant::*;
 pub use reduce::*;
 pub use softmax::*;

@@ -8,10 +8,18 @@
 //! moments are kept in the parameter's dtype, which is f32 for training (f32 master weights) and
 //! f64 only in tests. The no-decay set is given by parameter name, so that a model can apply the
 //! official VAR rule (biases, 1-D tensors, embeddings ...) without the optimizer knowing it.
+//!
+//! On CUDA the parameters (f32 master weights) are updated by one fused launch per step for all
+//! of them (`optim.cu`), with f32 moments that stay on the device; [`AdamW::state`] copies them
+//! to the host for a checkpoint and [`AdamW::load_state`] takes host moments back (they go to
+//! the device at the next step). Clipping reduces every CUDA gradient on the device and reads
+//! back one number.
 
 use std::collections::{BTreeMap, HashSet};
 
-use mvar_engine::{CpuStorage, Error, Float, ParamStore, Result, Storage, Tensor};
+use mvar_engine::cuda::ops::optim as cuda_optim;
+use mvar_engine::cuda::{BufferKind, CudaBuffer, CudaDevice, HostData, HostVec};
+use mvar_engine::{CpuStorage, DType, Device, Error, Float, ParamStore, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::elementwise::mul_scalar;
@@ -39,11 +47,47 @@ impl Default for AdamWConfig {
     }
 }
 
-/// First and second moments of one parameter.
+/// First and second moments of one parameter, in host memory: the moments of CPU parameters,
+/// and the checkpoint form of every parameter's moments.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Moments {
     pub m: CpuStorage,
     pub v: CpuStorage,
+}
+
+/// Where the moments of one parameter live: with a CPU parameter in host memory, with a CUDA
+/// parameter in f32 device buffers on its GPU (moments loaded from a checkpoint stay on the host
+/// until the parameter's next step).
+#[derive(Debug)]
+enum Slot {
+    Host(Moments),
+    Device {
+        dev: CudaDevice,
+        m: CudaBuffer,
+        v: CudaBuffer,
+    },
+}
+
+impl Slot {
+    /// The moments in host memory (a copy from the GPU for device moments).
+    fn to_host(&self) -> Result<Moments> {
+        Ok(match self {
+            Slot::Host(mo) => mo.clone(),
+            Slot::Device { dev, m, v } => Moments {
+                m: host_f32(dev.download(m)?),
+                v: host_f32(dev.download(v)?),
+            },
+        })
+    }
+}
+
+fn host_f32(h: HostVec) -> CpuStorage {
+    match h {
+        HostVec::F32(v) => CpuStorage::F32(v),
+        HostVec::BF16(v) => CpuStorage::BF16(v),
+        HostVec::I64(v) => CpuStorage::I64(v),
+        HostVec::U8(v) => CpuStorage::U8(v),
+    }
 }
 
 #[derive(Debug)]
@@ -52,7 +96,15 @@ pub struct AdamW {
     step: u64,
     no_decay: HashSet<String>,
     /// Moments by parameter name; created at the first step a parameter has a gradient.
-    state: BTreeMap<String, Moments>,
+    state: BTreeMap<String, Slot>,
+}
+
+/// A CUDA parameter with a gradient, waiting for the fused step.
+struct CudaItem {
+    name: String,
+    param: Tensor,
+    grad: Tensor,
+    decay: bool,
 }
 
 impl AdamW {
@@ -87,15 +139,28 @@ impl AdamW {
         &self.no_decay
     }
 
-    /// The moments of every parameter that has them (for checkpoints).
-    pub fn state(&self) -> &BTreeMap<String, Moments> {
-        &self.state
+    /// Host copies of the moments of every parameter that has them (for checkpoints); the
+    /// moments of CUDA parameters are copied from the GPU (f32).
+    pub fn state(&self) -> Result<BTreeMap<String, Moments>> {
+        self.state
+            .iter()
+            .map(|(name, slot)| Ok((name.clone(), slot.to_host()?)))
+            .collect()
     }
 
-    /// Restores the step count and moments saved by a checkpoint.
+    /// Number of parameters that have moments.
+    pub fn state_len(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Restores the step count and moments saved by a checkpoint. The moments of a CUDA
+    /// parameter (f32, its element count) are copied to its GPU at its next step.
     pub fn load_state(&mut self, step: u64, state: BTreeMap<String, Moments>) {
         self.step = step;
-        self.state = state;
+        self.state = state
+            .into_iter()
+            .map(|(name, mo)| (name, Slot::Host(mo)))
+            .collect();
     }
 
     /// Applies one update to every parameter that has a gradient.
@@ -106,8 +171,18 @@ impl AdamW {
         let c = &self.config;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let mut on_gpu = Vec::new();
         for (name, p) in params.iter() {
             let Some(g) = p.grad() else { continue };
+            if p.device().is_cuda() {
+                on_gpu.push(CudaItem {
+                    name: name.to_string(),
+                    param: p.clone(),
+                    grad: g,
+                    decay: !self.no_decay.contains(name),
+                });
+                continue;
+            }
             let decay = if self.no_decay.contains(name) {
                 0.0
             } else {
@@ -123,17 +198,165 @@ impl AdamW {
             };
             let grad = g.to_cpu_storage()?;
             let moments = match self.state.remove(name) {
-                Some(m) => m,
+                Some(slot) => slot.to_host()?,
                 None => Moments {
                     m: CpuStorage::full(p.dtype(), p.elem_count(), 0.0),
                     v: CpuStorage::full(p.dtype(), p.elem_count(), 0.0),
                 },
             };
             let moments = update_in_place(name, p, &grad, moments, &hyper)?;
-            self.state.insert(name.to_string(), moments);
+            self.state.insert(name.to_string(), Slot::Host(moments));
+        }
+        if !on_gpu.is_empty() {
+            // Rounded from f64 exactly as `adamw_kernel` rounds its constants for f32.
+            let hyper = cuda_optim::AdamWHyper {
+                decay: (1.0 - c.lr * c.weight_decay) as f32,
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                one_minus_beta1: (1.0 - c.beta1) as f32,
+                one_minus_beta2: (1.0 - c.beta2) as f32,
+                step_size: (c.lr / bias1) as f32,
+                bias2_sqrt: bias2_sqrt as f32,
+                eps: c.eps as f32,
+            };
+            for (dev, items) in by_device(on_gpu, |it| &it.param) {
+                self.step_cuda(&dev, &items, &hyper)?;
+            }
         }
         Ok(())
     }
+
+    /// The fused update of the CUDA parameters of one GPU: checks, moments on the device, one
+    /// launch.
+    fn step_cuda(
+        &mut self,
+        dev: &CudaDevice,
+        items: &[CudaItem],
+        hyper: &cuda_optim::AdamWHyper,
+    ) -> Result<()> {
+        for it in items {
+            if it.param.dtype() != DType::F32 {
+                return Err(Error::DTypeMismatch {
+                    op: "AdamW",
+                    got: format!(
+                        "parameter {:?} of dtype {} on {}",
+                        it.name,
+                        it.param.dtype(),
+                        it.param.device()
+                    ),
+                    expected: "f32 master weights on the GPU (f32 or bf16 gradients)".into(),
+                });
+            }
+            if it.grad.device() != it.param.device() {
+                return Err(Error::DeviceMismatch {
+                    op: "AdamW",
+                    got: format!(
+                        "parameter {:?} on {} with a gradient on {}",
+                        it.name,
+                        it.param.device(),
+                        it.grad.device()
+                    ),
+                    expected: "the gradient on the parameter's device".into(),
+                });
+            }
+            self.ensure_device_moments(dev, &it.name, it.param.elem_count())?;
+        }
+        // Read locks for the duration of the table build and the launch: no storage can be
+        // swapped out from under the pointers. The kernel's in-place writes are ordered on the
+        // one stream with every other use of these buffers.
+        let guards: Vec<_> = items
+            .iter()
+            .map(|it| (it.param.storage(), it.grad.storage()))
+            .collect();
+        let mut tensors = Vec::with_capacity(items.len());
+        for (it, (p, g)) in items.iter().zip(&guards) {
+            let (Storage::Cuda(param), Storage::Cuda(grad)) = (&**p, &**g) else {
+                return Err(Error::DeviceMismatch {
+                    op: "AdamW",
+                    got: format!("host storage in the CUDA parameter {:?}", it.name),
+                    expected: "storage on the tensor's device".into(),
+                });
+            };
+            let Some(Slot::Device { m, v, .. }) = self.state.get(&it.name) else {
+                return Err(Error::invalid(
+                    "AdamW",
+                    "moments missing after their upload",
+                ));
+            };
+            tensors.push(cuda_optim::AdamWTensor {
+                param,
+                grad,
+                m,
+                v,
+                decay: it.decay,
+            });
+        }
+        cuda_optim::adamw_step(dev, &tensors, hyper)?;
+        Ok(())
+    }
+
+    /// Makes the moments of `name` f32 device buffers of `n` elements on `dev`: zeros at the
+    /// first step, an upload of host moments (loaded from a checkpoint, or from steps taken on
+    /// the CPU), or a move from another GPU. Leaves the state unchanged on error.
+    fn ensure_device_moments(&mut self, dev: &CudaDevice, name: &str, n: usize) -> Result<()> {
+        let host = match self.state.get(name) {
+            None => None,
+            Some(Slot::Device { dev: d, m, v }) if d == dev && m.len() == n && v.len() == n => {
+                return Ok(())
+            }
+            Some(slot) => Some(slot.to_host()?),
+        };
+        let (m, v) = match host {
+            None => (
+                dev.zeros(BufferKind::F32, n)?,
+                dev.zeros(BufferKind::F32, n)?,
+            ),
+            Some(Moments {
+                m: CpuStorage::F32(m),
+                v: CpuStorage::F32(v),
+            }) if m.len() == n && v.len() == n => (
+                dev.upload(HostData::F32(&m))?,
+                dev.upload(HostData::F32(&v))?,
+            ),
+            Some(mo) => {
+                return Err(Error::DTypeMismatch {
+                    op: "AdamW",
+                    got: format!(
+                        "moments of {name:?}: {} [{}] and {} [{}]",
+                        mo.m.dtype(),
+                        mo.m.len(),
+                        mo.v.dtype(),
+                        mo.v.len()
+                    ),
+                    expected: format!("f32 moments of {n} elements for a CUDA parameter"),
+                })
+            }
+        };
+        self.state.insert(
+            name.to_string(),
+            Slot::Device {
+                dev: dev.clone(),
+                m,
+                v,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// Items grouped by the GPU their tensor lives on, in order of first appearance.
+fn by_device<T>(items: Vec<T>, tensor: impl Fn(&T) -> &Tensor) -> Vec<(CudaDevice, Vec<T>)> {
+    let mut groups: Vec<(CudaDevice, Vec<T>)> = Vec::new();
+    for it in items {
+        let Device::Cuda(dev) = tensor(&it).device().clone() else {
+            continue;
+        };
+        match groups.iter_mut().find(|(d, _)| *d == dev) {
+            Some((_, v)) => v.push(it),
+            None => groups.push((dev, vec![it])),
+        }
+    }
+    groups
 }
 
 impl AdamWConfig {
@@ -234,10 +457,30 @@ pub fn clip_grad_norm(params: &ParamStore, max_norm: f64) -> Result<f64> {
     }
     let grads: Vec<Tensor> = params.iter().filter_map(|(_, p)| p.grad()).collect();
     let mut sum_sq = 0.0f64;
+    let mut on_gpu = Vec::new();
     for g in &grads {
+        if g.device().is_cuda() {
+            on_gpu.push(g.clone());
+            continue;
+        }
         // One host pass per gradient on the CPU; the CUDA version reduces on the device and
         // reads back one number.
         sum_sq += g.to_vec_f64()?.iter().map(|x| x * x).sum::<f64>();
+    }
+    for (dev, gs) in by_device(on_gpu, |g| g) {
+        let guards: Vec<_> = gs.iter().map(|g| g.storage()).collect();
+        let bufs = guards
+            .iter()
+            .map(|s| match &**s {
+                Storage::Cuda(b) => Ok(b),
+                Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                    op: "clip_grad_norm",
+                    got: "host storage in a CUDA gradient".into(),
+                    expected: "storage on the tensor's device".into(),
+                }),
+            })
+            .collect::<Result<Vec<&CudaBuffer>>>()?;
+        sum_sq += cuda_optim::sum_of_squares(&dev, &bufs)?;
     }
     let norm = sum_sq.sqrt();
     if !norm.is_finite() {

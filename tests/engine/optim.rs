@@ -43,7 +43,7 @@ fn adamw_first_step_matches_the_closed_form() {
     let want_b = 0.3 - 0.1 * 4.0 / (4.0 + 1e-8);
     assert!((b.to_vec::<f64>().unwrap()[0] - want_b).abs() < 1e-12);
     assert_eq!(opt.step_count(), 1);
-    assert_eq!(opt.state().len(), 2);
+    assert_eq!(opt.state().unwrap().len(), 2);
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod elementwise;
 mod index;
 mod matmul;
 mod nn;
+mod optim;
 
 use std::sync::OnceLock;
 

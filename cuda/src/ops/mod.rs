@@ -6,6 +6,8 @@ pub mod conv;
 pub mod elementwise;
 pub mod index;
 pub mod norm;
+pub mod optim;
+pub mod random;
 pub mod reduce;
 pub mod softmax;
 

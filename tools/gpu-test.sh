@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Builds everything a GPU machine needs to run the test suite, `mvar info` and the benchmarks,
+# without a Rust toolchain there: the release test binaries of the workspace, the bench binary and
+# the `mvar` binary, stripped, in gpu-bundle/ (ignored by git) with a run-all.sh beside them.
+#
+# Usage (from anywhere in the repository):  tools/gpu-test.sh
+# Then, on the GPU machine, from the repository root:  bash gpu-bundle/run-all.sh
+#
+# The binaries load the CUDA driver, NVRTC and cuBLAS at run time (cudarc's dynamic loading), so
+# nothing here needs CUDA; run-all.sh finds the GPU machine's own libraries when it starts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BUNDLE=gpu-bundle
+LIMIT_MB=60
+
+for tool in cargo python3 strip; do
+  command -v "$tool" >/dev/null || { echo "gpu-test.sh: $tool not found" >&2; exit 1; }
+done
+
+# Executables of one kind of target from cargo's JSON messages on stdin: "test" takes every
+# artifact built with the test harness profile (unit tests of each crate and the integration
+# test targets), "bench" the bench targets.
+executables() {
+  python3 -c '
+import json, sys
+want = sys.argv[1]
+seen = set()
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+        continue
+    kinds = msg["target"]["kind"]
+    if want == "bench" and "bench" not in kinds:
+        continue
+    if want == "test" and (not msg["profile"]["test"] or "bench" in kinds):
+        continue
+    if msg["executable"] not in seen:
+        seen.add(msg["executable"])
+        print(msg["executable"])
+' "$1"
+}
+
+JSON="$(mktemp)"
+trap 'rm -f "$JSON"' EXIT
+echo "== building the release test binaries (cargo test --release --workspace --no-run)"
+cargo test --release --workspace --no-run --message-format=json > "$JSON"
+mapfile -t TESTS < <(executables test < "$JSON")
+echo "== building the bench binary (cargo bench --no-run)"
+cargo bench --no-run --message-format=json > "$JSON"
+mapfile -t BENCHES < <(executables bench < "$JSON")
+echo "== building mvar (cargo build --release -p mvar-tools)"
+cargo build --release -p mvar-tools
+MVAR_BIN=target/release/mvar
+
+[ "${#TESTS[@]}" -gt 0 ] || { echo "gpu-test.sh: cargo reported no test binaries" >&2; exit 1; }
+[ "${#BENCHES[@]}" -gt 0 ] || { echo "gpu-test.sh: cargo reported no bench binary" >&2; exit 1; }
+
+rm -rf "$BUNDLE"
+mkdir -p "$BUNDLE/tests" "$BUNDLE/benches"
+for exe in "${TESTS[@]}"; do
+  strip -o "$BUNDLE/tests/$(basename "$exe")" "$exe"
+done
+for exe in "${BENCHES[@]}"; do
+  strip -o "$BUNDLE/benches/$(basename "$exe")" "$exe"
+done
+strip -o "$BUNDLE/mvar" "$MVAR_BIN"
+
+cat > "$BUNDLE/run-all.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the bundle built by tools/gpu-test.sh on a GPU machine, from the repository root: every
+# test binary (with MVAR_REQUIRE_GPU=1, so the parity tests fail instead of skipping without a
+# GPU), then `mvar info`, then the benchmarks with short measurement times. Logs go to $OUT/logs
+# when OUT is set (else gpu-bundle/logs). Exit status: 1 if any test binary failed.
+set -uo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+LOGS="${OUT:-$HERE}/logs"
+mkdir -p "$LOGS"
+
+# The machine's own CUDA libraries (driver, NVRTC, cuBLAS): the toolkit folders, and the lib
+# folders of NVIDIA's pip wheels (nvidia/cu13/lib, nvidia/cublas/lib, ...) in python3's
+# site-packages, probed now since they differ between machines.
+dirs=()
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && dirs+=("$d")
+done
+if command -v python3 >/dev/null; then
+  while IFS= read -r sp; do
+    for d in "$sp"/nvidia/*/lib; do
+      [ -d "$d" ] && dirs+=("$d")
+    done
+  done < <(python3 -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
+fi
+if [ "${#dirs[@]}" -gt 0 ]; then
+  found="$(IFS=:; echo "${dirs[*]}")"
+  export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+export MVAR_REQUIRE_GPU=1
+
+# The fixture tests read the shared fixture set, next to the repository or inside it.
+for f in ../shared/fixtures shared/fixtures; do
+  if [ -f "$f/manifest.json" ]; then
+    export MVAR_FIXTURES_DIR="$(cd "$f" && pwd)"
+    break
+  fi
+done
+
+{
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  echo "MVAR_FIXTURES_DIR=${MVAR_FIXTURES_DIR:-<not found>}"
+  command -v nvidia-smi >/dev/null && nvidia-smi -L
+} | tee "$LOGS/environment.txt"
+
+failed=()
+for t in "$HERE"/tests/*; do
+  name="$(basename "$t")"
+  echo "== $name"
+  if "$t" > "$LOGS/test-$name.log" 2>&1; then
+    grep -E '^test result:' "$LOGS/test-$name.log" | tail -n 1
+  else
+    echo "FAILED (log: $LOGS/test-$name.log)"
+    grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/test-$name.log" | awk '!seen[$0]++' | head -n 40
+    failed+=("$name")
+  fi
+done
+
+echo "== mvar info"
+"$HERE/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
+
+# Criterion's own files (reports, baselines) stay out of $OUT; its printed figures are logged.
+export CRITERION_HOME="${TMPDIR:-/tmp}/mvar-criterion"
+for b in "$HERE"/benches/*; do
+  name="$(basename "$b")"
+  echo "== bench $name"
+  "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10 2>&1 \
+    | tee "$LOGS/bench-$name.log" | grep -E 'time:|thrpt:|^[a-z0-9_]+/' || true
+done
+
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "FAILED test binaries: ${failed[*]}"
+  exit 1
+fi
+echo "all test binaries passed"
+RUN
+chmod +x "$BUNDLE/run-all.sh"
+
+size_mb=$(du -sm "$BUNDLE" | cut -f1)
+echo "== $BUNDLE: ${#TESTS[@]} test binaries, ${#BENCHES[@]} bench binary, mvar; ${size_mb} MB"
+if [ "$size_mb" -ge "$LIMIT_MB" ]; then
+  echo "gpu-test.sh: the bundle is ${size_mb} MB, over the ${LIMIT_MB} MB limit" >&2
+  exit 1
+fi
+echo "On the GPU machine, from the repository root, run:"
+echo "  bash $BUNDLE/run-all.sh"

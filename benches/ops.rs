@@ -200,7 +200,7 @@ fn reduce(c: &mut Criterion) {
             &d,
             format!("{t}/sum last axis [4096,1024] f32"),
             || {
-                let _ = ops::sum(&x, -1, false);
+                ops::sum(&x, -1, false).unwrap();
             },
         );
         bench(
@@ -208,7 +208,7 @@ fn reduce(c: &mut Criterion) {
             &d,
             format!("{t}/sum first axis [4096,1024] f32"),
             || {
-                let _ = ops::sum(&x, 0, false);
+                ops::sum(&x, 0, false).unwrap();
             },
         );
         bench(
@@ -216,7 +216,7 @@ fn reduce(c: &mut Criterion) {
             &d,
             format!("{t}/max last axis [4096,1024] f32"),
             || {
-                let _ = ops::max(&x, -1, false);
+                ops::max(&x, -1, false).unwrap();
             },
         );
     }
@@ -254,7 +254,7 @@ fn layout(c: &mut Criterion) {
             &d,
             format!("{t}/embedding 8x680 from [4096,32]"),
             || {
-                let _ = ops::embedding(&ids, &table);
+                ops::embedding(&ids, &table).unwrap();
             },
         );
     }
@@ -275,11 +275,11 @@ fn nn(c: &mut Criterion) {
             &d,
             format!("{t}/layer_norm [5440,1024] f32"),
             || {
-                let _ = ops::layer_norm(&x, 1e-6);
+                ops::layer_norm(&x, 1e-6).unwrap();
             },
         );
         bench(&mut g, &d, format!("{t}/softmax [5440,1024] f32"), || {
-            let _ = ops::softmax(&x, -1);
+            ops::softmax(&x, -1).unwrap();
         });
         if d.is_cuda() {
             for dt in [DType::F32, DType::BF16] {
@@ -290,7 +290,7 @@ fn nn(c: &mut Criterion) {
                     &d,
                     format!("{t}/layer_norm [65536,1024] {dt}"),
                     || {
-                        let _ = ops::layer_norm(&big, 1e-6);
+                        ops::layer_norm(&big, 1e-6).unwrap();
                     },
                 );
             }
@@ -310,7 +310,7 @@ fn nn(c: &mut Criterion) {
             &d,
             format!("{t}/cross_entropy [1360,4096] f32"),
             || {
-                let _ = ops::cross_entropy(&logits, &targets, None, 0.0);
+                ops::cross_entropy(&logits, &targets, None, 0.0).unwrap();
             },
         );
         // VQVAE GroupNorm: 32 groups over [4, 128, 64, 64].
@@ -325,7 +325,7 @@ fn nn(c: &mut Criterion) {
             &d,
             format!("{t}/group_norm 32 groups [4,128,64,64] f32"),
             || {
-                let _ = ops::group_norm(&img, 32, &w, &bias, 1e-6);
+                ops::group_norm(&img, 32, &w, &bias, 1e-6).unwrap();
             },
         );
     }
@@ -423,7 +423,7 @@ fn spatial(c: &mut Criterion) {
             &d,
             format!("{t}/conv2d 3x3 [2,64,64,64] f32 (FLOPs)"),
             || {
-                let _ = ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1));
+                ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap();
             },
         );
         let pad = ops::Padding {
@@ -438,7 +438,7 @@ fn spatial(c: &mut Criterion) {
             &d,
             format!("{t}/conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)"),
             || {
-                let _ = ops::conv2d(&x, &w, Some(&b), (2, 2), pad);
+                ops::conv2d(&x, &w, Some(&b), (2, 2), pad).unwrap();
             },
         );
         // The quantizer's interpolations: batch 32 of 32-channel 16x16 latents <-> a 5x5 scale.
@@ -453,7 +453,7 @@ fn spatial(c: &mut Criterion) {
             &d,
             format!("{t}/area_downsample 16->5 [32,32] f32"),
             || {
-                let _ = ops::area_downsample(&latents, 5, 5);
+                ops::area_downsample(&latents, 5, 5).unwrap();
             },
         );
         bench(
@@ -461,7 +461,7 @@ fn spatial(c: &mut Criterion) {
             &d,
             format!("{t}/bicubic_upsample 5->16 [32,32] f32"),
             || {
-                let _ = ops::bicubic_upsample(&small, 16, 16);
+                ops::bicubic_upsample(&small, 16, 16).unwrap();
             },
         );
         g.throughput(Throughput::Bytes(bytes(5 * x.elem_count(), DType::F32)));
@@ -470,7 +470,7 @@ fn spatial(c: &mut Criterion) {
             &d,
             format!("{t}/upsample_nearest x2 [2,64,64,64] f32"),
             || {
-                let _ = ops::upsample_nearest(&x, 2);
+                ops::upsample_nearest(&x, 2).unwrap();
             },
         );
     }

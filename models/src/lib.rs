@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod nn;
+pub mod tokenizer;
 pub mod vqvae;
 
 pub use vqvae::{phi_index, QuantizeOutput, VqVae, VqVaeConfig};

@@ -13,13 +13,13 @@
 
 use mvar_engine::{no_grad, DType, Device, Error, Result, Tensor};
 use mvar_ops as ops;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::nn::{Builder, Conv2d, Embedding, GroupNorm, Init};
 
 /// Everything that shapes a VQVAE; field names are the official constructor's, so the
 /// `config` objects of the fixture manifest deserialise into it directly.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VqVaeConfig {
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,

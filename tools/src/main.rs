@@ -1,5 +1,7 @@
 //! The `mvar` command line.
 
+mod train_tokenizer;
+
 use clap::{Parser, Subcommand};
 use mvar_engine::Device;
 
@@ -19,17 +21,27 @@ enum Command {
     /// Report the build, the CPU threads and the GPU found at run time (if any), and the device
     /// that MVAR_DEVICE selects.
     Info,
+    /// Train the multi-scale VQVAE tokenizer on an image folder or a CIFAR-style binary data set.
+    TrainTokenizer(train_tokenizer::TrainTokenizerArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
+        Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(args, d)),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// Picks the device (MVAR_DEVICE, else the first GPU, else the CPU), says which, and runs `f`.
+fn with_device(f: impl FnOnce(&Device) -> mvar_engine::Result<()>) -> mvar_engine::Result<()> {
+    let device = Device::from_env()?;
+    println!("device: {}", device.describe());
+    f(&device)
 }
 
 fn info() -> mvar_engine::Result<()> {

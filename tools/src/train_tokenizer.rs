@@ -1,0 +1,292 @@
+//! `mvar train-tokenizer`: trains the multi-scale VQVAE on an image folder or a CIFAR-style binary
+//! data set, with resumable checkpoints, JSONL metrics, and an evaluation of reconstruction PSNR
+//! and codebook usage per scale.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use mvar_engine::{Device, Error, Generator, Result};
+use mvar_models::checkpoint::{load_training, save_training, TrainingState};
+use mvar_models::data::{grid, save_png, Crop, ImageDataset};
+use mvar_models::tokenizer::{evaluate, TokenizerTrainConfig, TokenizerTrainer};
+use mvar_models::{VqVae, VqVaeConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainTokenizerArgs {
+    /// Image folder (root/<class>/<image>) or CIFAR-style binary folder (<split>.bin).
+    #[arg(long, default_value = "data/cifar10-subset")]
+    pub data: PathBuf,
+    /// Split used for training (a CIFAR-binary file name, or a subfolder of an image folder).
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Split used for evaluation (skipped when it does not exist).
+    #[arg(long, default_value = "test")]
+    pub val_split: String,
+    /// Output folder for checkpoints, metrics and images.
+    #[arg(long, default_value = "runs/tokenizer")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1500)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Image side the tokenizer is trained at.
+    #[arg(long, default_value_t = 32)]
+    pub side: usize,
+    /// A VQVAE config as JSON (official field names); overrides the size flags below.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 32)]
+    pub ch: usize,
+    #[arg(long, default_value = "1,2,2")]
+    pub ch_mult: String,
+    #[arg(long, default_value_t = 32)]
+    pub z_channels: usize,
+    /// Scales of the pyramid; the last must be side / 2^(levels-1).
+    #[arg(long, default_value = "1,2,3,4,6,8")]
+    pub patch_nums: String,
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub l1: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub l2: f64,
+    #[arg(long, default_value_t = 0.25)]
+    pub beta: f64,
+    /// Restart codes unused for this many steps (0 = never).
+    #[arg(long, default_value_t = 100)]
+    pub dead_after: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 50)]
+    pub log_every: u64,
+    #[arg(long, default_value_t = 250)]
+    pub checkpoint_every: u64,
+    /// Continue from `<out>/tokenizer-train.safetensors`.
+    #[arg(long)]
+    pub resume: bool,
+    /// No horizontal flips.
+    #[arg(long)]
+    pub no_flip: bool,
+}
+
+fn list(s: &str, what: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|p| p.trim().parse::<usize>().map_err(|_| Error::invalid("train-tokenizer", format!("--{what} {s:?}: expected numbers separated by commas"))))
+        .collect()
+}
+
+/// Loads a split: CIFAR-binary when `<dir>/<split>.bin` exists, else an image folder
+/// (`<dir>/<split>` when that folder exists, else `<dir>` itself for the training split).
+pub fn load_split(dir: &Path, split: &str, side: usize, required: bool) -> Result<Option<ImageDataset>> {
+    if dir.join(format!("{split}.bin")).is_file() {
+        return ImageDataset::load_cifar_binary(dir, split, side).map(Some);
+    }
+    if dir.join(split).is_dir() {
+        return ImageDataset::load_folder(&dir.join(split), side).map(Some);
+    }
+    if required {
+        return ImageDataset::load_folder(dir, side).map(Some);
+    }
+    Ok(None)
+}
+
+/// The permutation of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the
+/// same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut g = Generator::new(seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch + 1));
+    let mut order: Vec<usize> = (0..n).collect();
+    let words = g.next_u32s(n);
+    for i in (1..n).rev() {
+        order.swap(i, words[i] as usize % (i + 1));
+    }
+    order
+}
+
+/// The images of step `step` (1-based): consecutive slices of the epoch permutations.
+pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize> {
+    let start = (step - 1) * batch as u64;
+    (0..batch as u64)
+        .map(|k| {
+            let pos = start + k;
+            let (epoch, i) = (pos / n as u64, (pos % n as u64) as usize);
+            epoch_order(n, seed, epoch)[i]
+        })
+        .collect()
+}
+
+pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
+    let config = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::Io { path: p.display().to_string(), source: e })?;
+            serde_json::from_str::<VqVaeConfig>(&text).map_err(|e| Error::Format { what: p.display().to_string(), msg: e.to_string() })?
+        }
+        None => VqVaeConfig {
+            vocab_size: args.vocab,
+            z_channels: args.z_channels,
+            ch: args.ch,
+            ch_mult: list(&args.ch_mult, "ch-mult")?,
+            v_patch_nums: list(&args.patch_nums, "patch-nums")?,
+            ..VqVaeConfig::default()
+        },
+    };
+    config.validate()?;
+    let latent = args.side / config.downsample();
+    if latent * config.downsample() != args.side || config.v_patch_nums.last() != Some(&latent) {
+        return Err(Error::invalid(
+            "train-tokenizer",
+            format!(
+                "--side {} gives a {latent}x{latent} latent at downsampling {}; expected the last scale of {:?} to equal it",
+                args.side,
+                config.downsample(),
+                config.v_patch_nums
+            ),
+        ));
+    }
+    if args.batch == 0 {
+        return Err(Error::invalid("train-tokenizer", "--batch 0"));
+    }
+    let t0 = Instant::now();
+    let train = load_split(&args.data, &args.split, args.side, true)?.expect("required split");
+    let val = load_split(&args.data, &args.val_split, args.side, false)?;
+    println!(
+        "data: {} training images, {} classes{} ({:.1}s)",
+        train.len(),
+        train.classes().len(),
+        val.as_ref().map(|v| format!(", {} validation images", v.len())).unwrap_or_default(),
+        t0.elapsed().as_secs_f64()
+    );
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::Io { path: args.out.display().to_string(), source: e })?;
+    let vae = VqVae::new(config.clone(), device, args.seed)?;
+    println!("tokenizer: {} parameters, vocab {}, scales {:?}", vae.params.num_elements(), config.vocab_size, config.v_patch_nums);
+    let train_cfg = TokenizerTrainConfig {
+        lr: args.lr,
+        l1: args.l1,
+        l2: args.l2,
+        beta: args.beta,
+        dead_after: args.dead_after,
+        ..TokenizerTrainConfig::default()
+    };
+    let mut trainer = TokenizerTrainer::new(vae, train_cfg)?;
+    let ckpt = args.out.join("tokenizer-train.safetensors");
+    let mut rng = Generator::new(args.seed.wrapping_add(1));
+    if args.resume {
+        let state = load_training(&ckpt, &trainer.vae.named_tensors(), &mut trainer.opt)?;
+        if let Some(saved) = state.extra.get("vqvae_config") {
+            let saved: VqVaeConfig = serde_json::from_str(saved).map_err(|e| Error::Format { what: ckpt.display().to_string(), msg: e.to_string() })?;
+            if saved != config {
+                return Err(Error::Format {
+                    what: ckpt.display().to_string(),
+                    msg: format!("checkpoint of another tokenizer config: {saved:?}; this run asks for {config:?}"),
+                });
+            }
+        }
+        trainer.set_step(state.step);
+        rng = Generator::from_state(state.rng);
+        println!("resumed from {} at step {}", ckpt.display(), state.step);
+    }
+    let save = |trainer: &TokenizerTrainer, rng: &Generator| -> Result<()> {
+        let mut extra = BTreeMap::new();
+        extra.insert("vqvae_config".to_string(), serde_json::to_string(&config).unwrap_or_default());
+        let state = TrainingState { step: trainer.step_count(), rng: rng.state(), extra };
+        save_training(&ckpt, &trainer.vae.named_tensors(), &trainer.opt, &state)
+    };
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::Io { path: metrics_path.display().to_string(), source: e })?;
+    let start = Instant::now();
+    let first = trainer.step_count();
+    while trainer.step_count() < args.steps {
+        let step = trainer.step_count() + 1;
+        let idx = batch_indices(train.len(), args.batch, args.seed, step);
+        let (x, _) = train.batch(&idx, Crop::Random, !args.no_flip, &mut rng, device)?;
+        let s = trainer.step(&x, &mut rng)?;
+        let line = format!(
+            "{{\"step\":{},\"loss\":{:.6},\"recon_l1\":{:.6},\"recon_l2\":{:.6},\"vq_loss\":{:.6},\"psnr\":{:.3},\"grad_norm\":{:.4},\"restarted\":{}}}\n",
+            s.step, s.loss, s.recon_l1, s.recon_l2, s.vq_loss, s.psnr, s.grad_norm, s.restarted
+        );
+        metrics.write_all(line.as_bytes()).map_err(|e| Error::Io { path: metrics_path.display().to_string(), source: e })?;
+        if s.step % args.log_every == 0 || s.step == args.steps {
+            let done = (s.step - first) as f64;
+            let rate = done / start.elapsed().as_secs_f64();
+            println!(
+                "step {:>6}/{} loss {:.4} (l1 {:.4} l2 {:.4} vq {:.4}) psnr {:.2} dB, {:.2} steps/s, {:.0} img/s, eta {:.0}s{}",
+                s.step,
+                args.steps,
+                s.loss,
+                s.recon_l1,
+                s.recon_l2,
+                s.vq_loss,
+                s.psnr,
+                rate,
+                rate * args.batch as f64,
+                (args.steps - s.step) as f64 / rate.max(1e-9),
+                if s.restarted > 0 { format!(", {} codes restarted", s.restarted) } else { String::new() }
+            );
+        }
+        if s.step % args.checkpoint_every == 0 {
+            save(&trainer, &rng)?;
+        }
+    }
+    save(&trainer, &rng)?;
+    let weights = args.out.join("tokenizer.safetensors");
+    trainer.vae.save(&weights)?;
+    let cfg_path = args.out.join("tokenizer.json");
+    mvar_models::checkpoint::write_atomic(&cfg_path, serde_json::to_string_pretty(&config).unwrap_or_default().as_bytes())?;
+
+    let mut report = serde_json::Map::new();
+    for (name, ds) in [("train", Some(&train)), ("val", val.as_ref())] {
+        let Some(ds) = ds else { continue };
+        let e = evaluate(&trainer.vae, ds, 64, device)?;
+        let usage: Vec<String> = e.usage.iter().map(|u| format!("{:.0}%", u * 100.0)).collect();
+        println!("{name}: reconstruction PSNR {:.2} dB over {} images; codebook usage per scale {}", e.psnr, e.images, usage.join(" "));
+        report.insert(
+            name.to_string(),
+            serde_json::json!({"psnr": e.psnr, "images": e.images, "usage_per_scale": e.usage}),
+        );
+    }
+    mvar_models::checkpoint::write_atomic(
+        &args.out.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(report)).unwrap_or_default().as_bytes(),
+    )?;
+    // Reconstruction grid: originals in the top row, reconstructions below.
+    let show = val.as_ref().unwrap_or(&train);
+    let n = show.len().min(10);
+    let (x, _) = show.batch(&(0..n).collect::<Vec<_>>(), Crop::Center, false, &mut Generator::new(0), device)?;
+    let rec = {
+        let _ng = mvar_engine::no_grad();
+        trainer.vae.idx_to_img(&trainer.vae.img_to_idx(&x)?)?
+    };
+    let both = mvar_ops::concat(&[&x, &rec], 0)?;
+    let (px, h, w) = grid(&both, n)?;
+    let png = args.out.join("recon.png");
+    save_png(&png, &px, h, w)?;
+    println!("wrote {}, {}, {}, {} and {}", weights.display(), cfg_path.display(), ckpt.display(), metrics_path.display(), png.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_are_permutations_and_batches_are_reproducible() {
+        let order = epoch_order(10, 3, 0);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_ne!(epoch_order(10, 3, 1), order);
+        assert_eq!(batch_indices(10, 4, 3, 1), order[..4].to_vec());
+        // Step 3 straddles epochs 0 and 1.
+        let b3 = batch_indices(10, 4, 3, 3);
+        assert_eq!(b3[..2], order[8..]);
+        assert_eq!(b3[2..], epoch_order(10, 3, 1)[..2]);
+    }
+}

@@ -364,9 +364,18 @@ pub fn save_training(
     let mut tensors: Vec<(String, Tensor)> = model.to_vec();
     let shapes: HashMap<&str, &Tensor> = model.iter().map(|(n, t)| (n.as_str(), t)).collect();
     for (name, mo) in opt.state()? {
-        let dims = shapes.get(name.as_str()).map(|t| t.dims().to_vec()).unwrap_or_else(|| vec![mo.m.len()]);
-        tensors.push((format!("optim.m.{name}"), Tensor::from_cpu(mo.m, dims.clone(), &Device::Cpu)?));
-        tensors.push((format!("optim.v.{name}"), Tensor::from_cpu(mo.v, dims, &Device::Cpu)?));
+        let dims = shapes
+            .get(name.as_str())
+            .map(|t| t.dims().to_vec())
+            .unwrap_or_else(|| vec![mo.m.len()]);
+        tensors.push((
+            format!("optim.m.{name}"),
+            Tensor::from_cpu(mo.m, dims.clone(), &Device::Cpu)?,
+        ));
+        tensors.push((
+            format!("optim.v.{name}"),
+            Tensor::from_cpu(mo.v, dims, &Device::Cpu)?,
+        ));
     }
     let mut meta: HashMap<String, String> = HashMap::new();
     meta.insert(META_STEP.into(), state.step.to_string());
@@ -381,50 +390,83 @@ pub fn save_training(
 
 /// Reads a training checkpoint written by [`save_training`]: loads the model's tensors into
 /// `model` (strictly by name and shape), the moments into `opt`, and returns the state.
-pub fn load_training(path: &Path, model: &[(String, Tensor)], opt: &mut mvar_ops::AdamW) -> Result<TrainingState> {
+pub fn load_training(
+    path: &Path,
+    model: &[(String, Tensor)],
+    opt: &mut mvar_ops::AdamW,
+) -> Result<TrainingState> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| format_err(path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        format_err(
+            path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
     let meta = header.metadata().clone().unwrap_or_default();
     let num = |key: &str| -> Result<u64> {
-        meta.get(key)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format_err(path, format!("metadata {key:?} missing or not a number: not a training checkpoint")))
+        meta.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| {
+            format_err(
+                path,
+                format!("metadata {key:?} missing or not a number: not a training checkpoint"),
+            )
+        })
     };
     let state = TrainingState {
         step: num(META_STEP)?,
-        rng: mvar_engine::GeneratorState { seed: num(META_SEED)?, offset: num(META_OFFSET)? },
+        rng: mvar_engine::GeneratorState {
+            seed: num(META_SEED)?,
+            offset: num(META_OFFSET)?,
+        },
         extra: meta
             .iter()
-            .filter_map(|(k, v)| k.strip_prefix(EXTRA_PREFIX).map(|k| (k.to_string(), v.clone())))
+            .filter_map(|(k, v)| {
+                k.strip_prefix(EXTRA_PREFIX)
+                    .map(|k| (k.to_string(), v.clone()))
+            })
             .collect(),
     };
     let opt_step = num(META_OPT_STEP)?;
     let tensors = parse_safetensors(&bytes).map_err(|msg| format_err(path, msg))?;
     let what = format!("training checkpoint {}", path.display());
-    let (model_part, optim_part): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
-        tensors.into_iter().partition(|(k, _)| !k.starts_with("optim."));
+    let (model_part, optim_part): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) = tensors
+        .into_iter()
+        .partition(|(k, _)| !k.starts_with("optim."));
     load_into(&what, model, &model_part, true)?;
     let mut moments = BTreeMap::new();
     for (name, target) in model {
-        let (m, v) = (optim_part.get(&format!("optim.m.{name}")), optim_part.get(&format!("optim.v.{name}")));
+        let (m, v) = (
+            optim_part.get(&format!("optim.m.{name}")),
+            optim_part.get(&format!("optim.v.{name}")),
+        );
         match (m, v) {
             (Some(m), Some(v)) => {
                 for (which, t) in [("optim.m", m), ("optim.v", v)] {
                     if t.elem_count() != target.elem_count() {
                         return Err(Error::Format {
                             what: what.clone(),
-                            msg: format!("tensor \"{which}.{name}\" has shape {}; expected {}", t.shape(), target.shape()),
+                            msg: format!(
+                                "tensor \"{which}.{name}\" has shape {}; expected {}",
+                                t.shape(),
+                                target.shape()
+                            ),
                         });
                     }
                 }
                 moments.insert(
                     name.clone(),
-                    mvar_ops::Moments { m: m.to_dtype(target.dtype())?.to_cpu_storage()?, v: v.to_dtype(target.dtype())?.to_cpu_storage()? },
+                    mvar_ops::Moments {
+                        m: m.to_dtype(target.dtype())?.to_cpu_storage()?,
+                        v: v.to_dtype(target.dtype())?.to_cpu_storage()?,
+                    },
                 );
             }
             (None, None) => {}
-            _ => return Err(Error::Format { what: what.clone(), msg: format!("only one of the two moments of {name:?}") }),
+            _ => {
+                return Err(Error::Format {
+                    what: what.clone(),
+                    msg: format!("only one of the two moments of {name:?}"),
+                })
+            }
         }
     }
     opt.load_state(opt_step, moments);

@@ -5,6 +5,8 @@ pub mod checkpoint;
 pub mod data;
 pub mod nn;
 pub mod tokenizer;
+pub mod var;
 pub mod vqvae;
 
+pub use var::{Mixing, SampleConfig, SampleOutput, Var, VarConfig};
 pub use vqvae::{phi_index, QuantizeOutput, VqVae, VqVaeConfig};

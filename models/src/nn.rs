@@ -94,6 +94,34 @@ impl Builder {
         self.inner.borrow_mut().params.insert(full, &t)
     }
 
+    /// A trainable parameter with the given initial value (for inits that are not one
+    /// distribution, like VAR's row-scaled AdaLN weights).
+    pub fn param_value(&self, name: &str, value: &Tensor) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let (device, dtype) = {
+            let inner = self.inner.borrow();
+            (inner.device.clone(), inner.dtype)
+        };
+        let v = value.to_dtype(dtype)?.to_device(&device)?;
+        self.inner.borrow_mut().params.insert(full, &v)
+    }
+
+    /// Draws a tensor from `init` without registering it.
+    pub fn draw(&self, shape: impl Into<Shape>, init: Init) -> Result<Tensor> {
+        self.init_tensor(&shape.into(), init)
+    }
+
+    /// A persistent buffer with the given value.
+    pub fn buffer_value(&self, name: &str, value: Tensor) -> Result<Tensor> {
+        let device = self.inner.borrow().device.clone();
+        let v = value.to_device(&device)?;
+        self.inner
+            .borrow_mut()
+            .buffers
+            .push((self.full_name(name), v.clone()));
+        Ok(v)
+    }
+
     /// A persistent buffer (saved in checkpoints, not trained), e.g. codebook hit counts.
     pub fn buffer(&self, name: &str, shape: impl Into<Shape>, init: Init) -> Result<Tensor> {
         let t = self.init_tensor(&shape.into(), init)?;

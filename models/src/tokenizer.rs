@@ -109,7 +109,13 @@ impl TokenizerTrainer {
             |name, t| t.rank() <= 1 || name.ends_with("embedding.weight"),
         )?;
         let v = vae.config.vocab_size;
-        Ok(TokenizerTrainer { vae, opt, config, step: 0, last_hit: vec![0; v] })
+        Ok(TokenizerTrainer {
+            vae,
+            opt,
+            config,
+            step: 0,
+            last_hit: vec![0; v],
+        })
     }
 
     pub fn step_count(&self) -> u64 {
@@ -148,9 +154,16 @@ impl TokenizerTrainer {
             ));
         }
         loss.backward()?;
-        let grad_norm = if c.clip > 0.0 { ops::clip_grad_norm(&self.vae.params, c.clip)? } else { f64::NAN };
+        let grad_norm = if c.clip > 0.0 {
+            ops::clip_grad_norm(&self.vae.params, c.clip)?
+        } else {
+            f64::NAN
+        };
         if !grad_norm.is_nan() && !grad_norm.is_finite() {
-            return Err(Error::invalid("train-tokenizer", format!("the gradient norm is {grad_norm} at step {}", self.step + 1)));
+            return Err(Error::invalid(
+                "train-tokenizer",
+                format!("the gradient norm is {grad_norm} at step {}", self.step + 1),
+            ));
         }
         self.opt.step(&self.vae.params)?;
         self.step += 1;
@@ -159,7 +172,12 @@ impl TokenizerTrainer {
             let _ng = no_grad();
             let err = ops::mul_scalar(&ops::sub(&ops::clamp(&raw.detach(), -1.0, 1.0)?, x)?, 0.5)?;
             let mse01 = ops::mean_all(&ops::square(&err)?)?.to_f64()?;
-            (psnr_from_mse(mse01), l1.to_f64()?, l2.to_f64()?, q.loss.to_f64()?)
+            (
+                psnr_from_mse(mse01),
+                l1.to_f64()?,
+                l2.to_f64()?,
+                q.loss.to_f64()?,
+            )
         };
         self.track_hits(&q.idx)?;
         let restarted = self.restart_dead_codes(&q.residuals, rng)?;
@@ -189,10 +207,15 @@ impl TokenizerTrainer {
             }
             let row = &mut table[si * v..(si + 1) * v];
             for (e, h) in row.iter_mut().zip(hits) {
-                *e = if self.step == 1 { h } else { *e * decay + h * (1.0 - decay) };
+                *e = if self.step == 1 {
+                    h
+                } else {
+                    *e * decay + h * (1.0 - decay)
+                };
             }
         }
-        let fresh = Tensor::from_vec(table, ema.shape().clone(), ema.device())?.to_dtype(ema.dtype())?;
+        let fresh =
+            Tensor::from_vec(table, ema.shape().clone(), ema.device())?.to_dtype(ema.dtype())?;
         ema.copy_from(&fresh)
     }
 
@@ -202,7 +225,9 @@ impl TokenizerTrainer {
         if after == 0 || self.step < after {
             return Ok(0);
         }
-        let dead: Vec<usize> = (0..self.last_hit.len()).filter(|&i| self.step - self.last_hit[i] >= after).collect();
+        let dead: Vec<usize> = (0..self.last_hit.len())
+            .filter(|&i| self.step - self.last_hit[i] >= after)
+            .collect();
         if dead.is_empty() {
             return Ok(0);
         }
@@ -221,20 +246,31 @@ impl TokenizerTrainer {
             table[code * c..(code + 1) * c].copy_from_slice(&rows[r * c..(r + 1) * c]);
             self.last_hit[code] = self.step;
         }
-        let fresh = Tensor::from_vec(table, weight.shape().clone(), weight.device())?.to_dtype(weight.dtype())?;
+        let fresh = Tensor::from_vec(table, weight.shape().clone(), weight.device())?
+            .to_dtype(weight.dtype())?;
         weight.copy_from(&fresh)?;
         Ok(dead.len())
     }
 
     /// PSNR of the clamped reconstruction through the token maps (what VAR sees) and codebook
     /// usage per scale, over the whole data set (centre crops, no flips).
-    pub fn evaluate(&self, data: &ImageDataset, batch: usize, device: &Device) -> Result<EvalStats> {
+    pub fn evaluate(
+        &self,
+        data: &ImageDataset,
+        batch: usize,
+        device: &Device,
+    ) -> Result<EvalStats> {
         evaluate(&self.vae, data, batch, device)
     }
 }
 
 /// See [`TokenizerTrainer::evaluate`].
-pub fn evaluate(vae: &VqVae, data: &ImageDataset, batch: usize, device: &Device) -> Result<EvalStats> {
+pub fn evaluate(
+    vae: &VqVae,
+    data: &ImageDataset,
+    batch: usize,
+    device: &Device,
+) -> Result<EvalStats> {
     let _ng = no_grad();
     let sn = vae.config.v_patch_nums.len();
     let v = vae.config.vocab_size;
@@ -258,7 +294,10 @@ pub fn evaluate(vae: &VqVae, data: &ImageDataset, batch: usize, device: &Device)
     }
     Ok(EvalStats {
         psnr: psnr_from_mse(sq_sum / count.max(1) as f64),
-        usage: used.iter().map(|u| u.iter().filter(|&&b| b).count() as f64 / v as f64).collect(),
+        usage: used
+            .iter()
+            .map(|u| u.iter().filter(|&&b| b).count() as f64 / v as f64)
+            .collect(),
         images: data.len(),
     })
 }
@@ -285,26 +324,67 @@ mod tests {
     #[test]
     fn straight_through_reaches_the_encoder_and_the_codebook_learns() {
         let vae = VqVae::new(tiny(), &Device::Cpu, 3).unwrap();
-        let x = Tensor::randn([2, 8, 4, 4], 0.0, 1.0, mvar_engine::DType::F32, &Device::Cpu, &mut Generator::new(1)).unwrap().with_grad().unwrap();
+        let x = Tensor::randn(
+            [2, 8, 4, 4],
+            0.0,
+            1.0,
+            mvar_engine::DType::F32,
+            &Device::Cpu,
+            &mut Generator::new(1),
+        )
+        .unwrap()
+        .with_grad()
+        .unwrap();
         let q = vae.quantize_train(&x, 0.25).unwrap();
         // d(sum f_hat_st)/dx is exactly 1 everywhere (straight-through).
         ops::sum_all(&q.f_hat_st).unwrap().backward().unwrap();
-        assert!(x.grad().unwrap().to_vec::<f32>().unwrap().iter().all(|&g| (g - 1.0).abs() < 1e-6));
+        assert!(x
+            .grad()
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&g| (g - 1.0).abs() < 1e-6));
         // The vq loss trains the codebook and the Phi convs.
         q.loss.backward().unwrap();
-        let e = vae.params.get("quantize.embedding.weight").unwrap().grad().unwrap();
+        let e = vae
+            .params
+            .get("quantize.embedding.weight")
+            .unwrap()
+            .grad()
+            .unwrap();
         assert!(e.to_vec::<f32>().unwrap().iter().any(|&g| g != 0.0));
-        assert!(vae.params.get("quantize.quant_resi.qresi_ls.0.weight").unwrap().grad().is_some());
-        assert_eq!(q.residuals.iter().map(|r| r.dims()[0]).collect::<Vec<_>>(), vec![2, 8, 32]);
+        assert!(vae
+            .params
+            .get("quantize.quant_resi.qresi_ls.0.weight")
+            .unwrap()
+            .grad()
+            .is_some());
+        assert_eq!(
+            q.residuals.iter().map(|r| r.dims()[0]).collect::<Vec<_>>(),
+            vec![2, 8, 32]
+        );
     }
 
     #[test]
     fn a_few_steps_lower_the_loss_and_restart_dead_codes() {
         let vae = VqVae::new(tiny(), &Device::Cpu, 5).unwrap();
-        let cfg = TokenizerTrainConfig { lr: 2e-3, dead_after: 3, ..Default::default() };
+        let cfg = TokenizerTrainConfig {
+            lr: 2e-3,
+            dead_after: 3,
+            ..Default::default()
+        };
         let mut tr = TokenizerTrainer::new(vae, cfg).unwrap();
         let mut rng = Generator::new(2);
-        let x = Tensor::rand_uniform([4, 3, 8, 8], -1.0, 1.0, mvar_engine::DType::F32, &Device::Cpu, &mut rng).unwrap();
+        let x = Tensor::rand_uniform(
+            [4, 3, 8, 8],
+            -1.0,
+            1.0,
+            mvar_engine::DType::F32,
+            &Device::Cpu,
+            &mut rng,
+        )
+        .unwrap();
         let first = tr.step(&x, &mut rng).unwrap();
         let mut last = first.clone();
         let mut restarted = 0;
@@ -313,7 +393,10 @@ mod tests {
             restarted += last.restarted;
         }
         assert!(last.loss < first.loss, "{} -> {}", first.loss, last.loss);
-        assert!(restarted > 0, "16 codes and 4x(1+4+16) tokens: some code must have gone unused");
+        assert!(
+            restarted > 0,
+            "16 codes and 4x(1+4+16) tokens: some code must have gone unused"
+        );
         let ema = tr.vae.quantize.ema_vocab_hit.to_vec_f32().unwrap();
         assert!(ema.iter().any(|&h| h > 0.0));
     }

@@ -343,10 +343,17 @@ impl FloatKernel for GroupNormFwd {
             let (mean, rstd) = row_stats(row, eps);
             // Channel by channel, so that the affine folds into one scale and shift.
             let first = gr.channel(r, 0);
-            for (j, (ys, xs)) in y.chunks_mut(gr.spatial).zip(row.chunks(gr.spatial)).enumerate() {
+            for (j, (ys, xs)) in y
+                .chunks_mut(gr.spatial)
+                .zip(row.chunks(gr.spatial))
+                .enumerate()
+            {
                 let c = first + j;
                 let scale = rstd * w[c].as_f64();
-                let (sc, sh) = (T::from_f64(scale), T::from_f64(b[c].as_f64() - mean * scale));
+                let (sc, sh) = (
+                    T::from_f64(scale),
+                    T::from_f64(b[c].as_f64() - mean * scale),
+                );
                 for (o, &v) in ys.iter_mut().zip(xs) {
                     *o = v * sc + sh;
                 }
@@ -380,7 +387,11 @@ impl FloatKernel for GroupNormBwd {
             let (mut sh, mut shx) = (0.0f64, 0.0f64);
             for (j, (xc, gc)) in xr.chunks(gr.spatial).zip(g.chunks(gr.spatial)).enumerate() {
                 let sg = lane_sum(gc.iter().map(|v| v.as_f64()));
-                let sgx = lane_sum(xc.iter().zip(gc).map(|(&v, &gv)| gv.as_f64() * (v.as_f64() - mean))) * rstd;
+                let sgx = lane_sum(
+                    xc.iter()
+                        .zip(gc)
+                        .map(|(&v, &gv)| gv.as_f64() * (v.as_f64() - mean)),
+                ) * rstd;
                 part[2 * j] = sgx;
                 part[2 * j + 1] = sg;
                 let wc = w[first + j].as_f64();
@@ -388,7 +399,12 @@ impl FloatKernel for GroupNormBwd {
                 shx += wc * sgx;
             }
             let (mh, mhx) = (sh / d as f64, shx / d as f64);
-            for (j, ((oc, xc), gc)) in dx.chunks_mut(gr.spatial).zip(xr.chunks(gr.spatial)).zip(g.chunks(gr.spatial)).enumerate() {
+            for (j, ((oc, xc), gc)) in dx
+                .chunks_mut(gr.spatial)
+                .zip(xr.chunks(gr.spatial))
+                .zip(g.chunks(gr.spatial))
+                .enumerate()
+            {
                 // dx = rstd * (g w - mh - xhat mhx), xhat = (x - mean) rstd, folded into
                 // dx = g * a + x * b + c per channel.
                 let wc = w[first + j].as_f64();

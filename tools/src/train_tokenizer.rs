@@ -76,13 +76,25 @@ pub struct TrainTokenizerArgs {
 
 fn list(s: &str, what: &str) -> Result<Vec<usize>> {
     s.split(',')
-        .map(|p| p.trim().parse::<usize>().map_err(|_| Error::invalid("train-tokenizer", format!("--{what} {s:?}: expected numbers separated by commas"))))
+        .map(|p| {
+            p.trim().parse::<usize>().map_err(|_| {
+                Error::invalid(
+                    "train-tokenizer",
+                    format!("--{what} {s:?}: expected numbers separated by commas"),
+                )
+            })
+        })
         .collect()
 }
 
 /// Loads a split: CIFAR-binary when `<dir>/<split>.bin` exists, else an image folder
 /// (`<dir>/<split>` when that folder exists, else `<dir>` itself for the training split).
-pub fn load_split(dir: &Path, split: &str, side: usize, required: bool) -> Result<Option<ImageDataset>> {
+pub fn load_split(
+    dir: &Path,
+    split: &str,
+    side: usize,
+    required: bool,
+) -> Result<Option<ImageDataset>> {
     if dir.join(format!("{split}.bin")).is_file() {
         return ImageDataset::load_cifar_binary(dir, split, side).map(Some);
     }
@@ -122,8 +134,14 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
 pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     let config = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::Io { path: p.display().to_string(), source: e })?;
-            serde_json::from_str::<VqVaeConfig>(&text).map_err(|e| Error::Format { what: p.display().to_string(), msg: e.to_string() })?
+            let text = std::fs::read_to_string(p).map_err(|e| Error::Io {
+                path: p.display().to_string(),
+                source: e,
+            })?;
+            serde_json::from_str::<VqVaeConfig>(&text).map_err(|e| Error::Format {
+                what: p.display().to_string(),
+                msg: e.to_string(),
+            })?
         }
         None => VqVaeConfig {
             vocab_size: args.vocab,
@@ -157,12 +175,22 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         "data: {} training images, {} classes{} ({:.1}s)",
         train.len(),
         train.classes().len(),
-        val.as_ref().map(|v| format!(", {} validation images", v.len())).unwrap_or_default(),
+        val.as_ref()
+            .map(|v| format!(", {} validation images", v.len()))
+            .unwrap_or_default(),
         t0.elapsed().as_secs_f64()
     );
-    std::fs::create_dir_all(&args.out).map_err(|e| Error::Io { path: args.out.display().to_string(), source: e })?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::Io {
+        path: args.out.display().to_string(),
+        source: e,
+    })?;
     let vae = VqVae::new(config.clone(), device, args.seed)?;
-    println!("tokenizer: {} parameters, vocab {}, scales {:?}", vae.params.num_elements(), config.vocab_size, config.v_patch_nums);
+    println!(
+        "tokenizer: {} parameters, vocab {}, scales {:?}",
+        vae.params.num_elements(),
+        config.vocab_size,
+        config.v_patch_nums
+    );
     let train_cfg = TokenizerTrainConfig {
         lr: args.lr,
         l1: args.l1,
@@ -177,7 +205,10 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     if args.resume {
         let state = load_training(&ckpt, &trainer.vae.named_tensors(), &mut trainer.opt)?;
         if let Some(saved) = state.extra.get("vqvae_config") {
-            let saved: VqVaeConfig = serde_json::from_str(saved).map_err(|e| Error::Format { what: ckpt.display().to_string(), msg: e.to_string() })?;
+            let saved: VqVaeConfig = serde_json::from_str(saved).map_err(|e| Error::Format {
+                what: ckpt.display().to_string(),
+                msg: e.to_string(),
+            })?;
             if saved != config {
                 return Err(Error::Format {
                     what: ckpt.display().to_string(),
@@ -191,8 +222,15 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     }
     let save = |trainer: &TokenizerTrainer, rng: &Generator| -> Result<()> {
         let mut extra = BTreeMap::new();
-        extra.insert("vqvae_config".to_string(), serde_json::to_string(&config).unwrap_or_default());
-        let state = TrainingState { step: trainer.step_count(), rng: rng.state(), extra };
+        extra.insert(
+            "vqvae_config".to_string(),
+            serde_json::to_string(&config).unwrap_or_default(),
+        );
+        let state = TrainingState {
+            step: trainer.step_count(),
+            rng: rng.state(),
+            extra,
+        };
         save_training(&ckpt, &trainer.vae.named_tensors(), &trainer.opt, &state)
     };
     let metrics_path = args.out.join("metrics.jsonl");
@@ -200,7 +238,10 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         .create(true)
         .append(true)
         .open(&metrics_path)
-        .map_err(|e| Error::Io { path: metrics_path.display().to_string(), source: e })?;
+        .map_err(|e| Error::Io {
+            path: metrics_path.display().to_string(),
+            source: e,
+        })?;
     let start = Instant::now();
     let first = trainer.step_count();
     while trainer.step_count() < args.steps {
@@ -212,7 +253,10 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             "{{\"step\":{},\"loss\":{:.6},\"recon_l1\":{:.6},\"recon_l2\":{:.6},\"vq_loss\":{:.6},\"psnr\":{:.3},\"grad_norm\":{:.4},\"restarted\":{}}}\n",
             s.step, s.loss, s.recon_l1, s.recon_l2, s.vq_loss, s.psnr, s.grad_norm, s.restarted
         );
-        metrics.write_all(line.as_bytes()).map_err(|e| Error::Io { path: metrics_path.display().to_string(), source: e })?;
+        metrics.write_all(line.as_bytes()).map_err(|e| Error::Io {
+            path: metrics_path.display().to_string(),
+            source: e,
+        })?;
         if s.step % args.log_every == 0 || s.step == args.steps {
             let done = (s.step - first) as f64;
             let rate = done / start.elapsed().as_secs_f64();
@@ -239,14 +283,28 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     let weights = args.out.join("tokenizer.safetensors");
     trainer.vae.save(&weights)?;
     let cfg_path = args.out.join("tokenizer.json");
-    mvar_models::checkpoint::write_atomic(&cfg_path, serde_json::to_string_pretty(&config).unwrap_or_default().as_bytes())?;
+    mvar_models::checkpoint::write_atomic(
+        &cfg_path,
+        serde_json::to_string_pretty(&config)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
 
     let mut report = serde_json::Map::new();
     for (name, ds) in [("train", Some(&train)), ("val", val.as_ref())] {
         let Some(ds) = ds else { continue };
         let e = evaluate(&trainer.vae, ds, 64, device)?;
-        let usage: Vec<String> = e.usage.iter().map(|u| format!("{:.0}%", u * 100.0)).collect();
-        println!("{name}: reconstruction PSNR {:.2} dB over {} images; codebook usage per scale {}", e.psnr, e.images, usage.join(" "));
+        let usage: Vec<String> = e
+            .usage
+            .iter()
+            .map(|u| format!("{:.0}%", u * 100.0))
+            .collect();
+        println!(
+            "{name}: reconstruction PSNR {:.2} dB over {} images; codebook usage per scale {}",
+            e.psnr,
+            e.images,
+            usage.join(" ")
+        );
         report.insert(
             name.to_string(),
             serde_json::json!({"psnr": e.psnr, "images": e.images, "usage_per_scale": e.usage}),
@@ -254,12 +312,20 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     }
     mvar_models::checkpoint::write_atomic(
         &args.out.join("report.json"),
-        serde_json::to_string_pretty(&serde_json::Value::Object(report)).unwrap_or_default().as_bytes(),
+        serde_json::to_string_pretty(&serde_json::Value::Object(report))
+            .unwrap_or_default()
+            .as_bytes(),
     )?;
     // Reconstruction grid: originals in the top row, reconstructions below.
     let show = val.as_ref().unwrap_or(&train);
     let n = show.len().min(10);
-    let (x, _) = show.batch(&(0..n).collect::<Vec<_>>(), Crop::Center, false, &mut Generator::new(0), device)?;
+    let (x, _) = show.batch(
+        &(0..n).collect::<Vec<_>>(),
+        Crop::Center,
+        false,
+        &mut Generator::new(0),
+        device,
+    )?;
     let rec = {
         let _ng = mvar_engine::no_grad();
         trainer.vae.idx_to_img(&trainer.vae.img_to_idx(&x)?)?
@@ -268,7 +334,14 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     let (px, h, w) = grid(&both, n)?;
     let png = args.out.join("recon.png");
     save_png(&png, &px, h, w)?;
-    println!("wrote {}, {}, {}, {} and {}", weights.display(), cfg_path.display(), ckpt.display(), metrics_path.display(), png.display());
+    println!(
+        "wrote {}, {}, {}, {} and {}",
+        weights.display(),
+        cfg_path.display(),
+        ckpt.display(),
+        metrics_path.display(),
+        png.display()
+    );
     Ok(())
 }
 

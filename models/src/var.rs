@@ -1153,6 +1153,58 @@ mod tests {
         assert!((n - 310.28).abs() < 0.005, "{n}");
     }
 
+    fn tiny() -> (VqVae, Var) {
+        let vcfg = crate::VqVaeConfig {
+            vocab_size: 32,
+            z_channels: 8,
+            ch: 32,
+            ch_mult: vec![1, 1],
+            num_res_blocks: 1,
+            v_patch_nums: vec![1, 2, 3, 4],
+            using_sa: false,
+            using_mid_sa: false,
+            ..crate::VqVaeConfig::default()
+        };
+        let vae = VqVae::new(vcfg, &Device::Cpu, 1).unwrap();
+        let tcfg = VarConfig {
+            embed_dim: 64,
+            num_heads: 2,
+            num_classes: 5,
+            patch_nums: vec![1, 2, 3, 4],
+            cvae: 8,
+            vocab_size: 32,
+            // Visible residual branches (the official gamma init of 1e-3 would hide them).
+            init_adaln_gamma: 0.5,
+            init_head: 1.0,
+            ..VarConfig::with_depth(2)
+        };
+        (vae, Var::new(tcfg, &Device::Cpu, 2, Mixing::BlockCausal).unwrap())
+    }
+
+    #[test]
+    fn teacher_forced_logits_equal_the_kv_cache_logits() {
+        // Spec 9: with the same tokens, the training forward (block-causal mask over the whole
+        // pyramid) and the inference path (one scale at a time with a KV cache) agree.
+        let (vae, var) = tiny();
+        let mut g = Generator::new(9);
+        let labels = [3i64, 5];
+        let idx: Vec<Tensor> = vae
+            .config
+            .v_patch_nums
+            .iter()
+            .map(|&pn| Tensor::from_vec(g.next_u32s(2 * pn * pn).into_iter().map(|w| (w % 32) as i64).collect::<Vec<_>>(), [2, pn * pn], &Device::Cpu).unwrap())
+            .collect();
+        let x_in = vae.idx_to_var_input(&idx).unwrap();
+        let lab = Tensor::from_vec(labels.to_vec(), [2], &Device::Cpu).unwrap();
+        let tf = var.forward(&lab, &x_in, None).unwrap().to_vec_f32().unwrap();
+        let cached = var.cached_logits(&vae, &labels, &idx).unwrap();
+        let cat: Vec<&Tensor> = cached.iter().collect();
+        let kv = ops::concat(&cat, 1).unwrap().to_vec_f32().unwrap();
+        let err = tf.iter().zip(&kv).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 2e-5, "{err}");
+        assert!(tf.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
+    }
+
     #[test]
     fn top_k_one_is_the_argmax_and_top_p_keeps_the_head() {
         let logits = Tensor::from_vec(

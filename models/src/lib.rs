@@ -3,10 +3,12 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod mvar;
 pub mod nn;
 pub mod tokenizer;
 pub mod var;
 pub mod vqvae;
 
+pub use mvar::{Mvar, MvarConfig};
 pub use var::{Mixing, SampleConfig, SampleOutput, Var, VarConfig};
 pub use vqvae::{phi_index, QuantizeOutput, VqVae, VqVaeConfig};

@@ -172,7 +172,7 @@ impl VarConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid("VarConfig", m));
-        if self.depth == 0 || self.heads() == 0 || self.width() % self.heads() != 0 {
+        if self.depth == 0 || self.heads() == 0 || !self.width().is_multiple_of(self.heads()) {
             return bad(format!(
                 "depth {}, width {}, heads {}: expected heads dividing the width",
                 self.depth,
@@ -1178,7 +1178,10 @@ mod tests {
             init_head: 1.0,
             ..VarConfig::with_depth(2)
         };
-        (vae, Var::new(tcfg, &Device::Cpu, 2, Mixing::BlockCausal).unwrap())
+        (
+            vae,
+            Var::new(tcfg, &Device::Cpu, 2, Mixing::BlockCausal).unwrap(),
+        )
     }
 
     #[test]
@@ -1192,15 +1195,33 @@ mod tests {
             .config
             .v_patch_nums
             .iter()
-            .map(|&pn| Tensor::from_vec(g.next_u32s(2 * pn * pn).into_iter().map(|w| (w % 32) as i64).collect::<Vec<_>>(), [2, pn * pn], &Device::Cpu).unwrap())
+            .map(|&pn| {
+                Tensor::from_vec(
+                    g.next_u32s(2 * pn * pn)
+                        .into_iter()
+                        .map(|w| (w % 32) as i64)
+                        .collect::<Vec<_>>(),
+                    [2, pn * pn],
+                    &Device::Cpu,
+                )
+                .unwrap()
+            })
             .collect();
         let x_in = vae.idx_to_var_input(&idx).unwrap();
         let lab = Tensor::from_vec(labels.to_vec(), [2], &Device::Cpu).unwrap();
-        let tf = var.forward(&lab, &x_in, None).unwrap().to_vec_f32().unwrap();
+        let tf = var
+            .forward(&lab, &x_in, None)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
         let cached = var.cached_logits(&vae, &labels, &idx).unwrap();
         let cat: Vec<&Tensor> = cached.iter().collect();
         let kv = ops::concat(&cat, 1).unwrap().to_vec_f32().unwrap();
-        let err = tf.iter().zip(&kv).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let err = tf
+            .iter()
+            .zip(&kv)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(err < 2e-5, "{err}");
         assert!(tf.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
     }

@@ -1,0 +1,378 @@
+//! MVAR (spec section 5): VAR's modules and weights with Markovian attention.
+//!
+//! - Scale-Markov: a token attends only to the tokens of its own scale; the earlier scales reach
+//!   it through its input, the area-downsampled accumulated f_hat (so no KV cache is needed).
+//! - Spatial-Markov: from scale `refine_step` on (8 by default: the 13x13 and 16x16 maps of the
+//!   256-px pyramid), every layer uses `kernel_size` x `kernel_size` neighbourhood attention
+//!   (NATTEN's window: start = clamp(i - k/2, 0, n - k) per axis) instead of the whole map.
+//! - Training runs one segment at a time: scales 0..refine_step together (block-diagonal), then
+//!   each later scale alone (neighbourhood); the loss keeps the full sequence's 1/L token weight.
+//! - Sampling: each scale is an independent forward over its own tokens (doubled for guidance);
+//!   only f_hat is carried. With cfg == 1 exactly the batch is not doubled and no guidance applies.
+
+use std::ops::Range;
+
+use mvar_engine::{no_grad, DType, Device, Error, Generator, Result, Tensor};
+use mvar_ops as ops;
+use serde::{Deserialize, Serialize};
+
+use crate::var::{guide, sample_tokens, Mixing, SampleConfig, SampleOutput, Var, VarConfig};
+use crate::VqVae;
+
+/// MVAR's own settings on top of a [`VarConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MvarConfig {
+    /// First scale that uses neighbourhood attention (and trains as its own segment).
+    #[serde(default = "d_refine")]
+    pub refine_step: usize,
+    #[serde(default = "d_kernel")]
+    pub kernel_size: usize,
+    /// Share of training steps given to the first segment: `ratio_k` : 1 : 1 ... (official 8).
+    #[serde(default = "d_ratio", alias = "ratio_k_official")]
+    pub ratio_k: usize,
+}
+
+fn d_refine() -> usize {
+    8
+}
+fn d_kernel() -> usize {
+    7
+}
+fn d_ratio() -> usize {
+    8
+}
+
+impl Default for MvarConfig {
+    fn default() -> Self {
+        MvarConfig {
+            refine_step: 8,
+            kernel_size: 7,
+            ratio_k: 8,
+        }
+    }
+}
+
+pub struct Mvar {
+    pub var: Var,
+    pub config: MvarConfig,
+}
+
+impl Mvar {
+    /// An MVAR with VAR's initialisation; its checkpoint buffer holds the block-diagonal mask.
+    pub fn new(
+        var_config: VarConfig,
+        config: MvarConfig,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let k = var_config.patch_nums.len();
+        if config.kernel_size == 0 || config.kernel_size.is_multiple_of(2) {
+            return Err(Error::invalid(
+                "MvarConfig",
+                format!("kernel_size {}: expected an odd size", config.kernel_size),
+            ));
+        }
+        if let Some(&small) = var_config
+            .patch_nums
+            .iter()
+            .skip(config.refine_step.min(k))
+            .find(|&&p| p < config.kernel_size)
+        {
+            return Err(Error::invalid(
+                "MvarConfig",
+                format!("kernel_size {} is larger than the {small}x{small} scale at or after refine_step {}", config.kernel_size, config.refine_step),
+            ));
+        }
+        Ok(Mvar {
+            var: Var::new(var_config, device, seed, Mixing::BlockDiagonal)?,
+            config,
+        })
+    }
+
+    /// The training segments as scale ranges: [0, refine_step), then one per later scale.
+    pub fn segments(&self) -> Vec<Range<usize>> {
+        let k = self.var.config.patch_nums.len();
+        let r = self.config.refine_step.min(k);
+        let mut out = Vec::new();
+        if r > 0 {
+            out.push(0..r);
+        }
+        out.extend((r..k).map(|s| s..s + 1));
+        out
+    }
+
+    /// The segment a training step trains: a draw in [0, 1) picks the first segment with weight
+    /// ratio_k and every other with weight 1.
+    pub fn pick_segment(&self, u: f64) -> Range<usize> {
+        let segs = self.segments();
+        let weights: Vec<f64> = (0..segs.len())
+            .map(|i| {
+                if i == 0 {
+                    self.config.ratio_k as f64
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        for (seg, w) in segs.iter().zip(&weights) {
+            acc += w / total;
+            if u < acc {
+                return seg.clone();
+            }
+        }
+        segs.last().cloned().unwrap_or(0..1)
+    }
+
+    /// The token mixing of a segment.
+    pub fn mixing(&self, scales: &Range<usize>) -> Mixing {
+        if scales.start >= self.config.refine_step {
+            Mixing::Neighbourhood {
+                kernel: self.config.kernel_size,
+            }
+        } else {
+            Mixing::BlockDiagonal
+        }
+    }
+
+    /// Teacher-forced logits of one segment [B, T, V].
+    pub fn forward_segment(
+        &self,
+        labels: &Tensor,
+        x_in: &Tensor,
+        scales: Range<usize>,
+        rng: Option<&mut Generator>,
+    ) -> Result<Tensor> {
+        let mixing = self.mixing(&scales);
+        self.var.forward_segment(labels, x_in, scales, mixing, rng)
+    }
+
+    /// KV-free sampling (spec 5.4); see the module docs for guidance.
+    pub fn sample(
+        &self,
+        vae: &VqVae,
+        labels: &[i64],
+        sc: SampleConfig,
+        rng: &mut Generator,
+    ) -> Result<SampleOutput> {
+        self.decode_with(
+            vae,
+            labels,
+            if sc.cfg == 1.0 { None } else { Some(sc.cfg) },
+            |_, logits| sample_tokens(logits, sc.top_k, sc.top_p, rng),
+        )
+    }
+
+    /// The decoding loop with a pluggable token choice (as [`Var::decode_with`]), each scale an
+    /// independent forward of its own tokens.
+    pub fn decode_with(
+        &self,
+        vae: &VqVae,
+        labels: &[i64],
+        cfg: Option<f64>,
+        mut choose: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+    ) -> Result<SampleOutput> {
+        let _ng = no_grad();
+        let var = &self.var;
+        var.check_vae(vae)?;
+        let bsz = labels.len();
+        if bsz == 0 {
+            return Err(Error::invalid("MVAR sampling", "no labels: a batch of 0"));
+        }
+        let c = &var.config;
+        let k = c.patch_nums.len();
+        let mut all = labels.to_vec();
+        if cfg.is_some() {
+            all.extend(std::iter::repeat_n(c.num_classes as i64, bsz));
+        }
+        if let Some(&bad) = all.iter().find(|&&l| l < 0 || l as usize > c.num_classes) {
+            return Err(Error::IndexOutOfRange {
+                op: "MVAR sampling",
+                what: "class label",
+                index: bad,
+                size: c.num_classes + 1,
+            });
+        }
+        let lab = Tensor::from_vec(all.clone(), [all.len()], var.device())?;
+        let cond = var.class_cond(&lab)?;
+        let full = *c.patch_nums.last().unwrap_or(&1);
+        let mut f_hat = Tensor::zeros([bsz, c.cvae, full, full], DType::F32, var.device())?;
+        let mut next_in: Option<Tensor> = None;
+        let mut idxs = Vec::with_capacity(k);
+        for (si, &pn) in c.patch_nums.iter().enumerate() {
+            let tokens = match &next_in {
+                None => var.start_tokens(&cond)?,
+                Some(ni) => {
+                    let t = var.scale_tokens(si, ni)?;
+                    if cfg.is_some() {
+                        ops::concat(&[&t, &t], 0)?
+                    } else {
+                        t
+                    }
+                }
+            };
+            let logits = var.run_scale(&tokens, &cond, pn, self.mixing(&(si..si + 1)))?;
+            let logits = match cfg {
+                Some(g) => guide(
+                    &logits,
+                    bsz,
+                    if k > 1 {
+                        g * si as f64 / (k - 1) as f64
+                    } else {
+                        0.0
+                    },
+                )?,
+                None => logits,
+            };
+            let idx = choose(si, &logits)?;
+            if idx.dims() != [bsz, pn * pn] || idx.dtype() != DType::I64 {
+                return Err(Error::shape(
+                    "MVAR decoding",
+                    format!("tokens {} {}", idx.shape(), idx.dtype()),
+                    format!("i64 [{bsz}, {}]", pn * pn),
+                ));
+            }
+            let h = vae.quantize.codes(&idx, pn)?;
+            let (fh, ni) = vae.next_autoregressive_input(si, &f_hat, &h)?;
+            f_hat = fh;
+            next_in = ni;
+            idxs.push(idx);
+        }
+        Ok(SampleOutput { idx: idxs, f_hat })
+    }
+
+    /// Per-scale logits of the sampling path fed the tokens `idx` (no guidance): what the
+    /// segment-wise training forward must reproduce.
+    pub fn step_logits(&self, vae: &VqVae, labels: &[i64], idx: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        self.decode_with(vae, labels, None, |si, logits| {
+            out.push(logits.clone());
+            idx.get(si)
+                .cloned()
+                .ok_or_else(|| Error::invalid("step_logits", format!("no tokens for scale {si}")))
+        })?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_logits_equal_the_per_step_sampling_logits() {
+        let vcfg = crate::VqVaeConfig {
+            vocab_size: 32,
+            z_channels: 8,
+            ch: 32,
+            ch_mult: vec![1, 1],
+            num_res_blocks: 1,
+            v_patch_nums: vec![1, 2, 3, 5],
+            using_sa: false,
+            using_mid_sa: false,
+            ..crate::VqVaeConfig::default()
+        };
+        let vae = VqVae::new(vcfg, &Device::Cpu, 1).unwrap();
+        let tcfg = VarConfig {
+            embed_dim: 64,
+            num_heads: 2,
+            num_classes: 5,
+            patch_nums: vec![1, 2, 3, 5],
+            cvae: 8,
+            vocab_size: 32,
+            init_adaln_gamma: 0.5,
+            init_head: 1.0,
+            ..VarConfig::with_depth(2)
+        };
+        let m = Mvar::new(
+            tcfg,
+            MvarConfig {
+                refine_step: 2,
+                kernel_size: 3,
+                ratio_k: 8,
+            },
+            &Device::Cpu,
+            2,
+        )
+        .unwrap();
+        assert_eq!(m.segments(), vec![0..2, 2..3, 3..4]);
+        let mut g = Generator::new(4);
+        let labels = [1i64, 5];
+        let idx: Vec<Tensor> = [1usize, 2, 3, 5]
+            .iter()
+            .map(|&pn| {
+                Tensor::from_vec(
+                    g.next_u32s(2 * pn * pn)
+                        .into_iter()
+                        .map(|w| (w % 32) as i64)
+                        .collect::<Vec<_>>(),
+                    [2, pn * pn],
+                    &Device::Cpu,
+                )
+                .unwrap()
+            })
+            .collect();
+        let x_in = vae.idx_to_var_input(&idx).unwrap();
+        let lab = Tensor::from_vec(labels.to_vec(), [2], &Device::Cpu).unwrap();
+        let segs: Vec<Tensor> = m
+            .segments()
+            .into_iter()
+            .map(|s| m.forward_segment(&lab, &x_in, s, None).unwrap())
+            .collect();
+        let refs: Vec<&Tensor> = segs.iter().collect();
+        let train = ops::concat(&refs, 1).unwrap().to_vec_f32().unwrap();
+        let steps = m.step_logits(&vae, &labels, &idx).unwrap();
+        let refs: Vec<&Tensor> = steps.iter().collect();
+        let infer = ops::concat(&refs, 1).unwrap().to_vec_f32().unwrap();
+        let err = train
+            .iter()
+            .zip(&infer)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err < 2e-5, "{err}");
+        assert!(train.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
+    }
+
+    #[test]
+    fn segment_draws_follow_the_ratio_and_bad_kernels_are_rejected() {
+        let cfg = VarConfig {
+            embed_dim: 64,
+            num_heads: 1,
+            ..VarConfig::with_depth(1)
+        };
+        let m = Mvar::new(cfg.clone(), MvarConfig::default(), &Device::Cpu, 0).unwrap();
+        let n = 10_000;
+        let first = (0..n)
+            .filter(|i| m.pick_segment(*i as f64 / n as f64) == (0..8))
+            .count();
+        assert!((first as f64 / n as f64 - 0.8).abs() < 0.01, "{first}");
+        let e = Mvar::new(
+            cfg.clone(),
+            MvarConfig {
+                kernel_size: 4,
+                ..MvarConfig::default()
+            },
+            &Device::Cpu,
+            0,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("odd"), "{e}");
+        let e = Mvar::new(
+            cfg,
+            MvarConfig {
+                refine_step: 6,
+                kernel_size: 11,
+                ..MvarConfig::default()
+            },
+            &Device::Cpu,
+            0,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("larger than the 8x8"), "{e}");
+    }
+}

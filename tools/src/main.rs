@@ -22,14 +22,14 @@ enum Command {
     /// that MVAR_DEVICE selects.
     Info,
     /// Train the multi-scale VQVAE tokenizer on an image folder or a CIFAR-style binary data set.
-    TrainTokenizer(train_tokenizer::TrainTokenizerArgs),
+    TrainTokenizer(Box<train_tokenizer::TrainTokenizerArgs>),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
-        Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(args, d)),
+        Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(*args, d)),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -6,6 +6,7 @@ pub mod data;
 pub mod mvar;
 pub mod nn;
 pub mod tokenizer;
+pub mod trainer;
 pub mod var;
 pub mod vqvae;
 

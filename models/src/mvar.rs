@@ -101,28 +101,22 @@ impl Mvar {
         out
     }
 
-    /// The segment a training step trains: a draw in [0, 1) picks the first segment with weight
-    /// ratio_k and every other with weight 1.
-    pub fn pick_segment(&self, u: f64) -> Range<usize> {
+    /// The segment training step `step` (0-based) trains, in the official cycle: of every
+    /// ratio_k + (K - refine_step) steps, the first ratio_k train scales [0, refine_step) and the
+    /// others one later scale each, in order.
+    pub fn segment_for_step(&self, step: u64) -> Range<usize> {
         let segs = self.segments();
-        let weights: Vec<f64> = (0..segs.len())
-            .map(|i| {
-                if i == 0 {
-                    self.config.ratio_k as f64
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut acc = 0.0;
-        for (seg, w) in segs.iter().zip(&weights) {
-            acc += w / total;
-            if u < acc {
-                return seg.clone();
-            }
+        if segs.len() <= 1 {
+            return segs.into_iter().next().unwrap_or(0..1);
         }
-        segs.last().cloned().unwrap_or(0..1)
+        let ratio = self.config.ratio_k.max(1) as u64;
+        let cycle = ratio + segs.len() as u64 - 1;
+        let cur = step % cycle;
+        if cur < ratio {
+            segs[0].clone()
+        } else {
+            segs[(cur - ratio + 1) as usize].clone()
+        }
     }
 
     /// The token mixing of a segment.
@@ -335,18 +329,16 @@ mod tests {
     }
 
     #[test]
-    fn segment_draws_follow_the_ratio_and_bad_kernels_are_rejected() {
+    fn segments_cycle_as_the_official_trainer_and_bad_kernels_are_rejected() {
         let cfg = VarConfig {
             embed_dim: 64,
             num_heads: 1,
             ..VarConfig::with_depth(1)
         };
         let m = Mvar::new(cfg.clone(), MvarConfig::default(), &Device::Cpu, 0).unwrap();
-        let n = 10_000;
-        let first = (0..n)
-            .filter(|i| m.pick_segment(*i as f64 / n as f64) == (0..8))
-            .count();
-        assert!((first as f64 / n as f64 - 0.8).abs() < 0.01, "{first}");
+        let cycle: Vec<_> = (0..12).map(|s| m.segment_for_step(s)).collect();
+        assert_eq!(cycle[..8], vec![0..8; 8][..]);
+        assert_eq!(cycle[8..], [8..9, 9..10, 0..8, 0..8]);
         let e = Mvar::new(
             cfg.clone(),
             MvarConfig {

@@ -1,0 +1,443 @@
+//! Training VAR and MVAR (spec sections 3 and 5.2): one step on a batch of token maps.
+//!
+//! - labels are replaced by the null class with probability `cond_drop_rate` (one uniform per
+//!   sample), as the official forward does;
+//! - loss = mean over the batch of sum over the trained tokens of CE / L (the full sequence's
+//!   L even for an MVAR segment, as MVARTrainer keeps it), label smoothing optional;
+//! - AdamW (0.9, 0.95) with the official no-decay set; learning rate
+//!   peak = base_lr * batch / 256, linear warmup from wp0 * peak, then the `lin0` schedule
+//!   (constant for the first 5 % of the remaining steps, then linear down to wpe * peak);
+//!   weight decay on a cosine from `weight_decay` to `weight_decay_end`;
+//! - global-norm clipping (2.0); a NaN/inf loss or gradient norm stops with an error naming the
+//!   step, before the optimizer touches the weights.
+//! VAR trains all tokens each step with the block-causal mask; MVAR trains one segment per step
+//! in the official cycle.
+
+use std::ops::Range;
+
+use mvar_engine::{no_grad, Device, Error, Generator, ParamStore, Result, Tensor};
+use mvar_ops::{self as ops, AdamW, AdamWConfig};
+
+use crate::mvar::Mvar;
+use crate::var::Var;
+
+/// The transformer being trained.
+pub enum ArModel {
+    Var(Var),
+    Mvar(Mvar),
+}
+
+impl ArModel {
+    pub fn var(&self) -> &Var {
+        match self {
+            ArModel::Var(v) => v,
+            ArModel::Mvar(m) => &m.var,
+        }
+    }
+
+    pub fn params(&self) -> &ParamStore {
+        &self.var().params
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ArModel::Var(_) => "var",
+            ArModel::Mvar(_) => "mvar",
+        }
+    }
+}
+
+/// Optimisation settings (official defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArTrainConfig {
+    /// `tblr`: the learning rate per 256 images.
+    pub base_lr: f64,
+    /// Global batch size (for the peak-lr rule).
+    pub batch: usize,
+    pub total_steps: u64,
+    pub warmup_steps: u64,
+    /// Warmup starts at wp0 * peak.
+    pub wp0: f64,
+    /// The schedule ends at wpe * peak.
+    pub wpe: f64,
+    pub weight_decay: f64,
+    pub weight_decay_end: f64,
+    pub clip: f64,
+    pub label_smoothing: f64,
+}
+
+impl Default for ArTrainConfig {
+    fn default() -> Self {
+        ArTrainConfig {
+            base_lr: 1e-4,
+            batch: 768,
+            total_steps: 1000,
+            warmup_steps: 20,
+            wp0: 0.005,
+            wpe: 0.1,
+            weight_decay: 0.05,
+            weight_decay_end: 0.05,
+            clip: 2.0,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+impl ArTrainConfig {
+    pub fn peak_lr(&self) -> f64 {
+        self.base_lr * self.batch as f64 / 256.0
+    }
+
+    /// The learning rate of step `it` (0-based), official `lr_wd_annealing` with `lin0`.
+    pub fn lr_at(&self, it: u64) -> f64 {
+        let peak = self.peak_lr();
+        let wp = self.warmup_steps as f64;
+        let it_f = it as f64;
+        let factor = if it_f < wp {
+            self.wp0 + (1.0 - self.wp0) * it_f / wp
+        } else {
+            let span = (self.total_steps as f64 - 1.0 - wp).max(1.0);
+            let passed = ((it_f - wp) / span).clamp(0.0, 1.0);
+            let t = 0.05;
+            if passed < t {
+                1.0
+            } else {
+                self.wpe + (1.0 - self.wpe) * (1.0 - passed) / (1.0 - t)
+            }
+        };
+        factor * peak
+    }
+
+    /// Weight decay of step `it`: cosine from `weight_decay` to `weight_decay_end`.
+    pub fn wd_at(&self, it: u64) -> f64 {
+        let passed = (it as f64 / (self.total_steps as f64 - 1.0).max(1.0)).clamp(0.0, 1.0);
+        self.weight_decay_end
+            + (self.weight_decay - self.weight_decay_end)
+                * (0.5 + 0.5 * (std::f64::consts::PI * passed).cos())
+    }
+}
+
+/// The official no-weight-decay rule: 1-D tensors, biases, and names containing these keys.
+pub fn no_weight_decay(name: &str, t: &Tensor) -> bool {
+    const KEYS: [&str; 14] = [
+        "cls_token",
+        "start_token",
+        "task_token",
+        "cfg_uncond",
+        "pos_embed",
+        "pos_1LC",
+        "pos_start",
+        "start_pos",
+        "lvl_embed",
+        "gamma",
+        "beta",
+        "ada_gss",
+        "moe_bias",
+        "scale_mul",
+    ];
+    t.rank() == 1 || name.ends_with("bias") || KEYS.iter().any(|k| name.contains(k))
+}
+
+/// Figures of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArStepStats {
+    pub step: u64,
+    pub loss: f64,
+    /// Top-1 accuracy over the trained tokens.
+    pub accuracy: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub scales: Range<usize>,
+}
+
+pub struct ArTrainer {
+    pub model: ArModel,
+    pub opt: AdamW,
+    pub config: ArTrainConfig,
+    step: u64,
+}
+
+impl ArTrainer {
+    pub fn new(model: ArModel, config: ArTrainConfig) -> Result<Self> {
+        let opt = AdamW::new(
+            model.params(),
+            AdamWConfig {
+                lr: config.lr_at(0),
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: config.weight_decay,
+            },
+            no_weight_decay,
+        )?;
+        Ok(ArTrainer {
+            model,
+            opt,
+            config,
+            step: 0,
+        })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// The scales step `it` trains.
+    pub fn scales_for(&self, it: u64) -> Range<usize> {
+        match &self.model {
+            ArModel::Var(v) => 0..v.config.patch_nums.len(),
+            ArModel::Mvar(m) => m.segment_for_step(it),
+        }
+    }
+
+    /// One optimisation step. `labels` [B] (before label dropout), `gt` the target tokens
+    /// i64 [B, L], `x_in` the teacher-forcing input [B, L - first_l, Cvae]; `rng` draws label
+    /// dropout and drop-path.
+    pub fn step(
+        &mut self,
+        labels: &[i64],
+        gt: &Tensor,
+        x_in: &Tensor,
+        rng: &mut Generator,
+    ) -> Result<ArStepStats> {
+        let it = self.step;
+        let scales = self.scales_for(it);
+        let var = self.model.var();
+        let device: Device = var.device().clone();
+        let l = var.config.total_tokens();
+        if gt.dims() != [labels.len(), l] {
+            return Err(Error::shape(
+                "train step",
+                format!("targets {}", gt.shape()),
+                format!("[{}, {l}]", labels.len()),
+            ));
+        }
+        // The tokenizer is frozen: its output is data here, never a path for gradients.
+        let x_in = &x_in.detach();
+        let dropped = var.drop_labels(labels, var.config.cond_drop_rate, rng);
+        let lab = Tensor::from_vec(dropped, [labels.len()], &device)?;
+        var.params.zero_grad();
+        let logits = match &self.model {
+            ArModel::Var(v) => v.forward(&lab, x_in, Some(rng))?,
+            ArModel::Mvar(m) => m.forward_segment(&lab, x_in, scales.clone(), Some(rng))?,
+        };
+        let be = var.config.begin_ends();
+        let (bg, ed) = (be[scales.start].0, be[scales.end - 1].1);
+        let target = ops::narrow(gt, 1, bg, ed - bg)?;
+        let ce = ops::cross_entropy(&logits, &target, None, self.config.label_smoothing)?;
+        let loss = ops::mul_scalar(&ops::mean_all(&ops::sum(&ce, 1, false)?)?, 1.0 / l as f64)?;
+        let loss_v = loss.to_f64()?;
+        if !loss_v.is_finite() {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "the loss is {loss_v} at step {}; stopping before the update",
+                    it + 1
+                ),
+            ));
+        }
+        loss.backward()?;
+        let grad_norm = ops::clip_grad_norm(&var.params, self.config.clip)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "the gradient norm is {grad_norm} at step {}; stopping before the update",
+                    it + 1
+                ),
+            ));
+        }
+        let lr = self.config.lr_at(it);
+        self.opt.config.lr = lr;
+        self.opt.config.weight_decay = self.config.wd_at(it);
+        self.opt.step(&var.params)?;
+        self.step += 1;
+        let accuracy = {
+            let _ng = no_grad();
+            let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
+            let want = target.to_vec::<i64>()?;
+            pred.iter().zip(&want).filter(|(a, b)| a == b).count() as f64 / want.len().max(1) as f64
+        };
+        Ok(ArStepStats {
+            step: self.step,
+            loss: loss_v,
+            accuracy,
+            lr,
+            grad_norm,
+            scales,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lin0_schedule_matches_the_official_formula() {
+        let c = ArTrainConfig {
+            base_lr: 1e-4,
+            batch: 768,
+            total_steps: 1000,
+            warmup_steps: 100,
+            wp0: 0.005,
+            wpe: 0.1,
+            ..Default::default()
+        };
+        let peak = 3e-4;
+        assert!((c.peak_lr() - peak).abs() < 1e-15);
+        assert!((c.lr_at(0) - 0.005 * peak).abs() < 1e-15);
+        assert!((c.lr_at(50) - (0.005 + 0.995 * 0.5) * peak).abs() < 1e-12);
+        assert!((c.lr_at(100) - peak).abs() < 1e-15);
+        // Constant for the first 5 % of the 899 post-warmup steps.
+        assert!((c.lr_at(140) - peak).abs() < 1e-15);
+        let passed = (500.0 - 100.0) / 899.0;
+        assert!((c.lr_at(500) - (0.1 + 0.9 * (1.0 - passed) / 0.95) * peak).abs() < 1e-12);
+        assert!((c.lr_at(999) - 0.1 * peak).abs() < 1e-12);
+        assert!((c.wd_at(500) - 0.05).abs() < 1e-15);
+    }
+
+    fn tiny_models() -> (crate::VqVae, crate::VarConfig) {
+        let vcfg = crate::VqVaeConfig {
+            vocab_size: 16,
+            z_channels: 8,
+            ch: 32,
+            ch_mult: vec![1, 1],
+            num_res_blocks: 1,
+            v_patch_nums: vec![1, 2, 3],
+            using_sa: false,
+            using_mid_sa: false,
+            ..crate::VqVaeConfig::default()
+        };
+        let tcfg = crate::VarConfig {
+            embed_dim: 64,
+            num_heads: 2,
+            num_classes: 3,
+            patch_nums: vec![1, 2, 3],
+            cvae: 8,
+            vocab_size: 16,
+            ..crate::VarConfig::with_depth(2)
+        };
+        (crate::VqVae::new(vcfg, &Device::Cpu, 1).unwrap(), tcfg)
+    }
+
+    #[test]
+    fn var_and_mvar_steps_lower_the_loss_on_a_fixed_batch() {
+        let (vae, tcfg) = tiny_models();
+        let mut g = Generator::new(3);
+        let idx: Vec<Tensor> = [1usize, 2, 3]
+            .iter()
+            .map(|&pn| {
+                Tensor::from_vec(
+                    g.next_u32s(4 * pn * pn)
+                        .into_iter()
+                        .map(|w| (w % 16) as i64)
+                        .collect::<Vec<_>>(),
+                    [4, pn * pn],
+                    &Device::Cpu,
+                )
+                .unwrap()
+            })
+            .collect();
+        let refs: Vec<&Tensor> = idx.iter().collect();
+        let gt = ops::concat(&refs, 1).unwrap();
+        let x_in = vae.idx_to_var_input(&idx).unwrap();
+        let labels = [0i64, 1, 2, 0];
+        let cfg = ArTrainConfig {
+            base_lr: 1e-2,
+            batch: 256,
+            total_steps: 40,
+            warmup_steps: 2,
+            ..Default::default()
+        };
+        let models = [
+            ArModel::Var(
+                Var::new(tcfg.clone(), &Device::Cpu, 5, crate::Mixing::BlockCausal).unwrap(),
+            ),
+            ArModel::Mvar(
+                Mvar::new(
+                    tcfg.clone(),
+                    crate::MvarConfig {
+                        refine_step: 2,
+                        kernel_size: 3,
+                        ratio_k: 2,
+                    },
+                    &Device::Cpu,
+                    5,
+                )
+                .unwrap(),
+            ),
+        ];
+        for model in models {
+            let kind = model.kind();
+            let mut tr = ArTrainer::new(model, cfg.clone()).unwrap();
+            let mut first = Vec::new();
+            let mut last = Vec::new();
+            for i in 0..40 {
+                let s = tr.step(&labels, &gt, &x_in, &mut g).unwrap();
+                if i < 3 {
+                    first.push(s.loss);
+                }
+                if i >= 37 {
+                    last.push(s.loss);
+                }
+            }
+            let (a, b) = (first.iter().sum::<f64>(), last.iter().sum::<f64>());
+            assert!(b < 0.8 * a, "{kind}: {first:?} -> {last:?}");
+        }
+    }
+
+    #[test]
+    fn a_nan_loss_stops_before_the_update() {
+        let (vae, tcfg) = tiny_models();
+        let var = Var::new(tcfg, &Device::Cpu, 5, crate::Mixing::BlockCausal).unwrap();
+        let w = var.params.get("head.bias").unwrap().clone();
+        w.copy_from(&Tensor::full(f64::NAN, w.shape().clone(), w.dtype(), w.device()).unwrap())
+            .unwrap();
+        let before = var
+            .params
+            .get("word_embed.weight")
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
+        let mut tr = ArTrainer::new(ArModel::Var(var), ArTrainConfig::default()).unwrap();
+        let idx: Vec<Tensor> = [1usize, 2, 3]
+            .iter()
+            .map(|&pn| Tensor::zeros([1, pn * pn], mvar_engine::DType::I64, &Device::Cpu).unwrap())
+            .collect();
+        let refs: Vec<&Tensor> = idx.iter().collect();
+        let gt = ops::concat(&refs, 1).unwrap();
+        let x_in = vae.idx_to_var_input(&idx).unwrap();
+        let e = tr
+            .step(&[0], &gt, &x_in, &mut Generator::new(0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NaN") && e.contains("step 1"), "{e}");
+        assert_eq!(
+            tr.model
+                .var()
+                .params
+                .get("word_embed.weight")
+                .unwrap()
+                .to_vec_f32()
+                .unwrap(),
+            before
+        );
+    }
+
+    #[test]
+    fn the_official_no_decay_set() {
+        let t2 = Tensor::zeros([2, 2], mvar_engine::DType::F32, &Device::Cpu).unwrap();
+        let t1 = Tensor::zeros([2], mvar_engine::DType::F32, &Device::Cpu).unwrap();
+        assert!(no_weight_decay("blocks.0.attn.proj.bias", &t1));
+        assert!(no_weight_decay("pos_1LC", &t2));
+        assert!(no_weight_decay("blocks.3.attn.scale_mul_1H11", &t2));
+        assert!(no_weight_decay("lvl_embed.weight", &t2));
+        assert!(!no_weight_decay("class_emb.weight", &t2));
+        assert!(!no_weight_decay("blocks.0.ffn.fc1.weight", &t2));
+    }
+}

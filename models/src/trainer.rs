@@ -10,6 +10,7 @@
 //!   weight decay on a cosine from `weight_decay` to `weight_decay_end`;
 //! - global-norm clipping (2.0); a NaN/inf loss or gradient norm stops with an error naming the
 //!   step, before the optimizer touches the weights.
+//!
 //! VAR trains all tokens each step with the block-causal mask; MVAR trains one segment per step
 //! in the official cycle.
 

@@ -1,5 +1,8 @@
 //! The `mvar` command line.
 
+mod common;
+mod sample;
+mod train;
 mod train_tokenizer;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +26,10 @@ enum Command {
     Info,
     /// Train the multi-scale VQVAE tokenizer on an image folder or a CIFAR-style binary data set.
     TrainTokenizer(Box<train_tokenizer::TrainTokenizerArgs>),
+    /// Train a VAR or MVAR transformer on the token maps of a data set.
+    Train(Box<train::TrainArgs>),
+    /// Class-conditional images from a trained VAR or MVAR folder.
+    Sample(Box<sample::SampleArgs>),
 }
 
 fn main() {
@@ -30,6 +37,8 @@ fn main() {
     let result = match cli.command {
         Command::Info => info(),
         Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(*args, d)),
+        Command::Train(args) => with_device(|d| train::run(*args, d)),
+        Command::Sample(args) => with_device(|d| sample::run(*args, d)),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -4,13 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
 use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, TrainingState};
-use mvar_models::data::{grid, save_png, Crop, ImageDataset};
+use mvar_models::data::{grid, save_png, Crop};
+
+use crate::common::{batch_indices, load_split};
 use mvar_models::tokenizer::{evaluate, TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::{VqVae, VqVaeConfig};
 
@@ -83,50 +85,6 @@ fn list(s: &str, what: &str) -> Result<Vec<usize>> {
                     format!("--{what} {s:?}: expected numbers separated by commas"),
                 )
             })
-        })
-        .collect()
-}
-
-/// Loads a split: CIFAR-binary when `<dir>/<split>.bin` exists, else an image folder
-/// (`<dir>/<split>` when that folder exists, else `<dir>` itself for the training split).
-pub fn load_split(
-    dir: &Path,
-    split: &str,
-    side: usize,
-    required: bool,
-) -> Result<Option<ImageDataset>> {
-    if dir.join(format!("{split}.bin")).is_file() {
-        return ImageDataset::load_cifar_binary(dir, split, side).map(Some);
-    }
-    if dir.join(split).is_dir() {
-        return ImageDataset::load_folder(&dir.join(split), side).map(Some);
-    }
-    if required {
-        return ImageDataset::load_folder(dir, side).map(Some);
-    }
-    Ok(None)
-}
-
-/// The permutation of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the
-/// same order.
-pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut g = Generator::new(seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch + 1));
-    let mut order: Vec<usize> = (0..n).collect();
-    let words = g.next_u32s(n);
-    for i in (1..n).rev() {
-        order.swap(i, words[i] as usize % (i + 1));
-    }
-    order
-}
-
-/// The images of step `step` (1-based): consecutive slices of the epoch permutations.
-pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize> {
-    let start = (step - 1) * batch as u64;
-    (0..batch as u64)
-        .map(|k| {
-            let pos = start + k;
-            let (epoch, i) = (pos / n as u64, (pos % n as u64) as usize);
-            epoch_order(n, seed, epoch)[i]
         })
         .collect()
 }
@@ -343,23 +301,4 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         png.display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn epochs_are_permutations_and_batches_are_reproducible() {
-        let order = epoch_order(10, 3, 0);
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
-        assert_ne!(epoch_order(10, 3, 1), order);
-        assert_eq!(batch_indices(10, 4, 3, 1), order[..4].to_vec());
-        // Step 3 straddles epochs 0 and 1.
-        let b3 = batch_indices(10, 4, 3, 3);
-        assert_eq!(b3[..2], order[8..]);
-        assert_eq!(b3[2..], epoch_order(10, 3, 1)[..2]);
-    }
 }

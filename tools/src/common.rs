@@ -1,0 +1,207 @@
+//! Helpers shared by the commands: data splits, the deterministic data order.
+
+use std::path::Path;
+
+use mvar_engine::{no_grad, Device, Error, Generator, Result, Tensor};
+use mvar_models::data::{Crop, ImageDataset};
+use mvar_models::{Mvar, MvarConfig, Var, VarConfig, VqVae, VqVaeConfig};
+use mvar_ops as ops;
+use serde::{Deserialize, Serialize};
+
+/// Loads a split: CIFAR-binary when `<dir>/<split>.bin` exists, else an image folder
+/// (`<dir>/<split>` when that folder exists, else `<dir>` itself for the training split).
+pub fn load_split(
+    dir: &Path,
+    split: &str,
+    side: usize,
+    required: bool,
+) -> Result<Option<ImageDataset>> {
+    if dir.join(format!("{split}.bin")).is_file() {
+        return ImageDataset::load_cifar_binary(dir, split, side).map(Some);
+    }
+    if dir.join(split).is_dir() {
+        return ImageDataset::load_folder(&dir.join(split), side).map(Some);
+    }
+    if required {
+        return ImageDataset::load_folder(dir, side).map(Some);
+    }
+    Ok(None)
+}
+
+/// The permutation of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the
+/// same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut g = Generator::new(seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch + 1));
+    let mut order: Vec<usize> = (0..n).collect();
+    let words = g.next_u32s(n);
+    for i in (1..n).rev() {
+        order.swap(i, words[i] as usize % (i + 1));
+    }
+    order
+}
+
+/// The images of step `step` (1-based): consecutive slices of the epoch permutations.
+pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize> {
+    let start = (step - 1) * batch as u64;
+    (0..batch as u64)
+        .map(|k| {
+            let pos = start + k;
+            let (epoch, i) = (pos / n as u64, (pos % n as u64) as usize);
+            epoch_order(n, seed, epoch)[i]
+        })
+        .collect()
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+/// Reads and parses a JSON file, naming it in errors.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    serde_json::from_str(&text).map_err(|e| Error::Format {
+        what: path.display().to_string(),
+        msg: e.to_string(),
+    })
+}
+
+/// Loads a tokenizer folder written by `mvar train-tokenizer` (tokenizer.json + tokenizer.safetensors).
+pub fn load_tokenizer(dir: &Path, device: &Device) -> Result<VqVae> {
+    let cfg: VqVaeConfig = read_json(&dir.join("tokenizer.json"))?;
+    let vae = VqVae::new(cfg, device, 0)?;
+    vae.load(&dir.join("tokenizer.safetensors"))?;
+    Ok(vae)
+}
+
+/// What `model.json` of a transformer folder holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// "var" or "mvar".
+    pub kind: String,
+    pub var: VarConfig,
+    #[serde(default)]
+    pub mvar: Option<MvarConfig>,
+    /// The tokenizer folder the model was trained with.
+    pub tokenizer: String,
+    /// Class names, in label order.
+    #[serde(default)]
+    pub classes: Vec<String>,
+}
+
+/// A transformer (VAR or MVAR) built from its info, with fresh weights.
+pub fn build_model(
+    info: &ModelInfo,
+    device: &Device,
+    seed: u64,
+) -> Result<mvar_models::trainer::ArModel> {
+    use mvar_models::trainer::ArModel;
+    match info.kind.as_str() {
+        "var" => Ok(ArModel::Var(Var::new(
+            info.var.clone(),
+            device,
+            seed,
+            mvar_models::Mixing::BlockCausal,
+        )?)),
+        "mvar" => Ok(ArModel::Mvar(Mvar::new(
+            info.var.clone(),
+            info.mvar.clone().unwrap_or_default(),
+            device,
+            seed,
+        )?)),
+        other => Err(Error::invalid(
+            "model",
+            format!("kind {other:?}: expected var or mvar"),
+        )),
+    }
+}
+
+/// Loads a trained transformer folder (model.json + model.safetensors) and its tokenizer.
+pub fn load_model_dir(
+    dir: &Path,
+    device: &Device,
+) -> Result<(mvar_models::trainer::ArModel, VqVae, ModelInfo)> {
+    let info: ModelInfo = read_json(&dir.join("model.json"))?;
+    let model = build_model(&info, device, 0)?;
+    let report = model.var().load(&dir.join("model.safetensors"))?;
+    if !report.unexpected.is_empty() {
+        return Err(Error::Format {
+            what: dir.join("model.safetensors").display().to_string(),
+            msg: format!(
+                "tensors this {} does not have: {:?} (a checkpoint of another model?)",
+                info.kind, report.unexpected
+            ),
+        });
+    }
+    let tok_dir = dir.join(&info.tokenizer);
+    let tok_dir = if tok_dir.exists() {
+        tok_dir
+    } else {
+        Path::new(&info.tokenizer).to_path_buf()
+    };
+    let vae = load_tokenizer(&tok_dir, device)?;
+    Ok((model, vae, info))
+}
+
+/// Token maps of every image of a data set, centre-cropped and (when `flips`) mirrored too:
+/// (targets i64 [M, L], teacher-forcing inputs [M, L - first_l, Cvae], labels), M = N or 2N
+/// (image i then its mirror at N + i). This is the official token cache (`main_cache.py`): the
+/// transformer then trains on tokens, not images.
+pub fn tokenize(
+    vae: &VqVae,
+    data: &ImageDataset,
+    flips: bool,
+    device: &Device,
+) -> Result<(Tensor, Tensor, Vec<i64>)> {
+    let _ng = no_grad();
+    let mut gts = Vec::new();
+    let mut xins = Vec::new();
+    let mut labels = Vec::new();
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for flip in if flips {
+        vec![false, true]
+    } else {
+        vec![false]
+    } {
+        for chunk in idx.chunks(64) {
+            let (x, _) = data.batch(chunk, Crop::Center, false, &mut Generator::new(0), device)?;
+            let x = if flip { mirror(&x)? } else { x };
+            let maps = vae.img_to_idx(&x)?;
+            let refs: Vec<&Tensor> = maps.iter().collect();
+            gts.push(ops::concat(&refs, 1)?);
+            xins.push(vae.idx_to_var_input(&maps)?);
+            labels.extend(chunk.iter().map(|&i| data.label(i) as i64));
+        }
+    }
+    let g: Vec<&Tensor> = gts.iter().collect();
+    let x: Vec<&Tensor> = xins.iter().collect();
+    Ok((ops::concat(&g, 0)?, ops::concat(&x, 0)?, labels))
+}
+
+/// Images [B, 3, H, W] mirrored horizontally.
+fn mirror(x: &Tensor) -> Result<Tensor> {
+    let w = x.dims()[3];
+    let rev = Tensor::from_vec((0..w as i64).rev().collect::<Vec<_>>(), [w], x.device())?;
+    ops::index_select(x, 3, &rev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_are_permutations_and_batches_are_reproducible() {
+        let order = epoch_order(10, 3, 0);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_ne!(epoch_order(10, 3, 1), order);
+        assert_eq!(batch_indices(10, 4, 3, 1), order[..4].to_vec());
+        // Step 3 straddles epochs 0 and 1.
+        let b3 = batch_indices(10, 4, 3, 3);
+        assert_eq!(b3[..2], order[8..]);
+        assert_eq!(b3[2..], epoch_order(10, 3, 1)[..2]);
+    }
+}

@@ -1,0 +1,294 @@
+//! `mvar train`: trains a VAR or MVAR transformer on the token maps of a data set, made by a
+//! trained tokenizer. Resumable (atomic training checkpoints), JSONL metrics, and a grid of
+//! class-conditional samples at the end.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use mvar_engine::{Device, Error, Generator, Result, Tensor};
+use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
+use mvar_models::trainer::{ArTrainConfig, ArTrainer};
+use mvar_models::{MvarConfig, VarConfig};
+use mvar_ops as ops;
+
+use crate::common::{batch_indices, build_model, load_split, load_tokenizer, tokenize, ModelInfo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    Var,
+    Mvar,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// var (block-causal, KV-cache sampling) or mvar (scale- and spatial-Markov).
+    #[arg(long, value_enum, default_value = "mvar")]
+    pub model: Kind,
+    /// Transformer depth (width 64 * depth and depth heads unless --width / --heads).
+    #[arg(long, default_value_t = 4)]
+    pub depth: usize,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// A tokenizer folder from `mvar train-tokenizer`.
+    #[arg(long, default_value = "runs/tokenizer")]
+    pub tokenizer: PathBuf,
+    #[arg(long, default_value = "data/cifar10-subset")]
+    pub data: PathBuf,
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    #[arg(long, default_value = "runs/mvar")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Learning rate per 256 images (peak = base * batch / 256).
+    #[arg(long, default_value_t = 1e-4)]
+    pub base_lr: f64,
+    #[arg(long, default_value_t = 100)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 0.1)]
+    pub wpe: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Probability of training a sample with the null class (classifier-free guidance).
+    #[arg(long, default_value_t = 0.1)]
+    pub cond_drop: f64,
+    /// MVAR: first scale with neighbourhood attention (default: the first scale at least as
+    /// large as the kernel, but at most the official 8).
+    #[arg(long)]
+    pub refine_step: Option<usize>,
+    #[arg(long, default_value_t = 7)]
+    pub kernel_size: usize,
+    /// Start from the weights of a VAR/MVAR folder (fine-tuning VAR into MVAR).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 50)]
+    pub log_every: u64,
+    #[arg(long, default_value_t = 250)]
+    pub checkpoint_every: u64,
+    #[arg(long)]
+    pub resume: bool,
+    /// Guidance of the sample grid written at the end.
+    #[arg(long, default_value_t = 2.0)]
+    pub cfg: f64,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+pub fn run(args: TrainArgs, device: &Device) -> Result<()> {
+    let t0 = Instant::now();
+    let vae = load_tokenizer(&args.tokenizer, device)?;
+    let pns = vae.config.v_patch_nums.clone();
+    let side = pns.last().copied().unwrap_or(1) * vae.config.downsample();
+    let train = load_split(&args.data, &args.split, side, true)?.expect("required split");
+    let (gt, x_in, labels) = tokenize(&vae, &train, true, device)?;
+    println!(
+        "data: {} images of {} classes at {side}x{side}, tokenized with and without flips into {} sequences of {} tokens ({:.1}s)",
+        train.len(),
+        train.classes().len(),
+        labels.len(),
+        gt.dims()[1],
+        t0.elapsed().as_secs_f64()
+    );
+    let mut var_cfg = VarConfig::with_depth(args.depth);
+    var_cfg.embed_dim = args.width.unwrap_or(0);
+    var_cfg.num_heads = args.heads.unwrap_or(0);
+    var_cfg.num_classes = train.classes().len();
+    var_cfg.patch_nums = pns.clone();
+    var_cfg.cvae = vae.config.z_channels;
+    var_cfg.vocab_size = vae.config.vocab_size;
+    var_cfg.cond_drop_rate = args.cond_drop;
+    let mvar_cfg = (args.model == Kind::Mvar).then(|| MvarConfig {
+        refine_step: args.refine_step.unwrap_or_else(|| {
+            pns.iter()
+                .position(|&p| p >= args.kernel_size)
+                .unwrap_or(pns.len())
+                .min(8)
+        }),
+        kernel_size: args.kernel_size,
+        ..MvarConfig::default()
+    });
+    let info = ModelInfo {
+        kind: if args.model == Kind::Var {
+            "var"
+        } else {
+            "mvar"
+        }
+        .into(),
+        var: var_cfg,
+        mvar: mvar_cfg,
+        tokenizer: std::fs::canonicalize(&args.tokenizer)
+            .unwrap_or(args.tokenizer.clone())
+            .display()
+            .to_string(),
+        classes: train.classes().to_vec(),
+    };
+    std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
+    let model = build_model(&info, device, args.seed)?;
+    if let Some(init) = &args.init_from {
+        let report = model.var().load(&init.join("model.safetensors"))?;
+        println!(
+            "initialised from {} ({} tensors)",
+            init.display(),
+            report.loaded
+        );
+    }
+    println!(
+        "{}: depth {}, width {}, {} heads, {:.2} M parameters, scales {:?}{}",
+        info.kind,
+        info.var.depth,
+        info.var.width(),
+        info.var.heads(),
+        model.params().num_elements() as f64 / 1e6,
+        pns,
+        info.mvar
+            .as_ref()
+            .map(|m| format!(
+                ", neighbourhood attention {}x{} from scale {}",
+                m.kernel_size, m.kernel_size, m.refine_step
+            ))
+            .unwrap_or_default()
+    );
+    let cfg = ArTrainConfig {
+        base_lr: args.base_lr,
+        batch: args.batch,
+        total_steps: args.steps,
+        warmup_steps: args.warmup.min(args.steps / 2),
+        wpe: args.wpe,
+        weight_decay: args.weight_decay,
+        weight_decay_end: args.weight_decay,
+        ..ArTrainConfig::default()
+    };
+    let mut trainer = ArTrainer::new(model, cfg)?;
+    let ckpt = args.out.join("train.safetensors");
+    let mut rng = Generator::new(args.seed.wrapping_add(17));
+    let info_json = serde_json::to_string(&info).unwrap_or_default();
+    if args.resume {
+        let state = load_training(
+            &ckpt,
+            &trainer.model.var().named_tensors(),
+            &mut trainer.opt,
+        )?;
+        if let Some(saved) = state.extra.get("model") {
+            let saved: ModelInfo = serde_json::from_str(saved).map_err(|e| Error::Format {
+                what: ckpt.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            if saved.kind != info.kind || saved.var != info.var || saved.mvar != info.mvar {
+                return Err(Error::Format {
+                    what: ckpt.display().to_string(),
+                    msg: format!(
+                        "checkpoint of another model: {} {:?}; this run asks for {} {:?}",
+                        saved.kind, saved.var, info.kind, info.var
+                    ),
+                });
+            }
+        }
+        trainer.set_step(state.step);
+        rng = Generator::from_state(state.rng);
+        println!("resumed from {} at step {}", ckpt.display(), state.step);
+    }
+    let save = |trainer: &ArTrainer, rng: &Generator| -> Result<()> {
+        let mut extra = BTreeMap::new();
+        extra.insert("model".to_string(), info_json.clone());
+        let state = TrainingState {
+            step: trainer.step_count(),
+            rng: rng.state(),
+            extra,
+        };
+        save_training(
+            &ckpt,
+            &trainer.model.var().named_tensors(),
+            &trainer.opt,
+            &state,
+        )
+    };
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(io(&metrics_path))?;
+    let n = labels.len();
+    let start = Instant::now();
+    let first = trainer.step_count();
+    while trainer.step_count() < args.steps {
+        let step = trainer.step_count() + 1;
+        let idx = batch_indices(n, args.batch, args.seed, step);
+        let ids = Tensor::from_vec(
+            idx.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            [idx.len()],
+            device,
+        )?;
+        let g = ops::index_select(&gt, 0, &ids)?;
+        let x = ops::index_select(&x_in, 0, &ids)?;
+        let lab: Vec<i64> = idx.iter().map(|&i| labels[i]).collect();
+        let s = match trainer.step(&lab, &g, &x, &mut rng) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "stopping: {e}; the last good checkpoint is {}",
+                    ckpt.display()
+                );
+                return Err(e);
+            }
+        };
+        let line = format!(
+            "{{\"step\":{},\"loss\":{:.6},\"accuracy\":{:.5},\"lr\":{:.6e},\"grad_norm\":{:.4},\"scales\":[{},{}]}}\n",
+            s.step, s.loss, s.accuracy, s.lr, s.grad_norm, s.scales.start, s.scales.end
+        );
+        metrics
+            .write_all(line.as_bytes())
+            .map_err(io(&metrics_path))?;
+        if s.step % args.log_every == 0 || s.step == args.steps {
+            let rate = (s.step - first) as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "step {:>6}/{} loss {:.4} acc {:.3} lr {:.2e} |g| {:.3}, {:.2} steps/s, {:.0} img/s, eta {:.0}s",
+                s.step,
+                args.steps,
+                s.loss,
+                s.accuracy,
+                s.lr,
+                s.grad_norm,
+                rate,
+                rate * args.batch as f64,
+                (args.steps - s.step) as f64 / rate.max(1e-9)
+            );
+        }
+        if s.step % args.checkpoint_every == 0 {
+            save(&trainer, &rng)?;
+        }
+    }
+    save(&trainer, &rng)?;
+    let weights = args.out.join("model.safetensors");
+    trainer.model.var().save(&weights)?;
+    write_atomic(
+        &args.out.join("model.json"),
+        serde_json::to_string_pretty(&info)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    let grid = args.out.join("samples.png");
+    crate::sample::class_grid(&trainer.model, &vae, &info, 8, args.cfg, args.seed, &grid)?;
+    println!(
+        "wrote {}, {}, {} and {}",
+        weights.display(),
+        args.out.join("model.json").display(),
+        metrics_path.display(),
+        grid.display()
+    );
+    Ok(())
+}

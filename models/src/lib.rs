@@ -4,7 +4,9 @@
 pub mod checkpoint;
 pub mod data;
 pub mod nn;
+pub mod pth;
 pub mod tokenizer;
 pub mod vqvae;
 
+pub use pth::{convert, ConvertReport, PthContents};
 pub use vqvae::{phi_index, QuantizeOutput, VqVae, VqVaeConfig};

@@ -248,6 +248,21 @@ fn read_archive<R: Read + Seek>(
         big_endian,
         loaded: HashMap::new(),
     };
+    // A storage's bytes are dropped once its last tensor is dense, so that the peak memory is
+    // the dense tensors plus the storages still to be used, not twice the checkpoint.
+    let storage_key = |obj: usize| match arena.get(obj) {
+        Some(Obj::Tensor(spec)) => match arena.get(spec.storage) {
+            Some(Obj::Storage { key, .. }) => Some(key.as_str()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for (_, obj) in &kept {
+        if let Some(k) = storage_key(*obj) {
+            *uses.entry(k).or_default() += 1;
+        }
+    }
     let mut done: HashMap<usize, Tensor> = HashMap::new();
     let mut tensors = BTreeMap::new();
     for (name, obj) in kept {
@@ -259,6 +274,14 @@ fn read_archive<R: Read + Seek>(
                 t
             }
         };
+        if let Some(k) = storage_key(obj) {
+            if let Some(n) = uses.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    storages.loaded.remove(k);
+                }
+            }
+        }
         if tensors.insert(name.clone(), t).is_some() {
             return Err(format!(
                 "two tensors are named {name:?} (a key with dots colliding with a nested key?)"

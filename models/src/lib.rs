@@ -1,15 +1,18 @@
-//! Models on the mvar engine: the multi-scale VQVAE tokenizer (VAR / MVAR share it), with
-//! checkpoint I/O under the official PyTorch tensor names.
+//! Models on the mvar engine: the multi-scale VQVAE tokenizer, VAR and MVAR, their trainers and
+//! samplers, data sets, and checkpoint I/O under the official PyTorch tensor names (safetensors,
+//! and a safe reader of PyTorch `.pth` files).
 
 pub mod checkpoint;
 pub mod data;
 pub mod mvar;
 pub mod nn;
+pub mod pth;
 pub mod tokenizer;
 pub mod trainer;
 pub mod var;
 pub mod vqvae;
 
 pub use mvar::{Mvar, MvarConfig};
+pub use pth::{convert, ConvertReport, PthContents};
 pub use var::{Mixing, SampleConfig, SampleOutput, Var, VarConfig};
 pub use vqvae::{phi_index, QuantizeOutput, VqVae, VqVaeConfig};

@@ -477,6 +477,42 @@ fn spatial(c: &mut Criterion) {
     g.finish();
 }
 
+/// The nearest-code search of the VQVAE quantizer: a batch of 32 latents of 16x16 positions
+/// (8192 rows of 32 channels), and the rows of the whole 10-scale pyramid (1..16, 680 positions
+/// an image, 21760 rows), against 4096 codes. Throughput in FLOPs of the cross term
+/// (2 * N * V * C).
+fn quant(c: &mut Criterion) {
+    let _ng = no_grad();
+    let mut g = c.benchmark_group("quant");
+    let (v, ch) = (4096usize, 32usize);
+    for d in devices() {
+        let t = tag(&d);
+        let mut dtypes = vec![DType::F32];
+        if d.is_cuda() {
+            dtypes.push(DType::BF16);
+        }
+        for dt in dtypes {
+            let codebook = randn(&[v, ch], dt, &d, 1);
+            for (n, what) in [
+                (32 * 16 * 16, "16x16 latents"),
+                (32 * 680, "10-scale pyramid"),
+            ] {
+                let z = randn(&[n, ch], dt, &d, 2);
+                g.throughput(Throughput::Elements((2 * n * v * ch) as u64));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/nearest_code {what} [{n},{ch}] x [{v},{ch}] {dt}"),
+                    || {
+                        ops::nearest_code(&z, &codebook).unwrap();
+                    },
+                );
+            }
+        }
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -487,6 +523,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = matmul, elementwise, reduce, layout, nn, attention, spatial
+    targets = matmul, elementwise, reduce, layout, nn, attention, spatial, quant
 }
 criterion_main!(benches);

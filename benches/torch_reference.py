@@ -123,6 +123,29 @@ def main():
     report("spatial", "cuda/upsample_nearest x2 [2,64,64,64] f32",
            timed(lambda: F.interpolate(xs, scale_factor=2, mode="nearest")), nbytes=5 * xs.numel() * 4)
 
+    # quant: the nearest code of every row. The quantizer's own formulation (squared distances
+    # through one GEMM, then argmin) under the bench's id; torch.cdist + argmin under the same id
+    # with " [cdist]" appended. Both materialise the N x V distance matrix.
+    codes = 4096
+    for dt in (torch.float32, torch.bfloat16):
+        e = torch.randn(codes, 32, device=dev, dtype=dt)
+        for n, what in ((32 * 16 * 16, "16x16 latents"), (32 * 680, "10-scale pyramid")):
+            z = torch.randn(n, 32, device=dev, dtype=dt)
+            case = f"cuda/nearest_code {what} [{n},32] x [{codes},32] {name[dt]}"
+            flops = 2 * n * codes * 32
+
+            def official(z=z, e=e):
+                d = z.square().sum(1, keepdim=True) + e.square().sum(1)
+                return d.addmm_(z, e.t(), alpha=-2, beta=1).argmin(1)
+
+            report("quant", case, timed(official), flops=flops)
+            try:
+                ms = timed(lambda z=z, e=e: torch.cdist(z, e).argmin(1))
+            except RuntimeError as err:  # cdist lacks some dtypes on some versions
+                print(f"quant/{case} [cdist]\tskipped: {err}", flush=True)
+            else:
+                report("quant", case + " [cdist]", ms, flops=flops)
+
     if args.json:
         with open(args.json, "w") as f:
             for r in rows:

@@ -42,4 +42,6 @@ kernel_files! {
     CONV => "conv.cu",
     OPTIM => "optim.cu",
     RANDOM => "random.cu",
+    INTERP => "interp.cu",
+    QUANT => "quant.cu",
 }

@@ -18,17 +18,16 @@
 //! Every backward is the transpose of its forward (a scatter-add of the same weights), computed
 //! from the per-axis tables the forward uses.
 //!
-//! On CUDA only `upsample_nearest` has kernels (`cuda/kernels/conv.cu`); area and bicubic
-//! resampling of a CUDA tensor return the "no CUDA kernel" error.
+//! On CUDA, `upsample_nearest` runs the kernels of `cuda/kernels/conv.cu`, area and bicubic
+//! resampling those of `cuda/kernels/interp.cu` (f32 weights and sums; both backwards gathers).
 
 use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
 use mvar_engine::cuda::ops::conv as cu;
+use mvar_engine::cuda::ops::interp as ci;
 use mvar_engine::{Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{
-    float_kernel, float_op, one, out_tensor, output_len, require_float, require_rank, tensor,
-};
+use crate::util::{float_op, out_tensor, output_len, require_float, require_rank};
 
 /// N*C planes of [h, w] in, [oh, ow] out.
 #[derive(Debug, Clone, Copy)]
@@ -266,16 +265,21 @@ impl FloatKernel for AreaBwd {
 pub fn area_downsample(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     const OP: &str = "area_downsample";
     let (p, dims) = Planes::new(OP, x, out_h, out_w)?;
-    let out = tensor(
-        one(float_kernel(OP, &[x], &AreaFwd { p })?),
-        dims,
-        x.device(),
-    )?;
+    let out = float_op(OP, &[x], &AreaFwd { p }, |dev, b| {
+        Ok(vec![ci::area_downsample(
+            dev, b[0], p.planes, p.h, p.w, p.oh, p.ow,
+        )?])
+    })?;
+    let out = out_tensor(out, dims, x.device())?;
     let in_shape = x.shape().clone();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(OP, &[g], &AreaBwd { p })?);
-            Ok(vec![Some(tensor(dx, in_shape, g.device())?)])
+            let dx = float_op(OP, &[g], &AreaBwd { p }, |dev, b| {
+                Ok(vec![ci::area_downsample_backward(
+                    dev, b[0], p.planes, p.h, p.w, p.oh, p.ow,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
         }
     }))
 }
@@ -407,16 +411,21 @@ impl FloatKernel for BicubicBwd {
 pub fn bicubic_upsample(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     const OP: &str = "bicubic_upsample";
     let (p, dims) = Planes::new(OP, x, out_h, out_w)?;
-    let out = tensor(
-        one(float_kernel(OP, &[x], &BicubicFwd { p })?),
-        dims,
-        x.device(),
-    )?;
+    let out = float_op(OP, &[x], &BicubicFwd { p }, |dev, b| {
+        Ok(vec![ci::bicubic_upsample(
+            dev, b[0], p.planes, p.h, p.w, p.oh, p.ow,
+        )?])
+    })?;
+    let out = out_tensor(out, dims, x.device())?;
     let in_shape = x.shape().clone();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
-            let dx = one(float_kernel(OP, &[g], &BicubicBwd { p })?);
-            Ok(vec![Some(tensor(dx, in_shape, g.device())?)])
+            let dx = float_op(OP, &[g], &BicubicBwd { p }, |dev, b| {
+                Ok(vec![ci::bicubic_upsample_backward(
+                    dev, b[0], p.planes, p.h, p.w, p.oh, p.ow,
+                )?])
+            })?;
+            Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
         }
     }))
 }

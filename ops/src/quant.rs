@@ -3,12 +3,14 @@
 //! idx[i] = argmin_v ( ||z_i||^2 + ||e_v||^2 - 2 z_i . e_v ), ties to the lowest index (as
 //! torch.argmin), which is how the official quantizer writes the squared L2 distance. The CPU
 //! reference forms the cross term with the GEMM in the input dtype, as PyTorch's addmm does, and
-//! the norms and the sum in f64. Not differentiable (an index).
+//! the norms and the sum in f64. Not differentiable (an index). On CUDA a tiled search
+//! (`cuda/kernels/quant.cu`) finds the same indices in f32 without the N x V distance matrix.
 
+use mvar_engine::cuda::ops::quant as cq;
 use mvar_engine::{CpuStorage, Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{require_float, require_rank, same_device, same_dtype, tensor, with_cpu};
+use crate::util::{dispatch, out_tensor, require_float, require_rank, same_device, same_dtype};
 
 /// The CPU reference: indices straight to i64 (never through the float type, which cannot hold
 /// large indices exactly in bf16).
@@ -88,12 +90,18 @@ pub fn nearest_code(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
             "z [N, C] and a non-empty codebook [V, C] of the same C",
         ));
     }
-    let idx = with_cpu(OP, &[z, codebook], |s| {
-        Ok(match (s[0], s[1]) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => nearest_rows(a, b, n, v, c),
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => nearest_rows(a, b, n, v, c),
-            (a, b) => nearest_rows(&a.to_f32_vec(), &b.to_f32_vec(), n, v, c),
-        })
-    })?;
-    tensor(CpuStorage::I64(idx), [n], z.device())
+    let idx = dispatch(
+        OP,
+        &[z, codebook],
+        |s| {
+            let idx = match (s[0], s[1]) {
+                (CpuStorage::F32(a), CpuStorage::F32(b)) => nearest_rows(a, b, n, v, c),
+                (CpuStorage::F64(a), CpuStorage::F64(b)) => nearest_rows(a, b, n, v, c),
+                (a, b) => nearest_rows(&a.to_f32_vec(), &b.to_f32_vec(), n, v, c),
+            };
+            Ok(vec![CpuStorage::I64(idx)])
+        },
+        |dev, b| Ok(vec![cq::nearest_code(dev, b[0], b[1], n, v, c)?]),
+    )?;
+    out_tensor(idx, [n], z.device())
 }

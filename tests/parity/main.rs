@@ -11,6 +11,7 @@ mod index;
 mod matmul;
 mod nn;
 mod optim;
+mod quant;
 
 use std::sync::OnceLock;
 

@@ -5,8 +5,10 @@
 pub mod conv;
 pub mod elementwise;
 pub mod index;
+pub mod interp;
 pub mod norm;
 pub mod optim;
+pub mod quant;
 pub mod random;
 pub mod reduce;
 pub mod softmax;

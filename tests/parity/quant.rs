@@ -1,0 +1,241 @@
+//! The quantizer's resampling (area and bicubic, values and input gradients, any sizes in
+//! either direction) and the nearest-code search (exact index equality) against the CPU.
+//!
+//! Resampling inputs are rounded to bf16 values first, so the GPU bf16 run sees the numbers of
+//! the f32 reference. The nearest-code inputs are built so that every row's nearest code is
+//! unique by a wide margin (or tied exactly, in the tie test), so the indices must agree
+//! exactly in every dtype.
+
+use mvar::engine::{DType, Device, Tensor};
+use mvar::ops;
+use proptest::prelude::*;
+
+use crate::{config, gpu, parity, randn};
+
+fn randn_b(shape: &[usize], seed: u64) -> Tensor {
+    randn(shape, seed)
+        .to_dtype(DType::BF16)
+        .and_then(|b| b.to_dtype(DType::F32))
+        .expect("round to bf16")
+}
+
+fn check(r: std::result::Result<(), TestCaseError>) {
+    if let Err(e) = r {
+        panic!("{e}");
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn area_downsample(
+        n in 1usize..3, c in 1usize..4, h in 1usize..14, w in 1usize..14,
+        oh in 1usize..14, ow in 1usize..14, seed in any::<u64>()
+    ) {
+        parity(
+            "area_downsample",
+            |_, x| ops::area_downsample(&x[0], oh, ow),
+            &[randn_b(&[n, c, h, w], seed)],
+        )?;
+    }
+
+    #[test]
+    fn bicubic_upsample(
+        n in 1usize..3, c in 1usize..4, h in 1usize..14, w in 1usize..14,
+        oh in 1usize..20, ow in 1usize..20, seed in any::<u64>()
+    ) {
+        parity(
+            "bicubic_upsample",
+            |_, x| ops::bicubic_upsample(&x[0], oh, ow),
+            &[randn_b(&[n, c, h, w], seed)],
+        )?;
+    }
+
+    #[test]
+    fn nearest_code_of_separated_codes(
+        n in 1usize..300, v in 1usize..600, c in 3usize..48, seed in any::<u64>()
+    ) {
+        nearest_code_agrees(n, v, c, seed);
+    }
+}
+
+/// The quantizer's scales (16 <-> 5, 16 -> 13), size 1 on either side, non-square maps, more
+/// elements than one launch block, identity sizes.
+#[test]
+fn resampling_at_the_quantizer_scales_and_borders() {
+    let cases: [([usize; 4], usize, usize); 10] = [
+        ([2, 3, 16, 16], 5, 5),
+        ([2, 3, 5, 5], 16, 16),
+        ([1, 4, 16, 16], 13, 13),
+        ([1, 2, 1, 1], 7, 3),
+        ([1, 2, 7, 3], 1, 1),
+        ([1, 1, 37, 23], 13, 50),
+        ([2, 2, 3, 2], 31, 17),
+        ([1, 1, 1, 64], 256, 1),
+        ([3, 5, 9, 11], 9, 11),
+        ([4, 32, 16, 16], 10, 10),
+    ];
+    for (i, (dims, oh, ow)) in cases.into_iter().enumerate() {
+        let x = randn_b(&dims, 100 + i as u64);
+        check(parity(
+            &format!("area_downsample {dims:?} -> {oh}x{ow}"),
+            |_, x| ops::area_downsample(&x[0], oh, ow),
+            std::slice::from_ref(&x),
+        ));
+        check(parity(
+            &format!("bicubic_upsample {dims:?} -> {oh}x{ow}"),
+            |_, x| ops::bicubic_upsample(&x[0], oh, ow),
+            std::slice::from_ref(&x),
+        ));
+    }
+}
+
+/// splitmix64: reproducible test data without a random-number crate.
+struct Mix(u64);
+
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A codebook of v distinct points of a shifted integer lattice (code j is j written in base b,
+/// plus one random offset in [-1, 1) per coordinate shared by every code) and n rows, each a
+/// random code plus at most 0.05 per coordinate. Two codes are equal in the coordinates where
+/// their digits agree and at least 1 apart (7/8 after rounding to bf16, whose spacing is at most
+/// 1/8 below 32) where they differ, while a row is within 0.12 of its own code in every
+/// coordinate even in bf16: its own code is the nearest, by more than 0.5 in squared distance.
+fn separated(n: usize, v: usize, c: usize, seed: u64) -> (Tensor, Tensor, Vec<i64>) {
+    let mut b = 2usize;
+    while b.pow(c.min(20) as u32) < v {
+        b += 1;
+    }
+    assert!(b <= 16, "lattice too coarse for bf16");
+    let mut rng = Mix(seed);
+    let shift: Vec<f32> = (0..c).map(|_| rng.unit()).collect();
+    let mut e = Vec::with_capacity(v * c);
+    for j in 0..v {
+        let mut digits = j;
+        for s in &shift {
+            e.push((digits % b) as f32 + s);
+            digits /= b;
+        }
+    }
+    let mut z = Vec::with_capacity(n * c);
+    let mut own = Vec::with_capacity(n);
+    for _ in 0..n {
+        let a = rng.below(v);
+        own.push(a as i64);
+        z.extend((0..c).map(|k| e[a * c + k] + 0.05 * rng.unit()));
+    }
+    (
+        Tensor::from_vec(z, [n, c], &Device::Cpu).expect("z"),
+        Tensor::from_vec(e, [v, c], &Device::Cpu).expect("codebook"),
+        own,
+    )
+}
+
+/// nearest_code on the CPU gives the expected indices (the premise of the case, checked with
+/// or without a GPU) and on the GPU the same, in f32 and bf16.
+fn nearest_code_matches(z: &Tensor, e: &Tensor, want: &[i64], what: &str) {
+    let gpu = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        let (zd, ed) = (z.to_dtype(dtype).unwrap(), e.to_dtype(dtype).unwrap());
+        let cpu = ops::nearest_code(&zd, &ed)
+            .unwrap()
+            .to_vec::<i64>()
+            .unwrap();
+        assert_eq!(cpu, want, "{what} {dtype}: the CPU reference");
+        let Some(gpu) = &gpu else { continue };
+        let got =
+            ops::nearest_code(&zd.to_device(gpu).unwrap(), &ed.to_device(gpu).unwrap()).unwrap();
+        assert_eq!(got.dims(), &[want.len()], "{what} {dtype}");
+        assert_eq!(
+            got.to_vec::<i64>().unwrap(),
+            cpu,
+            "{what} {dtype}: GPU vs CPU"
+        );
+    }
+}
+
+fn nearest_code_agrees(n: usize, v: usize, c: usize, seed: u64) {
+    let (z, e, own) = separated(n, v, c, seed);
+    nearest_code_matches(&z, &e, &own, &format!("nearest_code n {n} v {v} c {c}"));
+}
+
+/// Several row tiles and code tiles, with sizes that are multiples of neither; the benchmark's
+/// codebook size; C of 1 and 2 (below one channel tile).
+#[test]
+fn nearest_code_larger_and_narrow_cases() {
+    nearest_code_agrees(2050, 4095, 32, 1);
+    nearest_code_agrees(700, 4096, 8, 2);
+    nearest_code_agrees(300, 7, 1, 3);
+    nearest_code_agrees(129, 200, 2, 4);
+    nearest_code_agrees(65, 64, 64, 5);
+}
+
+/// Duplicate codebook rows tie exactly and the lowest index wins, wherever the copies sit (the
+/// same thread, different threads, different code tiles); a codebook of one repeated row gives
+/// index 0 everywhere; an empty z gives an empty result.
+#[test]
+fn nearest_code_ties_go_to_the_lowest_index() {
+    let (v, c) = (4096usize, 32usize);
+    let mut rng = Mix(7);
+    // Integer entries in [-4, 4] and rows within a quarter per coordinate: every dot product and
+    // norm is exact in f32 whatever the summation order, so ties are exact on both devices; any
+    // two distinct codes differ by at least 1 in some coordinate, so the nearest codes of a row
+    // are exactly the copies of the code it was drawn from.
+    let mut e: Vec<f32> = (0..v * c).map(|_| rng.below(9) as f32 - 4.0).collect();
+    let pairs = [
+        (5, 67),
+        (63, 64),
+        (1, v - 1),
+        (6, 70),
+        (0, 2),
+        (100, 3000),
+        (16, 17),
+    ];
+    for &(lo, hi) in &pairs {
+        let row: Vec<f32> = e[lo * c..(lo + 1) * c].to_vec();
+        e[hi * c..(hi + 1) * c].copy_from_slice(&row);
+    }
+    let first_copy = |a: usize| -> i64 {
+        (0..v)
+            .find(|&j| e[j * c..(j + 1) * c] == e[a * c..(a + 1) * c])
+            .unwrap() as i64
+    };
+    let mut sources: Vec<usize> = pairs.iter().flat_map(|&(lo, hi)| [hi, lo, hi]).collect();
+    sources.extend((0..200).map(|_| rng.below(v)));
+    let mut z = Vec::new();
+    for &a in &sources {
+        z.extend((0..c).map(|k| e[a * c + k] + 0.25 * (rng.below(3) as f32 - 1.0)));
+    }
+    let want: Vec<i64> = sources.iter().map(|&a| first_copy(a)).collect();
+    for &(lo, _) in &pairs {
+        assert!(want.contains(&(lo as i64)));
+    }
+    let zt = Tensor::from_vec(z, [sources.len(), c], &Device::Cpu).unwrap();
+    let et = Tensor::from_vec(e, [v, c], &Device::Cpu).unwrap();
+    nearest_code_matches(&zt, &et, &want, "nearest_code ties");
+
+    let same = Tensor::from_vec(vec![1.5f32; 200 * 5], [200, 5], &Device::Cpu).unwrap();
+    let zr = randn(&[77, 5], 8);
+    nearest_code_matches(&zr, &same, &[0; 77], "nearest_code one repeated code");
+
+    let empty = Tensor::zeros([0, 5], DType::F32, &Device::Cpu).unwrap();
+    nearest_code_matches(&empty, &same, &[], "nearest_code empty z");
+}

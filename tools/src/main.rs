@@ -30,6 +30,18 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Class-conditional images from a trained VAR or MVAR folder.
     Sample(Box<sample::SampleArgs>),
+    /// Convert an official PyTorch checkpoint (.pth, tensors only, no code executed) to
+    /// safetensors with the same tensor names.
+    Convert {
+        /// The .pth file (torch.save zip format).
+        input: std::path::PathBuf,
+        /// The .safetensors file to write.
+        output: std::path::PathBuf,
+        /// Keep only tensors under this prefix and strip it (e.g. `model` for a training
+        /// checkpoint that nests the state dict).
+        #[arg(long)]
+        strip_prefix: Option<String>,
+    },
 }
 
 fn main() {
@@ -39,11 +51,36 @@ fn main() {
         Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(*args, d)),
         Command::Train(args) => with_device(|d| train::run(*args, d)),
         Command::Sample(args) => with_device(|d| sample::run(*args, d)),
+        Command::Convert {
+            input,
+            output,
+            strip_prefix,
+        } => convert(&input, &output, strip_prefix.as_deref()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn convert(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    prefix: Option<&str>,
+) -> mvar_engine::Result<()> {
+    let r = mvar_models::convert(input, output, prefix)?;
+    println!(
+        "wrote {}: {} tensors, {:.1} MB of tensor data{}",
+        output.display(),
+        r.tensors,
+        r.tensor_bytes as f64 / 1e6,
+        if r.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; skipped non-tensor entries {:?}", r.skipped)
+        }
+    );
+    Ok(())
 }
 
 /// Picks the device (MVAR_DEVICE, else the first GPU, else the CPU), says which, and runs `f`.

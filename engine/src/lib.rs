@@ -10,6 +10,7 @@ mod device;
 mod dtype;
 mod error;
 mod params;
+pub mod profile;
 pub mod rng;
 mod shape;
 mod storage;

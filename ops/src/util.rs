@@ -87,6 +87,7 @@ pub(crate) fn with_cpu<R>(
     f: impl FnOnce(&[&CpuStorage]) -> Result<R>,
 ) -> Result<R> {
     same_device(op, ts)?;
+    let _timer = mvar_engine::profile::scope(op);
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     let cpus: Vec<&CpuStorage> = guards.iter().map(|g| cpu(op, g)).collect::<Result<_>>()?;
     f(&cpus)
@@ -106,6 +107,7 @@ pub(crate) fn dispatch(
         .first()
         .map(|t| t.device().clone())
         .unwrap_or(Device::Cpu);
+    let _timer = mvar_engine::profile::scope(op);
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     match &device {
         Device::Cpu => {
@@ -125,10 +127,11 @@ pub(crate) fn dispatch(
                     }),
                 })
                 .collect::<Result<_>>()?;
-            Ok(cuda_fn(dev, &bufs)?
-                .into_iter()
-                .map(Storage::Cuda)
-                .collect())
+            let out = cuda_fn(dev, &bufs)?;
+            if mvar_engine::profile::synchronous() {
+                dev.synchronize()?;
+            }
+            Ok(out.into_iter().map(Storage::Cuda).collect())
         }
     }
 }

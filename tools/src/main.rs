@@ -1,6 +1,8 @@
 //! The `mvar` command line.
 
 mod common;
+mod demo;
+mod plot;
 mod sample;
 mod train;
 mod train_tokenizer;
@@ -21,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: train a small tokenizer and MVAR (or VAR, --model var) on the bundled data
+    /// set within a time budget, then write samples, reconstructions and loss curves.
+    Demo(Box<demo::DemoArgs>),
     /// Report the build, the CPU threads and the GPU found at run time (if any), and the device
     /// that MVAR_DEVICE selects.
     Info,
@@ -48,6 +53,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
+        Command::Demo(args) => with_device(|d| demo::run(*args, d)),
         Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(*args, d)),
         Command::Train(args) => with_device(|d| train::run(*args, d)),
         Command::Sample(args) => with_device(|d| sample::run(*args, d)),
@@ -57,6 +63,10 @@ fn main() {
             strip_prefix,
         } => convert(&input, &output, strip_prefix.as_deref()),
     };
+    let profile = mvar_engine::profile::report_text();
+    if !profile.is_empty() {
+        eprintln!("{profile}");
+    }
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -76,6 +76,10 @@ pub struct TrainArgs {
     pub checkpoint_every: u64,
     #[arg(long)]
     pub resume: bool,
+    /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
+    /// the learning-rate schedule) is set to what fits; overrides --steps.
+    #[arg(long)]
+    pub minutes: Option<f64>,
     /// Guidance of the sample grid written at the end.
     #[arg(long, default_value_t = 2.0)]
     pub cfg: f64,
@@ -88,7 +92,8 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-pub fn run(args: TrainArgs, device: &Device) -> Result<()> {
+pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
+    let t_cmd = Instant::now();
     let t0 = Instant::now();
     let vae = load_tokenizer(&args.tokenizer, device)?;
     let pns = vae.config.v_patch_nums.clone();
@@ -173,6 +178,7 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<()> {
         ..ArTrainConfig::default()
     };
     let mut trainer = ArTrainer::new(model, cfg)?;
+    const CALIBRATION_STEPS: u64 = 10;
     let ckpt = args.out.join("train.safetensors");
     let mut rng = Generator::new(args.seed.wrapping_add(17));
     let info_json = serde_json::to_string(&info).unwrap_or_default();
@@ -253,6 +259,13 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<()> {
         metrics
             .write_all(line.as_bytes())
             .map_err(io(&metrics_path))?;
+        if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
+            let fit = crate::common::steps_that_fit(min, t_cmd.elapsed(), start.elapsed(), CALIBRATION_STEPS, 0.08);
+            args.steps = s.step + fit;
+            trainer.config.total_steps = args.steps;
+            trainer.config.warmup_steps = trainer.config.warmup_steps.min(args.steps / 10).max(1);
+            println!("time budget {min} min: training {} steps", args.steps);
+        }
         if s.step % args.log_every == 0 || s.step == args.steps {
             let rate = (s.step - first) as f64 / start.elapsed().as_secs_f64();
             println!(

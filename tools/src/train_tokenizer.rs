@@ -48,6 +48,9 @@ pub struct TrainTokenizerArgs {
     pub ch_mult: String,
     #[arg(long, default_value_t = 32)]
     pub z_channels: usize,
+    /// ResNet blocks per encoder level (the decoder has one more).
+    #[arg(long, default_value_t = 2)]
+    pub res_blocks: usize,
     /// Scales of the pyramid; the last must be side / 2^(levels-1).
     #[arg(long, default_value = "1,2,3,4,6,8")]
     pub patch_nums: String,
@@ -71,6 +74,10 @@ pub struct TrainTokenizerArgs {
     /// Continue from `<out>/tokenizer-train.safetensors`.
     #[arg(long)]
     pub resume: bool,
+    /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
+    /// the learning-rate schedule) is set to what fits; overrides --steps.
+    #[arg(long)]
+    pub minutes: Option<f64>,
     /// No horizontal flips.
     #[arg(long)]
     pub no_flip: bool,
@@ -89,7 +96,8 @@ fn list(s: &str, what: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
+pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
+    let t_cmd = Instant::now();
     let config = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::Io {
@@ -107,6 +115,7 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             ch: args.ch,
             ch_mult: list(&args.ch_mult, "ch-mult")?,
             v_patch_nums: list(&args.patch_nums, "patch-nums")?,
+            num_res_blocks: args.res_blocks,
             ..VqVaeConfig::default()
         },
     };
@@ -158,6 +167,7 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         ..TokenizerTrainConfig::default()
     };
     let mut trainer = TokenizerTrainer::new(vae, train_cfg)?;
+    const CALIBRATION_STEPS: u64 = 10;
     let ckpt = args.out.join("tokenizer-train.safetensors");
     let mut rng = Generator::new(args.seed.wrapping_add(1));
     if args.resume {
@@ -215,6 +225,10 @@ pub fn run(args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             path: metrics_path.display().to_string(),
             source: e,
         })?;
+        if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
+            args.steps = s.step + crate::common::steps_that_fit(min, t_cmd.elapsed(), start.elapsed(), CALIBRATION_STEPS, 0.1);
+            println!("time budget {min} min: training {} steps", args.steps);
+        }
         if s.step % args.log_every == 0 || s.step == args.steps {
             let done = (s.step - first) as f64;
             let rate = done / start.elapsed().as_secs_f64();

@@ -1,0 +1,246 @@
+//! Line plots as PNG, with no font or plotting dependency: a small canvas, axes with tick labels
+//! in a built-in 5x7 bitmap font, and one polyline per series. Enough for loss and
+//! learning-rate curves that a fresh machine can write without system fonts.
+
+use std::path::Path;
+
+use mvar_engine::Result;
+
+const W: usize = 720;
+const H: usize = 420;
+const LEFT: usize = 70;
+const RIGHT: usize = 20;
+const TOP: usize = 30;
+const BOTTOM: usize = 45;
+
+/// 5x7 glyphs, one string of 7 rows of 5 bits ('#' = ink) per character.
+fn glyph(c: char) -> Option<[&'static str; 7]> {
+    Some(match c {
+        '0' => [" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "],
+        '1' => ["  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
+        '2' => [" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"],
+        '3' => ["#### ", "    #", "    #", " ### ", "    #", "    #", "#### "],
+        '4' => ["   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "],
+        '5' => ["#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "],
+        '6' => [" ### ", "#    ", "#    ", "#### ", "#   #", "#   #", " ### "],
+        '7' => ["#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "],
+        '8' => [" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "],
+        '9' => [" ### ", "#   #", "#   #", " ####", "    #", "    #", " ### "],
+        '.' => ["     ", "     ", "     ", "     ", "     ", " ##  ", " ##  "],
+        '-' => ["     ", "     ", "     ", "#####", "     ", "     ", "     "],
+        '+' => ["     ", "  #  ", "  #  ", "#####", "  #  ", "  #  ", "     "],
+        '(' => ["   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # "],
+        ')' => [" #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   "],
+        ':' => ["     ", " ##  ", " ##  ", "     ", " ##  ", " ##  ", "     "],
+        'a' => ["     ", "     ", " ### ", "    #", " ####", "#   #", " ####"],
+        'b' => ["#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#### "],
+        'c' => ["     ", "     ", " ####", "#    ", "#    ", "#    ", " ####"],
+        'd' => ["    #", "    #", " ####", "#   #", "#   #", "#   #", " ####"],
+        'e' => ["     ", "     ", " ### ", "#   #", "#####", "#    ", " ### "],
+        'f' => ["  ## ", " #   ", "#### ", " #   ", " #   ", " #   ", " #   "],
+        'g' => ["     ", " ####", "#   #", "#   #", " ####", "    #", " ### "],
+        'h' => ["#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#   #"],
+        'i' => ["  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### "],
+        'k' => ["#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # "],
+        'l' => [" ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
+        'm' => ["     ", "     ", "## # ", "# # #", "# # #", "# # #", "# # #"],
+        'n' => ["     ", "     ", "#### ", "#   #", "#   #", "#   #", "#   #"],
+        'o' => ["     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### "],
+        'p' => ["     ", "#### ", "#   #", "#   #", "#### ", "#    ", "#    "],
+        'r' => ["     ", "     ", "# ## ", "##   ", "#    ", "#    ", "#    "],
+        's' => ["     ", "     ", " ####", "#    ", " ### ", "    #", "#### "],
+        't' => [" #   ", " #   ", "#### ", " #   ", " #   ", " #   ", "  ## "],
+        'u' => ["     ", "     ", "#   #", "#   #", "#   #", "#   #", " ####"],
+        'v' => ["     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  "],
+        'w' => ["     ", "     ", "#   #", "# # #", "# # #", "# # #", " # # "],
+        'x' => ["     ", "     ", "#   #", " # # ", "  #  ", " # # ", "#   #"],
+        'y' => ["     ", "#   #", "#   #", "#   #", " ####", "    #", " ### "],
+        'z' => ["     ", "     ", "#####", "   # ", "  #  ", " #   ", "#####"],
+        ' ' => ["     "; 7],
+        _ => return None,
+    })
+}
+
+struct Canvas {
+    px: Vec<[u8; 3]>,
+}
+
+impl Canvas {
+    fn new() -> Self {
+        Canvas { px: vec![[255, 255, 255]; W * H] }
+    }
+
+    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
+        if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
+            self.px[y as usize * W + x as usize] = c;
+        }
+    }
+
+    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: [u8; 3]) {
+        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
+        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
+        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
+        loop {
+            self.set(x, y, c);
+            if x == x1 && y == y1 {
+                break;
+            }
+            let e2 = 2 * err;
+            if e2 >= dy {
+                err += dy;
+                x += sx;
+            }
+            if e2 <= dx {
+                err += dx;
+                y += sy;
+            }
+        }
+    }
+
+    fn text(&mut self, x: i64, y: i64, s: &str, c: [u8; 3]) {
+        for (i, ch) in s.chars().enumerate() {
+            if let Some(g) = glyph(ch.to_ascii_lowercase()) {
+                for (r, row) in g.iter().enumerate() {
+                    for (k, b) in row.bytes().enumerate() {
+                        if b == b'#' {
+                            self.set(x + (i * 6 + k) as i64, y + r as i64, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fmt_tick(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-2..1e4).contains(&a) {
+        format!("{v:.0e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// One curve.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub points: &'a [(f64, f64)],
+    pub color: [u8; 3],
+}
+
+/// Writes a line plot of `series` (x: step, y: value; `log_y` plots log10 y) to `path`.
+pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[Series<'_>], log_y: bool) -> Result<()> {
+    let mut cv = Canvas::new();
+    let tr = |v: f64| if log_y { v.max(1e-12).log10() } else { v };
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().map(|&(x, y)| (x, tr(y)))).filter(|p| p.1.is_finite()).collect();
+    let (mut x0, mut x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    if y1 <= y0 {
+        y1 = y0 + 1.0;
+    }
+    let pad = (y1 - y0) * 0.05;
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
+    let to_px = |x: f64, y: f64| -> (i64, i64) {
+        (LEFT as i64 + ((x - x0) / (x1 - x0) * pw) as i64, (TOP as f64 + ph - (y - y0) / (y1 - y0) * ph) as i64)
+    };
+    let grey = [215, 215, 215];
+    let black = [0, 0, 0];
+    for i in 0..=5 {
+        let fy = y0 + (y1 - y0) * i as f64 / 5.0;
+        let (_, py) = to_px(x0, fy);
+        cv.line((LEFT as i64, py), ((W - RIGHT) as i64, py), grey);
+        let label = fmt_tick(if log_y { 10f64.powf(fy) } else { fy });
+        cv.text(4, py - 3, &label, black);
+        let fx = x0 + (x1 - x0) * i as f64 / 5.0;
+        let (px, _) = to_px(fx, y0);
+        cv.line((px, TOP as i64), (px, (H - BOTTOM) as i64), grey);
+        cv.text(px - 10, (H - BOTTOM + 8) as i64, &fmt_tick(fx), black);
+    }
+    cv.line((LEFT as i64, TOP as i64), (LEFT as i64, (H - BOTTOM) as i64), black);
+    cv.line((LEFT as i64, (H - BOTTOM) as i64), ((W - RIGHT) as i64, (H - BOTTOM) as i64), black);
+    cv.text(LEFT as i64, 10, title, black);
+    cv.text((W / 2) as i64 - 20, (H - 14) as i64, x_label, black);
+    for (k, s) in series.iter().enumerate() {
+        let mut prev: Option<(i64, i64)> = None;
+        for &(x, y) in s.points {
+            let y = tr(y);
+            if !y.is_finite() {
+                prev = None;
+                continue;
+            }
+            let p = to_px(x, y);
+            if let Some(q) = prev {
+                cv.line(q, p, s.color);
+            }
+            prev = Some(p);
+        }
+        let lx = (W - RIGHT - 200) as i64;
+        let ly = (TOP + 8 + 12 * k) as i64;
+        cv.line((lx, ly + 3), (lx + 20, ly + 3), s.color);
+        cv.text(lx + 26, ly, s.name, black);
+    }
+    let flat: Vec<u8> = cv.px.iter().flatten().copied().collect();
+    let img = image::RgbImage::from_raw(W as u32, H as u32, flat)
+        .ok_or_else(|| mvar_engine::Error::invalid("line_plot", "canvas buffer"))?;
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| mvar_engine::Error::Format { what: path.display().to_string(), msg: e.to_string() })?;
+    mvar_models::checkpoint::write_atomic(path, &bytes)
+}
+
+/// (step, value) pairs of `key` from a metrics JSONL file; lines that do not parse are skipped.
+pub fn read_metric(path: &Path, key: &str) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_f64()?, v[key].as_f64()?))
+        })
+        .collect()
+}
+
+/// Moving average over `window` points (plots of noisy per-step losses).
+pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let w = window.max(1);
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, _))| {
+            let lo = i.saturating_sub(w - 1);
+            let m = points[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i - lo + 1) as f64;
+            (x, m)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plot_is_written() {
+        let pts: Vec<(f64, f64)> = (1..200).map(|i| (i as f64, 5.0 / (i as f64).sqrt())).collect();
+        let path = std::env::temp_dir().join(format!("mvar-plot-{}.png", std::process::id()));
+        line_plot(&path, "loss", "step", &[Series { name: "train", points: &pts, color: [200, 40, 40] }], true).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (W as u32, H as u32));
+        assert!(img.pixels().any(|p| p.0 == [200, 40, 40]));
+        let _ = std::fs::remove_file(path);
+        assert_eq!(smooth(&[(0.0, 1.0), (1.0, 3.0)], 2), vec![(0.0, 1.0), (1.0, 2.0)]);
+        assert!(glyph('q').is_none() && glyph('7').is_some());
+    }
+}

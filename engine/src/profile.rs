@@ -50,7 +50,10 @@ impl Drop for Scope {
 }
 
 pub fn scope(op: &'static str) -> Scope {
-    Scope { op, start: enabled().then(Instant::now) }
+    Scope {
+        op,
+        start: enabled().then(Instant::now),
+    }
 }
 
 /// (op, calls, seconds), most expensive first.
@@ -70,7 +73,10 @@ pub fn report_text() -> String {
     let total: f64 = rows.iter().map(|r| r.2).sum();
     let mut s = format!("op profile (MVAR_PROFILE): {total:.2}s in ops\n");
     for (op, n, secs) in rows.iter().take(25) {
-        s += &format!("  {op:<22} {n:>9} calls {secs:>9.3}s {:>5.1}%\n", 100.0 * secs / total.max(1e-12));
+        s += &format!(
+            "  {op:<22} {n:>9} calls {secs:>9.3}s {:>5.1}%\n",
+            100.0 * secs / total.max(1e-12)
+        );
     }
     s
 }

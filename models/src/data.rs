@@ -221,6 +221,24 @@ impl ImageDataset {
         })
     }
 
+    /// A 64-bit FNV-1a digest of the stored pixels, sizes, labels, class names and crop side:
+    /// what a token cache is keyed by, so a changed data set never reuses stale tokens.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = Fnv64::new();
+        h.write_u64(self.side as u64);
+        for c in &self.classes {
+            h.write(c.as_bytes());
+            h.write_u64(c.len() as u64);
+        }
+        for ((hgt, wid, px), &label) in self.images.iter().zip(&self.labels) {
+            h.write_u64(*hgt as u64);
+            h.write_u64(*wid as u64);
+            h.write_u64(label as u64);
+            h.write(px);
+        }
+        h.finish()
+    }
+
     pub fn len(&self) -> usize {
         self.images.len()
     }
@@ -399,6 +417,36 @@ pub fn grid(images: &Tensor, cols: usize) -> Result<(Vec<f32>, usize, usize)> {
         }
     }
     Ok((out, gh, gw))
+}
+
+/// 64-bit FNV-1a: a stable content digest (std's hashers are randomly seeded per process).
+pub struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fnv64 {
+    pub fn new() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn write_u64(&mut self, v: u64) {
+        self.write(&v.to_le_bytes());
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 #[cfg(test)]

@@ -129,6 +129,28 @@ impl TokenizerTrainer {
         self.last_hit.iter_mut().for_each(|h| *h = step);
     }
 
+    /// The step at which each code was last used: dead-code restart state, saved with training
+    /// checkpoints so that a resumed run restarts the same codes as an uninterrupted one.
+    pub fn code_last_hit(&self) -> &[u64] {
+        &self.last_hit
+    }
+
+    /// Restores [`Self::code_last_hit`] (after [`Self::set_step`]).
+    pub fn set_code_last_hit(&mut self, last_hit: Vec<u64>) -> Result<()> {
+        if last_hit.len() != self.last_hit.len() {
+            return Err(mvar_engine::Error::invalid(
+                "TokenizerTrainer::set_code_last_hit",
+                format!(
+                    "{} entries, expected one per code ({})",
+                    last_hit.len(),
+                    self.last_hit.len()
+                ),
+            ));
+        }
+        self.last_hit = last_hit;
+        Ok(())
+    }
+
     pub fn params(&self) -> &ParamStore {
         &self.vae.params
     }

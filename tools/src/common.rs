@@ -55,7 +55,13 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
 /// Steps left that fit a budget of `minutes` for the whole command, given the time spent so far
 /// and the time `calibration` steps took; `reserve` is the share of the budget kept for what
 /// follows training (evaluation, sample grids).
-pub fn steps_that_fit(minutes: f64, spent: std::time::Duration, calibration_time: std::time::Duration, calibration: u64, reserve: f64) -> u64 {
+pub fn steps_that_fit(
+    minutes: f64,
+    spent: std::time::Duration,
+    calibration_time: std::time::Duration,
+    calibration: u64,
+    reserve: f64,
+) -> u64 {
     let per_step = calibration_time.as_secs_f64() / calibration.max(1) as f64;
     let left = minutes * 60.0 * (1.0 - reserve) - spent.as_secs_f64();
     (left / per_step.max(1e-9)).max(0.0) as u64

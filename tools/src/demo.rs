@@ -35,7 +35,11 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     let tok_dir = args.out.join("tokenizer");
-    let model_dir = args.out.join(if args.model == Kind::Mvar { "mvar" } else { "var" });
+    let model_dir = args.out.join(if args.model == Kind::Mvar {
+        "mvar"
+    } else {
+        "var"
+    });
     println!("== 1/3 tokenizer ({:.1} min budget)", args.minutes * 0.4);
     crate::train_tokenizer::run(
         TrainTokenizerArgs {
@@ -62,12 +66,21 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             log_every: 50,
             checkpoint_every: 500,
             resume: false,
+            overwrite: true,
             no_flip: false,
             minutes: Some(args.minutes * 0.4),
         },
         device,
     )?;
-    println!("== 2/3 {} ({:.1} min budget)", if args.model == Kind::Mvar { "MVAR" } else { "VAR" }, args.minutes * 0.5);
+    println!(
+        "== 2/3 {} ({:.1} min budget)",
+        if args.model == Kind::Mvar {
+            "MVAR"
+        } else {
+            "VAR"
+        },
+        args.minutes * 0.5
+    );
     crate::train::run(
         TrainArgs {
             model: args.model,
@@ -92,6 +105,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             log_every: 50,
             checkpoint_every: 500,
             resume: false,
+            overwrite: true,
             cfg: 2.0,
             minutes: Some(args.minutes * 0.5),
         },
@@ -106,11 +120,32 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         &loss_png,
         "training loss (moving average of 20 steps)",
         "step",
-        &[Series { name: "tokenizer", points: &tok, color: [30, 90, 200] }, Series { name: "transformer", points: &model, color: [200, 40, 40] }],
+        &[
+            Series {
+                name: "tokenizer",
+                points: &tok,
+                color: [30, 90, 200],
+            },
+            Series {
+                name: "transformer",
+                points: &model,
+                color: [200, 40, 40],
+            },
+        ],
         true,
     )?;
     let lr_png = args.out.join("lr.png");
-    line_plot(&lr_png, "transformer learning rate", "step", &[Series { name: "lr", points: &lr, color: [20, 140, 60] }], false)?;
+    line_plot(
+        &lr_png,
+        "transformer learning rate",
+        "step",
+        &[Series {
+            name: "lr",
+            points: &lr,
+            color: [20, 140, 60],
+        }],
+        false,
+    )?;
     println!(
         "\ndone. samples (one row per class): {}\nreconstructions (top: originals): {}\nloss curves: {} and {}",
         model_dir.join("samples.png").display(),

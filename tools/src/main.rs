@@ -3,7 +3,9 @@
 mod common;
 mod demo;
 mod plot;
+mod progress;
 mod sample;
+mod token_cache;
 mod train;
 mod train_tokenizer;
 
@@ -51,6 +53,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    progress::install_interrupt_handler();
     let result = match cli.command {
         Command::Info => info(),
         Command::Demo(args) => with_device(|d| demo::run(*args, d)),
@@ -70,6 +73,9 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+    if progress::interrupted() {
+        std::process::exit(progress::INTERRUPTED_EXIT);
     }
 }
 

@@ -16,46 +16,126 @@ const BOTTOM: usize = 45;
 /// 5x7 glyphs, one string of 7 rows of 5 bits ('#' = ink) per character.
 fn glyph(c: char) -> Option<[&'static str; 7]> {
     Some(match c {
-        '0' => [" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "],
-        '1' => ["  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
-        '2' => [" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"],
-        '3' => ["#### ", "    #", "    #", " ### ", "    #", "    #", "#### "],
-        '4' => ["   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "],
-        '5' => ["#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "],
-        '6' => [" ### ", "#    ", "#    ", "#### ", "#   #", "#   #", " ### "],
-        '7' => ["#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "],
-        '8' => [" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "],
-        '9' => [" ### ", "#   #", "#   #", " ####", "    #", "    #", " ### "],
-        '.' => ["     ", "     ", "     ", "     ", "     ", " ##  ", " ##  "],
-        '-' => ["     ", "     ", "     ", "#####", "     ", "     ", "     "],
-        '+' => ["     ", "  #  ", "  #  ", "#####", "  #  ", "  #  ", "     "],
-        '(' => ["   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # "],
-        ')' => [" #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   "],
-        ':' => ["     ", " ##  ", " ##  ", "     ", " ##  ", " ##  ", "     "],
-        'a' => ["     ", "     ", " ### ", "    #", " ####", "#   #", " ####"],
-        'b' => ["#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#### "],
-        'c' => ["     ", "     ", " ####", "#    ", "#    ", "#    ", " ####"],
-        'd' => ["    #", "    #", " ####", "#   #", "#   #", "#   #", " ####"],
-        'e' => ["     ", "     ", " ### ", "#   #", "#####", "#    ", " ### "],
-        'f' => ["  ## ", " #   ", "#### ", " #   ", " #   ", " #   ", " #   "],
-        'g' => ["     ", " ####", "#   #", "#   #", " ####", "    #", " ### "],
-        'h' => ["#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#   #"],
-        'i' => ["  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### "],
-        'k' => ["#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # "],
-        'l' => [" ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
-        'm' => ["     ", "     ", "## # ", "# # #", "# # #", "# # #", "# # #"],
-        'n' => ["     ", "     ", "#### ", "#   #", "#   #", "#   #", "#   #"],
-        'o' => ["     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### "],
-        'p' => ["     ", "#### ", "#   #", "#   #", "#### ", "#    ", "#    "],
-        'r' => ["     ", "     ", "# ## ", "##   ", "#    ", "#    ", "#    "],
-        's' => ["     ", "     ", " ####", "#    ", " ### ", "    #", "#### "],
-        't' => [" #   ", " #   ", "#### ", " #   ", " #   ", " #   ", "  ## "],
-        'u' => ["     ", "     ", "#   #", "#   #", "#   #", "#   #", " ####"],
-        'v' => ["     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  "],
-        'w' => ["     ", "     ", "#   #", "# # #", "# # #", "# # #", " # # "],
-        'x' => ["     ", "     ", "#   #", " # # ", "  #  ", " # # ", "#   #"],
-        'y' => ["     ", "#   #", "#   #", "#   #", " ####", "    #", " ### "],
-        'z' => ["     ", "     ", "#####", "   # ", "  #  ", " #   ", "#####"],
+        '0' => [
+            " ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### ",
+        ],
+        '1' => [
+            "  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### ",
+        ],
+        '2' => [
+            " ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####",
+        ],
+        '3' => [
+            "#### ", "    #", "    #", " ### ", "    #", "    #", "#### ",
+        ],
+        '4' => [
+            "   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # ",
+        ],
+        '5' => [
+            "#####", "#    ", "#### ", "    #", "    #", "#   #", " ### ",
+        ],
+        '6' => [
+            " ### ", "#    ", "#    ", "#### ", "#   #", "#   #", " ### ",
+        ],
+        '7' => [
+            "#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   ",
+        ],
+        '8' => [
+            " ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### ",
+        ],
+        '9' => [
+            " ### ", "#   #", "#   #", " ####", "    #", "    #", " ### ",
+        ],
+        '.' => [
+            "     ", "     ", "     ", "     ", "     ", " ##  ", " ##  ",
+        ],
+        '-' => [
+            "     ", "     ", "     ", "#####", "     ", "     ", "     ",
+        ],
+        '+' => [
+            "     ", "  #  ", "  #  ", "#####", "  #  ", "  #  ", "     ",
+        ],
+        '(' => [
+            "   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # ",
+        ],
+        ')' => [
+            " #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   ",
+        ],
+        ':' => [
+            "     ", " ##  ", " ##  ", "     ", " ##  ", " ##  ", "     ",
+        ],
+        'a' => [
+            "     ", "     ", " ### ", "    #", " ####", "#   #", " ####",
+        ],
+        'b' => [
+            "#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#### ",
+        ],
+        'c' => [
+            "     ", "     ", " ####", "#    ", "#    ", "#    ", " ####",
+        ],
+        'd' => [
+            "    #", "    #", " ####", "#   #", "#   #", "#   #", " ####",
+        ],
+        'e' => [
+            "     ", "     ", " ### ", "#   #", "#####", "#    ", " ### ",
+        ],
+        'f' => [
+            "  ## ", " #   ", "#### ", " #   ", " #   ", " #   ", " #   ",
+        ],
+        'g' => [
+            "     ", " ####", "#   #", "#   #", " ####", "    #", " ### ",
+        ],
+        'h' => [
+            "#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#   #",
+        ],
+        'i' => [
+            "  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### ",
+        ],
+        'k' => [
+            "#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # ",
+        ],
+        'l' => [
+            " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### ",
+        ],
+        'm' => [
+            "     ", "     ", "## # ", "# # #", "# # #", "# # #", "# # #",
+        ],
+        'n' => [
+            "     ", "     ", "#### ", "#   #", "#   #", "#   #", "#   #",
+        ],
+        'o' => [
+            "     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### ",
+        ],
+        'p' => [
+            "     ", "#### ", "#   #", "#   #", "#### ", "#    ", "#    ",
+        ],
+        'r' => [
+            "     ", "     ", "# ## ", "##   ", "#    ", "#    ", "#    ",
+        ],
+        's' => [
+            "     ", "     ", " ####", "#    ", " ### ", "    #", "#### ",
+        ],
+        't' => [
+            " #   ", " #   ", "#### ", " #   ", " #   ", " #   ", "  ## ",
+        ],
+        'u' => [
+            "     ", "     ", "#   #", "#   #", "#   #", "#   #", " ####",
+        ],
+        'v' => [
+            "     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  ",
+        ],
+        'w' => [
+            "     ", "     ", "#   #", "# # #", "# # #", "# # #", " # # ",
+        ],
+        'x' => [
+            "     ", "     ", "#   #", " # # ", "  #  ", " # # ", "#   #",
+        ],
+        'y' => [
+            "     ", "#   #", "#   #", "#   #", " ####", "    #", " ### ",
+        ],
+        'z' => [
+            "     ", "     ", "#####", "   # ", "  #  ", " #   ", "#####",
+        ],
         ' ' => ["     "; 7],
         _ => return None,
     })
@@ -67,7 +147,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Self {
-        Canvas { px: vec![[255, 255, 255]; W * H] }
+        Canvas {
+            px: vec![[255, 255, 255]; W * H],
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
@@ -135,12 +217,30 @@ pub struct Series<'a> {
 }
 
 /// Writes a line plot of `series` (x: step, y: value; `log_y` plots log10 y) to `path`.
-pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[Series<'_>], log_y: bool) -> Result<()> {
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    series: &[Series<'_>],
+    log_y: bool,
+) -> Result<()> {
     let mut cv = Canvas::new();
     let tr = |v: f64| if log_y { v.max(1e-12).log10() } else { v };
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().map(|&(x, y)| (x, tr(y)))).filter(|p| p.1.is_finite()).collect();
-    let (mut x0, mut x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (mut y0, mut y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|&(x, y)| (x, tr(y))))
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let (mut x0, mut x1) = pts
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0), b.max(p.0))
+        });
+    let (mut y0, mut y1) = pts
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
     if !x0.is_finite() {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
@@ -154,7 +254,10 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[Series<'_>],
     let (y0, y1) = (y0 - pad, y1 + pad);
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
     let to_px = |x: f64, y: f64| -> (i64, i64) {
-        (LEFT as i64 + ((x - x0) / (x1 - x0) * pw) as i64, (TOP as f64 + ph - (y - y0) / (y1 - y0) * ph) as i64)
+        (
+            LEFT as i64 + ((x - x0) / (x1 - x0) * pw) as i64,
+            (TOP as f64 + ph - (y - y0) / (y1 - y0) * ph) as i64,
+        )
     };
     let grey = [215, 215, 215];
     let black = [0, 0, 0];
@@ -169,8 +272,16 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[Series<'_>],
         cv.line((px, TOP as i64), (px, (H - BOTTOM) as i64), grey);
         cv.text(px - 10, (H - BOTTOM + 8) as i64, &fmt_tick(fx), black);
     }
-    cv.line((LEFT as i64, TOP as i64), (LEFT as i64, (H - BOTTOM) as i64), black);
-    cv.line((LEFT as i64, (H - BOTTOM) as i64), ((W - RIGHT) as i64, (H - BOTTOM) as i64), black);
+    cv.line(
+        (LEFT as i64, TOP as i64),
+        (LEFT as i64, (H - BOTTOM) as i64),
+        black,
+    );
+    cv.line(
+        (LEFT as i64, (H - BOTTOM) as i64),
+        ((W - RIGHT) as i64, (H - BOTTOM) as i64),
+        black,
+    );
     cv.text(LEFT as i64, 10, title, black);
     cv.text((W / 2) as i64 - 20, (H - 14) as i64, x_label, black);
     for (k, s) in series.iter().enumerate() {
@@ -196,8 +307,14 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[Series<'_>],
     let img = image::RgbImage::from_raw(W as u32, H as u32, flat)
         .ok_or_else(|| mvar_engine::Error::invalid("line_plot", "canvas buffer"))?;
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| mvar_engine::Error::Format { what: path.display().to_string(), msg: e.to_string() })?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| mvar_engine::Error::Format {
+        what: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
     mvar_models::checkpoint::write_atomic(path, &bytes)
 }
 
@@ -233,14 +350,30 @@ mod tests {
 
     #[test]
     fn a_plot_is_written() {
-        let pts: Vec<(f64, f64)> = (1..200).map(|i| (i as f64, 5.0 / (i as f64).sqrt())).collect();
+        let pts: Vec<(f64, f64)> = (1..200)
+            .map(|i| (i as f64, 5.0 / (i as f64).sqrt()))
+            .collect();
         let path = std::env::temp_dir().join(format!("mvar-plot-{}.png", std::process::id()));
-        line_plot(&path, "loss", "step", &[Series { name: "train", points: &pts, color: [200, 40, 40] }], true).unwrap();
+        line_plot(
+            &path,
+            "loss",
+            "step",
+            &[Series {
+                name: "train",
+                points: &pts,
+                color: [200, 40, 40],
+            }],
+            true,
+        )
+        .unwrap();
         let img = image::open(&path).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (W as u32, H as u32));
         assert!(img.pixels().any(|p| p.0 == [200, 40, 40]));
         let _ = std::fs::remove_file(path);
-        assert_eq!(smooth(&[(0.0, 1.0), (1.0, 3.0)], 2), vec![(0.0, 1.0), (1.0, 2.0)]);
+        assert_eq!(
+            smooth(&[(0.0, 1.0), (1.0, 3.0)], 2),
+            vec![(0.0, 1.0), (1.0, 2.0)]
+        );
         assert!(glyph('q').is_none() && glyph('7').is_some());
     }
 }

@@ -3,18 +3,18 @@
 //! class-conditional samples at the end.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use mvar_engine::{Device, Error, Generator, Result, Tensor};
+use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
 use mvar_models::trainer::{ArTrainConfig, ArTrainer};
 use mvar_models::{MvarConfig, VarConfig};
-use mvar_ops as ops;
 
-use crate::common::{batch_indices, build_model, load_split, load_tokenizer, tokenize, ModelInfo};
+use crate::common::{batch_indices, build_model, load_split, load_tokenizer, ModelInfo};
+use crate::progress::{interrupted, memory_text, Metrics, Progress};
+use crate::token_cache::TokenCache;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kind {
@@ -74,8 +74,13 @@ pub struct TrainArgs {
     pub log_every: u64,
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: u64,
+    /// Continue the checkpoint in --out (train.safetensors): weights, optimizer, RNG, step,
+    /// schedule and data order.
     #[arg(long)]
     pub resume: bool,
+    /// Start again even if --out holds a training checkpoint.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
     /// the learning-rate schedule) is set to what fits; overrides --steps.
     #[arg(long)]
@@ -99,13 +104,16 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let pns = vae.config.v_patch_nums.clone();
     let side = pns.last().copied().unwrap_or(1) * vae.config.downsample();
     let train = load_split(&args.data, &args.split, side, true)?.expect("required split");
-    let (gt, x_in, labels) = tokenize(&vae, &train, true, device)?;
+    let (cache, built) =
+        TokenCache::open_or_build(&args.tokenizer, &args.split, &vae, &train, true, device)?;
     println!(
-        "data: {} images of {} classes at {side}x{side}, tokenized with and without flips into {} sequences of {} tokens ({:.1}s)",
+        "data: {} images of {} classes at {side}x{side}; {} token cache {} ({} sequences of {} tokens, with and without flips, {:.1}s)",
         train.len(),
         train.classes().len(),
-        labels.len(),
-        gt.dims()[1],
+        if built { "wrote the" } else { "reusing the" },
+        cache.path().display(),
+        cache.len(),
+        cache.seq_len(),
         t0.elapsed().as_secs_f64()
     );
     let mut var_cfg = VarConfig::with_depth(args.depth);
@@ -203,13 +211,48 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 });
             }
         }
+        // The schedule and the data order are part of the run: a resumed run keeps the
+        // checkpoint's, whatever the flags say now.
+        if let Some(total) = state.extra.get("total_steps").and_then(|v| v.parse().ok()) {
+            args.steps = total;
+            args.minutes = None;
+        }
+        if let Some(seed) = state.extra.get("seed").and_then(|v| v.parse().ok()) {
+            args.seed = seed;
+        }
+        trainer.config.total_steps = args.steps;
+        if let Some(w) = state.extra.get("warmup_steps").and_then(|v| v.parse().ok()) {
+            trainer.config.warmup_steps = w;
+        }
         trainer.set_step(state.step);
         rng = Generator::from_state(state.rng);
-        println!("resumed from {} at step {}", ckpt.display(), state.step);
+        println!(
+            "resumed from {} at step {} of {}",
+            ckpt.display(),
+            state.step,
+            args.steps
+        );
+    } else if ckpt.exists() && !args.overwrite {
+        return Err(Error::invalid(
+            "mvar train",
+            format!(
+                "{} already holds a training checkpoint: pass --resume to continue it or --overwrite to start again",
+                args.out.display()
+            ),
+        ));
     }
-    let save = |trainer: &ArTrainer, rng: &Generator| -> Result<()> {
+    let save = |trainer: &ArTrainer, rng: &Generator, seed: u64| -> Result<()> {
         let mut extra = BTreeMap::new();
         extra.insert("model".to_string(), info_json.clone());
+        extra.insert(
+            "total_steps".to_string(),
+            trainer.config.total_steps.to_string(),
+        );
+        extra.insert(
+            "warmup_steps".to_string(),
+            trainer.config.warmup_steps.to_string(),
+        );
+        extra.insert("seed".to_string(), seed.to_string());
         let state = TrainingState {
             step: trainer.step_count(),
             rng: rng.state(),
@@ -222,53 +265,70 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             &state,
         )
     };
-    let metrics_path = args.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io(&metrics_path))?;
-    let n = labels.len();
+    let mut metrics = Metrics::open(
+        &args.out.join("metrics.jsonl"),
+        args.resume.then(|| trainer.step_count()),
+    )?;
+    let n = cache.len();
+    let tokens_per_row = cache.seq_len();
     let start = Instant::now();
     let first = trainer.step_count();
+    let progress = Progress::new(&info.kind, first, args.steps);
+    let mut last_saved = first;
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
         let idx = batch_indices(n, args.batch, args.seed, step);
-        let ids = Tensor::from_vec(
-            idx.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            [idx.len()],
-            device,
-        )?;
-        let g = ops::index_select(&gt, 0, &ids)?;
-        let x = ops::index_select(&x_in, 0, &ids)?;
-        let lab: Vec<i64> = idx.iter().map(|&i| labels[i]).collect();
+        let (g, x, lab) = cache.batch(&idx, device)?;
         let s = match trainer.step(&lab, &g, &x, &mut rng) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!(
-                    "stopping: {e}; the last good checkpoint is {}",
-                    ckpt.display()
-                );
-                return Err(e);
+                progress.finish();
+                return Err(Error::invalid(
+                    "mvar train",
+                    format!(
+                        "stopped at step {step}: {e}; the last good checkpoint is {} (step {last_saved})",
+                        ckpt.display()
+                    ),
+                ));
             }
         };
-        let line = format!(
-            "{{\"step\":{},\"loss\":{:.6},\"accuracy\":{:.5},\"lr\":{:.6e},\"grad_norm\":{:.4},\"scales\":[{},{}]}}\n",
+        // `{}` of an f64 is its shortest exact decimal: a resumed run's curve can be compared
+        // with an uninterrupted one bit for bit.
+        metrics.write(&format!(
+            "{{\"step\":{},\"loss\":{},\"accuracy\":{},\"lr\":{},\"grad_norm\":{},\"scales\":[{},{}]}}",
             s.step, s.loss, s.accuracy, s.lr, s.grad_norm, s.scales.start, s.scales.end
-        );
-        metrics
-            .write_all(line.as_bytes())
-            .map_err(io(&metrics_path))?;
+        ))?;
         if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
-            let fit = crate::common::steps_that_fit(min, t_cmd.elapsed(), start.elapsed(), CALIBRATION_STEPS, 0.08);
+            let fit = crate::common::steps_that_fit(
+                min,
+                t_cmd.elapsed(),
+                start.elapsed(),
+                CALIBRATION_STEPS,
+                0.08,
+            );
             args.steps = s.step + fit;
             trainer.config.total_steps = args.steps;
             trainer.config.warmup_steps = trainer.config.warmup_steps.min(args.steps / 10).max(1);
-            println!("time budget {min} min: training {} steps", args.steps);
+            progress.set_total(args.steps);
+            progress.println(format!(
+                "time budget {min} min: training {} steps",
+                args.steps
+            ));
         }
+        let rate = progress.rate(s.step);
+        progress.update(
+            s.step,
+            format!(
+                "loss {:.4} acc {:.3} | {:.0} img/s {:.0} tok/s | {}",
+                s.loss,
+                s.accuracy,
+                rate * args.batch as f64,
+                rate * (args.batch * tokens_per_row) as f64,
+                memory_text(device)
+            ),
+        );
         if s.step % args.log_every == 0 || s.step == args.steps {
-            let rate = (s.step - first) as f64 / start.elapsed().as_secs_f64();
-            println!(
+            progress.println(format!(
                 "step {:>6}/{} loss {:.4} acc {:.3} lr {:.2e} |g| {:.3}, {:.2} steps/s, {:.0} img/s, eta {:.0}s",
                 s.step,
                 args.steps,
@@ -279,13 +339,25 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 rate,
                 rate * args.batch as f64,
                 (args.steps - s.step) as f64 / rate.max(1e-9)
-            );
+            ));
         }
         if s.step % args.checkpoint_every == 0 {
-            save(&trainer, &rng)?;
+            save(&trainer, &rng, args.seed)?;
+            last_saved = s.step;
+        }
+        if interrupted() {
+            save(&trainer, &rng, args.seed)?;
+            progress.finish();
+            println!(
+                "interrupted at step {}: wrote {}; continue with the same command and --resume",
+                s.step,
+                ckpt.display()
+            );
+            return Ok(());
         }
     }
-    save(&trainer, &rng)?;
+    progress.finish();
+    save(&trainer, &rng, args.seed)?;
     let weights = args.out.join("model.safetensors");
     trainer.model.var().save(&weights)?;
     write_atomic(
@@ -300,7 +372,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         "wrote {}, {}, {} and {}",
         weights.display(),
         args.out.join("model.json").display(),
-        metrics_path.display(),
+        metrics.path().display(),
         grid.display()
     );
     Ok(())

@@ -3,7 +3,6 @@
 //! and codebook usage per scale.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -13,6 +12,7 @@ use mvar_models::checkpoint::{load_training, save_training, TrainingState};
 use mvar_models::data::{grid, save_png, Crop};
 
 use crate::common::{batch_indices, load_split};
+use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use mvar_models::tokenizer::{evaluate, TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::{VqVae, VqVaeConfig};
 
@@ -71,9 +71,13 @@ pub struct TrainTokenizerArgs {
     pub log_every: u64,
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: u64,
-    /// Continue from `<out>/tokenizer-train.safetensors`.
+    /// Continue from `<out>/tokenizer-train.safetensors`: weights, optimizer, RNG, step, data
+    /// order and dead-code state.
     #[arg(long)]
     pub resume: bool,
+    /// Start again even if --out holds a training checkpoint.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
     /// the learning-rate schedule) is set to what fits; overrides --steps.
     #[arg(long)]
@@ -185,15 +189,48 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             }
         }
         trainer.set_step(state.step);
+        if let Some(hits) = state.extra.get("code_last_hit") {
+            let hits: Vec<u64> = serde_json::from_str(hits).map_err(|e| Error::Format {
+                what: ckpt.display().to_string(),
+                msg: format!("code_last_hit: {e}"),
+            })?;
+            trainer.set_code_last_hit(hits)?;
+        }
+        if let Some(total) = state.extra.get("total_steps").and_then(|v| v.parse().ok()) {
+            args.steps = total;
+            args.minutes = None;
+        }
+        if let Some(seed) = state.extra.get("seed").and_then(|v| v.parse().ok()) {
+            args.seed = seed;
+        }
         rng = Generator::from_state(state.rng);
-        println!("resumed from {} at step {}", ckpt.display(), state.step);
+        println!(
+            "resumed from {} at step {} of {}",
+            ckpt.display(),
+            state.step,
+            args.steps
+        );
+    } else if ckpt.exists() && !args.overwrite {
+        return Err(Error::invalid(
+            "mvar train-tokenizer",
+            format!(
+                "{} already holds a training checkpoint: pass --resume to continue it or --overwrite to start again",
+                args.out.display()
+            ),
+        ));
     }
-    let save = |trainer: &TokenizerTrainer, rng: &Generator| -> Result<()> {
+    let save = |trainer: &TokenizerTrainer, rng: &Generator, seed: u64, total: u64| -> Result<()> {
         let mut extra = BTreeMap::new();
         extra.insert(
             "vqvae_config".to_string(),
             serde_json::to_string(&config).unwrap_or_default(),
         );
+        extra.insert(
+            "code_last_hit".to_string(),
+            serde_json::to_string(trainer.code_last_hit()).unwrap_or_default(),
+        );
+        extra.insert("total_steps".to_string(), total.to_string());
+        extra.insert("seed".to_string(), seed.to_string());
         let state = TrainingState {
             step: trainer.step_count(),
             rng: rng.state(),
@@ -201,38 +238,63 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         };
         save_training(&ckpt, &trainer.vae.named_tensors(), &trainer.opt, &state)
     };
-    let metrics_path = args.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::Io {
-            path: metrics_path.display().to_string(),
-            source: e,
-        })?;
+    let mut metrics = Metrics::open(
+        &args.out.join("metrics.jsonl"),
+        args.resume.then(|| trainer.step_count()),
+    )?;
     let start = Instant::now();
     let first = trainer.step_count();
+    let mut last_saved = first;
+    let progress = Progress::new("tokenizer", first, args.steps);
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
         let idx = batch_indices(train.len(), args.batch, args.seed, step);
         let (x, _) = train.batch(&idx, Crop::Random, !args.no_flip, &mut rng, device)?;
-        let s = trainer.step(&x, &mut rng)?;
-        let line = format!(
-            "{{\"step\":{},\"loss\":{:.6},\"recon_l1\":{:.6},\"recon_l2\":{:.6},\"vq_loss\":{:.6},\"psnr\":{:.3},\"grad_norm\":{:.4},\"restarted\":{}}}\n",
+        let s = match trainer.step(&x, &mut rng) {
+            Ok(s) => s,
+            Err(e) => {
+                progress.finish();
+                return Err(Error::invalid(
+                    "mvar train-tokenizer",
+                    format!(
+                        "stopped at step {step}: {e}; the last good checkpoint is {} (step {last_saved})",
+                        ckpt.display()
+                    ),
+                ));
+            }
+        };
+        metrics.write(&format!(
+            "{{\"step\":{},\"loss\":{},\"recon_l1\":{},\"recon_l2\":{},\"vq_loss\":{},\"psnr\":{},\"grad_norm\":{},\"restarted\":{}}}",
             s.step, s.loss, s.recon_l1, s.recon_l2, s.vq_loss, s.psnr, s.grad_norm, s.restarted
-        );
-        metrics.write_all(line.as_bytes()).map_err(|e| Error::Io {
-            path: metrics_path.display().to_string(),
-            source: e,
-        })?;
+        ))?;
         if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
-            args.steps = s.step + crate::common::steps_that_fit(min, t_cmd.elapsed(), start.elapsed(), CALIBRATION_STEPS, 0.1);
-            println!("time budget {min} min: training {} steps", args.steps);
+            args.steps = s.step
+                + crate::common::steps_that_fit(
+                    min,
+                    t_cmd.elapsed(),
+                    start.elapsed(),
+                    CALIBRATION_STEPS,
+                    0.1,
+                );
+            progress.set_total(args.steps);
+            progress.println(format!(
+                "time budget {min} min: training {} steps",
+                args.steps
+            ));
         }
+        let rate = progress.rate(s.step);
+        progress.update(
+            s.step,
+            format!(
+                "loss {:.4} psnr {:.2} dB | {:.0} img/s | {}",
+                s.loss,
+                s.psnr,
+                rate * args.batch as f64,
+                memory_text(device)
+            ),
+        );
         if s.step % args.log_every == 0 || s.step == args.steps {
-            let done = (s.step - first) as f64;
-            let rate = done / start.elapsed().as_secs_f64();
-            println!(
+            progress.println(format!(
                 "step {:>6}/{} loss {:.4} (l1 {:.4} l2 {:.4} vq {:.4}) psnr {:.2} dB, {:.2} steps/s, {:.0} img/s, eta {:.0}s{}",
                 s.step,
                 args.steps,
@@ -245,13 +307,25 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
                 rate * args.batch as f64,
                 (args.steps - s.step) as f64 / rate.max(1e-9),
                 if s.restarted > 0 { format!(", {} codes restarted", s.restarted) } else { String::new() }
-            );
+            ));
         }
         if s.step % args.checkpoint_every == 0 {
-            save(&trainer, &rng)?;
+            save(&trainer, &rng, args.seed, args.steps)?;
+            last_saved = s.step;
+        }
+        if interrupted() {
+            save(&trainer, &rng, args.seed, args.steps)?;
+            progress.finish();
+            println!(
+                "interrupted at step {}: wrote {}; continue with the same command and --resume",
+                s.step,
+                ckpt.display()
+            );
+            return Ok(());
         }
     }
-    save(&trainer, &rng)?;
+    progress.finish();
+    save(&trainer, &rng, args.seed, args.steps)?;
     let weights = args.out.join("tokenizer.safetensors");
     trainer.vae.save(&weights)?;
     let cfg_path = args.out.join("tokenizer.json");
@@ -311,7 +385,7 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         weights.display(),
         cfg_path.display(),
         ckpt.display(),
-        metrics_path.display(),
+        metrics.path().display(),
         png.display()
     );
     Ok(())

@@ -1,0 +1,328 @@
+//! The `mvar` command line end to end on tiny configs: an interrupted (kill -9) and resumed run
+//! has the same loss curve as an uninterrupted one, and bad input gets a clear message and a
+//! non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn mvar() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mvar"));
+    c.env("MVAR_DEVICE", "cpu");
+    c
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mvar-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs and expects success.
+fn ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{cmd:?} failed:\n{t}");
+    t
+}
+
+/// Runs and expects a clean failure: exit status 1, `error:` with every one of `needles`, and
+/// no panic.
+fn fails(cmd: &mut Command, needles: &[&str]) {
+    let o = cmd.output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{cmd:?}: expected exit 1\n{t}");
+    assert!(!t.contains("panicked"), "{cmd:?} panicked:\n{t}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("error:"), "{cmd:?}: no error line\n{t}");
+    for n in needles {
+        assert!(err.contains(n), "{cmd:?}: message lacks {n:?}:\n{err}");
+    }
+}
+
+/// A 2-class image folder of 8x8 PNGs.
+fn tiny_images(root: &Path) {
+    for (c, class) in ["red", "blue"].iter().enumerate() {
+        let dir = root.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for k in 0..6u32 {
+            let img = image::RgbImage::from_fn(8, 8, |x, y| {
+                let v = ((x * 31 + y * 17 + k * 40) % 200) as u8;
+                if c == 0 {
+                    image::Rgb([200, v, 30])
+                } else {
+                    image::Rgb([20, v, 220])
+                }
+            });
+            img.save(dir.join(format!("{k}.png"))).unwrap();
+        }
+    }
+}
+
+const TOKENIZER_FLAGS: &[&str] = &[
+    "--side",
+    "8",
+    "--ch",
+    "32",
+    "--ch-mult",
+    "1,1",
+    "--z-channels",
+    "4",
+    "--res-blocks",
+    "1",
+    "--patch-nums",
+    "1,2,4",
+    "--batch",
+    "4",
+];
+
+/// One tiny data set and tokenizer shared by the tests of this file.
+fn tokenizer() -> &'static (PathBuf, PathBuf) {
+    static TOK: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let root = scratch("shared");
+        let data = root.join("data");
+        tiny_images(&data);
+        let tok = root.join("tok");
+        ok(mvar()
+            .arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .args(["--vocab", "16", "--steps", "3", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&tok));
+        (data, tok)
+    })
+}
+
+fn train_cmd(data: &Path, tok: &Path, out: &Path, steps: u64) -> Command {
+    train_cmd_depth(data, tok, out, steps, 1)
+}
+
+fn train_cmd_depth(data: &Path, tok: &Path, out: &Path, steps: u64, depth: usize) -> Command {
+    let mut c = mvar();
+    c.args(["train", "--model", "mvar", "--width", "32"])
+        .arg("--depth")
+        .arg(depth.to_string())
+        .args(["--heads", "2", "--batch", "4", "--kernel-size", "3"])
+        .args(["--checkpoint-every", "10", "--log-every", "1000"])
+        .arg("--steps")
+        .arg(steps.to_string())
+        .arg("--data")
+        .arg(data)
+        .arg("--tokenizer")
+        .arg(tok)
+        .arg("--out")
+        .arg(out);
+    c
+}
+
+fn metric_lines(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
+    use std::os::unix::process::ExitStatusExt;
+    let (data, tok) = tokenizer();
+    let root = scratch("resume");
+    const STEPS: u64 = 300;
+    let whole = root.join("whole");
+    ok(&mut train_cmd(data, tok, &whole, STEPS));
+    let reference = metric_lines(&whole);
+    assert_eq!(reference.len(), STEPS as usize);
+
+    let cut = root.join("cut");
+    let mut child = train_cmd(data, tok, &cut, STEPS)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it between checkpoints, a few steps after step 20.
+    let t0 = Instant::now();
+    while metric_lines(&cut).len() < 25 && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the run ended before it could be killed: {status:?}"
+    );
+    let at_kill = metric_lines(&cut).len();
+    assert!(at_kill < STEPS as usize);
+    let log = ok(train_cmd(data, tok, &cut, STEPS).arg("--resume"));
+    assert!(log.contains("resumed from"), "{log}");
+    let resumed = metric_lines(&cut);
+    assert_eq!(
+        resumed.len(),
+        reference.len(),
+        "killed after {at_kill} lines"
+    );
+    for (i, (a, b)) in resumed.iter().zip(&reference).enumerate() {
+        assert_eq!(
+            a,
+            b,
+            "step {} differs after resuming (killed after {at_kill} lines)",
+            i + 1
+        );
+    }
+    // A second run into the same folder must not silently replace the checkpoint.
+    fails(
+        &mut train_cmd(data, tok, &cut, STEPS),
+        &["already holds a training checkpoint", "--resume"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn missing_and_empty_data_folders_are_named() {
+    let root = scratch("nodata");
+    let missing = root.join("does-not-exist");
+    fails(
+        mvar()
+            .arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .arg("--data")
+            .arg(&missing)
+            .arg("--out")
+            .arg(root.join("o")),
+        &["does-not-exist"],
+    );
+    let empty = root.join("empty");
+    std::fs::create_dir_all(empty.join("some-class")).unwrap();
+    fails(
+        mvar()
+            .arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .arg("--data")
+            .arg(&empty)
+            .arg("--out")
+            .arg(root.join("o")),
+        &["no images found", "empty"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn unreadable_and_truncated_images_are_named() {
+    let root = scratch("badimg");
+    let data = root.join("data");
+    tiny_images(&data);
+    std::fs::write(data.join("red").join("garbage.png"), b"this is not a png").unwrap();
+    fails(
+        mvar()
+            .arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(root.join("o")),
+        &["garbage.png"],
+    );
+    std::fs::remove_file(data.join("red").join("garbage.png")).unwrap();
+    let good = std::fs::read(data.join("blue").join("0.png")).unwrap();
+    std::fs::write(data.join("blue").join("cut.png"), &good[..good.len() / 2]).unwrap();
+    fails(
+        mvar()
+            .arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(root.join("o")),
+        &["cut.png"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_truncated_array_data_set_is_named() {
+    // Raw arrays have one fixed image size: a file that is not a whole number of records has
+    // a truncated or foreign image in it.
+    let root = scratch("badbin");
+    std::fs::write(root.join("batches.meta.txt"), "a\nb\n").unwrap();
+    std::fs::write(root.join("train.bin"), vec![0u8; 3073 * 2 + 100]).unwrap();
+    fails(
+        mvar()
+            .arg("train-tokenizer")
+            .args(["--data"])
+            .arg(&root)
+            .arg("--out")
+            .arg(root.join("o")),
+        &["train.bin", "expected a non-empty multiple of 3073"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_checkpoint_of_another_config_is_refused() {
+    let (data, tok) = tokenizer();
+    let root = scratch("otherckpt");
+    let out = root.join("m");
+    ok(&mut train_cmd(data, tok, &out, 2));
+    fails(
+        train_cmd_depth(data, tok, &out, 2, 2).arg("--resume"),
+        &["train.safetensors"],
+    );
+    // A tokenizer checkpoint with another codebook size.
+    let tok2 = root.join("tok2");
+    ok(mvar()
+        .arg("train-tokenizer")
+        .args(TOKENIZER_FLAGS)
+        .args(["--vocab", "16", "--steps", "2", "--data"])
+        .arg(data)
+        .arg("--out")
+        .arg(&tok2));
+    fails(
+        mvar()
+            .arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .args(["--vocab", "32", "--steps", "4", "--resume", "--data"])
+            .arg(data)
+            .arg("--out")
+            .arg(&tok2),
+        &["tokenizer-train.safetensors"],
+    );
+    // A missing checkpoint to resume is named too.
+    fails(
+        train_cmd(data, tok, &root.join("nothing-here"), 2).arg("--resume"),
+        &["nothing-here"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_diverging_run_stops_at_the_bad_step_and_keeps_the_last_checkpoint() {
+    let (data, tok) = tokenizer();
+    let root = scratch("nan");
+    let out = root.join("m");
+    let mut cmd = train_cmd(data, tok, &out, 200);
+    cmd.args(["--base-lr", "1e30", "--warmup", "0"]);
+    fails(
+        &mut cmd,
+        &[
+            "stopped at step",
+            "last good checkpoint",
+            "train.safetensors",
+        ],
+    );
+    let lines = metric_lines(&out);
+    assert!(lines.len() < 200, "the run should have stopped early");
+    let _ = std::fs::remove_dir_all(&root);
+}

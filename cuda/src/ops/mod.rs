@@ -5,6 +5,7 @@
 pub mod conv;
 pub mod elementwise;
 pub mod index;
+pub mod na2d;
 pub mod norm;
 pub mod optim;
 pub mod random;

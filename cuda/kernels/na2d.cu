@@ -33,7 +33,9 @@
 //   start(y0) .. start(y_last) + k (at most 16 + k - 1 columns, padded to whole chunks of 16;
 //   columns past Y are zero) of K and V;
 // - dk/dv (per key): the query rows inv_lo(x0) .. inv_hi(x_last) and columns inv_lo(y0) ..
-//   inv_hi(y_last) (at most 14 + 2k columns) of Q and dO, with their lse and delta.
+//   inv_hi(y_last) (at most 14 + 2k columns) of Q and dO, with their lse and delta; the mma
+//   variant also stages the block's own K and V (its A operands, re-read per chunk instead of
+//   held in registers), the simt variant keeps each lane's key and value in registers.
 // When the rows do not fit the shared-memory budget the host picks `rows` per stage and the block
 // loops over stages. A warp then walks the staged rows its tokens need (its window rows, or its
 // inverse-window rows) in chunks of 16 staged columns: one 16 x 16 block of scores per chunk,
@@ -60,7 +62,8 @@
 #define NA_LOG2E 1.4426950408889634f
 #define NA_LN2 0.6931471805599453f
 #define NA_FULL 0xffffffffu
-// Unroll of the simt backward's per-token loops (registers hold one token's rows per step).
+// Unroll of the simt dq kernel's per-key loop (registers hold one key's rows per step; the dk/dv
+// kernel, which holds four rows per lane already, does not unroll).
 #define NA_SIMT_UNROLL 2
 
 // Mirrors `Geom` in cuda/src/ops/na2d.rs (repr(C)).
@@ -261,6 +264,8 @@ __device__ __forceinline__ void na_stage_f32(float* dst, const T* map, int r0, i
                                              int y) {
     const int V = D / 4;
     int total = nr * ncols * V;
+    // Unrolled so that each thread has several loads in flight before its first store.
+#pragma unroll 4
     for (int e = threadIdx.x; e < total; e += blockDim.x) {
         int vi = e % V, tok = e / V;
         int c = tok % ncols, r = tok / ncols;
@@ -277,6 +282,8 @@ __device__ __forceinline__ void na_stage_bf16(bf16_t* dst, const bf16_t* map, in
                                               int pitch, int y) {
     const int V = D / 8;
     int total = nr * ncols * V;
+    // Unrolled so that each thread has several loads in flight before its first store.
+#pragma unroll 4
     for (int e = threadIdx.x; e < total; e += blockDim.x) {
         int vi = e % V, tok = e / V;
         int c = tok % ncols, r = tok / ncols;

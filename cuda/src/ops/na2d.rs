@@ -658,6 +658,54 @@ mod tests {
         assert!(shape(8, 5, 4, 5).check("t").is_ok());
     }
 
+    /// Every kernel a plan can name is instantiated in the kernel file (the names come from the
+    /// instantiation macros, so checking the macro lines and the name patterns is enough).
+    #[test]
+    fn every_planned_kernel_is_instantiated() {
+        let src = NA2D.source;
+        for pass in ["fwd", "dq", "dkdv"] {
+            for (macro_, pattern) in [
+                ("NA_NAIVE_KERNELS", format!("na2d_{pass}_naive_##S(")),
+                ("NA_SIMT_KERNELS", format!("na2d_{pass}_simt_##S##_d##D(")),
+                ("NA_MMA_KERNELS", format!("na2d_{pass}_mma_bf16_d##D(")),
+            ] {
+                assert!(src.contains(&pattern), "{pattern}");
+                assert!(src.contains(&format!("#define {macro_}(")), "{macro_}");
+            }
+        }
+        assert!(src.contains("NA_NAIVE_KERNELS(float, f32)\n"));
+        assert!(src.contains("NA_NAIVE_KERNELS(bf16_t, bf16)\n"));
+        for d in SIMT_DIMS {
+            assert!(src.contains(&format!("NA_SIMT_KERNELS(float, f32, {d})\n")));
+            assert!(src.contains(&format!("NA_SIMT_KERNELS(bf16_t, bf16, {d})\n")));
+        }
+        for d in (16..=MMA_MAX_DIM).step_by(16) {
+            assert!(src.contains(&format!("NA_MMA_KERNELS({d})\n")), "{d}");
+        }
+        let p = plan(
+            &shape(16, 16, 64, 7),
+            BufferKind::F32,
+            NaKernel::Auto,
+            Side::Key,
+            1.0,
+        );
+        assert_eq!(
+            kernel_name(&p, "dkdv", BufferKind::F32),
+            "na2d_dkdv_simt_f32_d64"
+        );
+        let p = plan(
+            &shape(16, 16, 96, 7),
+            BufferKind::BF16,
+            NaKernel::Auto,
+            Side::Query,
+            1.0,
+        );
+        assert_eq!(
+            kernel_name(&p, "fwd", BufferKind::BF16),
+            "na2d_fwd_mma_bf16_d96"
+        );
+    }
+
     #[test]
     fn env_values_name_the_family() {
         for k in [

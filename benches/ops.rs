@@ -335,6 +335,59 @@ fn nn(c: &mut Criterion) {
 /// Forward and backward of the attention references (CPU only until the fused kernels land).
 fn attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention");
+    // The fused neighbourhood attention on the GPU at MVAR's shapes: [B, 16, X, X, 64] bf16,
+    // k = 7. Bytes: q, k, v and out once for the forward; for forward + backward also dO, dq, dk
+    // and dv once and q, k, v and out again (12 tensors), so GB/s against the HBM peak is the
+    // share of the roofline. The kernel family comes from MVAR_NA_KERNEL (printed once).
+    for d in devices().into_iter().filter(|d| d.is_cuda()) {
+        for (b, side) in [(32, 13), (32, 16), (64, 13), (64, 16)] {
+            let shape = [b, 16, side, side, 64];
+            let na = |s| randn(&shape, DType::BF16, &d, s);
+            let (q, k, v, dout) = (na(7), na(8), na(9), na(10));
+            let id = |pass: &str| format!("cuda/na2d k7 {pass} [{b},16,{side},{side},64] bf16");
+            if let Device::Cuda(dev) = &d {
+                let s = mvar::cuda::ops::na2d::Na2dShape {
+                    maps: b * 16,
+                    x: side,
+                    y: side,
+                    d: 64,
+                    kernel_size: 7,
+                };
+                let which = ops::NaKernel::from_env();
+                let fam = |bwd| {
+                    mvar::cuda::ops::na2d::na2d_family(
+                        dev,
+                        mvar::cuda::BufferKind::BF16,
+                        &s,
+                        which,
+                        bwd,
+                    )
+                    .map(|f| f.name())
+                    .unwrap_or("?")
+                };
+                eprintln!(
+                    "{}: forward runs {}, backward {}",
+                    id("*"),
+                    fam(false),
+                    fam(true)
+                );
+            }
+            g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::BF16)));
+            bench(&mut g, &d, id("fwd"), || {
+                mvar::engine::with_no_grad(|| ops::na2d(&q, &k, &v, 7, 0.125).unwrap());
+            });
+            let leaves = [&q, &k, &v].map(|t| t.with_grad().unwrap());
+            g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
+            bench(&mut g, &d, id("fwd+bwd"), || {
+                leaves.iter().for_each(|l| l.zero_grad());
+                let [q, k, v] = &leaves;
+                ops::na2d(q, k, v, 7, 0.125)
+                    .unwrap()
+                    .backward_with(dout.clone())
+                    .unwrap();
+            });
+        }
+    }
     let d = Device::Cpu;
     if !devices().contains(&d) {
         return;

@@ -34,6 +34,60 @@ def timed(fn, iters=20, reps=5):
     return statistics.median(times)
 
 
+def na2d_cases(report, timed, dev):
+    """Neighbourhood attention at MVAR's shapes ([B, 16, X, X, 64] bf16, k = 7, NATTEN's window
+    rule: query i sees keys clamp(i - k // 2, 0, n - k) .. + k per axis) the PyTorch ways:
+    flex_attention with a block mask built from the rule (compiled, as its docs require), and
+    dense F.scaled_dot_product_attention with the equivalent boolean mask. Bytes are counted as
+    the Rust bench counts them: q, k, v, out for the forward; 12 such tensors for forward +
+    backward (also dO, dq, dk, dv, and q, k, v, out read again), so GB/s against the HBM peak is
+    the share of the roofline."""
+    ks, scale = 7, 0.125
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
+    except Exception as e:  # noqa: BLE001 - any failure means no flex numbers
+        print(f"flex unavailable: {e}", flush=True)
+        flex = None
+    for b, side in [(32, 13), (32, 16), (64, 13), (64, 16)]:
+        n = side * side
+        shape = f"[{b},16,{side},{side},64]"
+        q, k, v, dout = (torch.randn(b, 16, n, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        fwd_bytes, fb_bytes = 4 * q.numel() * 2, 12 * q.numel() * 2
+
+        def window(q_idx, kv_idx):
+            qx, qy, kx, ky = q_idx // side, q_idx % side, kv_idx // side, kv_idx % side
+            sx = torch.clamp(qx - ks // 2, 0, side - ks)
+            sy = torch.clamp(qy - ks // 2, 0, side - ks)
+            return (kx >= sx) & (kx < sx + ks) & (ky >= sy) & (ky < sy + ks)
+
+        idx = torch.arange(n, device=dev)
+        mask = window(idx[:, None], idx[None, :])  # [L, L], True = attend
+
+        def cases(name, attend):
+            def fwd():
+                with torch.no_grad():
+                    attend(q, k, v)
+
+            def fwd_bwd():
+                for t in leaves:
+                    t.grad = None
+                attend(*leaves).backward(dout)
+
+            report("attention", f"cuda/na2d k7 fwd {shape} bf16 {name}", timed(fwd), nbytes=fwd_bytes)
+            report("attention", f"cuda/na2d k7 fwd+bwd {shape} bf16 {name}", timed(fwd_bwd), nbytes=fb_bytes)
+
+        if flex is not None:
+            try:
+                block_mask = create_block_mask(lambda b_, h_, qi, ki: window(qi, ki), B=None, H=None,
+                                               Q_LEN=n, KV_LEN=n, device=dev)
+                cases("flex", lambda q_, k_, v_: flex(q_, k_, v_, block_mask=block_mask, scale=scale))
+            except Exception as e:  # noqa: BLE001
+                print(f"flex unavailable: {e}", flush=True)
+        cases("sdpa", lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="also write one JSON object per case to this file")
@@ -145,6 +199,9 @@ def main():
                 print(f"quant/{case} [cdist]\tskipped: {err}", flush=True)
             else:
                 report("quant", case + " [cdist]", ms, flops=flops)
+
+    # attention
+    na2d_cases(report, timed, dev)
 
     if args.json:
         with open(args.json, "w") as f:

@@ -44,4 +44,5 @@ kernel_files! {
     RANDOM => "random.cu",
     INTERP => "interp.cu",
     QUANT => "quant.cu",
+    NA2D => "na2d.cu",
 }

@@ -27,13 +27,15 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::cuda::ops::na2d::{self as cn, Na2dShape};
 use mvar_engine::{Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
+pub use mvar_engine::cuda::ops::na2d::NaKernel;
+
 use crate::attention::{prob_from_lse, softmax_row};
-use crate::util::{
-    float_kernel, one, require_float, require_rank, same_device, same_dtype, tensor,
-};
+use crate::norm::{backward_with_saved, nth, Saved};
+use crate::util::{float_op, out_tensor, require_float, require_rank, same_device, same_dtype};
 
 const OP: &str = "na2d";
 
@@ -258,7 +260,25 @@ impl FloatKernel for Backward {
 /// q, k, v: [B, H, X, Y, D] of one float dtype and device; `kernel_size` odd with
 /// 1 <= kernel_size <= min(X, Y) (NATTEN rejects larger windows too); X != Y is fine.
 /// Returns [B, H, X, Y, D]. Differentiable in q, k and v.
+///
+/// On the GPU the fused kernels of `cuda/kernels/na2d.cu` run (no [L, L] score tensor; the
+/// forward keeps the per-query log-sum-exp for the backward), the family picked by
+/// `MVAR_NA_KERNEL` (see [`NaKernel::from_env`]); [`na2d_with_kernel`] picks it explicitly.
 pub fn na2d(q: &Tensor, k: &Tensor, v: &Tensor, kernel_size: usize, scale: f64) -> Result<Tensor> {
+    na2d_with_kernel(q, k, v, kernel_size, scale, NaKernel::from_env())
+}
+
+/// [`na2d`] with the CUDA kernel family chosen by the caller (ignored on the CPU), for
+/// benchmarks and for checking the families against each other. The backward runs the same
+/// family.
+pub fn na2d_with_kernel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kernel_size: usize,
+    scale: f64,
+    kernel: NaKernel,
+) -> Result<Tensor> {
     same_device(OP, &[q, k, v])?;
     for t in [q, k, v] {
         require_float(OP, t)?;
@@ -307,25 +327,59 @@ pub fn na2d(q: &Tensor, k: &Tensor, v: &Tensor, kernel_size: usize, scale: f64) 
         k: kernel_size,
         scale,
     };
+    let shape = Na2dShape {
+        maps: b * h,
+        x,
+        y,
+        d,
+        kernel_size,
+    };
     let fwd = Forward {
         g,
         lse: Mutex::new(Vec::new()),
     };
-    let out = tensor(
-        one(float_kernel(OP, &[q, k, v], &fwd)?),
-        q.shape().clone(),
+    let mut outs = float_op(OP, &[q, k, v], &fwd, |dev, bufs| {
+        let (out, lse) =
+            cn::na2d_forward(dev, bufs[0], bufs[1], bufs[2], shape, scale as f32, kernel)?;
+        Ok(vec![out, lse])
+    })?;
+    let lse = Saved::take(
+        OP,
+        &mut outs,
+        || fwd.lse.into_inner().unwrap_or_else(|e| e.into_inner()),
+        [b, h, x, y],
         q.device(),
     )?;
-    let lse = fwd.lse.into_inner().unwrap_or_else(|e| e.into_inner());
+    let out = out_tensor(outs, q.shape().clone(), q.device())?;
     let saved = [q.detach(), k.detach(), v.detach(), out.detach()];
     Ok(Tensor::record(out, OP, &[q, k, v], move || {
         move |grad: &Tensor| {
             let [q, k, v, o] = saved;
-            let shape = q.shape().clone();
-            let grads = float_kernel(OP, &[grad, &q, &k, &v, &o], &Backward { g, lse })?;
+            let grads = backward_with_saved(
+                OP,
+                &[grad, &q, &k, &v, &o],
+                lse,
+                |lse| Backward { g, lse },
+                |dev, bufs, st| {
+                    let lse = nth(OP, st, 0)?;
+                    let (dq, dk, dv) = cn::na2d_backward(
+                        dev,
+                        bufs[1],
+                        bufs[2],
+                        bufs[3],
+                        bufs[4],
+                        bufs[0],
+                        lse,
+                        shape,
+                        scale as f32,
+                        kernel,
+                    )?;
+                    Ok(vec![dq, dk, dv])
+                },
+            )?;
             grads
                 .into_iter()
-                .map(|c| Ok(Some(tensor(c, shape.clone(), q.device())?)))
+                .map(|s| Ok(Some(out_tensor(vec![s], q.shape().clone(), q.device())?)))
                 .collect()
         }
     }))

@@ -9,6 +9,7 @@ mod conv;
 mod elementwise;
 mod index;
 mod matmul;
+mod na2d;
 mod nn;
 mod optim;
 mod quant;

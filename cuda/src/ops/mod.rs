@@ -6,6 +6,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod index;
 pub mod interp;
+pub mod na2d;
 pub mod norm;
 pub mod optim;
 pub mod quant;

@@ -1,0 +1,1039 @@
+// na2d.cu: 2-D neighbourhood attention with NATTEN's window rule (no dilation, not causal),
+// forward and backward, as the CPU reference ops/src/na2d.rs defines it.
+//
+// Layout: q, k, v, out and their gradients are [maps, X, Y, D] (maps = B * H, token (x, y) of map
+// m at ((m * X + x) * Y + y) * D); the per-query log-sum-exp `lse` (natural log, saved by the
+// forward) and `delta` = dO . out (written by the dq kernel for the dk/dv kernel) are f32
+// [maps, X, Y].
+//
+// Window rule per axis of extent n, odd kernel k <= n: query i sees keys start(i) .. start(i) + k
+// with start(i) = clamp(i - k/2, 0, n - k); the queries that see key j are the contiguous range
+// inv_lo(j) .. inv_hi(j) (na_inv_lo / na_inv_hi, the exact inverse). With s_tj = scale q_t . k_j:
+//   forward:  p_t = softmax_{j in W(t)}(s_t), out_t = sum_j p_tj v_j, lse_t = log sum_j exp(s_tj)
+//   backward: p_tj = exp(s_tj - lse_t), delta_t = dO_t . out_t, ds_tj = p_tj (dO_t . v_j - delta_t)
+//             dq_t = scale sum_{j in W(t)} ds_tj k_j                 (gathered per query)
+//             dk_j = scale sum_{t : j in W(t)} ds_tj q_t, dv_j = sum_t p_tj dO_t  (gathered per
+//             key over its inverse window)
+// Every output element has exactly one writer: no atomics, no zero fill, deterministic.
+// No [L, L] score matrix exists anywhere: scores live in registers.
+//
+// Three variants of each of the three kernels (forward; dq + delta; dk + dv), chosen by the host:
+// - naive (`*_naive_<f32|bf16>`): one thread per (token, dim), direct loops over the window
+//   (forward, dq) or the inverse window (dk, dv), every dot product recomputed. The reference the
+//   tiled variants are checked against on the GPU; any D.
+// - simt (`*_simt_<f32|bf16>_d<D>`, D in 16, 32, 48, 64): tiled, f32 math on CUDA cores.
+// - mma (`*_mma_bf16_d<D>`, D a multiple of 16 up to 128): tiled, bf16 tensor cores
+//   (mma.sync m16n8k16, f32 accumulation), bf16 only.
+//
+// Tiled decomposition (simt and mma): a warp owns a tile of 16 tokens, 16 consecutive columns
+// y0 .. y0 + 16 of one map row; a block of NA_WARPS warps owns NA_WARPS consecutive rows of the
+// same columns (blocks grid-stride over the maps * row tiles * column tiles). The block stages
+// through shared memory the union of what its warps read, row by row:
+// - forward and dq (per query): the key rows start(x0) .. start(x_last) + k and key columns
+//   start(y0) .. start(y_last) + k (at most 16 + k - 1 columns, padded to whole chunks of 16;
+//   columns past Y are zero) of K and V;
+// - dk/dv (per key): the query rows inv_lo(x0) .. inv_hi(x_last) and columns inv_lo(y0) ..
+//   inv_hi(y_last) (at most 14 + 2k columns) of Q and dO, with their lse and delta; the mma
+//   variant also stages the block's own K and V (its A operands, re-read per chunk instead of
+//   held in registers), the simt variant keeps each lane's key and value in registers.
+// When the rows do not fit the shared-memory budget the host picks `rows` per stage and the block
+// loops over stages. A warp then walks the staged rows its tokens need (its window rows, or its
+// inverse-window rows) in chunks of 16 staged columns: one 16 x 16 block of scores per chunk,
+// masked to each token's own window (columns outside it get -inf, i.e. p = 0), an online softmax
+// (forward) or the recomputed p = exp(s - lse) (backward), then the products with V, K, dO or Q
+// of the chunk. Every query sees at least one key, so no softmax row is empty.
+// - simt lanes: lane = 2 * r + h owns tile token r and the half h of the head dimension (float4
+//   numbers i with i % 2 == h, so a warp's two halves read adjacent 16 bytes: staged rows are
+//   read as broadcasts); partial dot products meet through one shuffle, after which both halves
+//   hold the token's 16 scores of the chunk; the softmax state is per lane.
+// - mma lanes: the usual m16n8k16 fragments (g = lane / 4 owns tile rows g and g + 8, t = lane % 4
+//   owns columns 2t, 2t + 1 of each 8-column block); ldmatrix (.trans for the operands whose
+//   reduction runs over tokens) feeds the staged rows; a chunk's probabilities go from the
+//   accumulator layout straight into the A operand of the next product (rounded to bf16, as
+//   FlashAttention does); row statistics are reduced over the 4 lanes of a row.
+//
+// Numerics: f32 throughout (bf16 widened on load, rounded once on store); softmax in base 2 with
+// the logits pre-multiplied by scale * log2(e); the saved lse is natural-log. The mma variant
+// additionally rounds p and ds to bf16 as tensor-core operands.
+
+#define NA_TILE 16
+#define NA_WARPS 4
+#define NA_THREADS (NA_WARPS * 32)
+#define NA_LOG2E 1.4426950408889634f
+#define NA_LN2 0.6931471805599453f
+#define NA_FULL 0xffffffffu
+// Unroll of the simt dq kernel's per-key loop (registers hold one key's rows per step; the dk/dv
+// kernel, which holds four rows per lane already, does not unroll).
+#define NA_SIMT_UNROLL 2
+
+// Mirrors `Geom` in cuda/src/ops/na2d.rs (repr(C)).
+struct NaGeom {
+    i64 maps;       // B * H
+    int x, y, d;    // map rows, map columns, head dim
+    int ks;         // kernel size (odd, <= x and <= y)
+    int wx;         // rows (warps) per block tile: NA_WARPS
+    int ncw;        // staged columns per row (a multiple of 16), the smem row pitch in tokens
+    int rows;       // staged rows per stage
+    int xtiles;     // ceil(x / wx)
+    int ytiles;     // ceil(y / 16)
+    int pad_;
+    float scale;       // logit scale
+    float scale_log2;  // scale * log2(e)
+};
+
+__device__ __forceinline__ int na_start(int i, int n, int k) {
+    int s = i - k / 2;
+    s = s < 0 ? 0 : s;
+    return s > n - k ? n - k : s;
+}
+
+// First and one-past-last query whose window holds key j (see ops/src/na2d.rs).
+__device__ __forceinline__ int na_inv_lo(int j, int n, int k) { return j < k ? 0 : j - k / 2; }
+__device__ __forceinline__ int na_inv_hi(int j, int n, int k) { return j + k >= n ? n : j + k / 2 + 1; }
+
+__device__ __forceinline__ bool na_in_window(int key, int start, int k) { return key >= start && key < start + k; }
+
+// ------------------------------------------------------------------------------------------------
+// naive variant
+
+// Decodes a token index into (map, x, y).
+__device__ __forceinline__ void na_token(const NaGeom& g, i64 t, i64* m, int* ix, int* iy) {
+    i64 plane = (i64)g.x * g.y;
+    *m = t / plane;
+    i64 rem = t - *m * plane;
+    *ix = (int)(rem / g.y);
+    *iy = (int)(rem - (i64)(*ix) * g.y);
+}
+
+template <typename T>
+__device__ __forceinline__ float na_dot(const T* a, const T* b, int d) {
+    float s = 0.0f;
+    for (int e = 0; e < d; ++e) s += Io<T>::load(a, e) * Io<T>::load(b, e);
+    return s;
+}
+
+template <typename T>
+__device__ void na2d_fwd_naive_impl(T* out, float* lse, const T* q, const T* k, const T* v, NaGeom g) {
+    i64 total = g.maps * g.x * g.y * g.d;
+    GRID_STRIDE(e, total) {
+        i64 t = e / g.d;
+        int dd = (int)(e - t * g.d);
+        i64 m;
+        int ix, iy;
+        na_token(g, t, &m, &ix, &iy);
+        int sx = na_start(ix, g.x, g.ks), sy = na_start(iy, g.y, g.ks);
+        const T* qt = q + t * g.d;
+        float mx = NEG_INF;
+        for (int a = 0; a < g.ks; ++a)
+            for (int b = 0; b < g.ks; ++b) {
+                i64 j = (m * g.x + sx + a) * g.y + sy + b;
+                mx = fmaxf(mx, g.scale * na_dot(qt, k + j * g.d, g.d));
+            }
+        float sum = 0.0f, acc = 0.0f;
+        for (int a = 0; a < g.ks; ++a)
+            for (int b = 0; b < g.ks; ++b) {
+                i64 j = (m * g.x + sx + a) * g.y + sy + b;
+                float p = expf(g.scale * na_dot(qt, k + j * g.d, g.d) - mx);
+                sum += p;
+                acc += p * Io<T>::load(v, j * g.d + dd);
+            }
+        Io<T>::store(out, e, acc / sum);
+        if (dd == 0) lse[t] = mx + logf(sum);
+    }
+}
+
+// dq and delta: one thread per (query, dim); the dim-0 thread also writes delta.
+template <typename T>
+__device__ void na2d_dq_naive_impl(T* dq, float* delta, const T* q, const T* k, const T* v, const T* o,
+                                   const T* go, const float* lse, NaGeom g) {
+    i64 total = g.maps * g.x * g.y * g.d;
+    GRID_STRIDE(e, total) {
+        i64 t = e / g.d;
+        int dd = (int)(e - t * g.d);
+        i64 m;
+        int ix, iy;
+        na_token(g, t, &m, &ix, &iy);
+        int sx = na_start(ix, g.x, g.ks), sy = na_start(iy, g.y, g.ks);
+        const T* qt = q + t * g.d;
+        const T* gt = go + t * g.d;
+        float dl = na_dot(gt, o + t * g.d, g.d);
+        float l = lse[t];
+        float acc = 0.0f;
+        for (int a = 0; a < g.ks; ++a)
+            for (int b = 0; b < g.ks; ++b) {
+                i64 j = (m * g.x + sx + a) * g.y + sy + b;
+                float p = expf(g.scale * na_dot(qt, k + j * g.d, g.d) - l);
+                float ds = p * (na_dot(gt, v + j * g.d, g.d) - dl);
+                acc += ds * Io<T>::load(k, j * g.d + dd);
+            }
+        Io<T>::store(dq, e, g.scale * acc);
+        if (dd == 0) delta[t] = dl;
+    }
+}
+
+// dk and dv: one thread per (key, dim), over the queries whose window holds the key.
+template <typename T>
+__device__ void na2d_dkdv_naive_impl(T* dk, T* dv, const T* q, const T* k, const T* v, const T* go,
+                                     const float* lse, const float* delta, NaGeom g) {
+    i64 total = g.maps * g.x * g.y * g.d;
+    GRID_STRIDE(e, total) {
+        i64 j = e / g.d;
+        int dd = (int)(e - j * g.d);
+        i64 m;
+        int jx, jy;
+        na_token(g, j, &m, &jx, &jy);
+        const T* kj = k + j * g.d;
+        const T* vj = v + j * g.d;
+        int xlo = na_inv_lo(jx, g.x, g.ks), xhi = na_inv_hi(jx, g.x, g.ks);
+        int ylo = na_inv_lo(jy, g.y, g.ks), yhi = na_inv_hi(jy, g.y, g.ks);
+        float ak = 0.0f, av = 0.0f;
+        for (int ix = xlo; ix < xhi; ++ix)
+            for (int iy = ylo; iy < yhi; ++iy) {
+                i64 t = (m * g.x + ix) * g.y + iy;
+                const T* gt = go + t * g.d;
+                float p = expf(g.scale * na_dot(q + t * g.d, kj, g.d) - lse[t]);
+                float ds = p * (na_dot(gt, vj, g.d) - delta[t]);
+                av += p * Io<T>::load(gt, dd);
+                ak += ds * Io<T>::load(q, t * g.d + dd);
+            }
+        Io<T>::store(dk, e, g.scale * ak);
+        Io<T>::store(dv, e, av);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// tiling shared by the simt and mma variants
+
+extern __shared__ __align__(16) unsigned char na_smem[];
+
+// One block tile: map, first row, first column; and the derived spans.
+struct NaTile {
+    i64 map;
+    int x0, y0;  // first row and column of the block's tokens
+    int xl, yl;  // last valid row and column of the block's tokens
+};
+
+__device__ __forceinline__ NaTile na_tile(const NaGeom& g, i64 t) {
+    i64 per = (i64)g.xtiles * g.ytiles;
+    NaTile tl;
+    tl.map = t / per;
+    int rem = (int)(t - tl.map * per);
+    int xt = rem / g.ytiles, yt = rem - xt * g.ytiles;
+    tl.x0 = xt * g.wx;
+    tl.y0 = yt * NA_TILE;
+    tl.xl = min(tl.x0 + g.wx, g.x) - 1;
+    tl.yl = min(tl.y0 + NA_TILE, g.y) - 1;
+    return tl;
+}
+
+__device__ __forceinline__ i64 na_tiles(const NaGeom& g) { return g.maps * g.xtiles * g.ytiles; }
+
+template <typename T> struct Vec4;
+template <> struct Vec4<float> {
+    static __device__ __forceinline__ float4 load(const float* p) { return *reinterpret_cast<const float4*>(p); }
+    static __device__ __forceinline__ void store(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+};
+template <> struct Vec4<bf16_t> {
+    static __device__ __forceinline__ float4 load(const bf16_t* p) {
+        uint2 u = *reinterpret_cast<const uint2*>(p);
+        return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                           __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+    }
+    static __device__ __forceinline__ void store(bf16_t* p, float4 v) {
+        uint2 u;
+        u.x = (unsigned)f32_to_bf16(v.x) | ((unsigned)f32_to_bf16(v.y) << 16);
+        u.y = (unsigned)f32_to_bf16(v.z) | ((unsigned)f32_to_bf16(v.w) << 16);
+        *reinterpret_cast<uint2*>(p) = u;
+    }
+};
+
+__device__ __forceinline__ float4 f4_zero() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+__device__ __forceinline__ float f4_dot(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+__device__ __forceinline__ void f4_axpy(float4& acc, float s, float4 b) {
+    acc.x += s * b.x;
+    acc.y += s * b.y;
+    acc.z += s * b.z;
+    acc.w += s * b.w;
+}
+__device__ __forceinline__ float4 f4_scale(float4 a, float s) { return make_float4(a.x * s, a.y * s, a.z * s, a.w * s); }
+
+// Stages rows r0 .. r0 + nr, columns c0 .. c0 + ncols of one [X, Y, D] map into f32 shared memory
+// [nr][pitch][D] (token pitch `pitch` >= ncols); columns past Y are zero. Whole block.
+template <typename T, int D>
+__device__ __forceinline__ void na_stage_f32(float* dst, const T* map, int r0, int nr, int c0, int ncols, int pitch,
+                                             int y) {
+    const int V = D / 4;
+    int total = nr * ncols * V;
+    // Unrolled so that each thread has several loads in flight before its first store.
+#pragma unroll 4
+    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+        int vi = e % V, tok = e / V;
+        int c = tok % ncols, r = tok / ncols;
+        int col = c0 + c;
+        float4 val = f4_zero();
+        if (col < y) val = Vec4<T>::load(map + ((i64)(r0 + r) * y + col) * D + 4 * vi);
+        *reinterpret_cast<float4*>(dst + ((i64)r * pitch + c) * D + 4 * vi) = val;
+    }
+}
+
+// Same for bf16 staged as raw bits, row pitch D + 8 elements (keeps ldmatrix conflict-free).
+template <int D>
+__device__ __forceinline__ void na_stage_bf16(bf16_t* dst, const bf16_t* map, int r0, int nr, int c0, int ncols,
+                                              int pitch, int y) {
+    const int V = D / 8;
+    int total = nr * ncols * V;
+    // Unrolled so that each thread has several loads in flight before its first store.
+#pragma unroll 4
+    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+        int vi = e % V, tok = e / V;
+        int c = tok % ncols, r = tok / ncols;
+        int col = c0 + c;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (col < y) val = *reinterpret_cast<const uint4*>(map + ((i64)(r0 + r) * y + col) * D + 8 * vi);
+        *reinterpret_cast<uint4*>(dst + ((i64)r * pitch + c) * (D + 8) + 8 * vi) = val;
+    }
+}
+
+// Stages the per-query statistics of the same rows/columns: lse (times log2 e) and delta, zero
+// past Y.
+__device__ __forceinline__ void na_stage_stats(float* ls, float* ds, const float* lse, const float* delta, int r0,
+                                               int nr, int c0, int ncols, int pitch, int y) {
+    int total = nr * ncols;
+    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+        int c = e % ncols, r = e / ncols;
+        int col = c0 + c;
+        float l = 0.0f, dl = 0.0f;
+        if (col < y) {
+            i64 t = (i64)(r0 + r) * y + col;
+            l = lse[t] * NA_LOG2E;
+            dl = delta[t];
+        }
+        ls[r * pitch + c] = l;
+        ds[r * pitch + c] = dl;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// simt variant
+
+// Forward. Shared memory: K and V stages, f32 [rows][ncw][D] each.
+template <typename T, int D>
+__device__ void na2d_fwd_simt_impl(T* out, float* lse, const T* q, const T* k, const T* v, NaGeom g) {
+    const int H = D / 8;  // float4s per lane
+    float* ks = reinterpret_cast<float*>(na_smem);
+    float* vs = ks + (i64)g.rows * g.ncw * D;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int tr = lane >> 1, h = lane & 1;
+    i64 plane = (i64)g.x * g.y;
+    for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
+        NaTile tl = na_tile(g, it);
+        int rlo = na_start(tl.x0, g.x, g.ks), rhi = na_start(tl.xl, g.x, g.ks) + g.ks;
+        int c0 = na_start(tl.y0, g.y, g.ks);
+        int nch = (na_start(tl.yl, g.y, g.ks) + g.ks - c0 + NA_TILE - 1) / NA_TILE;
+        const T* kmap = k + tl.map * plane * D;
+        const T* vmap = v + tl.map * plane * D;
+        int x = tl.x0 + warp;
+        bool active = x < g.x;  // warp-uniform
+        int wlo = active ? na_start(x, g.x, g.ks) : 0, whi = active ? wlo + g.ks : 0;
+        int y = tl.y0 + tr;
+        bool ok = active && y < g.y;
+        int sy = na_start(min(y, g.y - 1), g.y, g.ks);
+        i64 tq = tl.map * plane + (i64)min(x, g.x - 1) * g.y + min(y, g.y - 1);
+        float4 qv[H], ov[H];
+#pragma unroll
+        for (int i = 0; i < H; ++i) {
+            qv[i] = ok ? f4_scale(Vec4<T>::load(q + tq * D + 8 * i + 4 * h), g.scale_log2) : f4_zero();
+            ov[i] = f4_zero();
+        }
+        float mrow = NEG_INF, lrow = 0.0f;
+        for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
+            int nr = min(g.rows, rhi - r0);
+            __syncthreads();
+            na_stage_f32<T, D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_f32<T, D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            __syncthreads();
+            if (!active) continue;
+            int ra = max(r0, wlo), rb = min(r0 + nr, whi);
+            for (int r = ra; r < rb; ++r) {
+                for (int ch = 0; ch < nch; ++ch) {
+                    i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * D + 4 * h;
+                    const float* kc = ks + off;
+                    const float* vc = vs + off;
+                    float s[NA_TILE];
+#pragma unroll
+                    for (int c = 0; c < NA_TILE; ++c) {
+                        float acc = 0.0f;
+#pragma unroll
+                        for (int i = 0; i < H; ++i)
+                            acc += f4_dot(qv[i], *reinterpret_cast<const float4*>(kc + c * D + 8 * i));
+                        s[c] = acc;
+                    }
+                    float cm = NEG_INF;
+                    int cb = c0 + ch * NA_TILE;
+#pragma unroll
+                    for (int c = 0; c < NA_TILE; ++c) {
+                        s[c] += __shfl_xor_sync(NA_FULL, s[c], 1);
+                        s[c] = na_in_window(cb + c, sy, g.ks) ? s[c] : NEG_INF;
+                        cm = fmaxf(cm, s[c]);
+                    }
+                    float mn = fmaxf(mrow, cm);
+                    float mu = mn == NEG_INF ? 0.0f : mn;
+                    float alpha = exp2f(mrow - mu);
+                    mrow = mn;
+                    lrow *= alpha;
+#pragma unroll
+                    for (int i = 0; i < H; ++i) ov[i] = f4_scale(ov[i], alpha);
+#pragma unroll
+                    for (int c = 0; c < NA_TILE; ++c) {
+                        float p = exp2f(s[c] - mu);
+                        lrow += p;
+#pragma unroll
+                        for (int i = 0; i < H; ++i)
+                            f4_axpy(ov[i], p, *reinterpret_cast<const float4*>(vc + c * D + 8 * i));
+                    }
+                }
+            }
+        }
+        if (ok) {
+            float inv = 1.0f / lrow;
+#pragma unroll
+            for (int i = 0; i < H; ++i) Vec4<T>::store(out + tq * D + 8 * i + 4 * h, f4_scale(ov[i], inv));
+            if (h == 0) lse[tq] = (mrow + log2f(lrow)) * NA_LN2;
+        }
+    }
+}
+
+// dq and delta. Shared memory as the forward.
+template <typename T, int D>
+__device__ void na2d_dq_simt_impl(T* dq, float* delta, const T* q, const T* k, const T* v, const T* o, const T* go,
+                                  const float* lse, NaGeom g) {
+    const int H = D / 8;
+    float* ks = reinterpret_cast<float*>(na_smem);
+    float* vs = ks + (i64)g.rows * g.ncw * D;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int tr = lane >> 1, h = lane & 1;
+    i64 plane = (i64)g.x * g.y;
+    for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
+        NaTile tl = na_tile(g, it);
+        int rlo = na_start(tl.x0, g.x, g.ks), rhi = na_start(tl.xl, g.x, g.ks) + g.ks;
+        int c0 = na_start(tl.y0, g.y, g.ks);
+        int nch = (na_start(tl.yl, g.y, g.ks) + g.ks - c0 + NA_TILE - 1) / NA_TILE;
+        const T* kmap = k + tl.map * plane * D;
+        const T* vmap = v + tl.map * plane * D;
+        int x = tl.x0 + warp;
+        bool active = x < g.x;
+        int wlo = active ? na_start(x, g.x, g.ks) : 0, whi = active ? wlo + g.ks : 0;
+        int y = tl.y0 + tr;
+        bool ok = active && y < g.y;
+        int sy = na_start(min(y, g.y - 1), g.y, g.ks);
+        i64 tq = tl.map * plane + (i64)min(x, g.x - 1) * g.y + min(y, g.y - 1);
+        float4 qv[H], gv[H], dqv[H];
+        float dl = 0.0f;
+#pragma unroll
+        for (int i = 0; i < H; ++i) {
+            i64 at = tq * D + 8 * i + 4 * h;
+            qv[i] = ok ? f4_scale(Vec4<T>::load(q + at), g.scale_log2) : f4_zero();
+            gv[i] = ok ? Vec4<T>::load(go + at) : f4_zero();
+            if (ok) dl += f4_dot(gv[i], Vec4<T>::load(o + at));
+            dqv[i] = f4_zero();
+        }
+        dl += __shfl_xor_sync(NA_FULL, dl, 1);
+        float l2 = ok ? lse[tq] * NA_LOG2E : 0.0f;
+        for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
+            int nr = min(g.rows, rhi - r0);
+            __syncthreads();
+            na_stage_f32<T, D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_f32<T, D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            __syncthreads();
+            if (!active) continue;
+            int ra = max(r0, wlo), rb = min(r0 + nr, whi);
+            for (int r = ra; r < rb; ++r) {
+                for (int ch = 0; ch < nch; ++ch) {
+                    i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * D + 4 * h;
+                    const float* kc = ks + off;
+                    const float* vc = vs + off;
+                    int cb = c0 + ch * NA_TILE;
+                    // One key at a time: its K half is used twice (scores, then dq) and kept in
+                    // registers in between, which bounds the registers to one key's worth.
+#pragma unroll NA_SIMT_UNROLL
+                    for (int c = 0; c < NA_TILE; ++c) {
+                        float4 kr[H];
+                        float as = 0.0f, ap = 0.0f;
+#pragma unroll
+                        for (int i = 0; i < H; ++i) {
+                            kr[i] = *reinterpret_cast<const float4*>(kc + c * D + 8 * i);
+                            as += f4_dot(qv[i], kr[i]);
+                            ap += f4_dot(gv[i], *reinterpret_cast<const float4*>(vc + c * D + 8 * i));
+                        }
+                        as += __shfl_xor_sync(NA_FULL, as, 1);
+                        ap += __shfl_xor_sync(NA_FULL, ap, 1);
+                        float p = na_in_window(cb + c, sy, g.ks) ? exp2f(as - l2) : 0.0f;
+                        float ds = p * (ap - dl);
+#pragma unroll
+                        for (int i = 0; i < H; ++i) f4_axpy(dqv[i], ds, kr[i]);
+                    }
+                }
+            }
+        }
+        if (ok) {
+#pragma unroll
+            for (int i = 0; i < H; ++i) Vec4<T>::store(dq + tq * D + 8 * i + 4 * h, f4_scale(dqv[i], g.scale));
+            if (h == 0) delta[tq] = dl;
+        }
+    }
+}
+
+// dk and dv. Shared memory: Q and dO stages f32 [rows][ncw][D] each, then lse * log2(e) and delta
+// f32 [rows][ncw] each. The warp's own keys and values stay in registers.
+template <typename T, int D>
+__device__ void na2d_dkdv_simt_impl(T* dk, T* dv, const T* q, const T* k, const T* v, const T* go, const float* lse,
+                                    const float* delta, NaGeom g) {
+    const int H = D / 8;
+    float* qs = reinterpret_cast<float*>(na_smem);
+    float* gs = qs + (i64)g.rows * g.ncw * D;
+    float* ls = gs + (i64)g.rows * g.ncw * D;
+    float* dls = ls + g.rows * g.ncw;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int tr = lane >> 1, h = lane & 1;
+    i64 plane = (i64)g.x * g.y;
+    for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
+        NaTile tl = na_tile(g, it);
+        int rlo = na_inv_lo(tl.x0, g.x, g.ks), rhi = na_inv_hi(tl.xl, g.x, g.ks);
+        int c0 = na_inv_lo(tl.y0, g.y, g.ks);
+        int nch = (na_inv_hi(tl.yl, g.y, g.ks) - c0 + NA_TILE - 1) / NA_TILE;
+        i64 mbase = tl.map * plane;
+        int x = tl.x0 + warp;
+        bool active = x < g.x;
+        int ilo = active ? na_inv_lo(x, g.x, g.ks) : 0, ihi = active ? na_inv_hi(x, g.x, g.ks) : 0;
+        int y = tl.y0 + tr;
+        bool ok = active && y < g.y;
+        i64 tk = mbase + (i64)min(x, g.x - 1) * g.y + min(y, g.y - 1);
+        float4 kv[H], vv[H], dkv[H], dvv[H];
+#pragma unroll
+        for (int i = 0; i < H; ++i) {
+            i64 at = tk * D + 8 * i + 4 * h;
+            kv[i] = ok ? f4_scale(Vec4<T>::load(k + at), g.scale_log2) : f4_zero();
+            vv[i] = ok ? Vec4<T>::load(v + at) : f4_zero();
+            dkv[i] = f4_zero();
+            dvv[i] = f4_zero();
+        }
+        for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
+            int nr = min(g.rows, rhi - r0);
+            __syncthreads();
+            na_stage_f32<T, D>(qs, q + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_f32<T, D>(gs, go + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_stats(ls, dls, lse + mbase, delta + mbase, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            __syncthreads();
+            if (!active) continue;
+            int ra = max(r0, ilo), rb = min(r0 + nr, ihi);
+            for (int r = ra; r < rb; ++r) {
+                for (int ch = 0; ch < nch; ++ch) {
+                    i64 tok = (i64)(r - r0) * g.ncw + ch * NA_TILE;
+                    const float* qc = qs + tok * D + 4 * h;
+                    const float* gc = gs + tok * D + 4 * h;
+                    int cb = c0 + ch * NA_TILE;
+                    // One query at a time (see the dq kernel).
+#pragma unroll 1
+                    for (int c = 0; c < NA_TILE; ++c) {
+                        float4 qr[H], gr[H];
+                        float as = 0.0f, ap = 0.0f;
+#pragma unroll
+                        for (int i = 0; i < H; ++i) {
+                            qr[i] = *reinterpret_cast<const float4*>(qc + c * D + 8 * i);
+                            gr[i] = *reinterpret_cast<const float4*>(gc + c * D + 8 * i);
+                            as += f4_dot(kv[i], qr[i]);
+                            ap += f4_dot(vv[i], gr[i]);
+                        }
+                        as += __shfl_xor_sync(NA_FULL, as, 1);
+                        ap += __shfl_xor_sync(NA_FULL, ap, 1);
+                        int qy = cb + c;
+                        bool valid = qy < g.y && na_in_window(y, na_start(min(qy, g.y - 1), g.y, g.ks), g.ks);
+                        float p = valid ? exp2f(as - ls[tok + c]) : 0.0f;
+                        float ds = p * (ap - dls[tok + c]);
+#pragma unroll
+                        for (int i = 0; i < H; ++i) {
+                            f4_axpy(dvv[i], p, gr[i]);
+                            f4_axpy(dkv[i], ds, qr[i]);
+                        }
+                    }
+                }
+            }
+        }
+        if (ok) {
+#pragma unroll
+            for (int i = 0; i < H; ++i) {
+                i64 at = tk * D + 8 * i + 4 * h;
+                Vec4<T>::store(dk + at, f4_scale(dkv[i], g.scale));
+                Vec4<T>::store(dv + at, dvv[i]);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// mma variant (bf16 tensor cores, sm_80+)
+
+__device__ __forceinline__ unsigned na_smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void na_ldsm(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void na_ldsm_t(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c (16 x 8, f32) += a (16 x 16, bf16) * b (16 x 8, bf16).
+__device__ __forceinline__ void na_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as bf16x2 (lo in the low half), rounded like every other store.
+__device__ __forceinline__ unsigned na_pack(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+
+// The 16 x 16 block in accumulator layout ([n-tile][c0..c3]) as an A operand.
+__device__ __forceinline__ void na_to_a(unsigned (&a)[4], const float (&s)[2][4]) {
+    a[0] = na_pack(s[0][0], s[0][1]);
+    a[1] = na_pack(s[0][2], s[0][3]);
+    a[2] = na_pack(s[1][0], s[1][1]);
+    a[3] = na_pack(s[1][2], s[1][3]);
+}
+
+// A fragments of a 16-token x D tile read straight from global memory: rows `ra` (tile row g) and
+// `rb` (tile row g + 8), zero when the row is outside the map.
+template <int D>
+__device__ __forceinline__ void na_ldg_a(unsigned (&a)[D / 16][4], const bf16_t* ra, const bf16_t* rb, bool oka,
+                                         bool okb) {
+    int c = 2 * (threadIdx.x & 3);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        a[kk][0] = oka ? *reinterpret_cast<const unsigned*>(ra + kk * 16 + c) : 0u;
+        a[kk][1] = okb ? *reinterpret_cast<const unsigned*>(rb + kk * 16 + c) : 0u;
+        a[kk][2] = oka ? *reinterpret_cast<const unsigned*>(ra + kk * 16 + 8 + c) : 0u;
+        a[kk][3] = okb ? *reinterpret_cast<const unsigned*>(rb + kk * 16 + 8 + c) : 0u;
+    }
+}
+
+// s (16 x 16) = a (16 x D, registers) * b^T, b the 16 staged tokens x D at `b` (pitch D + 8).
+template <int D>
+__device__ __forceinline__ void na_mma_abt(float (&s)[2][4], const unsigned (&a)[D / 16][4], const bf16_t* b) {
+    int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+    unsigned base = na_smem_addr(b + (r + 8 * (i >> 1)) * (D + 8) + 8 * (i & 1));
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned f[4];
+        na_ldsm(f, base + kk * 32);
+        na_mma(s[0], a[kk], f[0], f[1]);
+        na_mma(s[1], a[kk], f[2], f[3]);
+    }
+}
+
+// s (16 x 16) = a * b^T with both a (the warp's 16 tokens x D) and b (16 staged tokens) in
+// shared memory.
+template <int D>
+__device__ __forceinline__ void na_mma_abt_s(float (&s)[2][4], const bf16_t* a, const bf16_t* b) {
+    int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+    unsigned abase = na_smem_addr(a + (r + 8 * (i & 1)) * (D + 8) + 8 * (i >> 1));
+    unsigned bbase = na_smem_addr(b + (r + 8 * (i >> 1)) * (D + 8) + 8 * (i & 1));
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned af[4], f[4];
+        na_ldsm(af, abase + kk * 32);
+        na_ldsm(f, bbase + kk * 32);
+        na_mma(s[0], af, f[0], f[1]);
+        na_mma(s[1], af, f[2], f[3]);
+    }
+}
+
+// acc (16 x D) += a (16 x 16 tokens, registers) * m, m the 16 staged tokens x D at `m`.
+template <int D>
+__device__ __forceinline__ void na_mma_av(float (&acc)[D / 8][4], const unsigned (&a)[4], const bf16_t* m) {
+    int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+    unsigned base = na_smem_addr(m + (r + 8 * (i & 1)) * (D + 8) + 8 * (i >> 1));
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+        unsigned f[4];
+        na_ldsm_t(f, base + np * 32);
+        na_mma(acc[2 * np], a, f[0], f[1]);
+        na_mma(acc[2 * np + 1], a, f[2], f[3]);
+    }
+}
+
+// Stores a 16 x D accumulator (times `mul`) as bf16 rows `ra` (tile row g) and `rb` (g + 8).
+template <int D>
+__device__ __forceinline__ void na_store_c(bf16_t* ra, bf16_t* rb, bool oka, bool okb, const float (&acc)[D / 8][4],
+                                           float mula, float mulb) {
+    int c = 2 * (threadIdx.x & 3);
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        if (oka) *reinterpret_cast<unsigned*>(ra + nt * 8 + c) = na_pack(acc[nt][0] * mula, acc[nt][1] * mula);
+        if (okb) *reinterpret_cast<unsigned*>(rb + nt * 8 + c) = na_pack(acc[nt][2] * mulb, acc[nt][3] * mulb);
+    }
+}
+
+// Sum over the 4 lanes that share accumulator rows.
+__device__ __forceinline__ float na_quad_sum(float v) {
+    v += __shfl_xor_sync(NA_FULL, v, 1);
+    return v + __shfl_xor_sync(NA_FULL, v, 2);
+}
+__device__ __forceinline__ float na_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(NA_FULL, v, 1));
+    return fmaxf(v, __shfl_xor_sync(NA_FULL, v, 2));
+}
+
+// Forward. Shared memory: K and V stages, bf16 [rows][ncw][D + 8] each.
+template <int D>
+__device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                                  NaGeom g) {
+    const int P = D + 8;
+    bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
+    bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gr = lane >> 2, tg = lane & 3;
+    i64 plane = (i64)g.x * g.y;
+    for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
+        NaTile tl = na_tile(g, it);
+        int rlo = na_start(tl.x0, g.x, g.ks), rhi = na_start(tl.xl, g.x, g.ks) + g.ks;
+        int c0 = na_start(tl.y0, g.y, g.ks);
+        int nch = (na_start(tl.yl, g.y, g.ks) + g.ks - c0 + NA_TILE - 1) / NA_TILE;
+        const bf16_t* kmap = k + tl.map * plane * D;
+        const bf16_t* vmap = v + tl.map * plane * D;
+        int x = tl.x0 + warp;
+        bool active = x < g.x;
+        int wlo = active ? na_start(x, g.x, g.ks) : 0, whi = active ? wlo + g.ks : 0;
+        int ya = tl.y0 + gr, yb = ya + 8;
+        bool oka = active && ya < g.y, okb = active && yb < g.y;
+        int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
+        i64 trow = tl.map * plane + (i64)min(x, g.x - 1) * g.y;
+        i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+        unsigned qf[D / 16][4];
+        na_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
+        float o[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+        float mr[2] = {NEG_INF, NEG_INF}, lr[2] = {0.0f, 0.0f};
+        for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
+            int nr = min(g.rows, rhi - r0);
+            __syncthreads();
+            na_stage_bf16<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_bf16<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            __syncthreads();
+            if (!active) continue;
+            int ra = max(r0, wlo), rb = min(r0 + nr, whi);
+            for (int r = ra; r < rb; ++r) {
+                for (int ch = 0; ch < nch; ++ch) {
+                    i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * P;
+                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    na_mma_abt<D>(s, qf, ks + off);
+                    int cb = c0 + ch * NA_TILE + 2 * tg;
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            int sy = e < 2 ? sya : syb;
+                            s[nt][e] = na_in_window(cb + nt * 8 + (e & 1), sy, g.ks) ? s[nt][e] * g.scale_log2 : NEG_INF;
+                        }
+#pragma unroll
+                    for (int rr = 0; rr < 2; ++rr) {
+                        float cm = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
+                        float mn = fmaxf(mr[rr], na_quad_max(cm));
+                        float mu = mn == NEG_INF ? 0.0f : mn;
+                        float alpha = exp2f(mr[rr] - mu);
+                        mr[rr] = mn;
+                        float ps = 0.0f;
+#pragma unroll
+                        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                            for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
+                                s[nt][e] = exp2f(s[nt][e] - mu);
+                                ps += s[nt][e];
+                            }
+                        lr[rr] = lr[rr] * alpha + ps;
+#pragma unroll
+                        for (int nt = 0; nt < D / 8; ++nt) {
+                            o[nt][2 * rr] *= alpha;
+                            o[nt][2 * rr + 1] *= alpha;
+                        }
+                    }
+                    unsigned pa[4];
+                    na_to_a(pa, s);
+                    na_mma_av<D>(o, pa, vs + off);
+                }
+            }
+        }
+        if (active) {
+            float la = na_quad_sum(lr[0]), lb = na_quad_sum(lr[1]);
+            na_store_c<D>(out + ta * D, out + tb * D, oka, okb, o, 1.0f / la, 1.0f / lb);
+            if (tg == 0) {
+                if (oka) lse[ta] = (mr[0] + log2f(la)) * NA_LN2;
+                if (okb) lse[tb] = (mr[1] + log2f(lb)) * NA_LN2;
+            }
+        }
+    }
+}
+
+// dq and delta. Shared memory as the forward.
+template <int D>
+__device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                                 const bf16_t* o, const bf16_t* go, const float* lse, NaGeom g) {
+    const int P = D + 8;
+    bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
+    bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gr = lane >> 2, tg = lane & 3;
+    i64 plane = (i64)g.x * g.y;
+    for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
+        NaTile tl = na_tile(g, it);
+        int rlo = na_start(tl.x0, g.x, g.ks), rhi = na_start(tl.xl, g.x, g.ks) + g.ks;
+        int c0 = na_start(tl.y0, g.y, g.ks);
+        int nch = (na_start(tl.yl, g.y, g.ks) + g.ks - c0 + NA_TILE - 1) / NA_TILE;
+        const bf16_t* kmap = k + tl.map * plane * D;
+        const bf16_t* vmap = v + tl.map * plane * D;
+        int x = tl.x0 + warp;
+        bool active = x < g.x;
+        int wlo = active ? na_start(x, g.x, g.ks) : 0, whi = active ? wlo + g.ks : 0;
+        int ya = tl.y0 + gr, yb = ya + 8;
+        bool oka = active && ya < g.y, okb = active && yb < g.y;
+        int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
+        i64 trow = tl.map * plane + (i64)min(x, g.x - 1) * g.y;
+        i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+        unsigned qf[D / 16][4], gf[D / 16][4];
+        na_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
+        na_ldg_a<D>(gf, go + ta * D, go + tb * D, oka, okb);
+        // delta = dO . out per row, from the same fragment positions of out.
+        float da = 0.0f, db = 0.0f;
+        {
+            unsigned of[D / 16][4];
+            na_ldg_a<D>(of, o + ta * D, o + tb * D, oka, okb);
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    unsigned a = of[kk][j], b = gf[kk][j];
+                    float pr = __uint_as_float(a << 16) * __uint_as_float(b << 16) +
+                               __uint_as_float(a & 0xffff0000u) * __uint_as_float(b & 0xffff0000u);
+                    if (j & 1) db += pr;
+                    else da += pr;
+                }
+        }
+        da = na_quad_sum(da);
+        db = na_quad_sum(db);
+        float la = oka ? lse[ta] * NA_LOG2E : 0.0f, lb = okb ? lse[tb] * NA_LOG2E : 0.0f;
+        float acc[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+        for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
+            int nr = min(g.rows, rhi - r0);
+            __syncthreads();
+            na_stage_bf16<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_bf16<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            __syncthreads();
+            if (!active) continue;
+            int ra = max(r0, wlo), rb = min(r0 + nr, whi);
+            for (int r = ra; r < rb; ++r) {
+                for (int ch = 0; ch < nch; ++ch) {
+                    i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * P;
+                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    na_mma_abt<D>(s, qf, ks + off);
+                    na_mma_abt<D>(dp, gf, vs + off);
+                    int cb = c0 + ch * NA_TILE + 2 * tg;
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            bool lo = e < 2;
+                            float p = na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks)
+                                          ? exp2f(s[nt][e] * g.scale_log2 - (lo ? la : lb))
+                                          : 0.0f;
+                            s[nt][e] = p * (dp[nt][e] - (lo ? da : db));
+                        }
+                    unsigned dsa[4];
+                    na_to_a(dsa, s);
+                    na_mma_av<D>(acc, dsa, ks + off);
+                }
+            }
+        }
+        if (active) {
+            na_store_c<D>(dq + ta * D, dq + tb * D, oka, okb, acc, g.scale, g.scale);
+            if (tg == 0) {
+                if (oka) delta[ta] = da;
+                if (okb) delta[tb] = db;
+            }
+        }
+    }
+}
+
+// dk and dv. Shared memory: the block's own K and V tiles bf16 [wx * 16][D + 8] each, then the Q
+// and dO stages bf16 [rows][ncw][D + 8] each, then lse * log2(e) and delta f32 [rows][ncw] each.
+template <int D>
+__device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                                   const bf16_t* go, const float* lse, const float* delta, NaGeom g) {
+    const int P = D + 8;
+    bf16_t* kt = reinterpret_cast<bf16_t*>(na_smem);
+    bf16_t* vt = kt + g.wx * NA_TILE * P;
+    bf16_t* qs = vt + g.wx * NA_TILE * P;
+    bf16_t* gs = qs + (i64)g.rows * g.ncw * P;
+    float* ls = reinterpret_cast<float*>(gs + (i64)g.rows * g.ncw * P);
+    float* dls = ls + g.rows * g.ncw;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gr = lane >> 2, tg = lane & 3;
+    i64 plane = (i64)g.x * g.y;
+    for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
+        NaTile tl = na_tile(g, it);
+        int rlo = na_inv_lo(tl.x0, g.x, g.ks), rhi = na_inv_hi(tl.xl, g.x, g.ks);
+        int c0 = na_inv_lo(tl.y0, g.y, g.ks);
+        int nch = (na_inv_hi(tl.yl, g.y, g.ks) - c0 + NA_TILE - 1) / NA_TILE;
+        i64 mbase = tl.map * plane;
+        int x = tl.x0 + warp;
+        bool active = x < g.x;
+        int ilo = active ? na_inv_lo(x, g.x, g.ks) : 0, ihi = active ? na_inv_hi(x, g.x, g.ks) : 0;
+        int ja = tl.y0 + gr, jb = ja + 8;
+        bool oka = active && ja < g.y, okb = active && jb < g.y;
+        i64 trow = mbase + (i64)min(x, g.x - 1) * g.y;
+        i64 ta = trow + min(ja, g.y - 1), tb = trow + min(jb, g.y - 1);
+        __syncthreads();  // the previous tile's warps may still read kt / vt
+        na_stage_bf16<D>(kt, k + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y);
+        na_stage_bf16<D>(vt, v + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y);
+        const bf16_t* mk = kt + warp * NA_TILE * P;
+        const bf16_t* mv = vt + warp * NA_TILE * P;
+        float ak[D / 8][4], av[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            ak[nt][0] = ak[nt][1] = ak[nt][2] = ak[nt][3] = 0.0f;
+            av[nt][0] = av[nt][1] = av[nt][2] = av[nt][3] = 0.0f;
+        }
+        for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
+            int nr = min(g.rows, rhi - r0);
+            __syncthreads();
+            na_stage_bf16<D>(qs, q + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_bf16<D>(gs, go + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_stats(ls, dls, lse + mbase, delta + mbase, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            __syncthreads();
+            if (!active) continue;
+            int ra = max(r0, ilo), rb = min(r0 + nr, ihi);
+            for (int r = ra; r < rb; ++r) {
+                for (int ch = 0; ch < nch; ++ch) {
+                    int tok = (r - r0) * g.ncw + ch * NA_TILE;
+                    i64 off = (i64)tok * P;
+                    // Transposed scores: rows are the warp's keys, columns the chunk's queries.
+                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    na_mma_abt_s<D>(s, mk, qs + off);
+                    na_mma_abt_s<D>(dp, mv, gs + off);
+                    float ds[2][4];
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                        for (int ce = 0; ce < 2; ++ce) {
+                            int cl = nt * 8 + 2 * tg + ce;  // the query column within the chunk
+                            int qy = c0 + ch * NA_TILE + cl;
+                            int sy = na_start(min(qy, g.y - 1), g.y, g.ks);
+                            bool inside = qy < g.y;
+                            float l2 = ls[tok + cl], dl = dls[tok + cl];
+#pragma unroll
+                            for (int rr = 0; rr < 2; ++rr) {
+                                int e = 2 * rr + ce;
+                                bool valid = inside && na_in_window(rr ? jb : ja, sy, g.ks);
+                                float p = valid ? exp2f(s[nt][e] * g.scale_log2 - l2) : 0.0f;
+                                ds[nt][e] = p * (dp[nt][e] - dl);
+                                s[nt][e] = p;
+                            }
+                        }
+                    unsigned pa[4], dsa[4];
+                    na_to_a(pa, s);
+                    na_to_a(dsa, ds);
+                    na_mma_av<D>(av, pa, gs + off);
+                    na_mma_av<D>(ak, dsa, qs + off);
+                }
+            }
+        }
+        if (active) {
+            na_store_c<D>(dk + ta * D, dk + tb * D, oka, okb, ak, g.scale, g.scale);
+            na_store_c<D>(dv + ta * D, dv + tb * D, oka, okb, av, 1.0f, 1.0f);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// instantiations
+
+#define NA_NAIVE_KERNELS(T, S)                                                                            \
+    extern "C" __global__ void na2d_fwd_naive_##S(T* out, float* lse, const T* q, const T* k, const T* v, \
+                                                 NaGeom g) {                                              \
+        na2d_fwd_naive_impl<T>(out, lse, q, k, v, g);                                                     \
+    }                                                                                                     \
+    extern "C" __global__ void na2d_dq_naive_##S(T* dq, float* delta, const T* q, const T* k, const T* v, \
+                                                const T* o, const T* go, const float* lse, NaGeom g) {    \
+        na2d_dq_naive_impl<T>(dq, delta, q, k, v, o, go, lse, g);                                         \
+    }                                                                                                     \
+    extern "C" __global__ void na2d_dkdv_naive_##S(T* dk, T* dv, const T* q, const T* k, const T* v,      \
+                                                  const T* go, const float* lse, const float* delta,      \
+                                                  NaGeom g) {                                             \
+        na2d_dkdv_naive_impl<T>(dk, dv, q, k, v, go, lse, delta, g);                                      \
+    }
+
+#define NA_SIMT_KERNELS(T, S, D)                                                                             \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+        na2d_fwd_simt_##S##_d##D(T* out, float* lse, const T* q, const T* k, const T* v, NaGeom g) {         \
+        na2d_fwd_simt_impl<T, D>(out, lse, q, k, v, g);                                                      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+        na2d_dq_simt_##S##_d##D(T* dq, float* delta, const T* q, const T* k, const T* v, const T* o,         \
+                                const T* go, const float* lse, NaGeom g) {                                   \
+        na2d_dq_simt_impl<T, D>(dq, delta, q, k, v, o, go, lse, g);                                          \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+        na2d_dkdv_simt_##S##_d##D(T* dk, T* dv, const T* q, const T* k, const T* v, const T* go,             \
+                                  const float* lse, const float* delta, NaGeom g) {                          \
+        na2d_dkdv_simt_impl<T, D>(dk, dv, q, k, v, go, lse, delta, g);                                       \
+    }
+
+#define NA_MMA_KERNELS(D)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+        na2d_fwd_mma_bf16_d##D(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
+                               NaGeom g) {                                                                   \
+        na2d_fwd_mma_impl<D>(out, lse, q, k, v, g);                                                          \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+        na2d_dq_mma_bf16_d##D(bf16_t* dq, float* delta, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
+                              const bf16_t* o, const bf16_t* go, const float* lse, NaGeom g) {               \
+        na2d_dq_mma_impl<D>(dq, delta, q, k, v, o, go, lse, g);                                              \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+        na2d_dkdv_mma_bf16_d##D(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
+                                const bf16_t* go, const float* lse, const float* delta, NaGeom g) {          \
+        na2d_dkdv_mma_impl<D>(dk, dv, q, k, v, go, lse, delta, g);                                           \
+    }
+
+NA_NAIVE_KERNELS(float, f32)
+NA_NAIVE_KERNELS(bf16_t, bf16)
+
+NA_SIMT_KERNELS(float, f32, 16)
+NA_SIMT_KERNELS(float, f32, 32)
+NA_SIMT_KERNELS(float, f32, 48)
+NA_SIMT_KERNELS(float, f32, 64)
+NA_SIMT_KERNELS(bf16_t, bf16, 16)
+NA_SIMT_KERNELS(bf16_t, bf16, 32)
+NA_SIMT_KERNELS(bf16_t, bf16, 48)
+NA_SIMT_KERNELS(bf16_t, bf16, 64)
+
+NA_MMA_KERNELS(16)
+NA_MMA_KERNELS(32)
+NA_MMA_KERNELS(48)
+NA_MMA_KERNELS(64)
+NA_MMA_KERNELS(80)
+NA_MMA_KERNELS(96)
+NA_MMA_KERNELS(112)
+NA_MMA_KERNELS(128)

@@ -1,0 +1,723 @@
+//! Launch wrappers of `kernels/na2d.cu`: 2-D neighbourhood attention with NATTEN's window rule,
+//! forward (output and per-query log-sum-exp) and backward (dq, dk, dv), for q, k, v laid out as
+//! `[maps, x, y, d]` (maps = B * H).
+//!
+//! Three kernel families (see the kernel file): `naive` (one thread per element, the reference),
+//! `simt` (tiled, CUDA cores, f32 and bf16, d in [`SIMT_DIMS`]) and `mma` (tiled, bf16 tensor
+//! cores, d a multiple of 16 up to 128). [`NaKernel`] asks for one; [`NaKernel::resolve`] says which
+//! runs: the asked family when it supports the dtype and head dim, else the next simpler one.
+//! A tiled launch whose staging does not fit in shared memory, or buffers that are not 16-byte
+//! aligned, also fall back to `naive`, so no shape the op accepts fails here.
+//!
+//! The tiled kernels stage rows of K and V (forward, dq) or of Q, dO, lse and delta (dk/dv) in
+//! shared memory. [`SMEM_BUDGET`] bounds that per block: when a block's rows do not fit, it loops
+//! over stages of as many rows as fit.
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::buffer::{BufferKind, CudaBuffer};
+use crate::device::{launch_1d, launch_err};
+use crate::kernels::NA2D;
+use crate::ops::reduce::{require_kind, volume};
+use crate::ops::{check_lens, float_kind};
+use crate::{CudaDevice, CudaError};
+
+/// Tokens per warp tile (16 consecutive columns of one map row), `NA_TILE` in the kernel file.
+const TILE: usize = 16;
+/// Warps (map rows) per block, `NA_WARPS` in the kernel file.
+const WARPS: usize = 4;
+const NAIVE_THREADS: u32 = 256;
+/// Shared memory a tiled block may take before its rows are split into stages; the default
+/// per-block limit, so the common shapes need no opt-in.
+pub const SMEM_BUDGET: usize = 48 * 1024;
+/// Above this a kernel needs the dynamic shared-memory opt-in attribute.
+const SMEM_DEFAULT_LIMIT: usize = 48 * 1024;
+/// Head dims the simt kernels are instantiated for.
+pub const SIMT_DIMS: [usize; 4] = [16, 32, 48, 64];
+/// Largest head dim of the mma kernels (every multiple of 16 up to it is instantiated).
+pub const MMA_MAX_DIM: usize = 128;
+
+/// One neighbourhood-attention problem: `maps` independent [x, y] maps of d-dim tokens, odd
+/// window `kernel_size` <= min(x, y).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Na2dShape {
+    pub maps: usize,
+    pub x: usize,
+    pub y: usize,
+    pub d: usize,
+    pub kernel_size: usize,
+}
+
+impl Na2dShape {
+    fn sizes(&self) -> String {
+        format!(
+            "[{}, {}, {}, {}] kernel {}",
+            self.maps, self.x, self.y, self.d, self.kernel_size
+        )
+    }
+
+    fn check(&self, op: &str) -> Result<(usize, usize), CudaError> {
+        let fail = |m: &str| CudaError::Launch {
+            op: op.to_string(),
+            sizes: self.sizes(),
+            message: m.to_string(),
+        };
+        let k = self.kernel_size;
+        if k.is_multiple_of(2) || k > self.x || k > self.y {
+            return Err(fail(
+                "expected an odd kernel size no larger than either map side",
+            ));
+        }
+        if [self.x, self.y, self.d]
+            .iter()
+            .any(|&v| v > i32::MAX as usize)
+        {
+            return Err(fail("a map side or the head dim exceeds i32"));
+        }
+        let tokens = volume(op, &[self.maps, self.x, self.y])?;
+        let total = volume(op, &[tokens, self.d])?;
+        if total > i64::MAX as usize {
+            return Err(fail("too many elements"));
+        }
+        Ok((tokens, total))
+    }
+}
+
+/// Which kernel family to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NaKernel {
+    /// The fastest family that supports the dtype and head dim (mma for bf16, else simt, else
+    /// naive).
+    #[default]
+    Auto,
+    /// bf16 tensor cores; falls back like `Auto`.
+    Mma,
+    /// Tiled CUDA-core kernels; falls back to `Naive`.
+    Simt,
+    /// One thread per output element, direct loops: the on-device reference.
+    Naive,
+}
+
+impl NaKernel {
+    /// The environment variable [`NaKernel::from_env`] reads.
+    pub const ENV: &'static str = "MVAR_NA_KERNEL";
+
+    /// `MVAR_NA_KERNEL` = `naive`, `simt`, `mma` (or `tensor`); anything else, or unset, is
+    /// `Auto`.
+    pub fn from_env() -> NaKernel {
+        Self::parse(&std::env::var(Self::ENV).unwrap_or_default())
+    }
+
+    /// The family a `MVAR_NA_KERNEL` value names (see [`NaKernel::from_env`]).
+    pub fn parse(name: &str) -> NaKernel {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "naive" => NaKernel::Naive,
+            "simt" => NaKernel::Simt,
+            "mma" | "tensor" => NaKernel::Mma,
+            _ => NaKernel::Auto,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NaKernel::Auto => "auto",
+            NaKernel::Mma => "mma",
+            NaKernel::Simt => "simt",
+            NaKernel::Naive => "naive",
+        }
+    }
+
+    /// The family that runs for buffers of `kind` and head dim `d` (never `Auto`), before the
+    /// shared-memory and alignment fallbacks of a launch.
+    pub fn resolve(self, kind: BufferKind, d: usize) -> NaKernel {
+        let mma =
+            kind == BufferKind::BF16 && d.is_multiple_of(16) && (16..=MMA_MAX_DIM).contains(&d);
+        let simt = kind.is_float() && SIMT_DIMS.contains(&d);
+        match self {
+            NaKernel::Naive => NaKernel::Naive,
+            NaKernel::Simt if simt => NaKernel::Simt,
+            NaKernel::Simt => NaKernel::Naive,
+            NaKernel::Auto | NaKernel::Mma if mma => NaKernel::Mma,
+            NaKernel::Auto | NaKernel::Mma if simt => NaKernel::Simt,
+            NaKernel::Auto | NaKernel::Mma => NaKernel::Naive,
+        }
+    }
+}
+
+/// Mirror of `struct NaGeom` in na2d.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Geom {
+    maps: i64,
+    x: i32,
+    y: i32,
+    d: i32,
+    ks: i32,
+    wx: i32,
+    ncw: i32,
+    rows: i32,
+    xtiles: i32,
+    ytiles: i32,
+    pad: i32,
+    scale: f32,
+    scale_log2: f32,
+}
+
+// SAFETY: plain old data with the C layout of the device struct.
+unsafe impl DeviceRepr for Geom {}
+
+/// First key of query `i`'s window on an axis of extent `n` (the op's `natten_window_start`).
+fn start(i: usize, n: usize, k: usize) -> usize {
+    i.saturating_sub(k / 2).min(n - k)
+}
+
+/// The queries whose window holds key `j`: `inv_lo(j) .. inv_hi(j)` (the op's
+/// `natten_inverse_window`).
+fn inv_lo(j: usize, k: usize) -> usize {
+    if j < k {
+        0
+    } else {
+        j - k / 2
+    }
+}
+
+fn inv_hi(j: usize, n: usize, k: usize) -> usize {
+    if j + k >= n {
+        n
+    } else {
+        j + k / 2 + 1
+    }
+}
+
+/// Which tokens a tiled kernel stages: keys around its queries (forward, dq) or queries around
+/// its keys (dk/dv).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Query,
+    Key,
+}
+
+/// (staged columns per row, a multiple of 16; rows a block needs): the largest over the tiles.
+fn spans(s: &Na2dShape, side: Side) -> (usize, usize) {
+    let k = s.kernel_size;
+    let span = |n: usize, first: usize, last: usize| match side {
+        Side::Query => start(last, n, k) + k - start(first, n, k),
+        Side::Key => inv_hi(last, n, k) - inv_lo(first, k),
+    };
+    let rows = (0..s.x)
+        .step_by(WARPS)
+        .map(|x0| span(s.x, x0, (x0 + WARPS).min(s.x) - 1))
+        .max()
+        .unwrap_or(1);
+    let cols = (0..s.y)
+        .step_by(TILE)
+        .map(|y0| span(s.y, y0, (y0 + TILE).min(s.y) - 1).div_ceil(TILE) * TILE)
+        .max()
+        .unwrap_or(TILE);
+    (cols, rows)
+}
+
+/// (bytes independent of the staged rows, bytes per staged row) of a tiled kernel's dynamic
+/// shared memory; the layouts are described at each kernel.
+fn smem_layout(family: NaKernel, side: Side, d: usize, ncw: usize) -> (usize, usize) {
+    let (tok, stats) = match family {
+        NaKernel::Mma => ((d + 8) * 2, 4),
+        _ => (d * 4, 4),
+    };
+    match side {
+        Side::Query => (0, 2 * ncw * tok),
+        Side::Key => {
+            let own = if family == NaKernel::Mma {
+                2 * WARPS * TILE * tok
+            } else {
+                0
+            };
+            (own, 2 * ncw * tok + 2 * ncw * stats)
+        }
+    }
+}
+
+/// A resolved launch: the family, the geometry and, for a tiled family, the dynamic shared
+/// memory and the grid.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Plan {
+    family: NaKernel,
+    geom: Geom,
+    smem: usize,
+    grid: u32,
+}
+
+fn plan(s: &Na2dShape, kind: BufferKind, which: NaKernel, side: Side, scale: f32) -> Plan {
+    let xtiles = s.x.div_ceil(WARPS);
+    let ytiles = s.y.div_ceil(TILE);
+    let mut geom = Geom {
+        maps: s.maps as i64,
+        x: s.x as i32,
+        y: s.y as i32,
+        d: s.d as i32,
+        ks: s.kernel_size as i32,
+        wx: WARPS as i32,
+        ncw: 0,
+        rows: 0,
+        xtiles: xtiles as i32,
+        ytiles: ytiles as i32,
+        pad: 0,
+        scale,
+        scale_log2: (scale as f64 * std::f64::consts::LOG2_E) as f32,
+    };
+    let naive = Plan {
+        family: NaKernel::Naive,
+        geom,
+        smem: 0,
+        grid: 0,
+    };
+    let family = which.resolve(kind, s.d);
+    let tiles = xtiles
+        .checked_mul(ytiles)
+        .filter(|&t| t <= i32::MAX as usize)
+        .and_then(|t| t.checked_mul(s.maps));
+    let Some(tiles) = tiles.filter(|&t| t > 0) else {
+        return naive;
+    };
+    if family == NaKernel::Naive {
+        return naive;
+    }
+    let (ncw, needed) = spans(s, side);
+    let (fixed, per_row) = smem_layout(family, side, s.d, ncw);
+    let rows = (SMEM_BUDGET.saturating_sub(fixed) / per_row).clamp(1, needed);
+    geom.ncw = ncw as i32;
+    geom.rows = rows as i32;
+    Plan {
+        family,
+        geom,
+        smem: fixed + rows * per_row,
+        grid: tiles.min(i32::MAX as usize) as u32,
+    }
+}
+
+/// The kernel of a tiled plan, with the shared-memory opt-in set when it needs one; None when
+/// the device refuses that much shared memory (the caller then runs the naive kernel).
+fn tiled_function(
+    dev: &CudaDevice,
+    name: &str,
+    smem: usize,
+) -> Result<Option<CudaFunction>, CudaError> {
+    let f = dev.function(&NA2D, name)?;
+    if smem > SMEM_DEFAULT_LIMIT
+        && f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .is_err()
+    {
+        return Ok(None);
+    }
+    Ok(Some(f))
+}
+
+/// The tiled kernel `pass` of `p` and its launch configuration, or None when it must fall back
+/// to the naive kernel (unaligned buffers, or too much shared memory for this device).
+fn tiled(
+    dev: &CudaDevice,
+    p: &Plan,
+    pass: &str,
+    kind: BufferKind,
+    bufs: &[&CudaBuffer],
+) -> Result<Option<(CudaFunction, LaunchConfig)>, CudaError> {
+    if p.family == NaKernel::Naive || bufs.iter().any(|b| b.device_ptr() % 16 != 0) {
+        return Ok(None);
+    }
+    Ok(
+        tiled_function(dev, &kernel_name(p, pass, kind), p.smem)?.map(|f| {
+            let cfg = LaunchConfig {
+                grid_dim: (p.grid, 1, 1),
+                block_dim: ((WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: p.smem as u32,
+            };
+            (f, cfg)
+        }),
+    )
+}
+
+fn naive(
+    dev: &CudaDevice,
+    pass: &str,
+    kind: BufferKind,
+    total: usize,
+) -> Result<(CudaFunction, LaunchConfig), CudaError> {
+    let f = dev.function(&NA2D, &format!("na2d_{pass}_naive_{}", kind.suffix()))?;
+    Ok((f, launch_1d(total, NAIVE_THREADS)))
+}
+
+/// The family a forward (`backward == false`) or backward with these buffers' kind, shape and
+/// request runs, after every fallback (for benchmarks and tests to report). The backward's two
+/// kernels resolve alike except for the shared-memory fallback, which this reports per kernel as
+/// the simpler of the two.
+pub fn na2d_family(
+    dev: &CudaDevice,
+    kind: BufferKind,
+    s: &Na2dShape,
+    which: NaKernel,
+    backward: bool,
+) -> Result<NaKernel, CudaError> {
+    let sides: &[(Side, &str)] = if backward {
+        &[(Side::Query, "dq"), (Side::Key, "dkdv")]
+    } else {
+        &[(Side::Query, "fwd")]
+    };
+    let mut out = NaKernel::Mma;
+    for &(side, pass) in sides {
+        let p = plan(s, kind, which, side, 1.0);
+        let fam = if p.family == NaKernel::Naive {
+            NaKernel::Naive
+        } else {
+            match tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)? {
+                Some(_) => p.family,
+                None => NaKernel::Naive,
+            }
+        };
+        out = simpler(out, fam);
+    }
+    Ok(out)
+}
+
+fn kernel_name(p: &Plan, pass: &str, kind: BufferKind) -> String {
+    match p.family {
+        NaKernel::Mma => format!("na2d_{pass}_mma_bf16_d{}", p.geom.d),
+        NaKernel::Simt => format!("na2d_{pass}_simt_{}_d{}", kind.suffix(), p.geom.d),
+        _ => format!("na2d_{pass}_naive_{}", kind.suffix()),
+    }
+}
+
+fn simpler(a: NaKernel, b: NaKernel) -> NaKernel {
+    let rank = |k: NaKernel| match k {
+        NaKernel::Naive => 0,
+        NaKernel::Simt => 1,
+        _ => 2,
+    };
+    if rank(a) <= rank(b) {
+        a
+    } else {
+        b
+    }
+}
+
+/// Neighbourhood attention forward of q, k, v `[maps, x, y, d]` (one float kind) with logits
+/// `scale * q . k`. Returns (out of q's kind and shape, lse f32 `[maps, x, y]`, the natural-log
+/// log-sum-exp per query that [`na2d_backward`] needs).
+pub fn na2d_forward(
+    dev: &CudaDevice,
+    q: &CudaBuffer,
+    k: &CudaBuffer,
+    v: &CudaBuffer,
+    s: Na2dShape,
+    scale: f32,
+    which: NaKernel,
+) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
+    const OP: &str = "na2d";
+    let kind = float_kind(OP, &[q, k, v])?;
+    let (tokens, total) = s.check(OP)?;
+    check_lens(OP, &[(q, total), (k, total), (v, total)])?;
+    let out = dev.alloc(kind, total, "na2d output")?;
+    if total == 0 {
+        // No head dim (or no maps): nothing to attend over, the lse stays 0 as on the CPU.
+        return Ok((out, dev.zeros(BufferKind::F32, tokens)?));
+    }
+    let lse = dev.alloc(BufferKind::F32, tokens, "na2d log-sum-exp")?;
+    let p = plan(&s, kind, which, Side::Query, scale);
+    let (f, cfg) = match tiled(dev, &p, "fwd", kind, &[q, k, v, &out])? {
+        Some(t) => t,
+        None => naive(dev, "fwd", kind, total)?,
+    };
+    let (po, pl, pq, pk, pv) = (
+        out.device_ptr(),
+        lse.device_ptr(),
+        q.device_ptr(),
+        k.device_ptr(),
+        v.device_ptr(),
+    );
+    let g = p.geom;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&pl).arg(&pq).arg(&pk).arg(&pv).arg(&g);
+    // SAFETY: q, k, v and out hold maps * x * y * d elements of `kind`, lse maps * x * y f32s;
+    // the kernels read and write only tokens inside the maps, and the tiled ones only the shared
+    // memory the plan sized.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, s.sizes()))?;
+    Ok((out, lse))
+}
+
+/// (dq, dk, dv) of [`na2d_forward`] from the saved q, k, v, out and lse and the incoming
+/// gradient `g` (all `[maps, x, y, d]` of one kind, lse f32 `[maps, x, y]`). Two kernels: dq per
+/// query over its window (also writing delta = g . out per query), then dk and dv per key over
+/// the queries whose window holds it.
+#[allow(clippy::too_many_arguments)]
+pub fn na2d_backward(
+    dev: &CudaDevice,
+    q: &CudaBuffer,
+    k: &CudaBuffer,
+    v: &CudaBuffer,
+    out: &CudaBuffer,
+    g: &CudaBuffer,
+    lse: &CudaBuffer,
+    s: Na2dShape,
+    scale: f32,
+    which: NaKernel,
+) -> Result<(CudaBuffer, CudaBuffer, CudaBuffer), CudaError> {
+    const OP: &str = "na2d backward";
+    let kind = float_kind(OP, &[q, k, v, out, g])?;
+    require_kind(OP, lse, "log-sum-exp", BufferKind::F32)?;
+    let (tokens, total) = s.check(OP)?;
+    check_lens(
+        OP,
+        &[
+            (q, total),
+            (k, total),
+            (v, total),
+            (out, total),
+            (g, total),
+            (lse, tokens),
+        ],
+    )?;
+    let dq = dev.alloc(kind, total, "na2d dq")?;
+    let dk = dev.alloc(kind, total, "na2d dk")?;
+    let dv = dev.alloc(kind, total, "na2d dv")?;
+    if total == 0 {
+        return Ok((dq, dk, dv));
+    }
+    let delta = dev.alloc(BufferKind::F32, tokens, "na2d delta")?;
+    let (pq, pk, pv, po, pg, pl) = (
+        q.device_ptr(),
+        k.device_ptr(),
+        v.device_ptr(),
+        out.device_ptr(),
+        g.device_ptr(),
+        lse.device_ptr(),
+    );
+    let (pdq, pdk, pdv, pdl) = (
+        dq.device_ptr(),
+        dk.device_ptr(),
+        dv.device_ptr(),
+        delta.device_ptr(),
+    );
+
+    let p = plan(&s, kind, which, Side::Query, scale);
+    let (f, cfg) = match tiled(dev, &p, "dq", kind, &[q, k, v, out, g, &dq])? {
+        Some(t) => t,
+        None => naive(dev, "dq", kind, total)?,
+    };
+    let geom = p.geom;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&pdq)
+        .arg(&pdl)
+        .arg(&pq)
+        .arg(&pk)
+        .arg(&pv)
+        .arg(&po)
+        .arg(&pg)
+        .arg(&pl)
+        .arg(&geom);
+    // SAFETY: every [maps, x, y, d] buffer holds total elements of `kind`, lse and delta tokens
+    // f32s; see na2d_forward for the kernels' accesses.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, s.sizes()))?;
+
+    let p = plan(&s, kind, which, Side::Key, scale);
+    let (f, cfg) = match tiled(dev, &p, "dkdv", kind, &[q, k, v, g, &dk, &dv])? {
+        Some(t) => t,
+        None => naive(dev, "dkdv", kind, total)?,
+    };
+    let geom = p.geom;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&pdk)
+        .arg(&pdv)
+        .arg(&pq)
+        .arg(&pk)
+        .arg(&pv)
+        .arg(&pg)
+        .arg(&pl)
+        .arg(&pdl)
+        .arg(&geom);
+    // SAFETY: as above; delta was written for every token by the dq kernel, earlier on the same
+    // stream.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, s.sizes()))?;
+    Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(x: usize, y: usize, d: usize, k: usize) -> Na2dShape {
+        Na2dShape {
+            maps: 2,
+            x,
+            y,
+            d,
+            kernel_size: k,
+        }
+    }
+
+    #[test]
+    fn geom_matches_the_c_struct_size() {
+        // i64 maps; int x, y, d, ks, wx, ncw, rows, xtiles, ytiles, pad; float scale, scale_log2
+        assert_eq!(std::mem::size_of::<Geom>(), 8 + 10 * 4 + 2 * 4);
+    }
+
+    /// The window helpers agree with a brute-force inverse of the window rule.
+    #[test]
+    fn inverse_window_is_exact() {
+        for n in 1..20 {
+            for k in (1..=n).step_by(2) {
+                for j in 0..n {
+                    let want: Vec<usize> = (0..n)
+                        .filter(|&i| (start(i, n, k)..start(i, n, k) + k).contains(&j))
+                        .collect();
+                    let got: Vec<usize> = (inv_lo(j, k)..inv_hi(j, n, k)).collect();
+                    assert_eq!(got, want, "n {n} k {k} j {j}");
+                }
+            }
+        }
+    }
+
+    /// Every token a tile's warps touch lies in the staged span, and the span bound of the
+    /// kernel file holds (16 + k - 1 key columns, 14 + 2k query columns).
+    #[test]
+    fn spans_cover_every_window() {
+        for (x, y) in [(16, 16), (13, 13), (5, 40), (37, 9), (7, 7)] {
+            for k in (1..=x.min(y)).step_by(2) {
+                let s = shape(x, y, 64, k);
+                let (qc, qr) = spans(&s, Side::Query);
+                let (kc, kr) = spans(&s, Side::Key);
+                assert!(qc % TILE == 0 && kc % TILE == 0);
+                assert!(qc <= (TILE + k - 1).div_ceil(TILE) * TILE, "{x}x{y} k {k}");
+                assert!(kc <= (14 + 2 * k).div_ceil(TILE) * TILE, "{x}x{y} k {k}");
+                assert!(qr <= (WARPS + k - 1).min(x) && kr <= x);
+                for x0 in (0..x).step_by(WARPS) {
+                    let xl = (x0 + WARPS).min(x) - 1;
+                    for i in x0..=xl {
+                        let (lo, hi) = (start(x0, x, k), start(xl, x, k) + k);
+                        assert!(lo <= start(i, x, k) && start(i, x, k) + k <= hi);
+                        let (ilo, ihi) = (inv_lo(x0, k), inv_hi(xl, x, k));
+                        assert!(ilo <= inv_lo(i, k) && inv_hi(i, x, k) <= ihi);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn families_fall_back_by_dtype_and_head_dim() {
+        use BufferKind::{BF16, F32};
+        assert_eq!(NaKernel::Auto.resolve(BF16, 64), NaKernel::Mma);
+        assert_eq!(NaKernel::Auto.resolve(BF16, 128), NaKernel::Mma);
+        assert_eq!(NaKernel::Auto.resolve(F32, 64), NaKernel::Simt);
+        assert_eq!(NaKernel::Auto.resolve(F32, 128), NaKernel::Naive);
+        assert_eq!(NaKernel::Auto.resolve(BF16, 40), NaKernel::Naive);
+        assert_eq!(NaKernel::Mma.resolve(F32, 32), NaKernel::Simt);
+        assert_eq!(NaKernel::Simt.resolve(BF16, 64), NaKernel::Simt);
+        assert_eq!(NaKernel::Simt.resolve(BF16, 96), NaKernel::Naive);
+        assert_eq!(NaKernel::Naive.resolve(BF16, 64), NaKernel::Naive);
+    }
+
+    /// MVAR's shapes stage in one pass within the default budget; large windows split into
+    /// stages; every plan fits the budget unless a single row does not.
+    #[test]
+    fn plans_fit_the_shared_memory_budget() {
+        let mvar = shape(16, 16, 64, 7);
+        let p = plan(&mvar, BufferKind::BF16, NaKernel::Auto, Side::Query, 0.125);
+        assert_eq!(p.family, NaKernel::Mma);
+        assert_eq!((p.geom.ncw, p.geom.rows), (16, 10));
+        assert!(p.smem <= SMEM_BUDGET);
+        assert_eq!(p.grid, 2 * 4);
+        for (kind, d) in [(BufferKind::BF16, 128), (BufferKind::F32, 64)] {
+            for side in [Side::Query, Side::Key] {
+                for k in [3, 7, 13, 31] {
+                    let s = shape(40, 40, d, k);
+                    let p = plan(&s, kind, NaKernel::Auto, side, 1.0);
+                    let (fixed, per_row) = smem_layout(p.family, side, d, p.geom.ncw as usize);
+                    assert_eq!(p.smem, fixed + p.geom.rows as usize * per_row);
+                    assert!(
+                        p.smem <= SMEM_BUDGET || p.geom.rows == 1,
+                        "{kind:?} {d} {k}"
+                    );
+                    assert!(p.geom.rows >= 1);
+                }
+            }
+        }
+        let none = Na2dShape { maps: 0, ..mvar };
+        assert_eq!(
+            plan(&none, BufferKind::BF16, NaKernel::Auto, Side::Key, 1.0).family,
+            NaKernel::Naive
+        );
+    }
+
+    #[test]
+    fn shape_check_rejects_bad_kernels() {
+        assert!(shape(8, 8, 4, 4).check("t").is_err());
+        assert!(shape(8, 5, 4, 7).check("t").is_err());
+        assert!(shape(8, 5, 4, 5).check("t").is_ok());
+    }
+
+    /// Every kernel a plan can name is instantiated in the kernel file (the names come from the
+    /// instantiation macros, so checking the macro lines and the name patterns is enough).
+    #[test]
+    fn every_planned_kernel_is_instantiated() {
+        let src = NA2D.source;
+        for pass in ["fwd", "dq", "dkdv"] {
+            for (macro_, pattern) in [
+                ("NA_NAIVE_KERNELS", format!("na2d_{pass}_naive_##S(")),
+                ("NA_SIMT_KERNELS", format!("na2d_{pass}_simt_##S##_d##D(")),
+                ("NA_MMA_KERNELS", format!("na2d_{pass}_mma_bf16_d##D(")),
+            ] {
+                assert!(src.contains(&pattern), "{pattern}");
+                assert!(src.contains(&format!("#define {macro_}(")), "{macro_}");
+            }
+        }
+        assert!(src.contains("NA_NAIVE_KERNELS(float, f32)\n"));
+        assert!(src.contains("NA_NAIVE_KERNELS(bf16_t, bf16)\n"));
+        for d in SIMT_DIMS {
+            assert!(src.contains(&format!("NA_SIMT_KERNELS(float, f32, {d})\n")));
+            assert!(src.contains(&format!("NA_SIMT_KERNELS(bf16_t, bf16, {d})\n")));
+        }
+        for d in (16..=MMA_MAX_DIM).step_by(16) {
+            assert!(src.contains(&format!("NA_MMA_KERNELS({d})\n")), "{d}");
+        }
+        let p = plan(
+            &shape(16, 16, 64, 7),
+            BufferKind::F32,
+            NaKernel::Auto,
+            Side::Key,
+            1.0,
+        );
+        assert_eq!(
+            kernel_name(&p, "dkdv", BufferKind::F32),
+            "na2d_dkdv_simt_f32_d64"
+        );
+        let p = plan(
+            &shape(16, 16, 96, 7),
+            BufferKind::BF16,
+            NaKernel::Auto,
+            Side::Query,
+            1.0,
+        );
+        assert_eq!(
+            kernel_name(&p, "fwd", BufferKind::BF16),
+            "na2d_fwd_mma_bf16_d96"
+        );
+    }
+
+    #[test]
+    fn env_values_name_the_family() {
+        for k in [
+            NaKernel::Auto,
+            NaKernel::Mma,
+            NaKernel::Simt,
+            NaKernel::Naive,
+        ] {
+            assert_eq!(NaKernel::parse(k.name()), k);
+        }
+        assert_eq!(NaKernel::parse(" Tensor\n"), NaKernel::Mma);
+        assert_eq!(NaKernel::parse(""), NaKernel::Auto);
+        assert_eq!(NaKernel::parse("fast"), NaKernel::Auto);
+    }
+}

@@ -1,0 +1,264 @@
+//! Parity of the fused neighbourhood-attention kernels (`cuda/kernels/na2d.cu`) with the CPU
+//! reference `ops/src/na2d.rs`: the output and the gradients of q, k and v, GPU f32 and bf16
+//! against CPU f32, for every kernel family (mma, simt, naive; a family the dtype or head dim does
+//! not support falls back to a simpler one, so every request runs something), and the tuned
+//! families against the naive one on the GPU itself.
+//!
+//! Inputs are rounded to bf16 values first, so that the bf16 run sees the numbers the CPU sees and
+//! only the arithmetic differs. Two input kinds: raw N(0, 1) with logits scaled by 1/sqrt(D), and
+//! MVAR-like (q = normalize(randn) * 4, k = normalize(randn) over D, logit scale 1).
+
+use mvar::cuda::ops::na2d::{na2d_family, Na2dShape};
+use mvar::engine::{DType, Device, Generator, Tensor};
+use mvar::ops::{self, NaKernel};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+
+use crate::{config, gpu, parity, randn, tolerance};
+
+const FAMILIES: [NaKernel; 3] = [NaKernel::Mma, NaKernel::Simt, NaKernel::Naive];
+
+/// The values of `t` rounded to bf16 (still f32).
+fn bf16_exact(t: Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .and_then(|b| b.to_dtype(DType::F32))
+        .expect("round to bf16")
+}
+
+/// q, k, v and the logit scale.
+fn inputs(shape: &[usize], mvar_like: bool, seed: u64) -> (Vec<Tensor>, f64) {
+    let r = |i: u64| randn(shape, seed.wrapping_mul(3).wrapping_add(i));
+    if mvar_like {
+        let q = ops::affine(&ops::l2_normalize(&r(0), 1e-12).unwrap(), 4.0, 0.0).unwrap();
+        let k = ops::l2_normalize(&r(1), 1e-12).unwrap();
+        (vec![bf16_exact(q), bf16_exact(k), bf16_exact(r(2))], 1.0)
+    } else {
+        let scale = 1.0 / (shape[4] as f64).sqrt();
+        (
+            vec![bf16_exact(r(0)), bf16_exact(r(1)), bf16_exact(r(2))],
+            scale,
+        )
+    }
+}
+
+/// Every family against the CPU on one case.
+fn check(shape: [usize; 5], ks: usize, mvar_like: bool, seed: u64) -> Result<(), TestCaseError> {
+    let (x, scale) = inputs(&shape, mvar_like, seed);
+    for fam in FAMILIES {
+        let name = format!(
+            "na2d {} {shape:?} k {ks}{}",
+            fam.name(),
+            if mvar_like { " mvar-like" } else { "" }
+        );
+        parity(
+            &name,
+            |_, x| ops::na2d_with_kernel(&x[0], &x[1], &x[2], ks, scale, fam),
+            &x,
+        )?;
+    }
+    Ok(())
+}
+
+/// [B, H, X, Y, D] and a kernel size that fits: kernels 3..13, maps from X == k up to k + 7 per
+/// side (rectangular, and wider than one 16-column tile), head dims of every family (24 has no
+/// tiled kernel, 128 no simt one).
+fn case() -> impl Strategy<Value = ([usize; 5], usize)> {
+    (
+        1usize..3,
+        1usize..3,
+        prop::sample::select(vec![3usize, 5, 7, 9, 13]),
+        0usize..8,
+        0usize..8,
+        any::<bool>(),
+        prop::sample::select(vec![16usize, 24, 32, 64, 128]),
+    )
+        .prop_map(|(b, h, k, ex, ey, x_is_k, d)| {
+            let x = if x_is_k { k } else { k + ex };
+            ([b, h, x, k + ey, d], k)
+        })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn na2d_matches_the_cpu((shape, ks) in case(), mvar_like in any::<bool>(), seed in any::<u64>()) {
+        check(shape, ks, mvar_like, seed)?;
+    }
+}
+
+/// Borders and corners: maps no larger than a few windows (every window shifted at some border,
+/// X == k where one window is the whole axis), rectangular maps, maps wider than one column tile.
+#[test]
+fn na2d_borders_and_corners() {
+    let cases: &[([usize; 5], usize)] = &[
+        ([1, 1, 3, 3, 16], 3),
+        ([1, 2, 5, 5, 32], 5),
+        ([2, 1, 4, 9, 16], 3),
+        ([1, 2, 9, 4, 64], 3),
+        ([1, 1, 7, 7, 64], 7),
+        ([1, 1, 8, 7, 64], 7),
+        ([1, 2, 13, 13, 32], 13),
+        ([1, 1, 13, 14, 64], 13),
+        ([1, 1, 5, 33, 16], 5),
+        ([2, 1, 17, 18, 32], 9),
+        ([1, 1, 1, 1, 16], 1),
+        ([1, 2, 6, 10, 48], 1),
+    ];
+    for (i, &(shape, ks)) in cases.iter().enumerate() {
+        for mvar_like in [false, true] {
+            check(shape, ks, mvar_like, 100 + i as u64).unwrap();
+        }
+    }
+}
+
+/// MVAR's own shapes (13x13 and 16x16 maps, k = 7, head dim 64) at a few heads.
+#[test]
+fn na2d_mvar_shapes() {
+    for (i, shape) in [[2, 4, 16, 16, 64], [2, 4, 13, 13, 64]]
+        .into_iter()
+        .enumerate()
+    {
+        for mvar_like in [false, true] {
+            check(shape, 7, mvar_like, 200 + i as u64).unwrap();
+        }
+    }
+}
+
+/// Shapes whose staged rows exceed the shared-memory budget, so blocks loop over stages:
+/// k = 13 at head dim 128 (mma) and 64 (simt, f32 staging), and a tall map.
+#[test]
+fn na2d_in_several_stages() {
+    for (i, &(shape, ks)) in [
+        ([1, 2, 16, 16, 128], 13),
+        ([1, 2, 20, 20, 64], 13),
+        ([1, 1, 40, 9, 64], 9),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check(shape, ks, false, 300 + i as u64).unwrap();
+    }
+}
+
+/// Output and input gradients of na2d with one family on the GPU (loss sum(out * w)).
+fn run_family(
+    x: &[Tensor],
+    w: &Tensor,
+    ks: usize,
+    scale: f64,
+    fam: NaKernel,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let leaves: Vec<Tensor> = x.iter().map(|t| t.detach().with_grad().unwrap()).collect();
+    let y = ops::na2d_with_kernel(&leaves[0], &leaves[1], &leaves[2], ks, scale, fam).unwrap();
+    ops::sum_all(&ops::mul(&y, w).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grads = leaves
+        .iter()
+        .map(|l| l.grad().expect("gradient").to_vec_f64().unwrap())
+        .collect();
+    (y.to_vec_f64().unwrap(), grads)
+}
+
+fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// The tuned families against the naive kernel, on the GPU only, and a check that the tuned
+/// families really ran (no silent fallback) for the head dims they cover.
+#[test]
+fn tuned_kernels_match_the_naive_kernel() {
+    let Some(gpu) = gpu() else { return };
+    let Device::Cuda(dev) = &gpu else { return };
+    let cases: &[([usize; 5], usize)] = &[
+        ([2, 3, 16, 16, 64], 7),
+        ([1, 2, 13, 13, 64], 7),
+        ([1, 2, 9, 21, 32], 5),
+        ([1, 1, 14, 14, 128], 13),
+        ([1, 2, 7, 19, 16], 7),
+    ];
+    for (i, &(shape, ks)) in cases.iter().enumerate() {
+        let (x, scale) = inputs(&shape, i % 2 == 1, 400 + i as u64);
+        let s = Na2dShape {
+            maps: shape[0] * shape[1],
+            x: shape[2],
+            y: shape[3],
+            d: shape[4],
+            kernel_size: ks,
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let kind = match dtype {
+                DType::BF16 => mvar::cuda::BufferKind::BF16,
+                _ => mvar::cuda::BufferKind::F32,
+            };
+            let xd: Vec<Tensor> = x
+                .iter()
+                .map(|t| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap())
+                .collect();
+            let w = Tensor::randn(
+                shape.to_vec(),
+                0.0,
+                1.0,
+                DType::F32,
+                &Device::Cpu,
+                &mut Generator::new(7),
+            )
+            .and_then(|w| w.to_dtype(dtype))
+            .and_then(|w| w.to_device(&gpu))
+            .unwrap();
+            let (want_y, want_g) = run_family(&xd, &w, ks, scale, NaKernel::Naive);
+            for fam in [NaKernel::Simt, NaKernel::Mma] {
+                let expected = fam.resolve(kind, s.d);
+                for backward in [false, true] {
+                    let ran = na2d_family(dev, kind, &s, fam, backward).unwrap();
+                    assert_eq!(
+                        ran, expected,
+                        "{shape:?} {dtype} {fam:?} backward {backward}"
+                    );
+                }
+                let (y, g) = run_family(&xd, &w, ks, scale, fam);
+                let tol = tolerance(dtype);
+                let e = max_rel_err(&y, &want_y);
+                assert!(
+                    e <= tol,
+                    "{shape:?} k {ks} {dtype} {}: output differs from naive by {e:e}",
+                    fam.name()
+                );
+                for (j, (gj, wj)) in g.iter().zip(&want_g).enumerate() {
+                    let e = max_rel_err(gj, wj);
+                    assert!(
+                        e <= tol,
+                        "{shape:?} k {ks} {dtype} {}: gradient {j} differs from naive by {e:e}",
+                        fam.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Empty problems launch nothing and keep their shapes; bad kernel sizes are refused by the op
+/// before any kernel is chosen.
+#[test]
+fn na2d_empty_and_invalid_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    for shape in [[0, 2, 5, 5, 16], [1, 2, 5, 5, 0]] {
+        let x = Tensor::zeros(shape.to_vec(), DType::BF16, &gpu)
+            .unwrap()
+            .with_grad()
+            .unwrap();
+        let y = ops::na2d(&x, &x, &x, 3, 1.0).unwrap();
+        assert_eq!(y.dims(), &shape);
+        ops::sum_all(&y).unwrap().backward().unwrap();
+        assert_eq!(x.grad().unwrap().dims(), &shape);
+    }
+    let x = Tensor::zeros([1, 1, 5, 7, 16], DType::F32, &gpu).unwrap();
+    assert!(ops::na2d(&x, &x, &x, 4, 1.0).is_err());
+    assert!(ops::na2d(&x, &x, &x, 7, 1.0).is_err());
+}

@@ -42,4 +42,5 @@ kernel_files! {
     CONV => "conv.cu",
     OPTIM => "optim.cu",
     RANDOM => "random.cu",
+    ATTENTION => "attention.cu",
 }

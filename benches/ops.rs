@@ -332,7 +332,8 @@ fn nn(c: &mut Criterion) {
     g.finish();
 }
 
-/// Forward and backward of the attention references (CPU only until the fused kernels land).
+/// Forward and backward of attention: the fused CUDA kernels at VAR-d16's size, the CPU
+/// references at a smaller one.
 fn attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention");
     // The fused neighbourhood attention on the GPU at MVAR's shapes: [B, 16, X, X, 64] bf16,
@@ -387,6 +388,90 @@ fn attention(c: &mut Criterion) {
                     .unwrap();
             });
         }
+    }
+    // CUDA: block-causal attention of VAR-d16 at batch 8 (16 heads over the 10-scale 256-px
+    // pyramid, L = 680), forward (tiled and naive kernels) and forward + backward, and one
+    // KV-cache decode step (2 x 32 samples: 256 new tokens against 680 cached ones, no mask).
+    // Throughput in useful FLOPs (criterion's elem/s): 4 * D per visible (query, key) pair
+    // forward, 3.5 times that forward + backward, as `benches/torch_reference.py` counts them.
+    for d in devices().into_iter().filter(|d| d.is_cuda()) {
+        let lens: Vec<usize> = [1usize, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+            .iter()
+            .map(|p| p * p)
+            .collect();
+        let l: usize = lens.iter().sum();
+        // Query i of scale s sees the keys up to the end of s.
+        let pairs: usize = lens
+            .iter()
+            .scan(0, |end, &n| {
+                *end += n;
+                Some(n * *end)
+            })
+            .sum();
+        let (q, k, v) = (
+            randn(&[8, 16, l, 64], DType::BF16, &d, 11),
+            randn(&[8, 16, l, 64], DType::BF16, &d, 12),
+            randn(&[8, 16, l, 64], DType::BF16, &d, 13),
+        );
+        let mask = ops::AttnMask::BlockCausal(lens);
+        let fwd_flops = (4 * 8 * 16 * 64 * pairs) as u64;
+        g.throughput(Throughput::Elements(fwd_flops));
+        bench(
+            &mut g,
+            &d,
+            format!("cuda/block-causal fwd [8,16,{l},64] bf16"),
+            || {
+                mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 0.125, &mask).unwrap());
+            },
+        );
+        // The naive reference kernels on the same case (selected by MVAR_ATTN_KERNEL).
+        let before = std::env::var_os("MVAR_ATTN_KERNEL");
+        std::env::set_var("MVAR_ATTN_KERNEL", "naive");
+        bench(
+            &mut g,
+            &d,
+            format!("cuda/naive block-causal fwd [8,16,{l},64] bf16"),
+            || {
+                mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 0.125, &mask).unwrap());
+            },
+        );
+        match before {
+            Some(v) => std::env::set_var("MVAR_ATTN_KERNEL", v),
+            None => std::env::remove_var("MVAR_ATTN_KERNEL"),
+        }
+        let (qg, kg, vg) = (
+            q.with_grad().unwrap(),
+            k.with_grad().unwrap(),
+            v.with_grad().unwrap(),
+        );
+        g.throughput(Throughput::Elements(fwd_flops * 7 / 2));
+        bench(
+            &mut g,
+            &d,
+            format!("cuda/block-causal fwd+bwd [8,16,{l},64] bf16"),
+            || {
+                ops::sum_all(&ops::attention(&qg, &kg, &vg, 0.125, &mask).unwrap())
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            },
+        );
+        let (dq, dk, dv) = (
+            randn(&[64, 16, 256, 64], DType::BF16, &d, 14),
+            randn(&[64, 16, l, 64], DType::BF16, &d, 15),
+            randn(&[64, 16, l, 64], DType::BF16, &d, 16),
+        );
+        g.throughput(Throughput::Elements((4 * 64 * 16 * 64 * 256 * l) as u64));
+        bench(
+            &mut g,
+            &d,
+            format!("cuda/decode fwd q [64,16,256,64] kv {l} bf16"),
+            || {
+                mvar::engine::with_no_grad(|| {
+                    ops::attention(&dq, &dk, &dv, 0.125, &ops::AttnMask::None).unwrap()
+                });
+            },
+        );
     }
     let d = Device::Cpu;
     if !devices().contains(&d) {

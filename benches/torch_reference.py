@@ -10,6 +10,7 @@ Usage on the GPU machine: python3 benches/torch_reference.py [--json out.jsonl]
 """
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -161,6 +162,35 @@ def main():
     w, b = torch.randn(128, device=dev), torch.randn(128, device=dev)
     report("nn", "cuda/group_norm 32 groups [4,128,64,64] f32",
            timed(lambda: F.group_norm(img, 32, w, b, eps=1e-6)), nbytes=2 * img.numel() * 4)
+
+    # attention: VAR-d16 at batch 8 (16 heads, the 10-scale 256-px pyramid, L = 680), block-causal
+    # through SDPA with the equivalent boolean mask (True = attend), forward and forward + backward;
+    # one KV-cache decode step (2 x 32 samples, 256 new tokens against 680 cached ones, no mask).
+    # Useful FLOPs as benches/ops.rs counts them: 4 * D per visible pair, 3.5x that with backward.
+    lens = [p * p for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+    L = sum(lens)
+    sid = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
+    causal = sid[:, None] >= sid[None, :]
+    pairs = sum(n * end for n, end in zip(lens, itertools.accumulate(lens)))
+    qa, ka, va = (torch.randn(8, 16, L, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    fwd_flops = 4 * 8 * 16 * 64 * pairs
+    with torch.no_grad():
+        report("attention", f"cuda/block-causal fwd [8,16,{L},64] bf16",
+               timed(lambda: F.scaled_dot_product_attention(qa, ka, va, attn_mask=causal, scale=0.125)),
+               flops=fwd_flops)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (qa, ka, va))
+
+    def attn_fwd_bwd():
+        F.scaled_dot_product_attention(qg, kg, vg, attn_mask=causal, scale=0.125).sum().backward()
+
+    report("attention", f"cuda/block-causal fwd+bwd [8,16,{L},64] bf16", timed(attn_fwd_bwd),
+           flops=fwd_flops * 7 // 2)
+    qd = torch.randn(64, 16, 256, 64, device=dev, dtype=torch.bfloat16)
+    kd, vd = (torch.randn(64, 16, L, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        report("attention", f"cuda/decode fwd q [64,16,256,64] kv {L} bf16",
+               timed(lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=0.125)),
+               flops=4 * 64 * 16 * 64 * 256 * L)
 
     # spatial
     xs = torch.randn(2, 64, 64, 64, device=dev)

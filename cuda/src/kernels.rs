@@ -45,4 +45,5 @@ kernel_files! {
     INTERP => "interp.cu",
     QUANT => "quant.cu",
     NA2D => "na2d.cu",
+    ATTENTION => "attention.cu",
 }

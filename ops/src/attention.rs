@@ -22,17 +22,24 @@
 //! parallel with rayon. bf16 is computed in f32 (see `mvar_engine::cpu`); the log-sum-exp is
 //! kept in f64 whatever the dtype, because rounding it to bf16 would put an error of up to 0.4 %
 //! on every recomputed probability.
+//!
+//! On CUDA (`cuda/kernels/attention.cu`, `mvar_cuda::ops::attention`) the fused kernels compute
+//! the same in f32 with an online softmax, never storing P: the block masks are computed from
+//! the scale lengths inside the kernels, the log-sum-exp stays on the device as an f32 tensor
+//! for the backward, and an additive mask is read as f32 by the naive reference kernels.
+//! `MVAR_ATTN_KERNEL=naive` runs the naive kernels for every mask.
 
 use std::sync::{Arc, Mutex};
 
 use gemm::Parallelism;
-use mvar_engine::cpu::{FloatKernel, PARALLEL_MIN_ELEMS};
-use mvar_engine::{Error, Float, Result, Shape, Tensor};
+use mvar_engine::cpu::{run_float, FloatKernel, PARALLEL_MIN_ELEMS};
+use mvar_engine::cuda::ops::attention as ca;
+use mvar_engine::cuda::CudaBuffer;
+use mvar_engine::{DType, Error, Float, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{
-    float_kernel, one, require_float, require_rank, same_device, same_dtype, tensor,
-};
+use crate::norm::{backward_with_saved, nth, Saved};
+use crate::util::{dispatch, out_tensor, require_float, require_rank, same_device, same_dtype};
 
 const OP: &str = "attention";
 
@@ -359,6 +366,15 @@ fn layout_error(q: &Tensor, k: &Tensor, v: &Tensor, why: &str) -> Error {
     )
 }
 
+/// The strides of an additive mask over [B, H, Lq, Lk] (its shape right-aligned to them), 0 on
+/// broadcast axes.
+fn additive_strides(m: &Tensor) -> [usize; 4] {
+    let mut dims = vec![1; 4 - m.rank()];
+    dims.extend_from_slice(m.dims());
+    let own = Shape::new(dims.clone()).strides();
+    [0, 1, 2, 3].map(|a| if dims[a] == 1 { 0 } else { own[a] })
+}
+
 fn resolve_mask(
     mask: &AttnMask,
     q: &Tensor,
@@ -389,13 +405,15 @@ fn resolve_mask(
                     ),
                 ));
             }
-            let mut dims = vec![1; 4 - m.rank()];
-            dims.extend_from_slice(m.dims());
-            let own = Shape::new(dims.clone()).strides();
-            let strides = [0, 1, 2, 3].map(|a| if dims[a] == 1 { 0 } else { own[a] });
+            // On the GPU the values stay on the device (the CUDA branch reads the mask tensor);
+            // only the CPU kernel reads this host copy.
             Ok(MaskPlan::Additive {
-                values: m.to_vec_f64()?,
-                strides,
+                values: if m.device().is_cpu() {
+                    m.to_vec_f64()?
+                } else {
+                    Vec::new()
+                },
+                strides: additive_strides(m),
             })
         }
         AttnMask::BlockCausal(lens) | AttnMask::BlockDiagonal(lens) => {
@@ -476,29 +494,134 @@ pub fn attention(
         scale,
         mask: resolve_mask(mask, q, b, h, lq, lk)?,
     });
+    let shape = ca::AttnShape {
+        batch: b,
+        heads: h,
+        lq,
+        lk,
+        d,
+        dv,
+    };
+    // On the GPU an additive mask travels as an f32 tensor beside q, k and v (detached: it gets
+    // no gradient).
+    let device_mask = match mask {
+        AttnMask::Additive(m) if q.device().is_cuda() => Some(m.detach().to_dtype(DType::F32)?),
+        _ => None,
+    };
     let fwd = Forward {
         plan: plan.clone(),
         lse: Mutex::new(Vec::new()),
     };
-    let out = tensor(
-        one(float_kernel(OP, &[q, k, v], &fwd)?),
-        [b, h, lq, dv],
+    let mut inputs = vec![q, k, v];
+    inputs.extend(device_mask.as_ref());
+    let mut outs = dispatch(
+        OP,
+        &inputs,
+        |s| run_float(OP, &s[..3], &fwd),
+        |dev, bufs| {
+            let (o, lse) = ca::attention_forward(
+                dev,
+                bufs[0],
+                bufs[1],
+                bufs[2],
+                shape,
+                scale as f32,
+                &DeviceMask::of(mask).resolve(bufs.get(3).copied())?,
+                ca::AttnKernel::from_env(),
+            )?;
+            Ok(vec![o, lse])
+        },
+    )?;
+    let mut lse = Saved::take(
+        OP,
+        &mut outs,
+        || fwd.lse.into_inner().unwrap_or_else(|e| e.into_inner()),
+        [b * h * lq],
         q.device(),
     )?;
-    let lse = fwd.lse.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(m) = &device_mask {
+        lse = lse.keep(m);
+    }
+    let out = out_tensor(outs, [b, h, lq, dv], q.device())?;
     let saved = [q.detach(), k.detach(), v.detach(), out.detach()];
+    let mask = DeviceMask::of(mask);
     Ok(Tensor::record(out, OP, &[q, k, v], move || {
         move |g: &Tensor| {
             let [q, k, v, o] = saved;
-            let mut grads =
-                float_kernel(OP, &[g, &q, &k, &v, &o], &Backward { plan, lse })?.into_iter();
-            let mut next = |like: &Tensor| -> Result<Option<Tensor>> {
-                let data = grads.next().ok_or_else(|| {
-                    Error::Autograd("attention backward: missing gradient".into())
-                })?;
-                Ok(Some(tensor(data, like.shape().clone(), like.device())?))
-            };
-            Ok(vec![next(&q)?, next(&k)?, next(&v)?])
+            let grads = backward_with_saved(
+                OP,
+                &[g, &q, &k, &v, &o],
+                lse,
+                |lse| Backward { plan, lse },
+                |dev, b, st| {
+                    let (dq, dk, dv) = ca::attention_backward(
+                        dev,
+                        b[0],
+                        b[1],
+                        b[2],
+                        b[3],
+                        b[4],
+                        nth(OP, st, 0)?,
+                        shape,
+                        scale as f32,
+                        &mask.resolve(st.get(1).copied())?,
+                        ca::AttnKernel::from_env(),
+                    )?;
+                    Ok(vec![dq, dk, dv])
+                },
+            )?;
+            if grads.len() != 3 {
+                return Err(Error::Autograd(
+                    "attention backward: expected three gradients".into(),
+                ));
+            }
+            grads
+                .into_iter()
+                .zip([&q, &k, &v])
+                .map(|(s, like)| {
+                    Ok(Some(Tensor::from_storage(
+                        s,
+                        like.shape().clone(),
+                        like.device(),
+                    )?))
+                })
+                .collect()
         }
     }))
+}
+
+/// What the CUDA wrappers need to know of a mask besides the additive mask's device buffer (kept
+/// by the backward closure instead of the mask tensor itself).
+enum DeviceMask {
+    None,
+    BlockCausal(Vec<usize>),
+    BlockDiagonal(Vec<usize>),
+    Additive([usize; 4]),
+}
+
+impl DeviceMask {
+    fn of(mask: &AttnMask) -> DeviceMask {
+        match mask {
+            AttnMask::None => DeviceMask::None,
+            AttnMask::BlockCausal(lens) => DeviceMask::BlockCausal(lens.clone()),
+            AttnMask::BlockDiagonal(lens) => DeviceMask::BlockDiagonal(lens.clone()),
+            AttnMask::Additive(m) => DeviceMask::Additive(additive_strides(m)),
+        }
+    }
+
+    /// The wrappers' mask; `values` is the f32 device buffer of an additive mask (the dispatch's
+    /// fourth buffer in the forward, the second saved one in the backward).
+    fn resolve<'a>(&'a self, values: Option<&'a CudaBuffer>) -> Result<ca::AttnMask<'a>> {
+        Ok(match self {
+            DeviceMask::None => ca::AttnMask::None,
+            DeviceMask::BlockCausal(lens) => ca::AttnMask::BlockCausal(lens),
+            DeviceMask::BlockDiagonal(lens) => ca::AttnMask::BlockDiagonal(lens),
+            DeviceMask::Additive(strides) => ca::AttnMask::Additive {
+                values: values.ok_or_else(|| {
+                    Error::invalid(OP, "the additive mask's device buffer is missing")
+                })?,
+                strides: *strides,
+            },
+        })
+    }
 }

@@ -5,6 +5,7 @@
 //! Without a GPU every test prints "skipped: no CUDA device" and passes; with
 //! `MVAR_REQUIRE_GPU=1` a missing GPU fails them (the GPU runner sets it).
 
+mod attention;
 mod conv;
 mod elementwise;
 mod index;

@@ -2,6 +2,7 @@
 //! launch a kernel. They know buffers and sizes, not tensors; `mvar-ops` calls them from each
 //! op's CUDA branch.
 
+pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod index;

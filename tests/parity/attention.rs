@@ -1,0 +1,361 @@
+//! Parity of the fused attention kernels (`cuda/kernels/attention.cu`) with the CPU reference:
+//! every mask kind, block lengths from the VAR pyramid, sizes that are not multiples of the
+//! 64-row tiles, the KV-cache decode form (Lq < Lk, no mask), rows that see no key, forward and
+//! the gradients of q, k and v; and the tiled kernels against the naive reference kernels on the
+//! same GPU inputs.
+//!
+//! Inputs are rounded to bf16 values first, so that the GPU bf16 run sees the same numbers as the
+//! CPU f32 reference and only the arithmetic differs. Shapes avoid problems whose exact gradient
+//! is zero while the computed one is rounding noise (a single key, L = 1), which no relative
+//! tolerance can compare.
+
+use mvar::cuda::ops::attention::{self as ca, AttnKernel, AttnShape};
+use mvar::cuda::{CudaBuffer, CudaDevice};
+use mvar::engine::{DType, Device, Generator, Storage, Tensor};
+use mvar::ops::{self, AttnMask};
+use proptest::prelude::*;
+
+use crate::{config, gpu, parity, randn, tolerance};
+
+/// The side lengths of VAR's token pyramid; a scale of side p holds p * p tokens.
+const PYRAMID: [usize; 10] = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16];
+
+fn bf16_exact(t: Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .and_then(|b| b.to_dtype(DType::F32))
+        .expect("round to bf16")
+}
+
+fn randn_b(shape: &[usize], seed: u64) -> Tensor {
+    bf16_exact(randn(shape, seed))
+}
+
+/// The token counts of the first `n` scales of the pyramid (1, 4, 9, 16, 25, ...).
+fn pyramid(n: usize) -> Vec<usize> {
+    PYRAMID[..n].iter().map(|p| p * p).collect()
+}
+
+/// A mask kind (0 none, 1 block-causal, 2 block-diagonal) and the sequence lengths (Lq, Lk) it
+/// implies: for the block masks the first 2..=7 scales of the pyramid (L from 5 to 155, so
+/// several tiles that end mid-tile), for no mask any lengths with Lk >= 2 (Lq < Lk is the decode
+/// form).
+fn mask_and_lengths() -> impl Strategy<Value = (usize, Vec<usize>, usize, usize)> {
+    prop_oneof![
+        (1usize..150, 2usize..150).prop_map(|(lq, lk)| (0, vec![], lq, lk)),
+        (1usize..3, 2usize..=7).prop_map(|(kind, n)| {
+            let lens = pyramid(n);
+            let l = lens.iter().sum();
+            (kind, lens, l, l)
+        }),
+    ]
+}
+
+fn mask_of(kind: usize, lens: &[usize]) -> AttnMask {
+    match kind {
+        0 => AttnMask::None,
+        1 => AttnMask::BlockCausal(lens.to_vec()),
+        _ => AttnMask::BlockDiagonal(lens.to_vec()),
+    }
+}
+
+/// A random additive mask of `shape`: -inf with probability `p_masked`, else a finite bias,
+/// with the rows listed in `dead` (over the last-but-one axis) masked entirely.
+fn additive_mask(shape: &[usize], seed: u64, p_masked: f64, dead: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let cols = *shape.last().expect("rank >= 1");
+    let rows = if shape.len() >= 2 {
+        shape[shape.len() - 2]
+    } else {
+        1
+    };
+    let mut g = Generator::new(seed);
+    let v: Vec<f32> = g
+        .uniform(n, 0.0, 1.0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let row = (i / cols) % rows;
+            if dead.contains(&row) || u < p_masked {
+                f32::NEG_INFINITY
+            } else {
+                ((u - 0.5) * 2.0) as f32
+            }
+        })
+        .collect();
+    bf16_exact(Tensor::from_vec(v, shape.to_vec(), &Device::Cpu).expect("mask"))
+}
+
+fn qkv(b: usize, h: usize, lq: usize, lk: usize, d: usize, dv: usize, seed: u64) -> [Tensor; 3] {
+    [
+        randn_b(&[b, h, lq, d], seed),
+        randn_b(&[b, h, lk, d], seed ^ 1),
+        randn_b(&[b, h, lk, dv], seed ^ 2),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn attention_with_every_block_mask_and_none(
+        b in 1usize..3,
+        h in 1usize..3,
+        (kind, lens, lq, lk) in mask_and_lengths(),
+        scale in prop::sample::select(vec![0.125, 0.5]),
+        seed in any::<u64>(),
+    ) {
+        let mask = mask_of(kind, &lens);
+        parity(
+            &format!("attention {mask:?} [{b},{h},{lq}/{lk},64]"),
+            |_, x| ops::attention(&x[0], &x[1], &x[2], scale, &mask),
+            &qkv(b, h, lq, lk, 64, 64, seed),
+        )?;
+    }
+
+    #[test]
+    fn attention_decode_form(
+        b in 1usize..3,
+        h in 1usize..4,
+        lq in 1usize..20,
+        extra in 1usize..300,
+        seed in any::<u64>(),
+    ) {
+        // The newest Lq tokens against every cached token: no mask, Lk >= Lq, several key tiles.
+        let lk = lq + extra;
+        parity(
+            &format!("attention decode [{b},{h},{lq}/{lk},64]"),
+            |_, x| ops::attention(&x[0], &x[1], &x[2], 0.125, &AttnMask::None),
+            &qkv(b, h, lq, lk, 64, 64, seed),
+        )?;
+    }
+
+    #[test]
+    fn attention_with_other_head_dims(
+        d in prop::sample::select(vec![16usize, 32, 48, 96, 128]),
+        (kind, lens, lq, lk) in mask_and_lengths(),
+        seed in any::<u64>(),
+    ) {
+        // d <= 64 runs padded in the 64 kernels, 64 < d <= 128 in the 128 ones (where the GPU
+        // has the shared memory; else the naive kernels).
+        let mask = mask_of(kind, &lens);
+        parity(
+            &format!("attention {mask:?} [1,2,{lq}/{lk},{d}]"),
+            |_, x| ops::attention(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), &mask),
+            &qkv(1, 2, lq, lk, d, d, seed),
+        )?;
+    }
+
+    #[test]
+    fn attention_with_additive_masks_and_dead_rows(
+        b in 1usize..3,
+        h in 1usize..3,
+        lq in 8usize..80,
+        lk in 8usize..80,
+        (d, dv) in prop_oneof![Just((64usize, 64usize)), Just((24, 40)), Just((160, 8))],
+        form in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        // Additive masks run on the naive kernels; rows 0 and lq / 2 see no key at all and must
+        // give output 0 and gradient 0.
+        let dead = [0, lq / 2];
+        let shape = match form {
+            0 => vec![lq, lk],
+            1 => vec![b, 1, lq, lk],
+            _ => vec![h, lq, lk],
+        };
+        let m = additive_mask(&shape, seed ^ 5, 0.3, &dead);
+        parity(
+            &format!("attention additive {shape:?} [{b},{h},{lq}/{lk},{d}/{dv}]"),
+            |dev, x| ops::attention(&x[0], &x[1], &x[2], 0.2, &AttnMask::Additive(m.to_device(dev)?)),
+            &qkv(b, h, lq, lk, d, dv, seed),
+        )?;
+    }
+}
+
+#[test]
+fn attention_without_keys_gives_zeros() {
+    // Lk = 0: every row is fully masked (output 0, gradient 0, no NaN), on the tiled path.
+    for lq in [1, 70] {
+        parity(
+            &format!("attention [2,2,{lq}/0,64]"),
+            |_, x| ops::attention(&x[0], &x[1], &x[2], 0.125, &AttnMask::None),
+            &qkv(2, 2, lq, 0, 64, 64, 3),
+        )
+        .unwrap();
+    }
+    let Some(gpu) = gpu() else { return };
+    let [q, k, v] = qkv(1, 1, 5, 0, 64, 64, 4).map(|t| t.to_device(&gpu).unwrap());
+    let out = ops::attention(&q, &k, &v, 0.125, &AttnMask::None)
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    assert!(out.iter().all(|&x| x == 0.0), "{out:?}");
+}
+
+#[test]
+fn var_d16_block_causal_shape() {
+    // The full 10-scale pyramid (L = 680) of VAR-d16, two heads: 11 tiles per side.
+    let lens = pyramid(10);
+    let l: usize = lens.iter().sum();
+    let mask = AttnMask::BlockCausal(lens);
+    parity(
+        "attention block-causal [1,2,680,64]",
+        |_, x| ops::attention(&x[0], &x[1], &x[2], 0.25 / 8.0, &mask),
+        &qkv(1, 2, l, l, 64, 64, 11),
+    )
+    .unwrap();
+}
+
+// ------------------------------------------------------------------------------------------------
+// tiled against naive on the GPU
+
+/// A device copy of a GPU tensor's buffer.
+fn buffer(t: &Tensor) -> CudaBuffer {
+    let Device::Cuda(dev) = t.device() else {
+        panic!("expected a GPU tensor")
+    };
+    match &*t.storage() {
+        Storage::Cuda(b) => dev.duplicate(b).expect("copy"),
+        Storage::Cpu(_) => panic!("expected a GPU buffer"),
+    }
+}
+
+fn values(buf: CudaBuffer, gpu: &Device) -> Vec<f64> {
+    let n = buf.len();
+    Tensor::from_storage(Storage::Cuda(buf), [n], gpu)
+        .and_then(|t| t.to_vec_f64())
+        .expect("download")
+}
+
+fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| {
+            if a == b {
+                0.0 // equal infinities (the lse of a row that sees nothing)
+            } else {
+                (a - b).abs()
+            }
+        })
+        .fold(0.0, f64::max);
+    assert!(
+        err <= tol * scale,
+        "{what}: differs by {err:e} (> {tol:e} x {scale:e})"
+    );
+}
+
+/// Forward and backward of one call with `kernel`: [out, lse, dq, dk, dv] as f64.
+#[allow(clippy::too_many_arguments)]
+fn run_kernel(
+    dev: &CudaDevice,
+    gpu: &Device,
+    x: &[CudaBuffer; 4],
+    shape: AttnShape,
+    mask: &ca::AttnMask<'_>,
+    kernel: AttnKernel,
+) -> Vec<Vec<f64>> {
+    let [q, k, v, g] = x;
+    let (o, lse) = ca::attention_forward(dev, q, k, v, shape, 0.3, mask, kernel).expect("forward");
+    let (dq, dk, dv) = ca::attention_backward(dev, g, q, k, v, &o, &lse, shape, 0.3, mask, kernel)
+        .expect("backward");
+    [o, lse, dq, dk, dv]
+        .into_iter()
+        .map(|b| values(b, gpu))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn tiled_kernels_match_the_naive_kernels(
+        b in 1usize..3,
+        h in 1usize..3,
+        (kind, lens, lq, lk) in mask_and_lengths(),
+        d in prop::sample::select(vec![64usize, 64, 40, 128]),
+        seed in any::<u64>(),
+    ) {
+        let Some(gpu) = gpu() else { return Ok(()) };
+        let Device::Cuda(dev) = &gpu else { unreachable!() };
+        let shape = AttnShape { batch: b, heads: h, lq, lk, d, dv: d };
+        let mask = match kind {
+            0 => ca::AttnMask::None,
+            1 => ca::AttnMask::BlockCausal(&lens),
+            _ => ca::AttnMask::BlockDiagonal(&lens),
+        };
+        if !ca::uses_tiled(dev, &shape, &mask, AttnKernel::Auto) {
+            return Ok(()); // this GPU lacks the shared memory for this head dim
+        }
+        let [q, k, v] = qkv(b, h, lq, lk, d, d, seed);
+        let g = randn_b(&[b, h, lq, d], seed ^ 9);
+        for dtype in [DType::F32, DType::BF16] {
+            let x = [&q, &k, &v, &g].map(|t| buffer(&t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap()));
+            let tiled = run_kernel(dev, &gpu, &x, shape, &mask, AttnKernel::Tiled);
+            let naive = run_kernel(dev, &gpu, &x, shape, &mask, AttnKernel::Naive);
+            let tol = tolerance(dtype);
+            for (name, (t, n)) in ["out", "lse", "dq", "dk", "dv"].iter().zip(tiled.iter().zip(&naive)) {
+                assert_close(&format!("{name} {dtype} {mask:?} [{b},{h},{lq}/{lk},{d}]"), t, n, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_tiled_kernels_refuse_what_they_do_not_compute() {
+    let Some(gpu) = gpu() else { return };
+    let Device::Cuda(dev) = &gpu else {
+        unreachable!()
+    };
+    let x = [randn(&[1, 1, 4, 8], 1), randn(&[1, 1, 4, 8], 2)]
+        .map(|t| buffer(&t.to_device(&gpu).unwrap()));
+    let m = buffer(&randn(&[4, 4], 3).to_device(&gpu).unwrap());
+    let shape = AttnShape {
+        batch: 1,
+        heads: 1,
+        lq: 4,
+        lk: 4,
+        d: 8,
+        dv: 8,
+    };
+    let additive = ca::AttnMask::Additive {
+        values: &m,
+        strides: [0, 0, 4, 1],
+    };
+    let err = ca::attention_forward(
+        dev,
+        &x[0],
+        &x[1],
+        &x[1],
+        shape,
+        1.0,
+        &additive,
+        AttnKernel::Tiled,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("additive"), "{err}");
+    // A mask stride reaching past the mask is an error, not an out-of-bounds read.
+    let bad = ca::AttnMask::Additive {
+        values: &m,
+        strides: [0, 0, 5, 1],
+    };
+    assert!(
+        ca::attention_forward(dev, &x[0], &x[1], &x[1], shape, 1.0, &bad, AttnKernel::Auto)
+            .is_err()
+    );
+    // Scale lengths that do not add up to L.
+    assert!(ca::attention_forward(
+        dev,
+        &x[0],
+        &x[1],
+        &x[1],
+        shape,
+        1.0,
+        &ca::AttnMask::BlockCausal(&[1, 2]),
+        AttnKernel::Auto
+    )
+    .is_err());
+}

@@ -3,7 +3,9 @@
 //! and a safe reader of PyTorch `.pth` files).
 
 pub mod checkpoint;
+pub mod classifier;
 pub mod data;
+pub mod metrics;
 pub mod mvar;
 pub mod nn;
 pub mod pth;

@@ -150,14 +150,19 @@ pub fn load_model_dir(
             ),
         });
     }
-    let tok_dir = dir.join(&info.tokenizer);
-    let tok_dir = if tok_dir.exists() {
-        tok_dir
+    let vae = load_tokenizer(&tokenizer_dir(dir, &info), device)?;
+    Ok((model, vae, info))
+}
+
+/// The tokenizer folder of a model folder: `info.tokenizer` relative to the model folder when
+/// that exists, else as given (absolute, or relative to the working directory).
+pub fn tokenizer_dir(model_dir: &Path, info: &ModelInfo) -> std::path::PathBuf {
+    let relative = model_dir.join(&info.tokenizer);
+    if relative.exists() {
+        relative
     } else {
         Path::new(&info.tokenizer).to_path_buf()
-    };
-    let vae = load_tokenizer(&tok_dir, device)?;
-    Ok((model, vae, info))
+    }
 }
 
 /// Token maps of every image of a data set, centre-cropped and (when `flips`) mirrored too:

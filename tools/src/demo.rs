@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use clap::Args;
 use mvar_engine::{Device, Result};
 
+use crate::classifier::TrainClassifierArgs;
+use crate::eval::EvalArgs;
 use crate::plot::{line_plot, read_metric, smooth, Series};
 use crate::train::{Kind, TrainArgs};
 use crate::train_tokenizer::TrainTokenizerArgs;
@@ -16,8 +18,8 @@ pub struct DemoArgs {
     /// mvar (default) or var.
     #[arg(long, value_enum, default_value = "mvar")]
     pub model: Kind,
-    /// Total wall-clock budget in minutes (split 40 % tokenizer, 50 % transformer, the rest
-    /// data preparation, sampling and plots).
+    /// Total wall-clock budget in minutes (split 35 % tokenizer, 45 % transformer, 12 % the
+    /// evaluation classifier, the rest data preparation, sampling, evaluation and plots).
     #[arg(long, default_value_t = 10.0)]
     pub minutes: f64,
     /// Upper bounds on the steps, so that a GPU finishes early instead of filling the budget.
@@ -25,6 +27,8 @@ pub struct DemoArgs {
     pub tokenizer_steps: u64,
     #[arg(long, default_value_t = 4000)]
     pub model_steps: u64,
+    #[arg(long, default_value_t = 1500)]
+    pub classifier_steps: u64,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
     #[arg(long, default_value = "runs/demo")]
@@ -40,7 +44,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     } else {
         "var"
     });
-    println!("== 1/3 tokenizer ({:.1} min budget)", args.minutes * 0.4);
+    println!("== 1/5 tokenizer ({:.1} min budget)", args.minutes * 0.35);
     crate::train_tokenizer::run(
         TrainTokenizerArgs {
             data: args.data.clone(),
@@ -68,18 +72,18 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             resume: false,
             overwrite: true,
             no_flip: false,
-            minutes: Some(args.minutes * 0.4),
+            minutes: Some(args.minutes * 0.35),
         },
         device,
     )?;
     println!(
-        "== 2/3 {} ({:.1} min budget)",
+        "== 2/5 {} ({:.1} min budget)",
         if args.model == Kind::Mvar {
             "MVAR"
         } else {
             "VAR"
         },
-        args.minutes * 0.5
+        args.minutes * 0.45
     );
     crate::train::run(
         TrainArgs {
@@ -107,11 +111,54 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             resume: false,
             overwrite: true,
             cfg: 2.0,
-            minutes: Some(args.minutes * 0.5),
+            minutes: Some(args.minutes * 0.45),
         },
         device,
     )?;
-    println!("== 3/3 plots");
+    let classifier_dir = args.out.join("classifier");
+    println!(
+        "== 3/5 evaluation classifier ({:.1} min budget)",
+        args.minutes * 0.12
+    );
+    crate::classifier::run(
+        TrainClassifierArgs {
+            data: args.data.clone(),
+            split: "train".into(),
+            val_split: "test".into(),
+            out: classifier_dir.clone(),
+            steps: args.classifier_steps,
+            batch: 64,
+            lr: 2e-3,
+            weight_decay: 0.05,
+            channels: "32,64,128".into(),
+            blocks: 1,
+            side: 32,
+            seed: args.seed,
+            log_every: 100,
+            checkpoint_every: 250,
+            resume: false,
+            overwrite: true,
+            minutes: Some(args.minutes * 0.12),
+        },
+        device,
+    )?;
+    println!("== 4/5 evaluation");
+    let report = crate::eval::evaluate(
+        &EvalArgs {
+            ckpt: model_dir.clone(),
+            classifier: Some(classifier_dir.clone()),
+            data: args.data.clone(),
+            split: "test".into(),
+            per_class: 20,
+            cfg: 2.0,
+            top_p: 0.96,
+            seed: args.seed,
+            batch: 32,
+            out: None,
+        },
+        device,
+    )?;
+    println!("== 5/5 plots");
     let tok = smooth(&read_metric(&tok_dir.join("metrics.jsonl"), "loss"), 20);
     let model = smooth(&read_metric(&model_dir.join("metrics.jsonl"), "loss"), 20);
     let lr = read_metric(&model_dir.join("metrics.jsonl"), "lr");
@@ -147,11 +194,20 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         false,
     )?;
     println!(
-        "\ndone. samples (one row per class): {}\nreconstructions (top: originals): {}\nloss curves: {} and {}",
+        "\ndone. samples (one row per class): {}\nreconstructions (top: originals): {}\nloss curves: {} and {}\nevaluation: {}",
         model_dir.join("samples.png").display(),
         tok_dir.join("recon.png").display(),
         loss_png.display(),
-        lr_png.display()
+        lr_png.display(),
+        model_dir.join("eval.json").display()
     );
+    if let Some(q) = &report.sample_quality {
+        println!(
+            "the classifier labels {:.1}% of the samples with their class (real held-out images: {:.1}%, chance {:.1}%)",
+            100.0 * q.classifier_accuracy,
+            100.0 * q.real_accuracy,
+            100.0 * q.chance
+        );
+    }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The `mvar` command line.
 
+mod classifier;
 mod common;
 mod demo;
+mod eval;
 mod plot;
 mod progress;
 mod sample;
@@ -37,6 +39,11 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Class-conditional images from a trained VAR or MVAR folder.
     Sample(Box<sample::SampleArgs>),
+    /// Train the small image classifier that `mvar eval` scores samples with.
+    TrainClassifier(Box<classifier::TrainClassifierArgs>),
+    /// Validation loss and token accuracy per scale, reconstruction PSNR, and (with
+    /// --classifier) the classifier accuracy and Frechet distance of samples.
+    Eval(Box<eval::EvalArgs>),
     /// Convert an official PyTorch checkpoint (.pth, tensors only, no code executed) to
     /// safetensors with the same tensor names.
     Convert {
@@ -60,6 +67,8 @@ fn main() {
         Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(*args, d)),
         Command::Train(args) => with_device(|d| train::run(*args, d)),
         Command::Sample(args) => with_device(|d| sample::run(*args, d)),
+        Command::TrainClassifier(args) => with_device(|d| classifier::run(*args, d)),
+        Command::Eval(args) => with_device(|d| eval::run(*args, d)),
         Command::Convert {
             input,
             output,

@@ -326,3 +326,73 @@ fn a_diverging_run_stops_at_the_bad_step_and_keeps_the_last_checkpoint() {
     assert!(lines.len() < 200, "the run should have stopped early");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn classifier_and_eval_report_the_figures_and_refuse_mismatched_inputs() {
+    let (_, tok) = tokenizer();
+    let root = scratch("eval");
+    let data = root.join("data");
+    tiny_images(&data.join("train"));
+    tiny_images(&data.join("test"));
+    let model = root.join("m");
+    ok(&mut train_cmd(&data, tok, &model, 2));
+    let clf = root.join("clf");
+    let classifier = |data: &Path, out: &Path| {
+        let mut c = mvar();
+        c.args(["train-classifier", "--side", "8", "--channels", "8,16"])
+            .args(["--steps", "3", "--batch", "4", "--data"])
+            .arg(data)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let t = ok(&mut classifier(&data, &clf));
+    assert!(t.contains("val: accuracy"), "{t}");
+    let eval = |clf: &Path| {
+        let mut c = mvar();
+        c.args(["eval", "--per-class", "2", "--ckpt"])
+            .arg(&model)
+            .arg("--classifier")
+            .arg(clf)
+            .arg("--data")
+            .arg(&data);
+        c
+    };
+    let t = ok(&mut eval(&clf));
+    for needle in [
+        "reconstruction PSNR",
+        "classifier accuracy of the samples",
+        "Frechet distance",
+    ] {
+        assert!(t.contains(needle), "eval output lacks {needle:?}:\n{t}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["per_scale"].as_array().unwrap().len(), 3);
+    let acc = report["sample_quality"]["classifier_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{report}");
+
+    // A classifier of another class count.
+    let three = root.join("three");
+    tiny_images(&three);
+    std::fs::create_dir_all(three.join("green")).unwrap();
+    for f in ["0.png", "1.png"] {
+        std::fs::copy(three.join("red").join(f), three.join("green").join(f)).unwrap();
+    }
+    let clf3 = root.join("clf3");
+    ok(&mut classifier(&three, &clf3));
+    fails(&mut eval(&clf3), &["clf3", "3 classes"]);
+    // No held-out split, and a missing classifier folder, are named.
+    fails(
+        mvar()
+            .args(["eval", "--ckpt"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&three),
+        &["held-out split", "test"],
+    );
+    fails(&mut eval(&root.join("no-classifier")), &["no-classifier"]);
+    let _ = std::fs::remove_dir_all(&root);
+}

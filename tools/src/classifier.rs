@@ -1,0 +1,375 @@
+//! `mvar train-classifier`: trains the small image classifier of `mvar_models::classifier` on
+//! the bundled data set (or any image data set). `mvar eval` scores generated images with it:
+//! the share that it labels with the class they were sampled for, and a Frechet distance in its
+//! feature space. Resumable like the other training commands (atomic checkpoints, JSONL metrics,
+//! Ctrl-C writes a checkpoint).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use mvar_engine::{no_grad, Device, Error, Generator, Result, Tensor};
+use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
+use mvar_models::classifier::{Classifier, ClassifierConfig};
+use mvar_models::data::{Crop, ImageDataset};
+use mvar_ops::{self as ops, AdamW, AdamWConfig};
+
+use crate::common::{batch_indices, load_split, read_json};
+use crate::progress::{interrupted, memory_text, Metrics, Progress};
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainClassifierArgs {
+    #[arg(long, default_value = "data/cifar10-subset")]
+    pub data: PathBuf,
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Held-out split for the accuracy report (skipped when the data set has none).
+    #[arg(long, default_value = "test")]
+    pub val_split: String,
+    #[arg(long, default_value = "runs/classifier")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1500)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate (linear warm-up over 5 % of the steps, then cosine decay to 0).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Channels per stage, comma-separated; each stage after the first halves the resolution.
+    #[arg(long, default_value = "32,64,128")]
+    pub channels: String,
+    /// Residual blocks per stage.
+    #[arg(long, default_value_t = 1)]
+    pub blocks: usize,
+    /// Side of the square images (the data set is centre/random-cropped to it).
+    #[arg(long, default_value_t = 32)]
+    pub side: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 100)]
+    pub log_every: u64,
+    #[arg(long, default_value_t = 250)]
+    pub checkpoint_every: u64,
+    /// Continue the checkpoint in --out (train.safetensors).
+    #[arg(long)]
+    pub resume: bool,
+    /// Start again even if --out holds a training checkpoint.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Wall-clock budget in minutes: after 10 steps the step count (and the schedule) is set to
+    /// what fits; overrides --steps.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+/// Learning rate at `step` (1-based) of `total`: linear warm-up, then half a cosine to 0.
+fn lr_at(peak: f64, step: u64, total: u64) -> f64 {
+    let warm = (total / 20).max(1);
+    if step <= warm {
+        return peak * step as f64 / warm as f64;
+    }
+    let t = (step - warm) as f64 / (total - warm).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+}
+
+/// Loads a classifier folder written by `mvar train-classifier`.
+pub fn load_classifier(dir: &Path, device: &Device) -> Result<Classifier> {
+    let cfg: ClassifierConfig = read_json(&dir.join("classifier.json"))?;
+    let c = Classifier::new(cfg, device, 0)?;
+    c.load(&dir.join("classifier.safetensors"))?;
+    Ok(c)
+}
+
+/// Features [N, F] (f64, row-major) and top-1 predictions of images [N, 3, S, S], in batches.
+pub fn features_and_predictions(
+    classifier: &Classifier,
+    images: &Tensor,
+) -> Result<(Vec<f64>, Vec<i64>)> {
+    let _ng = no_grad();
+    let n = images.dims()[0];
+    let mut feats = Vec::new();
+    let mut preds = Vec::new();
+    for start in (0..n).step_by(128) {
+        let x = ops::narrow(images, 0, start, 128.min(n - start))?;
+        let (f, l) = classifier.features_and_logits(&x)?;
+        feats.extend(f.to_vec_f64()?);
+        preds.extend(ops::argmax(&l, -1, false)?.to_vec::<i64>()?);
+    }
+    Ok((feats, preds))
+}
+
+/// Every image of a data set, centre-cropped: ([N, 3, S, S], labels).
+pub fn all_images(data: &ImageDataset, device: &Device) -> Result<(Tensor, Vec<i64>)> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let (x, _) = data.batch(&idx, Crop::Center, false, &mut Generator::new(0), device)?;
+    Ok((x, idx.iter().map(|&i| data.label(i) as i64).collect()))
+}
+
+/// Top-1 accuracy of `classifier` over a data set.
+pub fn accuracy_on(classifier: &Classifier, data: &ImageDataset, device: &Device) -> Result<f64> {
+    let (x, labels) = all_images(data, device)?;
+    let (_, preds) = features_and_predictions(classifier, &x)?;
+    let hits = preds.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    Ok(hits as f64 / labels.len().max(1) as f64)
+}
+
+pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
+    const OP: &str = "mvar train-classifier";
+    let t_cmd = Instant::now();
+    let train = load_split(&args.data, &args.split, args.side, true)?.expect("required split");
+    let val = load_split(&args.data, &args.val_split, args.side, false)?;
+    let channels: Vec<usize> = args
+        .channels
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| {
+            Error::invalid(
+                OP,
+                format!(
+                    "--channels {:?}: expected comma-separated positive integers",
+                    args.channels
+                ),
+            )
+        })?;
+    let config = ClassifierConfig {
+        channels,
+        blocks: args.blocks,
+        num_classes: train.classes().len(),
+        image_size: args.side,
+        ..ClassifierConfig::new(train.classes().len())
+    };
+    if args.batch == 0 || args.steps == 0 {
+        return Err(Error::invalid(OP, "--batch and --steps must be positive"));
+    }
+    println!(
+        "data: {} training images of {} classes at {s}x{s}{}",
+        train.len(),
+        train.classes().len(),
+        val.as_ref()
+            .map(|v| format!(", {} held out", v.len()))
+            .unwrap_or_default(),
+        s = args.side
+    );
+    std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
+    let classifier = Classifier::new(config.clone(), device, args.seed)?;
+    println!(
+        "classifier: channels {:?}, {} block(s) per stage, {:.2} M parameters",
+        config.channels,
+        config.blocks,
+        classifier.params.num_elements() as f64 / 1e6
+    );
+    let mut opt = AdamW::new(
+        &classifier.params,
+        AdamWConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            beta2: 0.999,
+            ..AdamWConfig::default()
+        },
+        |_, t| t.rank() <= 1,
+    )?;
+    let ckpt = args.out.join("train.safetensors");
+    let mut rng = Generator::new(args.seed.wrapping_add(29));
+    let config_json = serde_json::to_string(&config).unwrap_or_default();
+    let mut step = 0u64;
+    if args.resume {
+        let state = load_training(&ckpt, &classifier.named_tensors(), &mut opt)?;
+        if let Some(saved) = state.extra.get("classifier") {
+            let saved: ClassifierConfig =
+                serde_json::from_str(saved).map_err(|e| Error::Format {
+                    what: ckpt.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+            if saved != config {
+                return Err(Error::Format {
+                    what: ckpt.display().to_string(),
+                    msg: format!(
+                        "checkpoint of another classifier: {saved:?}; this run asks for {config:?}"
+                    ),
+                });
+            }
+        }
+        if let Some(total) = state.extra.get("total_steps").and_then(|v| v.parse().ok()) {
+            args.steps = total;
+            args.minutes = None;
+        }
+        if let Some(seed) = state.extra.get("seed").and_then(|v| v.parse().ok()) {
+            args.seed = seed;
+        }
+        step = state.step;
+        rng = Generator::from_state(state.rng);
+        println!(
+            "resumed from {} at step {step} of {}",
+            ckpt.display(),
+            args.steps
+        );
+    } else if ckpt.exists() && !args.overwrite {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "{} already holds a training checkpoint: pass --resume to continue it or --overwrite to start again",
+                args.out.display()
+            ),
+        ));
+    }
+    let save = |opt: &AdamW, rng: &Generator, step: u64, total: u64, seed: u64| -> Result<()> {
+        let mut extra = BTreeMap::new();
+        extra.insert("classifier".to_string(), config_json.clone());
+        extra.insert("total_steps".to_string(), total.to_string());
+        extra.insert("seed".to_string(), seed.to_string());
+        let state = TrainingState {
+            step,
+            rng: rng.state(),
+            extra,
+        };
+        save_training(&ckpt, &classifier.named_tensors(), opt, &state)
+    };
+    let mut metrics = Metrics::open(&args.out.join("metrics.jsonl"), args.resume.then_some(step))?;
+    const CALIBRATION_STEPS: u64 = 10;
+    let first = step;
+    let mut last_saved = step;
+    let start = Instant::now();
+    let progress = Progress::new("classifier", first, args.steps);
+    while step < args.steps {
+        step += 1;
+        let idx = batch_indices(train.len(), args.batch, args.seed, step);
+        // Random crops (when the images are larger than --side) and mirrors.
+        let (x, y) = train.batch(&idx, Crop::Random, true, &mut rng, device)?;
+        let lr = lr_at(args.lr, step, args.steps);
+        opt.config.lr = lr;
+        classifier.params.zero_grad();
+        let logits = classifier.logits(&x)?;
+        let loss = ops::mean_all(&ops::cross_entropy(&logits, &y, None, 0.0)?)?;
+        let loss_value = loss.to_f64()?;
+        if !loss_value.is_finite() {
+            progress.finish();
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "stopped at step {step}: the loss is {loss_value}; the last good checkpoint is {} (step {last_saved})",
+                    ckpt.display()
+                ),
+            ));
+        }
+        let hits = {
+            let _ng = no_grad();
+            let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
+            let want = y.to_vec::<i64>()?;
+            pred.iter().zip(&want).filter(|(p, w)| p == w).count()
+        };
+        let accuracy = hits as f64 / idx.len() as f64;
+        loss.backward()?;
+        opt.step(&classifier.params)?;
+        metrics.write(&format!(
+            "{{\"step\":{step},\"loss\":{loss_value},\"accuracy\":{accuracy},\"lr\":{lr}}}"
+        ))?;
+        if let Some(min) = args.minutes.filter(|_| step - first == CALIBRATION_STEPS) {
+            let fit = crate::common::steps_that_fit(
+                min,
+                t_cmd.elapsed(),
+                start.elapsed(),
+                CALIBRATION_STEPS,
+                0.05,
+            );
+            args.steps = step + fit;
+            progress.set_total(args.steps);
+            progress.println(format!(
+                "time budget {min} min: training {} steps",
+                args.steps
+            ));
+        }
+        let rate = progress.rate(step);
+        progress.update(
+            step,
+            format!(
+                "loss {loss_value:.4} acc {accuracy:.3} | {:.0} img/s | {}",
+                rate * args.batch as f64,
+                memory_text(device)
+            ),
+        );
+        if step.is_multiple_of(args.log_every) || step == args.steps {
+            progress.println(format!(
+                "step {step:>6}/{} loss {loss_value:.4} acc {accuracy:.3} lr {lr:.2e}, {:.0} img/s",
+                args.steps,
+                rate * args.batch as f64
+            ));
+        }
+        if step.is_multiple_of(args.checkpoint_every) {
+            save(&opt, &rng, step, args.steps, args.seed)?;
+            last_saved = step;
+        }
+        if interrupted() {
+            save(&opt, &rng, step, args.steps, args.seed)?;
+            progress.finish();
+            println!(
+                "interrupted at step {step}: wrote {}; continue with the same command and --resume",
+                ckpt.display()
+            );
+            return Ok(());
+        }
+    }
+    progress.finish();
+    save(&opt, &rng, step, args.steps, args.seed)?;
+    let weights = args.out.join("classifier.safetensors");
+    classifier.save(&weights)?;
+    let cfg_path = args.out.join("classifier.json");
+    write_atomic(
+        &cfg_path,
+        serde_json::to_string_pretty(&config)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    let mut report = serde_json::Map::new();
+    for (name, ds) in [("train", Some(&train)), ("val", val.as_ref())] {
+        let Some(ds) = ds else { continue };
+        let acc = accuracy_on(&classifier, ds, device)?;
+        println!(
+            "{name}: accuracy {:.1}% over {} images (chance {:.1}%)",
+            100.0 * acc,
+            ds.len(),
+            100.0 / ds.classes().len() as f64
+        );
+        report.insert(
+            name.to_string(),
+            serde_json::json!({"accuracy": acc, "images": ds.len()}),
+        );
+    }
+    write_atomic(
+        &args.out.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(report))
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    println!(
+        "wrote {}, {}, {} and {}",
+        weights.display(),
+        cfg_path.display(),
+        ckpt.display(),
+        metrics.path().display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_warms_up_then_decays_to_zero() {
+        assert!((lr_at(1.0, 1, 100) - 0.2).abs() < 1e-12);
+        assert!((lr_at(1.0, 5, 100) - 1.0).abs() < 1e-12);
+        assert!(lr_at(1.0, 50, 100) < 1.0 && lr_at(1.0, 50, 100) > 0.0);
+        assert!(lr_at(1.0, 100, 100).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,344 @@
+//! `mvar eval`: the figures of a trained VAR / MVAR folder on a held-out split.
+//!
+//! - teacher-forced validation loss (nats) and token accuracy per scale, through exactly the
+//!   forwards the trainer uses (MVAR: segment by segment);
+//! - the tokenizer's reconstruction PSNR on the same images;
+//! - with a classifier from `mvar train-classifier`: class-conditional samples, the share of them
+//!   the classifier labels with the class they were sampled for (chance: 1 / classes), and the
+//!   Frechet distance between the classifier features of the samples and of the real held-out
+//!   images. Two reference figures make these readable: the classifier's accuracy on the real
+//!   held-out images (what perfect samples would score at best), and the Frechet distance between
+//!   as many real training images and the held-out ones (the floor at this sample count).
+//!
+//! The Frechet distance here lives in the feature space of a small classifier trained on the
+//! bundled data set: it is not the Inception-v3 FID and cannot be compared with published FIDs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use mvar_engine::{Device, Error, Generator, Result};
+use mvar_models::checkpoint::write_atomic;
+use mvar_models::metrics::{evaluate_tokens, frechet_distance_of, ScaleEval};
+use mvar_models::SampleConfig;
+
+use crate::classifier::{all_images, features_and_predictions, load_classifier};
+use crate::common::{epoch_order, load_model_dir, load_split, tokenizer_dir};
+use crate::token_cache::TokenCache;
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// A model folder from `mvar train` (model.json, model.safetensors).
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// A classifier folder from `mvar train-classifier`; without it the sample-quality figures
+    /// are skipped.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    #[arg(long, default_value = "data/cifar10-subset")]
+    pub data: PathBuf,
+    /// The held-out split.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Generated images per class for the sample-quality figures.
+    #[arg(long, default_value_t = 20)]
+    pub per_class: usize,
+    #[arg(long, default_value_t = 2.0)]
+    pub cfg: f64,
+    #[arg(long, default_value_t = 0.96)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences per teacher-forced forward.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Where to write the report (default: eval.json in --ckpt).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The sample-quality figures of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SampleQuality {
+    pub samples: usize,
+    /// Share of the samples the classifier labels with their class.
+    pub classifier_accuracy: f64,
+    /// The classifier's accuracy on the real held-out images.
+    pub real_accuracy: f64,
+    /// Frechet distance (classifier features) between the samples and the held-out images.
+    pub frechet_distance: f64,
+    /// The same between as many real training images and the held-out images.
+    pub frechet_distance_real: f64,
+    pub feature_dim: usize,
+    pub chance: f64,
+}
+
+/// Everything `mvar eval` measures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalReport {
+    pub split: String,
+    pub images: usize,
+    pub per_scale: Vec<ScaleReport>,
+    pub val_loss: f64,
+    pub token_accuracy: f64,
+    pub reconstruction_psnr: f64,
+    pub sample_quality: Option<SampleQuality>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScaleReport {
+    pub scale: usize,
+    pub side: usize,
+    pub tokens: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+impl From<&ScaleEval> for ScaleReport {
+    fn from(s: &ScaleEval) -> Self {
+        ScaleReport {
+            scale: s.scale,
+            side: s.side,
+            tokens: s.tokens,
+            loss: s.loss,
+            accuracy: s.accuracy,
+        }
+    }
+}
+
+pub fn run(args: EvalArgs, device: &Device) -> Result<()> {
+    evaluate(&args, device).map(|_| ())
+}
+
+/// Runs the evaluation, prints it and writes the JSON report; returns it.
+pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
+    const OP: &str = "mvar eval";
+    if args.per_class == 0 {
+        return Err(Error::invalid(OP, "--per-class 0"));
+    }
+    let t0 = Instant::now();
+    let (model, vae, info) = load_model_dir(&args.ckpt, device)?;
+    let side = info.var.patch_nums.last().copied().unwrap_or(1) * vae.config.downsample();
+    let val = load_split(&args.data, &args.split, side, false)?.ok_or_else(|| {
+        Error::invalid(
+            OP,
+            format!(
+                "no held-out split {:?} in {} (expected {s}.bin or the folder {s}/)",
+                args.split,
+                args.data.display(),
+                s = args.split
+            ),
+        )
+    })?;
+    if val.classes().len() != info.var.num_classes {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "{} has {} classes; the model was trained on {}",
+                args.data.display(),
+                val.classes().len(),
+                info.var.num_classes
+            ),
+        ));
+    }
+
+    // Teacher-forced figures on the held-out token maps (no flips: the images as they are).
+    let (cache, _) = TokenCache::open_or_build(
+        &tokenizer_dir(&args.ckpt, &info),
+        &args.split,
+        &vae,
+        &val,
+        false,
+        device,
+    )?;
+    let rows: Vec<usize> = (0..cache.len()).collect();
+    let (gt, x_in, labels) = cache.batch(&rows, device)?;
+    let scales = evaluate_tokens(&model, &labels, &gt, &x_in, args.batch)?;
+    let total: usize = scales.iter().map(|s| s.tokens).sum();
+    let val_loss = scales.iter().map(|s| s.loss * s.tokens as f64).sum::<f64>() / total as f64;
+    let token_accuracy = scales
+        .iter()
+        .map(|s| s.accuracy * s.tokens as f64)
+        .sum::<f64>()
+        / total as f64;
+    println!(
+        "{} on {} held-out images ({} split of {}):",
+        info.kind,
+        val.len(),
+        args.split,
+        args.data.display()
+    );
+    println!("  scale  side  tokens   loss   accuracy");
+    for s in &scales {
+        println!(
+            "  {:>5} {:>5} {:>7} {:>7.4} {:>9.2}%",
+            s.scale,
+            s.side,
+            s.tokens,
+            s.loss,
+            100.0 * s.accuracy
+        );
+    }
+    println!(
+        "  all               {val_loss:>7.4} {:>9.2}%  (chance {:.2}%)",
+        100.0 * token_accuracy,
+        100.0 / info.var.vocab_size as f64
+    );
+    let psnr = mvar_models::tokenizer::evaluate(&vae, &val, 64, device)?.psnr;
+    println!("tokenizer reconstruction PSNR {psnr:.2} dB");
+
+    let sample_quality = match &args.classifier {
+        None => {
+            println!("no --classifier: sample-quality figures skipped");
+            None
+        }
+        Some(dir) => Some(sample_quality(
+            args, dir, &model, &vae, &info, &val, device,
+        )?),
+    };
+    let report = EvalReport {
+        split: args.split.clone(),
+        images: val.len(),
+        per_scale: scales.iter().map(ScaleReport::from).collect(),
+        val_loss,
+        token_accuracy,
+        reconstruction_psnr: psnr,
+        sample_quality,
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.ckpt.join("eval.json"));
+    write_atomic(
+        &out,
+        serde_json::to_string_pretty(&report)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    println!(
+        "wrote {} ({:.1}s)",
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(report)
+}
+
+fn sample_quality(
+    args: &EvalArgs,
+    dir: &Path,
+    model: &mvar_models::trainer::ArModel,
+    vae: &mvar_models::VqVae,
+    info: &crate::common::ModelInfo,
+    val: &mvar_models::data::ImageDataset,
+    device: &Device,
+) -> Result<SampleQuality> {
+    let classifier = load_classifier(dir, device)?;
+    let classes = info.var.num_classes;
+    if classifier.config.num_classes != classes {
+        return Err(Error::invalid(
+            "mvar eval",
+            format!(
+                "classifier {} knows {} classes; the model {}",
+                dir.display(),
+                classifier.config.num_classes,
+                classes
+            ),
+        ));
+    }
+    let labels: Vec<i64> = (0..classes as i64)
+        .flat_map(|c| std::iter::repeat_n(c, args.per_class))
+        .collect();
+    let sc = SampleConfig {
+        cfg: args.cfg,
+        top_k: 0,
+        top_p: args.top_p,
+    };
+    let t = Instant::now();
+    let images = crate::sample::images(model, vae, &labels, sc, &mut Generator::new(args.seed))?;
+    let sample_secs = t.elapsed().as_secs_f64();
+    let dim = classifier.config.feature_dim();
+    let (gen_feats, gen_preds) = features_and_predictions(&classifier, &images)?;
+    let hits = gen_preds
+        .iter()
+        .zip(&labels)
+        .filter(|(p, l)| p == l)
+        .count();
+    let accuracy = hits as f64 / labels.len() as f64;
+
+    let (real, real_labels) = all_images(val, device)?;
+    let (real_feats, real_preds) = features_and_predictions(&classifier, &real)?;
+    let real_hits = real_preds
+        .iter()
+        .zip(&real_labels)
+        .filter(|(p, l)| p == l)
+        .count();
+    let real_accuracy = real_hits as f64 / real_labels.len() as f64;
+    let fd = frechet_distance_of(
+        &gen_feats,
+        labels.len(),
+        &real_feats,
+        real_labels.len(),
+        dim,
+    )?;
+
+    // The floor: as many real training images as samples, against the same held-out images.
+    let train = load_split(&args.data, "train", val.side(), false)?;
+    let fd_real = match train {
+        Some(train) if train.len() >= 2 => {
+            let pick: Vec<usize> = epoch_order(train.len(), args.seed, 0)
+                .into_iter()
+                .take(labels.len())
+                .collect();
+            let (x, _) = train.batch(
+                &pick,
+                mvar_models::data::Crop::Center,
+                false,
+                &mut Generator::new(0),
+                device,
+            )?;
+            let (f, _) = features_and_predictions(&classifier, &x)?;
+            frechet_distance_of(&f, pick.len(), &real_feats, real_labels.len(), dim)?
+        }
+        _ => f64::NAN,
+    };
+    let chance = 1.0 / classes as f64;
+    println!(
+        "samples: {} ({} per class, cfg {}, top-p {}) in {sample_secs:.1}s",
+        labels.len(),
+        args.per_class,
+        args.cfg,
+        args.top_p
+    );
+    println!(
+        "  classifier accuracy of the samples {:.1}% (the classifier on real held-out images: {:.1}%; chance {:.1}%)",
+        100.0 * accuracy,
+        100.0 * real_accuracy,
+        100.0 * chance
+    );
+    println!(
+        "  Frechet distance in the classifier's {dim}-d feature space: samples {fd:.3}, real training images {fd_real:.3} (not ImageNet FID)"
+    );
+    // Per-class accuracy: which classes the model has learnt.
+    let per_class: Vec<String> = (0..classes)
+        .map(|c| {
+            let row = &gen_preds[c * args.per_class..(c + 1) * args.per_class];
+            let ok = row.iter().filter(|&&p| p == c as i64).count();
+            let name = info
+                .classes
+                .get(c)
+                .cloned()
+                .unwrap_or_else(|| c.to_string());
+            format!("{name} {:.0}%", 100.0 * ok as f64 / args.per_class as f64)
+        })
+        .collect();
+    println!("  per class: {}", per_class.join(", "));
+    Ok(SampleQuality {
+        samples: labels.len(),
+        classifier_accuracy: accuracy,
+        real_accuracy,
+        frechet_distance: fd,
+        frechet_distance_real: fd_real,
+        feature_dim: dim,
+        chance,
+    })
+}

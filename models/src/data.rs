@@ -323,6 +323,25 @@ impl ImageDataset {
     }
 }
 
+/// One image file as [1, 3, side, side] in [-1, 1], preprocessed as an evaluation image (shorter
+/// side to 1.125 x side with Lanczos, centre crop). An unreadable file is an error naming it.
+pub fn load_image(path: &Path, side: usize, device: &Device) -> Result<Tensor> {
+    if side == 0 {
+        return Err(Error::invalid("load_image", "image side 0"));
+    }
+    let target = (side as f64 * 1.125).round() as u32;
+    let one = ImageDataset {
+        images: vec![decode_resized(path, target)?],
+        labels: vec![0],
+        paths: vec![path.to_path_buf()],
+        classes: vec!["image".into()],
+        side,
+    };
+    Ok(one
+        .batch(&[0], Crop::Center, false, &mut Generator::new(0), device)?
+        .0)
+}
+
 /// Decodes an image and resizes it so that its shorter side is `target` (Lanczos3).
 fn decode_resized(path: &Path, target: u32) -> Result<Pixels> {
     let img = image::open(path)

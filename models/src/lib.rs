@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod classifier;
 pub mod data;
+pub mod edit;
 pub mod metrics;
 pub mod mvar;
 pub mod nn;

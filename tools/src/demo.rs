@@ -18,7 +18,7 @@ pub struct DemoArgs {
     /// mvar (default) or var.
     #[arg(long, value_enum, default_value = "mvar")]
     pub model: Kind,
-    /// Total wall-clock budget in minutes (split 35 % tokenizer, 45 % transformer, 12 % the
+    /// Total wall-clock budget in minutes (split 45 % tokenizer, 42 % transformer, 10 % the
     /// evaluation classifier, the rest data preparation, sampling, evaluation and plots).
     #[arg(long, default_value_t = 10.0)]
     pub minutes: f64,
@@ -44,7 +44,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     } else {
         "var"
     });
-    println!("== 1/5 tokenizer ({:.1} min budget)", args.minutes * 0.35);
+    println!("== 1/5 tokenizer ({:.1} min budget)", args.minutes * 0.45);
     crate::train_tokenizer::run(
         TrainTokenizerArgs {
             data: args.data.clone(),
@@ -72,7 +72,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             resume: false,
             overwrite: true,
             no_flip: false,
-            minutes: Some(args.minutes * 0.35),
+            minutes: Some(args.minutes * 0.45),
         },
         device,
     )?;
@@ -83,11 +83,11 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         } else {
             "VAR"
         },
-        args.minutes * 0.45
+        args.minutes * 0.42
     );
     crate::train::run(
         TrainArgs {
-            model: args.model,
+            model: args.model.into(),
             depth: 4,
             width: Some(192),
             heads: Some(3),
@@ -97,7 +97,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             out: model_dir.clone(),
             steps: args.model_steps,
             batch: 32,
-            base_lr: 2e-3,
+            base_lr: 8e-3,
             warmup: 50,
             wpe: 0.1,
             weight_decay: 0.05,
@@ -111,14 +111,14 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             resume: false,
             overwrite: true,
             cfg: 2.0,
-            minutes: Some(args.minutes * 0.45),
+            minutes: Some(args.minutes * 0.42),
         },
         device,
     )?;
     let classifier_dir = args.out.join("classifier");
     println!(
         "== 3/5 evaluation classifier ({:.1} min budget)",
-        args.minutes * 0.12
+        args.minutes * 0.10
     );
     crate::classifier::run(
         TrainClassifierArgs {
@@ -138,7 +138,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             checkpoint_every: 250,
             resume: false,
             overwrite: true,
-            minutes: Some(args.minutes * 0.12),
+            minutes: Some(args.minutes * 0.10),
         },
         device,
     )?;

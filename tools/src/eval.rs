@@ -7,8 +7,10 @@
 //!   the classifier labels with the class they were sampled for (chance: 1 / classes), and the
 //!   Frechet distance between the classifier features of the samples and of the real held-out
 //!   images. Two reference figures make these readable: the classifier's accuracy on the real
-//!   held-out images (what perfect samples would score at best), and the Frechet distance between
-//!   as many real training images and the held-out ones (the floor at this sample count).
+//!   held-out images (what perfect samples would score at best), the same two figures for the
+//!   tokenizer's reconstructions of those images (the ceiling that the tokenizer leaves to the
+//!   transformer), and the Frechet distance between as many real training images and the
+//!   held-out ones (the floor at this sample count).
 //!
 //! The Frechet distance here lives in the feature space of a small classifier trained on the
 //! bundled data set: it is not the Inception-v3 FID and cannot be compared with published FIDs.
@@ -69,6 +71,10 @@ pub struct SampleQuality {
     pub frechet_distance: f64,
     /// The same between as many real training images and the held-out images.
     pub frechet_distance_real: f64,
+    /// The classifier's accuracy on the tokenizer's reconstructions of the held-out images, and
+    /// their Frechet distance to the originals: what perfect token prediction could reach.
+    pub reconstruction_accuracy: f64,
+    pub frechet_distance_reconstructions: f64,
     pub feature_dim: usize,
     pub chance: f64,
 }
@@ -281,6 +287,33 @@ fn sample_quality(
         dim,
     )?;
 
+    // The tokenizer's ceiling: its reconstructions of the held-out images.
+    let recon = {
+        let _ng = mvar_engine::no_grad();
+        let n = real_labels.len();
+        let mut parts = Vec::new();
+        for start in (0..n).step_by(64) {
+            let x = mvar_ops::narrow(&real, 0, start, 64.min(n - start))?;
+            parts.push(vae.idx_to_img(&vae.img_to_idx(&x)?)?);
+        }
+        let refs: Vec<&mvar_engine::Tensor> = parts.iter().collect();
+        mvar_ops::concat(&refs, 0)?
+    };
+    let (recon_feats, recon_preds) = features_and_predictions(&classifier, &recon)?;
+    let recon_hits = recon_preds
+        .iter()
+        .zip(&real_labels)
+        .filter(|(p, l)| p == l)
+        .count();
+    let recon_accuracy = recon_hits as f64 / real_labels.len() as f64;
+    let fd_recon = frechet_distance_of(
+        &recon_feats,
+        real_labels.len(),
+        &real_feats,
+        real_labels.len(),
+        dim,
+    )?;
+
     // The floor: as many real training images as samples, against the same held-out images.
     let train = load_split(&args.data, "train", val.side(), false)?;
     let fd_real = match train {
@@ -316,7 +349,11 @@ fn sample_quality(
         100.0 * chance
     );
     println!(
-        "  Frechet distance in the classifier's {dim}-d feature space: samples {fd:.3}, real training images {fd_real:.3} (not ImageNet FID)"
+        "  the classifier on the tokenizer's reconstructions of the held-out images: {:.1}%",
+        100.0 * recon_accuracy
+    );
+    println!(
+        "  Frechet distance to the held-out images in the classifier's {dim}-d feature space: samples {fd:.3}, reconstructions {fd_recon:.3}, real training images {fd_real:.3} (not ImageNet FID)"
     );
     // Per-class accuracy: which classes the model has learnt.
     let per_class: Vec<String> = (0..classes)
@@ -338,6 +375,8 @@ fn sample_quality(
         real_accuracy,
         frechet_distance: fd,
         frechet_distance_real: fd_real,
+        reconstruction_accuracy: recon_accuracy,
+        frechet_distance_reconstructions: fd_recon,
         feature_dim: dim,
         chance,
     })

@@ -3,6 +3,7 @@
 mod classifier;
 mod common;
 mod demo;
+mod edit;
 mod eval;
 mod plot;
 mod progress;
@@ -39,6 +40,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Class-conditional images from a trained VAR or MVAR folder.
     Sample(Box<sample::SampleArgs>),
+    /// Zero-shot in-painting, out-painting and class-conditional editing of an image.
+    Edit(Box<edit::EditArgs>),
     /// Train the small image classifier that `mvar eval` scores samples with.
     TrainClassifier(Box<classifier::TrainClassifierArgs>),
     /// Validation loss and token accuracy per scale, reconstruction PSNR, and (with
@@ -67,6 +70,7 @@ fn main() {
         Command::TrainTokenizer(args) => with_device(|d| train_tokenizer::run(*args, d)),
         Command::Train(args) => with_device(|d| train::run(*args, d)),
         Command::Sample(args) => with_device(|d| sample::run(*args, d)),
+        Command::Edit(args) => with_device(|d| edit::run(*args, d)),
         Command::TrainClassifier(args) => with_device(|d| classifier::run(*args, d)),
         Command::Eval(args) => with_device(|d| eval::run(*args, d)),
         Command::Convert {

@@ -22,12 +22,50 @@ pub enum Kind {
     Mvar,
 }
 
+/// `--model`: var or mvar, optionally with the depth as the official names write it
+/// (`var-d16`, `mvar-d16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelName {
+    pub kind: Kind,
+    pub depth: Option<usize>,
+}
+
+impl From<Kind> for ModelName {
+    fn from(kind: Kind) -> Self {
+        ModelName { kind, depth: None }
+    }
+}
+
+impl std::str::FromStr for ModelName {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (name, depth) = match s.split_once("-d") {
+            Some((n, d)) => (
+                n,
+                Some(d.parse::<usize>().ok().filter(|&d| d > 0).ok_or_else(|| {
+                    format!("{s:?}: the depth after -d must be a positive integer")
+                })?),
+            ),
+            None => (s, None),
+        };
+        let kind = match name {
+            "var" => Kind::Var,
+            "mvar" => Kind::Mvar,
+            _ => return Err(format!("{s:?}: expected var, mvar, var-dN or mvar-dN")),
+        };
+        Ok(ModelName { kind, depth })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// var (block-causal, KV-cache sampling) or mvar (scale- and spatial-Markov).
-    #[arg(long, value_enum, default_value = "mvar")]
-    pub model: Kind,
-    /// Transformer depth (width 64 * depth and depth heads unless --width / --heads).
+    /// var (block-causal, KV-cache sampling) or mvar (scale- and spatial-Markov), optionally with
+    /// the depth: var-d16, mvar-d16.
+    #[arg(long, default_value = "mvar")]
+    pub model: ModelName,
+    /// Transformer depth (width 64 * depth and depth heads unless --width / --heads); a depth in
+    /// --model (var-d16) takes precedence.
     #[arg(long, default_value_t = 4)]
     pub depth: usize,
     #[arg(long)]
@@ -65,7 +103,8 @@ pub struct TrainArgs {
     pub refine_step: Option<usize>,
     #[arg(long, default_value_t = 7)]
     pub kernel_size: usize,
-    /// Start from the weights of a VAR/MVAR folder (fine-tuning VAR into MVAR).
+    /// Start from the weights of a VAR/MVAR folder or a .safetensors file with the official
+    /// names (fine-tuning VAR into MVAR); loaded strictly.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
@@ -116,6 +155,9 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         cache.seq_len(),
         t0.elapsed().as_secs_f64()
     );
+    if let Some(d) = args.model.depth {
+        args.depth = d;
+    }
     let mut var_cfg = VarConfig::with_depth(args.depth);
     var_cfg.embed_dim = args.width.unwrap_or(0);
     var_cfg.num_heads = args.heads.unwrap_or(0);
@@ -124,7 +166,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     var_cfg.cvae = vae.config.z_channels;
     var_cfg.vocab_size = vae.config.vocab_size;
     var_cfg.cond_drop_rate = args.cond_drop;
-    let mvar_cfg = (args.model == Kind::Mvar).then(|| MvarConfig {
+    let mvar_cfg = (args.model.kind == Kind::Mvar).then(|| MvarConfig {
         refine_step: args.refine_step.unwrap_or_else(|| {
             pns.iter()
                 .position(|&p| p >= args.kernel_size)
@@ -135,7 +177,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         ..MvarConfig::default()
     });
     let info = ModelInfo {
-        kind: if args.model == Kind::Var {
+        kind: if args.model.kind == Kind::Var {
             "var"
         } else {
             "mvar"
@@ -152,10 +194,26 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
     let model = build_model(&info, device, args.seed)?;
     if let Some(init) = &args.init_from {
-        let report = model.var().load(&init.join("model.safetensors"))?;
+        // A model folder or a .safetensors file (e.g. an official VAR converted with `mvar
+        // convert`), loaded strictly: every parameter present with its shape, nothing else.
+        let file = if init.is_dir() {
+            init.join("model.safetensors")
+        } else {
+            init.clone()
+        };
+        let report = model.var().load(&file)?;
+        if !report.unexpected.is_empty() {
+            return Err(Error::Format {
+                what: file.display().to_string(),
+                msg: format!(
+                    "--init-from holds tensors this {} does not have: {:?} (a checkpoint of another model?)",
+                    info.kind, report.unexpected
+                ),
+            });
+        }
         println!(
             "initialised from {} ({} tensors)",
-            init.display(),
+            file.display(),
             report.loaded
         );
     }

@@ -110,8 +110,19 @@ fn train_cmd(data: &Path, tok: &Path, out: &Path, steps: u64) -> Command {
 }
 
 fn train_cmd_depth(data: &Path, tok: &Path, out: &Path, steps: u64, depth: usize) -> Command {
+    train_cmd_model(data, tok, out, steps, depth, "mvar")
+}
+
+fn train_cmd_model(
+    data: &Path,
+    tok: &Path,
+    out: &Path,
+    steps: u64,
+    depth: usize,
+    model: &str,
+) -> Command {
     let mut c = mvar();
-    c.args(["train", "--model", "mvar", "--width", "32"])
+    c.args(["train", "--model", model, "--width", "32"])
         .arg("--depth")
         .arg(depth.to_string())
         .args(["--heads", "2", "--batch", "4", "--kernel-size", "3"])
@@ -394,5 +405,69 @@ fn classifier_and_eval_report_the_figures_and_refuse_mismatched_inputs() {
         &["held-out split", "test"],
     );
     fails(&mut eval(&root.join("no-classifier")), &["no-classifier"]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn edit_writes_a_sheet_and_names_a_bad_box_or_image() {
+    let (data, tok) = tokenizer();
+    let root = scratch("edit");
+    let model = root.join("m");
+    ok(&mut train_cmd(data, tok, &model, 2));
+    let image = data.join("red").join("0.png");
+    let edit = |extra: &[&str], image: &Path| {
+        let mut c = mvar();
+        c.args(["edit", "--n", "2", "--ckpt"])
+            .arg(&model)
+            .arg("--image")
+            .arg(image)
+            .arg("--out")
+            .arg(root.join("e"))
+            .args(extra);
+        c
+    };
+    let t = ok(&mut edit(&["--box", "0,0,4,8"], &image));
+    assert!(t.contains("in-painting") && t.contains("50%"), "{t}");
+    assert!(root.join("e").join("edits.png").is_file());
+    // Classes are the sorted folder names: 0 = blue, 1 = red.
+    let t = ok(&mut edit(&["--outpaint", "--class", "0"], &image));
+    assert!(t.contains("out-painting") && t.contains("blue"), "{t}");
+    fails(
+        &mut edit(&["--box", "0,0,9,4"], &image),
+        &["box", "x1 <= 8"],
+    );
+    fails(&mut edit(&["--box", "1,2,3"], &image), &["--box", "four"]);
+    let broken = root.join("broken.png");
+    std::fs::write(&broken, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    fails(&mut edit(&[], &broken), &["broken.png"]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn init_from_takes_a_folder_or_a_file_strictly_and_model_names_carry_the_depth() {
+    let (data, tok) = tokenizer();
+    let root = scratch("init");
+    let base = root.join("base");
+    ok(&mut train_cmd(data, tok, &base, 2));
+    let weights = base.join("model.safetensors");
+    for (i, init) in [base.clone(), weights.clone()].iter().enumerate() {
+        let t = ok(train_cmd(data, tok, &root.join(format!("ft{i}")), 2)
+            .arg("--init-from")
+            .arg(init));
+        assert!(
+            t.contains("initialised from") && t.contains("model.safetensors"),
+            "{t}"
+        );
+    }
+    // `--model mvar-d2` sets depth 2 (it overrides --depth 1): the depth-1 weights lack block 1.
+    let mut deeper = train_cmd_model(data, tok, &root.join("d2"), 2, 1, "mvar-d2");
+    deeper.arg("--init-from").arg(&weights);
+    fails(&mut deeper, &["model.safetensors", "blocks.1"]);
+    // A malformed name is a usage error (clap's exit status 2) that says what is accepted.
+    let o = train_cmd_model(data, tok, &root.join("bad"), 2, 1, "mvar-dx")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("positive integer"));
     let _ = std::fs::remove_dir_all(&root);
 }

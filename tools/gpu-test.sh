@@ -99,6 +99,8 @@ if [ "${#dirs[@]}" -gt 0 ]; then
   export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 export MVAR_REQUIRE_GPU=1
+# The command-line tests run the bundle's own mvar (their built-in path is this build machine's).
+export MVAR_BIN="$HERE/mvar"
 
 # The fixture tests read the shared fixture set, next to the repository or inside it.
 for f in ../shared/fixtures shared/fixtures; do

@@ -4,6 +4,7 @@
 //! The ops themselves live one layer up, in `mvar-ops`; this crate knows only what every op
 //! needs: how a tensor is stored, how an op records itself for backward, and how gradients flow.
 
+pub mod autocast;
 pub mod autograd;
 pub mod cpu;
 mod device;
@@ -16,6 +17,7 @@ mod shape;
 mod storage;
 mod tensor;
 
+pub use autocast::{autocast, autocast_dtype, AutocastGuard};
 pub use autograd::{is_grad_enabled, no_grad, with_no_grad, Backward, NoGradGuard};
 pub use device::Device;
 pub use dtype::{DType, Float, WithDType};

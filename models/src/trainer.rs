@@ -65,6 +65,10 @@ pub struct ArTrainConfig {
     pub weight_decay_end: f64,
     pub clip: f64,
     pub label_smoothing: f64,
+    /// Mixed precision: Some(bf16) runs the forward and backward inside an autocast scope
+    /// (GEMMs, attention and convolutions in bf16 with f32 accumulation; parameters, optimizer
+    /// state, norms and the loss in f32). None trains in the parameters' dtype.
+    pub autocast: Option<mvar_engine::DType>,
 }
 
 impl Default for ArTrainConfig {
@@ -80,6 +84,7 @@ impl Default for ArTrainConfig {
             weight_decay_end: 0.05,
             clip: 2.0,
             label_smoothing: 0.0,
+            autocast: None,
         }
     }
 }
@@ -222,6 +227,7 @@ impl ArTrainer {
         let dropped = var.drop_labels(labels, var.config.cond_drop_rate, rng);
         let lab = Tensor::from_vec(dropped, [labels.len()], &device)?;
         var.params.zero_grad();
+        let _autocast = mvar_engine::autocast(self.config.autocast)?;
         let logits = match &self.model {
             ArModel::Var(v) => v.forward(&lab, x_in, Some(rng))?,
             ArModel::Mvar(m) => m.forward_segment(&lab, x_in, scales.clone(), Some(rng))?,
@@ -390,6 +396,57 @@ mod tests {
             let (a, b) = (first.iter().sum::<f64>(), last.iter().sum::<f64>());
             assert!(b < 0.8 * a, "{kind}: {first:?} -> {last:?}");
         }
+    }
+
+    #[test]
+    fn bf16_autocast_steps_track_the_f32_steps_and_keep_f32_master_weights() {
+        let (vae, tcfg) = tiny_models();
+        let mut g = Generator::new(8);
+        let idx: Vec<Tensor> = [1usize, 2, 3]
+            .iter()
+            .map(|&pn| {
+                let ids: Vec<i64> = g
+                    .next_u32s(4 * pn * pn)
+                    .into_iter()
+                    .map(|w| (w % 16) as i64)
+                    .collect();
+                Tensor::from_vec(ids, [4, pn * pn], &Device::Cpu).unwrap()
+            })
+            .collect();
+        let refs: Vec<&Tensor> = idx.iter().collect();
+        let gt = ops::concat(&refs, 1).unwrap();
+        let x_in = vae.idx_to_var_input(&idx).unwrap();
+        let labels = [0i64, 1, 2, 0];
+        let run = |autocast: Option<mvar_engine::DType>| {
+            let cfg = ArTrainConfig {
+                base_lr: 1e-2,
+                batch: 256,
+                total_steps: 20,
+                warmup_steps: 2,
+                autocast,
+                ..Default::default()
+            };
+            let var = Var::new(tcfg.clone(), &Device::Cpu, 5, crate::Mixing::BlockCausal).unwrap();
+            let mut tr = ArTrainer::new(ArModel::Var(var), cfg).unwrap();
+            let mut rng = Generator::new(11);
+            let losses: Vec<f64> = (0..20)
+                .map(|_| tr.step(&labels, &gt, &x_in, &mut rng).unwrap().loss)
+                .collect();
+            for (name, p) in tr.model.var().params.iter() {
+                assert_eq!(p.dtype(), mvar_engine::DType::F32, "{name}");
+            }
+            losses
+        };
+        let f32_losses = run(None);
+        let bf16_losses = run(Some(mvar_engine::DType::BF16));
+        assert_ne!(f32_losses, bf16_losses, "autocast changed nothing");
+        for (i, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
+            assert!(
+                (a - b).abs() < 0.03 * a.abs(),
+                "step {i}: f32 {a} vs bf16 {b}"
+            );
+        }
+        assert!(bf16_losses[19] < 0.8 * bf16_losses[0], "{bf16_losses:?}");
     }
 
     #[test]

@@ -39,7 +39,9 @@ use mvar_engine::{DType, Error, Float, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::norm::{backward_with_saved, nth, Saved};
-use crate::util::{dispatch, out_tensor, require_float, require_rank, same_device, same_dtype};
+use crate::util::{
+    autocast_run, dispatch, out_tensor, require_float, require_rank, same_device, same_dtype,
+};
 
 const OP: &str = "attention";
 
@@ -451,6 +453,9 @@ pub fn attention(
     scale: f64,
     mask: &AttnMask,
 ) -> Result<Tensor> {
+    if let Some(r) = autocast_run(&[q, k, v], |x| attention(&x[0], &x[1], &x[2], scale, mask)) {
+        return r;
+    }
     same_device(OP, &[q, k, v])?;
     for t in [q, k, v] {
         require_float(OP, t)?;

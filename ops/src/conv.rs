@@ -33,7 +33,9 @@ use mvar_engine::cuda::ops::conv as cu;
 use mvar_engine::{Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{float_op, out_tensor, output_len, require_rank, same_device, same_dtype};
+use crate::util::{
+    autocast_run, float_op, out_tensor, output_len, require_rank, same_device, same_dtype,
+};
 
 /// Zero rows/columns added on each side of the input before the kernel slides over it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -635,6 +637,9 @@ pub fn conv2d(
     const OP: &str = ConvGeom::OP;
     let mut ts = vec![x, w];
     ts.extend(bias);
+    if let Some(r) = autocast_run(&ts, |c| conv2d(&c[0], &c[1], c.get(2), stride, padding)) {
+        return r;
+    }
     same_device(OP, &ts)?;
     let g = ConvGeom::new(x, w, bias, stride, padding)?;
     same_dtype(OP, &ts)?;

@@ -19,7 +19,7 @@ use mvar_engine::cuda::blas::{self, GemmShape};
 use mvar_engine::cuda::ops::elementwise as ew;
 use mvar_engine::cuda::{CudaBuffer, CudaDevice};
 
-use crate::util::{float_op, out_tensor, same_device, same_dtype};
+use crate::util::{autocast_run, float_op, out_tensor, same_device, same_dtype};
 
 /// A matrix product of one batch entry is "small" below this many multiply-adds.
 const SMALL_GEMM_FLOPS: usize = 1 << 21;
@@ -231,6 +231,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// op(a) @ op(b) where op transposes the last two axes when its flag is set (no copy).
 pub fn matmul_t(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    if let Some(r) = autocast_run(&[a, b], |x| matmul_t(&x[0], &x[1], trans_a, trans_b)) {
+        return r;
+    }
     same_device("matmul", &[a, b])?;
     same_dtype("matmul", &[a, b])?;
     let plan = MatmulPlan::new(a, b, trans_a, trans_b)?;

@@ -35,7 +35,9 @@ pub use mvar_engine::cuda::ops::na2d::NaKernel;
 
 use crate::attention::{prob_from_lse, softmax_row};
 use crate::norm::{backward_with_saved, nth, Saved};
-use crate::util::{float_op, out_tensor, require_float, require_rank, same_device, same_dtype};
+use crate::util::{
+    autocast_run, float_op, out_tensor, require_float, require_rank, same_device, same_dtype,
+};
 
 const OP: &str = "na2d";
 
@@ -279,6 +281,11 @@ pub fn na2d_with_kernel(
     scale: f64,
     kernel: NaKernel,
 ) -> Result<Tensor> {
+    if let Some(r) = autocast_run(&[q, k, v], |x| {
+        na2d_with_kernel(&x[0], &x[1], &x[2], kernel_size, scale, kernel)
+    }) {
+        return r;
+    }
     same_device(OP, &[q, k, v])?;
     for t in [q, k, v] {
         require_float(OP, t)?;

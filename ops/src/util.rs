@@ -425,3 +425,24 @@ pub(crate) fn output_len(op: &'static str, dims: &[usize]) -> Result<usize> {
         .filter(|&n| n <= isize::MAX as usize / 64)
         .ok_or_else(|| Error::invalid(op, format!("output shape {dims:?}: too many elements")))
 }
+
+/// The autocast rule (see `mvar_engine::autocast`): inside an autocast scope, an op whose float
+/// inputs are all f32 runs `f` on them cast to the scope's dtype and returns its result cast
+/// back to f32. Returns None (run the op as it is) outside a scope or for other dtypes.
+pub(crate) fn autocast_run(
+    inputs: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Option<Result<Tensor>> {
+    let low = mvar_engine::autocast_dtype()?;
+    if inputs.is_empty() || inputs.iter().any(|t| t.dtype() != DType::F32) {
+        return None;
+    }
+    let run = || -> Result<Tensor> {
+        let cast: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(low))
+            .collect::<Result<_>>()?;
+        f(&cast)?.to_dtype(DType::F32)
+    };
+    Some(run())
+}

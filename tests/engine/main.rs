@@ -1,6 +1,7 @@
 //! Engine behaviour: the autograd tape's contract, the optimizer, and errors on bad input.
 
 mod api_errors;
+mod autocast;
 mod no_panic;
 mod optim;
 mod tape;

@@ -111,6 +111,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             resume: false,
             overwrite: true,
             cfg: 2.0,
+            precision: crate::train::Precision::Auto,
             minutes: Some(args.minutes * 0.42),
         },
         device,

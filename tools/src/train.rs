@@ -17,6 +17,24 @@ use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use crate::token_cache::TokenCache;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The autocast dtype on `device`.
+    pub fn autocast(self, device: &Device) -> Option<mvar_engine::DType> {
+        match self {
+            Precision::Bf16 => Some(mvar_engine::DType::BF16),
+            Precision::F32 => None,
+            Precision::Auto => device.is_cuda().then_some(mvar_engine::DType::BF16),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kind {
     Var,
     Mvar,
@@ -124,6 +142,11 @@ pub struct TrainArgs {
     /// the learning-rate schedule) is set to what fits; overrides --steps.
     #[arg(long)]
     pub minutes: Option<f64>,
+    /// Mixed precision: bf16 (autocast: GEMMs, attention and convolutions in bf16 with f32
+    /// accumulation, f32 master weights), f32, or auto (bf16 on a GPU, f32 on the CPU, where
+    /// bf16 GEMMs are not faster).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: Precision,
     /// Guidance of the sample grid written at the end.
     #[arg(long, default_value_t = 2.0)]
     pub cfg: f64,
@@ -241,8 +264,16 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         wpe: args.wpe,
         weight_decay: args.weight_decay,
         weight_decay_end: args.weight_decay,
+        autocast: args.precision.autocast(device),
         ..ArTrainConfig::default()
     };
+    println!(
+        "precision: {}",
+        match cfg.autocast {
+            Some(_) => "bf16 autocast (f32 master weights)",
+            None => "f32",
+        }
+    );
     let mut trainer = ArTrainer::new(model, cfg)?;
     const CALIBRATION_STEPS: u64 = 10;
     let ckpt = args.out.join("train.safetensors");

@@ -7,8 +7,13 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The binary under test: cargo's build of it, or `MVAR_BIN` where the test binary runs away
+/// from the build tree (the GPU bundle of tools/gpu-test.sh).
 fn mvar() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mvar"));
+    let bin = std::env::var_os("MVAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mvar")));
+    let mut c = Command::new(bin);
     c.env("MVAR_DEVICE", "cpu");
     c
 }

@@ -119,8 +119,13 @@ pub fn all_images(data: &ImageDataset, device: &Device) -> Result<(Tensor, Vec<i
 pub fn accuracy_on(classifier: &Classifier, data: &ImageDataset, device: &Device) -> Result<f64> {
     let (x, labels) = all_images(data, device)?;
     let (_, preds) = features_and_predictions(classifier, &x)?;
-    let hits = preds.iter().zip(&labels).filter(|(p, l)| p == l).count();
-    Ok(hits as f64 / labels.len().max(1) as f64)
+    Ok(top1_accuracy(&preds, &labels))
+}
+
+/// Share of `preds` equal to `labels` (0 for none).
+pub fn top1_accuracy(preds: &[i64], labels: &[i64]) -> f64 {
+    let hits = preds.iter().zip(labels).filter(|(p, l)| p == l).count();
+    hits as f64 / labels.len().max(1) as f64
 }
 
 pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
@@ -262,13 +267,11 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
                 ),
             ));
         }
-        let hits = {
+        let accuracy = {
             let _ng = no_grad();
             let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
-            let want = y.to_vec::<i64>()?;
-            pred.iter().zip(&want).filter(|(p, w)| p == w).count()
+            top1_accuracy(&pred, &y.to_vec::<i64>()?)
         };
-        let accuracy = hits as f64 / idx.len() as f64;
         loss.backward()?;
         opt.step(&classifier.params)?;
         metrics.write(&format!(

@@ -29,6 +29,9 @@ pub struct DemoArgs {
     pub model_steps: u64,
     #[arg(long, default_value_t = 1500)]
     pub classifier_steps: u64,
+    /// Codebook size of the tokenizer.
+    #[arg(long, default_value_t = 512)]
+    pub vocab: usize,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
     #[arg(long, default_value = "runs/demo")]
@@ -55,7 +58,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             batch: 32,
             side: 32,
             config: None,
-            vocab: 512,
+            vocab: args.vocab,
             ch: 32,
             ch_mult: "1,2,2".into(),
             z_channels: 32,

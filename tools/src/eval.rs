@@ -24,7 +24,7 @@ use mvar_models::checkpoint::write_atomic;
 use mvar_models::metrics::{evaluate_tokens, frechet_distance_of, ScaleEval};
 use mvar_models::SampleConfig;
 
-use crate::classifier::{all_images, features_and_predictions, load_classifier};
+use crate::classifier::{all_images, features_and_predictions, load_classifier, top1_accuracy};
 use crate::common::{epoch_order, load_model_dir, load_split, tokenizer_dir};
 use crate::token_cache::TokenCache;
 
@@ -264,21 +264,11 @@ fn sample_quality(
     let sample_secs = t.elapsed().as_secs_f64();
     let dim = classifier.config.feature_dim();
     let (gen_feats, gen_preds) = features_and_predictions(&classifier, &images)?;
-    let hits = gen_preds
-        .iter()
-        .zip(&labels)
-        .filter(|(p, l)| p == l)
-        .count();
-    let accuracy = hits as f64 / labels.len() as f64;
+    let accuracy = top1_accuracy(&gen_preds, &labels);
 
     let (real, real_labels) = all_images(val, device)?;
     let (real_feats, real_preds) = features_and_predictions(&classifier, &real)?;
-    let real_hits = real_preds
-        .iter()
-        .zip(&real_labels)
-        .filter(|(p, l)| p == l)
-        .count();
-    let real_accuracy = real_hits as f64 / real_labels.len() as f64;
+    let real_accuracy = top1_accuracy(&real_preds, &real_labels);
     let fd = frechet_distance_of(
         &gen_feats,
         labels.len(),
@@ -300,12 +290,7 @@ fn sample_quality(
         mvar_ops::concat(&refs, 0)?
     };
     let (recon_feats, recon_preds) = features_and_predictions(&classifier, &recon)?;
-    let recon_hits = recon_preds
-        .iter()
-        .zip(&real_labels)
-        .filter(|(p, l)| p == l)
-        .count();
-    let recon_accuracy = recon_hits as f64 / real_labels.len() as f64;
+    let recon_accuracy = top1_accuracy(&recon_preds, &real_labels);
     let fd_recon = frechet_distance_of(
         &recon_feats,
         real_labels.len(),

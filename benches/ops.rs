@@ -546,7 +546,7 @@ fn attention(c: &mut Criterion) {
 }
 
 fn spatial(c: &mut Criterion) {
-    let _ng = no_grad();
+    let ng = no_grad();
     let mut g = c.benchmark_group("spatial");
     for d in devices() {
         let t = tag(&d);
@@ -609,6 +609,71 @@ fn spatial(c: &mut Criterion) {
             format!("{t}/upsample_nearest x2 [2,64,64,64] f32"),
             || {
                 ops::upsample_nearest(&x, 2).unwrap();
+            },
+        );
+    }
+    drop(ng);
+    // The demo tokenizer's commonest convolution (batch 32, 32 channels at 32x32), forward and
+    // forward + backward (input, weight and bias gradients: 3x the forward's FLOPs).
+    for d in devices() {
+        let t = tag(&d);
+        let x = randn(&[32, 32, 32, 32], DType::F32, &d, 6)
+            .with_grad()
+            .unwrap();
+        let w = randn(&[32, 32, 3, 3], DType::F32, &d, 7)
+            .with_grad()
+            .unwrap();
+        let b = randn(&[32], DType::F32, &d, 8).with_grad().unwrap();
+        let flops = 2 * 32 * 32 * 32 * 32 * 32 * 9;
+        g.throughput(Throughput::Elements(flops));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/conv2d 3x3 [32,32,32,32] f32 fwd (FLOPs)"),
+            || {
+                mvar::engine::with_no_grad(|| {
+                    ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap()
+                });
+            },
+        );
+        g.throughput(Throughput::Elements(3 * flops));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/conv2d 3x3 [32,32,32,32] f32 fwd+bwd (FLOPs)"),
+            || {
+                [&x, &w, &b].iter().for_each(|l| l.zero_grad());
+                ops::sum_all(
+                    &ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap(),
+                )
+                .unwrap()
+                .backward()
+                .unwrap();
+            },
+        );
+        let y = randn(&[32, 32, 32, 32], DType::F32, &d, 9)
+            .with_grad()
+            .unwrap();
+        g.throughput(Throughput::Bytes(bytes(2 * y.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/silu [32,32,32,32] f32 fwd"),
+            || {
+                mvar::engine::with_no_grad(|| ops::silu(&y).unwrap());
+            },
+        );
+        g.throughput(Throughput::Bytes(bytes(5 * y.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/silu [32,32,32,32] f32 fwd+bwd"),
+            || {
+                y.zero_grad();
+                ops::sum_all(&ops::silu(&y).unwrap())
+                    .unwrap()
+                    .backward()
+                    .unwrap();
             },
         );
     }

@@ -61,7 +61,7 @@ impl UnaryOp {
         let one = T::one();
         match self {
             UnaryOp::Neg => -x,
-            UnaryOp::Exp => x.exp(),
+            UnaryOp::Exp => x.exp_fast(),
             UnaryOp::Log => x.ln(),
             UnaryOp::Sqrt => x.sqrt(),
             UnaryOp::Rsqrt => one / x.sqrt(),
@@ -151,22 +151,26 @@ impl UnaryOp {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn sigmoid_scalar<T: Float>(x: T) -> T {
-    // Split by sign so that exp never overflows.
-    if x >= T::zero() {
-        T::one() / (T::one() + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (T::one() + e)
-    }
+    // One branch-free form for both signs (so the loops vectorise): for x << 0, e^-x may be
+    // +inf and 1 / inf = 0 is the right limit; 1 / (1 + e) is accurate to an ulp either way.
+    T::one() / (T::one() + (-x).exp_fast())
 }
 
 struct UnaryFwd(UnaryOp);
 impl FloatKernel for UnaryFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let op = self.0;
-        Ok(vec![map1(x[0], move |v| op.forward(v))])
+        // The hot transcendental ops get their own monomorphised loop (a constant op, so the
+        // match folds away and the loop vectorises); the rest share one.
+        let x = x[0];
+        Ok(vec![match op {
+            UnaryOp::Exp => map1(x, |v| UnaryOp::Exp.forward(v)),
+            UnaryOp::Sigmoid => map1(x, |v| UnaryOp::Sigmoid.forward(v)),
+            UnaryOp::Silu => map1(x, |v| UnaryOp::Silu.forward(v)),
+            other => map1(x, move |v| other.forward(v)),
+        }])
     }
 }
 
@@ -174,7 +178,12 @@ struct UnaryBwd(UnaryOp);
 impl FloatKernel for UnaryBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let op = self.0;
-        Ok(vec![map_zip(x[0], x[1], move |s, g| op.backward(s, g))])
+        let (s, g) = (x[0], x[1]);
+        Ok(vec![match op {
+            UnaryOp::Sigmoid => map_zip(s, g, |s, g| UnaryOp::Sigmoid.backward(s, g)),
+            UnaryOp::Silu => map_zip(s, g, |s, g| UnaryOp::Silu.backward(s, g)),
+            other => map_zip(s, g, move |s, g| other.backward(s, g)),
+        }])
     }
 }
 

@@ -89,7 +89,7 @@ fn lane_max<T: Float>(x: &[T]) -> T {
 #[inline]
 fn log_sum_exp<T: Float>(x: &[T]) -> f64 {
     let m = lane_max(x);
-    let s: f64 = x.iter().map(|&v| (v - m).exp().as_f64()).sum();
+    let s: f64 = x.iter().map(|&v| (v - m).exp_fast().as_f64()).sum();
     m.as_f64() + s.ln()
 }
 
@@ -103,7 +103,7 @@ impl FloatKernel for SoftmaxFwd {
         Ok(vec![map_lanes([x[0]], self.dims, move |[x], y| {
             let m = lane_max(x);
             if log {
-                let s: f64 = x.iter().map(|&v| (v - m).exp().as_f64()).sum();
+                let s: f64 = x.iter().map(|&v| (v - m).exp_fast().as_f64()).sum();
                 let ln_s = T::from_f64(s.ln());
                 for (o, &v) in y.iter_mut().zip(x) {
                     *o = v - m - ln_s;
@@ -111,7 +111,7 @@ impl FloatKernel for SoftmaxFwd {
             } else {
                 let mut s = 0.0f64;
                 for (o, &v) in y.iter_mut().zip(x) {
-                    *o = (v - m).exp();
+                    *o = (v - m).exp_fast();
                     s += o.as_f64();
                 }
                 let inv = T::from_f64(1.0 / s);
@@ -136,7 +136,7 @@ impl FloatKernel for SoftmaxBwd {
                 if log {
                     let sg = T::from_f64(g.iter().map(|v| v.as_f64()).sum());
                     for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
-                        *d = gv - yv.exp() * sg;
+                        *d = gv - yv.exp_fast() * sg;
                     }
                 } else {
                     let dot =
@@ -247,7 +247,7 @@ impl FloatKernel for CrossEntropyBwd {
             let t = self.targets[r] as usize;
             for (c, (o, &l)) in d.iter_mut().zip(&x[0][r * v..(r + 1) * v]).enumerate() {
                 let target = if c == t { on } else { off };
-                *o = scale * ((l - lse).exp() - target);
+                *o = scale * ((l - lse).exp_fast() - target);
             }
         };
         if dx.len() >= PARALLEL_MIN_ELEMS {

@@ -249,7 +249,7 @@ impl Broadcast {
 }
 
 /// out[i] = f(a[ia], b[ib]) over the broadcast of a and b to `out`.
-pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Default>(
+pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sync + Default>(
     out: &Shape,
     a: (&[A], &Shape),
     b: (&[B], &Shape),
@@ -313,29 +313,53 @@ pub(crate) fn broadcast_map3<
     v
 }
 
+/// Elements per task of the threaded maps: plain slice loops inside a task, so that a
+/// branch-free `f` vectorises (rayon's per-element iterators do not).
+const MAP_CHUNK: usize = 16 * 1024;
+
 /// out[i] = f(x[i]), threaded for large inputs.
-pub(crate) fn map1<A: Copy + Sync, R: Send>(x: &[A], f: impl Fn(A) -> R + Sync + Send) -> Vec<R> {
+pub(crate) fn map1<A: Copy + Sync, R: Copy + Default + Send + Sync>(
+    x: &[A],
+    f: impl Fn(A) -> R + Sync + Send,
+) -> Vec<R> {
+    let mut out = vec![R::default(); x.len()];
+    let run = |(o, i): (&mut [R], &[A])| {
+        for (o, &i) in o.iter_mut().zip(i) {
+            *o = f(i);
+        }
+    };
     if x.len() >= PARALLEL_MIN_ELEMS {
-        x.par_iter().map(|&a| f(a)).collect()
+        out.par_chunks_mut(MAP_CHUNK)
+            .zip(x.par_chunks(MAP_CHUNK))
+            .for_each(run);
     } else {
-        x.iter().map(|&a| f(a)).collect()
+        run((&mut out, x));
     }
+    out
 }
 
 /// out[i] = f(a[i], b[i]), threaded for large inputs.
-pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Send>(
+pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Copy + Default + Send + Sync>(
     a: &[A],
     b: &[B],
     f: impl Fn(A, B) -> R + Sync + Send,
 ) -> Vec<R> {
-    if a.len() >= PARALLEL_MIN_ELEMS {
-        a.par_iter()
-            .zip(b.par_iter())
-            .map(|(&x, &y)| f(x, y))
-            .collect()
+    let n = a.len().min(b.len());
+    let mut out = vec![R::default(); n];
+    let run = |((o, x), y): ((&mut [R], &[A]), &[B])| {
+        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+            *o = f(x, y);
+        }
+    };
+    if n >= PARALLEL_MIN_ELEMS {
+        out.par_chunks_mut(MAP_CHUNK)
+            .zip(a[..n].par_chunks(MAP_CHUNK))
+            .zip(b[..n].par_chunks(MAP_CHUNK))
+            .for_each(run);
     } else {
-        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+        run(((&mut out, &a[..n]), &b[..n]));
     }
+    out
 }
 
 /// A kernel that only moves elements, written once for every dtype (no float conversion, so

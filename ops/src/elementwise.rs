@@ -65,13 +65,13 @@ impl UnaryOp {
             UnaryOp::Log => x.ln(),
             UnaryOp::Sqrt => x.sqrt(),
             UnaryOp::Rsqrt => one / x.sqrt(),
-            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Tanh => x.tanh_fast(),
             UnaryOp::Sigmoid => sigmoid_scalar(x),
             UnaryOp::Silu => x * sigmoid_scalar(x),
             UnaryOp::GeluTanh => {
                 let half = T::from_f64(0.5);
                 let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_C) * x * x * x);
-                half * x * (one + u.tanh())
+                half * x * (one + u.tanh_fast())
             }
             UnaryOp::Relu => x.max(T::zero()),
             UnaryOp::Abs => x.abs(),
@@ -126,7 +126,7 @@ impl UnaryOp {
             UnaryOp::GeluTanh => {
                 let k = T::from_f64(SQRT_2_OVER_PI);
                 let c = T::from_f64(GELU_C);
-                let t = (k * (s + c * s * s * s)).tanh();
+                let t = (k * (s + c * s * s * s)).tanh_fast();
                 let du = k * (one + T::from_f64(3.0) * c * s * s);
                 g * (half * (one + t) + half * s * (one - t * t) * du)
             }
@@ -169,6 +169,8 @@ impl FloatKernel for UnaryFwd {
             UnaryOp::Exp => map1(x, |v| UnaryOp::Exp.forward(v)),
             UnaryOp::Sigmoid => map1(x, |v| UnaryOp::Sigmoid.forward(v)),
             UnaryOp::Silu => map1(x, |v| UnaryOp::Silu.forward(v)),
+            UnaryOp::Tanh => map1(x, |v| UnaryOp::Tanh.forward(v)),
+            UnaryOp::GeluTanh => map1(x, |v| UnaryOp::GeluTanh.forward(v)),
             other => map1(x, move |v| other.forward(v)),
         }])
     }
@@ -182,6 +184,7 @@ impl FloatKernel for UnaryBwd {
         Ok(vec![match op {
             UnaryOp::Sigmoid => map_zip(s, g, |s, g| UnaryOp::Sigmoid.backward(s, g)),
             UnaryOp::Silu => map_zip(s, g, |s, g| UnaryOp::Silu.backward(s, g)),
+            UnaryOp::GeluTanh => map_zip(s, g, |s, g| UnaryOp::GeluTanh.backward(s, g)),
             other => map_zip(s, g, move |s, g| other.backward(s, g)),
         }])
     }

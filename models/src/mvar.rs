@@ -16,7 +16,7 @@ use mvar_engine::{no_grad, DType, Device, Error, Generator, Result, Tensor};
 use mvar_ops as ops;
 use serde::{Deserialize, Serialize};
 
-use crate::var::{guide, sample_tokens, Mixing, SampleConfig, SampleOutput, Var, VarConfig};
+use crate::var::{sample_tokens, DecodeStep, Mixing, SampleConfig, SampleOutput, Var, VarConfig};
 use crate::VqVae;
 
 /// MVAR's own settings on top of a [`VarConfig`].
@@ -207,28 +207,15 @@ impl Mvar {
                 }
             };
             let logits = var.run_scale(&tokens, &cond, pn, self.mixing(&(si..si + 1)))?;
-            let logits = match cfg {
-                Some(g) => guide(
-                    &logits,
-                    bsz,
-                    if k > 1 {
-                        g * si as f64 / (k - 1) as f64
-                    } else {
-                        0.0
-                    },
-                )?,
-                None => logits,
+            let step = DecodeStep {
+                what: "MVAR decoding",
+                si,
+                scales: k,
+                pn,
+                bsz,
+                cfg,
             };
-            let idx = choose(si, &logits)?;
-            if idx.dims() != [bsz, pn * pn] || idx.dtype() != DType::I64 {
-                return Err(Error::shape(
-                    "MVAR decoding",
-                    format!("tokens {} {}", idx.shape(), idx.dtype()),
-                    format!("i64 [{bsz}, {}]", pn * pn),
-                ));
-            }
-            let h = vae.quantize.codes(&idx, pn)?;
-            let (fh, ni) = vae.next_autoregressive_input(si, &f_hat, &h)?;
+            let (idx, fh, ni) = step.run(vae, &logits, &f_hat, &mut choose)?;
             f_hat = fh;
             next_in = ni;
             idxs.push(idx);

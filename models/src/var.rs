@@ -925,28 +925,15 @@ impl Var {
                 x = block.forward(&x, ada, None, |attn, h| attn.forward_cached(h, cache))?;
             }
             let logits = self.logits(&x, &cond)?;
-            let logits = match cfg {
-                Some(c) => guide(
-                    &logits,
-                    bsz,
-                    if k > 1 {
-                        c * si as f64 / (k - 1) as f64
-                    } else {
-                        0.0
-                    },
-                )?,
-                None => logits,
+            let step = DecodeStep {
+                what: "VAR decoding",
+                si,
+                scales: k,
+                pn,
+                bsz,
+                cfg,
             };
-            let idx = choose(si, &logits)?;
-            if idx.dims() != [bsz, pn * pn] || idx.dtype() != DType::I64 {
-                return Err(Error::shape(
-                    "VAR decoding",
-                    format!("tokens {} {}", idx.shape(), idx.dtype()),
-                    format!("i64 [{bsz}, {}]", pn * pn),
-                ));
-            }
-            let h = vae.quantize.codes(&idx, pn)?;
-            let (fh, next_in) = vae.next_autoregressive_input(si, &f_hat, &h)?;
+            let (idx, fh, next_in) = step.run(vae, &logits, &f_hat, &mut choose)?;
             f_hat = fh;
             idxs.push(idx);
             if let Some(ni) = next_in {
@@ -1038,6 +1025,55 @@ impl Var {
 }
 
 /// (1 + t) logits[:B] - t logits[B:].
+/// What both decoding loops (VAR's KV-cache one, MVAR's KV-free one) do with the logits of scale
+/// `si`: guidance with the ramp t = cfg * si / (K - 1) on the doubled batch, the token choice
+/// (checked to be i64 [B, pn^2]), and the f_hat update.
+pub(crate) struct DecodeStep {
+    pub what: &'static str,
+    pub si: usize,
+    pub scales: usize,
+    pub pn: usize,
+    pub bsz: usize,
+    pub cfg: Option<f64>,
+}
+
+impl DecodeStep {
+    /// Returns the tokens, the new f_hat and the next scale's input (None after the last).
+    pub fn run(
+        &self,
+        vae: &VqVae,
+        logits: &Tensor,
+        f_hat: &Tensor,
+        choose: &mut impl FnMut(usize, &Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (si, k, pn, bsz) = (self.si, self.scales, self.pn, self.bsz);
+        let guided;
+        let logits = match self.cfg {
+            Some(c) => {
+                let t = if k > 1 {
+                    c * si as f64 / (k - 1) as f64
+                } else {
+                    0.0
+                };
+                guided = guide(logits, bsz, t)?;
+                &guided
+            }
+            None => logits,
+        };
+        let idx = choose(si, logits)?;
+        if idx.dims() != [bsz, pn * pn] || idx.dtype() != DType::I64 {
+            return Err(Error::shape(
+                self.what,
+                format!("tokens {} {}", idx.shape(), idx.dtype()),
+                format!("i64 [{bsz}, {}]", pn * pn),
+            ));
+        }
+        let h = vae.quantize.codes(&idx, pn)?;
+        let (f_hat, next_in) = vae.next_autoregressive_input(si, f_hat, &h)?;
+        Ok((idx, f_hat, next_in))
+    }
+}
+
 pub fn guide(logits: &Tensor, bsz: usize, t: f64) -> Result<Tensor> {
     let halves = ops::split(logits, &[bsz, bsz], 0)?;
     ops::sub(

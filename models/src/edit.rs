@@ -150,33 +150,15 @@ pub fn edit(
 mod tests {
     use super::*;
     use crate::mvar::{Mvar, MvarConfig};
-    use crate::var::{Mixing, Var, VarConfig};
-    use crate::{VqVae, VqVaeConfig};
+    use crate::var::{Mixing, Var};
+    use crate::VqVae;
     use mvar_engine::{DType, Device};
 
     /// A tiny tokenizer and the two models on it: VAR, and MVAR with neighbourhood attention on
     /// the 4x4 scale.
     fn tiny() -> (Vec<ArModel>, VqVae) {
         let dev = Device::Cpu;
-        let vcfg = VqVaeConfig {
-            vocab_size: 16,
-            z_channels: 4,
-            ch: 32,
-            ch_mult: vec![1, 1],
-            num_res_blocks: 1,
-            v_patch_nums: vec![1, 2, 4],
-            using_sa: false,
-            using_mid_sa: false,
-            ..VqVaeConfig::default()
-        };
-        let vae = VqVae::new(vcfg, &dev, 3).unwrap();
-        let mut cfg = VarConfig::with_depth(1);
-        cfg.embed_dim = 32;
-        cfg.num_heads = 2;
-        cfg.num_classes = 3;
-        cfg.patch_nums = vec![1, 2, 4];
-        cfg.cvae = 4;
-        cfg.vocab_size = 16;
+        let (vae, cfg) = crate::test_models::tiny(16, 4, &[1, 2, 4], 3, 1, 32, 3);
         let var = Var::new(cfg.clone(), &dev, 5, Mixing::BlockCausal).unwrap();
         let mcfg = MvarConfig {
             refine_step: 2,

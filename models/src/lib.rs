@@ -10,6 +10,8 @@ pub mod metrics;
 pub mod mvar;
 pub mod nn;
 pub mod pth;
+#[cfg(test)]
+mod test_models;
 pub mod tokenizer;
 pub mod trainer;
 pub mod var;

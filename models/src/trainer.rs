@@ -309,27 +309,7 @@ mod tests {
     }
 
     fn tiny_models() -> (crate::VqVae, crate::VarConfig) {
-        let vcfg = crate::VqVaeConfig {
-            vocab_size: 16,
-            z_channels: 8,
-            ch: 32,
-            ch_mult: vec![1, 1],
-            num_res_blocks: 1,
-            v_patch_nums: vec![1, 2, 3],
-            using_sa: false,
-            using_mid_sa: false,
-            ..crate::VqVaeConfig::default()
-        };
-        let tcfg = crate::VarConfig {
-            embed_dim: 64,
-            num_heads: 2,
-            num_classes: 3,
-            patch_nums: vec![1, 2, 3],
-            cvae: 8,
-            vocab_size: 16,
-            ..crate::VarConfig::with_depth(2)
-        };
-        (crate::VqVae::new(vcfg, &Device::Cpu, 1).unwrap(), tcfg)
+        crate::test_models::tiny(16, 8, &[1, 2, 3], 1, 2, 64, 3)
     }
 
     #[test]

@@ -1190,29 +1190,12 @@ mod tests {
     }
 
     fn tiny() -> (VqVae, Var) {
-        let vcfg = crate::VqVaeConfig {
-            vocab_size: 32,
-            z_channels: 8,
-            ch: 32,
-            ch_mult: vec![1, 1],
-            num_res_blocks: 1,
-            v_patch_nums: vec![1, 2, 3, 4],
-            using_sa: false,
-            using_mid_sa: false,
-            ..crate::VqVaeConfig::default()
-        };
-        let vae = VqVae::new(vcfg, &Device::Cpu, 1).unwrap();
+        let (vae, tcfg) = crate::test_models::tiny(32, 8, &[1, 2, 3, 4], 1, 2, 64, 5);
         let tcfg = VarConfig {
-            embed_dim: 64,
-            num_heads: 2,
-            num_classes: 5,
-            patch_nums: vec![1, 2, 3, 4],
-            cvae: 8,
-            vocab_size: 32,
             // Visible residual branches (the official gamma init of 1e-3 would hide them).
             init_adaln_gamma: 0.5,
             init_head: 1.0,
-            ..VarConfig::with_depth(2)
+            ..tcfg
         };
         (
             vae,

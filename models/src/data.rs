@@ -22,6 +22,18 @@ pub enum Crop {
     Center,
 }
 
+/// How stored images are brought to the crop side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preprocess {
+    /// The official VAR preprocessing: the shorter side resized to 1.125 x the crop side
+    /// (Lanczos), then a random or centre crop. Images of any size and aspect ratio mix.
+    #[default]
+    Official,
+    /// No resampling: every image must already be exactly side x side (pre-cropped data sets,
+    /// where a resize would blur); mixed sizes are an error naming the first image that differs.
+    Exact,
+}
+
 /// One stored image: (height, width, RGB bytes row-major HWC).
 type Pixels = (usize, usize, Vec<u8>);
 
@@ -65,8 +77,15 @@ impl std::fmt::Debug for ImageDataset {
 }
 
 impl ImageDataset {
-    /// Loads `root/<class>/<image>` and prepares it for crops of `side` x `side`.
+    /// Loads `root/<class>/<image>` and prepares it for crops of `side` x `side` with the
+    /// official preprocessing.
     pub fn load_folder(root: &Path, side: usize) -> Result<Self> {
+        Self::load_folder_with(root, side, Preprocess::Official)
+    }
+
+    /// Loads `root/<class>/<image>` for crops of `side` x `side`, preprocessed as `preprocess`
+    /// says.
+    pub fn load_folder_with(root: &Path, side: usize, preprocess: Preprocess) -> Result<Self> {
         if side == 0 {
             return Err(Error::invalid("ImageDataset", "image side 0"));
         }
@@ -112,7 +131,13 @@ impl ImageDataset {
         let target = (side as f64 * 1.125).round() as u32;
         let decoded: Vec<Pixels> = files
             .par_iter()
-            .map(|(p, _)| decode_resized(p, target))
+            .map(|(p, _)| match preprocess {
+                Preprocess::Official => decode_resized(p, target),
+                Preprocess::Exact => decode_exact(p, side),
+            })
+            .collect::<Vec<Result<Pixels>>>()
+            .into_iter()
+            // In file order, so that the error names the first bad image, whichever thread saw it.
             .collect::<Result<_>>()?;
         Ok(ImageDataset {
             images: decoded,
@@ -128,6 +153,17 @@ impl ImageDataset {
     /// `dir/batches.meta.txt` the class names, one per line. Images get the same preprocessing
     /// as an image folder.
     pub fn load_cifar_binary(dir: &Path, split: &str, side: usize) -> Result<Self> {
+        Self::load_cifar_binary_with(dir, split, side, Preprocess::Official)
+    }
+
+    /// [`ImageDataset::load_cifar_binary`] with a choice of preprocessing; `Exact` needs
+    /// `side` = 32, the records' size.
+    pub fn load_cifar_binary_with(
+        dir: &Path,
+        split: &str,
+        side: usize,
+        preprocess: Preprocess,
+    ) -> Result<Self> {
         const REC: usize = 1 + 3 * 32 * 32;
         let bin = dir.join(format!("{split}.bin"));
         let meta = dir.join("batches.meta.txt");
@@ -144,7 +180,19 @@ impl ImageDataset {
                 msg: format!("{} bytes: expected a non-empty multiple of {REC} (1 label + 3072 pixels per image); truncated?", bytes.len()),
             });
         }
-        let target = (side as f64 * 1.125).round() as u32;
+        if preprocess == Preprocess::Exact && side != 32 {
+            return Err(Error::Format {
+                what: bin.display().to_string(),
+                msg: format!(
+                    "images are 32x32 but the model needs {side}x{side}; exact preprocessing \
+                     does not resize (use the official preprocessing, which does)"
+                ),
+            });
+        }
+        let target = match preprocess {
+            Preprocess::Official => (side as f64 * 1.125).round() as u32,
+            Preprocess::Exact => 32,
+        };
         let records: Vec<&[u8]> = bytes.chunks_exact(REC).collect();
         let decoded: Vec<(usize, Pixels)> = records
             .par_iter()
@@ -359,6 +407,28 @@ fn decode_resized(path: &Path, target: u32) -> Result<Pixels> {
     Ok(resize_shorter(img, target))
 }
 
+/// Decodes an image that must already be `side` x `side`.
+fn decode_exact(path: &Path, side: usize) -> Result<Pixels> {
+    let img = image::open(path)
+        .map_err(|e| Error::Format {
+            what: path.display().to_string(),
+            msg: format!("unreadable image: {e}"),
+        })?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if (w, h) != (side, side) {
+        return Err(Error::Format {
+            what: path.display().to_string(),
+            msg: format!(
+                "image is {w}x{h}, expected {side}x{side}: exact preprocessing keeps images as \
+                 they are, so every image must already be {side}x{side}; mixed sizes need the \
+                 official preprocessing (resize the shorter side, then crop)"
+            ),
+        });
+    }
+    Ok((h, w, img.into_raw()))
+}
+
 /// Resizes so that the shorter side is `target` (Lanczos3), keeping the aspect ratio.
 fn resize_shorter(img: image::RgbImage, target: u32) -> Pixels {
     let (w, h) = img.dimensions();
@@ -537,6 +607,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn exact_preprocessing_keeps_pixels_and_refuses_mixed_sizes() {
+        let root = std::env::temp_dir().join(format!("mvar-exact-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir_all(root.join("b")).unwrap();
+        write_png(&root.join("a/1.png"), 16, 16, [255, 0, 0]);
+        write_png(&root.join("b/1.png"), 16, 16, [0, 0, 255]);
+        let ds = ImageDataset::load_folder_with(&root, 16, Preprocess::Exact).unwrap();
+        assert_eq!((ds.images[0].0, ds.images[0].1), (16, 16));
+        let (x, _) = ds
+            .batch(
+                &[0],
+                Crop::Random,
+                false,
+                &mut Generator::new(0),
+                &Device::Cpu,
+            )
+            .unwrap();
+        let v = x.to_vec::<f32>().unwrap();
+        assert!(v[..256].iter().all(|&p| (p - 1.0).abs() < 1e-6), "red kept");
+        // Blue is x ^ 0 along each row: no resampling, so column 5 is exactly 5/255 * 2 - 1.
+        assert!((v[512 + 5] - (5.0 / 255.0 * 2.0 - 1.0)).abs() < 1e-6);
+        write_png(&root.join("b/2.png"), 20, 16, [0, 0, 255]);
+        let e = ImageDataset::load_folder_with(&root, 16, Preprocess::Exact)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("b/2.png") && e.contains("20x16") && e.contains("expected 16x16"),
+            "{e}"
+        );
+        // The official preprocessing takes the same folder.
+        assert_eq!(ImageDataset::load_folder(&root, 16).unwrap().len(), 3);
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -15,13 +15,18 @@ use mvar_models::classifier::{Classifier, ClassifierConfig};
 use mvar_models::data::{Crop, ImageDataset};
 use mvar_ops::{self as ops, AdamW, AdamWConfig};
 
-use crate::common::{batch_indices, load_split, read_json};
+use crate::common::{batch_indices, load_split, read_json, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainClassifierArgs {
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
+    /// How images are brought to the model's side: `official` resizes the shorter side to
+    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
+    /// side x side).
+    #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
+    pub preprocess: PreprocessArg,
     #[arg(long, default_value = "train")]
     pub split: String,
     /// Held-out split for the accuracy report (skipped when the data set has none).
@@ -131,8 +136,15 @@ pub fn top1_accuracy(preds: &[i64], labels: &[i64]) -> f64 {
 pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
     const OP: &str = "mvar train-classifier";
     let t_cmd = Instant::now();
-    let train = load_split(&args.data, &args.split, args.side, true)?.expect("required split");
-    let val = load_split(&args.data, &args.val_split, args.side, false)?;
+    let train = load_split(&args.data, &args.split, args.side, true, args.preprocess)?
+        .expect("required split");
+    let val = load_split(
+        &args.data,
+        &args.val_split,
+        args.side,
+        false,
+        args.preprocess,
+    )?;
     let channels: Vec<usize> = args
         .channels
         .split(',')

@@ -3,10 +3,29 @@
 use std::path::Path;
 
 use mvar_engine::{no_grad, Device, Error, Generator, Result, Tensor};
-use mvar_models::data::{Crop, ImageDataset};
+use mvar_models::data::{Crop, ImageDataset, Preprocess};
 use mvar_models::{Mvar, MvarConfig, Var, VarConfig, VqVae, VqVaeConfig};
 use mvar_ops as ops;
 use serde::{Deserialize, Serialize};
+
+/// `--preprocess`: how images are brought to the model's side.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PreprocessArg {
+    /// Resize the shorter side to 1.125 x the side (Lanczos), then crop (the official VAR way).
+    #[default]
+    Official,
+    /// Use the pixels as they are: every image must already be side x side.
+    Exact,
+}
+
+impl From<PreprocessArg> for Preprocess {
+    fn from(p: PreprocessArg) -> Self {
+        match p {
+            PreprocessArg::Official => Preprocess::Official,
+            PreprocessArg::Exact => Preprocess::Exact,
+        }
+    }
+}
 
 /// Loads a split: CIFAR-binary when `<dir>/<split>.bin` exists, else an image folder
 /// (`<dir>/<split>` when that folder exists, else `<dir>` itself for the training split).
@@ -15,15 +34,17 @@ pub fn load_split(
     split: &str,
     side: usize,
     required: bool,
+    preprocess: PreprocessArg,
 ) -> Result<Option<ImageDataset>> {
+    let preprocess = Preprocess::from(preprocess);
     if dir.join(format!("{split}.bin")).is_file() {
-        return ImageDataset::load_cifar_binary(dir, split, side).map(Some);
+        return ImageDataset::load_cifar_binary_with(dir, split, side, preprocess).map(Some);
     }
     if dir.join(split).is_dir() {
-        return ImageDataset::load_folder(&dir.join(split), side).map(Some);
+        return ImageDataset::load_folder_with(&dir.join(split), side, preprocess).map(Some);
     }
     if required {
-        return ImageDataset::load_folder(dir, side).map(Some);
+        return ImageDataset::load_folder_with(dir, side, preprocess).map(Some);
     }
     Ok(None)
 }

@@ -8,6 +8,7 @@ use clap::Args;
 use mvar_engine::{Device, Result};
 
 use crate::classifier::TrainClassifierArgs;
+use crate::common::PreprocessArg;
 use crate::eval::EvalArgs;
 use crate::plot::{line_plot, read_metric, smooth, Series};
 use crate::train::{Kind, TrainArgs};
@@ -34,6 +35,9 @@ pub struct DemoArgs {
     pub vocab: usize,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
+    /// How images are brought to 32 x 32 (see `mvar train --help`).
+    #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
+    pub preprocess: PreprocessArg,
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
@@ -51,6 +55,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     crate::train_tokenizer::run(
         TrainTokenizerArgs {
             data: args.data.clone(),
+            preprocess: args.preprocess,
             split: "train".into(),
             val_split: "test".into(),
             out: tok_dir.clone(),
@@ -96,6 +101,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             heads: Some(3),
             tokenizer: tok_dir.clone(),
             data: args.data.clone(),
+            preprocess: args.preprocess,
             split: "train".into(),
             out: model_dir.clone(),
             steps: args.model_steps,
@@ -127,6 +133,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     crate::classifier::run(
         TrainClassifierArgs {
             data: args.data.clone(),
+            preprocess: args.preprocess,
             split: "train".into(),
             val_split: "test".into(),
             out: classifier_dir.clone(),
@@ -152,6 +159,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             ckpt: model_dir.clone(),
             classifier: Some(classifier_dir.clone()),
             data: args.data.clone(),
+            preprocess: args.preprocess,
             split: "test".into(),
             per_class: 20,
             cfg: 2.0,

@@ -11,7 +11,7 @@ use mvar_models::edit::{edit, EditMask};
 use mvar_models::SampleConfig;
 use mvar_ops as ops;
 
-use crate::common::{load_model_dir, load_split};
+use crate::common::{load_model_dir, load_split, PreprocessArg};
 
 #[derive(Args, Debug, Clone)]
 pub struct EditArgs {
@@ -26,6 +26,11 @@ pub struct EditArgs {
     pub index: Option<usize>,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
+    /// How images are brought to the model's side: `official` resizes the shorter side to
+    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
+    /// side x side).
+    #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
+    pub preprocess: PreprocessArg,
     #[arg(long, default_value = "test")]
     pub split: String,
     /// The region to generate, in pixels of the model's image side: x0,y0,x1,y1 (end
@@ -75,12 +80,13 @@ pub fn run(args: EditArgs, device: &Device) -> Result<()> {
     let (image, own_class) = match (&args.image, args.index) {
         (Some(path), _) => (load_image(path, side, device)?, None),
         (None, Some(i)) => {
-            let data = load_split(&args.data, &args.split, side, false)?.ok_or_else(|| {
-                Error::invalid(
-                    OP,
-                    format!("no split {:?} in {}", args.split, args.data.display()),
-                )
-            })?;
+            let data = load_split(&args.data, &args.split, side, false, args.preprocess)?
+                .ok_or_else(|| {
+                    Error::invalid(
+                        OP,
+                        format!("no split {:?} in {}", args.split, args.data.display()),
+                    )
+                })?;
             let (x, y) = data.batch(
                 &[i],
                 mvar_models::data::Crop::Center,

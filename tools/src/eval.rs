@@ -25,7 +25,7 @@ use mvar_models::metrics::{evaluate_tokens, frechet_distance_of, ScaleEval};
 use mvar_models::SampleConfig;
 
 use crate::classifier::{all_images, features_and_predictions, load_classifier, top1_accuracy};
-use crate::common::{epoch_order, load_model_dir, load_split, tokenizer_dir};
+use crate::common::{epoch_order, load_model_dir, load_split, tokenizer_dir, PreprocessArg};
 use crate::token_cache::TokenCache;
 
 #[derive(Args, Debug, Clone)]
@@ -39,6 +39,11 @@ pub struct EvalArgs {
     pub classifier: Option<PathBuf>,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
+    /// How images are brought to the model's side: `official` resizes the shorter side to
+    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
+    /// side x side).
+    #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
+    pub preprocess: PreprocessArg,
     /// The held-out split.
     #[arg(long, default_value = "test")]
     pub split: String,
@@ -125,17 +130,18 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
     let t0 = Instant::now();
     let (model, vae, info) = load_model_dir(&args.ckpt, device)?;
     let side = info.var.patch_nums.last().copied().unwrap_or(1) * vae.config.downsample();
-    let val = load_split(&args.data, &args.split, side, false)?.ok_or_else(|| {
-        Error::invalid(
-            OP,
-            format!(
-                "no held-out split {:?} in {} (expected {s}.bin or the folder {s}/)",
-                args.split,
-                args.data.display(),
-                s = args.split
-            ),
-        )
-    })?;
+    let val =
+        load_split(&args.data, &args.split, side, false, args.preprocess)?.ok_or_else(|| {
+            Error::invalid(
+                OP,
+                format!(
+                    "no held-out split {:?} in {} (expected {s}.bin or the folder {s}/)",
+                    args.split,
+                    args.data.display(),
+                    s = args.split
+                ),
+            )
+        })?;
     if val.classes().len() != info.var.num_classes {
         return Err(Error::invalid(
             OP,
@@ -300,7 +306,7 @@ fn sample_quality(
     )?;
 
     // The floor: as many real training images as samples, against the same held-out images.
-    let train = load_split(&args.data, "train", val.side(), false)?;
+    let train = load_split(&args.data, "train", val.side(), false, args.preprocess)?;
     let fd_real = match train {
         Some(train) if train.len() >= 2 => {
             let pick: Vec<usize> = epoch_order(train.len(), args.seed, 0)

@@ -12,7 +12,9 @@ use mvar_models::checkpoint::{load_training, save_training, write_atomic, Traini
 use mvar_models::trainer::{ArTrainConfig, ArTrainer};
 use mvar_models::{MvarConfig, VarConfig};
 
-use crate::common::{batch_indices, build_model, load_split, load_tokenizer, ModelInfo};
+use crate::common::{
+    batch_indices, build_model, load_split, load_tokenizer, ModelInfo, PreprocessArg,
+};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use crate::token_cache::TokenCache;
 
@@ -95,6 +97,11 @@ pub struct TrainArgs {
     pub tokenizer: PathBuf,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
+    /// How images are brought to the model's side: `official` resizes the shorter side to
+    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
+    /// side x side).
+    #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
+    pub preprocess: PreprocessArg,
     #[arg(long, default_value = "train")]
     pub split: String,
     #[arg(long, default_value = "runs/mvar")]
@@ -165,7 +172,8 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let vae = load_tokenizer(&args.tokenizer, device)?;
     let pns = vae.config.v_patch_nums.clone();
     let side = pns.last().copied().unwrap_or(1) * vae.config.downsample();
-    let train = load_split(&args.data, &args.split, side, true)?.expect("required split");
+    let train =
+        load_split(&args.data, &args.split, side, true, args.preprocess)?.expect("required split");
     let (cache, built) =
         TokenCache::open_or_build(&args.tokenizer, &args.split, &vae, &train, true, device)?;
     println!(

@@ -11,7 +11,7 @@ use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, TrainingState};
 use mvar_models::data::{grid, save_png, Crop};
 
-use crate::common::{batch_indices, load_split};
+use crate::common::{batch_indices, load_split, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use mvar_models::tokenizer::{evaluate, TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::{VqVae, VqVaeConfig};
@@ -21,6 +21,11 @@ pub struct TrainTokenizerArgs {
     /// Image folder (root/<class>/<image>) or CIFAR-style binary folder (<split>.bin).
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
+    /// How images are brought to the model's side: `official` resizes the shorter side to
+    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
+    /// side x side).
+    #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
+    pub preprocess: PreprocessArg,
     /// Split used for training (a CIFAR-binary file name, or a subfolder of an image folder).
     #[arg(long, default_value = "train")]
     pub split: String,
@@ -140,8 +145,15 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         return Err(Error::invalid("train-tokenizer", "--batch 0"));
     }
     let t0 = Instant::now();
-    let train = load_split(&args.data, &args.split, args.side, true)?.expect("required split");
-    let val = load_split(&args.data, &args.val_split, args.side, false)?;
+    let train = load_split(&args.data, &args.split, args.side, true, args.preprocess)?
+        .expect("required split");
+    let val = load_split(
+        &args.data,
+        &args.val_split,
+        args.side,
+        false,
+        args.preprocess,
+    )?;
     println!(
         "data: {} training images, {} classes{} ({:.1}s)",
         train.len(),

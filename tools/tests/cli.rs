@@ -268,6 +268,73 @@ fn unreadable_and_truncated_images_are_named() {
 }
 
 #[test]
+fn mixed_image_sizes_are_refused_where_images_are_used_as_they_are() {
+    let root = scratch("mixed");
+    let data = root.join("data");
+    tiny_images(&data);
+    image::RgbImage::from_pixel(12, 8, image::Rgb([9, 9, 9]))
+        .save(data.join("blue").join("wide.png"))
+        .unwrap();
+    let exact = |data: &Path| {
+        let mut c = mvar();
+        c.arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .args(["--steps", "1", "--preprocess", "exact", "--data"])
+            .arg(data)
+            .arg("--out")
+            .arg(root.join("o"));
+        c
+    };
+    fails(
+        &mut exact(&data),
+        &["wide.png", "image is 12x8", "expected 8x8", "mixed sizes"],
+    );
+    // The official preprocessing resizes, so the same folder trains.
+    ok(mvar()
+        .arg("train-tokenizer")
+        .args(TOKENIZER_FLAGS)
+        .args(["--steps", "1", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(root.join("o2")));
+    std::fs::remove_file(data.join("blue").join("wide.png")).unwrap();
+    ok(&mut exact(&data));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Out of GPU memory: a batch far beyond any GPU's memory stops with exit 1 and a message that
+/// says what was asked and what was free. Needs a GPU (skipped, and said so, without one).
+#[test]
+fn running_out_of_gpu_memory_says_what_was_asked_and_free() {
+    let probe = mvar()
+        .env("MVAR_DEVICE", "cuda")
+        .arg("info")
+        .output()
+        .unwrap();
+    if !probe.status.success() || !text(&probe).contains("device: cuda") {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let root = scratch("oom");
+    let data = root.join("data");
+    tiny_images(&data);
+    // A batch of 2048 images of 256 x 256 through 512 channels: the first conv's output alone
+    // is 275 GB, while the batch on the host is 1.6 GB and the weights ~0.3 GB.
+    let mut c = mvar();
+    c.env("MVAR_DEVICE", "cuda")
+        .arg("train-tokenizer")
+        .args(["--side", "256", "--ch", "512", "--ch-mult", "1,1,1,1,1"])
+        .args(["--res-blocks", "1", "--patch-nums", "1,2,4,8,16"])
+        .args(["--batch", "2048", "--steps", "1"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(root.join("o"));
+    fails(&mut c, &["CUDA out of memory", "asked for", "bytes free"]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn a_truncated_array_data_set_is_named() {
     // Raw arrays have one fixed image size: a file that is not a whole number of records has
     // a truncated or foreign image in it.

@@ -52,6 +52,9 @@ pub struct EvalArgs {
     pub per_class: usize,
     #[arg(long, default_value_t = 2.0)]
     pub cfg: f64,
+    /// Keep the top-k logits when sampling (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     #[arg(long, default_value_t = 0.96)]
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
@@ -262,7 +265,7 @@ fn sample_quality(
         .collect();
     let sc = SampleConfig {
         cfg: args.cfg,
-        top_k: 0,
+        top_k: args.top_k,
         top_p: args.top_p,
     };
     let t = Instant::now();

@@ -72,7 +72,7 @@ pub fn class_grid(
     vae: &VqVae,
     info: &ModelInfo,
     per_class: usize,
-    cfg: f64,
+    sc: SampleConfig,
     seed: u64,
     path: &Path,
 ) -> Result<()> {
@@ -80,11 +80,6 @@ pub fn class_grid(
     let labels: Vec<i64> = (0..classes)
         .flat_map(|c| std::iter::repeat_n(c, per_class))
         .collect();
-    let sc = SampleConfig {
-        cfg,
-        top_k: 0,
-        top_p: 0.96,
-    };
     let imgs = images(model, vae, &labels, sc, &mut Generator::new(seed))?;
     let (px, h, w) = grid(&imgs, per_class)?;
     save_png(path, &px, h, w)

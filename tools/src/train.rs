@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
 use mvar_models::trainer::{ArTrainConfig, ArTrainer};
-use mvar_models::{MvarConfig, VarConfig};
+use mvar_models::{MvarConfig, SampleConfig, VarConfig};
 
 use crate::common::{
     batch_indices, build_model, load_split, load_tokenizer, ModelInfo, PreprocessArg,
@@ -157,6 +157,12 @@ pub struct TrainArgs {
     /// Guidance of the sample grid written at the end.
     #[arg(long, default_value_t = 2.0)]
     pub cfg: f64,
+    /// Top-k of the sample grid written at the end (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Top-p of the sample grid written at the end (0 = all).
+    #[arg(long, default_value_t = 0.96)]
+    pub top_p: f64,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -464,7 +470,12 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             .as_bytes(),
     )?;
     let grid = args.out.join("samples.png");
-    crate::sample::class_grid(&trainer.model, &vae, &info, 8, args.cfg, args.seed, &grid)?;
+    let sc = SampleConfig {
+        cfg: args.cfg,
+        top_k: args.top_k,
+        top_p: args.top_p,
+    };
+    crate::sample::class_grid(&trainer.model, &vae, &info, 8, sc, args.seed, &grid)?;
     println!(
         "wrote {}, {}, {} and {}",
         weights.display(),

@@ -14,8 +14,10 @@
 //! (a range of output positions at a time) so the buffer stays small whatever the image size; a
 //! 1x1 stride-1 unpadded conv skips im2col, since x[n] seen as [Cin, H*W] already is cols.
 //!
-//! Backward, per sample and tile: dW += dY cols^T, dcols = W^T dY scattered back into dx by
-//! col2im (the transpose of im2col), dbias = sum of dY over batch and positions.
+//! Backward, per sample and tile: dW += dY cols^T, dbias = sum of dY over batch and positions,
+//! and dx: for stride 1 (padding below the kernel) a forward conv of dY with the flipped,
+//! transposed weight (same GEMM shape as the forward, no scatter); otherwise dcols = W^T dY
+//! scattered back into dx by col2im (the transpose of im2col).
 //!
 //! Threading: a batch of at least as many samples as threads runs one sample per task with
 //! single-threaded GEMMs (the per-sample products are large enough to keep a core busy, and
@@ -233,6 +235,40 @@ impl ConvGeom {
 
     fn valid_oy(&self, ky: usize) -> (usize, usize) {
         valid_range(self.h, self.pad.top, self.sh, ky, self.ho)
+    }
+
+    /// For a stride-1 conv whose padding is below the kernel on every side, dx is itself a
+    /// stride-1 conv: of dY [Cout, Ho, Wo] with the flipped, transposed weight
+    /// w'[ci, co, ky, kx] = w[co, ci, kh-1-ky, kw-1-kx] and padding kh-1-top (etc.), which gives
+    /// back H x W. Returns that geometry, or None where the col2im path is needed.
+    fn input_grad_as_conv(&self) -> Option<ConvGeom> {
+        let p = self.pad;
+        let fits = self.sh == 1
+            && self.sw == 1
+            && !self.direct()
+            && p.top < self.kh
+            && p.bottom < self.kh
+            && p.left < self.kw
+            && p.right < self.kw;
+        fits.then(|| ConvGeom {
+            n: self.n,
+            cin: self.cout,
+            h: self.ho,
+            w: self.wo,
+            cout: self.cin,
+            kh: self.kh,
+            kw: self.kw,
+            sh: 1,
+            sw: 1,
+            pad: Padding {
+                top: self.kh - 1 - p.top,
+                bottom: self.kh - 1 - p.bottom,
+                left: self.kw - 1 - p.left,
+                right: self.kw - 1 - p.right,
+            },
+            ho: self.h,
+            wo: self.w,
+        })
     }
 
     /// Samples per task and the GEMM threading inside a task (see the module docs).
@@ -474,6 +510,24 @@ struct BwdInputs<'a, T> {
     gy: &'a [T],
     x: Option<&'a [T]>,
     w: Option<&'a [T]>,
+    /// dx as a forward conv of dY: its geometry and flipped weight [Cin, Cout*kh*kw].
+    dx_conv: Option<(ConvFwd, Vec<T>)>,
+}
+
+/// w'[ci, co, ky, kx] = w[co, ci, kh-1-ky, kw-1-kx], row-major [Cin, Cout*kh*kw].
+fn flip_transpose<T: Float>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let (kh, kw) = (g.kh, g.kw);
+    let mut out = vec![T::zero(); w.len()];
+    for co in 0..g.cout {
+        for ci in 0..g.cin {
+            let src = &w[(co * g.cin + ci) * kh * kw..][..kh * kw];
+            let dst = &mut out[(ci * g.cout + co) * kh * kw..][..kh * kw];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    out
 }
 
 /// One task's share of the parameter gradients.
@@ -493,7 +547,12 @@ impl ConvBwd {
         par: Parallelism,
     ) -> Partial<T> {
         let g = &self.g;
-        let BwdInputs { gy, x, w } = *inp;
+        let BwdInputs {
+            gy,
+            x,
+            w,
+            ref dx_conv,
+        } = *inp;
         let first = samples.start;
         let (k, p, tile) = (g.k(), g.p(), g.tile());
         let mut part = Partial {
@@ -502,7 +561,12 @@ impl ConvBwd {
         };
         let buf_len = if g.direct() { 0 } else { k * tile };
         let mut cols = vec![T::zero(); if self.need_dw { buf_len } else { 0 }];
-        let mut dcols = vec![T::zero(); if self.need_dx { buf_len } else { 0 }];
+        let dcols_len = match dx_conv {
+            Some((c, _)) => c.g.k() * c.g.tile(),
+            None if self.need_dx => buf_len,
+            None => 0,
+        };
+        let mut dcols = vec![T::zero(); dcols_len];
         for ni in samples {
             let gys = &gy[ni * g.y_len()..][..g.y_len()];
             if self.need_db {
@@ -515,6 +579,11 @@ impl ConvBwd {
             } else {
                 None
             };
+            if let Some((conv, w_flipped)) = dx_conv {
+                if let Some(dxs) = dxs.take() {
+                    conv.sample(gys, w_flipped, None, dxs, &mut dcols, par);
+                }
+            }
             for p0 in (0..p).step_by(tile) {
                 let p1 = p.min(p0 + tile);
                 let t = p1 - p0;
@@ -590,10 +659,25 @@ impl FloatKernel for ConvBwd {
     fn run<T: Float>(&self, inp: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let g = &self.g;
         let mut rest = inp[1..].iter().copied();
+        let x = if self.need_dw { rest.next() } else { None };
+        let w = if self.need_dx { rest.next() } else { None };
+        // The transposed conv's GEMM has the forward's shape (inner dimension Cout*kh*kw) and
+        // needs no col2im scatter: [32,32,32,32] 3x3 backward 23 -> 17 ms on 2 cores.
+        let dx_conv = match (w, self.g.input_grad_as_conv()) {
+            (Some(w), Some(gt)) => Some((
+                ConvFwd {
+                    g: gt,
+                    has_bias: false,
+                },
+                flip_transpose(g, w),
+            )),
+            _ => None,
+        };
         let inputs = BwdInputs {
             gy: inp[0],
-            x: if self.need_dw { rest.next() } else { None },
-            w: if self.need_dx { rest.next() } else { None },
+            x,
+            w,
+            dx_conv,
         };
         let mut dx = vec![T::zero(); if self.need_dx { g.n * g.x_len() } else { 0 }];
         let (per_task, par) = g.schedule();

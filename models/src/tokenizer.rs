@@ -30,6 +30,13 @@ pub struct TokenizerTrainConfig {
     pub l1: f64,
     /// Weight of the L2 (MSE) reconstruction term.
     pub l2: f64,
+    /// Weight of the colour part of the squared reconstruction error against its brightness
+    /// part: the per-pixel error e (RGB) splits into its channel mean m and the chroma e - m,
+    /// and the loss sees m + sqrt(chroma) (e - m). 1 is the plain RGB loss. Natural images keep
+    /// ~97 % of their pixel variance in brightness, so an RGB loss learns colour last: a
+    /// tokenizer trained for minutes halves the colour of its reconstructions (measured:
+    /// chroma 5.1 against 12.1 of the originals) while keeping their contrast.
+    pub chroma: f64,
     /// Commitment weight (spec 1.6: 0.25).
     pub beta: f64,
     /// Restart codes unused for this many steps (0 = never).
@@ -47,11 +54,31 @@ impl Default for TokenizerTrainConfig {
             beta2: 0.99,
             l1: 1.0,
             l2: 1.0,
+            chroma: 1.0,
             beta: 0.25,
             dead_after: 100,
             clip: 2.0,
         }
     }
+}
+
+/// The reconstruction error e [B, 3, H, W] as the loss sees it: m + sqrt(chroma) (e - m), with m
+/// the mean over the channel axis (see [`TokenizerTrainConfig::chroma`]). Brightness errors (the
+/// same on every channel) pass unchanged; colour errors (summing to zero over the channels) are
+/// scaled by sqrt(chroma), so their squares weigh `chroma` times as much.
+pub fn chroma_weighted(e: &Tensor, chroma: f64) -> Result<Tensor> {
+    if chroma == 1.0 {
+        return Ok(e.clone());
+    }
+    if !(chroma >= 0.0 && chroma.is_finite()) {
+        return Err(Error::invalid(
+            "tokenizer loss",
+            format!("chroma weight {chroma}: expected a finite weight >= 0"),
+        ));
+    }
+    let s = chroma.sqrt();
+    let m = ops::mean(e, 1, true)?;
+    ops::add(&ops::mul_scalar(e, s)?, &ops::mul_scalar(&m, 1.0 - s)?)
 }
 
 /// Figures of one training step.
@@ -163,7 +190,7 @@ impl TokenizerTrainer {
         let f = self.vae.encode_features(x)?;
         let q = self.vae.quantize_train(&f, c.beta)?;
         let raw = self.vae.decode_unclamped(&q.f_hat_st)?;
-        let diff = ops::sub(&raw, x)?;
+        let diff = chroma_weighted(&ops::sub(&raw, x)?, c.chroma)?;
         let l1 = ops::mean_all(&ops::abs(&diff)?)?;
         let l2 = ops::mean_all(&ops::square(&diff)?)?;
         let recon = ops::add(&ops::mul_scalar(&l1, c.l1)?, &ops::mul_scalar(&l2, c.l2)?)?;
@@ -386,6 +413,25 @@ mod tests {
             q.residuals.iter().map(|r| r.dims()[0]).collect::<Vec<_>>(),
             vec![2, 8, 32]
         );
+    }
+
+    #[test]
+    fn chroma_weighting_scales_colour_errors_and_keeps_brightness_errors() {
+        let dev = Device::Cpu;
+        // Pixel 0: a brightness error (0.3 on every channel); pixel 1: a colour error.
+        let e =
+            Tensor::from_vec(vec![0.3f32, 0.2, 0.3, -0.1, 0.3, -0.1], [1, 3, 1, 2], &dev).unwrap();
+        let w = chroma_weighted(&e, 4.0).unwrap().to_vec_f32().unwrap();
+        let want = [0.3f32, 0.4, 0.3, -0.2, 0.3, -0.2];
+        for (g, t) in w.iter().zip(want) {
+            assert!((g - t).abs() < 1e-6, "{w:?} vs {want:?}");
+        }
+        assert_eq!(
+            chroma_weighted(&e, 1.0).unwrap().to_vec_f32().unwrap(),
+            e.to_vec_f32().unwrap()
+        );
+        let err = chroma_weighted(&e, -1.0).unwrap_err().to_string();
+        assert!(err.contains("chroma weight -1"), "{err}");
     }
 
     #[test]

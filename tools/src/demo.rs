@@ -41,6 +41,11 @@ pub struct DemoArgs {
     /// Codebook size of the tokenizer.
     #[arg(long, default_value_t = 512)]
     pub vocab: usize,
+    /// Weight of colour errors against brightness errors in the tokenizer's loss (see
+    /// `mvar train-tokenizer --help`). 6 against the plain RGB loss's 1 took the demo's samples
+    /// from 55.5 % to 67.0 % by the classifier, with visibly coloured reconstructions.
+    #[arg(long, default_value_t = 6.0)]
+    pub chroma: f64,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
     /// How images are brought to 32 x 32 (see `mvar train --help`).
@@ -68,7 +73,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             val_split: "test".into(),
             out: tok_dir.clone(),
             steps: args.tokenizer_steps,
-            batch: 32,
+            batch: 16,
             side: 32,
             config: None,
             vocab: args.vocab,
@@ -80,8 +85,9 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             lr: 1e-3,
             l1: 1.0,
             l2: 1.0,
+            chroma: args.chroma,
             beta: 0.25,
-            dead_after: 50,
+            dead_after: 10,
             seed: args.seed,
             log_every: 50,
             checkpoint_every: 500,

@@ -65,6 +65,10 @@ pub struct TrainTokenizerArgs {
     pub l1: f64,
     #[arg(long, default_value_t = 1.0)]
     pub l2: f64,
+    /// Weight of colour errors against brightness errors in the reconstruction loss (1 = plain
+    /// RGB loss; see TokenizerTrainConfig::chroma).
+    #[arg(long, default_value_t = 1.0)]
+    pub chroma: f64,
     #[arg(long, default_value_t = 0.25)]
     pub beta: f64,
     /// Restart codes unused for this many steps (0 = never).
@@ -178,6 +182,7 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         lr: args.lr,
         l1: args.l1,
         l2: args.l2,
+        chroma: args.chroma,
         beta: args.beta,
         dead_after: args.dead_after,
         ..TokenizerTrainConfig::default()

@@ -300,7 +300,7 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
             args.steps = step + fit;
             progress.set_total(args.steps);
             progress.println(format!(
-                "time budget {min} min: training {} steps",
+                "time budget {min:.2} min: training {} steps",
                 args.steps
             ));
         }

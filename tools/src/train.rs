@@ -414,7 +414,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             trainer.config.warmup_steps = trainer.config.warmup_steps.min(args.steps / 10).max(1);
             progress.set_total(args.steps);
             progress.println(format!(
-                "time budget {min} min: training {} steps",
+                "time budget {min:.2} min: training {} steps",
                 args.steps
             ));
         }

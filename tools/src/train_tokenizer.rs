@@ -295,7 +295,7 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
                 );
             progress.set_total(args.steps);
             progress.println(format!(
-                "time budget {min} min: training {} steps",
+                "time budget {min:.2} min: training {} steps",
                 args.steps
             ));
         }

@@ -390,14 +390,19 @@ pub fn load_image(path: &Path, side: usize, device: &Device) -> Result<Tensor> {
         .0)
 }
 
-/// Decodes an image and resizes it so that its shorter side is `target` (Lanczos3).
-fn decode_resized(path: &Path, target: u32) -> Result<Pixels> {
-    let img = image::open(path)
+/// Decodes an image file as RGB, naming the file when it cannot.
+fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::open(path)
         .map_err(|e| Error::Format {
             what: path.display().to_string(),
             msg: format!("unreadable image: {e}"),
         })?
-        .to_rgb8();
+        .to_rgb8())
+}
+
+/// Decodes an image and resizes it so that its shorter side is `target` (Lanczos3).
+fn decode_resized(path: &Path, target: u32) -> Result<Pixels> {
+    let img = decode_rgb(path)?;
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::Format {
             what: path.display().to_string(),
@@ -409,12 +414,7 @@ fn decode_resized(path: &Path, target: u32) -> Result<Pixels> {
 
 /// Decodes an image that must already be `side` x `side`.
 fn decode_exact(path: &Path, side: usize) -> Result<Pixels> {
-    let img = image::open(path)
-        .map_err(|e| Error::Format {
-            what: path.display().to_string(),
-            msg: format!("unreadable image: {e}"),
-        })?
-        .to_rgb8();
+    let img = decode_rgb(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if (w, h) != (side, side) {
         return Err(Error::Format {
@@ -658,6 +658,17 @@ mod tests {
                 .map(|c| (0..200).filter(|&i| ds.label(i) == c).count())
                 .collect::<Vec<_>>(),
             vec![20; 10]
+        );
+        // Exact: the records' own 32x32 pixels, or an error for another side.
+        let exact =
+            ImageDataset::load_cifar_binary_with(&dir, "test", 32, Preprocess::Exact).unwrap();
+        assert_eq!((exact.images[0].0, exact.images[0].1), (32, 32));
+        let e = ImageDataset::load_cifar_binary_with(&dir, "test", 16, Preprocess::Exact)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("images are 32x32 but the model needs 16x16"),
+            "{e}"
         );
         let tmp = std::env::temp_dir().join(format!("mvar-cifar-{}", std::process::id()));
         std::fs::create_dir_all(&tmp).unwrap();

@@ -11,6 +11,7 @@ use crate::classifier::TrainClassifierArgs;
 use crate::common::PreprocessArg;
 use crate::eval::EvalArgs;
 use crate::plot::{line_plot, read_metric, smooth, Series};
+use crate::sample::SamplingArgs;
 use crate::train::{Kind, TrainArgs};
 use crate::train_tokenizer::TrainTokenizerArgs;
 
@@ -19,8 +20,11 @@ use crate::train_tokenizer::TrainTokenizerArgs;
 /// demo runs' models (docs/performance.md): against cfg 2 / top-p 0.96 it took the classifier
 /// accuracy of the samples from 14.8-25.6 % to 26.0-47.6 % and more than halved the Frechet
 /// distance.
-const SAMPLE_CFG: f64 = 8.0;
-const SAMPLE_TOP_K: usize = 3;
+const DEMO_SAMPLING: SamplingArgs = SamplingArgs {
+    cfg: 8.0,
+    top_k: 3,
+    top_p: 0.0,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -133,9 +137,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             checkpoint_every: 500,
             resume: false,
             overwrite: true,
-            cfg: SAMPLE_CFG,
-            top_k: SAMPLE_TOP_K,
-            top_p: 0.0,
+            sampling: DEMO_SAMPLING,
             precision: crate::train::Precision::Auto,
             minutes: Some(args.minutes * 0.42),
         },
@@ -178,9 +180,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             preprocess: args.preprocess,
             split: "test".into(),
             per_class: 20,
-            cfg: SAMPLE_CFG,
-            top_k: SAMPLE_TOP_K,
-            top_p: 0.0,
+            sampling: DEMO_SAMPLING,
             seed: args.seed,
             batch: 32,
             out: None,

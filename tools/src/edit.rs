@@ -8,10 +8,10 @@ use clap::Args;
 use mvar_engine::{Device, Error, Generator, Result, Tensor};
 use mvar_models::data::{grid, load_image, save_png};
 use mvar_models::edit::{edit, EditMask};
-use mvar_models::SampleConfig;
 use mvar_ops as ops;
 
 use crate::common::{load_model_dir, load_split, PreprocessArg};
+use crate::sample::SamplingArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct EditArgs {
@@ -47,12 +47,8 @@ pub struct EditArgs {
     /// Edits to generate.
     #[arg(long, default_value_t = 8)]
     pub n: usize,
-    #[arg(long, default_value_t = 2.0)]
-    pub cfg: f64,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0.96)]
-    pub top_p: f64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value = "edits")]
@@ -128,11 +124,7 @@ pub fn run(args: EditArgs, device: &Device) -> Result<()> {
         .map(|t| ops::index_select(t, 0, &rep))
         .collect::<Result<_>>()?;
     let labels = vec![class; args.n];
-    let sc = SampleConfig {
-        cfg: args.cfg,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
+    let sc = args.sampling.config();
     let t = std::time::Instant::now();
     let out = edit(
         &model,

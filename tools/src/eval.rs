@@ -22,10 +22,10 @@ use clap::Args;
 use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::write_atomic;
 use mvar_models::metrics::{evaluate_tokens, frechet_distance_of, ScaleEval};
-use mvar_models::SampleConfig;
 
 use crate::classifier::{all_images, features_and_predictions, load_classifier, top1_accuracy};
 use crate::common::{epoch_order, load_model_dir, load_split, tokenizer_dir, PreprocessArg};
+use crate::sample::SamplingArgs;
 use crate::token_cache::TokenCache;
 
 #[derive(Args, Debug, Clone)]
@@ -50,13 +50,8 @@ pub struct EvalArgs {
     /// Generated images per class for the sample-quality figures.
     #[arg(long, default_value_t = 20)]
     pub per_class: usize,
-    #[arg(long, default_value_t = 2.0)]
-    pub cfg: f64,
-    /// Keep the top-k logits when sampling (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0.96)]
-    pub top_p: f64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Sequences per teacher-forced forward.
@@ -263,11 +258,7 @@ fn sample_quality(
     let labels: Vec<i64> = (0..classes as i64)
         .flat_map(|c| std::iter::repeat_n(c, args.per_class))
         .collect();
-    let sc = SampleConfig {
-        cfg: args.cfg,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
+    let sc = args.sampling.config();
     let t = Instant::now();
     let images = crate::sample::images(model, vae, &labels, sc, &mut Generator::new(args.seed))?;
     let sample_secs = t.elapsed().as_secs_f64();
@@ -330,11 +321,12 @@ fn sample_quality(
     };
     let chance = 1.0 / classes as f64;
     println!(
-        "samples: {} ({} per class, cfg {}, top-p {}) in {sample_secs:.1}s",
+        "samples: {} ({} per class, cfg {}, top-k {}, top-p {}) in {sample_secs:.1}s",
         labels.len(),
         args.per_class,
-        args.cfg,
-        args.top_p
+        args.sampling.cfg,
+        args.sampling.top_k,
+        args.sampling.top_p
     );
     println!(
         "  classifier accuracy of the samples {:.1}% (the classifier on real held-out images: {:.1}%; chance {:.1}%)",

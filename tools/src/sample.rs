@@ -22,17 +22,36 @@ pub struct SampleArgs {
     /// Images per class.
     #[arg(long, default_value_t = 8)]
     pub n: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "samples")]
+    pub out: PathBuf,
+}
+
+/// The sampling flags of `sample`, `edit`, `eval` and the grid `train` writes at its end.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct SamplingArgs {
+    /// Classifier-free guidance strength (ramped from 0 at the first scale to this at the last).
     #[arg(long, default_value_t = 2.0)]
     pub cfg: f64,
     /// Keep the top-k logits (0 = all; 1 = greedy).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Keep the smallest set of tokens with this probability mass (0 = all).
     #[arg(long, default_value_t = 0.96)]
     pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, default_value = "samples")]
-    pub out: PathBuf,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> SampleConfig {
+        SampleConfig {
+            cfg: self.cfg,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
 }
 
 /// Samples `labels` with the model's own sampler.
@@ -110,11 +129,7 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
         .iter()
         .flat_map(|&c| std::iter::repeat_n(c, args.n))
         .collect();
-    let sc = SampleConfig {
-        cfg: args.cfg,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
+    let sc = args.sampling.config();
     let t = std::time::Instant::now();
     let imgs = images(&model, &vae, &labels, sc, &mut Generator::new(args.seed))?;
     let secs = t.elapsed().as_secs_f64();
@@ -140,7 +155,7 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
         "{} images ({} per class, cfg {}) in {:.1}s; wrote {} and one PNG per image in {}",
         labels.len(),
         args.n,
-        args.cfg,
+        args.sampling.cfg,
         secs,
         grid_path.display(),
         args.out.display()

@@ -10,12 +10,13 @@ use clap::{Args, ValueEnum};
 use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
 use mvar_models::trainer::{ArTrainConfig, ArTrainer};
-use mvar_models::{MvarConfig, SampleConfig, VarConfig};
+use mvar_models::{MvarConfig, VarConfig};
 
 use crate::common::{
     batch_indices, build_model, load_split, load_tokenizer, ModelInfo, PreprocessArg,
 };
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
+use crate::sample::SamplingArgs;
 use crate::token_cache::TokenCache;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -154,15 +155,9 @@ pub struct TrainArgs {
     /// bf16 GEMMs are not faster).
     #[arg(long, value_enum, default_value = "auto")]
     pub precision: Precision,
-    /// Guidance of the sample grid written at the end.
-    #[arg(long, default_value_t = 2.0)]
-    pub cfg: f64,
-    /// Top-k of the sample grid written at the end (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Top-p of the sample grid written at the end (0 = all).
-    #[arg(long, default_value_t = 0.96)]
-    pub top_p: f64,
+    /// Sampling of the grid written at the end.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -470,11 +465,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             .as_bytes(),
     )?;
     let grid = args.out.join("samples.png");
-    let sc = SampleConfig {
-        cfg: args.cfg,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
+    let sc = args.sampling.config();
     crate::sample::class_grid(&trainer.model, &vae, &info, 8, sc, args.seed, &grid)?;
     println!(
         "wrote {}, {}, {} and {}",

@@ -22,9 +22,7 @@ use crate::progress::{interrupted, memory_text, Metrics, Progress};
 pub struct TrainClassifierArgs {
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
-    /// How images are brought to the model's side: `official` resizes the shorter side to
-    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
-    /// side x side).
+    /// How images are brought to the model's side.
     #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
     pub preprocess: PreprocessArg,
     #[arg(long, default_value = "train")]

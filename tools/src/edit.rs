@@ -26,9 +26,7 @@ pub struct EditArgs {
     pub index: Option<usize>,
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
-    /// How images are brought to the model's side: `official` resizes the shorter side to
-    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
-    /// side x side).
+    /// How images are brought to the model's side.
     #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
     pub preprocess: PreprocessArg,
     #[arg(long, default_value = "test")]

@@ -21,9 +21,7 @@ pub struct TrainTokenizerArgs {
     /// Image folder (root/<class>/<image>) or CIFAR-style binary folder (<split>.bin).
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
-    /// How images are brought to the model's side: `official` resizes the shorter side to
-    /// 1.125 x and crops (images of any size mix); `exact` uses them as they are (all must be
-    /// side x side).
+    /// How images are brought to the model's side.
     #[arg(long, value_enum, default_value_t = PreprocessArg::Official)]
     pub preprocess: PreprocessArg,
     /// Split used for training (a CIFAR-binary file name, or a subfolder of an image folder).

@@ -15,7 +15,7 @@ use mvar_models::classifier::{Classifier, ClassifierConfig};
 use mvar_models::data::{Crop, ImageDataset};
 use mvar_ops::{self as ops, AdamW, AdamWConfig};
 
-use crate::common::{batch_indices, load_split, read_json, PreprocessArg};
+use crate::common::{batch_indices, load_split, load_training_split, read_json, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 
 #[derive(Args, Debug, Clone)]
@@ -134,15 +134,8 @@ pub fn top1_accuracy(preds: &[i64], labels: &[i64]) -> f64 {
 pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
     const OP: &str = "mvar train-classifier";
     let t_cmd = Instant::now();
-    let train = load_split(&args.data, &args.split, args.side, true, args.preprocess)?
-        .expect("required split");
-    let val = load_split(
-        &args.data,
-        &args.val_split,
-        args.side,
-        false,
-        args.preprocess,
-    )?;
+    let train = load_training_split(&args.data, &args.split, args.side, args.preprocess)?;
+    let val = load_split(&args.data, &args.val_split, args.side, args.preprocess)?;
     let channels: Vec<usize> = args
         .channels
         .split(',')

@@ -27,13 +27,12 @@ impl From<PreprocessArg> for Preprocess {
     }
 }
 
-/// Loads a split: CIFAR-binary when `<dir>/<split>.bin` exists, else an image folder
-/// (`<dir>/<split>` when that folder exists, else `<dir>` itself for the training split).
+/// Loads a split if the data set has it: CIFAR-binary when `<dir>/<split>.bin` exists, else the
+/// image folder `<dir>/<split>`; None when neither exists.
 pub fn load_split(
     dir: &Path,
     split: &str,
     side: usize,
-    required: bool,
     preprocess: PreprocessArg,
 ) -> Result<Option<ImageDataset>> {
     let preprocess = Preprocess::from(preprocess);
@@ -43,10 +42,21 @@ pub fn load_split(
     if dir.join(split).is_dir() {
         return ImageDataset::load_folder_with(&dir.join(split), side, preprocess).map(Some);
     }
-    if required {
-        return ImageDataset::load_folder_with(dir, side, preprocess).map(Some);
-    }
     Ok(None)
+}
+
+/// Loads the training split: as [`load_split`], else `<dir>` itself as an image folder (whose
+/// error names the folder when it is missing or holds no images).
+pub fn load_training_split(
+    dir: &Path,
+    split: &str,
+    side: usize,
+    preprocess: PreprocessArg,
+) -> Result<ImageDataset> {
+    match load_split(dir, split, side, preprocess)? {
+        Some(ds) => Ok(ds),
+        None => ImageDataset::load_folder_with(dir, side, preprocess.into()),
+    }
 }
 
 /// The permutation of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the

@@ -74,8 +74,8 @@ pub fn run(args: EditArgs, device: &Device) -> Result<()> {
     let (image, own_class) = match (&args.image, args.index) {
         (Some(path), _) => (load_image(path, side, device)?, None),
         (None, Some(i)) => {
-            let data = load_split(&args.data, &args.split, side, false, args.preprocess)?
-                .ok_or_else(|| {
+            let data =
+                load_split(&args.data, &args.split, side, args.preprocess)?.ok_or_else(|| {
                     Error::invalid(
                         OP,
                         format!("no split {:?} in {}", args.split, args.data.display()),

@@ -126,18 +126,17 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
     let t0 = Instant::now();
     let (model, vae, info) = load_model_dir(&args.ckpt, device)?;
     let side = info.var.patch_nums.last().copied().unwrap_or(1) * vae.config.downsample();
-    let val =
-        load_split(&args.data, &args.split, side, false, args.preprocess)?.ok_or_else(|| {
-            Error::invalid(
-                OP,
-                format!(
-                    "no held-out split {:?} in {} (expected {s}.bin or the folder {s}/)",
-                    args.split,
-                    args.data.display(),
-                    s = args.split
-                ),
-            )
-        })?;
+    let val = load_split(&args.data, &args.split, side, args.preprocess)?.ok_or_else(|| {
+        Error::invalid(
+            OP,
+            format!(
+                "no held-out split {:?} in {} (expected {s}.bin or the folder {s}/)",
+                args.split,
+                args.data.display(),
+                s = args.split
+            ),
+        )
+    })?;
     if val.classes().len() != info.var.num_classes {
         return Err(Error::invalid(
             OP,
@@ -298,7 +297,7 @@ fn sample_quality(
     )?;
 
     // The floor: as many real training images as samples, against the same held-out images.
-    let train = load_split(&args.data, "train", val.side(), false, args.preprocess)?;
+    let train = load_split(&args.data, "train", val.side(), args.preprocess)?;
     let fd_real = match train {
         Some(train) if train.len() >= 2 => {
             let pick: Vec<usize> = epoch_order(train.len(), args.seed, 0)

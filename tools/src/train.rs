@@ -13,7 +13,7 @@ use mvar_models::trainer::{ArTrainConfig, ArTrainer};
 use mvar_models::{MvarConfig, VarConfig};
 
 use crate::common::{
-    batch_indices, build_model, load_split, load_tokenizer, ModelInfo, PreprocessArg,
+    batch_indices, build_model, load_tokenizer, load_training_split, ModelInfo, PreprocessArg,
 };
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use crate::sample::SamplingArgs;
@@ -171,8 +171,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let vae = load_tokenizer(&args.tokenizer, device)?;
     let pns = vae.config.v_patch_nums.clone();
     let side = pns.last().copied().unwrap_or(1) * vae.config.downsample();
-    let train =
-        load_split(&args.data, &args.split, side, true, args.preprocess)?.expect("required split");
+    let train = load_training_split(&args.data, &args.split, side, args.preprocess)?;
     let (cache, built) =
         TokenCache::open_or_build(&args.tokenizer, &args.split, &vae, &train, true, device)?;
     println!(

@@ -11,7 +11,7 @@ use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, TrainingState};
 use mvar_models::data::{grid, save_png, Crop};
 
-use crate::common::{batch_indices, load_split, PreprocessArg};
+use crate::common::{batch_indices, load_split, load_training_split, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use mvar_models::tokenizer::{evaluate, TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::{VqVae, VqVaeConfig};
@@ -147,15 +147,8 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         return Err(Error::invalid("train-tokenizer", "--batch 0"));
     }
     let t0 = Instant::now();
-    let train = load_split(&args.data, &args.split, args.side, true, args.preprocess)?
-        .expect("required split");
-    let val = load_split(
-        &args.data,
-        &args.val_split,
-        args.side,
-        false,
-        args.preprocess,
-    )?;
+    let train = load_training_split(&args.data, &args.split, args.side, args.preprocess)?;
+    let val = load_split(&args.data, &args.val_split, args.side, args.preprocess)?;
     println!(
         "data: {} training images, {} classes{} ({:.1}s)",
         train.len(),

@@ -73,7 +73,12 @@ struct AttnDims {
     int lq, lk, d, dv;
 };
 
+#ifdef MVAR_CUDA_EMU
+// The CPU emulator (cuda/emu) gives each launch one dynamic shared buffer.
+#define att_smem (reinterpret_cast<float4*>(mvar_emu::g_launch->dyn_smem))
+#else
 extern __shared__ float4 att_smem[];
+#endif
 
 // The scale holding position `pos` (0 <= pos < bounds[n]): the largest s with bounds[s] <= pos.
 __device__ __forceinline__ int scale_of(const i64* bounds, int n, i64 pos) {

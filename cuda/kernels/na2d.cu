@@ -204,7 +204,12 @@ __device__ void na2d_dkdv_naive_impl(T* dk, T* dv, const T* q, const T* k, const
 // ------------------------------------------------------------------------------------------------
 // tiling shared by the simt and mma variants
 
+#ifdef MVAR_CUDA_EMU
+// The CPU emulator (cuda/emu) gives each launch one dynamic shared buffer.
+#define na_smem (mvar_emu::g_launch->dyn_smem)
+#else
 extern __shared__ __align__(16) unsigned char na_smem[];
+#endif
 
 // One block tile: map, first row, first column; and the derived spans.
 struct NaTile {
@@ -578,23 +583,35 @@ __device__ __forceinline__ unsigned na_smem_addr(const void* p) {
 }
 
 __device__ __forceinline__ void na_ldsm(unsigned (&r)[4], unsigned addr) {
+#ifdef MVAR_CUDA_EMU
+    mvar_emu_ldmatrix_x4(r, addr, false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+#endif
 }
 
 __device__ __forceinline__ void na_ldsm_t(unsigned (&r)[4], unsigned addr) {
+#ifdef MVAR_CUDA_EMU
+    mvar_emu_ldmatrix_x4(r, addr, true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+#endif
 }
 
 // c (16 x 8, f32) += a (16 x 16, bf16) * b (16 x 8, bf16).
 __device__ __forceinline__ void na_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#ifdef MVAR_CUDA_EMU
+    mvar_emu_mma_m16n8k16_bf16(c, a, b0, b1);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats as bf16x2 (lo in the low half), rounded like every other store.

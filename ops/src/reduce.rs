@@ -7,7 +7,7 @@
 
 use mvar_engine::cpu::{run_float, FloatKernel};
 use mvar_engine::cuda::ops::reduce as cr;
-use mvar_engine::{CpuStorage, Error, Float, Result, Shape, Tensor, WithDType};
+use mvar_engine::{CpuStorage, DType, Error, Float, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::elementwise::{broadcast_to, mul_scalar};
@@ -95,19 +95,47 @@ pub fn sum_axes(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
             size: x.rank(),
         });
     }
-    let mut out = x.clone();
-    for &ax in axes.iter().rev() {
+    // Adjacent reduced axes are one axis of their product: one pass, one rounding.
+    let mut merged_dims = Vec::with_capacity(x.rank());
+    let mut merged_axes = Vec::new();
+    let mut i = 0;
+    while i < x.rank() {
+        if axes.contains(&i) {
+            merged_axes.push(merged_dims.len());
+            let mut n = 1;
+            while i < x.rank() && axes.contains(&i) {
+                n *= x.dims()[i];
+                i += 1;
+            }
+            merged_dims.push(n);
+        } else {
+            merged_dims.push(x.dims()[i]);
+            i += 1;
+        }
+    }
+    let mut out = if merged_dims.len() == x.rank() {
+        x.clone()
+    } else {
+        x.reshape(merged_dims)?
+    };
+    // Several passes in bf16 would round each partial sum to bf16, and a cancelling sum loses
+    // its digits there; the partial sums stay f32 ("bf16 storage, f32 accumulation").
+    let widen = out.dtype() == DType::BF16 && merged_axes.len() > 1;
+    if widen {
+        out = out.to_dtype(DType::F32)?;
+    }
+    for &ax in merged_axes.iter().rev() {
         out = sum_one_axis(&out, ax)?;
     }
-    if keepdim {
-        return Ok(out);
+    if widen {
+        out = out.to_dtype(DType::BF16)?;
     }
     let dims: Vec<usize> = x
         .dims()
         .iter()
         .enumerate()
-        .filter(|(i, _)| !axes.contains(i))
-        .map(|(_, &d)| d)
+        .filter(|&(i, _)| keepdim || !axes.contains(&i))
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
         .collect();
     out.reshape(dims)
 }

@@ -44,16 +44,30 @@ pub fn tolerance(dtype: DType) -> f64 {
     }
 }
 
-/// Outputs and input gradients of `f` on `device` in `dtype`, as f64 vectors.
+/// Outputs and input gradients of `f` on `device` in `dtype`, as f64 vectors. With `rounded_to`,
+/// the float inputs and the loss weights are first rounded to that dtype (and computed in
+/// `dtype`): the reference for a bf16 run sees the values the bf16 run sees.
 fn run_on(
     f: &dyn Fn(&Device, &[Tensor]) -> Result<Tensor>,
     inputs: &[Tensor],
     device: &Device,
     dtype: DType,
+    rounded_to: Option<DType>,
 ) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+    let round = |t: Tensor| -> Result<Tensor> {
+        match rounded_to {
+            Some(r) if t.dtype().is_float() => t.to_dtype(r)?.to_dtype(dtype),
+            _ => Ok(t),
+        }
+    };
     let leaves: Vec<Tensor> = inputs
         .iter()
-        .map(|t| t.to_dtype(dtype)?.to_device(device)?.detach().with_grad())
+        .map(|t| {
+            round(t.to_dtype(dtype)?)?
+                .to_device(device)?
+                .detach()
+                .with_grad()
+        })
         .collect::<Result<_>>()?;
     let y = f(device, &leaves)?;
     let mut g = Generator::new(99);
@@ -65,8 +79,8 @@ fn run_on(
         &Device::Cpu,
         &mut g,
     )?
-    .to_dtype(y.dtype())?
-    .to_device(device)?;
+    .to_dtype(y.dtype())?;
+    let w = round(w)?.to_device(device)?;
     if y.dtype().is_float() && y.requires_grad() {
         ops::sum_all(&ops::mul(&y, &w)?)?.backward()?;
     }
@@ -80,8 +94,11 @@ fn run_on(
     Ok((y.to_vec_f64()?, grads))
 }
 
+/// Largest |got - want| over the largest |want|, that scale at least 1e-3: the inputs are O(1),
+/// and a tensor that is zero in exact arithmetic (dq when each query sees only itself) must not
+/// turn rounding noise of 1e-7 into a relative error of 1.
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
     got.iter()
         .zip(want)
         .map(|(a, b)| (a - b).abs())
@@ -91,7 +108,13 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 
 /// Runs `f` (which receives the device, to place any index or mask tensors it captured) on the
 /// CPU in f32 and on the GPU in f32 and bf16, and fails the case if outputs or gradients differ
-/// by more than [`tolerance`].
+/// by more than [`tolerance`]. The bf16 run is compared with the CPU computing in f32 on the
+/// same bf16-rounded inputs and loss weights: rounding the inputs is not the kernel's error, and
+/// an ill-conditioned op (log near 1, a quotient, a cancelling sum) magnifies it far beyond the
+/// bf16 tolerance of what the kernel itself rounds. Where even that is too strict (a gradient
+/// that cancels after the op stored its output in bf16), a bf16 result also passes when it is
+/// within twice the error of the CPU backend's own bf16 run of the same op: the GPU kernel may
+/// not be worse than the reference implementation's straightforward bf16 arithmetic.
 pub fn parity(
     op: &str,
     f: impl Fn(&Device, &[Tensor]) -> Result<Tensor>,
@@ -99,23 +122,45 @@ pub fn parity(
 ) -> std::result::Result<(), TestCaseError> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let fail = |e: mvar::engine::Error| TestCaseError::fail(format!("{op}: {e}"));
-    let (want_y, want_g) = run_on(&f, inputs, &Device::Cpu, DType::F32).map_err(fail)?;
     for dtype in [DType::F32, DType::BF16] {
-        let (y, g) = run_on(&f, inputs, &gpu, dtype).map_err(fail)?;
+        let rounded_to = (dtype != DType::F32).then_some(dtype);
+        let (want_y, want_g) =
+            run_on(&f, inputs, &Device::Cpu, DType::F32, rounded_to).map_err(fail)?;
+        let (y, g) = run_on(&f, inputs, &gpu, dtype, None).map_err(fail)?;
         let tol = tolerance(dtype);
-        let e = rel_err(&y, &want_y);
-        if e > tol {
-            return Err(TestCaseError::fail(format!(
-                "{op} {dtype}: output differs from the CPU by {e:e} (> {tol:e})"
-            )));
-        }
-        for (i, (gi, wi)) in g.iter().zip(&want_g).enumerate() {
-            let e = rel_err(gi, wi);
-            if e > tol {
+        let cpu_same_dtype = if dtype == DType::F32 {
+            None
+        } else {
+            Some(run_on(&f, inputs, &Device::Cpu, dtype, None).map_err(fail)?)
+        };
+        let check = |what: String, got: &[f64], want: &[f64], cpu: Option<&[f64]>| {
+            let e = rel_err(got, want);
+            let cpu_e = cpu.map(|c| rel_err(c, want)).unwrap_or(0.0);
+            let allowed = tol.max(2.0 * cpu_e);
+            if e > tol && std::env::var_os("MVAR_PARITY_LOG").is_some() {
+                eprintln!("PARITYLOG {op} {dtype} {what}: {e:e} within twice the CPU's {cpu_e:e}");
+            }
+            if e > allowed {
                 return Err(TestCaseError::fail(format!(
-                    "{op} {dtype}: gradient of input {i} differs from the CPU by {e:e} (> {tol:e})"
+                    "{op} {dtype}: {what} differs from the CPU by {e:e} (> {tol:e}; the CPU's own \
+                     {dtype} run differs by {cpu_e:e})"
                 )));
             }
+            Ok(())
+        };
+        check(
+            "output".into(),
+            &y,
+            &want_y,
+            cpu_same_dtype.as_ref().map(|c| c.0.as_slice()),
+        )?;
+        for (i, (gi, wi)) in g.iter().zip(&want_g).enumerate() {
+            check(
+                format!("gradient of input {i}"),
+                gi,
+                wi,
+                cpu_same_dtype.as_ref().map(|c| c.1[i].as_slice()),
+            )?;
         }
     }
     Ok(())

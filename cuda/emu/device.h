@@ -1,0 +1,449 @@
+// device.h: the device side of mvar's CUDA emulator. Put in front of a kernel file, it lets g++
+// compile `cuda/kernels/*.cu` as ordinary C++ and run each kernel on the CPU with the semantics
+// the kernels rely on, so that the whole GPU path (Rust launch code, kernels, cuBLAS calls) can be
+// tested on a machine without a GPU. It checks what a kernel computes, not how fast.
+//
+// Execution model:
+// - One launch runs its blocks one after another. Each thread of a block is a fiber (ucontext) on
+//   the launching OS thread; a fiber runs until it reaches a barrier (`__syncthreads`, or a warp
+//   collective), then the next one runs. So between two barriers thread 0 runs first and the last
+//   thread last: a value read from shared memory that another thread writes without a barrier in
+//   between is, for most thread pairs, read before it is written, and the result is wrong.
+// - `__shared__` variables become function-level statics: one copy, shared by the block's
+//   threads; blocks do not overlap and the driver runs one launch at a time, so that is exactly
+//   per-block shared memory. Dynamic shared memory (`extern __shared__`) is one buffer per launch,
+//   filled with 0xff bytes (NaN as floats) so that reading it before writing it shows.
+// - Warps are groups of 32 consecutive linear thread ids. Shuffles, `ldmatrix` and `mma.sync` go
+//   through a per-warp exchange area between two warp barriers, with the register fragment layouts
+//   of the PTX ISA (m16n8k16 bf16, ldmatrix .x4 with and without .trans).
+// - A thread that returns leaves the block and warp barriers, as an exited thread does on the GPU.
+//
+// The driver (driver.cpp) finds the kernels by name through `mvar_emu_find` and runs them with
+// `mvar_emu_launch`; the kernel list is generated at compile time (see compile.h).
+#pragma once
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+#ifdef MVAR_EMU_SCAN
+// The scan pass (g++ -E) finds the kernels by this mark.
+#define __global__ mvar_emu_kernel_mark
+#else
+#define __global__
+#endif
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+
+namespace mvar_emu {
+
+// A barrier of cooperating fibers: `expected` participants, of which `arrived` wait in `phase`.
+struct Barrier {
+    int expected = 0;
+    int arrived = 0;
+    unsigned phase = 0;
+};
+
+struct Warp {
+    Barrier bar;
+    int lanes = 32;
+    uint64_t slot[32][8];
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    bool done = false;
+};
+
+struct Launch {
+    dim3 grid, block;
+    unsigned char* dyn_smem = nullptr;
+    Barrier block_bar;
+    std::vector<Warp> warps;
+    std::vector<Fiber> fibers;
+    ucontext_t main;
+    int current = 0;
+    long long idle_switches = 0;  // switches since a barrier opened or a thread ended
+};
+
+inline Launch* g_launch = nullptr;
+inline int t_linear = 0;
+
+inline Warp& warp() { return g_launch->warps[t_linear >> 5]; }
+inline int lane() { return t_linear & 31; }
+
+void switch_to_next();
+void arrive_and_wait(Barrier& b);
+
+}  // namespace mvar_emu
+
+// The running fiber's indices (set on every switch).
+inline dim3 threadIdx;
+inline dim3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
+constexpr int warpSize = 32;
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned int x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+
+// ------------------------------------------------------------------------------------------------
+// intrinsics
+
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __expf(float a) { return std::exp(a); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+    return (unsigned int)(((unsigned long long)a * b) >> 32);
+}
+
+// CUDA's integer and float min/max overloads.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
+inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+
+inline void __syncthreads() { mvar_emu::arrive_and_wait(mvar_emu::g_launch->block_bar); }
+inline void __syncwarp(unsigned = 0xffffffffu) { mvar_emu::arrive_and_wait(mvar_emu::warp().bar); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    auto& w = mvar_emu::warp();
+    int lane = mvar_emu::lane();
+    std::memcpy(&w.slot[lane][0], &v, sizeof(T));
+    mvar_emu::arrive_and_wait(w.bar);
+    int src = (lane & ~(width - 1)) | ((lane ^ lane_mask) & (width - 1));
+    T r = v;
+    if (src < w.lanes) std::memcpy(&r, &w.slot[src][0], sizeof(T));
+    mvar_emu::arrive_and_wait(w.bar);
+    return r;
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    auto& w = mvar_emu::warp();
+    int lane = mvar_emu::lane();
+    std::memcpy(&w.slot[lane][0], &v, sizeof(T));
+    mvar_emu::arrive_and_wait(w.bar);
+    int src = (lane & ~(width - 1)) | (src_lane & (width - 1));
+    T r = v;
+    if (src < w.lanes) std::memcpy(&r, &w.slot[src][0], sizeof(T));
+    mvar_emu::arrive_and_wait(w.bar);
+    return r;
+}
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+    return std::atomic_ref<unsigned int>(*p).fetch_add(v);
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+
+// Shared-window addresses are offsets into the launch's dynamic shared memory (the only shared
+// memory the kernels address this way).
+inline size_t __cvta_generic_to_shared(const void* p) {
+    return (size_t)((const unsigned char*)p - mvar_emu::g_launch->dyn_smem);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of
+// matrix i; without .trans lane l gets row l/4, columns 2(l%4) and 2(l%4)+1 of each matrix, with
+// .trans it gets column l/4 of rows 2(l%4) and 2(l%4)+1 (the first element in the low half).
+inline void mvar_emu_ldmatrix_x4(unsigned (&r)[4], unsigned addr, bool trans) {
+    auto& w = mvar_emu::warp();
+    int lane = mvar_emu::lane();
+    w.slot[lane][0] = addr;
+    mvar_emu::arrive_and_wait(w.bar);
+    const unsigned char* base = mvar_emu::g_launch->dyn_smem;
+    for (int i = 0; i < 4; ++i) {
+        uint16_t lo, hi;
+        if (!trans) {
+            const uint16_t* row = (const uint16_t*)(base + w.slot[i * 8 + lane / 4][0]);
+            lo = row[2 * (lane % 4)];
+            hi = row[2 * (lane % 4) + 1];
+        } else {
+            const uint16_t* r0 = (const uint16_t*)(base + w.slot[i * 8 + 2 * (lane % 4)][0]);
+            const uint16_t* r1 = (const uint16_t*)(base + w.slot[i * 8 + 2 * (lane % 4) + 1][0]);
+            lo = r0[lane / 4];
+            hi = r1[lane / 4];
+        }
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+    mvar_emu::arrive_and_wait(w.bar);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, c += a * b. With g = lane/4, t = lane%4:
+// a[0] holds A[g][2t..2t+1], a[1] A[g+8][2t..], a[2] A[g][2t+8..], a[3] A[g+8][2t+8..];
+// b0 holds B[2t..2t+1][g], b1 B[2t+8..2t+9][g]; c[0..1] is C[g][2t..2t+1], c[2..3] C[g+8][2t..].
+inline void mvar_emu_mma_m16n8k16_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    auto& w = mvar_emu::warp();
+    int lane = mvar_emu::lane();
+    for (int i = 0; i < 4; ++i) w.slot[lane][i] = a[i];
+    w.slot[lane][4] = b0;
+    w.slot[lane][5] = b1;
+    mvar_emu::arrive_and_wait(w.bar);
+    auto half = [&](int l, int reg, int k) {
+        unsigned bits = (unsigned)w.slot[l][reg];
+        unsigned h = (k & 1) ? (bits >> 16) : (bits & 0xffffu);
+        return __uint_as_float(h << 16);
+    };
+    int g = lane / 4, t = lane % 4;
+    for (int ri = 0; ri < 2; ++ri) {
+        for (int ci = 0; ci < 2; ++ci) {
+            int row = g + 8 * ri, col = 2 * t + ci;
+            float acc = c[2 * ri + ci];
+            for (int k = 0; k < 16; ++k) {
+                float av = half((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k);
+                float bv = half(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k);
+                acc += av * bv;
+            }
+            c[2 * ri + ci] = acc;
+        }
+    }
+    mvar_emu::arrive_and_wait(w.bar);
+}
+
+// ------------------------------------------------------------------------------------------------
+// kernel registry and launcher
+
+namespace mvar_emu {
+
+using Thunk = void (*)(void* fn, void** params);
+
+struct Entry {
+    void* fn;
+    Thunk thunk;
+};
+
+inline std::map<std::string, Entry>& registry() {
+    static std::map<std::string, Entry> m;
+    return m;
+}
+
+template <typename... A, size_t... I>
+void call(void (*f)(A...), void** p, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<A>*>(p[I])...);
+}
+
+template <typename... A>
+void thunk(void* fn, void** p) {
+    call(reinterpret_cast<void (*)(A...)>(fn), p, std::index_sequence_for<A...>{});
+}
+
+struct Registrar {
+    template <typename... A>
+    Registrar(const char* name, void (*f)(A...)) {
+        registry()[name] = Entry{reinterpret_cast<void*>(f), &thunk<A...>};
+    }
+};
+
+constexpr size_t kStackBytes = 512 * 1024;
+
+// Stacks of the fibers, kept between launches (untouched pages cost nothing).
+inline std::vector<void*>& stacks() {
+    static std::vector<void*> v;
+    return v;
+}
+
+inline void set_current(int t) {
+    Launch& l = *g_launch;
+    l.current = t;
+    t_linear = t;
+    const dim3 b = l.block;
+    threadIdx = dim3{(unsigned)(t % b.x), (unsigned)((t / b.x) % b.y), (unsigned)(t / (b.x * b.y))};
+}
+
+// Runs the next fiber that has not finished, round robin; back to the launcher when none is left.
+inline void switch_to_next() {
+    Launch& l = *g_launch;
+    const int n = (int)l.fibers.size();
+    const int from = l.current;
+    for (int i = 1; i <= n; ++i) {
+        int t = (from + i) % n;
+        if (!l.fibers[t].done) {
+            if (t == from) return;
+            set_current(t);
+            swapcontext(&l.fibers[from].ctx, &l.fibers[t].ctx);
+            return;
+        }
+    }
+    swapcontext(&l.fibers[from].ctx, &l.main);
+}
+
+inline void open(Barrier& b) {
+    b.arrived = 0;
+    ++b.phase;
+    g_launch->idle_switches = 0;
+}
+
+inline void arrive_and_wait(Barrier& b) {
+    const unsigned my_phase = b.phase;
+    if (++b.arrived == b.expected) {
+        open(b);
+        return;
+    }
+    while (b.phase == my_phase) {
+        // Every live fiber waits at some barrier and none can open: the GPU would hang here.
+        if (++g_launch->idle_switches > 4 * (long long)g_launch->fibers.size() + 64) {
+            fprintf(stderr,
+                    "mvar CUDA emulator: deadlock in block (%u, %u, %u): the threads wait at barriers that cannot "
+                    "complete (a __syncthreads or warp collective not reached by every live thread)\n",
+                    blockIdx.x, blockIdx.y, blockIdx.z);
+            abort();
+        }
+        switch_to_next();
+    }
+}
+
+// A thread that returns no longer counts at the barriers (as an exited thread on the GPU).
+inline void leave(Barrier& b) {
+    --b.expected;
+    if (b.arrived > 0 && b.arrived == b.expected) open(b);
+}
+
+struct FiberArgs {
+    Entry entry;
+    void** params;
+};
+inline FiberArgs g_fiber_args;
+
+inline void fiber_main() {
+    Launch& l = *g_launch;
+    g_fiber_args.entry.thunk(g_fiber_args.entry.fn, g_fiber_args.params);
+    const int t = l.current;
+    leave(l.block_bar);
+    leave(l.warps[t >> 5].bar);
+    l.fibers[t].done = true;
+    l.idle_switches = 0;
+    switch_to_next();  // never returns: a finished fiber is not resumed
+}
+
+}  // namespace mvar_emu
+
+extern "C" __attribute__((visibility("default"))) int mvar_emu_find(const char* name) {
+    return mvar_emu::registry().count(name) ? 1 : 0;
+}
+
+// Runs kernel `name` to completion. Returns 0, 1 when there is no such kernel, 2 when the fiber
+// stacks cannot be had.
+extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char* name, unsigned gx, unsigned gy,
+                                                                       unsigned gz, unsigned bx, unsigned by,
+                                                                       unsigned bz, size_t smem, void** params) {
+    using namespace mvar_emu;
+    auto it = registry().find(name);
+    if (it == registry().end()) return 1;
+    const int nthreads = (int)(bx * by * bz);
+    auto& st = stacks();
+    while ((int)st.size() < nthreads) {
+        void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) return 2;
+        st.push_back(p);
+    }
+    Launch launch;
+    launch.grid = dim3{gx, gy, gz};
+    launch.block = dim3{bx, by, bz};
+    std::vector<unsigned char> dyn(smem + 16, 0xff);
+    launch.dyn_smem = dyn.data() + ((16 - ((uintptr_t)dyn.data() & 15)) & 15);
+    launch.warps = std::vector<Warp>((nthreads + 31) / 32);
+    launch.fibers = std::vector<Fiber>(nthreads);
+    g_launch = &launch;
+    g_fiber_args = FiberArgs{it->second, params};
+    blockDim = launch.block;
+    gridDim = launch.grid;
+    ucontext_t proto;
+    getcontext(&proto);
+    const long long nblocks = (long long)gx * gy * gz;
+    for (long long b = 0; b < nblocks; ++b) {
+        blockIdx = dim3{(unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((long long)gx * gy))};
+        launch.block_bar = Barrier{nthreads, 0, 0};
+        for (size_t w = 0; w < launch.warps.size(); ++w) {
+            int lanes = std::min(32, nthreads - (int)w * 32);
+            launch.warps[w].lanes = lanes;
+            launch.warps[w].bar = Barrier{lanes, 0, 0};
+        }
+        for (int t = 0; t < nthreads; ++t) {
+            Fiber& f = launch.fibers[t];
+            f.done = false;
+            f.ctx = proto;
+            f.ctx.uc_stack.ss_sp = st[t];
+            f.ctx.uc_stack.ss_size = kStackBytes;
+            f.ctx.uc_link = &launch.main;
+            makecontext(&f.ctx, fiber_main, 0);
+        }
+        launch.idle_switches = 0;
+        set_current(0);
+        swapcontext(&launch.main, &launch.fibers[0].ctx);
+    }
+    g_launch = nullptr;
+    return 0;
+}

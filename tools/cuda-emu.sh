@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs a command against mvar's CUDA emulator (cuda/emu): a libcuda, libnvrtc and libcublas that
+# execute the project's CUDA kernels on the CPU, so the whole GPU path (launch code, kernels, cuBLAS
+# calls, the caching allocator) can be tested on a machine without a GPU. It checks what the
+# kernels compute, never how fast; figures taken under it mean nothing.
+#
+#   tools/cuda-emu.sh cargo test --test parity        # the CUDA parity tests, on the emulator
+#   tools/cuda-emu.sh --build-only                    # just build the libraries
+#
+# Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+EMU_SRC="$ROOT/cuda/emu"
+OUT="${CARGO_TARGET_DIR:-$ROOT/target}/cuda-emu"
+CXX="${MVAR_EMU_CXX:-g++}"
+if ! command -v "$CXX" >/dev/null; then
+  echo "cuda-emu: $CXX not found; the CUDA emulator needs a C++20 compiler" >&2
+  exit 2
+fi
+mkdir -p "$OUT/lib" "$OUT/modules" "$OUT/kernels"
+FLAGS=(-std=c++20 -O2 -g -shared -fPIC -fvisibility=hidden -pthread -I"$EMU_SRC"
+       "-DMVAR_EMU_DEVICE_H=\"$EMU_SRC/device.h\"")
+build() {  # name source: rebuilt when any emulator source is newer than the library
+  local lib="$OUT/lib/$1"
+  if [ ! -e "$lib" ] || [ -n "$(find "$EMU_SRC" -newer "$lib" -print -quit)" ]; then
+    "$CXX" "${FLAGS[@]}" -o "$lib.tmp" "$EMU_SRC/$2" -ldl && mv "$lib.tmp" "$lib"
+  fi
+}
+build libcuda.so driver.cpp
+build libnvrtc.so nvrtc.cpp
+build libcublas.so cublas.cpp
+[ "${1:-}" = "--build-only" ] && { echo "cuda-emu: libraries in $OUT/lib"; exit 0; }
+export LD_LIBRARY_PATH="$OUT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export MVAR_EMU_CACHE="$OUT/modules"
+export MVAR_KERNEL_CACHE="$OUT/kernels"
+export MVAR_EMU_CXX="$CXX"
+unset MVAR_CUDA_INCLUDE
+exec "$@"

@@ -5,7 +5,7 @@
 // Steps: a scan pass (g++ -E with MVAR_EMU_SCAN) lists the `__global__` functions; the source is
 // compiled with device.h in front and one `Registrar` per kernel appended, so the launcher finds
 // each kernel by name and unpacks its parameters with the kernel's own signature. The result is
-// cached by a hash of device.h and the source in $MVAR_EMU_CACHE (default /tmp/mvar-emu-<uid>).
+// cached by a hash of device.h, the optimisation flags ($MVAR_EMU_OPT, default -O2) and the source in $MVAR_EMU_CACHE (default /tmp/mvar-emu-<uid>).
 #pragma once
 
 #include <sys/stat.h>
@@ -80,8 +80,10 @@ inline std::string build_module(const std::string& source, std::string& log) {
         log = std::string("mvar emulator: cannot read ") + MVAR_EMU_DEVICE_H;
         return "";
     }
+    const char* opt_env = getenv("MVAR_EMU_OPT");
+    const std::string opt = opt_env && *opt_env ? opt_env : "-O2";
     char key[17];
-    snprintf(key, sizeof key, "%016llx", (unsigned long long)fnv1a(source, fnv1a(device_h)));
+    snprintf(key, sizeof key, "%016llx", (unsigned long long)fnv1a(source, fnv1a(opt, fnv1a(device_h))));
     const std::string dir = cache_dir();
     const std::string so = dir + "/" + key + ".so";
     if (access(so.c_str(), R_OK) == 0) return so;
@@ -116,8 +118,7 @@ inline std::string build_module(const std::string& source, std::string& log) {
         return "";
     }
     const std::string tmp_so = dir + "/" + tag + ".so.tmp";
-    const char* opt = getenv("MVAR_EMU_OPT");
-    std::string cmd = compiler() + " " + flags + " " + (opt && *opt ? opt : "-O1") +
+    std::string cmd = compiler() + " " + flags + " " + opt +
                       " -g0 -shared -fPIC -fvisibility=hidden -pthread -o " + tmp_so + " " + src_path;
     if (run(cmd, log) != 0) {
         unlink(tmp_so.c_str());

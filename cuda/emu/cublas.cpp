@@ -4,7 +4,10 @@
 // is computed in full f32: the emulator checks the layout arithmetic, not TF32 rounding.
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <initializer_list>
+#include <thread>
+#include <vector>
 
 typedef int cublasStatus_t;
 enum {
@@ -93,21 +96,53 @@ API cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int transa, int tran
     if (ldc < (m > 1 ? m : 1)) return CUBLAS_STATUS_INVALID_VALUE;
     const float al = *static_cast<const float*>(alpha);
     const float be = *static_cast<const float*>(beta);
+    // op(A) packed as m rows of k and op(B) as n columns of k, so every output is a dot product
+    // of two contiguous rows; columns of C are split among threads.
+    std::vector<float> a_rows((size_t)m * k), b_cols((size_t)n * k);
+    const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
     for (int b = 0; b < batch; ++b) {
         const int64_t oa = b * stride_a, ob = b * stride_b, oc = b * stride_c;
-        for (int j = 0; j < n; ++j) {
-            for (int i = 0; i < m; ++i) {
-                float acc = 0.0f;
-                for (int p = 0; p < k; ++p) {
-                    int64_t ia = transa == CUBLAS_OP_N ? (int64_t)i + (int64_t)p * lda : (int64_t)p + (int64_t)i * lda;
-                    int64_t ib = transb == CUBLAS_OP_N ? (int64_t)p + (int64_t)j * ldb : (int64_t)j + (int64_t)p * ldb;
-                    acc += load(A, atype, oa + ia) * load(B, btype, ob + ib);
-                }
-                int64_t ic = oc + (int64_t)i + (int64_t)j * ldc;
-                float v = al * acc;
-                if (be != 0.0f) v += be * load(C, ctype, ic);
-                store(C, ctype, ic, v);
+        for (int i = 0; i < m; ++i) {
+            for (int p = 0; p < k; ++p) {
+                int64_t ia = transa == CUBLAS_OP_N ? (int64_t)i + (int64_t)p * lda : (int64_t)p + (int64_t)i * lda;
+                a_rows[(size_t)i * k + p] = load(A, atype, oa + ia);
             }
+        }
+        for (int j = 0; j < n; ++j) {
+            for (int p = 0; p < k; ++p) {
+                int64_t ib = transb == CUBLAS_OP_N ? (int64_t)p + (int64_t)j * ldb : (int64_t)j + (int64_t)p * ldb;
+                b_cols[(size_t)j * k + p] = load(B, btype, ob + ib);
+            }
+        }
+        auto columns = [&](int j0, int j1) {
+            for (int j = j0; j < j1; ++j) {
+                const float* bc = &b_cols[(size_t)j * k];
+                for (int i = 0; i < m; ++i) {
+                    const float* ar = &a_rows[(size_t)i * k];
+                    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                    int p = 0;
+                    for (; p + 8 <= k; p += 8) {
+                        for (int u = 0; u < 8; ++u) part[u] += ar[p + u] * bc[p + u];
+                    }
+                    float acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+                    for (; p < k; ++p) acc += ar[p] * bc[p];
+                    int64_t ic = oc + (int64_t)i + (int64_t)j * ldc;
+                    float v = al * acc;
+                    if (be != 0.0f) v += be * load(C, ctype, ic);
+                    store(C, ctype, ic, v);
+                }
+            }
+        };
+        const long long work = (long long)m * n * k;
+        const int parts = work < (1 << 18) ? 1 : (int)std::min<unsigned>(hw, (unsigned)n);
+        if (parts <= 1) {
+            columns(0, n);
+        } else {
+            std::vector<std::thread> threads;
+            for (int t = 0; t < parts; ++t) {
+                threads.emplace_back(columns, (int)((long long)n * t / parts), (int)((long long)n * (t + 1) / parts));
+            }
+            for (auto& th : threads) th.join();
         }
     }
     return CUBLAS_STATUS_SUCCESS;

@@ -4,14 +4,16 @@
 // tested on a machine without a GPU. It checks what a kernel computes, not how fast.
 //
 // Execution model:
-// - One launch runs its blocks one after another. Each thread of a block is a fiber (ucontext) on
+// - One launch runs its blocks one after another. Each thread of a block is a fiber (its own
+//   stack; an assembly stack switch on x86-64, which costs no system call, ucontext elsewhere) on
 //   the launching OS thread; a fiber runs until it reaches a barrier (`__syncthreads`, or a warp
 //   collective), then the next one runs. So between two barriers thread 0 runs first and the last
 //   thread last: a value read from shared memory that another thread writes without a barrier in
 //   between is, for most thread pairs, read before it is written, and the result is wrong.
-// - `__shared__` variables become function-level statics: one copy, shared by the block's
-//   threads; blocks do not overlap and the driver runs one launch at a time, so that is exactly
-//   per-block shared memory. Dynamic shared memory (`extern __shared__`) is one buffer per launch,
+// - `__shared__` variables become function-level thread_local statics: one copy per OS thread,
+//   shared by the fibers of the block it runs; a launch runs on one OS thread and its blocks do
+//   not overlap, so that is exactly per-block shared memory, and launches from several host
+//   threads run side by side. Dynamic shared memory (`extern __shared__`) is one buffer per launch,
 //   filled with 0xff bytes (NaN as floats) so that reading it before writing it shows.
 // - Warps are groups of 32 consecutive linear thread ids. Shuffles, `ldmatrix` and `mma.sync` go
 //   through a per-warp exchange area between two warp barriers, with the register fragment layouts
@@ -33,6 +35,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -44,7 +47,7 @@
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
+#define __shared__ static thread_local
 #ifdef MVAR_EMU_SCAN
 // The scan pass (g++ -E) finds the kernels by this mark.
 #define __global__ mvar_emu_kernel_mark
@@ -71,8 +74,17 @@ struct Warp {
     uint64_t slot[32][8];
 };
 
+// The saved state of a suspended fiber: its stack pointer (x86-64) or its ucontext.
+struct Context {
+#if defined(__x86_64__)
+    void* sp = nullptr;
+#else
+    ucontext_t uc;
+#endif
+};
+
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     bool done = false;
 };
 
@@ -82,13 +94,13 @@ struct Launch {
     Barrier block_bar;
     std::vector<Warp> warps;
     std::vector<Fiber> fibers;
-    ucontext_t main;
+    Context main;
     int current = 0;
     long long idle_switches = 0;  // switches since a barrier opened or a thread ended
 };
 
-inline Launch* g_launch = nullptr;
-inline int t_linear = 0;
+inline thread_local Launch* g_launch = nullptr;
+inline thread_local int t_linear = 0;
 
 inline Warp& warp() { return g_launch->warps[t_linear >> 5]; }
 inline int lane() { return t_linear & 31; }
@@ -99,10 +111,10 @@ void arrive_and_wait(Barrier& b);
 }  // namespace mvar_emu
 
 // The running fiber's indices (set on every switch).
-inline dim3 threadIdx;
-inline dim3 blockIdx;
-inline dim3 blockDim;
-inline dim3 gridDim;
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
 constexpr int warpSize = 32;
 
 struct alignas(16) float4 {
@@ -309,10 +321,77 @@ struct Registrar {
 
 constexpr size_t kStackBytes = 512 * 1024;
 
-// Stacks of the fibers, kept between launches (untouched pages cost nothing).
-inline std::vector<void*>& stacks() {
-    static std::vector<void*> v;
-    return v;
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the SSE/x87 control words on the current stack, stores
+// the stack pointer in *save, and resumes the fiber whose stack pointer is `load`.
+extern "C" void mvar_emu_switch(void** save, void* load);
+asm(R"(
+    .text
+    .p2align 4
+    .globl mvar_emu_switch
+    .hidden mvar_emu_switch
+    .type mvar_emu_switch, @function
+mvar_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size mvar_emu_switch, .-mvar_emu_switch
+)");
+
+inline void switch_context(Context& save, Context& load) { mvar_emu_switch(&save.sp, load.sp); }
+
+// A fresh fiber on `stack` that starts in `entry` (which never returns): the frame
+// mvar_emu_switch pops, with `entry` as the return address at a call-aligned position.
+inline void make_context(Context& c, void* stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)stack + bytes) & ~(uintptr_t)15;
+    void** sp = (void**)(top - 16);
+    sp[0] = (void*)entry;
+    sp -= 7;  // control words, r15, r14, r13, r12, rbx, rbp
+    for (int i = 1; i < 7; ++i) sp[i] = nullptr;
+    uint32_t words[2];
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(words[0]), "=m"(words[1]));
+    std::memcpy(&sp[0], words, 8);
+    c.sp = sp;
+}
+#else
+inline void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+
+inline void make_context(Context& c, void* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
+// Sets of fiber stacks, kept between launches (untouched pages cost nothing); a launch borrows
+// one set.
+struct StackPool {
+    std::mutex lock;
+    std::vector<std::vector<void*>> free_sets;
+};
+inline StackPool& stack_pool() {
+    static StackPool p;
+    return p;
 }
 
 inline void set_current(int t) {
@@ -333,11 +412,11 @@ inline void switch_to_next() {
         if (!l.fibers[t].done) {
             if (t == from) return;
             set_current(t);
-            swapcontext(&l.fibers[from].ctx, &l.fibers[t].ctx);
+            switch_context(l.fibers[from].ctx, l.fibers[t].ctx);
             return;
         }
     }
-    swapcontext(&l.fibers[from].ctx, &l.main);
+    switch_context(l.fibers[from].ctx, l.main);
 }
 
 inline void open(Barrier& b) {
@@ -375,7 +454,7 @@ struct FiberArgs {
     Entry entry;
     void** params;
 };
-inline FiberArgs g_fiber_args;
+inline thread_local FiberArgs g_fiber_args;
 
 inline void fiber_main() {
     Launch& l = *g_launch;
@@ -403,7 +482,14 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
     auto it = registry().find(name);
     if (it == registry().end()) return 1;
     const int nthreads = (int)(bx * by * bz);
-    auto& st = stacks();
+    std::vector<void*> st;
+    {
+        std::lock_guard<std::mutex> g(stack_pool().lock);
+        if (!stack_pool().free_sets.empty()) {
+            st = std::move(stack_pool().free_sets.back());
+            stack_pool().free_sets.pop_back();
+        }
+    }
     while ((int)st.size() < nthreads) {
         void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED) return 2;
@@ -420,8 +506,6 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
     g_fiber_args = FiberArgs{it->second, params};
     blockDim = launch.block;
     gridDim = launch.grid;
-    ucontext_t proto;
-    getcontext(&proto);
     const long long nblocks = (long long)gx * gy * gz;
     for (long long b = 0; b < nblocks; ++b) {
         blockIdx = dim3{(unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((long long)gx * gy))};
@@ -434,16 +518,14 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
         for (int t = 0; t < nthreads; ++t) {
             Fiber& f = launch.fibers[t];
             f.done = false;
-            f.ctx = proto;
-            f.ctx.uc_stack.ss_sp = st[t];
-            f.ctx.uc_stack.ss_size = kStackBytes;
-            f.ctx.uc_link = &launch.main;
-            makecontext(&f.ctx, fiber_main, 0);
+            make_context(f.ctx, st[t], kStackBytes, fiber_main);
         }
         launch.idle_switches = 0;
         set_current(0);
-        swapcontext(&launch.main, &launch.fibers[0].ctx);
+        switch_context(launch.main, launch.fibers[0].ctx);
     }
     g_launch = nullptr;
+    std::lock_guard<std::mutex> g(stack_pool().lock);
+    stack_pool().free_sets.push_back(std::move(st));
     return 0;
 }

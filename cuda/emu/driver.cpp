@@ -7,7 +7,8 @@
 // - Device memory is host memory. Its size is $MVAR_EMU_MEMORY_MB (default 16384); an allocation
 //   beyond what is free fails with CUDA_ERROR_OUT_OF_MEMORY, as on the GPU.
 // - Every call runs to completion before it returns (streams and events are orderings that hold
-//   trivially); launches are serialised by one lock, which device.h's shared-memory model needs.
+//   trivially); launches from several host threads run side by side (device.h keeps all launch
+//   state per OS thread).
 // - A module image is the kernel source behind compile.h's magic (what the emulated NVRTC
 //   returns); it is built with g++ and dlopen'ed.
 #include <dlfcn.h>
@@ -66,7 +67,7 @@ struct Event {
     std::chrono::steady_clock::time_point at;
 };
 
-std::mutex g_lock;  // memory table and launches
+std::mutex g_lock;  // the memory table
 std::map<CUdeviceptr, size_t> g_allocations;
 size_t g_used = 0;
 int g_context_token = 0;
@@ -365,7 +366,6 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
                 fn->name.c_str(), shared, fn->max_dynamic_shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    std::lock_guard<std::mutex> lock(g_lock);
     int r = fn->module->launch(fn->name.c_str(), gx, gy, gz, bx, by, bz, shared, params);
     return r == 0 ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
 }

@@ -34,5 +34,6 @@ export LD_LIBRARY_PATH="$OUT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MVAR_EMU_CACHE="$OUT/modules"
 export MVAR_KERNEL_CACHE="$OUT/kernels"
 export MVAR_EMU_CXX="$CXX"
+export MVAR_CUDA_EMU=1
 unset MVAR_CUDA_INCLUDE
 exec "$@"

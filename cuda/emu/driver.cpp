@@ -5,13 +5,18 @@
 //   limits (1024 threads per block, 48 KiB of shared memory per block unless a kernel opts in to up
 //   to 227 KiB), so launch configurations the GPU would refuse are refused here too.
 // - Device memory is host memory. Its size is $MVAR_EMU_MEMORY_MB (default 16384); an allocation
-//   beyond what is free fails with CUDA_ERROR_OUT_OF_MEMORY, as on the GPU.
+//   beyond what is free fails with CUDA_ERROR_OUT_OF_MEMORY, as on the GPU. Each allocation ends
+//   (rounded up to 256 bytes) at an inaccessible guard page, so a kernel that reads or writes
+//   past the end of a buffer stops at once with the kernel's name instead of passing by luck.
 // - Every call runs to completion before it returns (streams and events are orderings that hold
 //   trivially); launches from several host threads run side by side (device.h keeps all launch
 //   state per OS thread).
 // - A module image is the kernel source behind compile.h's magic (what the emulated NVRTC
 //   returns); it is built with g++ and dlopen'ed.
 #include <dlfcn.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
@@ -68,7 +73,37 @@ struct Event {
 };
 
 std::mutex g_lock;  // the memory table
-std::map<CUdeviceptr, size_t> g_allocations;
+struct Mapping {
+    size_t bytes;   // as asked
+    void* base;     // of the mmap, guard page included
+    size_t mapped;  // bytes mapped
+};
+std::map<CUdeviceptr, Mapping> g_allocations;
+thread_local const char* t_running_kernel = nullptr;
+
+void on_fault(int sig, siginfo_t* info, void*) {
+    char msg[512];
+    int n = snprintf(msg, sizeof msg,
+                     "mvar CUDA emulator: %s at address %p%s%s%s (past the end of a device buffer: guard page)\n",
+                     sig == SIGSEGV ? "segmentation fault" : "bus error", info->si_addr,
+                     t_running_kernel ? " in kernel " : "", t_running_kernel ? t_running_kernel : "",
+                     t_running_kernel ? "" : " outside any kernel");
+    if (n > 0) (void)!write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void install_fault_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        std::memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigaction(SIGSEGV, &sa, nullptr);
+        sigaction(SIGBUS, &sa, nullptr);
+    });
+}
 size_t g_used = 0;
 int g_context_token = 0;
 int g_stream_token = 0;
@@ -84,11 +119,16 @@ CUresult alloc(CUdeviceptr* p, size_t bytes) {
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lock(g_lock);
     if (bytes > total_memory() - g_used) return CUDA_ERROR_OUT_OF_MEMORY;
-    size_t rounded = (bytes + 255) / 256 * 256;
-    void* mem = std::aligned_alloc(256, rounded);
-    if (!mem) return CUDA_ERROR_OUT_OF_MEMORY;
-    *p = (CUdeviceptr)mem;
-    g_allocations[*p] = bytes;
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    const size_t data_pages = (rounded + page - 1) / page * page;
+    const size_t mapped = data_pages + page;
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    unsigned char* guard = (unsigned char*)base + data_pages;
+    mprotect(guard, page, PROT_NONE);
+    *p = (CUdeviceptr)(guard - rounded);
+    g_allocations[*p] = Mapping{bytes, base, mapped};
     g_used += bytes;
     return CUDA_SUCCESS;
 }
@@ -97,9 +137,9 @@ CUresult release(CUdeviceptr p) {
     std::lock_guard<std::mutex> lock(g_lock);
     auto it = g_allocations.find(p);
     if (it == g_allocations.end()) return CUDA_ERROR_INVALID_VALUE;
-    g_used -= it->second;
+    g_used -= it->second.bytes;
+    munmap(it->second.base, it->second.mapped);
     g_allocations.erase(it);
-    std::free((void*)p);
     return CUDA_SUCCESS;
 }
 
@@ -108,7 +148,10 @@ CUresult release(CUdeviceptr p) {
 // ------------------------------------------------------------------------------------------------
 // initialisation, devices, contexts
 
-API CUresult cuInit(unsigned int) { return CUDA_SUCCESS; }
+API CUresult cuInit(unsigned int) {
+    install_fault_handler();
+    return CUDA_SUCCESS;
+}
 
 API CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
@@ -366,7 +409,9 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
                 fn->name.c_str(), shared, fn->max_dynamic_shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
+    t_running_kernel = fn->name.c_str();
     int r = fn->module->launch(fn->name.c_str(), gx, gy, gz, bx, by, bz, shared, params);
+    t_running_kernel = nullptr;
     return r == 0 ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
 }
 

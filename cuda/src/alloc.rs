@@ -12,6 +12,11 @@
 //! fails too the error says how much was asked, free, in use and cached.
 //!
 //! The caching logic is generic over [`RawAllocator`], so it is unit-tested without a GPU.
+//!
+//! `MVAR_CUDA_NO_CACHING=1` turns caching off (exact sizes straight from and back to the
+//! driver, as PyTorch's `PYTORCH_NO_CUDA_MEMORY_CACHING`): slow, but a kernel that writes past
+//! the end of its buffer then runs into the driver's boundary instead of a neighbour's block,
+//! which the CUDA emulator's guard pages (cuda/emu) turn into an immediate, named failure.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +51,7 @@ pub struct CachingAllocator<R: RawAllocator> {
     raw: R,
     free: BTreeMap<usize, Vec<u64>>,
     stats: MemoryStats,
+    caching: bool,
 }
 
 const SMALL_LIMIT: usize = 1 << 20;
@@ -54,10 +60,17 @@ const LARGE_GRANULE: usize = 2 << 20;
 
 impl<R: RawAllocator> CachingAllocator<R> {
     pub fn new(raw: R) -> Self {
+        Self::with_caching(raw, true)
+    }
+
+    /// With `caching` false every request goes to the driver at its exact size and every
+    /// release straight back (for finding out-of-bounds accesses, see the module docs).
+    pub fn with_caching(raw: R, caching: bool) -> Self {
         CachingAllocator {
             raw,
             free: BTreeMap::new(),
             stats: MemoryStats::default(),
+            caching,
         }
     }
 
@@ -73,7 +86,11 @@ impl<R: RawAllocator> CachingAllocator<R> {
 
     /// A block of at least `bytes`; returns (pointer, block size).
     pub fn alloc(&mut self, bytes: usize, during: &str) -> Result<(u64, usize), CudaError> {
-        let size = Self::rounded(bytes);
+        let size = if self.caching {
+            Self::rounded(bytes)
+        } else {
+            bytes.max(1)
+        };
         let cached = self.free.get_mut(&size).and_then(|v| v.pop());
         let ptr = match cached {
             Some(p) => {
@@ -111,6 +128,14 @@ impl<R: RawAllocator> CachingAllocator<R> {
 
     /// Takes back a block handed out by [`CachingAllocator::alloc`].
     pub fn release(&mut self, ptr: u64, size: usize) {
+        if !self.caching {
+            self.stats.in_use_bytes -= size;
+            // Kernels queued before this release may still read the block.
+            self.raw.synchronize();
+            self.raw.free(ptr);
+            self.stats.driver_frees += 1;
+            return;
+        }
         self.stats.in_use_bytes -= size;
         self.stats.cached_bytes += size;
         self.free.entry(size).or_default().push(ptr);
@@ -214,6 +239,25 @@ mod tests {
         assert_eq!(s.in_use_bytes, 0);
         assert_eq!(s.cached_bytes, 3072 + (6 << 20));
         assert_eq!(s.peak_in_use_bytes, 3072 + (6 << 20));
+    }
+
+    #[test]
+    fn without_caching_sizes_are_exact_and_blocks_go_straight_back() {
+        let mut a = fake(1 << 30);
+        a.caching = false;
+        for _ in 0..3 {
+            let x = a.alloc(3000, "t").unwrap();
+            assert_eq!(x.1, 3000);
+            assert_eq!(a.raw.live.get(&x.0), Some(&3000));
+            a.release(x.0, x.1);
+            assert!(a.raw.live.is_empty());
+        }
+        let s = a.stats();
+        assert_eq!((s.driver_allocs, s.driver_frees), (3, 3));
+        assert_eq!(
+            (s.in_use_bytes, s.cached_bytes, s.peak_in_use_bytes),
+            (0, 0, 3000)
+        );
     }
 
     #[test]

@@ -119,10 +119,14 @@ impl CudaDevice {
             .compute_capability()
             .map_err(driver_err("reading the compute capability"))?;
         let arch = compile::arch_for(major, minor)?;
-        let pool = Arc::new(Mutex::new(CachingAllocator::new(DriverMemory {
-            ctx: ctx.clone(),
-            stream: stream.clone(),
-        })));
+        let caching = std::env::var("MVAR_CUDA_NO_CACHING").as_deref() != Ok("1");
+        let pool = Arc::new(Mutex::new(CachingAllocator::with_caching(
+            DriverMemory {
+                ctx: ctx.clone(),
+                stream: stream.clone(),
+            },
+            caching,
+        )));
         Ok(CudaDevice(Arc::new(Inner {
             ordinal,
             ctx,

@@ -3,7 +3,9 @@
 //! every float input (the loss is sum(out * w) with a fixed random w).
 //!
 //! Without a GPU every test prints "skipped: no CUDA device" and passes; with
-//! `MVAR_REQUIRE_GPU=1` a missing GPU fails them (the GPU runner sets it).
+//! `MVAR_REQUIRE_GPU=1` a missing GPU fails them (the GPU runner sets it). In CI they run on the
+//! CUDA emulator (`tools/cuda-emu.sh`). `MVAR_PARITY_LOG=1` prints every bf16 comparison that
+//! passed only through the allowance of twice the CPU's own bf16 error (see [`parity`]).
 
 mod attention;
 mod conv;

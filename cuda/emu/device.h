@@ -184,32 +184,32 @@ inline float max(float a, float b) { return std::fmax(a, b); }
 inline void __syncthreads() { mvar_emu::arrive_and_wait(mvar_emu::g_launch->block_bar); }
 inline void __syncwarp(unsigned = 0xffffffffu) { mvar_emu::arrive_and_wait(mvar_emu::warp().bar); }
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+namespace mvar_emu {
+// Every lane publishes `v`, then reads the value of lane `source(lane)` (its own value when that
+// lane does not exist in a partial warp).
+template <typename T, typename Source>
+inline T shuffle(T v, Source source) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
-    auto& w = mvar_emu::warp();
-    int lane = mvar_emu::lane();
-    std::memcpy(&w.slot[lane][0], &v, sizeof(T));
-    mvar_emu::arrive_and_wait(w.bar);
-    int src = (lane & ~(width - 1)) | ((lane ^ lane_mask) & (width - 1));
+    auto& w = warp();
+    int l = lane();
+    std::memcpy(&w.slot[l][0], &v, sizeof(T));
+    arrive_and_wait(w.bar);
+    int src = source(l);
     T r = v;
     if (src < w.lanes) std::memcpy(&r, &w.slot[src][0], sizeof(T));
-    mvar_emu::arrive_and_wait(w.bar);
+    arrive_and_wait(w.bar);
     return r;
+}
+}  // namespace mvar_emu
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+    return mvar_emu::shuffle(v, [&](int l) { return (l & ~(width - 1)) | ((l ^ lane_mask) & (width - 1)); });
 }
 
 template <typename T>
 inline T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
-    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
-    auto& w = mvar_emu::warp();
-    int lane = mvar_emu::lane();
-    std::memcpy(&w.slot[lane][0], &v, sizeof(T));
-    mvar_emu::arrive_and_wait(w.bar);
-    int src = (lane & ~(width - 1)) | (src_lane & (width - 1));
-    T r = v;
-    if (src < w.lanes) std::memcpy(&r, &w.slot[src][0], sizeof(T));
-    mvar_emu::arrive_and_wait(w.bar);
-    return r;
+    return mvar_emu::shuffle(v, [&](int l) { return (l & ~(width - 1)) | (src_lane & (width - 1)); });
 }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }

@@ -7,32 +7,46 @@ warm-up, median of `reps` repetitions. Each line: id, median time, and the rate 
 the criterion bench counts it (FLOPs with a multiply-add as 2, or bytes read + written once).
 
 Usage on the GPU machine: python3 benches/torch_reference.py [--json out.jsonl]
+A check of the script itself where there is no GPU (every case once, wall-clock timing, figures
+meaningless): python3 benches/torch_reference.py --device cpu --iters 1 --reps 1
 """
 
 import argparse
 import itertools
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 
-def timed(fn, iters=20, reps=5):
-    """Median milliseconds per call."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
+def make_timer(dev, iters, reps):
+    """`timed(fn)`: median milliseconds per call of `iters` calls after a warm-up, over `reps`
+    repetitions; CUDA events on a GPU, the wall clock on the CPU (only for checking the script)."""
+
+    def timed(fn):
+        for _ in range(min(3, iters)):
             fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / iters)
-    return statistics.median(times)
+        times = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                stop.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(stop) / iters)
+            else:
+                start = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                times.append((time.perf_counter() - start) * 1e3 / iters)
+        return statistics.median(times)
+
+    return timed
 
 
 def na2d_cases(report, timed, dev):
@@ -92,9 +106,13 @@ def na2d_cases(report, timed, dev):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="also write one JSON object per case to this file")
+    ap.add_argument("--device", default="cuda", help="cuda (the reference figures) or cpu (a check of the script)")
+    ap.add_argument("--iters", type=int, default=20, help="calls per timed repetition")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # our f32 GEMM runs without TF32 too
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    timed = make_timer(dev, args.iters, args.reps)
     rows = []
 
     def report(group, case_id, ms, flops=None, nbytes=None):
@@ -237,7 +255,8 @@ def main():
         with open(args.json, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (script check, not a reference)"
+    print(f"# torch {torch.__version__}, {where}")
 
 
 if __name__ == "__main__":

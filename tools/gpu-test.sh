@@ -71,14 +71,30 @@ strip -o "$BUNDLE/mvar" "$MVAR_BIN"
 
 cat > "$BUNDLE/run-all.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the bundle built by tools/gpu-test.sh on a GPU machine, from the repository root: every
-# test binary (with MVAR_REQUIRE_GPU=1, so the parity tests fail instead of skipping without a
-# GPU), then `mvar info`, then the benchmarks with short measurement times. Logs go to $OUT/logs
-# when OUT is set (else gpu-bundle/logs). Exit status: 1 if any test binary failed.
+# Runs the bundle built by tools/gpu-test.sh on a GPU machine, from the repository root, in
+# phases (all of them when none is named, in this order):
+#   tests   every test binary, with MVAR_REQUIRE_GPU=1 (parity and fixture tests fail instead of
+#           skipping without a GPU), then `mvar info`
+#   benches the CUDA cases of the criterion benchmarks (ids with "cuda/"), short measurement times
+#   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports
+#   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
+#           memory, and their ratios (the MVAR paper's Table 2)
+# e.g. `bash gpu-bundle/run-all.sh tests`, then `bash gpu-bundle/run-all.sh benches torch model`,
+# to keep each call of a time-limited machine short. Logs go to $OUT/logs when OUT is set (else
+# gpu-bundle/logs), each phase's duration to its end. Exit status: 1 if any test binary or phase
+# failed.
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 LOGS="${OUT:-$HERE}/logs"
 mkdir -p "$LOGS"
+PHASES=("$@")
+[ "${#PHASES[@]}" -gt 0 ] || PHASES=(tests benches torch model)
+for p in "${PHASES[@]}"; do
+  case "$p" in
+    tests|benches|torch|model) ;;
+    *) echo "run-all.sh: unknown phase $p (expected tests, benches, torch or model)" >&2; exit 2 ;;
+  esac
+done
 
 # The machine's own CUDA libraries (driver, NVRTC, cuBLAS): the toolkit folders, and the lib
 # folders of NVIDIA's pip wheels (nvidia/cu13/lib, nvidia/cublas/lib, ...) in python3's
@@ -101,6 +117,8 @@ fi
 export MVAR_REQUIRE_GPU=1
 # The command-line tests run the bundle's own mvar (their built-in path is this build machine's).
 export MVAR_BIN="$HERE/mvar"
+# NVRTC's output, cached across the phases of one machine.
+export MVAR_KERNEL_CACHE="${MVAR_KERNEL_CACHE:-${TMPDIR:-/tmp}/mvar-kernel-cache}"
 
 # The fixture tests read the shared fixture set, next to the repository or inside it.
 for f in ../shared/fixtures shared/fixtures; do
@@ -111,41 +129,71 @@ for f in ../shared/fixtures shared/fixtures; do
 done
 
 {
+  echo "phases: ${PHASES[*]}"
   echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
   echo "MVAR_FIXTURES_DIR=${MVAR_FIXTURES_DIR:-<not found>}"
   command -v nvidia-smi >/dev/null && nvidia-smi -L
 } | tee "$LOGS/environment.txt"
 
 failed=()
-for t in "$HERE"/tests/*; do
-  name="$(basename "$t")"
-  echo "== $name"
-  if "$t" > "$LOGS/test-$name.log" 2>&1; then
-    grep -E '^test result:' "$LOGS/test-$name.log" | tail -n 1
-  else
-    echo "FAILED (log: $LOGS/test-$name.log)"
-    grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/test-$name.log" | awk '!seen[$0]++' | head -n 40
-    failed+=("$name")
+
+phase_tests() {
+  for t in "$HERE"/tests/*; do
+    name="$(basename "$t")"
+    echo "== $name"
+    if "$t" > "$LOGS/test-$name.log" 2>&1; then
+      grep -E '^test result:' "$LOGS/test-$name.log" | tail -n 1
+    else
+      echo "FAILED (log: $LOGS/test-$name.log)"
+      grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/test-$name.log" | awk '!seen[$0]++' | head -n 40
+      failed+=("$name")
+    fi
+  done
+  echo "== mvar info"
+  "$HERE/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
+}
+
+phase_benches() {
+  # Criterion's own files (reports, baselines) stay out of $OUT; its printed figures are logged.
+  export CRITERION_HOME="${TMPDIR:-/tmp}/mvar-criterion"
+  for b in "$HERE"/benches/*; do
+    name="$(basename "$b")"
+    echo "== bench $name (CUDA cases)"
+    "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10 cuda/ \
+      > "$LOGS/bench-$name.log" 2>&1 || failed+=("bench $name")
+    grep -E 'time:|thrpt:|^[a-z0-9_]+/' "$LOGS/bench-$name.log" || true
+  done
+}
+
+phase_torch() {
+  echo "== benches/torch_reference.py"
+  if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "skipped: python3 cannot import torch with CUDA here"
+    return
   fi
-done
+  python3 "$HERE/../benches/torch_reference.py" --json "$LOGS/torch-reference.jsonl" 2>&1 \
+    | tee "$LOGS/torch-reference.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("torch_reference.py")
+}
 
-echo "== mvar info"
-"$HERE/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
+phase_model() {
+  echo "== mvar bench (VAR-d16 and MVAR-d16, batch 32)"
+  "$HERE/mvar" bench --model var-d16 --model mvar-d16 --json "$LOGS/mvar-bench.jsonl" 2>&1 \
+    | tee "$LOGS/mvar-bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("mvar bench")
+}
 
-# Criterion's own files (reports, baselines) stay out of $OUT; its printed figures are logged.
-export CRITERION_HOME="${TMPDIR:-/tmp}/mvar-criterion"
-for b in "$HERE"/benches/*; do
-  name="$(basename "$b")"
-  echo "== bench $name"
-  "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10 2>&1 \
-    | tee "$LOGS/bench-$name.log" | grep -E 'time:|thrpt:|^[a-z0-9_]+/' || true
+for p in "${PHASES[@]}"; do
+  start=$SECONDS
+  "phase_$p"
+  echo "== phase $p: $((SECONDS - start)) s"
 done
 
 if [ "${#failed[@]}" -gt 0 ]; then
-  echo "FAILED test binaries: ${failed[*]}"
+  echo "FAILED: ${failed[*]}"
   exit 1
 fi
-echo "all test binaries passed"
+echo "all phases passed: ${PHASES[*]}"
 RUN
 chmod +x "$BUNDLE/run-all.sh"
 
@@ -155,5 +203,5 @@ if [ "$size_mb" -ge "$LIMIT_MB" ]; then
   echo "gpu-test.sh: the bundle is ${size_mb} MB, over the ${LIMIT_MB} MB limit" >&2
   exit 1
 fi
-echo "On the GPU machine, from the repository root, run:"
-echo "  bash $BUNDLE/run-all.sh"
+echo "On the GPU machine, from the repository root, run (all phases, or some of them per call):"
+echo "  bash $BUNDLE/run-all.sh [tests] [benches] [torch] [model]"

@@ -122,6 +122,21 @@ pub fn load_tokenizer(dir: &Path, device: &Device) -> Result<VqVae> {
     Ok(vae)
 }
 
+/// MVAR's first neighbourhood-attention scale when none is given: the official 8 where the
+/// pyramid has scales from 8 on and all of them are at least as large as the kernel (the 256-px
+/// pyramid: 13x13 and 16x16), else the first scale at least as large as the kernel (none: the
+/// number of scales, i.e. dense attention within every scale).
+pub fn default_refine_step(patch_nums: &[usize], kernel_size: usize) -> usize {
+    const OFFICIAL: usize = 8;
+    if patch_nums.len() > OFFICIAL && patch_nums[OFFICIAL..].iter().all(|&p| p >= kernel_size) {
+        return OFFICIAL;
+    }
+    patch_nums
+        .iter()
+        .position(|&p| p >= kernel_size)
+        .unwrap_or(patch_nums.len())
+}
+
 /// What `model.json` of a transformer folder holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -254,5 +269,16 @@ mod tests {
         let b3 = batch_indices(10, 4, 3, 3);
         assert_eq!(b3[..2], order[8..]);
         assert_eq!(b3[2..], epoch_order(10, 3, 1)[..2]);
+    }
+
+    #[test]
+    fn refine_step_is_the_official_8_on_the_256_px_pyramid_else_the_first_large_scale() {
+        let official = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16];
+        assert_eq!(default_refine_step(&official, 7), 8);
+        // 13 < 15: the official split would put a too-small scale under the kernel.
+        assert_eq!(default_refine_step(&official, 15), 9);
+        // The demo's 32-px pyramid has no scale 8.
+        assert_eq!(default_refine_step(&[1, 2, 3, 4, 6, 8], 5), 4);
+        assert_eq!(default_refine_step(&[1, 2, 3], 7), 3);
     }
 }

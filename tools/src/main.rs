@@ -1,10 +1,12 @@
 //! The `mvar` command line.
 
+mod bench;
 mod classifier;
 mod common;
 mod demo;
 mod edit;
 mod eval;
+mod heap;
 mod plot;
 mod progress;
 mod sample;
@@ -14,6 +16,9 @@ mod train_tokenizer;
 
 use clap::{Parser, Subcommand};
 use mvar_engine::Device;
+
+#[global_allocator]
+static HEAP: heap::CountingAllocator = heap::CountingAllocator;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +52,10 @@ enum Command {
     /// Validation loss and token accuracy per scale, reconstruction PSNR, and (with
     /// --classifier) the classifier accuracy and Frechet distance of samples.
     Eval(Box<eval::EvalArgs>),
+    /// Time and peak memory of a training step and of sampling a batch, for VAR and MVAR at
+    /// any depth (fresh weights, no data needed), with the ratios MVAR : VAR; the model-level
+    /// figures of the MVAR paper's Table 2.
+    Bench(Box<bench::BenchArgs>),
     /// Convert an official PyTorch checkpoint (.pth, tensors only, no code executed) to
     /// safetensors with the same tensor names.
     Convert {
@@ -73,6 +82,7 @@ fn main() {
         Command::Edit(args) => with_device(|d| edit::run(*args, d)),
         Command::TrainClassifier(args) => with_device(|d| classifier::run(*args, d)),
         Command::Eval(args) => with_device(|d| eval::run(*args, d)),
+        Command::Bench(args) => with_device(|d| bench::run(*args, d)),
         Command::Convert {
             input,
             output,

@@ -121,8 +121,8 @@ pub struct TrainArgs {
     /// Probability of training a sample with the null class (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     pub cond_drop: f64,
-    /// MVAR: first scale with neighbourhood attention (default: the first scale at least as
-    /// large as the kernel, but at most the official 8).
+    /// MVAR: first scale with neighbourhood attention (default: the official 8 where every scale
+    /// from 8 on is at least the kernel size, else the first scale that is).
     #[arg(long)]
     pub refine_step: Option<usize>,
     #[arg(long, default_value_t = 7)]
@@ -196,12 +196,9 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     var_cfg.vocab_size = vae.config.vocab_size;
     var_cfg.cond_drop_rate = args.cond_drop;
     let mvar_cfg = (args.model.kind == Kind::Mvar).then(|| MvarConfig {
-        refine_step: args.refine_step.unwrap_or_else(|| {
-            pns.iter()
-                .position(|&p| p >= args.kernel_size)
-                .unwrap_or(pns.len())
-                .min(8)
-        }),
+        refine_step: args
+            .refine_step
+            .unwrap_or_else(|| crate::common::default_refine_step(&pns, args.kernel_size)),
         kernel_size: args.kernel_size,
         ..MvarConfig::default()
     });

@@ -543,3 +543,72 @@ fn init_from_takes_a_folder_or_a_file_strictly_and_model_names_carry_the_depth()
     assert!(String::from_utf8_lossy(&o.stderr).contains("positive integer"));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `mvar bench` on a tiny VAR and MVAR: every MVAR segment is timed, memory is reported, the
+/// JSON holds the same figures, and the ratio line compares the two models.
+#[test]
+fn bench_times_training_and_sampling_and_states_the_ratios() {
+    let root = scratch("bench");
+    let json = root.join("bench.jsonl");
+    let tiny = |kernel: &str, steps: &str| {
+        let mut cmd = mvar();
+        cmd.args(["bench", "--model", "var-d2", "--model", "mvar-d2"])
+            .args(["--width", "64", "--heads", "2", "--batch", "3"])
+            .args([
+                "--sample-batch",
+                "2",
+                "--patch-nums",
+                "1,2,3,4",
+                "--vocab",
+                "32",
+            ])
+            .args(["--classes", "3", "--vae-ch", "32", "--vae-ch-mult", "1,1"])
+            .args([
+                "--kernel-size",
+                kernel,
+                "--steps",
+                steps,
+                "--sample-reps",
+                "1",
+            ])
+            .args(["--top-k", "5"]);
+        cmd
+    };
+    let t = ok(tiny("3", "2").arg("--json").arg(&json));
+    for needle in [
+        "== var-d2",
+        "== mvar-d2",
+        "3x3 neighbourhoods from scale 2",
+        "train segment scales 0..2 (5 tokens, 80 % of steps)",
+        "train segment scales 2..3 (9 tokens, 10 % of steps)",
+        "train segment scales 3..4 (16 tokens, 10 % of steps)",
+        "train step, batch 3:",
+        "sample 2 images:",
+        "== var-d2 : mvar-d2 (VAR's figure over MVAR's): training step time",
+    ] {
+        assert!(t.contains(needle), "no {needle:?} in:\n{t}");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, segments) in lines.iter().zip([1, 3]) {
+        let train = &line["train"]["measured"];
+        let segs = train["segments"].as_array().unwrap();
+        assert_eq!(segs.len(), segments, "{line}");
+        assert!(segs.iter().all(|s| s["steps"] == 2), "{line}");
+        let share: f64 = segs.iter().map(|s| s["share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 1e-9, "{line}");
+        assert!(train["step_s"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(train["peak_bytes"].as_u64().unwrap() > 0, "{line}");
+        let sample = &line["sample"]["measured"];
+        assert!(sample["batch_s"].as_f64().unwrap() > sample["decode_s"].as_f64().unwrap());
+        assert!(sample["weights_bytes"].as_u64().unwrap() > 0, "{line}");
+    }
+    // An even kernel is refused by the model, naming the size.
+    fails(&mut tiny("4", "2"), &["kernel_size 4", "odd"]);
+    fails(&mut tiny("3", "0"), &["--steps 0"]);
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -217,6 +217,32 @@ def main():
            flops=2 * 2 * 64 * 64 * 64 * 64 * 9)
     report("spatial", "cuda/conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)",
            timed(lambda: F.conv2d(F.pad(xs, (0, 1, 0, 1)), wc, bc, stride=2)), flops=2 * 2 * 64 * 32 * 32 * 64 * 9)
+    # The demo tokenizer's commonest conv and activation, forward and forward + backward (a sum
+    # as the loss, gradients of every input), counted as benches/ops.rs counts them.
+    xt = torch.randn(32, 32, 32, 32, device=dev, requires_grad=True)
+    wt = torch.randn(32, 32, 3, 3, device=dev, requires_grad=True)
+    bt = torch.randn(32, device=dev, requires_grad=True)
+    conv_flops = 2 * 32 * 32 * 32 * 32 * 32 * 9
+    with torch.no_grad():
+        report("spatial", "cuda/conv2d 3x3 [32,32,32,32] f32 fwd (FLOPs)",
+               timed(lambda: F.conv2d(xt, wt, bt, padding=1)), flops=conv_flops)
+
+    def conv_fwd_bwd():
+        for t in (xt, wt, bt):
+            t.grad = None
+        F.conv2d(xt, wt, bt, padding=1).sum().backward()
+
+    report("spatial", "cuda/conv2d 3x3 [32,32,32,32] f32 fwd+bwd (FLOPs)", timed(conv_fwd_bwd),
+           flops=3 * conv_flops)
+    with torch.no_grad():
+        report("spatial", "cuda/silu [32,32,32,32] f32 fwd", timed(lambda: F.silu(xt)),
+               nbytes=2 * xt.numel() * 4)
+
+    def silu_fwd_bwd():
+        xt.grad = None
+        F.silu(xt).sum().backward()
+
+    report("spatial", "cuda/silu [32,32,32,32] f32 fwd+bwd", timed(silu_fwd_bwd), nbytes=5 * xt.numel() * 4)
     lat, small = torch.randn(32, 32, 16, 16, device=dev), torch.randn(32, 32, 5, 5, device=dev)
     report("spatial", "cuda/area_downsample 16->5 [32,32] f32",
            timed(lambda: F.interpolate(lat, size=(5, 5), mode="area")), nbytes=(lat.numel() + small.numel()) * 4)

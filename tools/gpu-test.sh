@@ -76,10 +76,12 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #   tests   every test binary, with MVAR_REQUIRE_GPU=1 (parity and fixture tests fail instead of
 #           skipping without a GPU), then `mvar info`
 #   benches the CUDA cases of the criterion benchmarks (ids with "cuda/"), short measurement times
-#   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports
+#   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports;
+#           with the benches phase's log, benches/compare.py puts both in logs/comparison.md
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
 #           memory, and their ratios (the MVAR paper's Table 2)
-# e.g. `bash gpu-bundle/run-all.sh tests`, then `bash gpu-bundle/run-all.sh benches torch model`,
+# e.g. `bash gpu-bundle/run-all.sh tests`, then `bash gpu-bundle/run-all.sh benches torch model`
+# (benches before torch, for the comparison),
 # to keep each call of a time-limited machine short. Logs go to $OUT/logs when OUT is set (else
 # gpu-bundle/logs), each phase's duration to its end. Exit status: 1 if any test binary or phase
 # failed.
@@ -174,6 +176,12 @@ phase_torch() {
   python3 "$HERE/../benches/torch_reference.py" --json "$LOGS/torch-reference.jsonl" 2>&1 \
     | tee "$LOGS/torch-reference.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("torch_reference.py")
+  # With the benches phase's log (this call or an earlier one): both, side by side, in markdown.
+  for log in "$LOGS"/bench-*.log; do
+    [ -f "$log" ] || continue
+    python3 "$HERE/../benches/compare.py" "$log" "$LOGS/torch-reference.jsonl" --all \
+      > "$LOGS/comparison.md" && echo "wrote $LOGS/comparison.md" && cat "$LOGS/comparison.md"
+  done
 }
 
 phase_model() {

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Builds everything a GPU machine needs to run the test suite, `mvar info` and the benchmarks,
 # without a Rust toolchain there: the release test binaries of the workspace, the bench binary and
-# the `mvar` binary, stripped, in gpu-bundle/ (ignored by git) with a run-all.sh beside them.
+# the `mvar` binary, stripped and packed (xz) into gpu-bundle/payload.tar.xz, the fixture set
+# (which lives beside the repository and would not travel with it) into
+# gpu-bundle/fixtures.tar.xz, and a run-all.sh that unpacks both there; gpu-bundle/ is ignored by
+# git and is what a GPU machine is sent besides the repository (checked to stay under 60 MB with
+# the tracked files, as such machines take 64 MiB in all).
 #
 # Usage (from anywhere in the repository):  tools/gpu-test.sh
-# Then, on the GPU machine, from the repository root:  bash gpu-bundle/run-all.sh
+# Then, on the GPU machine, from the repository root:  bash gpu-bundle/run-all.sh [phases]
 #
 # The binaries load the CUDA driver, NVRTC and cuBLAS at run time (cudarc's dynamic loading), so
 # nothing here needs CUDA; run-all.sh finds the GPU machine's own libraries when it starts.
@@ -14,7 +18,7 @@ cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
 LIMIT_MB=60
 
-for tool in cargo python3 strip; do
+for tool in cargo python3 strip tar xz git; do
   command -v "$tool" >/dev/null || { echo "gpu-test.sh: $tool not found" >&2; exit 1; }
 done
 
@@ -59,15 +63,38 @@ MVAR_BIN=target/release/mvar
 [ "${#TESTS[@]}" -gt 0 ] || { echo "gpu-test.sh: cargo reported no test binaries" >&2; exit 1; }
 [ "${#BENCHES[@]}" -gt 0 ] || { echo "gpu-test.sh: cargo reported no bench binary" >&2; exit 1; }
 
-rm -rf "$BUNDLE"
-mkdir -p "$BUNDLE/tests" "$BUNDLE/benches"
+STAGE=target/gpu-bundle-stage
+rm -rf "$STAGE"
+mkdir -p "$STAGE/tests" "$STAGE/benches" "$BUNDLE"
 for exe in "${TESTS[@]}"; do
-  strip -o "$BUNDLE/tests/$(basename "$exe")" "$exe"
+  strip -o "$STAGE/tests/$(basename "$exe")" "$exe"
 done
 for exe in "${BENCHES[@]}"; do
-  strip -o "$BUNDLE/benches/$(basename "$exe")" "$exe"
+  strip -o "$STAGE/benches/$(basename "$exe")" "$exe"
 done
-strip -o "$BUNDLE/mvar" "$MVAR_BIN"
+strip -o "$STAGE/mvar" "$MVAR_BIN"
+# Whatever an older layout left (unpacked binaries) goes; the fixture archive is kept while it is
+# newer than the fixture set's manifest, since packing it takes a while.
+find "$BUNDLE" -mindepth 1 -maxdepth 1 ! -name fixtures.tar.xz -exec rm -rf {} +
+echo "== packing the binaries ($(du -sm "$STAGE" | cut -f1) MB) into $BUNDLE/payload.tar.xz"
+tar -C "$STAGE" -cf - . | xz -T0 -6 > "$BUNDLE/payload.tar.xz"
+
+FIXTURES="${MVAR_FIXTURES_DIR:-}"
+if [ -z "$FIXTURES" ]; then
+  for f in ../shared/fixtures shared/fixtures; do
+    [ -f "$f/manifest.json" ] && { FIXTURES="$f"; break; }
+  done
+fi
+if [ -n "$FIXTURES" ] && [ -f "$FIXTURES/manifest.json" ]; then
+  if [ ! -f "$BUNDLE/fixtures.tar.xz" ] || [ "$FIXTURES/manifest.json" -nt "$BUNDLE/fixtures.tar.xz" ]; then
+    echo "== packing the fixture set $FIXTURES ($(du -sm "$FIXTURES" | cut -f1) MB) into $BUNDLE/fixtures.tar.xz"
+    tar -C "$FIXTURES" -cf - . | xz -T0 -6 > "$BUNDLE/fixtures.tar.xz"
+  fi
+else
+  rm -f "$BUNDLE/fixtures.tar.xz"
+  echo "gpu-test.sh: no fixture set found (MVAR_FIXTURES_DIR, ../shared/fixtures, shared/fixtures);" \
+    "the fixture tests will fail on the GPU machine unless it has one there" >&2
+fi
 
 cat > "$BUNDLE/run-all.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -82,13 +109,38 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #           memory, and their ratios (the MVAR paper's Table 2)
 # e.g. `bash gpu-bundle/run-all.sh tests`, then `bash gpu-bundle/run-all.sh benches torch model`
 # (benches before torch, for the comparison),
-# to keep each call of a time-limited machine short. Logs go to $OUT/logs when OUT is set (else
-# gpu-bundle/logs), each phase's duration to its end. Exit status: 1 if any test binary or phase
-# failed.
+# to keep each call of a time-limited machine short. Each phase prints its duration. Exit status:
+# 1 if any test binary or phase failed.
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-LOGS="${OUT:-$HERE}/logs"
+# Logs: gpu-bundle/logs, or with OUT set (a machine that sends back only a few files from OUT)
+# a folder kept across calls, packed into $OUT/logs.tar.gz after every test binary and phase,
+# with the comparison and the model benchmark also as plain files beside it.
+if [ -n "${OUT:-}" ]; then
+  LOGS="${TMPDIR:-/tmp}/mvar-gpu-logs"
+else
+  LOGS="$HERE/logs"
+fi
 mkdir -p "$LOGS"
+save_logs() {
+  [ -n "${OUT:-}" ] || return 0
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+  for f in comparison.md mvar-bench.log; do
+    [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$OUT/$f"
+  done
+  return 0
+}
+
+# The binaries (and the fixture set) travel packed; they are unpacked outside the repository.
+WORK="${TMPDIR:-/tmp}/mvar-gpu-bundle"
+unpack() {
+  mkdir -p "$2"
+  tar -xJf "$1" -C "$2" 2>/dev/null \
+    || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"
+}
+rm -rf "$WORK"
+unpack "$HERE/payload.tar.xz" "$WORK/bin" || { echo "run-all.sh: cannot unpack $HERE/payload.tar.xz" >&2; exit 1; }
+BIN="$WORK/bin"
 PHASES=("$@")
 [ "${#PHASES[@]}" -gt 0 ] || PHASES=(tests benches torch model)
 for p in "${PHASES[@]}"; do
@@ -118,17 +170,21 @@ if [ "${#dirs[@]}" -gt 0 ]; then
 fi
 export MVAR_REQUIRE_GPU=1
 # The command-line tests run the bundle's own mvar (their built-in path is this build machine's).
-export MVAR_BIN="$HERE/mvar"
+export MVAR_BIN="$BIN/mvar"
 # NVRTC's output, cached across the phases of one machine.
 export MVAR_KERNEL_CACHE="${MVAR_KERNEL_CACHE:-${TMPDIR:-/tmp}/mvar-kernel-cache}"
 
-# The fixture tests read the shared fixture set, next to the repository or inside it.
+# The fixture tests read the shared fixture set: next to the repository or inside it where there
+# is one, else the copy that travelled in fixtures.tar.xz.
 for f in ../shared/fixtures shared/fixtures; do
   if [ -f "$f/manifest.json" ]; then
     export MVAR_FIXTURES_DIR="$(cd "$f" && pwd)"
     break
   fi
 done
+if [ -z "${MVAR_FIXTURES_DIR:-}" ] && [ -f "$HERE/fixtures.tar.xz" ]; then
+  unpack "$HERE/fixtures.tar.xz" "$WORK/fixtures" && export MVAR_FIXTURES_DIR="$WORK/fixtures"
+fi
 
 {
   echo "phases: ${PHASES[*]}"
@@ -140,7 +196,7 @@ done
 failed=()
 
 phase_tests() {
-  for t in "$HERE"/tests/*; do
+  for t in "$BIN"/tests/*; do
     name="$(basename "$t")"
     echo "== $name"
     if "$t" > "$LOGS/test-$name.log" 2>&1; then
@@ -150,15 +206,16 @@ phase_tests() {
       grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/test-$name.log" | awk '!seen[$0]++' | head -n 40
       failed+=("$name")
     fi
+    save_logs
   done
   echo "== mvar info"
-  "$HERE/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
+  "$BIN/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
 }
 
 phase_benches() {
   # Criterion's own files (reports, baselines) stay out of $OUT; its printed figures are logged.
   export CRITERION_HOME="${TMPDIR:-/tmp}/mvar-criterion"
-  for b in "$HERE"/benches/*; do
+  for b in "$BIN"/benches/*; do
     name="$(basename "$b")"
     echo "== bench $name (CUDA cases)"
     "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10 cuda/ \
@@ -186,7 +243,7 @@ phase_torch() {
 
 phase_model() {
   echo "== mvar bench (VAR-d16 and MVAR-d16, batch 32)"
-  "$HERE/mvar" bench --model var-d16 --model mvar-d16 --json "$LOGS/mvar-bench.jsonl" 2>&1 \
+  "$BIN/mvar" bench --model var-d16 --model mvar-d16 --json "$LOGS/mvar-bench.jsonl" 2>&1 \
     | tee "$LOGS/mvar-bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("mvar bench")
 }
@@ -195,6 +252,7 @@ for p in "${PHASES[@]}"; do
   start=$SECONDS
   "phase_$p"
   echo "== phase $p: $((SECONDS - start)) s"
+  save_logs
 done
 
 if [ "${#failed[@]}" -gt 0 ]; then
@@ -205,10 +263,15 @@ echo "all phases passed: ${PHASES[*]}"
 RUN
 chmod +x "$BUNDLE/run-all.sh"
 
-size_mb=$(du -sm "$BUNDLE" | cut -f1)
-echo "== $BUNDLE: ${#TESTS[@]} test binaries, ${#BENCHES[@]} bench binary, mvar; ${size_mb} MB"
+# What a GPU machine is sent: the tracked files of the repository and this folder.
+tree_bytes=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+bundle_bytes=$(du -sb "$BUNDLE" | cut -f1)
+size_mb=$(( (tree_bytes + bundle_bytes) / 1000000 ))
+echo "== $BUNDLE: ${#TESTS[@]} test binaries, ${#BENCHES[@]} bench binary and mvar (payload.tar.xz)," \
+  "$( [ -f "$BUNDLE/fixtures.tar.xz" ] && echo "the fixture set (fixtures.tar.xz)," )" \
+  "$((bundle_bytes / 1000000)) MB; with the repository's tracked files ${size_mb} MB"
 if [ "$size_mb" -ge "$LIMIT_MB" ]; then
-  echo "gpu-test.sh: the bundle is ${size_mb} MB, over the ${LIMIT_MB} MB limit" >&2
+  echo "gpu-test.sh: ${size_mb} MB to send, over the ${LIMIT_MB} MB limit" >&2
   exit 1
 fi
 echo "On the GPU machine, from the repository root, run (all phases, or some of them per call):"

@@ -107,8 +107,8 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #           with the benches phase's log, benches/compare.py puts both in logs/comparison.md
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
 #           memory, and their ratios (the MVAR paper's Table 2)
-# e.g. `bash gpu-bundle/run-all.sh tests`, then `bash gpu-bundle/run-all.sh benches torch model`
-# (benches before torch, for the comparison),
+# e.g. `bash gpu-bundle/run-all.sh tests model`, then `bash gpu-bundle/run-all.sh benches torch`
+# (benches and torch in one call, for the comparison),
 # to keep each call of a time-limited machine short. Each phase prints its duration. Exit status:
 # 1 if any test binary or phase failed.
 set -uo pipefail
@@ -243,7 +243,7 @@ phase_torch() {
 
 phase_model() {
   echo "== mvar bench (VAR-d16 and MVAR-d16, batch 32)"
-  "$BIN/mvar" bench --model var-d16 --model mvar-d16 --json "$LOGS/mvar-bench.jsonl" 2>&1 \
+  "$BIN/mvar" bench --model var-d16 --model mvar-d16 --steps 10 --json "$LOGS/mvar-bench.jsonl" 2>&1 \
     | tee "$LOGS/mvar-bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("mvar bench")
 }

@@ -183,6 +183,32 @@ fn elementwise(c: &mut Criterion) {
                     ops::gelu_tanh(&xb).unwrap();
                 },
             );
+            // The per-element kernels (the general ones, and the reference variant of the 16-byte
+            // vector kernels that the cases above run).
+            let before = std::env::var("MVAR_EW_KERNEL").ok();
+            std::env::set_var("MVAR_EW_KERNEL", "scalar");
+            g.throughput(Throughput::Bytes(bytes(3 * n, DType::F32)));
+            bench(
+                &mut g,
+                &d,
+                format!("{t}/add per-element f32 [{},1024]", n / 1024),
+                || {
+                    ops::add(&x, &y).unwrap();
+                },
+            );
+            g.throughput(Throughput::Bytes(bytes(2 * n, DType::BF16)));
+            bench(
+                &mut g,
+                &d,
+                format!("{t}/gelu_tanh per-element bf16 [{},1024]", n / 1024),
+                || {
+                    ops::gelu_tanh(&xb).unwrap();
+                },
+            );
+            match before {
+                Some(v) => std::env::set_var("MVAR_EW_KERNEL", v),
+                None => std::env::remove_var("MVAR_EW_KERNEL"),
+            }
         }
     }
     g.finish();
@@ -293,6 +319,22 @@ fn nn(c: &mut Criterion) {
                         ops::layer_norm(&big, 1e-6).unwrap();
                     },
                 );
+                // The block-per-row kernel (the general one, and the reference variant of the
+                // warp-per-row kernel that the case above runs).
+                let before = std::env::var("MVAR_LN_KERNEL").ok();
+                std::env::set_var("MVAR_LN_KERNEL", "block");
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/layer_norm block-per-row [65536,1024] {dt}"),
+                    || {
+                        ops::layer_norm(&big, 1e-6).unwrap();
+                    },
+                );
+                match before {
+                    Some(v) => std::env::set_var("MVAR_LN_KERNEL", v),
+                    None => std::env::remove_var("MVAR_LN_KERNEL"),
+                }
             }
         }
         let logits = randn(&[2 * 680, 4096], DType::F32, &d, 2);

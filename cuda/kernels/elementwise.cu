@@ -9,6 +9,12 @@
 // Each thread reads its inputs once and writes its outputs once, so these kernels are bound by
 // memory bandwidth; the binary backward writes both input gradients at the output shape and the
 // host reduces broadcast axes afterwards with the sum kernel.
+// Tuned variants (`*_vec_*`: unary and binary forwards and backwards, scalar forwards) for
+// buffers that are one dense run (no broadcasting) whose length is a multiple of the 16-byte
+// vector (4 f32, 8 bf16) at 16-byte aligned addresses: one thread per 16 bytes, so a warp moves
+// 512 contiguous bytes per access with a quarter (f32) or an eighth (bf16) of the load and store
+// instructions. The per-element kernels above are the general ones and the reference variant
+// (`MVAR_EW_KERNEL=scalar` forces them).
 // Numerics: every value is computed in f32, bf16 widened on load and rounded once on store.
 //
 // Op codes mirror cuda/src/ops/elementwise.rs (`unary::*`, `binary::*`, `scalar::*`, `cmp::*`).
@@ -230,6 +236,76 @@ __device__ void fill_impl(T* out, i64 n, float v) {
     GRID_STRIDE(i, n) Io<T>::store(out, i, v);
 }
 
+// The tuned variants: i counts 16-byte vectors of N elements.
+template <typename T>
+__device__ void unary_fwd_vec_impl(T* out, const T* x, i64 nvec, int op) {
+    constexpr int N = Vec16<T>::N;
+    GRID_STRIDE(i, nvec) {
+        float v[N];
+        Vec16<T>::load(x + i * N, v);
+#pragma unroll
+        for (int k = 0; k < N; ++k) v[k] = unary_forward(op, v[k]);
+        Vec16<T>::store(out + i * N, v);
+    }
+}
+
+template <typename T>
+__device__ void unary_bwd_vec_impl(T* dx, const T* saved, const T* g, i64 nvec, int op) {
+    constexpr int N = Vec16<T>::N;
+    GRID_STRIDE(i, nvec) {
+        float s[N], d[N];
+        Vec16<T>::load(saved + i * N, s);
+        Vec16<T>::load(g + i * N, d);
+#pragma unroll
+        for (int k = 0; k < N; ++k) d[k] = unary_backward(op, s[k], d[k]);
+        Vec16<T>::store(dx + i * N, d);
+    }
+}
+
+template <typename T>
+__device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, int op) {
+    constexpr int N = Vec16<T>::N;
+    GRID_STRIDE(i, nvec) {
+        float x[N], y[N];
+        Vec16<T>::load(a + i * N, x);
+        Vec16<T>::load(b + i * N, y);
+#pragma unroll
+        for (int k = 0; k < N; ++k) x[k] = binary_forward(op, x[k], y[k]);
+        Vec16<T>::store(out + i * N, x);
+    }
+}
+
+template <typename T>
+__device__ void binary_bwd_vec_impl(T* ga, T* gb, const T* a, const T* b, const T* g, i64 nvec, int op) {
+    constexpr int N = Vec16<T>::N;
+    GRID_STRIDE(i, nvec) {
+        float x[N], y[N], d[N], da[N], db[N];
+        Vec16<T>::load(a + i * N, x);
+        Vec16<T>::load(b + i * N, y);
+        Vec16<T>::load(g + i * N, d);
+#pragma unroll
+        for (int k = 0; k < N; ++k) binary_backward(op, x[k], y[k], d[k], &da[k], &db[k]);
+        if (ga) Vec16<T>::store(ga + i * N, da);
+        if (gb) Vec16<T>::store(gb + i * N, db);
+    }
+}
+
+template <typename T>
+__device__ void scalar_fwd_vec_impl(T* out, const T* x, i64 nvec, int op, float p0, float p1) {
+    constexpr int N = Vec16<T>::N;
+    GRID_STRIDE(i, nvec) {
+        float v[N];
+        Vec16<T>::load(x + i * N, v);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            if (op == S_AFFINE) v[k] = v[k] * p0 + p1;
+            else if (op == S_POWF) v[k] = powf(v[k], p0);
+            else v[k] = fminf(fmaxf(v[k], p0), p1);
+        }
+        Vec16<T>::store(out + i * N, v);
+    }
+}
+
 #define FLOAT_KERNELS(T, S)                                                                          \
     extern "C" __global__ void unary_fwd_##S(T* out, const T* x, i64 n, int op) {                  \
         unary_fwd_impl<T>(out, x, n, op);                                                           \
@@ -252,6 +328,23 @@ __device__ void fill_impl(T* out, i64 n, float v) {
     extern "C" __global__ void scalar_bwd_##S(T* dx, const T* x, const T* g, i64 n, int op,        \
                                              float p0, float p1) {                                  \
         scalar_bwd_impl<T>(dx, x, g, n, op, p0, p1);                                                \
+    }                                                                                               \
+    extern "C" __global__ void unary_fwd_vec_##S(T* out, const T* x, i64 nvec, int op) {           \
+        unary_fwd_vec_impl<T>(out, x, nvec, op);                                                    \
+    }                                                                                               \
+    extern "C" __global__ void unary_bwd_vec_##S(T* dx, const T* s, const T* g, i64 nvec, int op) { \
+        unary_bwd_vec_impl<T>(dx, s, g, nvec, op);                                                  \
+    }                                                                                               \
+    extern "C" __global__ void binary_fwd_vec_##S(T* out, const T* a, const T* b, i64 nvec, int op) { \
+        binary_fwd_vec_impl<T>(out, a, b, nvec, op);                                                \
+    }                                                                                               \
+    extern "C" __global__ void binary_bwd_vec_##S(T* ga, T* gb, const T* a, const T* b, const T* g, \
+                                                 i64 nvec, int op) {                                \
+        binary_bwd_vec_impl<T>(ga, gb, a, b, g, nvec, op);                                          \
+    }                                                                                               \
+    extern "C" __global__ void scalar_fwd_vec_##S(T* out, const T* x, i64 nvec, int op, float p0,  \
+                                                 float p1) {                                        \
+        scalar_fwd_vec_impl<T>(out, x, nvec, op, p0, p1);                                           \
     }
 
 FLOAT_KERNELS(float, f32)

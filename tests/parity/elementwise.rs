@@ -1,6 +1,7 @@
 use mvar::engine::{DType, Device, Tensor};
 use mvar::ops::{self, BinaryOp, CmpOp, UnaryOp};
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 use crate::{away_from_zero, config, gpu, parity, randn};
 
@@ -118,4 +119,82 @@ fn compare_and_cast_match_the_cpu() {
         .to_vec_f64()
         .unwrap();
     assert!(filled.iter().all(|&v| v == 2.5));
+}
+
+/// Shapes the 16-byte vector kernels take (whole vectors of f32 and of bf16: 192 and 120
+/// elements; 12 elements: f32 only), through the same parity as the random shapes above, which
+/// are mostly too small or odd for them: unary, same-shape binary and scalar forms, forward and
+/// backward.
+#[test]
+fn vector_kernels_match_the_cpu_on_whole_vectors() {
+    use mvar::cuda::ops::elementwise::vector_width;
+    use mvar::cuda::BufferKind;
+    if gpu().is_none() {
+        return;
+    }
+    for (i, s) in [vec![2usize, 8, 12], vec![3, 40], vec![4, 3]]
+        .iter()
+        .enumerate()
+    {
+        let n: usize = s.iter().product();
+        assert_eq!(
+            vector_width(BufferKind::F32, n, &[0, 256]),
+            Some(4),
+            "{s:?}"
+        );
+        assert_eq!(
+            vector_width(BufferKind::BF16, n, &[0]).is_some(),
+            n.is_multiple_of(8),
+            "{s:?}"
+        );
+        let seed = 70 + i as u64;
+        let run = || -> std::result::Result<(), TestCaseError> {
+            for op in UNARY {
+                let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt);
+                parity(
+                    op.name(),
+                    |_, x| ops::unary(&x[0], op),
+                    &[away_from_zero(s, seed, positive)],
+                )?;
+            }
+            for op in [
+                BinaryOp::Add,
+                BinaryOp::Sub,
+                BinaryOp::Mul,
+                BinaryOp::Div,
+                BinaryOp::Maximum,
+                BinaryOp::Minimum,
+            ] {
+                let b = if op == BinaryOp::Div {
+                    away_from_zero(s, seed ^ 1, false)
+                } else {
+                    randn(s, seed ^ 1)
+                };
+                parity(
+                    op.name(),
+                    |_, x| ops::binary(&x[0], &x[1], op),
+                    &[randn(s, seed), b],
+                )?;
+            }
+            parity(
+                "affine",
+                |_, x| ops::affine(&x[0], -1.5, 0.25),
+                &[randn(s, seed)],
+            )?;
+            parity(
+                "powf",
+                |_, x| ops::powf(&x[0], 1.7),
+                &[away_from_zero(s, seed, true)],
+            )?;
+            parity(
+                "clamp",
+                |_, x| ops::clamp(&x[0], -0.5, 0.7),
+                &[randn(s, seed)],
+            )?;
+            Ok(())
+        };
+        if let Err(e) = run() {
+            panic!("{s:?}: {e}");
+        }
+    }
 }

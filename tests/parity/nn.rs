@@ -280,3 +280,93 @@ fn empty_tensors_reduce_and_normalize_without_launching() {
     assert_eq!(ops::layer_norm(&x, 1e-5).unwrap().dims(), &[0, 4]);
     assert_eq!(ops::l2_normalize(&x, 1e-12).unwrap().dims(), &[0, 4]);
 }
+
+/// The warp-per-row layer norm (rows in registers, 16-byte loads) against the block-per-row
+/// kernel and the CPU: every vectors-per-lane instantiation, rows that fill the last lanes only in
+/// part (132 = 33 vectors of f32), the longest rows it takes, and rows it must refuse.
+#[test]
+fn layer_norm_warp_kernel_matches_the_block_kernel_and_the_cpu() {
+    use mvar::cuda::ops::norm::{layer_norm_forward_with, layer_norm_warp_vpl, LayerNormKernel};
+    use mvar::engine::Storage;
+    let Some(gpu) = gpu() else { return };
+    let Device::Cuda(dev) = &gpu else { return };
+    let eps = 1e-5;
+    let cases = [
+        (5, 4),
+        (3, 8),
+        (7, 132),
+        (2, 256),
+        (2, 768),
+        (9, 1024),
+        (3, 2048),
+        (2, 1000),
+        (2, 1030),
+    ];
+    for (i, &(rows, d)) in cases.iter().enumerate() {
+        let x = randn_b(&[rows, d], 900 + i as u64);
+        let want = ops::layer_norm(&x, eps).unwrap().to_vec_f64().unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let xg = x.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+            let storage = xg.storage();
+            let Storage::Cuda(buf) = &*storage else {
+                panic!("a tensor on the GPU without GPU storage")
+            };
+            let run = |k| layer_norm_forward_with(dev, buf, rows, d, eps as f32, k);
+            let host = |b, n| {
+                Tensor::from_storage(Storage::Cuda(b), [n], &gpu)
+                    .and_then(|t| t.to_vec_f64())
+                    .unwrap()
+            };
+            let (yb, sb) = run(LayerNormKernel::Block).unwrap();
+            let (yb, sb) = (host(yb, rows * d), host(sb, 2 * rows));
+            let tol = crate::tolerance(dtype);
+            let err = |got: &[f64], want: &[f64]| {
+                got.iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max)
+            };
+            assert!(
+                err(&yb, &want) <= tol * 4.0,
+                "block [{rows},{d}] {dtype}: {:e}",
+                err(&yb, &want)
+            );
+            let takes =
+                layer_norm_warp_vpl(d, dtype.size_in_bytes(), &[buf.device_ptr()]).is_some();
+            assert_eq!(
+                takes,
+                d.is_multiple_of(16 / dtype.size_in_bytes()) && d * dtype.size_in_bytes() <= 4096,
+                "[{rows},{d}] {dtype}"
+            );
+            match run(LayerNormKernel::Warp) {
+                Ok((yw, sw)) => {
+                    assert!(
+                        takes,
+                        "[{rows},{d}] {dtype}: the warp kernel ran where it should refuse"
+                    );
+                    let (yw, sw) = (host(yw, rows * d), host(sw, 2 * rows));
+                    assert!(
+                        err(&yw, &yb) <= tol,
+                        "warp vs block [{rows},{d}] {dtype}: {:e}",
+                        err(&yw, &yb)
+                    );
+                    assert!(
+                        err(&yw, &want) <= tol * 4.0,
+                        "warp [{rows},{d}] {dtype}: {:e}",
+                        err(&yw, &want)
+                    );
+                    let rel = sw
+                        .iter()
+                        .zip(&sb)
+                        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                        .fold(0.0, f64::max);
+                    assert!(rel <= 1e-5, "statistics [{rows},{d}] {dtype}: {rel:e}");
+                }
+                Err(e) => {
+                    assert!(!takes, "[{rows},{d}] {dtype}: {e}");
+                    assert!(e.to_string().contains("MVAR_LN_KERNEL=warp"), "{e}");
+                }
+            }
+        }
+    }
+}

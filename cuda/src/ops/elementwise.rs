@@ -57,6 +57,39 @@ fn elems(dims: &[usize]) -> usize {
     dims.iter().product()
 }
 
+/// Which elementwise kernels run: `MVAR_EW_KERNEL=scalar` forces the per-element kernels (the
+/// reference variant) where the 16-byte vector kernels would apply.
+pub fn vector_kernels_enabled() -> bool {
+    !matches!(
+        std::env::var("MVAR_EW_KERNEL")
+            .ok()
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref(),
+        Some("scalar")
+    )
+}
+
+/// Elements per 16-byte vector when `n` elements of `kind` at the addresses `ptrs` (0 = an
+/// absent optional output) can be moved 16 bytes at a time: a float kind, n a whole number of
+/// vectors, every address 16-byte aligned. None: the per-element kernels.
+pub fn vector_width(kind: BufferKind, n: usize, ptrs: &[u64]) -> Option<usize> {
+    if !matches!(kind, BufferKind::F32 | BufferKind::BF16) {
+        return None;
+    }
+    let per = 16 / kind.size_in_bytes();
+    (n.is_multiple_of(per) && ptrs.iter().all(|p| p.is_multiple_of(16))).then_some(per)
+}
+
+/// (kernel name, items the grid walks, whether it is the vector kernel): `<base>_vec_<suffix>`
+/// over vectors where `width` is given and the vector kernels are enabled, else
+/// `<base>_<suffix>` over elements.
+fn pick(base: &str, kind: BufferKind, n: usize, width: Option<usize>) -> (String, usize, bool) {
+    match width.filter(|_| vector_kernels_enabled()) {
+        Some(w) => (format!("{base}_vec_{}", kind.suffix()), n / w, true),
+        None => (format!("{base}_{}", kind.suffix()), n, false),
+    }
+}
+
 /// y = f(x) elementwise.
 pub fn unary_forward(dev: &CudaDevice, x: &CudaBuffer, op: i32) -> Result<CudaBuffer, CudaError> {
     let kind = float_kind("unary", &[x])?;
@@ -65,12 +98,15 @@ pub fn unary_forward(dev: &CudaDevice, x: &CudaBuffer, op: i32) -> Result<CudaBu
     if n == 0 {
         return Ok(out);
     }
-    let f = dev.function(&ELEMENTWISE, &format!("unary_fwd_{}", kind.suffix()))?;
-    let (po, px, nn) = (out.device_ptr(), x.device_ptr(), n as i64);
+    let (po, px) = (out.device_ptr(), x.device_ptr());
+    let (name, items, _) = pick("unary_fwd", kind, n, vector_width(kind, n, &[po, px]));
+    let f = dev.function(&ELEMENTWISE, &name)?;
+    let nn = items as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po).arg(&px).arg(&nn).arg(&op);
-    // SAFETY: out and x hold n elements of `kind`, as the kernel reads and writes.
-    unsafe { b.launch(launch_1d(n, THREADS)) }
+    // SAFETY: out and x hold n elements of `kind`, as the kernel reads and writes (as n / w
+    // aligned vectors of w elements for the vector kernel).
+    unsafe { b.launch(launch_1d(items, THREADS)) }
         .map_err(launch_err("unary", format!("{n} elements, op {op}")))?;
     Ok(out)
 }
@@ -89,17 +125,15 @@ pub fn unary_backward(
     if n == 0 {
         return Ok(out);
     }
-    let f = dev.function(&ELEMENTWISE, &format!("unary_bwd_{}", kind.suffix()))?;
-    let (po, ps, pg, nn) = (
-        out.device_ptr(),
-        saved.device_ptr(),
-        g.device_ptr(),
-        n as i64,
-    );
+    let (po, ps, pg) = (out.device_ptr(), saved.device_ptr(), g.device_ptr());
+    let (name, items, _) = pick("unary_bwd", kind, n, vector_width(kind, n, &[po, ps, pg]));
+    let f = dev.function(&ELEMENTWISE, &name)?;
+    let nn = items as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po).arg(&ps).arg(&pg).arg(&nn).arg(&op);
-    // SAFETY: all three buffers hold n elements of `kind`.
-    unsafe { b.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+    // SAFETY: all three buffers hold n elements of `kind` (n / w aligned vectors for the vector
+    // kernel).
+    unsafe { b.launch(launch_1d(items, THREADS)) }.map_err(launch_err(
         "unary backward",
         format!("{n} elements, op {op}"),
     ))?;
@@ -122,22 +156,19 @@ pub fn binary_forward(
         return Ok(out);
     }
     let layout = Layout::broadcast("binary", out_dims, &[a.1, b.1])?;
-    let f = dev.function(&ELEMENTWISE, &format!("binary_fwd_{}", kind.suffix()))?;
-    let (po, pa, pb, nn) = (
-        out.device_ptr(),
-        a.0.device_ptr(),
-        b.0.device_ptr(),
-        n as i64,
-    );
+    let (po, pa, pb) = (out.device_ptr(), a.0.device_ptr(), b.0.device_ptr());
+    let width = vector_width(kind, n, &[po, pa, pb]).filter(|_| layout.is_contiguous());
+    let (name, items, vectors) = pick("binary_fwd", kind, n, width);
+    let f = dev.function(&ELEMENTWISE, &name)?;
+    let nn = items as i64;
     let mut bld = dev.stream().launch_builder(&f);
-    bld.arg(&po)
-        .arg(&pa)
-        .arg(&pb)
-        .arg(&nn)
-        .arg(&op)
-        .arg(&layout);
-    // SAFETY: the layout maps every output index into the inputs' element ranges.
-    unsafe { bld.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+    bld.arg(&po).arg(&pa).arg(&pb).arg(&nn).arg(&op);
+    if !vectors {
+        bld.arg(&layout);
+    }
+    // SAFETY: the layout maps every output index into the inputs' element ranges; the vector
+    // kernel runs only where all three are n elements (n / w aligned vectors) of one shape.
+    unsafe { bld.launch(launch_1d(items, THREADS)) }.map_err(launch_err(
         "binary",
         format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
     ))?;
@@ -174,10 +205,13 @@ pub fn binary_backward(
         return Ok((ga, gb));
     }
     let layout = Layout::broadcast("binary backward", out_dims, &[a.1, b.1])?;
-    let f = dev.function(&ELEMENTWISE, &format!("binary_bwd_{}", kind.suffix()))?;
     let pga = ga.as_ref().map_or(0, |t| t.device_ptr());
     let pgb = gb.as_ref().map_or(0, |t| t.device_ptr());
-    let (pa, pb, pg, nn) = (a.0.device_ptr(), b.0.device_ptr(), g.device_ptr(), n as i64);
+    let (pa, pb, pg) = (a.0.device_ptr(), b.0.device_ptr(), g.device_ptr());
+    let width = vector_width(kind, n, &[pga, pgb, pa, pb, pg]).filter(|_| layout.is_contiguous());
+    let (name, items, vectors) = pick("binary_bwd", kind, n, width);
+    let f = dev.function(&ELEMENTWISE, &name)?;
+    let nn = items as i64;
     let mut bld = dev.stream().launch_builder(&f);
     bld.arg(&pga)
         .arg(&pgb)
@@ -185,10 +219,13 @@ pub fn binary_backward(
         .arg(&pb)
         .arg(&pg)
         .arg(&nn)
-        .arg(&op)
-        .arg(&layout);
-    // SAFETY: outputs hold n elements (or are null and skipped); inputs are read via the layout.
-    unsafe { bld.launch(launch_1d(n, THREADS)) }.map_err(launch_err(
+        .arg(&op);
+    if !vectors {
+        bld.arg(&layout);
+    }
+    // SAFETY: outputs hold n elements (or are null and skipped); inputs are read via the layout,
+    // or, for the vector kernel, are n elements of the output's shape (n / w aligned vectors).
+    unsafe { bld.launch(launch_1d(items, THREADS)) }.map_err(launch_err(
         "binary backward",
         format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
     ))?;
@@ -209,12 +246,14 @@ pub fn scalar_forward(
     if n == 0 {
         return Ok(out);
     }
-    let f = dev.function(&ELEMENTWISE, &format!("scalar_fwd_{}", kind.suffix()))?;
-    let (po, px, nn) = (out.device_ptr(), x.device_ptr(), n as i64);
+    let (po, px) = (out.device_ptr(), x.device_ptr());
+    let (name, items, _) = pick("scalar_fwd", kind, n, vector_width(kind, n, &[po, px]));
+    let f = dev.function(&ELEMENTWISE, &name)?;
+    let nn = items as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po).arg(&px).arg(&nn).arg(&op).arg(&p0).arg(&p1);
-    // SAFETY: out and x hold n elements.
-    unsafe { b.launch(launch_1d(n, THREADS)) }
+    // SAFETY: out and x hold n elements (n / w aligned vectors for the vector kernel).
+    unsafe { b.launch(launch_1d(items, THREADS)) }
         .map_err(launch_err("scalar op", format!("{n} elements, op {op}")))?;
     Ok(out)
 }
@@ -451,4 +490,23 @@ fn same_kind(op: &str, bufs: &[&CudaBuffer]) -> Result<(), CudaError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_need_a_float_kind_whole_vectors_and_aligned_addresses() {
+        assert_eq!(
+            vector_width(BufferKind::F32, 1024, &[0, 256, 4096]),
+            Some(4)
+        );
+        assert_eq!(vector_width(BufferKind::BF16, 1024, &[0, 256]), Some(8));
+        assert_eq!(vector_width(BufferKind::BF16, 1020, &[0]), None);
+        assert_eq!(vector_width(BufferKind::F32, 1022, &[0]), None);
+        assert_eq!(vector_width(BufferKind::F32, 1024, &[0, 260]), None);
+        assert_eq!(vector_width(BufferKind::I64, 1024, &[0]), None);
+        assert_eq!(vector_width(BufferKind::U8, 1024, &[0]), None);
+    }
 }

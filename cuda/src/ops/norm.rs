@@ -2,23 +2,81 @@
 //! (x seen as `[rows, d]`) and group norm over `[batch, channels, spatial]`. Forwards return the
 //! per-row statistics their backwards need, in f32.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::buffer::{BufferKind, CudaBuffer};
 use crate::device::launch_err;
 use crate::kernels::NORM;
-use crate::ops::reduce::{require_kind, row_launch, volume};
+use crate::ops::reduce::{require_kind, row_launch, volume, MAX_BLOCKS};
 use crate::ops::{check_lens, float_kind};
 use crate::{CudaDevice, CudaError};
 
+/// Which layer-norm forward runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerNormKernel {
+    /// The warp-per-row kernel where it applies, else the block-per-row one.
+    Auto,
+    /// The warp-per-row kernel (rows in registers, 16-byte loads); an error where it does not
+    /// apply.
+    Warp,
+    /// The block-per-row kernel: any d, the reference variant.
+    Block,
+}
+
+impl LayerNormKernel {
+    /// `MVAR_LN_KERNEL`: `warp` or `block` pick that kernel, anything else (or unset) is
+    /// [`LayerNormKernel::Auto`].
+    pub fn from_env() -> LayerNormKernel {
+        LayerNormKernel::parse(std::env::var("MVAR_LN_KERNEL").ok().as_deref())
+    }
+
+    pub fn parse(value: Option<&str>) -> LayerNormKernel {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            Some("warp") => LayerNormKernel::Warp,
+            Some("block") => LayerNormKernel::Block,
+            _ => LayerNormKernel::Auto,
+        }
+    }
+}
+
+/// Rows per block of the warp-per-row kernel (`LN_WARP_ROWS` in norm.cu).
+const LN_WARP_ROWS: usize = 4;
+/// Most 16-byte vectors a lane of the warp-per-row kernel holds (its largest instantiation).
+const LN_WARP_MAX_VPL: usize = 8;
+
+/// Vectors per lane of the warp-per-row layer norm for rows of `d` elements of `elem_bytes`
+/// bytes at addresses `ptrs`, or None where it does not apply (d not a whole number of 16-byte
+/// vectors, a row longer than 32 * 8 vectors, or a buffer not 16-byte aligned).
+pub fn layer_norm_warp_vpl(d: usize, elem_bytes: usize, ptrs: &[u64]) -> Option<usize> {
+    let per_vec = 16 / elem_bytes;
+    if d == 0 || !d.is_multiple_of(per_vec) || ptrs.iter().any(|p| !p.is_multiple_of(16)) {
+        return None;
+    }
+    let vpl = (d / per_vec).div_ceil(32).next_power_of_two();
+    (vpl <= LN_WARP_MAX_VPL).then_some(vpl)
+}
+
 /// Layer norm (no affine) of `x` [rows, d] over d. Returns (y, stats) with stats f32 [rows, 2]
-/// holding (mean, rstd) per row.
+/// holding (mean, rstd) per row. The kernel is chosen by `MVAR_LN_KERNEL` (see
+/// [`LayerNormKernel`]).
 pub fn layer_norm_forward(
     dev: &CudaDevice,
     x: &CudaBuffer,
     rows: usize,
     d: usize,
     eps: f32,
+) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
+    layer_norm_forward_with(dev, x, rows, d, eps, LayerNormKernel::from_env())
+}
+
+/// [`layer_norm_forward`] with the kernel given.
+pub fn layer_norm_forward_with(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    kernel: LayerNormKernel,
 ) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "layer_norm";
     let kind = float_kind(OP, &[x])?;
@@ -33,13 +91,40 @@ pub fn layer_norm_forward(
     if total == 0 {
         return Ok((y, stats));
     }
-    let f = dev.function(&NORM, &format!("layer_norm_fwd_{}", kind.suffix()))?;
     let (py, ps, px) = (y.device_ptr(), stats.device_ptr(), x.device_ptr());
+    let vpl = layer_norm_warp_vpl(d, kind.size_in_bytes(), &[px, py]);
+    let (name, cfg) = match (kernel, vpl) {
+        (LayerNormKernel::Block, _) | (LayerNormKernel::Auto, None) => (
+            format!("layer_norm_fwd_{}", kind.suffix()),
+            row_launch(rows, d),
+        ),
+        (_, Some(vpl)) => (
+            format!("layer_norm_fwd_warp{vpl}_{}", kind.suffix()),
+            LaunchConfig {
+                grid_dim: (rows.div_ceil(LN_WARP_ROWS).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+                block_dim: ((LN_WARP_ROWS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+        (LayerNormKernel::Warp, None) => {
+            return Err(CudaError::Launch {
+                op: OP.into(),
+                sizes: format!("[{rows}, {d}] {}", kind.suffix()),
+                message: format!(
+                    "MVAR_LN_KERNEL=warp needs rows of a multiple of {} elements, at most {}, in 16-byte aligned buffers",
+                    16 / kind.size_in_bytes(),
+                    LN_WARP_MAX_VPL * 32 * 16 / kind.size_in_bytes()
+                ),
+            })
+        }
+    };
+    let f = dev.function(&NORM, &name)?;
     let (r, dd) = (rows as i64, d as i64);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&py).arg(&ps).arg(&px).arg(&r).arg(&dd).arg(&eps);
-    // SAFETY: x and y hold rows * d elements of `kind`, stats 2 * rows f32s.
-    unsafe { b.launch(row_launch(rows, d)) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
+    // SAFETY: x and y hold rows * d elements of `kind`, stats 2 * rows f32s; the warp kernel's
+    // 16-byte accesses stay inside rows whose length and addresses were checked above.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
     Ok((y, stats))
 }
 
@@ -340,5 +425,35 @@ mod tests {
             ..s
         };
         assert!(huge.plan("t").is_err());
+    }
+
+    #[test]
+    fn the_warp_layer_norm_takes_whole_aligned_vectors_up_to_its_largest_row() {
+        // f32: 4 per vector, 32 lanes x 8 vectors = 1024 elements at most.
+        assert_eq!(layer_norm_warp_vpl(1024, 4, &[256, 512]), Some(8));
+        assert_eq!(layer_norm_warp_vpl(768, 4, &[0]), Some(8));
+        assert_eq!(layer_norm_warp_vpl(512, 4, &[0]), Some(4));
+        assert_eq!(layer_norm_warp_vpl(4, 4, &[0]), Some(1));
+        assert_eq!(layer_norm_warp_vpl(132, 4, &[0]), Some(2));
+        assert_eq!(layer_norm_warp_vpl(1028, 4, &[0]), None);
+        assert_eq!(layer_norm_warp_vpl(1022, 4, &[0]), None);
+        // bf16: 8 per vector, up to 2048.
+        assert_eq!(layer_norm_warp_vpl(2048, 2, &[0]), Some(8));
+        assert_eq!(layer_norm_warp_vpl(1024, 2, &[0]), Some(4));
+        assert_eq!(layer_norm_warp_vpl(1020, 2, &[0]), None);
+        // A buffer off the 16-byte grid, and an empty row.
+        assert_eq!(layer_norm_warp_vpl(1024, 4, &[256, 8]), None);
+        assert_eq!(layer_norm_warp_vpl(0, 4, &[0]), None);
+    }
+
+    #[test]
+    fn ln_kernel_names_parse() {
+        assert_eq!(LayerNormKernel::parse(Some("warp")), LayerNormKernel::Warp);
+        assert_eq!(
+            LayerNormKernel::parse(Some(" Block ")),
+            LayerNormKernel::Block
+        );
+        assert_eq!(LayerNormKernel::parse(Some("fast")), LayerNormKernel::Auto);
+        assert_eq!(LayerNormKernel::parse(None), LayerNormKernel::Auto);
     }
 }

@@ -20,7 +20,7 @@ const THREADS: u32 = 256;
 pub const ROW_THREADS_MAX: u32 = 512;
 
 /// Most blocks launched; row kernels grid-stride over the rest.
-const MAX_BLOCKS: usize = 1 << 16;
+pub(crate) const MAX_BLOCKS: usize = 1 << 16;
 
 /// Rows one block of `argmax_rows` handles at a time (one warp each, 256 threads).
 const ARGMAX_ROWS_PER_BLOCK: usize = THREADS as usize / 32;

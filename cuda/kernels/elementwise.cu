@@ -10,10 +10,12 @@
 // memory bandwidth; the binary backward writes both input gradients at the output shape and the
 // host reduces broadcast axes afterwards with the sum kernel.
 // Tuned variants (`*_vec_*`: unary and binary forwards and backwards, scalar forwards) for
-// buffers that are one dense run (no broadcasting) whose length is a multiple of the 16-byte
-// vector (4 f32, 8 bf16) at 16-byte aligned addresses: one thread per 16 bytes, so a warp moves
-// 512 contiguous bytes per access with a quarter (f32) or an eighth (bf16) of the load and store
-// instructions. The per-element kernels above are the general ones and the reference variant
+// buffers that are one dense run whose length is a multiple of the 16-byte vector (4 f32, 8 bf16)
+// at 16-byte aligned addresses: one thread per 16 bytes, so a warp moves 512 contiguous bytes per
+// access with a quarter (f32) or an eighth (bf16) of the load and store instructions. A binary
+// input may also be repeated along leading axes (its shape a suffix of the output's, e.g. a bias
+// [C] added to [N, C]): it is read at (output index mod its length), one 64-bit modulo per 16
+// bytes instead of the general kernel's per-axis divisions for every element. The per-element kernels above are the general ones and the reference variant
 // (`MVAR_EW_KERNEL=scalar` forces them).
 // Numerics: every value is computed in f32, bf16 widened on load and rounded once on store.
 //
@@ -262,13 +264,17 @@ __device__ void unary_bwd_vec_impl(T* dx, const T* saved, const T* g, i64 nvec, 
     }
 }
 
+// period_a / period_b: the input's length when it repeats along leading axes (a multiple of N),
+// 0 when it has the output's shape.
 template <typename T>
-__device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, int op) {
+__device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, int op, i64 period_a,
+                                    i64 period_b) {
     constexpr int N = Vec16<T>::N;
     GRID_STRIDE(i, nvec) {
+        const i64 e = i * N;
         float x[N], y[N];
-        Vec16<T>::load(a + i * N, x);
-        Vec16<T>::load(b + i * N, y);
+        Vec16<T>::load(a + (period_a ? e % period_a : e), x);
+        Vec16<T>::load(b + (period_b ? e % period_b : e), y);
 #pragma unroll
         for (int k = 0; k < N; ++k) x[k] = binary_forward(op, x[k], y[k]);
         Vec16<T>::store(out + i * N, x);
@@ -276,12 +282,14 @@ __device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, in
 }
 
 template <typename T>
-__device__ void binary_bwd_vec_impl(T* ga, T* gb, const T* a, const T* b, const T* g, i64 nvec, int op) {
+__device__ void binary_bwd_vec_impl(T* ga, T* gb, const T* a, const T* b, const T* g, i64 nvec, int op,
+                                    i64 period_a, i64 period_b) {
     constexpr int N = Vec16<T>::N;
     GRID_STRIDE(i, nvec) {
+        const i64 e = i * N;
         float x[N], y[N], d[N], da[N], db[N];
-        Vec16<T>::load(a + i * N, x);
-        Vec16<T>::load(b + i * N, y);
+        Vec16<T>::load(a + (period_a ? e % period_a : e), x);
+        Vec16<T>::load(b + (period_b ? e % period_b : e), y);
         Vec16<T>::load(g + i * N, d);
 #pragma unroll
         for (int k = 0; k < N; ++k) binary_backward(op, x[k], y[k], d[k], &da[k], &db[k]);
@@ -335,12 +343,13 @@ __device__ void scalar_fwd_vec_impl(T* out, const T* x, i64 nvec, int op, float 
     extern "C" __global__ void unary_bwd_vec_##S(T* dx, const T* s, const T* g, i64 nvec, int op) { \
         unary_bwd_vec_impl<T>(dx, s, g, nvec, op);                                                  \
     }                                                                                               \
-    extern "C" __global__ void binary_fwd_vec_##S(T* out, const T* a, const T* b, i64 nvec, int op) { \
-        binary_fwd_vec_impl<T>(out, a, b, nvec, op);                                                \
+    extern "C" __global__ void binary_fwd_vec_##S(T* out, const T* a, const T* b, i64 nvec, int op, \
+                                                 i64 period_a, i64 period_b) {                      \
+        binary_fwd_vec_impl<T>(out, a, b, nvec, op, period_a, period_b);                            \
     }                                                                                               \
     extern "C" __global__ void binary_bwd_vec_##S(T* ga, T* gb, const T* a, const T* b, const T* g, \
-                                                 i64 nvec, int op) {                                \
-        binary_bwd_vec_impl<T>(ga, gb, a, b, g, nvec, op);                                          \
+                                                 i64 nvec, int op, i64 period_a, i64 period_b) {    \
+        binary_bwd_vec_impl<T>(ga, gb, a, b, g, nvec, op, period_a, period_b);                      \
     }                                                                                               \
     extern "C" __global__ void scalar_fwd_vec_##S(T* out, const T* x, i64 nvec, int op, float p0,  \
                                                  float p1) {                                        \

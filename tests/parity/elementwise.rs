@@ -123,8 +123,8 @@ fn compare_and_cast_match_the_cpu() {
 
 /// Shapes the 16-byte vector kernels take (whole vectors of f32 and of bf16: 192 and 120
 /// elements; 12 elements: f32 only), through the same parity as the random shapes above, which
-/// are mostly too small or odd for them: unary, same-shape binary and scalar forms, forward and
-/// backward.
+/// are mostly too small or odd for them: unary, binary (same shapes, and an input repeated along
+/// leading axes) and scalar forms, forward and backward.
 #[test]
 fn vector_kernels_match_the_cpu_on_whole_vectors() {
     use mvar::cuda::ops::elementwise::vector_width;
@@ -157,24 +157,30 @@ fn vector_kernels_match_the_cpu_on_whole_vectors() {
                     &[away_from_zero(s, seed, positive)],
                 )?;
             }
-            for op in [
-                BinaryOp::Add,
-                BinaryOp::Sub,
-                BinaryOp::Mul,
-                BinaryOp::Div,
-                BinaryOp::Maximum,
-                BinaryOp::Minimum,
-            ] {
-                let b = if op == BinaryOp::Div {
-                    away_from_zero(s, seed ^ 1, false)
-                } else {
-                    randn(s, seed ^ 1)
-                };
-                parity(
-                    op.name(),
-                    |_, x| ops::binary(&x[0], &x[1], op),
-                    &[randn(s, seed), b],
-                )?;
+            // Same shapes, and one input repeated along leading axes (a bias over the last axis
+            // or the last two, on either side; read by period where that is whole vectors).
+            let suffixes = [s.clone(), s[1..].to_vec(), s[s.len() - 1..].to_vec()];
+            for (j, other) in suffixes.iter().enumerate() {
+                let shapes = if j == 2 { [other, s] } else { [s, other] };
+                for op in [
+                    BinaryOp::Add,
+                    BinaryOp::Sub,
+                    BinaryOp::Mul,
+                    BinaryOp::Div,
+                    BinaryOp::Maximum,
+                    BinaryOp::Minimum,
+                ] {
+                    let b = if op == BinaryOp::Div {
+                        away_from_zero(shapes[1], seed ^ 1, false)
+                    } else {
+                        randn(shapes[1], seed ^ 1)
+                    };
+                    parity(
+                        op.name(),
+                        |_, x| ops::binary(&x[0], &x[1], op),
+                        &[randn(shapes[0], seed), b],
+                    )?;
+                }
             }
             parity(
                 "affine",

@@ -80,6 +80,42 @@ pub fn vector_width(kind: BufferKind, n: usize, ptrs: &[u64]) -> Option<usize> {
     (n.is_multiple_of(per) && ptrs.iter().all(|p| p.is_multiple_of(16))).then_some(per)
 }
 
+/// The vector width and the inputs' periods (see [`vector_period`]) for a binary op, or (None, _)
+/// where the general kernel must run.
+fn binary_vector_plan(
+    kind: BufferKind,
+    n: usize,
+    ptrs: &[u64],
+    a: &[usize],
+    b: &[usize],
+    out: &[usize],
+) -> (Option<usize>, [i64; 2]) {
+    let Some(w) = vector_width(kind, n, ptrs) else {
+        return (None, [0, 0]);
+    };
+    match (vector_period(a, out, w), vector_period(b, out, w)) {
+        (Some(pa), Some(pb)) => (Some(w), [pa as i64, pb as i64]),
+        _ => (None, [0, 0]),
+    }
+}
+
+/// How the vector kernels read a binary input of shape `input` broadcast to `out`: Some(0) when
+/// it has the output's shape, Some(len) when it repeats along leading axes (its shape, leading
+/// ones aside, is a suffix of the output's) and its length is a whole number of `per`-element
+/// vectors, so that it sits at (output index mod len); None for any other broadcast.
+pub fn vector_period(input: &[usize], out: &[usize], per: usize) -> Option<usize> {
+    if input == out {
+        return Some(0);
+    }
+    let lead = input.iter().take_while(|&&d| d == 1).count();
+    let core = &input[lead..];
+    if core.len() > out.len() || out[out.len() - core.len()..] != *core {
+        return None;
+    }
+    let len: usize = core.iter().product();
+    (len > 0 && len.is_multiple_of(per)).then_some(len)
+}
+
 /// (kernel name, items the grid walks, whether it is the vector kernel): `<base>_vec_<suffix>`
 /// over vectors where `width` is given and the vector kernels are enabled, else
 /// `<base>_<suffix>` over elements.
@@ -157,17 +193,20 @@ pub fn binary_forward(
     }
     let layout = Layout::broadcast("binary", out_dims, &[a.1, b.1])?;
     let (po, pa, pb) = (out.device_ptr(), a.0.device_ptr(), b.0.device_ptr());
-    let width = vector_width(kind, n, &[po, pa, pb]).filter(|_| layout.is_contiguous());
+    let (width, periods) = binary_vector_plan(kind, n, &[po, pa, pb], a.1, b.1, out_dims);
     let (name, items, vectors) = pick("binary_fwd", kind, n, width);
     let f = dev.function(&ELEMENTWISE, &name)?;
     let nn = items as i64;
     let mut bld = dev.stream().launch_builder(&f);
     bld.arg(&po).arg(&pa).arg(&pb).arg(&nn).arg(&op);
-    if !vectors {
+    if vectors {
+        bld.arg(&periods[0]).arg(&periods[1]);
+    } else {
         bld.arg(&layout);
     }
     // SAFETY: the layout maps every output index into the inputs' element ranges; the vector
-    // kernel runs only where all three are n elements (n / w aligned vectors) of one shape.
+    // kernel runs only where the output is n / w aligned vectors and each input has the output's
+    // shape or repeats along leading axes with a length of whole vectors (index mod length).
     unsafe { bld.launch(launch_1d(items, THREADS)) }.map_err(launch_err(
         "binary",
         format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
@@ -208,7 +247,7 @@ pub fn binary_backward(
     let pga = ga.as_ref().map_or(0, |t| t.device_ptr());
     let pgb = gb.as_ref().map_or(0, |t| t.device_ptr());
     let (pa, pb, pg) = (a.0.device_ptr(), b.0.device_ptr(), g.device_ptr());
-    let width = vector_width(kind, n, &[pga, pgb, pa, pb, pg]).filter(|_| layout.is_contiguous());
+    let (width, periods) = binary_vector_plan(kind, n, &[pga, pgb, pa, pb, pg], a.1, b.1, out_dims);
     let (name, items, vectors) = pick("binary_bwd", kind, n, width);
     let f = dev.function(&ELEMENTWISE, &name)?;
     let nn = items as i64;
@@ -220,11 +259,14 @@ pub fn binary_backward(
         .arg(&pg)
         .arg(&nn)
         .arg(&op);
-    if !vectors {
+    if vectors {
+        bld.arg(&periods[0]).arg(&periods[1]);
+    } else {
         bld.arg(&layout);
     }
     // SAFETY: outputs hold n elements (or are null and skipped); inputs are read via the layout,
-    // or, for the vector kernel, are n elements of the output's shape (n / w aligned vectors).
+    // or, for the vector kernel, have the output's shape or repeat along leading axes with a
+    // length of whole aligned vectors (index mod length).
     unsafe { bld.launch(launch_1d(items, THREADS)) }.map_err(launch_err(
         "binary backward",
         format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
@@ -508,5 +550,19 @@ mod tests {
         assert_eq!(vector_width(BufferKind::F32, 1024, &[0, 260]), None);
         assert_eq!(vector_width(BufferKind::I64, 1024, &[0]), None);
         assert_eq!(vector_width(BufferKind::U8, 1024, &[0]), None);
+    }
+
+    #[test]
+    fn inputs_repeated_along_leading_axes_are_read_by_period() {
+        assert_eq!(vector_period(&[4, 8], &[4, 8], 4), Some(0));
+        // A bias over the last axis, with or without leading ones.
+        assert_eq!(vector_period(&[1024], &[65536, 1024], 4), Some(1024));
+        assert_eq!(vector_period(&[1, 1, 16], &[3, 5, 16], 8), Some(16));
+        assert_eq!(vector_period(&[5, 16], &[3, 5, 16], 8), Some(80));
+        // Not whole vectors, a broadcast inside the shape, a scalar, an empty input.
+        assert_eq!(vector_period(&[6], &[4, 6], 4), None);
+        assert_eq!(vector_period(&[4, 1], &[4, 8], 4), None);
+        assert_eq!(vector_period(&[1], &[4, 8], 4), None);
+        assert_eq!(vector_period(&[0], &[4, 0], 4), None);
     }
 }

@@ -46,11 +46,6 @@ fn row_major_strides(dims: &[usize]) -> Vec<usize> {
 }
 
 impl Layout {
-    /// Whether every input has the output's shape (offsets are the output index itself).
-    pub fn is_contiguous(&self) -> bool {
-        self.contiguous != 0
-    }
-
     /// Inputs of the given shapes broadcast (NumPy rules, already checked by the caller) to `out`.
     pub fn broadcast(op: &str, out: &[usize], inputs: &[&[usize]]) -> Result<Layout, CudaError> {
         let mut l = Layout::empty(op, out)?;

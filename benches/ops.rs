@@ -128,6 +128,18 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// Runs `f` with the kernel-family variable `var` set to `value` (the reference variants of the
+/// tuned kernels are benchmarked this way), then restores what it was.
+fn with_kernel_env(var: &str, value: &str, f: impl FnOnce()) {
+    let before = std::env::var_os(var);
+    std::env::set_var(var, value);
+    f();
+    match before {
+        Some(v) => std::env::set_var(var, v),
+        None => std::env::remove_var(var),
+    }
+}
+
 fn elementwise(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("elementwise");
@@ -185,30 +197,26 @@ fn elementwise(c: &mut Criterion) {
             );
             // The per-element kernels (the general ones, and the reference variant of the 16-byte
             // vector kernels that the cases above run).
-            let before = std::env::var("MVAR_EW_KERNEL").ok();
-            std::env::set_var("MVAR_EW_KERNEL", "scalar");
-            g.throughput(Throughput::Bytes(bytes(3 * n, DType::F32)));
-            bench(
-                &mut g,
-                &d,
-                format!("{t}/add per-element f32 [{},1024]", n / 1024),
-                || {
-                    ops::add(&x, &y).unwrap();
-                },
-            );
-            g.throughput(Throughput::Bytes(bytes(2 * n, DType::BF16)));
-            bench(
-                &mut g,
-                &d,
-                format!("{t}/gelu_tanh per-element bf16 [{},1024]", n / 1024),
-                || {
-                    ops::gelu_tanh(&xb).unwrap();
-                },
-            );
-            match before {
-                Some(v) => std::env::set_var("MVAR_EW_KERNEL", v),
-                None => std::env::remove_var("MVAR_EW_KERNEL"),
-            }
+            with_kernel_env("MVAR_EW_KERNEL", "scalar", || {
+                g.throughput(Throughput::Bytes(bytes(3 * n, DType::F32)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/add per-element f32 [{},1024]", n / 1024),
+                    || {
+                        ops::add(&x, &y).unwrap();
+                    },
+                );
+                g.throughput(Throughput::Bytes(bytes(2 * n, DType::BF16)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/gelu_tanh per-element bf16 [{},1024]", n / 1024),
+                    || {
+                        ops::gelu_tanh(&xb).unwrap();
+                    },
+                );
+            });
         }
     }
     g.finish();
@@ -321,20 +329,16 @@ fn nn(c: &mut Criterion) {
                 );
                 // The block-per-row kernel (the general one, and the reference variant of the
                 // warp-per-row kernel that the case above runs).
-                let before = std::env::var("MVAR_LN_KERNEL").ok();
-                std::env::set_var("MVAR_LN_KERNEL", "block");
-                bench(
-                    &mut g,
-                    &d,
-                    format!("{t}/layer_norm block-per-row [65536,1024] {dt}"),
-                    || {
-                        ops::layer_norm(&big, 1e-6).unwrap();
-                    },
-                );
-                match before {
-                    Some(v) => std::env::set_var("MVAR_LN_KERNEL", v),
-                    None => std::env::remove_var("MVAR_LN_KERNEL"),
-                }
+                with_kernel_env("MVAR_LN_KERNEL", "block", || {
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{t}/layer_norm block-per-row [65536,1024] {dt}"),
+                        || {
+                            ops::layer_norm(&big, 1e-6).unwrap();
+                        },
+                    );
+                });
             }
         }
         let logits = randn(&[2 * 680, 4096], DType::F32, &d, 2);
@@ -467,20 +471,18 @@ fn attention(c: &mut Criterion) {
             },
         );
         // The naive reference kernels on the same case (selected by MVAR_ATTN_KERNEL).
-        let before = std::env::var_os("MVAR_ATTN_KERNEL");
-        std::env::set_var("MVAR_ATTN_KERNEL", "naive");
-        bench(
-            &mut g,
-            &d,
-            format!("cuda/naive block-causal fwd [8,16,{l},64] bf16"),
-            || {
-                mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 0.125, &mask).unwrap());
-            },
-        );
-        match before {
-            Some(v) => std::env::set_var("MVAR_ATTN_KERNEL", v),
-            None => std::env::remove_var("MVAR_ATTN_KERNEL"),
-        }
+        with_kernel_env("MVAR_ATTN_KERNEL", "naive", || {
+            bench(
+                &mut g,
+                &d,
+                format!("cuda/naive block-causal fwd [8,16,{l},64] bf16"),
+                || {
+                    mvar::engine::with_no_grad(|| {
+                        ops::attention(&q, &k, &v, 0.125, &mask).unwrap()
+                    });
+                },
+            );
+        });
         let (qg, kg, vg) = (
             q.with_grad().unwrap(),
             k.with_grad().unwrap(),

@@ -20,6 +20,15 @@ const UNARY: [UnaryOp; 12] = [
     UnaryOp::Square,
 ];
 
+const BINARY: [BinaryOp; 6] = [
+    BinaryOp::Add,
+    BinaryOp::Sub,
+    BinaryOp::Mul,
+    BinaryOp::Div,
+    BinaryOp::Maximum,
+    BinaryOp::Minimum,
+];
+
 fn shape() -> impl Strategy<Value = Vec<usize>> {
     prop::collection::vec(1usize..6, 1..4)
 }
@@ -61,7 +70,7 @@ proptest! {
 
     #[test]
     fn binary((sa, sb) in broadcast_pair(), seed in any::<u64>()) {
-        for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Maximum, BinaryOp::Minimum] {
+        for op in BINARY {
             let b = if op == BinaryOp::Div { away_from_zero(&sb, seed ^ 1, false) } else { randn(&sb, seed ^ 1) };
             parity(op.name(), |_, x| ops::binary(&x[0], &x[1], op), &[randn(&sa, seed), b])?;
         }
@@ -162,14 +171,7 @@ fn vector_kernels_match_the_cpu_on_whole_vectors() {
             let suffixes = [s.clone(), s[1..].to_vec(), s[s.len() - 1..].to_vec()];
             for (j, other) in suffixes.iter().enumerate() {
                 let shapes = if j == 2 { [other, s] } else { [s, other] };
-                for op in [
-                    BinaryOp::Add,
-                    BinaryOp::Sub,
-                    BinaryOp::Mul,
-                    BinaryOp::Div,
-                    BinaryOp::Maximum,
-                    BinaryOp::Minimum,
-                ] {
+                for op in BINARY {
                     let b = if op == BinaryOp::Div {
                         away_from_zero(shapes[1], seed ^ 1, false)
                     } else {

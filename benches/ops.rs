@@ -184,6 +184,17 @@ fn elementwise(c: &mut Criterion) {
                 ops::add(&x, &bias).unwrap();
             },
         );
+        // AdaLN's modulation: a per-sample [B, 1, C] scale over [B, L, C].
+        let x3 = x.reshape([64, n / (64 * 1024), 1024]).unwrap();
+        let scale = randn(&[64, 1, 1024], DType::F32, &d, 4);
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/mul broadcast f32 [64,{},1024]*[64,1,1024]", n / (64 * 1024)),
+            || {
+                ops::mul(&x3, &scale).unwrap();
+            },
+        );
         if d.is_cuda() {
             let xb = filled(&[n / 1024, 1024], DType::BF16, &d, 1.5);
             g.throughput(Throughput::Bytes(bytes(2 * n, DType::BF16)));

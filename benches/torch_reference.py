@@ -144,6 +144,9 @@ def main():
            timed(lambda: F.gelu(x, approximate="tanh")), nbytes=2 * n * 4)
     report("elementwise", f"cuda/add broadcast f32 [{n // 1024},1024]+[1024]", timed(lambda: x + bias),
            nbytes=2 * n * 4)
+    x3, mod = x.reshape(64, n // (64 * 1024), 1024), torch.randn(64, 1, 1024, device=dev)
+    report("elementwise", f"cuda/mul broadcast f32 [64,{n // (64 * 1024)},1024]*[64,1,1024]",
+           timed(lambda: x3 * mod), nbytes=2 * n * 4)
     xb = x.to(torch.bfloat16)
     report("elementwise", f"cuda/gelu_tanh bf16 [{n // 1024},1024]",
            timed(lambda: F.gelu(xb, approximate="tanh")), nbytes=2 * n * 2)

@@ -154,7 +154,7 @@ done
 # folders of NVIDIA's pip wheels (nvidia/cu13/lib, nvidia/cublas/lib, ...) in python3's
 # site-packages, probed now since they differ between machines.
 dirs=()
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && dirs+=("$d")
 done
 if command -v python3 >/dev/null; then

@@ -13,9 +13,11 @@
 // buffers that are one dense run whose length is a multiple of the 16-byte vector (4 f32, 8 bf16)
 // at 16-byte aligned addresses: one thread per 16 bytes, so a warp moves 512 contiguous bytes per
 // access with a quarter (f32) or an eighth (bf16) of the load and store instructions. A binary
-// input may also be repeated along leading axes (its shape a suffix of the output's, e.g. a bias
-// [C] added to [N, C]): it is read at (output index mod its length), one 64-bit modulo per 16
-// bytes instead of the general kernel's per-axis divisions for every element. The per-element kernels above are the general ones and the reference variant
+// input may also be broadcast along one run of adjacent axes, e.g. a bias [C] over [N, C] or an
+// AdaLN shift [B, 1, C] over [B, L, C]: with `inner` the length of the axes after the run and
+// `span` that of the run and those axes, output index e reads it at (e / span) * inner +
+// e % inner, one division and one modulo per 16 bytes (32-bit where the sizes allow) instead of
+// the general kernel's per-axis divisions for every element. The per-element kernels above are the general ones and the reference variant
 // (`MVAR_EW_KERNEL=scalar` forces them).
 // Numerics: every value is computed in f32, bf16 widened on load and rounded once on store.
 //
@@ -264,17 +266,27 @@ __device__ void unary_bwd_vec_impl(T* dx, const T* saved, const T* g, i64 nvec, 
     }
 }
 
-// period_a / period_b: the input's length when it repeats along leading axes (a multiple of N),
-// 0 when it has the output's shape.
+// Where a binary input sits for output element e (a multiple of N): e itself when inner is 0 (the
+// input has the output's shape), else (e / span) * inner + e % inner (broadcast along one run of
+// axes; inner a multiple of N, so a vector never straddles two input rows).
+__device__ __forceinline__ i64 run_offset(i64 e, i64 inner, i64 span) {
+    if (inner == 0) return e;
+    if (e <= 0xffffffffLL && span <= 0xffffffffLL) {
+        const unsigned int u = (unsigned int)e, sp = (unsigned int)span, in = (unsigned int)inner;
+        return (i64)(u / sp) * inner + (i64)(u % in);
+    }
+    return (e / span) * inner + e % inner;
+}
+
 template <typename T>
-__device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, int op, i64 period_a,
-                                    i64 period_b) {
+__device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, int op, i64 inner_a,
+                                    i64 span_a, i64 inner_b, i64 span_b) {
     constexpr int N = Vec16<T>::N;
     GRID_STRIDE(i, nvec) {
         const i64 e = i * N;
         float x[N], y[N];
-        Vec16<T>::load(a + (period_a ? e % period_a : e), x);
-        Vec16<T>::load(b + (period_b ? e % period_b : e), y);
+        Vec16<T>::load(a + run_offset(e, inner_a, span_a), x);
+        Vec16<T>::load(b + run_offset(e, inner_b, span_b), y);
 #pragma unroll
         for (int k = 0; k < N; ++k) x[k] = binary_forward(op, x[k], y[k]);
         Vec16<T>::store(out + i * N, x);
@@ -283,13 +295,13 @@ __device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, in
 
 template <typename T>
 __device__ void binary_bwd_vec_impl(T* ga, T* gb, const T* a, const T* b, const T* g, i64 nvec, int op,
-                                    i64 period_a, i64 period_b) {
+                                    i64 inner_a, i64 span_a, i64 inner_b, i64 span_b) {
     constexpr int N = Vec16<T>::N;
     GRID_STRIDE(i, nvec) {
         const i64 e = i * N;
         float x[N], y[N], d[N], da[N], db[N];
-        Vec16<T>::load(a + (period_a ? e % period_a : e), x);
-        Vec16<T>::load(b + (period_b ? e % period_b : e), y);
+        Vec16<T>::load(a + run_offset(e, inner_a, span_a), x);
+        Vec16<T>::load(b + run_offset(e, inner_b, span_b), y);
         Vec16<T>::load(g + i * N, d);
 #pragma unroll
         for (int k = 0; k < N; ++k) binary_backward(op, x[k], y[k], d[k], &da[k], &db[k]);
@@ -344,12 +356,13 @@ __device__ void scalar_fwd_vec_impl(T* out, const T* x, i64 nvec, int op, float 
         unary_bwd_vec_impl<T>(dx, s, g, nvec, op);                                                  \
     }                                                                                               \
     extern "C" __global__ void binary_fwd_vec_##S(T* out, const T* a, const T* b, i64 nvec, int op, \
-                                                 i64 period_a, i64 period_b) {                      \
-        binary_fwd_vec_impl<T>(out, a, b, nvec, op, period_a, period_b);                            \
+                                                 i64 inner_a, i64 span_a, i64 inner_b, i64 span_b) { \
+        binary_fwd_vec_impl<T>(out, a, b, nvec, op, inner_a, span_a, inner_b, span_b);              \
     }                                                                                               \
     extern "C" __global__ void binary_bwd_vec_##S(T* ga, T* gb, const T* a, const T* b, const T* g, \
-                                                 i64 nvec, int op, i64 period_a, i64 period_b) {    \
-        binary_bwd_vec_impl<T>(ga, gb, a, b, g, nvec, op, period_a, period_b);                      \
+                                                 i64 nvec, int op, i64 inner_a, i64 span_a,         \
+                                                 i64 inner_b, i64 span_b) {                         \
+        binary_bwd_vec_impl<T>(ga, gb, a, b, g, nvec, op, inner_a, span_a, inner_b, span_b);        \
     }                                                                                               \
     extern "C" __global__ void scalar_fwd_vec_##S(T* out, const T* x, i64 nvec, int op, float p0,  \
                                                  float p1) {                                        \

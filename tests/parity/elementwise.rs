@@ -130,10 +130,10 @@ fn compare_and_cast_match_the_cpu() {
     assert!(filled.iter().all(|&v| v == 2.5));
 }
 
-/// Shapes the 16-byte vector kernels take (whole vectors of f32 and of bf16: 192 and 120
+/// Shapes the 16-byte vector kernels take (whole vectors of f32 and of bf16: 192, 120 and 160
 /// elements; 12 elements: f32 only), through the same parity as the random shapes above, which
-/// are mostly too small or odd for them: unary, binary (same shapes, and an input repeated along
-/// leading axes) and scalar forms, forward and backward.
+/// are mostly too small or odd for them: unary, binary (same shapes, and an input broadcast along
+/// one run of axes) and scalar forms, forward and backward.
 #[test]
 fn vector_kernels_match_the_cpu_on_whole_vectors() {
     use mvar::cuda::ops::elementwise::vector_width;
@@ -141,7 +141,7 @@ fn vector_kernels_match_the_cpu_on_whole_vectors() {
     if gpu().is_none() {
         return;
     }
-    for (i, s) in [vec![2usize, 8, 12], vec![3, 40], vec![4, 3]]
+    for (i, s) in [vec![2usize, 8, 12], vec![3, 40], vec![4, 3], vec![2, 5, 16]]
         .iter()
         .enumerate()
     {
@@ -166,10 +166,16 @@ fn vector_kernels_match_the_cpu_on_whole_vectors() {
                     &[away_from_zero(s, seed, positive)],
                 )?;
             }
-            // Same shapes, and one input repeated along leading axes (a bias over the last axis
-            // or the last two, on either side; read by period where that is whole vectors).
-            let suffixes = [s.clone(), s[1..].to_vec(), s[s.len() - 1..].to_vec()];
-            for (j, other) in suffixes.iter().enumerate() {
+            // Same shapes, and one input broadcast along one run of axes: a bias over the last
+            // axis or the last two (on either side) and, for rank 3, AdaLN's [B, 1, C] over
+            // [B, L, C]; read by (inner, span) where inner is whole vectors.
+            let mut others = vec![s.clone(), s[1..].to_vec(), s[s.len() - 1..].to_vec()];
+            if s.len() >= 3 {
+                let mut middle = s.clone();
+                middle[1] = 1;
+                others.push(middle);
+            }
+            for (j, other) in others.iter().enumerate() {
                 let shapes = if j == 2 { [other, s] } else { [s, other] };
                 for op in BINARY {
                     let b = if op == BinaryOp::Div {

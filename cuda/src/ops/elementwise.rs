@@ -80,8 +80,8 @@ pub fn vector_width(kind: BufferKind, n: usize, ptrs: &[u64]) -> Option<usize> {
     (n.is_multiple_of(per) && ptrs.iter().all(|p| p.is_multiple_of(16))).then_some(per)
 }
 
-/// The vector width and the inputs' periods (see [`vector_period`]) for a binary op, or (None, _)
-/// where the general kernel must run.
+/// The vector width and each input's (inner, span) (see [`vector_run`]) for a binary op, or
+/// (None, _) where the general kernel must run.
 fn binary_vector_plan(
     kind: BufferKind,
     n: usize,
@@ -89,31 +89,42 @@ fn binary_vector_plan(
     a: &[usize],
     b: &[usize],
     out: &[usize],
-) -> (Option<usize>, [i64; 2]) {
+) -> (Option<usize>, [i64; 4]) {
     let Some(w) = vector_width(kind, n, ptrs) else {
-        return (None, [0, 0]);
+        return (None, [0; 4]);
     };
-    match (vector_period(a, out, w), vector_period(b, out, w)) {
-        (Some(pa), Some(pb)) => (Some(w), [pa as i64, pb as i64]),
-        _ => (None, [0, 0]),
+    match (vector_run(a, out, w), vector_run(b, out, w)) {
+        (Some((ia, sa)), Some((ib, sb))) => (Some(w), [ia as i64, sa as i64, ib as i64, sb as i64]),
+        _ => (None, [0; 4]),
     }
 }
 
-/// How the vector kernels read a binary input of shape `input` broadcast to `out`: Some(0) when
-/// it has the output's shape, Some(len) when it repeats along leading axes (its shape, leading
-/// ones aside, is a suffix of the output's) and its length is a whole number of `per`-element
-/// vectors, so that it sits at (output index mod len); None for any other broadcast.
-pub fn vector_period(input: &[usize], out: &[usize], per: usize) -> Option<usize> {
-    if input == out {
-        return Some(0);
-    }
-    let lead = input.iter().take_while(|&&d| d == 1).count();
-    let core = &input[lead..];
-    if core.len() > out.len() || out[out.len() - core.len()..] != *core {
+/// How the vector kernels read a binary input of shape `input` broadcast to `out`: (0, 0) when
+/// its elements lie in the output's order (its shape is the output's, size-1 axes aside);
+/// (inner, span) when it is broadcast along one run of adjacent axes, with inner the length of
+/// the output axes after the run (a whole number of `per`-element vectors, so a vector never
+/// straddles two input rows) and span that of the run and those axes: output element e reads
+/// input element (e / span) * inner + e % inner. None for broadcasts along two separate runs or
+/// along trailing axes (the general kernel).
+pub fn vector_run(input: &[usize], out: &[usize], per: usize) -> Option<(usize, usize)> {
+    let pad = out.len().checked_sub(input.len())?;
+    let dim = |k: usize| if k < pad { 1 } else { input[k - pad] };
+    // Axes of extent 1 in the output move no index: only the others can be broadcast.
+    let broadcast: Vec<usize> = (0..out.len())
+        .filter(|&k| out[k] != 1 && dim(k) == 1)
+        .collect();
+    if (0..out.len()).any(|k| dim(k) != out[k] && dim(k) != 1) {
         return None;
     }
-    let len: usize = core.iter().product();
-    (len > 0 && len.is_multiple_of(per)).then_some(len)
+    let (Some(&lo), Some(&hi)) = (broadcast.first(), broadcast.last()) else {
+        return Some((0, 0));
+    };
+    if (lo..=hi).any(|k| out[k] != 1 && dim(k) != 1) {
+        return None;
+    }
+    let inner: usize = out[hi + 1..].iter().product();
+    let span: usize = out[lo..].iter().product();
+    (inner > 0 && inner.is_multiple_of(per)).then_some((inner, span))
 }
 
 /// (kernel name, items the grid walks, whether it is the vector kernel): `<base>_vec_<suffix>`
@@ -193,20 +204,21 @@ pub fn binary_forward(
     }
     let layout = Layout::broadcast("binary", out_dims, &[a.1, b.1])?;
     let (po, pa, pb) = (out.device_ptr(), a.0.device_ptr(), b.0.device_ptr());
-    let (width, periods) = binary_vector_plan(kind, n, &[po, pa, pb], a.1, b.1, out_dims);
+    let (width, runs) = binary_vector_plan(kind, n, &[po, pa, pb], a.1, b.1, out_dims);
     let (name, items, vectors) = pick("binary_fwd", kind, n, width);
     let f = dev.function(&ELEMENTWISE, &name)?;
     let nn = items as i64;
     let mut bld = dev.stream().launch_builder(&f);
     bld.arg(&po).arg(&pa).arg(&pb).arg(&nn).arg(&op);
     if vectors {
-        bld.arg(&periods[0]).arg(&periods[1]);
+        bld.arg(&runs[0]).arg(&runs[1]).arg(&runs[2]).arg(&runs[3]);
     } else {
         bld.arg(&layout);
     }
     // SAFETY: the layout maps every output index into the inputs' element ranges; the vector
     // kernel runs only where the output is n / w aligned vectors and each input has the output's
-    // shape or repeats along leading axes with a length of whole vectors (index mod length).
+    // element order or is broadcast along one run of axes with whole vectors after it
+    // (`vector_run`), so every 16-byte read lies inside the input.
     unsafe { bld.launch(launch_1d(items, THREADS)) }.map_err(launch_err(
         "binary",
         format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
@@ -247,7 +259,7 @@ pub fn binary_backward(
     let pga = ga.as_ref().map_or(0, |t| t.device_ptr());
     let pgb = gb.as_ref().map_or(0, |t| t.device_ptr());
     let (pa, pb, pg) = (a.0.device_ptr(), b.0.device_ptr(), g.device_ptr());
-    let (width, periods) = binary_vector_plan(kind, n, &[pga, pgb, pa, pb, pg], a.1, b.1, out_dims);
+    let (width, runs) = binary_vector_plan(kind, n, &[pga, pgb, pa, pb, pg], a.1, b.1, out_dims);
     let (name, items, vectors) = pick("binary_bwd", kind, n, width);
     let f = dev.function(&ELEMENTWISE, &name)?;
     let nn = items as i64;
@@ -260,13 +272,13 @@ pub fn binary_backward(
         .arg(&nn)
         .arg(&op);
     if vectors {
-        bld.arg(&periods[0]).arg(&periods[1]);
+        bld.arg(&runs[0]).arg(&runs[1]).arg(&runs[2]).arg(&runs[3]);
     } else {
         bld.arg(&layout);
     }
     // SAFETY: outputs hold n elements (or are null and skipped); inputs are read via the layout,
-    // or, for the vector kernel, have the output's shape or repeat along leading axes with a
-    // length of whole aligned vectors (index mod length).
+    // or, for the vector kernel, have the output's element order or are broadcast along one run
+    // of axes with whole vectors after it (`vector_run`).
     unsafe { bld.launch(launch_1d(items, THREADS)) }.map_err(launch_err(
         "binary backward",
         format!("{:?} and {:?} -> {out_dims:?}, op {op}", a.1, b.1),
@@ -553,16 +565,26 @@ mod tests {
     }
 
     #[test]
-    fn inputs_repeated_along_leading_axes_are_read_by_period() {
-        assert_eq!(vector_period(&[4, 8], &[4, 8], 4), Some(0));
-        // A bias over the last axis, with or without leading ones.
-        assert_eq!(vector_period(&[1024], &[65536, 1024], 4), Some(1024));
-        assert_eq!(vector_period(&[1, 1, 16], &[3, 5, 16], 8), Some(16));
-        assert_eq!(vector_period(&[5, 16], &[3, 5, 16], 8), Some(80));
-        // Not whole vectors, a broadcast inside the shape, a scalar, an empty input.
-        assert_eq!(vector_period(&[6], &[4, 6], 4), None);
-        assert_eq!(vector_period(&[4, 1], &[4, 8], 4), None);
-        assert_eq!(vector_period(&[1], &[4, 8], 4), None);
-        assert_eq!(vector_period(&[0], &[4, 0], 4), None);
+    fn inputs_broadcast_along_one_run_of_axes_are_read_by_inner_and_span() {
+        assert_eq!(vector_run(&[4, 8], &[4, 8], 4), Some((0, 0)));
+        // A bias over the last axis, with or without leading ones: e % 1024.
+        assert_eq!(
+            vector_run(&[1024], &[65536, 1024], 4),
+            Some((1024, 1 << 26))
+        );
+        assert_eq!(vector_run(&[1, 1, 16], &[3, 5, 16], 8), Some((16, 240)));
+        assert_eq!(vector_run(&[5, 16], &[3, 5, 16], 8), Some((80, 240)));
+        // AdaLN's [B, 1, C] over [B, L, C]: (e / (L * C)) * C + e % C.
+        assert_eq!(vector_run(&[2, 1, 16], &[2, 5, 16], 8), Some((16, 80)));
+        // Size-1 output axes inside the run do not split it.
+        assert_eq!(
+            vector_run(&[2, 1, 1, 1, 8], &[2, 3, 1, 4, 8], 4),
+            Some((8, 96))
+        );
+        // Trailing broadcast, too few elements after the run, two runs, a scalar.
+        assert_eq!(vector_run(&[4, 1], &[4, 8], 4), None);
+        assert_eq!(vector_run(&[6], &[4, 6], 4), None);
+        assert_eq!(vector_run(&[1, 5, 1, 8], &[2, 5, 3, 8], 4), None);
+        assert_eq!(vector_run(&[1], &[4, 8], 4), None);
     }
 }

@@ -190,7 +190,10 @@ fn elementwise(c: &mut Criterion) {
         bench(
             &mut g,
             &d,
-            format!("{t}/mul broadcast f32 [64,{},1024]*[64,1,1024]", n / (64 * 1024)),
+            format!(
+                "{t}/mul broadcast f32 [64,{},1024]*[64,1,1024]",
+                n / (64 * 1024)
+            ),
             || {
                 ops::mul(&x3, &scale).unwrap();
             },

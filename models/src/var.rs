@@ -20,6 +20,7 @@ use std::ops::Range;
 
 use mvar_engine::{no_grad, DType, Device, Error, Generator, ParamStore, Result, Tensor};
 use mvar_ops::{self as ops, AttnMask};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Builder, Embedding, Init, Linear};
@@ -1107,8 +1108,82 @@ pub fn sample_tokens(
     }
     let vals = logits.to_vec_f64()?;
     let draws = rng.uniform(b * l, 0.0, 1.0);
-    let mut out = Vec::with_capacity(b * l);
-    for (row, u) in vals.chunks(v).zip(draws) {
+    // Rows are independent once their uniforms are drawn, so they run in parallel and the result
+    // does not depend on the thread count.
+    let out: Vec<i64> = vals
+        .par_chunks(v)
+        .zip(draws.par_iter())
+        .map(|(row, &u)| sample_row(row, u, top_k, top_p) as i64)
+        .collect();
+    Tensor::from_vec(out, [b, l], logits.device())
+}
+
+/// The token [`sample_tokens`] draws from one row of logits with the uniform `u`.
+fn sample_row(row: &[f64], u: f64, top_k: usize, top_p: f64) -> usize {
+    let v = row.len();
+    let desc = |a: &f64, b: &f64| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal);
+    let mut keep = vec![true; v];
+    if top_k > 0 && top_k < v {
+        // The k-th largest value (a selection, not a sort: the row is 4096 long, k is 900).
+        let mut scratch = row.to_vec();
+        let (_, kth, _) = scratch.select_nth_unstable_by(top_k - 1, desc);
+        let kth = *kth;
+        for (k, &x) in keep.iter_mut().zip(row) {
+            *k = x >= kth;
+        }
+    }
+    if top_p > 0.0 {
+        // Ascending by value, ties in index order (a stable sort of the kept indices).
+        let mut order: Vec<usize> = (0..v).filter(|&i| keep[i]).collect();
+        order.sort_by(|&a, &b| {
+            row[a]
+                .partial_cmp(&row[b])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let m = order
+            .iter()
+            .map(|&i| row[i])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = order.iter().map(|&i| (row[i] - m).exp()).sum();
+        let mut cum = 0.0;
+        for (pos, &i) in order.iter().enumerate() {
+            cum += (row[i] - m).exp() / z;
+            if cum <= 1.0 - top_p && pos + 1 < order.len() {
+                keep[i] = false;
+            }
+        }
+    }
+    let m = row
+        .iter()
+        .zip(&keep)
+        .filter(|(_, &k)| k)
+        .map(|(&x, _)| x)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = row
+        .iter()
+        .zip(&keep)
+        .map(|(&x, &k)| if k { (x - m).exp() } else { 0.0 })
+        .collect();
+    let total: f64 = w.iter().sum();
+    let target = u * total;
+    let mut acc = 0.0;
+    for (i, &x) in w.iter().enumerate() {
+        acc += x;
+        if x > 0.0 && acc > target {
+            return i;
+        }
+    }
+    w.iter().rposition(|&x| x > 0.0).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row sampler as first written (a full sort for top-k), kept to check that the faster
+    /// one draws the same tokens.
+    fn sample_row_by_sorting(row: &[f64], u: f64, top_k: usize, top_p: f64) -> usize {
+        let v = row.len();
         let mut keep = vec![true; v];
         if top_k > 0 && top_k < v {
             let mut sorted = row.to_vec();
@@ -1120,11 +1195,7 @@ pub fn sample_tokens(
         }
         if top_p > 0.0 {
             let mut order: Vec<usize> = (0..v).filter(|&i| keep[i]).collect();
-            order.sort_by(|&a, &b| {
-                row[a]
-                    .partial_cmp(&row[b])
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            });
+            order.sort_by(|&a, &b| row[a].partial_cmp(&row[b]).unwrap());
             let m = order
                 .iter()
                 .map(|&i| row[i])
@@ -1149,8 +1220,7 @@ pub fn sample_tokens(
             .zip(&keep)
             .map(|(&x, &k)| if k { (x - m).exp() } else { 0.0 })
             .collect();
-        let total: f64 = w.iter().sum();
-        let target = u * total;
+        let target = u * w.iter().sum::<f64>();
         let mut acc = 0.0;
         let mut pick = w.iter().rposition(|&x| x > 0.0).unwrap_or(0);
         for (i, &x) in w.iter().enumerate() {
@@ -1160,14 +1230,36 @@ pub fn sample_tokens(
                 break;
             }
         }
-        out.push(pick as i64);
+        pick
     }
-    Tensor::from_vec(out, [b, l], logits.device())
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    #[test]
+    fn the_selection_sampler_draws_what_the_sorting_one_draws() {
+        let mut g = Generator::new(41);
+        for (v, top_k, top_p) in [
+            (4096, 900, 0.96),
+            (4096, 1, 0.0),
+            (512, 0, 0.9),
+            (512, 37, 0.0),
+            (64, 64, 0.5),
+            (64, 63, 0.99),
+        ] {
+            for r in 0..40 {
+                // Coarse values (a quarter step) make ties at the k-th value common.
+                let row: Vec<f64> = g
+                    .next_u32s(v)
+                    .into_iter()
+                    .map(|w| ((w % 64) as f64 - 32.0) / 4.0)
+                    .collect();
+                let u = g.uniform(1, 0.0, 1.0)[0];
+                assert_eq!(
+                    sample_row(&row, u, top_k, top_p),
+                    sample_row_by_sorting(&row, u, top_k, top_p),
+                    "v {v} top_k {top_k} top_p {top_p} row {r}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn official_sizes_and_parameter_counts() {

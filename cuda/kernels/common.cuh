@@ -95,20 +95,36 @@ template <> struct Vec16<bf16_t> {
 
 // Output shape and, for up to three inputs, the stride of each output axis in that input.
 // Mirrors `mvar_cuda::ops::Layout` (repr(C)).
+// Layout.flags
+#define LAYOUT_CONTIGUOUS 1  // every input has the output's shape: offsets are the index itself
+#define LAYOUT_INDEX32 2     // the output has fewer than 2^32 elements: 32-bit index arithmetic
 struct Layout {
     int rank;
-    int contiguous;  // 1 when every input has the output's shape: offsets are the index itself
+    int flags;
     i64 dims[MAX_RANK];
     i64 strides[3][MAX_RANK];
 };
 
 __device__ __forceinline__ i64 offset_of(const Layout& l, int input, i64 i) {
-    if (l.contiguous) return i;
+    if (l.flags & LAYOUT_CONTIGUOUS) return i;
     i64 off = 0;
+    if (l.flags & LAYOUT_INDEX32) {
+        // The GPU divides 64-bit integers in software, several times slower than 32-bit ones;
+        // with every index and extent below 2^32 the per-axis divisions run in 32 bits.
+        unsigned int u = (unsigned int)i;
+        for (int ax = l.rank - 1; ax >= 0; --ax) {
+            const unsigned int d = (unsigned int)l.dims[ax];
+            const unsigned int q = u / d;
+            off += (i64)(u - q * d) * l.strides[input][ax];
+            u = q;
+        }
+        return off;
+    }
     for (int ax = l.rank - 1; ax >= 0; --ax) {
-        i64 d = l.dims[ax];
-        off += (i % d) * l.strides[input][ax];
-        i /= d;
+        const i64 d = l.dims[ax];
+        const i64 q = i / d;
+        off += (i - q * d) * l.strides[input][ax];
+        i = q;
     }
     return off;
 }

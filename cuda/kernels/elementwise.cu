@@ -4,7 +4,7 @@
 //
 // Layout: dense row-major buffers. Broadcasting inputs are read through a `Layout` (output dims,
 // per-input strides with 0 on broadcast axes); when all shapes agree the host sets
-// `contiguous` and offsets are the element index itself.
+// LAYOUT_CONTIGUOUS and offsets are the element index itself.
 // Parallel decomposition: one thread per output element, grid-stride loop, 256 threads a block.
 // Each thread reads its inputs once and writes its outputs once, so these kernels are bound by
 // memory bandwidth; the binary backward writes both input gradients at the output shape and the

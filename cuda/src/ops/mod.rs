@@ -29,7 +29,8 @@ pub const MAX_RANK: usize = 8;
 #[derive(Debug, Clone, Copy)]
 pub struct Layout {
     rank: i32,
-    contiguous: i32,
+    /// [`Layout::CONTIGUOUS`] | [`Layout::INDEX32`] (`LAYOUT_*` in common.cuh).
+    flags: i32,
     dims: [i64; MAX_RANK],
     strides: [[i64; MAX_RANK]; 3],
 }
@@ -46,10 +47,17 @@ fn row_major_strides(dims: &[usize]) -> Vec<usize> {
 }
 
 impl Layout {
+    /// Every input has the output's shape.
+    pub const CONTIGUOUS: i32 = 1;
+    /// The output has fewer than 2^32 elements: the kernels index in 32 bits.
+    pub const INDEX32: i32 = 2;
+
     /// Inputs of the given shapes broadcast (NumPy rules, already checked by the caller) to `out`.
     pub fn broadcast(op: &str, out: &[usize], inputs: &[&[usize]]) -> Result<Layout, CudaError> {
         let mut l = Layout::empty(op, out)?;
-        l.contiguous = inputs.iter().all(|s| *s == out) as i32;
+        if inputs.iter().all(|s| *s == out) {
+            l.flags |= Layout::CONTIGUOUS;
+        }
         for (k, s) in inputs.iter().enumerate().take(3) {
             let own = row_major_strides(s);
             let pad = out
@@ -95,9 +103,13 @@ impl Layout {
         for (d, &o) in dims.iter_mut().zip(out) {
             *d = o as i64;
         }
+        let small = out
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .is_some_and(|n| n <= u32::MAX as u64);
         Ok(Layout {
             rank: out.len() as i32,
-            contiguous: 0,
+            flags: if small { Layout::INDEX32 } else { 0 },
             dims,
             strides: [[0; MAX_RANK]; 3],
         })
@@ -143,17 +155,21 @@ mod tests {
     fn broadcast_layout_has_zero_strides_on_broadcast_axes() {
         let l = Layout::broadcast("t", &[4, 5, 3], &[&[4, 1, 3], &[5, 1]]).unwrap();
         assert_eq!(l.rank, 3);
-        assert_eq!(l.contiguous, 0);
+        assert_eq!(l.flags, Layout::INDEX32);
         assert_eq!(&l.strides[0][..3], &[3, 0, 1]);
         assert_eq!(&l.strides[1][..3], &[0, 1, 0]);
         let c = Layout::broadcast("t", &[2, 3], &[&[2, 3], &[2, 3]]).unwrap();
-        assert_eq!(c.contiguous, 1);
+        assert_eq!(c.flags, Layout::CONTIGUOUS | Layout::INDEX32);
+        let big = Layout::strided("t", &[1 << 16, 1 << 16, 2], &[1, 1 << 16, 1 << 32]).unwrap();
+        assert_eq!(big.flags, 0);
+        let edge = Layout::strided("t", &[1 << 16, (1 << 16) - 1], &[1, 1 << 16]).unwrap();
+        assert_eq!(edge.flags, Layout::INDEX32);
         assert!(Layout::broadcast("t", &[1; 9], &[]).is_err());
     }
 
     #[test]
     fn layout_matches_the_c_struct_size() {
-        // int rank, int contiguous, i64 dims[8], i64 strides[3][8]
+        // int rank, int flags, i64 dims[8], i64 strides[3][8]
         assert_eq!(std::mem::size_of::<Layout>(), 4 + 4 + 8 * 8 + 3 * 8 * 8);
     }
 }

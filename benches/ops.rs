@@ -450,7 +450,8 @@ fn attention(c: &mut Criterion) {
         }
     }
     // CUDA: block-causal attention of VAR-d16 at batch 8 (16 heads over the 10-scale 256-px
-    // pyramid, L = 680), forward (tiled and naive kernels) and forward + backward, and one
+    // pyramid, L = 680), forward (the kernels Auto picks: mma on sm_80+; also the f32 tiled and
+    // the naive ones) and forward + backward (Auto and tiled), and one
     // KV-cache decode step (2 x 32 samples: 256 new tokens against 680 cached ones, no mask).
     // Throughput in useful FLOPs (criterion's elem/s): 4 * D per visible (query, key) pair
     // forward, 3.5 times that forward + backward, as `benches/torch_reference.py` counts them.
@@ -473,7 +474,7 @@ fn attention(c: &mut Criterion) {
             randn(&[8, 16, l, 64], DType::BF16, &d, 12),
             randn(&[8, 16, l, 64], DType::BF16, &d, 13),
         );
-        let mask = ops::AttnMask::BlockCausal(lens);
+        let mask = ops::AttnMask::BlockCausal(lens.clone());
         let fwd_flops = (4 * 8 * 16 * 64 * pairs) as u64;
         g.throughput(Throughput::Elements(fwd_flops));
         bench(
@@ -484,19 +485,40 @@ fn attention(c: &mut Criterion) {
                 mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 0.125, &mask).unwrap());
             },
         );
-        // The naive reference kernels on the same case (selected by MVAR_ATTN_KERNEL).
-        with_kernel_env("MVAR_ATTN_KERNEL", "naive", || {
-            bench(
-                &mut g,
-                &d,
-                format!("cuda/naive block-causal fwd [8,16,{l},64] bf16"),
-                || {
-                    mvar::engine::with_no_grad(|| {
-                        ops::attention(&q, &k, &v, 0.125, &mask).unwrap()
-                    });
-                },
+        // The f32 CUDA-core tiled kernels and the naive reference kernels on the same case
+        // (selected by MVAR_ATTN_KERNEL; the unnamed case runs what Auto picks, printed here).
+        if let Device::Cuda(dev) = &d {
+            let shape = mvar::cuda::ops::attention::AttnShape {
+                batch: 8,
+                heads: 16,
+                lq: l,
+                lk: l,
+                d: 64,
+                dv: 64,
+            };
+            let fam = mvar::cuda::ops::attention::family(
+                dev,
+                mvar::cuda::BufferKind::BF16,
+                &shape,
+                &mvar::cuda::ops::attention::AttnMask::BlockCausal(&lens),
+                mvar::cuda::ops::attention::AttnKernel::from_env(),
             );
-        });
+            eprintln!("attention: bf16 [8,16,{l},64] block-causal runs {fam:?}");
+        }
+        for family in ["tiled", "naive"] {
+            with_kernel_env("MVAR_ATTN_KERNEL", family, || {
+                bench(
+                    &mut g,
+                    &d,
+                    format!("cuda/{family} block-causal fwd [8,16,{l},64] bf16"),
+                    || {
+                        mvar::engine::with_no_grad(|| {
+                            ops::attention(&q, &k, &v, 0.125, &mask).unwrap()
+                        });
+                    },
+                );
+            });
+        }
         let (qg, kg, vg) = (
             q.with_grad().unwrap(),
             k.with_grad().unwrap(),
@@ -514,6 +536,19 @@ fn attention(c: &mut Criterion) {
                     .unwrap();
             },
         );
+        with_kernel_env("MVAR_ATTN_KERNEL", "tiled", || {
+            bench(
+                &mut g,
+                &d,
+                format!("cuda/tiled block-causal fwd+bwd [8,16,{l},64] bf16"),
+                || {
+                    ops::sum_all(&ops::attention(&qg, &kg, &vg, 0.125, &mask).unwrap())
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                },
+            );
+        });
         let (dq, dk, dv) = (
             randn(&[64, 16, 256, 64], DType::BF16, &d, 14),
             randn(&[64, 16, l, 64], DType::BF16, &d, 15),

@@ -1,5 +1,6 @@
 // attention.cu: fused scaled dot-product attention, forward and backward, without an Lq x Lk
-// matrix in memory (online softmax, flash-attention style), plus a naive reference variant.
+// matrix in memory (online softmax, flash-attention style): bf16 tensor-core kernels, f32
+// CUDA-core tiled kernels, and a naive reference variant.
 //
 //   S = scale * q k^T (+ mask),  P = softmax_rows(S),  O = P v
 //   lse_i = log sum_j exp(S_ij)                       (saved by the forward, f32, natural log)
@@ -39,12 +40,30 @@
 // 4 tx + {0..3} and D/2 + 4 tx + {0..3}. Row reductions are shuffles over the TX lanes of a row.
 // Row strides of D + 4 and 64 + 4 floats keep the float4 reads free of bank conflicts.
 //
+// mma kernels (bf16 only, sm_80+; head dim D = 64 or 128 in the template, any d <= D that is a
+// multiple of 8 runs in it with zero padding; d == dv; no additive mask): the same three passes
+// as the tiled kernels with 64-row tiles, but four warps per block, each owning 16 rows, and every
+// product on the tensor cores (mma.sync m16n8k16, f32 accumulation; fragment helpers in
+// mma.cuh). Tiles are staged as bf16 [64][D + 8] in shared memory with cp.async, double-buffered
+// so the next tile is in flight while the current one is used.
+// - attn_fwd_mma_d<D>_bf16: Q fragments in registers; per key tile a warp computes its 16 x 64
+//   scores as four 16-key chunks (chunks that no row of the warp sees are skipped), one online
+//   softmax update per row, then O += P V with P rounded to bf16 (as FlashAttention does).
+// - attn_bwd_dq_mma_d<D>_bf16: Q and dO fragments in registers; per 16-key chunk S = Q K^T,
+//   dP = dO V^T, P = exp(S - lse), dS = P (dP - delta), dQ += dS K (dS rounded to bf16).
+// - attn_bwd_dkdv_mma_d<D>_bf16: the block's 64 keys and values resident in shared memory (the
+//   A operands of the transposed products S^T = K Q^T, dP^T = V dO^T); dK and dV accumulate in
+//   registers over the query tiles that see the keys (no atomics).
+// The masks are per-lane key (or query) ranges of the lane's two rows, as in the tiled kernels.
+//
 // Naive kernels (reference; any D, Dv, every mask): one block of 128 threads per query row
 // (forward, dQ) or per key row (dK, dV). The forward makes two passes over the keys: the row
 // max, then the exponentials (staged 128 at a time in shared memory) and their sums, with one
 // thread per output column accumulating p_j v_jc. No tiling: K and V are re-read per row.
 //
-// Numerics: f32 throughout (bf16 widened on load, rounded once on store); lse in f32.
+// Numerics: f32 throughout (bf16 widened on load, rounded once on store); lse in f32. The mma
+// kernels multiply bf16 operands exactly into f32 accumulators; they additionally round P and dS
+// to bf16 as operands of the second product of each pass.
 
 #define ATT_TILE 64
 #define ATT_LS (ATT_TILE + 4)
@@ -723,6 +742,376 @@ __device__ void attn_naive_bwd_dkdv(T* __restrict__ dk, T* __restrict__ dvo, con
 }
 
 // ----------------------------------------------------------------------------------------------
+// mma kernels (bf16 tensor cores, sm_80+)
+
+#include "mma.cuh"
+
+#define ATT_MMA_WARPS 4
+#define ATT_MMA_THREADS (ATT_MMA_WARPS * 32)
+
+// Stages rows row0 .. row0 + n of a [rows][d] bf16 matrix into a [64][D + 8] shared tile with
+// cp.async; rows past n and columns past d (a multiple of 8) are zero. Whole block; the caller
+// commits and waits.
+template <int D>
+__device__ __forceinline__ void att_stage_async(bf16_t* dst, const bf16_t* g, int row0, int n, int d) {
+    constexpr int V = D / 8;
+#pragma unroll 4
+    for (int e = threadIdx.x; e < ATT_TILE * V; e += ATT_MMA_THREADS) {
+        const int r = e / V, col = (e - r * V) * 8;
+        const bool valid = r < n && col < d;
+        mma_cp_async16(dst + r * (D + 8) + col, valid ? g + (i64)(row0 + r) * d + col : g, valid);
+    }
+}
+
+// The lane's two rows (tile rows g and g + 8 of its warp's 16) and the range of the other side
+// each sees: keys of a query row (`keys` true) or query rows of a key; empty for a row past `n`.
+struct AttLaneRows {
+    int a, b;          // the rows
+    bool oka, okb;     // a < n, b < n
+    int alo, ahi;      // what row a sees
+    int blo, bhi;      // what row b sees
+};
+
+__device__ __forceinline__ AttLaneRows att_lane_rows(const AttnMaskArg& m, int w0, int n, int other, bool keys) {
+    AttLaneRows r;
+    r.a = w0 + ((threadIdx.x & 31) >> 2);
+    r.b = r.a + 8;
+    r.oka = r.a < n;
+    r.okb = r.b < n;
+    r.alo = r.ahi = r.blo = r.bhi = 0;
+    if (keys) {
+        if (r.oka) keys_of_rows(m, r.a, r.a + 1, other, r.alo, r.ahi);
+        if (r.okb) keys_of_rows(m, r.b, r.b + 1, other, r.blo, r.bhi);
+    } else {
+        if (r.oka) rows_of_keys(m, r.a, r.a + 1, other, r.alo, r.ahi);
+        if (r.okb) rows_of_keys(m, r.b, r.b + 1, other, r.blo, r.bhi);
+    }
+    return r;
+}
+
+// Forward. One block per (head, 64 queries), four warps of 16 queries; Q fragments in registers.
+// Shared memory: two stages of (K, V) tiles, bf16 [64][D + 8] each: the next key tile is copied
+// (cp.async) while the current one is used. Per tile a warp computes its 16 x 64 scores as four
+// 16-key chunks (skipping the chunks no row of the warp sees), one online-softmax update, then
+// O += P V with P rounded to bf16.
+template <int D>
+__device__ void attn_fwd_mma(bf16_t* __restrict__ o, float* __restrict__ lse, const bf16_t* __restrict__ q,
+                             const bf16_t* __restrict__ k, const bf16_t* __restrict__ v, AttnMaskArg mask,
+                             AttnDims dims, float scale_log2) {
+    constexpr int P = D + 8, TS = ATT_TILE * P;
+    bf16_t* smem = reinterpret_cast<bf16_t*>(att_smem);
+    const int lq = dims.lq, lk = dims.lk, d = dims.d;
+    const int warp = threadIdx.x >> 5, tg = threadIdx.x & 3;
+    const int q0 = blockIdx.x * ATT_TILE, nq = min(ATT_TILE, lq - q0);
+    const int w0 = q0 + warp * 16;
+    const bool active = w0 < lq;
+    const AttLaneRows rw = att_lane_rows(mask, w0, lq, lk, true);
+    for (int bh = blockIdx.y; bh < dims.bh; bh += gridDim.y) {
+        const bf16_t* qh = q + (i64)bh * lq * d;
+        const bf16_t* kh = k + (i64)bh * lk * d;
+        const bf16_t* vh = v + (i64)bh * lk * d;
+        int klo, khi, wlo = 0, whi = 0;
+        keys_of_rows(mask, q0, q0 + nq, lk, klo, khi);
+        if (active) keys_of_rows(mask, w0, min(w0 + 16, lq), lk, wlo, whi);
+        unsigned qf[D / 16][4];
+        mma_ldg_a<D>(qf, qh + (i64)min(rw.a, lq - 1) * d, qh + (i64)min(rw.b, lq - 1) * d, rw.oka, rw.okb, d);
+        float acc[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+        float mr[2] = {NEG_INF, NEG_INF}, lr[2] = {0.0f, 0.0f};
+        const int ntiles = khi > klo ? (khi - klo + ATT_TILE - 1) / ATT_TILE : 0;
+        __syncthreads();  // the previous head's readers of the stages are done
+        if (ntiles > 0) {
+            att_stage_async<D>(smem, kh, klo, min(ATT_TILE, khi - klo), d);
+            att_stage_async<D>(smem + TS, vh, klo, min(ATT_TILE, khi - klo), d);
+            mma_cp_commit();
+        }
+        for (int t = 0; t < ntiles; ++t) {
+            const int k0 = klo + t * ATT_TILE;
+            const bf16_t* kt = smem + (t & 1) * 2 * TS;
+            const bf16_t* vt = kt + TS;
+            if (t + 1 < ntiles) {
+                bf16_t* next = smem + ((t + 1) & 1) * 2 * TS;
+                const int n1 = min(ATT_TILE, khi - k0 - ATT_TILE);
+                att_stage_async<D>(next, kh, k0 + ATT_TILE, n1, d);
+                att_stage_async<D>(next + TS, vh, k0 + ATT_TILE, n1, d);
+                mma_cp_commit();
+                mma_cp_wait<1>();
+            } else {
+                mma_cp_wait<0>();
+            }
+            __syncthreads();
+            if (active) {
+                float s[4][2][4];
+                bool need[4];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int c0 = k0 + 16 * c;
+                    need[c] = c0 < whi && c0 + 16 > wlo;  // uniform over the warp
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt) s[c][nt][0] = s[c][nt][1] = s[c][nt][2] = s[c][nt][3] = 0.0f;
+                    if (need[c]) mma_abt<D>(s[c], qf, kt + c * 16 * P);
+                }
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const int lo = rr ? rw.blo : rw.alo, hi = rr ? rw.bhi : rw.ahi;
+                    float mx = NEG_INF;
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+#pragma unroll
+                        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                            for (int e2 = 0; e2 < 2; ++e2) {
+                                const int key = k0 + 16 * c + 8 * nt + 2 * tg + e2;
+                                float& x = s[c][nt][2 * rr + e2];
+                                x = (key >= lo && key < hi) ? x * scale_log2 : NEG_INF;
+                                mx = fmaxf(mx, x);
+                            }
+                    const float mn = fmaxf(mr[rr], mma_quad_max(mx));
+                    // While nothing is visible (mn = -inf) every p is 0 and nothing is rescaled.
+                    const float base = mn == NEG_INF ? 0.0f : mn;
+                    const float alpha = exp2f(mr[rr] - base);
+                    mr[rr] = mn;
+                    float ps = 0.0f;
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+#pragma unroll
+                        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                            for (int e2 = 0; e2 < 2; ++e2) {
+                                float& x = s[c][nt][2 * rr + e2];
+                                x = exp2f(x - base);
+                                ps += x;
+                            }
+                    lr[rr] = lr[rr] * alpha + ps;
+#pragma unroll
+                    for (int nt = 0; nt < D / 8; ++nt) {
+                        acc[nt][2 * rr] *= alpha;
+                        acc[nt][2 * rr + 1] *= alpha;
+                    }
+                }
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    if (!need[c]) continue;
+                    unsigned pa[4];
+                    mma_to_a(pa, s[c]);
+                    mma_av<D>(acc, pa, vt + c * 16 * P);
+                }
+            }
+            __syncthreads();  // the stage is refilled by the next iteration
+        }
+        if (active) {
+            const float la = mma_quad_sum(lr[0]), lb = mma_quad_sum(lr[1]);
+            bf16_t* oh = o + (i64)bh * lq * d;
+            mma_store_c<D>(oh + (i64)min(rw.a, lq - 1) * d, oh + (i64)min(rw.b, lq - 1) * d, rw.oka, rw.okb, acc,
+                           la > 0.0f ? 1.0f / la : 0.0f, lb > 0.0f ? 1.0f / lb : 0.0f, d);
+            if (tg == 0) {
+                float* lh = lse + (i64)bh * lq;
+                if (rw.oka) lh[rw.a] = la > 0.0f ? (mr[0] + log2f(la)) * ATT_LN2 : NEG_INF;
+                if (rw.okb) lh[rw.b] = lb > 0.0f ? (mr[1] + log2f(lb)) * ATT_LN2 : NEG_INF;
+            }
+        }
+    }
+}
+
+// dQ. One block per (head, 64 queries) like the forward, Q and dO fragments in registers, the
+// same double-buffered (K, V) stages. Per 16-key chunk: S = Q K^T and dP = dO V^T, then
+// P = exp(S - lse), dS = P (dP - delta) rounded to bf16, dQ += dS K.
+template <int D>
+__device__ void attn_bwd_dq_mma(bf16_t* __restrict__ dq, const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                const bf16_t* __restrict__ v, const bf16_t* __restrict__ go,
+                                const float* __restrict__ lse, const float* __restrict__ delta, AttnMaskArg mask,
+                                AttnDims dims, float scale, float scale_log2) {
+    constexpr int P = D + 8, TS = ATT_TILE * P;
+    bf16_t* smem = reinterpret_cast<bf16_t*>(att_smem);
+    const int lq = dims.lq, lk = dims.lk, d = dims.d;
+    const int warp = threadIdx.x >> 5, tg = threadIdx.x & 3;
+    const int q0 = blockIdx.x * ATT_TILE, nq = min(ATT_TILE, lq - q0);
+    const int w0 = q0 + warp * 16;
+    const bool active = w0 < lq;
+    const AttLaneRows rw = att_lane_rows(mask, w0, lq, lk, true);
+    for (int bh = blockIdx.y; bh < dims.bh; bh += gridDim.y) {
+        const i64 ra = (i64)bh * lq + min(rw.a, lq - 1), rb = (i64)bh * lq + min(rw.b, lq - 1);
+        const bf16_t* kh = k + (i64)bh * lk * d;
+        const bf16_t* vh = v + (i64)bh * lk * d;
+        int klo, khi, wlo = 0, whi = 0;
+        keys_of_rows(mask, q0, q0 + nq, lk, klo, khi);
+        if (active) keys_of_rows(mask, w0, min(w0 + 16, lq), lk, wlo, whi);
+        unsigned qf[D / 16][4], gf[D / 16][4];
+        mma_ldg_a<D>(qf, q + ra * d, q + rb * d, rw.oka, rw.okb, d);
+        mma_ldg_a<D>(gf, go + ra * d, go + rb * d, rw.oka, rw.okb, d);
+        const float l2[2] = {rw.oka ? lse[ra] * ATT_LOG2E : 0.0f, rw.okb ? lse[rb] * ATT_LOG2E : 0.0f};
+        const float dl[2] = {rw.oka ? delta[ra] : 0.0f, rw.okb ? delta[rb] : 0.0f};
+        float acc[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+        const int ntiles = khi > klo ? (khi - klo + ATT_TILE - 1) / ATT_TILE : 0;
+        __syncthreads();
+        if (ntiles > 0) {
+            att_stage_async<D>(smem, kh, klo, min(ATT_TILE, khi - klo), d);
+            att_stage_async<D>(smem + TS, vh, klo, min(ATT_TILE, khi - klo), d);
+            mma_cp_commit();
+        }
+        for (int t = 0; t < ntiles; ++t) {
+            const int k0 = klo + t * ATT_TILE;
+            const bf16_t* kt = smem + (t & 1) * 2 * TS;
+            const bf16_t* vt = kt + TS;
+            if (t + 1 < ntiles) {
+                bf16_t* next = smem + ((t + 1) & 1) * 2 * TS;
+                const int n1 = min(ATT_TILE, khi - k0 - ATT_TILE);
+                att_stage_async<D>(next, kh, k0 + ATT_TILE, n1, d);
+                att_stage_async<D>(next + TS, vh, k0 + ATT_TILE, n1, d);
+                mma_cp_commit();
+                mma_cp_wait<1>();
+            } else {
+                mma_cp_wait<0>();
+            }
+            __syncthreads();
+            if (active) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int c0 = k0 + 16 * c;
+                    if (!(c0 < whi && c0 + 16 > wlo)) continue;  // uniform over the warp
+                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    mma_abt<D>(s, qf, kt + c * 16 * P);
+                    mma_abt<D>(dp, gf, vt + c * 16 * P);
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int rr = e >> 1, key = c0 + 8 * nt + 2 * tg + (e & 1);
+                            const bool valid = key >= (rr ? rw.blo : rw.alo) && key < (rr ? rw.bhi : rw.ahi);
+                            const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2[rr]) : 0.0f;
+                            s[nt][e] = p * (dp[nt][e] - dl[rr]);
+                        }
+                    unsigned dsa[4];
+                    mma_to_a(dsa, s);
+                    mma_av<D>(acc, dsa, kt + c * 16 * P);
+                }
+            }
+            __syncthreads();
+        }
+        if (active) mma_store_c<D>(dq + ra * d, dq + rb * d, rw.oka, rw.okb, acc, scale, scale, d);
+    }
+}
+
+// dK and dV. One block per (head, 64 keys), four warps of 16 keys, dK and dV accumulated in
+// registers (no atomics). Shared memory: the block's K and V tiles (the A operands of the
+// transposed score products), then two stages of (Q, dO) tiles, bf16 [64][D + 8] each, then two
+// stages of lse * log2(e) and delta, f32 [64] each. Per 16-query chunk: S^T = K Q^T and
+// dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta), then dV += P^T dO and
+// dK += dS^T Q (P and dS rounded to bf16).
+template <int D>
+__device__ void attn_bwd_dkdv_mma(bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, const bf16_t* __restrict__ q,
+                                  const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
+                                  const bf16_t* __restrict__ go, const float* __restrict__ lse,
+                                  const float* __restrict__ delta, AttnMaskArg mask, AttnDims dims, float scale,
+                                  float scale_log2) {
+    constexpr int P = D + 8, TS = ATT_TILE * P;
+    bf16_t* kt = reinterpret_cast<bf16_t*>(att_smem);
+    bf16_t* vt = kt + TS;
+    bf16_t* stages = vt + TS;  // stage s: Q at stages + 2 s TS, dO after it
+    float* stats = reinterpret_cast<float*>(stages + 4 * TS);  // stage s: lse at stats + 128 s, delta + 64
+    const int lq = dims.lq, lk = dims.lk, d = dims.d;
+    const int warp = threadIdx.x >> 5, tg = threadIdx.x & 3;
+    const int c0 = blockIdx.x * ATT_TILE, nk = min(ATT_TILE, lk - c0);
+    const int w0 = c0 + warp * 16;
+    const bool active = w0 < lk;
+    const AttLaneRows rw = att_lane_rows(mask, w0, lk, lq, false);
+    for (int bh = blockIdx.y; bh < dims.bh; bh += gridDim.y) {
+        const bf16_t* qh = q + (i64)bh * lq * d;
+        const bf16_t* gh = go + (i64)bh * lq * d;
+        const float* lh = lse + (i64)bh * lq;
+        const float* dh = delta + (i64)bh * lq;
+        int qlo, qhi, wlo = 0, whi = 0;
+        rows_of_keys(mask, c0, c0 + nk, lq, qlo, qhi);
+        if (active) rows_of_keys(mask, w0, min(w0 + 16, lk), lq, wlo, whi);
+        const int ntiles = qhi > qlo ? (qhi - qlo + ATT_TILE - 1) / ATT_TILE : 0;
+        __syncthreads();  // the previous head's readers are done
+        att_stage_async<D>(kt, k + (i64)bh * lk * d, c0, nk, d);
+        att_stage_async<D>(vt, v + (i64)bh * lk * d, c0, nk, d);
+        mma_cp_commit();
+        auto stage = [&](int t) {
+            const int r0 = qlo + t * ATT_TILE, n = min(ATT_TILE, qhi - r0);
+            bf16_t* qs = stages + (t & 1) * 2 * TS;
+            att_stage_async<D>(qs, qh, r0, n, d);
+            att_stage_async<D>(qs + TS, gh, r0, n, d);
+            float* st = stats + (t & 1) * 2 * ATT_TILE;
+            for (int r = threadIdx.x; r < ATT_TILE; r += ATT_MMA_THREADS) {
+                st[r] = r < n ? lh[r0 + r] * ATT_LOG2E : 0.0f;
+                st[ATT_TILE + r] = r < n ? dh[r0 + r] : 0.0f;
+            }
+            mma_cp_commit();
+        };
+        if (ntiles > 0) stage(0);
+        float ak[D / 8][4], av[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            ak[nt][0] = ak[nt][1] = ak[nt][2] = ak[nt][3] = 0.0f;
+            av[nt][0] = av[nt][1] = av[nt][2] = av[nt][3] = 0.0f;
+        }
+        const bf16_t* mk = kt + warp * 16 * P;
+        const bf16_t* mv = vt + warp * 16 * P;
+        for (int t = 0; t < ntiles; ++t) {
+            const int r0 = qlo + t * ATT_TILE;
+            const bf16_t* qs = stages + (t & 1) * 2 * TS;
+            const bf16_t* gs = qs + TS;
+            const float* ls = stats + (t & 1) * 2 * ATT_TILE;
+            const float* ds = ls + ATT_TILE;
+            if (t + 1 < ntiles) {
+                stage(t + 1);
+                mma_cp_wait<1>();
+            } else {
+                mma_cp_wait<0>();
+            }
+            __syncthreads();
+            if (active) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int cq = r0 + 16 * c;
+                    if (!(cq < whi && cq + 16 > wlo)) continue;  // uniform over the warp
+                    // Transposed scores: rows are the warp's keys, columns the chunk's queries.
+                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                    mma_abt_s<D>(s, mk, qs + c * 16 * P);
+                    mma_abt_s<D>(dp, mv, gs + c * 16 * P);
+                    float dsv[2][4];
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                        for (int ce = 0; ce < 2; ++ce) {
+                            const int col = 16 * c + 8 * nt + 2 * tg + ce, query = r0 + col;
+                            const float l2 = ls[col], dl = ds[col];
+#pragma unroll
+                            for (int rr = 0; rr < 2; ++rr) {
+                                const int e = 2 * rr + ce;
+                                const bool valid =
+                                    query >= (rr ? rw.blo : rw.alo) && query < (rr ? rw.bhi : rw.ahi);
+                                const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2) : 0.0f;
+                                dsv[nt][e] = p * (dp[nt][e] - dl);
+                                s[nt][e] = p;
+                            }
+                        }
+                    unsigned pa[4], dsa[4];
+                    mma_to_a(pa, s);
+                    mma_to_a(dsa, dsv);
+                    mma_av<D>(av, pa, gs + c * 16 * P);
+                    mma_av<D>(ak, dsa, qs + c * 16 * P);
+                }
+            }
+            __syncthreads();
+        }
+        mma_cp_wait<0>();  // the K and V copies when no query tile was visited
+        if (active) {
+            const i64 ja = (i64)bh * lk + min(rw.a, lk - 1), jb = (i64)bh * lk + min(rw.b, lk - 1);
+            mma_store_c<D>(dk + ja * d, dk + jb * d, rw.oka, rw.okb, ak, scale, scale, d);
+            mma_store_c<D>(dv + ja * d, dv + jb * d, rw.oka, rw.okb, av, 1.0f, 1.0f, d);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
 // instantiations
 
 #define ATTN_TILED_KERNELS(T, S, D)                                                                          \
@@ -768,5 +1157,27 @@ __device__ void attn_naive_bwd_dkdv(T* __restrict__ dk, T* __restrict__ dvo, con
         attn_naive_bwd_dkdv<T>(dk, dv, q, k, v, go, lse, delta, mask, dims, scale);                          \
     }
 
+#define ATTN_MMA_KERNELS(D)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(ATT_MMA_THREADS, 1)                                          \
+        attn_fwd_mma_d##D##_bf16(bf16_t* o, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
+                                 AttnMaskArg mask, AttnDims dims, float scale_log2) {                        \
+        attn_fwd_mma<D>(o, lse, q, k, v, mask, dims, scale_log2);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(ATT_MMA_THREADS, 1)                                          \
+        attn_bwd_dkdv_mma_d##D##_bf16(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k,              \
+                                      const bf16_t* v, const bf16_t* go, const float* lse,                   \
+                                      const float* delta, AttnMaskArg mask, AttnDims dims, float scale,      \
+                                      float scale_log2) {                                                    \
+        attn_bwd_dkdv_mma<D>(dk, dv, q, k, v, go, lse, delta, mask, dims, scale, scale_log2);                \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(ATT_MMA_THREADS, 1)                                          \
+        attn_bwd_dq_mma_d##D##_bf16(bf16_t* dq, const bf16_t* q, const bf16_t* k, const bf16_t* v,           \
+                                    const bf16_t* go, const float* lse, const float* delta,                  \
+                                    AttnMaskArg mask, AttnDims dims, float scale, float scale_log2) {        \
+        attn_bwd_dq_mma<D>(dq, q, k, v, go, lse, delta, mask, dims, scale, scale_log2);                      \
+    }
+
 ATTN_KERNELS(float, f32)
 ATTN_KERNELS(bf16_t, bf16)
+ATTN_MMA_KERNELS(64)
+ATTN_MMA_KERNELS(128)

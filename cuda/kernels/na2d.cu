@@ -576,138 +576,9 @@ __device__ void na2d_dkdv_simt_impl(T* dk, T* dv, const T* q, const T* k, const 
 }
 
 // ------------------------------------------------------------------------------------------------
-// mma variant (bf16 tensor cores, sm_80+)
+// mma variant (bf16 tensor cores, sm_80+; the fragment helpers are in mma.cuh)
 
-__device__ __forceinline__ unsigned na_smem_addr(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void na_ldsm(unsigned (&r)[4], unsigned addr) {
-#ifdef MVAR_CUDA_EMU
-    mvar_emu_ldmatrix_x4(r, addr, false);
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-#endif
-}
-
-__device__ __forceinline__ void na_ldsm_t(unsigned (&r)[4], unsigned addr) {
-#ifdef MVAR_CUDA_EMU
-    mvar_emu_ldmatrix_x4(r, addr, true);
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-#endif
-}
-
-// c (16 x 8, f32) += a (16 x 16, bf16) * b (16 x 8, bf16).
-__device__ __forceinline__ void na_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#ifdef MVAR_CUDA_EMU
-    mvar_emu_mma_m16n8k16_bf16(c, a, b0, b1);
-#else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// Two floats as bf16x2 (lo in the low half), rounded like every other store.
-__device__ __forceinline__ unsigned na_pack(float lo, float hi) {
-    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
-}
-
-// The 16 x 16 block in accumulator layout ([n-tile][c0..c3]) as an A operand.
-__device__ __forceinline__ void na_to_a(unsigned (&a)[4], const float (&s)[2][4]) {
-    a[0] = na_pack(s[0][0], s[0][1]);
-    a[1] = na_pack(s[0][2], s[0][3]);
-    a[2] = na_pack(s[1][0], s[1][1]);
-    a[3] = na_pack(s[1][2], s[1][3]);
-}
-
-// A fragments of a 16-token x D tile read straight from global memory: rows `ra` (tile row g) and
-// `rb` (tile row g + 8), zero when the row is outside the map.
-template <int D>
-__device__ __forceinline__ void na_ldg_a(unsigned (&a)[D / 16][4], const bf16_t* ra, const bf16_t* rb, bool oka,
-                                         bool okb) {
-    int c = 2 * (threadIdx.x & 3);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        a[kk][0] = oka ? *reinterpret_cast<const unsigned*>(ra + kk * 16 + c) : 0u;
-        a[kk][1] = okb ? *reinterpret_cast<const unsigned*>(rb + kk * 16 + c) : 0u;
-        a[kk][2] = oka ? *reinterpret_cast<const unsigned*>(ra + kk * 16 + 8 + c) : 0u;
-        a[kk][3] = okb ? *reinterpret_cast<const unsigned*>(rb + kk * 16 + 8 + c) : 0u;
-    }
-}
-
-// s (16 x 16) = a (16 x D, registers) * b^T, b the 16 staged tokens x D at `b` (pitch D + 8).
-template <int D>
-__device__ __forceinline__ void na_mma_abt(float (&s)[2][4], const unsigned (&a)[D / 16][4], const bf16_t* b) {
-    int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
-    unsigned base = na_smem_addr(b + (r + 8 * (i >> 1)) * (D + 8) + 8 * (i & 1));
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        unsigned f[4];
-        na_ldsm(f, base + kk * 32);
-        na_mma(s[0], a[kk], f[0], f[1]);
-        na_mma(s[1], a[kk], f[2], f[3]);
-    }
-}
-
-// s (16 x 16) = a * b^T with both a (the warp's 16 tokens x D) and b (16 staged tokens) in
-// shared memory.
-template <int D>
-__device__ __forceinline__ void na_mma_abt_s(float (&s)[2][4], const bf16_t* a, const bf16_t* b) {
-    int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
-    unsigned abase = na_smem_addr(a + (r + 8 * (i & 1)) * (D + 8) + 8 * (i >> 1));
-    unsigned bbase = na_smem_addr(b + (r + 8 * (i >> 1)) * (D + 8) + 8 * (i & 1));
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        unsigned af[4], f[4];
-        na_ldsm(af, abase + kk * 32);
-        na_ldsm(f, bbase + kk * 32);
-        na_mma(s[0], af, f[0], f[1]);
-        na_mma(s[1], af, f[2], f[3]);
-    }
-}
-
-// acc (16 x D) += a (16 x 16 tokens, registers) * m, m the 16 staged tokens x D at `m`.
-template <int D>
-__device__ __forceinline__ void na_mma_av(float (&acc)[D / 8][4], const unsigned (&a)[4], const bf16_t* m) {
-    int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
-    unsigned base = na_smem_addr(m + (r + 8 * (i & 1)) * (D + 8) + 8 * (i >> 1));
-#pragma unroll
-    for (int np = 0; np < D / 16; ++np) {
-        unsigned f[4];
-        na_ldsm_t(f, base + np * 32);
-        na_mma(acc[2 * np], a, f[0], f[1]);
-        na_mma(acc[2 * np + 1], a, f[2], f[3]);
-    }
-}
-
-// Stores a 16 x D accumulator (times `mul`) as bf16 rows `ra` (tile row g) and `rb` (g + 8).
-template <int D>
-__device__ __forceinline__ void na_store_c(bf16_t* ra, bf16_t* rb, bool oka, bool okb, const float (&acc)[D / 8][4],
-                                           float mula, float mulb) {
-    int c = 2 * (threadIdx.x & 3);
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-        if (oka) *reinterpret_cast<unsigned*>(ra + nt * 8 + c) = na_pack(acc[nt][0] * mula, acc[nt][1] * mula);
-        if (okb) *reinterpret_cast<unsigned*>(rb + nt * 8 + c) = na_pack(acc[nt][2] * mulb, acc[nt][3] * mulb);
-    }
-}
-
-// Sum over the 4 lanes that share accumulator rows.
-__device__ __forceinline__ float na_quad_sum(float v) {
-    v += __shfl_xor_sync(NA_FULL, v, 1);
-    return v + __shfl_xor_sync(NA_FULL, v, 2);
-}
-__device__ __forceinline__ float na_quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(NA_FULL, v, 1));
-    return fmaxf(v, __shfl_xor_sync(NA_FULL, v, 2));
-}
+#include "mma.cuh"
 
 // Forward. Shared memory: K and V stages, bf16 [rows][ncw][D + 8] each.
 template <int D>
@@ -735,7 +606,7 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
         i64 trow = tl.map * plane + (i64)min(x, g.x - 1) * g.y;
         i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
         unsigned qf[D / 16][4];
-        na_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
+        mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
         float o[D / 8][4];
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
@@ -752,7 +623,7 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
                 for (int ch = 0; ch < nch; ++ch) {
                     i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * P;
                     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    na_mma_abt<D>(s, qf, ks + off);
+                    mma_abt<D>(s, qf, ks + off);
                     int cb = c0 + ch * NA_TILE + 2 * tg;
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt)
@@ -764,7 +635,7 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
 #pragma unroll
                     for (int rr = 0; rr < 2; ++rr) {
                         float cm = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
-                        float mn = fmaxf(mr[rr], na_quad_max(cm));
+                        float mn = fmaxf(mr[rr], mma_quad_max(cm));
                         float mu = mn == NEG_INF ? 0.0f : mn;
                         float alpha = exp2f(mr[rr] - mu);
                         mr[rr] = mn;
@@ -784,14 +655,14 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
                         }
                     }
                     unsigned pa[4];
-                    na_to_a(pa, s);
-                    na_mma_av<D>(o, pa, vs + off);
+                    mma_to_a(pa, s);
+                    mma_av<D>(o, pa, vs + off);
                 }
             }
         }
         if (active) {
-            float la = na_quad_sum(lr[0]), lb = na_quad_sum(lr[1]);
-            na_store_c<D>(out + ta * D, out + tb * D, oka, okb, o, 1.0f / la, 1.0f / lb);
+            float la = mma_quad_sum(lr[0]), lb = mma_quad_sum(lr[1]);
+            mma_store_c<D>(out + ta * D, out + tb * D, oka, okb, o, 1.0f / la, 1.0f / lb);
             if (tg == 0) {
                 if (oka) lse[ta] = (mr[0] + log2f(la)) * NA_LN2;
                 if (okb) lse[tb] = (mr[1] + log2f(lb)) * NA_LN2;
@@ -826,13 +697,13 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
         i64 trow = tl.map * plane + (i64)min(x, g.x - 1) * g.y;
         i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
         unsigned qf[D / 16][4], gf[D / 16][4];
-        na_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
-        na_ldg_a<D>(gf, go + ta * D, go + tb * D, oka, okb);
+        mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
+        mma_ldg_a<D>(gf, go + ta * D, go + tb * D, oka, okb);
         // delta = dO . out per row, from the same fragment positions of out.
         float da = 0.0f, db = 0.0f;
         {
             unsigned of[D / 16][4];
-            na_ldg_a<D>(of, o + ta * D, o + tb * D, oka, okb);
+            mma_ldg_a<D>(of, o + ta * D, o + tb * D, oka, okb);
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
@@ -844,8 +715,8 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
                     else da += pr;
                 }
         }
-        da = na_quad_sum(da);
-        db = na_quad_sum(db);
+        da = mma_quad_sum(da);
+        db = mma_quad_sum(db);
         float la = oka ? lse[ta] * NA_LOG2E : 0.0f, lb = okb ? lse[tb] * NA_LOG2E : 0.0f;
         float acc[D / 8][4];
 #pragma unroll
@@ -863,8 +734,8 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
                     i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * P;
                     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
                     float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    na_mma_abt<D>(s, qf, ks + off);
-                    na_mma_abt<D>(dp, gf, vs + off);
+                    mma_abt<D>(s, qf, ks + off);
+                    mma_abt<D>(dp, gf, vs + off);
                     int cb = c0 + ch * NA_TILE + 2 * tg;
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt)
@@ -877,13 +748,13 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
                             s[nt][e] = p * (dp[nt][e] - (lo ? da : db));
                         }
                     unsigned dsa[4];
-                    na_to_a(dsa, s);
-                    na_mma_av<D>(acc, dsa, ks + off);
+                    mma_to_a(dsa, s);
+                    mma_av<D>(acc, dsa, ks + off);
                 }
             }
         }
         if (active) {
-            na_store_c<D>(dq + ta * D, dq + tb * D, oka, okb, acc, g.scale, g.scale);
+            mma_store_c<D>(dq + ta * D, dq + tb * D, oka, okb, acc, g.scale, g.scale);
             if (tg == 0) {
                 if (oka) delta[ta] = da;
                 if (okb) delta[tb] = db;
@@ -947,8 +818,8 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
                     // Transposed scores: rows are the warp's keys, columns the chunk's queries.
                     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
                     float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    na_mma_abt_s<D>(s, mk, qs + off);
-                    na_mma_abt_s<D>(dp, mv, gs + off);
+                    mma_abt_s<D>(s, mk, qs + off);
+                    mma_abt_s<D>(dp, mv, gs + off);
                     float ds[2][4];
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt)
@@ -969,16 +840,16 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
                             }
                         }
                     unsigned pa[4], dsa[4];
-                    na_to_a(pa, s);
-                    na_to_a(dsa, ds);
-                    na_mma_av<D>(av, pa, gs + off);
-                    na_mma_av<D>(ak, dsa, qs + off);
+                    mma_to_a(pa, s);
+                    mma_to_a(dsa, ds);
+                    mma_av<D>(av, pa, gs + off);
+                    mma_av<D>(ak, dsa, qs + off);
                 }
             }
         }
         if (active) {
-            na_store_c<D>(dk + ta * D, dk + tb * D, oka, okb, ak, g.scale, g.scale);
-            na_store_c<D>(dv + ta * D, dv + tb * D, oka, okb, av, 1.0f, 1.0f);
+            mma_store_c<D>(dk + ta * D, dk + tb * D, oka, okb, ak, g.scale, g.scale);
+            mma_store_c<D>(dv + ta * D, dv + tb * D, oka, okb, av, 1.0f, 1.0f);
         }
     }
 }

@@ -173,6 +173,12 @@ impl CudaDevice {
             .map_err(driver_err("reading the compute capability"))
     }
 
+    /// Whether the GPU has bf16 tensor-core `mma.sync`, `ldmatrix` and `cp.async` (sm_80 and
+    /// newer), which the mma kernels of the attention files need.
+    pub fn has_bf16_mma(&self) -> bool {
+        matches!(self.compute_capability(), Ok((major, _)) if major >= 8)
+    }
+
     /// (free, total) device memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
         self.0

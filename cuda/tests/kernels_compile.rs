@@ -95,3 +95,21 @@ fn a_compile_error_shows_the_log_and_the_file_name() {
         "{err}"
     );
 }
+
+/// The files with tensor-core code compile for Turing (sm_75, the oldest architecture CUDA 13
+/// targets), where their mma kernels become traps the host never launches, so the rest of
+/// the file still works on such a GPU.
+#[test]
+fn the_tensor_core_files_compile_for_sm75() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for file in ALL
+        .iter()
+        .filter(|f| f.source.contains("#include \"mma.cuh\""))
+    {
+        if let Err(e) = compile(file, "sm_75") {
+            panic!("{} for sm_75: {e}", file.name);
+        }
+    }
+}

@@ -24,10 +24,11 @@
 //! on every recomputed probability.
 //!
 //! On CUDA (`cuda/kernels/attention.cu`, `mvar_cuda::ops::attention`) the fused kernels compute
-//! the same in f32 with an online softmax, never storing P: the block masks are computed from
+//! the same with an online softmax and f32 accumulation, never storing P (bf16 on the tensor
+//! cores where the GPU has them, else f32 CUDA-core math): the block masks are computed from
 //! the scale lengths inside the kernels, the log-sum-exp stays on the device as an f32 tensor
 //! for the backward, and an additive mask is read as f32 by the naive reference kernels.
-//! `MVAR_ATTN_KERNEL=naive` runs the naive kernels for every mask.
+//! `MVAR_ATTN_KERNEL=mma|tiled|naive` asks for one kernel family.
 
 use std::sync::{Arc, Mutex};
 

@@ -1,15 +1,16 @@
 //! Parity of the fused attention kernels (`cuda/kernels/attention.cu`) with the CPU reference:
 //! every mask kind, block lengths from the VAR pyramid, sizes that are not multiples of the
 //! 64-row tiles, the KV-cache decode form (Lq < Lk, no mask), rows that see no key, forward and
-//! the gradients of q, k and v; and the tiled kernels against the naive reference kernels on the
-//! same GPU inputs.
+//! the gradients of q, k and v; and the tiled (f32 CUDA-core) and mma (bf16 tensor-core) kernels
+//! against the naive reference kernels on the same GPU inputs.
 //!
 //! Inputs are rounded to bf16 values first, so that the GPU bf16 run sees the same numbers as the
 //! CPU f32 reference and only the arithmetic differs. Shapes avoid problems whose exact gradient
 //! is zero while the computed one is rounding noise (a single key, L = 1), which no relative
 //! tolerance can compare.
 
-use mvar::cuda::ops::attention::{self as ca, AttnKernel, AttnShape};
+use mvar::cuda::ops::attention::{self as ca, AttnFamily, AttnKernel, AttnShape};
+use mvar::cuda::BufferKind;
 use mvar::cuda::{CudaBuffer, CudaDevice};
 use mvar::engine::{DType, Device, Generator, Storage, Tensor};
 use mvar::ops::{self, AttnMask};
@@ -271,7 +272,7 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn tiled_kernels_match_the_naive_kernels(
+    fn tiled_and_mma_kernels_match_the_naive_kernels(
         b in 1usize..3,
         h in 1usize..3,
         (kind, lens, lq, lk) in mask_and_lengths(),
@@ -286,20 +287,75 @@ proptest! {
             1 => ca::AttnMask::BlockCausal(&lens),
             _ => ca::AttnMask::BlockDiagonal(&lens),
         };
-        if !ca::uses_tiled(dev, &shape, &mask, AttnKernel::Auto) {
-            return Ok(()); // this GPU lacks the shared memory for this head dim
-        }
         let [q, k, v] = qkv(b, h, lq, lk, d, d, seed);
         let g = randn_b(&[b, h, lq, d], seed ^ 9);
         for dtype in [DType::F32, DType::BF16] {
+            let kind = if dtype == DType::BF16 { BufferKind::BF16 } else { BufferKind::F32 };
+            // Each fast family where this GPU has what it needs (shared memory, sm_80 for mma).
+            let fast: Vec<AttnKernel> = [AttnKernel::Tiled, AttnKernel::Mma]
+                .into_iter()
+                .filter(|&k| ca::family(dev, kind, &shape, &mask, k).is_ok())
+                .collect();
+            if fast.is_empty() {
+                continue;
+            }
             let x = [&q, &k, &v, &g].map(|t| buffer(&t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap()));
-            let tiled = run_kernel(dev, &gpu, &x, shape, &mask, AttnKernel::Tiled);
             let naive = run_kernel(dev, &gpu, &x, shape, &mask, AttnKernel::Naive);
             let tol = tolerance(dtype);
-            for (name, (t, n)) in ["out", "lse", "dq", "dk", "dv"].iter().zip(tiled.iter().zip(&naive)) {
-                assert_close(&format!("{name} {dtype} {mask:?} [{b},{h},{lq}/{lk},{d}]"), t, n, tol);
+            for kernel in fast {
+                let got = run_kernel(dev, &gpu, &x, shape, &mask, kernel);
+                for (name, (t, n)) in ["out", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&naive)) {
+                    assert_close(&format!("{kernel:?} {name} {dtype} {mask:?} [{b},{h},{lq}/{lk},{d}]"), t, n, tol);
+                }
             }
         }
+    }
+}
+
+#[test]
+fn bf16_runs_on_the_tensor_cores_where_they_apply() {
+    let Some(gpu) = gpu() else { return };
+    let Device::Cuda(dev) = &gpu else {
+        unreachable!()
+    };
+    let (major, _) = dev.compute_capability().expect("compute capability");
+    let shape = |d: usize, dv: usize| AttnShape {
+        batch: 2,
+        heads: 2,
+        lq: 30,
+        lk: 30,
+        d,
+        dv,
+    };
+    let lens = [1, 4, 25];
+    let causal = ca::AttnMask::BlockCausal(&lens);
+    let fam = |kind, s: AttnShape, kernel| ca::family(dev, kind, &s, &causal, kernel);
+    if major >= 8 {
+        assert_eq!(
+            fam(BufferKind::BF16, shape(64, 64), AttnKernel::Auto),
+            Ok(AttnFamily::Mma(64))
+        );
+        assert_eq!(
+            fam(BufferKind::BF16, shape(40, 40), AttnKernel::Auto),
+            Ok(AttnFamily::Mma(64))
+        );
+    }
+    // f32, head dims that are not a multiple of 8 and v head dims unlike q's do not take them.
+    assert_eq!(
+        fam(BufferKind::F32, shape(64, 64), AttnKernel::Auto),
+        Ok(AttnFamily::Tiled(64))
+    );
+    assert_eq!(
+        fam(BufferKind::BF16, shape(20, 20), AttnKernel::Auto),
+        Ok(AttnFamily::Tiled(64))
+    );
+    for (kind, s) in [
+        (BufferKind::F32, shape(64, 64)),
+        (BufferKind::BF16, shape(20, 20)),
+        (BufferKind::BF16, shape(64, 32)),
+    ] {
+        let err = fam(kind, s, AttnKernel::Mma).unwrap_err();
+        assert!(err.contains("mma kernels"), "{err}");
     }
 }
 

@@ -5,16 +5,21 @@
 //! Buffers: q [B*H, Lq, D], k [B*H, Lk, D], v [B*H, Lk, Dv], output and its gradient
 //! [B*H, Lq, Dv], log-sum-exp [B*H, Lq] f32, all dense and of one float kind (f32 or bf16).
 //!
-//! Two kernel families compute the same thing (see the file header of `attention.cu`):
-//! - tiled (flash-style, online softmax): for no mask and the two scale-block masks, head dims
-//!   d == dv <= 128 (compiled for 64 and 128; smaller dims run padded), when the device has the
-//!   shared memory (about 86 KB for D = 64, 150 KB for D = 128). The backward is a key-tile-major
-//!   dK/dV pass plus a separate query-major dQ pass (no atomics, deterministic).
+//! Three kernel families compute the same thing (see the file header of `attention.cu`):
+//! - mma (bf16 tensor cores, flash-style): bf16 buffers on an sm_80+ GPU, no mask or the two
+//!   scale-block masks, head dims d == dv, a multiple of 8 up to 128 (compiled for 64 and 128;
+//!   smaller dims run padded), 16-byte aligned buffers, and the shared memory (55 KB for
+//!   D = 64, 103 KB for D = 128).
+//! - tiled (f32 CUDA cores, flash-style, online softmax): f32 or bf16, the same masks, head dims
+//!   d == dv <= 128, when the device has the shared memory (about 86 KB for D = 64, 150 KB for
+//!   D = 128).
 //! - naive (reference): one block per query or key row, any d and dv, and also the additive mask.
 //!
-//! [`AttnKernel::Auto`] takes the tiled kernels where they apply and the naive ones elsewhere;
-//! `MVAR_ATTN_KERNEL=naive` (read by [`AttnKernel::from_env`]) forces the naive ones, so the two
-//! can be compared and benchmarked on the same inputs.
+//! The backward of both tiled families is a key-tile-major dK/dV pass plus a separate
+//! query-major dQ pass (no atomics, deterministic). [`AttnKernel::Auto`] takes the first family
+//! that applies in that order; `MVAR_ATTN_KERNEL=mma|tiled|naive` (read by
+//! [`AttnKernel::from_env`]) asks for one, so they can be compared and benchmarked on the same
+//! inputs.
 
 use cudarc::driver::sys::{CUdevice_attribute_enum, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -28,6 +33,8 @@ use crate::{CudaDevice, CudaError};
 
 /// Rows of every tile of the tiled kernels (`ATT_TILE`).
 const TILE: usize = 64;
+/// Threads of the mma kernels (`ATT_MMA_THREADS`: four warps).
+const MMA_THREADS: u32 = 128;
 /// Threads of the naive kernels (`NAIVE_THREADS`).
 const NAIVE_THREADS: u32 = 128;
 /// Threads of the delta kernel (one warp per row).
@@ -69,20 +76,22 @@ pub struct AttnShape {
     pub dv: usize,
 }
 
-/// Which kernel family runs.
+/// Which kernel family a call asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// The tiled kernels where they apply, else the naive ones.
+    /// The mma kernels where they apply, else the tiled ones, else the naive ones.
     Auto,
-    /// The tiled kernels; an error where they do not apply.
+    /// The bf16 tensor-core kernels; an error where they do not apply.
+    Mma,
+    /// The tiled f32 CUDA-core kernels; an error where they do not apply.
     Tiled,
     /// The naive reference kernels.
     Naive,
 }
 
 impl AttnKernel {
-    /// `MVAR_ATTN_KERNEL`: `naive` or `tiled` pick that family, anything else (or unset) is
-    /// [`AttnKernel::Auto`].
+    /// `MVAR_ATTN_KERNEL`: `mma` (or `tensor`), `tiled` or `naive` pick that family, anything
+    /// else (or unset) is [`AttnKernel::Auto`].
     pub fn from_env() -> AttnKernel {
         AttnKernel::parse(std::env::var("MVAR_ATTN_KERNEL").ok().as_deref())
     }
@@ -92,9 +101,20 @@ impl AttnKernel {
         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
             Some("naive") => AttnKernel::Naive,
             Some("tiled") => AttnKernel::Tiled,
+            Some("mma") | Some("tensor") => AttnKernel::Mma,
             _ => AttnKernel::Auto,
         }
     }
+}
+
+/// The kernel family that runs a call, after the fallbacks of [`AttnKernel::Auto`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnFamily {
+    /// bf16 tensor cores, head-dim tile 64 or 128.
+    Mma(usize),
+    /// f32 CUDA cores, head-dim tile 64 or 128.
+    Tiled(usize),
+    Naive,
 }
 
 /// Mirror of `struct AttnMaskArg` in attention.cu.
@@ -143,13 +163,22 @@ fn smem_dq(td: usize) -> usize {
     4 * (4 * TILE * (td + 4) + TILE * (TILE + 4))
 }
 
+/// Shared memory (bytes) of the mma kernels: bf16 [64][td + 8] tiles, two stages of (K, V) for
+/// the forward and dQ; the block's K and V, two stages of (Q, dO) and two of the f32 row
+/// statistics for dK/dV.
+fn smem_mma_fwd(td: usize) -> usize {
+    2 * 4 * TILE * (td + 8)
+}
+fn smem_mma_dkdv(td: usize) -> usize {
+    2 * 6 * TILE * (td + 8) + 4 * 4 * TILE
+}
+
 /// A checked call: the kernel family, the argument structs and the uploaded scale bounds.
 struct Plan {
     kind: BufferKind,
     dims: Dims,
     mask: MaskArg,
-    /// The head-dim tile (64 or 128) of the tiled kernels, None for the naive ones.
-    tile: Option<usize>,
+    family: AttnFamily,
     bh: usize,
     /// Keeps the uploaded scale bounds alive until the launches are queued (the allocator
     /// orders reuse on the one stream).
@@ -183,6 +212,50 @@ fn smem_optin(dev: &CudaDevice) -> usize {
         .unwrap_or(DEFAULT_SMEM)
 }
 
+/// The head-dim tile of the mma kernels for this call, or why they do not apply. `bufs`: every
+/// buffer the kernels read or write through 16-byte accesses.
+fn mma_tile(
+    dev: &CudaDevice,
+    kind: BufferKind,
+    s: &AttnShape,
+    mask: &AttnMask<'_>,
+    bufs: &[&CudaBuffer],
+) -> Result<usize, String> {
+    if kind != BufferKind::BF16 {
+        return Err(format!(
+            "the mma kernels take bf16 buffers (got {})",
+            kind.suffix()
+        ));
+    }
+    if matches!(mask, AttnMask::Additive { .. }) {
+        return Err("the mma kernels do not take an additive mask".into());
+    }
+    if s.d != s.dv || s.d == 0 || s.d > 128 || !s.d.is_multiple_of(8) {
+        return Err(format!(
+            "the mma kernels need equal q/k and v head dims, a multiple of 8 up to 128 (got {} and {})",
+            s.d, s.dv
+        ));
+    }
+    if !dev.has_bf16_mma() {
+        return Err(format!(
+            "the mma kernels need an sm_80 or newer GPU (this one is {})",
+            dev.arch()
+        ));
+    }
+    if bufs.iter().any(|b| b.device_ptr() % 16 != 0) {
+        return Err("the mma kernels need 16-byte aligned buffers".into());
+    }
+    let td = if s.d <= 64 { 64 } else { 128 };
+    let need = smem_mma_fwd(td).max(smem_mma_dkdv(td));
+    let have = smem_optin(dev);
+    if need > have {
+        return Err(format!(
+            "the mma kernels for head dim {td} need {need} bytes of shared memory; the device allows {have}"
+        ));
+    }
+    Ok(td)
+}
+
 /// The head-dim tile of the tiled kernels for this call, or why they do not apply.
 fn tiled_tile(dev: &CudaDevice, s: &AttnShape, mask: &AttnMask<'_>) -> Result<usize, String> {
     if matches!(mask, AttnMask::Additive { .. }) {
@@ -205,17 +278,45 @@ fn tiled_tile(dev: &CudaDevice, s: &AttnShape, mask: &AttnMask<'_>) -> Result<us
     Ok(td)
 }
 
-/// Whether `kernel` runs the tiled kernels for this call (for tests and benchmarks; the
-/// wrappers decide the same way).
-pub fn uses_tiled(
+/// The family `kernel` resolves to for a call with buffers of `kind` (16-byte aligned, as the
+/// allocator gives them), or why the family it names does not apply.
+fn resolve(
     dev: &CudaDevice,
+    kind: BufferKind,
     s: &AttnShape,
     mask: &AttnMask<'_>,
     kernel: AttnKernel,
-) -> bool {
-    kernel != AttnKernel::Naive && tiled_tile(dev, s, mask).is_ok()
+    bufs: &[&CudaBuffer],
+) -> Result<AttnFamily, String> {
+    Ok(match kernel {
+        AttnKernel::Naive => AttnFamily::Naive,
+        AttnKernel::Mma => AttnFamily::Mma(mma_tile(dev, kind, s, mask, bufs)?),
+        AttnKernel::Tiled => AttnFamily::Tiled(tiled_tile(dev, s, mask)?),
+        AttnKernel::Auto => match mma_tile(dev, kind, s, mask, bufs) {
+            Ok(td) => AttnFamily::Mma(td),
+            Err(_) => match tiled_tile(dev, s, mask) {
+                Ok(td) => AttnFamily::Tiled(td),
+                Err(_) => AttnFamily::Naive,
+            },
+        },
+    })
 }
 
+/// The family `kernel` runs for a call of this shape and mask with aligned buffers of `kind`
+/// (for tests and benchmarks; the wrappers decide the same way), or why the family it names
+/// does not apply.
+pub fn family(
+    dev: &CudaDevice,
+    kind: BufferKind,
+    s: &AttnShape,
+    mask: &AttnMask<'_>,
+    kernel: AttnKernel,
+) -> Result<AttnFamily, String> {
+    resolve(dev, kind, s, mask, kernel, &[])
+}
+
+/// Checks a call and picks its kernels; `more`: the backward's further buffers (dO and the
+/// output), which the mma kernels also read with 16-byte accesses.
 #[allow(clippy::too_many_arguments)]
 fn plan(
     op: &str,
@@ -223,6 +324,7 @@ fn plan(
     q: &CudaBuffer,
     k: &CudaBuffer,
     v: &CudaBuffer,
+    more: &[&CudaBuffer],
     s: &AttnShape,
     mask: &AttnMask<'_>,
     kernel: AttnKernel,
@@ -316,16 +418,14 @@ fn plan(
             arg.mode = MASK_ADDITIVE;
         }
     }
-    let tile = match kernel {
-        AttnKernel::Naive => None,
-        AttnKernel::Auto => tiled_tile(dev, s, mask).ok(),
-        AttnKernel::Tiled => Some(tiled_tile(dev, s, mask).map_err(|m| launch_error(op, s, m))?),
-    };
+    let mut bufs = vec![q, k, v];
+    bufs.extend_from_slice(more);
+    let family = resolve(dev, kind, s, mask, kernel, &bufs).map_err(|m| launch_error(op, s, m))?;
     Ok(Plan {
         kind,
         dims,
         mask: arg,
-        tile,
+        family,
         bh,
         _bounds: bounds_buf,
     })
@@ -368,7 +468,7 @@ pub fn attention_forward(
     kernel: AttnKernel,
 ) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "attention";
-    let p = plan(OP, dev, q, k, v, &shape, mask, kernel)?;
+    let p = plan(OP, dev, q, k, v, &[], &shape, mask, kernel)?;
     let rows = p.bh * shape.lq;
     let out = dev.alloc(p.kind, rows * shape.dv, "attention output")?;
     let lse = dev.alloc(BufferKind::F32, rows, "attention log-sum-exp")?;
@@ -384,17 +484,21 @@ pub fn attention_forward(
         v.device_ptr(),
     );
     let err = launch_err(OP, sizes(&shape));
-    match p.tile {
-        Some(td) => {
-            let f = dev.function(&ATTENTION, &format!("attn_fwd_d{td}_{sfx}"))?;
-            let cfg = config(
-                OP,
-                &f,
-                shape.lq.div_ceil(TILE),
-                p.bh,
-                2 * td as u32,
-                smem_fwd(td),
-            )?;
+    let tiled = match p.family {
+        AttnFamily::Mma(td) => Some((
+            format!("attn_fwd_mma_d{td}_{sfx}"),
+            MMA_THREADS,
+            smem_mma_fwd(td),
+        )),
+        AttnFamily::Tiled(td) => {
+            Some((format!("attn_fwd_d{td}_{sfx}"), 2 * td as u32, smem_fwd(td)))
+        }
+        AttnFamily::Naive => None,
+    };
+    match tiled {
+        Some((name, threads, smem)) => {
+            let f = dev.function(&ATTENTION, &name)?;
+            let cfg = config(OP, &f, shape.lq.div_ceil(TILE), p.bh, threads, smem)?;
             let sl = scale * LOG2E;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(&po)
@@ -445,7 +549,7 @@ pub fn attention_backward(
     kernel: AttnKernel,
 ) -> Result<(CudaBuffer, CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "attention backward";
-    let p = plan(OP, dev, q, k, v, &shape, mask, kernel)?;
+    let p = plan(OP, dev, q, k, v, &[g, o], &shape, mask, kernel)?;
     float_kind(OP, &[q, g, o])?;
     require_kind(OP, lse, "log-sum-exp", BufferKind::F32)?;
     let rows = p.bh * shape.lq;
@@ -495,38 +599,54 @@ pub fn attention_backward(
         delta.device_ptr(),
     ];
     let (pdq, pdk, pdv) = (dq.device_ptr(), dk.device_ptr(), dvb.device_ptr());
-    let (fam, threads) = match p.tile {
-        Some(td) => (format!("d{td}_{sfx}"), 2 * td as u32),
-        None => (sfx.to_string(), NAIVE_THREADS),
+    // Per pass: kernel name, threads, shared memory; tiled kernels run one block per 64 rows,
+    // naive ones one block per row.
+    let (dkdv, dqk) = match p.family {
+        AttnFamily::Mma(td) => (
+            (
+                format!("attn_bwd_dkdv_mma_d{td}_{sfx}"),
+                MMA_THREADS,
+                smem_mma_dkdv(td),
+            ),
+            (
+                format!("attn_bwd_dq_mma_d{td}_{sfx}"),
+                MMA_THREADS,
+                smem_mma_fwd(td),
+            ),
+        ),
+        AttnFamily::Tiled(td) => (
+            (
+                format!("attn_bwd_dkdv_d{td}_{sfx}"),
+                2 * td as u32,
+                smem_dkdv(td),
+            ),
+            (
+                format!("attn_bwd_dq_d{td}_{sfx}"),
+                2 * td as u32,
+                smem_dq(td),
+            ),
+        ),
+        AttnFamily::Naive => (
+            (format!("attn_naive_bwd_dkdv_{sfx}"), NAIVE_THREADS, 0),
+            (format!("attn_naive_bwd_dq_{sfx}"), NAIVE_THREADS, 0),
+        ),
     };
-    let prefix = if p.tile.is_some() {
-        "attn_bwd"
-    } else {
-        "attn_naive_bwd"
-    };
+    let tiled = p.family != AttnFamily::Naive;
+    let blocks = |len: usize| if tiled { len.div_ceil(TILE) } else { len };
     let sl = scale * LOG2E;
 
     // dK and dV: one block per key tile (tiled) or key row (naive).
     if keys > 0 {
-        let f = dev.function(&ATTENTION, &format!("{prefix}_dkdv_{fam}"))?;
-        let cfg = match p.tile {
-            Some(td) => config(
-                OP,
-                &f,
-                shape.lk.div_ceil(TILE),
-                p.bh,
-                threads,
-                smem_dkdv(td),
-            )?,
-            None => config(OP, &f, shape.lk, p.bh, threads, 0)?,
-        };
+        let (name, threads, smem) = dkdv;
+        let f = dev.function(&ATTENTION, &name)?;
+        let cfg = config(OP, &f, blocks(shape.lk), p.bh, threads, smem)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&pdk).arg(&pdv);
         for ptr in &ptrs {
             b.arg(ptr);
         }
         b.arg(&p.mask).arg(&p.dims).arg(&scale);
-        if p.tile.is_some() {
+        if tiled {
             b.arg(&sl);
         }
         // SAFETY: the buffers hold the element counts checked above and in `plan`.
@@ -535,18 +655,16 @@ pub fn attention_backward(
 
     // dQ: one block per query tile (tiled) or query row (naive).
     {
-        let f = dev.function(&ATTENTION, &format!("{prefix}_dq_{fam}"))?;
-        let cfg = match p.tile {
-            Some(td) => config(OP, &f, shape.lq.div_ceil(TILE), p.bh, threads, smem_dq(td))?,
-            None => config(OP, &f, shape.lq, p.bh, threads, 0)?,
-        };
+        let (name, threads, smem) = dqk;
+        let f = dev.function(&ATTENTION, &name)?;
+        let cfg = config(OP, &f, blocks(shape.lq), p.bh, threads, smem)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&pdq);
         for ptr in &ptrs {
             b.arg(ptr);
         }
         b.arg(&p.mask).arg(&p.dims).arg(&scale);
-        if p.tile.is_some() {
+        if tiled {
             b.arg(&sl);
         }
         // SAFETY: as above.
@@ -575,12 +693,40 @@ mod tests {
         assert_eq!(smem_dq(64), 87_040);
         assert!(smem_dkdv(64) <= 99 * 1024);
         assert!(smem_dkdv(128).max(smem_dq(128)) <= 163 * 1024);
+        // The mma kernels: bf16 tiles of pitch D + 8; D = 64 fits every sm_80+ GPU, D = 128
+        // the 99 KB of sm_86/89 only for the forward and dQ.
+        assert_eq!(smem_mma_fwd(64), 36_864);
+        assert_eq!(smem_mma_dkdv(64), 56_320);
+        assert_eq!(smem_mma_fwd(128), 69_632);
+        assert_eq!(smem_mma_dkdv(128), 105_472);
+    }
+
+    /// Every kernel the wrappers can name is instantiated in attention.cu.
+    #[test]
+    fn every_named_kernel_is_instantiated() {
+        let src = ATTENTION.source;
+        for pass in ["fwd", "bwd_dkdv", "bwd_dq"] {
+            assert!(
+                src.contains(&format!("attn_{pass}_mma_d##D##_bf16(")),
+                "{pass}"
+            );
+            assert!(src.contains(&format!("attn_{pass}_d##D##_##S(")), "{pass}");
+        }
+        for td in [64, 128] {
+            assert!(src.contains(&format!("ATTN_MMA_KERNELS({td})\n")), "{td}");
+            assert!(
+                src.contains(&format!("ATTN_TILED_KERNELS(T, S, {td})")),
+                "{td}"
+            );
+        }
     }
 
     #[test]
     fn the_environment_value_selects_the_kernel_family() {
         assert_eq!(AttnKernel::parse(Some("naive")), AttnKernel::Naive);
         assert_eq!(AttnKernel::parse(Some(" Tiled ")), AttnKernel::Tiled);
+        assert_eq!(AttnKernel::parse(Some("mma")), AttnKernel::Mma);
+        assert_eq!(AttnKernel::parse(Some("Tensor")), AttnKernel::Mma);
         assert_eq!(AttnKernel::parse(Some("")), AttnKernel::Auto);
         assert_eq!(AttnKernel::parse(None), AttnKernel::Auto);
     }

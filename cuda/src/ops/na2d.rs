@@ -368,7 +368,7 @@ pub fn na2d_family(
     };
     let mut out = NaKernel::Mma;
     for &(side, pass) in sides {
-        let p = plan(s, kind, which, side, 1.0);
+        let p = plan(s, kind, usable_on(dev, which), side, 1.0);
         let fam = if p.family == NaKernel::Naive {
             NaKernel::Naive
         } else {
@@ -380,6 +380,15 @@ pub fn na2d_family(
         out = simpler(out, fam);
     }
     Ok(out)
+}
+
+/// `which`, with the tensor-core family swapped for the CUDA-core one on GPUs older than sm_80
+/// (they have no bf16 `mma.sync`).
+fn usable_on(dev: &CudaDevice, which: NaKernel) -> NaKernel {
+    match which {
+        NaKernel::Auto | NaKernel::Mma if !dev.has_bf16_mma() => NaKernel::Simt,
+        w => w,
+    }
 }
 
 fn kernel_name(p: &Plan, pass: &str, kind: BufferKind) -> String {
@@ -425,7 +434,7 @@ pub fn na2d_forward(
         return Ok((out, dev.zeros(BufferKind::F32, tokens)?));
     }
     let lse = dev.alloc(BufferKind::F32, tokens, "na2d log-sum-exp")?;
-    let p = plan(&s, kind, which, Side::Query, scale);
+    let p = plan(&s, kind, usable_on(dev, which), Side::Query, scale);
     let (f, cfg) = match tiled(dev, &p, "fwd", kind, &[q, k, v, &out])? {
         Some(t) => t,
         None => naive(dev, "fwd", kind, total)?,
@@ -501,7 +510,7 @@ pub fn na2d_backward(
         delta.device_ptr(),
     );
 
-    let p = plan(&s, kind, which, Side::Query, scale);
+    let p = plan(&s, kind, usable_on(dev, which), Side::Query, scale);
     let (f, cfg) = match tiled(dev, &p, "dq", kind, &[q, k, v, out, g, &dq])? {
         Some(t) => t,
         None => naive(dev, "dq", kind, total)?,
@@ -521,7 +530,7 @@ pub fn na2d_backward(
     // f32s; see na2d_forward for the kernels' accesses.
     unsafe { b.launch(cfg) }.map_err(launch_err(OP, s.sizes()))?;
 
-    let p = plan(&s, kind, which, Side::Key, scale);
+    let p = plan(&s, kind, usable_on(dev, which), Side::Key, scale);
     let (f, cfg) = match tiled(dev, &p, "dkdv", kind, &[q, k, v, g, &dk, &dv])? {
         Some(t) => t,
         None => naive(dev, "dkdv", kind, total)?,

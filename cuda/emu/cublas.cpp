@@ -73,6 +73,11 @@ API cublasStatus_t cublasSetStream_v2(void* handle, void* stream) {
     return CUBLAS_STATUS_SUCCESS;
 }
 
+// The emulator needs no scratch memory: the workspace is accepted and never touched.
+API cublasStatus_t cublasSetWorkspace_v2(void* handle, void*, size_t) {
+    return handle ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
+}
+
 API cublasStatus_t cublasSetMathMode(void* handle, int) {
     return handle ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
 }

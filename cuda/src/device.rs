@@ -60,7 +60,25 @@ struct Inner {
     pool: Pool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
-    blas: OnceLock<Result<Arc<CudaBlas>, CudaError>>,
+    blas: OnceLock<Result<BlasHandle, CudaError>>,
+}
+
+/// The cuBLAS handle and the workspace it was given.
+struct BlasHandle {
+    blas: Arc<CudaBlas>,
+    /// From our allocator, so that it counts in the current and peak bytes like every other
+    /// allocation (PyTorch gives cuBLAS its workspace from its caching allocator too).
+    _workspace: CudaBuffer,
+}
+
+/// The cuBLAS workspace cuBLAS's documentation recommends: 32 MiB on Hopper and newer, 4 MiB
+/// before. Without one cuBLAS may pick slower kernels.
+pub fn blas_workspace_bytes(major: i32) -> usize {
+    if major >= 9 {
+        32 << 20
+    } else {
+        4 << 20
+    }
 }
 
 /// A handle on one GPU (cheap to clone).
@@ -383,24 +401,47 @@ impl CudaDevice {
         Ok(m)
     }
 
-    /// The cuBLAS handle bound to the engine's stream (created on first use).
+    /// The cuBLAS handle bound to the engine's stream, with its workspace (created on first
+    /// use).
     pub fn blas(&self) -> Result<Arc<CudaBlas>, CudaError> {
-        self.0
-            .blas
-            .get_or_init(|| {
-                if !crate::cublas_present() {
-                    return Err(CudaError::Blas {
-                        op: "cublas".into(),
-                        sizes: String::new(),
-                        message: "libcublas.so could not be loaded (put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)".into(),
-                    });
-                }
-                CudaBlas::new(self.0.stream.clone()).map(Arc::new).map_err(|e| CudaError::Blas {
-                    op: "cublas".into(),
-                    sizes: String::new(),
-                    message: format!("creating the handle: {e:?}"),
-                })
-            })
-            .clone()
+        match self.0.blas.get_or_init(|| self.new_blas()) {
+            Ok(h) => Ok(h.blas.clone()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    fn new_blas(&self) -> Result<BlasHandle, CudaError> {
+        let fail = |message: String| CudaError::Blas {
+            op: "cublas".into(),
+            sizes: String::new(),
+            message,
+        };
+        if !crate::cublas_present() {
+            return Err(fail(
+                "libcublas.so could not be loaded (put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        let blas = CudaBlas::new(self.0.stream.clone())
+            .map_err(|e| fail(format!("creating the handle: {e:?}")))?;
+        let (major, _) = self.compute_capability()?;
+        let bytes = blas_workspace_bytes(major);
+        let workspace = self.alloc(BufferKind::U8, bytes, "the cuBLAS workspace")?;
+        // SAFETY: the workspace lives as long as the device (in `BlasHandle`), and callers hold
+        // the handle only for the duration of one call; cuBLAS uses it on the handle's stream,
+        // the one every allocation is ordered on.
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.device_ptr() as *mut std::ffi::c_void,
+                bytes,
+            )
+        }
+        .result()
+        .map_err(|e| fail(format!("setting a workspace of {bytes} bytes: {e:?}")))?;
+        Ok(BlasHandle {
+            blas: Arc::new(blas),
+            _workspace: workspace,
+        })
     }
 }

@@ -763,6 +763,17 @@ __device__ __forceinline__ void att_stage_async(bf16_t* dst, const bf16_t* g, in
     }
 }
 
+// Issues the copies of the (K, V) key tile starting at key k0 (keys up to khi) into the stage
+// at `stage` (K, then V) as one cp.async group.
+template <int D>
+__device__ __forceinline__ void att_stage_kv(bf16_t* stage, const bf16_t* kh, const bf16_t* vh, int k0, int khi,
+                                             int d) {
+    const int n = min(ATT_TILE, khi - k0);
+    att_stage_async<D>(stage, kh, k0, n, d);
+    att_stage_async<D>(stage + ATT_TILE * (D + 8), vh, k0, n, d);
+    mma_cp_commit();
+}
+
 // The lane's two rows (tile rows g and g + 8 of its warp's 16) and the range of the other side
 // each sees: keys of a query row (`keys` true) or query rows of a key; empty for a row past `n`.
 struct AttLaneRows {
@@ -821,21 +832,13 @@ __device__ void attn_fwd_mma(bf16_t* __restrict__ o, float* __restrict__ lse, co
         float mr[2] = {NEG_INF, NEG_INF}, lr[2] = {0.0f, 0.0f};
         const int ntiles = khi > klo ? (khi - klo + ATT_TILE - 1) / ATT_TILE : 0;
         __syncthreads();  // the previous head's readers of the stages are done
-        if (ntiles > 0) {
-            att_stage_async<D>(smem, kh, klo, min(ATT_TILE, khi - klo), d);
-            att_stage_async<D>(smem + TS, vh, klo, min(ATT_TILE, khi - klo), d);
-            mma_cp_commit();
-        }
+        if (ntiles > 0) att_stage_kv<D>(smem, kh, vh, klo, khi, d);
         for (int t = 0; t < ntiles; ++t) {
             const int k0 = klo + t * ATT_TILE;
             const bf16_t* kt = smem + (t & 1) * 2 * TS;
             const bf16_t* vt = kt + TS;
             if (t + 1 < ntiles) {
-                bf16_t* next = smem + ((t + 1) & 1) * 2 * TS;
-                const int n1 = min(ATT_TILE, khi - k0 - ATT_TILE);
-                att_stage_async<D>(next, kh, k0 + ATT_TILE, n1, d);
-                att_stage_async<D>(next + TS, vh, k0 + ATT_TILE, n1, d);
-                mma_cp_commit();
+                att_stage_kv<D>(smem + ((t + 1) & 1) * 2 * TS, kh, vh, k0 + ATT_TILE, khi, d);
                 mma_cp_wait<1>();
             } else {
                 mma_cp_wait<0>();
@@ -947,21 +950,13 @@ __device__ void attn_bwd_dq_mma(bf16_t* __restrict__ dq, const bf16_t* __restric
         for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
         const int ntiles = khi > klo ? (khi - klo + ATT_TILE - 1) / ATT_TILE : 0;
         __syncthreads();
-        if (ntiles > 0) {
-            att_stage_async<D>(smem, kh, klo, min(ATT_TILE, khi - klo), d);
-            att_stage_async<D>(smem + TS, vh, klo, min(ATT_TILE, khi - klo), d);
-            mma_cp_commit();
-        }
+        if (ntiles > 0) att_stage_kv<D>(smem, kh, vh, klo, khi, d);
         for (int t = 0; t < ntiles; ++t) {
             const int k0 = klo + t * ATT_TILE;
             const bf16_t* kt = smem + (t & 1) * 2 * TS;
             const bf16_t* vt = kt + TS;
             if (t + 1 < ntiles) {
-                bf16_t* next = smem + ((t + 1) & 1) * 2 * TS;
-                const int n1 = min(ATT_TILE, khi - k0 - ATT_TILE);
-                att_stage_async<D>(next, kh, k0 + ATT_TILE, n1, d);
-                att_stage_async<D>(next + TS, vh, k0 + ATT_TILE, n1, d);
-                mma_cp_commit();
+                att_stage_kv<D>(smem + ((t + 1) & 1) * 2 * TS, kh, vh, k0 + ATT_TILE, khi, d);
                 mma_cp_wait<1>();
             } else {
                 mma_cp_wait<0>();

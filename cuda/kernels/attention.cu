@@ -763,8 +763,9 @@ __device__ __forceinline__ void att_stage_async(bf16_t* dst, const bf16_t* g, in
     }
 }
 
-// Issues the copies of the (K, V) key tile starting at key k0 (keys up to khi) into the stage
-// at `stage` (K, then V) as one cp.async group.
+// Issues the copies of the 64-row tiles of two [rows][d] matrices (K and V, or Q and dO) from row
+// k0 (rows up to khi) into the stage at `stage` (the first, then the second) as one cp.async
+// group.
 template <int D>
 __device__ __forceinline__ void att_stage_kv(bf16_t* stage, const bf16_t* kh, const bf16_t* vh, int k0, int khi,
                                              int d) {
@@ -1029,15 +1030,12 @@ __device__ void attn_bwd_dkdv_mma(bf16_t* __restrict__ dk, bf16_t* __restrict__ 
         mma_cp_commit();
         auto stage = [&](int t) {
             const int r0 = qlo + t * ATT_TILE, n = min(ATT_TILE, qhi - r0);
-            bf16_t* qs = stages + (t & 1) * 2 * TS;
-            att_stage_async<D>(qs, qh, r0, n, d);
-            att_stage_async<D>(qs + TS, gh, r0, n, d);
-            float* st = stats + (t & 1) * 2 * ATT_TILE;
+            att_stage_kv<D>(stages + (t & 1) * 2 * TS, qh, gh, r0, qhi, d);  // Q and dO rows
+            float* st = stats + (t & 1) * 2 * ATT_TILE;  // plain stores: the barrier publishes them
             for (int r = threadIdx.x; r < ATT_TILE; r += ATT_MMA_THREADS) {
                 st[r] = r < n ? lh[r0 + r] * ATT_LOG2E : 0.0f;
                 st[ATT_TILE + r] = r < n ? dh[r0 + r] : 0.0f;
             }
-            mma_cp_commit();
         };
         if (ntiles > 0) stage(0);
         float ak[D / 8][4], av[D / 8][4];

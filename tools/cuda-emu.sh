@@ -6,6 +6,12 @@
 #
 #   tools/cuda-emu.sh cargo test --test parity        # the CUDA parity tests, on the emulator
 #   tools/cuda-emu.sh --build-only                    # just build the libraries
+#   tools/cuda-emu.sh --self-test                     # check the emulator's adversarial modes
+#
+# Adversarial modes (cuda/emu/device.h, `Modes`): MVAR_EMU_SCHEDULE=reverse runs a block's threads
+# last-to-first between barriers, MVAR_EMU_CP_ASYNC=deferred lands each cp.async only at the
+# wait_group that forces it. A missing barrier or wait then reads stale or NaN shared memory in one
+# of the two schedules, so CI runs the parity tests in both.
 #
 # Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.
 set -euo pipefail
@@ -30,6 +36,15 @@ build libcuda.so driver.cpp
 build libnvrtc.so nvrtc.cpp
 build libcublas.so cublas.cpp
 [ "${1:-}" = "--build-only" ] && { echo "cuda-emu: libraries in $OUT/lib"; exit 0; }
+if [ "${1:-}" = "--self-test" ]; then
+  "$CXX" -std=c++20 -O1 -g -pthread -DMVAR_CUDA_EMU -I"$EMU_SRC" -o "$OUT/selftest" "$EMU_SRC/selftest.cpp"
+  for schedule in forward reverse; do
+    for copies in eager deferred; do
+      MVAR_EMU_SCHEDULE=$schedule MVAR_EMU_CP_ASYNC=$copies "$OUT/selftest"
+    done
+  done
+  exit 0
+fi
 export LD_LIBRARY_PATH="$OUT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MVAR_EMU_CACHE="$OUT/modules"
 export MVAR_KERNEL_CACHE="$OUT/kernels"

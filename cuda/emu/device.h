@@ -83,10 +83,44 @@ struct Context {
 #endif
 };
 
+// One 16-byte cp.async that has not landed yet (deferred mode).
+struct AsyncCopy {
+    void* dst;
+    const void* src;  // null: write zeros (the source-size-0 form)
+};
+
 struct Fiber {
     Context ctx;
     bool done = false;
+    std::vector<AsyncCopy> uncommitted;             // issued since the last commit
+    std::vector<std::vector<AsyncCopy>> in_flight;  // committed groups, oldest first
 };
+
+// How adversarial a launch is (read from the environment once per process):
+// - MVAR_EMU_SCHEDULE=reverse runs the fibers in descending order (the last thread first, and
+//   round robin downwards), so a read of shared memory that a *lower* thread writes without a
+//   barrier in between shows too (the forward order only exposes writes by higher threads);
+// - MVAR_EMU_CP_ASYNC=deferred lands each cp.async only when a cp.async.wait_group of its thread
+//   forces it (the latest legal moment), so a read before the matching wait, or a missing wait
+//   before a barrier, reads stale shared memory. The default `eager` lands a copy when it is
+//   issued, which instead exposes a copy issued into a buffer other threads still read.
+struct Modes {
+    bool reverse = false;
+    bool deferred_copies = false;
+};
+inline const Modes& modes() {
+    static const Modes m = [] {
+        Modes r;
+        auto is = [](const char* var, const char* value) {
+            const char* v = std::getenv(var);
+            return v && std::strcmp(v, value) == 0;
+        };
+        r.reverse = is("MVAR_EMU_SCHEDULE", "reverse");
+        r.deferred_copies = is("MVAR_EMU_CP_ASYNC", "deferred");
+        return r;
+    }();
+    return m;
+}
 
 struct Launch {
     dim3 grid, block;
@@ -285,6 +319,42 @@ inline void mvar_emu_mma_m16n8k16_bf16(float (&c)[4], const unsigned (&a)[4], un
     mvar_emu::arrive_and_wait(w.bar);
 }
 
+// cp.async.cg.shared.global 16 bytes (src null: 16 zero bytes), commit_group and wait_group N.
+// Eager mode lands the copy at issue; deferred mode keeps it with its thread until a wait_group
+// leaves fewer than its group's age in flight (see Modes).
+namespace mvar_emu {
+inline void land(const AsyncCopy& c) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (c.src) std::memcpy(&v, c.src, 16);
+    std::memcpy(c.dst, &v, 16);
+}
+inline Fiber& self() { return g_launch->fibers[g_launch->current]; }
+}  // namespace mvar_emu
+
+inline void mvar_emu_cp_async16(void* smem, const void* gmem) {
+    const mvar_emu::AsyncCopy c{smem, gmem};
+    if (!mvar_emu::modes().deferred_copies) {
+        mvar_emu::land(c);
+        return;
+    }
+    mvar_emu::self().uncommitted.push_back(c);
+}
+
+inline void mvar_emu_cp_commit() {
+    auto& f = mvar_emu::self();
+    if (!mvar_emu::modes().deferred_copies) return;
+    f.in_flight.push_back(std::move(f.uncommitted));
+    f.uncommitted.clear();
+}
+
+inline void mvar_emu_cp_wait(int groups_left) {
+    auto& f = mvar_emu::self();
+    while ((int)f.in_flight.size() > groups_left) {
+        for (const auto& c : f.in_flight.front()) mvar_emu::land(c);
+        f.in_flight.erase(f.in_flight.begin());
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // kernel registry and launcher
 
@@ -407,8 +477,9 @@ inline void switch_to_next() {
     Launch& l = *g_launch;
     const int n = (int)l.fibers.size();
     const int from = l.current;
+    const int step = modes().reverse ? n - 1 : 1;
     for (int i = 1; i <= n; ++i) {
-        int t = (from + i) % n;
+        int t = (int)((from + (long long)i * step) % n);
         if (!l.fibers[t].done) {
             if (t == from) return;
             set_current(t);
@@ -460,6 +531,18 @@ inline void fiber_main() {
     Launch& l = *g_launch;
     g_fiber_args.entry.thunk(g_fiber_args.entry.fn, g_fiber_args.params);
     const int t = l.current;
+    Fiber& self = l.fibers[t];
+    size_t pending = self.uncommitted.size();
+    for (const auto& group : self.in_flight) pending += group.size();
+    if (pending > 0) {
+        // Shared memory is released when the block ends; a copy still landing in it is a bug.
+        fprintf(stderr,
+                "mvar CUDA emulator: thread %d of block (%u, %u, %u) exited with %zu cp.async copies in flight; "
+                "wait for them before returning\n",
+                t, blockIdx.x, blockIdx.y, blockIdx.z, pending);
+        abort();
+    }
+    self.in_flight.clear();
     leave(l.block_bar);
     leave(l.warps[t >> 5].bar);
     l.fibers[t].done = true;
@@ -521,8 +604,9 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
             make_context(f.ctx, st[t], kStackBytes, fiber_main);
         }
         launch.idle_switches = 0;
-        set_current(0);
-        switch_context(launch.main, launch.fibers[0].ctx);
+        const int first = modes().reverse ? nthreads - 1 : 0;
+        set_current(first);
+        switch_context(launch.main, launch.fibers[first].ctx);
     }
     g_launch = nullptr;
     std::lock_guard<std::mutex> g(stack_pool().lock);

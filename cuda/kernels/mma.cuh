@@ -14,9 +14,9 @@
 // of D + 8 elements (2 D + 16 bytes, an odd number of 16-byte units when D is a multiple of 16,
 // so the eight row addresses of one ldmatrix phase fall in different banks).
 //
-// Under the CPU emulator (MVAR_CUDA_EMU) the warp collectives are emulated in cuda/emu/device.h
-// and cp.async is an ordinary copy that has completed when issued (a legal schedule of the
-// asynchronous copy), so the same kernels run and are checked there.
+// Under the CPU emulator (MVAR_CUDA_EMU) the warp collectives and cp.async are emulated in
+// cuda/emu/device.h (a copy lands when issued, or, with MVAR_EMU_CP_ASYNC=deferred, only when a
+// wait forces it: both legal schedules), so the same kernels run and are checked there.
 
 #define MMA_FULL 0xffffffffu
 
@@ -175,9 +175,7 @@ __device__ __forceinline__ float mma_quad_max(float v) {
 // source size operand 0) and reads nothing. Both addresses 16-byte aligned.
 __device__ __forceinline__ void mma_cp_async16(void* smem, const void* gmem, bool valid) {
 #ifdef MVAR_CUDA_EMU
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (valid) v = *reinterpret_cast<const uint4*>(gmem);
-    *reinterpret_cast<uint4*>(smem) = v;
+    mvar_emu_cp_async16(smem, valid ? gmem : nullptr);
 #elif defined(MMA_UNSUPPORTED)
     __trap();
 #else
@@ -188,7 +186,9 @@ __device__ __forceinline__ void mma_cp_async16(void* smem, const void* gmem, boo
 
 // Closes the group of cp.async issued since the last commit.
 __device__ __forceinline__ void mma_cp_commit() {
-#if !defined(MVAR_CUDA_EMU) && !defined(MMA_UNSUPPORTED)
+#ifdef MVAR_CUDA_EMU
+    mvar_emu_cp_commit();
+#elif !defined(MMA_UNSUPPORTED)
     asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
@@ -196,7 +196,9 @@ __device__ __forceinline__ void mma_cp_commit() {
 // Waits until at most N committed groups of this thread are still in flight.
 template <int N>
 __device__ __forceinline__ void mma_cp_wait() {
-#if !defined(MVAR_CUDA_EMU) && !defined(MMA_UNSUPPORTED)
+#ifdef MVAR_CUDA_EMU
+    mvar_emu_cp_wait(N);
+#elif !defined(MMA_UNSUPPORTED)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }

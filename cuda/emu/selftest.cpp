@@ -1,0 +1,179 @@
+// selftest.cpp: checks that the emulator's adversarial modes (device.h, `Modes`) expose the bugs
+// they are meant to expose, so that a parity run in those modes means something. Each case is a
+// small kernel with a planted synchronisation bug, plus its corrected twin; the expected outcome
+// depends on the mode read from the environment (MVAR_EMU_SCHEDULE, MVAR_EMU_CP_ASYNC).
+// tools/cuda-emu.sh --self-test builds this and runs it in every combination of the modes.
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+
+#include "device.h"
+
+namespace {
+
+constexpr int kThreads = 64;
+
+float* smem_floats() { return reinterpret_cast<float*>(mvar_emu::g_launch->dyn_smem); }
+
+// Thread 0 publishes a value that every thread reads, with or without the barrier in between.
+__global__ void published_by_first_thread(float* out, int with_barrier) {
+    float* s = smem_floats();
+    if (threadIdx.x == 0) s[0] = 1.0f;
+    if (with_barrier) __syncthreads();
+    out[threadIdx.x] = s[0];
+}
+
+// The mirror case: the last thread publishes.
+__global__ void published_by_last_thread(float* out, int with_barrier) {
+    float* s = smem_floats();
+    if (threadIdx.x == blockDim.x - 1) s[0] = 1.0f;
+    if (with_barrier) __syncthreads();
+    out[threadIdx.x] = s[0];
+}
+
+// Each thread copies 16 bytes with cp.async into its own slot, then reads them back: after
+// wait_group `wait_mode` (0: wait_group 0; 1: wait_group 1 with a newer, empty group committed
+// after the copy's group; 2: wait_group 0 before committing the copy; 3: no wait at all).
+__global__ void copy_then_read(const float* in, float* out, int wait_mode) {
+    float* s = smem_floats() + 4 * threadIdx.x;
+    mvar_emu_cp_async16(s, in + 4 * threadIdx.x);
+    if (wait_mode == 2) mvar_emu_cp_wait(0);  // the copy is not committed: nothing to wait for
+    mvar_emu_cp_commit();
+    if (wait_mode == 1) mvar_emu_cp_commit();
+    if (wait_mode == 0) mvar_emu_cp_wait(0);
+    if (wait_mode == 1) mvar_emu_cp_wait(1);
+    out[threadIdx.x] = s[0];
+    mvar_emu_cp_wait(0);  // nothing may be in flight at exit
+}
+
+// Two groups in flight, wait_group 1: only the older one must have landed.
+__global__ void two_groups_wait_one(const float* in, float* out) {
+    float* s = smem_floats() + 8 * threadIdx.x;
+    mvar_emu_cp_async16(s, in);
+    mvar_emu_cp_commit();
+    mvar_emu_cp_async16(s + 4, in);
+    mvar_emu_cp_commit();
+    mvar_emu_cp_wait(1);
+    out[2 * threadIdx.x] = s[0];
+    out[2 * threadIdx.x + 1] = s[4];
+    mvar_emu_cp_wait(0);
+}
+
+// Returns with a copy in flight (a bug the deferred mode reports).
+__global__ void exits_with_copy_in_flight(const float* in) {
+    mvar_emu_cp_async16(smem_floats() + 4 * threadIdx.x, in);
+    mvar_emu_cp_commit();
+}
+
+// Thread 0 waits for its warp while the rest of the block waits for thread 0: the GPU would hang.
+__global__ void mismatched_barriers(float* out) {
+    if (threadIdx.x == 0) {
+        __syncwarp();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 0.0f;
+}
+
+mvar_emu::Registrar r1("published_by_first_thread", &published_by_first_thread);
+mvar_emu::Registrar r2("published_by_last_thread", &published_by_last_thread);
+mvar_emu::Registrar r3("copy_then_read", &copy_then_read);
+mvar_emu::Registrar r4("two_groups_wait_one", &two_groups_wait_one);
+mvar_emu::Registrar r5("exits_with_copy_in_flight", &exits_with_copy_in_flight);
+mvar_emu::Registrar r6("mismatched_barriers", &mismatched_barriers);
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+    printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+    if (!ok) ++failures;
+}
+
+template <typename... A>
+void launch(const char* name, A... args) {
+    void* params[] = {static_cast<void*>(&args)...};
+    if (mvar_emu_launch(name, 1, 1, 1, kThreads, 1, 1, 16 * kThreads * sizeof(float), params) != 0) {
+        fprintf(stderr, "selftest: could not launch %s\n", name);
+        exit(2);
+    }
+}
+
+// Runs `body` in a child process; true when the child died of SIGABRT (the emulator's report).
+template <typename F>
+bool aborts(F body) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0) dup2(devnull, 2);  // the report itself is not part of the output
+        body();
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+}
+
+// How many of the threads read the published value (the others read the NaN fill).
+int readers_of_one(const std::vector<float>& out) {
+    int n = 0;
+    for (float v : out) n += v == 1.0f;
+    return n;
+}
+
+}  // namespace
+
+int main() {
+    const auto& m = mvar_emu::modes();
+    printf("emulator self-test: schedule %s, cp.async %s\n", m.reverse ? "reverse" : "forward",
+           m.deferred_copies ? "deferred" : "eager");
+    std::vector<float> out(2 * kThreads), in(4 * kThreads);
+    for (int i = 0; i < 4 * kThreads; ++i) in[i] = 1.0f;
+
+    for (int with_barrier = 0; with_barrier < 2; ++with_barrier) {
+        const char* how = with_barrier ? "with the barrier" : "without a barrier";
+        launch("published_by_first_thread", out.data(), with_barrier);
+        int first = readers_of_one({out.begin(), out.begin() + kThreads});
+        launch("published_by_last_thread", out.data(), with_barrier);
+        int last = readers_of_one({out.begin(), out.begin() + kThreads});
+        if (with_barrier) {
+            expect(first == kThreads && last == kThreads, std::string("every thread sees a value published ") + how);
+        } else if (m.reverse) {
+            expect(first == 1, "reverse order: a value thread 0 publishes without a barrier is seen only by itself");
+            expect(last == kThreads, "reverse order: the last thread runs first");
+        } else {
+            expect(last == 1, "forward order: a value the last thread publishes without a barrier is seen only by itself");
+            expect(first == kThreads, "forward order: thread 0 runs first");
+        }
+    }
+
+    const char* waits[] = {"wait_group 0", "wait_group 1 behind a newer empty group",
+                           "wait_group 0 before the commit", "no wait"};
+    for (int mode = 0; mode < 4; ++mode) {
+        launch("copy_then_read", in.data(), out.data(), mode);
+        int landed = readers_of_one({out.begin(), out.begin() + kThreads});
+        bool should_land = !m.deferred_copies || mode <= 1;
+        expect(landed == (should_land ? kThreads : 0),
+               std::string("cp.async read after ") + waits[mode] + (should_land ? " has landed" : " has not landed"));
+    }
+
+    launch("two_groups_wait_one", in.data(), out.data());
+    int older = 0, newer = 0;
+    for (int t = 0; t < kThreads; ++t) {
+        older += out[2 * t] == 1.0f;
+        newer += out[2 * t + 1] == 1.0f;
+    }
+    expect(older == kThreads && newer == (m.deferred_copies ? 0 : kThreads),
+           "wait_group 1 lands the older of two groups only (deferred) or both (eager)");
+
+    bool died = aborts([&] { launch("exits_with_copy_in_flight", in.data()); });
+    expect(died == m.deferred_copies, m.deferred_copies ? "a thread exiting with a copy in flight is reported"
+                                                        : "eager copies have always landed at exit");
+    expect(aborts([&] { launch("mismatched_barriers", out.data()); }),
+           "barriers that cannot complete are reported as a deadlock");
+
+    printf("%s\n", failures ? "emulator self-test FAILED" : "emulator self-test passed");
+    return failures ? 1 : 0;
+}

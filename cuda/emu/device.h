@@ -99,7 +99,9 @@ struct Fiber {
 // How adversarial a launch is (read from the environment once per process):
 // - MVAR_EMU_SCHEDULE=reverse runs the fibers in descending order (the last thread first, and
 //   round robin downwards), so a read of shared memory that a *lower* thread writes without a
-//   barrier in between shows too (the forward order only exposes writes by higher threads);
+//   barrier in between shows too (the forward order only exposes writes by higher threads), and
+//   the blocks of a launch last to first (a block that reads what another block of the same
+//   launch writes, which no GPU orders, sees it in one of the two orders only);
 // - MVAR_EMU_CP_ASYNC=deferred lands each cp.async only when a cp.async.wait_group of its thread
 //   forces it (the latest legal moment), so a read before the matching wait, or a missing wait
 //   before a barrier, reads stale shared memory. The default `eager` lands a copy when it is
@@ -590,7 +592,8 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
     blockDim = launch.block;
     gridDim = launch.grid;
     const long long nblocks = (long long)gx * gy * gz;
-    for (long long b = 0; b < nblocks; ++b) {
+    for (long long i = 0; i < nblocks; ++i) {
+        const long long b = modes().reverse ? nblocks - 1 - i : i;
         blockIdx = dim3{(unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((long long)gx * gy))};
         launch.block_bar = Barrier{nthreads, 0, 0};
         for (size_t w = 0; w < launch.warps.size(); ++w) {

@@ -61,6 +61,11 @@ __global__ void two_groups_wait_one(const float* in, float* out) {
     mvar_emu_cp_wait(0);
 }
 
+// Block 1 reads what block 0 writes to global memory: no GPU orders the blocks of a launch.
+__global__ void reads_the_previous_block(float* out) {
+    if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1.0f : out[blockIdx.x - 1];
+}
+
 // Returns with a copy in flight (a bug the deferred mode reports).
 __global__ void exits_with_copy_in_flight(const float* in) {
     mvar_emu_cp_async16(smem_floats() + 4 * threadIdx.x, in);
@@ -82,6 +87,7 @@ mvar_emu::Registrar r2("published_by_last_thread", &published_by_last_thread);
 mvar_emu::Registrar r3("copy_then_read", &copy_then_read);
 mvar_emu::Registrar r4("two_groups_wait_one", &two_groups_wait_one);
 mvar_emu::Registrar r5("exits_with_copy_in_flight", &exits_with_copy_in_flight);
+mvar_emu::Registrar r7("reads_the_previous_block", &reads_the_previous_block);
 mvar_emu::Registrar r6("mismatched_barriers", &mismatched_barriers);
 
 int failures = 0;
@@ -167,6 +173,15 @@ int main() {
     }
     expect(older == kThreads && newer == (m.deferred_copies ? 0 : kThreads),
            "wait_group 1 lands the older of two groups only (deferred) or both (eager)");
+
+    out[0] = out[1] = 0.0f;
+    {
+        float* p = out.data();
+        void* params[] = {&p};
+        mvar_emu_launch("reads_the_previous_block", 2, 1, 1, 32, 1, 1, 0, params);
+    }
+    expect(out[1] == (m.reverse ? 0.0f : 1.0f), m.reverse ? "reverse order: block 1 runs before block 0"
+                                                          : "forward order: block 0 runs before block 1");
 
     bool died = aborts([&] { launch("exits_with_copy_in_flight", in.data()); });
     expect(died == m.deferred_copies, m.deferred_copies ? "a thread exiting with a copy in flight is reported"

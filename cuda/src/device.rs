@@ -57,6 +57,9 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: &'static str,
+    /// Read once at open: kernel selection asks for them on every attention call.
+    compute_capability: (i32, i32),
+    max_smem_optin: usize,
     pool: Pool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
@@ -137,6 +140,12 @@ impl CudaDevice {
             .compute_capability()
             .map_err(driver_err("reading the compute capability"))?;
         let arch = compile::arch_for(major, minor)?;
+        let max_smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(driver_err("reading the shared-memory opt-in limit"))?
+            .max(0) as usize;
         let caching = std::env::var("MVAR_CUDA_NO_CACHING").as_deref() != Ok("1");
         let pool = Arc::new(Mutex::new(CachingAllocator::with_caching(
             DriverMemory {
@@ -150,6 +159,8 @@ impl CudaDevice {
             ctx,
             stream,
             arch,
+            compute_capability: (major, minor),
+            max_smem_optin,
             pool,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -184,17 +195,19 @@ impl CudaDevice {
     }
 
     /// (major, minor) compute capability, e.g. (9, 0) for Hopper.
-    pub fn compute_capability(&self) -> Result<(i32, i32), CudaError> {
-        self.0
-            .ctx
-            .compute_capability()
-            .map_err(driver_err("reading the compute capability"))
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.0.compute_capability
+    }
+
+    /// The most dynamic shared memory one block may opt in to, in bytes (227 KiB on an H100).
+    pub fn max_smem_optin(&self) -> usize {
+        self.0.max_smem_optin
     }
 
     /// Whether the GPU has bf16 tensor-core `mma.sync`, `ldmatrix` and `cp.async` (sm_80 and
     /// newer), which the mma kernels of the attention files need.
     pub fn has_bf16_mma(&self) -> bool {
-        matches!(self.compute_capability(), Ok((major, _)) if major >= 8)
+        self.0.compute_capability.0 >= 8
     }
 
     /// (free, total) device memory in bytes.
@@ -424,8 +437,7 @@ impl CudaDevice {
         }
         let blas = CudaBlas::new(self.0.stream.clone())
             .map_err(|e| fail(format!("creating the handle: {e:?}")))?;
-        let (major, _) = self.compute_capability()?;
-        let bytes = blas_workspace_bytes(major);
+        let bytes = blas_workspace_bytes(self.compute_capability().0);
         let workspace = self.alloc(BufferKind::U8, bytes, "the cuBLAS workspace")?;
         // SAFETY: the workspace lives as long as the device (in `BlasHandle`), and callers hold
         // the handle only for the duration of one call; cuBLAS uses it on the handle's stream,

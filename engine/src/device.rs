@@ -82,10 +82,8 @@ impl Device {
             Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
             Device::Cuda(d) => {
                 let name = d.name().unwrap_or_else(|_| "unknown GPU".into());
-                let cc = d
-                    .compute_capability()
-                    .map(|(a, b)| format!("sm_{a}{b}"))
-                    .unwrap_or_default();
+                let (major, minor) = d.compute_capability();
+                let cc = format!("sm_{major}{minor}");
                 format!("cuda:{} ({name}, {cc})", d.ordinal())
             }
         }

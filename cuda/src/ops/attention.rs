@@ -21,7 +21,7 @@
 //! [`AttnKernel::from_env`]) asks for one, so they can be compared and benchmarked on the same
 //! inputs.
 
-use cudarc::driver::sys::{CUdevice_attribute_enum, CUfunction_attribute_enum};
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::buffer::{BufferKind, CudaBuffer, HostData};
@@ -204,14 +204,6 @@ fn to_i32(op: &str, s: &AttnShape, what: &str, v: usize) -> Result<i32, CudaErro
     i32::try_from(v).map_err(|_| launch_error(op, s, format!("{what} = {v} exceeds 2^31 - 1")))
 }
 
-/// The largest dynamic shared memory a block may opt in to on this device.
-fn smem_optin(dev: &CudaDevice) -> usize {
-    dev.context()
-        .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map(|v| v.max(0) as usize)
-        .unwrap_or(DEFAULT_SMEM)
-}
-
 /// The head-dim tile of the mma kernels for this call, or why they do not apply. `bufs`: every
 /// buffer the kernels read or write through 16-byte accesses.
 fn mma_tile(
@@ -247,7 +239,7 @@ fn mma_tile(
     }
     let td = if s.d <= 64 { 64 } else { 128 };
     let need = smem_mma_fwd(td).max(smem_mma_dkdv(td));
-    let have = smem_optin(dev);
+    let have = dev.max_smem_optin();
     if need > have {
         return Err(format!(
             "the mma kernels for head dim {td} need {need} bytes of shared memory; the device allows {have}"
@@ -269,7 +261,7 @@ fn tiled_tile(dev: &CudaDevice, s: &AttnShape, mask: &AttnMask<'_>) -> Result<us
     }
     let td = if s.d <= 64 { 64 } else { 128 };
     let need = smem_fwd(td).max(smem_dkdv(td)).max(smem_dq(td));
-    let have = smem_optin(dev);
+    let have = dev.max_smem_optin();
     if need > have {
         return Err(format!(
             "the tiled kernels for head dim {td} need {need} bytes of shared memory; the device allows {have}"

@@ -164,7 +164,10 @@ impl FloatKernel for Gemm {
         if k == 0 {
             return Ok(vec![out]);
         }
-        if batches > 1 && small {
+        // Independent products parallelise perfectly, so with a product per thread or more the
+        // batch is split across the threads; a product's own threading (a fork-join per packed
+        // panel) only pays for one or a few large products.
+        if batches > 1 && (small || batches >= threads) {
             out.par_chunks_mut(m * n)
                 .enumerate()
                 .for_each(|(bi, dst)| one_product(bi, dst, Parallelism::None));

@@ -21,6 +21,17 @@
 //   all +inf or NaN gets index 0 (the CPU's initial best). Blocks grid-stride over row tiles.
 //   Two identical codebook rows get bitwise identical distances (the same loads and the same
 //   fma sequence), so exact duplicates tie and the lower index wins.
+// - Code splits (blockIdx.y): one block walking all V codes for its 64 rows leaves the GPU
+//   nearly idle when N is small (the quantizer's first scales have 32 .. a few hundred rows, one
+//   to a few row tiles, against 4096 codes), and a 64-row block tile gives only N / 64 blocks at
+//   any N. So the codebook is cut into gridDim.y contiguous ranges of `split` codes (a multiple
+//   of NC_TN); block (x, y) searches range y for its rows and writes that range's best distance
+//   and index to part_d / part_i [gridDim.y][N]; nearest_code_combine then takes, per row, the
+//   first range (lowest codes) whose distance is strictly smaller than all before it, which again
+//   keeps the lowest index among equal minima. A distance does not depend on the split (the same
+//   loads and fma sequence per code), so any split count gives the same indices. With one range
+//   (gridDim.y == 1, part_d null) the search writes idx directly: the single-pass variant, kept
+//   as the reference (MVAR_NC_SPLITS=1).
 //
 // Numerics: f32 accumulation (bf16 widened on load); indices are i64 on output. The CPU reference
 // forms the cross term with an f32 GEMM and the sum in f64: the indices agree wherever the two
@@ -45,8 +56,8 @@ __device__ void code_norms_impl(float* en, const T* e, i64 v, i64 c) {
 }
 
 template <typename T>
-__device__ void nearest_code_impl(i64* idx, const T* z, const T* e, const float* en, i64 n, i64 v,
-                                  i64 c) {
+__device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T* z, const T* e, const float* en,
+                                  i64 n, i64 v, i64 c, i64 split) {
     // [k][row], padded by one column so the transposing stores do not hit one bank.
     __shared__ float zs[NC_TK][NC_TM + 1];
     __shared__ float es[NC_TK][NC_TN + 1];
@@ -61,7 +72,8 @@ __device__ void nearest_code_impl(i64* idx, const T* z, const T* e, const float*
             best[a] = POS_INF;
             bidx[a] = 0;
         }
-        for (i64 v0 = 0; v0 < v; v0 += NC_TN) {
+        const i64 vlo = (i64)blockIdx.y * split, vhi = min(v, vlo + split);
+        for (i64 v0 = vlo; v0 < vhi; v0 += NC_TN) {
             float acc[4][4];
 #pragma unroll
             for (int a = 0; a < 4; ++a) {
@@ -98,7 +110,7 @@ __device__ void nearest_code_impl(i64* idx, const T* z, const T* e, const float*
 #pragma unroll
             for (int b = 0; b < 4; ++b) {
                 i64 code = v0 + tx + 16 * b;
-                if (code < v) {
+                if (code < vhi) {
                     float norm = en[code];
 #pragma unroll
                     for (int a = 0; a < 4; ++a) {
@@ -125,9 +137,38 @@ __device__ void nearest_code_impl(i64* idx, const T* z, const T* e, const float*
                 }
             }
             i64 row = m0 + ty + 16 * a;
-            if (tx == 0 && row < n) idx[row] = bi;
+            if (tx == 0 && row < n) {
+                if (part_d) {
+                    part_d[blockIdx.y * n + row] = d;
+                    part_i[blockIdx.y * n + row] = bi;
+                } else {
+                    idx[row] = bi;
+                }
+            }
         }
     }
+}
+
+// Per row, the best of the code ranges in increasing order (strict '<': the lowest index wins a
+// tie, a NaN never wins, a row with no finite distance keeps index 0).
+__device__ void nearest_code_combine_impl(i64* idx, const float* part_d, const i64* part_i, i64 n, int splits) {
+    GRID_STRIDE(row, n) {
+        float best = POS_INF;
+        i64 bi = 0;
+        for (int s = 0; s < splits; ++s) {
+            float d = part_d[(i64)s * n + row];
+            if (d < best) {
+                best = d;
+                bi = part_i[(i64)s * n + row];
+            }
+        }
+        idx[row] = bi;
+    }
+}
+
+extern "C" __global__ void nearest_code_combine(i64* idx, const float* part_d, const i64* part_i, i64 n,
+                                                int splits) {
+    nearest_code_combine_impl(idx, part_d, part_i, n, splits);
 }
 
 #define QUANT_KERNELS(T, S)                                                                         \
@@ -135,8 +176,9 @@ __device__ void nearest_code_impl(i64* idx, const T* z, const T* e, const float*
         code_norms_impl<T>(en, e, v, c);                                                           \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(NC_THREADS)                                       \
-        nearest_code_##S(i64* idx, const T* z, const T* e, const float* en, i64 n, i64 v, i64 c) { \
-        nearest_code_impl<T>(idx, z, e, en, n, v, c);                                              \
+        nearest_code_##S(i64* idx, float* part_d, i64* part_i, const T* z, const T* e, const float* en, \
+                         i64 n, i64 v, i64 c, i64 split) {                                          \
+        nearest_code_impl<T>(idx, part_d, part_i, z, e, en, n, v, c, split);                       \
     }
 
 QUANT_KERNELS(float, f32)

@@ -60,6 +60,7 @@ struct Inner {
     /// Read once at open: kernel selection asks for them on every attention call.
     compute_capability: (i32, i32),
     max_smem_optin: usize,
+    multiprocessors: usize,
     pool: Pool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
@@ -146,6 +147,10 @@ impl CudaDevice {
             )
             .map_err(driver_err("reading the shared-memory opt-in limit"))?
             .max(0) as usize;
+        let multiprocessors = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_err("reading the multiprocessor count"))?
+            .max(1) as usize;
         let caching = std::env::var("MVAR_CUDA_NO_CACHING").as_deref() != Ok("1");
         let pool = Arc::new(Mutex::new(CachingAllocator::with_caching(
             DriverMemory {
@@ -161,6 +166,7 @@ impl CudaDevice {
             arch,
             compute_capability: (major, minor),
             max_smem_optin,
+            multiprocessors,
             pool,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -202,6 +208,11 @@ impl CudaDevice {
     /// The most dynamic shared memory one block may opt in to, in bytes (227 KiB on an H100).
     pub fn max_smem_optin(&self) -> usize {
         self.0.max_smem_optin
+    }
+
+    /// Streaming multiprocessors (132 on an H100 SXM): what launch sizes aim to fill.
+    pub fn multiprocessors(&self) -> usize {
+        self.0.multiprocessors
     }
 
     /// Whether the GPU has bf16 tensor-core `mma.sync`, `ldmatrix` and `cp.async` (sm_80 and

@@ -101,7 +101,10 @@ pub fn nearest_code(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
             };
             Ok(vec![CpuStorage::I64(idx)])
         },
-        |dev, b| Ok(vec![cq::nearest_code(dev, b[0], b[1], n, v, c)?]),
+        |dev, b| {
+            let splits = cq::CodeSplits::from_env();
+            Ok(vec![cq::nearest_code(dev, b[0], b[1], n, v, c, splits)?])
+        },
     )?;
     out_tensor(idx, [n], z.device())
 }

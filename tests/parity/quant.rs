@@ -6,7 +6,8 @@
 //! unique by a wide margin (or tied exactly, in the tie test), so the indices must agree
 //! exactly in every dtype.
 
-use mvar::engine::{DType, Device, Tensor};
+use mvar::cuda::ops::quant::{self as cq, CodeSplits};
+use mvar::engine::{DType, Device, Storage, Tensor};
 use mvar::ops;
 use proptest::prelude::*;
 
@@ -149,8 +150,27 @@ fn separated(n: usize, v: usize, c: usize, seed: u64) -> (Tensor, Tensor, Vec<i6
     )
 }
 
+/// The GPU search with the codebook cut into `splits` ranges (the op itself always takes the
+/// automatic count).
+fn gpu_indices_with_splits(z: &Tensor, e: &Tensor, splits: CodeSplits) -> Vec<i64> {
+    let (n, c) = (z.dims()[0], z.dims()[1]);
+    let v = e.dims()[0];
+    let Device::Cuda(dev) = z.device() else {
+        panic!("expected GPU tensors")
+    };
+    let (zs, es) = (z.storage(), e.storage());
+    let (Storage::Cuda(zb), Storage::Cuda(eb)) = (&*zs, &*es) else {
+        panic!("expected GPU buffers")
+    };
+    let out = cq::nearest_code(dev, zb, eb, n, v, c, splits).expect("nearest_code");
+    Tensor::from_storage(Storage::Cuda(out), [n], z.device())
+        .and_then(|t| t.to_vec::<i64>())
+        .expect("download")
+}
+
 /// nearest_code on the CPU gives the expected indices (the premise of the case, checked with
-/// or without a GPU) and on the GPU the same, in f32 and bf16.
+/// or without a GPU) and on the GPU the same, in f32 and bf16, with the codebook searched in
+/// one range (the single-pass variant), a few, one per 64-code tile, or as many as the op picks.
 fn nearest_code_matches(z: &Tensor, e: &Tensor, want: &[i64], what: &str) {
     let gpu = gpu();
     for dtype in [DType::F32, DType::BF16] {
@@ -161,14 +181,24 @@ fn nearest_code_matches(z: &Tensor, e: &Tensor, want: &[i64], what: &str) {
             .unwrap();
         assert_eq!(cpu, want, "{what} {dtype}: the CPU reference");
         let Some(gpu) = &gpu else { continue };
-        let got =
-            ops::nearest_code(&zd.to_device(gpu).unwrap(), &ed.to_device(gpu).unwrap()).unwrap();
+        let (zg, eg) = (zd.to_device(gpu).unwrap(), ed.to_device(gpu).unwrap());
+        let got = ops::nearest_code(&zg, &eg).unwrap();
         assert_eq!(got.dims(), &[want.len()], "{what} {dtype}");
         assert_eq!(
             got.to_vec::<i64>().unwrap(),
             cpu,
             "{what} {dtype}: GPU vs CPU"
         );
+        if want.is_empty() {
+            continue;
+        }
+        for splits in [1, 2, 3, 64, usize::MAX] {
+            assert_eq!(
+                gpu_indices_with_splits(&zg, &eg, CodeSplits::Fixed(splits)),
+                cpu,
+                "{what} {dtype}: GPU with the codebook in {splits} ranges vs CPU"
+            );
+        }
     }
 }
 
@@ -238,4 +268,30 @@ fn nearest_code_ties_go_to_the_lowest_index() {
 
     let empty = Tensor::zeros([0, 5], DType::F32, &Device::Cpu).unwrap();
     nearest_code_matches(&empty, &same, &[], "nearest_code empty z");
+}
+
+/// A NaN distance never wins: a NaN codebook row is never chosen (and a row whose own code is
+/// elsewhere keeps it), and a NaN row of z, all of whose distances are NaN, gets index 0, in
+/// every code range layout.
+#[test]
+fn nearest_code_nan_never_wins() {
+    let (n, v, c) = (150usize, 700usize, 6usize);
+    let (z, e, mut want) = separated(n, v, c, 11);
+    let mut e = e.to_vec::<f32>().unwrap();
+    // A code no row was drawn from, in the middle and in the last range, turns NaN.
+    for bad in [
+        (0..v).rev().find(|j| !want.contains(&(*j as i64))).unwrap(),
+        300,
+    ] {
+        if want.contains(&(bad as i64)) {
+            continue;
+        }
+        e[bad * c..(bad + 1) * c].fill(f32::NAN);
+    }
+    let mut z = z.to_vec::<f32>().unwrap();
+    z[7 * c..8 * c].fill(f32::NAN);
+    want[7] = 0;
+    let zt = Tensor::from_vec(z, [n, c], &Device::Cpu).unwrap();
+    let et = Tensor::from_vec(e, [v, c], &Device::Cpu).unwrap();
+    nearest_code_matches(&zt, &et, &want, "nearest_code with NaN rows and codes");
 }

@@ -4,8 +4,8 @@ docs/performance.md.
 
 Inputs: the output of the bench binary (criterion's text, e.g. gpu-bundle's logs/bench-*.log) and
 the JSON lines of benches/torch_reference.py (--json). Cases are matched by id: a PyTorch id is
-our `group/id`, optionally followed by the variant it timed (" flex", " sdpa", " [cdist]"), which
-then gets a row of its own. Our time is criterion's point estimate (the middle of `time: [...]`);
+our `group/id`, optionally followed by the variant it timed (" flex", " sdpa", " [cdist]",
+" [tf32 convs]"), which then gets a row of its own. Our time is criterion's point estimate (the middle of `time: [...]`);
 PyTorch's is its median over repetitions. Rates are recomputed from the FLOP or byte count the
 PyTorch script states, which benches/ops.rs counts the same way, so the two columns use one unit
 (TFLOP/s, or GB/s = 1e9 bytes/s). "speed-up" is PyTorch's time over ours (> 1: we are faster).
@@ -21,7 +21,7 @@ import sys
 
 UNIT_MS = {"ps": 1e-9, "ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1.0, "s": 1e3}
 TIME = re.compile(r"time:\s+\[\S+ \S+ (?P<value>[0-9.]+) (?P<unit>ps|ns|µs|us|ms|s) \S+ \S+\]")
-VARIANTS = (" flex", " sdpa", " [cdist]")
+VARIANTS = (" flex", " sdpa", " [cdist]", " [tf32 convs]")
 
 
 def criterion_times(text):

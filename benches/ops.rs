@@ -805,8 +805,59 @@ fn quant(c: &mut Criterion) {
                 );
             }
         }
+        quantizer(&mut g, &d);
     }
     g.finish();
+}
+
+/// The tokenizer's whole multi-scale residual quantization (spec 1.4: for each of the 10 scales
+/// area-down the residual, nearest codes, look them up, bicubic-up, Phi, subtract) of a batch of
+/// 32 latents [32, 32, 16, 16] against 4096 codes, and the full 10-scale encode of images
+/// (encoder, quant_conv, then that) with the released vae_ch160v4096z32 shape: batch 32 at
+/// 256 px on the GPU, one image on the CPU (its f32 convolutions at 256 px take seconds per
+/// image there). Random weights: the work does not depend on them. Throughput: the cross-term
+/// FLOPs of the nearest-code searches (2 * rows * V * C over the pyramid), so that it compares
+/// with the nearest_code cases above.
+fn quantizer(g: &mut BenchmarkGroup<'_, WallTime>, d: &Device) {
+    use mvar::models::{VqVae, VqVaeConfig};
+    let t = tag(d);
+    let released = VqVaeConfig::default();
+    let (v, cz) = (released.vocab_size, released.z_channels);
+    let tokens: usize = released.v_patch_nums.iter().map(|p| p * p).sum();
+    // The quantizer does not depend on the encoder's width: a narrow one builds faster.
+    let narrow = VqVae::new(
+        VqVaeConfig {
+            ch: 32,
+            ..released.clone()
+        },
+        d,
+        1,
+    )
+    .expect("tokenizer");
+    let batch = 32;
+    let f = randn(&[batch, cz, 16, 16], DType::F32, d, 3);
+    g.throughput(Throughput::Elements((2 * batch * tokens * v * cz) as u64));
+    bench(
+        g,
+        d,
+        format!("{t}/residual quantize [{batch},{cz},16,16] x [{v},{cz}] f32"),
+        || {
+            narrow.f_to_idx(&f).unwrap();
+        },
+    );
+    drop(narrow);
+    let batch = if d.is_cuda() { 32 } else { 1 };
+    let vae = VqVae::new(released, d, 2).expect("tokenizer");
+    let img = randn(&[batch, 3, 256, 256], DType::F32, d, 4);
+    g.throughput(Throughput::Elements((2 * batch * tokens * v * cz) as u64));
+    bench(
+        g,
+        d,
+        format!("{t}/10-scale encode [{batch},3,256,256] vae_ch160v4096z32 f32"),
+        || {
+            vae.img_to_idx(&img).unwrap();
+        },
+    );
 }
 
 fn config() -> Criterion {

@@ -49,6 +49,107 @@ def make_timer(dev, iters, reps):
     return timed
 
 
+def tokenizer_cases(report, timed, dev):
+    """The tokenizer's multi-scale residual quantization of [32, 32, 16, 16] latents against 4096
+    codes, and the full 10-scale encode of 256-px images with the released vae_ch160v4096z32
+    shape (batch 32 on a GPU, 1 in the script check), written here from the spec (sections
+    1.2-1.4) in eager PyTorch the way the official code computes them: per scale
+    F.interpolate(area), squared distances through one addmm, argmin, F.embedding,
+    F.interpolate(bicubic), the Phi conv mix, in-place f_hat / residual updates. Random weights
+    (the work does not depend on them), no_grad, f32. Our f32 convolutions run without TF32, so
+    the main ids disable it for cuDNN too; the encode is also timed with PyTorch's default (TF32
+    convolutions) under the id with " [tf32 convs]" appended. Rate: the cross-term FLOPs of the
+    nearest-code searches, as benches/ops.rs counts them."""
+    nn = torch.nn
+    ch, mult, zc, codes = 160, (1, 1, 2, 2, 4), 32, 4096
+    pns = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    phi_of = (0, 0, 1, 1, 1, 2, 2, 3, 3, 3)  # spec 1.3: the Phi of each of the 10 scales
+    tokens = sum(p * p for p in pns)
+
+    def norm(c):
+        return nn.GroupNorm(32, c, eps=1e-6)
+
+    class Res(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, 1, 1)
+            self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, 1, 1)
+            self.short = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+        def forward(self, x):
+            h = self.c1(F.silu(self.n1(x)))
+            return self.short(x) + self.c2(F.silu(self.n2(h)))
+
+    class Attn(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.n, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            q, k, v = self.qkv(self.n(x)).reshape(b, 3, c, h * w).unbind(1)
+            p = torch.bmm(q.transpose(1, 2), k).mul_(c ** -0.5).softmax(dim=2)
+            return x + self.proj(torch.bmm(v, p.transpose(1, 2)).reshape(b, c, h, w))
+
+    class Down(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, 2, 0)
+
+        def forward(self, x):
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+    layers, cin = [nn.Conv2d(3, ch, 3, 1, 1)], ch
+    for i, m in enumerate(mult):
+        for _ in range(2):
+            layers.append(Res(cin, ch * m))
+            cin = ch * m
+            if i == len(mult) - 1:
+                layers.append(Attn(cin))
+        if i < len(mult) - 1:
+            layers.append(Down(cin))
+    layers += [Res(cin, cin), Attn(cin), Res(cin, cin), norm(cin), nn.SiLU(), nn.Conv2d(cin, zc, 3, 1, 1),
+               nn.Conv2d(zc, zc, 3, 1, 1)]  # the last one is quant_conv
+    encoder = nn.Sequential(*layers).to(dev).eval()
+    codebook = torch.randn(codes, zc, device=dev)
+    phis = [nn.Conv2d(zc, zc, 3, 1, 1).to(dev).eval() for _ in range(4)]
+
+    def f_to_idx(f):
+        b, c, hh, ww = f.shape
+        rest, f_hat, out = f.clone(), torch.zeros_like(f), []
+        for si, pn in enumerate(pns):
+            last = si == len(pns) - 1
+            z = rest if last else F.interpolate(rest, size=(pn, pn), mode="area")
+            z = z.permute(0, 2, 3, 1).reshape(-1, c)
+            d = z.square().sum(1, keepdim=True) + codebook.square().sum(1)
+            idx = d.addmm_(z, codebook.t(), alpha=-2, beta=1).argmin(1)
+            h = F.embedding(idx, codebook).view(b, pn, pn, c).permute(0, 3, 1, 2)
+            if not last:
+                h = F.interpolate(h, size=(hh, ww), mode="bicubic")
+            h = h.mul(0.5) + phis[phi_of[si]](h).mul_(0.5)
+            f_hat.add_(h)
+            rest.sub_(h)
+            out.append(idx.view(b, -1))
+        return out
+
+    tf32_before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        with torch.no_grad():
+            f = torch.randn(32, zc, 16, 16, device=dev)
+            report("quant", f"cuda/residual quantize [32,{zc},16,16] x [{codes},{zc}] f32",
+                   timed(lambda: f_to_idx(f)), flops=2 * 32 * tokens * codes * zc)
+            batch = 32 if dev.type == "cuda" else 1
+            img = torch.randn(batch, 3, 256, 256, device=dev)
+            case = f"cuda/10-scale encode [{batch},3,256,256] vae_ch160v4096z32 f32"
+            flops = 2 * batch * tokens * codes * zc
+            report("quant", case, timed(lambda: f_to_idx(encoder(img))), flops=flops)
+            torch.backends.cudnn.allow_tf32 = True
+            report("quant", case + " [tf32 convs]", timed(lambda: f_to_idx(encoder(img))), flops=flops)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32_before
+
+
 def na2d_cases(report, timed, dev):
     """Neighbourhood attention at MVAR's shapes ([B, 16, X, X, 64] bf16, k = 7, NATTEN's window
     rule: query i sees keys clamp(i - k // 2, 0, n - k) .. + k per axis) the PyTorch ways:
@@ -276,6 +377,8 @@ def main():
                 print(f"quant/{case} [cdist]\tskipped: {err}", flush=True)
             else:
                 report("quant", case + " [cdist]", ms, flops=flops)
+
+    tokenizer_cases(report, timed, dev)
 
     # attention
     na2d_cases(report, timed, dev)

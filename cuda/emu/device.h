@@ -46,7 +46,7 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // as CUDA defines it: allowed among the decl-specifiers
 #define __shared__ static thread_local
 #ifdef MVAR_EMU_SCAN
 // The scan pass (g++ -E) finds the kernels by this mark.

@@ -9,9 +9,11 @@
 // - code_norms: en[v] = ||e_v||^2 in f32, one thread per code (a small pass before the search).
 // - nearest_code: a GEMM-like tiled loop. A block of 256 threads (16 x 16: tx = threadIdx.x % 16,
 //   ty = threadIdx.x / 16) owns NC_TM = 64 rows of z and walks the codebook in tiles of
-//   NC_TN = 64 codes; for each code tile it stages z and e in shared memory NC_TK = 16 channels
-//   at a time (both transposed to [k][row], zero beyond N, V or C, which adds exact zeros) and
-//   each thread accumulates the 4 x 4 dot products of rows ty + 16*i and codes tx + 16*j. After a
+//   NC_TN = 64 codes. Its rows of z are staged in shared memory once, transposed to [k][row]
+//   (up to NC_ZC = 128 channels; wider z is staged with e per k step), and for each code tile e
+//   is staged NC_TK = 16 channels at a time, also [k][code]; both are zero beyond N, V or C,
+//   which adds exact zeros. Each thread accumulates the 4 x 4 dot products of rows 4 ty + i and
+//   codes 4 tx + j, reading each k step's four rows and four codes as one float4 each. After a
 //   code tile a thread folds its 16 distances into a running (min distance, index) per row,
 //   visiting its codes in increasing order with a strict '<', so it keeps the lowest index of
 //   its equal minima. At the end the 16 threads that share a row (one half-warp: lanes differ
@@ -40,7 +42,9 @@
 #define NC_TM 64
 #define NC_TN 64
 #define NC_TK 16
+#define NC_ZC 128  // most channels (rounded up to NC_TK) for which z stays resident
 #define NC_THREADS 256
+static_assert(NC_TM == NC_TN, "z and e tiles share one staging layout");
 
 template <typename T>
 __device__ void code_norms_impl(float* en, const T* e, i64 v, i64 c) {
@@ -58,11 +62,26 @@ __device__ void code_norms_impl(float* en, const T* e, i64 v, i64 c) {
 template <typename T>
 __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T* z, const T* e, const float* en,
                                   i64 n, i64 v, i64 c, i64 split) {
-    // [k][row], padded by one column so the transposing stores do not hit one bank.
-    __shared__ float zs[NC_TK][NC_TM + 1];
-    __shared__ float es[NC_TK][NC_TN + 1];
+    // [channel][row] and [channel][code]. The pitch (NC_TM + 4) keeps each thread's four
+    // consecutive rows or codes one aligned float4, so a k step costs two 16-byte shared loads
+    // for sixteen FMAs (a warp reads 2 distinct float4s of zs, broadcast, and 16 of es: no bank
+    // conflict), instead of eight 4-byte loads with rows and codes strided by 16.
+    __shared__ __align__(16) float zs[NC_ZC][NC_TM + 4];
+    __shared__ __align__(16) float es[NC_TK][NC_TN + 4];
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const i64 tiles = (n + NC_TM - 1) / NC_TM;
+    // With at most NC_ZC channels (rounded up to the k step) the block's rows of z stay in
+    // shared memory for the whole codebook walk; wider z is staged per k step with e.
+    const i64 c_steps = (c + NC_TK - 1) / NC_TK;
+    const bool z_resident = c_steps * NC_TK <= NC_ZC;
+    // Stages channels k0 .. k0 + nk of rows r0 .. r0 + 64 of src (n0 rows) into dst[k][row].
+    auto stage = [&](float(*dst)[NC_TM + 4], const T* src, i64 r0, i64 n0, i64 k0, int nk) {
+        for (int q = threadIdx.x; q < NC_TM * nk; q += NC_THREADS) {
+            int rr = q / nk, kk = q % nk;
+            i64 col = k0 + kk, row = r0 + rr;
+            dst[kk][rr] = (col < c && row < n0) ? Io<T>::load(src, row * c + col) : 0.0f;
+        }
+    };
     for (i64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const i64 m0 = tile * NC_TM;
         float best[4];
@@ -71,6 +90,10 @@ __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T*
         for (int a = 0; a < 4; ++a) {
             best[a] = POS_INF;
             bidx[a] = 0;
+        }
+        if (z_resident) {
+            __syncthreads();  // the previous row tile's readers of zs are done
+            stage(zs, z, m0, n, 0, (int)(c_steps * NC_TK));
         }
         const i64 vlo = (i64)blockIdx.y * split, vhi = min(v, vlo + split);
         for (i64 v0 = vlo; v0 < vhi; v0 += NC_TN) {
@@ -81,35 +104,27 @@ __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T*
                 for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
             }
             for (i64 k0 = 0; k0 < c; k0 += NC_TK) {
-                // 64 rows x 16 channels of each operand, channel fastest (coalesced along a row).
-                for (int q = threadIdx.x; q < NC_TM * NC_TK; q += NC_THREADS) {
-                    int rr = q / NC_TK, kk = q % NC_TK;
-                    i64 col = k0 + kk;
-                    i64 row = m0 + rr, code = v0 + rr;
-                    bool in_c = col < c;
-                    zs[kk][rr] = (in_c && row < n) ? Io<T>::load(z, row * c + col) : 0.0f;
-                    es[kk][rr] = (in_c && code < v) ? Io<T>::load(e, code * c + col) : 0.0f;
-                }
+                if (!z_resident) stage(zs, z, m0, n, k0, NC_TK);
+                stage(es, e, v0, v, k0, NC_TK);
                 __syncthreads();
+                const float(*zk)[NC_TM + 4] = z_resident ? zs + k0 : zs;
 #pragma unroll
                 for (int kk = 0; kk < NC_TK; ++kk) {
-                    float za[4], eb[4];
-#pragma unroll
-                    for (int a = 0; a < 4; ++a) za[a] = zs[kk][ty + 16 * a];
-#pragma unroll
-                    for (int b = 0; b < 4; ++b) eb[b] = es[kk][tx + 16 * b];
+                    const float4 za = *reinterpret_cast<const float4*>(&zk[kk][4 * ty]);
+                    const float4 eb = *reinterpret_cast<const float4*>(&es[kk][4 * tx]);
+                    const float zv[4] = {za.x, za.y, za.z, za.w}, ev[4] = {eb.x, eb.y, eb.z, eb.w};
 #pragma unroll
                     for (int a = 0; a < 4; ++a) {
 #pragma unroll
-                        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(za[a], eb[b], acc[a][b]);
+                        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(zv[a], ev[b], acc[a][b]);
                     }
                 }
                 __syncthreads();
             }
-            // Codes v0 + tx + 16*b in increasing b: each row sees its codes in increasing order.
+            // Codes v0 + 4 tx + b in increasing b: each row sees its codes in increasing order.
 #pragma unroll
             for (int b = 0; b < 4; ++b) {
-                i64 code = v0 + tx + 16 * b;
+                i64 code = v0 + 4 * tx + b;
                 if (code < vhi) {
                     float norm = en[code];
 #pragma unroll
@@ -136,7 +151,7 @@ __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T*
                     bi = ob;
                 }
             }
-            i64 row = m0 + ty + 16 * a;
+            i64 row = m0 + 4 * ty + a;
             if (tx == 0 && row < n) {
                 if (part_d) {
                     part_d[blockIdx.y * n + row] = d;

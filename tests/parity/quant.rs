@@ -120,7 +120,17 @@ impl Mix {
 /// their digits agree and at least 1 apart (7/8 after rounding to bf16, whose spacing is at most
 /// 1/8 below 32) where they differ, while a row is within 0.12 of its own code in every
 /// coordinate even in bf16: its own code is the nearest, by more than 0.5 in squared distance.
-fn separated(n: usize, v: usize, c: usize, seed: u64) -> (Tensor, Tensor, Vec<i64>) {
+/// Only the first ceil(log_b v) coordinates tell codes apart; with `digits_last` they are the
+/// last ones instead (coordinate c - 1 - i holds digit i), so that a search that mishandles its
+/// later channels (k steps after the first, or z staged per step beyond 128 channels) picks
+/// wrong codes too.
+fn separated(
+    n: usize,
+    v: usize,
+    c: usize,
+    seed: u64,
+    digits_last: bool,
+) -> (Tensor, Tensor, Vec<i64>) {
     let mut b = 2usize;
     while b.pow(c.min(20) as u32) < v {
         b += 1;
@@ -131,9 +141,13 @@ fn separated(n: usize, v: usize, c: usize, seed: u64) -> (Tensor, Tensor, Vec<i6
     let mut e = Vec::with_capacity(v * c);
     for j in 0..v {
         let mut digits = j;
+        let start = e.len();
         for s in &shift {
             e.push((digits % b) as f32 + s);
             digits /= b;
+        }
+        if digits_last {
+            e[start..].reverse();
         }
     }
     let mut z = Vec::with_capacity(n * c);
@@ -203,12 +217,15 @@ fn nearest_code_matches(z: &Tensor, e: &Tensor, want: &[i64], what: &str) {
 }
 
 fn nearest_code_agrees(n: usize, v: usize, c: usize, seed: u64) {
-    let (z, e, own) = separated(n, v, c, seed);
-    nearest_code_matches(&z, &e, &own, &format!("nearest_code n {n} v {v} c {c}"));
+    for digits_last in [false, true] {
+        let (z, e, own) = separated(n, v, c, seed, digits_last);
+        let what = format!("nearest_code n {n} v {v} c {c} (digits last: {digits_last})");
+        nearest_code_matches(&z, &e, &own, &what);
+    }
 }
 
 /// Several row tiles and code tiles, with sizes that are multiples of neither; the benchmark's
-/// codebook size; C of 1 and 2 (below one channel tile).
+/// codebook size; C of 1 and 2 (below one channel tile) and above 128.
 #[test]
 fn nearest_code_larger_and_narrow_cases() {
     nearest_code_agrees(2050, 4095, 32, 1);
@@ -216,6 +233,9 @@ fn nearest_code_larger_and_narrow_cases() {
     nearest_code_agrees(300, 7, 1, 3);
     nearest_code_agrees(129, 200, 2, 4);
     nearest_code_agrees(65, 64, 64, 5);
+    // Wider than the 128 channels whose z stays in shared memory: staged per k step with e.
+    nearest_code_agrees(100, 300, 130, 6);
+    nearest_code_agrees(70, 65, 200, 7);
 }
 
 /// Duplicate codebook rows tie exactly and the lowest index wins, wherever the copies sit (the
@@ -276,7 +296,7 @@ fn nearest_code_ties_go_to_the_lowest_index() {
 #[test]
 fn nearest_code_nan_never_wins() {
     let (n, v, c) = (150usize, 700usize, 6usize);
-    let (z, e, mut want) = separated(n, v, c, 11);
+    let (z, e, mut want) = separated(n, v, c, 11, true);
     let mut e = e.to_vec::<f32>().unwrap();
     // A code no row was drawn from, in the middle and in the last range, turns NaN.
     for bad in [

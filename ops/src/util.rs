@@ -263,16 +263,38 @@ pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sy
     let row = bc.row_len().max(1);
     let (sa, sb) = (bc.row_step(0), bc.row_step(1));
     let mut v = vec![R::default(); n];
-    let fill = |(r, chunk): (usize, &mut [R])| {
-        let (oa, ob) = (bc.row_offset(0, r), bc.row_offset(1, r));
-        for (j, o) in chunk.iter_mut().enumerate() {
-            *o = f(a.0[oa + j * sa], b.0[ob + j * sb]);
+    // A task takes whole rows, about MAP_CHUNK elements of them. Along a row each input is either
+    // contiguous (step 1) or one repeated value (step 0), so the common cases are the plain
+    // slice loops of the maps (vectorised, AVX2 where present).
+    let rows_per_task = (MAP_CHUNK / row).max(1);
+    let fill = |(t, chunk): (usize, &mut [R])| {
+        for (k, out_row) in chunk.chunks_mut(row).enumerate() {
+            let r = t * rows_per_task + k;
+            let (oa, ob, len) = (bc.row_offset(0, r), bc.row_offset(1, r), out_row.len());
+            match (sa, sb) {
+                (1, 1) => map2_slice(out_row, &a.0[oa..oa + len], &b.0[ob..ob + len], &f),
+                (1, 0) => {
+                    let y = b.0[ob];
+                    map1_slice(out_row, &a.0[oa..oa + len], &|x| f(x, y))
+                }
+                (0, 1) => {
+                    let x = a.0[oa];
+                    map1_slice(out_row, &b.0[ob..ob + len], &|y| f(x, y))
+                }
+                _ => {
+                    for (j, o) in out_row.iter_mut().enumerate() {
+                        *o = f(a.0[oa + j * sa], b.0[ob + j * sb]);
+                    }
+                }
+            }
         }
     };
     if n >= PARALLEL_MIN_ELEMS {
-        v.par_chunks_mut(row).enumerate().for_each(fill);
+        v.par_chunks_mut(row * rows_per_task)
+            .enumerate()
+            .for_each(fill);
     } else {
-        v.chunks_mut(row).enumerate().for_each(fill);
+        v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
     }
     v
 }
@@ -522,7 +544,61 @@ pub(crate) fn autocast_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mvar_engine::Float;
+    use mvar_engine::{Float, Shape};
+
+    /// broadcast_map2 against index arithmetic done the slow way, for every kind of row (both
+    /// inputs contiguous, one repeated along the row, both), rows of odd lengths, tasks of many
+    /// rows, and sizes on both sides of the threading threshold.
+    #[test]
+    fn broadcast_map2_matches_per_element_indexing() {
+        let cases: [(&[usize], &[usize], &[usize]); 7] = [
+            (&[3, 5, 7], &[3, 5, 7], &[7]),
+            (&[3, 5, 7], &[3, 1, 7], &[3, 5, 1]),
+            (&[4, 1], &[1, 9], &[4, 9]),
+            (&[1], &[6, 5], &[]),
+            (&[300, 1, 33], &[1, 40, 33], &[300, 40, 1]),
+            (&[2, 70_000], &[70_000], &[2, 1]),
+            (&[1, 1, 1], &[2, 3, 1], &[1, 3, 1]),
+        ];
+        for (sa, sb, sc) in cases {
+            for (ash, bsh) in [(sa, sb), (sb, sc), (sc, sa)] {
+                let (ash, bsh) = (Shape::from(ash.to_vec()), Shape::from(bsh.to_vec()));
+                let rank = ash.rank().max(bsh.rank());
+                let dim = |s: &Shape, ax: usize| {
+                    let pad = rank - s.rank();
+                    if ax < pad {
+                        1
+                    } else {
+                        s.dims()[ax - pad]
+                    }
+                };
+                let out_dims: Vec<usize> = (0..rank)
+                    .map(|ax| dim(&ash, ax).max(dim(&bsh, ax)))
+                    .collect();
+                let out = Shape::from(out_dims.clone());
+                let a: Vec<f32> = (0..ash.elem_count()).map(|i| i as f32 * 0.5).collect();
+                let b: Vec<f32> = (0..bsh.elem_count()).map(|i| 1.0 + i as f32).collect();
+                let got = broadcast_map2(&out, (&a, &ash), (&b, &bsh), |x, y| x * 1000.0 + y);
+                // Index of output element e in an input of shape s: its coordinates, 0 where s is 1.
+                let at = |s: &Shape, mut e: usize| {
+                    let mut idx = 0;
+                    let mut stride = 1;
+                    for ax in (0..rank).rev() {
+                        let c = e % out_dims[ax];
+                        e /= out_dims[ax];
+                        let d = dim(s, ax);
+                        idx += (c % d) * stride;
+                        stride *= d;
+                    }
+                    idx
+                };
+                let want: Vec<f32> = (0..out.elem_count())
+                    .map(|e| a[at(&ash, e)] * 1000.0 + b[at(&bsh, e)])
+                    .collect();
+                assert_eq!(got, want, "{ash} with {bsh}");
+            }
+        }
+    }
 
     /// The AVX2 copy of the map loops gives bitwise the results of the baseline copy, for the
     /// transcendental maps (exp and tanh polynomials, clamps, selects, int conversions) and a

@@ -37,7 +37,8 @@ build libnvrtc.so nvrtc.cpp
 build libcublas.so cublas.cpp
 [ "${1:-}" = "--build-only" ] && { echo "cuda-emu: libraries in $OUT/lib"; exit 0; }
 if [ "${1:-}" = "--self-test" ]; then
-  "$CXX" -std=c++20 -O1 -g -pthread -DMVAR_CUDA_EMU -I"$EMU_SRC" -o "$OUT/selftest" "$EMU_SRC/selftest.cpp"
+  "$CXX" -std=c++20 -O1 -g -pthread -DMVAR_CUDA_EMU -I"$EMU_SRC" "-DMVAR_EMU_DEVICE_H=\"$EMU_SRC/device.h\"" \
+    -o "$OUT/selftest" "$EMU_SRC/selftest.cpp"
   for schedule in forward reverse; do
     for copies in eager deferred; do
       MVAR_EMU_SCHEDULE=$schedule MVAR_EMU_CP_ASYNC=$copies "$OUT/selftest"

@@ -72,9 +72,31 @@ inline std::string compiler() {
     return c && *c ? c : "g++";
 }
 
+// Static `__shared__` arrays become thread_local statics (device.h), which keep what the previous
+// block of the launch (or an earlier launch) left in them, so a kernel that reads one before
+// writing it in this block would read plausible stale values where a GPU gives garbage. After
+// each such declaration this inserts a call that fills the array with 0xff bytes (NaN as floats)
+// when the first thread of a block passes it (no thread can have written it before that).
+// `extern __shared__` declarations (dynamic shared memory, already 0xff) are left alone.
+inline std::string poison_static_shared(const std::string& src) {
+    static const std::regex decl(
+        R"((\bextern\s+)?__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?[A-Za-z_][\w:]*\s+([A-Za-z_]\w*)\s*(?:\[[^\];]*\]\s*)*;)");
+    std::string out;
+    auto last = src.cbegin();
+    for (auto it = std::sregex_iterator(src.begin(), src.end(), decl); it != std::sregex_iterator(); ++it) {
+        const auto& m = *it;
+        out.append(last, m[0].second);
+        if (!m[1].matched) out += " mvar_emu::poison_shared(&" + m[2].str() + ", sizeof(" + m[2].str() + "));";
+        last = m[0].second;
+    }
+    out.append(last, src.cend());
+    return out;
+}
+
 // Builds (or finds in the cache) the shared object of `source`. Returns its path, or "" with the
 // compiler's messages in `log`.
-inline std::string build_module(const std::string& source, std::string& log) {
+inline std::string build_module(const std::string& original, std::string& log) {
+    const std::string source = poison_static_shared(original);
     const std::string device_h = read_file(MVAR_EMU_DEVICE_H);
     if (device_h.empty()) {
         log = std::string("mvar emulator: cannot read ") + MVAR_EMU_DEVICE_H;

@@ -133,6 +133,7 @@ struct Launch {
     Context main;
     int current = 0;
     long long idle_switches = 0;  // switches since a barrier opened or a thread ended
+    std::vector<void*> poisoned;   // static shared arrays already filled in this block
 };
 
 inline thread_local Launch* g_launch = nullptr;
@@ -356,6 +357,19 @@ inline void mvar_emu_cp_wait(int groups_left) {
         f.in_flight.erase(f.in_flight.begin());
     }
 }
+
+// The first thread of a block to pass a static `__shared__` declaration fills the array with 0xff
+// bytes (the call is inserted after each declaration by compile.h's poison_static_shared).
+namespace mvar_emu {
+inline void poison_shared(void* p, size_t bytes) {
+    auto& seen = g_launch->poisoned;
+    for (void* q : seen) {
+        if (q == p) return;
+    }
+    seen.push_back(p);
+    std::memset(p, 0xff, bytes);
+}
+}  // namespace mvar_emu
 
 // ------------------------------------------------------------------------------------------------
 // kernel registry and launcher
@@ -596,6 +610,7 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
         const long long b = modes().reverse ? nblocks - 1 - i : i;
         blockIdx = dim3{(unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((long long)gx * gy))};
         launch.block_bar = Barrier{nthreads, 0, 0};
+        launch.poisoned.clear();
         for (size_t w = 0; w < launch.warps.size(); ++w) {
             int lanes = std::min(32, nthreads - (int)w * 32);
             launch.warps[w].lanes = lanes;

@@ -10,6 +10,7 @@
 #include <csignal>
 
 #include "device.h"
+#include "compile.h"
 
 namespace {
 
@@ -66,6 +67,16 @@ __global__ void reads_the_previous_block(float* out) {
     if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1.0f : out[blockIdx.x - 1];
 }
 
+// Block 0 fills a static shared array; the other blocks read it without writing it. The
+// declaration is followed by the call compile.h inserts after every static __shared__ one.
+__global__ void reads_static_shared_before_writing(float* out) {
+    __shared__ float s[32];
+    mvar_emu::poison_shared(&s, sizeof(s));
+    if (blockIdx.x == 0) s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+}
+
 // Returns with a copy in flight (a bug the deferred mode reports).
 __global__ void exits_with_copy_in_flight(const float* in) {
     mvar_emu_cp_async16(smem_floats() + 4 * threadIdx.x, in);
@@ -88,6 +99,7 @@ mvar_emu::Registrar r3("copy_then_read", &copy_then_read);
 mvar_emu::Registrar r4("two_groups_wait_one", &two_groups_wait_one);
 mvar_emu::Registrar r5("exits_with_copy_in_flight", &exits_with_copy_in_flight);
 mvar_emu::Registrar r7("reads_the_previous_block", &reads_the_previous_block);
+mvar_emu::Registrar r8("reads_static_shared_before_writing", &reads_static_shared_before_writing);
 mvar_emu::Registrar r6("mismatched_barriers", &mismatched_barriers);
 
 int failures = 0;
@@ -182,6 +194,32 @@ int main() {
     }
     expect(out[1] == (m.reverse ? 0.0f : 1.0f), m.reverse ? "reverse order: block 1 runs before block 0"
                                                           : "forward order: block 0 runs before block 1");
+
+    {
+        float* p = out.data();
+        void* params[] = {&p};
+        mvar_emu_launch("reads_static_shared_before_writing", 2, 1, 1, 32, 1, 1, 0, params);
+        int block0 = 0, block1 = 0;
+        for (int t = 0; t < 32; ++t) {
+            block0 += out[t] == 1.0f;
+            block1 += std::isnan(out[32 + t]);
+        }
+        expect(block0 == 32 && block1 == 32,
+               "a block reading a static shared array it never wrote sees NaN, not another block's values");
+    }
+    {
+        const std::string src =
+            "void k() {\n    __shared__ float scratch[32];\n    __shared__ __align__(16) float zs[A][B + 4];\n"
+            "    x = 1; __shared__ double d[2][3];\n}\nextern __shared__ float4 att_smem[];\n"
+            "// a __shared__ word in a comment;\n";
+        const std::string got = mvar_emu_build::poison_static_shared(src);
+        auto has = [&](const char* s) { return got.find(s) != std::string::npos; };
+        expect(has("float scratch[32]; mvar_emu::poison_shared(&scratch, sizeof(scratch));") &&
+                   has("float zs[A][B + 4]; mvar_emu::poison_shared(&zs, sizeof(zs));") &&
+                   has("double d[2][3]; mvar_emu::poison_shared(&d, sizeof(d));") &&
+                   has("extern __shared__ float4 att_smem[];\n") && has("in a comment;\n"),
+               "every static __shared__ declaration, and only those, gets the fill call");
+    }
 
     bool died = aborts([&] { launch("exits_with_copy_in_flight", in.data()); });
     expect(died == m.deferred_copies, m.deferred_copies ? "a thread exiting with a copy in flight is reported"

@@ -803,6 +803,21 @@ fn quant(c: &mut Criterion) {
                         ops::nearest_code(&z, &codebook).unwrap();
                     },
                 );
+                // The reference variant: the whole codebook in one range, one block per 64 rows.
+                if d.is_cuda() && dt == DType::F32 {
+                    with_kernel_env("MVAR_NC_SPLITS", "1", || {
+                        bench(
+                            &mut g,
+                            &d,
+                            format!(
+                                "{t}/nearest_code single-range {what} [{n},{ch}] x [{v},{ch}] {dt}"
+                            ),
+                            || {
+                                ops::nearest_code(&z, &codebook).unwrap();
+                            },
+                        );
+                    });
+                }
             }
         }
         quantizer(&mut g, &d);

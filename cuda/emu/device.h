@@ -323,8 +323,8 @@ inline void mvar_emu_mma_m16n8k16_bf16(float (&c)[4], const unsigned (&a)[4], un
 }
 
 // cp.async.cg.shared.global 16 bytes (src null: 16 zero bytes), commit_group and wait_group N.
-// Eager mode lands the copy at issue; deferred mode keeps it with its thread until a wait_group
-// leaves fewer than its group's age in flight (see Modes).
+// Eager mode lands the copy at issue; deferred mode keeps it with its thread until a
+// wait_group N is issued while its group is not among the N youngest in flight (see Modes).
 namespace mvar_emu {
 inline void land(const AsyncCopy& c) {
     uint4 v = make_uint4(0u, 0u, 0u, 0u);

@@ -31,7 +31,8 @@ const BLOCKS_PER_SM: usize = 8;
 /// How the codebook is cut into contiguous ranges searched by separate blocks (see quant.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CodeSplits {
-    /// Enough ranges that row tiles x ranges fill the GPU once (`MVAR_NC_SPLITS=N` forces N).
+    /// Enough ranges for about two waves of blocks (row tiles x ranges; `MVAR_NC_SPLITS=N`
+    /// forces N).
     Auto,
     /// This many ranges (at most one per 64 codes); 1 is the single-pass reference variant.
     Fixed(usize),

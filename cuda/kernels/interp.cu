@@ -34,7 +34,7 @@
 // Numerics: f32 throughout (bf16 widened on load, rounded once on store); the CPU reference sums
 // in f64, the parity tolerance covers the difference.
 
-#define CUBIC_A (-0.75f)
+#include "cubic.cuh"
 
 __device__ __forceinline__ i64 area_lo(i64 i, i64 in, i64 out) { return (i * in) / out; }
 __device__ __forceinline__ i64 area_hi(i64 i, i64 in, i64 out) { return ((i + 1) * in + out - 1) / out; }
@@ -79,23 +79,6 @@ __device__ void area_bwd_impl(T* dx, const T* g, i64 total, i64 h, i64 w, i64 oh
         }
         Io<T>::store(dx, i, s);
     }
-}
-
-// The four clamped input indices and weights that output o reads along an axis.
-__device__ __forceinline__ void cubic_taps(i64 o, i64 in, i64 out, i64* idx, float* wt) {
-    float scale = (float)in / (float)out;
-    float src = ((float)o + 0.5f) * scale - 0.5f;
-    float f = floorf(src);
-    float t = src - f;
-    i64 i0 = (i64)f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) idx[k] = min(max(i0 - 1 + k, (i64)0), in - 1);
-    const float a = CUBIC_A;
-    float d0 = t + 1.0f, d2 = 1.0f - t, d3 = 2.0f - t;
-    wt[0] = ((a * d0 - 5.0f * a) * d0 + 8.0f * a) * d0 - 4.0f * a;  // 1 <= d0 < 2
-    wt[1] = ((a + 2.0f) * t - (a + 3.0f)) * t * t + 1.0f;            // 0 <= t < 1
-    wt[2] = ((a + 2.0f) * d2 - (a + 3.0f)) * d2 * d2 + 1.0f;         // 0 < d2 <= 1
-    wt[3] = ((a * d3 - 5.0f * a) * d3 + 8.0f * a) * d3 - 4.0f * a;  // 1 < d3 <= 2
 }
 
 // The outputs along an axis that may tap input r: [*lo, *hi], a superset of the true set (see the

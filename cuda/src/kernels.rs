@@ -31,10 +31,13 @@ impl KernelFile {
 }
 
 /// Our headers a kernel file may `#include "<name>"`, by name.
-pub const HEADERS: &[(&str, &str)] = &[("mma.cuh", MMA_HEADER)];
+pub const HEADERS: &[(&str, &str)] = &[("mma.cuh", MMA_HEADER), ("cubic.cuh", CUBIC_HEADER)];
 
 /// bf16 tensor-core fragment helpers (ldmatrix, mma.sync, cp.async), sm_80 and newer.
 pub const MMA_HEADER: &str = include_str!("../kernels/mma.cuh");
+
+/// The taps of bicubic resampling along one axis (interp.cu and quant_step.cu).
+pub const CUBIC_HEADER: &str = include_str!("../kernels/cubic.cuh");
 
 /// The header a source line includes, when it is one of [`HEADERS`].
 fn included_header(line: &str) -> Option<(&'static str, &'static str)> {
@@ -68,6 +71,7 @@ kernel_files! {
     RANDOM => "random.cu",
     INTERP => "interp.cu",
     QUANT => "quant.cu",
+    QUANT_STEP => "quant_step.cu",
     NA2D => "na2d.cu",
     ATTENTION => "attention.cu",
 }

@@ -1069,8 +1069,7 @@ impl DecodeStep {
                 format!("i64 [{bsz}, {}]", pn * pn),
             ));
         }
-        let h = vae.quantize.codes(&idx, pn)?;
-        let (f_hat, next_in) = vae.next_autoregressive_input(si, f_hat, &h)?;
+        let (f_hat, next_in) = vae.next_autoregressive_input(si, f_hat, &idx)?;
         Ok((idx, f_hat, next_in))
     }
 }

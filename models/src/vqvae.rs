@@ -596,6 +596,35 @@ impl Quantizer {
         };
         self.phi(si, &up)
     }
+
+    /// acc + sign * (scale `si`'s contribution of the token map `idx` [B, pn^2]): one step of
+    /// f_hat (sign +1) or of the residual (sign -1) as one op, fused on a GPU when nothing
+    /// needs a gradient (ops::phi_accumulate).
+    pub fn accumulate(
+        &self,
+        si: usize,
+        acc: &Tensor,
+        idx: &Tensor,
+        sign: f64,
+        origin: ops::IndexOrigin,
+    ) -> Result<Tensor> {
+        let pn = self.patch_nums[si];
+        let j = phi_index(si, self.patch_nums.len(), self.phis.len());
+        let phi = (self.resi_ratio >= 1e-6).then(|| ops::Phi {
+            weight: &self.phis[j].weight,
+            bias: self.phis[j].bias.as_ref(),
+            ratio: self.resi_ratio,
+        });
+        ops::phi_accumulate(
+            acc,
+            idx,
+            (pn, pn),
+            &self.embedding.weight,
+            phi.as_ref(),
+            sign,
+            origin,
+        )
+    }
 }
 
 /// What the quantizer's training forward returns.
@@ -732,6 +761,14 @@ impl VqVae {
         let _ng = no_grad();
         let full = self.full();
         let sn = self.config.v_patch_nums.len();
+        let c = self.config.z_channels;
+        if f.rank() != 4 || f.dims()[1..] != [c, full, full] {
+            return Err(Error::shape(
+                "f_to_idx",
+                format!("features {}", f.shape()),
+                format!("[B, {c}, {full}, {full}] (Cvae and the last scale)"),
+            ));
+        }
         let mut rest = f.detach();
         let mut out = Vec::with_capacity(sn);
         for (si, &pn) in self.config.v_patch_nums.iter().enumerate() {
@@ -741,10 +778,9 @@ impl VqVae {
                 rest.clone()
             };
             let idx = self.quantize.nearest(&z)?;
-            let h = self
-                .quantize
-                .contribution(si, &self.quantize.codes(&idx, pn)?, full)?;
-            rest = ops::sub(&rest, &h)?;
+            rest =
+                self.quantize
+                    .accumulate(si, &rest, &idx, -1.0, ops::IndexOrigin::NearestCode)?;
             out.push(idx);
         }
         Ok(out)
@@ -762,18 +798,27 @@ impl VqVae {
     /// f_hat = sum over scales of Phi(bicubic-up(codes)) from token maps [B, pn^2].
     pub fn idx_to_fhat(&self, idx: &[Tensor]) -> Result<Tensor> {
         self.check_pyramid("idx_to_fhat", idx)?;
-        let full = self.full();
-        let mut f_hat: Option<Tensor> = None;
-        for (si, (ids, &pn)) in idx.iter().zip(&self.config.v_patch_nums).enumerate() {
-            let h = self
+        let mut f_hat = self.empty_fhat(idx, "idx_to_fhat")?;
+        for (si, ids) in idx.iter().enumerate() {
+            f_hat = self
                 .quantize
-                .contribution(si, &self.quantize.codes(ids, pn)?, full)?;
-            f_hat = Some(match f_hat {
-                None => h,
-                Some(acc) => ops::add(&acc, &h)?,
-            });
+                .accumulate(si, &f_hat, ids, 1.0, ops::IndexOrigin::Caller)?;
         }
-        f_hat.ok_or_else(|| Error::invalid("idx_to_fhat", "no scales"))
+        Ok(f_hat)
+    }
+
+    /// Zeros [B, Cvae, full, full] in the codebook's dtype, B from the first token map.
+    fn empty_fhat(&self, idx: &[Tensor], op: &'static str) -> Result<Tensor> {
+        let first = idx
+            .first()
+            .ok_or_else(|| Error::invalid(op, "no token maps"))?;
+        let full = self.full();
+        let table = &self.quantize.embedding.weight;
+        Tensor::zeros(
+            [first.dims()[0], self.config.z_channels, full, full],
+            table.dtype(),
+            table.device(),
+        )
     }
 
     fn check_pyramid(&self, op: &'static str, idx: &[Tensor]) -> Result<()> {
@@ -807,23 +852,17 @@ impl VqVae {
                 format!("{} token maps; expected {}", idx.len(), pns.len()),
             ));
         }
-        let full = self.full();
         let c = self.config.z_channels;
-        let mut f_hat: Option<Tensor> = None;
+        let mut f_hat = self.empty_fhat(idx, "idx_to_var_input")?;
         let mut next = Vec::with_capacity(pns.len() - 1);
         for si in 0..pns.len() - 1 {
-            let h =
+            f_hat =
                 self.quantize
-                    .contribution(si, &self.quantize.codes(&idx[si], pns[si])?, full)?;
-            let acc = match f_hat {
-                None => h,
-                Some(acc) => ops::add(&acc, &h)?,
-            };
+                    .accumulate(si, &f_hat, &idx[si], 1.0, ops::IndexOrigin::Caller)?;
             let pn = pns[si + 1];
-            let b = acc.dims()[0];
-            let down = ops::area_downsample(&acc, pn, pn)?;
+            let b = f_hat.dims()[0];
+            let down = ops::area_downsample(&f_hat, pn, pn)?;
             next.push(ops::permute(&down.reshape([b, c, pn * pn])?, &[0, 2, 1])?);
-            f_hat = Some(acc);
         }
         let refs: Vec<&Tensor> = next.iter().collect();
         if refs.is_empty() {
@@ -835,14 +874,14 @@ impl VqVae {
         ops::concat(&refs, 1)
     }
 
-    /// One sampling step (spec 1.8): adds scale `si`'s codes `h` [B, C, pn, pn] to `f_hat`
-    /// [B, C, h, w] and returns the new f_hat and, unless `si` is the last scale, the next
-    /// scale's input area-down(f_hat) [B, C, pn', pn'].
+    /// One sampling step (spec 1.8): adds the contribution of scale `si`'s token map `idx`
+    /// [B, pn^2] to `f_hat` [B, C, h, w] and returns the new f_hat and, unless `si` is the last
+    /// scale, the next scale's input area-down(f_hat) [B, C, pn', pn'].
     pub fn next_autoregressive_input(
         &self,
         si: usize,
         f_hat: &Tensor,
-        h: &Tensor,
+        idx: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let pns = &self.config.v_patch_nums;
         if si >= pns.len() {
@@ -853,7 +892,9 @@ impl VqVae {
                 size: pns.len(),
             });
         }
-        let f_hat = ops::add(f_hat, &self.quantize.contribution(si, h, self.full())?)?;
+        let f_hat = self
+            .quantize
+            .accumulate(si, f_hat, idx, 1.0, ops::IndexOrigin::Caller)?;
         if si + 1 == pns.len() {
             return Ok((f_hat, None));
         }

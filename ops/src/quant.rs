@@ -108,3 +108,222 @@ pub fn nearest_code(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     )?;
     out_tensor(idx, [n], z.device())
 }
+
+// ----------------------------------------------------------------------------------------------
+// one quantizer scale's update of f_hat or of the residual
+
+/// A quantizer Phi for [`phi_accumulate`]: Phi(u) = (1 - ratio) u + ratio (conv3x3(u) + bias),
+/// the convolution with zero padding 1 (weight [C, C, 3, 3], bias [C]).
+#[derive(Clone, Copy)]
+pub struct Phi<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub ratio: f64,
+}
+
+/// Where [`phi_accumulate`]'s token indices come from, which decides whether they are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexOrigin {
+    /// Anything the caller has: every index is checked against the codebook size (on a GPU
+    /// this reads the indices back, a host sync), an index out of range is an error.
+    Caller,
+    /// [`nearest_code`]'s output for this same codebook, in range by construction: not read
+    /// back (the GPU kernel still keeps a bad index from reading out of bounds, its outputs
+    /// NaN).
+    NearestCode,
+}
+
+/// Whether [`phi_accumulate`] may run the fused CUDA kernels: `MVAR_FUSED_QUANT=0` makes it
+/// run the unfused composition everywhere (for comparing the two); read once.
+fn fused_quant_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("MVAR_FUSED_QUANT").as_deref() != Ok("0"))
+}
+
+/// The checked sizes of a quantizer step: (B, C, V, h, w).
+fn step_dims(
+    op: &'static str,
+    acc: &Tensor,
+    idx: &Tensor,
+    scale: (usize, usize),
+    table: &Tensor,
+    phi: Option<&Phi<'_>>,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    require_float(op, acc)?;
+    require_rank(op, acc, "acc [B, C, h, w]", 4)?;
+    require_rank(op, table, "the codebook [V, C]", 2)?;
+    let (b, c, h, w) = (acc.dims()[0], acc.dims()[1], acc.dims()[2], acc.dims()[3]);
+    let v = table.dims()[0];
+    let (ph, pw) = scale;
+    let mut floats = vec![acc, table];
+    if let Some(p) = phi {
+        floats.push(p.weight);
+        floats.extend(p.bias);
+    }
+    same_dtype(op, &floats)?;
+    floats.push(idx);
+    same_device(op, &floats)?;
+    if idx.dtype() != mvar_engine::DType::I64 {
+        return Err(Error::dtype(op, idx.dtype(), "i64 token indices"));
+    }
+    if table.dims()[1] != c || v == 0 {
+        return Err(Error::shape(
+            op,
+            format!("acc {} and codebook {}", acc.shape(), table.shape()),
+            format!("a non-empty codebook [V, {c}] (acc's channels)"),
+        ));
+    }
+    if idx.dims() != [b, ph * pw] || ph == 0 || pw == 0 || ph > h || pw > w {
+        return Err(Error::shape(
+            op,
+            format!("token map {} for a {ph}x{pw} scale", idx.shape()),
+            format!(
+                "[{b}, {}] for a scale of at least 1x1 and at most {h}x{w}",
+                ph * pw
+            ),
+        ));
+    }
+    if let Some(p) = phi {
+        if p.weight.dims() != [c, c, 3, 3] || p.bias.is_some_and(|t| t.dims() != [c]) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "Phi weight {}{}",
+                    p.weight.shape(),
+                    p.bias
+                        .map_or(String::new(), |t| format!(", bias {}", t.shape()))
+                ),
+                format!("weight [{c}, {c}, 3, 3] and bias [{c}]"),
+            ));
+        }
+    }
+    Ok((b, c, v, h, w))
+}
+
+/// acc + sign * Phi(bicubic_up(codes)) with codes = table[idx] as a map [B, C, ph, pw]:
+/// one scale's step of the multi-scale residual quantizer, adding to f_hat (sign +1) or taking
+/// from the residual (sign -1). acc is [B, C, h, w], idx i64 [B, ph*pw] (row-major), table
+/// [V, C]; the upsampling is bicubic_upsample to [h, w] (none when the scale is the full map)
+/// and Phi is the identity when `phi` is None.
+///
+/// On a GPU with nothing that needs a gradient this runs two fused kernels
+/// (`cuda/kernels/quant_step.cu`); otherwise, and everywhere with `MVAR_FUSED_QUANT=0`, the
+/// composition of the ops it fuses ([`phi_accumulate_unfused`]), which is also the CPU
+/// reference the kernels are tested against.
+pub fn phi_accumulate(
+    acc: &Tensor,
+    idx: &Tensor,
+    scale: (usize, usize),
+    table: &Tensor,
+    phi: Option<&Phi<'_>>,
+    sign: f64,
+    origin: IndexOrigin,
+) -> Result<Tensor> {
+    const OP: &str = "phi_accumulate";
+    let (b, c, v, h, w) = step_dims(OP, acc, idx, scale, table, phi)?;
+    if sign != 1.0 && sign != -1.0 {
+        return Err(Error::invalid(OP, format!("sign {sign}; expected 1 or -1")));
+    }
+    let mut floats = vec![acc, table];
+    if let Some(p) = phi {
+        floats.push(p.weight);
+        floats.extend(p.bias);
+    }
+    let needs_grad = mvar_engine::is_grad_enabled() && floats.iter().any(|t| t.requires_grad());
+    if !acc.device().is_cuda() || needs_grad || !fused_quant_enabled() {
+        return phi_accumulate_unfused(acc, idx, scale, table, phi, sign);
+    }
+    if origin == IndexOrigin::Caller {
+        let ids = idx.to_vec::<i64>()?;
+        if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= v) {
+            return Err(Error::IndexOutOfRange {
+                op: OP,
+                what: "token id",
+                index: bad,
+                size: v,
+            });
+        }
+    }
+    let weight = phi.map(|p| p.weight);
+    let bias = phi.and_then(|p| p.bias);
+    let mut ts = vec![acc, idx, table];
+    ts.extend(weight);
+    ts.extend(bias);
+    let ratio = phi.map_or(0.0, |p| p.ratio);
+    let out = dispatch(
+        OP,
+        &ts,
+        |_| {
+            Err(Error::invalid(
+                OP,
+                "the fused kernels run on a GPU only (the CPU takes the composition)",
+            ))
+        },
+        |dev, bufs| {
+            let mix = match &weight {
+                None => cq::PhiMix::Identity,
+                Some(_) => cq::PhiMix::Conv {
+                    weight: bufs[3],
+                    bias: bias.map(|_| bufs[4]),
+                    keep: (1.0 - ratio) as f32,
+                    ratio: ratio as f32,
+                },
+            };
+            let shape = cq::StepShape {
+                batch: b,
+                channels: c,
+                codes: v,
+                scale,
+                full: (h, w),
+            };
+            Ok(vec![cq::phi_accumulate(
+                dev,
+                bufs[0],
+                bufs[1],
+                bufs[2],
+                &mix,
+                shape,
+                sign as f32,
+            )?])
+        },
+    )?;
+    out_tensor(out, [b, c, h, w], acc.device())
+}
+
+/// [`phi_accumulate`] as the composition of the ops it fuses (embedding, permute,
+/// bicubic_upsample, conv2d, scalings, add or sub): differentiable, on any device, and the
+/// reference for the fused kernels.
+pub fn phi_accumulate_unfused(
+    acc: &Tensor,
+    idx: &Tensor,
+    scale: (usize, usize),
+    table: &Tensor,
+    phi: Option<&Phi<'_>>,
+    sign: f64,
+) -> Result<Tensor> {
+    const OP: &str = "phi_accumulate";
+    let (b, c, _, h, w) = step_dims(OP, acc, idx, scale, table, phi)?;
+    let (ph, pw) = scale;
+    let codes = crate::embedding(idx, table)?; // [B, ph*pw, C]
+    let codes = crate::permute(&codes, &[0, 2, 1])?.reshape([b, c, ph, pw])?;
+    let up = if (ph, pw) != (h, w) {
+        crate::bicubic_upsample(&codes, h, w)?
+    } else {
+        codes
+    };
+    let mixed = match phi {
+        None => up,
+        Some(p) => crate::add(
+            &crate::mul_scalar(&up, 1.0 - p.ratio)?,
+            &crate::mul_scalar(
+                &crate::conv2d(&up, p.weight, p.bias, (1, 1), crate::Padding::same(1))?,
+                p.ratio,
+            )?,
+        )?,
+    };
+    if sign < 0.0 {
+        crate::sub(acc, &mixed)
+    } else {
+        crate::add(acc, &mixed)
+    }
+}

@@ -1,5 +1,6 @@
 //! The quantizer's resampling (area and bicubic, values and input gradients, any sizes in
-//! either direction) and the nearest-code search (exact index equality) against the CPU.
+//! either direction), the nearest-code search (exact index equality) and the fused scale step
+//! (codes -> bicubic -> Phi -> accumulate) against the CPU.
 //!
 //! Resampling inputs are rounded to bf16 values first, so the GPU bf16 run sees the numbers of
 //! the f32 reference. The nearest-code inputs are built so that every row's nearest code is
@@ -7,7 +8,7 @@
 //! exactly in every dtype.
 
 use mvar::cuda::ops::quant::{self as cq, CodeSplits};
-use mvar::engine::{DType, Device, Storage, Tensor};
+use mvar::engine::{no_grad, DType, Device, Error, Storage, Tensor};
 use mvar::ops;
 use proptest::prelude::*;
 
@@ -51,6 +52,17 @@ proptest! {
             |_, x| ops::bicubic_upsample(&x[0], oh, ow),
             &[randn_b(&[n, c, h, w], seed)],
         )?;
+    }
+
+    #[test]
+    fn phi_accumulate_fused_step(
+        b in 1usize..3, c in 1usize..21, v in 1usize..40, ph in 1usize..7, pw in 1usize..7,
+        extra_h in 0usize..14, extra_w in 0usize..14, mix in 0usize..3, negative in any::<bool>(),
+        seed in any::<u64>()
+    ) {
+        let ratio = [None, Some(0.5), Some(0.3)][mix];
+        let sign = if negative { -1.0 } else { 1.0 };
+        phi_step_agrees(b, c, v, (ph, pw), (ph + extra_h, pw + extra_w), ratio, mix != 2, sign, seed);
     }
 
     #[test]
@@ -314,4 +326,146 @@ fn nearest_code_nan_never_wins() {
     let zt = Tensor::from_vec(z, [n, c], &Device::Cpu).unwrap();
     let et = Tensor::from_vec(e, [v, c], &Device::Cpu).unwrap();
     nearest_code_matches(&zt, &et, &want, "nearest_code with NaN rows and codes");
+}
+
+/// Token indices in [0, v), reproducible.
+fn token_map(b: usize, n: usize, v: usize, seed: u64) -> Vec<i64> {
+    let mut rng = Mix(seed);
+    (0..b * n).map(|_| rng.below(v) as i64).collect()
+}
+
+/// ops::phi_accumulate under no_grad (so a GPU runs the fused kernels, and the CPU the
+/// composition of the unfused ops, its reference) through [`parity`]: f32 and bf16 against the
+/// CPU. `bias` false leaves Phi's bias out.
+#[allow(clippy::too_many_arguments)]
+fn phi_step_agrees(
+    b: usize,
+    c: usize,
+    v: usize,
+    scale: (usize, usize),
+    full: (usize, usize),
+    ratio: Option<f64>,
+    bias: bool,
+    sign: f64,
+    seed: u64,
+) {
+    let (ph, pw) = scale;
+    let (h, w) = full;
+    let ids = token_map(b, ph * pw, v, seed);
+    let inputs = [
+        randn_b(&[b, c, h, w], seed ^ 1),
+        randn_b(&[v, c], seed ^ 2),
+        randn_b(&[c, c, 3, 3], seed ^ 3),
+        randn_b(&[c], seed ^ 4),
+    ];
+    let what = format!(
+        "phi_accumulate b {b} c {c} v {v} scale {ph}x{pw} full {h}x{w} ratio {ratio:?} bias {bias} sign {sign}"
+    );
+    check(parity(
+        &what,
+        |dev, x| {
+            let _ng = no_grad();
+            let idx = Tensor::from_vec(ids.clone(), [b, ph * pw], &Device::Cpu)?.to_device(dev)?;
+            let phi = ratio.map(|ratio| ops::Phi {
+                weight: &x[2],
+                bias: bias.then_some(&x[3]),
+                ratio,
+            });
+            ops::phi_accumulate(
+                &x[0],
+                &idx,
+                scale,
+                &x[1],
+                phi.as_ref(),
+                sign,
+                ops::IndexOrigin::Caller,
+            )
+        },
+        &inputs,
+    ));
+}
+
+/// The quantizer's own step sizes (10 scales up to 16x16, 32 channels, the identity scale),
+/// maps past one 16x16 tile, and channel counts past one group of 8 and one chunk of 16.
+#[test]
+fn phi_accumulate_at_the_quantizer_scales() {
+    for (i, pn) in [1usize, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+        .into_iter()
+        .enumerate()
+    {
+        phi_step_agrees(
+            2,
+            32,
+            64,
+            (pn, pn),
+            (16, 16),
+            Some(0.5),
+            true,
+            -1.0,
+            10 + i as u64,
+        );
+    }
+    phi_step_agrees(1, 17, 9, (5, 7), (33, 18), Some(0.5), true, 1.0, 30);
+    phi_step_agrees(3, 9, 5, (1, 1), (1, 1), Some(0.5), false, -1.0, 31);
+    phi_step_agrees(1, 40, 300, (16, 16), (16, 16), None, true, 1.0, 32);
+}
+
+/// On a GPU: the fused kernels against the unfused composition on the same GPU in f32, with
+/// the indices taken as the search's (not read back) too; an index out of range is an error
+/// naming it when the caller's indices are checked.
+#[test]
+fn phi_accumulate_fused_matches_the_unfused_ops_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let _ng = no_grad();
+    let (b, c, v, pn, full) = (2, 32, 4096, 8, 16);
+    let on = |t: Tensor| t.to_device(&gpu).expect("upload");
+    let acc = on(randn(&[b, c, full, full], 40));
+    let table = on(randn(&[v, c], 41));
+    let weight = on(randn(&[c, c, 3, 3], 42));
+    let bias = on(randn(&[c], 43));
+    let idx =
+        on(Tensor::from_vec(token_map(b, pn * pn, v, 44), [b, pn * pn], &Device::Cpu).unwrap());
+    let phi = ops::Phi {
+        weight: &weight,
+        bias: Some(&bias),
+        ratio: 0.5,
+    };
+    let want = ops::phi_accumulate_unfused(&acc, &idx, (pn, pn), &table, Some(&phi), -1.0)
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    let scale = want.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+    for origin in [ops::IndexOrigin::Caller, ops::IndexOrigin::NearestCode] {
+        let got = ops::phi_accumulate(&acc, &idx, (pn, pn), &table, Some(&phi), -1.0, origin)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            err <= 1e-5 * scale,
+            "{origin:?}: fused vs unfused on the GPU differ by {err}"
+        );
+    }
+    let mut bad_ids = token_map(b, pn * pn, v, 45);
+    bad_ids[7] = v as i64;
+    let bad = on(Tensor::from_vec(bad_ids, [b, pn * pn], &Device::Cpu).unwrap());
+    match ops::phi_accumulate(
+        &acc,
+        &bad,
+        (pn, pn),
+        &table,
+        Some(&phi),
+        1.0,
+        ops::IndexOrigin::Caller,
+    ) {
+        Err(Error::IndexOutOfRange { index, size, .. }) => assert_eq!((index, size), (v as i64, v)),
+        other => panic!(
+            "expected an index-out-of-range error, got {:?}",
+            other.map(|t| t.shape().clone())
+        ),
+    }
 }

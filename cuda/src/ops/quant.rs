@@ -5,7 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::buffer::{BufferKind, CudaBuffer};
 use crate::device::{launch_1d, launch_err};
-use crate::kernels::QUANT;
+use crate::kernels::{QUANT, QUANT_STEP};
 use crate::ops::{check_lens, float_kind};
 use crate::{CudaDevice, CudaError};
 
@@ -176,5 +176,189 @@ pub fn nearest_code(
         unsafe { b.launch(launch_1d(n, THREADS)) }
             .map_err(launch_err("nearest_code combine", sizes.clone()))?;
     }
+    Ok(out)
+}
+
+/// Threads of `codes_bicubic` (one per pixel and group of CB_GROUP channels).
+const STEP_THREADS: u32 = 256;
+/// Channels one `codes_bicubic` thread interpolates (CB_GROUP in quant_step.cu).
+const CB_GROUP: usize = 8;
+/// Output tile side and output channels of one `phi_conv_acc` block (PHI_TILE, PHI_OCG).
+const PHI_TILE: usize = 16;
+const PHI_OCG: usize = 8;
+/// Grid y and z limits of a launch.
+const MAX_GRID_YZ: usize = 65535;
+
+/// The sizes of one quantizer step (see [`phi_accumulate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepShape {
+    /// Images.
+    pub batch: usize,
+    /// Channels of the codes and of acc.
+    pub channels: usize,
+    /// Codes in the codebook.
+    pub codes: usize,
+    /// The scale's token map [ph, pw].
+    pub scale: (usize, usize),
+    /// The full map [h, w] of acc.
+    pub full: (usize, usize),
+}
+
+/// Phi's mix for [`phi_accumulate`]: Phi(u) = keep * u + ratio * (conv3x3(u) + bias) with the
+/// weight [C, C, 3, 3] and an optional bias [C] (keep = 1 - ratio as the caller rounds it), or
+/// the identity.
+pub enum PhiMix<'a> {
+    Identity,
+    Conv {
+        weight: &'a CudaBuffer,
+        bias: Option<&'a CudaBuffer>,
+        keep: f32,
+        ratio: f32,
+    },
+}
+
+/// acc + sign * Phi(bicubic_up(table[idx])) (`kernels/quant_step.cu`): one scale's update of
+/// f_hat (sign +1) or of the residual (sign -1) in two launches. acc [B, C, h, w] and the table
+/// [V, C] are f32 or bf16 (one kind, Phi's weights too); idx is i64 [B, ph*pw] with every entry
+/// in [0, V), which the caller checks (on the host, or by taking [`nearest_code`]'s output): the
+/// kernel only keeps a bad index from reading out of bounds, making its outputs NaN. Returns a
+/// new buffer like acc.
+pub fn phi_accumulate(
+    dev: &CudaDevice,
+    acc: &CudaBuffer,
+    idx: &CudaBuffer,
+    table: &CudaBuffer,
+    phi: &PhiMix<'_>,
+    shape: StepShape,
+    sign: f32,
+) -> Result<CudaBuffer, CudaError> {
+    const OP: &str = "phi_accumulate";
+    let StepShape {
+        batch,
+        channels: c,
+        codes: v,
+        scale: (ph, pw),
+        full: (h, w),
+    } = shape;
+    let sizes = format!("acc [{batch}, {c}, {h}, {w}], idx [{batch}, {ph}x{pw}], table [{v}, {c}]");
+    let err = |message: &str| CudaError::Launch {
+        op: OP.to_string(),
+        sizes: sizes.clone(),
+        message: message.to_string(),
+    };
+    let mut floats = vec![acc, table];
+    if let PhiMix::Conv { weight, bias, .. } = phi {
+        floats.push(weight);
+        floats.extend(bias.iter().copied());
+    }
+    let kind = float_kind(OP, &floats)?;
+    if idx.kind() != BufferKind::I64 {
+        return Err(err("expected i64 indices"));
+    }
+    let count = |dims: &[usize]| {
+        dims.iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= i64::MAX as usize / 16)
+    };
+    let (Some(acc_len), Some(idx_len), Some(table_len)) = (
+        count(&[batch, c, h, w]),
+        count(&[batch, ph, pw]),
+        count(&[v, c]),
+    ) else {
+        return Err(err("element count overflows"));
+    };
+    if v == 0 || ph == 0 || pw == 0 || ph > h || pw > w {
+        return Err(err(
+            "expected a non-empty codebook and a token map no larger than the full map",
+        ));
+    }
+    let mut lens = vec![(acc, acc_len), (idx, idx_len), (table, table_len)];
+    if let PhiMix::Conv { weight, bias, .. } = phi {
+        lens.push((weight, c * c * 9));
+        lens.extend(bias.iter().map(|b| (*b, c)));
+    }
+    check_lens(OP, &lens)?;
+    let out = dev.alloc(kind, acc_len, "phi_accumulate output")?;
+    if acc_len == 0 {
+        return Ok(out);
+    }
+    let suffix = kind.suffix();
+    let u = dev.alloc(kind, acc_len, "phi_accumulate upsampled codes")?;
+    let (bb, cc, vv, pph, ppw, hh, ww) = (
+        batch as i64,
+        c as i64,
+        v as i64,
+        ph as i64,
+        pw as i64,
+        h as i64,
+        w as i64,
+    );
+    let (pu, pi, pt) = (u.device_ptr(), idx.device_ptr(), table.device_ptr());
+    {
+        let f = dev.function(&QUANT_STEP, &format!("codes_bicubic_{suffix}"))?;
+        let threads = batch * c.div_ceil(CB_GROUP) * h * w;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&pu)
+            .arg(&pi)
+            .arg(&pt)
+            .arg(&bb)
+            .arg(&cc)
+            .arg(&vv)
+            .arg(&pph)
+            .arg(&ppw)
+            .arg(&hh)
+            .arg(&ww);
+        // SAFETY: u holds B*C*h*w elements, idx B*ph*pw i64s and table V*C elements, all checked
+        // above; the kernel reads a table row only for an index in [0, V) and writes u only
+        // inside it.
+        unsafe { b.launch(launch_1d(threads, STEP_THREADS)) }
+            .map_err(launch_err("phi_accumulate codes_bicubic", sizes.clone()))?;
+    }
+    let (pw_, pb, keep, ratio, use_conv) = match phi {
+        PhiMix::Identity => (0, 0, 1.0f32, 0.0f32, 0i32),
+        PhiMix::Conv {
+            weight,
+            bias,
+            keep,
+            ratio,
+        } => (
+            weight.device_ptr(),
+            bias.map_or(0, |b| b.device_ptr()),
+            *keep,
+            *ratio,
+            1,
+        ),
+    };
+    let tiles = h.div_ceil(PHI_TILE) * w.div_ceil(PHI_TILE);
+    let groups = c.div_ceil(PHI_OCG);
+    if tiles > u32::MAX as usize || groups > MAX_GRID_YZ || batch > MAX_GRID_YZ {
+        return Err(err(
+            "more than 65535 images or channel groups of 8, or too many 16x16 tiles, for one launch",
+        ));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, groups as u32, batch as u32),
+        block_dim: ((PHI_TILE * PHI_TILE) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (po, pa) = (out.device_ptr(), acc.device_ptr());
+    let f = dev.function(&QUANT_STEP, &format!("phi_conv_acc_{suffix}"))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po)
+        .arg(&pa)
+        .arg(&pu)
+        .arg(&pw_)
+        .arg(&pb)
+        .arg(&cc)
+        .arg(&hh)
+        .arg(&ww)
+        .arg(&keep)
+        .arg(&ratio)
+        .arg(&sign)
+        .arg(&use_conv);
+    // SAFETY: out, acc and u hold B*C*h*w elements, the weight C*C*9 and the bias C (or null,
+    // which the kernel tests before reading; both unread with use_conv 0); every block's reads
+    // are bounds-checked against C, h and w, and it writes only its own pixels of out.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes.clone()))?;
     Ok(out)
 }

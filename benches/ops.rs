@@ -820,9 +820,56 @@ fn quant(c: &mut Criterion) {
                 }
             }
         }
+        phi_step(&mut g, &d);
         quantizer(&mut g, &d);
     }
     g.finish();
+}
+
+/// One scale's f_hat / residual update (ops::phi_accumulate: look up the codes, bicubic-up to
+/// 16x16, Phi with its 3x3 convolution, subtract from the residual) at the released shape,
+/// batch 32, for a small scale (8x8) and the last one (16x16, no upsampling). On the GPU the
+/// fused kernels and, with MVAR_FUSED_QUANT=0, the unfused ops they replace ("[unfused]"), in
+/// f32; the CPU always runs the unfused ops. Throughput: the convolution's FLOPs.
+fn phi_step(g: &mut BenchmarkGroup<'_, WallTime>, d: &Device) {
+    let t = tag(d);
+    let (b, c, v, full) = (32usize, 32usize, 4096usize, 16usize);
+    let acc = randn(&[b, c, full, full], DType::F32, d, 5);
+    let table = randn(&[v, c], DType::F32, d, 6);
+    let weight = randn(&[c, c, 3, 3], DType::F32, d, 7);
+    let bias = randn(&[c], DType::F32, d, 8);
+    let phi = ops::Phi {
+        weight: &weight,
+        bias: Some(&bias),
+        ratio: 0.5,
+    };
+    for pn in [8usize, 16] {
+        let ids = Tensor::zeros([b, pn * pn], DType::I64, &Device::Cpu)
+            .and_then(|z| z.to_device(d))
+            .expect("token map");
+        g.throughput(Throughput::Elements(
+            (2 * b * c * c * 9 * full * full) as u64,
+        ));
+        let run = || {
+            ops::phi_accumulate(
+                &acc,
+                &ids,
+                (pn, pn),
+                &table,
+                Some(&phi),
+                -1.0,
+                ops::IndexOrigin::NearestCode,
+            )
+            .unwrap();
+        };
+        let id = format!("{t}/phi step [{b},{c},{full},{full}] scale {pn}x{pn} f32");
+        bench(g, d, id.clone(), run);
+        if d.is_cuda() {
+            with_kernel_env("MVAR_FUSED_QUANT", "0", || {
+                bench(g, d, format!("{id} [unfused]"), run)
+            });
+        }
+    }
 }
 
 /// The tokenizer's whole multi-scale residual quantization (spec 1.4: for each of the 10 scales
@@ -860,6 +907,21 @@ fn quantizer(g: &mut BenchmarkGroup<'_, WallTime>, d: &Device) {
             narrow.f_to_idx(&f).unwrap();
         },
     );
+    // The same with each scale's update as the unfused ops (the GPU's reference variant).
+    if d.is_cuda() {
+        with_kernel_env("MVAR_FUSED_QUANT", "0", || {
+            bench(
+                g,
+                d,
+                format!(
+                    "{t}/residual quantize [{batch},{cz},16,16] x [{v},{cz}] f32 [unfused steps]"
+                ),
+                || {
+                    narrow.f_to_idx(&f).unwrap();
+                },
+            )
+        });
+    }
     drop(narrow);
     let batch = if d.is_cuda() { 32 } else { 1 };
     let vae = VqVae::new(released, d, 2).expect("tokenizer");

@@ -59,7 +59,8 @@ def tokenizer_cases(report, timed, dev):
     (the work does not depend on them), no_grad, f32. Our f32 convolutions run without TF32, so
     the main ids disable it for cuDNN too; the encode is also timed with PyTorch's default (TF32
     convolutions) under the id with " [tf32 convs]" appended. Rate: the cross-term FLOPs of the
-    nearest-code searches, as benches/ops.rs counts them."""
+    nearest-code searches, as benches/ops.rs counts them (for the single-scale "phi step" cases,
+    the FLOPs of Phi's convolution)."""
     nn = torch.nn
     ch, mult, zc, codes = 160, (1, 1, 2, 2, 4), 32, 4096
     pns = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -139,6 +140,19 @@ def tokenizer_cases(report, timed, dev):
             f = torch.randn(32, zc, 16, 16, device=dev)
             report("quant", f"cuda/residual quantize [32,{zc},16,16] x [{codes},{zc}] f32",
                    timed(lambda: f_to_idx(f)), flops=2 * 32 * tokens * codes * zc)
+            # One scale's update alone (ops::phi_accumulate's cases): look up, bicubic-up unless
+            # the scale is the full map, the Phi mix, residual - that (out of place, as ours).
+            for pn in (8, 16):
+                ids = torch.zeros(32, pn * pn, dtype=torch.long, device=dev)
+
+                def step(ids=ids, pn=pn):
+                    h = F.embedding(ids, codebook).view(32, pn, pn, zc).permute(0, 3, 1, 2)
+                    if pn != 16:
+                        h = F.interpolate(h, size=(16, 16), mode="bicubic")
+                    return f - (h.mul(0.5) + phis[0](h).mul_(0.5))
+
+                report("quant", f"cuda/phi step [32,{zc},16,16] scale {pn}x{pn} f32", timed(step),
+                       flops=2 * 32 * zc * zc * 9 * 16 * 16)
             batch = 32 if dev.type == "cuda" else 1
             img = torch.randn(batch, 3, 256, 256, device=dev)
             case = f"cuda/10-scale encode [{batch},3,256,256] vae_ch160v4096z32 f32"

@@ -134,10 +134,10 @@ pub enum IndexOrigin {
 }
 
 /// Whether [`phi_accumulate`] may run the fused CUDA kernels: `MVAR_FUSED_QUANT=0` makes it
-/// run the unfused composition everywhere (for comparing the two); read once.
+/// run the unfused composition everywhere (for comparing the two; read at every call, so a
+/// benchmark can switch it).
 fn fused_quant_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("MVAR_FUSED_QUANT").as_deref() != Ok("0"))
+    std::env::var_os("MVAR_FUSED_QUANT").is_none_or(|v| v != "0")
 }
 
 /// The checked sizes of a quantizer step: (B, C, V, h, w).

@@ -68,11 +68,9 @@ impl UnaryOp {
             UnaryOp::Tanh => x.tanh_fast(),
             UnaryOp::Sigmoid => sigmoid_scalar(x),
             UnaryOp::Silu => x * sigmoid_scalar(x),
-            UnaryOp::GeluTanh => {
-                let half = T::from_f64(0.5);
-                let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_C) * x * x * x);
-                half * x * (one + u.tanh_fast())
-            }
+            // 0.5 x (1 + tanh u) = x sigmoid(2u): one exp and one division, no select between
+            // two tanh forms.
+            UnaryOp::GeluTanh => x * gelu_sigmoid(x),
             UnaryOp::Relu => x.max(T::zero()),
             UnaryOp::Abs => x.abs(),
             UnaryOp::Square => x * x,
@@ -123,12 +121,13 @@ impl UnaryOp {
                 let sg = sigmoid_scalar(s);
                 g * (sg + s * sg * (one - sg))
             }
+            // d/dx x sig(2u) = sig + 2 x u' sig (1 - sig), with sig = sigmoid(2u).
             UnaryOp::GeluTanh => {
                 let k = T::from_f64(SQRT_2_OVER_PI);
                 let c = T::from_f64(GELU_C);
-                let t = (k * (s + c * s * s * s)).tanh_fast();
+                let sg = gelu_sigmoid(s);
                 let du = k * (one + T::from_f64(3.0) * c * s * s);
-                g * (half * (one + t) + half * s * (one - t * t) * du)
+                g * (sg + (s + s) * du * sg * (one - sg))
             }
             UnaryOp::Relu => {
                 if s > T::zero() {
@@ -156,6 +155,15 @@ fn sigmoid_scalar<T: Float>(x: T) -> T {
     // One branch-free form for both signs (so the loops vectorise): for x << 0, e^-x may be
     // +inf and 1 / inf = 0 is the right limit; 1 / (1 + e) is accurate to an ulp either way.
     T::one() / (T::one() + (-x).exp_fast())
+}
+
+/// sigmoid(2u) for GELU's u = sqrt(2/pi) (x + 0.044715 x^3), so that
+/// gelu_tanh(x) = 0.5 x (1 + tanh u) = x * this. Branch-free like [`sigmoid_scalar`]: for
+/// x << 0, e^(-2u) is +inf and the result the exact limit 0.
+#[inline]
+fn gelu_sigmoid<T: Float>(x: T) -> T {
+    let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_C) * x * x * x);
+    sigmoid_scalar(u + u)
 }
 
 struct UnaryFwd(UnaryOp);

@@ -2,7 +2,9 @@
 // N x V distance matrix.
 //
 // idx[i] = argmin_v ||z_i||^2 + ||e_v||^2 - 2 z_i . e_v for z [N, C] and the codebook e [V, C]
-// (dense, row-major), ties to the lowest v as torch.argmin. ||z_i||^2 is the same for every v of a
+// (dense, row-major), ties to the lowest v as torch.argmin. z may also be given as feature maps
+// [B, C, P] (NCHW with P = H * W pixels, `plane` = P), row i being image i / P, pixel i % P: the
+// quantizer searches its area-downsampled maps without a permuted copy. ||z_i||^2 is the same for every v of a
 // row, so it cannot change the argmin; the kernel compares d_v = ||e_v||^2 - 2 z_i . e_v and
 // leaves it out (adding it in f32 would only round away low bits of the difference).
 //
@@ -61,7 +63,7 @@ __device__ void code_norms_impl(float* en, const T* e, i64 v, i64 c) {
 
 template <typename T>
 __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T* z, const T* e, const float* en,
-                                  i64 n, i64 v, i64 c, i64 split) {
+                                  i64 n, i64 v, i64 c, i64 split, i64 plane) {
     // [channel][row] and [channel][code]. The pitch (NC_TM + 4) keeps each thread's four
     // consecutive rows or codes one aligned float4, so a k step costs two 16-byte shared loads
     // for sixteen FMAs (a warp reads 2 distinct float4s of zs, broadcast, and 16 of es: no bank
@@ -75,11 +77,19 @@ __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T*
     const i64 c_steps = (c + NC_TK - 1) / NC_TK;
     const bool z_resident = c_steps * NC_TK <= NC_ZC;
     // Stages channels k0 .. k0 + nk of rows r0 .. r0 + 64 of src (n0 rows) into dst[k][row].
-    auto stage = [&](float(*dst)[NC_TM + 4], const T* src, i64 r0, i64 n0, i64 k0, int nk) {
+    // Rows of z are read in its layout: row-major [N, C] (plane 0), or planes [N / plane, C,
+    // plane] (NCHW, row = image * plane + pixel), where a thread takes consecutive rows of one
+    // channel so that a warp reads along the pixels.
+    auto stage = [&](float(*dst)[NC_TM + 4], const T* src, i64 r0, i64 n0, i64 k0, int nk, i64 pl) {
         for (int q = threadIdx.x; q < NC_TM * nk; q += NC_THREADS) {
-            int rr = q / nk, kk = q % nk;
+            int rr = pl ? q % NC_TM : q / nk, kk = pl ? q / NC_TM : q % nk;
             i64 col = k0 + kk, row = r0 + rr;
-            dst[kk][rr] = (col < c && row < n0) ? Io<T>::load(src, row * c + col) : 0.0f;
+            float x = 0.0f;
+            if (col < c && row < n0) {
+                i64 at = pl ? ((row / pl) * c + col) * pl + row % pl : row * c + col;
+                x = Io<T>::load(src, at);
+            }
+            dst[kk][rr] = x;
         }
     };
     for (i64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -93,7 +103,7 @@ __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T*
         }
         if (z_resident) {
             __syncthreads();  // the previous row tile's readers of zs are done
-            stage(zs, z, m0, n, 0, (int)(c_steps * NC_TK));
+            stage(zs, z, m0, n, 0, (int)(c_steps * NC_TK), plane);
         }
         const i64 vlo = (i64)blockIdx.y * split, vhi = min(v, vlo + split);
         for (i64 v0 = vlo; v0 < vhi; v0 += NC_TN) {
@@ -104,8 +114,8 @@ __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T*
                 for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
             }
             for (i64 k0 = 0; k0 < c; k0 += NC_TK) {
-                if (!z_resident) stage(zs, z, m0, n, k0, NC_TK);
-                stage(es, e, v0, v, k0, NC_TK);
+                if (!z_resident) stage(zs, z, m0, n, k0, NC_TK, plane);
+                stage(es, e, v0, v, k0, NC_TK, 0);
                 __syncthreads();
                 const float(*zk)[NC_TM + 4] = z_resident ? zs + k0 : zs;
 #pragma unroll
@@ -192,8 +202,8 @@ extern "C" __global__ void nearest_code_combine(i64* idx, const float* part_d, c
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(NC_THREADS)                                       \
         nearest_code_##S(i64* idx, float* part_d, i64* part_i, const T* z, const T* e, const float* en, \
-                         i64 n, i64 v, i64 c, i64 split) {                                          \
-        nearest_code_impl<T>(idx, part_d, part_i, z, e, en, n, v, c, split);                       \
+                         i64 n, i64 v, i64 c, i64 split, i64 plane) {                               \
+        nearest_code_impl<T>(idx, part_d, part_i, z, e, en, n, v, c, split, plane);                \
     }
 
 QUANT_KERNELS(float, f32)

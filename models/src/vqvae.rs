@@ -566,17 +566,30 @@ impl Quantizer {
 
     /// The nearest code of every pixel of `z` [B, C, h, w] -> i64 [B, h*w] (row-major).
     pub fn nearest(&self, z: &Tensor) -> Result<Tensor> {
+        self.nearest_with(z, None)
+    }
+
+    /// The codebook prepared for several searches (its norms computed once on a GPU), for
+    /// [`Quantizer::nearest_with`]; not used with `using_znorm`.
+    pub fn codebook(&self) -> Result<ops::Codebook> {
+        ops::Codebook::new(&self.embedding.weight)
+    }
+
+    /// [`Quantizer::nearest`] with the codebook prepared by [`Quantizer::codebook`] when the
+    /// caller searches it at several scales.
+    pub fn nearest_with(&self, z: &Tensor, book: Option<&ops::Codebook>) -> Result<Tensor> {
         let (b, c, h, w) = dims4(z)?;
-        let rows = ops::permute(z, &[0, 2, 3, 1])?.reshape([b * h * w, c])?;
-        let idx = if self.using_znorm {
+        if self.using_znorm {
             // Cosine similarity: nearest normalised code by the largest dot product.
+            let rows = ops::permute(z, &[0, 2, 3, 1])?.reshape([b * h * w, c])?;
             let zn = ops::l2_normalize(&rows, 1e-12)?;
             let en = ops::l2_normalize(&self.embedding.weight.detach(), 1e-12)?;
-            ops::nearest_code(&zn, &en)?
-        } else {
-            ops::nearest_code(&rows, &self.embedding.weight.detach())?
-        };
-        idx.reshape([b, h * w])
+            return ops::nearest_code(&zn, &en)?.reshape([b, h * w]);
+        }
+        match book {
+            Some(book) => ops::nearest_code_maps(z, book),
+            None => ops::nearest_code_maps(z, &self.codebook()?),
+        }
     }
 
     /// Codes of `idx` [B, pn*pn] as a map [B, C, pn, pn].
@@ -771,13 +784,18 @@ impl VqVae {
         }
         let mut rest = f.detach();
         let mut out = Vec::with_capacity(sn);
+        let book = if self.quantize.using_znorm {
+            None
+        } else {
+            Some(self.quantize.codebook()?)
+        };
         for (si, &pn) in self.config.v_patch_nums.iter().enumerate() {
             let z = if si + 1 < sn {
                 ops::area_downsample(&rest, pn, pn)?
             } else {
                 rest.clone()
             };
-            let idx = self.quantize.nearest(&z)?;
+            let idx = self.quantize.nearest_with(&z, book.as_ref())?;
             rest =
                 self.quantize
                     .accumulate(si, &rest, &idx, -1.0, ops::IndexOrigin::NearestCode)?;

@@ -103,10 +103,112 @@ pub fn nearest_code(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
         },
         |dev, b| {
             let splits = cq::CodeSplits::from_env();
-            Ok(vec![cq::nearest_code(dev, b[0], b[1], n, v, c, splits)?])
+            Ok(vec![cq::nearest_code(
+                dev,
+                b[0],
+                b[1],
+                n,
+                v,
+                c,
+                splits,
+                cq::RowLayout::Rows,
+                None,
+            )?])
         },
     )?;
     out_tensor(idx, [n], z.device())
+}
+
+/// A codebook [V, C] prepared for several searches ([`nearest_code_maps`]): on a GPU its
+/// squared row norms are computed once here instead of at every search.
+pub struct Codebook {
+    table: Tensor,
+    /// f32 [V] on the GPU; None on the CPU, whose reference forms the norms in f64 per search.
+    norms: Option<Tensor>,
+}
+
+impl Codebook {
+    pub fn new(table: &Tensor) -> Result<Codebook> {
+        const OP: &str = "codebook";
+        require_float(OP, table)?;
+        require_rank(OP, table, "codebook [V, C]", 2)?;
+        let (v, c) = (table.dims()[0], table.dims()[1]);
+        if v == 0 {
+            return Err(Error::shape(
+                OP,
+                table.shape().to_string(),
+                "a non-empty codebook [V, C]",
+            ));
+        }
+        let table = table.detach();
+        if !table.device().is_cuda() {
+            return Ok(Codebook { table, norms: None });
+        }
+        let norms = dispatch(
+            OP,
+            &[&table],
+            |_| Err(Error::invalid(OP, "norms are only precomputed on a GPU")),
+            |dev, b| Ok(vec![cq::code_norms(dev, b[0], v, c)?]),
+        )?;
+        let norms = out_tensor(norms, [v], table.device())?;
+        Ok(Codebook {
+            table,
+            norms: Some(norms),
+        })
+    }
+
+    /// The codebook [V, C] (detached).
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+}
+
+/// The nearest code of every pixel of the feature maps `z` [B, C, H, W] (squared L2, ties to
+/// the lowest index, as [`nearest_code`] on the pixels as rows), as i64 [B, H * W] in row-major
+/// pixel order. On a GPU the search reads z in place (no permuted copy) with the codebook's
+/// precomputed norms; the CPU runs [`nearest_code`] on the permuted rows, its reference.
+pub fn nearest_code_maps(z: &Tensor, book: &Codebook) -> Result<Tensor> {
+    const OP: &str = "nearest_code";
+    require_rank(OP, z, "feature maps [B, C, H, W]", 4)?;
+    let (b, c, h, w) = (z.dims()[0], z.dims()[1], z.dims()[2], z.dims()[3]);
+    let Some(norms) = &book.norms else {
+        let rows = crate::permute(z, &[0, 2, 3, 1])?.reshape([b * h * w, c])?;
+        return nearest_code(&rows, &book.table)?.reshape([b, h * w]);
+    };
+    let table = &book.table;
+    require_float(OP, z)?;
+    same_dtype(OP, &[z, table])?;
+    same_device(OP, &[z, table])?;
+    let v = table.dims()[0];
+    if table.dims()[1] != c {
+        return Err(Error::shape(
+            OP,
+            format!("z {} and codebook {}", z.shape(), table.shape()),
+            "feature maps [B, C, H, W] and a codebook [V, C] of the same C",
+        ));
+    }
+    let n = b * h * w;
+    let idx = dispatch(
+        OP,
+        &[z, table, norms],
+        |_| Err(Error::invalid(OP, "a codebook with GPU norms on the CPU")),
+        |dev, bufs| {
+            let splits = cq::CodeSplits::from_env();
+            let layout = cq::RowLayout::Planes((h * w).max(1));
+            Ok(vec![cq::nearest_code(
+                dev,
+                bufs[0],
+                bufs[1],
+                n,
+                v,
+                c,
+                splits,
+                layout,
+                Some(bufs[2]),
+            )?])
+        },
+    )?;
+    out_tensor(idx, [b, h * w], z.device())
 }
 
 // ----------------------------------------------------------------------------------------------

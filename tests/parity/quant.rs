@@ -188,7 +188,8 @@ fn gpu_indices_with_splits(z: &Tensor, e: &Tensor, splits: CodeSplits) -> Vec<i6
     let (Storage::Cuda(zb), Storage::Cuda(eb)) = (&*zs, &*es) else {
         panic!("expected GPU buffers")
     };
-    let out = cq::nearest_code(dev, zb, eb, n, v, c, splits).expect("nearest_code");
+    let out = cq::nearest_code(dev, zb, eb, n, v, c, splits, cq::RowLayout::Rows, None)
+        .expect("nearest_code");
     Tensor::from_storage(Storage::Cuda(out), [n], z.device())
         .and_then(|t| t.to_vec::<i64>())
         .expect("download")
@@ -467,5 +468,41 @@ fn phi_accumulate_fused_matches_the_unfused_ops_on_the_gpu() {
             "expected an index-out-of-range error, got {:?}",
             other.map(|t| t.shape().clone())
         ),
+    }
+}
+
+/// nearest_code_maps on feature maps [B, C, H, W] (read in place on a GPU, with the codebook's
+/// norms computed once) gives the indices of the pixels as rows, on the CPU and on the GPU in
+/// f32 and bf16: one codebook searched at several map sizes, as the encoder's scales do, with
+/// more than one 64-row tile, a tile that spans images, and channels past the resident 128.
+#[test]
+fn nearest_code_maps_reads_nchw_in_place() {
+    let gpu = gpu();
+    for (i, (b, h, w, c)) in [(3, 5, 7, 32), (2, 16, 16, 8), (1, 1, 1, 3), (4, 3, 3, 130)]
+        .into_iter()
+        .enumerate()
+    {
+        let n = b * h * w;
+        for digits_last in [false, true] {
+            let (z, e, own) = separated(n, 300, c, 60 + i as u64, digits_last);
+            let maps = ops::permute(&z.reshape([b, h, w, c]).unwrap(), &[0, 3, 1, 2]).unwrap();
+            let what = format!("nearest_code_maps [{b},{c},{h},{w}] (digits last: {digits_last})");
+            for dtype in [DType::F32, DType::BF16] {
+                let (md, ed) = (maps.to_dtype(dtype).unwrap(), e.to_dtype(dtype).unwrap());
+                let book = ops::Codebook::new(&ed).unwrap();
+                let cpu = ops::nearest_code_maps(&md, &book).unwrap();
+                assert_eq!(cpu.dims(), &[b, h * w], "{what}");
+                assert_eq!(cpu.to_vec::<i64>().unwrap(), own, "{what} {dtype}: the CPU");
+                let Some(gpu) = &gpu else { continue };
+                let book = ops::Codebook::new(&ed.to_device(gpu).unwrap()).unwrap();
+                let got = ops::nearest_code_maps(&md.to_device(gpu).unwrap(), &book).unwrap();
+                assert_eq!(got.dims(), &[b, h * w], "{what}");
+                assert_eq!(
+                    got.to_vec::<i64>().unwrap(),
+                    own,
+                    "{what} {dtype}: GPU vs CPU"
+                );
+            }
+        }
     }
 }

@@ -66,10 +66,54 @@ impl CodeSplits {
     }
 }
 
-/// Index (i64 [n]) of the nearest row of the codebook `e` [v, c] for every row of `z` [n, c]:
-/// argmin over codes of ||e_v||^2 - 2 z . e_v in f32 (the argmin of the squared distance), the
-/// lowest index among equal minima. f32 or bf16 (one kind for both); v >= 1. The codebook is
-/// searched in `splits` ranges by separate blocks (the indices do not depend on it).
+/// How the rows of z lie in memory for [`nearest_code`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowLayout {
+    /// [n, c], row-major.
+    Rows,
+    /// Feature maps [n / p, c, p] (NCHW with p = H * W): row i is pixel i % p of image i / p.
+    Planes(usize),
+}
+
+/// ||e_v||^2 in f32 for every row of the codebook `e` [v, c] (f32 [v]): what [`nearest_code`]
+/// computes first, for a caller that searches one codebook several times.
+pub fn code_norms(
+    dev: &CudaDevice,
+    e: &CudaBuffer,
+    v: usize,
+    c: usize,
+) -> Result<CudaBuffer, CudaError> {
+    const OP: &str = "code_norms";
+    let kind = float_kind(OP, &[e])?;
+    let sizes = format!("codebook [{v}, {c}]");
+    let len = v
+        .checked_mul(c)
+        .filter(|&l| l <= i64::MAX as usize)
+        .ok_or_else(|| CudaError::Launch {
+            op: OP.to_string(),
+            sizes: sizes.clone(),
+            message: "element count overflows".into(),
+        })?;
+    check_lens(OP, &[(e, len)])?;
+    let norms = dev.alloc(BufferKind::F32, v, "nearest_code codebook norms")?;
+    if v == 0 {
+        return Ok(norms);
+    }
+    let (pn, pe, nv, nc) = (norms.device_ptr(), e.device_ptr(), v as i64, c as i64);
+    let f = dev.function(&QUANT, &format!("code_norms_{}", kind.suffix()))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&pn).arg(&pe).arg(&nv).arg(&nc);
+    // SAFETY: norms holds v f32s, e holds v*c elements of `kind`.
+    unsafe { b.launch(launch_1d(v, THREADS)) }.map_err(launch_err(OP, sizes))?;
+    Ok(norms)
+}
+
+/// Index (i64 [n]) of the nearest row of the codebook `e` [v, c] for every row of `z` (n rows of
+/// c channels in `layout`): argmin over codes of ||e_v||^2 - 2 z . e_v in f32 (the argmin of the
+/// squared distance), the lowest index among equal minima. f32 or bf16 (one kind for both);
+/// v >= 1. `norms` are [`code_norms`] of e when the caller has them (else computed here). The
+/// codebook is searched in `splits` ranges by separate blocks (the indices do not depend on it).
+#[allow(clippy::too_many_arguments)]
 pub fn nearest_code(
     dev: &CudaDevice,
     z: &CudaBuffer,
@@ -78,10 +122,15 @@ pub fn nearest_code(
     v: usize,
     c: usize,
     splits: CodeSplits,
+    layout: RowLayout,
+    norms: Option<&CudaBuffer>,
 ) -> Result<CudaBuffer, CudaError> {
     const OP: &str = "nearest_code";
     let kind = float_kind(OP, &[z, e])?;
-    let sizes = format!("z [{n}, {c}], codebook [{v}, {c}]");
+    let sizes = match layout {
+        RowLayout::Rows => format!("z [{n}, {c}], codebook [{v}, {c}]"),
+        RowLayout::Planes(p) => format!("z [{n} / {p}, {c}, {p}], codebook [{v}, {c}]"),
+    };
     let err = |message: &str| CudaError::Launch {
         op: OP.to_string(),
         sizes: sizes.clone(),
@@ -98,28 +147,34 @@ pub fn nearest_code(
     if v > (i64::MAX as usize) - 2 * ROWS_PER_BLOCK || n > (i64::MAX as usize) - ROWS_PER_BLOCK {
         return Err(err("too many rows or codes"));
     }
+    let plane = match layout {
+        RowLayout::Rows => 0,
+        RowLayout::Planes(p) if p >= 1 && n % p == 0 => p,
+        RowLayout::Planes(_) => return Err(err("rows that are not whole planes")),
+    };
     check_lens(OP, &[(z, zl), (e, el)])?;
+    if let Some(nb) = norms {
+        if nb.kind() != BufferKind::F32 || nb.len() != v {
+            return Err(err("codebook norms that are not f32 [v]"));
+        }
+    }
     let out = dev.alloc(BufferKind::I64, n, "nearest_code output")?;
     if n == 0 {
         return Ok(out);
     }
     let suffix = kind.suffix();
-    let norms = dev.alloc(BufferKind::F32, v, "nearest_code codebook norms")?;
+    let own_norms = match norms {
+        Some(_) => None,
+        None => Some(code_norms(dev, e, v, c)?),
+    };
+    let norms = norms.or(own_norms.as_ref()).expect("one of the two is set");
     let (pn, pe, pz, po) = (
         norms.device_ptr(),
         e.device_ptr(),
         z.device_ptr(),
         out.device_ptr(),
     );
-    let (nn, nv, nc) = (n as i64, v as i64, c as i64);
-    {
-        let f = dev.function(&QUANT, &format!("code_norms_{suffix}"))?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&pn).arg(&pe).arg(&nv).arg(&nc);
-        // SAFETY: norms holds v f32s, e holds v*c elements of `kind`.
-        unsafe { b.launch(launch_1d(v, THREADS)) }
-            .map_err(launch_err("nearest_code norms", sizes.clone()))?;
-    }
+    let (nn, nv, nc, np) = (n as i64, v as i64, c as i64, plane as i64);
     let split = splits.codes_per_split(dev, n, v);
     let ranges = v.div_ceil(split);
     // One range writes the indices itself; several write their best (distance, index) per row
@@ -160,10 +215,11 @@ pub fn nearest_code(
         .arg(&nn)
         .arg(&nv)
         .arg(&nc)
-        .arg(&split_arg);
-    // SAFETY: out holds n i64s, z n*c and e v*c elements of `kind`, norms v f32s (written by the
-    // launch above on the same stream); the kernel reads z and e only inside [0, n) x [0, c)
-    // and [0, v) x [0, c); with several ranges it writes part_d / part_i [ranges][n] (allocated
+        .arg(&split_arg)
+        .arg(&np);
+    // SAFETY: out holds n i64s, z n*c and e v*c elements of `kind` (z's rows whole planes when
+    // plane > 0), norms v f32s (written on the same stream); the kernel reads z and e only at
+    // rows and channels inside [0, n) x [0, c) and [0, v) x [0, c); with several ranges it writes part_d / part_i [ranges][n] (allocated
     // above) instead of out, and with one it is given null for them and never touches them.
     unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes.clone()))?;
     if parts.is_some() {

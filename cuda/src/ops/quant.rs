@@ -149,7 +149,7 @@ pub fn nearest_code(
     }
     let plane = match layout {
         RowLayout::Rows => 0,
-        RowLayout::Planes(p) if p >= 1 && n % p == 0 => p,
+        RowLayout::Planes(p) if p >= 1 && n.is_multiple_of(p) => p,
         RowLayout::Planes(_) => return Err(err("rows that are not whole planes")),
     };
     check_lens(OP, &[(z, zl), (e, el)])?;

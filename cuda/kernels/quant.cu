@@ -47,6 +47,7 @@
 #define NC_ZC 128  // most channels (rounded up to NC_TK) for which z stays resident
 #define NC_THREADS 256
 static_assert(NC_TM == NC_TN, "z and e tiles share one staging layout");
+static_assert(NC_THREADS % NC_TM == 0, "a thread stages one fixed row of a planes layout");
 
 template <typename T>
 __device__ void code_norms_impl(float* en, const T* e, i64 v, i64 c) {
@@ -81,15 +82,22 @@ __device__ void nearest_code_impl(i64* idx, float* part_d, i64* part_i, const T*
     // plane] (NCHW, row = image * plane + pixel), where a thread takes consecutive rows of one
     // channel so that a warp reads along the pixels.
     auto stage = [&](float(*dst)[NC_TM + 4], const T* src, i64 r0, i64 n0, i64 k0, int nk, i64 pl) {
-        for (int q = threadIdx.x; q < NC_TM * nk; q += NC_THREADS) {
-            int rr = pl ? q % NC_TM : q / nk, kk = pl ? q / NC_TM : q % nk;
-            i64 col = k0 + kk, row = r0 + rr;
-            float x = 0.0f;
-            if (col < c && row < n0) {
-                i64 at = pl ? ((row / pl) * c + col) * pl + row % pl : row * c + col;
-                x = Io<T>::load(src, at);
+        if (pl) {
+            // A thread's row is fixed (NC_THREADS is a multiple of NC_TM), so its offset, with
+            // the 64-bit division the GPU does in software, is computed once per staging.
+            const int rr = threadIdx.x % NC_TM;
+            const i64 row = r0 + rr;
+            const i64 base = row < n0 ? (row / pl) * c * pl + row % pl : 0;
+            for (int kk = threadIdx.x / NC_TM; kk < nk; kk += NC_THREADS / NC_TM) {
+                i64 col = k0 + kk;
+                dst[kk][rr] = (col < c && row < n0) ? Io<T>::load(src, base + col * pl) : 0.0f;
             }
-            dst[kk][rr] = x;
+            return;
+        }
+        for (int q = threadIdx.x; q < NC_TM * nk; q += NC_THREADS) {
+            int rr = q / nk, kk = q % nk;
+            i64 col = k0 + kk, row = r0 + rr;
+            dst[kk][rr] = (col < c && row < n0) ? Io<T>::load(src, row * c + col) : 0.0f;
         }
     };
     for (i64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {

@@ -121,6 +121,7 @@ pub fn nearest_code(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
 
 /// A codebook [V, C] prepared for several searches ([`nearest_code_maps`]): on a GPU its
 /// squared row norms are computed once here instead of at every search.
+#[derive(Debug)]
 pub struct Codebook {
     table: Tensor,
     /// f32 [V] on the GPU; None on the CPU, whose reference forms the norms in f64 per search.

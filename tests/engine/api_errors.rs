@@ -73,6 +73,106 @@ fn dtype_errors() {
     assert_mentions(&msg(idx.with_grad()), &["with_grad", "i64", "float"]);
 }
 
+/// The quantizer's scale step and the search on maps name what is wrong with their inputs.
+#[test]
+fn quantizer_step_errors() {
+    let acc = t32(&[0.0; 2 * 3 * 4 * 4], &[2, 3, 4, 4]);
+    let table = t32(&[0.0; 5 * 3], &[5, 3]);
+    let weight = t32(&[0.0; 3 * 3 * 9], &[3, 3, 3, 3]);
+    let ids =
+        |v: Vec<i64>, shape: &[usize]| Tensor::from_vec(v, shape.to_vec(), &Device::Cpu).unwrap();
+    let phi = ops::Phi {
+        weight: &weight,
+        bias: None,
+        ratio: 0.5,
+    };
+    let step = |acc: &Tensor, idx: &Tensor, scale, table: &Tensor, phi: Option<&ops::Phi>, sign| {
+        ops::phi_accumulate(acc, idx, scale, table, phi, sign, ops::IndexOrigin::Caller)
+    };
+    let good = ids(vec![0; 8], &[2, 4]);
+    assert!(step(&acc, &good, (2, 2), &table, Some(&phi), -1.0).is_ok());
+    assert_mentions(
+        &msg(step(
+            &acc,
+            &ids(vec![0; 6], &[2, 3]),
+            (2, 2),
+            &table,
+            Some(&phi),
+            1.0,
+        )),
+        &["phi_accumulate", "token map [2, 3]", "[2, 4]"],
+    );
+    assert_mentions(
+        &msg(step(
+            &acc,
+            &ids(vec![0; 50], &[2, 25]),
+            (5, 5),
+            &table,
+            None,
+            1.0,
+        )),
+        &["phi_accumulate", "at most 4x4"],
+    );
+    assert_mentions(
+        &msg(step(
+            &acc,
+            &good,
+            (2, 2),
+            &t32(&[0.0; 10], &[5, 2]),
+            None,
+            1.0,
+        )),
+        &["phi_accumulate", "[5, 2]", "[V, 3]"],
+    );
+    let bad_w = t32(&[0.0; 27], &[3, 1, 3, 3]);
+    let bad_phi = ops::Phi {
+        weight: &bad_w,
+        bias: None,
+        ratio: 0.5,
+    };
+    assert_mentions(
+        &msg(step(&acc, &good, (2, 2), &table, Some(&bad_phi), 1.0)),
+        &["phi_accumulate", "[3, 1, 3, 3]", "[3, 3, 3, 3]"],
+    );
+    assert_mentions(
+        &msg(step(&acc, &good, (2, 2), &table, None, 2.0)),
+        &["phi_accumulate", "sign 2", "1 or -1"],
+    );
+    let mut out_of_range = vec![0; 8];
+    out_of_range[5] = 5;
+    assert_mentions(
+        &msg(step(
+            &acc,
+            &ids(out_of_range, &[2, 4]),
+            (2, 2),
+            &table,
+            None,
+            1.0,
+        )),
+        &["token id 5", "< 5"],
+    );
+    assert_mentions(
+        &msg(step(
+            &acc,
+            &t32(&[0.0; 8], &[2, 4]),
+            (2, 2),
+            &table,
+            None,
+            1.0,
+        )),
+        &["phi_accumulate", "i64"],
+    );
+    let book = ops::Codebook::new(&table).unwrap();
+    assert_mentions(
+        &msg(ops::nearest_code_maps(&t32(&[0.0; 8], &[2, 4]), &book)),
+        &["nearest_code", "[B, C, H, W]"],
+    );
+    assert_mentions(
+        &msg(ops::Codebook::new(&t32(&[], &[0, 3]))),
+        &["codebook", "non-empty"],
+    );
+}
+
 #[test]
 fn index_errors() {
     let table = t(&[0.0; 6], &[3, 2]);

@@ -251,7 +251,11 @@ fn step_dims(
     scale: (usize, usize),
     table: &Tensor,
     phi: Option<&Phi<'_>>,
+    sign: f64,
 ) -> Result<(usize, usize, usize, usize, usize)> {
+    if sign != 1.0 && sign != -1.0 {
+        return Err(Error::invalid(op, format!("sign {sign}; expected 1 or -1")));
+    }
     require_float(op, acc)?;
     require_rank(op, acc, "acc [B, C, h, w]", 4)?;
     require_rank(op, table, "the codebook [V, C]", 2)?;
@@ -323,10 +327,7 @@ pub fn phi_accumulate(
     origin: IndexOrigin,
 ) -> Result<Tensor> {
     const OP: &str = "phi_accumulate";
-    let (b, c, v, h, w) = step_dims(OP, acc, idx, scale, table, phi)?;
-    if sign != 1.0 && sign != -1.0 {
-        return Err(Error::invalid(OP, format!("sign {sign}; expected 1 or -1")));
-    }
+    let (b, c, v, h, w) = step_dims(OP, acc, idx, scale, table, phi, sign)?;
     let mut floats = vec![acc, table];
     if let Some(p) = phi {
         floats.push(p.weight);
@@ -405,7 +406,7 @@ pub fn phi_accumulate_unfused(
     sign: f64,
 ) -> Result<Tensor> {
     const OP: &str = "phi_accumulate";
-    let (b, c, _, h, w) = step_dims(OP, acc, idx, scale, table, phi)?;
+    let (b, c, _, h, w) = step_dims(OP, acc, idx, scale, table, phi, sign)?;
     let (ph, pw) = scale;
     let codes = crate::embedding(idx, table)?; // [B, ph*pw, C]
     let codes = crate::permute(&codes, &[0, 2, 1])?.reshape([b, c, ph, pw])?;

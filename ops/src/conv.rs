@@ -335,6 +335,10 @@ fn im2col<T: Float>(g: &ConvGeom, x: &[T], p0: usize, p1: usize, cols: &mut [T])
                     let b = xhi.clamp(a, ox1);
                     seg[..a - ox0].fill(T::zero());
                     seg[b - ox0..].fill(T::zero());
+                    // An empty run may sit left of the padding (a * sw + kx < pad.left).
+                    if a == b {
+                        return;
+                    }
                     let first = a * g.sw + kx - g.pad.left;
                     if g.sw == 1 {
                         seg[a - ox0..b - ox0].copy_from_slice(&src[first..first + (b - a)]);
@@ -367,6 +371,9 @@ fn col2im<T: Float>(g: &ConvGeom, dcols: &[T], p0: usize, p1: usize, dx: &mut [T
                     let dst = &mut dx[(ci * g.h + iy) * g.w..][..g.w];
                     let a = xlo.clamp(ox0, ox1);
                     let b = xhi.clamp(a, ox1);
+                    if a == b {
+                        return;
+                    }
                     let first = a * g.sw + kx - g.pad.left;
                     for (j, &v) in src[off + (a - ox0)..off + (b - ox0)].iter().enumerate() {
                         dst[first + j * g.sw] += v;

@@ -103,7 +103,8 @@ fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
 }
 
 fn pad_strategy() -> impl Strategy<Value = Padding> {
-    (0usize..2, 0usize..2, 0usize..2, 0usize..2).prop_map(|(top, bottom, left, right)| Padding {
+    // Pads up to 2 reach windows that lie wholly inside the padding of one side.
+    (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| Padding {
         top,
         bottom,
         left,
@@ -292,6 +293,68 @@ fn conv2d_large_paths_match_direct_loops() {
         true,
         4,
     );
+}
+
+/// Windows that see only padding: with pad 2 on one side and a kernel wider than the input, the
+/// first kernel taps of every output fall left of (or above) the image. CI's parity proptest found
+/// an underflow here on 2026-11-24 (w = 1, kw = 3, left = 2).
+#[test]
+fn conv2d_windows_wholly_in_one_sided_padding() {
+    for (x, w, pad) in [
+        (
+            [1, 1, 1, 1],
+            [1, 1, 1, 3],
+            Padding {
+                top: 0,
+                bottom: 0,
+                left: 2,
+                right: 0,
+            },
+        ),
+        (
+            [1, 1, 1, 1],
+            [1, 1, 3, 1],
+            Padding {
+                top: 2,
+                bottom: 0,
+                left: 0,
+                right: 0,
+            },
+        ),
+        (
+            [2, 2, 2, 3],
+            [3, 2, 3, 4],
+            Padding {
+                top: 2,
+                bottom: 0,
+                left: 2,
+                right: 1,
+            },
+        ),
+        (
+            [1, 2, 3, 2],
+            [2, 2, 2, 4],
+            Padding {
+                top: 0,
+                bottom: 2,
+                left: 0,
+                right: 2,
+            },
+        ),
+    ] {
+        for stride in [(1, 1), (2, 1), (1, 2)] {
+            conv_against_loops(Conv { x, w, stride, pad }, true, 5);
+            let c = Conv { x, w, stride, pad };
+            let inputs = vec![randn(&c.x, 6), randn(&c.w, 7)];
+            if let Err(e) = check(
+                "conv2d one-sided padding",
+                |t| ops::conv2d(&t[0], &t[1], None, stride, pad),
+                &inputs,
+            ) {
+                panic!("{e}");
+            }
+        }
+    }
 }
 
 #[test]

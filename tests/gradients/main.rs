@@ -106,7 +106,11 @@ pub fn away_from_zero(shape: &[usize], seed: u64, positive: bool) -> Tensor {
 
 pub fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: 48,
+        // PROPTEST_CASES raises the count for a soak run; CI keeps the default.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(48),
         failure_persistence: None,
         ..ProptestConfig::default()
     }

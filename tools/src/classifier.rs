@@ -63,7 +63,7 @@ pub struct TrainClassifierArgs {
     #[arg(long)]
     pub overwrite: bool,
     /// Wall-clock budget in minutes: after 10 steps the step count (and the schedule) is set to
-    /// what fits; overrides --steps.
+    /// what fits, at most --steps.
     #[arg(long)]
     pub minutes: Option<f64>,
 }
@@ -288,12 +288,10 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
                 CALIBRATION_STEPS,
                 0.05,
             );
-            args.steps = step + fit;
+            let (total, line) = crate::common::budget_total_steps(min, args.steps, step, fit);
+            args.steps = total;
             progress.set_total(args.steps);
-            progress.println(format!(
-                "time budget {min:.2} min: training {} steps",
-                args.steps
-            ));
+            progress.println(line);
         }
         let rate = progress.rate(step);
         progress.update(

@@ -83,6 +83,20 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
         .collect()
 }
 
+/// The total step count a --minutes budget sets once calibrated at step `done`: what fits, but
+/// never more than `cap` (--steps), so that a fast device stops early instead of filling the
+/// budget. Returns it with the line to print.
+pub fn budget_total_steps(minutes: f64, cap: u64, done: u64, fit: u64) -> (u64, String) {
+    let fits = done + fit;
+    let total = cap.min(fits);
+    let line = if fits > cap {
+        format!("time budget {minutes:.2} min: training {total} steps (the --steps cap; {fits} would fit)")
+    } else {
+        format!("time budget {minutes:.2} min: training {total} steps")
+    };
+    (total, line)
+}
+
 /// Steps left that fit a budget of `minutes` for the whole command, given the time spent so far
 /// and the time `calibration` steps took; `reserve` is the share of the budget kept for what
 /// follows training (evaluation, sample grids).

@@ -145,7 +145,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub overwrite: bool,
     /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
-    /// the learning-rate schedule) is set to what fits; overrides --steps.
+    /// the learning-rate schedule) is set to what fits, at most --steps.
     #[arg(long)]
     pub minutes: Option<f64>,
     /// Mixed precision: bf16 (autocast: GEMMs, attention and convolutions in bf16 with f32
@@ -398,14 +398,12 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 CALIBRATION_STEPS,
                 0.08,
             );
-            args.steps = s.step + fit;
+            let (total, line) = crate::common::budget_total_steps(min, args.steps, s.step, fit);
+            args.steps = total;
             trainer.config.total_steps = args.steps;
             trainer.config.warmup_steps = trainer.config.warmup_steps.min(args.steps / 10).max(1);
             progress.set_total(args.steps);
-            progress.println(format!(
-                "time budget {min:.2} min: training {} steps",
-                args.steps
-            ));
+            progress.println(line);
         }
         let rate = progress.rate(s.step);
         progress.update(

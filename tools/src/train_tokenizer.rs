@@ -86,7 +86,7 @@ pub struct TrainTokenizerArgs {
     #[arg(long)]
     pub overwrite: bool,
     /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
-    /// the learning-rate schedule) is set to what fits; overrides --steps.
+    /// the learning-rate schedule) is set to what fits, at most --steps.
     #[arg(long)]
     pub minutes: Option<f64>,
     /// No horizontal flips.
@@ -276,19 +276,17 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             s.step, s.loss, s.recon_l1, s.recon_l2, s.vq_loss, s.psnr, s.grad_norm, s.restarted
         ))?;
         if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
-            args.steps = s.step
-                + crate::common::steps_that_fit(
-                    min,
-                    t_cmd.elapsed(),
-                    start.elapsed(),
-                    CALIBRATION_STEPS,
-                    0.1,
-                );
+            let fit = crate::common::steps_that_fit(
+                min,
+                t_cmd.elapsed(),
+                start.elapsed(),
+                CALIBRATION_STEPS,
+                0.1,
+            );
+            let (total, line) = crate::common::budget_total_steps(min, args.steps, s.step, fit);
+            args.steps = total;
             progress.set_total(args.steps);
-            progress.println(format!(
-                "time budget {min:.2} min: training {} steps",
-                args.steps
-            ));
+            progress.println(line);
         }
         let rate = progress.rate(s.step);
         progress.update(

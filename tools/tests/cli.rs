@@ -206,6 +206,37 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// With --minutes, --steps is an upper bound: a device that could fill the budget with more
+/// steps stops at the cap (the demo relies on it so that a GPU finishes early).
+#[test]
+fn a_time_budget_never_trains_past_steps() {
+    let (data, tok) = tokenizer();
+    let root = scratch("budget");
+    let out = root.join("mvar");
+    let log = ok(train_cmd(data, tok, &out, 12).args(["--minutes", "0.3"]));
+    assert!(log.contains("training 12 steps (the --steps cap;"), "{log}");
+    assert_eq!(metric_lines(&out).len(), 12);
+    let tok_out = root.join("tok");
+    let log = ok(mvar()
+        .arg("train-tokenizer")
+        .args(TOKENIZER_FLAGS)
+        .args([
+            "--vocab",
+            "16",
+            "--steps",
+            "11",
+            "--minutes",
+            "0.3",
+            "--data",
+        ])
+        .arg(data)
+        .arg("--out")
+        .arg(&tok_out));
+    assert!(log.contains("training 11 steps (the --steps cap;"), "{log}");
+    assert_eq!(metric_lines(&tok_out).len(), 11);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn missing_and_empty_data_folders_are_named() {
     let root = scratch("nodata");

@@ -111,6 +111,7 @@ pub(crate) fn dispatch(
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     match &device {
         Device::Cpu => {
+            mvar_engine::cpu::tune_allocator();
             let cpus: Vec<&CpuStorage> =
                 guards.iter().map(|g| cpu(op, g)).collect::<Result<_>>()?;
             Ok(cpu_fn(&cpus)?.into_iter().map(Storage::Cpu).collect())

@@ -4,7 +4,10 @@ use mvar::engine::{DType, Device, Tensor};
 use mvar::ops::{self, BinaryOp, UnaryOp};
 use proptest::prelude::*;
 
-use crate::{away_from_zero, broadcast_pair, check, config, randn, shape};
+use crate::{
+    away_from_zero, broadcast_pair, check, config, distinct, distinct_values, randn,
+    randn_avoiding, shape,
+};
 
 const UNARY: [UnaryOp; 12] = [
     UnaryOp::Neg,
@@ -64,11 +67,18 @@ proptest! {
     #[test]
     fn binary_ops_with_broadcasting((sa, sb) in broadcast_pair(), seed in any::<u64>()) {
         for op in BINARY {
-            let a = randn(&sa, seed);
             // Divisors away from zero; maximum/minimum operands apart so there are no ties.
-            let b = match op {
-                BinaryOp::Div => away_from_zero(&sb, seed ^ 1, false),
-                _ => randn(&sb, seed ^ 1),
+            let (a, b) = match op {
+                BinaryOp::Div => (randn(&sa, seed), away_from_zero(&sb, seed ^ 1, false)),
+                BinaryOp::Maximum | BinaryOp::Minimum => {
+                    let (na, nb) = (sa.iter().product::<usize>(), sb.iter().product::<usize>());
+                    let v = distinct_values(na + nb, seed);
+                    (
+                        Tensor::from_vec(v[..na].to_vec(), sa.clone(), &Device::Cpu).unwrap(),
+                        Tensor::from_vec(v[na..].to_vec(), sb.clone(), &Device::Cpu).unwrap(),
+                    )
+                }
+                _ => (randn(&sa, seed), randn(&sb, seed ^ 1)),
             };
             check(op.name(), |x| ops::binary(&x[0], &x[1], op), &[a, b])?;
         }
@@ -78,7 +88,8 @@ proptest! {
     fn scalar_forms(s in shape(3, 4), seed in any::<u64>(), m in -2.0f64..2.0, c in -2.0f64..2.0) {
         check("affine", |x| ops::affine(&x[0], m, c), &[randn(&s, seed)])?;
         check("powf", |x| ops::powf(&x[0], 1.7), &[away_from_zero(&s, seed, true)])?;
-        check("clamp", |x| ops::clamp(&x[0], -0.5, 0.7), &[randn(&s, seed)])?;
+        // Inputs kept 1e-3 from the bounds, where clamp has its kinks.
+        check("clamp", |x| ops::clamp(&x[0], -0.5, 0.7), &[randn_avoiding(&s, seed, &[-0.5, 0.7], 1e-3)])?;
     }
 
     #[test]
@@ -105,8 +116,10 @@ proptest! {
         let x = randn(&s, seed);
         check("sum", |x| ops::sum(&x[0], axis, keep), std::slice::from_ref(&x))?;
         check("mean", |x| ops::mean(&x[0], axis, keep), std::slice::from_ref(&x))?;
-        check("max", |x| ops::max(&x[0], axis, keep), std::slice::from_ref(&x))?;
-        check("min", |x| ops::min(&x[0], axis, keep), std::slice::from_ref(&x))?;
+        // Distinct inputs: no near-ties along the reduced axis.
+        let xd = distinct(&s, seed);
+        check("max", |x| ops::max(&x[0], axis, keep), std::slice::from_ref(&xd))?;
+        check("min", |x| ops::min(&x[0], axis, keep), std::slice::from_ref(&xd))?;
         let axes: Vec<usize> = (0..s.len()).filter(|i| (axis_pick >> i) & 1 == 1).collect();
         check("sum_axes", |x| ops::sum_axes(&x[0], &axes, keep), std::slice::from_ref(&x))?;
         check("mean_all", |x| ops::mean_all(&x[0]), &[x])?;

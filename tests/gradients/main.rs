@@ -85,6 +85,52 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     randn_f64(shape, &mut Generator::new(seed)).expect("random tensor")
 }
 
+/// Values at least 0.15 apart, in random order, for the ops with a kink where two inputs tie
+/// (max/min reductions, maximum/minimum): a central difference of 1e-6 across a near-tie measures
+/// half a gradient (a 60000-case soak found one). Returns `total` values; callers split them.
+pub fn distinct_values(total: usize, seed: u64) -> Vec<f64> {
+    let mut g = Generator::new(seed);
+    let keys = g.uniform(total, 0.0, 1.0);
+    let jitter = g.uniform(total, 0.0, 0.1);
+    let mut order: Vec<usize> = (0..total).collect();
+    order.sort_by(|&a, &b| keys[a].total_cmp(&keys[b]));
+    let mut v = vec![0.0; total];
+    for (rank, &i) in order.iter().enumerate() {
+        v[i] = (rank as f64 - total as f64 / 2.0) * 0.25 + jitter[rank];
+    }
+    v
+}
+
+/// [`distinct_values`] as a tensor.
+pub fn distinct(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_vec(
+        distinct_values(n, seed),
+        shape.to_vec(),
+        &mvar::engine::Device::Cpu,
+    )
+    .expect("tensor")
+}
+
+/// Random normal values moved at least `margin` away from each of `kinks` (for clamp's bounds).
+pub fn randn_avoiding(shape: &[usize], seed: u64, kinks: &[f64], margin: f64) -> Tensor {
+    let v = randn(shape, seed)
+        .to_vec_f64()
+        .expect("values")
+        .into_iter()
+        .map(|x| {
+            kinks.iter().fold(x, |x, &k| {
+                if (x - k).abs() < margin {
+                    k + margin.copysign(x - k)
+                } else {
+                    x
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(v, shape.to_vec(), &mvar::engine::Device::Cpu).expect("tensor")
+}
+
 /// Random values bounded away from zero: |x| >= 0.5, random sign unless `positive`.
 pub fn away_from_zero(shape: &[usize], seed: u64, positive: bool) -> Tensor {
     let mut g = Generator::new(seed);

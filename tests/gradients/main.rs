@@ -161,3 +161,51 @@ pub fn config() -> ProptestConfig {
         ..ProptestConfig::default()
     }
 }
+
+/// The check itself: `a + kb * b` with a chosen (possibly wrong) backward for b. It must pass the
+/// true gradient and fail a missing one, also where b's is 1e-6 of a's (the case the noise floor
+/// must not hide). A relative error is caught down to 0.1 % at the loss's scale, and down to 10 %
+/// at 1e-6 of it: there a 1 % error is about the finite difference's own noise.
+#[test]
+fn the_check_fails_wrong_gradients_even_small_ones() {
+    fn op(x: &[Tensor], kb: f64, claimed_kb: f64) -> Result<Tensor> {
+        let out = mvar::ops::add(&x[0].detach(), &mvar::ops::affine(&x[1].detach(), kb, 0.0)?)?;
+        Ok(Tensor::record(
+            out,
+            "a + kb * b",
+            &[&x[0], &x[1]],
+            move || {
+                move |g: &Tensor| {
+                    Ok(vec![
+                        Some(g.clone()),
+                        Some(mvar::ops::affine(g, claimed_kb, 0.0)?),
+                    ])
+                }
+            },
+        ))
+    }
+    let inputs = [randn(&[2, 3], 1), randn(&[2, 3], 2)];
+    let run = |kb: f64, claimed: f64| {
+        check_gradients(|x| op(x, kb, claimed), &inputs, GradCheck::default()).expect("check runs")
+    };
+    for (kb, caught) in [(1.0, 1.001), (1e-6, 1.1)] {
+        let right = run(kb, kb);
+        assert!(
+            right.passed(),
+            "kb {kb}: the true gradient failed: {:?}",
+            right.errors
+        );
+        let off = run(kb, kb * caught);
+        assert!(
+            !off.passed(),
+            "kb {kb}: an error of x{caught} passed: {:?}",
+            off.errors
+        );
+        let missing = run(kb, 0.0);
+        assert!(
+            !missing.passed(),
+            "kb {kb}: a missing gradient passed: {:?}",
+            missing.errors
+        );
+    }
+}

@@ -19,7 +19,7 @@ pub const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 /// next allocation of that size page-faults on every 4 KiB page. A training step frees and
 /// re-allocates hundreds of multi-MB tensors: on the 2-vCPU CI machine this was half of a 3x3
 /// conv's forward + backward at [32,32,32,32] (38.8 -> 20.9 ms) and raised the demo tokenizer
-/// from 2.9-3.4 to 3.6-3.7 steps/s and MVAR-d4 from 6.2-6.3 to 6.5-6.8, with 3x less system time.
+/// from 2.9-3.4 to 3.6-3.7 steps/s and MVAR-d4 by 3-6 %, with 3x less system time.
 /// `MVAR_MALLOC_TUNING=0` leaves malloc as it is; other C libraries are left alone.
 pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -300,57 +300,24 @@ fn conv2d_large_paths_match_direct_loops() {
 /// an underflow here on 2026-11-24 (w = 1, kw = 3, left = 2).
 #[test]
 fn conv2d_windows_wholly_in_one_sided_padding() {
+    let pad = |top, bottom, left, right| Padding {
+        top,
+        bottom,
+        left,
+        right,
+    };
     for (x, w, pad) in [
-        (
-            [1, 1, 1, 1],
-            [1, 1, 1, 3],
-            Padding {
-                top: 0,
-                bottom: 0,
-                left: 2,
-                right: 0,
-            },
-        ),
-        (
-            [1, 1, 1, 1],
-            [1, 1, 3, 1],
-            Padding {
-                top: 2,
-                bottom: 0,
-                left: 0,
-                right: 0,
-            },
-        ),
-        (
-            [2, 2, 2, 3],
-            [3, 2, 3, 4],
-            Padding {
-                top: 2,
-                bottom: 0,
-                left: 2,
-                right: 1,
-            },
-        ),
-        (
-            [1, 2, 3, 2],
-            [2, 2, 2, 4],
-            Padding {
-                top: 0,
-                bottom: 2,
-                left: 0,
-                right: 2,
-            },
-        ),
+        ([1, 1, 1, 1], [1, 1, 1, 3], pad(0, 0, 2, 0)),
+        ([1, 1, 1, 1], [1, 1, 3, 1], pad(2, 0, 0, 0)),
+        ([2, 2, 2, 3], [3, 2, 3, 4], pad(2, 0, 2, 1)),
+        ([1, 2, 3, 2], [2, 2, 2, 4], pad(0, 2, 0, 2)),
     ] {
         for stride in [(1, 1), (2, 1), (1, 2)] {
-            conv_against_loops(Conv { x, w, stride, pad }, true, 5);
             let c = Conv { x, w, stride, pad };
+            conv_against_loops(c, true, 5);
             let inputs = vec![randn(&c.x, 6), randn(&c.w, 7)];
-            if let Err(e) = check(
-                "conv2d one-sided padding",
-                |t| ops::conv2d(&t[0], &t[1], None, stride, pad),
-                &inputs,
-            ) {
+            let op = |t: &[Tensor]| ops::conv2d(&t[0], &t[1], None, stride, pad);
+            if let Err(e) = check("conv2d one-sided padding", op, &inputs) {
                 panic!("{e}");
             }
         }

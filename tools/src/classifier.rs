@@ -244,7 +244,7 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
         save_training(&ckpt, &classifier.named_tensors(), opt, &state)
     };
     let mut metrics = Metrics::open(&args.out.join("metrics.jsonl"), args.resume.then_some(step))?;
-    const CALIBRATION_STEPS: u64 = 10;
+    use crate::common::CALIBRATION_STEPS;
     let first = step;
     let mut last_saved = step;
     let start = Instant::now();
@@ -281,14 +281,14 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
             "{{\"step\":{step},\"loss\":{loss_value},\"accuracy\":{accuracy},\"lr\":{lr}}}"
         ))?;
         if let Some(min) = args.minutes.filter(|_| step - first == CALIBRATION_STEPS) {
-            let fit = crate::common::steps_that_fit(
+            let (total, line) = crate::common::budget_total_steps(
                 min,
+                0.05,
+                args.steps,
+                step,
                 t_cmd.elapsed(),
                 start.elapsed(),
-                CALIBRATION_STEPS,
-                0.05,
             );
-            let (total, line) = crate::common::budget_total_steps(min, args.steps, step, fit);
             args.steps = total;
             progress.set_total(args.steps);
             progress.println(line);

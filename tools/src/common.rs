@@ -83,11 +83,25 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
         .collect()
 }
 
-/// The total step count a --minutes budget sets once calibrated at step `done`: what fits, but
-/// never more than `cap` (--steps), so that a fast device stops early instead of filling the
-/// budget. Returns it with the line to print.
-pub fn budget_total_steps(minutes: f64, cap: u64, done: u64, fit: u64) -> (u64, String) {
-    let fits = done + fit;
+/// A --minutes budget times this many steps before it sets the step count (the help texts say 10).
+pub const CALIBRATION_STEPS: u64 = 10;
+
+/// The total step count a --minutes budget sets at step `done`, the end of the
+/// [`CALIBRATION_STEPS`] that took `calibration_time`, with `spent` gone since the command
+/// started: what fits, but never more than `cap` (--steps), so that a fast device stops early
+/// instead of filling the budget. `reserve` is the share of the budget kept for what follows
+/// training (evaluation, sample grids). Returns it with the line to print.
+pub fn budget_total_steps(
+    minutes: f64,
+    reserve: f64,
+    cap: u64,
+    done: u64,
+    spent: std::time::Duration,
+    calibration_time: std::time::Duration,
+) -> (u64, String) {
+    let per_step = calibration_time.as_secs_f64() / CALIBRATION_STEPS as f64;
+    let left = minutes * 60.0 * (1.0 - reserve) - spent.as_secs_f64();
+    let fits = done + (left / per_step.max(1e-9)).max(0.0) as u64;
     let total = cap.min(fits);
     let line = if fits > cap {
         format!("time budget {minutes:.2} min: training {total} steps (the --steps cap; {fits} would fit)")
@@ -95,21 +109,6 @@ pub fn budget_total_steps(minutes: f64, cap: u64, done: u64, fit: u64) -> (u64, 
         format!("time budget {minutes:.2} min: training {total} steps")
     };
     (total, line)
-}
-
-/// Steps left that fit a budget of `minutes` for the whole command, given the time spent so far
-/// and the time `calibration` steps took; `reserve` is the share of the budget kept for what
-/// follows training (evaluation, sample grids).
-pub fn steps_that_fit(
-    minutes: f64,
-    spent: std::time::Duration,
-    calibration_time: std::time::Duration,
-    calibration: u64,
-    reserve: f64,
-) -> u64 {
-    let per_step = calibration_time.as_secs_f64() / calibration.max(1) as f64;
-    let left = minutes * 60.0 * (1.0 - reserve) - spent.as_secs_f64();
-    (left / per_step.max(1e-9)).max(0.0) as u64
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {

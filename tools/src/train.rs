@@ -278,7 +278,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         }
     );
     let mut trainer = ArTrainer::new(model, cfg)?;
-    const CALIBRATION_STEPS: u64 = 10;
+    use crate::common::CALIBRATION_STEPS;
     let ckpt = args.out.join("train.safetensors");
     let mut rng = Generator::new(args.seed.wrapping_add(17));
     let info_json = serde_json::to_string(&info).unwrap_or_default();
@@ -391,14 +391,14 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             s.step, s.loss, s.accuracy, s.lr, s.grad_norm, s.scales.start, s.scales.end
         ))?;
         if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
-            let fit = crate::common::steps_that_fit(
+            let (total, line) = crate::common::budget_total_steps(
                 min,
+                0.08,
+                args.steps,
+                s.step,
                 t_cmd.elapsed(),
                 start.elapsed(),
-                CALIBRATION_STEPS,
-                0.08,
             );
-            let (total, line) = crate::common::budget_total_steps(min, args.steps, s.step, fit);
             args.steps = total;
             trainer.config.total_steps = args.steps;
             trainer.config.warmup_steps = trainer.config.warmup_steps.min(args.steps / 10).max(1);

@@ -179,7 +179,7 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         ..TokenizerTrainConfig::default()
     };
     let mut trainer = TokenizerTrainer::new(vae, train_cfg)?;
-    const CALIBRATION_STEPS: u64 = 10;
+    use crate::common::CALIBRATION_STEPS;
     let ckpt = args.out.join("tokenizer-train.safetensors");
     let mut rng = Generator::new(args.seed.wrapping_add(1));
     if args.resume {
@@ -276,14 +276,14 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             s.step, s.loss, s.recon_l1, s.recon_l2, s.vq_loss, s.psnr, s.grad_norm, s.restarted
         ))?;
         if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
-            let fit = crate::common::steps_that_fit(
+            let (total, line) = crate::common::budget_total_steps(
                 min,
+                0.1,
+                args.steps,
+                s.step,
                 t_cmd.elapsed(),
                 start.elapsed(),
-                CALIBRATION_STEPS,
-                0.1,
             );
-            let (total, line) = crate::common::budget_total_steps(min, args.steps, s.step, fit);
             args.steps = total;
             progress.set_total(args.steps);
             progress.println(line);

@@ -518,7 +518,7 @@ fn protocol_4_opcodes() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: mvar_ops::testing::proptest_cases(256), ..ProptestConfig::default() })]
 
     /// Random byte edits of the whole file: every outcome is Ok or Err, never a panic.
     #[test]

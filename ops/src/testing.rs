@@ -137,6 +137,15 @@ pub fn check_gradients(
     })
 }
 
+/// The case count of a property test: `PROPTEST_CASES` when set (a soak run), else `default`
+/// (what CI runs). Our configs set their own counts, which would otherwise override the variable.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A random f64 tensor on the CPU (for tests).
 pub fn randn_f64(shape: &[usize], rng: &mut Generator) -> Result<Tensor> {
     Tensor::randn(shape.to_vec(), 0.0, 1.0, DType::F64, &Device::Cpu, rng)

@@ -217,7 +217,7 @@ pub fn run_all(ops: &[(&'static str, OpFn)], args: &Args) -> std::result::Result
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200), failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: mvar::ops::testing::proptest_cases(200), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn core_ops_never_panic(a in args()) {
@@ -258,7 +258,7 @@ pub fn attention_args() -> impl Strategy<Value = Args> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300), failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: mvar::ops::testing::proptest_cases(300), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn attention_like_ops_never_panic(a in attention_args()) {

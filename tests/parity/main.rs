@@ -200,11 +200,7 @@ pub fn away_from_zero(shape: &[usize], seed: u64, positive: bool) -> Tensor {
 
 pub fn config() -> proptest::test_runner::Config {
     proptest::test_runner::Config {
-        // PROPTEST_CASES raises the count for a soak run; CI keeps the default.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(16),
+        cases: mvar::ops::testing::proptest_cases(16),
         failure_persistence: None,
         ..Default::default()
     }

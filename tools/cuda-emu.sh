@@ -13,6 +13,13 @@
 # wait_group that forces it. A missing barrier or wait then reads stale or NaN shared memory in one
 # of the two schedules, so CI runs the parity tests in both.
 #
+# Checks on by default (MVAR_EMU_SANITIZE=0 turns the compiled ones off): kernels are compiled
+# with g++'s trapping sanitizers for misaligned accesses (a float4 or uint4 access at an address
+# that is not 16-byte aligned faults on the GPU, not on x86), indexes past fixed-size shared or
+# local arrays and other undefined operations; the emulated cp.async and ldmatrix check their
+# alignment and that they stay inside the dynamic shared memory. A failed check ends the process
+# with a message naming the kernel.
+#
 # Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -50,6 +57,7 @@ export LD_LIBRARY_PATH="$OUT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MVAR_EMU_CACHE="$OUT/modules"
 export MVAR_KERNEL_CACHE="$OUT/kernels"
 export MVAR_EMU_CXX="$CXX"
+export MVAR_EMU_SANITIZE="${MVAR_EMU_SANITIZE:-1}"
 export MVAR_CUDA_EMU=1
 unset MVAR_CUDA_INCLUDE
 exec "$@"

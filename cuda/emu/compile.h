@@ -5,7 +5,8 @@
 // Steps: a scan pass (g++ -E with MVAR_EMU_SCAN) lists the `__global__` functions; the source is
 // compiled with device.h in front and one `Registrar` per kernel appended, so the launcher finds
 // each kernel by name and unpacks its parameters with the kernel's own signature. The result is
-// cached by a hash of device.h, the optimisation flags ($MVAR_EMU_OPT, default -O2) and the source in $MVAR_EMU_CACHE (default /tmp/mvar-emu-<uid>).
+// cached by a hash of device.h, the optimisation flags ($MVAR_EMU_OPT, default -O2, plus the
+// checks of $MVAR_EMU_SANITIZE) and the source in $MVAR_EMU_CACHE (default /tmp/mvar-emu-<uid>).
 #pragma once
 
 #include <sys/stat.h>
@@ -103,7 +104,16 @@ inline std::string build_module(const std::string& original, std::string& log) {
         return "";
     }
     const char* opt_env = getenv("MVAR_EMU_OPT");
-    const std::string opt = opt_env && *opt_env ? opt_env : "-O2";
+    std::string opt = opt_env && *opt_env ? opt_env : "-O2";
+    // MVAR_EMU_SANITIZE=1: checks for what faults on the GPU but not in C++ on x86 (a misaligned
+    // vector access) or silently corrupts (an index past a fixed-size shared or local array),
+    // plus other undefined operations. A failed check traps (SIGILL), which driver.cpp reports
+    // with the kernel's name; no sanitizer runtime is needed.
+    const char* sanitize = getenv("MVAR_EMU_SANITIZE");
+    if (sanitize && *sanitize && std::string(sanitize) != "0") {
+        opt += " -fsanitize=alignment,bounds,shift,integer-divide-by-zero,vla-bound,null,return,unreachable,"
+               "pointer-overflow -fsanitize-undefined-trap-on-error";
+    }
     char key[17];
     snprintf(key, sizeof key, "%016llx", (unsigned long long)fnv1a(source, fnv1a(opt, fnv1a(device_h))));
     const std::string dir = cache_dir();

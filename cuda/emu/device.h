@@ -127,6 +127,7 @@ inline const Modes& modes() {
 struct Launch {
     dim3 grid, block;
     unsigned char* dyn_smem = nullptr;
+    size_t dyn_smem_bytes = 0;
     Barrier block_bar;
     std::vector<Warp> warps;
     std::vector<Fiber> fibers;
@@ -265,12 +266,36 @@ inline size_t __cvta_generic_to_shared(const void* p) {
     return (size_t)((const unsigned char*)p - mvar_emu::g_launch->dyn_smem);
 }
 
+namespace mvar_emu {
+// What the hardware faults on ("misaligned address", "out of range shared or local address")
+// but plain C++ on x86 would not: a 16-byte access `what` at `addr` (an offset into the dynamic
+// shared memory when `shared`, else a global pointer) must be 16-byte aligned, and a shared one
+// must lie inside the launch's dynamic shared memory.
+inline void check_access16(const char* what, uintptr_t addr, bool shared) {
+    const char* fault = nullptr;
+    if (addr & 15) {
+        fault = "is not 16-byte aligned";
+    } else if (shared && addr + 16 > g_launch->dyn_smem_bytes) {
+        fault = "lies outside the dynamic shared memory";
+    }
+    if (!fault) return;
+    fprintf(stderr,
+            "mvar CUDA emulator: %s: the %s address 0x%llx %s (%zu bytes of dynamic shared memory), thread %d "
+            "of block (%u, %u, %u); the GPU faults here\n",
+            what, shared ? "shared" : "global", (unsigned long long)addr, fault, g_launch->dyn_smem_bytes,
+            t_linear, blockIdx.x, blockIdx.y, blockIdx.z);
+    abort();
+}
+}  // namespace mvar_emu
+
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of
 // matrix i; without .trans lane l gets row l/4, columns 2(l%4) and 2(l%4)+1 of each matrix, with
 // .trans it gets column l/4 of rows 2(l%4) and 2(l%4)+1 (the first element in the low half).
 inline void mvar_emu_ldmatrix_x4(unsigned (&r)[4], unsigned addr, bool trans) {
     auto& w = mvar_emu::warp();
     int lane = mvar_emu::lane();
+    // Each row is 16 bytes, read as one access.
+    mvar_emu::check_access16(trans ? "ldmatrix.trans" : "ldmatrix", addr, true);
     w.slot[lane][0] = addr;
     mvar_emu::arrive_and_wait(w.bar);
     const unsigned char* base = mvar_emu::g_launch->dyn_smem;
@@ -335,6 +360,8 @@ inline Fiber& self() { return g_launch->fibers[g_launch->current]; }
 }  // namespace mvar_emu
 
 inline void mvar_emu_cp_async16(void* smem, const void* gmem) {
+    mvar_emu::check_access16("cp.async (shared destination)", __cvta_generic_to_shared(smem), true);
+    if (gmem) mvar_emu::check_access16("cp.async (global source)", (uintptr_t)gmem, false);
     const mvar_emu::AsyncCopy c{smem, gmem};
     if (!mvar_emu::modes().deferred_copies) {
         mvar_emu::land(c);
@@ -599,6 +626,7 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
     launch.block = dim3{bx, by, bz};
     std::vector<unsigned char> dyn(smem + 16, 0xff);
     launch.dyn_smem = dyn.data() + ((16 - ((uintptr_t)dyn.data() & 15)) & 15);
+    launch.dyn_smem_bytes = smem;
     launch.warps = std::vector<Warp>((nthreads + 31) / 32);
     launch.fibers = std::vector<Fiber>(nthreads);
     g_launch = &launch;

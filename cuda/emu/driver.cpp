@@ -82,12 +82,15 @@ std::map<CUdeviceptr, Mapping> g_allocations;
 thread_local const char* t_running_kernel = nullptr;
 
 void on_fault(int sig, siginfo_t* info, void*) {
-    char msg[512];
-    int n = snprintf(msg, sizeof msg,
-                     "mvar CUDA emulator: %s at address %p%s%s%s (past the end of a device buffer: guard page)\n",
-                     sig == SIGSEGV ? "segmentation fault" : "bus error", info->si_addr,
+    char msg[640];
+    const char* what = sig == SIGSEGV ? "segmentation fault" : sig == SIGBUS ? "bus error" : "trap";
+    // A trap in a kernel is a check of MVAR_EMU_SANITIZE's (compile.h) that failed.
+    const char* why = sig == SIGILL ? "a misaligned access, an index past a fixed-size array, a bad shift or "
+                                      "division, or another undefined operation (MVAR_EMU_SANITIZE)"
+                                    : "past the end of a device buffer: guard page";
+    int n = snprintf(msg, sizeof msg, "mvar CUDA emulator: %s at address %p%s%s%s (%s)\n", what, info->si_addr,
                      t_running_kernel ? " in kernel " : "", t_running_kernel ? t_running_kernel : "",
-                     t_running_kernel ? "" : " outside any kernel");
+                     t_running_kernel ? "" : " outside any kernel", why);
     if (n > 0) (void)!write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
     signal(sig, SIG_DFL);
     raise(sig);
@@ -102,6 +105,7 @@ void install_fault_handler() {
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
         sigaction(SIGSEGV, &sa, nullptr);
         sigaction(SIGBUS, &sa, nullptr);
+        sigaction(SIGILL, &sa, nullptr);
     });
 }
 size_t g_used = 0;

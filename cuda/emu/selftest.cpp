@@ -3,6 +3,7 @@
 // small kernel with a planted synchronisation bug, plus its corrected twin; the expected outcome
 // depends on the mode read from the environment (MVAR_EMU_SCHEDULE, MVAR_EMU_CP_ASYNC).
 // tools/cuda-emu.sh --self-test builds this and runs it in every combination of the modes.
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -93,6 +94,23 @@ __global__ void mismatched_barriers(float* out) {
     out[threadIdx.x] = 0.0f;
 }
 
+// Thread 0 copies 16 bytes from in + src_floats to byte dst_bytes of the shared memory; the
+// hardware requires both addresses 16-byte aligned and the destination inside shared memory.
+__global__ void copy_at(const float* in, int src_floats, int dst_bytes) {
+    if (threadIdx.x == 0) {
+        mvar_emu_cp_async16(mvar_emu::g_launch->dyn_smem + dst_bytes, in + src_floats);
+        mvar_emu_cp_commit();
+        mvar_emu_cp_wait(0);
+    }
+}
+
+// ldmatrix with lane l's row at byte offset + 16 l (the rows must be 16-byte aligned).
+__global__ void ldmatrix_at(float* out, int offset) {
+    unsigned r[4];
+    mvar_emu_ldmatrix_x4(r, (unsigned)(offset + 16 * (threadIdx.x % 32)), false);
+    out[threadIdx.x] = (float)r[0];
+}
+
 mvar_emu::Registrar r1("published_by_first_thread", &published_by_first_thread);
 mvar_emu::Registrar r2("published_by_last_thread", &published_by_last_thread);
 mvar_emu::Registrar r3("copy_then_read", &copy_then_read);
@@ -101,6 +119,8 @@ mvar_emu::Registrar r5("exits_with_copy_in_flight", &exits_with_copy_in_flight);
 mvar_emu::Registrar r7("reads_the_previous_block", &reads_the_previous_block);
 mvar_emu::Registrar r8("reads_static_shared_before_writing", &reads_static_shared_before_writing);
 mvar_emu::Registrar r6("mismatched_barriers", &mismatched_barriers);
+mvar_emu::Registrar r9("copy_at", &copy_at);
+mvar_emu::Registrar r10("ldmatrix_at", &ldmatrix_at);
 
 int failures = 0;
 
@@ -226,6 +246,60 @@ int main() {
                                                         : "eager copies have always landed at exit");
     expect(aborts([&] { launch("mismatched_barriers", out.data()); }),
            "barriers that cannot complete are reported as a deadlock");
+
+    const int smem_bytes = 16 * kThreads * sizeof(float);
+    expect(!aborts([&] { launch("copy_at", in.data(), 4, smem_bytes - 16); }) &&
+               !aborts([&] { launch("ldmatrix_at", out.data(), 16); }),
+           "aligned cp.async and ldmatrix inside the shared memory run");
+    expect(aborts([&] { launch("copy_at", in.data(), 1, 0); }), "a misaligned cp.async source is reported");
+    expect(aborts([&] { launch("copy_at", in.data(), 0, 8); }), "a misaligned cp.async destination is reported");
+    expect(aborts([&] { launch("copy_at", in.data(), 0, smem_bytes); }),
+           "a cp.async past the end of the shared memory is reported");
+    expect(aborts([&] { launch("ldmatrix_at", out.data(), 8); }), "a misaligned ldmatrix row is reported");
+
+    {
+        // MVAR_EMU_SANITIZE's checks, through the module build the fake NVRTC and driver use: a
+        // misaligned 16-byte load and an index past a fixed-size shared array each trap.
+        setenv("MVAR_EMU_SANITIZE", "1", 1);
+        const std::string src =
+            "__global__ void load16(const float* p, int offset, float* out) {\n"
+            "    float4 v = *reinterpret_cast<const float4*>(p + offset);\n    out[0] = v.x + v.w;\n}\n"
+            "__global__ void index_shared(int i, float* out) {\n"
+            "    __shared__ float s[32];\n    s[i] = 1.0f;\n    out[0] = s[i];\n}\n";
+        std::string log;
+        const std::string so = mvar_emu_build::build_module(src, log);
+        void* h = so.empty() ? nullptr : dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
+        auto run = h ? reinterpret_cast<int (*)(const char*, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                                unsigned, size_t, void**)>(dlsym(h, "mvar_emu_launch"))
+                     : nullptr;
+        expect(run != nullptr, "a sanitized module builds and loads" + (log.empty() ? "" : ": " + log));
+        if (run) {
+            // Dies of SIGILL (the trap) rather than running to completion.
+            auto traps = [&](const char* kernel, std::vector<void*> params) {
+                fflush(stdout);
+                pid_t pid = fork();
+                if (pid == 0) {
+                    int devnull = open("/dev/null", O_WRONLY);
+                    if (devnull >= 0) dup2(devnull, 2);
+                    _exit(run(kernel, 1, 1, 1, 1, 1, 1, 0, params.data()) == 0 ? 0 : 3);
+                }
+                int status = 0;
+                waitpid(pid, &status, 0);
+                if (WIFEXITED(status) && WEXITSTATUS(status) == 3) return -1;  // not launched
+                return WIFSIGNALED(status) && WTERMSIG(status) == SIGILL ? 1 : 0;
+            };
+            alignas(16) float data[8] = {};
+            float result = 0.0f;
+            const float* p = data;
+            float* r = &result;
+            int aligned = 0, misaligned = 1, inside = 31, outside = 32;
+            expect(traps("load16", {&p, &aligned, &r}) == 0 && traps("load16", {&p, &misaligned, &r}) == 1,
+                   "sanitized: a misaligned 16-byte load traps, an aligned one runs");
+            expect(traps("index_shared", {&inside, &r}) == 0 && traps("index_shared", {&outside, &r}) == 1,
+                   "sanitized: an index past a static shared array traps, one inside runs");
+        }
+        unsetenv("MVAR_EMU_SANITIZE");
+    }
 
     printf("%s\n", failures ? "emulator self-test FAILED" : "emulator self-test passed");
     return failures ? 1 : 0;

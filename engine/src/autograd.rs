@@ -194,6 +194,7 @@ impl Tensor {
             Some(GradEdge::Node(node)) => node,
         };
         let _guard = no_grad();
+        let _phase = crate::profile::backward_phase();
         let order = topological_order(&root);
         let mut pending: HashMap<u64, Tensor> = HashMap::new();
         pending.insert(root.id, grad);

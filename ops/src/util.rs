@@ -80,6 +80,18 @@ pub(crate) fn no_cuda_kernel(op: &'static str) -> Error {
     }
 }
 
+/// The inputs' shapes for the profiler, e.g. `[16,32,32,32] [32,32,3,3] [32]`.
+fn shapes_of(ts: &[&Tensor]) -> String {
+    let dims: Vec<String> = ts
+        .iter()
+        .map(|t| {
+            let d: Vec<String> = t.dims().iter().map(usize::to_string).collect();
+            format!("[{}]", d.join(","))
+        })
+        .collect();
+    dims.join(" ")
+}
+
 /// Runs `f` on the CPU storages of `ts` (after the device check).
 pub(crate) fn with_cpu<R>(
     op: &'static str,
@@ -87,7 +99,7 @@ pub(crate) fn with_cpu<R>(
     f: impl FnOnce(&[&CpuStorage]) -> Result<R>,
 ) -> Result<R> {
     same_device(op, ts)?;
-    let _timer = mvar_engine::profile::scope(op);
+    let _timer = mvar_engine::profile::scope(op, || shapes_of(ts));
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     let cpus: Vec<&CpuStorage> = guards.iter().map(|g| cpu(op, g)).collect::<Result<_>>()?;
     f(&cpus)
@@ -107,7 +119,7 @@ pub(crate) fn dispatch(
         .first()
         .map(|t| t.device().clone())
         .unwrap_or(Device::Cpu);
-    let _timer = mvar_engine::profile::scope(op);
+    let _timer = mvar_engine::profile::scope(op, || shapes_of(ts));
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     match &device {
         Device::Cpu => {

@@ -18,7 +18,8 @@
 # that is not 16-byte aligned faults on the GPU, not on x86), indexes past fixed-size shared or
 # local arrays and other undefined operations; the emulated cp.async and ldmatrix check their
 # alignment and that they stay inside the dynamic shared memory. A failed check ends the process
-# with a message naming the kernel.
+# with a message naming the kernel. A block with more threads than the kernel's
+# __launch_bounds__, or more than 256 without them, is refused as a GPU may refuse it.
 #
 # Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.
 set -euo pipefail

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <fstream>
 #include <regex>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string>
@@ -94,6 +95,18 @@ inline std::string poison_static_shared(const std::string& src) {
     return out;
 }
 
+// The text of the first argument of a macro argument list ("2 * 64, 1" -> "2 * 64"): up to the
+// first comma outside parentheses.
+inline std::string first_argument(const std::string& args) {
+    int depth = 0;
+    for (size_t i = 0; i < args.size(); ++i) {
+        if (args[i] == '(') ++depth;
+        if (args[i] == ')') --depth;
+        if (args[i] == ',' && depth == 0) return args.substr(0, i);
+    }
+    return args;
+}
+
 // Builds (or finds in the cache) the shared object of `source`. Returns its path, or "" with the
 // compiler's messages in `log`.
 inline std::string build_module(const std::string& original, std::string& log) {
@@ -134,15 +147,19 @@ inline std::string build_module(const std::string& original, std::string& log) {
         unlink(src_path.c_str());
         return "";
     }
-    std::set<std::string> kernels;
-    static const std::regex mark(R"(mvar_emu_kernel_mark\s+void\s+([A-Za-z_]\w*)\s*\()");
+    // kernel name -> the first argument of its __launch_bounds__ (the maximum threads per block,
+    // an expression with the macros expanded), "0" without.
+    std::map<std::string, std::string> kernels;
+    static const std::regex mark(
+        R"(mvar_emu_kernel_mark\s+void\s+(?:mvar_emu_bounds\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)\s*)?([A-Za-z_]\w*)\s*\()");
     for (auto it = std::sregex_iterator(scanned.begin(), scanned.end(), mark); it != std::sregex_iterator(); ++it) {
-        kernels.insert((*it)[1]);
+        kernels[(*it)[2]] = (*it)[1].matched ? first_argument((*it)[1]) : "0";
     }
     std::string reg = "\nnamespace {\n";
     int i = 0;
-    for (const auto& k : kernels) {
-        reg += "mvar_emu::Registrar mvar_emu_reg_" + std::to_string(i++) + "(\"" + k + "\", &" + k + ");\n";
+    for (const auto& [k, bound] : kernels) {
+        reg += "mvar_emu::Registrar mvar_emu_reg_" + std::to_string(i++) + "(\"" + k + "\", &" + k + ", (unsigned)(" +
+               bound + "));\n";
     }
     reg += "}\n";
     if (!write_file(src_path, prelude + source + reg)) {

@@ -45,7 +45,12 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
+#ifdef MVAR_EMU_SCAN
+// The scan pass records each kernel's bound (compile.h registers it with the kernel).
+#define __launch_bounds__(...) mvar_emu_bounds(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define __align__(n) __attribute__((aligned(n)))  // as CUDA defines it: allowed among the decl-specifiers
 #define __shared__ static thread_local
 #ifdef MVAR_EMU_SCAN
@@ -408,7 +413,12 @@ using Thunk = void (*)(void* fn, void** params);
 struct Entry {
     void* fn;
     Thunk thunk;
+    unsigned max_threads;  // the first argument of its __launch_bounds__, 0 without
 };
+
+// Blocks of more threads than this need a kernel that declares __launch_bounds__: without one
+// ptxas may give a thread up to 255 registers, and 256 such threads fill an SM's 65536.
+constexpr unsigned kThreadsWithoutBounds = 256;
 
 inline std::map<std::string, Entry>& registry() {
     static std::map<std::string, Entry> m;
@@ -427,8 +437,8 @@ void thunk(void* fn, void** p) {
 
 struct Registrar {
     template <typename... A>
-    Registrar(const char* name, void (*f)(A...)) {
-        registry()[name] = Entry{reinterpret_cast<void*>(f), &thunk<A...>};
+    Registrar(const char* name, void (*f)(A...), unsigned max_threads = 0) {
+        registry()[name] = Entry{reinterpret_cast<void*>(f), &thunk<A...>, max_threads};
     }
 };
 
@@ -600,7 +610,7 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_find(const char* 
 }
 
 // Runs kernel `name` to completion. Returns 0, 1 when there is no such kernel, 2 when the fiber
-// stacks cannot be had.
+// stacks cannot be had, 3 when the block has more threads than the kernel may be launched with.
 extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char* name, unsigned gx, unsigned gy,
                                                                        unsigned gz, unsigned bx, unsigned by,
                                                                        unsigned bz, size_t smem, void** params) {
@@ -608,6 +618,25 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
     auto it = registry().find(name);
     if (it == registry().end()) return 1;
     const int nthreads = (int)(bx * by * bz);
+    // The GPU refuses a launch past the kernel's __launch_bounds__ (too many resources
+    // requested); past kThreadsWithoutBounds without bounds it refuses one when ptxas happened to
+    // use many registers, so that is refused here whatever the count.
+    const unsigned bound = it->second.max_threads;
+    if ((bound > 0 && (unsigned)nthreads > bound) || (bound == 0 && (unsigned)nthreads > kThreadsWithoutBounds)) {
+        if (bound > 0) {
+            fprintf(stderr,
+                    "mvar CUDA emulator: %s launched with %d threads per block, more than its "
+                    "__launch_bounds__(%u): the GPU refuses this launch\n",
+                    name, nthreads, bound);
+        } else {
+            fprintf(stderr,
+                    "mvar CUDA emulator: %s launched with %d threads per block but declares no __launch_bounds__: "
+                    "past %u threads that launch fails on the GPU whenever ptxas gives the kernel more than "
+                    "65536 / %d registers per thread; declare __launch_bounds__(%d)\n",
+                    name, nthreads, kThreadsWithoutBounds, nthreads, nthreads);
+        }
+        return 3;
+    }
     std::vector<void*> st;
     {
         std::lock_guard<std::mutex> g(stack_pool().lock);

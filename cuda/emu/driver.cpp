@@ -416,7 +416,9 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
     t_running_kernel = fn->name.c_str();
     int r = fn->module->launch(fn->name.c_str(), gx, gy, gz, bx, by, bz, shared, params);
     t_running_kernel = nullptr;
-    return r == 0 ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
+    // 3: more threads than the kernel's __launch_bounds__ allow (device.h), which the GPU
+    // reports as too many resources requested.
+    return r == 0 ? CUDA_SUCCESS : r == 3 ? CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES : CUDA_ERROR_LAUNCH_FAILED;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -431,6 +433,7 @@ API CUresult cuGetErrorName(CUresult e, const char** s) {
         case CUDA_ERROR_INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
         case CUDA_ERROR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
         case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; break;
         case CUDA_ERROR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
         case CUDA_ERROR_NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
         default: *s = "CUDA_ERROR_UNKNOWN"; break;

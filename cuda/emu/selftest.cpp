@@ -258,6 +258,36 @@ int main() {
     expect(aborts([&] { launch("ldmatrix_at", out.data(), 8); }), "a misaligned ldmatrix row is reported");
 
     {
+        // Launch bounds, through the module build the fake NVRTC and driver use: a block larger
+        // than a kernel's __launch_bounds__, or above 256 threads for a kernel without them, is
+        // refused as the GPU may refuse it.
+        const std::string src =
+            "#define BOUND (2 * 32)\n"
+            "extern \"C\" __global__ void __launch_bounds__(BOUND, 1) bounded(float* out) { out[threadIdx.x] = 1.0f; }\n"
+            "__global__ void unbounded(float* out) { out[threadIdx.x] = 1.0f; }\n";
+        std::string log;
+        const std::string so = mvar_emu_build::build_module(src, log);
+        void* h = so.empty() ? nullptr : dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
+        auto run = h ? reinterpret_cast<int (*)(const char*, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                                unsigned, size_t, void**)>(dlsym(h, "mvar_emu_launch"))
+                     : nullptr;
+        expect(run != nullptr, "a module with launch bounds builds and loads" + (log.empty() ? "" : ": " + log));
+        if (run) {
+            std::vector<float> buf(1024);
+            float* p = buf.data();
+            void* params[] = {&p};
+            int quiet = dup(2), devnull = open("/dev/null", O_WRONLY);
+            dup2(devnull, 2);  // the refusals' messages are not part of the output
+            const int in_bounds = run("bounded", 1, 1, 1, 64, 1, 1, 0, params);
+            const int past_bounds = run("bounded", 1, 1, 1, 32, 3, 1, 0, params);
+            const int small = run("unbounded", 1, 1, 1, 256, 1, 1, 0, params);
+            const int large = run("unbounded", 1, 1, 1, 512, 1, 1, 0, params);
+            dup2(quiet, 2);
+            expect(in_bounds == 0 && past_bounds == 3, "a block past the kernel's __launch_bounds__ is refused");
+            expect(small == 0 && large == 3, "past 256 threads a kernel without __launch_bounds__ is refused");
+        }
+    }
+    {
         // MVAR_EMU_SANITIZE's checks, through the module build the fake NVRTC and driver use: a
         // misaligned 16-byte load and an index past a fixed-size shared array each trap.
         setenv("MVAR_EMU_SANITIZE", "1", 1);

@@ -668,6 +668,9 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
         blockIdx = dim3{(unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((long long)gx * gy))};
         launch.block_bar = Barrier{nthreads, 0, 0};
         launch.poisoned.clear();
+        // Each block starts from garbage (NaN), not from what the previous block left, so a read
+        // before a write shows in every block, as the static arrays' fill does.
+        std::memset(launch.dyn_smem, 0xff, smem);
         for (size_t w = 0; w < launch.warps.size(); ++w) {
             int lanes = std::min(32, nthreads - (int)w * 32);
             launch.warps[w].lanes = lanes;

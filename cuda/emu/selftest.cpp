@@ -78,6 +78,14 @@ __global__ void reads_static_shared_before_writing(float* out) {
     out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
 }
 
+// The same for the dynamic shared memory.
+__global__ void reads_dynamic_shared_before_writing(float* out) {
+    float* s = smem_floats();
+    if (blockIdx.x == 0) s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+}
+
 // Returns with a copy in flight (a bug the deferred mode reports).
 __global__ void exits_with_copy_in_flight(const float* in) {
     mvar_emu_cp_async16(smem_floats() + 4 * threadIdx.x, in);
@@ -120,6 +128,7 @@ mvar_emu::Registrar r7("reads_the_previous_block", &reads_the_previous_block);
 mvar_emu::Registrar r8("reads_static_shared_before_writing", &reads_static_shared_before_writing);
 mvar_emu::Registrar r6("mismatched_barriers", &mismatched_barriers);
 mvar_emu::Registrar r9("copy_at", &copy_at);
+mvar_emu::Registrar r11("reads_dynamic_shared_before_writing", &reads_dynamic_shared_before_writing);
 mvar_emu::Registrar r10("ldmatrix_at", &ldmatrix_at);
 
 int failures = 0;
@@ -226,6 +235,18 @@ int main() {
         }
         expect(block0 == 32 && block1 == 32,
                "a block reading a static shared array it never wrote sees NaN, not another block's values");
+    }
+    {
+        float* p = out.data();
+        void* params[] = {&p};
+        mvar_emu_launch("reads_dynamic_shared_before_writing", 2, 1, 1, 32, 1, 1, 32 * sizeof(float), params);
+        int block0 = 0, block1 = 0;
+        for (int t = 0; t < 32; ++t) {
+            block0 += out[t] == 1.0f;
+            block1 += std::isnan(out[32 + t]);
+        }
+        expect(block0 == 32 && block1 == 32,
+               "a block reading dynamic shared memory it never wrote sees NaN, not another block's values");
     }
     {
         const std::string src =

@@ -19,7 +19,8 @@
 # local arrays and other undefined operations; the emulated cp.async and ldmatrix check their
 # alignment and that they stay inside the dynamic shared memory. A failed check ends the process
 # with a message naming the kernel. A block with more threads than the kernel's
-# __launch_bounds__, or more than 256 without them, is refused as a GPU may refuse it.
+# __launch_bounds__, or more than 256 without them, is refused as a GPU may refuse it. Device
+# buffers start NaN-filled and end at a guard page (MVAR_EMU_GUARD=front: start after one).
 #
 # Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.
 set -euo pipefail
@@ -49,7 +50,7 @@ if [ "${1:-}" = "--self-test" ]; then
     -o "$OUT/selftest" "$EMU_SRC/selftest.cpp"
   for schedule in forward reverse; do
     for copies in eager deferred; do
-      MVAR_EMU_SCHEDULE=$schedule MVAR_EMU_CP_ASYNC=$copies "$OUT/selftest"
+      MVAR_EMU_SCHEDULE=$schedule MVAR_EMU_CP_ASYNC=$copies "$OUT/selftest" "$OUT/lib/libcuda.so"
     done
   done
   exit 0

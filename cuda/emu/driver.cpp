@@ -87,7 +87,8 @@ void on_fault(int sig, siginfo_t* info, void*) {
     // A trap in a kernel is a check of MVAR_EMU_SANITIZE's (compile.h) that failed.
     const char* why = sig == SIGILL ? "a misaligned access, an index past a fixed-size array, a bad shift or "
                                       "division, or another undefined operation (MVAR_EMU_SANITIZE)"
-                                    : "past the end of a device buffer: guard page";
+                                    : "just past the end, or with MVAR_EMU_GUARD=front before the start, of a device buffer: "
+                                      "guard page";
     int n = snprintf(msg, sizeof msg, "mvar CUDA emulator: %s at address %p%s%s%s (%s)\n", what, info->si_addr,
                      t_running_kernel ? " in kernel " : "", t_running_kernel ? t_running_kernel : "",
                      t_running_kernel ? "" : " outside any kernel", why);
@@ -118,6 +119,15 @@ size_t total_memory() {
     return m << 20;
 }
 
+// MVAR_EMU_GUARD=front puts each allocation's guard page before it instead of after it.
+bool guard_in_front() {
+    static const bool front = [] {
+        const char* g = getenv("MVAR_EMU_GUARD");
+        return g && std::string(g) == "front";
+    }();
+    return front;
+}
+
 CUresult alloc(CUdeviceptr* p, size_t bytes) {
     if (!p) return CUDA_ERROR_INVALID_VALUE;
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -129,9 +139,20 @@ CUresult alloc(CUdeviceptr* p, size_t bytes) {
     const size_t mapped = data_pages + page;
     void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
-    unsigned char* guard = (unsigned char*)base + data_pages;
-    mprotect(guard, page, PROT_NONE);
-    *p = (CUdeviceptr)(guard - rounded);
+    if (guard_in_front()) {
+        // The buffer starts right after the guard page: a read or write before it faults.
+        mprotect(base, page, PROT_NONE);
+        *p = (CUdeviceptr)((unsigned char*)base + page);
+    } else {
+        // The buffer (rounded to 256 bytes, as cuMemAlloc aligns) ends at the guard page.
+        unsigned char* guard = (unsigned char*)base + data_pages;
+        mprotect(guard, page, PROT_NONE);
+        *p = (CUdeviceptr)(guard - rounded);
+    }
+    // Fresh device memory holds garbage on a GPU (a reused block, what a previous process left):
+    // NaN here, so a kernel that reads an output it never wrote, or counts on zeroed memory that
+    // nobody cleared, fails instead of seeing the zeros of a fresh mapping.
+    std::memset((void*)*p, 0xff, rounded);
     g_allocations[*p] = Mapping{bytes, base, mapped};
     g_used += bytes;
     return CUDA_SUCCESS;

@@ -172,7 +172,7 @@ int readers_of_one(const std::vector<float>& out) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
     const auto& m = mvar_emu::modes();
     printf("emulator self-test: schedule %s, cp.async %s\n", m.reverse ? "reverse" : "forward",
            m.deferred_copies ? "deferred" : "eager");
@@ -350,6 +350,40 @@ int main() {
                    "sanitized: an index past a static shared array traps, one inside runs");
         }
         unsetenv("MVAR_EMU_SANITIZE");
+    }
+
+    if (argc > 1) {
+        // The emulated driver's device memory (argv[1]: its libcuda.so), each case in a child
+        // process since the guard placement is read once per process.
+        auto in_child = [&](const char* guard, auto body) {
+            fflush(stdout);
+            pid_t pid = fork();
+            if (pid == 0) {
+                int devnull = open("/dev/null", O_WRONLY);
+                if (devnull >= 0) dup2(devnull, 2);
+                if (guard) setenv("MVAR_EMU_GUARD", guard, 1);
+                void* h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+                auto init = h ? reinterpret_cast<int (*)(unsigned)>(dlsym(h, "cuInit")) : nullptr;
+                auto alloc = h ? reinterpret_cast<int (*)(unsigned long long*, size_t)>(dlsym(h, "cuMemAlloc_v2"))
+                               : nullptr;
+                unsigned long long p = 0;
+                if (!init || !alloc || init(0) != 0 || alloc(&p, 100) != 0) _exit(3);
+                _exit(body(reinterpret_cast<volatile unsigned char*>(p)) ? 0 : 4);
+            }
+            int status = 0;
+            waitpid(pid, &status, 0);
+            if (WIFSIGNALED(status)) return WTERMSIG(status) == SIGSEGV ? std::string("fault") : "signal";
+            return std::string(WIFEXITED(status) && WEXITSTATUS(status) == 0 ? "ok" : "failed");
+        };
+        // 100 bytes: the buffer is rounded to 256, which the end guard follows.
+        expect(in_child(nullptr, [](volatile unsigned char* p) { return p[0] == 0xff && p[255] == 0xff; }) == "ok",
+               "fresh device memory is NaN-filled, not zero");
+        expect(in_child(nullptr, [](volatile unsigned char* p) { return p[256] == 0; }) == "fault",
+               "a read just past a device buffer faults");
+        expect(in_child("front", [](volatile unsigned char* p) { return p[-1] == 0; }) == "fault",
+               "with MVAR_EMU_GUARD=front a read just before a device buffer faults");
+        expect(in_child("front", [](volatile unsigned char* p) { return p[0] == 0xff && p[99] == 0xff; }) == "ok",
+               "with MVAR_EMU_GUARD=front the buffer itself is readable");
     }
 
     printf("%s\n", failures ? "emulator self-test FAILED" : "emulator self-test passed");

@@ -354,23 +354,29 @@ struct BinaryBwd {
 impl FloatKernel for BinaryBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let op = self.op;
-        let pairs = broadcast_map3(
-            &self.out,
-            (x[0], &self.a),
-            (x[1], &self.b),
-            (x[2], &self.out),
-            move |a, b, g| {
-                let (da, db) = op.backward(a, b, g);
-                Pair(da, db)
-            },
-        );
-        let (da, db) = pairs.into_iter().map(|p| (p.0, p.1)).unzip();
+        let (a, b, g) = ((x[0], &self.a), (x[1], &self.b), (x[2], &self.out));
+        let out = &self.out;
+        // One pass per gradient. Where a gradient needs only dY and one input (mul; div's dA),
+        // it is a two-input map, whose broadcast rows run as vectorised slice loops (an AdaLN
+        // scale [B, 1, C] over [B, L, C] is MVAR's commonest case); the same arithmetic as
+        // `BinaryOp::backward`, so the results are the same to the bit.
+        let (da, db) = match op {
+            BinaryOp::Mul => (
+                broadcast_map2(out, g, b, |g, b| g * b),
+                broadcast_map2(out, g, a, |g, a| g * a),
+            ),
+            BinaryOp::Div => (
+                broadcast_map2(out, g, b, |g, b| g / b),
+                broadcast_map3(out, a, b, g, |a, b, g| op.backward(a, b, g).1),
+            ),
+            _ => (
+                broadcast_map3(out, a, b, g, |a, b, g| op.backward(a, b, g).0),
+                broadcast_map3(out, a, b, g, |a, b, g| op.backward(a, b, g).1),
+            ),
+        };
         Ok(vec![da, db])
     }
 }
-
-#[derive(Clone, Copy, Default)]
-struct Pair<T>(T, T);
 
 /// `a op b` with NumPy broadcasting.
 pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {

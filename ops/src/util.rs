@@ -330,20 +330,36 @@ pub(crate) fn broadcast_map3<
     let row = bc.row_len().max(1);
     let (sa, sb, sc) = (bc.row_step(0), bc.row_step(1), bc.row_step(2));
     let mut v = vec![R::default(); n];
-    let fill = |(r, chunk): (usize, &mut [R])| {
-        let (oa, ob, oc) = (
-            bc.row_offset(0, r),
-            bc.row_offset(1, r),
-            bc.row_offset(2, r),
-        );
-        for (j, o) in chunk.iter_mut().enumerate() {
-            *o = f(a.0[oa + j * sa], b.0[ob + j * sb], c.0[oc + j * sc]);
+    // Whole rows per task, as in broadcast_map2; rows where every input is contiguous run as a
+    // plain zipped loop.
+    let rows_per_task = (MAP_CHUNK / row).max(1);
+    let fill = |(t, chunk): (usize, &mut [R])| {
+        for (k, out_row) in chunk.chunks_mut(row).enumerate() {
+            let r = t * rows_per_task + k;
+            let (oa, ob, oc) = (
+                bc.row_offset(0, r),
+                bc.row_offset(1, r),
+                bc.row_offset(2, r),
+            );
+            let len = out_row.len();
+            if (sa, sb, sc) == (1, 1, 1) {
+                let rows = (&a.0[oa..oa + len], &b.0[ob..ob + len], &c.0[oc..oc + len]);
+                for (((o, &x), &y), &z) in out_row.iter_mut().zip(rows.0).zip(rows.1).zip(rows.2) {
+                    *o = f(x, y, z);
+                }
+            } else {
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    *o = f(a.0[oa + j * sa], b.0[ob + j * sb], c.0[oc + j * sc]);
+                }
+            }
         }
     };
     if n >= PARALLEL_MIN_ELEMS {
-        v.par_chunks_mut(row).enumerate().for_each(fill);
+        v.par_chunks_mut(row * rows_per_task)
+            .enumerate()
+            .for_each(fill);
     } else {
-        v.chunks_mut(row).enumerate().for_each(fill);
+        v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
     }
     v
 }
@@ -610,6 +626,66 @@ mod tests {
                     .collect();
                 assert_eq!(got, want, "{ash} with {bsh}");
             }
+        }
+    }
+
+    #[test]
+    fn broadcast_map3_matches_per_element_indexing() {
+        // Rows of every step pattern, rows shorter and longer than a task, a scalar.
+        let cases: [[&[usize]; 3]; 6] = [
+            [&[3, 5, 7], &[3, 5, 7], &[3, 5, 7]],
+            [&[3, 5, 7], &[3, 1, 7], &[3, 5, 1]],
+            [&[4, 1], &[1, 9], &[4, 9]],
+            [&[300, 1, 33], &[1, 40, 33], &[300, 40, 1]],
+            [&[2, 70_000], &[70_000], &[2, 1]],
+            [&[], &[2, 3, 1], &[1, 3, 4]],
+        ];
+        for shapes in cases {
+            let shapes = shapes.map(|d| Shape::from(d.to_vec()));
+            let rank = shapes.iter().map(Shape::rank).max().unwrap_or(0);
+            let dim = |s: &Shape, ax: usize| {
+                let pad = rank - s.rank();
+                if ax < pad {
+                    1
+                } else {
+                    s.dims()[ax - pad]
+                }
+            };
+            let out_dims: Vec<usize> = (0..rank)
+                .map(|ax| shapes.iter().map(|s| dim(s, ax)).max().unwrap_or(1))
+                .collect();
+            let out = Shape::from(out_dims.clone());
+            let data: Vec<Vec<f64>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(k, s)| (0..s.elem_count()).map(|i| (i + 7 * k) as f64).collect())
+                .collect();
+            let got = broadcast_map3(
+                &out,
+                (&data[0], &shapes[0]),
+                (&data[1], &shapes[1]),
+                (&data[2], &shapes[2]),
+                |x, y, z| x * 1e12 + y * 1e6 + z,
+            );
+            let at = |s: &Shape, mut e: usize| {
+                let (mut idx, mut stride) = (0, 1);
+                for ax in (0..rank).rev() {
+                    let c = e % out_dims[ax];
+                    e /= out_dims[ax];
+                    let d = dim(s, ax);
+                    idx += (c % d) * stride;
+                    stride *= d;
+                }
+                idx
+            };
+            let want: Vec<f64> = (0..out.elem_count())
+                .map(|e| {
+                    data[0][at(&shapes[0], e)] * 1e12
+                        + data[1][at(&shapes[1], e)] * 1e6
+                        + data[2][at(&shapes[2], e)]
+                })
+                .collect();
+            assert_eq!(got, want, "{} {} {}", shapes[0], shapes[1], shapes[2]);
         }
     }
 

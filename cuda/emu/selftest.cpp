@@ -163,6 +163,20 @@ bool aborts(F body) {
     return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
 }
 
+// A module's launcher: mvar_emu_launch(name, grid x y z, block x y z, dynamic shared bytes, params).
+using LaunchFn = int (*)(const char*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, size_t, void**);
+
+// Builds `src` the way the fake NVRTC and driver do and loads it; null (and a failed check named
+// `what`) when that fails.
+LaunchFn build_and_load(const std::string& src, const std::string& what) {
+    std::string log;
+    const std::string so = mvar_emu_build::build_module(src, log);
+    void* h = so.empty() ? nullptr : dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
+    auto run = h ? reinterpret_cast<LaunchFn>(dlsym(h, "mvar_emu_launch")) : nullptr;
+    expect(run != nullptr, what + " builds and loads" + (log.empty() ? "" : ": " + log));
+    return run;
+}
+
 // How many of the threads read the published value (the others read the NaN fill).
 int readers_of_one(const std::vector<float>& out) {
     int n = 0;
@@ -286,13 +300,7 @@ int main(int argc, char** argv) {
             "#define BOUND (2 * 32)\n"
             "extern \"C\" __global__ void __launch_bounds__(BOUND, 1) bounded(float* out) { out[threadIdx.x] = 1.0f; }\n"
             "__global__ void unbounded(float* out) { out[threadIdx.x] = 1.0f; }\n";
-        std::string log;
-        const std::string so = mvar_emu_build::build_module(src, log);
-        void* h = so.empty() ? nullptr : dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
-        auto run = h ? reinterpret_cast<int (*)(const char*, unsigned, unsigned, unsigned, unsigned, unsigned,
-                                                unsigned, size_t, void**)>(dlsym(h, "mvar_emu_launch"))
-                     : nullptr;
-        expect(run != nullptr, "a module with launch bounds builds and loads" + (log.empty() ? "" : ": " + log));
+        const LaunchFn run = build_and_load(src, "a module with launch bounds");
         if (run) {
             std::vector<float> buf(1024);
             float* p = buf.data();
@@ -317,13 +325,7 @@ int main(int argc, char** argv) {
             "    float4 v = *reinterpret_cast<const float4*>(p + offset);\n    out[0] = v.x + v.w;\n}\n"
             "__global__ void index_shared(int i, float* out) {\n"
             "    __shared__ float s[32];\n    s[i] = 1.0f;\n    out[0] = s[i];\n}\n";
-        std::string log;
-        const std::string so = mvar_emu_build::build_module(src, log);
-        void* h = so.empty() ? nullptr : dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
-        auto run = h ? reinterpret_cast<int (*)(const char*, unsigned, unsigned, unsigned, unsigned, unsigned,
-                                                unsigned, size_t, void**)>(dlsym(h, "mvar_emu_launch"))
-                     : nullptr;
-        expect(run != nullptr, "a sanitized module builds and loads" + (log.empty() ? "" : ": " + log));
+        const LaunchFn run = build_and_load(src, "a sanitized module");
         if (run) {
             // Dies of SIGILL (the trap) rather than running to completion.
             auto traps = [&](const char* kernel, std::vector<void*> params) {

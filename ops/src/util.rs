@@ -592,40 +592,56 @@ mod tests {
         for (sa, sb, sc) in cases {
             for (ash, bsh) in [(sa, sb), (sb, sc), (sc, sa)] {
                 let (ash, bsh) = (Shape::from(ash.to_vec()), Shape::from(bsh.to_vec()));
-                let rank = ash.rank().max(bsh.rank());
-                let dim = |s: &Shape, ax: usize| {
-                    let pad = rank - s.rank();
-                    if ax < pad {
-                        1
-                    } else {
-                        s.dims()[ax - pad]
-                    }
-                };
-                let out_dims: Vec<usize> = (0..rank)
-                    .map(|ax| dim(&ash, ax).max(dim(&bsh, ax)))
-                    .collect();
-                let out = Shape::from(out_dims.clone());
+                let (out, at) = SlowBroadcast::of(&[&ash, &bsh]);
                 let a: Vec<f32> = (0..ash.elem_count()).map(|i| i as f32 * 0.5).collect();
                 let b: Vec<f32> = (0..bsh.elem_count()).map(|i| 1.0 + i as f32).collect();
                 let got = broadcast_map2(&out, (&a, &ash), (&b, &bsh), |x, y| x * 1000.0 + y);
-                // Index of output element e in an input of shape s: its coordinates, 0 where s is 1.
-                let at = |s: &Shape, mut e: usize| {
-                    let mut idx = 0;
-                    let mut stride = 1;
-                    for ax in (0..rank).rev() {
-                        let c = e % out_dims[ax];
-                        e /= out_dims[ax];
-                        let d = dim(s, ax);
-                        idx += (c % d) * stride;
-                        stride *= d;
-                    }
-                    idx
-                };
                 let want: Vec<f32> = (0..out.elem_count())
-                    .map(|e| a[at(&ash, e)] * 1000.0 + b[at(&bsh, e)])
+                    .map(|e| a[at.index(&ash, e)] * 1000.0 + b[at.index(&bsh, e)])
                     .collect();
                 assert_eq!(got, want, "{ash} with {bsh}");
             }
+        }
+    }
+
+    /// Broadcasting done the slow way: the output shape of some inputs, and the index in an input
+    /// of an output element (its coordinates, 0 on the input's broadcast axes).
+    struct SlowBroadcast {
+        out_dims: Vec<usize>,
+    }
+
+    impl SlowBroadcast {
+        fn of(inputs: &[&Shape]) -> (Shape, SlowBroadcast) {
+            let rank = inputs.iter().map(|s| s.rank()).max().unwrap_or(0);
+            let at = SlowBroadcast {
+                out_dims: vec![1; rank],
+            };
+            let out_dims: Vec<usize> = (0..rank)
+                .map(|ax| inputs.iter().map(|s| at.dim(s, ax)).max().unwrap_or(1))
+                .collect();
+            (Shape::from(out_dims.clone()), SlowBroadcast { out_dims })
+        }
+
+        /// Size of `s` along output axis `ax` (1 on the axes it lacks).
+        fn dim(&self, s: &Shape, ax: usize) -> usize {
+            let pad = self.out_dims.len() - s.rank();
+            if ax < pad {
+                1
+            } else {
+                s.dims()[ax - pad]
+            }
+        }
+
+        fn index(&self, s: &Shape, mut e: usize) -> usize {
+            let (mut idx, mut stride) = (0, 1);
+            for ax in (0..self.out_dims.len()).rev() {
+                let c = e % self.out_dims[ax];
+                e /= self.out_dims[ax];
+                let d = self.dim(s, ax);
+                idx += (c % d) * stride;
+                stride *= d;
+            }
+            idx
         }
     }
 
@@ -642,19 +658,7 @@ mod tests {
         ];
         for shapes in cases {
             let shapes = shapes.map(|d| Shape::from(d.to_vec()));
-            let rank = shapes.iter().map(Shape::rank).max().unwrap_or(0);
-            let dim = |s: &Shape, ax: usize| {
-                let pad = rank - s.rank();
-                if ax < pad {
-                    1
-                } else {
-                    s.dims()[ax - pad]
-                }
-            };
-            let out_dims: Vec<usize> = (0..rank)
-                .map(|ax| shapes.iter().map(|s| dim(s, ax)).max().unwrap_or(1))
-                .collect();
-            let out = Shape::from(out_dims.clone());
+            let (out, at) = SlowBroadcast::of(&[&shapes[0], &shapes[1], &shapes[2]]);
             let data: Vec<Vec<f64>> = shapes
                 .iter()
                 .enumerate()
@@ -667,22 +671,11 @@ mod tests {
                 (&data[2], &shapes[2]),
                 |x, y, z| x * 1e12 + y * 1e6 + z,
             );
-            let at = |s: &Shape, mut e: usize| {
-                let (mut idx, mut stride) = (0, 1);
-                for ax in (0..rank).rev() {
-                    let c = e % out_dims[ax];
-                    e /= out_dims[ax];
-                    let d = dim(s, ax);
-                    idx += (c % d) * stride;
-                    stride *= d;
-                }
-                idx
-            };
             let want: Vec<f64> = (0..out.elem_count())
                 .map(|e| {
-                    data[0][at(&shapes[0], e)] * 1e12
-                        + data[1][at(&shapes[1], e)] * 1e6
-                        + data[2][at(&shapes[2], e)]
+                    data[0][at.index(&shapes[0], e)] * 1e12
+                        + data[1][at.index(&shapes[1], e)] * 1e6
+                        + data[2][at.index(&shapes[2], e)]
                 })
                 .collect();
             assert_eq!(got, want, "{} {} {}", shapes[0], shapes[1], shapes[2]);

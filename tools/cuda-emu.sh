@@ -19,7 +19,8 @@
 # local arrays and other undefined operations; the emulated cp.async and ldmatrix check their
 # alignment and that they stay inside the dynamic shared memory. A failed check ends the process
 # with a message naming the kernel. A block with more threads than the kernel's
-# __launch_bounds__, or more than 256 without them, is refused as a GPU may refuse it. Device
+# __launch_bounds__, or more than 256 without them, is refused as a GPU may refuse it, and so is
+# static plus dynamic shared memory past what a GPU block may have. Device
 # buffers start NaN-filled and end at a guard page (MVAR_EMU_GUARD=front: start after one).
 #
 # Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.

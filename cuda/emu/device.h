@@ -133,6 +133,8 @@ struct Launch {
     dim3 grid, block;
     unsigned char* dyn_smem = nullptr;
     size_t dyn_smem_bytes = 0;
+    size_t max_dynamic_attr = 0;   // the function's MAX_DYNAMIC_SHARED_SIZE_BYTES
+    size_t static_smem_bytes = 0;  // static arrays this block has reached so far
     Barrier block_bar;
     std::vector<Warp> warps;
     std::vector<Fiber> fibers;
@@ -392,7 +394,28 @@ inline void mvar_emu_cp_wait(int groups_left) {
 
 // The first thread of a block to pass a static `__shared__` declaration fills the array with 0xff
 // bytes (the call is inserted after each declaration by compile.h's poison_static_shared).
+// It also adds the array to the block's static shared memory and checks the total against what
+// a GPU allows next to the launch's dynamic shared memory: 48 KiB for both unless the function
+// opted in to more dynamic memory, and then static plus that opted-in maximum at most 227 KiB.
 namespace mvar_emu {
+constexpr size_t kSharedPerBlock = 48 * 1024;
+constexpr size_t kSharedPerBlockOptin = 232448;  // H100: 227 KiB
+
+inline thread_local size_t t_max_dynamic_attr = kSharedPerBlock;
+
+inline void check_shared_total(const Launch& l) {
+    const bool opted_in = l.max_dynamic_attr > kSharedPerBlock;
+    const size_t used = l.static_smem_bytes + (opted_in ? l.max_dynamic_attr : l.dyn_smem_bytes);
+    const size_t limit = opted_in ? kSharedPerBlockOptin : kSharedPerBlock;
+    if (used <= limit) return;
+    fprintf(stderr,
+            "mvar CUDA emulator: block (%u, %u, %u) uses %zu bytes of static shared memory next to %zu bytes of %s "
+            "dynamic shared memory: %zu bytes, more than the %zu a GPU block may have; the launch fails there\n",
+            blockIdx.x, blockIdx.y, blockIdx.z, l.static_smem_bytes, opted_in ? l.max_dynamic_attr : l.dyn_smem_bytes,
+            opted_in ? "opted-in maximum" : "", used, limit);
+    abort();
+}
+
 inline void poison_shared(void* p, size_t bytes) {
     auto& seen = g_launch->poisoned;
     for (void* q : seen) {
@@ -400,8 +423,15 @@ inline void poison_shared(void* p, size_t bytes) {
     }
     seen.push_back(p);
     std::memset(p, 0xff, bytes);
+    g_launch->static_smem_bytes += bytes;
+    check_shared_total(*g_launch);
 }
 }  // namespace mvar_emu
+
+// The driver passes a function's MAX_DYNAMIC_SHARED_SIZE_BYTES before each launch.
+extern "C" __attribute__((visibility("default"))) void mvar_emu_set_max_dynamic_shared(size_t bytes) {
+    mvar_emu::t_max_dynamic_attr = bytes;
+}
 
 // ------------------------------------------------------------------------------------------------
 // kernel registry and launcher
@@ -656,6 +686,7 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
     std::vector<unsigned char> dyn(smem + 16, 0xff);
     launch.dyn_smem = dyn.data() + ((16 - ((uintptr_t)dyn.data() & 15)) & 15);
     launch.dyn_smem_bytes = smem;
+    launch.max_dynamic_attr = t_max_dynamic_attr;
     launch.warps = std::vector<Warp>((nthreads + 31) / 32);
     launch.fibers = std::vector<Fiber>(nthreads);
     g_launch = &launch;
@@ -668,6 +699,7 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
         blockIdx = dim3{(unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((long long)gx * gy))};
         launch.block_bar = Barrier{nthreads, 0, 0};
         launch.poisoned.clear();
+        launch.static_smem_bytes = 0;
         // Each block starts from garbage (NaN), not from what the previous block left, so a read
         // before a write shows in every block, as the static arrays' fill does.
         std::memset(launch.dyn_smem, 0xff, smem);

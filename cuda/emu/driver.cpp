@@ -60,6 +60,7 @@ struct Module {
     void* handle;
     int (*find)(const char*);
     int (*launch)(const char*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, size_t, void**);
+    void (*set_max_dynamic_shared)(size_t);  // what device.h checks static shared memory against
 };
 
 struct Function {
@@ -375,6 +376,8 @@ API CUresult cuModuleLoadData(void** module, const void* image) {
     auto* m = new Module{h, nullptr, nullptr};
     m->find = reinterpret_cast<int (*)(const char*)>(dlsym(h, "mvar_emu_find"));
     m->launch = reinterpret_cast<decltype(m->launch)>(dlsym(h, "mvar_emu_launch"));
+    m->set_max_dynamic_shared =
+        reinterpret_cast<decltype(m->set_max_dynamic_shared)>(dlsym(h, "mvar_emu_set_max_dynamic_shared"));
     if (!m->find || !m->launch) {
         delete m;
         return CUDA_ERROR_INVALID_IMAGE;
@@ -435,6 +438,7 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
         return CUDA_ERROR_INVALID_VALUE;
     }
     t_running_kernel = fn->name.c_str();
+    if (fn->module->set_max_dynamic_shared) fn->module->set_max_dynamic_shared((size_t)fn->max_dynamic_shared);
     int r = fn->module->launch(fn->name.c_str(), gx, gy, gz, bx, by, bz, shared, params);
     t_running_kernel = nullptr;
     // 3: more threads than the kernel's __launch_bounds__ allow (device.h), which the GPU

@@ -86,6 +86,14 @@ __global__ void reads_dynamic_shared_before_writing(float* out) {
     out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
 }
 
+// 40000 bytes of static shared memory, next to whatever dynamic shared memory the launch gives.
+__global__ void static_shared_next_to_dynamic(float* out) {
+    __shared__ float big[10000];
+    mvar_emu::poison_shared(&big, sizeof(big));
+    big[threadIdx.x] = 1.0f;
+    out[threadIdx.x] = big[threadIdx.x];
+}
+
 // Returns with a copy in flight (a bug the deferred mode reports).
 __global__ void exits_with_copy_in_flight(const float* in) {
     mvar_emu_cp_async16(smem_floats() + 4 * threadIdx.x, in);
@@ -130,6 +138,7 @@ mvar_emu::Registrar r6("mismatched_barriers", &mismatched_barriers);
 mvar_emu::Registrar r9("copy_at", &copy_at);
 mvar_emu::Registrar r11("reads_dynamic_shared_before_writing", &reads_dynamic_shared_before_writing);
 mvar_emu::Registrar r10("ldmatrix_at", &ldmatrix_at);
+mvar_emu::Registrar r12("static_shared_next_to_dynamic", &static_shared_next_to_dynamic);
 
 int failures = 0;
 
@@ -292,6 +301,22 @@ int main(int argc, char** argv) {
            "a cp.async past the end of the shared memory is reported");
     expect(aborts([&] { launch("ldmatrix_at", out.data(), 8); }), "a misaligned ldmatrix row is reported");
 
+    {
+        // Static plus dynamic shared memory: 48 KiB without opting in; with an opted-in dynamic
+        // maximum, static plus that maximum up to 227 KiB.
+        auto fails = [&](size_t max_dynamic, size_t dynamic) {
+            return aborts([&] {
+                mvar_emu_set_max_dynamic_shared(max_dynamic);
+                float* p = out.data();
+                void* params[] = {&p};
+                mvar_emu_launch("static_shared_next_to_dynamic", 1, 1, 1, 32, 1, 1, dynamic, params);
+            });
+        };
+        expect(!fails(48 * 1024, 4096) && fails(48 * 1024, 16384),
+               "without opting in, static and dynamic shared memory past 48 KiB is refused");
+        expect(!fails(100 * 1024, 16384) && fails(200 * 1024, 16384),
+               "opted in, static shared memory plus the dynamic maximum past 227 KiB is refused");
+    }
     {
         // Launch bounds, through the module build the fake NVRTC and driver use: a block larger
         // than a kernel's __launch_bounds__, or above 256 threads for a kernel without them, is

@@ -247,30 +247,22 @@ int main(int argc, char** argv) {
     expect(out[1] == (m.reverse ? 0.0f : 1.0f), m.reverse ? "reverse order: block 1 runs before block 0"
                                                           : "forward order: block 0 runs before block 1");
 
-    {
+    // Block 0 writes the shared memory, block 1 only reads it: block 1 must see the NaN fill.
+    auto second_block_sees_nan = [&](const char* kernel, size_t dynamic_bytes) {
         float* p = out.data();
         void* params[] = {&p};
-        mvar_emu_launch("reads_static_shared_before_writing", 2, 1, 1, 32, 1, 1, 0, params);
+        mvar_emu_launch(kernel, 2, 1, 1, 32, 1, 1, dynamic_bytes, params);
         int block0 = 0, block1 = 0;
         for (int t = 0; t < 32; ++t) {
             block0 += out[t] == 1.0f;
             block1 += std::isnan(out[32 + t]);
         }
-        expect(block0 == 32 && block1 == 32,
-               "a block reading a static shared array it never wrote sees NaN, not another block's values");
-    }
-    {
-        float* p = out.data();
-        void* params[] = {&p};
-        mvar_emu_launch("reads_dynamic_shared_before_writing", 2, 1, 1, 32, 1, 1, 32 * sizeof(float), params);
-        int block0 = 0, block1 = 0;
-        for (int t = 0; t < 32; ++t) {
-            block0 += out[t] == 1.0f;
-            block1 += std::isnan(out[32 + t]);
-        }
-        expect(block0 == 32 && block1 == 32,
-               "a block reading dynamic shared memory it never wrote sees NaN, not another block's values");
-    }
+        return block0 == 32 && block1 == 32;
+    };
+    expect(second_block_sees_nan("reads_static_shared_before_writing", 0),
+           "a block reading a static shared array it never wrote sees NaN, not another block's values");
+    expect(second_block_sees_nan("reads_dynamic_shared_before_writing", 32 * sizeof(float)),
+           "a block reading dynamic shared memory it never wrote sees NaN, not another block's values");
     {
         const std::string src =
             "void k() {\n    __shared__ float scratch[32];\n    __shared__ __align__(16) float zs[A][B + 4];\n"

@@ -706,44 +706,53 @@ fn spatial(c: &mut Criterion) {
         );
     }
     drop(ng);
-    // The demo tokenizer's commonest convolution (batch 32, 32 channels at 32x32), forward and
-    // forward + backward (input, weight and bias gradients: 3x the forward's FLOPs).
+    // The demo tokenizer's commonest convolutions (32 channels at 32x32 and 64 at 16x16), forward
+    // and forward + backward (input, weight and bias gradients: 3x the forward's FLOPs). On the
+    // CPU both algorithms: Winograd F(2x2, 3x3) (the default) and the im2col reference.
     for d in devices() {
         let t = tag(&d);
-        let x = randn(&[32, 32, 32, 32], DType::F32, &d, 6)
-            .with_grad()
-            .unwrap();
-        let w = randn(&[32, 32, 3, 3], DType::F32, &d, 7)
-            .with_grad()
-            .unwrap();
-        let b = randn(&[32], DType::F32, &d, 8).with_grad().unwrap();
-        let flops = 2 * 32 * 32 * 32 * 32 * 32 * 9;
-        g.throughput(Throughput::Elements(flops));
-        bench(
-            &mut g,
-            &d,
-            format!("{t}/conv2d 3x3 [32,32,32,32] f32 fwd (FLOPs)"),
-            || {
-                mvar::engine::with_no_grad(|| {
-                    ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap()
-                });
-            },
-        );
-        g.throughput(Throughput::Elements(3 * flops));
-        bench(
-            &mut g,
-            &d,
-            format!("{t}/conv2d 3x3 [32,32,32,32] f32 fwd+bwd (FLOPs)"),
-            || {
-                [&x, &w, &b].iter().for_each(|l| l.zero_grad());
-                ops::sum_all(
-                    &ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap(),
-                )
-                .unwrap()
-                .backward()
-                .unwrap();
-            },
-        );
+        let variants: &[(&str, bool)] = if d.is_cuda() {
+            &[("", true)]
+        } else {
+            &[("", true), (" im2col", false)]
+        };
+        for &[n, c, s] in &[[32usize, 32, 32], [16, 64, 16]] {
+            let x = randn(&[n, c, s, s], DType::F32, &d, 6).with_grad().unwrap();
+            let w = randn(&[c, c, 3, 3], DType::F32, &d, 7).with_grad().unwrap();
+            let b = randn(&[c], DType::F32, &d, 8).with_grad().unwrap();
+            let flops = (2 * n * c * c * s * s * 9) as u64;
+            let shape = format!("[{n},{c},{s},{s}]");
+            for &(variant, winograd) in variants {
+                ops::set_cpu_winograd(winograd);
+                g.throughput(Throughput::Elements(flops));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/conv2d 3x3 {shape} f32 fwd{variant} (FLOPs)"),
+                    || {
+                        mvar::engine::with_no_grad(|| {
+                            ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap()
+                        });
+                    },
+                );
+                g.throughput(Throughput::Elements(3 * flops));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/conv2d 3x3 {shape} f32 fwd+bwd{variant} (FLOPs)"),
+                    || {
+                        [&x, &w, &b].iter().for_each(|l| l.zero_grad());
+                        ops::sum_all(
+                            &ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap(),
+                        )
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    },
+                );
+            }
+            ops::set_cpu_winograd(true);
+        }
         let y = randn(&[32, 32, 32, 32], DType::F32, &d, 9)
             .with_grad()
             .unwrap();

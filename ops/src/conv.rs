@@ -19,6 +19,11 @@
 //! transposed weight (same GEMM shape as the forward, no scatter); otherwise dcols = W^T dY
 //! scattered back into dx by col2im (the transpose of im2col).
 //!
+//! Stride-1 3x3 convs with at least 8 channels on each side (all of the VQVAE's but the first
+//! and last) run as Winograd F(2x2, 3x3) instead, forward, dx (as the transposed conv above) and
+//! dW alike: 2.25x fewer multiply-adds, and 1.4-1.6x faster on the demo tokenizer's shapes
+//! (`conv/winograd.rs`; `set_cpu_winograd(false)` selects im2col for comparison).
+//!
 //! Threading: a batch of at least as many samples as threads runs one sample per task with
 //! single-threaded GEMMs (the per-sample products are large enough to keep a core busy, and
 //! im2col/col2im run in parallel too); a smaller batch runs its samples in turn with one
@@ -34,6 +39,8 @@ use mvar_engine::cpu::FloatKernel;
 use mvar_engine::cuda::ops::conv as cu;
 use mvar_engine::{Error, Float, Result, Tensor};
 use rayon::prelude::*;
+
+mod winograd;
 
 use crate::util::{
     autocast_run, float_op, out_tensor, output_len, require_rank, same_device, same_dtype,
@@ -484,6 +491,10 @@ impl FloatKernel for ConvFwd {
         let (x, w) = (inp[0], inp[1]);
         let bias = if self.has_bias { Some(inp[2]) } else { None };
         let mut out = vec![T::zero(); g.n * g.y_len()];
+        if winograd::applies(g) {
+            winograd::forward(g, x, w, bias, &mut out);
+            return Ok(vec![out]);
+        }
         let cols_len = if g.direct() { 0 } else { g.k() * g.tile() };
         let (per_task, par) = g.schedule();
         let body = |cols: &mut Vec<T>, (ni, y): (usize, &mut [T])| {
@@ -516,6 +527,7 @@ struct ConvBwd {
 struct BwdInputs<'a, T> {
     gy: &'a [T],
     x: Option<&'a [T]>,
+    /// Present when the tasks compute dx (absent too when Winograd already did).
     w: Option<&'a [T]>,
     /// dx as a forward conv of dY: its geometry and flipped weight [Cin, Cout*kh*kw].
     dx_conv: Option<(ConvFwd, Vec<T>)>,
@@ -570,7 +582,7 @@ impl ConvBwd {
         let mut cols = vec![T::zero(); if self.need_dw { buf_len } else { 0 }];
         let dcols_len = match dx_conv {
             Some((c, _)) => c.g.k() * c.g.tile(),
-            None if self.need_dx => buf_len,
+            None if w.is_some() => buf_len,
             None => 0,
         };
         let mut dcols = vec![T::zero(); dcols_len];
@@ -581,7 +593,7 @@ impl ConvBwd {
                     *acc += row.iter().map(|v| v.as_f64()).sum::<f64>();
                 }
             }
-            let mut dxs = if self.need_dx {
+            let mut dxs = if w.is_some() {
                 Some(&mut dx[(ni - first) * g.x_len()..][..g.x_len()])
             } else {
                 None
@@ -681,16 +693,32 @@ impl FloatKernel for ConvBwd {
             )),
             _ => None,
         };
+        let mut dx = vec![T::zero(); if self.need_dx { g.n * g.x_len() } else { 0 }];
+        // A Winograd dx runs over the whole batch here; the tasks below then only do dW, dbias
+        // (they do dx where they get w).
+        let (dx_conv, w) = match dx_conv {
+            Some((conv, w_flipped)) if winograd::applies(&conv.g) => {
+                winograd::forward(&conv.g, inp[0], &w_flipped, None, &mut dx);
+                (None, None)
+            }
+            other => (other, w),
+        };
+        let dx_in_tasks = w.is_some();
+        // So does a Winograd dW; the tasks then get no x and only sum dbias.
+        let dw_winograd = match x {
+            Some(xv) if winograd::applies(g) => Some(winograd::weight_grad(g, xv, inp[0])),
+            _ => None,
+        };
+        let x = if dw_winograd.is_some() { None } else { x };
         let inputs = BwdInputs {
             gy: inp[0],
             x,
             w,
             dx_conv,
         };
-        let mut dx = vec![T::zero(); if self.need_dx { g.n * g.x_len() } else { 0 }];
         let (per_task, par) = g.schedule();
         let tasks = g.n.div_ceil(per_task).max(1);
-        let mut dx_parts: Vec<&mut [T]> = if self.need_dx && !dx.is_empty() {
+        let mut dx_parts: Vec<&mut [T]> = if dx_in_tasks && !dx.is_empty() {
             dx.chunks_mut(per_task * g.x_len()).collect()
         } else {
             (0..tasks).map(|_| &mut [][..]).collect()
@@ -712,8 +740,18 @@ impl FloatKernel for ConvBwd {
             dw.iter_mut().zip(part.dw).for_each(|(a, b)| *a += b);
             db.iter_mut().zip(part.db).for_each(|(a, b)| *a += b);
         }
+        if let Some(d) = dw_winograd {
+            dw = d;
+        }
         Ok(vec![dx, dw, db.into_iter().map(T::from_f64).collect()])
     }
+}
+
+/// Chooses the CPU algorithm of stride-1 3x3 convolutions for the whole process: Winograd
+/// F(2x2, 3x3) when true (the default, where both sides have at least 8 channels), im2col + GEMM
+/// when false. For benchmarks that compare the two; results agree to rounding.
+pub fn set_cpu_winograd(enabled: bool) {
+    winograd::ENABLED.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// 2-D convolution of x [N, Cin, H, W] with w [Cout, Cin, kh, kw] plus bias [Cout]: see the

@@ -373,7 +373,7 @@ const MAP_CHUNK: usize = 16 * 1024;
 /// runs where it can. Both copies perform the same IEEE operations in the same order (Rust never
 /// fuses a * b + c into an FMA on its own), so results are bitwise the same on every machine.
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
 }

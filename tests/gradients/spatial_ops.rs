@@ -250,6 +250,23 @@ fn conv_against_loops(c: Conv, with_bias: bool, seed: u64) {
     }
 }
 
+proptest! {
+    #![proptest_config(config())]
+
+    /// Stride-1 3x3 convs with >= 8 channels each side take the CPU's Winograd path (forward,
+    /// dx and dW): every border case of the 2x2 output tiles (odd sizes, one-pixel images, each
+    /// side's padding 0..2) against the direct loops.
+    #[test]
+    fn conv2d_winograd_matches_direct_loops(
+        n in 1usize..3, cin in 8usize..11, cout in 8usize..11, h in 1usize..8, w in 1usize..8,
+        pad in pad_strategy(), with_bias in any::<bool>(), seed in any::<u64>()
+    ) {
+        prop_assume!(h + pad.top + pad.bottom >= 3 && w + pad.left + pad.right >= 3);
+        let c = Conv { x: [n, cin, h, w], w: [cout, cin, 3, 3], stride: (1, 1), pad };
+        conv_against_loops(c, with_bias, seed);
+    }
+}
+
 #[test]
 fn conv2d_large_paths_match_direct_loops() {
     // 48x48 outputs with K = 144 need two im2col tiles; three samples split over the threads.

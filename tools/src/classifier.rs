@@ -288,6 +288,7 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
                 step,
                 t_cmd.elapsed(),
                 start.elapsed(),
+                CALIBRATION_STEPS,
             );
             args.steps = total;
             progress.set_total(args.steps);

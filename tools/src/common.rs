@@ -86,20 +86,22 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
 /// A --minutes budget times this many steps before it sets the step count (the help texts say 10).
 pub const CALIBRATION_STEPS: u64 = 10;
 
-/// The total step count a --minutes budget sets at step `done`, the end of the
-/// [`CALIBRATION_STEPS`] that took `calibration_time`, with `spent` gone since the command
-/// started: what fits, but never more than `cap` (--steps), so that a fast device stops early
-/// instead of filling the budget. `reserve` is the share of the budget kept for what follows
-/// training (evaluation, sample grids). Returns it with the line to print.
+/// The total step count a --minutes budget sets at step `done`, from `window_steps` steps that
+/// took `window_time` (the [`CALIBRATION_STEPS`] just run, or a later, longer window), with
+/// `spent` gone since the command started: what fits, but never more than `cap` (--steps), so
+/// that a fast device stops early instead of filling the budget. `reserve` is the share of the
+/// budget kept for what follows training (evaluation, sample grids). Returns it with the line to
+/// print.
 pub fn budget_total_steps(
     minutes: f64,
     reserve: f64,
     cap: u64,
     done: u64,
     spent: std::time::Duration,
-    calibration_time: std::time::Duration,
+    window_time: std::time::Duration,
+    window_steps: u64,
 ) -> (u64, String) {
-    let per_step = calibration_time.as_secs_f64() / CALIBRATION_STEPS as f64;
+    let per_step = window_time.as_secs_f64() / window_steps.max(1) as f64;
     let left = minutes * 60.0 * (1.0 - reserve) - spent.as_secs_f64();
     let fits = done + (left / per_step.max(1e-9)).max(0.0) as u64;
     let total = cap.min(fits);
@@ -282,6 +284,27 @@ mod tests {
         let b3 = batch_indices(10, 4, 3, 3);
         assert_eq!(b3[..2], order[8..]);
         assert_eq!(b3[2..], epoch_order(10, 3, 1)[..2]);
+    }
+
+    #[test]
+    fn a_budget_fits_the_steps_of_its_window_rate_and_respects_the_cap() {
+        use std::time::Duration;
+        let secs = Duration::from_secs_f64;
+        // 1 min, 10 % reserved: 54 s for training; 4 s spent, 0.5 s per step (5 s over 10
+        // steps): 100 more steps after the 10 done.
+        let (total, line) = budget_total_steps(1.0, 0.1, 1000, 10, secs(4.0), secs(5.0), 10);
+        assert_eq!(total, 110);
+        assert_eq!(line, "time budget 1.00 min: training 110 steps");
+        // A later, longer window at a faster rate (0.25 s per step over 40 steps), 24 s spent.
+        let (total, _) = budget_total_steps(1.0, 0.1, 1000, 50, secs(24.0), secs(10.0), 40);
+        assert_eq!(total, 170);
+        // The cap wins, and says what would have fit.
+        let (total, line) = budget_total_steps(1.0, 0.1, 120, 50, secs(24.0), secs(10.0), 40);
+        assert_eq!(total, 120);
+        assert!(line.contains("the --steps cap; 170 would fit"), "{line}");
+        // Over budget already: no more steps.
+        let (total, _) = budget_total_steps(1.0, 0.1, 1000, 50, secs(70.0), secs(10.0), 40);
+        assert_eq!(total, 50);
     }
 
     #[test]

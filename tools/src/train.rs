@@ -398,6 +398,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 s.step,
                 t_cmd.elapsed(),
                 start.elapsed(),
+                CALIBRATION_STEPS,
             );
             args.steps = total;
             trainer.config.total_steps = args.steps;

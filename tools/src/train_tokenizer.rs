@@ -85,8 +85,9 @@ pub struct TrainTokenizerArgs {
     /// Start again even if --out holds a training checkpoint.
     #[arg(long)]
     pub overwrite: bool,
-    /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
-    /// the learning-rate schedule) is set to what fits, at most --steps.
+    /// Wall-clock budget in minutes for the whole command: after 10 steps the step count is set
+    /// to what fits, at most --steps, and every 50 steps after that it is set again from the rate
+    /// since step 10 (the learning rate is constant, so only the end moves).
     #[arg(long)]
     pub minutes: Option<f64>,
     /// No horizontal flips.
@@ -254,6 +255,10 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     let first = trainer.step_count();
     let mut last_saved = first;
     let progress = Progress::new("tokenizer", first, args.steps);
+    // Re-planning under --minutes (below): the --steps cap, and the start of the steady window.
+    const REPLAN_EVERY: u64 = 50;
+    let cap = args.steps;
+    let mut steady_from: Option<(u64, Instant)> = None;
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
         let idx = batch_indices(train.len(), args.batch, args.seed, step);
@@ -275,18 +280,40 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             "{{\"step\":{},\"loss\":{},\"recon_l1\":{},\"recon_l2\":{},\"vq_loss\":{},\"psnr\":{},\"grad_norm\":{},\"restarted\":{}}}",
             s.step, s.loss, s.recon_l1, s.recon_l2, s.vq_loss, s.psnr, s.grad_norm, s.restarted
         ))?;
-        if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
-            let (total, line) = crate::common::budget_total_steps(
-                min,
-                0.1,
-                args.steps,
-                s.step,
-                t_cmd.elapsed(),
-                start.elapsed(),
-            );
-            args.steps = total;
-            progress.set_total(args.steps);
-            progress.println(line);
+        // The budget sets the step count after the calibration steps, and again every
+        // REPLAN_EVERY steps from the rate since then: the first steps run slower (fresh
+        // allocations, early code restarts), and the tokenizer's learning rate is constant, so a
+        // later, better estimate changes nothing but where training stops.
+        if let Some(min) = args.minutes {
+            let since = s.step - first;
+            if since == CALIBRATION_STEPS {
+                let (total, line) = crate::common::budget_total_steps(
+                    min,
+                    0.1,
+                    args.steps,
+                    s.step,
+                    t_cmd.elapsed(),
+                    start.elapsed(),
+                    CALIBRATION_STEPS,
+                );
+                args.steps = total;
+                progress.set_total(args.steps);
+                progress.println(line);
+                steady_from = Some((s.step, Instant::now()));
+            } else if let Some((from, at)) = steady_from.filter(|_| since % REPLAN_EVERY == 0) {
+                let (total, _) = crate::common::budget_total_steps(
+                    min,
+                    0.1,
+                    cap,
+                    s.step,
+                    t_cmd.elapsed(),
+                    at.elapsed(),
+                    s.step - from,
+                );
+                // Never below the current step, so a slow stretch cannot end the run early.
+                args.steps = total.max(s.step);
+                progress.set_total(args.steps);
+            }
         }
         let rate = progress.rate(s.step);
         progress.update(

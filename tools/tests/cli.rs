@@ -234,6 +234,18 @@ fn a_time_budget_never_trains_past_steps() {
         .arg(&tok_out));
     assert!(log.contains("training 11 steps (the --steps cap;"), "{log}");
     assert_eq!(metric_lines(&tok_out).len(), 11);
+    // The tokenizer sets its step count again at step 60 (50 steps after the calibration): the
+    // cap holds there too.
+    let tok_out = root.join("tok-replanned");
+    let log = ok(mvar()
+        .arg("train-tokenizer")
+        .args(TOKENIZER_FLAGS)
+        .args(["--vocab", "16", "--steps", "63", "--minutes", "1", "--data"])
+        .arg(data)
+        .arg("--out")
+        .arg(&tok_out));
+    assert!(log.contains("training 63 steps (the --steps cap;"), "{log}");
+    assert_eq!(metric_lines(&tok_out).len(), 63);
     let _ = std::fs::remove_dir_all(&root);
 }
 

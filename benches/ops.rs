@@ -706,7 +706,7 @@ fn spatial(c: &mut Criterion) {
         );
     }
     drop(ng);
-    // The demo tokenizer's commonest convolutions (32 channels at 32x32 and 64 at 16x16), forward
+    // The demo tokenizer's commonest convolutions (32 channels at 32x32, 64 at 16x16 and 8x8), forward
     // and forward + backward (input, weight and bias gradients: 3x the forward's FLOPs). On the
     // CPU both algorithms: Winograd F(2x2, 3x3) (the default) and the im2col reference.
     for d in devices() {
@@ -716,7 +716,7 @@ fn spatial(c: &mut Criterion) {
         } else {
             &[("", true), (" im2col", false)]
         };
-        for &[n, c, s] in &[[32usize, 32, 32], [16, 64, 16]] {
+        for &[n, c, s] in &[[32usize, 32, 32], [16, 64, 16], [16, 64, 8]] {
             let x = randn(&[n, c, s, s], DType::F32, &d, 6).with_grad().unwrap();
             let w = randn(&[c, c, 3, 3], DType::F32, &d, 7).with_grad().unwrap();
             let b = randn(&[c], DType::F32, &d, 8).with_grad().unwrap();

@@ -21,13 +21,19 @@
 //! Layouts: U [16][Cout][Cin] (once per call); per chunk of tiles V [16][Cin][tc] and
 //! M [16][Cout'][tc], tc the chunk's tiles, Cout' the task's output channels.
 //!
+//! Gradients: dx is the forward of the transposed conv (the parent module builds its geometry
+//! and flipped weight), so it runs through [`forward`]. dW ([`weight_grad`]) is the adjoint of
+//! the forward: per tile dM = A dY A^T, dU[xi] = sum over tiles of dM[xi] V[xi]^T, then
+//! dW = G^T dU G.
+//!
 //! Parallel decomposition: a batch with at least as many samples as threads gives each task a
 //! contiguous range of samples (all output channels); a smaller batch runs its samples in turn
 //! and splits the output channels across the tasks (each task transforms the whole input, which
 //! costs 1/Cout' of its GEMM work). Either way a task owns a contiguous slice of y. Inside a task
 //! the tiles go in chunks of whole tile rows (possibly spanning samples) sized so that V and M stay
-//! in the core's L2 cache, and the 16 GEMMs of a chunk are single-threaded. Chunk sizes depend on
-//! the geometry only, so results do not depend on the thread count when the batch is large.
+//! in the core's L2 cache, and the 16 GEMMs of a chunk are single-threaded. The weight gradient's
+//! tasks take sample ranges too and sum their partial dU in task order. Results are the same from
+//! run to run for a given thread count; another thread count may round differently.
 
 use gemm::Parallelism;
 use mvar_engine::Float;
@@ -81,7 +87,7 @@ struct Tiling {
     tiles_x: usize,
     /// Tile rows per chunk.
     rows_per_chunk: usize,
-    /// Even (or odd) columns of the padded input a tile row reads: tiles_x + 1.
+    /// Half the padded input row a tile row reads (2 * tiles_x + 2 columns): tiles_x + 1.
     half: usize,
 }
 
@@ -106,8 +112,8 @@ impl Tiling {
 struct Scratch<T> {
     v: Vec<T>,
     m: Vec<T>,
-    /// Row buffers of the transforms: 16 x tiles_x per tile row plus one padded row for the
-    /// input, 12 x tiles_x per tile row for the output.
+    /// Row buffers of the transforms: 16 per tile plus one padded input row for the input
+    /// transform, 12 per tile for the output transform and for dY in the weight gradient.
     rows: Vec<T>,
 }
 

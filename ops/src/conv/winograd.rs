@@ -32,7 +32,8 @@
 //! costs 1/Cout' of its GEMM work). Either way a task owns a contiguous slice of y. Inside a task
 //! the tiles go in chunks of whole tile rows (possibly spanning samples) sized so that V and M stay
 //! in the core's L2 cache, and the 16 GEMMs of a chunk are single-threaded. The weight gradient's
-//! tasks take sample ranges too and sum their partial dU in task order. Results are the same from
+//! tasks split the same way: sample ranges, whose partial dU are summed in task order, or output
+//! channel ranges over the whole batch, each writing its rows of dU. Results are the same from
 //! run to run for a given thread count; another thread count may round differently.
 
 use gemm::Parallelism;
@@ -398,11 +399,6 @@ pub(super) fn weight_grad<T: Float>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
     let tiling = Tiling::new(g);
     let threads = rayon::current_num_threads().max(1);
     let flops = g.n * g.y_len() * g.k();
-    let per_task = if threads == 1 || flops < SMALL_CONV_FLOPS {
-        g.n.max(1)
-    } else {
-        g.n.div_ceil(threads)
-    };
     let conv = WinogradConv {
         g,
         x,
@@ -410,31 +406,58 @@ pub(super) fn weight_grad<T: Float>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
         bias: None,
         tiling: &tiling,
     };
-    let task = |first: usize| {
+    // One task: samples [first, last) and output channels `cos`; returns dU [16][cos][Cin].
+    let task = |samples: std::ops::Range<usize>, cos: std::ops::Range<usize>| {
         let mut s = Scratch {
             v: vec![T::zero(); 16 * g.cin * tiling.chunk_tiles()],
-            m: vec![T::zero(); 16 * g.cout * tiling.chunk_tiles()],
+            m: vec![T::zero(); 16 * cos.len() * tiling.chunk_tiles()],
             rows: vec![T::zero(); 16 * tiling.chunk_tiles() + 2 * tiling.half],
         };
-        let mut du = vec![T::zero(); 16 * g.cout * g.cin];
+        let mut du = vec![T::zero(); 16 * cos.len() * g.cin];
         let ty_n = tiling.tiles_y;
-        let (r0, r1) = (first * ty_n, g.n.min(first + per_task) * ty_n);
+        let (r0, r1) = (samples.start * ty_n, samples.end * ty_n);
         for c0 in (r0..r1).step_by(tiling.rows_per_chunk) {
             let rows = c0..r1.min(c0 + tiling.rows_per_chunk);
-            conv.grad_chunk(rows, gy, &mut du, &mut s);
+            conv.grad_chunk(rows, &cos, gy, &mut du, &mut s);
         }
         du
     };
-    let firsts: Vec<usize> = (0..g.n).step_by(per_task).collect();
-    let parts: Vec<Vec<T>> = if firsts.len() > 1 {
-        firsts.into_par_iter().map(task).collect()
-    } else {
-        firsts.into_iter().map(task).collect()
-    };
     let plane = g.cout * g.cin;
     let mut du = vec![T::zero(); 16 * plane];
-    for part in parts {
-        du.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    if threads == 1 || flops < SMALL_CONV_FLOPS || g.n >= threads {
+        // Sample ranges; their partial dU are summed in task order.
+        let per_task = if threads == 1 || flops < SMALL_CONV_FLOPS {
+            g.n.max(1)
+        } else {
+            g.n.div_ceil(threads)
+        };
+        let ranges: Vec<_> = (0..g.n)
+            .step_by(per_task)
+            .map(|a| a..g.n.min(a + per_task))
+            .collect();
+        let parts: Vec<Vec<T>> = if ranges.len() > 1 {
+            ranges.into_par_iter().map(|r| task(r, 0..g.cout)).collect()
+        } else {
+            ranges.into_iter().map(|r| task(r, 0..g.cout)).collect()
+        };
+        for part in parts {
+            du.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+    } else {
+        // Fewer samples than threads: output-channel ranges over the whole batch, each task
+        // transforming all of x (as the forward does), written into their rows of dU.
+        let per_task = g.cout.div_ceil(threads);
+        let ranges: Vec<_> = (0..g.cout)
+            .step_by(per_task)
+            .map(|a| a..g.cout.min(a + per_task))
+            .collect();
+        let parts: Vec<Vec<T>> = ranges.par_iter().map(|r| task(0..g.n, r.clone())).collect();
+        for (cos, part) in ranges.iter().zip(parts) {
+            let rows = cos.len() * g.cin;
+            for (xi, block) in part.chunks_exact(rows).enumerate() {
+                du[xi * plane + cos.start * g.cin..][..rows].copy_from_slice(block);
+            }
+        }
     }
     // dW = G^T dU G: G^T maps a 4-vector u to (u0 + (u1 + u2)/2, (u1 - u2)/2, (u1 + u2)/2 + u3).
     let half = T::from_f32(0.5);
@@ -460,14 +483,22 @@ pub(super) fn weight_grad<T: Float>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
 }
 
 impl<T: Float> WinogradConv<'_, T> {
-    /// Adds one chunk's contribution to dU [16][Cout][Cin] (see [`weight_grad`]).
-    fn grad_chunk(&self, rows: std::ops::Range<usize>, gy: &[T], du: &mut [T], s: &mut Scratch<T>) {
+    /// Adds one chunk's contribution to the rows `cos` of dU, held as [16][cos][Cin] (see
+    /// [`weight_grad`]).
+    fn grad_chunk(
+        &self,
+        rows: std::ops::Range<usize>,
+        cos: &std::ops::Range<usize>,
+        gy: &[T],
+        du: &mut [T],
+        s: &mut Scratch<T>,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if crate::util::has_avx2() {
             // SAFETY: the CPU has AVX2 (checked at run time).
-            return unsafe { self.grad_chunk_avx2(rows, gy, du, s) };
+            return unsafe { self.grad_chunk_avx2(rows, cos, gy, du, s) };
         }
-        self.grad_chunk_body(rows, gy, du, s)
+        self.grad_chunk_body(rows, cos, gy, du, s)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -475,17 +506,19 @@ impl<T: Float> WinogradConv<'_, T> {
     fn grad_chunk_avx2(
         &self,
         rows: std::ops::Range<usize>,
+        cos: &std::ops::Range<usize>,
         gy: &[T],
         du: &mut [T],
         s: &mut Scratch<T>,
     ) {
-        self.grad_chunk_body(rows, gy, du, s)
+        self.grad_chunk_body(rows, cos, gy, du, s)
     }
 
     #[inline(always)]
     fn grad_chunk_body(
         &self,
         rows: std::ops::Range<usize>,
+        cos: &std::ops::Range<usize>,
         gy: &[T],
         du: &mut [T],
         s: &mut Scratch<T>,
@@ -493,7 +526,8 @@ impl<T: Float> WinogradConv<'_, T> {
         let (g, t) = (self.g, self.tiling);
         let nx = t.tiles_x;
         let tc = rows.len() * nx;
-        let (v, m) = (&mut s.v[..16 * g.cin * tc], &mut s.m[..16 * g.cout * tc]);
+        let ncos = cos.len();
+        let (v, m) = (&mut s.v[..16 * g.cin * tc], &mut s.m[..16 * ncos * tc]);
         for ci in 0..g.cin {
             self.input_transform(&rows, ci, tc, v, &mut s.rows);
         }
@@ -503,7 +537,7 @@ impl<T: Float> WinogradConv<'_, T> {
         let (comb, line) = rest.split_at_mut(8 * tc);
         let line = &mut line[..2 * nx];
         let p = g.p();
-        for co in 0..g.cout {
+        for (ci_out, co) in cos.clone().enumerate() {
             for (ri, r) in rows.clone().enumerate() {
                 let (n, ty) = (r / t.tiles_y, r % t.tiles_y);
                 let plane = &gy[(n * g.cout + co) * p..][..p];
@@ -540,24 +574,24 @@ impl<T: Float> WinogradConv<'_, T> {
             for a in 0..4 {
                 let (ev, od) = (&comb[2 * a * tc..][..tc], &comb[(2 * a + 1) * tc..][..tc]);
                 for b in 0..4 {
-                    let out = &mut m[((4 * a + b) * g.cout + co) * tc..][..tc];
+                    let out = &mut m[((4 * a + b) * ncos + ci_out) * tc..][..tc];
                     apply_a_row(b, out, ev, od);
                 }
             }
         }
         for xi in 0..16 {
-            // SAFETY: dU[xi] is [Cout, Cin] row-major inside du; dM[xi] is [Cout, tc] row-major
+            // SAFETY: dU[xi] is [ncos, Cin] row-major inside du; dM[xi] is [ncos, tc] row-major
             // and V[xi]^T reads the row-major [Cin, tc] block transposed, both inside their own
             // buffers, separate from du.
             unsafe {
                 gemm_into(
-                    g.cout,
+                    ncos,
                     g.cin,
                     tc,
-                    du[xi * g.cout * g.cin..].as_mut_ptr(),
+                    du[xi * ncos * g.cin..].as_mut_ptr(),
                     g.cin,
                     true,
-                    (m[xi * g.cout * tc..].as_ptr(), 1, tc as isize),
+                    (m[xi * ncos * tc..].as_ptr(), 1, tc as isize),
                     (v[xi * g.cin * tc..].as_ptr(), tc as isize, 1),
                     Parallelism::None,
                 );
@@ -774,6 +808,32 @@ mod tests {
                 assert!(
                     (a - e).abs() <= 1e-12 * (1.0 + e.abs()),
                     "case {i}: dW[{k}] = {a}, direct {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn weight_gradient_of_a_small_batch_splits_output_channels() {
+        // One sample on a pool of 2 or 3 threads: tasks over output channels.
+        let g = geom(1, 16, 32, 32, 24, Padding::same(1));
+        let x = values(16 * 32 * 32, 9);
+        let gy = values(g.y_len(), 10);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let want = one.install(|| weight_grad(&g, &x, &gy));
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| weight_grad(&g, &x, &gy));
+            for (k, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - e).abs() <= 1e-12 * (1.0 + e.abs()),
+                    "{threads} threads: dW[{k}] = {a}, one thread {e}"
                 );
             }
         }

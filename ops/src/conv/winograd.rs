@@ -187,42 +187,15 @@ impl<T: Float> WinogradConv<'_, T> {
         let (r0, r1) = (samples.start * ty_n, samples.end * ty_n);
         for c0 in (r0..r1).step_by(self.tiling.rows_per_chunk) {
             let rows = c0..r1.min(c0 + self.tiling.rows_per_chunk);
-            self.chunk(rows, samples.start, &cos, out, s);
+            in_widest_vectors(
+                #[inline(always)]
+                || self.chunk_body(rows, samples.start, &cos, out, s),
+            );
         }
     }
 
-    /// One chunk of global tile rows (row r = sample r / tiles_y, tile row r % tiles_y), with
-    /// the transforms in the widest vectors the CPU has (see `util::has_avx2`; the same
-    /// operations in the same order either way).
-    fn chunk(
-        &self,
-        rows: std::ops::Range<usize>,
-        first_sample: usize,
-        cos: &std::ops::Range<usize>,
-        out: &mut [T],
-        s: &mut Scratch<T>,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::util::has_avx2() {
-            // SAFETY: the CPU has AVX2 (checked at run time).
-            return unsafe { self.chunk_avx2(rows, first_sample, cos, out, s) };
-        }
-        self.chunk_body(rows, first_sample, cos, out, s)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn chunk_avx2(
-        &self,
-        rows: std::ops::Range<usize>,
-        first_sample: usize,
-        cos: &std::ops::Range<usize>,
-        out: &mut [T],
-        s: &mut Scratch<T>,
-    ) {
-        self.chunk_body(rows, first_sample, cos, out, s)
-    }
-
+    /// One chunk of global tile rows (row r = sample r / tiles_y, tile row r % tiles_y); runs
+    /// inside [`in_widest_vectors`].
     #[inline(always)]
     fn chunk_body(
         &self,
@@ -418,7 +391,10 @@ pub(super) fn weight_grad<T: Float>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
         let (r0, r1) = (samples.start * ty_n, samples.end * ty_n);
         for c0 in (r0..r1).step_by(tiling.rows_per_chunk) {
             let rows = c0..r1.min(c0 + tiling.rows_per_chunk);
-            conv.grad_chunk(rows, &cos, gy, &mut du, &mut s);
+            in_widest_vectors(
+                #[inline(always)]
+                || conv.grad_chunk_body(rows, &cos, gy, &mut du, &mut s),
+            );
         }
         du
     };
@@ -484,36 +460,7 @@ pub(super) fn weight_grad<T: Float>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
 
 impl<T: Float> WinogradConv<'_, T> {
     /// Adds one chunk's contribution to the rows `cos` of dU, held as [16][cos][Cin] (see
-    /// [`weight_grad`]).
-    fn grad_chunk(
-        &self,
-        rows: std::ops::Range<usize>,
-        cos: &std::ops::Range<usize>,
-        gy: &[T],
-        du: &mut [T],
-        s: &mut Scratch<T>,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::util::has_avx2() {
-            // SAFETY: the CPU has AVX2 (checked at run time).
-            return unsafe { self.grad_chunk_avx2(rows, cos, gy, du, s) };
-        }
-        self.grad_chunk_body(rows, cos, gy, du, s)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn grad_chunk_avx2(
-        &self,
-        rows: std::ops::Range<usize>,
-        cos: &std::ops::Range<usize>,
-        gy: &[T],
-        du: &mut [T],
-        s: &mut Scratch<T>,
-    ) {
-        self.grad_chunk_body(rows, cos, gy, du, s)
-    }
-
+    /// [`weight_grad`]); runs inside [`in_widest_vectors`].
     #[inline(always)]
     fn grad_chunk_body(
         &self,
@@ -615,6 +562,25 @@ fn apply_a_row<T: Float>(a: usize, out: &mut [T], p: &[T], q: &[T]) {
             .for_each(|(o, (&p, &q))| *o = p - q),
         _ => out.iter_mut().zip(q).for_each(|(o, &q)| *o = -q),
     }
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it (see `util::has_avx2`): the transforms'
+/// loops, inlined into `f`, then use 8-lane vectors; the same operations in the same order either
+/// way, so the results are the same.
+#[inline(always)]
+fn in_widest_vectors<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if crate::util::has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked at run time).
+        return unsafe { with_avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// Row r of B^T is e_i + e_j (flag true) or e_i - e_j (false), as (i, j, flag).

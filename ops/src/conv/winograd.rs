@@ -674,6 +674,24 @@ mod tests {
             .collect()
     }
 
+    /// Asserts got == want to 1e-12 relative, naming the first element that is not.
+    fn assert_close(what: &str, got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (k, (a, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - e).abs() <= 1e-12 * (1.0 + e.abs()),
+                "{what}[{k}] = {a}, expected {e}"
+            );
+        }
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn matches_the_direct_sum_at_every_border() {
         let pads = [
@@ -711,12 +729,7 @@ mod tests {
                 let want = direct(&g, &x, &wt, &b);
                 let mut y = vec![f64::NAN; want.len()];
                 forward(&g, &x, &wt, Some(&b), &mut y);
-                for (k, (a, e)) in y.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - e).abs() <= 1e-12 * (1.0 + e.abs()),
-                        "case {i} pad {pad:?}: y[{k}] = {a}, direct {e}"
-                    );
-                }
+                assert_close(&format!("case {i} pad {pad:?}: y"), &y, &want);
             }
         }
     }
@@ -770,12 +783,7 @@ mod tests {
                 }
             }
             let got = weight_grad(&g, &x, &gy);
-            for (k, (a, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - e).abs() <= 1e-12 * (1.0 + e.abs()),
-                    "case {i}: dW[{k}] = {a}, direct {e}"
-                );
-            }
+            assert_close(&format!("case {i}: dW"), &got, &want);
         }
     }
 
@@ -785,23 +793,12 @@ mod tests {
         let g = geom(1, 16, 32, 32, 24, Padding::same(1));
         let x = values(16 * 32 * 32, 9);
         let gy = values(g.y_len(), 10);
-        let one = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
+        let one = pool(1);
         let want = one.install(|| weight_grad(&g, &x, &gy));
         for threads in [2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let got = pool.install(|| weight_grad(&g, &x, &gy));
-            for (k, (a, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - e).abs() <= 1e-12 * (1.0 + e.abs()),
-                    "{threads} threads: dW[{k}] = {a}, one thread {e}"
-                );
-            }
+            let threaded = pool(threads);
+            let got = threaded.install(|| weight_grad(&g, &x, &gy));
+            assert_close(&format!("{threads} threads: dW"), &got, &want);
         }
     }
 
@@ -814,18 +811,10 @@ mod tests {
         let wt = values(24 * 16 * 9, 8);
         let want = direct(&g, &x, &wt, &[0.0; 24]);
         for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let threaded = pool(threads);
             let mut y = vec![f64::NAN; want.len()];
-            pool.install(|| forward(&g, &x, &wt, None, &mut y));
-            for (k, (a, e)) in y.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - e).abs() <= 1e-12 * (1.0 + e.abs()),
-                    "{threads} threads: y[{k}] = {a}, direct {e}"
-                );
-            }
+            threaded.install(|| forward(&g, &x, &wt, None, &mut y));
+            assert_close(&format!("{threads} threads: y"), &y, &want);
         }
     }
 }

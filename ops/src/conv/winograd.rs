@@ -207,12 +207,9 @@ impl<T: Float> WinogradConv<'_, T> {
     ) {
         let (g, t) = (self.g, self.tiling);
         let nx = t.tiles_x;
-        let tc = rows.len() * nx;
+        let tc = self.transform_inputs(&rows, s);
         let ncos = cos.len();
-        let (v, m) = (&mut s.v[..16 * g.cin * tc], &mut s.m[..16 * ncos * tc]);
-        for ci in 0..g.cin {
-            self.input_transform(&rows, ci, tc, v, &mut s.rows);
-        }
+        let (v, m) = (&s.v[..16 * g.cin * tc], &mut s.m[..16 * ncos * tc]);
         for xi in 0..16 {
             // SAFETY: U[xi] rows cos are [ncos, Cin] row-major inside u; V[xi] is [Cin, tc] and
             // M[xi] [ncos, tc], both row-major inside their chunk-sized buffers, which are
@@ -288,6 +285,18 @@ impl<T: Float> WinogradConv<'_, T> {
                 }
             }
         }
+    }
+
+    /// V = B^T d B of every input channel over the chunk's tile rows, into `s.v`; returns the
+    /// chunk's tile count tc.
+    #[inline(always)]
+    fn transform_inputs(&self, rows: &std::ops::Range<usize>, s: &mut Scratch<T>) -> usize {
+        let tc = rows.len() * self.tiling.tiles_x;
+        let v = &mut s.v[..16 * self.g.cin * tc];
+        for ci in 0..self.g.cin {
+            self.input_transform(rows, ci, tc, v, &mut s.rows);
+        }
+        tc
     }
 
     /// V = B^T d B for input channel `ci` and every tile of the chunk's tile rows, written to
@@ -472,12 +481,9 @@ impl<T: Float> WinogradConv<'_, T> {
     ) {
         let (g, t) = (self.g, self.tiling);
         let nx = t.tiles_x;
-        let tc = rows.len() * nx;
+        let tc = self.transform_inputs(&rows, s);
         let ncos = cos.len();
-        let (v, m) = (&mut s.v[..16 * g.cin * tc], &mut s.m[..16 * ncos * tc]);
-        for ci in 0..g.cin {
-            self.input_transform(&rows, ci, tc, v, &mut s.rows);
-        }
+        let (v, m) = (&s.v[..16 * g.cin * tc], &mut s.m[..16 * ncos * tc]);
         // dM = A dY A^T per output channel: raw[2i + parity] holds the even / odd columns of
         // output row i of every tile, comb[2a + parity] row combination a of them.
         let (raw, rest) = s.rows.split_at_mut(4 * tc);

@@ -378,6 +378,25 @@ pub(crate) fn has_avx2() -> bool {
     *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
 }
 
+/// Runs `f` compiled for AVX2 where the CPU has it (see [`has_avx2`]): loops inlined into `f`
+/// (mark a closure `#[inline(always)]`) then use 8-lane vectors; the same operations in the
+/// same order either way, so the results are the same.
+#[inline(always)]
+pub(crate) fn in_widest_vectors<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked at run time).
+        return unsafe { with_avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 #[inline(always)]
 fn map1_loop<A: Copy, R, F: Fn(A) -> R>(out: &mut [R], x: &[A], f: &F) {
     for (o, &i) in out.iter_mut().zip(x) {

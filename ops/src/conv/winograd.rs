@@ -42,6 +42,7 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{gemm_into, ConvGeom, SMALL_CONV_FLOPS};
+use crate::util::in_widest_vectors;
 
 /// Channels on each side below which im2col is as fast: the 16 GEMMs get too thin.
 const MIN_CHANNELS: usize = 8;
@@ -568,25 +569,6 @@ fn apply_a_row<T: Float>(a: usize, out: &mut [T], p: &[T], q: &[T]) {
             .for_each(|(o, (&p, &q))| *o = p - q),
         _ => out.iter_mut().zip(q).for_each(|(o, &q)| *o = -q),
     }
-}
-
-/// Runs `f` compiled for AVX2 where the CPU has it (see `util::has_avx2`): the transforms'
-/// loops, inlined into `f`, then use 8-lane vectors; the same operations in the same order either
-/// way, so the results are the same.
-#[inline(always)]
-fn in_widest_vectors<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if crate::util::has_avx2() {
-        // SAFETY: the CPU has AVX2 (checked at run time).
-        return unsafe { with_avx2(f) };
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
 }
 
 /// Row r of B^T is e_i + e_j (flag true) or e_i - e_j (false), as (i, j, flag).

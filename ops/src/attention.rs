@@ -41,7 +41,8 @@ use rayon::prelude::*;
 
 use crate::norm::{backward_with_saved, nth, Saved};
 use crate::util::{
-    autocast_run, dispatch, out_tensor, require_float, require_rank, same_device, same_dtype,
+    autocast_run, dispatch, lane_max, lane_sum, out_tensor, require_float, require_rank,
+    same_device, same_dtype,
 };
 
 const OP: &str = "attention";
@@ -217,18 +218,18 @@ fn mm<T: Float>(
 
 /// In place: `row <- softmax(row)`; returns the row's log-sum-exp. A row that is all -inf (every
 /// key masked, or no keys) becomes all zeros with log-sum-exp -inf.
+#[inline(always)]
 pub(crate) fn softmax_row<T: Float>(row: &mut [T]) -> T {
-    let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    let m = lane_max(row);
     if m == T::neg_infinity() {
         row.fill(T::zero());
         return m;
     }
-    let mut sum = T::zero();
     for x in row.iter_mut() {
-        *x = (*x - m).exp();
-        sum += *x;
+        *x = (*x - m).exp_fast();
     }
     // sum >= 1: the largest entry contributes exp(0).
+    let sum = T::from_f64(lane_sum(row, |x| x.as_f64()));
     let inv = T::one() / sum;
     for x in row.iter_mut() {
         *x = *x * inv;
@@ -238,12 +239,12 @@ pub(crate) fn softmax_row<T: Float>(row: &mut [T]) -> T {
 
 /// `exp(s - lse)`: a probability recomputed from its score and its row's log-sum-exp (0 for a
 /// fully masked row, whose lse is -inf).
-#[inline]
+#[inline(always)]
 pub(crate) fn prob_from_lse<T: Float>(s: T, lse: T) -> T {
     if lse == T::neg_infinity() {
         T::zero()
     } else {
-        (s - lse).exp()
+        (s - lse).exp_fast()
     }
 }
 

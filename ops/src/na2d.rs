@@ -21,7 +21,8 @@
 //! dq is gathered per query over its window; dk and dv are gathered per key over the queries
 //! whose window holds it ([`natten_inverse_window`], the exact inverse of the window rule), so
 //! every output element has one writer and both passes run in parallel without atomics, the
-//! way the CUDA kernel splits its work. bf16 is computed in f32; the log-sum-exp is kept in f64.
+//! way the CUDA kernel splits its work. The query pass keeps each pair's p_tj and ds_tj
+//! (k * k of each per query) for the key pass, which then does no dot products. bf16 is computed in f32; the log-sum-exp is kept in f64.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -36,7 +37,8 @@ pub use mvar_engine::cuda::ops::na2d::NaKernel;
 use crate::attention::{prob_from_lse, softmax_row};
 use crate::norm::{backward_with_saved, nth, Saved};
 use crate::util::{
-    autocast_run, float_op, out_tensor, require_float, require_rank, same_device, same_dtype,
+    autocast_run, float_op, in_widest_vectors, out_tensor, require_float, require_rank,
+    same_device, same_dtype,
 };
 
 const OP: &str = "na2d";
@@ -87,13 +89,6 @@ impl Geometry {
         (sx..sx + self.k).flat_map(move |kx| (sy..sy + self.k).map(move |ky| self.token(m, kx, ky)))
     }
 
-    /// The queries of map `m` whose window holds key (jx, jy).
-    fn inverse_window(&self, m: usize, jx: usize, jy: usize) -> impl Iterator<Item = usize> + '_ {
-        let ry = natten_inverse_window(jy, self.y, self.k);
-        natten_inverse_window(jx, self.x, self.k)
-            .flat_map(move |ix| ry.clone().map(move |iy| self.token(m, ix, iy)))
-    }
-
     fn parallel(&self) -> bool {
         self.maps * self.x * self.y * self.k * self.k * self.d >= PARALLEL_MIN_ELEMS
     }
@@ -103,7 +98,7 @@ impl Geometry {
 /// sum is one long chain of dependent adds that the compiler may not reorder, so it runs at the
 /// add latency per element; eight chains vectorise. The order is fixed, so results are still
 /// deterministic.
-#[inline]
+#[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -122,33 +117,15 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-#[inline]
+#[inline(always)]
 fn axpy<T: Float>(dst: &mut [T], a: T, x: &[T]) {
     for (d, &v) in dst.iter_mut().zip(x) {
         *d += a * v;
     }
 }
 
-/// Runs `f(row, a_row)` over the map rows (one row = Y tokens) of a per-token buffer with `ca`
-/// elements per token, on all threads when the work is large.
-fn for_rows<A: Send>(
-    g: &Geometry,
-    a: &mut [A],
-    ca: usize,
-    f: impl Fn(usize, &mut [A]) + Sync + Send,
-) {
-    if g.parallel() {
-        a.par_chunks_mut(g.y * ca)
-            .enumerate()
-            .for_each(|(r, a)| f(r, a));
-    } else {
-        a.chunks_mut(g.y * ca)
-            .enumerate()
-            .for_each(|(r, a)| f(r, a));
-    }
-}
-
-/// Like [`for_rows`], over matching rows of two buffers.
+/// Runs `f(row, a_row, b_row)` over the map rows (one row = Y tokens) of two per-token buffers
+/// with `ca` and `cb` elements per token, on all threads when the work is large.
 fn for_rows2<A: Send, B: Send>(
     g: &Geometry,
     a: &mut [A],
@@ -158,16 +135,22 @@ fn for_rows2<A: Send, B: Send>(
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
 ) {
     let (ra, rb) = (g.y * ca, g.y * cb);
+    let run = |(r, (a, b)): (usize, (&mut [A], &mut [B]))| {
+        in_widest_vectors(
+            #[inline(always)]
+            || f(r, a, b),
+        )
+    };
     if g.parallel() {
         a.par_chunks_mut(ra)
             .zip(b.par_chunks_mut(rb))
             .enumerate()
-            .for_each(|(r, (a, b))| f(r, a, b));
+            .for_each(run);
     } else {
         a.chunks_mut(ra)
             .zip(b.chunks_mut(rb))
             .enumerate()
-            .for_each(|(r, (a, b))| f(r, a, b));
+            .for_each(run);
     }
 }
 
@@ -192,21 +175,29 @@ impl FloatKernel for Forward {
         let mut lse = vec![0.0f64; tokens];
         if g.d > 0 {
             let scale = T::from_f64(g.scale);
-            for_rows2(&g, &mut out, g.d, &mut lse, 1, |r, out_row, lse_row| {
-                let (m, ix) = (r / g.x, r % g.x);
-                let mut s = vec![T::zero(); g.k * g.k];
-                for iy in 0..g.y {
-                    let qt = at(q, g.token(m, ix, iy), g.d);
-                    for (sw, kj) in s.iter_mut().zip(g.window(m, ix, iy)) {
-                        *sw = scale * dot(qt, at(k, kj, g.d));
+            for_rows2(
+                &g,
+                &mut out,
+                g.d,
+                &mut lse,
+                1,
+                #[inline(always)]
+                |r, out_row, lse_row| {
+                    let (m, ix) = (r / g.x, r % g.x);
+                    let mut s = vec![T::zero(); g.k * g.k];
+                    for iy in 0..g.y {
+                        let qt = at(q, g.token(m, ix, iy), g.d);
+                        for (sw, kj) in s.iter_mut().zip(g.window(m, ix, iy)) {
+                            *sw = scale * dot(qt, at(k, kj, g.d));
+                        }
+                        lse_row[iy] = softmax_row(&mut s).as_f64();
+                        let o = &mut out_row[iy * g.d..][..g.d];
+                        for (&p, kj) in s.iter().zip(g.window(m, ix, iy)) {
+                            axpy(o, p, at(v, kj, g.d));
+                        }
                     }
-                    lse_row[iy] = softmax_row(&mut s).as_f64();
-                    let o = &mut out_row[iy * g.d..][..g.d];
-                    for (&p, kj) in s.iter().zip(g.window(m, ix, iy)) {
-                        axpy(o, p, at(v, kj, g.d));
-                    }
-                }
-            });
+                },
+            );
         }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok(vec![out])
@@ -234,42 +225,67 @@ impl FloatKernel for Backward {
             return Ok(vec![dq, dk, dv]);
         }
         let scale = T::from_f64(g.scale);
-        let delta: Vec<T> = (0..tokens)
-            .map(|t| dot(at(go, t, d), at(o, t, d)))
-            .collect();
+        let kk = g.k * g.k;
         let lse: Vec<T> = self.lse.iter().map(|&l| T::from_f64(l)).collect();
-        // ds for query t and key j, recomputing the probability from the saved log-sum-exp.
-        let p_ds = |t: usize, j: usize| -> (T, T) {
-            let p = prob_from_lse(scale * dot(at(q, t, d), at(k, j, d)), lse[t]);
-            (p, p * (dot(at(go, t, d), at(v, j, d)) - delta[t]))
-        };
 
-        // dq: per query, over its window.
-        for_rows(&g, &mut dq, d, |r, dq_row| {
-            let (m, ix) = (r / g.x, r % g.x);
-            for iy in 0..g.y {
-                let t = g.token(m, ix, iy);
-                let acc = &mut dq_row[iy * d..][..d];
-                for j in g.window(m, ix, iy) {
-                    axpy(acc, p_ds(t, j).1, at(k, j, d));
+        // dq per query over its window; on the way, p_tj and ds_tj of every (query, window
+        // slot) go to `pds` ([tokens, 2, k*k]), which the key pass reads instead of recomputing
+        // the two dot products per pair.
+        let mut pds = vec![T::zero(); tokens * 2 * kk];
+        for_rows2(
+            &g,
+            &mut dq,
+            d,
+            &mut pds,
+            2 * kk,
+            #[inline(always)]
+            |r, dq_row, pds_row| {
+                let (m, ix) = (r / g.x, r % g.x);
+                for iy in 0..g.y {
+                    let t = g.token(m, ix, iy);
+                    let (qt, got) = (at(q, t, d), at(go, t, d));
+                    let delta = dot(got, at(o, t, d));
+                    let (p_slots, ds_slots) = pds_row[iy * 2 * kk..][..2 * kk].split_at_mut(kk);
+                    let acc = &mut dq_row[iy * d..][..d];
+                    for (w, j) in g.window(m, ix, iy).enumerate() {
+                        let p = prob_from_lse(scale * dot(qt, at(k, j, d)), lse[t]);
+                        let ds = p * (dot(got, at(v, j, d)) - delta);
+                        p_slots[w] = p;
+                        ds_slots[w] = ds;
+                        axpy(acc, ds, at(k, j, d));
+                    }
+                    acc.iter_mut().for_each(|a| *a = *a * scale);
                 }
-                acc.iter_mut().for_each(|a| *a = *a * scale);
-            }
-        });
-        // dk, dv: per key, over the queries whose window holds it.
-        for_rows2(&g, &mut dk, d, &mut dv, d, |r, dk_row, dv_row| {
-            let (m, jx) = (r / g.x, r % g.x);
-            for jy in 0..g.y {
-                let j = g.token(m, jx, jy);
-                let (dkj, dvj) = (&mut dk_row[jy * d..][..d], &mut dv_row[jy * d..][..d]);
-                for t in g.inverse_window(m, jx, jy) {
-                    let (p, ds) = p_ds(t, j);
-                    axpy(dvj, p, at(go, t, d));
-                    axpy(dkj, ds, at(q, t, d));
+            },
+        );
+        // dk, dv per key, over the queries whose window holds it; the key's slot in query
+        // (ix, iy)'s window follows from that window's start.
+        let pds = &pds;
+        for_rows2(
+            &g,
+            &mut dk,
+            d,
+            &mut dv,
+            d,
+            #[inline(always)]
+            |r, dk_row, dv_row| {
+                let (m, jx) = (r / g.x, r % g.x);
+                for jy in 0..g.y {
+                    let (dkj, dvj) = (&mut dk_row[jy * d..][..d], &mut dv_row[jy * d..][..d]);
+                    for ix in natten_inverse_window(jx, g.x, g.k) {
+                        let wx = jx - natten_window_start(ix, g.x, g.k);
+                        for iy in natten_inverse_window(jy, g.y, g.k) {
+                            let w = wx * g.k + (jy - natten_window_start(iy, g.y, g.k));
+                            let t = g.token(m, ix, iy);
+                            let slots = &pds[t * 2 * kk..][..2 * kk];
+                            axpy(dvj, slots[w], at(go, t, d));
+                            axpy(dkj, slots[kk + w], at(q, t, d));
+                        }
+                    }
+                    dkj.iter_mut().for_each(|a| *a = *a * scale);
                 }
-                dkj.iter_mut().for_each(|a| *a = *a * scale);
-            }
-        });
+            },
+        );
         Ok(vec![dq, dk, dv])
     }
 }

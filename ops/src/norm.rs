@@ -44,7 +44,8 @@ use mvar_engine::{Device, Error, Float, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::util::{
-    dispatch, float_op, in_widest_vectors, out_tensor, require_float, same_device, same_dtype,
+    dispatch, float_op, in_widest_vectors, lane_sum, lane_sum2, out_tensor, require_float,
+    same_device, same_dtype,
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -179,33 +180,6 @@ fn row_stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// The f64 sum of `f(x[i])` over eight interleaved accumulators (element i into lane i % 8):
-/// the same accuracy class as a plain sum, but the adds are independent. Walked in chunks of
-/// eight with the lanes in a local array, so the loop becomes vector adds (an indexed
-/// `acc[i & 7]` stayed a scalar loop through the stack, 5x slower).
-#[inline(always)]
-fn lane_sum<A: Copy>(x: &[A], f: impl Fn(A) -> f64) -> f64 {
-    lane_sum2(x, x, |a, _| f(a))
-}
-
-/// [`lane_sum`] of `f(a[i], b[i])` over two slices of one length.
-#[inline(always)]
-fn lane_sum2<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> f64) -> f64 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += f(xa[k], xb[k]);
-        }
-    }
-    for (k, (&va, &vb)) in ra.iter().zip(rb).enumerate() {
-        acc[k] += f(va, vb);
-    }
-    acc.iter().sum()
-}
-
 fn check_eps(op: &'static str, eps: f64) -> Result<()> {
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(Error::invalid(
@@ -248,15 +222,20 @@ struct LayerNormFwd {
 impl FloatKernel for LayerNormFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let (d, eps) = (self.d, self.eps);
-        let (y, stats) = map_rows(x[0].len(), d, |r, y: &mut [T]| {
-            let row = &x[0][r * d..(r + 1) * d];
-            let (mean, rstd) = row_stats(row, eps);
-            let (m, s) = (T::from_f64(mean), T::from_f64(rstd));
-            for (o, &v) in y.iter_mut().zip(row) {
-                *o = (v - m) * s;
-            }
-            (mean, rstd)
-        });
+        let (y, stats) = map_rows(
+            x[0].len(),
+            d,
+            #[inline(always)]
+            |r, y: &mut [T]| {
+                let row = &x[0][r * d..(r + 1) * d];
+                let (mean, rstd) = row_stats(row, eps);
+                let (m, s) = (T::from_f64(mean), T::from_f64(rstd));
+                for (o, &v) in y.iter_mut().zip(row) {
+                    *o = (v - m) * s;
+                }
+                (mean, rstd)
+            },
+        );
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         Ok(vec![y])
     }
@@ -270,19 +249,24 @@ struct LayerNormBwd {
 impl FloatKernel for LayerNormBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let d = self.d;
-        let (dx, _) = map_rows(x[0].len(), d, |r, dx: &mut [T]| {
-            let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
-            let (m, s) = (T::from_f64(self.stats[r].0), T::from_f64(self.stats[r].1));
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for (&v, &g) in xr.iter().zip(gr) {
-                sg += g.as_f64();
-                sgx += (g * (v - m) * s).as_f64();
-            }
-            let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
-            for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                *o = s * (g - mg - (v - m) * s * mgx);
-            }
-        });
+        let (dx, _) = map_rows(
+            x[0].len(),
+            d,
+            #[inline(always)]
+            |r, dx: &mut [T]| {
+                let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
+                let (m, s) = (T::from_f64(self.stats[r].0), T::from_f64(self.stats[r].1));
+                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+                for (&v, &g) in xr.iter().zip(gr) {
+                    sg += g.as_f64();
+                    sgx += (g * (v - m) * s).as_f64();
+                }
+                let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
+                for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
+                    *o = s * (g - mg - (v - m) * s * mgx);
+                }
+            },
+        );
         Ok(vec![dx])
     }
 }
@@ -364,28 +348,33 @@ impl FloatKernel for GroupNormFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let (gr, eps, d) = (self.g, self.eps, self.g.row());
         let (w, b) = (x[1], x[2]);
-        let (y, stats) = map_rows(x[0].len(), d, |r, y: &mut [T]| {
-            let row = &x[0][r * d..(r + 1) * d];
-            let (mean, rstd) = row_stats(row, eps);
-            // Channel by channel, so that the affine folds into one scale and shift.
-            let first = gr.channel(r, 0);
-            for (j, (ys, xs)) in y
-                .chunks_mut(gr.spatial)
-                .zip(row.chunks(gr.spatial))
-                .enumerate()
-            {
-                let c = first + j;
-                let scale = rstd * w[c].as_f64();
-                let (sc, sh) = (
-                    T::from_f64(scale),
-                    T::from_f64(b[c].as_f64() - mean * scale),
-                );
-                for (o, &v) in ys.iter_mut().zip(xs) {
-                    *o = v * sc + sh;
+        let (y, stats) = map_rows(
+            x[0].len(),
+            d,
+            #[inline(always)]
+            |r, y: &mut [T]| {
+                let row = &x[0][r * d..(r + 1) * d];
+                let (mean, rstd) = row_stats(row, eps);
+                // Channel by channel, so that the affine folds into one scale and shift.
+                let first = gr.channel(r, 0);
+                for (j, (ys, xs)) in y
+                    .chunks_mut(gr.spatial)
+                    .zip(row.chunks(gr.spatial))
+                    .enumerate()
+                {
+                    let c = first + j;
+                    let scale = rstd * w[c].as_f64();
+                    let (sc, sh) = (
+                        T::from_f64(scale),
+                        T::from_f64(b[c].as_f64() - mean * scale),
+                    );
+                    for (o, &v) in ys.iter_mut().zip(xs) {
+                        *o = v * sc + sh;
+                    }
                 }
-            }
-            (mean, rstd)
-        });
+                (mean, rstd)
+            },
+        );
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         Ok(vec![y])
     }
@@ -403,42 +392,47 @@ impl FloatKernel for GroupNormBwd {
         let (xs, w, gs) = (x[0], x[1], x[2]);
         // Each group row also returns its channels' partial sums of g * xhat and g; the
         // per-channel totals add these over the samples afterwards.
-        let (dx, partials) = map_rows(xs.len(), d, |r, dx: &mut [T]| {
-            let (xr, g) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-            let (mean, rstd) = self.stats[r];
-            let first = gr.channel(r, 0);
-            // Per channel: sum g and sum g * xhat (the weight/bias gradients), from which the
-            // row's sums of h = g * w and h * xhat follow without another pass.
-            let mut part = vec![0.0f64; 2 * gr.cpg];
-            let (mut sh, mut shx) = (0.0f64, 0.0f64);
-            for (j, (xc, gc)) in xr.chunks(gr.spatial).zip(g.chunks(gr.spatial)).enumerate() {
-                let sg = lane_sum(gc, |v| v.as_f64());
-                let sgx = lane_sum2(xc, gc, |v, gv| gv.as_f64() * (v.as_f64() - mean)) * rstd;
-                part[2 * j] = sgx;
-                part[2 * j + 1] = sg;
-                let wc = w[first + j].as_f64();
-                sh += wc * sg;
-                shx += wc * sgx;
-            }
-            let (mh, mhx) = (sh / d as f64, shx / d as f64);
-            for (j, ((oc, xc), gc)) in dx
-                .chunks_mut(gr.spatial)
-                .zip(xr.chunks(gr.spatial))
-                .zip(g.chunks(gr.spatial))
-                .enumerate()
-            {
-                // dx = rstd * (g w - mh - xhat mhx), xhat = (x - mean) rstd, folded into
-                // dx = g * a + x * b + c per channel.
-                let wc = w[first + j].as_f64();
-                let a = T::from_f64(rstd * wc);
-                let b = T::from_f64(-rstd * rstd * mhx);
-                let c = T::from_f64(rstd * (rstd * mean * mhx - mh));
-                for (o, (&v, &gv)) in oc.iter_mut().zip(xc.iter().zip(gc)) {
-                    *o = gv * a + v * b + c;
+        let (dx, partials) = map_rows(
+            xs.len(),
+            d,
+            #[inline(always)]
+            |r, dx: &mut [T]| {
+                let (xr, g) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
+                let (mean, rstd) = self.stats[r];
+                let first = gr.channel(r, 0);
+                // Per channel: sum g and sum g * xhat (the weight/bias gradients), from which the
+                // row's sums of h = g * w and h * xhat follow without another pass.
+                let mut part = vec![0.0f64; 2 * gr.cpg];
+                let (mut sh, mut shx) = (0.0f64, 0.0f64);
+                for (j, (xc, gc)) in xr.chunks(gr.spatial).zip(g.chunks(gr.spatial)).enumerate() {
+                    let sg = lane_sum(gc, |v| v.as_f64());
+                    let sgx = lane_sum2(xc, gc, |v, gv| gv.as_f64() * (v.as_f64() - mean)) * rstd;
+                    part[2 * j] = sgx;
+                    part[2 * j + 1] = sg;
+                    let wc = w[first + j].as_f64();
+                    sh += wc * sg;
+                    shx += wc * sgx;
                 }
-            }
-            part
-        });
+                let (mh, mhx) = (sh / d as f64, shx / d as f64);
+                for (j, ((oc, xc), gc)) in dx
+                    .chunks_mut(gr.spatial)
+                    .zip(xr.chunks(gr.spatial))
+                    .zip(g.chunks(gr.spatial))
+                    .enumerate()
+                {
+                    // dx = rstd * (g w - mh - xhat mhx), xhat = (x - mean) rstd, folded into
+                    // dx = g * a + x * b + c per channel.
+                    let wc = w[first + j].as_f64();
+                    let a = T::from_f64(rstd * wc);
+                    let b = T::from_f64(-rstd * rstd * mhx);
+                    let c = T::from_f64(rstd * (rstd * mean * mhx - mh));
+                    for (o, (&v, &gv)) in oc.iter_mut().zip(xc.iter().zip(gc)) {
+                        *o = gv * a + v * b + c;
+                    }
+                }
+                part
+            },
+        );
         let mut dw = vec![0.0f64; self.channels];
         let mut db = vec![0.0f64; self.channels];
         for (r, part) in partials.iter().enumerate() {
@@ -569,15 +563,20 @@ struct L2NormalizeFwd {
 impl FloatKernel for L2NormalizeFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let (d, eps) = (self.d, self.eps);
-        let (y, norms) = map_rows(x[0].len(), d, |r, y: &mut [T]| {
-            let row = &x[0][r * d..(r + 1) * d];
-            let norm = row.iter().map(|v| v.as_f64().powi(2)).sum::<f64>().sqrt();
-            let denom = T::from_f64(norm.max(eps));
-            for (o, &v) in y.iter_mut().zip(row) {
-                *o = v / denom;
-            }
-            norm
-        });
+        let (y, norms) = map_rows(
+            x[0].len(),
+            d,
+            #[inline(always)]
+            |r, y: &mut [T]| {
+                let row = &x[0][r * d..(r + 1) * d];
+                let norm = row.iter().map(|v| v.as_f64().powi(2)).sum::<f64>().sqrt();
+                let denom = T::from_f64(norm.max(eps));
+                for (o, &v) in y.iter_mut().zip(row) {
+                    *o = v / denom;
+                }
+                norm
+            },
+        );
         *self.norms.lock().unwrap_or_else(|e| e.into_inner()) = norms;
         Ok(vec![y])
     }
@@ -592,22 +591,28 @@ struct L2NormalizeBwd {
 impl FloatKernel for L2NormalizeBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let d = self.d;
-        let (dx, _) = map_rows(x[0].len(), d, |r, dx: &mut [T]| {
-            let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
-            let norm = self.norms[r];
-            if norm >= self.eps {
-                let n = T::from_f64(norm);
-                let dot = T::from_f64(xr.iter().zip(gr).map(|(&v, &g)| (v / n * g).as_f64()).sum());
-                for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                    *o = (g - v / n * dot) / n;
+        let (dx, _) = map_rows(
+            x[0].len(),
+            d,
+            #[inline(always)]
+            |r, dx: &mut [T]| {
+                let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
+                let norm = self.norms[r];
+                if norm >= self.eps {
+                    let n = T::from_f64(norm);
+                    let dot =
+                        T::from_f64(xr.iter().zip(gr).map(|(&v, &g)| (v / n * g).as_f64()).sum());
+                    for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
+                        *o = (g - v / n * dot) / n;
+                    }
+                } else {
+                    let e = T::from_f64(self.eps);
+                    for (o, &g) in dx.iter_mut().zip(gr) {
+                        *o = g / e;
+                    }
                 }
-            } else {
-                let e = T::from_f64(self.eps);
-                for (o, &g) in dx.iter_mut().zip(gr) {
-                    *o = g / e;
-                }
-            }
-        });
+            },
+        );
         Ok(vec![dx])
     }
 }

@@ -33,7 +33,8 @@ use rayon::prelude::*;
 
 use crate::norm::{backward_with_saved, nth, Saved};
 use crate::util::{
-    dispatch, float_op, out_tensor, require_dtype, require_float, same_device, same_dtype,
+    dispatch, float_op, in_widest_vectors, lane_max, lane_sum, lane_sum2, out_tensor,
+    require_dtype, require_float, same_device, same_dtype,
 };
 
 /// Writes `f(lanes of inputs, lane of out)` for every lane of the inputs seen as
@@ -53,7 +54,11 @@ pub(crate) fn map_lanes<T: Float, const N: usize>(
     let block = n * inner;
     let run = |(o, dst): (usize, &mut [T])| {
         if inner == 1 {
-            f(std::array::from_fn(|k| &inputs[k][o * n..(o + 1) * n]), dst);
+            // The lane loops of `f` inlined and compiled for AVX2 where the CPU has it.
+            in_widest_vectors(
+                #[inline(always)]
+                || f(std::array::from_fn(|k| &inputs[k][o * n..(o + 1) * n]), dst),
+            );
             return;
         }
         let mut bufs: [Vec<T>; N] = std::array::from_fn(|_| vec![T::zero(); n]);
@@ -78,19 +83,12 @@ pub(crate) fn map_lanes<T: Float, const N: usize>(
     out
 }
 
-/// Largest element of a lane (-inf for an empty one). NaNs are skipped here but still reach the
-/// output through exp, as in PyTorch.
-#[inline]
-fn lane_max<T: Float>(x: &[T]) -> T {
-    x.iter().fold(T::neg_infinity(), |m, &v| m.max(v))
-}
-
-/// ln(sum_j exp(x_j - m)) with m the lane maximum, accumulated in f64.
-#[inline]
+/// m + ln(sum_j exp(x_j - m)) with m the lane maximum (NaNs are skipped by the maximum but
+/// still reach the output through exp, as in PyTorch), accumulated in f64.
+#[inline(always)]
 fn log_sum_exp<T: Float>(x: &[T]) -> f64 {
     let m = lane_max(x);
-    let s: f64 = x.iter().map(|&v| (v - m).exp_fast().as_f64()).sum();
-    m.as_f64() + s.ln()
+    m.as_f64() + lane_sum(x, |v| (v - m).exp_fast().as_f64()).ln()
 }
 
 struct SoftmaxFwd {
@@ -100,24 +98,27 @@ struct SoftmaxFwd {
 impl FloatKernel for SoftmaxFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let log = self.log;
-        Ok(vec![map_lanes([x[0]], self.dims, move |[x], y| {
-            let m = lane_max(x);
-            if log {
-                let s: f64 = x.iter().map(|&v| (v - m).exp_fast().as_f64()).sum();
-                let ln_s = T::from_f64(s.ln());
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = v - m - ln_s;
+        Ok(vec![map_lanes(
+            [x[0]],
+            self.dims,
+            #[inline(always)]
+            move |[x], y| {
+                let m = lane_max(x);
+                if log {
+                    let s = lane_sum(x, |v| (v - m).exp_fast().as_f64());
+                    let ln_s = T::from_f64(s.ln());
+                    for (o, &v) in y.iter_mut().zip(x) {
+                        *o = v - m - ln_s;
+                    }
+                } else {
+                    for (o, &v) in y.iter_mut().zip(x) {
+                        *o = (v - m).exp_fast();
+                    }
+                    let inv = T::from_f64(1.0 / lane_sum(y, |o| o.as_f64()));
+                    y.iter_mut().for_each(|o| *o = *o * inv);
                 }
-            } else {
-                let mut s = 0.0f64;
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = (v - m).exp_fast();
-                    s += o.as_f64();
-                }
-                let inv = T::from_f64(1.0 / s);
-                y.iter_mut().for_each(|o| *o = *o * inv);
-            }
-        })])
+            },
+        )])
     }
 }
 
@@ -132,15 +133,15 @@ impl FloatKernel for SoftmaxBwd {
         Ok(vec![map_lanes(
             [x[0], x[1]],
             self.dims,
+            #[inline(always)]
             move |[y, g], dx| {
                 if log {
-                    let sg = T::from_f64(g.iter().map(|v| v.as_f64()).sum());
+                    let sg = T::from_f64(lane_sum(g, |v| v.as_f64()));
                     for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
                         *d = gv - yv.exp_fast() * sg;
                     }
                 } else {
-                    let dot =
-                        T::from_f64(y.iter().zip(g).map(|(a, b)| a.as_f64() * b.as_f64()).sum());
+                    let dot = T::from_f64(lane_sum2(y, g, |a, b| a.as_f64() * b.as_f64()));
                     for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
                         *d = yv * (gv - dot);
                     }
@@ -195,24 +196,34 @@ struct CrossEntropyFwd {
     smoothing: f64,
     lse: Mutex<Vec<f64>>,
 }
+impl CrossEntropyFwd {
+    /// Row r's loss and log-sum-exp (inlined into the AVX2 copy of the caller's loop).
+    #[inline(always)]
+    fn row_loss<T: Float>(&self, x: &[&[T]], r: usize) -> (T, f64) {
+        let (v, eps) = (self.classes, self.smoothing);
+        let row = &x[0][r * v..(r + 1) * v];
+        let lse = log_sum_exp(row);
+        // Targets are range-checked before the kernel runs.
+        let nll = lse - row[self.targets[r] as usize].as_f64();
+        let mean_x = lane_sum(row, |c| c.as_f64()) / v as f64;
+        let mut loss = (1.0 - eps) * nll + eps * (lse - mean_x);
+        if let Some(w) = x.get(1) {
+            loss *= w[r].as_f64();
+        }
+        (T::from_f64(loss), lse)
+    }
+}
 impl FloatKernel for CrossEntropyFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let v = self.classes;
         let rows = self.targets.len();
-        let eps = self.smoothing;
-        let per_row = |r: usize| -> (T, f64) {
-            let row = &x[0][r * v..(r + 1) * v];
-            let lse = log_sum_exp(row);
-            // Targets are range-checked before the kernel runs.
-            let nll = lse - row[self.targets[r] as usize].as_f64();
-            let mean_x = row.iter().map(|c| c.as_f64()).sum::<f64>() / v as f64;
-            let mut loss = (1.0 - eps) * nll + eps * (lse - mean_x);
-            if let Some(w) = x.get(1) {
-                loss *= w[r].as_f64();
-            }
-            (T::from_f64(loss), lse)
+        // Each row's loops compiled for AVX2 where the CPU has it.
+        let per_row = |r: usize| {
+            in_widest_vectors(
+                #[inline(always)]
+                || self.row_loss(x, r),
+            )
         };
-        let (loss, lse): (Vec<T>, Vec<f64>) = if rows * v >= PARALLEL_MIN_ELEMS {
+        let (loss, lse): (Vec<T>, Vec<f64>) = if rows * self.classes >= PARALLEL_MIN_ELEMS {
             (0..rows).into_par_iter().map(per_row).unzip()
         } else {
             (0..rows).map(per_row).unzip()
@@ -229,6 +240,25 @@ struct CrossEntropyBwd {
     smoothing: f64,
     lse: Vec<f64>,
 }
+impl CrossEntropyBwd {
+    /// d logits of row r into `d` (inlined into the AVX2 copy of the caller's loop).
+    #[inline(always)]
+    fn row_grad<T: Float>(&self, x: &[&[T]], r: usize, d: &mut [T]) {
+        let v = self.classes;
+        let off = T::from_f64(self.smoothing / v as f64);
+        let on = T::from_f64(1.0 - self.smoothing) + off;
+        let mut scale = x[1][r];
+        if let Some(w) = x.get(2) {
+            scale = scale * w[r];
+        }
+        let lse = T::from_f64(self.lse[r]);
+        let t = self.targets[r] as usize;
+        for (c, (o, &l)) in d.iter_mut().zip(&x[0][r * v..(r + 1) * v]).enumerate() {
+            let target = if c == t { on } else { off };
+            *o = scale * ((l - lse).exp_fast() - target);
+        }
+    }
+}
 impl FloatKernel for CrossEntropyBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let v = self.classes;
@@ -236,19 +266,12 @@ impl FloatKernel for CrossEntropyBwd {
         if dx.is_empty() {
             return Ok(vec![dx]);
         }
-        let off = T::from_f64(self.smoothing / v as f64);
-        let on = T::from_f64(1.0 - self.smoothing) + off;
+        // Each row's loop compiled for AVX2 where the CPU has it.
         let row = |(r, d): (usize, &mut [T])| {
-            let mut scale = x[1][r];
-            if let Some(w) = x.get(2) {
-                scale = scale * w[r];
-            }
-            let lse = T::from_f64(self.lse[r]);
-            let t = self.targets[r] as usize;
-            for (c, (o, &l)) in d.iter_mut().zip(&x[0][r * v..(r + 1) * v]).enumerate() {
-                let target = if c == t { on } else { off };
-                *o = scale * ((l - lse).exp_fast() - target);
-            }
+            in_widest_vectors(
+                #[inline(always)]
+                || self.row_grad(x, r, d),
+            )
         };
         if dx.len() >= PARALLEL_MIN_ELEMS {
             dx.par_chunks_mut(v).enumerate().for_each(row);

@@ -43,7 +43,7 @@ use rayon::prelude::*;
 mod winograd;
 
 use crate::util::{
-    autocast_run, float_op, out_tensor, output_len, require_rank, same_device, same_dtype,
+    autocast_run, float_op, lane_sum, out_tensor, output_len, require_rank, same_device, same_dtype,
 };
 
 /// Zero rows/columns added on each side of the input before the kernel slides over it.
@@ -590,7 +590,7 @@ impl ConvBwd {
             let gys = &gy[ni * g.y_len()..][..g.y_len()];
             if self.need_db {
                 for (acc, row) in part.db.iter_mut().zip(gys.chunks(p)) {
-                    *acc += row.iter().map(|v| v.as_f64()).sum::<f64>();
+                    *acc += lane_sum(row, |v| v.as_f64());
                 }
             }
             let mut dxs = if w.is_some() {

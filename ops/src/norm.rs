@@ -256,11 +256,8 @@ impl FloatKernel for LayerNormBwd {
             |r, dx: &mut [T]| {
                 let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
                 let (m, s) = (T::from_f64(self.stats[r].0), T::from_f64(self.stats[r].1));
-                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-                for (&v, &g) in xr.iter().zip(gr) {
-                    sg += g.as_f64();
-                    sgx += (g * (v - m) * s).as_f64();
-                }
+                let sg = lane_sum(gr, |g| g.as_f64());
+                let sgx = lane_sum2(xr, gr, |v, g| (g * (v - m) * s).as_f64());
                 let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
                 for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
                     *o = s * (g - mg - (v - m) * s * mgx);
@@ -569,7 +566,7 @@ impl FloatKernel for L2NormalizeFwd {
             #[inline(always)]
             |r, y: &mut [T]| {
                 let row = &x[0][r * d..(r + 1) * d];
-                let norm = row.iter().map(|v| v.as_f64().powi(2)).sum::<f64>().sqrt();
+                let norm = lane_sum(row, |v| v.as_f64() * v.as_f64()).sqrt();
                 let denom = T::from_f64(norm.max(eps));
                 for (o, &v) in y.iter_mut().zip(row) {
                     *o = v / denom;
@@ -600,8 +597,7 @@ impl FloatKernel for L2NormalizeBwd {
                 let norm = self.norms[r];
                 if norm >= self.eps {
                     let n = T::from_f64(norm);
-                    let dot =
-                        T::from_f64(xr.iter().zip(gr).map(|(&v, &g)| (v / n * g).as_f64()).sum());
+                    let dot = T::from_f64(lane_sum2(xr, gr, |v, g| (v / n * g).as_f64()));
                     for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
                         *o = (g - v / n * dot) / n;
                     }

@@ -23,7 +23,7 @@ use mvar_engine::{CpuStorage, DType, Device, Error, Float, ParamStore, Result, S
 use rayon::prelude::*;
 
 use crate::elementwise::mul_scalar;
-use crate::util::no_cuda_kernel;
+use crate::util::{lane_sum, no_cuda_kernel};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -463,9 +463,23 @@ pub fn clip_grad_norm(params: &ParamStore, max_norm: f64) -> Result<f64> {
             on_gpu.push(g.clone());
             continue;
         }
-        // One host pass per gradient on the CPU; the CUDA version reduces on the device and
-        // reads back one number.
-        sum_sq += g.to_vec_f64()?.iter().map(|x| x * x).sum::<f64>();
+        // One host pass per gradient on the CPU, over its own storage (no f64 copy); the CUDA
+        // version reduces on the device and reads back one number.
+        let square = |x: f64| x * x;
+        sum_sq += match &*g.storage() {
+            Storage::Cpu(CpuStorage::F32(v)) => lane_sum(v, |x| square(x as f64)),
+            Storage::Cpu(CpuStorage::F64(v)) => lane_sum(v, square),
+            Storage::Cpu(CpuStorage::BF16(v)) => lane_sum(v, |x| square(x.to_f64())),
+            other => {
+                return Err(Error::invalid(
+                    "clip_grad_norm",
+                    format!(
+                        "a gradient of dtype {:?} on the host: expected f32, f64 or bf16",
+                        other.dtype()
+                    ),
+                ))
+            }
+        };
     }
     for (dev, gs) in by_device(on_gpu, |g| g) {
         let guards: Vec<_> = gs.iter().map(|g| g.storage()).collect();

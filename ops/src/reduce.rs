@@ -11,7 +11,7 @@ use mvar_engine::{CpuStorage, DType, Error, Float, Result, Shape, Tensor, WithDT
 use rayon::prelude::*;
 
 use crate::elementwise::{broadcast_to, mul_scalar};
-use crate::util::{dispatch, float_op, out_tensor, require_float};
+use crate::util::{dispatch, float_op, lane_sum, out_tensor, require_float};
 
 fn keepdim_shape(shape: &Shape, axis: usize) -> Shape {
     let mut d = shape.dims().to_vec();
@@ -44,7 +44,7 @@ impl FloatKernel for SumAxis {
         }
         let row = |(o, dst): (usize, &mut [T])| {
             if inner == 1 {
-                let s: f64 = x[o * n..(o + 1) * n].iter().map(|v| v.as_f64()).sum();
+                let s = lane_sum(&x[o * n..(o + 1) * n], |v| v.as_f64());
                 dst[0] = T::from_f64(s);
                 return;
             }

@@ -585,21 +585,32 @@ pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(
     if n == 0 {
         return out;
     }
-    let fill = |(r, chunk): (usize, &mut [T])| {
-        let mut rem = r;
-        let mut off = 0;
-        for ax in (0..rank.saturating_sub(1)).rev() {
-            off += (rem % out_dims[ax]) * strides[ax];
-            rem /= out_dims[ax];
-        }
-        for (j, o) in chunk.iter_mut().enumerate() {
-            *o = x[off + j * step];
+    // A task takes whole output rows, about MAP_CHUNK elements of them (a task per row of 64
+    // elements cost more in scheduling than the copy); a row whose source is contiguous is one
+    // slice copy.
+    let rows_per_task = (MAP_CHUNK / row).max(1);
+    let fill = |(t, chunk): (usize, &mut [T])| {
+        for (k, out_row) in chunk.chunks_mut(row).enumerate() {
+            let mut rem = t * rows_per_task + k;
+            let mut off = 0;
+            for ax in (0..rank.saturating_sub(1)).rev() {
+                off += (rem % out_dims[ax]) * strides[ax];
+                rem /= out_dims[ax];
+            }
+            if step == 1 {
+                out_row.copy_from_slice(&x[off..off + out_row.len()]);
+            } else {
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    *o = x[off + j * step];
+                }
+            }
         }
     };
+    let task_len = row * rows_per_task;
     if n >= PARALLEL_MIN_ELEMS {
-        out.par_chunks_mut(row).enumerate().for_each(fill);
+        out.par_chunks_mut(task_len).enumerate().for_each(fill);
     } else {
-        out.chunks_mut(row).enumerate().for_each(fill);
+        out.chunks_mut(task_len).enumerate().for_each(fill);
     }
     out
 }
@@ -640,6 +651,38 @@ pub(crate) fn autocast_run(
 mod tests {
     use super::*;
     use mvar_engine::{Float, Shape};
+
+    /// strided_copy as permute uses it against per-element index arithmetic: rows copied as
+    /// slices (last axis kept) and gathered (last axis moved), rows of odd lengths, tasks of many
+    /// rows with a short last task, and sizes on both sides of the threading threshold.
+    #[test]
+    fn strided_copy_matches_per_element_indexing() {
+        let cases: [(&[usize], &[usize]); 5] = [
+            (&[3, 5, 7], &[1, 0, 2]),
+            (&[3, 5, 7], &[2, 1, 0]),
+            (&[7, 129, 3, 13], &[2, 0, 3, 1]),
+            (&[5, 97, 3, 61], &[2, 0, 1, 3]),
+            (&[40000], &[0]),
+        ];
+        for (dims, perm) in cases {
+            let n: usize = dims.iter().product();
+            let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let own = Shape::new(dims.to_vec()).strides();
+            let out_dims: Vec<usize> = perm.iter().map(|&a| dims[a]).collect();
+            let strides: Vec<usize> = perm.iter().map(|&a| own[a]).collect();
+            let got = strided_copy(&x, &out_dims, &strides);
+            let out_strides = Shape::new(out_dims.clone()).strides();
+            for (i, &g) in got.iter().enumerate() {
+                let src: usize = (0..out_dims.len())
+                    .map(|ax| (i / out_strides[ax]) % out_dims[ax] * strides[ax])
+                    .sum();
+                assert_eq!(
+                    g, x[src],
+                    "{dims:?} permuted by {perm:?}, output element {i}"
+                );
+            }
+        }
+    }
 
     /// broadcast_map2 against index arithmetic done the slow way, for every kind of row (both
     /// inputs contiguous, one repeated along the row, both), rows of odd lengths, tasks of many

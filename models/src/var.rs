@@ -196,6 +196,13 @@ impl VarConfig {
                 self.cond_drop_rate
             ));
         }
+        // Negative selects the official default; a rate of 1 would drop every residual branch.
+        if self.drop_path_rate.is_nan() || self.drop_path_rate >= 1.0 {
+            return bad(format!(
+                "drop_path_rate {}: expected a rate below 1 (negative: the official 0.1 * depth / 24)",
+                self.drop_path_rate
+            ));
+        }
         Ok(())
     }
 }

@@ -107,6 +107,10 @@ pub struct TrainArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 2000)]
     pub steps: u64,
+    /// At most this many passes over the token cache (every image with and without its flip):
+    /// caps --steps (and a --minutes budget) for small data sets, where more passes only overfit.
+    #[arg(long)]
+    pub epochs: Option<f64>,
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// Learning rate per 256 images (peak = base * batch / 256).
@@ -121,6 +125,10 @@ pub struct TrainArgs {
     /// Probability of training a sample with the null class (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     pub cond_drop: f64,
+    /// Drop-path (stochastic depth) rate of the last block, rising linearly from 0 at the first;
+    /// default the official 0.1 * depth / 24.
+    #[arg(long)]
+    pub drop_path: Option<f64>,
     /// MVAR: first scale with neighbourhood attention (default: the official 8 where every scale
     /// from 8 on is at least the kernel size, else the first scale that is).
     #[arg(long)]
@@ -184,6 +192,24 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         cache.seq_len(),
         t0.elapsed().as_secs_f64()
     );
+    if let Some(epochs) = args.epochs {
+        if !(epochs.is_finite() && epochs > 0.0) {
+            return Err(Error::invalid(
+                "mvar train",
+                format!("--epochs {epochs}: expected a number of passes > 0"),
+            ));
+        }
+        let cap = ((epochs * cache.len() as f64) / args.batch.max(1) as f64).ceil() as u64;
+        if cap.max(1) < args.steps {
+            args.steps = cap.max(1);
+            println!(
+                "epochs: {epochs} passes over {} sequences at batch {} cap the run at {} steps",
+                cache.len(),
+                args.batch,
+                args.steps
+            );
+        }
+    }
     if let Some(d) = args.model.depth {
         args.depth = d;
     }
@@ -195,6 +221,9 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     var_cfg.cvae = vae.config.z_channels;
     var_cfg.vocab_size = vae.config.vocab_size;
     var_cfg.cond_drop_rate = args.cond_drop;
+    if let Some(rate) = args.drop_path {
+        var_cfg.drop_path_rate = rate;
+    }
     let mvar_cfg = (args.model.kind == Kind::Mvar).then(|| MvarConfig {
         refine_step: args
             .refine_step

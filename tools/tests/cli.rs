@@ -246,6 +246,24 @@ fn a_time_budget_never_trains_past_steps() {
         .arg(&tok_out));
     assert!(log.contains("training 63 steps (the --steps cap;"), "{log}");
     assert_eq!(metric_lines(&tok_out).len(), 63);
+    // --epochs caps the steps (and a budget) at that many passes over the token cache: the 12
+    // images, each with and without its flip, at batch 4 are 6 steps a pass.
+    let out = root.join("mvar-epochs");
+    let log = ok(train_cmd(data, tok, &out, 40).args(["--epochs", "2.5", "--minutes", "0.3"]));
+    assert!(
+        log.contains("epochs: 2.5 passes over 24 sequences at batch 4 cap the run at 15 steps"),
+        "{log}"
+    );
+    assert!(log.contains("training 15 steps (the --steps cap;"), "{log}");
+    assert_eq!(metric_lines(&out).len(), 15);
+    fails(
+        train_cmd(data, tok, &root.join("mvar-no-epochs"), 4).args(["--epochs", "0"]),
+        &["--epochs 0", "expected a number of passes > 0"],
+    );
+    fails(
+        train_cmd(data, tok, &root.join("mvar-drop-path"), 4).args(["--drop-path", "1.5"]),
+        &["drop_path_rate 1.5", "expected a rate below 1"],
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 

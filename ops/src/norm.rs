@@ -360,13 +360,14 @@ impl FloatKernel for GroupNormFwd {
                     .enumerate()
                 {
                     let c = first + j;
-                    let scale = rstd * w[c].as_f64();
-                    let (sc, sh) = (
-                        T::from_f64(scale),
-                        T::from_f64(b[c].as_f64() - mean * scale),
-                    );
+                    // (x - mean) * scale + bias, not x * scale + (bias - mean * scale): with
+                    // a large rstd (a group of near-equal values, eps 1e-6) the folded shift
+                    // cancels against x * scale and loses the bias's low bits; x - mean does
+                    // not (it is exact for values near the mean).
+                    let (m, sc) = (T::from_f64(mean), T::from_f64(rstd * w[c].as_f64()));
+                    let bc = b[c];
                     for (o, &v) in ys.iter_mut().zip(xs) {
-                        *o = v * sc + sh;
+                        *o = (v - m) * sc + bc;
                     }
                 }
                 (mean, rstd)

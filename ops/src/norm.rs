@@ -418,14 +418,16 @@ impl FloatKernel for GroupNormBwd {
                     .zip(g.chunks(gr.spatial))
                     .enumerate()
                 {
-                    // dx = rstd * (g w - mh - xhat mhx), xhat = (x - mean) rstd, folded into
-                    // dx = g * a + x * b + c per channel.
+                    // dx = rstd * (g w - mh - xhat mhx), xhat = (x - mean) rstd, as
+                    // dx = g * a + (x - mean) * b + c per channel (x - mean rather than a
+                    // shift folded into c, which cancels like the forward's did).
                     let wc = w[first + j].as_f64();
                     let a = T::from_f64(rstd * wc);
                     let b = T::from_f64(-rstd * rstd * mhx);
-                    let c = T::from_f64(rstd * (rstd * mean * mhx - mh));
+                    let c = T::from_f64(-rstd * mh);
+                    let m = T::from_f64(mean);
                     for (o, (&v, &gv)) in oc.iter_mut().zip(xc.iter().zip(gc)) {
-                        *o = gv * a + v * b + c;
+                        *o = gv * a + (v - m) * b + c;
                     }
                 }
                 part

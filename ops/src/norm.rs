@@ -171,6 +171,28 @@ fn map_rows<T: Float, S: Send + Default + Clone>(
     (out, side)
 }
 
+/// [`map_rows`] for the normalisations: each row's (mean, rstd) first (returned per row), then
+/// `apply(row index, row, output row, mean, rstd)` writes the output.
+#[inline(always)]
+fn map_normalized_rows<T: Float>(
+    x: &[T],
+    d: usize,
+    eps: f64,
+    apply: impl Fn(usize, &[T], &mut [T], f64, f64) + Sync + Send,
+) -> (Vec<T>, Vec<(f64, f64)>) {
+    map_rows(
+        x.len(),
+        d,
+        #[inline(always)]
+        |r, y: &mut [T]| {
+            let row = &x[r * d..(r + 1) * d];
+            let (mean, rstd) = row_stats(row, eps);
+            apply(r, row, y, mean, rstd);
+            (mean, rstd)
+        },
+    )
+}
+
 /// (mean, rstd) of one row, in f64, two-pass.
 #[inline(always)]
 fn row_stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
@@ -221,19 +243,16 @@ struct LayerNormFwd {
 }
 impl FloatKernel for LayerNormFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let (d, eps) = (self.d, self.eps);
-        let (y, stats) = map_rows(
-            x[0].len(),
-            d,
+        let (y, stats) = map_normalized_rows(
+            x[0],
+            self.d,
+            self.eps,
             #[inline(always)]
-            |r, y: &mut [T]| {
-                let row = &x[0][r * d..(r + 1) * d];
-                let (mean, rstd) = row_stats(row, eps);
+            |_, row, y, mean, rstd| {
                 let (m, s) = (T::from_f64(mean), T::from_f64(rstd));
                 for (o, &v) in y.iter_mut().zip(row) {
                     *o = (v - m) * s;
                 }
-                (mean, rstd)
             },
         );
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
@@ -343,16 +362,15 @@ struct GroupNormFwd {
 }
 impl FloatKernel for GroupNormFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let (gr, eps, d) = (self.g, self.eps, self.g.row());
+        let gr = self.g;
         let (w, b) = (x[1], x[2]);
-        let (y, stats) = map_rows(
-            x[0].len(),
-            d,
+        let (y, stats) = map_normalized_rows(
+            x[0],
+            gr.row(),
+            self.eps,
             #[inline(always)]
-            |r, y: &mut [T]| {
-                let row = &x[0][r * d..(r + 1) * d];
-                let (mean, rstd) = row_stats(row, eps);
-                // Channel by channel, so that the affine folds into one scale and shift.
+            |r, row, y, mean, rstd| {
+                // Channel by channel, so that rstd and the weight fold into one scale.
                 let first = gr.channel(r, 0);
                 for (j, (ys, xs)) in y
                     .chunks_mut(gr.spatial)
@@ -370,7 +388,6 @@ impl FloatKernel for GroupNormFwd {
                         *o = (v - m) * sc + bc;
                     }
                 }
-                (mean, rstd)
             },
         );
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;

@@ -17,7 +17,10 @@
 //   filled with 0xff bytes (NaN as floats) so that reading it before writing it shows.
 // - Warps are groups of 32 consecutive linear thread ids. Shuffles, `ldmatrix` and `mma.sync` go
 //   through a per-warp exchange area between two warp barriers, with the register fragment layouts
-//   of the PTX ISA (m16n8k16 bf16, ldmatrix .x4 with and without .trans).
+//   of the PTX ISA (m16n8k16 bf16, ldmatrix .x4 with and without .trans). A shuffle that reads a
+//   lane which did not take part (exited, or missing in a partial warp) gets 0xff bytes, and an
+//   ldmatrix or mma.sync in a warp that is not whole stops with a report: both are undefined on
+//   the GPU.
 // - A thread that returns leaves the block and warp barriers, as an exited thread does on the GPU.
 //
 // The driver (driver.cpp) finds the kernels by name through `mvar_emu_find` and runs them with
@@ -77,6 +80,10 @@ struct Warp {
     Barrier bar;
     int lanes = 32;
     uint64_t slot[32][8];
+    // For shuffles: 1 + the warp barrier's phase at which each lane last published its slot, so
+    // a lane that did not take part in a shuffle (it exited, or does not exist in a partial warp)
+    // is told from one that did. Cleared with the barrier at the start of every block.
+    unsigned published[32];
 };
 
 // The saved state of a suspended fiber: its stack pointer (x86-64) or its ucontext.
@@ -230,20 +237,42 @@ inline void __syncthreads() { mvar_emu::arrive_and_wait(mvar_emu::g_launch->bloc
 inline void __syncwarp(unsigned = 0xffffffffu) { mvar_emu::arrive_and_wait(mvar_emu::warp().bar); }
 
 namespace mvar_emu {
-// Every lane publishes `v`, then reads the value of lane `source(lane)` (its own value when that
-// lane does not exist in a partial warp).
+// Every lane publishes `v`, then reads the value of lane `source(lane)`. A source lane that did
+// not take part in this shuffle (it has exited, or does not exist in a partial warp) gives 0xff
+// bytes (NaN as a float, -1 as an integer): the PTX ISA leaves that value undefined, and the GPU
+// returns whatever that lane's register holds, so a kernel that uses it is wrong there even when
+// an emulator returning the caller's own value, or a stale one, would pass.
 template <typename T, typename Source>
 inline T shuffle(T v, Source source) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
     auto& w = warp();
     int l = lane();
+    const unsigned round = w.bar.phase + 1;
     std::memcpy(&w.slot[l][0], &v, sizeof(T));
+    w.published[l] = round;
     arrive_and_wait(w.bar);
     int src = source(l);
-    T r = v;
-    if (src < w.lanes) std::memcpy(&r, &w.slot[src][0], sizeof(T));
+    T r;
+    if (src >= 0 && src < w.lanes && w.published[src] == round) {
+        std::memcpy(&r, &w.slot[src][0], sizeof(T));
+    } else {
+        std::memset(&r, 0xff, sizeof(T));
+    }
     arrive_and_wait(w.bar);
     return r;
+}
+
+// ldmatrix and mma.sync are .aligned: every lane of the warp must execute the same instruction,
+// so one in a warp with exited or missing lanes is undefined on the GPU (it may hang or read
+// garbage); here it stops with a report.
+inline void require_whole_warp(const char* what) {
+    const Warp& w = warp();
+    if (w.lanes == 32 && w.bar.expected == 32) return;
+    fprintf(stderr,
+            "mvar CUDA emulator: %s in warp %d of block (%u, %u, %u) with %d of its 32 lanes live: every lane must "
+            "execute it (.aligned); the GPU's result is undefined\n",
+            what, t_linear >> 5, blockIdx.x, blockIdx.y, blockIdx.z, w.bar.expected);
+    abort();
 }
 }  // namespace mvar_emu
 
@@ -305,6 +334,8 @@ inline void mvar_emu_ldmatrix_x4(unsigned (&r)[4], unsigned addr, bool trans) {
     mvar_emu::check_access16(trans ? "ldmatrix.trans" : "ldmatrix", addr, true);
     w.slot[lane][0] = addr;
     mvar_emu::arrive_and_wait(w.bar);
+    // Checked once every live lane has arrived: a lane that exits does so before the barrier opens.
+    mvar_emu::require_whole_warp(trans ? "ldmatrix.trans" : "ldmatrix");
     const unsigned char* base = mvar_emu::g_launch->dyn_smem;
     for (int i = 0; i < 4; ++i) {
         uint16_t lo, hi;
@@ -333,6 +364,7 @@ inline void mvar_emu_mma_m16n8k16_bf16(float (&c)[4], const unsigned (&a)[4], un
     w.slot[lane][4] = b0;
     w.slot[lane][5] = b1;
     mvar_emu::arrive_and_wait(w.bar);
+    mvar_emu::require_whole_warp("mma.sync");
     auto half = [&](int l, int reg, int k) {
         unsigned bits = (unsigned)w.slot[l][reg];
         unsigned h = (k & 1) ? (bits >> 16) : (bits & 0xffffu);
@@ -707,6 +739,7 @@ extern "C" __attribute__((visibility("default"))) int mvar_emu_launch(const char
             int lanes = std::min(32, nthreads - (int)w * 32);
             launch.warps[w].lanes = lanes;
             launch.warps[w].bar = Barrier{lanes, 0, 0};
+            std::memset(launch.warps[w].published, 0, sizeof(launch.warps[w].published));
         }
         for (int t = 0; t < nthreads; ++t) {
             Fiber& f = launch.fibers[t];

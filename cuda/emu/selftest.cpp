@@ -127,6 +127,25 @@ __global__ void ldmatrix_at(float* out, int offset) {
     out[threadIdx.x] = (float)r[0];
 }
 
+// The lanes below `live` of each warp sum their values with xor shuffles of distance `first`
+// down to 1; the other lanes have returned. Distances below `live` (a power of two) read live
+// lanes only; a larger one reads a lane that exited, which the GPU leaves undefined. Each
+// thread's value is 1, so a correct sum is `first * 2`.
+__global__ void shuffle_sum_of_live_lanes(float* out, int live, int first) {
+    if ((int)(threadIdx.x % 32) >= live) return;
+    float v = 1.0f;
+    for (int o = first; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    out[threadIdx.x] = v;
+}
+
+// Lane `exiting` returns, then the rest of the warp runs an ldmatrix (.aligned: every lane must).
+__global__ void ldmatrix_without_a_lane(float* out, int exiting) {
+    if ((int)threadIdx.x == exiting) return;
+    unsigned r[4];
+    mvar_emu_ldmatrix_x4(r, (unsigned)(16 * (threadIdx.x % 32)), false);
+    out[threadIdx.x] = (float)r[0];
+}
+
 mvar_emu::Registrar r1("published_by_first_thread", &published_by_first_thread);
 mvar_emu::Registrar r2("published_by_last_thread", &published_by_last_thread);
 mvar_emu::Registrar r3("copy_then_read", &copy_then_read);
@@ -139,6 +158,8 @@ mvar_emu::Registrar r9("copy_at", &copy_at);
 mvar_emu::Registrar r11("reads_dynamic_shared_before_writing", &reads_dynamic_shared_before_writing);
 mvar_emu::Registrar r10("ldmatrix_at", &ldmatrix_at);
 mvar_emu::Registrar r12("static_shared_next_to_dynamic", &static_shared_next_to_dynamic);
+mvar_emu::Registrar r13("shuffle_sum_of_live_lanes", &shuffle_sum_of_live_lanes);
+mvar_emu::Registrar r14("ldmatrix_without_a_lane", &ldmatrix_without_a_lane);
 
 int failures = 0;
 
@@ -292,6 +313,36 @@ int main(int argc, char** argv) {
     expect(aborts([&] { launch("copy_at", in.data(), 0, smem_bytes); }),
            "a cp.async past the end of the shared memory is reported");
     expect(aborts([&] { launch("ldmatrix_at", out.data(), 8); }), "a misaligned ldmatrix row is reported");
+    expect(!aborts([&] { launch("ldmatrix_without_a_lane", out.data(), -1); }) &&
+               aborts([&] { launch("ldmatrix_without_a_lane", out.data(), 31); }),
+           "an ldmatrix in a warp with an exited lane is reported");
+
+    {
+        // Shuffles read only lanes that take part: with 16 live lanes per warp, distances 8..1
+        // stay among them and sum to 16; starting at 16 reads the exited half, which gives NaN.
+        // The same in a partial warp: a 48-thread block's second warp has lanes 0..15 only.
+        // sums(...) is (all of threads [from, to) got the sum, all of them got NaN).
+        auto sums = [&](int threads, int live, int first, int from, int to) {
+            std::fill(out.begin(), out.end(), 0.0f);
+            float* p = out.data();
+            void* params[] = {&p, &live, &first};
+            mvar_emu_launch("shuffle_sum_of_live_lanes", 1, 1, 1, threads, 1, 1, 0, params);
+            int right = 0, nan = 0, ran = 0;
+            for (int t = from; t < to; ++t) {
+                if (t % 32 >= live) continue;
+                ++ran;
+                right += out[t] == 2.0f * first;
+                nan += std::isnan(out[t]);
+            }
+            return std::make_pair(ran > 0 && right == ran, ran > 0 && nan == ran);
+        };
+        expect(sums(64, 16, 8, 0, 64).first && sums(64, 32, 16, 0, 64).first,
+               "shuffles among the lanes that take part give their values");
+        expect(sums(64, 16, 16, 0, 64).second,
+               "a shuffle reading a lane that exited gives NaN, not a stale or own value");
+        expect(sums(48, 32, 8, 0, 48).first && sums(48, 32, 16, 0, 32).first && sums(48, 32, 16, 32, 48).second,
+               "a shuffle reading a lane missing from a partial warp gives NaN");
+    }
 
     {
         // Static plus dynamic shared memory: 48 KiB without opting in; with an opted-in dynamic

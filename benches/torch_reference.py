@@ -228,11 +228,16 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # our f32 GEMM runs without TF32 too
     dev = torch.device(args.device)
     timed = make_timer(dev, args.iters, args.reps)
-    rows = []
+    # Each case goes to the JSON file as soon as it is timed, so that a run cut short (a
+    # time-limited GPU machine) keeps what it finished.
+    json_out = open(args.json, "w") if args.json else None
 
     def report(group, case_id, ms, flops=None, nbytes=None):
         rate = f"{flops / ms / 1e9:.1f} TFLOP/s" if flops else f"{nbytes / ms / 1e6:.1f} GB/s"
-        rows.append({"group": group, "id": case_id, "ms": ms, "flops": flops, "bytes": nbytes})
+        if json_out:
+            row = {"group": group, "id": case_id, "ms": ms, "flops": flops, "bytes": nbytes}
+            json_out.write(json.dumps(row) + "\n")
+            json_out.flush()
         print(f"{group}/{case_id}\t{ms:.4f} ms\t{rate}", flush=True)
 
     size = {torch.float32: 4, torch.bfloat16: 2}
@@ -397,10 +402,8 @@ def main():
     # attention
     na2d_cases(report, timed, dev)
 
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    if json_out:
+        json_out.close()
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (script check, not a reference)"
     print(f"# torch {torch.__version__}, {where}")
 

@@ -109,10 +109,29 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #           memory, and their ratios (the MVAR paper's Table 2)
 # e.g. `bash gpu-bundle/run-all.sh tests model`, then `bash gpu-bundle/run-all.sh benches torch`
 # (benches and torch in one call, for the comparison),
-# to keep each call of a time-limited machine short. Each phase prints its duration. Exit status:
-# 1 if any test binary or phase failed.
+# to keep each call of a time-limited machine short. Each phase prints its duration.
+#
+# Time limits, so that a call always ends inside the machine's limit with its logs saved:
+#   MVAR_RUN_SECONDS   the whole call's budget (default 0: none). A step (one test binary, one
+#                      bench binary, the PyTorch script, `mvar bench`) is cut at what is left of
+#                      it less 20 s, and one that would start with under 40 s left is not run.
+#   MVAR_TEST_TIMEOUT  seconds for one test binary (default 300): a kernel that hangs on the GPU
+#                      costs that binary, not the call.
+#   MVAR_STEP_TIMEOUT  seconds for one step of the other phases (default 480).
+# A cut step's output so far is kept (the bench and PyTorch figures print as they come).
+# The tests run the binaries that use the GPU first (parity, fixtures, the CUDA crate's own),
+# then the rest, which CI also runs on its CPU.
+# Exit status: 1 if any test binary or phase failed, timed out or was not run for lack of time.
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+RUN_SECONDS="${MVAR_RUN_SECONDS:-0}"
+TEST_TIMEOUT="${MVAR_TEST_TIMEOUT:-300}"
+STEP_TIMEOUT="${MVAR_STEP_TIMEOUT:-480}"
+for v in "$RUN_SECONDS" "$TEST_TIMEOUT" "$STEP_TIMEOUT"; do
+  case "$v" in
+    ''|*[!0-9]*) echo "run-all.sh: MVAR_RUN_SECONDS, MVAR_TEST_TIMEOUT and MVAR_STEP_TIMEOUT take whole seconds (got '$v')" >&2; exit 2 ;;
+  esac
+done
 # Logs: gpu-bundle/logs, or with OUT set (a machine that sends back only a few files from OUT)
 # a folder kept across calls, packed into $OUT/logs.tar.gz after every test binary and phase,
 # with the comparison and the model benchmark also as plain files beside it.
@@ -194,33 +213,103 @@ fi
 } | tee "$LOGS/environment.txt"
 
 failed=()
+not_run=()
+
+# The seconds a step may run: its cap, or what the call's budget has left less 20 s (for packing
+# the logs); 0 when under 40 s would be left.
+step_seconds() {
+  local cap=$1 left
+  if [ "$RUN_SECONDS" -gt 0 ]; then
+    left=$((RUN_SECONDS - SECONDS - 20))
+    if [ "$left" -lt 40 ]; then
+      echo 0
+      return
+    fi
+    [ "$cap" -le "$left" ] || cap=$left
+  fi
+  echo "$cap"
+}
+
+# run_for SECONDS CMD...: CMD, killed after SECONDS (status 124 or 137 then).
+run_for() {
+  local secs=$1
+  shift
+  if command -v timeout >/dev/null; then
+    timeout -k 10 "$secs" "$@"
+  else
+    "$@"
+  fi
+}
+
+# Status 124 or 137 from run_for: the step was cut.
+was_cut() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; }
 
 phase_tests() {
+  local ordered=() t pat secs status
+  for pat in 'parity-*' 'fixtures-*' 'mvar_cuda-*' 'kernels_compile-*'; do
+    for t in "$BIN"/tests/$pat; do
+      [ -e "$t" ] && ordered+=("$t")
+    done
+  done
   for t in "$BIN"/tests/*; do
+    case " ${ordered[*]} " in
+      *" $t "*) ;;
+      *) ordered+=("$t") ;;
+    esac
+  done
+  for t in "${ordered[@]}"; do
     name="$(basename "$t")"
+    secs=$(step_seconds "$TEST_TIMEOUT")
+    if [ "$secs" -eq 0 ]; then
+      echo "== $name: NOT RUN (the call's time budget is spent)"
+      not_run+=("$name")
+      continue
+    fi
     echo "== $name"
-    if "$t" > "$LOGS/test-$name.log" 2>&1; then
+    run_for "$secs" "$t" > "$LOGS/test-$name.log" 2>&1
+    status=$?
+    if [ "$status" -eq 0 ]; then
       grep -E '^test result:' "$LOGS/test-$name.log" | tail -n 1
     else
-      echo "FAILED (log: $LOGS/test-$name.log)"
+      if was_cut "$status"; then
+        echo "TIMED OUT after $secs s (log: $LOGS/test-$name.log); the tests it was running:"
+        grep -E '^test .*( \.\.\. *$|has been running)' "$LOGS/test-$name.log" | tail -n 5
+        failed+=("$name (timed out)")
+      else
+        echo "FAILED (log: $LOGS/test-$name.log)"
+        failed+=("$name")
+      fi
       grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/test-$name.log" | awk '!seen[$0]++' | head -n 40
-      failed+=("$name")
     fi
     save_logs
   done
   echo "== mvar info"
-  "$BIN/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
+  run_for 60 "$BIN/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
 }
 
 phase_benches() {
   # Criterion's own files (reports, baselines) stay out of $OUT; its printed figures are logged.
   export CRITERION_HOME="${TMPDIR:-/tmp}/mvar-criterion"
+  local b secs status
   for b in "$BIN"/benches/*; do
     name="$(basename "$b")"
-    echo "== bench $name (CUDA cases)"
-    "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10 cuda/ \
-      > "$LOGS/bench-$name.log" 2>&1 || failed+=("bench $name")
+    secs=$(step_seconds "$STEP_TIMEOUT")
+    if [ "$secs" -eq 0 ]; then
+      echo "== bench $name: NOT RUN (the call's time budget is spent)"
+      not_run+=("bench $name")
+      continue
+    fi
+    echo "== bench $name (CUDA cases, at most $secs s)"
+    run_for "$secs" "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10 cuda/ \
+      > "$LOGS/bench-$name.log" 2>&1
+    status=$?
     grep -E 'time:|thrpt:|^[a-z0-9_]+/' "$LOGS/bench-$name.log" || true
+    if was_cut "$status"; then
+      echo "bench $name: TIMED OUT after $secs s; the figures above are the cases it finished"
+      failed+=("bench $name (timed out)")
+    elif [ "$status" -ne 0 ]; then
+      failed+=("bench $name")
+    fi
   done
 }
 
@@ -230,9 +319,22 @@ phase_torch() {
     echo "skipped: python3 cannot import torch with CUDA here"
     return
   fi
-  python3 "$HERE/../benches/torch_reference.py" --json "$LOGS/torch-reference.jsonl" 2>&1 \
-    | tee "$LOGS/torch-reference.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("torch_reference.py")
+  local secs status
+  secs=$(step_seconds "$STEP_TIMEOUT")
+  if [ "$secs" -eq 0 ]; then
+    echo "NOT RUN (the call's time budget is spent)"
+    not_run+=("torch_reference.py")
+    return
+  fi
+  PYTHONUNBUFFERED=1 run_for "$secs" python3 "$HERE/../benches/torch_reference.py" \
+    --json "$LOGS/torch-reference.jsonl" 2>&1 | tee "$LOGS/torch-reference.log"
+  status=${PIPESTATUS[0]}
+  if was_cut "$status"; then
+    echo "torch_reference.py: TIMED OUT after $secs s; its JSON holds the cases it finished"
+    failed+=("torch_reference.py (timed out)")
+  elif [ "$status" -ne 0 ]; then
+    failed+=("torch_reference.py")
+  fi
   # With the benches phase's log (this call or an earlier one): both, side by side, in markdown.
   for log in "$LOGS"/bench-*.log; do
     [ -f "$log" ] || continue
@@ -242,10 +344,23 @@ phase_torch() {
 }
 
 phase_model() {
-  echo "== mvar bench (VAR-d16 and MVAR-d16, batch 32)"
-  "$BIN/mvar" bench --model var-d16 --model mvar-d16 --steps 10 --json "$LOGS/mvar-bench.jsonl" 2>&1 \
-    | tee "$LOGS/mvar-bench.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("mvar bench")
+  local secs status
+  secs=$(step_seconds "$STEP_TIMEOUT")
+  if [ "$secs" -eq 0 ]; then
+    echo "== mvar bench: NOT RUN (the call's time budget is spent)"
+    not_run+=("mvar bench")
+    return
+  fi
+  echo "== mvar bench (VAR-d16 and MVAR-d16, batch 32; at most $secs s)"
+  run_for "$secs" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --steps 10 \
+    --json "$LOGS/mvar-bench.jsonl" 2>&1 | tee "$LOGS/mvar-bench.log"
+  status=${PIPESTATUS[0]}
+  if was_cut "$status"; then
+    echo "mvar bench: TIMED OUT after $secs s"
+    failed+=("mvar bench (timed out)")
+  elif [ "$status" -ne 0 ]; then
+    failed+=("mvar bench")
+  fi
 }
 
 for p in "${PHASES[@]}"; do
@@ -255,11 +370,18 @@ for p in "${PHASES[@]}"; do
   save_logs
 done
 
+status=0
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "FAILED: ${failed[*]}"
-  exit 1
+  status=1
 fi
-echo "all phases passed: ${PHASES[*]}"
+if [ "${#not_run[@]}" -gt 0 ]; then
+  echo "NOT RUN (MVAR_RUN_SECONDS=$RUN_SECONDS spent): ${not_run[*]}"
+  status=1
+fi
+[ "$status" -ne 0 ] || echo "all phases passed: ${PHASES[*]}"
+echo "== $SECONDS s in all"
+exit "$status"
 RUN
 chmod +x "$BUNDLE/run-all.sh"
 
@@ -276,3 +398,4 @@ if [ "$size_mb" -ge "$LIMIT_MB" ]; then
 fi
 echo "On the GPU machine, from the repository root, run (all phases, or some of them per call):"
 echo "  bash $BUNDLE/run-all.sh [tests] [benches] [torch] [model]"
+echo "with MVAR_RUN_SECONDS=N in front to end the call, logs saved, within N seconds."

@@ -102,6 +102,9 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 # phases (all of them when none is named, in this order):
 #   tests   every test binary, with MVAR_REQUIRE_GPU=1 (parity and fixture tests fail instead of
 #           skipping without a GPU), then `mvar info`
+#   gpu-tests  only the test binaries that use the GPU (parity, fixtures, the CUDA crate's unit
+#           tests, the kernel compile check, the command-line tests with the out-of-memory one),
+#           then `mvar info`: the rest are CPU tests that CI runs anyway
 #   benches the CUDA cases of the criterion benchmarks (ids with "cuda/"), short measurement times
 #   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports;
 #           with the benches phase's log, benches/compare.py puts both in logs/comparison.md
@@ -164,8 +167,8 @@ PHASES=("$@")
 [ "${#PHASES[@]}" -gt 0 ] || PHASES=(tests benches torch model)
 for p in "${PHASES[@]}"; do
   case "$p" in
-    tests|benches|torch|model) ;;
-    *) echo "run-all.sh: unknown phase $p (expected tests, benches, torch or model)" >&2; exit 2 ;;
+    tests|gpu-tests|benches|torch|model) ;;
+    *) echo "run-all.sh: unknown phase $p (expected tests, gpu-tests, benches, torch or model)" >&2; exit 2 ;;
   esac
 done
 
@@ -244,19 +247,28 @@ run_for() {
 # Status 124 or 137 from run_for: the step was cut.
 was_cut() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; }
 
-phase_tests() {
+# The test binaries that use the GPU, most telling first (cargo names them <target>-<hash>).
+GPU_TESTS=('parity-*' 'fixtures-*' 'mvar_cuda-*' 'kernels_compile-*' 'cli-*')
+
+phase_gpu-tests() { run_tests gpu; }
+phase_tests() { run_tests all; }
+
+# run_tests gpu|all: the GPU_TESTS binaries, then (all) every other one.
+run_tests() {
   local ordered=() t pat secs status
-  for pat in 'parity-*' 'fixtures-*' 'mvar_cuda-*' 'kernels_compile-*'; do
+  for pat in "${GPU_TESTS[@]}"; do
     for t in "$BIN"/tests/$pat; do
       [ -e "$t" ] && ordered+=("$t")
     done
   done
-  for t in "$BIN"/tests/*; do
-    case " ${ordered[*]} " in
-      *" $t "*) ;;
-      *) ordered+=("$t") ;;
-    esac
-  done
+  if [ "$1" = all ]; then
+    for t in "$BIN"/tests/*; do
+      case " ${ordered[*]} " in
+        *" $t "*) ;;
+        *) ordered+=("$t") ;;
+      esac
+    done
+  fi
   for t in "${ordered[@]}"; do
     name="$(basename "$t")"
     secs=$(step_seconds "$TEST_TIMEOUT")

@@ -178,15 +178,18 @@ __device__ void group_norm_bwd_dx_impl(T* dx, const T* x, const T* w, const T* g
         i64 c0 = (r % groups) * cpg;
         float mean = stats[2 * r], rstd = stats[2 * r + 1];
         float sh = 0.0f, shx = 0.0f;
+        // h = g * w rounded the same way in both loops (__fmul_rn is never fused into an FMA):
+        // contracted, the second loop's h - mh becomes fma(g, w, -mh), the rounding error of
+        // g * w instead of 0 for a one-element group, which rstd (up to 1 / sqrt(eps)) magnifies.
         for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
-            float h = Io<T>::load(gr, k) * Io<T>::load(w, c0 + k / spatial);
+            float h = __fmul_rn(Io<T>::load(gr, k), Io<T>::load(w, c0 + k / spatial));
             sh += h;
             shx += h * ((Io<T>::load(xr, k) - mean) * rstd);
         }
         float mh = block_sum(sh, scratch) / (float)d;
         float mhx = block_sum(shx, scratch) / (float)d;
         for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
-            float h = Io<T>::load(gr, k) * Io<T>::load(w, c0 + k / spatial);
+            float h = __fmul_rn(Io<T>::load(gr, k), Io<T>::load(w, c0 + k / spatial));
             float xhat = (Io<T>::load(xr, k) - mean) * rstd;
             Io<T>::store(dr, k, rstd * (h - mh - xhat * mhx));
         }

@@ -234,6 +234,27 @@ proptest! {
     }
 }
 
+/// One-element groups (one channel per group, no spatial extent): dx is exactly 0 while rstd is
+/// 1 / sqrt(eps) = 1000, so a g * w rounded differently in the kernel's two passes (fused into an
+/// FMA in one of them, as the GPU compiler may) shows magnified a thousandfold. The emulator builds
+/// its kernels that way with MVAR_EMU_FMA=1 (CI's third parity run).
+#[test]
+fn group_norm_of_one_element_groups() {
+    for (shape, seed) in [(vec![2usize, 6], 1u64), (vec![3, 4, 1, 1], 2)] {
+        let channels = shape[1];
+        let inputs = [
+            randn_b(&shape, seed),
+            bf16_exact(ops::affine(&randn(&[channels], seed ^ 1), 0.5, 1.0).unwrap()),
+            randn_b(&[channels], seed ^ 2),
+        ];
+        let group_norm =
+            |_: &Device, x: &[Tensor]| ops::group_norm(&x[0], channels, &x[1], &x[2], 1e-6);
+        if let Err(e) = parity("group_norm", group_norm, &inputs) {
+            panic!("{shape:?}: {e}");
+        }
+    }
+}
+
 #[test]
 fn argmax_compares_i64_exactly() {
     let Some(gpu) = gpu() else { return };

@@ -209,10 +209,19 @@ inline unsigned int __float_as_uint(float f) {
     std::memcpy(&i, &f, 4);
     return i;
 }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
+// The _rn intrinsics round each operation on its own: the GPU never fuses them into an FMA. Their
+// results pass through a volatile, which g++ cannot fuse across when kernels are built with FMA
+// contraction (MVAR_EMU_FMA=1, as NVRTC contracts by default).
+namespace mvar_emu {
+inline float rounded(float v) {
+    volatile float r = v;
+    return r;
+}
+}  // namespace mvar_emu
+inline float __fmul_rn(float a, float b) { return mvar_emu::rounded(a * b); }
+inline float __fadd_rn(float a, float b) { return mvar_emu::rounded(a + b); }
+inline float __fsub_rn(float a, float b) { return mvar_emu::rounded(a - b); }
+inline float __fdiv_rn(float a, float b) { return mvar_emu::rounded(a / b); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __expf(float a) { return std::exp(a); }

@@ -422,6 +422,31 @@ int main(int argc, char** argv) {
         unsetenv("MVAR_EMU_SANITIZE");
     }
 
+    if (__builtin_cpu_supports("fma")) {
+        // FMA contraction (MVAR_EMU_FMA=1 adds these flags): a * b - c with c the rounded product
+        // fuses into the product's rounding error, as on the GPU; __fmul_rn stays rounded (0).
+        const std::string src =
+            "__global__ void product_minus(const float* in, float* out) {\n"
+            "    out[0] = in[0] * in[1] - in[2];\n    out[1] = __fmul_rn(in[0], in[1]) - in[2];\n}\n";
+        auto run_with = [&](const char* opt) {
+            setenv("MVAR_EMU_OPT", opt, 1);
+            const LaunchFn run = build_and_load(src, std::string("a module built with ") + opt);
+            unsetenv("MVAR_EMU_OPT");
+            volatile float a = 0.1f, b = 0.3f;
+            float in[3] = {a, b, a * b}, result[2] = {-1.0f, -1.0f};
+            const float* pi = in;
+            float* po = result;
+            void* params[] = {&pi, &po};
+            if (run) run("product_minus", 1, 1, 1, 1, 1, 1, 0, params);
+            return std::make_pair(result[0], result[1]);
+        };
+        const auto plain = run_with("-O2");
+        const auto fused = run_with("-O2 -mfma -ffp-contract=fast");
+        expect(plain.first == 0.0f && plain.second == 0.0f, "without FMA contraction a * b - round(a * b) is 0");
+        expect(fused.first != 0.0f && fused.second == 0.0f,
+               "with FMA contraction a * b - round(a * b) is the product's rounding error, and __fmul_rn's is 0");
+    }
+
     if (argc > 1) {
         // The emulated driver's device memory (argv[1]: its libcuda.so), each case in a child
         // process since the guard placement is read once per process.

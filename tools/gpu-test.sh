@@ -244,8 +244,30 @@ run_for() {
   fi
 }
 
-# Status 124 or 137 from run_for: the step was cut.
-was_cut() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; }
+# budget_for NAME CAP: sets STEP_SECS to the seconds step NAME may run (step_seconds); when the
+# call's budget is spent, lists NAME as not run and returns 1.
+budget_for() {
+  STEP_SECS=$(step_seconds "$2")
+  if [ "$STEP_SECS" -eq 0 ]; then
+    echo "== $1: NOT RUN (the call's time budget is spent)"
+    not_run+=("$1")
+    return 1
+  fi
+}
+
+# outcome NAME STATUS [NOTE]: the status of step NAME run for STEP_SECS under run_for (124 or
+# 137: it was cut). A failed or cut step is listed and reported with NOTE; returns 1 for both.
+outcome() {
+  if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then
+    echo "$1: TIMED OUT after $STEP_SECS s${3:+; $3}"
+    failed+=("$1 (timed out)")
+    return 1
+  elif [ "$2" -ne 0 ]; then
+    echo "$1: FAILED (status $2)${3:+; $3}"
+    failed+=("$1")
+    return 1
+  fi
+}
 
 # The test binaries that use the GPU, most telling first (cargo names them <target>-<hash>).
 GPU_TESTS=('parity-*' 'fixtures-*' 'mvar_cuda-*' 'kernels_compile-*' 'cli-*')
@@ -255,7 +277,7 @@ phase_tests() { run_tests all; }
 
 # run_tests gpu|all: the GPU_TESTS binaries, then (all) every other one.
 run_tests() {
-  local ordered=() t pat secs status
+  local ordered=() t pat log
   for pat in "${GPU_TESTS[@]}"; do
     for t in "$BIN"/tests/$pat; do
       [ -e "$t" ] && ordered+=("$t")
@@ -271,37 +293,22 @@ run_tests() {
   fi
   for t in "${ordered[@]}"; do
     name="$(basename "$t")"
-    secs=$(step_seconds "$TEST_TIMEOUT")
-    if [ "$secs" -eq 0 ]; then
-      echo "== $name: NOT RUN (the call's time budget is spent)"
-      not_run+=("$name")
-      continue
-    fi
+    budget_for "$name" "$TEST_TIMEOUT" || continue
     echo "== $name"
-    run_for "$secs" "$t" > "$LOGS/test-$name.log" 2>&1
-    status=$?
-    if [ "$status" -eq 0 ]; then
-      grep -E '^test result:' "$LOGS/test-$name.log" | tail -n 1
+    log="$LOGS/test-$name.log"
+    run_for "$STEP_SECS" "$t" > "$log" 2>&1
+    if outcome "$name" $? "log: $log"; then
+      grep -E '^test result:' "$log" | tail -n 1
     else
-      if was_cut "$status"; then
-        echo "TIMED OUT after $secs s (log: $LOGS/test-$name.log); the tests it was running:"
-        grep -E '^test .*( \.\.\. *$|has been running)' "$LOGS/test-$name.log" | tail -n 5
-        failed+=("$name (timed out)")
-      else
-        echo "FAILED (log: $LOGS/test-$name.log)"
-        failed+=("$name")
-      fi
-      grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/test-$name.log" | awk '!seen[$0]++' | head -n 40
+      # A cut binary's last lines name the tests that had not finished.
+      grep -E '^test .*( \.\.\. *$|has been running)' "$log" | tail -n 5
+      grep -E '^(test .* FAILED|---- |thread .* panicked)' "$log" | awk '!seen[$0]++' | head -n 40
     fi
     save_logs
   done
-  secs=$(step_seconds 60)
-  if [ "$secs" -eq 0 ]; then
-    echo "== mvar info: NOT RUN (the call's time budget is spent)"
-    not_run+=("mvar info")
-  else
+  if budget_for "mvar info" 60; then
     echo "== mvar info"
-    run_for "$secs" "$BIN/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
+    run_for "$STEP_SECS" "$BIN/mvar" info 2>&1 | tee "$LOGS/mvar-info.log"
   fi
 }
 
@@ -309,26 +316,16 @@ phase_benches() {
   # Criterion's own files (reports, baselines) stay out of $OUT; its printed figures are logged.
   # MVAR_BENCH_DEVICES=cuda: the CPU cases' inputs are not even made.
   export CRITERION_HOME="${TMPDIR:-/tmp}/mvar-criterion"
-  local b secs status
+  local b status
   for b in "$BIN"/benches/*; do
-    name="$(basename "$b")"
-    secs=$(step_seconds "$STEP_TIMEOUT")
-    if [ "$secs" -eq 0 ]; then
-      echo "== bench $name: NOT RUN (the call's time budget is spent)"
-      not_run+=("bench $name")
-      continue
-    fi
-    echo "== bench $name (CUDA cases, at most $secs s)"
-    MVAR_BENCH_DEVICES=cuda run_for "$secs" "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10 cuda/ \
-      > "$LOGS/bench-$name.log" 2>&1
+    name="bench $(basename "$b")"
+    budget_for "$name" "$STEP_TIMEOUT" || continue
+    echo "== $name (CUDA cases, at most $STEP_SECS s)"
+    MVAR_BENCH_DEVICES=cuda run_for "$STEP_SECS" "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 \
+      --sample-size 10 cuda/ > "$LOGS/bench-$(basename "$b").log" 2>&1
     status=$?
-    grep -E 'time:|thrpt:|^[a-z0-9_]+/' "$LOGS/bench-$name.log" || true
-    if was_cut "$status"; then
-      echo "bench $name: TIMED OUT after $secs s; the figures above are the cases it finished"
-      failed+=("bench $name (timed out)")
-    elif [ "$status" -ne 0 ]; then
-      failed+=("bench $name")
-    fi
+    grep -E 'time:|thrpt:|^[a-z0-9_]+/' "$LOGS/bench-$(basename "$b").log" || true
+    outcome "$name" "$status" "the figures above are the cases it finished"
   done
 }
 
@@ -338,22 +335,10 @@ phase_torch() {
     echo "skipped: python3 cannot import torch with CUDA here"
     return
   fi
-  local secs status
-  secs=$(step_seconds "$STEP_TIMEOUT")
-  if [ "$secs" -eq 0 ]; then
-    echo "NOT RUN (the call's time budget is spent)"
-    not_run+=("torch_reference.py")
-    return
-  fi
-  PYTHONUNBUFFERED=1 run_for "$secs" python3 "$HERE/../benches/torch_reference.py" \
+  budget_for torch_reference.py "$STEP_TIMEOUT" || return
+  PYTHONUNBUFFERED=1 run_for "$STEP_SECS" python3 "$HERE/../benches/torch_reference.py" \
     --json "$LOGS/torch-reference.jsonl" 2>&1 | tee "$LOGS/torch-reference.log"
-  status=${PIPESTATUS[0]}
-  if was_cut "$status"; then
-    echo "torch_reference.py: TIMED OUT after $secs s; its JSON holds the cases it finished"
-    failed+=("torch_reference.py (timed out)")
-  elif [ "$status" -ne 0 ]; then
-    failed+=("torch_reference.py")
-  fi
+  outcome torch_reference.py "${PIPESTATUS[0]}" "its JSON holds the cases it finished"
   # With the benches phase's log (this call or an earlier one): both, side by side, in markdown.
   for log in "$LOGS"/bench-*.log; do
     [ -f "$log" ] || continue
@@ -363,23 +348,11 @@ phase_torch() {
 }
 
 phase_model() {
-  local secs status
-  secs=$(step_seconds "$STEP_TIMEOUT")
-  if [ "$secs" -eq 0 ]; then
-    echo "== mvar bench: NOT RUN (the call's time budget is spent)"
-    not_run+=("mvar bench")
-    return
-  fi
-  echo "== mvar bench (VAR-d16 and MVAR-d16, batch 32; at most $secs s)"
-  run_for "$secs" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --steps 10 \
+  budget_for "mvar bench" "$STEP_TIMEOUT" || return
+  echo "== mvar bench (VAR-d16 and MVAR-d16, batch 32; at most $STEP_SECS s)"
+  run_for "$STEP_SECS" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --steps 10 \
     --json "$LOGS/mvar-bench.jsonl" 2>&1 | tee "$LOGS/mvar-bench.log"
-  status=${PIPESTATUS[0]}
-  if was_cut "$status"; then
-    echo "mvar bench: TIMED OUT after $secs s"
-    failed+=("mvar bench (timed out)")
-  elif [ "$status" -ne 0 ]; then
-    failed+=("mvar bench")
-  fi
+  outcome "mvar bench" "${PIPESTATUS[0]}"
 }
 
 for p in "${PHASES[@]}"; do

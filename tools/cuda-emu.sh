@@ -23,7 +23,8 @@
 # static plus dynamic shared memory past what a GPU block may have. Device
 # buffers start NaN-filled and end at a guard page (MVAR_EMU_GUARD=front: start after one).
 #
-# MVAR_EMU_FMA=1 builds the kernels with FMA contraction, as NVRTC does (see below).
+# MVAR_EMU_FMA=1 (or auto: where the CPU can) builds the kernels with FMA contraction, as NVRTC
+# does (see below).
 #
 # Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.
 set -euo pipefail
@@ -66,13 +67,23 @@ export MVAR_EMU_SANITIZE="${MVAR_EMU_SANITIZE:-1}"
 # MVAR_EMU_FMA=1: kernels are built with FMA contraction (a * b + c as one fused operation), as
 # NVRTC builds them for the GPU by default; a result that holds only when every product is rounded
 # on its own (a cancellation that fusing turns into a rounding error) then fails here too.
-if [ "${MVAR_EMU_FMA:-0}" = 1 ]; then
-  if ! grep -qw fma /proc/cpuinfo 2>/dev/null; then
-    echo "cuda-emu: MVAR_EMU_FMA=1 needs a CPU with FMA instructions" >&2
-    exit 2
-  fi
-  export MVAR_EMU_OPT="${MVAR_EMU_OPT:--O2} -mfma -ffp-contract=fast"
-fi
+# MVAR_EMU_FMA=auto does so where the CPU has FMA instructions and says so where it has not.
+case "${MVAR_EMU_FMA:-0}" in
+  0) fma=0 ;;
+  1|auto)
+    if grep -qw fma /proc/cpuinfo 2>/dev/null; then
+      fma=1
+    elif [ "$MVAR_EMU_FMA" = auto ]; then
+      echo "cuda-emu: this CPU has no FMA instructions: kernels built without contraction" >&2
+      fma=0
+    else
+      echo "cuda-emu: MVAR_EMU_FMA=1 needs a CPU with FMA instructions" >&2
+      exit 2
+    fi
+    ;;
+  *) echo "cuda-emu: MVAR_EMU_FMA takes 0, 1 or auto (got '$MVAR_EMU_FMA')" >&2; exit 2 ;;
+esac
+[ "$fma" = 0 ] || export MVAR_EMU_OPT="${MVAR_EMU_OPT:--O2} -mfma -ffp-contract=fast"
 export MVAR_CUDA_EMU=1
 unset MVAR_CUDA_INCLUDE
 exec "$@"

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod classifier;
 pub mod data;
 pub mod edit;
+pub mod import;
 pub mod metrics;
 pub mod mvar;
 pub mod nn;

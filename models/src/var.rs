@@ -663,13 +663,21 @@ impl Var {
     /// recomputed from the config, so the file's copies are accepted and ignored).
     pub fn load(&self, path: &std::path::Path) -> Result<crate::checkpoint::LoadReport> {
         let source = crate::checkpoint::read_safetensors(path)?;
-        let what = format!("VAR checkpoint {}", path.display());
+        self.load_tensors(&source, &format!("VAR checkpoint {}", path.display()))
+    }
+
+    /// [`Var::load`] from tensors already read (`what` names their source in errors).
+    pub fn load_tensors(
+        &self,
+        source: &std::collections::BTreeMap<String, Tensor>,
+        what: &str,
+    ) -> Result<crate::checkpoint::LoadReport> {
         let params: Vec<(String, Tensor)> = self
             .params
             .iter()
             .map(|(n, t)| (n.to_string(), t.clone()))
             .collect();
-        let mut report = crate::checkpoint::load_into(&what, &params, &source, false)?;
+        let mut report = crate::checkpoint::load_into(what, &params, source, false)?;
         report
             .unexpected
             .retain(|n| !self.buffers.iter().any(|(b, _)| b == n));

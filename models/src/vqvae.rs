@@ -704,13 +704,21 @@ impl VqVae {
     /// present with its exact shape.
     pub fn load(&self, path: &std::path::Path) -> Result<crate::checkpoint::LoadReport> {
         let source = crate::checkpoint::read_safetensors(path)?;
-        let what = format!("VQVAE checkpoint {}", path.display());
+        self.load_tensors(&source, &format!("VQVAE checkpoint {}", path.display()))
+    }
+
+    /// [`VqVae::load`] from tensors already read (`what` names their source in errors).
+    pub fn load_tensors(
+        &self,
+        source: &std::collections::BTreeMap<String, Tensor>,
+        what: &str,
+    ) -> Result<crate::checkpoint::LoadReport> {
         let params: Vec<(String, Tensor)> = self
             .params
             .iter()
             .map(|(n, t)| (n.to_string(), t.clone()))
             .collect();
-        let mut report = crate::checkpoint::load_into(&what, &params, &source, false)?;
+        let mut report = crate::checkpoint::load_into(what, &params, source, false)?;
         for (name, buf) in &self.buffers {
             if let Some(src) = source.get(name) {
                 if src.shape() == buf.shape() {

@@ -560,3 +560,45 @@ proptest! {
         let _ = parse_pth(&bytes, Some("model"));
     }
 }
+
+/// `mvar import` reads either format through one function, told apart by the first bytes (not
+/// the extension), with the same prefix rule.
+#[test]
+fn read_state_dict_takes_either_format_with_the_same_prefix_rule() {
+    use mvar_models::import::read_state_dict;
+    let dir = tmpdir("state-dict");
+    let st = dir.join("small.safetensors");
+    convert(&data("small.pth"), &st, None).unwrap();
+    // A .pth named like a safetensors file and the reverse still read as what they are.
+    let pth_named_st = dir.join("really-a-pth.safetensors");
+    std::fs::copy(data("small.pth"), &pth_named_st).unwrap();
+    let st_named_pth = dir.join("really-safetensors.pth");
+    std::fs::copy(&st, &st_named_pth).unwrap();
+    for prefix in [None, Some("model"), Some("model.shared.")] {
+        let want = read_pth(&data("small.pth"), prefix).unwrap().tensors;
+        for path in [&pth_named_st, &st_named_pth] {
+            let got = read_state_dict(path, prefix).unwrap();
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>(),
+                "{} {prefix:?}",
+                path.display()
+            );
+            for (name, t) in &want {
+                assert_eq!(
+                    got[name].to_cpu_storage().unwrap(),
+                    t.to_cpu_storage().unwrap(),
+                    "{name}"
+                );
+            }
+        }
+    }
+    let e = read_state_dict(&st_named_pth, Some("modle"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("really-safetensors.pth") && e.contains("\"modle.\""),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

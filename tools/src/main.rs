@@ -7,6 +7,7 @@ mod demo;
 mod edit;
 mod eval;
 mod heap;
+mod import;
 mod plot;
 mod progress;
 mod sample;
@@ -56,6 +57,9 @@ enum Command {
     /// any depth (fresh weights, no data needed), with the ratios MVAR : VAR; the model-level
     /// figures of the MVAR paper's Table 2.
     Bench(Box<bench::BenchArgs>),
+    /// A runnable model folder (for sample, edit, eval, train --init-from) from official
+    /// checkpoints: the configuration is read off the tensors, the weights loaded strictly.
+    Import(Box<import::ImportArgs>),
     /// Convert an official PyTorch checkpoint (.pth, tensors only, no code executed) to
     /// safetensors with the same tensor names.
     Convert {
@@ -83,6 +87,7 @@ fn main() {
         Command::TrainClassifier(args) => with_device(|d| classifier::run(*args, d)),
         Command::Eval(args) => with_device(|d| eval::run(*args, d)),
         Command::Bench(args) => with_device(|d| bench::run(*args, d)),
+        Command::Import(args) => import::run(*args),
         Command::Convert {
             input,
             output,

@@ -28,6 +28,10 @@ pub struct SampleArgs {
     pub seed: u64,
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
+    /// Also write the token maps to tokens.safetensors in --out: `label_B` (i64 [N]) and
+    /// `idx.{si}` (i64 [N, pn^2] per scale, row-major), as the official fixtures name them.
+    #[arg(long)]
+    pub tokens: bool,
 }
 
 /// The sampling flags of `sample`, `edit`, `eval` and the grid `train` writes at its end.
@@ -76,13 +80,33 @@ pub fn images(
     sc: SampleConfig,
     rng: &mut Generator,
 ) -> Result<Tensor> {
+    Ok(images_and_tokens(model, vae, labels, sc, rng)?.0)
+}
+
+/// [`images`] and the token maps they decode, i64 [B, pn^2] per scale.
+pub fn images_and_tokens(
+    model: &ArModel,
+    vae: &VqVae,
+    labels: &[i64],
+    sc: SampleConfig,
+    rng: &mut Generator,
+) -> Result<(Tensor, Vec<Tensor>)> {
     let mut parts = Vec::new();
+    let mut maps: Vec<Vec<Tensor>> = Vec::new();
     for chunk in labels.chunks(32) {
         let out = sample_labels(model, vae, chunk, sc, rng)?;
         parts.push(vae.fhat_to_img(&out.f_hat)?);
+        maps.push(out.idx);
     }
     let refs: Vec<&Tensor> = parts.iter().collect();
-    ops::concat(&refs, 0)
+    let scales = maps.first().map_or(0, Vec::len);
+    let tokens = (0..scales)
+        .map(|si| {
+            let per_chunk: Vec<&Tensor> = maps.iter().map(|m| &m[si]).collect();
+            ops::concat(&per_chunk, 0)
+        })
+        .collect::<Result<_>>()?;
+    Ok((ops::concat(&refs, 0)?, tokens))
 }
 
 /// A grid with one row per class, `per_class` samples each.
@@ -131,7 +155,8 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
         .collect();
     let sc = args.sampling.config();
     let t = std::time::Instant::now();
-    let imgs = images(&model, &vae, &labels, sc, &mut Generator::new(args.seed))?;
+    let (imgs, tokens) =
+        images_and_tokens(&model, &vae, &labels, sc, &mut Generator::new(args.seed))?;
     let secs = t.elapsed().as_secs_f64();
     std::fs::create_dir_all(&args.out).map_err(|e| Error::Io {
         path: args.out.display().to_string(),
@@ -150,6 +175,19 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             .unwrap_or_else(|| label.to_string());
         let p = args.out.join(format!("{:04}-{name}.png", i));
         save_png(&p, &all[i * 3 * s * s..(i + 1) * 3 * s * s], s, s)?;
+    }
+    if args.tokens {
+        let n = labels.len();
+        let mut named = vec![(
+            "label_B".to_string(),
+            Tensor::from_vec(labels.clone(), vec![n], &Device::Cpu)?,
+        )];
+        for (si, t) in tokens.iter().enumerate() {
+            named.push((format!("idx.{si}"), t.to_device(&Device::Cpu)?));
+        }
+        let path = args.out.join("tokens.safetensors");
+        mvar_models::checkpoint::write_safetensors(&path, &named, None)?;
+        println!("wrote the token maps of every image to {}", path.display());
     }
     println!(
         "{} images ({} per class, cfg {}) in {:.1}s; wrote {} and one PNG per image in {}",

@@ -673,3 +673,202 @@ fn bench_times_training_and_sampling_and_states_the_ratios() {
     fails(&mut tiny("3", "0"), &["--steps 0"]);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The fixture set: `MVAR_FIXTURES_DIR`, default ../shared/fixtures next to the repository.
+fn fixtures_dir() -> PathBuf {
+    std::env::var_os("MVAR_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+}
+
+/// Official weights through the command line: `mvar import` makes a model folder of the weights
+/// files a fixture set's sampling outputs name (configuration read off the tensors), then greedy
+/// `mvar sample` with the fixture's labels and guidance writes exactly the official sampler's
+/// tokens, and, where the fixture stores the image, the same image to the PNG's 8-bit rounding.
+/// Driven by manifest.json: every file produced by `VAR.autoregressive_infer_cfg` or
+/// `MVAR.autoregressive_infer`, every run it holds.
+#[test]
+fn imported_official_weights_sample_as_the_official_code() {
+    use mvar_models::checkpoint::read_safetensors;
+    let dir = fixtures_dir();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_else(|e| {
+            panic!(
+                "{}/manifest.json: {e} (set MVAR_FIXTURES_DIR)",
+                dir.display()
+            )
+        }),
+    )
+    .unwrap();
+    let root = scratch("import");
+    let mut checked = 0;
+    for (file, entry) in manifest["files"].as_object().unwrap() {
+        let producers = entry["producer"]["functions"].to_string();
+        if !producers.contains("autoregressive_infer") {
+            continue;
+        }
+        let kind = if producers.contains("MVAR.") {
+            "mvar"
+        } else {
+            "var"
+        };
+        let cfg = &entry["config"];
+        // "var_weights.safetensors (a note)": the file name is the first word.
+        let named = |key: &str| {
+            let v = cfg[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: no {key}"));
+            dir.join(v.split_whitespace().next().unwrap())
+        };
+        assert_eq!(
+            cfg["top_k"], 1,
+            "{file}: only greedy sampling is reproducible"
+        );
+        let model = root.join(file).join("model");
+        let t = ok(mvar()
+            .args(["import", "--kind", kind, "--model"])
+            .arg(named("weights_file"))
+            .arg("--vae")
+            .arg(named("vqvae_weights_file"))
+            .arg("--out")
+            .arg(&model));
+        assert!(t.contains(&format!("{kind}-d")), "{t}");
+        let want = read_safetensors(&dir.join(file)).unwrap();
+        let labels = want["label_B"].to_vec::<i64>().unwrap();
+        for (run, rc) in cfg["runs"].as_object().unwrap() {
+            let prefix = if run == "main" {
+                String::new()
+            } else {
+                run.clone()
+            };
+            let out = root.join(file).join(run);
+            let mut cmd = mvar();
+            cmd.args([
+                "sample", "--n", "1", "--top-k", "1", "--top-p", "0", "--tokens",
+            ])
+            .args(["--cfg", &rc["cfg"].to_string()])
+            .arg("--ckpt")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out);
+            for l in &labels {
+                cmd.args(["--class", &l.to_string()]);
+            }
+            ok(&mut cmd);
+            let got = read_safetensors(&out.join("tokens.safetensors")).unwrap();
+            assert_eq!(got["label_B"].to_vec::<i64>().unwrap(), labels);
+            let mut si = 0;
+            while let Some(w) = want.get(&format!("{prefix}idx.{si}")) {
+                let g = got
+                    .get(&format!("idx.{si}"))
+                    .unwrap_or_else(|| panic!("{file} {run}: no idx.{si} written"));
+                assert_eq!(
+                    g.to_vec::<i64>().unwrap(),
+                    w.to_vec::<i64>().unwrap(),
+                    "{file} {run}: scale {si}"
+                );
+                si += 1;
+            }
+            assert!(
+                si > 0
+                    && got.contains_key(&format!("idx.{}", si - 1))
+                    && !got.contains_key(&format!("idx.{si}"))
+            );
+            if let Some(img) = want.get(&format!("{prefix}img")) {
+                let (b, s) = (img.dims()[0], img.dims()[2]);
+                let px = img.to_vec::<f32>().unwrap();
+                for (i, l) in labels.iter().enumerate().take(b) {
+                    let png = image::open(out.join(format!("{i:04}-{l}.png")))
+                        .unwrap()
+                        .to_rgb8();
+                    let mut worst = 0.0f32;
+                    for (x, y, p) in png.enumerate_pixels() {
+                        for c in 0..3 {
+                            let v = px[((i * 3 + c) * s + y as usize) * s + x as usize] * 255.0;
+                            worst = worst.max((p[c] as f32 - v).abs());
+                        }
+                    }
+                    // Rounding to 8 bits costs 0.5, plus the fixture README's f32 image
+                    // tolerance, 1e-4 (0.0255 of 255).
+                    assert!(
+                        worst <= 0.5 + 255.0 * 1e-4,
+                        "{file} {run}: image {i} off by {worst} of 255"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 0,
+        "the manifest in {} lists no sampling fixture",
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `mvar import` refuses what does not fit, naming the file and what was expected, and writes
+/// nothing then.
+#[test]
+fn import_names_what_does_not_fit() {
+    let dir = fixtures_dir();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let of_class = |class: &str| {
+        let files = manifest["files"].as_object().unwrap();
+        let (name, _) = files
+            .iter()
+            .find(|(_, e)| {
+                e["config"]["class_"] == class && !e["config"]["weights_file"].is_string()
+            })
+            .unwrap_or_else(|| panic!("no {class} weights file in the manifest"));
+        dir.join(name)
+    };
+    let (var_w, vae_w) = (of_class("VAR"), of_class("VQVAE"));
+    let root = scratch("import-bad");
+    let out = root.join("model");
+    let import = |model: &Path, vae: &Path| {
+        let mut c = mvar();
+        c.args(["import", "--kind", "var", "--model"])
+            .arg(model)
+            .arg("--vae")
+            .arg(vae)
+            .arg("--out")
+            .arg(&out);
+        c
+    };
+    // The two files swapped: the transformer tensor that is looked for first is named.
+    fails(
+        &mut import(&vae_w, &var_w),
+        &["\"pos_start\" is missing", "transformer weights"],
+    );
+    // A truncated file.
+    let bytes = std::fs::read(&var_w).unwrap();
+    let cut = root.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    fails(&mut import(&cut, &vae_w), &["cut.safetensors"]);
+    // A pyramid that does not fit the weights.
+    fails(
+        import(&var_w, &vae_w).args(["--patch-nums", "1,2,3"]),
+        &["pyramid [1, 2, 3] has 3 scales"],
+    );
+    // Class names that are not one per class.
+    let names = root.join("names.txt");
+    std::fs::write(&names, "cat\ndog\n").unwrap();
+    fails(
+        import(&var_w, &vae_w).arg("--class-names").arg(&names),
+        &["names.txt", "2 class names"],
+    );
+    assert!(
+        !out.join("model.json").exists(),
+        "a refused import wrote a model"
+    );
+    // A folder that holds a model is kept unless --overwrite.
+    ok(&mut import(&var_w, &vae_w));
+    fails(
+        &mut import(&var_w, &vae_w),
+        &["already holds a model", "--overwrite"],
+    );
+    ok(import(&var_w, &vae_w).arg("--overwrite"));
+    let _ = std::fs::remove_dir_all(&root);
+}

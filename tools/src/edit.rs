@@ -49,6 +49,11 @@ pub struct EditArgs {
     pub sampling: SamplingArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// bf16 autocast for the generation (GEMMs, attention and convolutions in bf16 with f32
+    /// accumulation; the image's own tokens are always found in f32), f32, or auto (bf16 on a
+    /// GPU, f32 on the CPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::train::Precision,
     #[arg(long, default_value = "edits")]
     pub out: PathBuf,
 }
@@ -124,16 +129,19 @@ pub fn run(args: EditArgs, device: &Device) -> Result<()> {
     let labels = vec![class; args.n];
     let sc = args.sampling.config();
     let t = std::time::Instant::now();
-    let out = edit(
-        &model,
-        &vae,
-        &tokens,
-        &mask,
-        &labels,
-        sc,
-        &mut Generator::new(args.seed),
-    )?;
-    let edits = vae.fhat_to_img(&out.f_hat)?;
+    let edits = {
+        let _autocast = mvar_engine::autocast(args.precision.autocast(device))?;
+        let out = edit(
+            &model,
+            &vae,
+            &tokens,
+            &mask,
+            &labels,
+            sc,
+            &mut Generator::new(args.seed),
+        )?;
+        vae.fhat_to_img(&out.f_hat)?
+    };
     let secs = t.elapsed().as_secs_f64();
     // The first row: the original, the kept region (generated part greyed), the tokenizer's
     // reconstruction; then the edits.

@@ -26,6 +26,10 @@ pub struct SampleArgs {
     pub sampling: SamplingArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// bf16 autocast (GEMMs, attention and convolutions in bf16 with f32 accumulation, as the
+    /// official sampler runs under autocast), f32, or auto (bf16 on a GPU, f32 on the CPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::train::Precision,
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
     /// Also write the token maps to tokens.safetensors in --out: `label_B` (i64 [N]) and
@@ -154,6 +158,8 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
         .flat_map(|&c| std::iter::repeat_n(c, args.n))
         .collect();
     let sc = args.sampling.config();
+    let dtype = args.precision.autocast(device);
+    let _autocast = mvar_engine::autocast(dtype)?;
     let t = std::time::Instant::now();
     let (imgs, tokens) =
         images_and_tokens(&model, &vae, &labels, sc, &mut Generator::new(args.seed))?;
@@ -190,10 +196,15 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
         println!("wrote the token maps of every image to {}", path.display());
     }
     println!(
-        "{} images ({} per class, cfg {}) in {:.1}s; wrote {} and one PNG per image in {}",
+        "{} images ({} per class, cfg {}, {}) in {:.1}s; wrote {} and one PNG per image in {}",
         labels.len(),
         args.n,
         args.sampling.cfg,
+        if dtype.is_some() {
+            "bf16 autocast"
+        } else {
+            "f32"
+        },
         secs,
         grid_path.display(),
         args.out.display()

@@ -754,7 +754,11 @@ fn imported_official_weights_sample_as_the_official_code() {
             for l in &labels {
                 cmd.args(["--class", &l.to_string()]);
             }
-            ok(&mut cmd);
+            let t = ok(&mut cmd);
+            assert!(
+                t.contains(", f32)"),
+                "auto precision is f32 on the CPU:\n{t}"
+            );
             let got = read_safetensors(&out.join("tokens.safetensors")).unwrap();
             assert_eq!(got["label_B"].to_vec::<i64>().unwrap(), labels);
             let mut si = 0;
@@ -798,6 +802,26 @@ fn imported_official_weights_sample_as_the_official_code() {
             }
             checked += 1;
         }
+        // bf16 autocast runs through (its tokens may differ from f32's where margins are small).
+        let bf16 = root.join(file).join("bf16");
+        let t = ok(mvar()
+            .args([
+                "sample",
+                "--n",
+                "1",
+                "--class",
+                "0",
+                "--precision",
+                "bf16",
+                "--tokens",
+            ])
+            .arg("--ckpt")
+            .arg(&model)
+            .arg("--out")
+            .arg(&bf16));
+        assert!(t.contains("bf16 autocast"), "{t}");
+        let got = read_safetensors(&bf16.join("tokens.safetensors")).unwrap();
+        assert_eq!(got["idx.0"].dims(), [1, want["idx.0"].dims()[1]]);
     }
     assert!(
         checked > 0,

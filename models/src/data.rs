@@ -451,17 +451,30 @@ fn resize_shorter(img: image::RgbImage, target: u32) -> Pixels {
     (nh as usize, nw as usize, resized.into_raw())
 }
 
-/// Writes `img` [3, H, W] in [-1, 1] (or a batch laid out as a grid) as a PNG.
-pub fn save_png(path: &Path, chw: &[f32], h: usize, w: usize) -> Result<()> {
-    let mut buf = vec![0u8; h * w * 3];
-    for y in 0..h {
-        for x in 0..w {
+/// 8-bit interleaved RGB (HWC) of images [N, 3, h, w] in [-1, 1] given as CHW f32 one after the
+/// other: (x + 1) / 2, clamped, times 255, rounded.
+pub fn rgb8_from_chw(chw: &[f32], h: usize, w: usize) -> Vec<u8> {
+    let plane = h * w;
+    let mut buf = vec![0u8; chw.len()];
+    for (img, out) in chw.chunks(3 * plane).zip(buf.chunks_mut(3 * plane)) {
+        for p in 0..plane.min(img.len() / 3) {
             for c in 0..3 {
-                let v = (chw[(c * h + y) * w + x] + 1.0) * 0.5;
-                buf[(y * w + x) * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+                let v = (img[c * plane + p] + 1.0) * 0.5;
+                out[p * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
             }
         }
     }
+    buf
+}
+
+/// Writes `img` [3, H, W] in [-1, 1] (or a batch laid out as a grid) as a PNG.
+pub fn save_png(path: &Path, chw: &[f32], h: usize, w: usize) -> Result<()> {
+    save_rgb8_png(path, &rgb8_from_chw(chw, h, w), h, w)
+}
+
+/// Writes 8-bit interleaved RGB pixels (HWC) as a PNG, atomically.
+pub fn save_rgb8_png(path: &Path, rgb: &[u8], h: usize, w: usize) -> Result<()> {
+    let buf = rgb.to_vec();
     let img = image::RgbImage::from_raw(w as u32, h as u32, buf)
         .ok_or_else(|| Error::invalid("save_png", format!("{h}x{w} image buffer")))?;
     let mut bytes = Vec::new();

@@ -10,6 +10,7 @@ pub mod import;
 pub mod metrics;
 pub mod mvar;
 pub mod nn;
+pub mod npz;
 pub mod pth;
 #[cfg(test)]
 mod test_models;

@@ -4,12 +4,14 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use mvar_engine::{Device, Error, Generator, Result, Tensor};
-use mvar_models::data::{grid, save_png};
+use mvar_models::data::{grid, rgb8_from_chw, save_png, save_rgb8_png};
+use mvar_models::npz::NpzImageWriter;
 use mvar_models::trainer::ArModel;
 use mvar_models::{SampleConfig, SampleOutput, VqVae};
 use mvar_ops as ops;
 
 use crate::common::{load_model_dir, ModelInfo};
+use crate::progress::interrupted;
 
 #[derive(Args, Debug, Clone)]
 pub struct SampleArgs {
@@ -36,7 +38,21 @@ pub struct SampleArgs {
     /// `idx.{si}` (i64 [N, pn^2] per scale, row-major), as the official fixtures name them.
     #[arg(long)]
     pub tokens: bool,
+    /// Images sampled per batch (the transformer runs on twice as many rows for guidance).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Also write every image to this .npz (`arr_0`: uint8 [N, H, W, 3]), the input of the ADM
+    /// evaluator that the VAR paper's FID / IS / precision / recall come from; streamed batch
+    /// by batch, so 50,000 images need no more memory than one batch.
+    #[arg(long)]
+    pub npz: Option<PathBuf>,
+    /// Write no PNG files (e.g. with --npz for an evaluation set of 50,000 images).
+    #[arg(long)]
+    pub no_png: bool,
 }
+
+/// The most images `mvar sample` puts in one grid PNG; larger runs write the images only.
+const MAX_GRID_IMAGES: usize = 1024;
 
 /// The sampling flags of `sample`, `edit`, `eval` and the grid `train` writes at its end.
 #[derive(Args, Debug, Clone, Copy)]
@@ -84,33 +100,13 @@ pub fn images(
     sc: SampleConfig,
     rng: &mut Generator,
 ) -> Result<Tensor> {
-    Ok(images_and_tokens(model, vae, labels, sc, rng)?.0)
-}
-
-/// [`images`] and the token maps they decode, i64 [B, pn^2] per scale.
-pub fn images_and_tokens(
-    model: &ArModel,
-    vae: &VqVae,
-    labels: &[i64],
-    sc: SampleConfig,
-    rng: &mut Generator,
-) -> Result<(Tensor, Vec<Tensor>)> {
     let mut parts = Vec::new();
-    let mut maps: Vec<Vec<Tensor>> = Vec::new();
     for chunk in labels.chunks(32) {
         let out = sample_labels(model, vae, chunk, sc, rng)?;
         parts.push(vae.fhat_to_img(&out.f_hat)?);
-        maps.push(out.idx);
     }
     let refs: Vec<&Tensor> = parts.iter().collect();
-    let scales = maps.first().map_or(0, Vec::len);
-    let tokens = (0..scales)
-        .map(|si| {
-            let per_chunk: Vec<&Tensor> = maps.iter().map(|m| &m[si]).collect();
-            ops::concat(&per_chunk, 0)
-        })
-        .collect::<Result<_>>()?;
-    Ok((ops::concat(&refs, 0)?, tokens))
+    ops::concat(&refs, 0)
 }
 
 /// A grid with one row per class, `per_class` samples each.
@@ -150,37 +146,102 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             size: info.var.num_classes,
         });
     }
-    if args.n == 0 {
-        return Err(Error::invalid("sample", "--n 0"));
+    if args.n == 0 || args.batch == 0 {
+        return Err(Error::invalid(
+            "sample",
+            format!(
+                "--n {} --batch {}: expected positive counts",
+                args.n, args.batch
+            ),
+        ));
     }
     let labels: Vec<i64> = classes
         .iter()
         .flat_map(|&c| std::iter::repeat_n(c, args.n))
         .collect();
-    let sc = args.sampling.config();
-    let dtype = args.precision.autocast(device);
-    let _autocast = mvar_engine::autocast(dtype)?;
-    let t = std::time::Instant::now();
-    let (imgs, tokens) =
-        images_and_tokens(&model, &vae, &labels, sc, &mut Generator::new(args.seed))?;
-    let secs = t.elapsed().as_secs_f64();
+    let side = info.var.patch_nums.last().copied().unwrap_or(1) * vae.config.downsample();
     std::fs::create_dir_all(&args.out).map_err(|e| Error::Io {
         path: args.out.display().to_string(),
         source: e,
     })?;
-    let (px, h, w) = grid(&imgs, args.n)?;
-    let grid_path = args.out.join("grid.png");
-    save_png(&grid_path, &px, h, w)?;
-    let s = imgs.dims()[2];
-    let all = imgs.to_vec_f32()?;
-    for (i, &label) in labels.iter().enumerate() {
-        let name = info
-            .classes
-            .get(label as usize)
-            .cloned()
-            .unwrap_or_else(|| label.to_string());
-        let p = args.out.join(format!("{:04}-{name}.png", i));
-        save_png(&p, &all[i * 3 * s * s..(i + 1) * 3 * s * s], s, s)?;
+    let mut npz = match &args.npz {
+        Some(p) => Some(NpzImageWriter::create(p, labels.len(), side, side)?),
+        None => None,
+    };
+    let pngs = !args.no_png;
+    let in_grid = pngs && labels.len() <= MAX_GRID_IMAGES;
+    let mut grid_parts = Vec::new();
+    let mut token_parts: Vec<Vec<Tensor>> = Vec::new();
+
+    let sc = args.sampling.config();
+    let dtype = args.precision.autocast(device);
+    let _autocast = mvar_engine::autocast(dtype)?;
+    let mut rng = Generator::new(args.seed);
+    let t = std::time::Instant::now();
+    let mut last_report = t;
+    let mut done = 0;
+    for chunk in labels.chunks(args.batch) {
+        if interrupted() {
+            println!(
+                "interrupted after {done} of {} images{}",
+                labels.len(),
+                if npz.is_some() {
+                    "; no .npz written"
+                } else {
+                    ""
+                }
+            );
+            return Ok(());
+        }
+        let out = sample_labels(&model, &vae, chunk, sc, &mut rng)?;
+        let imgs = vae.fhat_to_img(&out.f_hat)?;
+        if pngs || npz.is_some() {
+            let rgb = rgb8_from_chw(&imgs.to_vec_f32()?, side, side);
+            if pngs {
+                for (j, &label) in chunk.iter().enumerate() {
+                    let name = info
+                        .classes
+                        .get(label as usize)
+                        .cloned()
+                        .unwrap_or_else(|| label.to_string());
+                    let path = args.out.join(format!("{:04}-{name}.png", done + j));
+                    let pixels = &rgb[j * 3 * side * side..(j + 1) * 3 * side * side];
+                    save_rgb8_png(&path, pixels, side, side)?;
+                }
+            }
+            if let Some(w) = npz.as_mut() {
+                w.append(&rgb)?;
+            }
+        }
+        if in_grid {
+            grid_parts.push(imgs);
+        }
+        if args.tokens {
+            token_parts.push(out.idx);
+        }
+        done += chunk.len();
+        if last_report.elapsed().as_secs_f64() >= 10.0 && done < labels.len() {
+            let rate = done as f64 / t.elapsed().as_secs_f64();
+            eprintln!(
+                "sampled {done} / {} images ({rate:.1} img/s, {:.0} s left)",
+                labels.len(),
+                (labels.len() - done) as f64 / rate
+            );
+            last_report = std::time::Instant::now();
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+
+    let mut wrote = Vec::new();
+    if in_grid {
+        let refs: Vec<&Tensor> = grid_parts.iter().collect();
+        let (px, h, w) = grid(&ops::concat(&refs, 0)?, args.n)?;
+        let grid_path = args.out.join("grid.png");
+        save_png(&grid_path, &px, h, w)?;
+        wrote.push(grid_path.display().to_string());
+    }
+    if pngs {
+        wrote.push(format!("one PNG per image in {}", args.out.display()));
     }
     if args.tokens {
         let n = labels.len();
@@ -188,15 +249,36 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             "label_B".to_string(),
             Tensor::from_vec(labels.clone(), vec![n], &Device::Cpu)?,
         )];
-        for (si, t) in tokens.iter().enumerate() {
-            named.push((format!("idx.{si}"), t.to_device(&Device::Cpu)?));
+        for si in 0..token_parts.first().map_or(0, Vec::len) {
+            let per_batch: Vec<&Tensor> = token_parts.iter().map(|p| &p[si]).collect();
+            named.push((
+                format!("idx.{si}"),
+                ops::concat(&per_batch, 0)?.to_device(&Device::Cpu)?,
+            ));
         }
         let path = args.out.join("tokens.safetensors");
         mvar_models::checkpoint::write_safetensors(&path, &named, None)?;
-        println!("wrote the token maps of every image to {}", path.display());
+        wrote.push(format!("the token maps in {}", path.display()));
+    }
+    if let Some(w) = npz.take() {
+        w.finish()?;
+        wrote.push(format!(
+            "{} (arr_0: uint8 [{}, {side}, {side}, 3])",
+            args.npz
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            labels.len()
+        ));
+    }
+    if pngs && !in_grid {
+        wrote.push(format!(
+            "no grid ({} images; at most {MAX_GRID_IMAGES} go in one)",
+            labels.len()
+        ));
     }
     println!(
-        "{} images ({} per class, cfg {}, {}) in {:.1}s; wrote {} and one PNG per image in {}",
+        "{} images ({} per class, cfg {}, {}) in {:.1}s ({:.2} img/s); wrote {}",
         labels.len(),
         args.n,
         args.sampling.cfg,
@@ -206,8 +288,12 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             "f32"
         },
         secs,
-        grid_path.display(),
-        args.out.display()
+        labels.len() as f64 / secs.max(1e-9),
+        if wrote.is_empty() {
+            "nothing (--no-png without --npz or --tokens)".to_string()
+        } else {
+            wrote.join(", ")
+        }
     );
     Ok(())
 }

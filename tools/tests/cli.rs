@@ -742,10 +742,14 @@ fn imported_official_weights_sample_as_the_official_code() {
                 run.clone()
             };
             let out = root.join(file).join(run);
+            let npz = out.join("samples.npz");
             let mut cmd = mvar();
+            // One image per batch: batching must not change greedy tokens.
             cmd.args([
                 "sample", "--n", "1", "--top-k", "1", "--top-p", "0", "--tokens",
             ])
+            .args(["--batch", "1", "--npz"])
+            .arg(&npz)
             .args(["--cfg", &rc["cfg"].to_string()])
             .arg("--ckpt")
             .arg(&model)
@@ -778,6 +782,29 @@ fn imported_official_weights_sample_as_the_official_code() {
                     && got.contains_key(&format!("idx.{}", si - 1))
                     && !got.contains_key(&format!("idx.{si}"))
             );
+            // The .npz holds the PNGs' pixels, NHWC, after numpy's header.
+            let npy = {
+                use std::io::Read;
+                let mut z = zip::ZipArchive::new(std::fs::File::open(&npz).unwrap()).unwrap();
+                let mut f = z.by_name("arr_0.npy").unwrap();
+                let mut v = Vec::new();
+                f.read_to_end(&mut v).unwrap();
+                v
+            };
+            let data = &npy[10 + u16::from_le_bytes([npy[8], npy[9]]) as usize..];
+            let header = String::from_utf8_lossy(&npy[10..npy.len() - data.len()]).to_string();
+            let n = labels.len();
+            let side = ((data.len() / n / 3) as f64).sqrt() as usize;
+            assert!(
+                header.contains(&format!("'shape': ({n}, {side}, {side}, 3)")),
+                "{header}"
+            );
+            for (i, l) in labels.iter().enumerate() {
+                let png = image::open(out.join(format!("{i:04}-{l}.png")))
+                    .unwrap()
+                    .to_rgb8();
+                assert!(png.as_raw()[..] == data[i * side * side * 3..(i + 1) * side * side * 3]);
+            }
             if let Some(img) = want.get(&format!("{prefix}img")) {
                 let (b, s) = (img.dims()[0], img.dims()[2]);
                 let px = img.to_vec::<f32>().unwrap();
@@ -814,6 +841,7 @@ fn imported_official_weights_sample_as_the_official_code() {
                 "--precision",
                 "bf16",
                 "--tokens",
+                "--no-png",
             ])
             .arg("--ckpt")
             .arg(&model)
@@ -822,6 +850,11 @@ fn imported_official_weights_sample_as_the_official_code() {
         assert!(t.contains("bf16 autocast"), "{t}");
         let got = read_safetensors(&bf16.join("tokens.safetensors")).unwrap();
         assert_eq!(got["idx.0"].dims(), [1, want["idx.0"].dims()[1]]);
+        let files: Vec<_> = std::fs::read_dir(&bf16)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files, ["tokens.safetensors"], "--no-png wrote images");
     }
     assert!(
         checked > 0,

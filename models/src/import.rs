@@ -276,16 +276,23 @@ mod tests {
         named.into_iter().collect()
     }
 
+    /// A small transformer config with every field the reader recovers set explicitly.
+    fn small(depth: usize, width: usize, heads: usize, patch_nums: &[usize]) -> VarConfig {
+        VarConfig {
+            embed_dim: width,
+            num_heads: heads,
+            num_classes: 3 + depth,
+            patch_nums: patch_nums.to_vec(),
+            cvae: 4 * depth,
+            vocab_size: 16 * depth,
+            ..VarConfig::with_depth(depth)
+        }
+    }
+
     #[test]
     fn a_var_config_is_read_back_from_its_weights() {
-        let mut cfg = VarConfig::with_depth(2);
-        cfg.embed_dim = 96;
-        cfg.num_heads = 3;
+        let mut cfg = small(2, 96, 3, &[1, 2, 4]);
         cfg.mlp_ratio = 2.0;
-        cfg.num_classes = 7;
-        cfg.patch_nums = vec![1, 2, 4];
-        cfg.cvae = 8;
-        cfg.vocab_size = 40;
         for shared in [false, true] {
             cfg.shared_aln = shared;
             let var = Var::new(cfg.clone(), &Device::Cpu, 0, Mixing::BlockCausal).unwrap();
@@ -306,13 +313,8 @@ mod tests {
 
     #[test]
     fn the_released_pyramid_is_recognised_without_lvl_1l() {
-        let mut cfg = VarConfig::with_depth(1);
-        // The official width and heads, written out as the reader writes them.
-        cfg.embed_dim = 64;
-        cfg.num_heads = 1;
-        cfg.num_classes = 3;
-        cfg.vocab_size = 16;
-        cfg.cvae = 4;
+        // The official width and heads of depth 1.
+        let cfg = small(1, 64, 1, RELEASED_PYRAMIDS[0]);
         let var = Var::new(cfg.clone(), &Device::Cpu, 0, Mixing::BlockCausal).unwrap();
         let mut sd = state_dict(var.named_tensors());
         sd.remove("lvl_1L");
@@ -324,13 +326,7 @@ mod tests {
     #[test]
     fn a_missing_tensor_is_named() {
         let var = Var::new(
-            VarConfig {
-                patch_nums: vec![1, 2],
-                num_classes: 2,
-                vocab_size: 8,
-                cvae: 4,
-                ..VarConfig::with_depth(1)
-            },
+            small(1, 64, 1, &[1, 2]),
             &Device::Cpu,
             0,
             Mixing::BlockCausal,

@@ -1121,6 +1121,20 @@ pub fn sample_tokens(
         return Err(Error::invalid("sample_tokens", "an empty vocabulary"));
     }
     let vals = logits.to_vec_f64()?;
+    // torch.multinomial refuses such rows too; drawing from them would give arbitrary tokens.
+    if let Some(at) = vals.iter().position(|x| !x.is_finite()) {
+        return Err(Error::invalid(
+            "sample_tokens",
+            format!(
+                "logit {} at batch row {}, token {}, code {}: expected finite logits (the model's output \
+                 holds NaN or inf; with bf16 autocast, --precision f32 may avoid an overflow)",
+                vals[at],
+                at / (l * v),
+                at / v % l,
+                at % v
+            ),
+        ));
+    }
     let draws = rng.uniform(b * l, 0.0, 1.0);
     // Rows are independent once their uniforms are drawn, so they run in parallel and the result
     // does not depend on the thread count.
@@ -1306,6 +1320,22 @@ mod tests {
             .fold(0.0f32, f32::max);
         assert!(err < 2e-5, "{err}");
         assert!(tf.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
+    }
+
+    #[test]
+    fn non_finite_logits_are_refused_naming_where() {
+        let mut vals = vec![0.5f32; 2 * 3 * 4];
+        vals[4 * 3 + 4 + 2] = f32::NAN; // row 1, token 1, code 2
+        let t = Tensor::from_vec(vals, [2, 3, 4], &Device::Cpu).unwrap();
+        let e = sample_tokens(&t, 0, 0.0, &mut Generator::new(0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("logit NaN at batch row 1, token 1, code 2"),
+            "{e}"
+        );
+        let t = Tensor::from_vec(vec![f32::INFINITY; 4], [1, 1, 4], &Device::Cpu).unwrap();
+        assert!(sample_tokens(&t, 1, 0.0, &mut Generator::new(0)).is_err());
     }
 
     #[test]

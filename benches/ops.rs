@@ -946,6 +946,50 @@ fn quantizer(g: &mut BenchmarkGroup<'_, WallTime>, d: &Device) {
     );
 }
 
+/// Drawing tokens from the guided logits of VAR's last scale at batch 32 (32 x 16 x 16 = 8192
+/// rows of 4096 codes) with the official evaluation filter (top-k 900, top-p 0.96). On the GPU:
+/// the block-per-row kernel, the naive one (one thread per row), and what the sampler did
+/// before the kernel existed ("via host": copy the logits to the host, run the CPU reference,
+/// copy the tokens back). Throughput: the logits' bytes, read once.
+fn sample(c: &mut Criterion) {
+    let _ng = no_grad();
+    let mut g = c.benchmark_group("sample");
+    let (rows, v, top_k, top_p) = (32 * 16 * 16, 4096usize, 900usize, 0.96);
+    let u = Generator::new(9).uniform(rows, 0.0, 1.0);
+    for d in devices() {
+        let t = tag(&d);
+        let mut dtypes = vec![DType::F32];
+        if d.is_cuda() {
+            dtypes.push(DType::BF16);
+        }
+        for dt in dtypes {
+            // Logits of a trained model's spread (std 3), so top-p cuts inside the top-k set.
+            let x = ops::mul_scalar(&randn(&[rows, v], DType::F32, &Device::Cpu, 10), 3.0)
+                .and_then(|x| x.to_dtype(dt))
+                .and_then(|x| x.to_device(&d))
+                .expect("logits");
+            g.throughput(Throughput::Bytes(bytes(rows * v, dt)));
+            let shape = format!("[{rows},{v}] top-k {top_k} top-p {top_p} {dt}");
+            bench(&mut g, &d, format!("{t}/sample {shape}"), || {
+                ops::sample_top_k_top_p(&x, &u, top_k, top_p).unwrap();
+            });
+            if d.is_cuda() {
+                bench(&mut g, &d, format!("{t}/sample naive {shape}"), || {
+                    ops::sample_top_k_top_p_with(&x, &u, top_k, top_p, ops::SampleKernel::Naive)
+                        .unwrap();
+                });
+                bench(&mut g, &d, format!("{t}/sample via host {shape}"), || {
+                    let host = x.to_device(&Device::Cpu).unwrap();
+                    ops::sample_top_k_top_p(&host, &u, top_k, top_p)
+                        .and_then(|tokens| tokens.to_device(&d))
+                        .unwrap();
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -956,6 +1000,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = matmul, elementwise, reduce, layout, nn, attention, spatial, quant
+    targets = matmul, elementwise, reduce, layout, nn, attention, spatial, quant, sample
 }
 criterion_main!(benches);

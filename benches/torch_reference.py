@@ -399,6 +399,26 @@ def main():
 
     tokenizer_cases(report, timed, dev)
 
+    # sample: VAR's last scale at batch 32 (8192 rows of 4096 codes), top-k 900, top-p 0.96, the
+    # way the official sampler filters and draws: topk for the k-th value and a mask, an ascending
+    # sort with the softmax's cumulative sum for the top-p mask, then multinomial on the softmax.
+    rows, codes, top_k, top_p = 32 * 16 * 16, 4096, 900, 0.96
+    for dt in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(rows, codes, device=dev) * 3).to(dt)
+
+        def draw(logits=logits):
+            x = logits.clone()
+            kth = x.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+            x.masked_fill_(x < kth, -torch.inf)
+            ascending, order = x.sort(dim=-1, descending=False)
+            drop = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+            drop[..., -1:] = False
+            x.masked_fill_(drop.scatter(1, order, drop), -torch.inf)
+            return torch.multinomial(x.softmax(dim=-1), num_samples=1)
+
+        report("sample", f"cuda/sample [{rows},{codes}] top-k {top_k} top-p {top_p} {name[dt]}", timed(draw),
+               nbytes=rows * codes * size[dt])
+
     # attention
     na2d_cases(report, timed, dev)
 

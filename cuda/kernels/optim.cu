@@ -98,11 +98,6 @@ extern "C" __global__ void adamw_multi(const TensorEntry* table, int count, i64 
     }
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Launched with blockDim.x a multiple of 32 (256); `acc` is one zeroed double.
 extern "C" __global__ void sumsq_multi(const TensorEntry* table, int count, i64 total, double* acc) {
     __shared__ double scratch[32];

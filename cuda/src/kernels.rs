@@ -74,6 +74,7 @@ kernel_files! {
     QUANT_STEP => "quant_step.cu",
     NA2D => "na2d.cu",
     ATTENTION => "attention.cu",
+    SAMPLE => "sample.cu",
 }
 
 #[cfg(test)]

@@ -20,7 +20,6 @@ use std::ops::Range;
 
 use mvar_engine::{no_grad, DType, Device, Error, Generator, ParamStore, Result, Tensor};
 use mvar_ops::{self as ops, AttnMask};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Builder, Embedding, Init, Linear};
@@ -1120,131 +1119,14 @@ pub fn sample_tokens(
     if v == 0 {
         return Err(Error::invalid("sample_tokens", "an empty vocabulary"));
     }
-    let vals = logits.to_vec_f64()?;
-    // torch.multinomial refuses such rows too; drawing from them would give arbitrary tokens.
-    if let Some(at) = vals.iter().position(|x| !x.is_finite()) {
-        return Err(Error::invalid(
-            "sample_tokens",
-            format!(
-                "logit {} at batch row {}, token {}, code {}: expected finite logits (the model's output \
-                 holds NaN or inf; with bf16 autocast, --precision f32 may avoid an overflow)",
-                vals[at],
-                at / (l * v),
-                at / v % l,
-                at % v
-            ),
-        ));
-    }
     let draws = rng.uniform(b * l, 0.0, 1.0);
-    // Rows are independent once their uniforms are drawn, so they run in parallel and the result
-    // does not depend on the thread count.
-    let out: Vec<i64> = vals
-        .par_chunks(v)
-        .zip(draws.par_iter())
-        .map(|(row, &u)| sample_row(row, u, top_k, top_p) as i64)
-        .collect();
-    Tensor::from_vec(out, [b, l], logits.device())
-}
-
-/// Which logits of `row` survive top-k: those at least the k-th largest value (ties at it all
-/// kept); every one for k = 0 or k >= the row's length.
-fn top_k_mask(row: &[f64], top_k: usize) -> Vec<bool> {
-    if top_k == 0 || top_k >= row.len() {
-        return vec![true; row.len()];
-    }
-    // The k-th largest value by selection, not a sort: the row is 4096 long, k is 900.
-    let mut scratch = row.to_vec();
-    let desc = |a: &f64, b: &f64| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal);
-    let (_, kth, _) = scratch.select_nth_unstable_by(top_k - 1, desc);
-    let kth = *kth;
-    row.iter().map(|&x| x >= kth).collect()
-}
-
-/// The token [`sample_tokens`] draws from one row of logits with the uniform `u`.
-fn sample_row(row: &[f64], u: f64, top_k: usize, top_p: f64) -> usize {
-    let v = row.len();
-    let mut keep = top_k_mask(row, top_k);
-    if top_p > 0.0 {
-        // Ascending by value, ties in index order (a stable sort of the kept indices).
-        let mut order: Vec<usize> = (0..v).filter(|&i| keep[i]).collect();
-        order.sort_by(|&a, &b| {
-            row[a]
-                .partial_cmp(&row[b])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        let m = order
-            .iter()
-            .map(|&i| row[i])
-            .fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = order.iter().map(|&i| (row[i] - m).exp()).sum();
-        let mut cum = 0.0;
-        for (pos, &i) in order.iter().enumerate() {
-            cum += (row[i] - m).exp() / z;
-            if cum <= 1.0 - top_p && pos + 1 < order.len() {
-                keep[i] = false;
-            }
-        }
-    }
-    let m = row
-        .iter()
-        .zip(&keep)
-        .filter(|(_, &k)| k)
-        .map(|(&x, _)| x)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let w: Vec<f64> = row
-        .iter()
-        .zip(&keep)
-        .map(|(&x, &k)| if k { (x - m).exp() } else { 0.0 })
-        .collect();
-    let total: f64 = w.iter().sum();
-    let target = u * total;
-    let mut acc = 0.0;
-    for (i, &x) in w.iter().enumerate() {
-        acc += x;
-        if x > 0.0 && acc > target {
-            return i;
-        }
-    }
-    w.iter().rposition(|&x| x > 0.0).unwrap_or(0)
+    let flat = logits.reshape([b * l, v])?;
+    ops::sample_top_k_top_p(&flat, &draws, top_k, top_p)?.reshape([b, l])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_k_by_selection_keeps_what_a_full_sort_keeps() {
-        let mut g = Generator::new(41);
-        for (v, top_k) in [
-            (4096, 900),
-            (4096, 1),
-            (512, 37),
-            (64, 63),
-            (64, 64),
-            (64, 0),
-        ] {
-            for r in 0..40 {
-                // Coarse values (a quarter step) make ties at the k-th value common.
-                let row: Vec<f64> = g
-                    .next_u32s(v)
-                    .into_iter()
-                    .map(|w| ((w % 64) as f64 - 32.0) / 4.0)
-                    .collect();
-                let by_sorting: Vec<bool> = if top_k == 0 || top_k >= v {
-                    vec![true; v]
-                } else {
-                    let mut sorted = row.clone();
-                    sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
-                    row.iter().map(|&x| x >= sorted[top_k - 1]).collect()
-                };
-                assert_eq!(
-                    top_k_mask(&row, top_k),
-                    by_sorting,
-                    "v {v} k {top_k} row {r}"
-                );
-            }
-        }
-    }
 
     #[test]
     fn official_sizes_and_parameter_counts() {
@@ -1320,63 +1202,5 @@ mod tests {
             .fold(0.0f32, f32::max);
         assert!(err < 2e-5, "{err}");
         assert!(tf.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
-    }
-
-    #[test]
-    fn non_finite_logits_are_refused_naming_where() {
-        let mut vals = vec![0.5f32; 2 * 3 * 4];
-        vals[4 * 3 + 4 + 2] = f32::NAN; // row 1, token 1, code 2
-        let t = Tensor::from_vec(vals, [2, 3, 4], &Device::Cpu).unwrap();
-        let e = sample_tokens(&t, 0, 0.0, &mut Generator::new(0))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("logit NaN at batch row 1, token 1, code 2"),
-            "{e}"
-        );
-        let t = Tensor::from_vec(vec![f32::INFINITY; 4], [1, 1, 4], &Device::Cpu).unwrap();
-        assert!(sample_tokens(&t, 1, 0.0, &mut Generator::new(0)).is_err());
-    }
-
-    #[test]
-    fn top_k_one_is_the_argmax_and_top_p_keeps_the_head() {
-        let logits = Tensor::from_vec(
-            vec![0.1f32, 2.0, -1.0, 1.9, 5.0, 5.5, 0.0, 1.0],
-            [2, 1, 4],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mut g = Generator::new(0);
-        assert_eq!(
-            sample_tokens(&logits, 1, 0.0, &mut g)
-                .unwrap()
-                .to_vec::<i64>()
-                .unwrap(),
-            vec![1, 1]
-        );
-        // top_p tiny: only the largest logit survives.
-        for _ in 0..20 {
-            assert_eq!(
-                sample_tokens(&logits, 0, 1e-6, &mut g)
-                    .unwrap()
-                    .to_vec::<i64>()
-                    .unwrap(),
-                vec![1, 1]
-            );
-        }
-        // Without filtering, draws follow the softmax.
-        let flat =
-            Tensor::from_vec(vec![0.0f32, 0.0, 0.0, 5.0f32.ln()], [1, 1, 4], &Device::Cpu).unwrap();
-        let n = 4000;
-        let hits = (0..n)
-            .filter(|_| {
-                sample_tokens(&flat, 0, 0.0, &mut g)
-                    .unwrap()
-                    .to_vec::<i64>()
-                    .unwrap()[0]
-                    == 3
-            })
-            .count();
-        assert!((hits as f64 / n as f64 - 5.0 / 8.0).abs() < 0.03, "{hits}");
     }
 }

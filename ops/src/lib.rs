@@ -18,6 +18,7 @@ pub mod norm;
 pub mod optim;
 pub mod quant;
 pub mod reduce;
+pub mod sample;
 pub mod softmax;
 pub mod testing;
 mod util;
@@ -35,6 +36,7 @@ pub use norm::*;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
 pub use quant::*;
 pub use reduce::*;
+pub use sample::*;
 pub use softmax::*;
 
 pub use mvar_engine as engine;

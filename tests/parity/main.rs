@@ -16,6 +16,7 @@ mod na2d;
 mod nn;
 mod optim;
 mod quant;
+mod sample;
 
 use std::sync::OnceLock;
 

@@ -13,6 +13,7 @@ pub mod optim;
 pub mod quant;
 pub mod random;
 pub mod reduce;
+pub mod sample;
 pub mod softmax;
 
 use cudarc::driver::DeviceRepr;

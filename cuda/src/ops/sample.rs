@@ -1,0 +1,88 @@
+//! Launch wrapper of `kernels/sample.cu`: one token per row of logits with top-k / top-p
+//! filtering and the host's uniform draws, so a sampler copies tokens, not logits, to the host.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::buffer::{BufferKind, CudaBuffer, HostData};
+use crate::device::{launch_1d, launch_err};
+use crate::kernels::SAMPLE;
+use crate::ops::reduce::MAX_BLOCKS;
+use crate::ops::{check_lens, float_kind};
+use crate::{CudaDevice, CudaError};
+
+/// `SAMPLE_THREADS` in sample.cu.
+const THREADS: u32 = 256;
+
+/// Which kernel draws the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKernel {
+    /// One block per row: radix select, binary searches with block reductions.
+    BlockPerRow,
+    /// One thread per row with plain loops (the reference for the benches).
+    Naive,
+}
+
+/// Tokens i64 [rows] drawn from `logits` [rows, v] (f32 or bf16) with `uniform[r]` for row r,
+/// keeping the `top_k` largest logits (0: all) and then the top-`top_p` probability mass (0: all),
+/// as `ops::sample_top_k_top_p` defines it. A row with a non-finite logit gets -1 - (the index
+/// of the first one); the caller turns that into an error.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_top_k_top_p(
+    dev: &CudaDevice,
+    logits: &CudaBuffer,
+    uniform: &[f64],
+    rows: usize,
+    v: usize,
+    top_k: usize,
+    top_p: f64,
+    kernel: SampleKernel,
+) -> Result<CudaBuffer, CudaError> {
+    const OP: &str = "sample_top_k_top_p";
+    let kind = float_kind(OP, &[logits])?;
+    let sizes = format!("[{rows}, {v}], top_k {top_k}, top_p {top_p}");
+    let total = rows.checked_mul(v).ok_or_else(|| CudaError::Launch {
+        op: OP.into(),
+        sizes: sizes.clone(),
+        message: "element count overflows".into(),
+    })?;
+    check_lens(OP, &[(logits, total)])?;
+    if uniform.len() != rows || (v == 0 && rows > 0) {
+        return Err(CudaError::Launch {
+            op: OP.into(),
+            sizes,
+            message: format!("{} uniforms for {rows} rows of {v} logits: expected one per row and a non-empty row", uniform.len()),
+        });
+    }
+    let out = dev.alloc(BufferKind::I64, rows, OP)?;
+    if rows == 0 {
+        return Ok(out);
+    }
+    // The draws travel as their bits in an i64 buffer; the kernel reads them as doubles.
+    let bits: Vec<i64> = uniform.iter().map(|u| u.to_bits() as i64).collect();
+    let draws = dev.upload(HostData::I64(&bits))?;
+    let (name, cfg) = match kernel {
+        SampleKernel::BlockPerRow => (
+            "sample_rows",
+            LaunchConfig {
+                grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+        SampleKernel::Naive => ("sample_rows_naive", launch_1d(rows, 64)),
+    };
+    let f = dev.function(&SAMPLE, &format!("{name}_{}", kind.suffix()))?;
+    let (po, pl, pu) = (out.device_ptr(), logits.device_ptr(), draws.device_ptr());
+    let (r, n, k) = (rows as i64, v as i64, top_k.min(i64::MAX as usize) as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po)
+        .arg(&pl)
+        .arg(&pu)
+        .arg(&r)
+        .arg(&n)
+        .arg(&k)
+        .arg(&top_p);
+    // SAFETY: logits hold rows * v elements of `kind`, draws rows doubles, out rows i64.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes))?;
+    Ok(out)
+}

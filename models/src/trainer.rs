@@ -69,6 +69,11 @@ pub struct ArTrainConfig {
     /// (GEMMs, attention and convolutions in bf16 with f32 accumulation; parameters, optimizer
     /// state, norms and the loss in f32). None trains in the parameters' dtype.
     pub autocast: Option<mvar_engine::DType>,
+    /// Gradient accumulation: each step's batch runs as passes of at most this many sequences
+    /// whose gradients add up before the one update, so the memory is a micro-batch's while the
+    /// loss, the gradient and the learning-rate rule stay the whole batch's (up to summation
+    /// order, and drop-path masks drawn per pass). 0: the whole batch in one pass.
+    pub micro_batch: usize,
 }
 
 impl Default for ArTrainConfig {
@@ -85,6 +90,7 @@ impl Default for ArTrainConfig {
             clip: 2.0,
             label_smoothing: 0.0,
             autocast: None,
+            micro_batch: 0,
         }
     }
 }
@@ -228,26 +234,58 @@ impl ArTrainer {
         let lab = Tensor::from_vec(dropped, [labels.len()], &device)?;
         var.params.zero_grad();
         let _autocast = mvar_engine::autocast(self.config.autocast)?;
-        let logits = match &self.model {
-            ArModel::Var(v) => v.forward(&lab, x_in, Some(rng))?,
-            ArModel::Mvar(m) => m.forward_segment(&lab, x_in, scales.clone(), Some(rng))?,
-        };
         let be = var.config.begin_ends();
         let (bg, ed) = (be[scales.start].0, be[scales.end - 1].1);
-        let target = ops::narrow(gt, 1, bg, ed - bg)?;
-        let ce = ops::cross_entropy(&logits, &target, None, self.config.label_smoothing)?;
-        let loss = ops::mul_scalar(&ops::mean_all(&ops::sum(&ce, 1, false)?)?, 1.0 / l as f64)?;
-        let loss_v = loss.to_f64()?;
-        if !loss_v.is_finite() {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "the loss is {loss_v} at step {}; stopping before the update",
-                    it + 1
-                ),
-            ));
+        let b = labels.len();
+        let pass = match self.config.micro_batch {
+            0 => b.max(1),
+            m => m,
+        };
+        let (mut loss_v, mut correct, mut counted) = (0.0, 0usize, 0usize);
+        for first in (0..b).step_by(pass) {
+            let n = pass.min(b - first);
+            let part = |t: &Tensor| -> Result<Tensor> {
+                if n == b {
+                    Ok(t.clone())
+                } else {
+                    ops::narrow(t, 0, first, n)
+                }
+            };
+            let (lab, x_in) = (part(&lab)?, part(x_in)?);
+            let logits = match &self.model {
+                ArModel::Var(v) => v.forward(&lab, &x_in, Some(rng))?,
+                ArModel::Mvar(m) => m.forward_segment(&lab, &x_in, scales.clone(), Some(rng))?,
+            };
+            let target = ops::narrow(&part(gt)?, 1, bg, ed - bg)?;
+            let ce = ops::cross_entropy(&logits, &target, None, self.config.label_smoothing)?;
+            // The official loss is the batch mean of (sum over tokens) / L; a pass adds its
+            // share n / b of it, so the gradients of the passes add up to the whole batch's.
+            let share = n as f64 / b as f64;
+            let loss =
+                ops::mul_scalar(&ops::mean_all(&ops::sum(&ce, 1, false)?)?, share / l as f64)?;
+            let v = loss.to_f64()?;
+            if !v.is_finite() {
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "the loss is {v} at step {}{}; stopping before the update",
+                        it + 1,
+                        if n == b {
+                            String::new()
+                        } else {
+                            format!(" (sequences {first}..{} of the batch)", first + n)
+                        }
+                    ),
+                ));
+            }
+            loss_v += v;
+            loss.backward()?;
+            let _ng = no_grad();
+            let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
+            let want = target.to_vec::<i64>()?;
+            correct += pred.iter().zip(&want).filter(|(a, b)| a == b).count();
+            counted += want.len();
         }
-        loss.backward()?;
         let grad_norm = ops::clip_grad_norm(&var.params, self.config.clip)?;
         if !grad_norm.is_finite() {
             return Err(Error::invalid(
@@ -263,12 +301,7 @@ impl ArTrainer {
         self.opt.config.weight_decay = self.config.wd_at(it);
         self.opt.step(&var.params)?;
         self.step += 1;
-        let accuracy = {
-            let _ng = no_grad();
-            let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
-            let want = target.to_vec::<i64>()?;
-            pred.iter().zip(&want).filter(|(a, b)| a == b).count() as f64 / want.len().max(1) as f64
-        };
+        let accuracy = correct as f64 / counted.max(1) as f64;
         Ok(ArStepStats {
             step: self.step,
             loss: loss_v,
@@ -427,6 +460,96 @@ mod tests {
             );
         }
         assert!(bf16_losses[19] < 0.8 * bf16_losses[0], "{bf16_losses:?}");
+    }
+
+    #[test]
+    fn micro_batches_add_up_to_the_whole_batch() {
+        let (vae, mut tcfg) = tiny_models();
+        // Without label dropout and drop-path the passes see exactly the whole batch's inputs.
+        tcfg.cond_drop_rate = 0.0;
+        tcfg.drop_path_rate = 0.0;
+        let mut g = Generator::new(21);
+        let b = 7;
+        let idx: Vec<Tensor> = [1usize, 2, 3]
+            .iter()
+            .map(|&pn| {
+                let ids: Vec<i64> = g
+                    .next_u32s(b * pn * pn)
+                    .into_iter()
+                    .map(|w| (w % 16) as i64)
+                    .collect();
+                Tensor::from_vec(ids, [b, pn * pn], &Device::Cpu).unwrap()
+            })
+            .collect();
+        let refs: Vec<&Tensor> = idx.iter().collect();
+        let gt = ops::concat(&refs, 1).unwrap();
+        let x_in = vae.idx_to_var_input(&idx).unwrap();
+        let labels = [0i64, 1, 2, 0, 1, 2, 2];
+        let mvar_cfg = crate::MvarConfig {
+            refine_step: 2,
+            kernel_size: 3,
+            ratio_k: 1,
+        };
+        for mvar in [false, true] {
+            let run = |micro_batch: usize| {
+                let model = if mvar {
+                    ArModel::Mvar(
+                        Mvar::new(tcfg.clone(), mvar_cfg.clone(), &Device::Cpu, 5).unwrap(),
+                    )
+                } else {
+                    ArModel::Var(
+                        Var::new(tcfg.clone(), &Device::Cpu, 5, crate::Mixing::BlockCausal)
+                            .unwrap(),
+                    )
+                };
+                let cfg = ArTrainConfig {
+                    base_lr: 1e-2,
+                    batch: 256,
+                    total_steps: 4,
+                    warmup_steps: 1,
+                    micro_batch,
+                    ..Default::default()
+                };
+                let mut tr = ArTrainer::new(model, cfg).unwrap();
+                let mut rng = Generator::new(2);
+                // Two steps of MVAR cover two segments.
+                let stats: Vec<ArStepStats> = (0..2)
+                    .map(|_| tr.step(&labels, &gt, &x_in, &mut rng).unwrap())
+                    .collect();
+                let weights: Vec<f32> = tr
+                    .model
+                    .var()
+                    .params
+                    .iter()
+                    .flat_map(|(_, p)| p.to_vec_f32().unwrap())
+                    .collect();
+                (stats, weights)
+            };
+            let (whole, w_whole) = run(0);
+            for micro in [1, 3, 7, 100] {
+                let (parts, w_parts) = run(micro);
+                for (a, b) in whole.iter().zip(&parts) {
+                    assert!(
+                        (a.loss - b.loss).abs() < 1e-6 * a.loss,
+                        "mvar {mvar} micro {micro}: {a:?} vs {b:?}"
+                    );
+                    assert!(
+                        (a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm,
+                        "{a:?} vs {b:?}"
+                    );
+                    assert_eq!((a.accuracy, &a.scales), (b.accuracy, &b.scales));
+                }
+                let worst = w_whole
+                    .iter()
+                    .zip(&w_parts)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst < 1e-5,
+                    "mvar {mvar} micro {micro}: weights differ by {worst}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -113,6 +113,11 @@ pub struct TrainArgs {
     pub epochs: Option<f64>,
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Gradient accumulation: run each step's --batch as passes of this many sequences whose
+    /// gradients add up before the update, so a batch that does not fit in memory trains with
+    /// the memory of one pass; the loss and the learning-rate rule stay --batch's. 0: one pass.
+    #[arg(long, default_value_t = 0)]
+    pub micro_batch: usize,
     /// Learning rate per 256 images (peak = base * batch / 256).
     #[arg(long, default_value_t = 1e-4)]
     pub base_lr: f64,
@@ -297,13 +302,22 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         weight_decay: args.weight_decay,
         weight_decay_end: args.weight_decay,
         autocast: args.precision.autocast(device),
+        micro_batch: args.micro_batch,
         ..ArTrainConfig::default()
     };
     println!(
-        "precision: {}",
+        "precision: {}{}",
         match cfg.autocast {
             Some(_) => "bf16 autocast (f32 master weights)",
             None => "f32",
+        },
+        match cfg.micro_batch {
+            m if m == 0 || m >= cfg.batch => String::new(),
+            m => format!(
+                "; batch {} in {} passes of at most {m} (gradient accumulation)",
+                cfg.batch,
+                cfg.batch.div_ceil(m)
+            ),
         }
     );
     let mut trainer = ArTrainer::new(model, cfg)?;
@@ -341,6 +355,11 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         if let Some(seed) = state.extra.get("seed").and_then(|v| v.parse().ok()) {
             args.seed = seed;
         }
+        // The passes a batch runs in decide the drop-path draws and the summation order.
+        if let Some(mb) = state.extra.get("micro_batch").and_then(|v| v.parse().ok()) {
+            args.micro_batch = mb;
+            trainer.config.micro_batch = mb;
+        }
         trainer.config.total_steps = args.steps;
         if let Some(w) = state.extra.get("warmup_steps").and_then(|v| v.parse().ok()) {
             trainer.config.warmup_steps = w;
@@ -374,6 +393,10 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             trainer.config.warmup_steps.to_string(),
         );
         extra.insert("seed".to_string(), seed.to_string());
+        extra.insert(
+            "micro_batch".to_string(),
+            trainer.config.micro_batch.to_string(),
+        );
         let state = TrainingState {
             step: trainer.step_count(),
             rng: rng.state(),

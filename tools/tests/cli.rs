@@ -929,3 +929,57 @@ fn import_names_what_does_not_fit() {
     ok(import(&var_w, &vae_w).arg("--overwrite"));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `--micro-batch`: the batch runs in passes whose gradients add up, so without label dropout
+/// and drop-path the loss curve is the one-pass curve (up to summation order); the setting is
+/// stored in the checkpoint, which a resumed run keeps.
+#[test]
+fn micro_batches_follow_the_whole_batch_curve() {
+    let (data, tok) = tokenizer();
+    let root = scratch("micro");
+    let run = |name: &str, micro: &str| {
+        let out = root.join(name);
+        let log = ok(train_cmd_model(data, tok, &out, 12, 1, "var").args([
+            "--cond-drop",
+            "0",
+            "--drop-path",
+            "0",
+            "--micro-batch",
+            micro,
+        ]));
+        (out, log)
+    };
+    let (whole, _) = run("whole", "0");
+    let (parts, log) = run("parts", "3");
+    assert!(log.contains("batch 4 in 2 passes of at most 3"), "{log}");
+    let loss = |out: &Path| -> Vec<f64> {
+        metric_lines(out)
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (a, b) = (loss(&whole), loss(&parts));
+    assert_eq!(a.len(), 12);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs(),
+            "step {}: {x} vs {y}",
+            i + 1
+        );
+    }
+    // The checkpoint records the passes.
+    let ckpt = std::fs::read(parts.join("train.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(ckpt[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&ckpt[8..8 + header_len]);
+    let meta: serde_json::Value = serde_json::from_str(&header).unwrap();
+    assert_eq!(
+        meta["__metadata__"]["mvar.extra.micro_batch"], "3",
+        "{}",
+        meta["__metadata__"]
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -51,8 +51,9 @@ pub struct SampleArgs {
     pub no_png: bool,
 }
 
-/// The most images `mvar sample` puts in one grid PNG; larger runs write the images only.
-const MAX_GRID_IMAGES: usize = 1024;
+/// The most images `mvar sample` puts in one grid PNG (kept on the host until the end: 200 MB
+/// at 256 px); larger runs write the images only.
+const MAX_GRID_IMAGES: usize = 256;
 
 /// The sampling flags of `sample`, `edit`, `eval` and the grid `train` writes at its end.
 #[derive(Args, Debug, Clone, Copy)]
@@ -214,7 +215,7 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             }
         }
         if in_grid {
-            grid_parts.push(imgs);
+            grid_parts.push(imgs.to_device(&Device::Cpu)?);
         }
         if args.tokens {
             token_parts.push(out.idx);

@@ -63,6 +63,15 @@ fn filled(shape: &[usize], dtype: DType, device: &Device, value: f64) -> Tensor 
     Tensor::full(value, shape.to_vec(), dtype, device).expect("bench input")
 }
 
+/// f32 everywhere, and bf16 on a GPU (on the CPU bf16 is only a storage format).
+fn float_dtypes(d: &Device) -> Vec<DType> {
+    if d.is_cuda() {
+        vec![DType::F32, DType::BF16]
+    } else {
+        vec![DType::F32]
+    }
+}
+
 fn bytes(n: usize, dtype: DType) -> u64 {
     (n * dtype.size_in_bytes()) as u64
 }
@@ -792,11 +801,7 @@ fn quant(c: &mut Criterion) {
     let (v, ch) = (4096usize, 32usize);
     for d in devices() {
         let t = tag(&d);
-        let mut dtypes = vec![DType::F32];
-        if d.is_cuda() {
-            dtypes.push(DType::BF16);
-        }
-        for dt in dtypes {
+        for dt in float_dtypes(&d) {
             let codebook = randn(&[v, ch], dt, &d, 1);
             for (n, what) in [
                 (32 * 16 * 16, "16x16 latents"),
@@ -958,11 +963,7 @@ fn sample(c: &mut Criterion) {
     let u = Generator::new(9).uniform(rows, 0.0, 1.0);
     for d in devices() {
         let t = tag(&d);
-        let mut dtypes = vec![DType::F32];
-        if d.is_cuda() {
-            dtypes.push(DType::BF16);
-        }
-        for dt in dtypes {
+        for dt in float_dtypes(&d) {
             // Logits of a trained model's spread (std 3), so top-p cuts inside the top-k set.
             let x = ops::mul_scalar(&randn(&[rows, v], DType::F32, &Device::Cpu, 10), 3.0)
                 .and_then(|x| x.to_dtype(dt))

@@ -129,9 +129,11 @@ __device__ __forceinline__ i64 offset_of(const Layout& l, int input, i64 i) {
     return off;
 }
 
-// Block-wide sum of one float per thread (blockDim.x a multiple of 32, at most 1024). Every
-// thread gets the total. `scratch` holds 32 floats of shared memory.
-__device__ __forceinline__ float warp_sum(float v) {
+// Warp- and block-wide sums of one value per thread: float, or double where small terms must
+// not be lost (gradient norms, sampling masses). The block form needs blockDim.x a multiple of
+// 32, at most 1024; every thread gets the total. `scratch` holds 32 values of shared memory.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
@@ -141,35 +143,16 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     v = warp_sum(v);
     __syncthreads();  // scratch may still be read by a previous call
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     int warps = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0f;
+    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : T(0);
     if (warp == 0) v = warp_sum(v);
-    if (threadIdx.x == 0) scratch[0] = v;
-    __syncthreads();
-    return scratch[0];
-}
-
-// The same in double (sums that must not lose the small terms: gradient norms, sampling masses).
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();  // scratch may still be read by a previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0;
-    if (warp == 0) v = warp_sum_f64(v);
     if (threadIdx.x == 0) scratch[0] = v;
     __syncthreads();
     return scratch[0];

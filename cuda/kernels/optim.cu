@@ -114,13 +114,13 @@ extern "C" __global__ void sumsq_multi(const TensorEntry* table, int count, i64 
         s += gd * gd;
     }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    s = warp_sum_f64(s);
+    s = warp_sum(s);
     if (lane == 0) scratch[warp] = s;
     __syncthreads();
     if (warp == 0) {
         int warps = (blockDim.x + 31) >> 5;
         s = (lane < warps) ? scratch[lane] : 0.0;
-        s = warp_sum_f64(s);
+        s = warp_sum(s);
         if (lane == 0) atomicAdd(acc, s);
     }
 }

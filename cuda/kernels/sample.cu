@@ -155,7 +155,7 @@ __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uni
                 float x = logit(row, i);
                 if (order_key(x) >= kth) z += exp((double)x - (double)m);
             }
-            z = block_sum_f64(z, s.sums);
+            z = block_sum(z, s.sums);
             const double limit = 1.0 - top_p;
             unsigned long long lo = 0, hi = ~0ull;
             while (lo < hi) {
@@ -165,7 +165,7 @@ __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uni
                     float x = logit(row, i);
                     if (order_key(x) >= kth && composite_key(x, i) <= mid) mass += exp((double)x - (double)m) / z;
                 }
-                mass = block_sum_f64(mass, s.sums);
+                mass = block_sum(mass, s.sums);
                 if (mass <= limit) lo = mid;
                 else hi = mid - 1;
             }
@@ -199,7 +199,7 @@ __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uni
         };
         double total = 0.0;
         for (i64 i = threadIdx.x; i < v; i += blockDim.x) total += weight(i);
-        total = block_sum_f64(total, s.sums);
+        total = block_sum(total, s.sums);
         const double target = uniform[r] * total;
         // The smallest index whose running sum exceeds the target (v when none does).
         i64 lo = 0, hi = v;
@@ -207,7 +207,7 @@ __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uni
             i64 mid = lo + (hi - lo) / 2;
             double run = 0.0;
             for (i64 i = threadIdx.x; i <= mid; i += blockDim.x) run += weight(i);
-            run = block_sum_f64(run, s.sums);
+            run = block_sum(run, s.sums);
             if (run > target) hi = mid;
             else lo = mid + 1;
         }

@@ -13,6 +13,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdint>
 #include <fstream>
@@ -133,7 +134,11 @@ inline std::string build_module(const std::string& original, std::string& log) {
     const std::string so = dir + "/" + key + ".so";
     if (access(so.c_str(), R_OK) == 0) return so;
 
-    const std::string tag = std::to_string(getpid()) + "-" + key;
+    // Unique per build, not only per process: the test threads of one process can build the
+    // same module at once (after a change to a shared header every test needs it), and with a
+    // shared name one thread's rename would take the other's files away.
+    static std::atomic<unsigned> builds{0};
+    const std::string tag = std::to_string(getpid()) + "-" + std::to_string(builds.fetch_add(1)) + "-" + key;
     const std::string src_path = dir + "/" + tag + ".cpp";
     const std::string prelude = std::string("#include \"") + MVAR_EMU_DEVICE_H + "\"\n";
     if (!write_file(src_path, prelude + source)) {

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <ctime>
+#include <thread>
 
 #include "device.h"
 #include "compile.h"
@@ -447,6 +449,26 @@ int main(int argc, char** argv) {
                "with FMA contraction a * b - round(a * b) is the product's rounding error, and __fmul_rn's is 0");
     } else {
         printf("skip this CPU has no FMA instructions: the contraction cases did not run\n");
+    }
+
+    {
+        // Test threads of one process build the same module at once after a shared header
+        // changes: every one must get it (a source no earlier run has cached, so all build).
+        const std::string src = "// concurrent build " + std::to_string(getpid()) + "-" +
+                                std::to_string((long long)time(nullptr)) +
+                                "\n__global__ void nothing(int* p) { if (p) *p = 1; }\n";
+        std::vector<std::string> built(6);
+        std::vector<std::thread> threads;
+        for (size_t i = 0; i < built.size(); ++i) {
+            threads.emplace_back([&, i] {
+                std::string log;
+                built[i] = mvar_emu_build::build_module(src, log);
+            });
+        }
+        for (auto& t : threads) t.join();
+        bool all = true;
+        for (const auto& so : built) all = all && !so.empty() && access(so.c_str(), R_OK) == 0;
+        expect(all, "six threads building one new module at once all get it");
     }
 
     if (argc > 1) {

@@ -15,7 +15,7 @@ use mvar_models::classifier::{Classifier, ClassifierConfig};
 use mvar_models::data::{Crop, ImageDataset};
 use mvar_ops::{self as ops, AdamW, AdamWConfig};
 
-use crate::common::{batch_indices, load_split, load_training_split, read_json, PreprocessArg};
+use crate::common::{batch_indices, io, load_split, load_training_split, read_json, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 
 #[derive(Args, Debug, Clone)]
@@ -66,13 +66,6 @@ pub struct TrainClassifierArgs {
     /// what fits, at most --steps.
     #[arg(long)]
     pub minutes: Option<f64>,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    }
 }
 
 /// Learning rate at `step` (1-based) of `total`: linear warm-up, then half a cosine to 0.

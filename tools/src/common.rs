@@ -113,7 +113,8 @@ pub fn budget_total_steps(
     (total, line)
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+/// Maps an I/O error to one naming `path`.
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::Io {
         path: path.display().to_string(),
         source: e,

@@ -17,7 +17,7 @@ use mvar_models::import::{
 };
 use mvar_models::{MvarConfig, VqVae};
 
-use crate::common::{build_model, default_refine_step, ModelInfo};
+use crate::common::{build_model, default_refine_step, io, ModelInfo};
 use crate::train::Kind;
 
 #[derive(Args, Debug, Clone)]
@@ -60,13 +60,6 @@ pub struct ImportArgs {
     /// Replace a model folder that exists there.
     #[arg(long)]
     pub overwrite: bool,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    }
 }
 
 fn class_names(path: &Path, classes: usize) -> Result<Vec<String>> {

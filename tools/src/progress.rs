@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::common::io;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mvar_engine::{Device, Error, Result};
+use mvar_engine::{Device, Result};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -33,13 +34,6 @@ pub fn install_interrupt_handler() {
 /// Whether Ctrl-C was pressed.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    }
 }
 
 /// The step of a metrics line (`{"step":N,...}`), if it has one.

@@ -16,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common::io;
 use memmap2::Mmap;
 use mvar_engine::{Device, Error, Result, Tensor};
 use mvar_models::data::{Fnv64, ImageDataset};
@@ -40,13 +41,6 @@ pub struct TokenCache {
     labels: Vec<i64>,
     targets_at: usize,
     inputs_at: usize,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    }
 }
 
 fn read_or_empty(path: &Path) -> Vec<u8> {

@@ -3,7 +3,7 @@
 //! class-conditional samples at the end.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
@@ -13,7 +13,7 @@ use mvar_models::trainer::{ArTrainConfig, ArTrainer};
 use mvar_models::{MvarConfig, VarConfig};
 
 use crate::common::{
-    batch_indices, build_model, load_tokenizer, load_training_split, ModelInfo, PreprocessArg,
+    batch_indices, build_model, io, load_tokenizer, load_training_split, ModelInfo, PreprocessArg,
 };
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use crate::sample::SamplingArgs;
@@ -169,13 +169,6 @@ pub struct TrainArgs {
     /// Sampling of the grid written at the end.
     #[command(flatten)]
     pub sampling: SamplingArgs,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    }
 }
 
 pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {

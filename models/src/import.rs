@@ -47,13 +47,8 @@ pub fn read_state_dict(path: &Path, strip_prefix: Option<&str>) -> Result<StateD
         return Ok(crate::pth::read_pth(path, strip_prefix)?.tensors);
     }
     let all = crate::checkpoint::read_safetensors(path)?;
-    let Some(prefix) = strip_prefix else {
+    let Some(prefix) = crate::pth::dotted_prefix(strip_prefix) else {
         return Ok(all);
-    };
-    let prefix = if prefix.ends_with('.') {
-        prefix.to_string()
-    } else {
-        format!("{prefix}.")
     };
     let kept: StateDict = all
         .into_iter()

@@ -89,6 +89,18 @@ pub fn read_pth(path: &Path, strip_prefix: Option<&str>) -> Result<PthContents> 
     read_archive(std::io::BufReader::new(file), strip_prefix).map_err(|msg| format_err(path, msg))
 }
 
+/// The prefix rule of `--strip-prefix`: none for None or "", else the prefix with a trailing
+/// `.` (`model` strips `model.`).
+pub(crate) fn dotted_prefix(strip_prefix: Option<&str>) -> Option<String> {
+    strip_prefix.filter(|p| !p.is_empty()).map(|p| {
+        if p.ends_with('.') {
+            p.to_string()
+        } else {
+            format!("{p}.")
+        }
+    })
+}
+
 /// Parses the bytes of a `torch.save` checkpoint (see [`read_pth`]); the error says what is
 /// wrong.
 pub fn parse_pth(
@@ -216,13 +228,7 @@ fn read_archive<R: Read + Seek>(
         ..
     } = collector;
 
-    let prefix = strip_prefix.filter(|p| !p.is_empty()).map(|p| {
-        if p.ends_with('.') {
-            p.to_string()
-        } else {
-            format!("{p}.")
-        }
-    });
+    let prefix = dotted_prefix(strip_prefix);
     let mut kept: Vec<(String, usize)> = Vec::new();
     let mut outside_prefix = Vec::new();
     for (name, obj) in found {

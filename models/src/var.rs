@@ -1116,9 +1116,6 @@ pub fn sample_tokens(
             ))
         }
     };
-    if v == 0 {
-        return Err(Error::invalid("sample_tokens", "an empty vocabulary"));
-    }
     let draws = rng.uniform(b * l, 0.0, 1.0);
     let flat = logits.reshape([b * l, v])?;
     ops::sample_top_k_top_p(&flat, &draws, top_k, top_p)?.reshape([b, l])

@@ -195,8 +195,10 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             return Ok(());
         }
         let out = sample_labels(&model, &vae, chunk, sc, &mut rng)?;
-        let imgs = vae.fhat_to_img(&out.f_hat)?;
+        // Decoded only when images are written (not for tokens alone); one copy to the host
+        // serves the PNGs, the .npz and the grid.
         if pngs || npz.is_some() {
+            let imgs = vae.fhat_to_img(&out.f_hat)?.to_device(&Device::Cpu)?;
             let rgb = rgb8_from_chw(&imgs.to_vec_f32()?, side, side);
             if pngs {
                 for (j, &label) in chunk.iter().enumerate() {
@@ -213,9 +215,9 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             if let Some(w) = npz.as_mut() {
                 w.append(&rgb)?;
             }
-        }
-        if in_grid {
-            grid_parts.push(imgs.to_device(&Device::Cpu)?);
+            if in_grid {
+                grid_parts.push(imgs);
+            }
         }
         if args.tokens {
             token_parts.push(out.idx);

@@ -42,6 +42,11 @@ __device__ __forceinline__ unsigned int order_key(float x) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// The value whose order_key is k.
+__device__ __forceinline__ float key_value(unsigned int k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
 __device__ __forceinline__ bool is_finite(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
 
 __device__ __forceinline__ unsigned long long composite_key(float x, i64 i) {
@@ -109,11 +114,7 @@ __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uni
         }
         top = ~block_min_u64(~top, s.keys);
         const unsigned int top_key = (unsigned int)top;
-        float m = 0.0f;
-        {
-            unsigned int b = (top_key & 0x80000000u) ? (top_key & 0x7fffffffu) : ~top_key;
-            m = __uint_as_float(b);
-        }
+        const float m = key_value(top_key);
 
         // 1. top-k: the k-th largest key by radix select (most significant digit first).
         unsigned int kth = 0;  // keep key >= kth
@@ -241,8 +242,7 @@ __device__ void sample_rows_naive_impl(i64* tokens, const T* logits, const doubl
             tokens[r] = -1 - bad;
             continue;
         }
-        unsigned int b = (top_key & 0x80000000u) ? (top_key & 0x7fffffffu) : ~top_key;
-        const double m = (double)__uint_as_float(b);
+        const double m = (double)key_value(top_key);
         // k-th largest key: the largest key with at least k keys >= it (binary search on keys).
         unsigned int kth = 0;
         if (top_k > 0 && top_k < v) {

@@ -16,8 +16,11 @@
 // - adamw_multi: PyTorch's AdamW update of the f32 master weights and the f32 moments in place;
 //   gradients are f32 or bf16 (flag bit 1), read through Io.
 // - sumsq_multi: each thread sums g^2 over its elements, the block reduces with warp shuffles,
-//   and thread 0 adds the block's total to one device double with atomicAdd (blocks finish in
-//   any order, so the last bits of the total may vary between runs; the host reads it once).
+//   and thread 0 writes the block's total to its own slot of `partials`; the host reads the
+//   partials back (the one synchronisation it needs anyway) and adds them in block order. No
+//   atomics: an atomic add into one double would finish in the blocks' arrival order, so the
+//   norm's last bits (and through clipping, the weights) could differ between two runs of the
+//   same seed; with fixed partials a CUDA training run repeats to the bit.
 // Numerics: the AdamW update uses round-to-nearest intrinsics (__fmul_rn, __fadd_rn, ...) so that
 // no multiply-add is contracted into an FMA: each operation rounds exactly as the CPU reference's
 // f32 code does, and an f32 step matches it to the bit. The sum of squares accumulates in double:
@@ -98,8 +101,10 @@ extern "C" __global__ void adamw_multi(const TensorEntry* table, int count, i64 
     }
 }
 
-// Launched with blockDim.x a multiple of 32 (256); `acc` is one zeroed double.
-extern "C" __global__ void sumsq_multi(const TensorEntry* table, int count, i64 total, double* acc) {
+// Launched with blockDim.x a multiple of 32 (256); `partials` has one double per block, each
+// written once (no zero fill needed).
+extern "C" __global__ void sumsq_multi(const TensorEntry* table, int count, i64 total,
+                                       double* partials) {
     __shared__ double scratch[32];
     double s = 0.0;
     int k = 0;
@@ -121,6 +126,6 @@ extern "C" __global__ void sumsq_multi(const TensorEntry* table, int count, i64 
         int warps = (blockDim.x + 31) >> 5;
         s = (lane < warps) ? scratch[lane] : 0.0;
         s = warp_sum(s);
-        if (lane == 0) atomicAdd(acc, s);
+        if (lane == 0) partials[blockIdx.x] = s;
     }
 }

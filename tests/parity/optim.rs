@@ -289,3 +289,36 @@ fn clipping_a_non_finite_norm_leaves_the_gradients_alone() {
     let norm = clip_grad_norm(&ps, 1.0).unwrap();
     assert!((norm - 2e20).abs() <= 1e-6 * 2e20, "{norm}");
 }
+
+/// The gradient norm does not depend on the order in which the GPU's blocks finish: the sum of
+/// squares adds one partial per block in block order. The gradient is built so that order shows:
+/// 2048 elements are 8 blocks of 256 (one element per thread), block 0 holds 2^27 (square 2^54,
+/// where a double's spacing is 4) and blocks 1-7 one 1.0 each. In block order every 1 rounds away
+/// and the norm is 2^27 exactly; summed last-block-first (the emulator's reverse schedule, or any
+/// finishing order on hardware, as an atomic accumulation would), the ones add up to 8 first and
+/// the norm is 2^27 + 2^-25. A training run's clipping, and so its weights, then repeat to the bit.
+#[test]
+fn the_gradient_norm_is_summed_in_a_fixed_order() {
+    let Some(gpu) = gpu() else { return };
+    let mut g = vec![0.0f32; 2048];
+    g[0] = (1u64 << 27) as f32;
+    for b in 1..8 {
+        g[256 * b] = 1.0;
+    }
+    let mut ps = ParamStore::new();
+    let a = ps
+        .insert("a", &Tensor::zeros([2048], DType::F32, &gpu).unwrap())
+        .unwrap();
+    a.set_grad(Some(Tensor::from_vec(g, [2048], &gpu).unwrap()))
+        .unwrap();
+    // A max norm above the norm: nothing is clipped, only the norm is read.
+    let norms: Vec<f64> = (0..3).map(|_| clip_grad_norm(&ps, 1e9).unwrap()).collect();
+    for n in &norms {
+        assert_eq!(
+            n.to_bits(),
+            ((1u64 << 27) as f64).to_bits(),
+            "norm {n:?}: expected 2^27 exactly (partials added in block order), got {:e} more",
+            n - (1u64 << 27) as f64
+        );
+    }
+}

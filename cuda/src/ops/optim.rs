@@ -14,8 +14,8 @@ use crate::kernels::OPTIM;
 use crate::{CudaDevice, CudaError};
 
 const THREADS: u32 = 256;
-/// Blocks of the sum of squares: enough to fill any GPU, few enough that the per-block atomic
-/// adds into the one accumulator stay negligible.
+/// Blocks of the sum of squares: enough to fill any GPU, few enough that reading back one f64
+/// partial per block (8 KiB at most) costs nothing next to the synchronisation itself.
 const SUMSQ_MAX_BLOCKS: usize = 1024;
 
 /// i64 words per tensor in the table (`struct TensorEntry` in optim.cu).
@@ -198,8 +198,10 @@ pub fn adamw_step(
     Ok(())
 }
 
-/// The sum of the squares of every element of `grads` (f32 or bf16), accumulated on the device
-/// in one launch and read back once (the only host synchronisation).
+/// The sum of the squares of every element of `grads` (f32 or bf16): one launch writes a partial
+/// sum per block, read back once (the only host synchronisation) and added in block order, so
+/// the result depends only on the gradients and their sizes, never on the order in which blocks
+/// finish: repeated runs give the same bits.
 pub fn sum_of_squares(dev: &CudaDevice, grads: &[&CudaBuffer]) -> Result<f64, CudaError> {
     const OP: &str = "clip_grad_norm";
     if let Some(g) = grads.iter().find(|g| !g.kind().is_float()) {
@@ -226,36 +228,35 @@ pub fn sum_of_squares(dev: &CudaDevice, grads: &[&CudaBuffer]) -> Result<f64, Cu
         return Ok(0.0);
     }
     let table = dev.upload(HostData::I64(&words))?;
-    // The accumulator is one f64; device buffers have no f64 kind, so it lives in an i64 buffer
-    // (zero bits are 0.0) and is read back with `f64::from_bits`.
-    let acc = dev.zeros(BufferKind::I64, 1)?;
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, SUMSQ_MAX_BLOCKS);
+    // One f64 partial per block; device buffers have no f64 kind, so they live in an i64 buffer
+    // and are read back with `f64::from_bits`. Every block writes its slot: no zero fill.
+    let partials = dev.alloc(BufferKind::I64, blocks, OP)?;
     let f = dev.function(&OPTIM, "sumsq_multi")?;
-    let (pt, cnt, nn, pa) = (
+    let (pt, cnt, nn, pp) = (
         table.device_ptr(),
         count as i32,
         total as i64,
-        acc.device_ptr(),
+        partials.device_ptr(),
     );
     let cfg = LaunchConfig {
-        grid_dim: (
-            total.div_ceil(THREADS as usize).clamp(1, SUMSQ_MAX_BLOCKS) as u32,
-            1,
-            1,
-        ),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(&pt).arg(&cnt).arg(&nn).arg(&pa);
-    // SAFETY: every entry names a live gradient of `len` elements of its flagged kind; acc holds
-    // 8 zeroed bytes.
+    b.arg(&pt).arg(&cnt).arg(&nn).arg(&pp);
+    // SAFETY: every entry names a live gradient of `len` elements of its flagged kind; partials
+    // holds one 8-byte slot per block of the grid.
     unsafe { b.launch(cfg) }.map_err(launch_err(
         OP,
         format!("{count} gradients, {total} elements"),
     ))?;
-    match dev.download(&acc)? {
-        HostVec::I64(v) if v.len() == 1 => Ok(f64::from_bits(v[0] as u64)),
-        _ => Err(bad(OP, "accumulator".into(), "unexpected read-back")),
+    match dev.download(&partials)? {
+        HostVec::I64(v) if v.len() == blocks => {
+            Ok(v.iter().map(|&bits| f64::from_bits(bits as u64)).sum())
+        }
+        _ => Err(bad(OP, "partial sums".into(), "unexpected read-back")),
     }
 }
 

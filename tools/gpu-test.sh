@@ -103,7 +103,8 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #   tests   every test binary, with MVAR_REQUIRE_GPU=1 (parity and fixture tests fail instead of
 #           skipping without a GPU), then `mvar info`
 #   gpu-tests  only the test binaries that use the GPU (parity, fixtures, the CUDA crate's unit
-#           tests, the kernel compile check, the command-line tests with the out-of-memory one),
+#           tests, the kernel compile check, the command-line tests on the GPU with the
+#           out-of-memory one),
 #           then `mvar info`: the rest are CPU tests that CI runs anyway
 #   benches the CUDA cases of the criterion benchmarks (ids with "cuda/"), short measurement times
 #   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports;
@@ -191,8 +192,10 @@ if [ "${#dirs[@]}" -gt 0 ]; then
   export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 export MVAR_REQUIRE_GPU=1
-# The command-line tests run the bundle's own mvar (their built-in path is this build machine's).
+# The command-line tests run the bundle's own mvar (their built-in path is this build machine's),
+# on the GPU: CI runs them on the CPU, and on the emulator's GPU path.
 export MVAR_BIN="$BIN/mvar"
+export MVAR_CLI_DEVICE="${MVAR_CLI_DEVICE:-cuda}"
 # NVRTC's output, cached across the phases of one machine.
 export MVAR_KERNEL_CACHE="${MVAR_KERNEL_CACHE:-${TMPDIR:-/tmp}/mvar-kernel-cache}"
 

@@ -1,6 +1,11 @@
 //! The `mvar` command line end to end on tiny configs: an interrupted (kill -9) and resumed run
 //! has the same loss curve as an uninterrupted one, and bad input gets a clear message and a
 //! non-zero exit, never a panic.
+//!
+//! The commands run on the CPU unless `MVAR_CLI_DEVICE` names another device (`cuda`): then the
+//! same tests check the driver's GPU path end to end (training, checkpoints and `--resume` bit for
+//! bit, sampling, evaluation). CI runs them so on the CUDA emulator, the GPU bundle
+//! (tools/gpu-test.sh) on the GPU.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,8 +19,13 @@ fn mvar() -> Command {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mvar")));
     let mut c = Command::new(bin);
-    c.env("MVAR_DEVICE", "cpu");
+    c.env("MVAR_DEVICE", device());
     c
+}
+
+/// The device the commands run on: `MVAR_CLI_DEVICE`, default `cpu`.
+fn device() -> String {
+    std::env::var("MVAR_CLI_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -373,6 +383,11 @@ fn running_out_of_gpu_memory_says_what_was_asked_and_free() {
         .output()
         .unwrap();
     if !probe.status.success() || !text(&probe).contains("device: cuda") {
+        assert!(
+            std::env::var("MVAR_REQUIRE_GPU").as_deref() != Ok("1"),
+            "MVAR_REQUIRE_GPU=1 but `mvar info` found no CUDA device:\n{}",
+            text(&probe)
+        );
         eprintln!("skipped: no CUDA device");
         return;
     }
@@ -744,25 +759,26 @@ fn imported_official_weights_sample_as_the_official_code() {
             let out = root.join(file).join(run);
             let npz = out.join("samples.npz");
             let mut cmd = mvar();
+            cmd.arg("sample");
+            // The fixtures are f32 runs: on the CPU, where `auto` is f32, the default is checked;
+            // on a GPU, where `auto` is bf16, f32 is asked for.
+            if device() != "cpu" {
+                cmd.args(["--precision", "f32"]);
+            }
             // One image per batch: batching must not change greedy tokens.
-            cmd.args([
-                "sample", "--n", "1", "--top-k", "1", "--top-p", "0", "--tokens",
-            ])
-            .args(["--batch", "1", "--npz"])
-            .arg(&npz)
-            .args(["--cfg", &rc["cfg"].to_string()])
-            .arg("--ckpt")
-            .arg(&model)
-            .arg("--out")
-            .arg(&out);
+            cmd.args(["--n", "1", "--top-k", "1", "--top-p", "0", "--tokens"])
+                .args(["--batch", "1", "--npz"])
+                .arg(&npz)
+                .args(["--cfg", &rc["cfg"].to_string()])
+                .arg("--ckpt")
+                .arg(&model)
+                .arg("--out")
+                .arg(&out);
             for l in &labels {
                 cmd.args(["--class", &l.to_string()]);
             }
             let t = ok(&mut cmd);
-            assert!(
-                t.contains(", f32)"),
-                "auto precision is f32 on the CPU:\n{t}"
-            );
+            assert!(t.contains(", f32)"), "expected an f32 run:\n{t}");
             let got = read_safetensors(&out.join("tokens.safetensors")).unwrap();
             assert_eq!(got["label_B"].to_vec::<i64>().unwrap(), labels);
             let mut si = 0;

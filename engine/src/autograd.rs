@@ -195,6 +195,7 @@ impl Tensor {
         };
         let _guard = no_grad();
         let _phase = crate::profile::backward_phase();
+        let _span = crate::profile::span(|| "backward".into());
         let order = topological_order(&root);
         let mut pending: HashMap<u64, Tensor> = HashMap::new();
         pending.insert(root.id, grad);

@@ -5,40 +5,65 @@
 //! products costs what). On a GPU the times are launch times unless the device is synchronised:
 //! `MVAR_PROFILE=sync` (or `sync,shapes`) does that after every op, which measures kernels at the
 //! cost of speed.
+//!
+//! `MVAR_PROFILE=trace=FILE` (alone or in the list, e.g. `sync,trace=run.json`; `trace` alone
+//! writes `mvar-trace.json`) also writes a timeline: one event per op dispatch, with its input
+//! shapes, and the spans that models and drivers open ([`span`]: a training step, its forward
+//! and backward, a sampled scale), in the Chrome trace-event format that Perfetto
+//! (ui.perfetto.dev) and chrome://tracing open. Events are streamed to the file as they end, so a
+//! long run's timeline does not grow in memory, and a run that dies keeps what was written: the
+//! format allows the array's closing bracket to be missing, and [`finish`] writes it.
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 /// What `MVAR_PROFILE` asks for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Mode {
     pub enabled: bool,
     pub synchronous: bool,
     pub by_shape: bool,
+    /// Where the timeline goes (`trace=FILE`).
+    pub trace: Option<PathBuf>,
 }
 
+/// The timeline's file when `trace` names none.
+pub const DEFAULT_TRACE_FILE: &str = "mvar-trace.json";
+
 impl Mode {
-    /// Parses the variable's value: empty or `0` is off; a comma-separated list of `sync` and
-    /// `shapes` turns those on; any other value (`1`) is the plain profile.
+    /// Parses the variable's value: empty or `0` is off; a comma-separated list of `sync`,
+    /// `shapes` and `trace[=FILE]` turns those on; any other value (`1`) is the plain profile.
     pub fn parse(value: &str) -> Mode {
         let value = value.trim();
         if value.is_empty() || value == "0" {
             return Mode::default();
         }
         let flags: Vec<&str> = value.split(',').map(str::trim).collect();
+        let trace = flags.iter().find_map(|f| match f.strip_prefix("trace") {
+            Some("") => Some(PathBuf::from(DEFAULT_TRACE_FILE)),
+            Some(rest) => rest
+                .strip_prefix('=')
+                .map(|p| PathBuf::from(if p.is_empty() { DEFAULT_TRACE_FILE } else { p })),
+            None => None,
+        });
         Mode {
             enabled: true,
             synchronous: flags.contains(&"sync"),
             by_shape: flags.contains(&"shapes"),
+            trace,
         }
     }
 }
 
-fn mode() -> Mode {
+fn mode() -> &'static Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
-    *MODE.get_or_init(|| Mode::parse(&std::env::var("MVAR_PROFILE").unwrap_or_default()))
+    MODE.get_or_init(|| Mode::parse(&std::env::var("MVAR_PROFILE").unwrap_or_default()))
 }
 
 /// True when profiling is on.
@@ -51,8 +76,15 @@ pub fn synchronous() -> bool {
     mode().synchronous
 }
 
+/// True when a timeline is written (`trace`).
+pub fn tracing() -> bool {
+    mode().trace.is_some()
+}
+
 thread_local! {
     static IN_BACKWARD: Cell<bool> = const { Cell::new(false) };
+    /// The thread's id in the timeline (0: not yet given one).
+    static TRACE_TID: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Marks the current thread as running a backward pass until the guard drops.
@@ -81,46 +113,292 @@ fn table() -> &'static Mutex<Table> {
 }
 
 /// The table key of one dispatch.
-fn key(op: &str, backward: bool, shapes: Option<String>) -> String {
+fn key(op: &str, backward: bool, shapes: Option<&str>) -> String {
     let mut k = op.to_string();
     if backward {
         k += " (backward)";
     }
     if let Some(s) = shapes {
         k += " ";
-        k += &s;
+        k += s;
     }
     k
 }
 
-/// Records the time from its creation to its drop under its key (a no-op when profiling is off).
+/// Writes trace events in the Chrome trace-event JSON array format: `[`, then one event per
+/// line, separated by commas; [`TraceWriter::finish`] closes the array.
+pub struct TraceWriter<W: Write> {
+    out: W,
+    events: u64,
+}
+
+impl<W: Write> TraceWriter<W> {
+    /// Starts the array, with the process's name as its first (metadata) event.
+    pub fn new(mut out: W, process: &str) -> std::io::Result<Self> {
+        out.write_all(b"[\n")?;
+        let mut w = TraceWriter { out, events: 0 };
+        w.event(&format!(
+            r#"{{"name":"process_name","ph":"M","pid":1,"tid":0,"args":{{"name":{}}}}}"#,
+            json_string(process)
+        ))?;
+        Ok(w)
+    }
+
+    fn event(&mut self, json: &str) -> std::io::Result<()> {
+        if self.events > 0 {
+            self.out.write_all(b",\n")?;
+        }
+        self.out.write_all(json.as_bytes())?;
+        self.events += 1;
+        Ok(())
+    }
+
+    /// Names thread `tid` in the viewer.
+    pub fn thread_name(&mut self, tid: u32, name: &str) -> std::io::Result<()> {
+        self.event(&format!(
+            r#"{{"name":"thread_name","ph":"M","pid":1,"tid":{tid},"args":{{"name":{}}}}}"#,
+            json_string(name)
+        ))
+    }
+
+    /// One complete event: `name` in category `cat` on thread `tid`, starting `start_us`
+    /// microseconds after the trace's epoch and lasting `dur_us`; `shapes` goes to its args.
+    pub fn complete(
+        &mut self,
+        name: &str,
+        cat: &str,
+        tid: u32,
+        start_us: f64,
+        dur_us: f64,
+        shapes: Option<&str>,
+    ) -> std::io::Result<()> {
+        let args = shapes
+            .map(|s| format!(r#","args":{{"shapes":{}}}"#, json_string(s)))
+            .unwrap_or_default();
+        self.event(&format!(
+            r#"{{"name":{},"cat":{},"ph":"X","ts":{start_us:.3},"dur":{dur_us:.3},"pid":1,"tid":{tid}{args}}}"#,
+            json_string(name),
+            json_string(cat)
+        ))
+    }
+
+    /// Events written so far, metadata included.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Closes the array and flushes.
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        self.out.write_all(b"\n]\n")?;
+        self.out.flush()
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// The open timeline of this process, if `trace` asked for one and its file could be created.
+struct Trace {
+    writer: TraceWriter<BufWriter<File>>,
+    path: PathBuf,
+    finished: bool,
+}
+
+/// The instant that the timeline's times count from (the first profiled event's start).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn trace() -> &'static Mutex<Option<Trace>> {
+    static TRACE: OnceLock<Mutex<Option<Trace>>> = OnceLock::new();
+    TRACE.get_or_init(|| {
+        let opened = mode().trace.as_deref().and_then(|path| {
+            // "mvar train", not the binary's whole path.
+            let mut args = std::env::args();
+            let program = args.next().unwrap_or_default();
+            let program = Path::new(&program)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or(program);
+            let process = std::iter::once(program)
+                .chain(args.next())
+                .collect::<Vec<_>>()
+                .join(" ");
+            match File::create(path).and_then(|f| TraceWriter::new(BufWriter::new(f), &process)) {
+                Ok(writer) => Some(Trace {
+                    writer,
+                    path: path.to_path_buf(),
+                    finished: false,
+                }),
+                Err(e) => {
+                    eprintln!(
+                        "MVAR_PROFILE: cannot write the trace to {}: {e}; no timeline is written",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        });
+        Mutex::new(opened)
+    })
+}
+
+/// Writes one ended event to the timeline (a no-op when there is none, or once it is finished).
+fn trace_event(name: &str, cat: &str, start: Instant, end: Instant, shapes: Option<&str>) {
+    let mut guard = trace().lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = guard.as_mut().filter(|t| !t.finished) else {
+        return;
+    };
+    let tid = TRACE_TID.with(|c| {
+        if c.get() == 0 {
+            static NEXT: AtomicU32 = AtomicU32::new(1);
+            c.set(NEXT.fetch_add(1, Ordering::Relaxed));
+            let id = c.get();
+            let name = std::thread::current()
+                .name()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("thread {id}"));
+            let _ = t.writer.thread_name(id, &name);
+        }
+        c.get()
+    });
+    let e = epoch();
+    let us = |i: Instant| i.saturating_duration_since(e).as_secs_f64() * 1e6;
+    let (start_us, end_us) = (us(start), us(end));
+    // An I/O error mid-run (a full disk) ends the timeline, not the run.
+    if let Err(err) = t
+        .writer
+        .complete(name, cat, tid, start_us, end_us - start_us, shapes)
+    {
+        eprintln!(
+            "MVAR_PROFILE: writing the trace to {} failed: {err}; the timeline stops here",
+            t.path.display()
+        );
+        t.finished = true;
+    }
+}
+
+/// Closes the timeline's array and flushes it; returns a line saying where it is (None without
+/// a timeline). Events that end later are not written.
+pub fn finish() -> Option<String> {
+    let mut guard = mode()
+        .trace
+        .as_ref()
+        .map(|_| trace().lock().unwrap_or_else(|e| e.into_inner()))?;
+    let t = guard.as_mut()?;
+    if t.finished {
+        return None;
+    }
+    t.finished = true;
+    Some(match t.writer.finish() {
+        Ok(()) => format!(
+            "trace (MVAR_PROFILE): {} events in {} (open it in ui.perfetto.dev or chrome://tracing)",
+            t.writer.events(),
+            t.path.display()
+        ),
+        Err(e) => format!(
+            "trace (MVAR_PROFILE): closing {} failed: {e}",
+            t.path.display()
+        ),
+    })
+}
+
+/// What a [`Scope`] records when it drops.
+struct Record {
+    name: String,
+    cat: &'static str,
+    /// The profile table's key (op dispatches only; spans are on the timeline only).
+    table_key: Option<String>,
+    shapes: Option<String>,
+    start: Instant,
+}
+
+/// Records the time from its creation to its drop: an op dispatch in the profile table and on
+/// the timeline, a span on the timeline (a no-op when profiling is off).
 pub struct Scope {
-    key: Option<(String, Instant)>,
+    record: Option<Record>,
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        if let Some((k, s)) = self.key.take() {
-            let secs = s.elapsed().as_secs_f64();
+        let Some(r) = self.record.take() else {
+            return;
+        };
+        let end = Instant::now();
+        if let Some(k) = r.table_key {
+            let secs = end.duration_since(r.start).as_secs_f64();
             let mut t = table().lock().unwrap_or_else(|e| e.into_inner());
             let e = t.entry(k).or_insert((0, 0.0));
             e.0 += 1;
             e.1 += secs;
         }
+        if tracing() {
+            trace_event(&r.name, r.cat, r.start, end, r.shapes.as_deref());
+        }
     }
 }
 
-/// Times one dispatch of `op`; `shapes` (called only under `MVAR_PROFILE=shapes`) describes
-/// its inputs.
+/// Times one dispatch of `op`; `shapes` (called only under `MVAR_PROFILE=shapes` or with a
+/// timeline) describes its inputs.
 pub fn scope(op: &'static str, shapes: impl FnOnce() -> String) -> Scope {
     let m = mode();
     if !m.enabled {
-        return Scope { key: None };
+        return Scope { record: None };
     }
     let backward = IN_BACKWARD.with(Cell::get);
-    let shapes = m.by_shape.then(shapes);
+    let shapes = (m.by_shape || m.trace.is_some()).then(shapes);
+    let table_key = key(op, backward, shapes.as_deref().filter(|_| m.by_shape));
+    let (name, cat) = if backward {
+        (format!("{op} (backward)"), "op,backward")
+    } else {
+        (op.to_string(), "op")
+    };
+    epoch();
     Scope {
-        key: Some((key(op, backward, shapes), Instant::now())),
+        record: Some(Record {
+            name,
+            cat,
+            table_key: Some(table_key),
+            shapes,
+            start: Instant::now(),
+        }),
+    }
+}
+
+/// A span of the timeline around what a model or driver does (a training step, its forward, a
+/// sampled scale): ops dispatched inside it nest under it in the viewer. Only written with a
+/// timeline (`MVAR_PROFILE=trace`); `name` is called only then.
+pub fn span(name: impl FnOnce() -> String) -> Scope {
+    if !tracing() {
+        return Scope { record: None };
+    }
+    epoch();
+    Scope {
+        record: Some(Record {
+            name: name(),
+            cat: "span",
+            table_key: None,
+            shapes: None,
+            start: Instant::now(),
+        }),
     }
 }
 
@@ -133,7 +411,7 @@ pub fn report() -> Vec<(String, u64, f64)> {
 }
 
 /// The report as text (empty when profiling is off): the 25 most expensive entries, or 40 when
-/// they are keyed by shape.
+/// they are keyed by shape; with a timeline, it is closed ([`finish`]) and named last.
 pub fn report_text() -> String {
     let m = mode();
     if !m.enabled {
@@ -160,7 +438,16 @@ pub fn report_text() -> String {
         let rest: f64 = rows[shown..].iter().map(|r| r.2).sum();
         s += &format!("  ({} more entries, {rest:.3}s)\n", rows.len() - shown);
     }
+    if let Some(line) = finish() {
+        s += &line;
+        s += "\n";
+    }
     s
+}
+
+/// The path of the timeline file, when one is written.
+pub fn trace_path() -> Option<&'static Path> {
+    mode().trace.as_deref()
 }
 
 #[cfg(test)]
@@ -180,7 +467,7 @@ mod tests {
             Mode::parse("sync"),
             Mode {
                 synchronous: true,
-                ..plain
+                ..plain.clone()
             }
         );
         assert_eq!(
@@ -188,16 +475,74 @@ mod tests {
             Mode {
                 synchronous: true,
                 by_shape: true,
-                ..plain
+                ..plain.clone()
             }
         );
+        let traced = |p: &str| Mode {
+            trace: Some(PathBuf::from(p)),
+            ..plain.clone()
+        };
+        assert_eq!(Mode::parse("trace"), traced(DEFAULT_TRACE_FILE));
+        assert_eq!(Mode::parse("trace="), traced(DEFAULT_TRACE_FILE));
+        assert_eq!(Mode::parse("trace=/tmp/a b.json"), traced("/tmp/a b.json"));
+        assert_eq!(
+            Mode::parse("sync,trace=run.json"),
+            Mode {
+                synchronous: true,
+                ..traced("run.json")
+            }
+        );
+        // A word that only starts like the flag is not it.
+        assert_eq!(Mode::parse("tracer"), plain);
+    }
+
+    #[test]
+    fn the_timeline_is_a_trace_event_array_even_when_cut_short() {
+        let mut buf = Vec::new();
+        {
+            let mut w = TraceWriter::new(&mut buf, "mvar train").unwrap();
+            w.thread_name(1, "main").unwrap();
+            w.complete("step 1", "span", 1, 0.0, 120.5, None).unwrap();
+            w.complete("matmul", "op", 1, 10.25, 30.0, Some("[2,3] [3,4]"))
+                .unwrap();
+            w.complete("odd \"name\"\\\n", "op,backward", 2, 50.0, 1.0, None)
+                .unwrap();
+            assert_eq!(w.events(), 5);
+        }
+        // Cut short (a run that died): the array lacks its bracket, which viewers add.
+        let cut = String::from_utf8(buf.clone()).unwrap() + "]";
+        let events: Vec<serde_json::Value> = serde_json::from_str(&cut).unwrap();
+        assert_eq!(events.len(), 5);
+        TraceWriter {
+            out: &mut buf,
+            events: 5,
+        }
+        .finish()
+        .unwrap();
+        let events: Vec<serde_json::Value> =
+            serde_json::from_slice(&buf).expect("a finished trace is one JSON array");
+        assert_eq!(events[0]["ph"], "M");
+        assert_eq!(events[0]["args"]["name"], "mvar train");
+        assert_eq!(events[1]["args"]["name"], "main");
+        let m = &events[3];
+        assert_eq!(
+            (m["name"].as_str(), m["cat"].as_str(), m["ph"].as_str()),
+            (Some("matmul"), Some("op"), Some("X"))
+        );
+        assert_eq!(
+            (m["ts"].as_f64(), m["dur"].as_f64()),
+            (Some(10.25), Some(30.0))
+        );
+        assert_eq!(m["args"]["shapes"], "[2,3] [3,4]");
+        assert_eq!(events[4]["name"], "odd \"name\"\\\n");
+        assert_eq!(events[4]["tid"], 2);
     }
 
     #[test]
     fn backward_dispatches_get_their_own_key() {
         assert_eq!(key("conv2d", false, None), "conv2d");
         assert_eq!(
-            key("conv2d", true, Some("[1,2] [3]".into())),
+            key("conv2d", true, Some("[1,2] [3]")),
             "conv2d (backward) [1,2] [3]"
         );
         let inside = {

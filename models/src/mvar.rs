@@ -195,6 +195,7 @@ impl Mvar {
         let mut next_in: Option<Tensor> = None;
         let mut idxs = Vec::with_capacity(k);
         for (si, &pn) in c.patch_nums.iter().enumerate() {
+            let _span = mvar_engine::profile::span(|| format!("MVAR scale {si} ({pn}x{pn})"));
             let tokens = match &next_in {
                 None => var.start_tokens(&cond)?,
                 Some(ni) => {

@@ -186,7 +186,9 @@ impl TokenizerTrainer {
     /// vectors.
     pub fn step(&mut self, x: &Tensor, rng: &mut Generator) -> Result<StepStats> {
         let c = self.config.clone();
+        let _span = mvar_engine::profile::span(|| format!("tokenizer step {}", self.step + 1));
         self.vae.params.zero_grad();
+        let forward = mvar_engine::profile::span(|| "forward".into());
         let f = self.vae.encode_features(x)?;
         let q = self.vae.quantize_train(&f, c.beta)?;
         let raw = self.vae.decode_unclamped(&q.f_hat_st)?;
@@ -202,7 +204,9 @@ impl TokenizerTrainer {
                 format!("the loss is {loss_v} at step {}; stopping (lower the learning rate or check the data)", self.step + 1),
             ));
         }
+        drop(forward);
         loss.backward()?;
+        let update = mvar_engine::profile::span(|| "clip and AdamW".into());
         let grad_norm = if c.clip > 0.0 {
             ops::clip_grad_norm(&self.vae.params, c.clip)?
         } else {
@@ -215,6 +219,7 @@ impl TokenizerTrainer {
             ));
         }
         self.opt.step(&self.vae.params)?;
+        drop(update);
         self.step += 1;
 
         let (psnr, l1_v, l2_v, vq_v) = {

@@ -217,6 +217,7 @@ impl ArTrainer {
         rng: &mut Generator,
     ) -> Result<ArStepStats> {
         let it = self.step;
+        let _span = mvar_engine::profile::span(|| format!("train step {}", it + 1));
         let scales = self.scales_for(it);
         let var = self.model.var();
         let device: Device = var.device().clone();
@@ -252,6 +253,7 @@ impl ArTrainer {
                 }
             };
             let (lab, x_in) = (part(&lab)?, part(x_in)?);
+            let forward = mvar_engine::profile::span(|| format!("forward ({n} sequences)"));
             let logits = match &self.model {
                 ArModel::Var(v) => v.forward(&lab, &x_in, Some(rng))?,
                 ArModel::Mvar(m) => m.forward_segment(&lab, &x_in, scales.clone(), Some(rng))?,
@@ -278,6 +280,7 @@ impl ArTrainer {
                     ),
                 ));
             }
+            drop(forward);
             loss_v += v;
             loss.backward()?;
             let _ng = no_grad();
@@ -286,6 +289,7 @@ impl ArTrainer {
             correct += pred.iter().zip(&want).filter(|(a, b)| a == b).count();
             counted += want.len();
         }
+        let _update = mvar_engine::profile::span(|| "clip and AdamW".into());
         let grad_norm = ops::clip_grad_norm(&var.params, self.config.clip)?;
         if !grad_norm.is_finite() {
             return Err(Error::invalid(

@@ -934,6 +934,7 @@ impl Var {
         )?;
         let mut idxs = Vec::with_capacity(k);
         for (si, &pn) in self.config.patch_nums.iter().enumerate() {
+            let _span = mvar_engine::profile::span(|| format!("VAR scale {si} ({pn}x{pn})"));
             let mut x = next.clone();
             for (block, (ada, cache)) in self.blocks.iter().zip(adas.iter().zip(caches.iter_mut()))
             {

@@ -216,6 +216,63 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `MVAR_PROFILE=trace=FILE`: a timeline in the trace-event format (what Perfetto opens), with
+/// each training step's forward, backward and update as spans, the ops (with their shapes) inside
+/// them, and the closing samples' scales.
+#[test]
+fn a_profiled_run_writes_a_timeline_of_its_steps_and_ops() {
+    let (data, tok) = tokenizer();
+    let root = scratch("trace");
+    let trace = root.join("timeline.json");
+    let log = ok(train_cmd(data, tok, &root.join("mvar"), 3)
+        .env("MVAR_PROFILE", format!("trace={}", trace.display())));
+    assert!(log.contains("op profile (MVAR_PROFILE)"), "{log}");
+    assert!(
+        log.contains(&format!("events in {}", trace.display())),
+        "{log}"
+    );
+    let events: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&trace).unwrap()).expect("one JSON array");
+    assert_eq!(events[0]["args"]["name"], "mvar train");
+    let complete: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    let name = |e: &serde_json::Value| e["name"].as_str().unwrap().to_string();
+    let start = |e: &serde_json::Value| e["ts"].as_f64().unwrap();
+    let end = |e: &serde_json::Value| start(e) + e["dur"].as_f64().unwrap();
+    let spans = |prefix: &str| -> Vec<&serde_json::Value> {
+        complete
+            .iter()
+            .copied()
+            .filter(|e| e["cat"] == "span" && name(e).starts_with(prefix))
+            .collect()
+    };
+    let steps = spans("train step ");
+    let names: Vec<String> = steps.iter().map(|e| name(e)).collect();
+    assert_eq!(names, ["train step 1", "train step 2", "train step 3"]);
+    for step in &steps {
+        // Times are written to the nanosecond: an inner event may pass its span's rounded end
+        // by that much.
+        let inside = |e: &serde_json::Value| start(e) >= start(step) && end(e) <= end(step) + 0.01;
+        for part in ["forward", "backward", "clip and AdamW"] {
+            assert!(
+                spans(part).into_iter().any(inside),
+                "{}: no {part} span inside it",
+                name(step)
+            );
+        }
+        assert!(complete.iter().any(|e| e["cat"] == "op"
+            && name(e) == "matmul"
+            && e["args"]["shapes"]
+                .as_str()
+                .is_some_and(|s| s.starts_with('['))
+            && inside(e)));
+        assert!(complete
+            .iter()
+            .any(|e| e["cat"] == "op,backward" && name(e).ends_with(" (backward)") && inside(e)));
+    }
+    assert!(!spans("MVAR scale 0 (1x1)").is_empty());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// With --minutes, --steps is an upper bound: a device that could fill the budget with more
 /// steps stops at the cap (the demo relies on it so that a GPU finishes early).
 #[test]

@@ -216,6 +216,88 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The README's main job, each stage cut to two steps, on a tiny data set with a held-out split:
+/// it writes every file it promises and ends by saying where they are and what the classifier
+/// makes of the samples.
+#[test]
+fn the_demo_writes_every_file_it_promises() {
+    let root = scratch("demo");
+    let data = root.join("data");
+    tiny_images(&data.join("train"));
+    tiny_images(&data.join("test"));
+    let out = root.join("demo");
+    let log = ok(mvar()
+        .arg("demo")
+        .args(["--minutes", "5", "--vocab", "64"])
+        .args([
+            "--tokenizer-steps",
+            "2",
+            "--model-steps",
+            "2",
+            "--classifier-steps",
+            "2",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out));
+    for stage in [
+        "== 1/5 tokenizer",
+        "== 2/5 MVAR",
+        "== 3/5",
+        "== 4/5",
+        "== 5/5",
+    ] {
+        assert!(log.contains(stage), "no {stage:?} in:\n{log}");
+    }
+    for file in [
+        "tokenizer/recon.png",
+        "tokenizer/metrics.jsonl",
+        "mvar/samples.png",
+        "mvar/metrics.jsonl",
+        "mvar/eval.json",
+        "classifier/metrics.jsonl",
+        "loss.png",
+        "lr.png",
+    ] {
+        let f = out.join(file);
+        assert!(
+            std::fs::metadata(&f).is_ok_and(|m| m.len() > 0),
+            "{} was not written:\n{log}",
+            f.display()
+        );
+    }
+    // The closing lines name the samples, reconstructions, curves and report.
+    let tail = &log[log.find("done. samples").expect("no closing summary")..];
+    for file in [
+        "mvar/samples.png",
+        "tokenizer/recon.png",
+        "loss.png",
+        "lr.png",
+        "mvar/eval.json",
+    ] {
+        let f = out.join(file).display().to_string();
+        assert!(tail.contains(&f), "the summary does not name {f}:\n{tail}");
+    }
+    assert!(tail.contains("the classifier labels"), "{tail}");
+    assert_eq!(metric_lines(&out.join("mvar")).len(), 2);
+    assert_eq!(metric_lines(&out.join("tokenizer")).len(), 2);
+    // The report covers the 12 held-out images at every scale of the demo's pyramid and 20
+    // samples per class.
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("mvar/eval.json")).unwrap())
+            .unwrap();
+    assert_eq!(eval["images"], 12, "{eval}");
+    assert_eq!(
+        eval["per_scale"].as_array().map(Vec::len),
+        Some(6),
+        "{eval}"
+    );
+    assert_eq!(eval["sample_quality"]["samples"], 40, "{eval}");
+    assert_eq!(eval["sample_quality"]["chance"], 0.5, "{eval}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `MVAR_PROFILE=trace=FILE`: a timeline in the trace-event format (what Perfetto opens), with
 /// each training step's forward, backward and update as spans, the ops (with their shapes) inside
 /// them, and the closing samples' scales.

@@ -20,7 +20,7 @@ mod probe;
 
 pub use alloc::MemoryStats;
 pub use buffer::{BufferKind, CudaBuffer, HostData, HostVec};
-pub use device::{launch_1d, launch_err, CudaDevice, DriverMemory};
+pub use device::{launch_1d, launch_err, CudaDevice, DriverMemory, StreamMark};
 pub use error::CudaError;
 pub use probe::{cublas_present, cuda_available, device_count, driver_present, nvrtc_present};
 

@@ -13,6 +13,12 @@
 //! (ui.perfetto.dev) and chrome://tracing open. Events are streamed to the file as they end, so a
 //! long run's timeline does not grow in memory, and a run that dies keeps what was written: the
 //! format allows the array's closing bracket to be missing, and [`finish`] writes it.
+//!
+//! On a GPU the timeline has a second track per device with the ops' GPU times: each op's
+//! kernels are bracketed by two stream marks (timed CUDA events), and the marks' times are read
+//! in batches (every 1024 ops or second, and at the end), with one device synchronisation per
+//! batch, shown as a span. So, without `sync`, the host track shows what launching costs and
+//! the GPU track what the kernels take and where the GPU waits, as Nsight Systems would.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -21,7 +27,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use mvar_cuda::{CudaDevice, StreamMark};
 
 /// What `MVAR_PROFILE` asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -261,38 +269,205 @@ fn trace() -> &'static Mutex<Option<Trace>> {
     })
 }
 
-/// Writes one ended event to the timeline (a no-op when there is none, or once it is finished).
+/// Writes one ended event to the timeline (a no-op when there is none, or once it is finished)
+/// on the calling thread's track.
 fn trace_event(name: &str, cat: &str, start: Instant, end: Instant, shapes: Option<&str>) {
+    let (start_us, end_us) = (micros(start), micros(end));
+    write_event(name, cat, None, start_us, end_us - start_us, shapes);
+}
+
+/// Microseconds from the timeline's epoch to `i`.
+fn micros(i: Instant) -> f64 {
+    i.saturating_duration_since(epoch()).as_secs_f64() * 1e6
+}
+
+/// A timeline track that is not a host thread: a GPU's (`cuda:N (GPU time)`).
+#[derive(Clone, Copy)]
+struct Track {
+    tid: u32,
+    ordinal: usize,
+}
+
+/// Writes one event on `track`, or on the calling thread's track (named on first use).
+fn write_event(
+    name: &str,
+    cat: &str,
+    track: Option<Track>,
+    start_us: f64,
+    dur_us: f64,
+    shapes: Option<&str>,
+) {
     let mut guard = trace().lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = guard.as_mut().filter(|t| !t.finished) else {
         return;
     };
-    let tid = TRACE_TID.with(|c| {
-        if c.get() == 0 {
-            static NEXT: AtomicU32 = AtomicU32::new(1);
-            c.set(NEXT.fetch_add(1, Ordering::Relaxed));
-            let id = c.get();
-            let name = std::thread::current()
-                .name()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("thread {id}"));
-            let _ = t.writer.thread_name(id, &name);
-        }
-        c.get()
-    });
-    let e = epoch();
-    let us = |i: Instant| i.saturating_duration_since(e).as_secs_f64() * 1e6;
-    let (start_us, end_us) = (us(start), us(end));
+    let tid = match track {
+        Some(track) => track.tid,
+        None => TRACE_TID.with(|c| {
+            if c.get() == 0 {
+                static NEXT: AtomicU32 = AtomicU32::new(1);
+                c.set(NEXT.fetch_add(1, Ordering::Relaxed));
+                let id = c.get();
+                let name = std::thread::current()
+                    .name()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("thread {id}"));
+                let _ = t.writer.thread_name(id, &name);
+            }
+            c.get()
+        }),
+    };
     // An I/O error mid-run (a full disk) ends the timeline, not the run.
-    if let Err(err) = t
-        .writer
-        .complete(name, cat, tid, start_us, end_us - start_us, shapes)
-    {
+    if let Err(err) = t.writer.complete(name, cat, tid, start_us, dur_us, shapes) {
         eprintln!(
             "MVAR_PROFILE: writing the trace to {} failed: {err}; the timeline stops here",
             t.path.display()
         );
         t.finished = true;
+    }
+}
+
+/// Names a GPU track (once per device).
+fn name_track(track: Track) {
+    let mut guard = trace().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = guard.as_mut().filter(|t| !t.finished) {
+        let _ = t
+            .writer
+            .thread_name(track.tid, &format!("cuda:{} (GPU time)", track.ordinal));
+    }
+}
+
+/// One op's kernels on a GPU, between two stream marks, waiting for their times.
+struct GpuOp {
+    name: String,
+    cat: &'static str,
+    shapes: Option<String>,
+    start: StreamMark,
+    end: StreamMark,
+}
+
+/// The ops of one device whose GPU times are not read yet.
+struct GpuPending {
+    dev: CudaDevice,
+    track: Track,
+    ops: Vec<GpuOp>,
+    /// When the oldest of `ops` was queued.
+    oldest: Option<Instant>,
+    /// Marks whose times were read, to record again instead of creating events.
+    spare: Vec<StreamMark>,
+}
+
+/// Ops per batch of GPU times, and the longest a pending op waits: each batch synchronises the
+/// device once, and the GPU clock's f32 milliseconds stay sub-microsecond over a short batch.
+const GPU_BATCH_OPS: usize = 1024;
+const GPU_BATCH_AGE: Duration = Duration::from_secs(1);
+
+fn gpu_pending() -> &'static Mutex<Vec<GpuPending>> {
+    static P: OnceLock<Mutex<Vec<GpuPending>>> = OnceLock::new();
+    P.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Set when a GPU timing call failed: the GPU track stops, the host track and the run go on.
+static GPU_TRACK_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn gpu_track_failed(what: &str, e: impl std::fmt::Display) {
+    if !GPU_TRACK_OFF.swap(true, Ordering::Relaxed) {
+        eprintln!("MVAR_PROFILE: {what} failed: {e}; the timeline's GPU track stops here");
+    }
+}
+
+/// The pending list of `dev`, made on first use.
+fn pending_for<'a>(all: &'a mut Vec<GpuPending>, dev: &CudaDevice) -> &'a mut GpuPending {
+    let ordinal = dev.ordinal();
+    let i = match all.iter().position(|p| p.dev.ordinal() == ordinal) {
+        Some(i) => i,
+        None => {
+            let track = Track {
+                tid: 1000 + ordinal as u32,
+                ordinal,
+            };
+            name_track(track);
+            all.push(GpuPending {
+                dev: dev.clone(),
+                track,
+                ops: Vec::new(),
+                oldest: None,
+                spare: Vec::new(),
+            });
+            all.len() - 1
+        }
+    };
+    &mut all[i]
+}
+
+/// Marks `dev`'s stream, reusing a spare mark of that device.
+fn mark(dev: &CudaDevice) -> Option<StreamMark> {
+    if GPU_TRACK_OFF.load(Ordering::Relaxed) {
+        return None;
+    }
+    let spare = {
+        let mut all = gpu_pending().lock().unwrap_or_else(|e| e.into_inner());
+        pending_for(&mut all, dev).spare.pop()
+    };
+    dev.mark(spare)
+        .map_err(|e| gpu_track_failed("marking the GPU stream", e))
+        .ok()
+}
+
+/// Reads the GPU times of `p`'s ops and writes them to its track: the device is synchronised,
+/// an anchor mark recorded and reached, and each op placed at the anchor's host time less the
+/// GPU time from its start to the anchor.
+fn flush_gpu(p: &mut GpuPending) {
+    if p.ops.is_empty() {
+        return;
+    }
+    let _span = span(|| format!("timeline: reading {} GPU times (device sync)", p.ops.len()));
+    let anchored = p.dev.synchronize().and_then(|()| {
+        let anchor = p.dev.mark(p.spare.pop())?;
+        p.dev.synchronize()?;
+        Ok((anchor, micros(Instant::now())))
+    });
+    let (anchor, anchor_us) = match anchored {
+        Ok(a) => a,
+        Err(e) => {
+            gpu_track_failed("synchronising the GPU for its times", e);
+            p.ops.clear();
+            return;
+        }
+    };
+    for op in std::mem::take(&mut p.ops) {
+        let times = op
+            .start
+            .ms_until(&anchor)
+            .and_then(|before| Ok((before, op.start.ms_until(&op.end)?)));
+        match times {
+            Ok((before_ms, dur_ms)) => write_event(
+                &op.name,
+                op.cat,
+                Some(p.track),
+                anchor_us - before_ms * 1e3,
+                dur_ms * 1e3,
+                op.shapes.as_deref(),
+            ),
+            Err(e) => {
+                gpu_track_failed("reading GPU times", e);
+                break;
+            }
+        }
+        p.spare.extend([op.start, op.end]);
+    }
+    p.spare.push(anchor);
+    p.oldest = None;
+}
+
+/// Queues an op's GPU marks; reads a batch when it is full or old.
+fn push_gpu_op(dev: &CudaDevice, op: GpuOp) {
+    let mut all = gpu_pending().lock().unwrap_or_else(|e| e.into_inner());
+    let p = pending_for(&mut all, dev);
+    p.ops.push(op);
+    let oldest = *p.oldest.get_or_insert_with(Instant::now);
+    if p.ops.len() >= GPU_BATCH_OPS || oldest.elapsed() >= GPU_BATCH_AGE {
+        flush_gpu(p);
     }
 }
 
@@ -303,6 +478,18 @@ pub fn finish() -> Option<String> {
         .trace
         .as_ref()
         .map(|_| trace().lock().unwrap_or_else(|e| e.into_inner()))?;
+    if guard.as_ref().is_some_and(|t| !t.finished) {
+        // The GPU tracks' last batches first (they write through the same lock).
+        drop(guard);
+        for p in gpu_pending()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            flush_gpu(p);
+        }
+        guard = trace().lock().unwrap_or_else(|e| e.into_inner());
+    }
     let t = guard.as_mut()?;
     if t.finished {
         return None;
@@ -329,6 +516,8 @@ struct Record {
     table_key: Option<String>,
     shapes: Option<String>,
     start: Instant,
+    /// The device and the stream mark before the op's kernels ([`Scope::on_gpu`]).
+    gpu: Option<(CudaDevice, StreamMark)>,
 }
 
 /// Records the time from its creation to its drop: an op dispatch in the profile table and on
@@ -343,6 +532,10 @@ impl Drop for Scope {
             return;
         };
         let end = Instant::now();
+        // The closing mark goes on the stream first, before this thread spends time writing.
+        let gpu = r
+            .gpu
+            .and_then(|(dev, start)| mark(&dev).map(|end| (dev, start, end)));
         if let Some(k) = r.table_key {
             let secs = end.duration_since(r.start).as_secs_f64();
             let mut t = table().lock().unwrap_or_else(|e| e.into_inner());
@@ -352,6 +545,33 @@ impl Drop for Scope {
         }
         if tracing() {
             trace_event(&r.name, r.cat, r.start, end, r.shapes.as_deref());
+        }
+        if let Some((dev, start, end)) = gpu {
+            let cat = if r.cat == "op" { "gpu" } else { "gpu,backward" };
+            push_gpu_op(
+                &dev,
+                GpuOp {
+                    name: r.name,
+                    cat,
+                    shapes: r.shapes,
+                    start,
+                    end,
+                },
+            );
+        }
+    }
+}
+
+impl Scope {
+    /// For an op about to queue work on `dev`: with a timeline, marks the stream so that the
+    /// op's kernels get their GPU time on the device's track (call it before the launches; the
+    /// closing mark is recorded when the scope drops).
+    pub fn on_gpu(&mut self, dev: &CudaDevice) {
+        if !tracing() {
+            return;
+        }
+        if let Some(r) = self.record.as_mut().filter(|r| r.table_key.is_some()) {
+            r.gpu = mark(dev).map(|m| (dev.clone(), m));
         }
     }
 }
@@ -379,6 +599,7 @@ pub fn scope(op: &'static str, shapes: impl FnOnce() -> String) -> Scope {
             table_key: Some(table_key),
             shapes,
             start: Instant::now(),
+            gpu: None,
         }),
     }
 }
@@ -398,6 +619,7 @@ pub fn span(name: impl FnOnce() -> String) -> Scope {
             table_key: None,
             shapes: None,
             start: Instant::now(),
+            gpu: None,
         }),
     }
 }

@@ -121,7 +121,7 @@ pub(crate) fn dispatch(
         .first()
         .map(|t| t.device().clone())
         .unwrap_or(Device::Cpu);
-    let _timer = mvar_engine::profile::scope(op, || shapes_of(ts));
+    let mut timer = mvar_engine::profile::scope(op, || shapes_of(ts));
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     match &device {
         Device::Cpu => {
@@ -142,6 +142,7 @@ pub(crate) fn dispatch(
                     }),
                 })
                 .collect::<Result<_>>()?;
+            timer.on_gpu(dev);
             let out = cuda_fn(dev, &bufs)?;
             if mvar_engine::profile::synchronous() {
                 dev.synchronize()?;

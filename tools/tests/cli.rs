@@ -352,6 +352,27 @@ fn a_profiled_run_writes_a_timeline_of_its_steps_and_ops() {
             .any(|e| e["cat"] == "op,backward" && name(e).ends_with(" (backward)") && inside(e)));
     }
     assert!(!spans("MVAR scale 0 (1x1)").is_empty());
+    // On a GPU, a second track holds the ops' GPU times, read in batches at a device sync each.
+    let gpu: Vec<&serde_json::Value> = complete
+        .iter()
+        .copied()
+        .filter(|e| e["cat"].as_str().is_some_and(|c| c.starts_with("gpu")))
+        .collect();
+    if device() == "cpu" {
+        assert!(gpu.is_empty(), "GPU times in a CPU run: {:?}", gpu[0]);
+    } else {
+        assert!(events.iter().any(|e| e["ph"] == "M"
+            && e["tid"] == 1000
+            && e["args"]["name"] == "cuda:0 (GPU time)"));
+        assert!(gpu
+            .iter()
+            .all(|e| e["tid"] == 1000 && e["dur"].as_f64() >= Some(0.0)));
+        assert!(gpu
+            .iter()
+            .any(|e| name(e) == "matmul" && e["args"]["shapes"].is_string()));
+        assert!(gpu.iter().any(|e| e["cat"] == "gpu,backward"));
+        assert!(!spans("timeline: reading").is_empty());
+    }
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -110,7 +110,8 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports;
 #           with the benches phase's log, benches/compare.py puts both in logs/comparison.md
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
-#           memory, and their ratios (the MVAR paper's Table 2)
+#           memory, and their ratios (the MVAR paper's Table 2); then a short run of the same
+#           under MVAR_PROFILE=trace, whose timeline (host ops, GPU kernels) lands in logs/
 # e.g. `bash gpu-bundle/run-all.sh tests model`, then `bash gpu-bundle/run-all.sh benches torch`
 # (benches and torch in one call, for the comparison),
 # to keep each call of a time-limited machine short. Each phase prints its duration.
@@ -356,6 +357,14 @@ phase_model() {
   run_for "$STEP_SECS" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --steps 10 \
     --json "$LOGS/mvar-bench.jsonl" 2>&1 | tee "$LOGS/mvar-bench.log"
   outcome "mvar bench" "${PIPESTATUS[0]}"
+  # A timeline of the same models (few steps, one sampling batch) for Perfetto: the ops on the
+  # host and their kernels on the GPU track (MVAR_PROFILE=trace), to see where a step's time
+  # goes. Separate from the figures above: reading the GPU times adds a device sync per batch.
+  budget_for "timeline" 180 || return
+  echo "== timeline of a VAR-d16 and MVAR-d16 step and sampling batch (at most $STEP_SECS s)"
+  MVAR_PROFILE="trace=$LOGS/timeline-d16.json" run_for "$STEP_SECS" "$BIN/mvar" bench \
+    --model var-d16 --model mvar-d16 --steps 2 --sample-reps 1 > "$LOGS/timeline-d16.log" 2>&1
+  outcome "timeline" "$?" "log: $LOGS/timeline-d16.log" && grep -E '^trace' "$LOGS/timeline-d16.log"
 }
 
 for p in "${PHASES[@]}"; do

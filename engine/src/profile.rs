@@ -19,6 +19,10 @@
 //! in batches (every 1024 ops or second, and at the end), with one device synchronisation per
 //! batch, shown as a span. So, without `sync`, the host track shows what launching costs and
 //! the GPU track what the kernels take and where the GPU waits, as Nsight Systems would.
+//!
+//! Memory shows as counter tracks, sampled as each op ends and written when it moved by 1 MiB
+//! or more: the host heap's live bytes (when the binary registers a probe, [`set_host_memory`];
+//! `mvar` counts its allocations) and, per GPU, the caching allocator's bytes in use and cached.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -190,6 +194,24 @@ impl<W: Write> TraceWriter<W> {
         ))
     }
 
+    /// A counter sample: `series` (name, value) of counter `name` at `ts_us`.
+    pub fn counter(
+        &mut self,
+        name: &str,
+        ts_us: f64,
+        series: &[(&str, f64)],
+    ) -> std::io::Result<()> {
+        let args: Vec<String> = series
+            .iter()
+            .map(|(k, v)| format!("{}:{v:.3}", json_string(k)))
+            .collect();
+        self.event(&format!(
+            r#"{{"name":{},"ph":"C","ts":{ts_us:.3},"pid":1,"tid":0,"args":{{{}}}}}"#,
+            json_string(name),
+            args.join(",")
+        ))
+    }
+
     /// Events written so far, metadata included.
     pub fn events(&self) -> u64 {
         self.events
@@ -334,6 +356,65 @@ fn name_track(track: Track) {
         let _ = t
             .writer
             .thread_name(track.tid, &format!("cuda:{} (GPU time)", track.ordinal));
+    }
+}
+
+/// Where the host heap's live bytes come from ([`set_host_memory`]).
+static HOST_MEMORY: OnceLock<fn() -> usize> = OnceLock::new();
+
+/// Registers the probe of the host heap's live bytes for the timeline's memory counter (the
+/// engine cannot count allocations itself: that takes the binary's global allocator).
+pub fn set_host_memory(probe: fn() -> usize) {
+    let _ = HOST_MEMORY.set(probe);
+}
+
+/// A counter sample is written when its value moved by this much since the last one written.
+const COUNTER_STEP_BYTES: usize = 1 << 20;
+
+/// Writes a counter sample of `name` at `ts_us` if `bytes` moved by [`COUNTER_STEP_BYTES`] from
+/// the last one written (`last`: that value, `usize::MAX` before the first).
+fn memory_counter(
+    name: &str,
+    last: &std::sync::atomic::AtomicUsize,
+    ts_us: f64,
+    bytes: usize,
+    extra: Option<(&str, usize)>,
+) {
+    let before = last.load(Ordering::Relaxed);
+    if before != usize::MAX && before.abs_diff(bytes) < COUNTER_STEP_BYTES {
+        return;
+    }
+    last.store(bytes, Ordering::Relaxed);
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let mut series = vec![("MiB", mib(bytes))];
+    if let Some((k, b)) = extra {
+        series.push((k, mib(b)));
+    }
+    let mut guard = trace().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = guard.as_mut().filter(|t| !t.finished) {
+        let _ = t.writer.counter(name, ts_us, &series);
+    }
+}
+
+/// The memory counters after an op that ended at `end` (on `dev` for a GPU op).
+fn memory_counters(end: Instant, dev: Option<&CudaDevice>) {
+    use std::sync::atomic::AtomicUsize;
+    static HOST_LAST: AtomicUsize = AtomicUsize::new(usize::MAX);
+    static GPU_LAST: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let ts = micros(end);
+    if let Some(probe) = HOST_MEMORY.get() {
+        memory_counter("host heap (live)", &HOST_LAST, ts, probe(), None);
+    }
+    if let Some(dev) = dev {
+        let stats = dev.memory_stats();
+        // One device's counter: the engine drives one GPU at a time.
+        memory_counter(
+            &format!("cuda:{} memory (allocator in use; cached)", dev.ordinal()),
+            &GPU_LAST,
+            ts,
+            stats.in_use_bytes,
+            Some(("cached MiB", stats.cached_bytes)),
+        );
     }
 }
 
@@ -532,6 +613,7 @@ impl Drop for Scope {
             return;
         };
         let end = Instant::now();
+        let is_op = r.table_key.is_some();
         // The closing mark goes on the stream first, before this thread spends time writing.
         let gpu = r
             .gpu
@@ -545,6 +627,9 @@ impl Drop for Scope {
         }
         if tracing() {
             trace_event(&r.name, r.cat, r.start, end, r.shapes.as_deref());
+            if is_op {
+                memory_counters(end, gpu.as_ref().map(|(dev, _, _)| dev));
+            }
         }
         if let Some((dev, start, end)) = gpu {
             let cat = if r.cat == "op" { "gpu" } else { "gpu,backward" };

@@ -77,6 +77,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     progress::install_interrupt_handler();
+    // The timeline's host-memory counter (MVAR_PROFILE=trace) reads this binary's heap count.
+    mvar_engine::profile::set_host_memory(heap::live_bytes);
     let result = match cli.command {
         Command::Info => info(),
         Command::Demo(args) => with_device(|d| demo::run(*args, d)),

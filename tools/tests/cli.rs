@@ -358,7 +358,20 @@ fn a_profiled_run_writes_a_timeline_of_its_steps_and_ops() {
         .copied()
         .filter(|e| e["cat"].as_str().is_some_and(|c| c.starts_with("gpu")))
         .collect();
+    // Memory counters: the host heap always, the GPU allocator on a GPU.
+    let counters = |prefix: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e["ph"] == "C"
+                    && name(e).starts_with(prefix)
+                    && e["args"]["MiB"].as_f64().is_some_and(|m| m > 0.0)
+            })
+            .count()
+    };
+    assert!(counters("host heap (live)") > 0);
     if device() == "cpu" {
+        assert_eq!(counters("cuda:"), 0);
         assert!(gpu.is_empty(), "GPU times in a CPU run: {:?}", gpu[0]);
     } else {
         assert!(events.iter().any(|e| e["ph"] == "M"
@@ -372,6 +385,7 @@ fn a_profiled_run_writes_a_timeline_of_its_steps_and_ops() {
             .any(|e| name(e) == "matmul" && e["args"]["shapes"].is_string()));
         assert!(gpu.iter().any(|e| e["cat"] == "gpu,backward"));
         assert!(!spans("timeline: reading").is_empty());
+        assert!(counters("cuda:0 memory") > 0);
     }
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -222,10 +222,6 @@ impl<W: Write> TraceWriter<W> {
         self.out.write_all(b"\n]\n")?;
         self.out.flush()
     }
-
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
 }
 
 /// `s` as a JSON string literal.
@@ -750,11 +746,6 @@ pub fn report_text() -> String {
         s += "\n";
     }
     s
-}
-
-/// The path of the timeline file, when one is written.
-pub fn trace_path() -> Option<&'static Path> {
-    mode().trace.as_deref()
 }
 
 #[cfg(test)]

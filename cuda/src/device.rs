@@ -103,8 +103,8 @@ impl StreamMark {
     }
 }
 
-impl std::fmt::Debug for StreamMark {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for StreamMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("StreamMark")
     }
 }

@@ -15,8 +15,8 @@
 // parameter buffer (tied weights), which keeps the CPU's one-after-the-other semantics.
 // - adamw_multi: PyTorch's AdamW update of the f32 master weights and the f32 moments in place;
 //   gradients are f32 or bf16 (flag bit 1), read through Io.
-// - sumsq_multi: each thread sums g^2 over its elements, the block reduces with warp shuffles,
-//   and thread 0 writes the block's total to its own slot of `partials`; the host reads the
+// - sumsq_multi: each thread sums g^2 over its elements, the block reduces them (block_sum:
+//   warp shuffles, then the warps' totals), and thread 0 writes the block's total to its own slot of `partials`; the host reads the
 //   partials back (the one synchronisation it needs anyway) and adds them in block order. No
 //   atomics: an atomic add into one double would finish in the blocks' arrival order, so the
 //   norm's last bits (and through clipping, the weights) could differ between two runs of the
@@ -118,14 +118,6 @@ extern "C" __global__ void sumsq_multi(const TensorEntry* table, int count, i64 
         double gd = (double)g;
         s += gd * gd;
     }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    s = warp_sum(s);
-    if (lane == 0) scratch[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-        int warps = (blockDim.x + 31) >> 5;
-        s = (lane < warps) ? scratch[lane] : 0.0;
-        s = warp_sum(s);
-        if (lane == 0) partials[blockIdx.x] = s;
-    }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }

@@ -154,7 +154,12 @@ pub fn no_weight_decay(name: &str, t: &Tensor) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArStepStats {
     pub step: u64,
+    /// The official loss: the batch mean of the trained tokens' cross-entropy summed and divided
+    /// by all L tokens of the pyramid (an MVAR step that trains some scales scores less).
     pub loss: f64,
+    /// The mean cross-entropy per trained token (nats): `loss` x L / the trained tokens, the
+    /// figure to hold against a held-out loss per token.
+    pub token_loss: f64,
     /// Top-1 accuracy over the trained tokens.
     pub accuracy: f64,
     pub lr: f64,
@@ -309,6 +314,7 @@ impl ArTrainer {
         Ok(ArStepStats {
             step: self.step,
             loss: loss_v,
+            token_loss: loss_v * l as f64 / (ed - bg) as f64,
             accuracy,
             lr,
             grad_norm,

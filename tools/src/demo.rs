@@ -81,6 +81,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             preprocess: args.preprocess,
             split: "train".into(),
             val_split: "test".into(),
+            eval_every: 500,
             out: tok_dir.clone(),
             steps: args.tokenizer_steps,
             batch: 16,
@@ -127,6 +128,9 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             data: args.data.clone(),
             preprocess: args.preprocess,
             split: "train".into(),
+            val_split: "test".into(),
+            eval_every: 200,
+            val_images: 0,
             out: model_dir.clone(),
             steps: args.model_steps,
             epochs: Some(args.model_epochs),
@@ -198,12 +202,16 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     )?;
     println!("== 5/5 plots");
     let tok = smooth(&read_metric(&tok_dir.join("metrics.jsonl"), "loss"), 20);
-    let model = smooth(&read_metric(&model_dir.join("metrics.jsonl"), "loss"), 20);
+    let model = smooth(
+        &read_metric(&model_dir.join("metrics.jsonl"), "token_loss"),
+        20,
+    );
+    let held_out = read_metric(&model_dir.join("val.jsonl"), "loss");
     let lr = read_metric(&model_dir.join("metrics.jsonl"), "lr");
     let loss_png = args.out.join("loss.png");
     line_plot(
         &loss_png,
-        "training loss (moving average of 20 steps)",
+        "loss (training: moving average of 20 steps)",
         "step",
         &[
             Series {
@@ -212,9 +220,14 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
                 color: [30, 90, 200],
             },
             Series {
-                name: "transformer",
+                name: "transformer, per token",
                 points: &model,
                 color: [200, 40, 40],
+            },
+            Series {
+                name: "transformer, held-out",
+                points: &held_out,
+                color: [230, 140, 20],
             },
         ],
         true,

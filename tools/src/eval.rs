@@ -113,6 +113,75 @@ impl From<&ScaleEval> for ScaleReport {
     }
 }
 
+/// Teacher-forced figures of a model over the first rows of a token cache.
+#[derive(Debug, Clone)]
+pub struct HeldOut {
+    pub scales: Vec<ScaleEval>,
+    /// Mean cross-entropy (nats) and top-1 accuracy over every scored token.
+    pub loss: f64,
+    pub accuracy: f64,
+    pub sequences: usize,
+}
+
+/// Scores the first `rows` rows of `cache` with the forwards the trainer uses (no gradients, no
+/// dropout or class dropping), `batch` sequences at a time: only one batch of token maps is on
+/// the device at once, so a held-out set of any size fits.
+pub fn teacher_forced(
+    model: &mvar_models::trainer::ArModel,
+    cache: &TokenCache,
+    rows: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<HeldOut> {
+    let rows = rows.min(cache.len());
+    if rows == 0 {
+        return Err(Error::invalid(
+            "teacher-forced evaluation",
+            format!(
+                "{} holds no sequences: expected at least one held-out image",
+                cache.path().display()
+            ),
+        ));
+    }
+    let batch = batch.max(1);
+    let mut scales: Vec<ScaleEval> = Vec::new();
+    for start in (0..rows).step_by(batch) {
+        let idx: Vec<usize> = (start..rows.min(start + batch)).collect();
+        let (gt, x_in, labels) = cache.batch(&idx, device)?;
+        let part = evaluate_tokens(model, &labels, &gt, &x_in, batch)?;
+        if scales.is_empty() {
+            scales = part
+                .iter()
+                .map(|s| ScaleEval {
+                    loss: 0.0,
+                    accuracy: 0.0,
+                    tokens: 0,
+                    ..s.clone()
+                })
+                .collect();
+        }
+        // Sums over tokens here, means at the end.
+        for (sum, s) in scales.iter_mut().zip(&part) {
+            sum.loss += s.loss * s.tokens as f64;
+            sum.accuracy += s.accuracy * s.tokens as f64;
+            sum.tokens += s.tokens;
+        }
+    }
+    let total: usize = scales.iter().map(|s| s.tokens).sum();
+    let loss = scales.iter().map(|s| s.loss).sum::<f64>() / total.max(1) as f64;
+    let accuracy = scales.iter().map(|s| s.accuracy).sum::<f64>() / total.max(1) as f64;
+    for s in &mut scales {
+        s.loss /= s.tokens.max(1) as f64;
+        s.accuracy /= s.tokens.max(1) as f64;
+    }
+    Ok(HeldOut {
+        scales,
+        loss,
+        accuracy,
+        sequences: rows,
+    })
+}
+
 pub fn run(args: EvalArgs, device: &Device) -> Result<()> {
     evaluate(&args, device).map(|_| ())
 }
@@ -158,16 +227,12 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
         false,
         device,
     )?;
-    let rows: Vec<usize> = (0..cache.len()).collect();
-    let (gt, x_in, labels) = cache.batch(&rows, device)?;
-    let scales = evaluate_tokens(&model, &labels, &gt, &x_in, args.batch)?;
-    let total: usize = scales.iter().map(|s| s.tokens).sum();
-    let val_loss = scales.iter().map(|s| s.loss * s.tokens as f64).sum::<f64>() / total as f64;
-    let token_accuracy = scales
-        .iter()
-        .map(|s| s.accuracy * s.tokens as f64)
-        .sum::<f64>()
-        / total as f64;
+    let HeldOut {
+        scales,
+        loss: val_loss,
+        accuracy: token_accuracy,
+        ..
+    } = teacher_forced(&model, &cache, cache.len(), args.batch, device)?;
     println!(
         "{} on {} held-out images ({} split of {}):",
         info.kind,

@@ -2,7 +2,7 @@
 //! in a built-in 5x7 bitmap font, and one polyline per series. Enough for loss and
 //! learning-rate curves that a fresh machine can write without system fonts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use mvar_engine::Result;
 
@@ -328,6 +328,69 @@ pub fn read_metric(path: &Path, key: &str) -> Vec<(f64, f64)> {
             Some((v["step"].as_f64()?, v[key].as_f64()?))
         })
         .collect()
+}
+
+/// Plots a training folder's curve of the first of `train_keys` that its metrics.jsonl has (as a
+/// moving average of 20 steps) and, where the folder has a val.jsonl, the held-out figures of
+/// `held_out_key` in it, into `dir/file`; returns the file's path.
+pub fn training_and_held_out(
+    dir: &Path,
+    file: &str,
+    title: &str,
+    train_keys: &[&str],
+    held_out_key: &str,
+    log_y: bool,
+) -> Result<PathBuf> {
+    let metrics = dir.join("metrics.jsonl");
+    let train = train_keys
+        .iter()
+        .map(|k| read_metric(&metrics, k))
+        .find(|points| !points.is_empty())
+        .unwrap_or_default();
+    let train = smooth(&train, 20);
+    let held_out = read_metric(&dir.join("val.jsonl"), held_out_key);
+    let mut series = vec![Series {
+        name: "training (20-step mean)",
+        points: &train,
+        color: [200, 40, 40],
+    }];
+    if !held_out.is_empty() {
+        series.push(Series {
+            name: "held-out",
+            points: &held_out,
+            color: [30, 90, 200],
+        });
+    }
+    let path = dir.join(file);
+    line_plot(&path, title, "step", &series, log_y)?;
+    Ok(path)
+}
+
+/// The curves of `mvar train`: `loss.png` (training and held-out loss per token) and `lr.png`.
+pub fn transformer_curves(dir: &Path, what: &str) -> Result<(PathBuf, PathBuf)> {
+    // Per token where the file has it: an MVAR step's official loss divides by all the
+    // pyramid's tokens, so it would sit below the held-out loss per token.
+    let loss_png = training_and_held_out(
+        dir,
+        "loss.png",
+        &format!("{what} loss (nats per token)"),
+        &["token_loss", "loss"],
+        "loss",
+        true,
+    )?;
+    let lr_png = dir.join("lr.png");
+    line_plot(
+        &lr_png,
+        &format!("{what} learning rate"),
+        "step",
+        &[Series {
+            name: "lr",
+            points: &read_metric(&dir.join("metrics.jsonl"), "lr"),
+            color: [20, 140, 60],
+        }],
+        false,
+    )?;
+    Ok((loss_png, lr_png))
 }
 
 /// Moving average over `window` points (plots of noisy per-step losses).

@@ -4,17 +4,20 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
+use mvar_models::metrics::ScaleEval;
 use mvar_models::trainer::{ArTrainConfig, ArTrainer};
-use mvar_models::{MvarConfig, VarConfig};
+use mvar_models::{MvarConfig, VarConfig, VqVae};
 
 use crate::common::{
-    batch_indices, build_model, io, load_tokenizer, load_training_split, ModelInfo, PreprocessArg,
+    batch_indices, build_model, io, load_split, load_tokenizer, load_training_split, ModelInfo,
+    PreprocessArg,
 };
+use crate::eval::{teacher_forced, HeldOut};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use crate::sample::SamplingArgs;
 use crate::token_cache::TokenCache;
@@ -103,6 +106,17 @@ pub struct TrainArgs {
     pub preprocess: PreprocessArg,
     #[arg(long, default_value = "train")]
     pub split: String,
+    /// The held-out split scored during training: teacher-forced loss and token accuracy per
+    /// scale, into val.jsonl and the loss plot. Skipped when the data set has no such split.
+    #[arg(long, default_value = "test")]
+    pub val_split: String,
+    /// Score the held-out split before the first step, every this many steps and after the
+    /// last (0: never).
+    #[arg(long, default_value_t = 250)]
+    pub eval_every: u64,
+    /// At most this many held-out images per evaluation, the first ones of the split (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub val_images: usize,
     #[arg(long, default_value = "runs/mvar")]
     pub out: PathBuf,
     #[arg(long, default_value_t = 2000)]
@@ -190,6 +204,11 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         cache.seq_len(),
         t0.elapsed().as_secs_f64()
     );
+    let held_out = if args.eval_every == 0 {
+        None
+    } else {
+        held_out_cache(&args, &vae, train.classes(), side, device)?
+    };
     if let Some(epochs) = args.epochs {
         if !(epochs.is_finite() && epochs > 0.0) {
             return Err(Error::invalid(
@@ -408,6 +427,30 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     )?;
     let n = cache.len();
     let tokens_per_row = cache.seq_len();
+    // The held-out figures: val.jsonl, cut back on resume as metrics.jsonl is. A fresh run scores
+    // the untrained model first (the curve's start, and the cost a --minutes budget plans for).
+    let mut validation = match held_out {
+        Some(held_out) => Some(Validation {
+            log: Metrics::open(
+                &args.out.join("val.jsonl"),
+                args.resume.then(|| trainer.step_count()),
+            )?,
+            rows: match args.val_images {
+                0 => held_out.len(),
+                k => k.min(held_out.len()),
+            },
+            cache: held_out,
+            batch: match args.micro_batch {
+                0 => args.batch,
+                m => m.min(args.batch),
+            },
+            seconds: 0.0,
+        }),
+        None => None,
+    };
+    if let Some(v) = validation.as_mut().filter(|_| !args.resume) {
+        println!("{}", v.run(&trainer, device)?);
+    }
     let start = Instant::now();
     let first = trainer.step_count();
     let progress = Progress::new(&info.kind, first, args.steps);
@@ -432,17 +475,20 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         // `{}` of an f64 is its shortest exact decimal: a resumed run's curve can be compared
         // with an uninterrupted one bit for bit.
         metrics.write(&format!(
-            "{{\"step\":{},\"loss\":{},\"accuracy\":{},\"lr\":{},\"grad_norm\":{},\"scales\":[{},{}]}}",
-            s.step, s.loss, s.accuracy, s.lr, s.grad_norm, s.scales.start, s.scales.end
+            "{{\"step\":{},\"loss\":{},\"token_loss\":{},\"accuracy\":{},\"lr\":{},\"grad_norm\":{},\"scales\":[{},{}]}}",
+            s.step, s.loss, s.token_loss, s.accuracy, s.lr, s.grad_norm, s.scales.start, s.scales.end
         ))?;
         if let Some(min) = args.minutes.filter(|_| s.step - first == CALIBRATION_STEPS) {
+            // The evaluations still to come: one per --eval-every steps, and the last.
+            let eval_seconds = validation.as_ref().map_or(0.0, |v| v.seconds);
+            let per_step_eval = eval_seconds / args.eval_every.max(1) as f64;
             let (total, line) = crate::common::budget_total_steps(
                 min,
                 0.08,
                 args.steps,
                 s.step,
-                t_cmd.elapsed(),
-                start.elapsed(),
+                t_cmd.elapsed() + Duration::from_secs_f64(eval_seconds),
+                start.elapsed() + Duration::from_secs_f64(per_step_eval * CALIBRATION_STEPS as f64),
                 CALIBRATION_STEPS,
             );
             args.steps = total;
@@ -465,10 +511,11 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         );
         if s.step % args.log_every == 0 || s.step == args.steps {
             progress.println(format!(
-                "step {:>6}/{} loss {:.4} acc {:.3} lr {:.2e} |g| {:.3}, {:.2} steps/s, {:.0} img/s, eta {:.0}s",
+                "step {:>6}/{} loss {:.4} ({:.4} per token) acc {:.3} lr {:.2e} |g| {:.3}, {:.2} steps/s, {:.0} img/s, eta {:.0}s",
                 s.step,
                 args.steps,
                 s.loss,
+                s.token_loss,
                 s.accuracy,
                 s.lr,
                 s.grad_norm,
@@ -477,9 +524,16 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 (args.steps - s.step) as f64 / rate.max(1e-9)
             ));
         }
+        if let Some(v) = validation
+            .as_mut()
+            .filter(|_| s.step % args.eval_every == 0 || s.step == args.steps)
+        {
+            progress.println(v.run(&trainer, device)?);
+        }
         if s.step % args.checkpoint_every == 0 {
             save(&trainer, &rng, args.seed)?;
             last_saved = s.step;
+            crate::plot::transformer_curves(&args.out, &info.kind)?;
         }
         if interrupted() {
             save(&trainer, &rng, args.seed)?;
@@ -494,6 +548,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     }
     progress.finish();
     save(&trainer, &rng, args.seed)?;
+    let (loss_png, lr_png) = crate::plot::transformer_curves(&args.out, &info.kind)?;
     let weights = args.out.join("model.safetensors");
     trainer.model.var().save(&weights)?;
     write_atomic(
@@ -506,11 +561,119 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let sc = args.sampling.config();
     crate::sample::class_grid(&trainer.model, &vae, &info, 8, sc, args.seed, &grid)?;
     println!(
-        "wrote {}, {}, {} and {}",
+        "wrote {}, {}, {}{}, {}, {} and {}",
         weights.display(),
         args.out.join("model.json").display(),
         metrics.path().display(),
+        validation
+            .as_ref()
+            .map(|v| format!(", {}", v.log.path().display()))
+            .unwrap_or_default(),
+        loss_png.display(),
+        lr_png.display(),
         grid.display()
     );
     Ok(())
+}
+
+/// The held-out split's token cache (no flips), or None, with a line saying so, when the data
+/// set has no such split.
+fn held_out_cache(
+    args: &TrainArgs,
+    vae: &VqVae,
+    train_classes: &[String],
+    side: usize,
+    device: &Device,
+) -> Result<Option<TokenCache>> {
+    let Some(val) = load_split(&args.data, &args.val_split, side, args.preprocess)? else {
+        println!(
+            "validation: no held-out split {:?} in {} ({}.bin or the folder {}/): none during training",
+            args.val_split,
+            args.data.display(),
+            args.val_split,
+            args.val_split
+        );
+        return Ok(None);
+    };
+    if val.classes() != train_classes {
+        return Err(Error::invalid(
+            "mvar train",
+            format!(
+                "the held-out split {:?} of {} has the classes {:?}; the training split has {:?} (expected the same, in the same order)",
+                args.val_split,
+                args.data.display(),
+                val.classes(),
+                train_classes
+            ),
+        ));
+    }
+    let (cache, _) =
+        TokenCache::open_or_build(&args.tokenizer, &args.val_split, vae, &val, false, device)?;
+    println!(
+        "validation: {} of the {} held-out images of the {:?} split, before the first step, every {} steps and after the last, into val.jsonl{}",
+        match args.val_images {
+            0 => cache.len(),
+            k => k.min(cache.len()),
+        },
+        cache.len(),
+        args.val_split,
+        args.eval_every,
+        if args.val_split == args.split {
+            " (it is the training split: these figures measure fit, not generalisation)"
+        } else {
+            ""
+        }
+    );
+    Ok(Some(cache))
+}
+
+/// Scores the held-out split during training.
+struct Validation {
+    cache: TokenCache,
+    rows: usize,
+    batch: usize,
+    log: Metrics,
+    /// What the last evaluation took.
+    seconds: f64,
+}
+
+impl Validation {
+    /// Scores the model as it is now (in the training precision, no gradients, nothing drawn
+    /// from the training's generator, so the training curve is the same with or without it),
+    /// appends the figures to val.jsonl and returns the line to print.
+    fn run(&mut self, trainer: &ArTrainer, device: &Device) -> Result<String> {
+        let t0 = Instant::now();
+        let figures: HeldOut = {
+            let _precision = mvar_engine::autocast(trainer.config.autocast)?;
+            teacher_forced(&trainer.model, &self.cache, self.rows, self.batch, device)?
+        };
+        self.seconds = t0.elapsed().as_secs_f64();
+        let step = trainer.step_count();
+        let list = |f: fn(&ScaleEval) -> f64| {
+            figures
+                .scales
+                .iter()
+                .map(|s| f(s).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        self.log.write(&format!(
+            "{{\"step\":{step},\"loss\":{},\"accuracy\":{},\"sequences\":{},\"scale_loss\":[{}],\"scale_accuracy\":[{}]}}",
+            figures.loss,
+            figures.accuracy,
+            figures.sequences,
+            list(|s| s.loss),
+            list(|s| s.accuracy)
+        ))?;
+        let last = figures.scales.last();
+        Ok(format!(
+            "held-out at step {step}: loss per token {:.4}, accuracy {:.3} (last scale {:.4}, {:.3}), {} images, {:.1}s",
+            figures.loss,
+            figures.accuracy,
+            last.map_or(f64::NAN, |s| s.loss),
+            last.map_or(f64::NAN, |s| s.accuracy),
+            figures.sequences,
+            self.seconds
+        ))
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use mvar_engine::{Device, Error, Generator, Result};
@@ -13,7 +13,7 @@ use mvar_models::data::{grid, save_png, Crop};
 
 use crate::common::{batch_indices, load_split, load_training_split, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
-use mvar_models::tokenizer::{evaluate, TokenizerTrainConfig, TokenizerTrainer};
+use mvar_models::tokenizer::{evaluate, EvalStats, TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::{VqVae, VqVaeConfig};
 
 #[derive(Args, Debug, Clone)]
@@ -30,6 +30,11 @@ pub struct TrainTokenizerArgs {
     /// Split used for evaluation (skipped when it does not exist).
     #[arg(long, default_value = "test")]
     pub val_split: String,
+    /// Score the evaluation split (reconstruction PSNR, codebook usage per scale) before the
+    /// first step, every this many steps and after the last, into val.jsonl and psnr.png (0:
+    /// only after the last, into report.json).
+    #[arg(long, default_value_t = 500)]
+    pub eval_every: u64,
     /// Output folder for checkpoints, metrics and images.
     #[arg(long, default_value = "runs/tokenizer")]
     pub out: PathBuf,
@@ -251,6 +256,50 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         &args.out.join("metrics.jsonl"),
         args.resume.then(|| trainer.step_count()),
     )?;
+    // The held-out figures during training: val.jsonl, cut back on resume as metrics.jsonl is.
+    let mut val_log = match (&val, args.eval_every) {
+        (Some(_), 1..) => Some(Metrics::open(
+            &args.out.join("val.jsonl"),
+            args.resume.then(|| trainer.step_count()),
+        )?),
+        _ => None,
+    };
+    // The last evaluation of the held-out split: its step and figures (the report reuses the
+    // one after the last step), and what it took (a --minutes budget plans for the rest).
+    let mut last_val: Option<(u64, EvalStats)> = None;
+    let mut eval_seconds = 0.0;
+    let score_held_out = |trainer: &TokenizerTrainer,
+                          log: &mut Metrics,
+                          last_val: &mut Option<(u64, EvalStats)>,
+                          eval_seconds: &mut f64|
+     -> Result<String> {
+        let t0 = Instant::now();
+        let e = evaluate(&trainer.vae, val.as_ref().unwrap_or(&train), 64, device)?;
+        *eval_seconds = t0.elapsed().as_secs_f64();
+        let step = trainer.step_count();
+        log.write(&format!(
+            "{{\"step\":{step},\"psnr\":{},\"images\":{},\"usage\":[{}]}}",
+            e.psnr,
+            e.images,
+            e.usage
+                .iter()
+                .map(f64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ))?;
+        let line = format!(
+            "held-out at step {step}: reconstruction PSNR {:.2} dB over {} images, {:.1}s",
+            e.psnr, e.images, eval_seconds
+        );
+        *last_val = Some((step, e));
+        Ok(line)
+    };
+    if let Some(log) = val_log.as_mut().filter(|_| !args.resume) {
+        println!(
+            "{}",
+            score_held_out(&trainer, log, &mut last_val, &mut eval_seconds)?
+        );
+    }
     let start = Instant::now();
     let first = trainer.step_count();
     let mut last_saved = first;
@@ -287,13 +336,20 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         if let Some(min) = args.minutes {
             let since = s.step - first;
             if since == CALIBRATION_STEPS {
+                // The evaluations still to come: one per --eval-every steps, and the last
+                // (the later re-planning windows hold their share of them).
+                let (per_step_eval, last_eval) = match val_log {
+                    Some(_) => (eval_seconds / args.eval_every as f64, eval_seconds),
+                    None => (0.0, 0.0),
+                };
                 let (total, line) = crate::common::budget_total_steps(
                     min,
                     0.1,
                     args.steps,
                     s.step,
-                    t_cmd.elapsed(),
-                    start.elapsed(),
+                    t_cmd.elapsed() + Duration::from_secs_f64(last_eval),
+                    start.elapsed()
+                        + Duration::from_secs_f64(per_step_eval * CALIBRATION_STEPS as f64),
                     CALIBRATION_STEPS,
                 );
                 args.steps = total;
@@ -342,9 +398,21 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
                 if s.restarted > 0 { format!(", {} codes restarted", s.restarted) } else { String::new() }
             ));
         }
+        if let Some(log) = val_log
+            .as_mut()
+            .filter(|_| s.step % args.eval_every == 0 || s.step == args.steps)
+        {
+            progress.println(score_held_out(
+                &trainer,
+                log,
+                &mut last_val,
+                &mut eval_seconds,
+            )?);
+        }
         if s.step % args.checkpoint_every == 0 {
             save(&trainer, &rng, args.seed, args.steps)?;
             last_saved = s.step;
+            tokenizer_curves(&args.out)?;
         }
         if interrupted() {
             save(&trainer, &rng, args.seed, args.steps)?;
@@ -369,10 +437,16 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             .as_bytes(),
     )?;
 
+    let (loss_png, psnr_png) = tokenizer_curves(&args.out)?;
     let mut report = serde_json::Map::new();
+    let last_step = trainer.step_count();
+    let mut last_val = last_val.filter(|(step, _)| *step == last_step);
     for (name, ds) in [("train", Some(&train)), ("val", val.as_ref())] {
         let Some(ds) = ds else { continue };
-        let e = evaluate(&trainer.vae, ds, 64, device)?;
+        let e = match last_val.take().filter(|_| name == "val") {
+            Some((_, e)) => e,
+            None => evaluate(&trainer.vae, ds, 64, device)?,
+        };
         let usage: Vec<String> = e
             .usage
             .iter()
@@ -414,12 +488,42 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     let png = args.out.join("recon.png");
     save_png(&png, &px, h, w)?;
     println!(
-        "wrote {}, {}, {}, {} and {}",
+        "wrote {}, {}, {}, {}{}, {}, {} and {}",
         weights.display(),
         cfg_path.display(),
         ckpt.display(),
         metrics.path().display(),
+        val_log
+            .as_ref()
+            .map(|v| format!(", {}", v.path().display()))
+            .unwrap_or_default(),
+        loss_png.display(),
+        psnr_png.display(),
         png.display()
     );
     Ok(())
+}
+
+/// The tokenizer's curves: `loss.png` (training loss) and `psnr.png` (training and held-out
+/// reconstruction PSNR).
+fn tokenizer_curves(dir: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    use crate::plot::training_and_held_out;
+    Ok((
+        training_and_held_out(
+            dir,
+            "loss.png",
+            "tokenizer loss (L1 + L2 + commitment)",
+            &["loss"],
+            "loss",
+            true,
+        )?,
+        training_and_held_out(
+            dir,
+            "psnr.png",
+            "tokenizer reconstruction PSNR (dB)",
+            &["psnr"],
+            "psnr",
+            false,
+        )?,
+    ))
 }

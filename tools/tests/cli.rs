@@ -161,16 +161,42 @@ fn metric_lines(out: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The lines of a training folder's val.jsonl, parsed.
+fn val_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("val.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+/// A data set with a training and a held-out split, and the shared tokenizer.
+fn split_data(root: &Path) -> PathBuf {
+    let data = root.join("data");
+    tiny_images(&data.join("train"));
+    tiny_images(&data.join("test"));
+    data
+}
+
 #[test]
 fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
     use std::os::unix::process::ExitStatusExt;
-    let (data, tok) = tokenizer();
+    let (_, tok) = tokenizer();
     let root = scratch("resume");
+    // With a held-out split scored every 7 steps: val.jsonl must continue as metrics.jsonl does.
+    let data = &split_data(&root);
+    let train_cmd = |data: &Path, tok: &Path, out: &Path, steps: u64| {
+        let mut c = train_cmd(data, tok, out, steps);
+        c.args(["--eval-every", "7"]);
+        c
+    };
     const STEPS: u64 = 300;
     let whole = root.join("whole");
     ok(&mut train_cmd(data, tok, &whole, STEPS));
     let reference = metric_lines(&whole);
     assert_eq!(reference.len(), STEPS as usize);
+    let val_reference = val_lines(&whole);
+    assert_eq!(val_reference.len(), 1 + 300 / 7 + 1, "{val_reference:?}");
 
     let cut = root.join("cut");
     let mut child = train_cmd(data, tok, &cut, STEPS)
@@ -208,10 +234,99 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
             i + 1
         );
     }
+    assert_eq!(
+        val_lines(&cut),
+        val_reference,
+        "the held-out figures differ after resuming (killed after {at_kill} lines)"
+    );
     // A second run into the same folder must not silently replace the checkpoint.
     fails(
         &mut train_cmd(data, tok, &cut, STEPS),
         &["already holds a training checkpoint", "--resume"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Scoring the held-out split during training: before the first step, every --eval-every steps
+/// and after the last, per token and per scale, into val.jsonl and the loss plot; the training
+/// curve is the same bit for bit with or without it. A held-out split of other classes is
+/// refused, naming it.
+#[test]
+fn held_out_scores_during_training_leave_the_training_curve_as_it_is() {
+    let (_, tok) = tokenizer();
+    let root = scratch("validation");
+    let data = split_data(&root);
+    const STEPS: u64 = 12;
+    let plain = root.join("plain");
+    ok(train_cmd(&data, tok, &plain, STEPS).args(["--eval-every", "0"]));
+    assert!(!plain.join("val.jsonl").exists());
+    let scored = root.join("scored");
+    let log = ok(train_cmd(&data, tok, &scored, STEPS).args(["--eval-every", "5"]));
+    assert_eq!(metric_lines(&plain), metric_lines(&scored));
+    let val = val_lines(&scored);
+    let steps: Vec<u64> = val.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 5, 10, 12], "{log}");
+    // The tiny tokenizer's pyramid 1, 2, 4: 1 + 4 + 16 tokens per image, 12 held-out images.
+    let tokens = [1.0, 4.0, 16.0];
+    for v in &val {
+        assert_eq!(v["sequences"], 12, "{v}");
+        let per_scale: Vec<f64> = v["scale_loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(per_scale.len(), 3, "{v}");
+        let mean = per_scale
+            .iter()
+            .zip(tokens)
+            .map(|(l, t)| l * t)
+            .sum::<f64>()
+            / 21.0;
+        let loss = v["loss"].as_f64().unwrap();
+        assert!(
+            (loss - mean).abs() < 1e-9,
+            "{v}: loss {loss}, per-scale mean {mean}"
+        );
+        let acc = v["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{v}");
+    }
+    // Untrained, every one of the 16 codes is about equally likely.
+    let first = val[0]["loss"].as_f64().unwrap();
+    assert!((first - 16f64.ln()).abs() < 0.5, "step 0 loss {first}");
+    assert!(log.contains("held-out at step 12: loss per token"), "{log}");
+    // The training curve in the same units, per token: an MVAR step's official loss over the
+    // scales it trains, times all tokens over those.
+    for l in metric_lines(&scored) {
+        let m: serde_json::Value = serde_json::from_str(&l).unwrap();
+        let (a, b) = (
+            m["scales"][0].as_u64().unwrap(),
+            m["scales"][1].as_u64().unwrap(),
+        );
+        let trained: f64 = tokens[a as usize..b as usize].iter().sum();
+        let want = m["loss"].as_f64().unwrap() * 21.0 / trained;
+        assert!(
+            (m["token_loss"].as_f64().unwrap() - want).abs() < 1e-9 * want,
+            "{l}"
+        );
+    }
+    for png in ["loss.png", "lr.png"] {
+        let img = image::open(scored.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(img.width() > 100, "{png}");
+    }
+
+    let other = root.join("other-classes");
+    tiny_images(&other.join("train"));
+    tiny_images(&other.join("test"));
+    std::fs::rename(other.join("test/blue"), other.join("test/green")).unwrap();
+    fails(
+        &mut train_cmd(&other, tok, &root.join("refused"), STEPS),
+        &[
+            "held-out split \"test\"",
+            "green",
+            "blue",
+            "expected the same",
+        ],
     );
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -259,6 +374,13 @@ fn the_demo_writes_every_file_it_promises() {
         "classifier/metrics.jsonl",
         "loss.png",
         "lr.png",
+        // Each training folder's own curves and held-out figures.
+        "tokenizer/val.jsonl",
+        "tokenizer/loss.png",
+        "tokenizer/psnr.png",
+        "mvar/val.jsonl",
+        "mvar/loss.png",
+        "mvar/lr.png",
     ] {
         let f = out.join(file);
         assert!(
@@ -282,6 +404,14 @@ fn the_demo_writes_every_file_it_promises() {
     assert!(tail.contains("the classifier labels"), "{tail}");
     assert_eq!(metric_lines(&out.join("mvar")).len(), 2);
     assert_eq!(metric_lines(&out.join("tokenizer")).len(), 2);
+    // The held-out split scored before the first step and after the last.
+    for stage in ["tokenizer", "mvar"] {
+        let steps: Vec<_> = val_lines(&out.join(stage))
+            .iter()
+            .map(|v| v["step"].clone())
+            .collect();
+        assert_eq!(steps, [0, 2], "{stage}/val.jsonl");
+    }
     // The report covers the 12 held-out images at every scale of the demo's pyramid and 20
     // samples per class.
     let eval: serde_json::Value =

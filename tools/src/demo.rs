@@ -220,12 +220,12 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
                 color: [30, 90, 200],
             },
             Series {
-                name: "transformer, per token",
+                name: "transformer (per token)",
                 points: &model,
                 color: [200, 40, 40],
             },
             Series {
-                name: "transformer, held-out",
+                name: "transformer held-out",
                 points: &held_out,
                 color: [230, 140, 20],
             },

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -88,10 +88,60 @@ pub fn synchronous() -> bool {
     mode().synchronous
 }
 
-/// True when a timeline is written (`trace`).
+/// True when a timeline is written: `trace` asked for one and its file could be created (the
+/// first call creates it). Without one, no shapes are formatted and no GPU marks recorded.
 pub fn tracing() -> bool {
-    mode().trace.is_some()
+    match timeline_state() {
+        Ok(open) => *open,
+        Err(msg) => {
+            if !TIMELINE_FAILURE_TOLD.swap(true, Ordering::Relaxed) {
+                eprintln!("{msg}; no timeline is written");
+            }
+            false
+        }
+    }
 }
+
+/// Creates the timeline's file now if `MVAR_PROFILE` asks for one; an error names the file that
+/// cannot be written. A binary calls this first, so that a run which asked for a timeline stops
+/// at once rather than finding none at its end.
+pub fn open_timeline() -> crate::Result<()> {
+    match timeline_state() {
+        Ok(_) => Ok(()),
+        Err(msg) => {
+            TIMELINE_FAILURE_TOLD.store(true, Ordering::Relaxed);
+            Err(crate::Error::invalid("MVAR_PROFILE", msg.clone()))
+        }
+    }
+}
+
+/// Whether the timeline was told to be missing (once, by [`tracing`] or [`open_timeline`]).
+static TIMELINE_FAILURE_TOLD: AtomicBool = AtomicBool::new(false);
+
+/// Ok(whether a timeline is written), or why the one asked for cannot be.
+fn timeline_state() -> &'static std::result::Result<bool, String> {
+    static STATE: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    STATE.get_or_init(|| match &mode().trace {
+        None => Ok(false),
+        Some(path) => {
+            let open = trace().lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            if open {
+                Ok(true)
+            } else {
+                Err(format!(
+                    "cannot write the trace to {}: {}",
+                    path.display(),
+                    TRACE_OPEN_ERROR
+                        .get()
+                        .map_or("unknown error", String::as_str)
+                ))
+            }
+        }
+    })
+}
+
+/// Why the timeline's file could not be created.
+static TRACE_OPEN_ERROR: OnceLock<String> = OnceLock::new();
 
 thread_local! {
     static IN_BACKWARD: Cell<bool> = const { Cell::new(false) };
@@ -275,10 +325,7 @@ fn trace() -> &'static Mutex<Option<Trace>> {
                     finished: false,
                 }),
                 Err(e) => {
-                    eprintln!(
-                        "MVAR_PROFILE: cannot write the trace to {}: {e}; no timeline is written",
-                        path.display()
-                    );
+                    let _ = TRACE_OPEN_ERROR.set(e.to_string());
                     None
                 }
             }
@@ -665,7 +712,7 @@ pub fn scope(op: &'static str, shapes: impl FnOnce() -> String) -> Scope {
         return Scope { record: None };
     }
     let backward = IN_BACKWARD.with(Cell::get);
-    let shapes = (m.by_shape || m.trace.is_some()).then(shapes);
+    let shapes = (m.by_shape || tracing()).then(shapes);
     let table_key = key(op, backward, shapes.as_deref().filter(|_| m.by_shape));
     let (name, cat) = if backward {
         (format!("{op} (backward)"), "op,backward")

@@ -79,6 +79,12 @@ fn main() {
     progress::install_interrupt_handler();
     // The timeline's host-memory counter (MVAR_PROFILE=trace) reads this binary's heap count.
     mvar_engine::profile::set_host_memory(heap::live_bytes);
+    // A timeline asked for (MVAR_PROFILE=trace=FILE) whose file cannot be written stops the run
+    // before it starts, naming the file.
+    if let Err(e) = mvar_engine::profile::open_timeline() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Info => info(),
         Command::Demo(args) => with_device(|d| demo::run(*args, d)),

@@ -517,6 +517,17 @@ fn a_profiled_run_writes_a_timeline_of_its_steps_and_ops() {
         assert!(!spans("timeline: reading").is_empty());
         assert!(counters("cuda:0 memory") > 0);
     }
+    // A timeline that cannot be written stops the run before it starts, naming the file.
+    let unwritable = root.join("no-such-folder").join("run.json");
+    fails(
+        train_cmd(data, tok, &root.join("not-traced"), 2)
+            .env("MVAR_PROFILE", format!("trace={}", unwritable.display())),
+        &[
+            "cannot write the trace to",
+            &unwritable.display().to_string(),
+        ],
+    );
+    assert!(!root.join("not-traced").join("metrics.jsonl").exists());
     let _ = std::fs::remove_dir_all(&root);
 }
 

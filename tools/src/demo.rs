@@ -10,7 +10,7 @@ use mvar_engine::{Device, Result};
 use crate::classifier::TrainClassifierArgs;
 use crate::common::PreprocessArg;
 use crate::eval::EvalArgs;
-use crate::plot::{line_plot, read_metric, smooth, Series};
+use crate::plot::{line_plot, pyramid_token_loss, read_metric, smooth, Series};
 use crate::sample::SamplingArgs;
 use crate::train::{Kind, TrainArgs};
 use crate::train_tokenizer::TrainTokenizerArgs;
@@ -202,16 +202,14 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     )?;
     println!("== 5/5 plots");
     let tok = smooth(&read_metric(&tok_dir.join("metrics.jsonl"), "loss"), 20);
-    let model = smooth(
-        &read_metric(&model_dir.join("metrics.jsonl"), "token_loss"),
-        20,
-    );
+    let info: crate::common::ModelInfo = crate::common::read_json(&model_dir.join("model.json"))?;
+    let model = pyramid_token_loss(&model_dir.join("metrics.jsonl"), info.var.patch_nums.len());
     let held_out = read_metric(&model_dir.join("val.jsonl"), "loss");
     let lr = read_metric(&model_dir.join("metrics.jsonl"), "lr");
     let loss_png = args.out.join("loss.png");
     line_plot(
         &loss_png,
-        "loss (training: moving average of 20 steps)",
+        "loss: tokenizer (20-step mean) and transformer (per token over all scales)",
         "step",
         &[
             Series {
@@ -220,7 +218,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
                 color: [30, 90, 200],
             },
             Series {
-                name: "transformer (per token)",
+                name: "transformer",
                 points: &model,
                 color: [200, 40, 40],
             },

@@ -330,28 +330,20 @@ pub fn read_metric(path: &Path, key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Plots a training folder's curve of the first of `train_keys` that its metrics.jsonl has (as a
-/// moving average of 20 steps) and, where the folder has a val.jsonl, the held-out figures of
-/// `held_out_key` in it, into `dir/file`; returns the file's path.
+/// Plots a training curve (`train`, named `train_name`) and, where the training folder `dir`
+/// has a val.jsonl, its held-out figures of `held_out_key`, into `dir/file`; returns the path.
 pub fn training_and_held_out(
     dir: &Path,
     file: &str,
     title: &str,
-    train_keys: &[&str],
+    (train_name, train): (&str, &[(f64, f64)]),
     held_out_key: &str,
     log_y: bool,
 ) -> Result<PathBuf> {
-    let metrics = dir.join("metrics.jsonl");
-    let train = train_keys
-        .iter()
-        .map(|k| read_metric(&metrics, k))
-        .find(|points| !points.is_empty())
-        .unwrap_or_default();
-    let train = smooth(&train, 20);
     let held_out = read_metric(&dir.join("val.jsonl"), held_out_key);
     let mut series = vec![Series {
-        name: "training (20-step mean)",
-        points: &train,
+        name: train_name,
+        points: train,
         color: [200, 40, 40],
     }];
     if !held_out.is_empty() {
@@ -366,15 +358,87 @@ pub fn training_and_held_out(
     Ok(path)
 }
 
+/// Steps of the window that [`pyramid_token_loss`] averages over.
+pub const PYRAMID_WINDOW: u64 = 50;
+
+/// The training loss per token over the whole pyramid, comparable with a held-out loss per
+/// token, from a `mvar train` metrics file: each step trains one segment of scales (VAR: all of
+/// them; MVAR: the official 8:1:1 cycle), so the per-step losses mix easy and hard scales in
+/// the cycle's proportions, not the pyramid's. Per segment, the mean `token_loss` of its steps
+/// in the last [`PYRAMID_WINDOW`] steps (or its latest step, if it had none there), weighted by
+/// its share of the pyramid's tokens (`loss` / `token_loss`). Points start once segments
+/// covering all `scales` scales have been trained; a file without `token_loss` gives the
+/// 20-step mean of `loss`.
+pub fn pyramid_token_loss(metrics: &Path, scales: usize) -> Vec<(f64, f64)> {
+    struct Step {
+        step: u64,
+        segment: (u64, u64),
+        token_loss: f64,
+        share: f64,
+    }
+    let steps: Vec<Step> = std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let token_loss = v["token_loss"].as_f64()?;
+            Some(Step {
+                step: v["step"].as_u64()?,
+                segment: (v["scales"][0].as_u64()?, v["scales"][1].as_u64()?),
+                token_loss,
+                share: v["loss"].as_f64()? / token_loss,
+            })
+        })
+        .filter(|s| s.share.is_finite())
+        .collect();
+    if steps.is_empty() {
+        return smooth(&read_metric(metrics, "loss"), 20);
+    }
+    // Every segment's steps, in order, as indices into `steps`.
+    let mut by_segment: std::collections::BTreeMap<(u64, u64), Vec<usize>> = Default::default();
+    let mut out = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        by_segment.entry(s.segment).or_default().push(i);
+        let covered: u64 = by_segment.keys().map(|&(a, b)| b.saturating_sub(a)).sum();
+        if covered < scales as u64 {
+            continue; // a segment of the pyramid not trained yet
+        }
+        let mut total = 0.0;
+        for idx in by_segment.values() {
+            let recent: Vec<&Step> = idx
+                .iter()
+                .rev()
+                .map(|&j| &steps[j])
+                .take_while(|t| t.step + PYRAMID_WINDOW > s.step)
+                .collect();
+            let (share, mean) = match recent.as_slice() {
+                [] => {
+                    let t = &steps[idx[idx.len() - 1]];
+                    (t.share, t.token_loss)
+                }
+                r => (
+                    r[0].share,
+                    r.iter().map(|t| t.token_loss).sum::<f64>() / r.len() as f64,
+                ),
+            };
+            total += share * mean;
+        }
+        out.push((s.step as f64, total));
+    }
+    out
+}
+
 /// The curves of `mvar train`: `loss.png` (training and held-out loss per token) and `lr.png`.
-pub fn transformer_curves(dir: &Path, what: &str) -> Result<(PathBuf, PathBuf)> {
-    // Per token where the file has it: an MVAR step's official loss divides by all the
-    // pyramid's tokens, so it would sit below the held-out loss per token.
+pub fn transformer_curves(dir: &Path, what: &str, scales: usize) -> Result<(PathBuf, PathBuf)> {
+    let metrics = dir.join("metrics.jsonl");
     let loss_png = training_and_held_out(
         dir,
         "loss.png",
         &format!("{what} loss (nats per token)"),
-        &["token_loss", "loss"],
+        (
+            "training (all scales)",
+            &pyramid_token_loss(&metrics, scales),
+        ),
         "loss",
         true,
     )?;
@@ -385,7 +449,7 @@ pub fn transformer_curves(dir: &Path, what: &str) -> Result<(PathBuf, PathBuf)> 
         "step",
         &[Series {
             name: "lr",
-            points: &read_metric(&dir.join("metrics.jsonl"), "lr"),
+            points: &read_metric(&metrics, "lr"),
             color: [20, 140, 60],
         }],
         false,
@@ -410,6 +474,64 @@ pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A metrics file of `mvar train` lines: (step, first scale, end scale, token loss), with a
+    /// pyramid of 130 tokens whose segments [0, 4), [4, 5), [5, 6) hold 30, 36 and 64.
+    fn metrics_file(name: &str, rows: &[(u64, u64, u64, f64)]) -> PathBuf {
+        let tokens = |a: u64, b: u64| {
+            [1.0, 4.0, 9.0, 16.0, 36.0, 64.0][a as usize..b as usize]
+                .iter()
+                .sum::<f64>()
+        };
+        let text: String = rows
+            .iter()
+            .map(|&(step, a, b, tl)| {
+                format!(
+                    "{{\"step\":{step},\"loss\":{},\"token_loss\":{tl},\"scales\":[{a},{b}]}}\n",
+                    tl * tokens(a, b) / 130.0
+                )
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("mvar-{name}-{}.jsonl", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_training_loss_is_weighted_as_the_pyramid_not_as_the_cycle() {
+        // MVAR's cycle: eight steps of the first segment, then one of each later one. The first
+        // segment's tokens score 2 nats, the second's 4, the last's 6.
+        let mut rows = Vec::new();
+        for step in 1..=40u64 {
+            let (a, b, tl) = match (step - 1) % 10 {
+                8 => (4, 5, 4.0),
+                9 => (5, 6, 6.0),
+                _ => (0, 4, 2.0),
+            };
+            rows.push((step, a, b, tl));
+        }
+        let path = metrics_file("pyramid", &rows);
+        let curve = pyramid_token_loss(&path, 6);
+        // Points from step 10, when the last segment has been trained.
+        assert_eq!(curve.first().map(|p| p.0), Some(10.0));
+        assert_eq!(curve.len(), 31);
+        let want = (30.0 * 2.0 + 36.0 * 4.0 + 64.0 * 6.0) / 130.0;
+        for &(step, v) in &curve {
+            assert!((v - want).abs() < 1e-12, "step {step}: {v} against {want}");
+        }
+        // The plain mean over steps would weigh the easy first segment 8 times in 10.
+        let plain = smooth(&read_metric(&path, "token_loss"), 20);
+        assert!((plain.last().unwrap().1 - want).abs() > 1.0);
+
+        // VAR (one segment, every scale): the 50-step mean of the per-token loss.
+        let var: Vec<_> = (1..=60u64).map(|s| (s, 0, 6, s as f64)).collect();
+        let path2 = metrics_file("pyramid-var", &var);
+        let curve = pyramid_token_loss(&path2, 6);
+        assert_eq!(curve.len(), 60);
+        assert!((curve[59].1 - (11..=60).sum::<u64>() as f64 / 50.0).abs() < 1e-12);
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(path2);
+    }
 
     #[test]
     fn a_plot_is_written() {

@@ -533,7 +533,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         if s.step % args.checkpoint_every == 0 {
             save(&trainer, &rng, args.seed)?;
             last_saved = s.step;
-            crate::plot::transformer_curves(&args.out, &info.kind)?;
+            crate::plot::transformer_curves(&args.out, &info.kind, pns.len())?;
         }
         if interrupted() {
             save(&trainer, &rng, args.seed)?;
@@ -548,7 +548,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     }
     progress.finish();
     save(&trainer, &rng, args.seed)?;
-    let (loss_png, lr_png) = crate::plot::transformer_curves(&args.out, &info.kind)?;
+    let (loss_png, lr_png) = crate::plot::transformer_curves(&args.out, &info.kind, pns.len())?;
     let weights = args.out.join("model.safetensors");
     trainer.model.var().save(&weights)?;
     write_atomic(

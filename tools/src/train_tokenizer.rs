@@ -507,13 +507,17 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
 /// The tokenizer's curves: `loss.png` (training loss) and `psnr.png` (training and held-out
 /// reconstruction PSNR).
 fn tokenizer_curves(dir: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
-    use crate::plot::training_and_held_out;
+    use crate::plot::{read_metric, smooth, training_and_held_out};
+    let metrics = dir.join("metrics.jsonl");
     Ok((
         training_and_held_out(
             dir,
             "loss.png",
             "tokenizer loss (L1 + L2 + commitment)",
-            &["loss"],
+            (
+                "training (20-step mean)",
+                &smooth(&read_metric(&metrics, "loss"), 20),
+            ),
             "loss",
             true,
         )?,
@@ -521,7 +525,10 @@ fn tokenizer_curves(dir: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
             dir,
             "psnr.png",
             "tokenizer reconstruction PSNR (dB)",
-            &["psnr"],
+            (
+                "training (20-step mean)",
+                &smooth(&read_metric(&metrics, "psnr"), 20),
+            ),
             "psnr",
             false,
         )?,

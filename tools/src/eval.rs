@@ -123,18 +123,17 @@ pub struct HeldOut {
     pub sequences: usize,
 }
 
-/// Scores the first `rows` rows of `cache` with the forwards the trainer uses (no gradients, no
-/// dropout or class dropping), `batch` sequences at a time: only one batch of token maps is on
-/// the device at once, so a held-out set of any size fits.
+/// Scores `rows` of `cache` with the forwards the trainer uses (no gradients, no dropout or
+/// class dropping), `batch` sequences at a time: only one batch of token maps is on the device
+/// at once, so a held-out set of any size fits.
 pub fn teacher_forced(
     model: &mvar_models::trainer::ArModel,
     cache: &TokenCache,
-    rows: usize,
+    rows: &[usize],
     batch: usize,
     device: &Device,
 ) -> Result<HeldOut> {
-    let rows = rows.min(cache.len());
-    if rows == 0 {
+    if rows.is_empty() {
         return Err(Error::invalid(
             "teacher-forced evaluation",
             format!(
@@ -145,9 +144,8 @@ pub fn teacher_forced(
     }
     let batch = batch.max(1);
     let mut scales: Vec<ScaleEval> = Vec::new();
-    for start in (0..rows).step_by(batch) {
-        let idx: Vec<usize> = (start..rows.min(start + batch)).collect();
-        let (gt, x_in, labels) = cache.batch(&idx, device)?;
+    for idx in rows.chunks(batch) {
+        let (gt, x_in, labels) = cache.batch(idx, device)?;
         let part = evaluate_tokens(model, &labels, &gt, &x_in, batch)?;
         if scales.is_empty() {
             scales = part
@@ -178,7 +176,7 @@ pub fn teacher_forced(
         scales,
         loss,
         accuracy,
-        sequences: rows,
+        sequences: rows.len(),
     })
 }
 
@@ -232,7 +230,13 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
         loss: val_loss,
         accuracy: token_accuracy,
         ..
-    } = teacher_forced(&model, &cache, cache.len(), args.batch, device)?;
+    } = teacher_forced(
+        &model,
+        &cache,
+        &(0..cache.len()).collect::<Vec<_>>(),
+        args.batch,
+        device,
+    )?;
     println!(
         "{} on {} held-out images ({} split of {}):",
         info.kind,

@@ -114,8 +114,9 @@ pub struct TrainArgs {
     /// last (0: never).
     #[arg(long, default_value_t = 250)]
     pub eval_every: u64,
-    /// At most this many held-out images per evaluation, the first ones of the split (0: all).
-    #[arg(long, default_value_t = 0)]
+    /// At most this many held-out images per evaluation, spread evenly over the split (an image
+    /// folder lists its classes in turn, so the first ones would be a few classes); 0: all.
+    #[arg(long, default_value_t = 1000)]
     pub val_images: usize,
     #[arg(long, default_value = "runs/mvar")]
     pub out: PathBuf,
@@ -435,10 +436,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 &args.out.join("val.jsonl"),
                 args.resume.then(|| trainer.step_count()),
             )?,
-            rows: match args.val_images {
-                0 => held_out.len(),
-                k => k.min(held_out.len()),
-            },
+            rows: spread_rows(held_out.len(), args.val_images),
             cache: held_out,
             batch: match args.micro_batch {
                 0 => args.batch,
@@ -611,10 +609,7 @@ fn held_out_cache(
         TokenCache::open_or_build(&args.tokenizer, &args.val_split, vae, &val, false, device)?;
     println!(
         "validation: {} of the {} held-out images of the {:?} split, before the first step, every {} steps and after the last, into val.jsonl{}",
-        match args.val_images {
-            0 => cache.len(),
-            k => k.min(cache.len()),
-        },
+        spread_rows(cache.len(), args.val_images).len(),
         cache.len(),
         args.val_split,
         args.eval_every,
@@ -627,10 +622,18 @@ fn held_out_cache(
     Ok(Some(cache))
 }
 
+/// `k` of `n` rows spread evenly (all of them when `k` is 0 or at least `n`).
+fn spread_rows(n: usize, k: usize) -> Vec<usize> {
+    if k == 0 || k >= n {
+        return (0..n).collect();
+    }
+    (0..k).map(|i| i * n / k).collect()
+}
+
 /// Scores the held-out split during training.
 struct Validation {
     cache: TokenCache,
-    rows: usize,
+    rows: Vec<usize>,
     batch: usize,
     log: Metrics,
     /// What the last evaluation took.
@@ -645,7 +648,7 @@ impl Validation {
         let t0 = Instant::now();
         let figures: HeldOut = {
             let _precision = mvar_engine::autocast(trainer.config.autocast)?;
-            teacher_forced(&trainer.model, &self.cache, self.rows, self.batch, device)?
+            teacher_forced(&trainer.model, &self.cache, &self.rows, self.batch, device)?
         };
         self.seconds = t0.elapsed().as_secs_f64();
         let step = trainer.step_count();

@@ -247,6 +247,83 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The tokenizer resumes bit for bit too: its generator (random crops, flips, the restarts of
+/// dead codes), the codes' last hits, the step and the budget come back from the checkpoint,
+/// and its held-out figures continue as its metrics do.
+#[test]
+fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
+    use std::os::unix::process::ExitStatusExt;
+    let root = scratch("tokenizer-resume");
+    let data = split_data(&root);
+    const STEPS: u64 = 120;
+    let cmd = |out: &Path| {
+        let mut c = mvar();
+        c.arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .args(["--vocab", "32", "--dead-after", "10", "--eval-every", "7"])
+            .args(["--checkpoint-every", "10", "--log-every", "1000"])
+            .arg("--steps")
+            .arg(STEPS.to_string())
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let whole = root.join("whole");
+    ok(&mut cmd(&whole));
+    let reference = metric_lines(&whole);
+    assert_eq!(reference.len(), STEPS as usize);
+    // Dead codes were restarted, so the resumed run must restore when each code was last hit.
+    assert!(
+        reference.iter().any(|l| !l.contains("\"restarted\":0")),
+        "no code was restarted: the test would not cover the codes' last hits"
+    );
+    let val_reference = val_lines(&whole);
+    assert_eq!(val_reference.len(), 1 + 120 / 7 + 1, "{val_reference:?}");
+
+    let cut = root.join("cut");
+    let mut child = cmd(&cut)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metric_lines(&cut).len() < 25 && t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the run ended before it could be killed: {status:?}"
+    );
+    let at_kill = metric_lines(&cut).len();
+    let log = ok(cmd(&cut).arg("--resume"));
+    assert!(log.contains("resumed from"), "{log}");
+    let resumed = metric_lines(&cut);
+    assert_eq!(
+        resumed.len(),
+        reference.len(),
+        "killed after {at_kill} lines"
+    );
+    for (i, (a, b)) in resumed.iter().zip(&reference).enumerate() {
+        assert_eq!(
+            a,
+            b,
+            "tokenizer step {} differs after resuming (killed after {at_kill} lines)",
+            i + 1
+        );
+    }
+    assert_eq!(
+        val_lines(&cut),
+        val_reference,
+        "the held-out figures differ after resuming (killed after {at_kill} lines)"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// Scoring the held-out split during training: before the first step, every --eval-every steps
 /// and after the last, per token and per scale, into val.jsonl and the loss plot; the training
 /// curve is the same bit for bit with or without it. A held-out split of other classes is

@@ -255,7 +255,7 @@ fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
     use std::os::unix::process::ExitStatusExt;
     let root = scratch("tokenizer-resume");
     let data = split_data(&root);
-    const STEPS: u64 = 120;
+    const STEPS: u64 = 40;
     let cmd = |out: &Path| {
         let mut c = mvar();
         c.arg("train-tokenizer")
@@ -280,7 +280,7 @@ fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
         "no code was restarted: the test would not cover the codes' last hits"
     );
     let val_reference = val_lines(&whole);
-    assert_eq!(val_reference.len(), 1 + 120 / 7 + 1, "{val_reference:?}");
+    assert_eq!(val_reference.len(), 1 + 40 / 7 + 1, "{val_reference:?}");
 
     let cut = root.join("cut");
     let mut child = cmd(&cut)

@@ -111,7 +111,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "test")]
     pub val_split: String,
     /// Score the held-out split before the first step, every this many steps and after the
-    /// last (0: never).
+    /// last (0: never). The weights of the lowest held-out loss so far are kept in --out/best/,
+    /// a model folder that sample, edit and eval take.
     #[arg(long, default_value_t = 250)]
     pub eval_every: u64,
     /// At most this many held-out images per evaluation, spread evenly over the split (an image
@@ -338,6 +339,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let ckpt = args.out.join("train.safetensors");
     let mut rng = Generator::new(args.seed.wrapping_add(17));
     let info_json = serde_json::to_string(&info).unwrap_or_default();
+    let mut resumed_best = None;
     if args.resume {
         let state = load_training(
             &ckpt,
@@ -379,6 +381,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         }
         trainer.set_step(state.step);
         rng = Generator::from_state(state.rng);
+        resumed_best = BestHeldOut::from_extra(&state.extra);
         println!(
             "resumed from {} at step {} of {}",
             ckpt.display(),
@@ -394,8 +397,15 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             ),
         ));
     }
-    let save = |trainer: &ArTrainer, rng: &Generator, seed: u64| -> Result<()> {
+    let save = |trainer: &ArTrainer,
+                rng: &Generator,
+                seed: u64,
+                best: Option<BestHeldOut>|
+     -> Result<()> {
         let mut extra = BTreeMap::new();
+        if let Some(best) = best {
+            best.to_extra(&mut extra);
+        }
         extra.insert("model".to_string(), info_json.clone());
         extra.insert(
             "total_steps".to_string(),
@@ -443,9 +453,22 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 m => m.min(args.batch),
             },
             seconds: 0.0,
+            best_dir: args.out.join("best"),
+            best: resumed_best,
+            info_json: serde_json::to_string_pretty(&info).unwrap_or_default(),
         }),
         None => None,
     };
+    if !args.resume {
+        // A fresh run's best/ is its own: the files of a run this one replaces go now, before
+        // its first evaluation writes them again (or, with no held-out split, never does).
+        for file in ["model.safetensors", "model.json"] {
+            let path = args.out.join("best").join(file);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+    }
     if let Some(v) = validation.as_mut().filter(|_| !args.resume) {
         println!("{}", v.run(&trainer, device)?);
     }
@@ -529,12 +552,22 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             progress.println(v.run(&trainer, device)?);
         }
         if s.step % args.checkpoint_every == 0 {
-            save(&trainer, &rng, args.seed)?;
+            save(
+                &trainer,
+                &rng,
+                args.seed,
+                best_of(&validation, resumed_best),
+            )?;
             last_saved = s.step;
             crate::plot::transformer_curves(&args.out, &info.kind, pns.len())?;
         }
         if interrupted() {
-            save(&trainer, &rng, args.seed)?;
+            save(
+                &trainer,
+                &rng,
+                args.seed,
+                best_of(&validation, resumed_best),
+            )?;
             progress.finish();
             println!(
                 "interrupted at step {}: wrote {}; continue with the same command and --resume",
@@ -545,7 +578,12 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         }
     }
     progress.finish();
-    save(&trainer, &rng, args.seed)?;
+    save(
+        &trainer,
+        &rng,
+        args.seed,
+        best_of(&validation, resumed_best),
+    )?;
     let (loss_png, lr_png) = crate::plot::transformer_curves(&args.out, &info.kind, pns.len())?;
     let weights = args.out.join("model.safetensors");
     trainer.model.var().save(&weights)?;
@@ -571,6 +609,16 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         lr_png.display(),
         grid.display()
     );
+    if let Some((v, best)) = validation.as_ref().and_then(|v| Some((v, v.best?))) {
+        println!(
+            "the lowest held-out loss per token, {:.4}, was at step {} of {}: its weights are in {} (a model folder, as {} is)",
+            best.loss,
+            best.step,
+            args.steps,
+            v.best_dir.display(),
+            args.out.display()
+        );
+    }
     Ok(())
 }
 
@@ -636,8 +684,44 @@ struct Validation {
     rows: Vec<usize>,
     batch: usize,
     log: Metrics,
-    /// What the last evaluation took.
+    /// What the last evaluation took (with writing best/).
     seconds: f64,
+    /// The model folder of the lowest held-out loss so far: model.safetensors (its step and
+    /// loss in the metadata) and model.json.
+    best_dir: PathBuf,
+    best: Option<BestHeldOut>,
+    info_json: String,
+}
+
+/// The evaluation of the lowest held-out loss per token so far. The training checkpoint
+/// records it, so that a resumed run compares its evaluations with the same figure and ends
+/// with the best/ of an uninterrupted run (an evaluation after the checkpoint, which the
+/// resumed run repeats, gives the same weights again).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BestHeldOut {
+    step: u64,
+    loss: f64,
+}
+
+impl BestHeldOut {
+    fn to_extra(self, extra: &mut BTreeMap<String, String>) {
+        extra.insert("best_held_out_step".into(), self.step.to_string());
+        // `{}` of an f64 parses back to the same bits.
+        extra.insert("best_held_out_loss".into(), self.loss.to_string());
+    }
+
+    fn from_extra(extra: &BTreeMap<String, String>) -> Option<Self> {
+        Some(BestHeldOut {
+            step: extra.get("best_held_out_step")?.parse().ok()?,
+            loss: extra.get("best_held_out_loss")?.parse().ok()?,
+        })
+    }
+}
+
+/// The best evaluation to record in a checkpoint: a run resumed without held-out scoring keeps
+/// the one it resumed with.
+fn best_of(validation: &Option<Validation>, resumed: Option<BestHeldOut>) -> Option<BestHeldOut> {
+    validation.as_ref().map_or(resumed, |v| v.best)
 }
 
 impl Validation {
@@ -650,7 +734,6 @@ impl Validation {
             let _precision = mvar_engine::autocast(trainer.config.autocast)?;
             teacher_forced(&trainer.model, &self.cache, &self.rows, self.batch, device)?
         };
-        self.seconds = t0.elapsed().as_secs_f64();
         let step = trainer.step_count();
         let list = |f: fn(&ScaleEval) -> f64| {
             figures
@@ -668,15 +751,55 @@ impl Validation {
             list(|s| s.loss),
             list(|s| s.accuracy)
         ))?;
+        // Strictly lower: of equal figures the earlier weights stay. A NaN loss is never best.
+        let improved =
+            figures.loss.is_finite() && self.best.is_none_or(|best| figures.loss < best.loss);
+        if improved {
+            self.write_best(trainer, step, &figures)?;
+        }
+        self.seconds = t0.elapsed().as_secs_f64();
         let last = figures.scales.last();
         Ok(format!(
-            "held-out at step {step}: loss per token {:.4}, accuracy {:.3} (last scale {:.4}, {:.3}), {} images, {:.1}s",
+            "held-out at step {step}: loss per token {:.4}, accuracy {:.3} (last scale {:.4}, {:.3}), {} images, {:.1}s{}",
             figures.loss,
             figures.accuracy,
             last.map_or(f64::NAN, |s| s.loss),
             last.map_or(f64::NAN, |s| s.accuracy),
             figures.sequences,
-            self.seconds
+            self.seconds,
+            match self.best {
+                _ if improved => format!(", the lowest so far: wrote {}", self.best_dir.display()),
+                Some(best) => format!(" (the lowest: {:.4} at step {})", best.loss, best.step),
+                None => String::new(),
+            }
         ))
+    }
+
+    /// Writes the model as it is now to best/: the weights (atomically, their step and
+    /// held-out figures in the metadata), then model.json, so a folder with model.json is
+    /// complete.
+    fn write_best(&mut self, trainer: &ArTrainer, step: u64, figures: &HeldOut) -> Result<()> {
+        let meta = std::collections::HashMap::from([
+            ("mvar.best.step".to_string(), step.to_string()),
+            (
+                "mvar.best.held_out_loss_per_token".to_string(),
+                figures.loss.to_string(),
+            ),
+            (
+                "mvar.best.held_out_accuracy".to_string(),
+                figures.accuracy.to_string(),
+            ),
+        ]);
+        mvar_models::checkpoint::write_safetensors(
+            &self.best_dir.join("model.safetensors"),
+            &trainer.model.var().named_tensors(),
+            Some(meta),
+        )?;
+        write_atomic(&self.best_dir.join("model.json"), self.info_json.as_bytes())?;
+        self.best = Some(BestHeldOut {
+            step,
+            loss: figures.loss,
+        });
+        Ok(())
     }
 }

@@ -170,6 +170,16 @@ fn val_lines(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A best/ folder's weights: the safetensors data section (the header's metadata map has no
+/// fixed order, the tensors have) and the metadata.
+fn best_weights(out: &Path) -> (Vec<u8>, serde_json::Value) {
+    let path = out.join("best/model.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (bytes[8 + n..].to_vec(), header["__metadata__"].clone())
+}
+
 /// A data set with a training and a held-out split, and the shared tokenizer.
 fn split_data(root: &Path) -> PathBuf {
     let data = root.join("data");
@@ -238,6 +248,18 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
         val_lines(&cut),
         val_reference,
         "the held-out figures differ after resuming (killed after {at_kill} lines)"
+    );
+    // best/ holds the same weights of the same step: the checkpoint kept the lowest loss.
+    let (whole_best, whole_meta) = best_weights(&whole);
+    let (cut_best, cut_meta) = best_weights(&cut);
+    assert_eq!(cut_meta, whole_meta);
+    assert!(
+        whole_meta["mvar.best.step"].as_str().unwrap() != "0",
+        "{whole_meta}: the test would not cover a best after step 0"
+    );
+    assert!(
+        cut_best == whole_best,
+        "best/ weights differ after resuming"
     );
     // A second run into the same folder must not silently replace the checkpoint.
     fails(
@@ -372,6 +394,36 @@ fn held_out_scores_during_training_leave_the_training_curve_as_it_is() {
     let first = val[0]["loss"].as_f64().unwrap();
     assert!((first - 16f64.ln()).abs() < 0.5, "step 0 loss {first}");
     assert!(log.contains("held-out at step 12: loss per token"), "{log}");
+    // best/: the weights of the first evaluation with the lowest loss, a model folder that
+    // `mvar sample` takes.
+    let losses: Vec<f64> = val.iter().map(|v| v["loss"].as_f64().unwrap()).collect();
+    let lowest = (0..losses.len()).fold(0, |b, i| if losses[i] < losses[b] { i } else { b });
+    let (_, meta) = best_weights(&scored);
+    assert_eq!(
+        meta["mvar.best.step"],
+        val[lowest]["step"].to_string(),
+        "{meta}"
+    );
+    assert_eq!(
+        meta["mvar.best.held_out_loss_per_token"],
+        val[lowest]["loss"].to_string(),
+        "{meta}"
+    );
+    assert!(
+        log.contains(&format!(
+            "the lowest held-out loss per token, {:.4}, was at step {}",
+            losses[lowest], val[lowest]["step"]
+        )),
+        "{log}"
+    );
+    assert!(!plain.join("best").exists());
+    let sampled = root.join("best-samples");
+    ok(mvar()
+        .args(["sample", "--n", "2", "--class", "0", "--ckpt"])
+        .arg(scored.join("best"))
+        .arg("--out")
+        .arg(&sampled));
+    assert!(sampled.join("grid.png").exists());
     // The training curve in the same units, per token: an MVAR step's official loss over the
     // scales it trains, times all tokens over those.
     for l in metric_lines(&scored) {
@@ -458,6 +510,9 @@ fn the_demo_writes_every_file_it_promises() {
         "mvar/val.jsonl",
         "mvar/loss.png",
         "mvar/lr.png",
+        // The weights of the lowest held-out loss, a model folder.
+        "mvar/best/model.safetensors",
+        "mvar/best/model.json",
     ] {
         let f = out.join(file);
         assert!(

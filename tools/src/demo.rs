@@ -130,6 +130,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             split: "train".into(),
             val_split: "test".into(),
             eval_every: 200,
+            early_stop: 0,
             val_images: 0,
             out: model_dir.clone(),
             steps: args.model_steps,

@@ -115,6 +115,10 @@ pub struct TrainArgs {
     /// a model folder that sample, edit and eval take.
     #[arg(long, default_value_t = 250)]
     pub eval_every: u64,
+    /// Stop once this many evaluations in a row have not lowered the held-out loss per token
+    /// (0: never); best/ keeps the lowest. Needs held-out scoring (--eval-every and the split).
+    #[arg(long, default_value_t = 0)]
+    pub early_stop: u64,
     /// At most this many held-out images per evaluation, spread evenly over the split (an image
     /// folder lists its classes in turn, so the first ones would be a few classes); 0: all.
     #[arg(long, default_value_t = 1000)]
@@ -189,6 +193,15 @@ pub struct TrainArgs {
 
 pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let t_cmd = Instant::now();
+    if !(args.base_lr.is_finite() && args.base_lr >= 0.0) {
+        return Err(Error::invalid(
+            "mvar train",
+            format!(
+                "--base-lr {}: expected a finite learning rate >= 0",
+                args.base_lr
+            ),
+        ));
+    }
     let t0 = Instant::now();
     let vae = load_tokenizer(&args.tokenizer, device)?;
     let pns = vae.config.v_patch_nums.clone();
@@ -211,6 +224,24 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     } else {
         held_out_cache(&args, &vae, train.classes(), side, device)?
     };
+    if args.early_stop > 0 && held_out.is_none() {
+        return Err(Error::invalid(
+            "mvar train",
+            format!(
+                "--early-stop {} needs held-out scores, and {}: expected --eval-every > 0 and a held-out split",
+                args.early_stop,
+                if args.eval_every == 0 {
+                    "--eval-every is 0".to_string()
+                } else {
+                    format!(
+                        "{} has no split {:?}",
+                        args.data.display(),
+                        args.val_split
+                    )
+                }
+            ),
+        ));
+    }
     if let Some(epochs) = args.epochs {
         if !(epochs.is_finite() && epochs > 0.0) {
             return Err(Error::invalid(
@@ -476,6 +507,8 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let first = trainer.step_count();
     let progress = Progress::new(&info.kind, first, args.steps);
     let mut last_saved = first;
+    // The step count planned before an early stop.
+    let mut stopped_early = None;
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
         let idx = batch_indices(n, args.batch, args.seed, step);
@@ -550,6 +583,20 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             .filter(|_| s.step % args.eval_every == 0 || s.step == args.steps)
         {
             progress.println(v.run(&trainer, device)?);
+            if let Some(best) = v
+                .best
+                .filter(|b| args.early_stop > 0 && b.evals_since >= args.early_stop)
+            {
+                // The run ends here, its checkpoint included: the schedule's total becomes this
+                // step, so --resume finds nothing left to train and writes the outputs again.
+                progress.println(format!(
+                    "early stop at step {} of {}: {} held-out evaluations in a row without a loss per token below {:.4} (step {})",
+                    s.step, args.steps, best.evals_since, best.loss, best.step
+                ));
+                stopped_early = Some(args.steps);
+                args.steps = s.step;
+                trainer.config.total_steps = s.step;
+            }
         }
         if s.step % args.checkpoint_every == 0 {
             save(
@@ -611,10 +658,13 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     );
     if let Some((v, best)) = validation.as_ref().and_then(|v| Some((v, v.best?))) {
         println!(
-            "the lowest held-out loss per token, {:.4}, was at step {} of {}: its weights are in {} (a model folder, as {} is)",
+            "the lowest held-out loss per token, {:.4}, was at step {} of {}{}: its weights are in {} (a model folder, as {} is)",
             best.loss,
             best.step,
             args.steps,
+            stopped_early
+                .map(|planned| format!(" (stopped early; {planned} were planned)"))
+                .unwrap_or_default(),
             v.best_dir.display(),
             args.out.display()
         );
@@ -701,6 +751,8 @@ struct Validation {
 struct BestHeldOut {
     step: u64,
     loss: f64,
+    /// The evaluations since this one that did not lower the loss (--early-stop counts them).
+    evals_since: u64,
 }
 
 impl BestHeldOut {
@@ -708,12 +760,20 @@ impl BestHeldOut {
         extra.insert("best_held_out_step".into(), self.step.to_string());
         // `{}` of an f64 parses back to the same bits.
         extra.insert("best_held_out_loss".into(), self.loss.to_string());
+        extra.insert(
+            "held_out_evals_since_best".into(),
+            self.evals_since.to_string(),
+        );
     }
 
     fn from_extra(extra: &BTreeMap<String, String>) -> Option<Self> {
         Some(BestHeldOut {
             step: extra.get("best_held_out_step")?.parse().ok()?,
             loss: extra.get("best_held_out_loss")?.parse().ok()?,
+            evals_since: extra
+                .get("held_out_evals_since_best")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         })
     }
 }
@@ -756,6 +816,8 @@ impl Validation {
             figures.loss.is_finite() && self.best.is_none_or(|best| figures.loss < best.loss);
         if improved {
             self.write_best(trainer, step, &figures)?;
+        } else if let Some(best) = self.best.as_mut() {
+            best.evals_since += 1;
         }
         self.seconds = t0.elapsed().as_secs_f64();
         let last = figures.scales.last();
@@ -769,7 +831,13 @@ impl Validation {
             self.seconds,
             match self.best {
                 _ if improved => format!(", the lowest so far: wrote {}", self.best_dir.display()),
-                Some(best) => format!(" (the lowest: {:.4} at step {})", best.loss, best.step),
+                Some(best) => format!(
+                    " (the lowest: {:.4} at step {}, {} evaluation{} ago)",
+                    best.loss,
+                    best.step,
+                    best.evals_since,
+                    if best.evals_since == 1 { "" } else { "s" }
+                ),
                 None => String::new(),
             }
         ))
@@ -799,6 +867,7 @@ impl Validation {
         self.best = Some(BestHeldOut {
             step,
             loss: figures.loss,
+            evals_since: 0,
         });
         Ok(())
     }

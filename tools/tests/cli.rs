@@ -351,6 +351,56 @@ fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
 /// curve is the same bit for bit with or without it. A held-out split of other classes is
 /// refused, naming it.
 #[test]
+fn early_stop_ends_the_run_when_the_held_out_loss_stops_falling() {
+    let (_, tok) = tokenizer();
+    let root = scratch("early-stop");
+    let data = split_data(&root);
+    // A learning rate of 0 leaves the weights as they are, so each evaluation after step 0 ties
+    // with it: not lower. The second of them ends the run.
+    let flat = |out: &Path| {
+        let mut c = train_cmd(&data, tok, out, 20);
+        c.args(["--eval-every", "3", "--early-stop", "2", "--base-lr", "0"]);
+        c
+    };
+    let out = root.join("flat");
+    let log = ok(&mut flat(&out));
+    let steps: Vec<u64> = val_lines(&out)
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 3, 6], "{log}");
+    assert_eq!(metric_lines(&out).len(), 6, "{log}");
+    assert!(
+        log.contains("early stop at step 6 of 20: 2 held-out evaluations in a row without a loss per token below"),
+        "{log}"
+    );
+    assert!(log.contains("(the lowest: "), "{log}");
+    assert!(log.contains("(stopped early; 20 were planned)"), "{log}");
+    assert_eq!(best_weights(&out).1["mvar.best.step"], "0");
+    for file in ["model.safetensors", "model.json", "samples.png"] {
+        assert!(out.join(file).exists(), "{file}\n{log}");
+    }
+    // The run is over: --resume trains nothing more.
+    let again = ok(flat(&out).arg("--resume"));
+    assert!(again.contains("at step 6 of 6"), "{again}");
+    assert_eq!(metric_lines(&out).len(), 6, "{again}");
+    // Without held-out scores there is nothing to stop on: refused, naming the flag.
+    fails(
+        train_cmd(&data, tok, &root.join("unscored"), 5).args([
+            "--eval-every",
+            "0",
+            "--early-stop",
+            "2",
+        ]),
+        &["--early-stop 2 needs held-out scores", "--eval-every is 0"],
+    );
+    fails(
+        train_cmd(&data, tok, &root.join("nolr"), 5).arg("--base-lr=-1"),
+        &["--base-lr -1: expected a finite learning rate >= 0"],
+    );
+}
+
+#[test]
 fn held_out_scores_during_training_leave_the_training_curve_as_it_is() {
     let (_, tok) = tokenizer();
     let root = scratch("validation");

@@ -959,6 +959,24 @@ impl VqVae {
         self.fhat_to_img(&self.idx_to_fhat(idx)?)
     }
 
+    /// The image after each scale, coarse to fine: decoder(f_hat of scales 0..=k) for every k
+    /// of `idx` (a whole pyramid or its first scales), each [B, 3, H, W] at full resolution,
+    /// the last equal to `idx_to_img(idx)` (the official `idxBl_to_img(same_shape=True,
+    /// last_one=False)`). Decoding a scale at its own small size instead gives poor images
+    /// (VAR issue 162): f_hat lives at the last scale's size from the first scale on.
+    pub fn idx_to_progression(&self, idx: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.check_pyramid("idx_to_progression", idx)?;
+        let mut f_hat = self.empty_fhat(idx, "idx_to_progression")?;
+        let mut images = Vec::with_capacity(idx.len());
+        for (si, ids) in idx.iter().enumerate() {
+            f_hat = self
+                .quantize
+                .accumulate(si, &f_hat, ids, 1.0, ops::IndexOrigin::Caller)?;
+            images.push(self.fhat_to_img(&f_hat)?);
+        }
+        Ok(images)
+    }
+
     /// The quantizer's training forward (spec 1.6): residual quantisation of `f` with gradients
     /// into the codebook and the Phi convs through f_hat, the loss
     /// mean over scales of beta * mse(f_hat.detach(), f) + mse(f_hat, f.detach()), and the
@@ -1029,6 +1047,45 @@ mod tests {
         assert_eq!(table(7), vec![0, 0, 1, 2, 2, 3, 3]);
         assert_eq!(table(10), vec![0, 0, 1, 1, 1, 2, 2, 3, 3, 3]);
         assert_eq!(table(14), vec![0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn the_progression_adds_one_scale_per_image_and_ends_at_the_image() {
+        let (vae, _) = crate::test_models::tiny(16, 4, &[1, 2, 4], 5, 1, 32, 2);
+        let mut g = mvar_engine::Generator::new(1);
+        let idx: Vec<Tensor> = [1usize, 2, 4]
+            .iter()
+            .map(|&pn| {
+                let codes: Vec<i64> = g
+                    .uniform(2 * pn * pn, 0.0, 16.0)
+                    .iter()
+                    .map(|&u| u as i64)
+                    .collect();
+                Tensor::from_vec(codes, vec![2, pn * pn], &Device::Cpu).unwrap()
+            })
+            .collect();
+        let steps = vae.idx_to_progression(&idx).unwrap();
+        assert_eq!(steps.len(), 3);
+        for (k, step) in steps.iter().enumerate() {
+            assert_eq!(step.dims(), &[2, 3, 8, 8]);
+            let want = vae.idx_to_img(&idx[..=k]).unwrap();
+            assert_eq!(
+                step.to_vec_f32().unwrap(),
+                want.to_vec_f32().unwrap(),
+                "scale {k}"
+            );
+        }
+        // Each scale changes the image (a progression of equal images would pass the above).
+        for k in 1..3 {
+            assert_ne!(
+                steps[k].to_vec_f32().unwrap(),
+                steps[k - 1].to_vec_f32().unwrap(),
+                "scale {k}"
+            );
+        }
+        let wrong = [idx[0].clone(), idx[0].clone()];
+        let e = vae.idx_to_progression(&wrong).unwrap_err().to_string();
+        assert!(e.contains("token map 1") && e.contains("[B, 4]"), "{e}");
     }
 
     #[test]

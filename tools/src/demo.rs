@@ -244,8 +244,9 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         false,
     )?;
     println!(
-        "\ndone. samples (one row per class): {}\nreconstructions (top: originals): {}\nloss curves: {} and {}\nevaluation: {}",
+        "\ndone. samples (one row per class): {}\ncoarse to fine (the image after each scale): {}\nreconstructions (top: originals): {}\nloss curves: {} and {}\nevaluation: {}",
         model_dir.join("samples.png").display(),
+        model_dir.join("progression.png").display(),
         tok_dir.join("recon.png").display(),
         loss_png.display(),
         lr_png.display(),

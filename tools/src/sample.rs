@@ -49,6 +49,43 @@ pub struct SampleArgs {
     /// Write no PNG files (e.g. with --npz for an evaluation set of 50,000 images).
     #[arg(long)]
     pub no_png: bool,
+    /// Also write progression.png: for the first image of each class (the first 16 classes),
+    /// a row of what the image is after each scale, coarse to fine, decoded at full size (one
+    /// decode per scale); the last column is the sample itself.
+    #[arg(long)]
+    pub progression: bool,
+}
+
+/// The most rows of progression.png (each is one decode per scale of one image).
+const PROGRESSION_ROWS: usize = 16;
+
+/// The progression of the images `rows` of a sampled batch: [rows * scales, 3, H, W], each
+/// image's scales in a row, on the host.
+fn progression_rows(vae: &VqVae, idx: &[Tensor], rows: &[usize]) -> Result<Tensor> {
+    let _ng = mvar_engine::no_grad();
+    let device = idx.first().map_or(Device::Cpu, |t| t.device().clone());
+    let pick = Tensor::from_vec(
+        rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+        vec![rows.len()],
+        &device,
+    )?;
+    let picked = idx
+        .iter()
+        .map(|t| ops::index_select(t, 0, &pick))
+        .collect::<Result<Vec<_>>>()?;
+    let steps = vae
+        .idx_to_progression(&picked)?
+        .iter()
+        .map(|img| {
+            let d = img.dims().to_vec();
+            img.reshape([d[0], 1, d[1], d[2], d[3]])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&Tensor> = steps.iter().collect();
+    let all = ops::concat(&refs, 1)?; // [rows, scales, 3, H, W]
+    let d = all.dims().to_vec();
+    all.reshape([d[0] * d[1], d[2], d[3], d[4]])?
+        .to_device(&Device::Cpu)
 }
 
 /// The most images `mvar sample` puts in one grid PNG (kept on the host until the end: 200 MB
@@ -110,7 +147,9 @@ pub fn images(
     ops::concat(&refs, 0)
 }
 
-/// A grid with one row per class, `per_class` samples each.
+/// A grid with one row per class, `per_class` samples each (the images `images` draws from
+/// `seed`), and the progression of the first sample of each class (see `sample --progression`).
+#[allow(clippy::too_many_arguments)]
 pub fn class_grid(
     model: &ArModel,
     vae: &VqVae,
@@ -119,14 +158,55 @@ pub fn class_grid(
     sc: SampleConfig,
     seed: u64,
     path: &Path,
+    progression: &Path,
 ) -> Result<()> {
     let classes = info.var.num_classes as i64;
     let labels: Vec<i64> = (0..classes)
         .flat_map(|c| std::iter::repeat_n(c, per_class))
         .collect();
-    let imgs = images(model, vae, &labels, sc, &mut Generator::new(seed))?;
-    let (px, h, w) = grid(&imgs, per_class)?;
-    save_png(path, &px, h, w)
+    let mut rng = Generator::new(seed);
+    let (mut parts, mut rows) = (Vec::new(), Vec::new());
+    for (b, chunk) in labels.chunks(32).enumerate() {
+        let out = sample_labels(model, vae, chunk, sc, &mut rng)?;
+        parts.push(vae.fhat_to_img(&out.f_hat)?);
+        let firsts = firsts_of_classes(b * 32, chunk.len(), per_class);
+        if !firsts.is_empty() {
+            rows.push((out.idx, firsts));
+        }
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    let (px, h, w) = grid(&ops::concat(&refs, 0)?, per_class)?;
+    save_png(path, &px, h, w)?;
+    save_progression(vae, &rows, info.var.patch_nums.len(), progression)?;
+    Ok(())
+}
+
+/// The rows of a batch of `len` images, the first `done` of the run before it, that start a
+/// class (of `per_class` images each) among the first PROGRESSION_ROWS classes.
+fn firsts_of_classes(done: usize, len: usize, per_class: usize) -> Vec<usize> {
+    (0..len)
+        .filter(|j| {
+            (done + j).is_multiple_of(per_class) && (done + j) / per_class < PROGRESSION_ROWS
+        })
+        .collect()
+}
+
+/// Writes progression.png from the token maps of some sampled batches and the rows of each to
+/// show; returns how many rows it has.
+fn save_progression(
+    vae: &VqVae,
+    batches: &[(Vec<Tensor>, Vec<usize>)],
+    scales: usize,
+    path: &Path,
+) -> Result<usize> {
+    let parts = batches
+        .iter()
+        .map(|(idx, rows)| progression_rows(vae, idx, rows))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    let (px, h, w) = grid(&ops::concat(&refs, 0)?, scales)?;
+    save_png(path, &px, h, w)?;
+    Ok(batches.iter().map(|(_, rows)| rows.len()).sum())
 }
 
 pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
@@ -173,6 +253,7 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
     let in_grid = pngs && labels.len() <= MAX_GRID_IMAGES;
     let mut grid_parts = Vec::new();
     let mut token_parts: Vec<Vec<Tensor>> = Vec::new();
+    let mut progression_parts = Vec::new();
 
     let sc = args.sampling.config();
     let dtype = args.precision.autocast(device);
@@ -219,6 +300,14 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
                 grid_parts.push(imgs);
             }
         }
+        if args.progression {
+            // The first image of each class, in the order of the grid's rows.
+            let firsts = firsts_of_classes(done, chunk.len(), args.n);
+            if !firsts.is_empty() {
+                // Decoded after the loop, so that the sampling rate is the sampler's.
+                progression_parts.push((out.idx.clone(), firsts));
+            }
+        }
         if args.tokens {
             token_parts.push(out.idx);
         }
@@ -245,6 +334,15 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
     }
     if pngs {
         wrote.push(format!("one PNG per image in {}", args.out.display()));
+    }
+    if !progression_parts.is_empty() {
+        let scales = info.var.patch_nums.len();
+        let path = args.out.join("progression.png");
+        let rows = save_progression(&vae, &progression_parts, scales, &path)?;
+        wrote.push(format!(
+            "{} ({rows} rows of {scales} scales)",
+            path.display()
+        ));
     }
     if args.tokens {
         let n = labels.len();

@@ -641,10 +641,20 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             .as_bytes(),
     )?;
     let grid = args.out.join("samples.png");
+    let progression = args.out.join("progression.png");
     let sc = args.sampling.config();
-    crate::sample::class_grid(&trainer.model, &vae, &info, 8, sc, args.seed, &grid)?;
+    crate::sample::class_grid(
+        &trainer.model,
+        &vae,
+        &info,
+        8,
+        sc,
+        args.seed,
+        &grid,
+        &progression,
+    )?;
     println!(
-        "wrote {}, {}, {}{}, {}, {} and {}",
+        "wrote {}, {}, {}{}, {}, {}, {} and {}",
         weights.display(),
         args.out.join("model.json").display(),
         metrics.path().display(),
@@ -654,7 +664,8 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             .unwrap_or_default(),
         loss_png.display(),
         lr_png.display(),
-        grid.display()
+        grid.display(),
+        progression.display()
     );
     if let Some((v, best)) = validation.as_ref().and_then(|v| Some((v, v.best?))) {
         println!(

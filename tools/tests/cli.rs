@@ -377,7 +377,12 @@ fn early_stop_ends_the_run_when_the_held_out_loss_stops_falling() {
     assert!(log.contains("(the lowest: "), "{log}");
     assert!(log.contains("(stopped early; 20 were planned)"), "{log}");
     assert_eq!(best_weights(&out).1["mvar.best.step"], "0");
-    for file in ["model.safetensors", "model.json", "samples.png"] {
+    for file in [
+        "model.safetensors",
+        "model.json",
+        "samples.png",
+        "progression.png",
+    ] {
         assert!(out.join(file).exists(), "{file}\n{log}");
     }
     // The run is over: --resume trains nothing more.
@@ -474,6 +479,62 @@ fn held_out_scores_during_training_leave_the_training_curve_as_it_is() {
         .arg("--out")
         .arg(&sampled));
     assert!(sampled.join("grid.png").exists());
+    // --progression: a row per class of the image after each scale, the last column the sample
+    // (batches of one, so the rows come from different batches).
+    let progressed = root.join("progression");
+    let log = ok(mvar()
+        .args([
+            "sample",
+            "--n",
+            "2",
+            "--batch",
+            "1",
+            "--progression",
+            "--ckpt",
+        ])
+        .arg(scored.join("best"))
+        .arg("--out")
+        .arg(&progressed));
+    assert!(
+        log.contains("progression.png (2 rows of 3 scales)"),
+        "{log}"
+    );
+    let grid = image::open(progressed.join("progression.png"))
+        .unwrap()
+        .to_rgb8();
+    let side = image::open(progressed.join("0000-blue.png"))
+        .unwrap()
+        .width();
+    assert_eq!(grid.dimensions(), (3 * (side + 1) + 1, 2 * (side + 1) + 1));
+    let cell = |row: u32, col: u32| -> Vec<u8> {
+        let mut v = Vec::new();
+        for y in 0..side {
+            for x in 0..side {
+                v.extend(
+                    grid.get_pixel(col * (side + 1) + 1 + x, row * (side + 1) + 1 + y)
+                        .0,
+                );
+            }
+        }
+        v
+    };
+    for (row, sample) in [(0, "0000-blue.png"), (1, "0002-red.png")] {
+        let want = image::open(progressed.join(sample))
+            .unwrap()
+            .to_rgb8()
+            .into_raw();
+        let last = cell(row, 2);
+        let worst = want.iter().zip(&last).map(|(a, b)| a.abs_diff(*b)).max();
+        assert!(
+            worst <= Some(1),
+            "row {row}: the last scale is not {sample} (off by {worst:?})"
+        );
+        assert_ne!(
+            cell(row, 0),
+            last,
+            "row {row}: the first scale is the whole image"
+        );
+    }
     // The training curve in the same units, per token: an MVAR step's official loss over the
     // scales it trains, times all tokens over those.
     for l in metric_lines(&scored) {
@@ -548,6 +609,7 @@ fn the_demo_writes_every_file_it_promises() {
         "tokenizer/recon.png",
         "tokenizer/metrics.jsonl",
         "mvar/samples.png",
+        "mvar/progression.png",
         "mvar/metrics.jsonl",
         "mvar/eval.json",
         "classifier/metrics.jsonl",
@@ -575,6 +637,7 @@ fn the_demo_writes_every_file_it_promises() {
     let tail = &log[log.find("done. samples").expect("no closing summary")..];
     for file in [
         "mvar/samples.png",
+        "mvar/progression.png",
         "tokenizer/recon.png",
         "loss.png",
         "lr.png",

@@ -52,7 +52,7 @@ pub struct SampleArgs {
     /// Also write progression.png: for the first image of each class (the first 16 classes),
     /// a row of what the image is after each scale, coarse to fine, decoded at full size (one
     /// decode per scale); the last column is the sample itself.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_png")]
     pub progression: bool,
 }
 

@@ -586,6 +586,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             if let Some(best) = v
                 .best
                 .filter(|b| args.early_stop > 0 && b.evals_since >= args.early_stop)
+                .filter(|_| s.step < args.steps)
             {
                 // The run ends here, its checkpoint included: the schedule's total becomes this
                 // step, so --resume finds nothing left to train and writes the outputs again.

@@ -428,13 +428,14 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             ),
         ));
     }
+    // The seed is passed, not captured: the loop changes other fields of `args`.
     let save = |trainer: &ArTrainer,
                 rng: &Generator,
                 seed: u64,
-                best: Option<BestHeldOut>|
+                validation: &Option<Validation>|
      -> Result<()> {
         let mut extra = BTreeMap::new();
-        if let Some(best) = best {
+        if let Some(best) = best_of(validation, resumed_best) {
             best.to_extra(&mut extra);
         }
         extra.insert("model".to_string(), info_json.clone());
@@ -600,22 +601,12 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             }
         }
         if s.step % args.checkpoint_every == 0 {
-            save(
-                &trainer,
-                &rng,
-                args.seed,
-                best_of(&validation, resumed_best),
-            )?;
+            save(&trainer, &rng, args.seed, &validation)?;
             last_saved = s.step;
             crate::plot::transformer_curves(&args.out, &info.kind, pns.len())?;
         }
         if interrupted() {
-            save(
-                &trainer,
-                &rng,
-                args.seed,
-                best_of(&validation, resumed_best),
-            )?;
+            save(&trainer, &rng, args.seed, &validation)?;
             progress.finish();
             println!(
                 "interrupted at step {}: wrote {}; continue with the same command and --resume",
@@ -626,12 +617,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         }
     }
     progress.finish();
-    save(
-        &trainer,
-        &rng,
-        args.seed,
-        best_of(&validation, resumed_best),
-    )?;
+    save(&trainer, &rng, args.seed, &validation)?;
     let (loss_png, lr_png) = crate::plot::transformer_curves(&args.out, &info.kind, pns.len())?;
     let weights = args.out.join("model.safetensors");
     trainer.model.var().save(&weights)?;

@@ -170,6 +170,29 @@ fn val_lines(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Starts `cmd`, kills it (SIGKILL) once `out/metrics.jsonl` has `lines` lines (or after
+/// `limit_s` seconds), checks that the signal ended it, and returns the lines written by then.
+fn kill_at_metric_lines(cmd: &mut Command, out: &Path, lines: usize, limit_s: u64) -> usize {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metric_lines(out).len() < lines && t0.elapsed() < Duration::from_secs(limit_s) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the run ended before it could be killed: {status:?}"
+    );
+    metric_lines(out).len()
+}
+
 /// A best/ folder's weights: the safetensors data section (the header's metadata map has no
 /// fixed order, the tensors have) and the metadata.
 fn best_weights(out: &Path) -> (Vec<u8>, serde_json::Value) {
@@ -190,7 +213,6 @@ fn split_data(root: &Path) -> PathBuf {
 
 #[test]
 fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
-    use std::os::unix::process::ExitStatusExt;
     let (_, tok) = tokenizer();
     let root = scratch("resume");
     // With a held-out split scored every 7 steps: val.jsonl must continue as metrics.jsonl does.
@@ -209,24 +231,8 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
     assert_eq!(val_reference.len(), 1 + 300 / 7 + 1, "{val_reference:?}");
 
     let cut = root.join("cut");
-    let mut child = train_cmd(data, tok, &cut, STEPS)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill it between checkpoints, a few steps after step 20.
-    let t0 = Instant::now();
-    while metric_lines(&cut).len() < 25 && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "the run ended before it could be killed: {status:?}"
-    );
-    let at_kill = metric_lines(&cut).len();
+    // Killed between checkpoints, a few steps after step 20.
+    let at_kill = kill_at_metric_lines(&mut train_cmd(data, tok, &cut, STEPS), &cut, 25, 120);
     assert!(at_kill < STEPS as usize);
     let log = ok(train_cmd(data, tok, &cut, STEPS).arg("--resume"));
     assert!(log.contains("resumed from"), "{log}");
@@ -274,7 +280,6 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
 /// and its held-out figures continue as its metrics do.
 #[test]
 fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
-    use std::os::unix::process::ExitStatusExt;
     let root = scratch("tokenizer-resume");
     let data = split_data(&root);
     const STEPS: u64 = 40;
@@ -305,23 +310,7 @@ fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
     assert_eq!(val_reference.len(), 1 + 40 / 7 + 1, "{val_reference:?}");
 
     let cut = root.join("cut");
-    let mut child = cmd(&cut)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while metric_lines(&cut).len() < 25 && t0.elapsed() < Duration::from_secs(300) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "the run ended before it could be killed: {status:?}"
-    );
-    let at_kill = metric_lines(&cut).len();
+    let at_kill = kill_at_metric_lines(&mut cmd(&cut), &cut, 25, 300);
     let log = ok(cmd(&cut).arg("--resume"));
     assert!(log.contains("resumed from"), "{log}");
     let resumed = metric_lines(&cut);

@@ -193,6 +193,32 @@ fn kill_at_metric_lines(cmd: &mut Command, out: &Path, lines: usize, limit_s: u6
     metric_lines(out).len()
 }
 
+/// A resumed run's metrics and held-out lines equal the uninterrupted run's, line for line.
+fn same_curves(
+    out: &Path,
+    reference: &[String],
+    val_reference: &[serde_json::Value],
+    at_kill: usize,
+) {
+    let resumed = metric_lines(out);
+    assert_eq!(
+        resumed.len(),
+        reference.len(),
+        "killed after {at_kill} lines"
+    );
+    for (a, b) in resumed.iter().zip(reference) {
+        assert_eq!(
+            a, b,
+            "differs after resuming (killed after {at_kill} lines)"
+        );
+    }
+    assert_eq!(
+        val_lines(out),
+        val_reference,
+        "the held-out figures differ after resuming (killed after {at_kill} lines)"
+    );
+}
+
 /// A best/ folder's weights: the safetensors data section (the header's metadata map has no
 /// fixed order, the tensors have) and the metadata.
 fn best_weights(out: &Path) -> (Vec<u8>, serde_json::Value) {
@@ -236,25 +262,7 @@ fn kill_9_then_resume_continues_the_loss_curve_bit_for_bit() {
     assert!(at_kill < STEPS as usize);
     let log = ok(train_cmd(data, tok, &cut, STEPS).arg("--resume"));
     assert!(log.contains("resumed from"), "{log}");
-    let resumed = metric_lines(&cut);
-    assert_eq!(
-        resumed.len(),
-        reference.len(),
-        "killed after {at_kill} lines"
-    );
-    for (i, (a, b)) in resumed.iter().zip(&reference).enumerate() {
-        assert_eq!(
-            a,
-            b,
-            "step {} differs after resuming (killed after {at_kill} lines)",
-            i + 1
-        );
-    }
-    assert_eq!(
-        val_lines(&cut),
-        val_reference,
-        "the held-out figures differ after resuming (killed after {at_kill} lines)"
-    );
+    same_curves(&cut, &reference, &val_reference, at_kill);
     // best/ holds the same weights of the same step: the checkpoint kept the lowest loss.
     let (whole_best, whole_meta) = best_weights(&whole);
     let (cut_best, cut_meta) = best_weights(&cut);
@@ -313,25 +321,7 @@ fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
     let at_kill = kill_at_metric_lines(&mut cmd(&cut), &cut, 25, 300);
     let log = ok(cmd(&cut).arg("--resume"));
     assert!(log.contains("resumed from"), "{log}");
-    let resumed = metric_lines(&cut);
-    assert_eq!(
-        resumed.len(),
-        reference.len(),
-        "killed after {at_kill} lines"
-    );
-    for (i, (a, b)) in resumed.iter().zip(&reference).enumerate() {
-        assert_eq!(
-            a,
-            b,
-            "tokenizer step {} differs after resuming (killed after {at_kill} lines)",
-            i + 1
-        );
-    }
-    assert_eq!(
-        val_lines(&cut),
-        val_reference,
-        "the held-out figures differ after resuming (killed after {at_kill} lines)"
-    );
+    same_curves(&cut, &reference, &val_reference, at_kill);
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -419,6 +419,15 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             state.step,
             args.steps
         );
+        let best_weights = args.out.join("best").join("model.safetensors");
+        if let Some(best) = resumed_best.filter(|_| !best_weights.exists()) {
+            println!(
+                "warning: {} is gone: it held the lowest held-out loss, {:.4} at step {}; only a lower one writes it again",
+                best_weights.display(),
+                best.loss,
+                best.step
+            );
+        }
     } else if ckpt.exists() && !args.overwrite {
         return Err(Error::invalid(
             "mvar train",
@@ -656,15 +665,22 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     );
     if let Some((v, best)) = validation.as_ref().and_then(|v| Some((v, v.best?))) {
         println!(
-            "the lowest held-out loss per token, {:.4}, was at step {} of {}{}: its weights are in {} (a model folder, as {} is)",
+            "the lowest held-out loss per token, {:.4}, was at step {} of {}{}: {}",
             best.loss,
             best.step,
             args.steps,
             stopped_early
                 .map(|planned| format!(" (stopped early; {planned} were planned)"))
                 .unwrap_or_default(),
-            v.best_dir.display(),
-            args.out.display()
+            if v.best_dir.join("model.safetensors").exists() {
+                format!(
+                    "its weights are in {} (a model folder, as {} is)",
+                    v.best_dir.display(),
+                    args.out.display()
+                )
+            } else {
+                format!("its weights were removed from {}", v.best_dir.display())
+            }
         );
     }
     Ok(())

@@ -364,9 +364,16 @@ fn early_stop_ends_the_run_when_the_held_out_loss_stops_falling() {
     ] {
         assert!(out.join(file).exists(), "{file}\n{log}");
     }
-    // The run is over: --resume trains nothing more.
+    // The run is over: --resume trains nothing more. Weights of best/ that were removed are
+    // named, not claimed.
+    std::fs::remove_file(out.join("best/model.safetensors")).unwrap();
     let again = ok(flat(&out).arg("--resume"));
     assert!(again.contains("at step 6 of 6"), "{again}");
+    assert!(
+        again.contains("best/model.safetensors is gone: it held the lowest held-out loss")
+            && again.contains("its weights were removed from"),
+        "{again}"
+    );
     assert_eq!(metric_lines(&out).len(), 6, "{again}");
     // Without held-out scores there is nothing to stop on: refused, naming the flag.
     fails(

@@ -955,7 +955,8 @@ fn quantizer(g: &mut BenchmarkGroup<'_, WallTime>, d: &Device) {
 /// rows of 4096 codes) with the official evaluation filter (top-k 900, top-p 0.96). On the GPU:
 /// the block-per-row kernel, the naive one (one thread per row), and what the sampler did
 /// before the kernel existed ("via host": copy the logits to the host, run the CPU reference,
-/// copy the tokens back). Throughput: the logits' bytes, read once.
+/// copy the tokens back). Throughput: the logits' bytes, read once. Also the filter alone
+/// (`filter_top_k_top_p`, what more_smooth sampling reads).
 fn sample(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("sample");
@@ -973,6 +974,10 @@ fn sample(c: &mut Criterion) {
             let shape = format!("[{rows},{v}] top-k {top_k} top-p {top_p} {dt}");
             bench(&mut g, &d, format!("{t}/sample {shape}"), || {
                 ops::sample_top_k_top_p(&x, &u, top_k, top_p).unwrap();
+            });
+            // The filter more_smooth sampling reads: the same planning, then a row written back.
+            bench(&mut g, &d, format!("{t}/filter {shape}"), || {
+                ops::filter_top_k_top_p(&x, top_k, top_p).unwrap();
             });
             if d.is_cuda() {
                 bench(&mut g, &d, format!("{t}/sample naive {shape}"), || {

@@ -406,7 +406,7 @@ def main():
     for dt in (torch.float32, torch.bfloat16):
         logits = (torch.randn(rows, codes, device=dev) * 3).to(dt)
 
-        def draw(logits=logits):
+        def filtered(logits=logits):
             x = logits.clone()
             kth = x.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
             x.masked_fill_(x < kth, -torch.inf)
@@ -414,10 +414,15 @@ def main():
             drop = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
             drop[..., -1:] = False
             x.masked_fill_(drop.scatter(1, order, drop), -torch.inf)
-            return torch.multinomial(x.softmax(dim=-1), num_samples=1)
+            return x
 
-        report("sample", f"cuda/sample [{rows},{codes}] top-k {top_k} top-p {top_p} {name[dt]}", timed(draw),
-               nbytes=rows * codes * size[dt])
+        def draw():
+            return torch.multinomial(filtered().softmax(dim=-1), num_samples=1)
+
+        shape = f"[{rows},{codes}] top-k {top_k} top-p {top_p} {name[dt]}"
+        report("sample", f"cuda/sample {shape}", timed(draw), nbytes=rows * codes * size[dt])
+        # The filter alone: what more_smooth's Gumbel softmax reads (our filter_top_k_top_p).
+        report("sample", f"cuda/filter {shape}", timed(filtered), nbytes=rows * codes * size[dt])
 
     # attention
     na2d_cases(report, timed, dev)

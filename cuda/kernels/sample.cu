@@ -32,6 +32,12 @@
 //
 // The naive variant (sample_rows_naive_*) runs the same algorithm on one thread per row; it is
 // the reference the tuned kernel is benchmarked against.
+//
+// filter_rows_* runs steps 1-2 only (the same block-per-row code, `filter_row`) and writes the
+// row back with every logit step 3 could not draw set to -inf and the others copied bit for bit:
+// the official sampler's in-place filtering, which its `more_smooth` Gumbel softmax reads.
+// Layout: logits and out [rows, V] of one float type; status i64 [rows], 0 or -1 - (the first
+// non-finite logit's index) as the tokens above (that row of out is then not written).
 
 #define SAMPLE_THREADS 256
 
@@ -89,114 +95,140 @@ __device__ __forceinline__ float logit(const T* row, i64 i) {
     return Io<T>::load(row, i);
 }
 
+// What steps 0-2 decide for one row. A logit x at index i is kept when its key is >= kth and,
+// when top-p drops some, its composite key is above `cut` or is `last` (the largest of all).
+struct RowFilter {
+    unsigned long long bad;  // the first non-finite logit's index, or v when there is none
+    float m;                 // the row maximum
+    unsigned int kth;        // 0: top-k keeps all
+    unsigned long long cut;  // drop kept composite keys <= cut (when dropping)
+    unsigned long long last;
+    bool dropping;
+
+    __device__ __forceinline__ bool keeps(float x, i64 i) const {
+        if (order_key(x) < kth) return false;
+        if (dropping) {
+            unsigned long long c = composite_key(x, i);
+            if (c <= cut && c != last) return false;
+        }
+        return true;
+    }
+};
+
+// Steps 0-2 for one row, by the whole block (every thread gets the same result).
+template <typename T>
+__device__ RowFilter filter_row(const T* row, i64 v, i64 top_k, double top_p, SampleScratch& s) {
+    RowFilter f;
+    f.kth = 0;
+    f.cut = 0;
+    f.last = 0;
+    f.dropping = false;
+    f.m = 0.0f;
+    // 0. The first non-finite logit (its index, or v when there is none); and the maximum.
+    unsigned long long bad = (unsigned long long)v;
+    unsigned long long top = 0;  // the largest value key, which is the maximum
+    for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
+        float x = logit(row, i);
+        if (!is_finite(x)) {
+            if ((unsigned long long)i < bad) bad = (unsigned long long)i;
+        } else {
+            unsigned long long k = order_key(x);
+            top = k > top ? k : top;
+        }
+    }
+    f.bad = block_min_u64(bad, s.keys);
+    if (f.bad < (unsigned long long)v) return f;
+    top = ~block_min_u64(~top, s.keys);
+    const unsigned int top_key = (unsigned int)top;
+    const float m = key_value(top_key);
+    f.m = m;
+
+    // 1. top-k: the k-th largest key by radix select (most significant digit first).
+    unsigned int kth = 0;  // keep key >= kth
+    if (top_k > 0 && top_k < v) {
+        unsigned int prefix = 0, mask = 0;
+        if (threadIdx.x == 0) s.remaining = (int)top_k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = threadIdx.x; b < 256; b += blockDim.x) s.hist[b] = 0;
+            __syncthreads();
+            for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
+                unsigned int k = order_key(logit(row, i));
+                if ((k & mask) == prefix) atomicAdd(&s.hist[(k >> shift) & 255u], 1);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int need = s.remaining, seen = 0;
+                int d = 255;
+                for (; d > 0; --d) {
+                    if (seen + s.hist[d] >= need) break;
+                    seen += s.hist[d];
+                }
+                s.digit = (unsigned int)d;
+                s.remaining = need - seen;
+            }
+            __syncthreads();
+            prefix |= s.digit << shift;
+            mask |= 255u << shift;
+        }
+        kth = prefix;
+    }
+    f.kth = kth;
+
+    // 2. top-p: the largest 64-bit key whose mass is <= (1 - top_p) Z; kept logits at or
+    // below it are dropped, except the largest key of all.
+    if (top_p > 0.0) {
+        double z = 0.0;
+        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
+            float x = logit(row, i);
+            if (order_key(x) >= kth) z += exp((double)x - (double)m);
+        }
+        z = block_sum(z, s.sums);
+        const double limit = 1.0 - top_p;
+        unsigned long long lo = 0, hi = ~0ull;
+        while (lo < hi) {
+            unsigned long long mid = lo + (hi - lo) / 2 + 1;
+            double mass = 0.0;
+            for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
+                float x = logit(row, i);
+                if (order_key(x) >= kth && composite_key(x, i) <= mid) mass += exp((double)x - (double)m) / z;
+            }
+            mass = block_sum(mass, s.sums);
+            if (mass <= limit) lo = mid;
+            else hi = mid - 1;
+        }
+        f.cut = lo;
+        f.dropping = lo > 0;
+    }
+    // The largest key of all is never dropped: the maximum value at its largest index.
+    if (f.dropping) {
+        unsigned long long mine = ~0ull;
+        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
+            float x = logit(row, i);
+            if (order_key(x) == top_key) {
+                unsigned long long k = ~composite_key(x, i);
+                mine = k < mine ? k : mine;
+            }
+        }
+        f.last = ~block_min_u64(mine, s.keys);
+    }
+    return f;
+}
+
 template <typename T>
 __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,
                                  double top_p) {
     __shared__ SampleScratch s;
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* row = logits + r * v;
-        // 0. The first non-finite logit (its index, or v when there is none); and the maximum.
-        unsigned long long bad = (unsigned long long)v;
-        unsigned long long top = 0;  // the largest value key, which is the maximum
-        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-            float x = logit(row, i);
-            if (!is_finite(x)) {
-                if ((unsigned long long)i < bad) bad = (unsigned long long)i;
-            } else {
-                unsigned long long k = order_key(x);
-                top = k > top ? k : top;
-            }
-        }
-        bad = block_min_u64(bad, s.keys);
-        if (bad < (unsigned long long)v) {
-            if (threadIdx.x == 0) tokens[r] = -1 - (i64)bad;
+        const RowFilter f = filter_row(row, v, top_k, top_p, s);
+        if (f.bad < (unsigned long long)v) {
+            if (threadIdx.x == 0) tokens[r] = -1 - (i64)f.bad;
             continue;
         }
-        top = ~block_min_u64(~top, s.keys);
-        const unsigned int top_key = (unsigned int)top;
-        const float m = key_value(top_key);
-
-        // 1. top-k: the k-th largest key by radix select (most significant digit first).
-        unsigned int kth = 0;  // keep key >= kth
-        if (top_k > 0 && top_k < v) {
-            unsigned int prefix = 0, mask = 0;
-            if (threadIdx.x == 0) s.remaining = (int)top_k;
-            for (int shift = 24; shift >= 0; shift -= 8) {
-                for (int b = threadIdx.x; b < 256; b += blockDim.x) s.hist[b] = 0;
-                __syncthreads();
-                for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-                    unsigned int k = order_key(logit(row, i));
-                    if ((k & mask) == prefix) atomicAdd(&s.hist[(k >> shift) & 255u], 1);
-                }
-                __syncthreads();
-                if (threadIdx.x == 0) {
-                    int need = s.remaining, seen = 0;
-                    int d = 255;
-                    for (; d > 0; --d) {
-                        if (seen + s.hist[d] >= need) break;
-                        seen += s.hist[d];
-                    }
-                    s.digit = (unsigned int)d;
-                    s.remaining = need - seen;
-                }
-                __syncthreads();
-                prefix |= s.digit << shift;
-                mask |= 255u << shift;
-            }
-            kth = prefix;
-        }
-
-        // 2. top-p: the largest 64-bit key whose mass is <= (1 - top_p) Z; kept logits at or
-        // below it are dropped, except the largest key of all.
-        unsigned long long cut = 0;  // drop kept keys <= cut (0: none, no key is 0)
-        bool dropping = false;
-        if (top_p > 0.0) {
-            double z = 0.0;
-            for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-                float x = logit(row, i);
-                if (order_key(x) >= kth) z += exp((double)x - (double)m);
-            }
-            z = block_sum(z, s.sums);
-            const double limit = 1.0 - top_p;
-            unsigned long long lo = 0, hi = ~0ull;
-            while (lo < hi) {
-                unsigned long long mid = lo + (hi - lo) / 2 + 1;
-                double mass = 0.0;
-                for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-                    float x = logit(row, i);
-                    if (order_key(x) >= kth && composite_key(x, i) <= mid) mass += exp((double)x - (double)m) / z;
-                }
-                mass = block_sum(mass, s.sums);
-                if (mass <= limit) lo = mid;
-                else hi = mid - 1;
-            }
-            cut = lo;
-            dropping = cut > 0;
-        }
-        // The largest key of all is never dropped: the maximum value at its largest index.
-        unsigned long long last = 0;
-        if (dropping) {
-            unsigned long long mine = ~0ull;
-            for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-                float x = logit(row, i);
-                if (order_key(x) == top_key) {
-                    unsigned long long k = ~composite_key(x, i);
-                    mine = k < mine ? k : mine;
-                }
-            }
-            last = ~block_min_u64(mine, s.keys);
-        }
-
         // 3. The draw over what is left, in index order.
         auto weight = [&](i64 i) -> double {
             float x = logit(row, i);
-            unsigned int k = order_key(x);
-            if (k < kth) return 0.0;
-            if (dropping) {
-                unsigned long long c = composite_key(x, i);
-                if (c <= cut && c != last) return 0.0;
-            }
-            return exp((double)x - (double)m);
+            return f.keeps(x, i) ? exp((double)x - (double)f.m) : 0.0;
         };
         double total = 0.0;
         for (i64 i = threadIdx.x; i < v; i += blockDim.x) total += weight(i);
@@ -222,6 +254,26 @@ __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uni
             token = (i64)~block_min_u64(mine, s.keys);
         }
         if (threadIdx.x == 0) tokens[r] = token;
+    }
+}
+
+// The filter alone (the official in-place filtering that more_smooth's Gumbel softmax reads):
+// out = the row with every logit the draw could not pick set to -inf, kept ones copied bit for
+// bit; status[r] = 0, or -1 - (the first non-finite logit's index), the row then left unwritten.
+template <typename T>
+__device__ void filter_rows_impl(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p) {
+    __shared__ SampleScratch s;
+    const float neg_inf = __int_as_float(0xff800000);
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* row = logits + r * v;
+        const RowFilter f = filter_row(row, v, top_k, top_p, s);
+        const bool bad = f.bad < (unsigned long long)v;
+        if (threadIdx.x == 0) status[r] = bad ? -1 - (i64)f.bad : 0;
+        if (bad) continue;
+        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
+            if (f.keeps(logit(row, i), i)) out[r * v + i] = row[i];
+            else Io<T>::store(out + r * v, i, neg_inf);
+        }
     }
 }
 
@@ -309,6 +361,10 @@ __device__ void sample_rows_naive_impl(i64* tokens, const T* logits, const doubl
         sample_rows_naive_##S(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,    \
                               double top_p) {                                                                     \
         sample_rows_naive_impl<T>(tokens, logits, uniform, rows, v, top_k, top_p);                                \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)                                                  \
+        filter_rows_##S(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p) {        \
+        filter_rows_impl<T>(out, status, logits, rows, v, top_k, top_p);                                          \
     }
 
 SAMPLE_KERNELS(float, f32)

@@ -99,6 +99,12 @@ pub fn edit(
     rng: &mut Generator,
 ) -> Result<SampleOutput> {
     const OP: &str = "edit";
+    if sc.more_smooth {
+        return Err(Error::invalid(
+            OP,
+            "more_smooth: an edit teacher-forces the kept tokens, so it takes drawn tokens only (expected more_smooth off)",
+        ));
+    }
     let cfg = &model.var().config;
     let pns = &cfg.patch_nums;
     if image_tokens.len() != pns.len() {
@@ -200,6 +206,7 @@ mod tests {
             cfg: 2.0,
             top_k: 0,
             top_p: 0.9,
+            more_smooth: false,
         };
         let ids = |o: &SampleOutput| -> Vec<Vec<i64>> {
             o.idx.iter().map(|t| t.to_vec::<i64>().unwrap()).collect()
@@ -218,6 +225,22 @@ mod tests {
             )
             .unwrap();
             assert_eq!(ids(&out), image_ids);
+            let smooth = SampleConfig {
+                more_smooth: true,
+                ..sc
+            };
+            let e = edit(
+                model,
+                &vae,
+                &tokens,
+                &all,
+                &labels,
+                smooth,
+                &mut Generator::new(1),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("more_smooth"), "{e}");
             let none = EditMask::from_keep(8, vec![false; 64]).unwrap();
             let out = edit(
                 model,

@@ -16,7 +16,9 @@ use mvar_engine::{no_grad, DType, Device, Error, Generator, Result, Tensor};
 use mvar_ops as ops;
 use serde::{Deserialize, Serialize};
 
-use crate::var::{sample_tokens, DecodeStep, Mixing, SampleConfig, SampleOutput, Var, VarConfig};
+use crate::var::{
+    sample_choice, Choice, DecodeStep, Mixing, SampleConfig, SampleOutput, Var, VarConfig,
+};
 use crate::VqVae;
 
 /// MVAR's own settings on top of a [`VarConfig`].
@@ -150,22 +152,23 @@ impl Mvar {
         sc: SampleConfig,
         rng: &mut Generator,
     ) -> Result<SampleOutput> {
+        let scales = self.var.config.patch_nums.len();
         self.decode_with(
             vae,
             labels,
             if sc.cfg == 1.0 { None } else { Some(sc.cfg) },
-            |_, logits| sample_tokens(logits, sc.top_k, sc.top_p, rng),
+            |si, logits| sample_choice(vae, logits, si, scales, sc, rng),
         )
     }
 
     /// The decoding loop with a pluggable token choice (as [`Var::decode_with`]), each scale an
     /// independent forward of its own tokens.
-    pub fn decode_with(
+    pub fn decode_with<C: Into<Choice>>(
         &self,
         vae: &VqVae,
         labels: &[i64],
         cfg: Option<f64>,
-        mut choose: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+        mut choose: impl FnMut(usize, &Tensor) -> Result<C>,
     ) -> Result<SampleOutput> {
         let _ng = no_grad();
         let var = &self.var;
@@ -241,6 +244,26 @@ impl Mvar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_smooth_is_the_drawn_code_when_one_is_kept_and_a_mixture_otherwise() {
+        let (vae, tcfg) = crate::test_models::tiny(32, 8, &[1, 2, 3, 5], 1, 2, 64, 5);
+        let tcfg = VarConfig {
+            init_adaln_gamma: 0.5,
+            init_head: 1.0,
+            ..tcfg
+        };
+        let mvar = MvarConfig {
+            refine_step: 2,
+            kernel_size: 3,
+            ratio_k: 8,
+        };
+        let m = Mvar::new(tcfg, mvar, &Device::Cpu, 2).unwrap();
+        crate::test_models::check_more_smooth(|sc, seed| {
+            m.sample(&vae, &[1, 4], sc, &mut Generator::new(seed))
+                .unwrap()
+        });
+    }
 
     #[test]
     fn segment_logits_equal_the_per_step_sampling_logits() {

@@ -480,6 +480,7 @@ fn scale_ada_rows(w: &Tensor, axis: usize, cfg: &VarConfig) -> Result<Tensor> {
 }
 
 /// What sampling produced.
+#[derive(Debug)]
 pub struct SampleOutput {
     /// Token maps per scale, i64 [B, pn^2].
     pub idx: Vec<Tensor>,
@@ -496,6 +497,10 @@ pub struct SampleConfig {
     pub top_k: usize,
     /// Keep the smallest set of logits with probability mass >= top_p (0 = all).
     pub top_p: f64,
+    /// The official `more_smooth` (visualisation only, not for FID): f_hat grows by a
+    /// Gumbel-softmax mixture of codes instead of the drawn code ([`smooth_codes`]). The drawn
+    /// tokens are still returned, but no longer decode to the image.
+    pub more_smooth: bool,
 }
 
 impl Default for SampleConfig {
@@ -504,6 +509,7 @@ impl Default for SampleConfig {
             cfg: 1.5,
             top_k: 900,
             top_p: 0.96,
+            more_smooth: false,
         }
     }
 }
@@ -885,8 +891,9 @@ impl Var {
         sc: SampleConfig,
         rng: &mut Generator,
     ) -> Result<SampleOutput> {
-        self.decode_with(vae, labels, Some(sc.cfg), |_, logits| {
-            sample_tokens(logits, sc.top_k, sc.top_p, rng)
+        let scales = self.config.patch_nums.len();
+        self.decode_with(vae, labels, Some(sc.cfg), |si, logits| {
+            sample_choice(vae, logits, si, scales, sc, rng)
         })
     }
 
@@ -895,12 +902,12 @@ impl Var {
     /// i64 [B, pn^2]. With `cfg` None the batch is not doubled and the logits are the
     /// conditional ones. Sampling, teacher-forcing given tokens and zero-shot editing are all
     /// this loop with another `choose`.
-    pub fn decode_with(
+    pub fn decode_with<C: Into<Choice>>(
         &self,
         vae: &VqVae,
         labels: &[i64],
         cfg: Option<f64>,
-        mut choose: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+        mut choose: impl FnMut(usize, &Tensor) -> Result<C>,
     ) -> Result<SampleOutput> {
         let _ng = no_grad();
         self.check_vae(vae)?;
@@ -1053,14 +1060,28 @@ pub(crate) struct DecodeStep {
     pub cfg: Option<f64>,
 }
 
+/// What a decoding loop's `choose` returns for a scale: its tokens, and optionally the codes
+/// [B, Cvae, pn, pn] f_hat grows by instead of the tokens' (more_smooth sampling). A plain
+/// token tensor converts into a choice without codes.
+pub struct Choice {
+    pub idx: Tensor,
+    pub codes: Option<Tensor>,
+}
+
+impl From<Tensor> for Choice {
+    fn from(idx: Tensor) -> Self {
+        Choice { idx, codes: None }
+    }
+}
+
 impl DecodeStep {
     /// Returns the tokens, the new f_hat and the next scale's input (None after the last).
-    pub fn run(
+    pub fn run<C: Into<Choice>>(
         &self,
         vae: &VqVae,
         logits: &Tensor,
         f_hat: &Tensor,
-        choose: &mut impl FnMut(usize, &Tensor) -> Result<Tensor>,
+        choose: &mut impl FnMut(usize, &Tensor) -> Result<C>,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let (si, k, pn, bsz) = (self.si, self.scales, self.pn, self.bsz);
         let guided;
@@ -1076,7 +1097,7 @@ impl DecodeStep {
             }
             None => logits,
         };
-        let idx = choose(si, logits)?;
+        let Choice { idx, codes } = choose(si, logits)?.into();
         if idx.dims() != [bsz, pn * pn] || idx.dtype() != DType::I64 {
             return Err(Error::shape(
                 self.what,
@@ -1084,7 +1105,10 @@ impl DecodeStep {
                 format!("i64 [{bsz}, {}]", pn * pn),
             ));
         }
-        let (f_hat, next_in) = vae.next_autoregressive_input(si, f_hat, &idx)?;
+        let (f_hat, next_in) = match codes {
+            None => vae.next_autoregressive_input(si, f_hat, &idx)?,
+            Some(h) => vae.next_autoregressive_input_codes(si, f_hat, &h)?,
+        };
         Ok((idx, f_hat, next_in))
     }
 }
@@ -1095,6 +1119,87 @@ pub fn guide(logits: &Tensor, bsz: usize, t: f64) -> Result<Tensor> {
         &ops::mul_scalar(&halves[0], 1.0 + t)?,
         &ops::mul_scalar(&halves[1], t)?,
     )
+}
+
+/// A sampling step's choice for scale `si` of `scales` from its guided logits [B, l, V]: the
+/// drawn tokens, and with `more_smooth` the codes of [`smooth_codes`] (drawn after the tokens,
+/// from the same generator, as the official sampler does).
+pub fn sample_choice(
+    vae: &VqVae,
+    logits: &Tensor,
+    si: usize,
+    scales: usize,
+    sc: SampleConfig,
+    rng: &mut Generator,
+) -> Result<Choice> {
+    let idx = sample_tokens(logits, sc.top_k, sc.top_p, rng)?;
+    let codes = if sc.more_smooth {
+        Some(smooth_codes(
+            vae, logits, si, scales, sc.top_k, sc.top_p, rng,
+        )?)
+    } else {
+        None
+    };
+    Ok(Choice { idx, codes })
+}
+
+/// The official `more_smooth` codes of scale `si` of `scales` (spec 4): with ratio =
+/// si / (K - 1), tau = max(0.27 (1 - 0.95 ratio), 0.005) and the logits [B, l, V] filtered as the
+/// draw filters them (top-k, top-p: the rest -inf), the Gumbel softmax
+/// softmax((logits (1 + ratio) + g) / tau) with g = -ln(E), E ~ Exp(1) drawn from `rng`, times
+/// the codebook: [B, Cvae, pn, pn]. A soft mixture of codes where the draw picks one; at the
+/// last scales tau is small and it nears the drawn code.
+pub fn smooth_codes(
+    vae: &VqVae,
+    logits: &Tensor,
+    si: usize,
+    scales: usize,
+    top_k: usize,
+    top_p: f64,
+    rng: &mut Generator,
+) -> Result<Tensor> {
+    let (b, l, v) = match logits.dims() {
+        &[b, l, v] => (b, l, v),
+        _ => {
+            return Err(Error::shape(
+                "smooth_codes",
+                logits.shape().to_string(),
+                "logits [B, l, V]",
+            ))
+        }
+    };
+    let pn = (l as f64).sqrt().round() as usize;
+    if pn * pn != l {
+        return Err(Error::shape(
+            "smooth_codes",
+            logits.shape().to_string(),
+            "logits [B, pn^2, V] of a square scale",
+        ));
+    }
+    let ratio = if scales > 1 {
+        si as f64 / (scales - 1) as f64
+    } else {
+        0.0
+    };
+    let tau = (0.27 * (1.0 - 0.95 * ratio)).max(0.005);
+    let filtered = ops::filter_top_k_top_p(&logits.reshape([b * l, v])?, top_k, top_p)?;
+    // g = -ln(E) with E = -ln(1 - u) ~ Exp(1), u in [0, 1). E is kept above 0 so that g stays
+    // finite (an infinite g would make the softmax NaN; torch's exponential_ excludes 0 too).
+    let gumbel: Vec<f32> = rng
+        .uniform(b * l * v, 0.0, 1.0)
+        .into_iter()
+        .map(|u| -(-(1.0 - u).ln()).max(f64::MIN_POSITIVE).ln() as f32)
+        .collect();
+    let g = Tensor::from_vec(gumbel, [b * l, v], logits.device())?.to_dtype(filtered.dtype())?;
+    let scaled = ops::mul_scalar(
+        &ops::add(&ops::mul_scalar(&filtered, 1.0 + ratio)?, &g)?,
+        1.0 / tau,
+    )?;
+    let soft = ops::softmax(&scaled, -1)?;
+    let table = &vae.quantize.embedding.weight; // [V, Cvae]
+    let codes = ops::matmul(&soft.to_dtype(table.dtype())?, table)?; // [B l, Cvae]
+    let c = table.dims()[1];
+    ops::permute(&codes.reshape([b, l, c])?, &[0, 2, 1])?.reshape([b, c, pn, pn])
 }
 
 /// The official `sample_with_top_k_top_p_` with one draw per token from `rng`: keep the top-k
@@ -1158,6 +1263,15 @@ mod tests {
             vae,
             Var::new(tcfg, &Device::Cpu, 2, Mixing::BlockCausal).unwrap(),
         )
+    }
+
+    #[test]
+    fn more_smooth_is_the_drawn_code_when_one_is_kept_and_a_mixture_otherwise() {
+        let (vae, var) = tiny();
+        crate::test_models::check_more_smooth(|sc, seed| {
+            var.sample(&vae, &[1, 4], sc, &mut Generator::new(seed))
+                .unwrap()
+        });
     }
 
     #[test]

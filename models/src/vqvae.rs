@@ -928,6 +928,47 @@ impl VqVae {
         Ok((f_hat, Some(next)))
     }
 
+    /// [`next_autoregressive_input`](Self::next_autoregressive_input) with scale `si`'s codes
+    /// h [B, C, pn, pn] given instead of its tokens (the official `get_next_autoregressive_input`,
+    /// which more_smooth sampling feeds a mixture of codes): f_hat + Phi(bicubic-up(h)).
+    pub fn next_autoregressive_input_codes(
+        &self,
+        si: usize,
+        f_hat: &Tensor,
+        h: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let pns = &self.config.v_patch_nums;
+        let Some(&pn) = pns.get(si) else {
+            return Err(Error::IndexOutOfRange {
+                op: "next_autoregressive_input_codes",
+                what: "scale",
+                index: si as i64,
+                size: pns.len(),
+            });
+        };
+        let full = self.full();
+        let want = [
+            f_hat.dims().first().copied().unwrap_or(0),
+            self.config.z_channels,
+            pn,
+            pn,
+        ];
+        if h.dims() != want {
+            return Err(Error::shape(
+                "next_autoregressive_input_codes",
+                format!("codes {}", h.shape()),
+                format!("{want:?}"),
+            ));
+        }
+        let h = h.to_dtype(f_hat.dtype())?;
+        let f_hat = ops::add(f_hat, &self.quantize.contribution(si, &h, full)?)?;
+        if si + 1 == pns.len() {
+            return Ok((f_hat, None));
+        }
+        let next = ops::area_downsample(&f_hat, pns[si + 1], pns[si + 1])?;
+        Ok((f_hat, Some(next)))
+    }
+
     /// post_quant_conv(f_hat).
     pub fn post_quant(&self, f_hat: &Tensor) -> Result<Tensor> {
         self.post_quant_conv.forward(f_hat)

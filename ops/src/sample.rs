@@ -39,8 +39,9 @@ fn top_k_mask(row: &[f64], top_k: usize) -> Vec<bool> {
     row.iter().map(|&x| x >= kth).collect()
 }
 
-/// The token drawn from one row of finite logits with the uniform `u` (the module's steps).
-fn sample_row(row: &[f64], u: f64, top_k: usize, top_p: f64) -> usize {
+/// Which logits of one row of finite logits survive top-k then top-p (the module's steps 1-2):
+/// those the draw can pick.
+fn kept(row: &[f64], top_k: usize, top_p: f64) -> Vec<bool> {
     let v = row.len();
     let mut keep = top_k_mask(row, top_k);
     if top_p > 0.0 {
@@ -64,6 +65,12 @@ fn sample_row(row: &[f64], u: f64, top_k: usize, top_p: f64) -> usize {
             }
         }
     }
+    keep
+}
+
+/// The token drawn from one row of finite logits with the uniform `u` (the module's steps).
+fn sample_row(row: &[f64], u: f64, top_k: usize, top_p: f64) -> usize {
+    let keep = kept(row, top_k, top_p);
     let m = row
         .iter()
         .zip(&keep)
@@ -109,9 +116,32 @@ fn sample_rows<T: Float>(
         .collect())
 }
 
-fn not_finite(row: usize, code: usize, rows: usize, v: usize) -> Error {
+/// Rows of one float type with what top-k / top-p drops set to -inf; `Err((row, code))` for
+/// the first non-finite logit.
+fn filter_rows<T: Float>(
+    x: &[T],
+    v: usize,
+    top_k: usize,
+    top_p: f64,
+) -> std::result::Result<Vec<T>, (usize, usize)> {
+    if let Some(at) = x.iter().position(|t| !t.as_f64().is_finite()) {
+        return Err((at / v, at % v));
+    }
+    let mut out = x.to_vec();
+    out.par_chunks_mut(v).for_each(|row| {
+        let wide: Vec<f64> = row.iter().map(|t| t.as_f64()).collect();
+        for (t, keep) in row.iter_mut().zip(kept(&wide, top_k, top_p)) {
+            if !keep {
+                *t = T::neg_infinity();
+            }
+        }
+    });
+    Ok(out)
+}
+
+fn not_finite(op: &'static str, row: usize, code: usize, rows: usize, v: usize) -> Error {
     Error::invalid(
-        "sample_top_k_top_p",
+        op,
         format!(
             "the logit of row {row} (of {rows} rows of {v}) at code {code} is NaN or infinite: expected finite \
              logits (with bf16 autocast, f32 may avoid an overflow)"
@@ -149,12 +179,7 @@ pub fn sample_top_k_top_p_with(
             "logits [R, V] with V > 0 and one uniform per row",
         ));
     }
-    if !(0.0..=1.0).contains(&top_p) {
-        return Err(Error::invalid(
-            OP,
-            format!("top_p {top_p}: expected [0, 1]"),
-        ));
-    }
+    check_top_p(OP, top_p)?;
     if let Some(u) = uniform.iter().find(|u| !(0.0..1.0).contains(*u)) {
         return Err(Error::invalid(OP, format!("uniform {u}: expected [0, 1)")));
     }
@@ -167,7 +192,7 @@ pub fn sample_top_k_top_p_with(
                 CpuStorage::F64(x) => sample_rows(x, v, uniform, top_k, top_p),
                 other => sample_rows(&other.to_f32_vec(), v, uniform, top_k, top_p),
             }
-            .map_err(|(r, c)| not_finite(r, c, rows, v))?;
+            .map_err(|(r, c)| not_finite(OP, r, c, rows, v))?;
             Ok(vec![CpuStorage::I64(tokens)])
         },
         |dev, b| {
@@ -181,10 +206,75 @@ pub fn sample_top_k_top_p_with(
         // The kernel marks a row with a non-finite logit as -1 - code; only tokens are copied.
         let host = tokens.to_vec::<i64>()?;
         if let Some((r, &t)) = host.iter().enumerate().find(|(_, &t)| t < 0) {
-            return Err(not_finite(r, (-1 - t) as usize, rows, v));
+            return Err(not_finite(OP, r, (-1 - t) as usize, rows, v));
         }
     }
     Ok(tokens)
+}
+
+fn check_top_p(op: &'static str, top_p: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&top_p) {
+        return Err(Error::invalid(
+            op,
+            format!("top_p {top_p}: expected [0, 1]"),
+        ));
+    }
+    Ok(())
+}
+
+/// The logits [R, V] that [`sample_top_k_top_p`] could draw, every other one set to -inf, same
+/// shape and dtype (kept logits unchanged): the official sampler's in-place top-k / top-p
+/// filtering, which its `more_smooth` Gumbel softmax then reads. On CUDA the same block-per-row
+/// code as the sampler's decides what is kept.
+pub fn filter_top_k_top_p(logits: &Tensor, top_k: usize, top_p: f64) -> Result<Tensor> {
+    const OP: &str = "filter_top_k_top_p";
+    require_float(OP, logits)?;
+    require_rank(OP, logits, "logits [R, V]", 2)?;
+    let (rows, v) = (logits.dims()[0], logits.dims()[1]);
+    if v == 0 && rows > 0 {
+        return Err(Error::shape(
+            OP,
+            logits.shape().to_string(),
+            "logits [R, V] with V > 0",
+        ));
+    }
+    check_top_p(OP, top_p)?;
+    let mut out = dispatch(
+        OP,
+        &[logits],
+        |s| {
+            let bad = |(r, c)| not_finite(OP, r, c, rows, v);
+            Ok(vec![match s[0] {
+                CpuStorage::F32(x) => {
+                    CpuStorage::F32(filter_rows(x, v, top_k, top_p).map_err(bad)?)
+                }
+                CpuStorage::F64(x) => {
+                    CpuStorage::F64(filter_rows(x, v, top_k, top_p).map_err(bad)?)
+                }
+                // bf16 -> f32 -> bf16 is exact for the kept values and for -inf.
+                CpuStorage::BF16(_) => CpuStorage::BF16(
+                    filter_rows(&s[0].to_f32_vec(), v, top_k, top_p)
+                        .map_err(bad)?
+                        .into_iter()
+                        .map(mvar_engine::bf16::from_f32)
+                        .collect(),
+                ),
+                other => return Err(Error::dtype(OP, other.dtype(), "a float dtype")),
+            }])
+        },
+        |dev, b| {
+            let (filtered, status) = cs::filter_top_k_top_p(dev, b[0], rows, v, top_k, top_p)?;
+            Ok(vec![filtered, status])
+        },
+    )?;
+    if logits.device().is_cuda() {
+        // The kernel marks a row with a non-finite logit in `status` as the sampler does.
+        let status = out_tensor(out.split_off(1), [rows], logits.device())?.to_vec::<i64>()?;
+        if let Some((r, &t)) = status.iter().enumerate().find(|(_, &t)| t < 0) {
+            return Err(not_finite(OP, r, (-1 - t) as usize, rows, v));
+        }
+    }
+    out_tensor(out, [rows, v], logits.device())
 }
 
 #[cfg(test)]
@@ -297,5 +387,132 @@ mod tests {
         assert!(sample_top_k_top_p(&t, &[0.5], 1, 0.0).is_err());
         let t = Tensor::from_vec(vec![1i64; 4], [1, 4], &Device::Cpu).unwrap();
         assert!(sample_top_k_top_p(&t, &[0.5], 1, 0.0).is_err());
+    }
+
+    /// An independent statement of what survives: sort for the k-th value; then the ascending
+    /// order (ties by index), running probability, drop while <= 1 - top_p, never the last.
+    fn survivors(row: &[f64], top_k: usize, top_p: f64) -> Vec<bool> {
+        let v = row.len();
+        let mut desc = row.to_vec();
+        desc.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        let kth = if top_k == 0 || top_k >= v {
+            f64::NEG_INFINITY
+        } else {
+            desc[top_k - 1]
+        };
+        let mut keep: Vec<bool> = row.iter().map(|&x| x >= kth).collect();
+        if top_p > 0.0 {
+            let mut asc: Vec<usize> = (0..v).filter(|&i| keep[i]).collect();
+            asc.sort_by(|&a, &b| row[a].partial_cmp(&row[b]).unwrap().then(a.cmp(&b)));
+            let z: f64 = asc.iter().map(|&i| (row[i] - desc[0]).exp()).sum();
+            let mut cum = 0.0;
+            for &i in &asc[..asc.len() - 1] {
+                cum += (row[i] - desc[0]).exp() / z;
+                if cum > 1.0 - top_p {
+                    break;
+                }
+                keep[i] = false;
+            }
+        }
+        keep
+    }
+
+    #[test]
+    fn the_filter_keeps_what_the_draw_can_pick_and_sets_the_rest_to_minus_infinity() {
+        let mut g = Generator::new(5);
+        let (rows, v) = (24, 50);
+        for coarse in [false, true] {
+            let x: Vec<f32> = g
+                .normal(rows * v, 0.0, 2.0)
+                .into_iter()
+                .map(|y| {
+                    if coarse {
+                        (y * 2.0).round() as f32 / 2.0
+                    } else {
+                        y as f32
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(x.clone(), [rows, v], &Device::Cpu).unwrap();
+            for (top_k, top_p) in [
+                (0, 0.0),
+                (1, 0.0),
+                (7, 0.0),
+                (0, 0.5),
+                (10, 0.9),
+                (0, 1e-9),
+                (60, 0.96),
+            ] {
+                let f = filter_top_k_top_p(&t, top_k, top_p).unwrap();
+                assert_eq!((f.dims(), f.dtype()), (t.dims(), t.dtype()));
+                let f = f.to_vec::<f32>().unwrap();
+                for r in 0..rows {
+                    let row: Vec<f64> = x[r * v..(r + 1) * v].iter().map(|&y| y as f64).collect();
+                    let want = survivors(&row, top_k, top_p);
+                    for i in 0..v {
+                        let got = f[r * v + i];
+                        if want[i] {
+                            assert_eq!(got, x[r * v + i], "k {top_k} p {top_p} row {r} code {i}");
+                        } else {
+                            assert_eq!(
+                                got,
+                                f32::NEG_INFINITY,
+                                "k {top_k} p {top_p} row {r} code {i}"
+                            );
+                        }
+                    }
+                    if top_k == 1 && !coarse {
+                        assert_eq!(want.iter().filter(|&&k| k).count(), 1);
+                    }
+                }
+                // Every draw is of a kept logit.
+                for u in [0.0, 0.1, 0.37, 0.5, 0.93, 0.999_999] {
+                    let tokens = draw(&x, v, &vec![u; rows], top_k, top_p);
+                    for (r, &tok) in tokens.iter().enumerate() {
+                        assert!(
+                            f[r * v + tok as usize].is_finite(),
+                            "k {top_k} p {top_p} row {r} drew {tok}"
+                        );
+                    }
+                }
+            }
+        }
+        // f64 and bf16 keep their dtype and the survivors of the values they hold.
+        let x: Vec<f64> = g.normal(3 * 9, 0.0, 1.0);
+        let wide = Tensor::from_vec(x, [3, 9], &Device::Cpu).unwrap();
+        for dtype in [mvar_engine::DType::F64, mvar_engine::DType::BF16] {
+            let t = wide.to_dtype(dtype).unwrap();
+            let got = filter_top_k_top_p(&t, 4, 0.8).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let (held, got) = (t.to_vec_f64().unwrap(), got.to_vec_f64().unwrap());
+            for (r, (row, out)) in held.chunks(9).zip(got.chunks(9)).enumerate() {
+                let keep = survivors(row, 4, 0.8);
+                let want: Vec<f64> = row
+                    .iter()
+                    .zip(&keep)
+                    .map(|(&y, &k)| if k { y } else { f64::NEG_INFINITY })
+                    .collect();
+                assert_eq!(out, &want[..], "{dtype:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_filter_names_bad_inputs() {
+        let mut vals = vec![0.5f32; 24];
+        vals[3 * 4 + 1] = f32::NAN;
+        let t = Tensor::from_vec(vals, [6, 4], &Device::Cpu).unwrap();
+        let m = filter_top_k_top_p(&t, 2, 0.9).unwrap_err().to_string();
+        assert!(
+            m.contains("filter_top_k_top_p") && m.contains("row 3 (of 6 rows of 4) at code 1"),
+            "{m}"
+        );
+        let t = Tensor::from_vec(vec![0.5f32; 4], [1, 4], &Device::Cpu).unwrap();
+        assert!(filter_top_k_top_p(&t, 2, 1.5)
+            .unwrap_err()
+            .to_string()
+            .contains("top_p 1.5"));
+        let t = Tensor::from_vec(vec![0.5f32; 4], [4], &Device::Cpu).unwrap();
+        assert!(filter_top_k_top_p(&t, 2, 0.5).is_err());
     }
 }

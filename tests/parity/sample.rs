@@ -8,7 +8,8 @@
 //! where the GPU's token is one the definition allows with every running sum (top-p's
 //! cumulative probability against 1 - top_p, the draw's running weight against u * total)
 //! moved by up to 1e-12 (see [`allowed`]); such a row is reported, and any other difference
-//! fails.
+//! fails. The filter alone (`ops::filter_top_k_top_p`, what more_smooth sampling reads) is held
+//! to the same rule: its kept set is the CPU's or one the sums allow within 1e-12.
 
 use mvar::engine::{DType, Device, Generator, Tensor};
 use mvar::ops::{self, SampleKernel};
@@ -22,6 +23,28 @@ use crate::{config, gpu, randn};
 /// interval of the draw's running weight must hold u * total within `eps` of its ends. Top-k
 /// compares values only and has no slack.
 fn allowed(row: &[f64], u: f64, top_k: usize, top_p: f64, token: i64, eps: f64) -> bool {
+    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let v = row.len();
+    allowed_keeps(row, top_k, top_p, eps)
+        .into_iter()
+        .any(|keep| {
+            let w: Vec<f64> = (0..v)
+                .map(|i| if keep[i] { (row[i] - m).exp() } else { 0.0 })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let t = token as usize;
+            if t >= v || w[t] == 0.0 {
+                return false;
+            }
+            let before: f64 = w[..t].iter().sum();
+            let target = u * total;
+            before - eps * total <= target && target < before + w[t] + eps * total
+        })
+}
+
+/// The sets of logits top-k and top-p may keep once the top-p running sums may be off by
+/// `eps`: one per position of the cut consistent with them.
+fn allowed_keeps(row: &[f64], top_k: usize, top_p: f64, eps: f64) -> Vec<Vec<bool>> {
     let v = row.len();
     let mut sorted = row.to_vec();
     sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
@@ -55,23 +78,15 @@ fn allowed(row: &[f64], u: f64, top_k: usize, top_p: f64, token: i64, eps: f64) 
     } else {
         vec![0]
     };
-    cuts.into_iter().any(|r| {
-        let mut keep = kept.clone();
-        for &i in &order[..r] {
-            keep[i] = false;
-        }
-        let w: Vec<f64> = (0..v)
-            .map(|i| if keep[i] { (row[i] - m).exp() } else { 0.0 })
-            .collect();
-        let total: f64 = w.iter().sum();
-        let t = token as usize;
-        if t >= v || w[t] == 0.0 {
-            return false;
-        }
-        let before: f64 = w[..t].iter().sum();
-        let target = u * total;
-        before - eps * total <= target && target < before + w[t] + eps * total
-    })
+    cuts.into_iter()
+        .map(|r| {
+            let mut keep = kept.clone();
+            for &i in &order[..r] {
+                keep[i] = false;
+            }
+            keep
+        })
+        .collect()
 }
 
 fn sample_on(
@@ -151,8 +166,63 @@ fn logits(rows: usize, v: usize, scale: f32, coarse: bool, seed: u64) -> Tensor 
     Tensor::from_vec(x, [rows, v], &Device::Cpu).unwrap()
 }
 
+/// `ops::filter_top_k_top_p` on CUDA against the CPU, f32 and bf16: kept logits bit for bit
+/// the input, the rest -inf, and the kept set the CPU's or, at a top-p rounding tie, another
+/// that the sums allow within 1e-12.
+fn filters_agree(logits: &Tensor, top_k: usize, top_p: f64) {
+    let Some(dev) = gpu() else { return };
+    let v = logits.dims()[1];
+    for dtype in [DType::F32, DType::BF16] {
+        let x = logits.to_dtype(dtype).unwrap();
+        let held = x.to_vec_f64().unwrap();
+        let want = ops::filter_top_k_top_p(&x, top_k, top_p)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        let got = ops::filter_top_k_top_p(&x.to_device(&dev).unwrap(), top_k, top_p)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got.dtype(), dtype);
+        let got = got.to_vec_f64().unwrap();
+        for (r, ((row, g), w)) in held
+            .chunks(v)
+            .zip(got.chunks(v))
+            .zip(want.chunks(v))
+            .enumerate()
+        {
+            for (i, &y) in g.iter().enumerate() {
+                assert!(
+                    y == row[i] || y == f64::NEG_INFINITY,
+                    "{dtype:?} row {r} code {i}: {y} for the logit {}",
+                    row[i]
+                );
+            }
+            if g == w {
+                continue;
+            }
+            let keep: Vec<bool> = g.iter().map(|y| y.is_finite()).collect();
+            assert!(
+                allowed_keeps(row, top_k, top_p, 1e-12).contains(&keep),
+                "{dtype:?} [{}, {v}] top_k {top_k} top_p {top_p}: row {r} keeps another set than the CPU's, \
+                 and no top-p running sum lies within 1e-12 of 1 - top_p that would allow it",
+                held.len() / v
+            );
+            println!("{dtype:?}: row {r} kept another set than the CPU at a top-p rounding tie");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(config())]
+
+    #[test]
+    fn filtered_logits_match_the_cpu(
+        rows in 1usize..24, v in 1usize..700, k_mode in 0usize..5, p_mode in 0usize..5,
+        coarse in any::<bool>(), scale in 0.5f32..6.0, kth in any::<u16>(), seed in any::<u64>()
+    ) {
+        let top_k = [0, 1, 1 + kth as usize % v, v, v + 3][k_mode];
+        let top_p = [0.0, 0.5, 0.96, 1.0, 1e-300][p_mode];
+        filters_agree(&logits(rows, v, scale, coarse, seed), top_k, top_p);
+    }
 
     #[test]
     fn sampled_tokens_match_the_cpu(
@@ -177,6 +247,7 @@ fn official_settings_and_extreme_draws() {
         u[0] = 0.0;
         u[rows - 1] = 1.0 - f64::EPSILON;
         tokens_agree(&x, &u, top_k, top_p);
+        filters_agree(&x, top_k, top_p);
     }
 }
 
@@ -198,5 +269,10 @@ fn non_finite_logits_are_named_on_the_gpu() {
                 "{kernel:?} {what}: {e}"
             );
         }
+        let e = ops::filter_top_k_top_p(&x, 2, 0.9).unwrap_err().to_string();
+        assert!(
+            e.contains("filter_top_k_top_p") && e.contains("row 3 (of 5 rows of 7) at code 6"),
+            "filter {what}: {e}"
+        );
     }
 }

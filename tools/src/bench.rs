@@ -369,6 +369,7 @@ fn measure_sample(
         cfg: args.cfg,
         top_k: args.top_k,
         top_p: args.top_p,
+        more_smooth: false,
     };
     let _ng = no_grad();
     let _autocast = mvar_engine::autocast(args.precision.autocast(device))?;

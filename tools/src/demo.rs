@@ -24,6 +24,7 @@ const DEMO_SAMPLING: SamplingArgs = SamplingArgs {
     cfg: 8.0,
     top_k: 3,
     top_p: 0.0,
+    more_smooth: false,
 };
 
 #[derive(Args, Debug, Clone)]

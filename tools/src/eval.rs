@@ -387,12 +387,17 @@ fn sample_quality(
     };
     let chance = 1.0 / classes as f64;
     println!(
-        "samples: {} ({} per class, cfg {}, top-k {}, top-p {}) in {sample_secs:.1}s",
+        "samples: {} ({} per class, cfg {}, top-k {}, top-p {}{}) in {sample_secs:.1}s",
         labels.len(),
         args.per_class,
         args.sampling.cfg,
         args.sampling.top_k,
-        args.sampling.top_p
+        args.sampling.top_p,
+        if args.sampling.more_smooth {
+            ", more_smooth"
+        } else {
+            ""
+        }
     );
     println!(
         "  classifier accuracy of the samples {:.1}% (the classifier on real held-out images: {:.1}%; chance {:.1}%)",

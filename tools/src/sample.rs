@@ -52,7 +52,8 @@ pub struct SampleArgs {
     /// Also write progression.png: for the first image of each class (the first 16 classes),
     /// a row of what the image is after each scale, coarse to fine, decoded at full size (one
     /// decode per scale); the last column is the sample itself.
-    #[arg(long, conflicts_with = "no_png")]
+    /// (Not with --more-smooth: the progression is decoded from the drawn tokens.)
+    #[arg(long, conflicts_with_all = ["no_png", "more_smooth"])]
     pub progression: bool,
 }
 
@@ -104,6 +105,11 @@ pub struct SamplingArgs {
     /// Keep the smallest set of tokens with this probability mass (0 = all).
     #[arg(long, default_value_t = 0.96)]
     pub top_p: f64,
+    /// The official sampler's more_smooth: f_hat grows by a Gumbel-softmax mixture of the
+    /// kept codes instead of the drawn one (smoother images, for viewing; not for FID). The
+    /// --tokens written are still the drawn ones, which then do not decode to the images.
+    #[arg(long)]
+    pub more_smooth: bool,
 }
 
 impl SamplingArgs {
@@ -112,6 +118,7 @@ impl SamplingArgs {
             cfg: self.cfg,
             top_k: self.top_k,
             top_p: self.top_p,
+            more_smooth: self.more_smooth,
         }
     }
 }
@@ -148,7 +155,8 @@ pub fn images(
 }
 
 /// A grid with one row per class, `per_class` samples each (the images `images` draws from
-/// `seed`), and the progression of the first sample of each class (see `sample --progression`).
+/// `seed`), and the progression of the first sample of each class (see `sample --progression`)
+/// when `progression` names a file.
 #[allow(clippy::too_many_arguments)]
 pub fn class_grid(
     model: &ArModel,
@@ -158,7 +166,7 @@ pub fn class_grid(
     sc: SampleConfig,
     seed: u64,
     path: &Path,
-    progression: &Path,
+    progression: Option<&Path>,
 ) -> Result<()> {
     let classes = info.var.num_classes as i64;
     let labels: Vec<i64> = (0..classes)
@@ -177,7 +185,9 @@ pub fn class_grid(
     let refs: Vec<&Tensor> = parts.iter().collect();
     let (px, h, w) = grid(&ops::concat(&refs, 0)?, per_class)?;
     save_png(path, &px, h, w)?;
-    save_progression(vae, &rows, info.var.patch_nums.len(), progression)?;
+    if let Some(progression) = progression {
+        save_progression(vae, &rows, info.var.patch_nums.len(), progression)?;
+    }
     Ok(())
 }
 

@@ -637,7 +637,8 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             .as_bytes(),
     )?;
     let grid = args.out.join("samples.png");
-    let progression = args.out.join("progression.png");
+    // Decoded from the drawn tokens, so not beside more_smooth samples.
+    let progression = (!args.sampling.more_smooth).then(|| args.out.join("progression.png"));
     let sc = args.sampling.config();
     crate::sample::class_grid(
         &trainer.model,
@@ -647,10 +648,10 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         sc,
         args.seed,
         &grid,
-        &progression,
+        progression.as_deref(),
     )?;
     println!(
-        "wrote {}, {}, {}{}, {}, {}, {} and {}",
+        "wrote {}, {}, {}{}, {}, {}, {}{}",
         weights.display(),
         args.out.join("model.json").display(),
         metrics.path().display(),
@@ -661,7 +662,9 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         loss_png.display(),
         lr_png.display(),
         grid.display(),
-        progression.display()
+        progression
+            .map(|p| format!(" and {}", p.display()))
+            .unwrap_or_default()
     );
     if let Some((v, best)) = validation.as_ref().and_then(|v| Some((v, v.best?))) {
         println!(

@@ -521,6 +521,22 @@ fn held_out_scores_during_training_leave_the_training_curve_as_it_is() {
             "row {row}: the first scale is the whole image"
         );
     }
+    // --more-smooth: the official sampler's Gumbel-softmax codes (on the GPU path in CI too).
+    let smooth = root.join("smooth");
+    let log = ok(mvar()
+        .args([
+            "sample",
+            "--n",
+            "2",
+            "--top-k",
+            "4",
+            "--more-smooth",
+            "--ckpt",
+        ])
+        .arg(scored.join("best"))
+        .arg("--out")
+        .arg(&smooth));
+    assert!(smooth.join("grid.png").exists(), "{log}");
     // The training curve in the same units, per token: an MVAR step's official loss over the
     // scales it trains, times all tokens over those.
     for l in metric_lines(&scored) {
@@ -1131,6 +1147,10 @@ fn edit_writes_a_sheet_and_names_a_bad_box_or_image() {
         &["box", "x1 <= 8"],
     );
     fails(&mut edit(&["--box", "1,2,3"], &image), &["--box", "four"]);
+    fails(
+        &mut edit(&["--box", "0,0,4,8", "--more-smooth"], &image),
+        &["more_smooth", "teacher-forces"],
+    );
     let broken = root.join("broken.png");
     std::fs::write(&broken, b"\x89PNG\r\n\x1a\nnot really").unwrap();
     fails(&mut edit(&[], &broken), &["broken.png"]);

@@ -86,3 +86,49 @@ pub fn sample_top_k_top_p(
     unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes))?;
     Ok(out)
 }
+
+/// The logits of `logits` [rows, v] (f32 or bf16) that `sample_top_k_top_p` could draw, the
+/// others set to -inf (kept ones copied bit for bit), and a status i64 [rows]: 0, or -1 - (the
+/// index of the row's first non-finite logit), whose row of the output is not written.
+pub fn filter_top_k_top_p(
+    dev: &CudaDevice,
+    logits: &CudaBuffer,
+    rows: usize,
+    v: usize,
+    top_k: usize,
+    top_p: f64,
+) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
+    const OP: &str = "filter_top_k_top_p";
+    let kind = float_kind(OP, &[logits])?;
+    let sizes = format!("[{rows}, {v}], top_k {top_k}, top_p {top_p}");
+    let total = rows.checked_mul(v).ok_or_else(|| CudaError::Launch {
+        op: OP.into(),
+        sizes: sizes.clone(),
+        message: "element count overflows".into(),
+    })?;
+    check_lens(OP, &[(logits, total)])?;
+    let out = dev.alloc(kind, total, OP)?;
+    let status = dev.alloc(BufferKind::I64, rows, OP)?;
+    if total == 0 {
+        return Ok((out, status));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = dev.function(&SAMPLE, &format!("filter_rows_{}", kind.suffix()))?;
+    let (po, ps, pl) = (out.device_ptr(), status.device_ptr(), logits.device_ptr());
+    let (r, n, k) = (rows as i64, v as i64, top_k.min(i64::MAX as usize) as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po)
+        .arg(&ps)
+        .arg(&pl)
+        .arg(&r)
+        .arg(&n)
+        .arg(&k)
+        .arg(&top_p);
+    // SAFETY: logits and out hold rows * v elements of `kind`, status rows i64.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes))?;
+    Ok((out, status))
+}

@@ -1182,7 +1182,10 @@ pub fn smooth_codes(
         0.0
     };
     let tau = (0.27 * (1.0 - 0.95 * ratio)).max(0.005);
-    let filtered = ops::filter_top_k_top_p(&logits.reshape([b * l, v])?, top_k, top_p)?;
+    // In f32 whatever the logits' dtype: at tau = 0.005 the scaled logits reach thousands,
+    // where bf16's 8-bit mantissa would round the softmax's differences away.
+    let filtered = ops::filter_top_k_top_p(&logits.reshape([b * l, v])?, top_k, top_p)?
+        .to_dtype(DType::F32)?;
     // g = -ln(E) with E = -ln(1 - u) ~ Exp(1), u in [0, 1). E is kept above 0 so that g stays
     // finite (an infinite g would make the softmax NaN; torch's exponential_ excludes 0 too).
     let gumbel: Vec<f32> = rng
@@ -1190,7 +1193,7 @@ pub fn smooth_codes(
         .into_iter()
         .map(|u| -(-(1.0 - u).ln()).max(f64::MIN_POSITIVE).ln() as f32)
         .collect();
-    let g = Tensor::from_vec(gumbel, [b * l, v], logits.device())?.to_dtype(filtered.dtype())?;
+    let g = Tensor::from_vec(gumbel, [b * l, v], logits.device())?;
     let scaled = ops::mul_scalar(
         &ops::add(&ops::mul_scalar(&filtered, 1.0 + ratio)?, &g)?,
         1.0 / tau,

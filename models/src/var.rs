@@ -899,7 +899,8 @@ impl Var {
 
     /// The KV-cache decoding loop with a pluggable choice of tokens: `choose(si, logits)` gets
     /// the (guided, when `cfg` is Some) logits [B, pn^2, V] of scale `si` and returns its tokens
-    /// i64 [B, pn^2]. With `cfg` None the batch is not doubled and the logits are the
+    /// i64 [B, pn^2] (or a [`Choice`], whose codes, when given, f_hat grows by instead of the
+    /// tokens'). With `cfg` None the batch is not doubled and the logits are the
     /// conditional ones. Sampling, teacher-forcing given tokens and zero-shot editing are all
     /// this loop with another `choose`.
     pub fn decode_with<C: Into<Choice>>(

@@ -1159,16 +1159,7 @@ pub fn smooth_codes(
     top_p: f64,
     rng: &mut Generator,
 ) -> Result<Tensor> {
-    let (b, l, v) = match logits.dims() {
-        &[b, l, v] => (b, l, v),
-        _ => {
-            return Err(Error::shape(
-                "smooth_codes",
-                logits.shape().to_string(),
-                "logits [B, l, V]",
-            ))
-        }
-    };
+    let (b, l, v) = logits_blv("smooth_codes", logits)?;
     let pn = (l as f64).sqrt().round() as usize;
     if pn * pn != l {
         return Err(Error::shape(
@@ -1206,6 +1197,18 @@ pub fn smooth_codes(
     ops::permute(&codes.reshape([b, l, c])?, &[0, 2, 1])?.reshape([b, c, pn, pn])
 }
 
+/// B, l, V of logits [B, l, V].
+fn logits_blv(op: &'static str, logits: &Tensor) -> Result<(usize, usize, usize)> {
+    match logits.dims() {
+        &[b, l, v] => Ok((b, l, v)),
+        _ => Err(Error::shape(
+            op,
+            logits.shape().to_string(),
+            "logits [B, l, V]",
+        )),
+    }
+}
+
 /// The official `sample_with_top_k_top_p_` with one draw per token from `rng`: keep the top-k
 /// logits (ties at the k-th value kept), then drop the smallest logits whose cumulative
 /// probability (ascending) is <= 1 - top_p (the largest always kept), then draw from the
@@ -1216,16 +1219,7 @@ pub fn sample_tokens(
     top_p: f64,
     rng: &mut Generator,
 ) -> Result<Tensor> {
-    let (b, l, v) = match logits.dims() {
-        &[b, l, v] => (b, l, v),
-        _ => {
-            return Err(Error::shape(
-                "sample_tokens",
-                logits.shape().to_string(),
-                "logits [B, l, V]",
-            ))
-        }
-    };
+    let (b, l, v) = logits_blv("sample_tokens", logits)?;
     let draws = rng.uniform(b * l, 0.0, 1.0);
     let flat = logits.reshape([b * l, v])?;
     ops::sample_top_k_top_p(&flat, &draws, top_k, top_p)?.reshape([b, l])

@@ -909,23 +909,11 @@ impl VqVae {
         f_hat: &Tensor,
         idx: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let pns = &self.config.v_patch_nums;
-        if si >= pns.len() {
-            return Err(Error::IndexOutOfRange {
-                op: "next_autoregressive_input",
-                what: "scale",
-                index: si as i64,
-                size: pns.len(),
-            });
-        }
+        self.scale_side("next_autoregressive_input", si)?;
         let f_hat = self
             .quantize
             .accumulate(si, f_hat, idx, 1.0, ops::IndexOrigin::Caller)?;
-        if si + 1 == pns.len() {
-            return Ok((f_hat, None));
-        }
-        let next = ops::area_downsample(&f_hat, pns[si + 1], pns[si + 1])?;
-        Ok((f_hat, Some(next)))
+        self.with_next_input(si, f_hat)
     }
 
     /// [`next_autoregressive_input`](Self::next_autoregressive_input) with scale `si`'s codes
@@ -937,16 +925,8 @@ impl VqVae {
         f_hat: &Tensor,
         h: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let pns = &self.config.v_patch_nums;
-        let Some(&pn) = pns.get(si) else {
-            return Err(Error::IndexOutOfRange {
-                op: "next_autoregressive_input_codes",
-                what: "scale",
-                index: si as i64,
-                size: pns.len(),
-            });
-        };
-        let full = self.full();
+        const OP: &str = "next_autoregressive_input_codes";
+        let pn = self.scale_side(OP, si)?;
         let want = [
             f_hat.dims().first().copied().unwrap_or(0),
             self.config.z_channels,
@@ -955,18 +935,37 @@ impl VqVae {
         ];
         if h.dims() != want {
             return Err(Error::shape(
-                "next_autoregressive_input_codes",
+                OP,
                 format!("codes {}", h.shape()),
                 format!("{want:?}"),
             ));
         }
         let h = h.to_dtype(f_hat.dtype())?;
-        let f_hat = ops::add(f_hat, &self.quantize.contribution(si, &h, full)?)?;
-        if si + 1 == pns.len() {
-            return Ok((f_hat, None));
+        let f_hat = ops::add(f_hat, &self.quantize.contribution(si, &h, self.full())?)?;
+        self.with_next_input(si, f_hat)
+    }
+
+    /// The side of scale `si`'s token map, or an error naming `op` past the last scale.
+    fn scale_side(&self, op: &'static str, si: usize) -> Result<usize> {
+        let pns = &self.config.v_patch_nums;
+        pns.get(si).copied().ok_or(Error::IndexOutOfRange {
+            op,
+            what: "scale",
+            index: si as i64,
+            size: pns.len(),
+        })
+    }
+
+    /// f_hat after scale `si` and, unless it is the last, the next scale's input
+    /// area-down(f_hat).
+    fn with_next_input(&self, si: usize, f_hat: Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self.config.v_patch_nums.get(si + 1) {
+            None => Ok((f_hat, None)),
+            Some(&next) => {
+                let input = ops::area_downsample(&f_hat, next, next)?;
+                Ok((f_hat, Some(input)))
+            }
         }
-        let next = ops::area_downsample(&f_hat, pns[si + 1], pns[si + 1])?;
-        Ok((f_hat, Some(next)))
     }
 
     /// post_quant_conv(f_hat).

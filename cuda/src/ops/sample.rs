@@ -22,6 +22,25 @@ pub enum SampleKernel {
     Naive,
 }
 
+/// The launch's description and the logits' element count, checked against the buffer.
+fn checked_logits(
+    op: &str,
+    logits: &CudaBuffer,
+    rows: usize,
+    v: usize,
+    top_k: usize,
+    top_p: f64,
+) -> Result<(String, usize), CudaError> {
+    let sizes = format!("[{rows}, {v}], top_k {top_k}, top_p {top_p}");
+    let total = rows.checked_mul(v).ok_or_else(|| CudaError::Launch {
+        op: op.into(),
+        sizes: sizes.clone(),
+        message: "element count overflows".into(),
+    })?;
+    check_lens(op, &[(logits, total)])?;
+    Ok((sizes, total))
+}
+
 /// Tokens i64 [rows] drawn from `logits` [rows, v] (f32 or bf16) with `uniform[r]` for row r,
 /// keeping the `top_k` largest logits (0: all) and then the top-`top_p` probability mass (0: all),
 /// as `ops::sample_top_k_top_p` defines it. A row with a non-finite logit gets -1 - (the index
@@ -39,13 +58,7 @@ pub fn sample_top_k_top_p(
 ) -> Result<CudaBuffer, CudaError> {
     const OP: &str = "sample_top_k_top_p";
     let kind = float_kind(OP, &[logits])?;
-    let sizes = format!("[{rows}, {v}], top_k {top_k}, top_p {top_p}");
-    let total = rows.checked_mul(v).ok_or_else(|| CudaError::Launch {
-        op: OP.into(),
-        sizes: sizes.clone(),
-        message: "element count overflows".into(),
-    })?;
-    check_lens(OP, &[(logits, total)])?;
+    let (sizes, _) = checked_logits(OP, logits, rows, v, top_k, top_p)?;
     if uniform.len() != rows || (v == 0 && rows > 0) {
         return Err(CudaError::Launch {
             op: OP.into(),
@@ -100,13 +113,7 @@ pub fn filter_top_k_top_p(
 ) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "filter_top_k_top_p";
     let kind = float_kind(OP, &[logits])?;
-    let sizes = format!("[{rows}, {v}], top_k {top_k}, top_p {top_p}");
-    let total = rows.checked_mul(v).ok_or_else(|| CudaError::Launch {
-        op: OP.into(),
-        sizes: sizes.clone(),
-        message: "element count overflows".into(),
-    })?;
-    check_lens(OP, &[(logits, total)])?;
+    let (sizes, total) = checked_logits(OP, logits, rows, v, top_k, top_p)?;
     let out = dev.alloc(kind, total, OP)?;
     let status = dev.alloc(BufferKind::I64, rows, OP)?;
     if total == 0 {

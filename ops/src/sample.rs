@@ -102,6 +102,10 @@ fn sample_rows<T: Float>(
     top_k: usize,
     top_p: f64,
 ) -> std::result::Result<Vec<i64>, (usize, usize)> {
+    if x.is_empty() {
+        // No rows (v may be 0 then, and chunks of 0 do not exist).
+        return Ok(Vec::new());
+    }
     if let Some(at) = x.iter().position(|t| !t.as_f64().is_finite()) {
         return Err((at / v, at % v));
     }
@@ -124,6 +128,10 @@ fn filter_rows<T: Float>(
     top_k: usize,
     top_p: f64,
 ) -> std::result::Result<Vec<T>, (usize, usize)> {
+    if x.is_empty() {
+        // No rows (v may be 0 then, and chunks of 0 do not exist).
+        return Ok(Vec::new());
+    }
     if let Some(at) = x.iter().position(|t| !t.as_f64().is_finite()) {
         return Err((at / v, at % v));
     }
@@ -494,6 +502,17 @@ mod tests {
                     .collect();
                 assert_eq!(out, &want[..], "{dtype:?} row {r}");
             }
+        }
+    }
+
+    #[test]
+    fn no_rows_give_no_tokens_and_an_empty_filter() {
+        for v in [0, 5] {
+            let t = Tensor::from_vec(Vec::<f32>::new(), [0, v], &Device::Cpu).unwrap();
+            let tokens = sample_top_k_top_p(&t, &[], 3, 0.9).unwrap();
+            assert_eq!(tokens.dims(), [0]);
+            let f = filter_top_k_top_p(&t, 3, 0.9).unwrap();
+            assert_eq!(f.dims(), [0, v]);
         }
     }
 

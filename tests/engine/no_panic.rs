@@ -161,6 +161,14 @@ pub fn core_ops() -> Vec<(&'static str, OpFn)> {
             ops::bicubic_upsample(&x.a, x.n, x.m)
         }),
         ("softmax", |x| ops::softmax(&x.a, x.axis)),
+        // top_p m / 5: up to 1.0 valid, 1.2 not.
+        ("sample_top_k_top_p", |x| {
+            let u = vec![0.5; x.a.dims().first().copied().unwrap_or(0)];
+            ops::sample_top_k_top_p(&x.a, &u, x.n, x.m as f64 / 5.0)
+        }),
+        ("filter_top_k_top_p", |x| {
+            ops::filter_top_k_top_p(&x.a, x.n, x.m as f64 / 5.0)
+        }),
         ("log_softmax", |x| ops::log_softmax(&x.a, x.axis)),
         ("cross_entropy", |x| {
             ops::cross_entropy(&x.a, &x.b, None, 0.1)

@@ -823,12 +823,24 @@ impl VqVae {
 
     /// f_hat = sum over scales of Phi(bicubic-up(codes)) from token maps [B, pn^2].
     pub fn idx_to_fhat(&self, idx: &[Tensor]) -> Result<Tensor> {
-        self.check_pyramid("idx_to_fhat", idx)?;
-        let mut f_hat = self.empty_fhat(idx, "idx_to_fhat")?;
+        self.fold_fhat("idx_to_fhat", idx, |_| Ok(()))
+    }
+
+    /// f_hat from token maps (a whole pyramid or its first scales), shown to `after_scale`
+    /// as it is after each scale.
+    fn fold_fhat(
+        &self,
+        op: &'static str,
+        idx: &[Tensor],
+        mut after_scale: impl FnMut(&Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.check_pyramid(op, idx)?;
+        let mut f_hat = self.empty_fhat(idx, op)?;
         for (si, ids) in idx.iter().enumerate() {
             f_hat = self
                 .quantize
                 .accumulate(si, &f_hat, ids, 1.0, ops::IndexOrigin::Caller)?;
+            after_scale(&f_hat)?;
         }
         Ok(f_hat)
     }
@@ -1005,15 +1017,11 @@ impl VqVae {
     /// last_one=False)`). Decoding a scale at its own small size instead gives poor images
     /// (VAR issue 162): f_hat lives at the last scale's size from the first scale on.
     pub fn idx_to_progression(&self, idx: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.check_pyramid("idx_to_progression", idx)?;
-        let mut f_hat = self.empty_fhat(idx, "idx_to_progression")?;
         let mut images = Vec::with_capacity(idx.len());
-        for (si, ids) in idx.iter().enumerate() {
-            f_hat = self
-                .quantize
-                .accumulate(si, &f_hat, ids, 1.0, ops::IndexOrigin::Caller)?;
-            images.push(self.fhat_to_img(&f_hat)?);
-        }
+        self.fold_fhat("idx_to_progression", idx, |f_hat| {
+            images.push(self.fhat_to_img(f_hat)?);
+            Ok(())
+        })?;
         Ok(images)
     }
 

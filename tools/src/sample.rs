@@ -145,10 +145,24 @@ pub fn images(
     sc: SampleConfig,
     rng: &mut Generator,
 ) -> Result<Tensor> {
+    images_and(model, vae, labels, sc, rng, |_, _| ())
+}
+
+/// [`images`], each batch's output also shown to `each` with the number of images before it.
+fn images_and(
+    model: &ArModel,
+    vae: &VqVae,
+    labels: &[i64],
+    sc: SampleConfig,
+    rng: &mut Generator,
+    mut each: impl FnMut(usize, SampleOutput),
+) -> Result<Tensor> {
+    const BATCH: usize = 32;
     let mut parts = Vec::new();
-    for chunk in labels.chunks(32) {
+    for (b, chunk) in labels.chunks(BATCH).enumerate() {
         let out = sample_labels(model, vae, chunk, sc, rng)?;
         parts.push(vae.fhat_to_img(&out.f_hat)?);
+        each(b * BATCH, out);
     }
     let refs: Vec<&Tensor> = parts.iter().collect();
     ops::concat(&refs, 0)
@@ -172,18 +186,22 @@ pub fn class_grid(
     let labels: Vec<i64> = (0..classes)
         .flat_map(|c| std::iter::repeat_n(c, per_class))
         .collect();
-    let mut rng = Generator::new(seed);
-    let (mut parts, mut rows) = (Vec::new(), Vec::new());
-    for (b, chunk) in labels.chunks(32).enumerate() {
-        let out = sample_labels(model, vae, chunk, sc, &mut rng)?;
-        parts.push(vae.fhat_to_img(&out.f_hat)?);
-        let firsts = firsts_of_classes(b * 32, chunk.len(), per_class);
-        if !firsts.is_empty() {
-            rows.push((out.idx, firsts));
-        }
-    }
-    let refs: Vec<&Tensor> = parts.iter().collect();
-    let (px, h, w) = grid(&ops::concat(&refs, 0)?, per_class)?;
+    let mut rows = Vec::new();
+    let imgs = images_and(
+        model,
+        vae,
+        &labels,
+        sc,
+        &mut Generator::new(seed),
+        |done, out| {
+            let batch = out.idx.first().map_or(0, |t| t.dims()[0]);
+            let firsts = firsts_of_classes(done, batch, per_class);
+            if !firsts.is_empty() {
+                rows.push((out.idx, firsts));
+            }
+        },
+    )?;
+    let (px, h, w) = grid(&imgs, per_class)?;
     save_png(path, &px, h, w)?;
     if let Some(progression) = progression {
         save_progression(vae, &rows, info.var.patch_nums.len(), progression)?;

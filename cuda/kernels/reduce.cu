@@ -8,8 +8,21 @@
 // Parallel decomposition (the host picks the kernel from the shape):
 // - sum_rows (inner == 1): one block per output row. The block's threads stride over the row's n
 //   contiguous elements (coalesced) and combine with block_sum; blocks grid-stride over rows.
-// - sum_cols (inner > 1): one thread per output element looping over n. Neighbouring threads
-//   handle neighbouring i, so every step of the loop is one coalesced read across the warp.
+// - sum_row_chunks + sum_rows_from_f32 (inner == 1, fewer rows than multiprocessors and long
+//   rows, e.g. a whole-tensor sum): one row's block would leave the GPU idle, so each row is cut
+//   into `splits` chunks, block (c, r) sums chunk c of row r into an f32 partial [rows, splits],
+//   and a second launch sums the partials of each row (sum_rows over [rows, splits]).
+// - sum_cols_tiled (inner > 1): a block of 32 x 8 threads owns 32 neighbouring columns of one
+//   slab o; its 8 rows of threads take every 8th element of the reduced axis (each step a 128-
+//   byte coalesced read per warp for f32) and are combined through shared memory. The bias
+//   gradients of training ([B*L, C] -> [C], a few thousand columns over tens of thousands of
+//   rows) leave too few such blocks to fill the GPU, so the axis is cut into `splits` chunks
+//   (blockIdx.z) written as f32 partials [splits, outer * inner], and a second launch of the same
+//   kernel sums the partials (outer 1, n = splits). Both passes run in a fixed order: the
+//   result does not depend on scheduling.
+// - sum_cols (inner > 1): the reference variant (MVAR_SUM_KERNEL=naive): one thread per output
+//   element looping over n. Neighbouring threads handle neighbouring i, so every step is one
+//   coalesced read across the warp, but only outer * inner threads run.
 // - argmax_rows (inner == 1): one warp per row. Lanes stride the row keeping their best
 //   (value, index), then a shuffle butterfly combines the 32 candidates; no shared memory.
 // - argmax_cols (inner > 1): one thread per output element scanning n in order (the CPU loop).
@@ -27,15 +40,61 @@
 
 #define ROW_THREADS_MAX 512
 
-template <typename T>
-__device__ void sum_rows_impl(T* out, const T* x, i64 rows, i64 n) {
+template <typename In, typename Out>
+__device__ void sum_rows_impl(Out* out, const In* x, i64 rows, i64 n) {
     __shared__ float scratch[32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T* row = x + r * n;
+        const In* row = x + r * n;
         float acc = 0.0f;
-        for (i64 s = threadIdx.x; s < n; s += blockDim.x) acc += Io<T>::load(row, s);
+        for (i64 s = threadIdx.x; s < n; s += blockDim.x) acc += Io<In>::load(row, s);
         float total = block_sum(acc, scratch);
-        if (threadIdx.x == 0) Io<T>::store(out, r, total);
+        if (threadIdx.x == 0) Io<Out>::store(out, r, total);
+    }
+}
+
+// Block (c, r) (blockIdx.x = c < splits, blockIdx.y = r < rows): the sum of elements
+// [c * chunk, min(n, (c + 1) * chunk)) of row r, into part[r * splits + c].
+template <typename T>
+__device__ void sum_row_chunks_impl(float* part, const T* x, i64 rows, i64 n, i64 chunk) {
+    __shared__ float scratch[32];
+    i64 c = blockIdx.x, r = blockIdx.y;
+    if (r >= rows) return;
+    const T* row = x + r * n;
+    i64 end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+    float acc = 0.0f;
+    for (i64 s = c * chunk + threadIdx.x; s < end; s += blockDim.x) acc += Io<T>::load(row, s);
+    float total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) part[r * gridDim.x + c] = total;
+}
+
+#define COL_TILE 32
+#define COL_ROWS 8
+
+// Block (t, c) (blockIdx.x = o * tiles + column tile, blockIdx.z = c): columns
+// [tile * 32, tile * 32 + 32) of slab o summed over elements [c * chunk, min(n, (c + 1) * chunk))
+// of the reduced axis, into out[c * outer * inner + o * inner + i]; with one chunk (chunk >= n)
+// that is the final [outer, inner] result.
+template <typename In, typename Out>
+__device__ void sum_cols_tiled_impl(Out* out, const In* x, i64 outer, i64 n, i64 inner, i64 chunk) {
+    __shared__ float part[COL_ROWS][COL_TILE + 1];
+    i64 tiles = (inner + COL_TILE - 1) / COL_TILE;
+    i64 o = blockIdx.x / tiles;
+    i64 i = (blockIdx.x - o * tiles) * COL_TILE + threadIdx.x;
+    i64 c = blockIdx.z;
+    i64 end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+    float acc = 0.0f;
+    if (o < outer && i < inner) {
+        const In* col = x + o * n * inner + i;
+#pragma unroll 4
+        for (i64 s = c * chunk + threadIdx.y; s < end; s += COL_ROWS) acc += Io<In>::load(col, s * inner);
+    }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && o < outer && i < inner) {
+        float total = 0.0f;
+#pragma unroll
+        for (int r = 0; r < COL_ROWS; ++r) total += part[r][threadIdx.x];
+        Io<Out>::store(out, c * outer * inner + o * inner + i, total);
     }
 }
 
@@ -141,7 +200,27 @@ __device__ void scatter_along_impl(T* dx, const T* g, const i64* idx, i64 outer,
 #define FLOAT_KERNELS(T, S)                                                                         \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
         sum_rows_##S(T* out, const T* x, i64 rows, i64 n) {                                         \
-        sum_rows_impl<T>(out, x, rows, n);                                                          \
+        sum_rows_impl<T, T>(out, x, rows, n);                                                       \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        sum_row_chunks_##S(float* part, const T* x, i64 rows, i64 n, i64 chunk) {                   \
+        sum_row_chunks_impl<T>(part, x, rows, n, chunk);                                            \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
+        sum_rows_from_f32_##S(T* out, const float* part, i64 rows, i64 n) {                         \
+        sum_rows_impl<float, T>(out, part, rows, n);                                                \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(COL_TILE * COL_ROWS)                               \
+        sum_cols_tiled_##S(T* out, const T* x, i64 outer, i64 n, i64 inner) {                       \
+        sum_cols_tiled_impl<T, T>(out, x, outer, n, inner, n);                                      \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(COL_TILE * COL_ROWS)                               \
+        sum_col_chunks_##S(float* part, const T* x, i64 outer, i64 n, i64 inner, i64 chunk) {       \
+        sum_cols_tiled_impl<T, float>(part, x, outer, n, inner, chunk);                             \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(COL_TILE * COL_ROWS)                               \
+        sum_cols_from_f32_##S(T* out, const float* part, i64 splits, i64 m) {                       \
+        sum_cols_tiled_impl<float, T>(out, part, 1, splits, m, splits);                             \
     }                                                                                               \
     extern "C" __global__ void sum_cols_##S(T* out, const T* x, i64 outer, i64 n, i64 inner) {      \
         sum_cols_impl<T>(out, x, outer, n, inner);                                                  \

@@ -30,6 +30,17 @@ fn long_rows() -> impl Strategy<Value = Vec<usize>> {
     (1usize..4, 1usize..1500).prop_map(|(r, n)| vec![r, n])
 }
 
+/// A few rows long enough that the sum splits each into chunks (two passes) on the GPU.
+fn very_long_rows() -> impl Strategy<Value = Vec<usize>> {
+    (1usize..4, 4096usize..20000).prop_map(|(r, n)| vec![r, n])
+}
+
+/// [rows, columns] for column sums: from fewer columns than a tile of 32 to several tiles with
+/// a partial last one, over axes short (one pass) and long (split into chunks).
+fn column_blocks() -> impl Strategy<Value = Vec<usize>> {
+    (1usize..3000, 1usize..100).prop_map(|(n, c)| vec![n, c])
+}
+
 /// The values of `t` rounded to bf16 (still f32).
 fn bf16_exact(t: Tensor) -> Tensor {
     t.to_dtype(DType::BF16)
@@ -108,6 +119,20 @@ proptest! {
         // axis 1: one block per row; axis 0: one thread per column looping over the rows.
         parity("sum rows", |_, x| ops::sum(&x[0], 1, false), std::slice::from_ref(&x))?;
         parity("sum cols", |_, x| ops::sum(&x[0], 0, false), &[x.reshape([s[1], s[0]]).unwrap()])?;
+    }
+
+    #[test]
+    fn sum_over_very_long_axes(s in very_long_rows(), seed in any::<u64>()) {
+        let x = randn_b(&s, seed);
+        parity("sum rows", |_, x| ops::sum(&x[0], 1, false), std::slice::from_ref(&x))?;
+        parity("sum_all", |_, x| ops::sum_all(&x[0]), &[x])?;
+    }
+
+    #[test]
+    fn sum_over_columns(s in column_blocks(), slabs in 1usize..3, seed in any::<u64>()) {
+        // [slabs, n, c] summed over n: tiles of 32 columns per slab, chunks of the n axis.
+        let x = randn_b(&[slabs, s[0], s[1]], seed);
+        parity("sum cols", |_, x| ops::sum(&x[0], 1, false), &[x])?;
     }
 
     #[test]

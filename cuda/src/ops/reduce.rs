@@ -82,6 +82,44 @@ pub(crate) fn require_kind(
     Ok(())
 }
 
+/// Which sum kernels run: `MVAR_SUM_KERNEL=naive` forces the one-pass kernels (one block per
+/// row, one thread per column), the reference variant of the tiled and split ones.
+pub fn naive_sum_kernels() -> bool {
+    matches!(
+        std::env::var("MVAR_SUM_KERNEL")
+            .ok()
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref(),
+        Some("naive")
+    )
+}
+
+/// Columns and rows of threads of a `sum_cols_tiled` block (`COL_TILE`, `COL_ROWS` in the .cu).
+const COL_TILE: usize = 32;
+const COL_ROWS: u32 = 8;
+/// Fewest elements of the reduced axis per chunk when it is split: below this a chunk's block
+/// does too little to pay for its partial's write and read.
+const MIN_COL_CHUNK: usize = 64;
+const MIN_ROW_CHUNK: usize = 2048;
+/// Most chunks per reduction (the second pass reads `splits` partials per output).
+const MAX_SPLITS: usize = 1024;
+
+/// Chunks to cut the reduced axis of `n` elements into when `blocks` blocks would run without
+/// splitting: enough for about four blocks per multiprocessor, each chunk at least `min_chunk`
+/// long. 1: no split.
+fn splits_for(blocks: usize, n: usize, min_chunk: usize, multiprocessors: usize) -> usize {
+    let target = 4 * multiprocessors.max(1);
+    if blocks >= target {
+        return 1;
+    }
+    let splits = target
+        .div_ceil(blocks.max(1))
+        .min(n / min_chunk)
+        .clamp(1, MAX_SPLITS);
+    // Every chunk non-empty: the same count as the kernels' grid.
+    n.div_ceil(n.div_ceil(splits))
+}
+
 /// Sum of `x` [outer, n, inner] over n, as [outer, inner] of x's kind (f32 accumulation).
 pub fn sum_axis(
     dev: &CudaDevice,
@@ -101,19 +139,86 @@ pub fn sum_axis(
     let sizes = format!("[{outer}, {n}, {inner}]");
     let (po, px) = (out.device_ptr(), x.device_ptr());
     let (o, nn, i) = (outer as i64, n as i64, inner as i64);
+    let suffix = kind.suffix();
+    let naive = naive_sum_kernels();
+    let sms = dev.multiprocessors();
     if inner == 1 {
-        let f = dev.function(&REDUCE, &format!("sum_rows_{}", kind.suffix()))?;
+        let splits = if naive || outer >= sms || outer > u16::MAX as usize {
+            1
+        } else {
+            splits_for(outer, n, MIN_ROW_CHUNK, sms)
+        };
+        if splits == 1 {
+            let f = dev.function(&REDUCE, &format!("sum_rows_{suffix}"))?;
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(&po).arg(&px).arg(&o).arg(&nn);
+            // SAFETY: x holds outer * n elements and out outer, of `kind`.
+            unsafe { b.launch(row_launch(outer, n)) }.map_err(launch_err(OP, sizes))?;
+            return Ok(out);
+        }
+        let chunk = n.div_ceil(splits);
+        let part = dev.alloc(BufferKind::F32, outer * splits, "sum partials")?;
+        let pp = part.device_ptr();
+        let (ch, sp) = (chunk as i64, splits as i64);
+        let f = dev.function(&REDUCE, &format!("sum_row_chunks_{suffix}"))?;
         let mut b = dev.stream().launch_builder(&f);
-        b.arg(&po).arg(&px).arg(&o).arg(&nn);
-        // SAFETY: x holds outer * n elements and out outer, of `kind`.
-        unsafe { b.launch(row_launch(outer, n)) }.map_err(launch_err(OP, sizes))?;
-    } else {
-        let f = dev.function(&REDUCE, &format!("sum_cols_{}", kind.suffix()))?;
+        b.arg(&pp).arg(&px).arg(&o).arg(&nn).arg(&ch);
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, outer as u32, 1),
+            block_dim: (row_threads(chunk), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x holds outer * n elements of `kind`; part holds outer * splits f32, one per
+        // block of the grid (splits x outer).
+        unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes.clone()))?;
+        let f = dev.function(&REDUCE, &format!("sum_rows_from_f32_{suffix}"))?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&po).arg(&pp).arg(&o).arg(&sp);
+        // SAFETY: part holds outer * splits f32 and out outer elements of `kind`.
+        unsafe { b.launch(row_launch(outer, splits)) }.map_err(launch_err(OP, sizes))?;
+        return Ok(out);
+    }
+    let tiles = inner.div_ceil(COL_TILE);
+    let blocks = tiles.checked_mul(outer).filter(|&b| b <= i32::MAX as usize);
+    let Some(blocks) = blocks.filter(|_| !naive) else {
+        let f = dev.function(&REDUCE, &format!("sum_cols_{suffix}"))?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&po).arg(&px).arg(&o).arg(&nn).arg(&i);
         // SAFETY: x holds outer * n * inner elements and out outer * inner, of `kind`.
         unsafe { b.launch(launch_1d(m, THREADS)) }.map_err(launch_err(OP, sizes))?;
+        return Ok(out);
+    };
+    let tile_launch = |blocks: usize, splits: usize| LaunchConfig {
+        grid_dim: (blocks as u32, 1, splits as u32),
+        block_dim: (COL_TILE as u32, COL_ROWS, 1),
+        shared_mem_bytes: 0,
+    };
+    let splits = splits_for(blocks, n, MIN_COL_CHUNK, sms);
+    if splits == 1 {
+        let f = dev.function(&REDUCE, &format!("sum_cols_tiled_{suffix}"))?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&po).arg(&px).arg(&o).arg(&nn).arg(&i);
+        // SAFETY: x holds outer * n * inner elements and out outer * inner, of `kind`; the grid
+        // covers outer * ceil(inner / 32) tiles of 32 columns.
+        unsafe { b.launch(tile_launch(blocks, 1)) }.map_err(launch_err(OP, sizes))?;
+        return Ok(out);
     }
+    let chunk = n.div_ceil(splits);
+    let part = dev.alloc(BufferKind::F32, splits * m, "sum partials")?;
+    let pp = part.device_ptr();
+    let (ch, sp, mm) = (chunk as i64, splits as i64, m as i64);
+    let f = dev.function(&REDUCE, &format!("sum_col_chunks_{suffix}"))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&pp).arg(&px).arg(&o).arg(&nn).arg(&i).arg(&ch);
+    // SAFETY: x holds outer * n * inner elements of `kind`; part holds splits * outer * inner f32,
+    // chunk c of the grid's z writing the c-th [outer * inner] slice.
+    unsafe { b.launch(tile_launch(blocks, splits)) }.map_err(launch_err(OP, sizes.clone()))?;
+    let f = dev.function(&REDUCE, &format!("sum_cols_from_f32_{suffix}"))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&pp).arg(&sp).arg(&mm);
+    // SAFETY: part holds splits * m f32 and out m elements of `kind`; the grid covers
+    // ceil(m / 32) tiles of 32 columns.
+    unsafe { b.launch(tile_launch(m.div_ceil(COL_TILE), 1)) }.map_err(launch_err(OP, sizes))?;
     Ok(out)
 }
 

@@ -29,6 +29,13 @@
 //! the scale lengths inside the kernels, the log-sum-exp stays on the device as an f32 tensor
 //! for the backward, and an additive mask is read as f32 by the naive reference kernels.
 //! `MVAR_ATTN_KERNEL=mma|tiled|naive` asks for one kernel family.
+//!
+//! The fused kernels take head dims up to 128 with d == dv; beyond that only the naive kernels
+//! (one block per query row, K and V re-read per row) would run, which took 33 ms for the
+//! tokenizer's one-head attention over 640 channels at batch 32 on an H200 (2026-12-04). So on
+//! CUDA, unmasked attention with such heads runs as three library ops instead (f32 scores
+//! through cuBLAS, softmax, P v; their own backward), when the scores stay under
+//! [`MATMUL_PATH_MAX_SCORE_BYTES`]; `MVAR_ATTN_KERNEL=naive` keeps the naive kernels.
 
 use std::sync::{Arc, Mutex};
 
@@ -443,6 +450,35 @@ fn resolve_mask(
     }
 }
 
+/// Most bytes of f32 scores [B, H, Lq, Lk] that the matmul path of wide heads materialises (see
+/// the module docs); larger calls run the naive fused kernels, which store no scores.
+pub const MATMUL_PATH_MAX_SCORE_BYTES: usize = 1 << 30;
+
+/// Whether a call runs as matmul, softmax, matmul: on CUDA, no mask, a head the fused tiled
+/// and mma kernels do not take (d > 128 or d != dv), at least one key, scores under the cap,
+/// and no kernel family forced through `MVAR_ATTN_KERNEL`.
+fn wide_heads_by_matmul(q: &Tensor, d: usize, dv: usize, scores: usize, mask: &AttnMask) -> bool {
+    q.device().is_cuda()
+        && matches!(mask, AttnMask::None)
+        && (d > 128 || d != dv)
+        && scores > 0
+        && scores.saturating_mul(4) <= MATMUL_PATH_MAX_SCORE_BYTES
+        && ca::AttnKernel::from_env() == ca::AttnKernel::Auto
+}
+
+/// `softmax(q k^T * scale) v` through library ops, the scores in f32 whatever q's dtype (and
+/// with autocast off: bf16 scores would put an error of a few percent on the probabilities,
+/// where the fused kernels keep them in f32); the result in q's dtype.
+fn attention_by_matmul(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let _f32_scores = mvar_engine::autocast(None)?;
+    let dtype = q.dtype();
+    let [q, k, v] = [q, k, v].map(|t| t.to_dtype(DType::F32));
+    let scores =
+        crate::elementwise::mul_scalar(&crate::matmul::matmul_t(&q?, &k?, false, true)?, scale)?;
+    let p = crate::softmax::softmax(&scores, -1)?;
+    crate::matmul::matmul(&p, &v?)?.to_dtype(dtype)
+}
+
 /// `softmax(q k^T * scale + mask) v`, softmax over the keys.
 ///
 /// q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] (one float dtype and device) ->
@@ -489,6 +525,13 @@ pub fn attention(
     }
     let (b, h, lq, d) = (qd[0], qd[1], qd[2], qd[3]);
     let (lk, dv) = (kd[2], vd[3]);
+    let scores = [b, h, lq, lk]
+        .iter()
+        .try_fold(1usize, |a, &x| a.checked_mul(x))
+        .unwrap_or(usize::MAX);
+    if wide_heads_by_matmul(q, d, dv, scores, mask) {
+        return attention_by_matmul(q, k, v, scale);
+    }
     let plan = Arc::new(Plan {
         dims: Dims {
             heads: b * h,

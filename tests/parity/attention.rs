@@ -147,6 +147,23 @@ proptest! {
     }
 
     #[test]
+    fn unmasked_attention_with_wide_heads(
+        b in 1usize..3,
+        lq in 1usize..70,
+        lk in 1usize..70,
+        (h, d, dv) in prop_oneof![Just((1usize, 640usize, 640usize)), Just((2, 160, 160)), Just((2, 24, 40))],
+        seed in any::<u64>(),
+    ) {
+        // Heads the fused kernels do not take, unmasked (the tokenizer's one head over all its
+        // channels): scores, softmax and P v as library ops on the GPU.
+        parity(
+            &format!("attention [{b},{h},{lq}/{lk},{d}/{dv}]"),
+            |_, x| ops::attention(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), &AttnMask::None),
+            &qkv(b, h, lq, lk, d, dv, seed),
+        )?;
+    }
+
+    #[test]
     fn attention_with_additive_masks_and_dead_rows(
         b in 1usize..3,
         h in 1usize..3,

@@ -9,7 +9,21 @@
 use mvar_cuda::compile::{compile, nvrtc_version, parse_ptxas_log};
 use mvar_cuda::kernels::{KernelFile, ALL};
 
+/// Turns off CUDA's compute cache (`~/.nv/ComputeCache`) for this process, once, before any
+/// compilation. NVRTC 13.0.88 (the CUDA 13.0 toolkit on an H200 machine, 2026-12-04) serves a
+/// program compiled before, by any process, from that cache: the CUBIN comes back but ptxas
+/// does not run, so the log has no register report and this check read "no kernel in the ptxas
+/// report" for every file compiled earlier (by the parity tests, or a previous run). With
+/// `CUDA_CACHE_DISABLE=1` it compiled all of them with the report (seen there the same day).
+fn disable_compute_cache() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // The write races nothing: every test of this binary calls this first, and the Once makes
+    // the others wait until it is done, so no thread reads the environment meanwhile.
+    ONCE.call_once(|| std::env::set_var("CUDA_CACHE_DISABLE", "1"));
+}
+
 fn nvrtc_or_skip() -> bool {
+    disable_compute_cache();
     // Under tools/cuda-emu.sh NVRTC is the emulator's g++ front end: it assembles nothing and
     // reports no registers, and the files were just built by the emulated tests anyway.
     if std::env::var_os("MVAR_CUDA_EMU").is_some() {

@@ -276,6 +276,46 @@ fn reduce(c: &mut Criterion) {
                 ops::max(&x, -1, false).unwrap();
             },
         );
+        // A bias gradient of VAR-d16's training step at batch 32 (B * L = 21760 rows), and a
+        // whole-tensor sum (the scalar loss of the conv and silu fwd+bwd cases).
+        let bias = randn(&[21760, 1024], DType::F32, &d, 3);
+        g.throughput(Throughput::Bytes(bytes(bias.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/sum first axis [21760,1024] f32"),
+            || {
+                ops::sum(&bias, 0, false).unwrap();
+            },
+        );
+        let whole = randn(&[32, 32, 32, 32], DType::F32, &d, 4);
+        g.throughput(Throughput::Bytes(bytes(whole.elem_count(), DType::F32)));
+        bench(&mut g, &d, format!("{t}/sum all [32,32,32,32] f32"), || {
+            ops::sum_all(&whole).unwrap();
+        });
+        if !d.is_cpu() {
+            // The reference variant: one block per row, one thread per column, no split.
+            with_kernel_env("MVAR_SUM_KERNEL", "naive", || {
+                g.throughput(Throughput::Bytes(bytes(bias.elem_count(), DType::F32)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/sum first axis naive [21760,1024] f32"),
+                    || {
+                        ops::sum(&bias, 0, false).unwrap();
+                    },
+                );
+                g.throughput(Throughput::Bytes(bytes(whole.elem_count(), DType::F32)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/sum all naive [32,32,32,32] f32"),
+                    || {
+                        ops::sum_all(&whole).unwrap();
+                    },
+                );
+            });
+        }
     }
     g.finish();
 }
@@ -409,6 +449,40 @@ fn attention(c: &mut Criterion) {
     // k = 7. Bytes: q, k, v and out once for the forward; for forward + backward also dO, dq, dk
     // and dv once and q, k, v and out again (12 tensors), so GB/s against the HBM peak is the
     // share of the roofline. The kernel family comes from MVAR_NA_KERNEL (printed once).
+    // The tokenizer's attention (one head over all 640 channels of its 16x16 map, batch 32,
+    // f32): a head the fused kernels do not take, so matmul, softmax, matmul; beside it the
+    // naive fused kernel that ran before (2026-12-04). FLOPs of the two products.
+    for d in devices().into_iter().filter(|d| d.is_cuda()) {
+        let _ng = no_grad();
+        let qkv: Vec<Tensor> = (0..3)
+            .map(|s| randn(&[32, 1, 256, 640], DType::F32, &d, 20 + s))
+            .collect();
+        g.throughput(Throughput::Elements(4 * 32 * 256 * 256 * 640));
+        let run = || {
+            ops::attention(
+                &qkv[0],
+                &qkv[1],
+                &qkv[2],
+                1.0 / 640f64.sqrt(),
+                &ops::AttnMask::None,
+            )
+            .unwrap();
+        };
+        bench(
+            &mut g,
+            &d,
+            "cuda/tokenizer attention [32,1,256,640] f32".into(),
+            run,
+        );
+        with_kernel_env("MVAR_ATTN_KERNEL", "naive", || {
+            bench(
+                &mut g,
+                &d,
+                "cuda/naive tokenizer attention [32,1,256,640] f32".into(),
+                run,
+            );
+        });
+    }
     for d in devices().into_iter().filter(|d| d.is_cuda()) {
         for (b, side) in [(32, 13), (32, 16), (64, 13), (64, 16)] {
             let shape = [b, 16, side, side, 64];
@@ -650,6 +724,25 @@ fn attention(c: &mut Criterion) {
 fn spatial(c: &mut Criterion) {
     let ng = no_grad();
     let mut g = c.benchmark_group("spatial");
+    // The tokenizer decoder's commonest convolution at full resolution (160 -> 160 channels, 3x3,
+    // 256x256, bf16 as sampling runs it under autocast), batch 8. Inputs filled on the device
+    // (670 MB).
+    for d in devices().into_iter().filter(|d| d.is_cuda()) {
+        let _ng = no_grad();
+        let x = filled(&[8, 160, 256, 256], DType::BF16, &d, 0.5);
+        let w = randn(&[160, 160, 3, 3], DType::BF16, &d, 5);
+        let b = randn(&[160], DType::BF16, &d, 6);
+        g.throughput(Throughput::Elements(2 * 8 * 160 * 160 * 9 * 256 * 256));
+        let run = || {
+            ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap();
+        };
+        bench(
+            &mut g,
+            &d,
+            "cuda/conv2d 3x3 [8,160,256,256] bf16 fwd (FLOPs)".into(),
+            run,
+        );
+    }
     for d in devices() {
         let t = tag(&d);
         // VQVAE-like convolutions: 3x3 same conv at 64 channels on 64x64, and the stride-2

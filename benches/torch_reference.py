@@ -14,6 +14,7 @@ meaningless): python3 benches/torch_reference.py --device cpu --iters 1 --reps 1
 import argparse
 import itertools
 import json
+import re
 import statistics
 import time
 
@@ -22,10 +23,14 @@ import torch.nn.functional as F
 
 
 def make_timer(dev, iters, reps):
-    """`timed(fn)`: median milliseconds per call of `iters` calls after a warm-up, over `reps`
-    repetitions; CUDA events on a GPU, the wall clock on the CPU (only for checking the script)."""
+    """`timed(fn)`: a thunk that, when `report` calls it (the case's id passed `--only`), gives
+    the median milliseconds per call of `iters` calls after a warm-up, over `reps` repetitions;
+    CUDA events on a GPU, the wall clock on the CPU (only for checking the script)."""
 
     def timed(fn):
+        return lambda: measure(fn)
+
+    def measure(fn):
         for _ in range(min(3, iters)):
             fn()
         times = []
@@ -224,7 +229,10 @@ def main():
     ap.add_argument("--device", default="cuda", help="cuda (the reference figures) or cpu (a check of the script)")
     ap.add_argument("--iters", type=int, default=20, help="calls per timed repetition")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    ap.add_argument("--only", default="", help="time only the cases whose group/id matches this regular "
+                    "expression (searched, as criterion's filter), e.g. 'cuda/sum'")
     args = ap.parse_args()
+    only = re.compile(args.only)
     torch.backends.cuda.matmul.allow_tf32 = False  # our f32 GEMM runs without TF32 too
     dev = torch.device(args.device)
     timed = make_timer(dev, args.iters, args.reps)
@@ -232,7 +240,10 @@ def main():
     # time-limited GPU machine) keeps what it finished.
     json_out = open(args.json, "w") if args.json else None
 
-    def report(group, case_id, ms, flops=None, nbytes=None):
+    def report(group, case_id, thunk, flops=None, nbytes=None):
+        if not only.search(f"{group}/{case_id}"):
+            return
+        ms = thunk()
         rate = f"{flops / ms / 1e9:.1f} TFLOP/s" if flops else f"{nbytes / ms / 1e6:.1f} GB/s"
         if json_out:
             row = {"group": group, "id": case_id, "ms": ms, "flops": flops, "bytes": nbytes}
@@ -276,6 +287,10 @@ def main():
     report("reduce", "cuda/sum last axis [4096,1024] f32", timed(lambda: r.sum(-1)), nbytes=r.numel() * 4)
     report("reduce", "cuda/sum first axis [4096,1024] f32", timed(lambda: r.sum(0)), nbytes=r.numel() * 4)
     report("reduce", "cuda/max last axis [4096,1024] f32", timed(lambda: r.max(-1)), nbytes=r.numel() * 4)
+    bias = torch.randn(21760, 1024, device=dev)
+    report("reduce", "cuda/sum first axis [21760,1024] f32", timed(lambda: bias.sum(0)), nbytes=bias.numel() * 4)
+    whole = torch.randn(32, 32, 32, 32, device=dev)
+    report("reduce", "cuda/sum all [32,32,32,32] f32", timed(lambda: whole.sum()), nbytes=whole.numel() * 4)
 
     # layout
     qkv = torch.randn(8, 680, 3, 16, 64, device=dev)
@@ -326,6 +341,11 @@ def main():
 
     report("attention", f"cuda/block-causal fwd+bwd [8,16,{L},64] bf16", timed(attn_fwd_bwd),
            flops=fwd_flops * 7 // 2)
+    # The tokenizer's attention: one head over 640 channels of a 16x16 map, batch 32, f32.
+    qt, kt_, vt = (torch.randn(32, 1, 256, 640, device=dev) for _ in range(3))
+    with torch.no_grad():
+        report("attention", "cuda/tokenizer attention [32,1,256,640] f32",
+               timed(lambda: F.scaled_dot_product_attention(qt, kt_, vt)), flops=4 * 32 * 256 * 256 * 640)
     qd = torch.randn(64, 16, 256, 64, device=dev, dtype=torch.bfloat16)
     kd, vd = (torch.randn(64, 16, L, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
     with torch.no_grad():
@@ -338,6 +358,13 @@ def main():
     wc, bc = torch.randn(64, 64, 3, 3, device=dev), torch.randn(64, device=dev)
     report("spatial", "cuda/conv2d 3x3 [2,64,64,64] f32 (FLOPs)", timed(lambda: F.conv2d(xs, wc, bc, padding=1)),
            flops=2 * 2 * 64 * 64 * 64 * 64 * 9)
+    xdec = torch.full((8, 160, 256, 256), 0.5, device=dev, dtype=torch.bfloat16)
+    wdec = torch.randn(160, 160, 3, 3, device=dev, dtype=torch.bfloat16)
+    bdec = torch.randn(160, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        report("spatial", "cuda/conv2d 3x3 [8,160,256,256] bf16 fwd (FLOPs)",
+               timed(lambda: F.conv2d(xdec, wdec, bdec, padding=1)), flops=2 * 8 * 160 * 160 * 9 * 256 * 256)
+    del xdec
     report("spatial", "cuda/conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)",
            timed(lambda: F.conv2d(F.pad(xs, (0, 1, 0, 1)), wc, bc, stride=2)), flops=2 * 2 * 64 * 32 * 32 * 64 * 9)
     # The demo tokenizer's commonest conv and activation, forward and forward + backward (a sum
@@ -391,11 +418,10 @@ def main():
 
             report("quant", case, timed(official), flops=flops)
             try:
-                ms = timed(lambda z=z, e=e: torch.cdist(z, e).argmin(1))
+                report("quant", case + " [cdist]", timed(lambda z=z, e=e: torch.cdist(z, e).argmin(1)),
+                       flops=flops)
             except RuntimeError as err:  # cdist lacks some dtypes on some versions
                 print(f"quant/{case} [cdist]\tskipped: {err}", flush=True)
-            else:
-                report("quant", case + " [cdist]", ms, flops=flops)
 
     tokenizer_cases(report, timed, dev)
 

@@ -106,7 +106,12 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #           tests, the kernel compile check, the command-line tests on the GPU with the
 #           out-of-memory one),
 #           then `mvar info`: the rest are CPU tests that CI runs anyway
-#   benches the CUDA cases of the criterion benchmarks (ids with "cuda/"), short measurement times
+#   kernel-tests  the same without the command-line tests (parity, fixtures, the CUDA crate's,
+#           the compile check), then `mvar info`
+#   cli     the command-line tests alone, on the GPU
+#   benches the CUDA cases of the criterion benchmarks (ids with "cuda/"), short measurement times;
+#           MVAR_BENCH_FILTER (a regular expression on group/id, default cuda/) narrows them, and
+#           the torch phase's cases likewise, e.g. MVAR_BENCH_FILTER='cuda/(sum|silu)'
 #   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports;
 #           with the benches phase's log, benches/compare.py puts both in logs/comparison.md
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
@@ -131,6 +136,7 @@ set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 RUN_SECONDS="${MVAR_RUN_SECONDS:-0}"
 TEST_TIMEOUT="${MVAR_TEST_TIMEOUT:-300}"
+BENCH_FILTER="${MVAR_BENCH_FILTER:-cuda/}"
 STEP_TIMEOUT="${MVAR_STEP_TIMEOUT:-480}"
 for v in "$RUN_SECONDS" "$TEST_TIMEOUT" "$STEP_TIMEOUT"; do
   case "$v" in
@@ -169,8 +175,8 @@ PHASES=("$@")
 [ "${#PHASES[@]}" -gt 0 ] || PHASES=(tests benches torch model)
 for p in "${PHASES[@]}"; do
   case "$p" in
-    tests|gpu-tests|benches|torch|model) ;;
-    *) echo "run-all.sh: unknown phase $p (expected tests, gpu-tests, benches, torch or model)" >&2; exit 2 ;;
+    tests|gpu-tests|kernel-tests|cli|benches|torch|model) ;;
+    *) echo "run-all.sh: unknown phase $p (expected tests, gpu-tests, kernel-tests, cli, benches, torch or model)" >&2; exit 2 ;;
   esac
 done
 
@@ -274,20 +280,24 @@ outcome() {
 }
 
 # The test binaries that use the GPU, most telling first (cargo names them <target>-<hash>).
-GPU_TESTS=('parity-*' 'fixtures-*' 'mvar_cuda-*' 'kernels_compile-*' 'cli-*')
+KERNEL_TESTS=('parity-*' 'fixtures-*' 'mvar_cuda-*' 'kernels_compile-*')
+GPU_TESTS=("${KERNEL_TESTS[@]}" 'cli-*')
 
-phase_gpu-tests() { run_tests gpu; }
-phase_tests() { run_tests all; }
+phase_gpu-tests() { run_tests gpu "${GPU_TESTS[@]}"; }
+phase_kernel-tests() { run_tests gpu "${KERNEL_TESTS[@]}"; }
+phase_cli() { run_tests gpu 'cli-*'; }
+phase_tests() { run_tests all "${GPU_TESTS[@]}"; }
 
-# run_tests gpu|all: the GPU_TESTS binaries, then (all) every other one.
+# run_tests gpu|all PATTERN...: the binaries matching the patterns, then (all) every other one.
 run_tests() {
-  local ordered=() t pat log
-  for pat in "${GPU_TESTS[@]}"; do
+  local ordered=() t pat log which=$1
+  shift
+  for pat in "$@"; do
     for t in "$BIN"/tests/$pat; do
       [ -e "$t" ] && ordered+=("$t")
     done
   done
-  if [ "$1" = all ]; then
+  if [ "$which" = all ]; then
     for t in "$BIN"/tests/*; do
       case " ${ordered[*]} " in
         *" $t "*) ;;
@@ -325,8 +335,8 @@ phase_benches() {
     name="bench $(basename "$b")"
     budget_for "$name" "$STEP_TIMEOUT" || continue
     echo "== $name (CUDA cases, at most $STEP_SECS s)"
-    MVAR_BENCH_DEVICES=cuda run_for "$STEP_SECS" "$b" --bench --noplot --warm-up-time 0.3 --measurement-time 1 \
-      --sample-size 10 cuda/ > "$LOGS/bench-$(basename "$b").log" 2>&1
+    MVAR_BENCH_DEVICES=cuda run_for "$STEP_SECS" "$b" --bench --noplot --warm-up-time 0.2 --measurement-time 0.6 \
+      --sample-size 10 "$BENCH_FILTER" > "$LOGS/bench-$(basename "$b").log" 2>&1
     status=$?
     grep -E 'time:|thrpt:|^[a-z0-9_]+/' "$LOGS/bench-$(basename "$b").log" || true
     outcome "$name" "$status" "the figures above are the cases it finished"
@@ -341,7 +351,7 @@ phase_torch() {
   fi
   budget_for torch_reference.py "$STEP_TIMEOUT" || return
   PYTHONUNBUFFERED=1 run_for "$STEP_SECS" python3 "$HERE/../benches/torch_reference.py" \
-    --json "$LOGS/torch-reference.jsonl" 2>&1 | tee "$LOGS/torch-reference.log"
+    --only "$BENCH_FILTER" --json "$LOGS/torch-reference.jsonl" 2>&1 | tee "$LOGS/torch-reference.log"
   outcome torch_reference.py "${PIPESTATUS[0]}" "its JSON holds the cases it finished"
   # With the benches phase's log (this call or an earlier one): both, side by side, in markdown.
   for log in "$LOGS"/bench-*.log; do
@@ -401,5 +411,5 @@ if [ "$size_mb" -ge "$LIMIT_MB" ]; then
   exit 1
 fi
 echo "On the GPU machine, from the repository root, run (all phases, or some of them per call):"
-echo "  bash $BUNDLE/run-all.sh [tests] [benches] [torch] [model]"
+echo "  bash $BUNDLE/run-all.sh [tests|gpu-tests|kernel-tests|cli] [benches] [torch] [model]"
 echo "with MVAR_RUN_SECONDS=N in front to end the call, logs saved, within N seconds."

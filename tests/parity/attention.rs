@@ -150,12 +150,15 @@ proptest! {
     fn unmasked_attention_with_wide_heads(
         b in 1usize..3,
         lq in 1usize..70,
-        lk in 1usize..70,
+        lk in 2usize..70,
         (h, d, dv) in prop_oneof![Just((1usize, 640usize, 640usize)), Just((2, 160, 160)), Just((2, 24, 40))],
         seed in any::<u64>(),
     ) {
         // Heads the fused kernels do not take, unmasked (the tokenizer's one head over all its
-        // channels): scores, softmax and P v as library ops on the GPU.
+        // channels): scores, softmax and P v as library ops on the GPU. At least two keys: with
+        // one the softmax is constant, dq and dk are zero in exact arithmetic, and the rounding
+        // left of a 640-term product (1.5e-6 in CI's reverse-schedule emulator run) is all a
+        // relative comparison would see.
         parity(
             &format!("attention [{b},{h},{lq}/{lk},{d}/{dv}]"),
             |_, x| ops::attention(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), &AttnMask::None),

@@ -4,7 +4,8 @@
 //!
 //! Without libnvrtc on the loader path the test prints that it skipped; with
 //! `MVAR_REQUIRE_NVRTC=1` (as `.ci/run` sets after installing the NVRTC wheel) a missing NVRTC
-//! fails it.
+//! fails it. `MVAR_KERNEL_FILES=na2d.cu,attention.cu` limits the first test to those files (for
+//! a quick look at one file's registers while tuning it).
 
 use mvar_cuda::compile::{compile, nvrtc_version, parse_ptxas_log};
 use mvar_cuda::kernels::{KernelFile, ALL};
@@ -52,11 +53,20 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
     }
     let (major, minor) = nvrtc_version().expect("NVRTC version");
     println!("NVRTC {major}.{minor}: {} kernel files", ALL.len());
+    let only = std::env::var("MVAR_KERNEL_FILES").unwrap_or_default();
+    let files: Vec<&KernelFile> = ALL
+        .iter()
+        .filter(|f| only.is_empty() || only.split(',').any(|n| n.trim() == f.name))
+        .collect();
+    assert!(
+        !files.is_empty(),
+        "MVAR_KERNEL_FILES={only:?} names no kernel file"
+    );
     let mut failures = Vec::new();
     for arch in ["sm_80", "sm_90"] {
         let mut kernels = 0;
         let mut spilling = 0;
-        for file in ALL {
+        for &file in &files {
             match compile(file, arch) {
                 Ok(c) => {
                     assert!(!c.cubin.is_empty(), "{}: empty CUBIN for {arch}", file.name);
@@ -72,7 +82,7 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
                         if k.spill_stores + k.spill_loads > 0 {
                             spilling += 1;
                         }
-                        if arch == "sm_90" {
+                        if arch == "sm_90" || k.spill_stores + k.spill_loads > 0 {
                             println!(
                                 "  {arch} {:<18} {:<28} {:>3} registers, {:>4} B spill stores, {:>4} B spill loads, {:>6} B smem",
                                 file.name, k.kernel, k.registers, k.spill_stores, k.spill_loads, k.shared_bytes

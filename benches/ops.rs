@@ -521,14 +521,34 @@ fn attention(c: &mut Criterion) {
                 mvar::engine::with_no_grad(|| ops::na2d(&q, &k, &v, 7, 0.125).unwrap());
             });
             let leaves = [&q, &k, &v].map(|t| t.with_grad().unwrap());
-            g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
-            bench(&mut g, &d, id("fwd+bwd"), || {
+            let fwd_bwd = || {
                 leaves.iter().for_each(|l| l.zero_grad());
                 let [q, k, v] = &leaves;
                 ops::na2d(q, k, v, 7, 0.125)
                     .unwrap()
                     .backward_with(dout.clone())
                     .unwrap();
+            };
+            g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
+            bench(&mut g, &d, id("fwd+bwd"), fwd_bwd);
+            // The mma kernels staging through registers, as before cp.async (2026-12-04).
+            with_kernel_env("MVAR_NA_STAGING", "registers", || {
+                g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::BF16)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{} staged in registers", id("fwd")),
+                    || {
+                        mvar::engine::with_no_grad(|| ops::na2d(&q, &k, &v, 7, 0.125).unwrap());
+                    },
+                );
+                g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{} staged in registers", id("fwd+bwd")),
+                    fwd_bwd,
+                );
             });
         }
     }

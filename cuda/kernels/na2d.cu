@@ -65,6 +65,14 @@
 // Unroll of the simt dq kernel's per-key loop (registers hold one key's rows per step; the dk/dv
 // kernel, which holds four rows per lane already, does not unroll).
 #define NA_SIMT_UNROLL 2
+// Blocks per multiprocessor the mma kernels are compiled for (__launch_bounds__: registers per
+// thread at most 64 K / (128 * blocks)): as many as compile without spills on sm_80 and sm_90.
+// The host sizes their shared memory to the same count (mma_blocks_per_sm in
+// cuda/src/ops/na2d.rs, which a test holds to these lines). D is always a literal here: no
+// parentheses around it, which the emulator's scan of __launch_bounds__ cannot take nested twice.
+#define NA_MMA_FWD_BLOCKS(D) (D <= 80 ? 4 : D <= 112 ? 3 : 2)
+#define NA_MMA_DQ_BLOCKS(D) (D <= 48 ? 4 : D <= 80 ? 3 : 2)
+#define NA_MMA_DKDV_BLOCKS(D) (D <= 80 ? 3 : 2)
 
 // Mirrors `Geom` in cuda/src/ops/na2d.rs (repr(C)).
 struct NaGeom {
@@ -76,7 +84,7 @@ struct NaGeom {
     int rows;       // staged rows per stage
     int xtiles;     // ceil(x / wx)
     int ytiles;     // ceil(y / 16)
-    int pad_;
+    int async_stage;  // mma variant: 1 stages through cp.async, 0 through registers
     float scale;       // logit scale
     float scale_log2;  // scale * log2(e)
 };
@@ -580,6 +588,39 @@ __device__ void na2d_dkdv_simt_impl(T* dk, T* dv, const T* q, const T* k, const 
 
 #include "mma.cuh"
 
+// Stages like na_stage_bf16 when `async` is 0. Otherwise through cp.async: every 16-byte piece of
+// the stage is issued before any lands (a register round trip per piece, as na_stage_bf16 does,
+// keeps only its unroll's worth of loads in flight per thread, and the stages of these kernels
+// are short, so their time was mostly load latency). The caller lands them with na_stage_land.
+template <int D>
+__device__ __forceinline__ void na_stage_mma(bf16_t* dst, const bf16_t* map, int r0, int nr, int c0, int ncols,
+                                             int pitch, int y, int async) {
+    if (!async) {
+        na_stage_bf16<D>(dst, map, r0, nr, c0, ncols, pitch, y);
+        return;
+    }
+    const int V = D / 8;
+    int total = nr * ncols * V;
+    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+        int vi = e % V, tok = e / V;
+        int c = tok % ncols, r = tok / ncols;
+        int col = c0 + c;
+        bool inside = col < y;
+        // Columns past Y land as zeros (source size 0); their address stays inside the map.
+        const bf16_t* src = map + ((i64)(r0 + r) * y + (inside ? col : 0)) * D + 8 * vi;
+        mma_cp_async16(dst + ((i64)r * pitch + c) * (D + 8) + 8 * vi, src, inside);
+    }
+}
+
+// Waits for this thread's cp.async copies (no-op for register staging); a __syncthreads must
+// follow before other threads read them.
+__device__ __forceinline__ void na_stage_land(int async) {
+    if (async) {
+        mma_cp_commit();
+        mma_cp_wait<0>();
+    }
+}
+
 // Forward. Shared memory: K and V stages, bf16 [rows][ncw][D + 8] each.
 template <int D>
 __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
@@ -614,8 +655,9 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
         for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
             int nr = min(g.rows, rhi - r0);
             __syncthreads();
-            na_stage_bf16<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
-            na_stage_bf16<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_mma<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+            na_stage_mma<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+            na_stage_land(g.async_stage);
             __syncthreads();
             if (!active) continue;
             int ra = max(r0, wlo), rb = min(r0 + nr, whi);
@@ -724,8 +766,9 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
         for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
             int nr = min(g.rows, rhi - r0);
             __syncthreads();
-            na_stage_bf16<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
-            na_stage_bf16<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_mma<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+            na_stage_mma<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+            na_stage_land(g.async_stage);
             __syncthreads();
             if (!active) continue;
             int ra = max(r0, wlo), rb = min(r0 + nr, whi);
@@ -792,8 +835,9 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
         i64 trow = mbase + (i64)min(x, g.x - 1) * g.y;
         i64 ta = trow + min(ja, g.y - 1), tb = trow + min(jb, g.y - 1);
         __syncthreads();  // the previous tile's warps may still read kt / vt
-        na_stage_bf16<D>(kt, k + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y);
-        na_stage_bf16<D>(vt, v + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y);
+        // Landed with the first stage below.
+        na_stage_mma<D>(kt, k + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y, g.async_stage);
+        na_stage_mma<D>(vt, v + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y, g.async_stage);
         const bf16_t* mk = kt + warp * NA_TILE * P;
         const bf16_t* mv = vt + warp * NA_TILE * P;
         float ak[D / 8][4], av[D / 8][4];
@@ -805,9 +849,11 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
         for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
             int nr = min(g.rows, rhi - r0);
             __syncthreads();
-            na_stage_bf16<D>(qs, q + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
-            na_stage_bf16<D>(gs, go + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_mma<D>(qs, q + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+            na_stage_mma<D>(gs, go + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+            // The statistics' plain loads overlap the copies in flight.
             na_stage_stats(ls, dls, lse + mbase, delta + mbase, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+            na_stage_land(g.async_stage);
             __syncthreads();
             if (!active) continue;
             int ra = max(r0, ilo), rb = min(r0 + nr, ihi);
@@ -889,17 +935,17 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
     }
 
 #define NA_MMA_KERNELS(D)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_FWD_BLOCKS(D))                               \
         na2d_fwd_mma_bf16_d##D(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
                                NaGeom g) {                                                                   \
         na2d_fwd_mma_impl<D>(out, lse, q, k, v, g);                                                          \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DQ_BLOCKS(D))                                \
         na2d_dq_mma_bf16_d##D(bf16_t* dq, float* delta, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
                               const bf16_t* o, const bf16_t* go, const float* lse, NaGeom g) {               \
         na2d_dq_mma_impl<D>(dq, delta, q, k, v, o, go, lse, g);                                              \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(NA_THREADS, 1)                                                 \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DKDV_BLOCKS(D))                              \
         na2d_dkdv_mma_bf16_d##D(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
                                 const bf16_t* go, const float* lse, const float* delta, NaGeom g) {          \
         na2d_dkdv_mma_impl<D>(dk, dv, q, k, v, go, lse, delta, g);                                           \

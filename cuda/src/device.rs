@@ -60,6 +60,7 @@ struct Inner {
     /// Read once at open: kernel selection asks for them on every attention call.
     compute_capability: (i32, i32),
     max_smem_optin: usize,
+    smem_per_multiprocessor: usize,
     multiprocessors: usize,
     pool: Pool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
@@ -167,6 +168,12 @@ impl CudaDevice {
             )
             .map_err(driver_err("reading the shared-memory opt-in limit"))?
             .max(0) as usize;
+        let smem_per_multiprocessor = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_err(driver_err("reading the shared memory per multiprocessor"))?
+            .max(0) as usize;
         let multiprocessors = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_err("reading the multiprocessor count"))?
@@ -186,6 +193,7 @@ impl CudaDevice {
             arch,
             compute_capability: (major, minor),
             max_smem_optin,
+            smem_per_multiprocessor,
             multiprocessors,
             pool,
             modules: Mutex::new(HashMap::new()),
@@ -228,6 +236,12 @@ impl CudaDevice {
     /// The most dynamic shared memory one block may opt in to, in bytes (227 KiB on an H100).
     pub fn max_smem_optin(&self) -> usize {
         self.0.max_smem_optin
+    }
+
+    /// Shared memory of one multiprocessor, shared by the blocks resident on it, in bytes (228
+    /// KiB on an H100; each block also takes 1 KiB of it for the system).
+    pub fn smem_per_multiprocessor(&self) -> usize {
+        self.0.smem_per_multiprocessor
     }
 
     /// Streaming multiprocessors (132 on an H100 SXM): what launch sizes aim to fill.

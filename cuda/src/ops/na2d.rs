@@ -10,8 +10,13 @@
 //! aligned, also fall back to `naive`, so no shape the op accepts fails here.
 //!
 //! The tiled kernels stage rows of K and V (forward, dq) or of Q, dO, lse and delta (dk/dv) in
-//! shared memory. [`SMEM_BUDGET`] bounds that per block: when a block's rows do not fit, it loops
-//! over stages of as many rows as fit.
+//! shared memory. A budget bounds that per block: when a block's rows do not fit, it loops over
+//! stages of as many rows as fit (balanced, so the last stage is not a sliver). The simt
+//! kernels take [`SMEM_BUDGET`]; the mma kernels the multiprocessor's shared memory divided
+//! among the blocks their registers let run on it at once ([`mma_blocks_per_sm`]), so that
+//! shared memory does not cut that count further. The mma kernels stage through `cp.async`
+//! (every copy of a stage in flight at once); `MVAR_NA_STAGING=registers` makes them stage through
+//! registers as before, for comparison.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -28,9 +33,12 @@ const TILE: usize = 16;
 /// Warps (map rows) per block, `NA_WARPS` in the kernel file.
 const WARPS: usize = 4;
 const NAIVE_THREADS: u32 = 256;
-/// Shared memory a tiled block may take before its rows are split into stages; the default
-/// per-block limit, so the common shapes need no opt-in.
+/// Shared memory a simt block may take before its rows are split into stages; the default
+/// per-block limit, so the common shapes need no opt-in. Also the floor of the mma budget, and
+/// the budget an mma plan falls back to when the device refuses the opt-in.
 pub const SMEM_BUDGET: usize = 48 * 1024;
+/// Shared memory the system takes per resident block (sm_80 and newer).
+const SMEM_RESERVED_PER_BLOCK: usize = 1024;
 /// Above this a kernel needs the dynamic shared-memory opt-in attribute.
 const SMEM_DEFAULT_LIMIT: usize = 48 * 1024;
 /// Head dims the simt kernels are instantiated for.
@@ -159,7 +167,7 @@ struct Geom {
     rows: i32,
     xtiles: i32,
     ytiles: i32,
-    pad: i32,
+    async_stage: i32,
     scale: f32,
     scale_log2: f32,
 }
@@ -196,6 +204,77 @@ fn inv_hi(j: usize, n: usize, k: usize) -> usize {
 enum Side {
     Query,
     Key,
+}
+
+/// The three kernels of the op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Dq,
+    DkDv,
+}
+
+impl Pass {
+    /// The pass's part of the kernel names.
+    fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "fwd",
+            Pass::Dq => "dq",
+            Pass::DkDv => "dkdv",
+        }
+    }
+
+    fn side(self) -> Side {
+        match self {
+            Pass::DkDv => Side::Key,
+            _ => Side::Query,
+        }
+    }
+}
+
+/// Blocks per multiprocessor the mma kernels of `pass` with head dim `d` are compiled for
+/// (`NA_MMA_*_BLOCKS` in the kernel file, the second `__launch_bounds__` argument: as many as
+/// fit without spilling registers on sm_80 and sm_90, checked by the kernel compile test).
+fn mma_blocks_per_sm(pass: Pass, d: usize) -> usize {
+    match pass {
+        Pass::Forward if d <= 80 => 4,
+        Pass::Forward if d <= 112 => 3,
+        Pass::Dq if d <= 48 => 4,
+        Pass::Dq | Pass::DkDv if d <= 80 => 3,
+        _ => 2,
+    }
+}
+
+/// A device's shared-memory limits, for the mma budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SmemLimits {
+    per_multiprocessor: usize,
+    per_block_optin: usize,
+}
+
+impl SmemLimits {
+    fn of(dev: &CudaDevice) -> SmemLimits {
+        SmemLimits {
+            per_multiprocessor: dev.smem_per_multiprocessor(),
+            per_block_optin: dev.max_smem_optin(),
+        }
+    }
+
+    /// Shared memory one mma block of `pass` may take: its share of the multiprocessor when
+    /// [`mma_blocks_per_sm`] of them are resident, within the opt-in limit, at least
+    /// [`SMEM_BUDGET`].
+    fn mma_budget(self, pass: Pass, d: usize) -> usize {
+        (self.per_multiprocessor / mma_blocks_per_sm(pass, d))
+            .saturating_sub(SMEM_RESERVED_PER_BLOCK)
+            .min(self.per_block_optin)
+            .max(SMEM_BUDGET)
+    }
+}
+
+/// Whether the mma kernels stage through `cp.async` (the default) or through registers
+/// (`MVAR_NA_STAGING=registers`, the way they did before, kept for comparison on a GPU).
+fn async_staging() -> bool {
+    std::env::var("MVAR_NA_STAGING").map_or(true, |v| v.trim() != "registers")
 }
 
 /// (staged columns per row, a multiple of 16; rows a block needs): the largest over the tiles.
@@ -248,7 +327,16 @@ struct Plan {
     grid: u32,
 }
 
-fn plan(s: &Na2dShape, kind: BufferKind, which: NaKernel, side: Side, scale: f32) -> Plan {
+/// The plan of `pass` for `which` (already adjusted to the device, see [`usable_on`]); `limits`
+/// None plans the mma kernels within [`SMEM_BUDGET`] too.
+fn plan(
+    s: &Na2dShape,
+    kind: BufferKind,
+    which: NaKernel,
+    pass: Pass,
+    scale: f32,
+    limits: Option<SmemLimits>,
+) -> Plan {
     let xtiles = s.x.div_ceil(WARPS);
     let ytiles = s.y.div_ceil(TILE);
     let mut geom = Geom {
@@ -262,7 +350,7 @@ fn plan(s: &Na2dShape, kind: BufferKind, which: NaKernel, side: Side, scale: f32
         rows: 0,
         xtiles: xtiles as i32,
         ytiles: ytiles as i32,
-        pad: 0,
+        async_stage: 1,
         scale,
         scale_log2: (scale as f64 * std::f64::consts::LOG2_E) as f32,
     };
@@ -283,9 +371,16 @@ fn plan(s: &Na2dShape, kind: BufferKind, which: NaKernel, side: Side, scale: f32
     if family == NaKernel::Naive {
         return naive;
     }
+    let side = pass.side();
+    let budget = match (family, limits) {
+        (NaKernel::Mma, Some(l)) => l.mma_budget(pass, s.d),
+        _ => SMEM_BUDGET,
+    };
     let (ncw, needed) = spans(s, side);
     let (fixed, per_row) = smem_layout(family, side, s.d, ncw);
-    let rows = (SMEM_BUDGET.saturating_sub(fixed) / per_row).clamp(1, needed);
+    let most = (budget.saturating_sub(fixed) / per_row).clamp(1, needed);
+    // As many stages as the budget needs, their rows evened out.
+    let rows = needed.div_ceil(needed.div_ceil(most));
     geom.ncw = ncw as i32;
     geom.rows = rows as i32;
     Plan {
@@ -316,37 +411,51 @@ fn tiled_function(
     Ok(Some(f))
 }
 
-/// The tiled kernel `pass` of `p` and its launch configuration, or None when it must fall back
-/// to the naive kernel (unaligned buffers, or too much shared memory for this device).
-fn tiled(
+/// The plan of `pass` on this device, with its tiled kernel and launch configuration; None for
+/// the kernel when the naive one must run (its family, or buffers that are not 16-byte aligned,
+/// or no shared-memory opt-in even for the default budget). A plan whose shared memory the
+/// device refuses is made again within [`SMEM_BUDGET`].
+#[allow(clippy::type_complexity)]
+fn tiled_plan(
     dev: &CudaDevice,
-    p: &Plan,
-    pass: &str,
+    s: &Na2dShape,
     kind: BufferKind,
+    which: NaKernel,
+    pass: Pass,
+    scale: f32,
     bufs: &[&CudaBuffer],
-) -> Result<Option<(CudaFunction, LaunchConfig)>, CudaError> {
+) -> Result<(Plan, Option<(CudaFunction, LaunchConfig)>), CudaError> {
+    let which = usable_on(dev, which);
+    let mut p = plan(s, kind, which, pass, scale, Some(SmemLimits::of(dev)));
+    p.geom.async_stage = async_staging() as i32;
     if p.family == NaKernel::Naive || bufs.iter().any(|b| b.device_ptr() % 16 != 0) {
-        return Ok(None);
+        return Ok((p, None));
     }
-    Ok(
-        tiled_function(dev, &kernel_name(p, pass, kind), p.smem)?.map(|f| {
-            let cfg = LaunchConfig {
-                grid_dim: (p.grid, 1, 1),
-                block_dim: ((WARPS * 32) as u32, 1, 1),
-                shared_mem_bytes: p.smem as u32,
-            };
-            (f, cfg)
-        }),
-    )
+    let mut f = tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)?;
+    if f.is_none() {
+        let stage = p.geom.async_stage;
+        p = plan(s, kind, which, pass, scale, None);
+        p.geom.async_stage = stage;
+        f = tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)?;
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (p.grid, 1, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: p.smem as u32,
+    };
+    Ok((p, f.map(|f| (f, cfg))))
 }
 
 fn naive(
     dev: &CudaDevice,
-    pass: &str,
+    pass: Pass,
     kind: BufferKind,
     total: usize,
 ) -> Result<(CudaFunction, LaunchConfig), CudaError> {
-    let f = dev.function(&NA2D, &format!("na2d_{pass}_naive_{}", kind.suffix()))?;
+    let f = dev.function(
+        &NA2D,
+        &format!("na2d_{}_naive_{}", pass.name(), kind.suffix()),
+    )?;
     Ok((f, launch_1d(total, NAIVE_THREADS)))
 }
 
@@ -361,21 +470,18 @@ pub fn na2d_family(
     which: NaKernel,
     backward: bool,
 ) -> Result<NaKernel, CudaError> {
-    let sides: &[(Side, &str)] = if backward {
-        &[(Side::Query, "dq"), (Side::Key, "dkdv")]
+    let passes: &[Pass] = if backward {
+        &[Pass::Dq, Pass::DkDv]
     } else {
-        &[(Side::Query, "fwd")]
+        &[Pass::Forward]
     };
     let mut out = NaKernel::Mma;
-    for &(side, pass) in sides {
-        let p = plan(s, kind, usable_on(dev, which), side, 1.0);
-        let fam = if p.family == NaKernel::Naive {
-            NaKernel::Naive
+    for &pass in passes {
+        let (p, f) = tiled_plan(dev, s, kind, which, pass, 1.0, &[])?;
+        let fam = if f.is_some() {
+            p.family
         } else {
-            match tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)? {
-                Some(_) => p.family,
-                None => NaKernel::Naive,
-            }
+            NaKernel::Naive
         };
         out = simpler(out, fam);
     }
@@ -391,7 +497,8 @@ fn usable_on(dev: &CudaDevice, which: NaKernel) -> NaKernel {
     }
 }
 
-fn kernel_name(p: &Plan, pass: &str, kind: BufferKind) -> String {
+fn kernel_name(p: &Plan, pass: Pass, kind: BufferKind) -> String {
+    let pass = pass.name();
     match p.family {
         NaKernel::Mma => format!("na2d_{pass}_mma_bf16_d{}", p.geom.d),
         NaKernel::Simt => format!("na2d_{pass}_simt_{}_d{}", kind.suffix(), p.geom.d),
@@ -434,10 +541,10 @@ pub fn na2d_forward(
         return Ok((out, dev.zeros(BufferKind::F32, tokens)?));
     }
     let lse = dev.alloc(BufferKind::F32, tokens, "na2d log-sum-exp")?;
-    let p = plan(&s, kind, usable_on(dev, which), Side::Query, scale);
-    let (f, cfg) = match tiled(dev, &p, "fwd", kind, &[q, k, v, &out])? {
+    let (p, tiled) = tiled_plan(dev, &s, kind, which, Pass::Forward, scale, &[q, k, v, &out])?;
+    let (f, cfg) = match tiled {
         Some(t) => t,
-        None => naive(dev, "fwd", kind, total)?,
+        None => naive(dev, Pass::Forward, kind, total)?,
     };
     let (po, pl, pq, pk, pv) = (
         out.device_ptr(),
@@ -510,10 +617,18 @@ pub fn na2d_backward(
         delta.device_ptr(),
     );
 
-    let p = plan(&s, kind, usable_on(dev, which), Side::Query, scale);
-    let (f, cfg) = match tiled(dev, &p, "dq", kind, &[q, k, v, out, g, &dq])? {
+    let (p, tiled) = tiled_plan(
+        dev,
+        &s,
+        kind,
+        which,
+        Pass::Dq,
+        scale,
+        &[q, k, v, out, g, &dq],
+    )?;
+    let (f, cfg) = match tiled {
         Some(t) => t,
-        None => naive(dev, "dq", kind, total)?,
+        None => naive(dev, Pass::Dq, kind, total)?,
     };
     let geom = p.geom;
     let mut b = dev.stream().launch_builder(&f);
@@ -530,10 +645,18 @@ pub fn na2d_backward(
     // f32s; see na2d_forward for the kernels' accesses.
     unsafe { b.launch(cfg) }.map_err(launch_err(OP, s.sizes()))?;
 
-    let p = plan(&s, kind, usable_on(dev, which), Side::Key, scale);
-    let (f, cfg) = match tiled(dev, &p, "dkdv", kind, &[q, k, v, g, &dk, &dv])? {
+    let (p, tiled) = tiled_plan(
+        dev,
+        &s,
+        kind,
+        which,
+        Pass::DkDv,
+        scale,
+        &[q, k, v, g, &dk, &dv],
+    )?;
+    let (f, cfg) = match tiled {
         Some(t) => t,
-        None => naive(dev, "dkdv", kind, total)?,
+        None => naive(dev, Pass::DkDv, kind, total)?,
     };
     let geom = p.geom;
     let mut b = dev.stream().launch_builder(&f);
@@ -568,7 +691,8 @@ mod tests {
 
     #[test]
     fn geom_matches_the_c_struct_size() {
-        // i64 maps; int x, y, d, ks, wx, ncw, rows, xtiles, ytiles, pad; float scale, scale_log2
+        // i64 maps; int x, y, d, ks, wx, ncw, rows, xtiles, ytiles, async_stage; float scale,
+        // scale_log2
         assert_eq!(std::mem::size_of::<Geom>(), 8 + 10 * 4 + 2 * 4);
     }
 
@@ -628,36 +752,164 @@ mod tests {
         assert_eq!(NaKernel::Naive.resolve(BF16, 64), NaKernel::Naive);
     }
 
+    /// An H100's (and H200's) limits: 228 KiB per multiprocessor, 227 KiB per block.
+    const HOPPER: SmemLimits = SmemLimits {
+        per_multiprocessor: 233_472,
+        per_block_optin: 232_448,
+    };
+    /// An RTX 3090's / 4090's: 100 KiB per multiprocessor, 99 KiB per block.
+    const AMPERE_GEFORCE: SmemLimits = SmemLimits {
+        per_multiprocessor: 102_400,
+        per_block_optin: 101_376,
+    };
+
     /// MVAR's shapes stage in one pass within the default budget; large windows split into
-    /// stages; every plan fits the budget unless a single row does not.
+    /// stages of even rows; every plan fits its budget unless a single row does not.
     #[test]
     fn plans_fit_the_shared_memory_budget() {
         let mvar = shape(16, 16, 64, 7);
-        let p = plan(&mvar, BufferKind::BF16, NaKernel::Auto, Side::Query, 0.125);
+        let p = plan(
+            &mvar,
+            BufferKind::BF16,
+            NaKernel::Auto,
+            Pass::Forward,
+            0.125,
+            None,
+        );
         assert_eq!(p.family, NaKernel::Mma);
         assert_eq!((p.geom.ncw, p.geom.rows), (16, 10));
         assert!(p.smem <= SMEM_BUDGET);
         assert_eq!(p.grid, 2 * 4);
-        for (kind, d) in [(BufferKind::BF16, 128), (BufferKind::F32, 64)] {
-            for side in [Side::Query, Side::Key] {
-                for k in [3, 7, 13, 31] {
-                    let s = shape(40, 40, d, k);
-                    let p = plan(&s, kind, NaKernel::Auto, side, 1.0);
-                    let (fixed, per_row) = smem_layout(p.family, side, d, p.geom.ncw as usize);
-                    assert_eq!(p.smem, fixed + p.geom.rows as usize * per_row);
-                    assert!(
-                        p.smem <= SMEM_BUDGET || p.geom.rows == 1,
-                        "{kind:?} {d} {k}"
-                    );
-                    assert!(p.geom.rows >= 1);
+        for limits in [None, Some(HOPPER), Some(AMPERE_GEFORCE)] {
+            for (kind, d) in [
+                (BufferKind::BF16, 128),
+                (BufferKind::BF16, 64),
+                (BufferKind::F32, 64),
+            ] {
+                for pass in [Pass::Forward, Pass::Dq, Pass::DkDv] {
+                    for k in [3, 7, 13, 31] {
+                        let s = shape(40, 40, d, k);
+                        let p = plan(&s, kind, NaKernel::Auto, pass, 1.0, limits);
+                        let budget = match (p.family, limits) {
+                            (NaKernel::Mma, Some(l)) => l.mma_budget(pass, d),
+                            _ => SMEM_BUDGET,
+                        };
+                        let side = pass.side();
+                        let (fixed, per_row) = smem_layout(p.family, side, d, p.geom.ncw as usize);
+                        assert_eq!(p.smem, fixed + p.geom.rows as usize * per_row);
+                        assert!(p.smem <= budget || p.geom.rows == 1, "{kind:?} {d} {k}");
+                        // Even stages: no more stages than the budget's rows need, and the
+                        // last one at most one row short of the others.
+                        let (_, needed) = spans(&s, side);
+                        let rows = p.geom.rows as usize;
+                        let most = (budget.saturating_sub(fixed) / per_row).clamp(1, needed);
+                        assert_eq!(needed.div_ceil(rows), needed.div_ceil(most));
+                        assert!(rows * needed.div_ceil(rows) - needed < needed.div_ceil(rows));
+                    }
                 }
             }
         }
         let none = Na2dShape { maps: 0, ..mvar };
         assert_eq!(
-            plan(&none, BufferKind::BF16, NaKernel::Auto, Side::Key, 1.0).family,
+            plan(
+                &none,
+                BufferKind::BF16,
+                NaKernel::Auto,
+                Pass::DkDv,
+                1.0,
+                None
+            )
+            .family,
             NaKernel::Naive
         );
+    }
+
+    /// The mma budget lets as many blocks share a multiprocessor as their registers allow, and
+    /// on a Hopper GPU MVAR's maps (16x16 and 13x13, k 7, d 64) stage the rows of each pass in
+    /// one go, but dk/dv of 13x13 in two (within 48 KiB dk/dv took two and three).
+    #[test]
+    fn mma_plans_share_the_multiprocessor_as_registers_allow() {
+        for limits in [HOPPER, AMPERE_GEFORCE] {
+            for pass in [Pass::Forward, Pass::Dq, Pass::DkDv] {
+                for d in (16..=MMA_MAX_DIM).step_by(16) {
+                    let blocks = mma_blocks_per_sm(pass, d);
+                    let budget = limits.mma_budget(pass, d);
+                    assert!(budget <= limits.per_block_optin);
+                    assert!(
+                        blocks * (budget + SMEM_RESERVED_PER_BLOCK) <= limits.per_multiprocessor
+                            || budget == SMEM_BUDGET,
+                        "{pass:?} d {d}"
+                    );
+                }
+            }
+        }
+        for side in [16, 13] {
+            let s = shape(side, side, 64, 7);
+            for pass in [Pass::Forward, Pass::Dq, Pass::DkDv] {
+                let p = plan(
+                    &s,
+                    BufferKind::BF16,
+                    NaKernel::Auto,
+                    pass,
+                    1.0,
+                    Some(HOPPER),
+                );
+                assert_eq!(p.family, NaKernel::Mma);
+                let stages = spans(&s, pass.side()).1.div_ceil(p.geom.rows as usize);
+                let want = if side == 13 && pass == Pass::DkDv {
+                    2
+                } else {
+                    1
+                };
+                assert_eq!(stages, want, "{side} {pass:?}");
+            }
+        }
+    }
+
+    /// `mma_blocks_per_sm` says what the kernel file's `NA_MMA_*_BLOCKS(D)` macros say.
+    #[test]
+    fn blocks_per_sm_mirror_the_launch_bounds() {
+        // Evaluates a macro body of the form `(D <= a ? x : D <= b ? y : z)` at d.
+        fn eval(body: &str, d: usize) -> usize {
+            let body = body.trim();
+            let mut rest = body
+                .strip_prefix('(')
+                .and_then(|b| b.strip_suffix(')'))
+                .unwrap();
+            loop {
+                match rest.split_once('?') {
+                    Some((cond, tail)) => {
+                        let limit: usize = cond
+                            .trim()
+                            .trim_start_matches("D <=")
+                            .trim()
+                            .parse()
+                            .unwrap();
+                        let (then, els) = tail.split_once(':').unwrap();
+                        if d <= limit {
+                            return then.trim().parse().unwrap();
+                        }
+                        rest = els;
+                    }
+                    None => return rest.trim().parse().unwrap(),
+                }
+            }
+        }
+        for (pass, name) in [
+            (Pass::Forward, "FWD"),
+            (Pass::Dq, "DQ"),
+            (Pass::DkDv, "DKDV"),
+        ] {
+            let head = format!("#define NA_MMA_{name}_BLOCKS(D) ");
+            let line = NA2D
+                .source
+                .lines()
+                .find_map(|l| l.strip_prefix(head.as_str()))
+                .unwrap_or_else(|| panic!("{head} in na2d.cu"));
+            for d in (16..=MMA_MAX_DIM).step_by(16) {
+                assert_eq!(mma_blocks_per_sm(pass, d), eval(line, d), "{name} d {d}");
+            }
+        }
     }
 
     #[test]
@@ -695,22 +947,24 @@ mod tests {
             &shape(16, 16, 64, 7),
             BufferKind::F32,
             NaKernel::Auto,
-            Side::Key,
+            Pass::DkDv,
             1.0,
+            None,
         );
         assert_eq!(
-            kernel_name(&p, "dkdv", BufferKind::F32),
+            kernel_name(&p, Pass::DkDv, BufferKind::F32),
             "na2d_dkdv_simt_f32_d64"
         );
         let p = plan(
             &shape(16, 16, 96, 7),
             BufferKind::BF16,
             NaKernel::Auto,
-            Side::Query,
+            Pass::Forward,
             1.0,
+            None,
         );
         assert_eq!(
-            kernel_name(&p, "fwd", BufferKind::BF16),
+            kernel_name(&p, Pass::Forward, BufferKind::BF16),
             "na2d_fwd_mma_bf16_d96"
         );
     }

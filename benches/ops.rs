@@ -336,6 +336,47 @@ fn layout(c: &mut Criterion) {
                 ops::permute(&qkv, &[2, 0, 3, 1, 4]).unwrap();
             },
         );
+        // MVAR's segment of scales 0..8 (255 tokens) at batch 32, bf16: the qkv permute and the
+        // split into q, k, v (narrow of the leading axis; forward + backward, whose backward
+        // writes the full axis). Beside them the per-element copies (MVAR_EW_KERNEL=scalar), the
+        // reference variant of the word copies (2026-12-04).
+        if d.is_cuda() {
+            let qkv16 = randn(&[32, 255, 3, 16, 64], DType::BF16, &d, 3);
+            let split = randn(&[3, 32, 16, 255, 64], DType::BF16, &d, 4)
+                .with_grad()
+                .unwrap();
+            let dq = randn(&[1, 32, 16, 255, 64], DType::BF16, &d, 5);
+            for (variant, env) in [("", "vector"), (" per-element", "scalar")] {
+                with_kernel_env("MVAR_EW_KERNEL", env, || {
+                    g.throughput(Throughput::Bytes(bytes(
+                        2 * qkv16.elem_count(),
+                        DType::BF16,
+                    )));
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{t}/permute qkv{variant} [32,255,3,16,64] bf16"),
+                        || {
+                            ops::permute(&qkv16, &[2, 0, 3, 1, 4]).unwrap();
+                        },
+                    );
+                    // Read the band, write it; backward: read its gradient, write the full axis.
+                    g.throughput(Throughput::Bytes(bytes(6 * dq.elem_count(), DType::BF16)));
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{t}/narrow qkv{variant} fwd+bwd [3,32,16,255,64] bf16"),
+                        || {
+                            split.zero_grad();
+                            ops::narrow(&split, 0, 1, 1)
+                                .unwrap()
+                                .backward_with(dq.clone())
+                                .unwrap();
+                        },
+                    );
+                });
+            }
+        }
         let table = randn(&[4096, 32], DType::F32, &d, 2);
         let ids = Tensor::from_vec(
             (0..8 * 680)

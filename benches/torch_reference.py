@@ -296,6 +296,21 @@ def main():
     qkv = torch.randn(8, 680, 3, 16, 64, device=dev)
     report("layout", "cuda/permute qkv [8,680,3,16,64]", timed(lambda: qkv.permute(2, 0, 3, 1, 4).contiguous()),
            nbytes=2 * qkv.numel() * 4)
+    # MVAR's qkv at its segment of scales 0..8 (255 tokens), batch 32, bf16: the permute, and
+    # the split's narrow forward + backward (a copy of the band; its gradient is the full axis,
+    # zero around the band).
+    qkv16 = torch.randn(32, 255, 3, 16, 64, device=dev, dtype=torch.bfloat16)
+    report("layout", "cuda/permute qkv [32,255,3,16,64] bf16",
+           timed(lambda: qkv16.permute(2, 0, 3, 1, 4).contiguous()), nbytes=2 * qkv16.numel() * 2)
+    split = torch.randn(3, 32, 16, 255, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dq = torch.randn(1, 32, 16, 255, 64, device=dev, dtype=torch.bfloat16)
+
+    def narrow_fwd_bwd():
+        split.grad = None
+        split.narrow(0, 1, 1).contiguous().backward(dq)
+
+    report("layout", "cuda/narrow qkv fwd+bwd [3,32,16,255,64] bf16", timed(narrow_fwd_bwd),
+           nbytes=6 * dq.numel() * 2)
     table = torch.randn(4096, 32, device=dev)
     ids = (torch.arange(8 * 680, device=dev) * 7919 % 4096).reshape(8, 680)
     report("layout", "cuda/embedding 8x680 from [4096,32]", timed(lambda: F.embedding(ids, table)),

@@ -15,6 +15,12 @@
 typedef unsigned short bf16_t;
 typedef long long i64;
 typedef unsigned char u8;
+// A 16-byte word: what the raw-bit copies (band copies, strided copies) move when a run of
+// elements is a whole number of them (the host picks the word; see copy_word in
+// cuda/src/ops/mod.rs).
+struct __align__(16) Word16 {
+    unsigned int a, b, c, d;
+};
 
 #define MAX_RANK 8
 // NVRTC compiles without the C headers, so no INFINITY macro.

@@ -391,6 +391,18 @@ ANY_KERNELS(bf16_t, bf16)
 ANY_KERNELS(i64, i64)
 ANY_KERNELS(u8, u8)
 
+// Strided copies of raw words: a permute whose innermost run is a whole number of 4-, 8- or
+// 16-byte words moves them one thread and one offset computation per word (the host rescales
+// the layout to words; see strided_copy in cuda/src/ops/elementwise.rs).
+#define WORD_COPY_KERNELS(T, S)                                                                      \
+    extern "C" __global__ void expand_##S(T* out, const T* x, i64 n, Layout l) {                   \
+        expand_impl<T>(out, x, n, l);                                                               \
+    }
+
+WORD_COPY_KERNELS(unsigned int, w4)
+WORD_COPY_KERNELS(unsigned long long, w8)
+WORD_COPY_KERNELS(Word16, w16)
+
 // Casts between every pair of element kinds, through f32 (exact for bf16 <-> f32 widening and
 // for integers below 2^24, which is what tensors of ids and masks hold).
 #define CAST(TA, SA, TB, SB)                                                                         \

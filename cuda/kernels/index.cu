@@ -7,6 +7,13 @@
 // are i64 buffers. gather reads a `GatherGeom` (dims and strides of the input and of the
 // indices, up to MAX_RANK axes), mirrored by `GatherGeom` in cuda/src/ops/index.rs.
 // Parallel decomposition: one thread per output element, grid-stride loop, 256 threads a block.
+// The band kernels (narrow, its backward, band_place) move raw bits, so the host runs them on
+// words instead of elements where it can: when a row of `inner` elements is a whole number of
+// 16-, 8- or 4-byte words and both buffers are aligned to the word, `inner` is counted in words
+// and the kernel of that word size runs (`w16`, `w8`, `w4`): one thread and one index
+// computation per 16 bytes instead of per element (for bf16, 8 of them).
+// Their index arithmetic runs in 32 bits when every index of the launch is below 2^31 (the GPU
+// divides 64-bit integers in software).
 // Each thread writes its element once, so no kernel here needs atomics or a zeroed output:
 // - the copies (narrow, band_place, index_select, gather forward) read one element each;
 // - narrow's backward writes every element of the full axis, zero outside the band;
@@ -32,42 +39,78 @@ struct GatherGeom {
     i64 idx_strides[MAX_RANK];
 };
 
+// Whether every index of a band launch over `big` elements (the larger buffer) fits the 32-bit
+// loop: below 2^31, so that adding the grid's stride cannot wrap.
+__device__ __forceinline__ bool band_index32(i64 big) { return big < ((i64)1 << 31); }
+
+// The grid-stride loop of the band kernels with the index type I.
+#define BAND_STRIDE(I, i, n) \
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (I)blockDim.x * gridDim.x)
+
 // out [outer, len, inner] = x [outer, n, inner] rows start .. start+len.
-template <typename T>
-__device__ void narrow_impl(T* out, const T* x, i64 total, i64 n, i64 len, i64 inner, i64 start) {
-    GRID_STRIDE(i, total) {
-        i64 c = i % inner;
-        i64 rest = i / inner;
-        i64 j = rest % len;
-        i64 o = rest / len;
+template <typename T, typename I>
+__device__ __forceinline__ void narrow_run(T* out, const T* x, I total, I n, I len, I inner, I start) {
+    BAND_STRIDE(I, i, total) {
+        I c = i % inner;
+        I rest = i / inner;
+        I j = rest % len;
+        I o = rest / len;
         out[i] = x[(o * n + start + j) * inner + c];
     }
 }
 
+template <typename T>
+__device__ void narrow_impl(T* out, const T* x, i64 total, i64 n, i64 len, i64 inner, i64 start) {
+    if (band_index32(total / len * n))  // x's element count, at least total
+        narrow_run<T, unsigned int>(out, x, (unsigned int)total, (unsigned int)n, (unsigned int)len,
+                                    (unsigned int)inner, (unsigned int)start);
+    else
+        narrow_run<T, i64>(out, x, total, n, len, inner, start);
+}
+
 // out [outer, n, inner]: g [outer, len, inner] on rows start .. start+len, zero elsewhere.
+template <typename T, typename I>
+__device__ __forceinline__ void narrow_bwd_run(T* out, const T* g, I total, I n, I len, I inner, I start) {
+    BAND_STRIDE(I, i, total) {
+        I c = i % inner;
+        I rest = i / inner;
+        I r = rest % n;
+        I o = rest / n;
+        // Unsigned: rows before the band wrap to large values, so one comparison covers both ends.
+        bool in_band = r >= start && r - start < len;
+        out[i] = in_band ? g[(o * len + (r - start)) * inner + c] : T{};
+    }
+}
+
 template <typename T>
 __device__ void narrow_bwd_impl(T* out, const T* g, i64 total, i64 n, i64 len, i64 inner, i64 start) {
-    GRID_STRIDE(i, total) {
-        i64 c = i % inner;
-        i64 rest = i / inner;
-        i64 r = rest % n;
-        i64 o = rest / n;
-        i64 j = r - start;
-        out[i] = (j >= 0 && j < len) ? g[(o * len + j) * inner + c] : (T)0;
-    }
+    if (band_index32(total))
+        narrow_bwd_run<T, unsigned int>(out, g, (unsigned int)total, (unsigned int)n, (unsigned int)len,
+                                        (unsigned int)inner, (unsigned int)start);
+    else
+        narrow_bwd_run<T, i64>(out, g, total, n, len, inner, start);
 }
 
 // x [outer, n, inner] written to rows start .. start+n of out [outer, total_n, inner]: one call
 // per concat input. Threads walk the input, so reads are contiguous and writes contiguous runs.
-template <typename T>
-__device__ void band_place_impl(T* out, const T* x, i64 count, i64 n, i64 total_n, i64 inner, i64 start) {
-    GRID_STRIDE(i, count) {
-        i64 c = i % inner;
-        i64 rest = i / inner;
-        i64 j = rest % n;
-        i64 o = rest / n;
+template <typename T, typename I>
+__device__ __forceinline__ void band_place_run(T* out, const T* x, I count, I n, I total_n, I inner, I start) {
+    BAND_STRIDE(I, i, count) {
+        I c = i % inner;
+        I rest = i / inner;
+        I j = rest % n;
+        I o = rest / n;
         out[(o * total_n + start + j) * inner + c] = x[i];
     }
+}
+
+template <typename T>
+__device__ void band_place_impl(T* out, const T* x, i64 count, i64 n, i64 total_n, i64 inner, i64 start) {
+    if (band_index32(count / n * total_n))  // out's element count, at least count
+        band_place_run<T, unsigned int>(out, x, (unsigned int)count, (unsigned int)n, (unsigned int)total_n,
+                                        (unsigned int)inner, (unsigned int)start);
+    else
+        band_place_run<T, i64>(out, x, count, n, total_n, inner, start);
 }
 
 // out [outer, k, inner] = x [outer, n, inner] rows idx[0..k].
@@ -151,7 +194,7 @@ __device__ void gather_bwd_impl(T* dx, const T* g, const i64* idx, i64 total, Ga
     }
 }
 
-#define COPY_KERNELS(T, S)                                                                           \
+#define BAND_KERNELS(T, S)                                                                           \
     extern "C" __global__ void narrow_##S(T* out, const T* x, i64 total, i64 n, i64 len, i64 inner, \
                                          i64 start) {                                               \
         narrow_impl<T>(out, x, total, n, len, inner, start);                                        \
@@ -163,7 +206,9 @@ __device__ void gather_bwd_impl(T* dx, const T* g, const i64* idx, i64 total, Ga
     extern "C" __global__ void band_place_##S(T* out, const T* x, i64 count, i64 n, i64 total_n,   \
                                              i64 inner, i64 start) {                                \
         band_place_impl<T>(out, x, count, n, total_n, inner, start);                                \
-    }                                                                                               \
+    }
+
+#define COPY_KERNELS(T, S)                                                                           \
     extern "C" __global__ void index_select_##S(T* out, const T* x, const i64* idx, i64 total,     \
                                                i64 n, i64 k, i64 inner) {                           \
         index_select_impl<T>(out, x, idx, total, n, k, inner);                                      \
@@ -172,6 +217,14 @@ __device__ void gather_bwd_impl(T* dx, const T* g, const i64* idx, i64 total, Ga
                                          GatherGeom geo) {                                          \
         gather_impl<T>(out, x, idx, total, geo);                                                    \
     }
+
+BAND_KERNELS(float, f32)
+BAND_KERNELS(bf16_t, bf16)
+BAND_KERNELS(i64, i64)
+BAND_KERNELS(u8, u8)
+BAND_KERNELS(unsigned int, w4)
+BAND_KERNELS(unsigned long long, w8)
+BAND_KERNELS(Word16, w16)
 
 COPY_KERNELS(float, f32)
 COPY_KERNELS(bf16_t, bf16)

@@ -247,3 +247,61 @@ fn copies_are_exact_for_every_kind() {
         }
     }
 }
+
+/// The band and strided copies move whole 16-, 8- or 4-byte words when a row of the innermost
+/// elements divides into them (see `copy_word` in cuda/src/ops/mod.rs): rows of 1 to 24
+/// elements of every kind take each word size and the per-element kernels, and come back bit for
+/// bit; narrow's backward (zeros around the band) and concat through the same kernels.
+#[test]
+fn copies_on_words_are_exact() {
+    let Some(gpu) = gpu() else { return };
+    for dt in [DType::F32, DType::BF16, DType::I64, DType::U8] {
+        for inner in [1usize, 2, 3, 4, 6, 8, 12, 16, 24] {
+            let x = Tensor::from_vec(
+                (0..3 * 5 * inner)
+                    .map(|i| (i * 37 % 251) as i64 - 100)
+                    .collect(),
+                [3, 5, inner],
+                &Device::Cpu,
+            )
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+            let y = ops::narrow(&x, 1, 0, 2).unwrap();
+            let run = |name: &str, f: &dyn Fn(&Device) -> mvar::engine::Result<Tensor>| {
+                let (want, got) = (f(&Device::Cpu).unwrap(), f(&gpu).unwrap());
+                assert_eq!(got.dims(), want.dims(), "{name} {dt} inner {inner}");
+                assert_eq!(
+                    got.to_vec_f64().unwrap(),
+                    want.to_vec_f64().unwrap(),
+                    "{name} {dt} inner {inner}"
+                );
+            };
+            run("narrow", &|d| ops::narrow(&x.to_device(d)?, 1, 1, 3));
+            run("narrow of the outer axis", &|d| {
+                ops::narrow(&x.to_device(d)?, 0, 1, 2)
+            });
+            run("concat", &|d| {
+                ops::concat(&[&x.to_device(d)?, &y.to_device(d)?], 1)
+            });
+            run("permute keeping the innermost axis", &|d| {
+                ops::permute(&x.to_device(d)?, &[1, 0, 2])
+            });
+            run("permute moving the innermost axis", &|d| {
+                ops::permute(&x.to_device(d)?, &[2, 0, 1])
+            });
+        }
+    }
+    // narrow's backward writes the full axis: the band from the gradient, zeros around it.
+    for dt in [DType::F32, DType::BF16] {
+        for inner in [1usize, 2, 4, 8, 12] {
+            let x = randn(&[3, 5, inner], inner as u64).to_dtype(dt).unwrap();
+            parity(
+                &format!("narrow {dt} inner {inner}"),
+                |_, x| ops::narrow(&x[0], 1, 1, 3),
+                std::slice::from_ref(&x),
+            )
+            .unwrap();
+        }
+    }
+}

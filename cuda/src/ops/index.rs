@@ -11,7 +11,7 @@ use cudarc::driver::{DeviceRepr, PushKernelArg};
 use crate::buffer::{BufferKind, CudaBuffer, HostData};
 use crate::device::{launch_1d, launch_err};
 use crate::kernels::INDEX;
-use crate::ops::{check_lens, elementwise as ew, float_kind, MAX_RANK};
+use crate::ops::{check_lens, copy_word, elementwise as ew, float_kind, MAX_RANK};
 use crate::{CudaDevice, CudaError};
 
 const THREADS: u32 = 256;
@@ -126,7 +126,9 @@ impl Band {
     }
 }
 
-/// Launches one of the band kernels: (out, src, total, a, b, inner, start).
+/// Launches one of the band kernels: (out, src, total, a, b, inner, start), `total` and `inner`
+/// in elements. The copies move raw bits, so where a row of `inner` elements is a whole number of
+/// words ([`copy_word`]) they run on words: a row of eight bf16 values moves as one 16-byte word.
 fn band_launch(
     dev: &CudaDevice,
     name: &str,
@@ -138,9 +140,16 @@ fn band_launch(
     if total == 0 {
         return Ok(());
     }
-    let f = dev.function(&INDEX, &format!("{name}_{}", src.kind().suffix()))?;
-    let (po, ps, nn) = (out.device_ptr(), src.device_ptr(), total as i64);
-    let [a, b, inner, start] = abc.map(|v| v as i64);
+    let (po, ps) = (out.device_ptr(), src.device_ptr());
+    let elem = src.kind().size_in_bytes();
+    let [a, b, inner, start] = abc;
+    let (suffix, per_word) = match copy_word(elem, &[inner], [po, ps]) {
+        Some((w, suffix)) => (suffix, w / elem),
+        None => (src.kind().suffix(), 1),
+    };
+    let f = dev.function(&INDEX, &format!("{name}_{suffix}"))?;
+    let nn = (total / per_word) as i64;
+    let [a, b, inner, start] = [a, b, inner / per_word, start].map(|v| v as i64);
     let mut bld = dev.stream().launch_builder(&f);
     bld.arg(&po)
         .arg(&ps)
@@ -151,7 +160,7 @@ fn band_launch(
         .arg(&start);
     // SAFETY: the callers check both buffers' lengths against the band, and every index the
     // kernel forms lies inside them.
-    unsafe { bld.launch(launch_1d(total, THREADS)) }
+    unsafe { bld.launch(launch_1d(nn as usize, THREADS)) }
         .map_err(launch_err(name, format!("{total} elements, {abc:?}")))?;
     Ok(())
 }

@@ -117,6 +117,31 @@ impl Layout {
     }
 }
 
+/// The word a raw-bit copy can move instead of single elements of `elem` bytes: the widest of
+/// 16, 8 and 4 bytes (wider than the element) that every count in `runs` (element counts that
+/// must be whole words: the contiguous run, and any stride between runs) and both buffer
+/// addresses divide into. Returns (bytes per word, the suffix of its kernels), or None for the
+/// element kind's own kernels (always with `MVAR_EW_KERNEL=scalar`: the per-element copies are
+/// the reference variant).
+pub(crate) fn copy_word(
+    elem: usize,
+    runs: &[usize],
+    ptrs: [u64; 2],
+) -> Option<(usize, &'static str)> {
+    if !elementwise::vector_kernels_enabled() {
+        return None;
+    }
+    [(16, "w16"), (8, "w8"), (4, "w4")]
+        .into_iter()
+        .find(|&(w, _)| {
+            w > elem
+                && runs
+                    .iter()
+                    .all(|&r| r.checked_mul(elem).is_some_and(|b| b % w == 0))
+                && ptrs.iter().all(|p| p % w as u64 == 0)
+        })
+}
+
 /// The kind of a float buffer, or an error naming the op.
 pub(crate) fn float_kind(op: &str, bufs: &[&CudaBuffer]) -> Result<BufferKind, CudaError> {
     let kind = bufs.first().map(|b| b.kind()).unwrap_or(BufferKind::F32);
@@ -151,6 +176,24 @@ pub(crate) fn check_lens(op: &str, pairs: &[(&CudaBuffer, usize)]) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_take_the_widest_word_that_runs_and_addresses_allow() {
+        let aligned = [4096u64, 8192];
+        assert_eq!(copy_word(2, &[64], aligned), Some((16, "w16")));
+        assert_eq!(copy_word(2, &[4], aligned), Some((8, "w8")));
+        assert_eq!(copy_word(2, &[6], aligned), Some((4, "w4")));
+        assert_eq!(copy_word(2, &[3], aligned), None);
+        // Every run must divide: a stride of 12 bf16 values allows 8 bytes only.
+        assert_eq!(copy_word(2, &[64, 12], aligned), Some((8, "w8")));
+        // The addresses bound the word too.
+        assert_eq!(copy_word(2, &[64], [4096, 8200]), Some((8, "w8")));
+        // Never the element itself (its own kernel runs) nor narrower than it.
+        assert_eq!(copy_word(4, &[1], aligned), None);
+        assert_eq!(copy_word(8, &[2], aligned), Some((16, "w16")));
+        assert_eq!(copy_word(8, &[1], aligned), None);
+        assert_eq!(copy_word(1, &[usize::MAX], aligned), None);
+    }
 
     #[test]
     fn broadcast_layout_has_zero_strides_on_broadcast_axes() {

@@ -218,6 +218,27 @@ fn elementwise(c: &mut Criterion) {
                     ops::gelu_tanh(&xb).unwrap();
                 },
             );
+            // VAR's per-head query scale at MVAR-d16's segment of scales 0..8, batch 32: an input
+            // constant along the trailing axes (one element per 16-byte vector since
+            // 2026-12-04; the general kernel before), and that kernel beside it.
+            let heads = randn(&[32, 16, 255, 64], DType::BF16, &d, 5);
+            let head_scale = randn(&[1, 16, 1, 1], DType::BF16, &d, 6);
+            for (variant, env) in [("", "vector"), (" per-element", "scalar")] {
+                with_kernel_env("MVAR_EW_KERNEL", env, || {
+                    g.throughput(Throughput::Bytes(bytes(
+                        2 * heads.elem_count(),
+                        DType::BF16,
+                    )));
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{t}/mul per-head{variant} bf16 [32,16,255,64]*[1,16,1,1]"),
+                        || {
+                            ops::mul(&heads, &head_scale).unwrap();
+                        },
+                    );
+                });
+            }
             // The per-element kernels (the general ones, and the reference variant of the 16-byte
             // vector kernels that the cases above run).
             with_kernel_env("MVAR_EW_KERNEL", "scalar", || {

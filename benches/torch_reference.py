@@ -278,6 +278,10 @@ def main():
     x3, mod = x.reshape(64, n // (64 * 1024), 1024), torch.randn(64, 1, 1024, device=dev)
     report("elementwise", f"cuda/mul broadcast f32 [64,{n // (64 * 1024)},1024]*[64,1,1024]",
            timed(lambda: x3 * mod), nbytes=2 * n * 4)
+    heads = torch.randn(32, 16, 255, 64, device=dev, dtype=torch.bfloat16)
+    head_scale = torch.randn(1, 16, 1, 1, device=dev, dtype=torch.bfloat16)
+    report("elementwise", "cuda/mul per-head bf16 [32,16,255,64]*[1,16,1,1]", timed(lambda: heads * head_scale),
+           nbytes=2 * heads.numel() * 2)
     xb = x.to(torch.bfloat16)
     report("elementwise", f"cuda/gelu_tanh bf16 [{n // 1024},1024]",
            timed(lambda: F.gelu(xb, approximate="tanh")), nbytes=2 * n * 2)

@@ -17,7 +17,9 @@
 // AdaLN shift [B, 1, C] over [B, L, C]: with `inner` the length of the axes after the run and
 // `span` that of the run and those axes, output index e reads it at (e / span) * inner +
 // e % inner, one division and one modulo per 16 bytes (32-bit where the sizes allow) instead of
-// the general kernel's per-axis divisions for every element. The per-element kernels above are the general ones and the reference variant
+// the general kernel's per-axis divisions for every element. Or it may be constant along the
+// trailing axes and vary along one run before them (a per-head scale [1, H, 1, 1] over
+// [B, H, T, D]): one element per vector (load_operand). The per-element kernels above are the general ones and the reference variant
 // (`MVAR_EW_KERNEL=scalar` forces them).
 // Numerics: every value is computed in f32, bf16 widened on load and rounded once on store.
 //
@@ -278,6 +280,30 @@ __device__ __forceinline__ i64 run_offset(i64 e, i64 inner, i64 span) {
     return (e / span) * inner + e % inner;
 }
 
+// The N input values of output vector e. inner >= 0: a vector of the input at run_offset. inner
+// < 0: the input is constant along the last -inner output elements (a multiple of N) and varies
+// along one run of `span` elements before them, broadcast before that (a per-head scale [1, H,
+// 1, 1] over [B, H, T, D], a per-row value [A, 1] over [A, C]): one element, at
+// (e / -inner) % span, for all N.
+template <typename T>
+__device__ __forceinline__ void load_operand(const T* p, i64 e, i64 inner, i64 span, float* v) {
+    constexpr int N = Vec16<T>::N;
+    if (inner >= 0) {
+        Vec16<T>::load(p + run_offset(e, inner, span), v);
+        return;
+    }
+    const i64 rep = -inner;
+    i64 at;
+    if (e <= 0xffffffffLL && rep <= 0xffffffffLL && span <= 0xffffffffLL) {
+        at = (i64)(((unsigned int)e / (unsigned int)rep) % (unsigned int)span);
+    } else {
+        at = (e / rep) % span;
+    }
+    const float x = Io<T>::load(p, at);
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = x;
+}
+
 template <typename T>
 __device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, int op, i64 inner_a,
                                     i64 span_a, i64 inner_b, i64 span_b) {
@@ -285,8 +311,8 @@ __device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, in
     GRID_STRIDE(i, nvec) {
         const i64 e = i * N;
         float x[N], y[N];
-        Vec16<T>::load(a + run_offset(e, inner_a, span_a), x);
-        Vec16<T>::load(b + run_offset(e, inner_b, span_b), y);
+        load_operand(a, e, inner_a, span_a, x);
+        load_operand(b, e, inner_b, span_b, y);
 #pragma unroll
         for (int k = 0; k < N; ++k) x[k] = binary_forward(op, x[k], y[k]);
         Vec16<T>::store(out + i * N, x);
@@ -300,8 +326,8 @@ __device__ void binary_bwd_vec_impl(T* ga, T* gb, const T* a, const T* b, const 
     GRID_STRIDE(i, nvec) {
         const i64 e = i * N;
         float x[N], y[N], d[N], da[N], db[N];
-        Vec16<T>::load(a + run_offset(e, inner_a, span_a), x);
-        Vec16<T>::load(b + run_offset(e, inner_b, span_b), y);
+        load_operand(a, e, inner_a, span_a, x);
+        load_operand(b, e, inner_b, span_b, y);
         Vec16<T>::load(g + i * N, d);
 #pragma unroll
         for (int k = 0; k < N; ++k) binary_backward(op, x[k], y[k], d[k], &da[k], &db[k]);

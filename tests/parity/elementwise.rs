@@ -132,11 +132,11 @@ fn compare_and_cast_match_the_cpu() {
 
 /// Shapes the 16-byte vector kernels take (whole vectors of f32 and of bf16: 192, 120 and 160
 /// elements; 12 elements: f32 only), through the same parity as the random shapes above, which
-/// are mostly too small or odd for them: unary, binary (same shapes, and an input broadcast along
-/// one run of axes) and scalar forms, forward and backward.
+/// are mostly too small or odd for them: unary, binary (same shapes, an input broadcast along one
+/// run of axes, and one constant along the trailing axes) and scalar forms, forward and backward.
 #[test]
 fn vector_kernels_match_the_cpu_on_whole_vectors() {
-    use mvar::cuda::ops::elementwise::vector_width;
+    use mvar::cuda::ops::elementwise::{vector_read, vector_width, VectorRead};
     use mvar::cuda::BufferKind;
     if gpu().is_none() {
         return;
@@ -187,6 +187,38 @@ fn vector_kernels_match_the_cpu_on_whole_vectors() {
                         op.name(),
                         |_, x| ops::binary(&x[0], &x[1], op),
                         &[randn(shapes[0], seed), b],
+                    )?;
+                }
+            }
+            // An input constant along the trailing axes (a per-head scale [1, H, 1, 1], a value
+            // per row [A, 1]): read as one element per vector (`VectorRead::Repeat`) where the
+            // constant tail is whole vectors, on either side.
+            let mut repeated = vec![vec![s[0]; 1]];
+            repeated[0].extend(std::iter::repeat_n(1, s.len() - 1));
+            if s.len() >= 3 {
+                let mut head = vec![1; s.len()];
+                head[1] = s[1];
+                repeated.push(head);
+            }
+            for (j, other) in repeated.iter().enumerate() {
+                let f32_repeat = vector_read(other, s, 4);
+                if s.last() != Some(&3) {
+                    assert!(
+                        matches!(f32_repeat, Some(VectorRead::Repeat { .. })),
+                        "{other:?} over {s:?}: {f32_repeat:?}"
+                    );
+                }
+                let shapes = if j == 0 { [other, s] } else { [s, other] };
+                for op in BINARY {
+                    let b = if op == BinaryOp::Div {
+                        away_from_zero(shapes[1], seed ^ 2, false)
+                    } else {
+                        randn(shapes[1], seed ^ 2)
+                    };
+                    parity(
+                        op.name(),
+                        |_, x| ops::binary(&x[0], &x[1], op),
+                        &[randn(shapes[0], seed ^ 3), b],
                     )?;
                 }
             }

@@ -93,10 +93,74 @@ fn binary_vector_plan(
     let Some(w) = vector_width(kind, n, ptrs) else {
         return (None, [0; 4]);
     };
-    match (vector_run(a, out, w), vector_run(b, out, w)) {
-        (Some((ia, sa)), Some((ib, sb))) => (Some(w), [ia as i64, sa as i64, ib as i64, sb as i64]),
+    match (vector_read(a, out, w), vector_read(b, out, w)) {
+        (Some(ra), Some(rb)) => {
+            let ([ia, sa], [ib, sb]) = (ra.kernel_args(), rb.kernel_args());
+            (Some(w), [ia, sa, ib, sb])
+        }
         _ => (None, [0; 4]),
     }
+}
+
+/// How the vector kernels read one input of a binary op (`load_operand` in elementwise.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VectorRead {
+    /// In the output's element order: vector e at e.
+    Same,
+    /// Broadcast along one run of axes ([`vector_run`]): vector e at (e / span) * inner + e % inner.
+    Run { inner: usize, span: usize },
+    /// Constant along the last `inner` output elements (whole vectors), varying along one run of
+    /// `span` elements before them, broadcast before that: the one element (e / inner) % span
+    /// for the whole vector.
+    Repeat { inner: usize, span: usize },
+}
+
+impl VectorRead {
+    /// The kernel's (inner, span) pair: (0, 0), (inner, span), or (-inner, span) for Repeat.
+    fn kernel_args(self) -> [i64; 2] {
+        match self {
+            VectorRead::Same => [0, 0],
+            VectorRead::Run { inner, span } => [inner as i64, span as i64],
+            VectorRead::Repeat { inner, span } => [-(inner as i64), span as i64],
+        }
+    }
+}
+
+/// [`vector_run`], or where that finds nothing, the [`VectorRead::Repeat`] form: the input's
+/// broadcast axes are the trailing ones (their elements a whole number of `per`-element vectors)
+/// and possibly a leading run, with the axes it varies along in one run between.
+pub fn vector_read(input: &[usize], out: &[usize], per: usize) -> Option<VectorRead> {
+    if let Some((inner, span)) = vector_run(input, out, per) {
+        return Some(if inner == 0 {
+            VectorRead::Same
+        } else {
+            VectorRead::Run { inner, span }
+        });
+    }
+    let pad = out.len().checked_sub(input.len())?;
+    let dim = |k: usize| if k < pad { 1 } else { input[k - pad] };
+    if (0..out.len()).any(|k| dim(k) != out[k] && dim(k) != 1) {
+        return None;
+    }
+    // Output axes of extent 1 move no index; of the others, true where the input varies.
+    let varies: Vec<(usize, bool)> = (0..out.len())
+        .filter(|&k| out[k] != 1)
+        .map(|k| (k, dim(k) != 1))
+        .collect();
+    // Broadcast at the end, varying in one run before that, broadcast before that.
+    let n = varies.len();
+    let tail = varies.iter().rev().take_while(|(_, v)| !v).count();
+    if tail == 0 {
+        return None;
+    }
+    let head = varies[..n - tail].iter().take_while(|(_, v)| !v).count();
+    let middle = &varies[head..n - tail];
+    if middle.iter().any(|(_, v)| !v) {
+        return None;
+    }
+    let inner: usize = out[varies[n - tail].0..].iter().product();
+    let span: usize = middle.iter().map(|&(k, _)| out[k]).product();
+    (inner > 0 && inner.is_multiple_of(per)).then_some(VectorRead::Repeat { inner, span })
 }
 
 /// How the vector kernels read a binary input of shape `input` broadcast to `out`: (0, 0) when
@@ -637,5 +701,43 @@ mod tests {
         assert_eq!(vector_run(&[6], &[4, 6], 4), None);
         assert_eq!(vector_run(&[1, 5, 1, 8], &[2, 5, 3, 8], 4), None);
         assert_eq!(vector_run(&[1], &[4, 8], 4), None);
+    }
+
+    #[test]
+    fn inputs_constant_along_trailing_axes_repeat_one_element_per_vector() {
+        use VectorRead::{Repeat, Run, Same};
+        assert_eq!(vector_read(&[4, 8], &[4, 8], 4), Some(Same));
+        assert_eq!(
+            vector_read(&[2, 1, 16], &[2, 5, 16], 8),
+            Some(Run {
+                inner: 16,
+                span: 80
+            })
+        );
+        // A per-head scale [1, H, 1, 1] over [B, H, T, D]: (e / (T * D)) % H.
+        assert_eq!(
+            vector_read(&[1, 16, 1, 1], &[32, 16, 255, 64], 8),
+            Some(Repeat {
+                inner: 255 * 64,
+                span: 16
+            })
+        );
+        // A value per row, and a scalar.
+        assert_eq!(
+            vector_read(&[4, 1], &[4, 8], 4),
+            Some(Repeat { inner: 8, span: 4 })
+        );
+        assert_eq!(
+            vector_read(&[1], &[4, 8], 4),
+            Some(Repeat { inner: 32, span: 1 })
+        );
+        // Size-1 output axes do not split the runs.
+        assert_eq!(
+            vector_read(&[1, 3, 1, 2, 1, 1], &[5, 3, 1, 2, 1, 8], 8),
+            Some(Repeat { inner: 8, span: 6 })
+        );
+        // Too few elements in the constant tail; varying in two runs.
+        assert_eq!(vector_read(&[4, 1], &[4, 6], 4), None);
+        assert_eq!(vector_read(&[3, 1, 2, 1], &[3, 5, 2, 8], 4), None);
     }
 }

@@ -52,6 +52,14 @@ fn randn_b(shape: &[usize], seed: u64) -> Tensor {
     bf16_exact(randn(shape, seed))
 }
 
+/// Like [`randn_b`] but around 1 (N(1, 1), rounded to bf16) for the sum tests: a sum of n
+/// such values is about n, while a sum of N(0, 1) values can cancel to nearly 0, where the
+/// f32 rounding of a correct kernel (the CPU reference adds in f64) is large relative to the
+/// result, and a relative tolerance fails by chance (seen once in 2026-12 on [1, 1415]).
+fn randn_b_around_one(shape: &[usize], seed: u64) -> Tensor {
+    bf16_exact(ops::affine(&randn(shape, seed), 1.0, 1.0).expect("offset"))
+}
+
 /// A random permutation of the element indices, from a simple LCG (reproducible per seed).
 fn permutation(count: usize, seed: u64) -> Vec<usize> {
     let mut p: Vec<usize> = (0..count).collect();
@@ -115,7 +123,7 @@ proptest! {
 
     #[test]
     fn sum_over_long_axes(s in long_rows(), seed in any::<u64>()) {
-        let x = randn_b(&s, seed);
+        let x = randn_b_around_one(&s, seed);
         // axis 1: one block per row; axis 0: one thread per column looping over the rows.
         parity("sum rows", |_, x| ops::sum(&x[0], 1, false), std::slice::from_ref(&x))?;
         parity("sum cols", |_, x| ops::sum(&x[0], 0, false), &[x.reshape([s[1], s[0]]).unwrap()])?;
@@ -123,7 +131,7 @@ proptest! {
 
     #[test]
     fn sum_over_very_long_axes(s in very_long_rows(), seed in any::<u64>()) {
-        let x = randn_b(&s, seed);
+        let x = randn_b_around_one(&s, seed);
         parity("sum rows", |_, x| ops::sum(&x[0], 1, false), std::slice::from_ref(&x))?;
         parity("sum_all", |_, x| ops::sum_all(&x[0]), &[x])?;
     }
@@ -131,7 +139,7 @@ proptest! {
     #[test]
     fn sum_over_columns(s in column_blocks(), slabs in 1usize..3, seed in any::<u64>()) {
         // [slabs, n, c] summed over n: tiles of 32 columns per slab, chunks of the n axis.
-        let x = randn_b(&[slabs, s[0], s[1]], seed);
+        let x = randn_b_around_one(&[slabs, s[0], s[1]], seed);
         parity("sum cols", |_, x| ops::sum(&x[0], 1, false), &[x])?;
     }
 

@@ -466,6 +466,29 @@ fn nn(c: &mut Criterion) {
                 });
             }
         }
+        // The drop-path of a residual branch at MVAR-d16's segment of scales 0..8, batch 32
+        // ([32, 255, 1024] bf16, a decision per sample), and beside it the per-element mask kernel
+        // it ran in before 2026-12-04 (MVAR_EW_KERNEL=scalar).
+        if d.is_cuda() {
+            let branch = randn(&[32, 255, 1024], DType::BF16, &d, 9);
+            for (variant, value) in [("", "vector"), (" per-element", "scalar")] {
+                with_kernel_env("MVAR_EW_KERNEL", value, || {
+                    g.throughput(Throughput::Bytes(bytes(
+                        2 * branch.elem_count(),
+                        DType::BF16,
+                    )));
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{t}/drop_path{variant} [32,255,1024] bf16"),
+                        || {
+                            ops::drop_path(&branch, 0.1, &mut mvar::engine::Generator::new(1))
+                                .unwrap();
+                        },
+                    );
+                });
+            }
+        }
         let logits = randn(&[2 * 680, 4096], DType::F32, &d, 2);
         let targets = Tensor::from_vec(
             (0..2 * 680)
@@ -507,6 +530,48 @@ fn nn(c: &mut Criterion) {
 /// references at a smaller one.
 fn attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention");
+    // VAR's query/key normalisation at MVAR-d16's segment of scales 0..8, batch 32 (rows of one
+    // 64-element head, bf16), forward and forward + backward, and beside them the block-per-row
+    // kernel they ran in before 2026-12-04 (MVAR_LN_KERNEL=block).
+    for d in devices().into_iter().filter(|d| d.is_cuda()) {
+        let t = tag(&d);
+        let heads = randn(&[32, 16, 255, 64], DType::BF16, &d, 7);
+        let leaf = heads.with_grad().unwrap();
+        let dy = randn(&[32, 16, 255, 64], DType::BF16, &d, 8);
+        for (variant, value) in [("", "auto"), (" block-per-row", "block")] {
+            with_kernel_env("MVAR_LN_KERNEL", value, || {
+                g.throughput(Throughput::Bytes(bytes(
+                    2 * heads.elem_count(),
+                    DType::BF16,
+                )));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/l2_normalize heads{variant} fwd [32,16,255,64] bf16"),
+                    || {
+                        mvar::engine::with_no_grad(|| ops::l2_normalize(&heads, 1e-12).unwrap());
+                    },
+                );
+                // Forward (read, write), backward (read x and dy, write dx).
+                g.throughput(Throughput::Bytes(bytes(
+                    5 * heads.elem_count(),
+                    DType::BF16,
+                )));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/l2_normalize heads{variant} fwd+bwd [32,16,255,64] bf16"),
+                    || {
+                        leaf.zero_grad();
+                        ops::l2_normalize(&leaf, 1e-12)
+                            .unwrap()
+                            .backward_with(dy.clone())
+                            .unwrap();
+                    },
+                );
+            });
+        }
+    }
     // The fused neighbourhood attention on the GPU at MVAR's shapes: [B, 16, X, X, 64] bf16,
     // k = 7. Bytes: q, k, v and out once for the forward; for forward + backward also dO, dq, dk
     // and dv once and q, k, v and out again (12 tensors), so GB/s against the HBM peak is the

@@ -331,6 +331,26 @@ def main():
                timed(lambda: F.layer_norm(big, (1024,), eps=1e-6)), nbytes=2 * big.numel() * size[dt])
     logits = torch.randn(2 * 680, 4096, device=dev)
     targets = torch.arange(2 * 680, device=dev) * 31 % 4096
+    heads = torch.randn(32, 16, 255, 64, device=dev, dtype=torch.bfloat16)
+    leaf = heads.detach().requires_grad_()
+    dy = torch.randn_like(heads)
+    report("attention", "cuda/l2_normalize heads fwd [32,16,255,64] bf16",
+           timed(lambda: F.normalize(heads, dim=-1, eps=1e-12)), nbytes=2 * heads.numel() * 2)
+
+    def l2_fwd_bwd():
+        leaf.grad = None
+        F.normalize(leaf, dim=-1, eps=1e-12).backward(dy)
+
+    report("attention", "cuda/l2_normalize heads fwd+bwd [32,16,255,64] bf16", timed(l2_fwd_bwd),
+           nbytes=5 * heads.numel() * 2)
+    branch = torch.randn(32, 255, 1024, device=dev, dtype=torch.bfloat16)
+
+    def drop_path():
+        # timm's drop_path: a Bernoulli decision per sample, the kept ones scaled by 1 / keep.
+        keep = branch.new_empty(32, 1, 1).bernoulli_(0.9).div_(0.9)
+        return branch * keep
+
+    report("nn", "cuda/drop_path [32,255,1024] bf16", timed(drop_path), nbytes=2 * branch.numel() * 2)
     report("nn", "cuda/cross_entropy [1360,4096] f32",
            timed(lambda: F.cross_entropy(logits, targets, reduction="none")), nbytes=logits.numel() * 4)
     img = torch.randn(4, 128, 64, 64, device=dev)

@@ -20,6 +20,11 @@
 //   shared memory, no __syncthreads), so global memory sees one read and one write per element,
 //   as in a copy. The block kernel reads each row three times and synchronises the block four
 //   times per row.
+// - l2_normalize_{fwd,bwd}_g<G> (tuned, for rows of at most G 16-byte vectors, G in 4, 8, 16,
+//   32): a group of G lanes per row, 32 / G rows a warp, L2_GROUP_WARPS warps a block; lane j of
+//   a group holds vector j of its row (read once, 16-byte loads), and the row's sums meet through
+//   xor shuffles inside the group. Attention heads are short rows (64 elements: 8 bf16 vectors),
+//   where the block kernel ran one block of 64 threads per row with two block-wide reductions.
 // - group_norm_bwd_params: dweight[c] = sum(g * xhat) and dbias[c] = sum(g) reduce over samples
 //   and positions, which is across rows. A second kernel computes them with one block per channel
 //   (threads stride the N * S elements of the channel, block_sum combines), so each output has
@@ -262,6 +267,103 @@ __device__ void l2_normalize_bwd_impl(T* dx, const T* x, const T* g, const float
         }
     }
 }
+
+#define L2_GROUP_WARPS 4
+
+// Sum over the G lanes of an aligned group (G a power of two up to 32); every lane gets it.
+template <int G>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The row of this lane's group and the lane's vector in it, for the group kernels; `base` is the
+// warp's first row (warp-uniform, so loops over it keep every lane for the shuffles).
+#define L2_GROUP_LOOP(G, base)                                                              \
+    for (i64 base = ((i64)blockIdx.x * L2_GROUP_WARPS + (threadIdx.x >> 5)) * (32 / G); base < rows; \
+         base += (i64)gridDim.x * L2_GROUP_WARPS * (32 / G))
+
+template <typename T, int G>
+__device__ void l2_normalize_fwd_group_impl(T* y, float* norms, const T* x, i64 rows, i64 d, float eps) {
+    constexpr int N = Vec16<T>::N;
+    const int lane = threadIdx.x & 31, c = lane % G;
+    const i64 vecs = d / N;
+    L2_GROUP_LOOP(G, base) {
+        const i64 r = base + lane / G;
+        const bool ok = r < rows && c < vecs;
+        float v[N];
+        float ss = 0.0f;
+        if (ok) {
+            Vec16<T>::load(x + r * d + (i64)c * N, v);
+#pragma unroll
+            for (int k = 0; k < N; ++k) ss += v[k] * v[k];
+        }
+        const float norm = sqrtf(group_sum<G>(ss));
+        const float denom = fmaxf(norm, eps);
+        if (ok) {
+#pragma unroll
+            for (int k = 0; k < N; ++k) v[k] = v[k] / denom;
+            Vec16<T>::store(y + r * d + (i64)c * N, v);
+        }
+        if (r < rows && c == 0) norms[r] = norm;
+    }
+}
+
+template <typename T, int G>
+__device__ void l2_normalize_bwd_group_impl(T* dx, const T* x, const T* g, const float* norms, i64 rows, i64 d,
+                                            float eps) {
+    constexpr int N = Vec16<T>::N;
+    const int lane = threadIdx.x & 31, c = lane % G;
+    const i64 vecs = d / N;
+    L2_GROUP_LOOP(G, base) {
+        const i64 r = base + lane / G;
+        const bool ok = r < rows && c < vecs;
+        const float norm = r < rows ? norms[r] : 1.0f;
+        float xv[N], gv[N];
+        float dot = 0.0f;
+        if (ok) {
+            Vec16<T>::load(x + r * d + (i64)c * N, xv);
+            Vec16<T>::load(g + r * d + (i64)c * N, gv);
+#pragma unroll
+            for (int k = 0; k < N; ++k) dot += xv[k] / norm * gv[k];
+        }
+        // Every lane shuffles; a row whose norm is below eps ignores the sum (the branch is per
+        // row, so it may differ between the groups of a warp).
+        dot = group_sum<G>(dot);
+        if (ok) {
+            if (norm >= eps) {
+#pragma unroll
+                for (int k = 0; k < N; ++k) gv[k] = (gv[k] - xv[k] / norm * dot) / norm;
+            } else {
+                // The denominator was the constant eps: no dependence through the norm.
+#pragma unroll
+                for (int k = 0; k < N; ++k) gv[k] = gv[k] / eps;
+            }
+            Vec16<T>::store(dx + r * d + (i64)c * N, gv);
+        }
+    }
+}
+
+#define L2_GROUP_KERNELS(T, S, G)                                                                  \
+    extern "C" __global__ void __launch_bounds__(L2_GROUP_WARPS * 32)                              \
+        l2_normalize_fwd_g##G##_##S(T* y, float* norms, const T* x, i64 rows, i64 d, float eps) {  \
+        l2_normalize_fwd_group_impl<T, G>(y, norms, x, rows, d, eps);                              \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(L2_GROUP_WARPS * 32)                              \
+        l2_normalize_bwd_g##G##_##S(T* dx, const T* x, const T* g, const float* norms, i64 rows,   \
+                                    i64 d, float eps) {                                            \
+        l2_normalize_bwd_group_impl<T, G>(dx, x, g, norms, rows, d, eps);                          \
+    }
+
+L2_GROUP_KERNELS(float, f32, 4)
+L2_GROUP_KERNELS(float, f32, 8)
+L2_GROUP_KERNELS(float, f32, 16)
+L2_GROUP_KERNELS(float, f32, 32)
+L2_GROUP_KERNELS(bf16_t, bf16, 4)
+L2_GROUP_KERNELS(bf16_t, bf16, 8)
+L2_GROUP_KERNELS(bf16_t, bf16, 16)
+L2_GROUP_KERNELS(bf16_t, bf16, 32)
 
 #define LN_WARP_KERNEL(T, S, VPL)                                                                   \
     extern "C" __global__ void __launch_bounds__(LN_WARP_ROWS * 32)                                 \

@@ -14,8 +14,10 @@
 // element i uses decision i / group (group = 1 for dropout, the per-sample element count for
 // drop-path).
 // Parallel decomposition: keep_mask runs one thread per Philox block (it writes up to four mask
-// bytes, the last block may be partial); mask_scale runs one thread per element. Grid-stride
-// loops, 256 threads a block, no shared memory, no atomics.
+// bytes, the last block may be partial); mask_scale runs one thread per element, or, where a
+// group is a whole number of 16-byte vectors at aligned addresses (drop-path's samples),
+// mask_scale_vec one thread per vector. Grid-stride loops, 256 threads a block, no shared
+// memory, no atomics.
 // Numerics: out = x * scale in f32 (bf16 widened on load, rounded once on store); dropped
 // elements are exactly 0, whatever x holds (the CPU's choice too, so NaNs do not leak through).
 
@@ -56,11 +58,38 @@ extern "C" __global__ void keep_mask(u8* mask, i64 n, unsigned long long seed,
     }
 }
 
+// The decision of element e: e / group, in 32 bits where both fit (the GPU divides 64-bit
+// integers in software).
+__device__ __forceinline__ i64 mask_decision(i64 e, i64 group) {
+    if (e <= 0xffffffffLL && group <= 0xffffffffLL) return (i64)((unsigned int)e / (unsigned int)group);
+    return e / group;
+}
+
 template <typename T>
 __device__ void mask_scale_impl(T* out, const T* x, const u8* mask, i64 n, i64 group, float scale) {
     GRID_STRIDE(i, n) {
-        float r = mask[i / group] ? Io<T>::load(x, i) * scale : 0.0f;
+        float r = mask[mask_decision(i, group)] ? Io<T>::load(x, i) * scale : 0.0f;
         Io<T>::store(out, i, r);
+    }
+}
+
+// The tuned variant for groups of whole 16-byte vectors (drop-path: a decision per sample): one
+// thread per vector, which shares one decision. i counts vectors of N elements.
+template <typename T>
+__device__ void mask_scale_vec_impl(T* out, const T* x, const u8* mask, i64 nvec, i64 group, float scale) {
+    constexpr int N = Vec16<T>::N;
+    GRID_STRIDE(i, nvec) {
+        float v[N];
+        const bool keep = mask[mask_decision(i * N, group)] != 0;
+        if (keep) {
+            Vec16<T>::load(x + i * N, v);
+#pragma unroll
+            for (int k = 0; k < N; ++k) v[k] *= scale;
+        } else {
+#pragma unroll
+            for (int k = 0; k < N; ++k) v[k] = 0.0f;
+        }
+        Vec16<T>::store(out + i * N, v);
     }
 }
 
@@ -68,6 +97,10 @@ __device__ void mask_scale_impl(T* out, const T* x, const u8* mask, i64 n, i64 g
     extern "C" __global__ void mask_scale_##S(T* out, const T* x, const u8* mask, i64 n, i64 group, \
                                              float scale) {                                         \
         mask_scale_impl<T>(out, x, mask, n, group, scale);                                          \
+    }                                                                                               \
+    extern "C" __global__ void mask_scale_vec_##S(T* out, const T* x, const u8* mask, i64 nvec,     \
+                                                 i64 group, float scale) {                          \
+        mask_scale_vec_impl<T>(out, x, mask, nvec, group, scale);                                   \
     }
 
 MASK_KERNELS(float, f32)

@@ -267,6 +267,28 @@ proptest! {
     }
 }
 
+/// Rows of whole 16-byte vectors, at most 32 of them (attention heads: 64 elements), run in the
+/// grouped l2_normalize kernels (a group of lanes per row, several rows a warp): every group
+/// size, row counts that leave a warp's last groups without a row, and both branches of eps.
+#[test]
+fn l2_normalize_grouped_rows() {
+    use mvar::cuda::ops::norm::l2_normalize_group;
+    for (i, d) in [8usize, 16, 24, 64, 128, 256].into_iter().enumerate() {
+        // bf16 rows of d elements hold d / 8 vectors: 4, 4, 4, 8, 16, 32 lanes.
+        assert!(l2_normalize_group(d, 2, &[0]).is_some(), "bf16 {d}");
+        for rows in [1usize, 15, 33] {
+            for eps in [1e-12, 1e3] {
+                parity(
+                    &format!("l2_normalize [{rows}, {d}] eps {eps}"),
+                    |_, x| ops::l2_normalize(&x[0], eps),
+                    &[randn_b(&[rows, d], 900 + i as u64)],
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
 /// One-element groups (one channel per group, no spatial extent): dx is exactly 0 while rstd is
 /// 1 / sqrt(eps) = 1000, so a g * w rounded differently in the kernel's two passes (fused into an
 /// FMA in one of them, as the GPU compiler may) shows magnified a thousandfold. The emulator builds

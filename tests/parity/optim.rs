@@ -204,6 +204,25 @@ proptest! {
     }
 }
 
+/// Drop-path over samples of whole 16-byte vectors (48 and 1024 elements per sample, as in a
+/// transformer's [B, L, C]) runs in the vector kernel, one decision per vector; 12 elements per
+/// sample take it for f32 (3 vectors) but not for bf16 (8 per vector).
+#[test]
+fn drop_path_over_whole_vectors_matches_the_cpu() {
+    for (i, shape) in [[7usize, 3, 16], [5, 4, 256], [9, 3, 4]].iter().enumerate() {
+        for p in [0.3, 0.7] {
+            let seed = 40 + i as u64;
+            let x = randn(shape, seed);
+            parity(
+                &format!("drop_path {shape:?} p {p}"),
+                |_, x| ops::drop_path(&x[0], p, &mut Generator::new(seed)),
+                std::slice::from_ref(&x),
+            )
+            .unwrap();
+        }
+    }
+}
+
 #[test]
 fn adamw_reads_bf16_gradients() {
     let Some(gpu) = gpu() else { return };

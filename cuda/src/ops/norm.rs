@@ -336,7 +336,43 @@ pub fn group_norm_backward(
     Ok((dx, dw, db))
 }
 
-/// x / max(||x||, eps) over d for `x` [rows, d]. Returns (y, norms) with norms f32 [rows].
+/// Warps per block of the grouped l2_normalize kernels (`L2_GROUP_WARPS` in norm.cu).
+const L2_GROUP_WARPS: usize = 4;
+
+/// Lanes per row of the grouped l2_normalize kernels for rows of `d` elements of `elem_bytes`
+/// bytes at addresses `ptrs`: the row's 16-byte vectors rounded up to a power of two, at least
+/// 4, at most 32; None where they do not apply (d not a whole number of vectors, more than 32 of
+/// them, a buffer not 16-byte aligned) or `MVAR_LN_KERNEL=block` asks for the block kernels.
+pub fn l2_normalize_group(d: usize, elem_bytes: usize, ptrs: &[u64]) -> Option<usize> {
+    let per_vec = 16 / elem_bytes;
+    if LayerNormKernel::from_env() == LayerNormKernel::Block
+        || d == 0
+        || !d.is_multiple_of(per_vec)
+        || ptrs.iter().any(|p| !p.is_multiple_of(16))
+    {
+        return None;
+    }
+    let lanes = (d / per_vec).next_power_of_two().max(4);
+    (lanes <= 32).then_some(lanes)
+}
+
+/// The launch of a grouped l2_normalize kernel: `32 / lanes` rows a warp.
+fn l2_group_launch(rows: usize, lanes: usize) -> LaunchConfig {
+    let rows_per_block = L2_GROUP_WARPS * (32 / lanes);
+    LaunchConfig {
+        grid_dim: (
+            rows.div_ceil(rows_per_block).clamp(1, MAX_BLOCKS) as u32,
+            1,
+            1,
+        ),
+        block_dim: ((L2_GROUP_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// x / max(||x||, eps) over d for `x` [rows, d]. Returns (y, norms) with norms f32 [rows]. Rows
+/// of up to 32 16-byte vectors (attention heads) run in the grouped kernels, a group of lanes
+/// per row; others (and all with `MVAR_LN_KERNEL=block`) in the block-per-row kernel.
 pub fn l2_normalize_forward(
     dev: &CudaDevice,
     x: &CudaBuffer,
@@ -353,13 +389,24 @@ pub fn l2_normalize_forward(
     if total == 0 {
         return Ok((y, norms));
     }
-    let f = dev.function(&NORM, &format!("l2_normalize_fwd_{}", kind.suffix()))?;
     let (py, pn, px) = (y.device_ptr(), norms.device_ptr(), x.device_ptr());
+    let (name, cfg) = match l2_normalize_group(d, kind.size_in_bytes(), &[py, px]) {
+        Some(g) => (
+            format!("l2_normalize_fwd_g{g}_{}", kind.suffix()),
+            l2_group_launch(rows, g),
+        ),
+        None => (
+            format!("l2_normalize_fwd_{}", kind.suffix()),
+            row_launch(rows, d),
+        ),
+    };
+    let f = dev.function(&NORM, &name)?;
     let (r, dd) = (rows as i64, d as i64);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&py).arg(&pn).arg(&px).arg(&r).arg(&dd).arg(&eps);
-    // SAFETY: x and y hold rows * d elements of `kind`, norms rows f32s.
-    unsafe { b.launch(row_launch(rows, d)) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
+    // SAFETY: x and y hold rows * d elements of `kind`, norms rows f32s; the grouped kernel's
+    // 16-byte accesses stay inside rows whose length and addresses were checked above.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
     Ok((y, norms))
 }
 
@@ -382,13 +429,23 @@ pub fn l2_normalize_backward(
     if total == 0 {
         return Ok(dx);
     }
-    let f = dev.function(&NORM, &format!("l2_normalize_bwd_{}", kind.suffix()))?;
     let (pd, px, pg, pn) = (
         dx.device_ptr(),
         x.device_ptr(),
         g.device_ptr(),
         norms.device_ptr(),
     );
+    let (name, cfg) = match l2_normalize_group(d, kind.size_in_bytes(), &[pd, px, pg]) {
+        Some(lanes) => (
+            format!("l2_normalize_bwd_g{lanes}_{}", kind.suffix()),
+            l2_group_launch(rows, lanes),
+        ),
+        None => (
+            format!("l2_normalize_bwd_{}", kind.suffix()),
+            row_launch(rows, d),
+        ),
+    };
+    let f = dev.function(&NORM, &name)?;
     let (r, dd) = (rows as i64, d as i64);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&pd)
@@ -398,8 +455,9 @@ pub fn l2_normalize_backward(
         .arg(&r)
         .arg(&dd)
         .arg(&eps);
-    // SAFETY: x, g and dx hold rows * d elements of `kind`, norms rows f32s.
-    unsafe { b.launch(row_launch(rows, d)) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
+    // SAFETY: x, g and dx hold rows * d elements of `kind`, norms rows f32s; as in the forward
+    // for the grouped kernel.
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
     Ok(dx)
 }
 
@@ -425,6 +483,22 @@ mod tests {
             ..s
         };
         assert!(huge.plan("t").is_err());
+    }
+
+    #[test]
+    fn grouped_l2_normalize_takes_rows_of_at_most_32_aligned_vectors() {
+        // bf16: 8 per vector. A head of 64: 8 lanes; short rows still get 4.
+        assert_eq!(l2_normalize_group(64, 2, &[256, 512]), Some(8));
+        assert_eq!(l2_normalize_group(8, 2, &[0]), Some(4));
+        assert_eq!(l2_normalize_group(24, 2, &[0]), Some(4));
+        assert_eq!(l2_normalize_group(40, 2, &[0]), Some(8));
+        assert_eq!(l2_normalize_group(256, 2, &[0]), Some(32));
+        assert_eq!(l2_normalize_group(264, 2, &[0]), None);
+        // f32: 4 per vector.
+        assert_eq!(l2_normalize_group(64, 4, &[0]), Some(16));
+        assert_eq!(l2_normalize_group(6, 4, &[0]), None);
+        assert_eq!(l2_normalize_group(64, 4, &[8]), None);
+        assert_eq!(l2_normalize_group(0, 4, &[0]), None);
     }
 
     #[test]

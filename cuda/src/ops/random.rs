@@ -6,6 +6,7 @@ use cudarc::driver::PushKernelArg;
 use crate::buffer::{BufferKind, CudaBuffer};
 use crate::device::{launch_1d, launch_err};
 use crate::kernels::RANDOM;
+use crate::ops::elementwise::{vector_kernels_enabled, vector_width};
 use crate::ops::float_kind;
 use crate::{CudaDevice, CudaError};
 
@@ -113,18 +114,22 @@ pub fn mask_scale(
     if n == 0 {
         return Ok(out);
     }
-    let f = dev.function(&RANDOM, &format!("mask_scale_{}", kind.suffix()))?;
-    let (po, px, pm, nn, gg) = (
-        out.device_ptr(),
-        x.device_ptr(),
-        mask.device_ptr(),
-        n as i64,
-        group as i64,
-    );
+    let (po, px, pm) = (out.device_ptr(), x.device_ptr(), mask.device_ptr());
+    // Whole vectors per group: one thread and one decision per 16 bytes (the per-element kernel
+    // is the reference variant, `MVAR_EW_KERNEL=scalar`).
+    let width = vector_width(kind, n, &[po, px])
+        .filter(|&w| group.is_multiple_of(w) && vector_kernels_enabled());
+    let (name, items) = match width {
+        Some(w) => (format!("mask_scale_vec_{}", kind.suffix()), n / w),
+        None => (format!("mask_scale_{}", kind.suffix()), n),
+    };
+    let f = dev.function(&RANDOM, &name)?;
+    let (nn, gg) = (items as i64, group as i64);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po).arg(&px).arg(&pm).arg(&nn).arg(&gg).arg(&scale);
-    // SAFETY: out and x hold n elements of `kind`; (n - 1) / group < mask.len() (checked above).
-    unsafe { b.launch(launch_1d(n, THREADS)) }
+    // SAFETY: out and x hold n elements of `kind` (n / w aligned vectors for the vector kernel);
+    // (n - 1) / group < mask.len() (checked above).
+    unsafe { b.launch(launch_1d(items, THREADS)) }
         .map_err(launch_err(OP, format!("{n} elements, group {group}")))?;
     Ok(out)
 }

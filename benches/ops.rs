@@ -872,23 +872,43 @@ fn spatial(c: &mut Criterion) {
     let ng = no_grad();
     let mut g = c.benchmark_group("spatial");
     // The tokenizer decoder's commonest convolution at full resolution (160 -> 160 channels, 3x3,
-    // 256x256, bf16 as sampling runs it under autocast), batch 8. Inputs filled on the device
-    // (670 MB).
+    // 256x256, bf16 as sampling runs it under autocast), batch 8, and its last one (160 -> 3,
+    // "to rgb"), whose GEMM is thin enough that building the columns dominates; then forward +
+    // backward at 64x64 (the gradient tiles and col2im). Each beside the per-element column
+    // kernels (MVAR_EW_KERNEL=scalar), the reference variant of the vector ones (2026-12-05).
+    // The input is filled on the device (168 MB).
     for d in devices().into_iter().filter(|d| d.is_cuda()) {
         let _ng = no_grad();
         let x = filled(&[8, 160, 256, 256], DType::BF16, &d, 0.5);
         let w = randn(&[160, 160, 3, 3], DType::BF16, &d, 5);
         let b = randn(&[160], DType::BF16, &d, 6);
-        g.throughput(Throughput::Elements(2 * 8 * 160 * 160 * 9 * 256 * 256));
-        let run = || {
-            ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap();
-        };
-        bench(
-            &mut g,
-            &d,
-            "cuda/conv2d 3x3 [8,160,256,256] bf16 fwd (FLOPs)".into(),
-            run,
-        );
+        let w_rgb = randn(&[3, 160, 3, 3], DType::BF16, &d, 7);
+        let b_rgb = randn(&[3], DType::BF16, &d, 8);
+        for (variant, env) in [("", "vector"), (" per-element", "scalar")] {
+            with_kernel_env("MVAR_EW_KERNEL", env, || {
+                g.throughput(Throughput::Elements(2 * 8 * 160 * 160 * 9 * 256 * 256));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("cuda/conv2d 3x3 [8,160,256,256] bf16 fwd{variant} (FLOPs)"),
+                    || {
+                        ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap();
+                    },
+                );
+                g.throughput(Throughput::Elements(2 * 8 * 3 * 160 * 9 * 256 * 256));
+                bench(
+                    &mut g,
+                    &d,
+                    format!(
+                        "cuda/conv2d 3x3 to rgb [8,160,256,256] -> 3 bf16 fwd{variant} (FLOPs)"
+                    ),
+                    || {
+                        ops::conv2d(&x, &w_rgb, Some(&b_rgb), (1, 1), ops::Padding::same(1))
+                            .unwrap();
+                    },
+                );
+            });
+        }
     }
     for d in devices() {
         let t = tag(&d);
@@ -955,6 +975,34 @@ fn spatial(c: &mut Criterion) {
         );
     }
     drop(ng);
+    for d in devices().into_iter().filter(|d| d.is_cuda()) {
+        let x = randn(&[8, 160, 64, 64], DType::BF16, &d, 9)
+            .with_grad()
+            .unwrap();
+        let w = randn(&[160, 160, 3, 3], DType::BF16, &d, 5)
+            .with_grad()
+            .unwrap();
+        let b = randn(&[160], DType::BF16, &d, 6).with_grad().unwrap();
+        for (variant, env) in [("", "vector"), (" per-element", "scalar")] {
+            with_kernel_env("MVAR_EW_KERNEL", env, || {
+                g.throughput(Throughput::Elements(3 * 2 * 8 * 160 * 160 * 9 * 64 * 64));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("cuda/conv2d 3x3 [8,160,64,64] bf16 fwd+bwd{variant} (FLOPs)"),
+                    || {
+                        [&x, &w, &b].iter().for_each(|l| l.zero_grad());
+                        ops::sum_all(
+                            &ops::conv2d(&x, &w, Some(&b), (1, 1), ops::Padding::same(1)).unwrap(),
+                        )
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    },
+                );
+            });
+        }
+    }
     // The demo tokenizer's commonest convolutions (32 channels at 32x32, 64 at 16x16 and 8x8), forward
     // and forward + backward (input, weight and bias gradients: 3x the forward's FLOPs). On the
     // CPU both algorithms: Winograd F(2x2, 3x3) (the default) and the im2col reference.

@@ -403,10 +403,26 @@ def main():
     xdec = torch.full((8, 160, 256, 256), 0.5, device=dev, dtype=torch.bfloat16)
     wdec = torch.randn(160, 160, 3, 3, device=dev, dtype=torch.bfloat16)
     bdec = torch.randn(160, device=dev, dtype=torch.bfloat16)
+    wrgb = torch.randn(3, 160, 3, 3, device=dev, dtype=torch.bfloat16)
+    brgb = torch.randn(3, device=dev, dtype=torch.bfloat16)
     with torch.no_grad():
         report("spatial", "cuda/conv2d 3x3 [8,160,256,256] bf16 fwd (FLOPs)",
                timed(lambda: F.conv2d(xdec, wdec, bdec, padding=1)), flops=2 * 8 * 160 * 160 * 9 * 256 * 256)
+        report("spatial", "cuda/conv2d 3x3 to rgb [8,160,256,256] -> 3 bf16 fwd (FLOPs)",
+               timed(lambda: F.conv2d(xdec, wrgb, brgb, padding=1)), flops=2 * 8 * 3 * 160 * 9 * 256 * 256)
     del xdec
+    x64 = torch.randn(8, 160, 64, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    wdec.requires_grad_(True)
+    bdec.requires_grad_(True)
+
+    def dec_conv_fwd_bwd():
+        for t in (x64, wdec, bdec):
+            t.grad = None
+        F.conv2d(x64, wdec, bdec, padding=1).sum().backward()
+
+    report("spatial", "cuda/conv2d 3x3 [8,160,64,64] bf16 fwd+bwd (FLOPs)", timed(dec_conv_fwd_bwd),
+           flops=3 * 2 * 8 * 160 * 160 * 9 * 64 * 64)
+    del x64
     report("spatial", "cuda/conv2d 3x3 stride 2 downsampler [2,64,64,64] f32 (FLOPs)",
            timed(lambda: F.conv2d(F.pad(xs, (0, 1, 0, 1)), wc, bc, stride=2)), flops=2 * 2 * 64 * 32 * 32 * 64 * 9)
     # The demo tokenizer's commonest conv and activation, forward and forward + backward (a sum

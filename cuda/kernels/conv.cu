@@ -25,6 +25,17 @@
 //
 // Parallel decomposition: one thread per element of what a kernel writes, grid-stride loops,
 // 256 threads a block (the bias gradient: a block per channel, grid-stride over channels).
+// The three copies of the column pipeline (im2col, conv_store, conv_tile_dy) also have vector
+// variants (`*_vec`), which the host picks when their rows are whole 16-byte vectors (see
+// tile_vector in cuda/src/ops/conv.rs; MVAR_EW_KERNEL=scalar keeps the per-element kernels, the
+// reference variant the benches time beside them): a thread writes N = 16 / sizeof(T)
+// consecutive positions of one row with one 16-byte store, and its index math (32-bit, the host
+// checks every index fits) runs once per vector instead of once per element. Their grid is 2-D:
+// x over the vectors of a row, y over rows (threadIdx.y picks one of several rows a block when a
+// row is short), so the (channel, tap) of a row is worked out once per row, not per element.
+// The column matrices these write are the largest buffers of a VQVAE step (the decoder's
+// [32, 160, 256, 256] 3x3 convs write 1440 rows of 65536 positions per image), and the
+// per-element kernels spent their time in 64-bit divisions, not in memory traffic.
 // Numerics: copies (im2col, conv_tile_dy, the upsampling forward) move raw bits. Sums are f32,
 // bf16 widened on load and rounded once on store; the accumulators of dx and dW are f32 for
 // both element types and the host rounds them to bf16 at the end.
@@ -85,6 +96,93 @@ __device__ void conv_tile_dy_impl(T* dyt, const T* dy, i64 total, i64 cout, i64 
         i64 co = rest % cout;
         i64 b = rest / cout;
         dyt[(co * nb + b) * t + j] = dy[((n0 + b) * cout + co) * p + p0 + j];
+    }
+}
+
+// The raw bits of a 16-byte vector of T.
+__device__ __forceinline__ Word16 pack_word(const float* v) {
+    return Word16{__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])};
+}
+__device__ __forceinline__ Word16 pack_word(const bf16_t* v) {
+    return Word16{(unsigned int)v[0] | ((unsigned int)v[1] << 16), (unsigned int)v[2] | ((unsigned int)v[3] << 16),
+                  (unsigned int)v[4] | ((unsigned int)v[5] << 16), (unsigned int)v[6] | ((unsigned int)v[7] << 16)};
+}
+
+// The row and the vector within it of this thread in the vector kernels' 2-D grid; false past
+// the row's end.
+__device__ __forceinline__ bool vec_coords(int per_row, int& jv) {
+    jv = blockIdx.x * blockDim.x + threadIdx.x;
+    return jv < per_row;
+}
+#define VEC_ROWS(row, rows) for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < (rows); row += blockDim.y * gridDim.y)
+
+// im2col with N = 16 / sizeof(T) positions a thread: cols[row, jv*N .. jv*N+N) with row = r*nb + b
+// (cols [K, nb, t], t a whole number of vectors). The positions of a vector may wrap onto the
+// next output row; the taps are read one element at a time (a window shifted by kx is not
+// 16-byte aligned in x), which the warp's neighbouring vectors coalesce.
+template <typename T>
+__device__ void im2col_vec_impl(T* cols, const T* x, ConvGeom g64, int n0, int nb, int p0, int t, int rows) {
+    constexpr int N = Vec16<T>::N;
+    const int per_row = t / N;
+    int jv;
+    if (!vec_coords(per_row, jv)) return;
+    const int cin = (int)g64.cin, h = (int)g64.h, w = (int)g64.w, kh = (int)g64.kh, kw = (int)g64.kw;
+    const int sh = (int)g64.sh, sw = (int)g64.sw, top = (int)g64.top, left = (int)g64.left, wo = (int)g64.wo;
+    const int p_first = p0 + jv * N;
+    const int oy_first = p_first / wo, ox_first = p_first - oy_first * wo;
+    VEC_ROWS(row, rows) {
+        const int b = row % nb, r = row / nb;
+        const int kx = r % kw, r2 = r / kw;
+        const int ky = r2 % kh, ci = r2 / kh;
+        const T* plane = x + ((n0 + b) * cin + ci) * h * w;
+        T v[N];
+        int oy = oy_first, ox = ox_first;
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            const int iy = oy * sh + ky - top, ix = ox * sw + kx - left;
+            v[e] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? plane[iy * w + ix] : (T)0;
+            if (++ox == wo) {
+                ox = 0;
+                ++oy;
+            }
+        }
+        *reinterpret_cast<Word16*>(cols + row * t + jv * N) = pack_word(v);
+    }
+}
+
+// conv_store with N positions a thread; rows in y's order (b, co), rows = nb * Cout. Needs p, p0
+// and t whole vectors so that y's rows start on a vector too.
+template <typename T>
+__device__ void conv_store_vec_impl(T* y, const T* yt, const T* bias, int cout, int p, int n0, int nb, int p0,
+                                    int t, int batch_major, int rows) {
+    constexpr int N = Vec16<T>::N;
+    int jv;
+    if (!vec_coords(t / N, jv)) return;
+    VEC_ROWS(row, rows) {
+        const int co = row % cout, b = row / cout;
+        const int src_row = batch_major ? row : co * nb + b;
+        float v[N];
+        Vec16<T>::load(yt + src_row * t + jv * N, v);
+        if (bias) {
+            const float bv = Io<T>::load(bias, co);
+#pragma unroll
+            for (int e = 0; e < N; ++e) v[e] += bv;
+        }
+        Vec16<T>::store(y + ((n0 + b) * cout + co) * p + p0 + jv * N, v);
+    }
+}
+
+// conv_tile_dy with N positions a thread: a 16-byte copy per thread; rows in dyt's order
+// (co, b), rows = Cout * nb.
+template <typename T>
+__device__ void conv_tile_dy_vec_impl(T* dyt, const T* dy, int cout, int p, int n0, int nb, int p0, int t, int rows) {
+    constexpr int N = Vec16<T>::N;
+    int jv;
+    if (!vec_coords(t / N, jv)) return;
+    VEC_ROWS(row, rows) {
+        const int b = row % nb, co = row / nb;
+        *reinterpret_cast<Word16*>(dyt + row * t + jv * N) =
+            *reinterpret_cast<const Word16*>(dy + ((n0 + b) * cout + co) * p + p0 + jv * N);
     }
 }
 
@@ -186,6 +284,19 @@ __device__ void upsample_nearest_bwd_impl(T* dx, const T* g, i64 total, i64 h, i
     extern "C" __global__ void conv_tile_dy_##S(T* dyt, const T* dy, i64 total, i64 cout, i64 p,   \
                                                i64 n0, i64 nb, i64 p0, i64 t) {                     \
         conv_tile_dy_impl<T>(dyt, dy, total, cout, p, n0, nb, p0, t);                               \
+    }                                                                                               \
+    extern "C" __global__ void im2col_vec_##S(T* cols, const T* x, ConvGeom g, int n0, int nb,       \
+                                             int p0, int t, int rows) {                             \
+        im2col_vec_impl<T>(cols, x, g, n0, nb, p0, t, rows);                                        \
+    }                                                                                               \
+    extern "C" __global__ void conv_store_vec_##S(T* y, const T* yt, const T* bias, int cout,      \
+                                                 int p, int n0, int nb, int p0, int t,              \
+                                                 int batch_major, int rows) {                       \
+        conv_store_vec_impl<T>(y, yt, bias, cout, p, n0, nb, p0, t, batch_major, rows);             \
+    }                                                                                               \
+    extern "C" __global__ void conv_tile_dy_vec_##S(T* dyt, const T* dy, int cout, int p, int n0,  \
+                                                   int nb, int p0, int t, int rows) {               \
+        conv_tile_dy_vec_impl<T>(dyt, dy, cout, p, n0, nb, p0, t, rows);                            \
     }                                                                                               \
     extern "C" __global__ void col2im_##S(float* acc, const T* dcols, i64 total, ConvGeom g,       \
                                          i64 n0, i64 nb, i64 p0, i64 t) {                           \

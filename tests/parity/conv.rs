@@ -82,6 +82,22 @@ fn conv2d_larger_and_border_cases() {
             randn(&[9], 6),
         ],
     ));
+    // Rows of whole 16-byte vectors (P = 128 and 64), where the vector kernels build the
+    // columns and place the output and its gradient tiles (MVAR_EW_KERNEL=scalar: per element).
+    run(parity(
+        "conv2d 3x3 same, whole vectors",
+        |_, x| ops::conv2d(&x[0], &x[1], Some(&x[2]), (1, 1), Padding::same(1)),
+        &[
+            randn(&[2, 5, 8, 16], 13),
+            randn(&[4, 5, 3, 3], 14),
+            randn(&[4], 15),
+        ],
+    ));
+    run(parity(
+        "conv2d stride 2, whole vectors",
+        |_, x| ops::conv2d(&x[0], &x[1], None, (2, 2), Padding::same(1)),
+        &[randn(&[2, 3, 16, 16], 16), randn(&[5, 3, 3, 3], 17)],
+    ));
     run(parity(
         "conv2d empty batch",
         |_, x| ops::conv2d(&x[0], &x[1], Some(&x[2]), (1, 1), Padding::same(1)),
@@ -159,7 +175,6 @@ fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
 /// gives the CPU's results: tiny column budgets force every path on small inputs.
 #[test]
 fn conv2d_tiles_match_the_cpu() {
-    let Some(gpu) = gpu() else { return };
     let s = Conv2dShape {
         n: 3,
         cin: 2,
@@ -175,6 +190,33 @@ fn conv2d_tiles_match_the_cpu() {
         left: 1,
         right: 1,
     };
+    check_tiles(&s, 5);
+    // P = 128 f32 positions: whole images and runs of 24 (p0 = 0, 24, ..., 120, and a last run
+    // of 8) are whole 16-byte vectors, so the vector kernels build and place those tiles; a
+    // run of one position is not, which falls back to the per-element kernels.
+    let whole_vectors = Conv2dShape {
+        n: 2,
+        cin: 3,
+        h: 8,
+        w: 16,
+        cout: 2,
+        kh: 3,
+        kw: 3,
+        sh: 1,
+        sw: 1,
+        top: 1,
+        bottom: 1,
+        left: 1,
+        right: 1,
+    };
+    check_tiles(&whole_vectors, 24);
+}
+
+/// conv2d forward and backward of `s` on the GPU in f32, with column budgets of two images a
+/// tile, runs of `run` positions and one position, against the CPU.
+fn check_tiles(s: &Conv2dShape, run: usize) {
+    let Some(gpu) = gpu() else { return };
+    let s = *s;
     let (ho, wo) = s.out_hw().expect("geometry");
     let pad = Padding {
         top: s.top,
@@ -196,7 +238,7 @@ fn conv2d_tiles_match_the_cpu() {
     let k = s.cin * s.kh * s.kw;
     // Bytes a column takes (f32, max(K, Cout) rows): budgets for 2 images, 5 positions and 1.
     let col = k.max(s.cout) * 4;
-    for budget in [col * ho * wo * 2, col * 5, 1] {
+    for budget in [col * ho * wo * 2, col * run, 1] {
         let (dev, xb) = buffer_of(&x.to_device(&gpu).unwrap());
         let (_, wb) = buffer_of(&w.to_device(&gpu).unwrap());
         let (_, bb) = buffer_of(&b.to_device(&gpu).unwrap());

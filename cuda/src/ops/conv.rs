@@ -193,6 +193,41 @@ fn tile_args(t: Tile) -> [i64; 4] {
     [t.n0 as i64, t.nb as i64, t.p0 as i64, t.t as i64]
 }
 
+/// Elements per 16-byte vector when the `*_vec` kernels can build or place the tile's rows:
+/// the vector kernels are enabled (not `MVAR_EW_KERNEL=scalar`), the kind is a float, every
+/// count in `whole` (the tile's positions t, and for a placement into or out of [N, C, P] also
+/// P and p0) is a whole number of vectors, every address is 16-byte aligned, and every element
+/// count in `extents` (the buffers the kernel indexes) fits the kernels' 32-bit indices.
+fn tile_vector(kind: BufferKind, whole: &[usize], ptrs: &[u64], extents: &[usize]) -> Option<i32> {
+    let per = ew::vector_width(kind, 0, ptrs)?;
+    if !ew::vector_kernels_enabled()
+        || !whole.iter().all(|w| w.is_multiple_of(per))
+        || extents.iter().any(|&e| e > i32::MAX as usize)
+    {
+        return None;
+    }
+    Some(per as i32)
+}
+
+/// The vector kernels' 2-D grid for `rows` rows of `per_row` vectors: 256 threads a block, x
+/// over a row's vectors (rounded up to a warp) and y over rows, so short rows share a block.
+fn vector_launch(per_row: usize, rows: usize) -> LaunchConfig {
+    let bx = per_row.next_multiple_of(32).min(THREADS as usize);
+    let by = THREADS as usize / bx;
+    LaunchConfig {
+        grid_dim: (
+            per_row.div_ceil(bx).clamp(1, u32::MAX as usize) as u32,
+            rows.div_ceil(by).clamp(1, MAX_GRID_Y) as u32,
+            1,
+        ),
+        block_dim: (bx as u32, by as u32, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The largest grid y dimension CUDA allows; the vector kernels loop over the rows past it.
+const MAX_GRID_Y: usize = 65_535;
+
 /// cols [K, nb, t] of the tile (see conv.cu).
 fn im2col(
     dev: &CudaDevice,
@@ -203,8 +238,27 @@ fn im2col(
 ) -> Result<CudaBuffer, CudaError> {
     let total = k * tile.cols();
     let cols = dev.alloc(x.kind(), total, "conv2d columns")?;
-    let f = dev.function(&CONV, &format!("im2col_{}", x.kind().suffix()))?;
     let (pc, px, nt) = (cols.device_ptr(), x.device_ptr(), total as i64);
+    if let Some(per) = tile_vector(x.kind(), &[tile.t], &[pc], &[total, x.len()]) {
+        let f = dev.function(&CONV, &format!("im2col_vec_{}", x.kind().suffix()))?;
+        let [n0, nb, p0, t] = [tile.n0, tile.nb, tile.p0, tile.t].map(|v| v as i32);
+        let rows = (k * tile.nb) as i32;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&pc)
+            .arg(&px)
+            .arg(&g)
+            .arg(&n0)
+            .arg(&nb)
+            .arg(&p0)
+            .arg(&t)
+            .arg(&rows);
+        // SAFETY: as below; t is a whole number of vectors, cols is 16-byte aligned and every
+        // index of cols and x fits in 32 bits (tile_vector).
+        unsafe { b.launch(vector_launch(tile.t / per as usize, k * tile.nb)) }
+            .map_err(launch_err("conv2d im2col", format!("{g:?}, {tile:?}")))?;
+        return Ok(cols);
+    }
+    let f = dev.function(&CONV, &format!("im2col_{}", x.kind().suffix()))?;
     let [n0, nb, p0, t] = tile_args(tile);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&pc)
@@ -235,12 +289,40 @@ fn store(
     batch_major: bool,
 ) -> Result<(), CudaError> {
     let total = cout * tile.cols();
-    let f = dev.function(&CONV, &format!("conv_store_{}", y.kind().suffix()))?;
     let (py, pyt, pb) = (
         y.device_ptr(),
         yt.device_ptr(),
         bias.map_or(0, |b| b.device_ptr()),
     );
+    if let Some(per) = tile_vector(
+        y.kind(),
+        &[tile.t, p, tile.p0],
+        &[py, pyt],
+        &[total, y.len()],
+    ) {
+        let f = dev.function(&CONV, &format!("conv_store_vec_{}", y.kind().suffix()))?;
+        let [nc, np, n0, nb, p0, t] =
+            [cout, p, tile.n0, tile.nb, tile.p0, tile.t].map(|v| v as i32);
+        let (bm, rows) = (batch_major as i32, (tile.nb * cout) as i32);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&py)
+            .arg(&pyt)
+            .arg(&pb)
+            .arg(&nc)
+            .arg(&np)
+            .arg(&n0)
+            .arg(&nb)
+            .arg(&p0)
+            .arg(&t)
+            .arg(&bm)
+            .arg(&rows);
+        // SAFETY: as below; P, p0 and t are whole vectors, y and yt 16-byte aligned, every
+        // index fits in 32 bits (tile_vector).
+        unsafe { b.launch(vector_launch(tile.t / per as usize, tile.nb * cout)) }
+            .map_err(launch_err("conv2d store", format!("{tile:?}, Cout {cout}")))?;
+        return Ok(());
+    }
+    let f = dev.function(&CONV, &format!("conv_store_{}", y.kind().suffix()))?;
     let (nt, nc, np) = (total as i64, cout as i64, p as i64);
     let [n0, nb, p0, t] = tile_args(tile);
     let bm = batch_major as i32;
@@ -274,8 +356,34 @@ fn tile_dy(
 ) -> Result<CudaBuffer, CudaError> {
     let total = cout * tile.cols();
     let dyt = dev.alloc(dy.kind(), total, "conv2d gradient tile")?;
-    let f = dev.function(&CONV, &format!("conv_tile_dy_{}", dy.kind().suffix()))?;
     let (pt, pd) = (dyt.device_ptr(), dy.device_ptr());
+    if let Some(per) = tile_vector(
+        dy.kind(),
+        &[tile.t, p, tile.p0],
+        &[pt, pd],
+        &[total, dy.len()],
+    ) {
+        let f = dev.function(&CONV, &format!("conv_tile_dy_vec_{}", dy.kind().suffix()))?;
+        let [nc, np, n0, nb, p0, t] =
+            [cout, p, tile.n0, tile.nb, tile.p0, tile.t].map(|v| v as i32);
+        let rows = (cout * tile.nb) as i32;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&pt)
+            .arg(&pd)
+            .arg(&nc)
+            .arg(&np)
+            .arg(&n0)
+            .arg(&nb)
+            .arg(&p0)
+            .arg(&t)
+            .arg(&rows);
+        // SAFETY: as below; P, p0 and t are whole vectors, both buffers 16-byte aligned, every
+        // index fits in 32 bits (tile_vector).
+        unsafe { b.launch(vector_launch(tile.t / per as usize, cout * tile.nb)) }
+            .map_err(launch_err("conv2d gradient tile", format!("{tile:?}")))?;
+        return Ok(dyt);
+    }
+    let f = dev.function(&CONV, &format!("conv_tile_dy_{}", dy.kind().suffix()))?;
     let (nt, nc, np) = (total as i64, cout as i64, p as i64);
     let [n0, nb, p0, t] = tile_args(tile);
     let mut b = dev.stream().launch_builder(&f);
@@ -761,6 +869,18 @@ mod tests {
         assert!(one.direct());
         assert_eq!(one.out_hw(), Some((7, 6)));
         assert!(s.geom("t").is_ok());
+    }
+
+    #[test]
+    fn vector_launch_covers_every_row_and_vector() {
+        // Short rows share a block: 8 vectors a row, 8 rows a block of 32 x 8.
+        let c = vector_launch(8, 1000);
+        assert_eq!((c.block_dim, c.grid_dim), ((32, 8, 1), (1, 125, 1)));
+        // The decoder's columns: 8192 vectors a row (65536 bf16 positions), 1440 rows.
+        let c = vector_launch(8192, 1440);
+        assert_eq!((c.block_dim, c.grid_dim), ((256, 1, 1), (32, 1440, 1)));
+        // More rows than the grid's y dimension: the kernels loop over the rest.
+        assert_eq!(vector_launch(300, 1 << 20).grid_dim, (2, 65_535, 1));
     }
 
     #[test]

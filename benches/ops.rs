@@ -1241,7 +1241,8 @@ fn quantizer(g: &mut BenchmarkGroup<'_, WallTime>, d: &Device) {
 
 /// Drawing tokens from the guided logits of VAR's last scale at batch 32 (32 x 16 x 16 = 8192
 /// rows of 4096 codes) with the official evaluation filter (top-k 900, top-p 0.96). On the GPU:
-/// the block-per-row kernel, the naive one (one thread per row), and what the sampler did
+/// the block-per-row kernel (rows in registers), the same re-reading the row from memory in
+/// every pass, the naive one (one thread per row), and what the sampler did
 /// before the kernel existed ("via host": copy the logits to the host, run the CPU reference,
 /// copy the tokens back). Throughput: the logits' bytes, read once. Also the filter alone
 /// (`filter_top_k_top_p`, what more_smooth sampling reads).
@@ -1268,6 +1269,25 @@ fn sample(c: &mut Criterion) {
                 ops::filter_top_k_top_p(&x, top_k, top_p).unwrap();
             });
             if d.is_cuda() {
+                // The block-per-row kernels re-reading the row in every pass (the variant
+                // before registers held it, 2026-12-05).
+                let mem = ops::SampleKernel::BlockPerRowFromMemory;
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/sample from memory {shape}"),
+                    || {
+                        ops::sample_top_k_top_p_with(&x, &u, top_k, top_p, mem).unwrap();
+                    },
+                );
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/filter from memory {shape}"),
+                    || {
+                        ops::filter_top_k_top_p_with(&x, top_k, top_p, mem).unwrap();
+                    },
+                );
                 bench(&mut g, &d, format!("{t}/sample naive {shape}"), || {
                     ops::sample_top_k_top_p_with(&x, &u, top_k, top_p, ops::SampleKernel::Naive)
                         .unwrap();

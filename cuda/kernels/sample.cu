@@ -18,8 +18,11 @@
 // rows doubles (the host's draws, passed as their bits); tokens i64 [rows].
 //
 // Parallel decomposition: one block of SAMPLE_THREADS threads per row (grid-stride over rows).
-// Every step is a pass over the row (re-read from global memory; the 16 KB row of a 4096-code
-// vocabulary stays in L1/L2) followed by a block-wide reduction that every thread receives:
+// Every step is a pass over the row followed by a block-wide reduction that every thread
+// receives. Where the row comes from in a pass is the row source's business (MemoryRow,
+// RegisterRow below): re-read from global memory, or, when the host asks for it and the row
+// fits (V <= 16 x 256), held in registers from one read, its weights and masses computed once.
+// The steps:
 // - the k-th largest value by radix select on order-preserving 32-bit keys of the values
 //   (4 passes of 8 bits, an integer histogram in shared memory: exact and deterministic);
 // - the top-p boundary by binary search over 64-bit keys (value key, index) for the largest key
@@ -95,6 +98,123 @@ __device__ __forceinline__ float logit(const T* row, i64 i) {
     return Io<T>::load(row, i);
 }
 
+// Where the block-per-row steps read a row. Both sources visit a thread's elements in the same
+// order (i = threadIdx.x, then + blockDim.x, ...) and compute each weight w_i = exp(x_i - m) and
+// mass p_i = w_i / Z by the same expression in double, so their sums, and so their tokens and
+// filtered rows, are bit for bit the same. `each(f)` calls f(i, x) for the thread's elements;
+// `each_weight(end, f)` calls f(i, x, w) for those with i < end and `each_mass(f)` f(i, x, p),
+// where w and p are function objects (Row::Weight, Row::Mass: NVRTC takes no generic lambdas),
+// evaluated only where the step needs them.
+// - MemoryRow: any V. Every pass re-reads the row (it stays in L1/L2) and evaluates exp (and the
+//   division) again: with the top-p search's ~64 passes and the draw's ~12 that was most of the
+//   time of this kernel (8.4 ms for 8192 rows of 4096 codes on an H200, 2026-12-04).
+// - RegisterRow<T, PER>: V <= PER * blockDim.x. A thread loads its PER logits once and keeps
+//   them in registers with their weights, and their masses once Z is known, so a pass of a
+//   search is a compare and an add per element.
+template <typename T>
+struct MemoryRow {
+    const T* row;
+    i64 v;
+    double m, z;
+    struct Weight {
+        float x;
+        double m;
+        __device__ __forceinline__ double operator()() const { return exp((double)x - m); }
+    };
+    struct Mass {
+        float x;
+        double m, z;
+        __device__ __forceinline__ double operator()() const { return exp((double)x - m) / z; }
+    };
+    __device__ MemoryRow(const T* r, i64 n) : row(r), v(n), m(0.0), z(1.0) {}
+    template <class F>
+    __device__ __forceinline__ void each(F f) const {
+        for (i64 i = threadIdx.x; i < v; i += blockDim.x) f(i, logit(row, i));
+    }
+    __device__ __forceinline__ void set_max(float max) { m = (double)max; }
+    __device__ __forceinline__ void set_total(double total) { z = total; }
+    template <class F>
+    __device__ __forceinline__ void each_weight(i64 end, F f) const {
+        for (i64 i = threadIdx.x; i < end; i += blockDim.x) {
+            const float x = logit(row, i);
+            f(i, x, Weight{x, m});
+        }
+    }
+    template <class F>
+    __device__ __forceinline__ void each_mass(F f) const {
+        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
+            const float x = logit(row, i);
+            f(i, x, Mass{x, m, z});
+        }
+    }
+};
+
+// Logits a thread holds in registers (RegisterRow): 16 x 256 threads covers VAR's 4096 codes.
+#define SAMPLE_PER_THREAD 16
+// Blocks per multiprocessor sample_rows is compiled for: two (128 registers) compile without
+// spills on sm_90 (ptxas, NVRTC 13.0); filter_rows takes 192 registers and spills at 128, so
+// it keeps one. A pass of the searches is short, and the block waits at its reductions' barriers:
+// a second resident block is what fills those waits.
+#define SAMPLE_ROWS_BLOCKS 2
+
+template <typename T, int PER>
+struct RegisterRow {
+    float x[PER];
+    // w_i after set_max, p_i = w_i / Z after set_total, in shared memory (thread t's element j
+    // at j * blockDim.x + t: conflict-free): in registers as well they took the kernel to 182
+    // registers, one block per multiprocessor.
+    double* c;
+    int v;  // <= PER * blockDim.x, so indices fit in 32 bits
+    // A weight or mass already computed.
+    struct Held {
+        double value;
+        __device__ __forceinline__ double operator()() const { return value; }
+    };
+    typedef Held Weight;
+    typedef Held Mass;
+    __device__ RegisterRow(const T* row, i64 n, double* cache) : c(cache), v((int)n) {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            x[j] = i < v ? logit(row, i) : 0.0f;
+        }
+    }
+    template <class F>
+    __device__ __forceinline__ void each(F f) const {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < v) f((i64)i, x[j]);
+        }
+    }
+    __device__ __forceinline__ void set_max(float max) {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) c[j * blockDim.x + threadIdx.x] = exp((double)x[j] - (double)max);
+    }
+    __device__ __forceinline__ void set_total(double total) {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) c[j * blockDim.x + threadIdx.x] = c[j * blockDim.x + threadIdx.x] / total;
+    }
+    // Only between set_max and set_total.
+    template <class F>
+    __device__ __forceinline__ void each_weight(i64 end, F f) const {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < end) f((i64)i, x[j], Held{c[i]});
+        }
+    }
+    // Only after set_total.
+    template <class F>
+    __device__ __forceinline__ void each_mass(F f) const {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < v) f((i64)i, x[j], Held{c[i]});
+        }
+    }
+};
+
 // What steps 0-2 decide for one row. A logit x at index i is kept when its key is >= kth and,
 // when top-p drops some, its composite key is above `cut` or is `last` (the largest of all).
 struct RowFilter {
@@ -115,9 +235,10 @@ struct RowFilter {
     }
 };
 
-// Steps 0-2 for one row, by the whole block (every thread gets the same result).
-template <typename T>
-__device__ RowFilter filter_row(const T* row, i64 v, i64 top_k, double top_p, SampleScratch& s) {
+// Steps 0-2 for one row, by the whole block (every thread gets the same result). Leaves the
+// row's weights (and, with top-p, masses) set for the draw.
+template <typename Row>
+__device__ RowFilter filter_row(Row& row, i64 v, i64 top_k, double top_p, SampleScratch& s) {
     RowFilter f;
     f.kth = 0;
     f.cut = 0;
@@ -127,21 +248,21 @@ __device__ RowFilter filter_row(const T* row, i64 v, i64 top_k, double top_p, Sa
     // 0. The first non-finite logit (its index, or v when there is none); and the maximum.
     unsigned long long bad = (unsigned long long)v;
     unsigned long long top = 0;  // the largest value key, which is the maximum
-    for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-        float x = logit(row, i);
+    row.each([&](i64 i, float x) {
         if (!is_finite(x)) {
             if ((unsigned long long)i < bad) bad = (unsigned long long)i;
         } else {
             unsigned long long k = order_key(x);
             top = k > top ? k : top;
         }
-    }
+    });
     f.bad = block_min_u64(bad, s.keys);
     if (f.bad < (unsigned long long)v) return f;
     top = ~block_min_u64(~top, s.keys);
     const unsigned int top_key = (unsigned int)top;
     const float m = key_value(top_key);
     f.m = m;
+    row.set_max(m);
 
     // 1. top-k: the k-th largest key by radix select (most significant digit first).
     unsigned int kth = 0;  // keep key >= kth
@@ -151,10 +272,10 @@ __device__ RowFilter filter_row(const T* row, i64 v, i64 top_k, double top_p, Sa
         for (int shift = 24; shift >= 0; shift -= 8) {
             for (int b = threadIdx.x; b < 256; b += blockDim.x) s.hist[b] = 0;
             __syncthreads();
-            for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-                unsigned int k = order_key(logit(row, i));
+            row.each([&](i64, float x) {
+                unsigned int k = order_key(x);
                 if ((k & mask) == prefix) atomicAdd(&s.hist[(k >> shift) & 255u], 1);
-            }
+            });
             __syncthreads();
             if (threadIdx.x == 0) {
                 int need = s.remaining, seen = 0;
@@ -178,20 +299,19 @@ __device__ RowFilter filter_row(const T* row, i64 v, i64 top_k, double top_p, Sa
     // below it are dropped, except the largest key of all.
     if (top_p > 0.0) {
         double z = 0.0;
-        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-            float x = logit(row, i);
-            if (order_key(x) >= kth) z += exp((double)x - (double)m);
-        }
+        row.each_weight(v, [&](i64, float x, const typename Row::Weight& w) {
+            if (order_key(x) >= kth) z += w();
+        });
         z = block_sum(z, s.sums);
+        row.set_total(z);
         const double limit = 1.0 - top_p;
         unsigned long long lo = 0, hi = ~0ull;
         while (lo < hi) {
             unsigned long long mid = lo + (hi - lo) / 2 + 1;
             double mass = 0.0;
-            for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-                float x = logit(row, i);
-                if (order_key(x) >= kth && composite_key(x, i) <= mid) mass += exp((double)x - (double)m) / z;
-            }
+            row.each_mass([&](i64 i, float x, const typename Row::Mass& p) {
+                if (order_key(x) >= kth && composite_key(x, i) <= mid) mass += p();
+            });
             mass = block_sum(mass, s.sums);
             if (mass <= limit) lo = mid;
             else hi = mid - 1;
@@ -202,56 +322,73 @@ __device__ RowFilter filter_row(const T* row, i64 v, i64 top_k, double top_p, Sa
     // The largest key of all is never dropped: the maximum value at its largest index.
     if (f.dropping) {
         unsigned long long mine = ~0ull;
-        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-            float x = logit(row, i);
+        row.each([&](i64 i, float x) {
             if (order_key(x) == top_key) {
                 unsigned long long k = ~composite_key(x, i);
                 mine = k < mine ? k : mine;
             }
-        }
+        });
         f.last = ~block_min_u64(mine, s.keys);
     }
     return f;
 }
 
+// Steps 0-3 for one row: the token, or -1 - (the first non-finite logit's index).
+template <typename Row>
+__device__ i64 sample_row(Row& row, i64 v, double u, i64 top_k, double top_p, SampleScratch& s) {
+    const RowFilter f = filter_row(row, v, top_k, top_p, s);
+    if (f.bad < (unsigned long long)v) return -1 - (i64)f.bad;
+    // 3. The draw over what is left, in index order, by weight (which top-p turned into masses
+    // in a RegisterRow: back to weights).
+    if (top_p > 0.0) row.set_max(f.m);
+    double total = 0.0;
+    row.each_weight(v, [&](i64 i, float x, const typename Row::Weight& w) {
+        if (f.keeps(x, i)) total += w();
+    });
+    total = block_sum(total, s.sums);
+    const double target = u * total;
+    // The smallest index whose running sum exceeds the target (v when none does).
+    i64 lo = 0, hi = v;
+    while (lo < hi) {
+        i64 mid = lo + (hi - lo) / 2;
+        double run = 0.0;
+        row.each_weight(mid + 1, [&](i64 i, float x, const typename Row::Weight& w) {
+            if (f.keeps(x, i)) run += w();
+        });
+        run = block_sum(run, s.sums);
+        if (run > target) hi = mid;
+        else lo = mid + 1;
+    }
+    if (lo < v) return lo;
+    // Rounding left the target at or past the total: the largest index with weight.
+    unsigned long long mine = ~0ull;
+    row.each_weight(v, [&](i64 i, float x, const typename Row::Weight& w) {
+        if (f.keeps(x, i) && w() > 0.0) mine = ~(unsigned long long)i < mine ? ~(unsigned long long)i : mine;
+    });
+    return (i64)~block_min_u64(mine, s.keys);
+}
+
+// Whether a row of v logits goes through RegisterRow: the host asks for it (in_registers) and
+// the row fits the block's registers.
+__device__ __forceinline__ bool row_in_registers(int in_registers, i64 v) {
+    return in_registers && blockDim.x <= SAMPLE_THREADS && v <= (i64)SAMPLE_PER_THREAD * blockDim.x;
+}
+
 template <typename T>
 __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,
-                                 double top_p) {
+                                 double top_p, int in_registers) {
     __shared__ SampleScratch s;
+    __shared__ double cache[SAMPLE_PER_THREAD * SAMPLE_THREADS];
+    const bool regs = row_in_registers(in_registers, v);
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* row = logits + r * v;
-        const RowFilter f = filter_row(row, v, top_k, top_p, s);
-        if (f.bad < (unsigned long long)v) {
-            if (threadIdx.x == 0) tokens[r] = -1 - (i64)f.bad;
-            continue;
-        }
-        // 3. The draw over what is left, in index order.
-        auto weight = [&](i64 i) -> double {
-            float x = logit(row, i);
-            return f.keeps(x, i) ? exp((double)x - (double)f.m) : 0.0;
-        };
-        double total = 0.0;
-        for (i64 i = threadIdx.x; i < v; i += blockDim.x) total += weight(i);
-        total = block_sum(total, s.sums);
-        const double target = uniform[r] * total;
-        // The smallest index whose running sum exceeds the target (v when none does).
-        i64 lo = 0, hi = v;
-        while (lo < hi) {
-            i64 mid = lo + (hi - lo) / 2;
-            double run = 0.0;
-            for (i64 i = threadIdx.x; i <= mid; i += blockDim.x) run += weight(i);
-            run = block_sum(run, s.sums);
-            if (run > target) hi = mid;
-            else lo = mid + 1;
-        }
-        i64 token = lo;
-        if (token >= v) {
-            // Rounding left the target at or past the total: the largest index with weight.
-            unsigned long long mine = ~0ull;
-            for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-                if (weight(i) > 0.0) mine = ~(unsigned long long)i < mine ? ~(unsigned long long)i : mine;
-            }
-            token = (i64)~block_min_u64(mine, s.keys);
+        i64 token;
+        if (regs) {
+            RegisterRow<T, SAMPLE_PER_THREAD> held(row, v, cache);
+            token = sample_row(held, v, uniform[r], top_k, top_p, s);
+        } else {
+            MemoryRow<T> read(row, v);
+            token = sample_row(read, v, uniform[r], top_k, top_p, s);
         }
         if (threadIdx.x == 0) tokens[r] = token;
     }
@@ -260,19 +397,34 @@ __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uni
 // The filter alone (the official in-place filtering that more_smooth's Gumbel softmax reads):
 // out = the row with every logit the draw could not pick set to -inf, kept ones copied bit for
 // bit; status[r] = 0, or -1 - (the first non-finite logit's index), the row then left unwritten.
-template <typename T>
-__device__ void filter_rows_impl(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p) {
-    __shared__ SampleScratch s;
+template <typename T, typename Row>
+__device__ void filter_one_row(T* out, i64* status, const T* row, Row& held, i64 v, i64 top_k, double top_p,
+                               SampleScratch& s) {
     const float neg_inf = __int_as_float(0xff800000);
+    const RowFilter f = filter_row(held, v, top_k, top_p, s);
+    const bool bad = f.bad < (unsigned long long)v;
+    if (threadIdx.x == 0) *status = bad ? -1 - (i64)f.bad : 0;
+    if (bad) return;
+    held.each([&](i64 i, float x) {
+        if (f.keeps(x, i)) out[i] = row[i];
+        else Io<T>::store(out, i, neg_inf);
+    });
+}
+
+template <typename T>
+__device__ void filter_rows_impl(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p,
+                                 int in_registers) {
+    __shared__ SampleScratch s;
+    __shared__ double cache[SAMPLE_PER_THREAD * SAMPLE_THREADS];
+    const bool regs = row_in_registers(in_registers, v);
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* row = logits + r * v;
-        const RowFilter f = filter_row(row, v, top_k, top_p, s);
-        const bool bad = f.bad < (unsigned long long)v;
-        if (threadIdx.x == 0) status[r] = bad ? -1 - (i64)f.bad : 0;
-        if (bad) continue;
-        for (i64 i = threadIdx.x; i < v; i += blockDim.x) {
-            if (f.keeps(logit(row, i), i)) out[r * v + i] = row[i];
-            else Io<T>::store(out + r * v, i, neg_inf);
+        if (regs) {
+            RegisterRow<T, SAMPLE_PER_THREAD> held(row, v, cache);
+            filter_one_row(out + r * v, status + r, row, held, v, top_k, top_p, s);
+        } else {
+            MemoryRow<T> read(row, v);
+            filter_one_row(out + r * v, status + r, row, read, v, top_k, top_p, s);
         }
     }
 }
@@ -352,10 +504,10 @@ __device__ void sample_rows_naive_impl(i64* tokens, const T* logits, const doubl
 }
 
 #define SAMPLE_KERNELS(T, S)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)                                                  \
+    extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, SAMPLE_ROWS_BLOCKS)                              \
         sample_rows_##S(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,          \
-                        double top_p) {                                                                           \
-        sample_rows_impl<T>(tokens, logits, uniform, rows, v, top_k, top_p);                                      \
+                        double top_p, int in_registers) {                                                         \
+        sample_rows_impl<T>(tokens, logits, uniform, rows, v, top_k, top_p, in_registers);                        \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)                                                  \
         sample_rows_naive_##S(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,    \
@@ -363,8 +515,9 @@ __device__ void sample_rows_naive_impl(i64* tokens, const T* logits, const doubl
         sample_rows_naive_impl<T>(tokens, logits, uniform, rows, v, top_k, top_p);                                \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)                                                  \
-        filter_rows_##S(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p) {        \
-        filter_rows_impl<T>(out, status, logits, rows, v, top_k, top_p);                                          \
+        filter_rows_##S(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p,          \
+                        int in_registers) {                                                                       \
+        filter_rows_impl<T>(out, status, logits, rows, v, top_k, top_p, in_registers);                            \
     }
 
 SAMPLE_KERNELS(float, f32)

@@ -235,6 +235,17 @@ fn check_top_p(op: &'static str, top_p: f64) -> Result<()> {
 /// filtering, which its `more_smooth` Gumbel softmax then reads. On CUDA the same block-per-row
 /// code as the sampler's decides what is kept.
 pub fn filter_top_k_top_p(logits: &Tensor, top_k: usize, top_p: f64) -> Result<Tensor> {
+    filter_top_k_top_p_with(logits, top_k, top_p, SampleKernel::BlockPerRow)
+}
+
+/// [`filter_top_k_top_p`] with the CUDA kernel chosen (one of the block-per-row kernels; the
+/// benches time both); the CPU ignores it.
+pub fn filter_top_k_top_p_with(
+    logits: &Tensor,
+    top_k: usize,
+    top_p: f64,
+    kernel: SampleKernel,
+) -> Result<Tensor> {
     const OP: &str = "filter_top_k_top_p";
     require_float(OP, logits)?;
     require_rank(OP, logits, "logits [R, V]", 2)?;
@@ -271,7 +282,8 @@ pub fn filter_top_k_top_p(logits: &Tensor, top_k: usize, top_p: f64) -> Result<T
             }])
         },
         |dev, b| {
-            let (filtered, status) = cs::filter_top_k_top_p(dev, b[0], rows, v, top_k, top_p)?;
+            let (filtered, status) =
+                cs::filter_top_k_top_p(dev, b[0], rows, v, top_k, top_p, kernel)?;
             Ok(vec![filtered, status])
         },
     )?;

@@ -1,6 +1,7 @@
 //! Token sampling with top-k / top-p (`ops::sample_top_k_top_p`) on CUDA against the CPU: the
 //! same logits and uniforms must give the same token in every row, for f32 and bf16 logits and
-//! both CUDA kernels (block per row, naive). Logits come coarse (quarter steps: many ties at the
+//! every CUDA kernel (block per row with the row in registers or re-read from memory, which
+//! must agree bit for bit, and naive). Logits come coarse (quarter steps: many ties at the
 //! k-th value and in the top-p order) or fine, with every top-k regime (0, 1, inside, V, past V)
 //! and top-p 0, 0.5, 0.96, 1 and 1e-300 (where 1 - top_p rounds to 1).
 //!
@@ -127,6 +128,21 @@ fn tokens_agree(logits: &Tensor, u: &[f64], top_k: usize, top_p: f64) {
                 "the check refuses the CPU's row {r}"
             );
         }
+        // Rows held in registers (V <= 4096) and re-read from memory: the same sums in the
+        // same order, so the same tokens, not merely allowed ones.
+        assert_eq!(
+            sample_on(&x, &dev, u, top_k, top_p, SampleKernel::BlockPerRow),
+            sample_on(
+                &x,
+                &dev,
+                u,
+                top_k,
+                top_p,
+                SampleKernel::BlockPerRowFromMemory
+            ),
+            "{dtype:?} [{}, {v}] top_k {top_k} top_p {top_p}: the block-per-row kernels differ",
+            u.len()
+        );
         for kernel in [SampleKernel::BlockPerRow, SampleKernel::Naive] {
             let got = sample_on(&x, &dev, u, top_k, top_p, kernel);
             for (r, (&g, &w)) in got.iter().zip(&want).enumerate() {
@@ -179,10 +195,26 @@ fn filters_agree(logits: &Tensor, top_k: usize, top_p: f64) {
             .unwrap()
             .to_vec_f64()
             .unwrap();
-        let got = ops::filter_top_k_top_p(&x.to_device(&dev).unwrap(), top_k, top_p)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let on_gpu = x.to_device(&dev).unwrap();
+        let got = ops::filter_top_k_top_p(&on_gpu, top_k, top_p).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(got.dtype(), dtype);
         let got = got.to_vec_f64().unwrap();
+        let from_memory = ops::filter_top_k_top_p_with(
+            &on_gpu,
+            top_k,
+            top_p,
+            SampleKernel::BlockPerRowFromMemory,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_vec_f64()
+        .unwrap();
+        assert!(
+            got.iter()
+                .zip(&from_memory)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{dtype:?} [{}, {v}] top_k {top_k} top_p {top_p}: the block-per-row filters differ",
+            held.len() / v
+        );
         for (r, ((row, g), w)) in held
             .chunks(v)
             .zip(got.chunks(v))
@@ -241,7 +273,13 @@ proptest! {
 /// and rows past one block's stride; plus uniforms at the ends of [0, 1).
 #[test]
 fn official_settings_and_extreme_draws() {
-    for (rows, v, top_k, top_p) in [(48, 4096, 900, 0.96), (8, 4096, 1, 0.0), (5, 1000, 0, 0.0)] {
+    // 4097 codes: one more than a block's registers hold, so every kernel re-reads the row.
+    for (rows, v, top_k, top_p) in [
+        (48, 4096, 900, 0.96),
+        (8, 4096, 1, 0.0),
+        (5, 1000, 0, 0.0),
+        (3, 4097, 900, 0.96),
+    ] {
         let x = logits(rows, v, 3.0, false, rows as u64);
         let mut u = Generator::new(7).uniform(rows, 0.0, 1.0);
         u[0] = 0.0;
@@ -260,7 +298,11 @@ fn non_finite_logits_are_named_on_the_gpu() {
         vals[3 * 7 + 6] = bad;
         vals[4 * 7 + 1] = bad;
         let x = Tensor::from_vec(vals, [5, 7], &dev).unwrap();
-        for kernel in [SampleKernel::BlockPerRow, SampleKernel::Naive] {
+        for kernel in [
+            SampleKernel::BlockPerRow,
+            SampleKernel::BlockPerRowFromMemory,
+            SampleKernel::Naive,
+        ] {
             let e = ops::sample_top_k_top_p_with(&x, &[0.5; 5], 0, 0.9, kernel)
                 .unwrap_err()
                 .to_string();
@@ -269,10 +311,21 @@ fn non_finite_logits_are_named_on_the_gpu() {
                 "{kernel:?} {what}: {e}"
             );
         }
-        let e = ops::filter_top_k_top_p(&x, 2, 0.9).unwrap_err().to_string();
-        assert!(
-            e.contains("filter_top_k_top_p") && e.contains("row 3 (of 5 rows of 7) at code 6"),
-            "filter {what}: {e}"
-        );
+        for kernel in [
+            SampleKernel::BlockPerRow,
+            SampleKernel::BlockPerRowFromMemory,
+        ] {
+            let e = ops::filter_top_k_top_p_with(&x, 2, 0.9, kernel)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("filter_top_k_top_p") && e.contains("row 3 (of 5 rows of 7) at code 6"),
+                "filter {kernel:?} {what}: {e}"
+            );
+        }
+        let e = ops::filter_top_k_top_p_with(&x, 2, 0.9, SampleKernel::Naive)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no naive filter kernel"), "{e}");
     }
 }

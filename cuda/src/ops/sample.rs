@@ -13,13 +13,34 @@ use crate::{CudaDevice, CudaError};
 /// `SAMPLE_THREADS` in sample.cu.
 const THREADS: u32 = 256;
 
-/// Which kernel draws the tokens.
+/// Which kernel draws the tokens (or filters the logits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleKernel {
-    /// One block per row: radix select, binary searches with block reductions.
+    /// One block per row: radix select, binary searches with block reductions; a row of at
+    /// most 16 x 256 logits (VAR's 4096 codes) is held in registers with its weights and
+    /// masses, computed once, a longer one re-read in every pass.
     BlockPerRow,
-    /// One thread per row with plain loops (the reference for the benches).
+    /// The block-per-row kernel re-reading every row from memory in every pass, evaluating
+    /// exp (and top-p's division) again each time: the variant before registers held the row,
+    /// benchmarked beside it. Same results bit for bit.
+    BlockPerRowFromMemory,
+    /// One thread per row with plain loops (the reference for the benches; sampling only).
     Naive,
+}
+
+impl SampleKernel {
+    /// The kernels' `in_registers` argument.
+    fn in_registers(self) -> i32 {
+        (self == SampleKernel::BlockPerRow) as i32
+    }
+}
+
+fn block_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// The launch's description and the logits' element count, checked against the buffer.
@@ -74,19 +95,15 @@ pub fn sample_top_k_top_p(
     let bits: Vec<i64> = uniform.iter().map(|u| u.to_bits() as i64).collect();
     let draws = dev.upload(HostData::I64(&bits))?;
     let (name, cfg) = match kernel {
-        SampleKernel::BlockPerRow => (
-            "sample_rows",
-            LaunchConfig {
-                grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        ),
+        SampleKernel::BlockPerRow | SampleKernel::BlockPerRowFromMemory => {
+            ("sample_rows", block_per_row(rows))
+        }
         SampleKernel::Naive => ("sample_rows_naive", launch_1d(rows, 64)),
     };
     let f = dev.function(&SAMPLE, &format!("{name}_{}", kind.suffix()))?;
     let (po, pl, pu) = (out.device_ptr(), logits.device_ptr(), draws.device_ptr());
     let (r, n, k) = (rows as i64, v as i64, top_k.min(i64::MAX as usize) as i64);
+    let in_registers = kernel.in_registers();
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po)
         .arg(&pl)
@@ -95,6 +112,9 @@ pub fn sample_top_k_top_p(
         .arg(&n)
         .arg(&k)
         .arg(&top_p);
+    if kernel != SampleKernel::Naive {
+        b.arg(&in_registers);
+    }
     // SAFETY: logits hold rows * v elements of `kind`, draws rows doubles, out rows i64.
     unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes))?;
     Ok(out)
@@ -102,7 +122,8 @@ pub fn sample_top_k_top_p(
 
 /// The logits of `logits` [rows, v] (f32 or bf16) that `sample_top_k_top_p` could draw, the
 /// others set to -inf (kept ones copied bit for bit), and a status i64 [rows]: 0, or -1 - (the
-/// index of the row's first non-finite logit), whose row of the output is not written.
+/// index of the row's first non-finite logit), whose row of the output is not written. `kernel`
+/// is one of the block-per-row kernels (there is no naive filter).
 pub fn filter_top_k_top_p(
     dev: &CudaDevice,
     logits: &CudaBuffer,
@@ -110,23 +131,27 @@ pub fn filter_top_k_top_p(
     v: usize,
     top_k: usize,
     top_p: f64,
+    kernel: SampleKernel,
 ) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "filter_top_k_top_p";
     let kind = float_kind(OP, &[logits])?;
     let (sizes, total) = checked_logits(OP, logits, rows, v, top_k, top_p)?;
+    if kernel == SampleKernel::Naive {
+        return Err(CudaError::Launch {
+            op: OP.into(),
+            sizes,
+            message: "no naive filter kernel: expected BlockPerRow or BlockPerRowFromMemory".into(),
+        });
+    }
     let out = dev.alloc(kind, total, OP)?;
     let status = dev.alloc(BufferKind::I64, rows, OP)?;
     if total == 0 {
         return Ok((out, status));
     }
-    let cfg = LaunchConfig {
-        grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let f = dev.function(&SAMPLE, &format!("filter_rows_{}", kind.suffix()))?;
     let (po, ps, pl) = (out.device_ptr(), status.device_ptr(), logits.device_ptr());
     let (r, n, k) = (rows as i64, v as i64, top_k.min(i64::MAX as usize) as i64);
+    let in_registers = kernel.in_registers();
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po)
         .arg(&ps)
@@ -134,8 +159,9 @@ pub fn filter_top_k_top_p(
         .arg(&r)
         .arg(&n)
         .arg(&k)
-        .arg(&top_p);
+        .arg(&top_p)
+        .arg(&in_registers);
     // SAFETY: logits and out hold rows * v elements of `kind`, status rows i64.
-    unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes))?;
+    unsafe { b.launch(block_per_row(rows)) }.map_err(launch_err(OP, sizes))?;
     Ok((out, status))
 }

@@ -1241,7 +1241,7 @@ fn quantizer(g: &mut BenchmarkGroup<'_, WallTime>, d: &Device) {
 
 /// Drawing tokens from the guided logits of VAR's last scale at batch 32 (32 x 16 x 16 = 8192
 /// rows of 4096 codes) with the official evaluation filter (top-k 900, top-p 0.96). On the GPU:
-/// the block-per-row kernel (rows in registers), the same re-reading the row from memory in
+/// the block-per-row kernel (rows read once and held), the same re-reading the row from memory in
 /// every pass, the naive one (one thread per row), and what the sampler did
 /// before the kernel existed ("via host": copy the logits to the host, run the CPU reference,
 /// copy the tokens back). Throughput: the logits' bytes, read once. Also the filter alone
@@ -1270,7 +1270,7 @@ fn sample(c: &mut Criterion) {
             });
             if d.is_cuda() {
                 // The block-per-row kernels re-reading the row in every pass (the variant
-                // before registers held it, 2026-12-05).
+                // before rows were held, 2026-12-05).
                 let mem = ops::SampleKernel::BlockPerRowFromMemory;
                 bench(
                     &mut g,

@@ -20,8 +20,9 @@
 // Parallel decomposition: one block of SAMPLE_THREADS threads per row (grid-stride over rows).
 // Every step is a pass over the row followed by a block-wide reduction that every thread
 // receives. Where the row comes from in a pass is the row source's business (MemoryRow,
-// RegisterRow below): re-read from global memory, or, when the host asks for it and the row
-// fits (V <= 16 x 256), held in registers from one read, its weights and masses computed once.
+// HeldRow below): re-read from global memory, or, when the host asks for it and the row fits
+// (V <= 16 x 256), held from one read (logits in registers, weights and masses in shared
+// memory, computed once).
 // The steps:
 // - the k-th largest value by radix select on order-preserving 32-bit keys of the values
 //   (4 passes of 8 bits, an integer histogram in shared memory: exact and deterministic);
@@ -106,11 +107,12 @@ __device__ __forceinline__ float logit(const T* row, i64 i) {
 // where w and p are function objects (Row::Weight, Row::Mass: NVRTC takes no generic lambdas),
 // evaluated only where the step needs them.
 // - MemoryRow: any V. Every pass re-reads the row (it stays in L1/L2) and evaluates exp (and the
-//   division) again: with the top-p search's ~64 passes and the draw's ~12 that was most of the
-//   time of this kernel (8.4 ms for 8192 rows of 4096 codes on an H200, 2026-12-04).
-// - RegisterRow<T, PER>: V <= PER * blockDim.x. A thread loads its PER logits once and keeps
-//   them in registers with their weights, and their masses once Z is known, so a pass of a
-//   search is a compare and an add per element.
+//   division) again, in the top-p search's ~64 passes and the draw's ~12. This was the whole
+//   kernel until 2026-12-05: 8.4 ms for 8192 rows of 4096 codes on an H200 (2026-12-04), where
+//   by a count of double-precision operations (not a profile) those evaluations dominate.
+// - HeldRow<T, PER>: V <= PER * blockDim.x. A thread loads its PER logits once into registers;
+//   their weights, then their masses once Z is known, are computed once into shared memory, so
+//   a pass of a search is a compare and an add per element.
 template <typename T>
 struct MemoryRow {
     const T* row;
@@ -149,7 +151,7 @@ struct MemoryRow {
     }
 };
 
-// Logits a thread holds in registers (RegisterRow): 16 x 256 threads covers VAR's 4096 codes.
+// Logits a thread holds (HeldRow): 16 x 256 threads covers VAR's 4096 codes.
 #define SAMPLE_PER_THREAD 16
 // Blocks per multiprocessor sample_rows is compiled for: two (128 registers) compile without
 // spills on sm_90 (ptxas, NVRTC 13.0); filter_rows takes 192 registers and spills at 128, so
@@ -158,7 +160,7 @@ struct MemoryRow {
 #define SAMPLE_ROWS_BLOCKS 2
 
 template <typename T, int PER>
-struct RegisterRow {
+struct HeldRow {
     float x[PER];
     // w_i after set_max, p_i = w_i / Z after set_total, in shared memory (thread t's element j
     // at j * blockDim.x + t: conflict-free): in registers as well they took the kernel to 182
@@ -172,7 +174,7 @@ struct RegisterRow {
     };
     typedef Held Weight;
     typedef Held Mass;
-    __device__ RegisterRow(const T* row, i64 n, double* cache) : c(cache), v((int)n) {
+    __device__ HeldRow(const T* row, i64 n, double* cache) : c(cache), v((int)n) {
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
             const int i = threadIdx.x + j * blockDim.x;
@@ -339,7 +341,7 @@ __device__ i64 sample_row(Row& row, i64 v, double u, i64 top_k, double top_p, Sa
     const RowFilter f = filter_row(row, v, top_k, top_p, s);
     if (f.bad < (unsigned long long)v) return -1 - (i64)f.bad;
     // 3. The draw over what is left, in index order, by weight (which top-p turned into masses
-    // in a RegisterRow: back to weights).
+    // in a HeldRow: back to weights).
     if (top_p > 0.0) row.set_max(f.m);
     double total = 0.0;
     row.each_weight(v, [&](i64 i, float x, const typename Row::Weight& w) {
@@ -368,23 +370,23 @@ __device__ i64 sample_row(Row& row, i64 v, double u, i64 top_k, double top_p, Sa
     return (i64)~block_min_u64(mine, s.keys);
 }
 
-// Whether a row of v logits goes through RegisterRow: the host asks for it (in_registers) and
-// the row fits the block's registers.
-__device__ __forceinline__ bool row_in_registers(int in_registers, i64 v) {
-    return in_registers && blockDim.x <= SAMPLE_THREADS && v <= (i64)SAMPLE_PER_THREAD * blockDim.x;
+// Whether a row of v logits goes through HeldRow: the host asks for it (hold_rows) and the
+// row fits the block (SAMPLE_PER_THREAD logits a thread, the shared cache's size).
+__device__ __forceinline__ bool row_is_held(int hold_rows, i64 v) {
+    return hold_rows && blockDim.x <= SAMPLE_THREADS && v <= (i64)SAMPLE_PER_THREAD * blockDim.x;
 }
 
 template <typename T>
 __device__ void sample_rows_impl(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,
-                                 double top_p, int in_registers) {
+                                 double top_p, int hold_rows) {
     __shared__ SampleScratch s;
     __shared__ double cache[SAMPLE_PER_THREAD * SAMPLE_THREADS];
-    const bool regs = row_in_registers(in_registers, v);
+    const bool held_rows = row_is_held(hold_rows, v);
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* row = logits + r * v;
         i64 token;
-        if (regs) {
-            RegisterRow<T, SAMPLE_PER_THREAD> held(row, v, cache);
+        if (held_rows) {
+            HeldRow<T, SAMPLE_PER_THREAD> held(row, v, cache);
             token = sample_row(held, v, uniform[r], top_k, top_p, s);
         } else {
             MemoryRow<T> read(row, v);
@@ -413,14 +415,14 @@ __device__ void filter_one_row(T* out, i64* status, const T* row, Row& held, i64
 
 template <typename T>
 __device__ void filter_rows_impl(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p,
-                                 int in_registers) {
+                                 int hold_rows) {
     __shared__ SampleScratch s;
     __shared__ double cache[SAMPLE_PER_THREAD * SAMPLE_THREADS];
-    const bool regs = row_in_registers(in_registers, v);
+    const bool held_rows = row_is_held(hold_rows, v);
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* row = logits + r * v;
-        if (regs) {
-            RegisterRow<T, SAMPLE_PER_THREAD> held(row, v, cache);
+        if (held_rows) {
+            HeldRow<T, SAMPLE_PER_THREAD> held(row, v, cache);
             filter_one_row(out + r * v, status + r, row, held, v, top_k, top_p, s);
         } else {
             MemoryRow<T> read(row, v);
@@ -506,8 +508,8 @@ __device__ void sample_rows_naive_impl(i64* tokens, const T* logits, const doubl
 #define SAMPLE_KERNELS(T, S)                                                                                      \
     extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, SAMPLE_ROWS_BLOCKS)                              \
         sample_rows_##S(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,          \
-                        double top_p, int in_registers) {                                                         \
-        sample_rows_impl<T>(tokens, logits, uniform, rows, v, top_k, top_p, in_registers);                        \
+                        double top_p, int hold_rows) {                                                            \
+        sample_rows_impl<T>(tokens, logits, uniform, rows, v, top_k, top_p, hold_rows);                           \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)                                                  \
         sample_rows_naive_##S(i64* tokens, const T* logits, const double* uniform, i64 rows, i64 v, i64 top_k,    \
@@ -515,9 +517,9 @@ __device__ void sample_rows_naive_impl(i64* tokens, const T* logits, const doubl
         sample_rows_naive_impl<T>(tokens, logits, uniform, rows, v, top_k, top_p);                                \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)                                                  \
-        filter_rows_##S(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p,          \
-                        int in_registers) {                                                                       \
-        filter_rows_impl<T>(out, status, logits, rows, v, top_k, top_p, in_registers);                            \
+        filter_rows_##S(T* out, i64* status, const T* logits, i64 rows, i64 v, i64 top_k, double top_p,           \
+                        int hold_rows) {                                                                          \
+        filter_rows_impl<T>(out, status, logits, rows, v, top_k, top_p, hold_rows);                               \
     }
 
 SAMPLE_KERNELS(float, f32)

@@ -1,6 +1,6 @@
 //! Token sampling with top-k / top-p (`ops::sample_top_k_top_p`) on CUDA against the CPU: the
 //! same logits and uniforms must give the same token in every row, for f32 and bf16 logits and
-//! every CUDA kernel (block per row with the row in registers or re-read from memory, which
+//! every CUDA kernel (block per row with the row read once and held or re-read from memory, which
 //! must agree bit for bit, and naive). Logits come coarse (quarter steps: many ties at the
 //! k-th value and in the top-p order) or fine, with every top-k regime (0, 1, inside, V, past V)
 //! and top-p 0, 0.5, 0.96, 1 and 1e-300 (where 1 - top_p rounds to 1).
@@ -128,7 +128,7 @@ fn tokens_agree(logits: &Tensor, u: &[f64], top_k: usize, top_p: f64) {
                 "the check refuses the CPU's row {r}"
             );
         }
-        // Rows held in registers (V <= 4096) and re-read from memory: the same sums in the
+        // Rows held (V <= 4096) and re-read from memory: the same sums in the
         // same order, so the same tokens, not merely allowed ones.
         assert_eq!(
             sample_on(&x, &dev, u, top_k, top_p, SampleKernel::BlockPerRow),
@@ -273,7 +273,7 @@ proptest! {
 /// and rows past one block's stride; plus uniforms at the ends of [0, 1).
 #[test]
 fn official_settings_and_extreme_draws() {
-    // 4097 codes: one more than a block's registers hold, so every kernel re-reads the row.
+    // 4097 codes: one more than a block holds, so every kernel re-reads the row.
     for (rows, v, top_k, top_p) in [
         (48, 4096, 900, 0.96),
         (8, 4096, 1, 0.0),

@@ -17,20 +17,20 @@ const THREADS: u32 = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleKernel {
     /// One block per row: radix select, binary searches with block reductions; a row of at
-    /// most 16 x 256 logits (VAR's 4096 codes) is held in registers with its weights and
-    /// masses, computed once, a longer one re-read in every pass.
+    /// most 16 x 256 logits (VAR's 4096 codes) is read once and held (logits in registers,
+    /// weights and masses in shared memory, computed once), a longer one re-read in every pass.
     BlockPerRow,
     /// The block-per-row kernel re-reading every row from memory in every pass, evaluating
-    /// exp (and top-p's division) again each time: the variant before registers held the row,
-    /// benchmarked beside it. Same results bit for bit.
+    /// exp (and top-p's division) again each time: the variant before rows were held,
+    /// benchmarked beside it. The same sums in the same order, so the same tokens.
     BlockPerRowFromMemory,
     /// One thread per row with plain loops (the reference for the benches; sampling only).
     Naive,
 }
 
 impl SampleKernel {
-    /// The kernels' `in_registers` argument.
-    fn in_registers(self) -> i32 {
+    /// The kernels' `hold_rows` argument.
+    fn hold_rows(self) -> i32 {
         (self == SampleKernel::BlockPerRow) as i32
     }
 }
@@ -103,7 +103,7 @@ pub fn sample_top_k_top_p(
     let f = dev.function(&SAMPLE, &format!("{name}_{}", kind.suffix()))?;
     let (po, pl, pu) = (out.device_ptr(), logits.device_ptr(), draws.device_ptr());
     let (r, n, k) = (rows as i64, v as i64, top_k.min(i64::MAX as usize) as i64);
-    let in_registers = kernel.in_registers();
+    let hold_rows = kernel.hold_rows();
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po)
         .arg(&pl)
@@ -113,7 +113,7 @@ pub fn sample_top_k_top_p(
         .arg(&k)
         .arg(&top_p);
     if kernel != SampleKernel::Naive {
-        b.arg(&in_registers);
+        b.arg(&hold_rows);
     }
     // SAFETY: logits hold rows * v elements of `kind`, draws rows doubles, out rows i64.
     unsafe { b.launch(cfg) }.map_err(launch_err(OP, sizes))?;
@@ -151,7 +151,7 @@ pub fn filter_top_k_top_p(
     let f = dev.function(&SAMPLE, &format!("filter_rows_{}", kind.suffix()))?;
     let (po, ps, pl) = (out.device_ptr(), status.device_ptr(), logits.device_ptr());
     let (r, n, k) = (rows as i64, v as i64, top_k.min(i64::MAX as usize) as i64);
-    let in_registers = kernel.in_registers();
+    let hold_rows = kernel.hold_rows();
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&po)
         .arg(&ps)
@@ -160,7 +160,7 @@ pub fn filter_top_k_top_p(
         .arg(&n)
         .arg(&k)
         .arg(&top_p)
-        .arg(&in_registers);
+        .arg(&hold_rows);
     // SAFETY: logits and out hold rows * v elements of `kind`, status rows i64.
     unsafe { b.launch(block_per_row(rows)) }.map_err(launch_err(OP, sizes))?;
     Ok((out, status))

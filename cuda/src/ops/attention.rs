@@ -28,7 +28,7 @@ use crate::buffer::{BufferKind, CudaBuffer, HostData};
 use crate::device::launch_err;
 use crate::kernels::ATTENTION;
 use crate::ops::reduce::{require_kind, volume};
-use crate::ops::{check_lens, float_kind};
+use crate::ops::{check_lens, float_kind, MAX_GRID_Y};
 use crate::{CudaDevice, CudaError};
 
 /// Rows of every tile of the tiled kernels (`ATT_TILE`).
@@ -39,8 +39,6 @@ const MMA_THREADS: u32 = 128;
 const NAIVE_THREADS: u32 = 128;
 /// Threads of the delta kernel (one warp per row).
 const DELTA_THREADS: u32 = 256;
-/// Most blocks along the grid's y axis (heads); the kernels loop over the rest.
-const MAX_GRID_Y: usize = 65535;
 /// Shared memory a kernel gets without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 const LOG2E: f32 = std::f32::consts::LOG2_E;

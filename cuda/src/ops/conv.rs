@@ -13,7 +13,7 @@ use crate::blas::{self, GemmShape};
 use crate::buffer::{BufferKind, CudaBuffer};
 use crate::device::{launch_1d, launch_err};
 use crate::kernels::CONV;
-use crate::ops::{check_lens, elementwise as ew, float_kind};
+use crate::ops::{check_lens, elementwise as ew, float_kind, MAX_GRID_Y};
 use crate::{CudaDevice, CudaError};
 
 const THREADS: u32 = 256;
@@ -224,9 +224,6 @@ fn vector_launch(per_row: usize, rows: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
-
-/// The largest grid y dimension CUDA allows; the vector kernels loop over the rows past it.
-const MAX_GRID_Y: usize = 65_535;
 
 /// cols [K, nb, t] of the tile (see conv.cu).
 fn im2col(

@@ -117,6 +117,9 @@ impl Layout {
     }
 }
 
+/// The largest grid y dimension CUDA allows (kernels with a 2-D grid loop over what is past it).
+pub(crate) const MAX_GRID_Y: usize = 65_535;
+
 /// The word a raw-bit copy can move instead of single elements of `elem` bytes: the widest of
 /// 16, 8 and 4 bytes (wider than the element) that every count in `runs` (element counts that
 /// must be whole words: the contiguous run, and any stride between runs) and both buffer

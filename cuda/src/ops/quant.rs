@@ -6,7 +6,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use crate::buffer::{BufferKind, CudaBuffer};
 use crate::device::{launch_1d, launch_err};
 use crate::kernels::{QUANT, QUANT_STEP};
-use crate::ops::{check_lens, float_kind};
+use crate::ops::{check_lens, float_kind, MAX_GRID_Y};
 use crate::{CudaDevice, CudaError};
 
 /// Threads of a block of `nearest_code` (NC_THREADS, its `__launch_bounds__`).
@@ -20,9 +20,6 @@ const CODES_PER_TILE: usize = 64;
 
 /// Most blocks launched along the rows; blocks grid-stride over the remaining row tiles.
 const MAX_BLOCKS: usize = 1 << 16;
-
-/// The largest grid y extent: at most this many code ranges.
-const MAX_GRID_Y: usize = 65535;
 
 /// Blocks aimed at per multiprocessor: about two waves, as 4 blocks of the search are resident
 /// per SM (256 threads of 64 registers each, NVRTC's figure for sm_80 and sm_90).

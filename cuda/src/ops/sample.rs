@@ -22,7 +22,10 @@ pub enum SampleKernel {
     BlockPerRow,
     /// The block-per-row kernel re-reading every row from memory in every pass, evaluating
     /// exp (and top-p's division) again each time: the variant before rows were held,
-    /// benchmarked beside it. The same sums in the same order, so the same tokens.
+    /// benchmarked beside it. The same sums in the same order, so the same tokens. It runs in
+    /// the same compiled kernel, so with that kernel's registers and 32 KB of shared memory:
+    /// fewer resident blocks than the kernel before (40 registers, no cache), whose time is
+    /// the first GPU run's figure in docs/performance.md, not this variant's.
     BlockPerRowFromMemory,
     /// One thread per row with plain loops (the reference for the benches; sampling only).
     Naive,

@@ -242,30 +242,85 @@ __device__ void fill_impl(T* out, i64 n, float v) {
     GRID_STRIDE(i, n) Io<T>::store(out, i, v);
 }
 
-// The tuned variants: i counts 16-byte vectors of N elements.
-template <typename T>
-__device__ void unary_fwd_vec_impl(T* out, const T* x, i64 nvec, int op) {
-    constexpr int N = Vec16<T>::N;
-    GRID_STRIDE(i, nvec) {
-        float v[N];
-        Vec16<T>::load(x + i * N, v);
-#pragma unroll
-        for (int k = 0; k < N; ++k) v[k] = unary_forward(op, v[k]);
-        Vec16<T>::store(out + i * N, v);
+// The tuned variants: i counts 16-byte vectors of N elements. The op is the same for the whole
+// launch, so each kernel dispatches on it once (unary_dispatch and friends) into a loop compiled
+// for that one op: with the switch inside the per-element loop, ptxas kept it there (an indirect
+// branch, BRX, and its compares for every element: eight per bf16 vector), which left bf16 GELU
+// bound by instruction issue rather than by memory.
+
+// Calls F::run<OP>(args...) with the op code as a compile-time constant; an unknown code runs
+// OP = -1, for which the op functions return NaN (never silently plausible).
+template <class F, typename... A>
+__device__ __forceinline__ void unary_dispatch(int op, A... a) {
+    switch (op) {
+        case U_NEG: F::template run<U_NEG>(a...); return;
+        case U_EXP: F::template run<U_EXP>(a...); return;
+        case U_LOG: F::template run<U_LOG>(a...); return;
+        case U_SQRT: F::template run<U_SQRT>(a...); return;
+        case U_RSQRT: F::template run<U_RSQRT>(a...); return;
+        case U_TANH: F::template run<U_TANH>(a...); return;
+        case U_SIGMOID: F::template run<U_SIGMOID>(a...); return;
+        case U_SILU: F::template run<U_SILU>(a...); return;
+        case U_GELU_TANH: F::template run<U_GELU_TANH>(a...); return;
+        case U_RELU: F::template run<U_RELU>(a...); return;
+        case U_ABS: F::template run<U_ABS>(a...); return;
+        case U_SQUARE: F::template run<U_SQUARE>(a...); return;
+        default: F::template run<-1>(a...); return;
+    }
+}
+
+template <class F, typename... A>
+__device__ __forceinline__ void binary_dispatch(int op, A... a) {
+    switch (op) {
+        case B_ADD: F::template run<B_ADD>(a...); return;
+        case B_SUB: F::template run<B_SUB>(a...); return;
+        case B_MUL: F::template run<B_MUL>(a...); return;
+        case B_DIV: F::template run<B_DIV>(a...); return;
+        case B_MAX: F::template run<B_MAX>(a...); return;
+        case B_MIN: F::template run<B_MIN>(a...); return;
+        default: F::template run<-1>(a...); return;
     }
 }
 
 template <typename T>
-__device__ void unary_bwd_vec_impl(T* dx, const T* saved, const T* g, i64 nvec, int op) {
-    constexpr int N = Vec16<T>::N;
-    GRID_STRIDE(i, nvec) {
-        float s[N], d[N];
-        Vec16<T>::load(saved + i * N, s);
-        Vec16<T>::load(g + i * N, d);
+struct UnaryFwdVec {
+    template <int OP>
+    static __device__ __forceinline__ void run(T* out, const T* x, i64 nvec) {
+        constexpr int N = Vec16<T>::N;
+        GRID_STRIDE(i, nvec) {
+            float v[N];
+            Vec16<T>::load(x + i * N, v);
 #pragma unroll
-        for (int k = 0; k < N; ++k) d[k] = unary_backward(op, s[k], d[k]);
-        Vec16<T>::store(dx + i * N, d);
+            for (int k = 0; k < N; ++k) v[k] = unary_forward(OP, v[k]);
+            Vec16<T>::store(out + i * N, v);
+        }
     }
+};
+
+template <typename T>
+__device__ void unary_fwd_vec_impl(T* out, const T* x, i64 nvec, int op) {
+    unary_dispatch<UnaryFwdVec<T>>(op, out, x, nvec);
+}
+
+template <typename T>
+struct UnaryBwdVec {
+    template <int OP>
+    static __device__ __forceinline__ void run(T* dx, const T* saved, const T* g, i64 nvec) {
+        constexpr int N = Vec16<T>::N;
+        GRID_STRIDE(i, nvec) {
+            float s[N], d[N];
+            Vec16<T>::load(saved + i * N, s);
+            Vec16<T>::load(g + i * N, d);
+#pragma unroll
+            for (int k = 0; k < N; ++k) d[k] = unary_backward(OP, s[k], d[k]);
+            Vec16<T>::store(dx + i * N, d);
+        }
+    }
+};
+
+template <typename T>
+__device__ void unary_bwd_vec_impl(T* dx, const T* saved, const T* g, i64 nvec, int op) {
+    unary_dispatch<UnaryBwdVec<T>>(op, dx, saved, g, nvec);
 }
 
 // Where a binary input sits for output element e (a multiple of N): e itself when inner is 0 (the
@@ -305,51 +360,80 @@ __device__ __forceinline__ void load_operand(const T* p, i64 e, i64 inner, i64 s
 }
 
 template <typename T>
+struct BinaryFwdVec {
+    template <int OP>
+    static __device__ __forceinline__ void run(T* out, const T* a, const T* b, i64 nvec, i64 inner_a, i64 span_a,
+                                               i64 inner_b, i64 span_b) {
+        constexpr int N = Vec16<T>::N;
+        GRID_STRIDE(i, nvec) {
+            const i64 e = i * N;
+            float x[N], y[N];
+            load_operand(a, e, inner_a, span_a, x);
+            load_operand(b, e, inner_b, span_b, y);
+#pragma unroll
+            for (int k = 0; k < N; ++k) x[k] = binary_forward(OP, x[k], y[k]);
+            Vec16<T>::store(out + i * N, x);
+        }
+    }
+};
+
+template <typename T>
 __device__ void binary_fwd_vec_impl(T* out, const T* a, const T* b, i64 nvec, int op, i64 inner_a,
                                     i64 span_a, i64 inner_b, i64 span_b) {
-    constexpr int N = Vec16<T>::N;
-    GRID_STRIDE(i, nvec) {
-        const i64 e = i * N;
-        float x[N], y[N];
-        load_operand(a, e, inner_a, span_a, x);
-        load_operand(b, e, inner_b, span_b, y);
-#pragma unroll
-        for (int k = 0; k < N; ++k) x[k] = binary_forward(op, x[k], y[k]);
-        Vec16<T>::store(out + i * N, x);
-    }
+    binary_dispatch<BinaryFwdVec<T>>(op, out, a, b, nvec, inner_a, span_a, inner_b, span_b);
 }
+
+template <typename T>
+struct BinaryBwdVec {
+    template <int OP>
+    static __device__ __forceinline__ void run(T* ga, T* gb, const T* a, const T* b, const T* g, i64 nvec,
+                                               i64 inner_a, i64 span_a, i64 inner_b, i64 span_b) {
+        constexpr int N = Vec16<T>::N;
+        GRID_STRIDE(i, nvec) {
+            const i64 e = i * N;
+            float x[N], y[N], d[N], da[N], db[N];
+            load_operand(a, e, inner_a, span_a, x);
+            load_operand(b, e, inner_b, span_b, y);
+            Vec16<T>::load(g + i * N, d);
+#pragma unroll
+            for (int k = 0; k < N; ++k) binary_backward(OP, x[k], y[k], d[k], &da[k], &db[k]);
+            if (ga) Vec16<T>::store(ga + i * N, da);
+            if (gb) Vec16<T>::store(gb + i * N, db);
+        }
+    }
+};
 
 template <typename T>
 __device__ void binary_bwd_vec_impl(T* ga, T* gb, const T* a, const T* b, const T* g, i64 nvec, int op,
                                     i64 inner_a, i64 span_a, i64 inner_b, i64 span_b) {
-    constexpr int N = Vec16<T>::N;
-    GRID_STRIDE(i, nvec) {
-        const i64 e = i * N;
-        float x[N], y[N], d[N], da[N], db[N];
-        load_operand(a, e, inner_a, span_a, x);
-        load_operand(b, e, inner_b, span_b, y);
-        Vec16<T>::load(g + i * N, d);
-#pragma unroll
-        for (int k = 0; k < N; ++k) binary_backward(op, x[k], y[k], d[k], &da[k], &db[k]);
-        if (ga) Vec16<T>::store(ga + i * N, da);
-        if (gb) Vec16<T>::store(gb + i * N, db);
-    }
+    binary_dispatch<BinaryBwdVec<T>>(op, ga, gb, a, b, g, nvec, inner_a, span_a, inner_b, span_b);
 }
 
 template <typename T>
-__device__ void scalar_fwd_vec_impl(T* out, const T* x, i64 nvec, int op, float p0, float p1) {
-    constexpr int N = Vec16<T>::N;
-    GRID_STRIDE(i, nvec) {
-        float v[N];
-        Vec16<T>::load(x + i * N, v);
+struct ScalarFwdVec {
+    template <int OP>
+    static __device__ __forceinline__ void run(T* out, const T* x, i64 nvec, float p0, float p1) {
+        constexpr int N = Vec16<T>::N;
+        GRID_STRIDE(i, nvec) {
+            float v[N];
+            Vec16<T>::load(x + i * N, v);
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-            if (op == S_AFFINE) v[k] = v[k] * p0 + p1;
-            else if (op == S_POWF) v[k] = powf(v[k], p0);
-            else v[k] = fminf(fmaxf(v[k], p0), p1);
+            for (int k = 0; k < N; ++k) {
+                if (OP == S_AFFINE) v[k] = v[k] * p0 + p1;
+                else if (OP == S_POWF) v[k] = powf(v[k], p0);
+                else v[k] = fminf(fmaxf(v[k], p0), p1);
+            }
+            Vec16<T>::store(out + i * N, v);
         }
-        Vec16<T>::store(out + i * N, v);
     }
+};
+
+template <typename T>
+__device__ void scalar_fwd_vec_impl(T* out, const T* x, i64 nvec, int op, float p0, float p1) {
+    // As scalar_fwd_impl: anything but affine and powf is the clamp.
+    if (op == S_AFFINE) ScalarFwdVec<T>::template run<S_AFFINE>(out, x, nvec, p0, p1);
+    else if (op == S_POWF) ScalarFwdVec<T>::template run<S_POWF>(out, x, nvec, p0, p1);
+    else ScalarFwdVec<T>::template run<S_CLAMP>(out, x, nvec, p0, p1);
 }
 
 #define FLOAT_KERNELS(T, S)                                                                          \

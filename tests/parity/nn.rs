@@ -446,3 +446,265 @@ fn layer_norm_warp_kernel_matches_the_block_kernel_and_the_cpu() {
         }
     }
 }
+
+/// The largest difference between two equally long vectors relative to the second (absolute
+/// below 1 in magnitude), NaN where one side is NaN and the other is not (so that a NaN the
+/// reference does not have fails the comparison).
+fn max_rel_diff(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| match (a.is_nan(), b.is_nan()) {
+            (true, true) => 0.0,
+            (false, false) if a == b => 0.0,
+            (false, false) => (a - b).abs() / b.abs().max(1.0),
+            _ => f64::NAN,
+        })
+        .fold(0.0, |m: f64, d| {
+            if d.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(d)
+            }
+        })
+}
+
+/// Rows for the softmax and cross-entropy kernels' comparisons: N(0, 2) values, then per row
+/// one of the shapes the online and held kernels treat apart (ascending, so the running maximum
+/// grows at every vector; descending; -inf entries, as masked logits have; one large spike).
+fn shaped_rows(rows: usize, n: usize, seed: u64) -> Tensor {
+    let mut v = randn_b(&[rows, n], seed).to_vec::<f32>().expect("values");
+    for r in 0..rows {
+        let row = &mut v[r * n..(r + 1) * n];
+        match r % 5 {
+            1 => row
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = i as f32 * 0.125 - 4.0),
+            2 => row
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = 4.0 - i as f32 * 0.125),
+            3 => row
+                .iter_mut()
+                .step_by(3)
+                .for_each(|x| *x = f32::NEG_INFINITY),
+            4 => row[n / 2] = 30.0,
+            _ => row.iter_mut().for_each(|x| *x *= 2.0),
+        }
+    }
+    // bf16-exact (see the module docs): the ramps reach magnitudes where bf16 spacing is 0.5.
+    bf16_exact(Tensor::from_vec(v, vec![rows, n], &Device::Cpu).expect("tensor"))
+}
+
+/// The tuned softmax (a warp per row held in registers) against the block kernel and the CPU,
+/// forward and backward, softmax and log_softmax: every vectors-per-lane instantiation, rows
+/// that fill the last lanes only in part, the longest rows it takes, masked (-inf) entries, and
+/// rows it must refuse.
+#[test]
+fn softmax_tuned_kernel_matches_the_block_kernel_and_the_cpu() {
+    use mvar::cuda::ops::softmax::{
+        softmax_backward_with, softmax_forward_with, softmax_warp_vpl, SoftmaxKernel,
+    };
+    use mvar::engine::Storage;
+    let Some(gpu) = gpu() else { return };
+    let Device::Cuda(dev) = &gpu else { return };
+    let cases = [
+        (5, 4),
+        (6, 8),
+        (7, 132),
+        (5, 256),
+        (5, 680),
+        (9, 1024),
+        (3, 2048),
+        (2, 1000),
+        (2, 1030),
+    ];
+    for (i, &(rows, n)) in cases.iter().enumerate() {
+        let x = shaped_rows(rows, n, 950 + i as u64);
+        let g = randn_b(&[rows, n], 970 + i as u64);
+        for log in [false, true] {
+            let f = |x: &Tensor| {
+                if log {
+                    ops::log_softmax(x, -1)
+                } else {
+                    ops::softmax(x, -1)
+                }
+            };
+            let y_cpu = f(&x).unwrap();
+            let want = y_cpu.to_vec_f64().unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let to_gpu = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+                let (xg, gg) = (to_gpu(&x), to_gpu(&g));
+                let (xs, gs) = (xg.storage(), gg.storage());
+                let (Storage::Cuda(xb), Storage::Cuda(gb)) = (&*xs, &*gs) else {
+                    panic!("a tensor on the GPU without GPU storage")
+                };
+                let host = |b| {
+                    Tensor::from_storage(Storage::Cuda(b), [rows * n], &gpu)
+                        .and_then(|t| t.to_vec_f64())
+                        .unwrap()
+                };
+                let tol = crate::tolerance(dtype);
+                let label = format!("[{rows},{n}] {dtype} log={log}");
+                // The backward's reference: the block kernel on the block kernel's own output.
+                let forward = |k| softmax_forward_with(dev, xb, rows, n, 1, log, k).unwrap();
+                let yb = forward(SoftmaxKernel::Block);
+                let db = host(
+                    softmax_backward_with(dev, &yb, gb, rows, n, 1, log, SoftmaxKernel::Block)
+                        .unwrap(),
+                );
+                let yb_host = host(forward(SoftmaxKernel::Block));
+                let e = max_rel_diff(&yb_host, &want);
+                assert!(e <= tol * 4.0, "block {label}: {e:e}");
+                let takes =
+                    softmax_warp_vpl(n, dtype.size_in_bytes(), &[xb.device_ptr()]).is_some();
+                let per_vec = 16 / dtype.size_in_bytes();
+                assert_eq!(takes, n.is_multiple_of(per_vec) && n <= 1024, "{label}");
+                match softmax_forward_with(dev, xb, rows, n, 1, log, SoftmaxKernel::Tuned) {
+                    Ok(yt) => {
+                        assert!(
+                            takes,
+                            "{label}: the tuned kernel ran where it should refuse"
+                        );
+                        let e = max_rel_diff(&host(yt), &yb_host);
+                        assert!(e <= tol, "tuned vs block forward {label}: {e:e}");
+                        let dt = softmax_backward_with(
+                            dev,
+                            &yb,
+                            gb,
+                            rows,
+                            n,
+                            1,
+                            log,
+                            SoftmaxKernel::Tuned,
+                        )
+                        .unwrap();
+                        let e = max_rel_diff(&host(dt), &db);
+                        assert!(e <= tol, "tuned vs block backward {label}: {e:e}");
+                    }
+                    Err(e) => {
+                        assert!(!takes, "{label}: {e}");
+                        assert!(e.to_string().contains("MVAR_SOFTMAX_KERNEL=tuned"), "{e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The vector cross-entropy kernels (one pass with online sums; 16 bytes a thread backward)
+/// against the per-logit kernels and the CPU, with and without weights and label smoothing, on
+/// rows whose maximum grows along the row, masked logits, targets at both ends, and rows they
+/// must refuse.
+#[test]
+fn cross_entropy_vector_kernels_match_the_block_kernels_and_the_cpu() {
+    use mvar::cuda::ops::softmax::{
+        cross_entropy_backward_with, cross_entropy_forward_with, cross_entropy_takes_vectors,
+        SoftmaxKernel,
+    };
+    use mvar::engine::Storage;
+    let Some(gpu) = gpu() else { return };
+    let Device::Cuda(dev) = &gpu else { return };
+    let cases = [(5, 8), (6, 64), (5, 1000), (10, 4096), (3, 4100), (2, 30)];
+    for (i, &(rows, classes)) in cases.iter().enumerate() {
+        let x = shaped_rows(rows, classes, 990 + i as u64);
+        // Targets at both ends of the row and in between, off the masked (-inf) entries at
+        // multiples of 3 (a target there has an infinite loss on both sides).
+        let off_mask = |t: usize| if t.is_multiple_of(3) { t - 1 } else { t } as i64;
+        let t: Vec<i64> = (0..rows)
+            .map(|r| match r % 3 {
+                0 => off_mask(classes - 1),
+                1 => 1,
+                _ => off_mask(classes / 2 + 1),
+            })
+            .collect();
+        let t = Tensor::from_vec(t, [rows], &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(
+            (0..rows).map(|r| 0.5 + r as f32 * 0.25).collect::<Vec<_>>(),
+            [rows],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g = Tensor::from_vec(
+            (0..rows)
+                .map(|r| 1.0 - r as f32 * 0.125)
+                .collect::<Vec<_>>(),
+            [rows],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (weighted, eps) in [(false, 0.0f32), (true, 0.25)] {
+            let want = ops::cross_entropy(&x, &t, weighted.then_some(&w), eps as f64)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let to_gpu = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+                let (xg, wg, gg) = (to_gpu(&x), to_gpu(&w), to_gpu(&g));
+                let tg = t.to_device(&gpu).unwrap();
+                let (xs, ws, gs, ts) = (xg.storage(), wg.storage(), gg.storage(), tg.storage());
+                let (Storage::Cuda(xb), Storage::Cuda(wb), Storage::Cuda(gb), Storage::Cuda(tb)) =
+                    (&*xs, &*ws, &*gs, &*ts)
+                else {
+                    panic!("a tensor on the GPU without GPU storage")
+                };
+                let wopt = weighted.then_some(wb);
+                let host = |b, n| {
+                    Tensor::from_storage(Storage::Cuda(b), [n], &gpu)
+                        .and_then(|t| t.to_vec_f64())
+                        .unwrap()
+                };
+                let tol = crate::tolerance(dtype);
+                let label = format!("[{rows},{classes}] {dtype} weighted={weighted} eps={eps}");
+                let run = |k| {
+                    let (loss, lse) =
+                        cross_entropy_forward_with(dev, xb, tb, wopt, rows, classes, eps, k)?;
+                    let dx = cross_entropy_backward_with(
+                        dev, xb, gb, tb, &lse, wopt, rows, classes, eps, k,
+                    )?;
+                    Ok::<_, mvar::cuda::CudaError>((
+                        host(loss, rows),
+                        host(lse, rows),
+                        host(dx, rows * classes),
+                    ))
+                };
+                let (lb, sb, db) = run(SoftmaxKernel::Block).unwrap();
+                let rel = |a: &[f64], b: &[f64]| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                        .fold(0.0, f64::max)
+                };
+                assert!(
+                    rel(&lb, &want) <= tol * 4.0,
+                    "block loss {label}: {:e}",
+                    rel(&lb, &want)
+                );
+                let takes =
+                    cross_entropy_takes_vectors(classes, dtype.size_in_bytes(), &[xb.device_ptr()]);
+                assert_eq!(
+                    takes,
+                    classes.is_multiple_of(16 / dtype.size_in_bytes()),
+                    "{label}"
+                );
+                match run(SoftmaxKernel::Tuned) {
+                    Ok((lt, st, dt)) => {
+                        assert!(
+                            takes,
+                            "{label}: the vector kernels ran where they should refuse"
+                        );
+                        assert!(rel(&lt, &lb) <= 1e-5, "loss {label}: {:e}", rel(&lt, &lb));
+                        assert!(rel(&st, &sb) <= 1e-5, "lse {label}: {:e}", rel(&st, &sb));
+                        let e = max_rel_diff(&dt, &db);
+                        assert!(e <= tol, "dx {label}: {e:e}");
+                    }
+                    Err(e) => {
+                        assert!(!takes, "{label}: {e}");
+                        assert!(e.to_string().contains("MVAR_SOFTMAX_KERNEL=tuned"), "{e}");
+                    }
+                }
+            }
+        }
+    }
+}

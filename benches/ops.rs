@@ -421,7 +421,7 @@ fn layout(c: &mut Criterion) {
 }
 
 fn nn(c: &mut Criterion) {
-    let _ng = no_grad();
+    let ng = no_grad();
     let mut g = c.benchmark_group("nn");
     for d in devices() {
         let t = tag(&d);
@@ -522,6 +522,89 @@ fn nn(c: &mut Criterion) {
                 ops::group_norm(&img, 32, &w, &bias, 1e-6).unwrap();
             },
         );
+    }
+    // The cases below record the tape for their backward.
+    drop(ng);
+    // Softmax and cross-entropy on the GPU: the tuned kernels (a warp per row held in registers;
+    // one pass with online sums, 16 bytes a thread) and the general ones they replaced where
+    // they apply (MVAR_SOFTMAX_KERNEL=block), forward (block only: the tuned forward is the case
+    // above) and forward + backward. Cross-entropy at VAR-d16's logits for batch 8 (5440 tokens,
+    // 4096 codes).
+    for d in devices().into_iter().filter(|d| d.is_cuda()) {
+        let t = tag(&d);
+        let x = randn(&[8 * 680, 1024], DType::F32, &d, 1);
+        let x_leaf = x.with_grad().unwrap();
+        let dy = randn(&[8 * 680, 1024], DType::F32, &d, 11);
+        let logits = randn(&[2 * 680, 4096], DType::F32, &d, 2);
+        let targets_of = |rows: usize| {
+            Tensor::from_vec(
+                (0..rows)
+                    .map(|i| (i * 31 % 4096) as i64)
+                    .collect::<Vec<_>>(),
+                [rows],
+                &d,
+            )
+            .expect("targets")
+        };
+        let targets = targets_of(2 * 680);
+        let big = randn(&[8 * 680, 4096], DType::F32, &d, 12);
+        let big_leaf = big.with_grad().unwrap();
+        let big_targets = targets_of(8 * 680);
+        let dloss = randn(&[8 * 680], DType::F32, &d, 13);
+        for (variant, value) in [("", "auto"), (" block-per-row", "block")] {
+            with_kernel_env("MVAR_SOFTMAX_KERNEL", value, || {
+                if !variant.is_empty() {
+                    g.throughput(Throughput::Bytes(bytes(2 * x.elem_count(), DType::F32)));
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{t}/softmax{variant} [5440,1024] f32"),
+                        || {
+                            mvar::engine::with_no_grad(|| ops::softmax(&x, -1).unwrap());
+                        },
+                    );
+                    g.throughput(Throughput::Bytes(bytes(logits.elem_count(), DType::F32)));
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{t}/cross_entropy{variant} [1360,4096] f32"),
+                        || {
+                            mvar::engine::with_no_grad(|| {
+                                ops::cross_entropy(&logits, &targets, None, 0.0).unwrap()
+                            });
+                        },
+                    );
+                }
+                // Forward (read, write); backward (read y and dy, write dx).
+                g.throughput(Throughput::Bytes(bytes(5 * x.elem_count(), DType::F32)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/softmax{variant} fwd+bwd [5440,1024] f32"),
+                    || {
+                        x_leaf.zero_grad();
+                        ops::softmax(&x_leaf, -1)
+                            .unwrap()
+                            .backward_with(dy.clone())
+                            .unwrap();
+                    },
+                );
+                // Forward (read the logits); backward (read them, write their gradient).
+                g.throughput(Throughput::Bytes(bytes(3 * big.elem_count(), DType::F32)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/cross_entropy{variant} fwd+bwd [5440,4096] f32"),
+                    || {
+                        big_leaf.zero_grad();
+                        ops::cross_entropy(&big_leaf, &big_targets, None, 0.0)
+                            .unwrap()
+                            .backward_with(dloss.clone())
+                            .unwrap();
+                    },
+                );
+            });
+        }
     }
     g.finish();
 }

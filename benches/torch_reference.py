@@ -353,6 +353,26 @@ def main():
     report("nn", "cuda/drop_path [32,255,1024] bf16", timed(drop_path), nbytes=2 * branch.numel() * 2)
     report("nn", "cuda/cross_entropy [1360,4096] f32",
            timed(lambda: F.cross_entropy(logits, targets, reduction="none")), nbytes=logits.numel() * 4)
+    # Forward + backward of softmax and of the per-token cross-entropy (the bench's gradients:
+    # a random dy, a random per-token dloss).
+    h_leaf = h.detach().requires_grad_()
+    dh = torch.randn_like(h)
+
+    def softmax_fwd_bwd():
+        h_leaf.grad = None
+        h_leaf.softmax(-1).backward(dh)
+
+    report("nn", "cuda/softmax fwd+bwd [5440,1024] f32", timed(softmax_fwd_bwd), nbytes=5 * h.numel() * 4)
+    big_logits = torch.randn(8 * 680, 4096, device=dev, requires_grad=True)
+    big_targets = torch.arange(8 * 680, device=dev) * 31 % 4096
+    dloss = torch.randn(8 * 680, device=dev)
+
+    def cross_entropy_fwd_bwd():
+        big_logits.grad = None
+        F.cross_entropy(big_logits, big_targets, reduction="none").backward(dloss)
+
+    report("nn", "cuda/cross_entropy fwd+bwd [5440,4096] f32", timed(cross_entropy_fwd_bwd),
+           nbytes=3 * big_logits.numel() * 4)
     img = torch.randn(4, 128, 64, 64, device=dev)
     w, b = torch.randn(128, device=dev), torch.randn(128, device=dev)
     report("nn", "cuda/group_norm 32 groups [4,128,64,64] f32",

@@ -35,7 +35,10 @@
 // row is short), so the (channel, tap) of a row is worked out once per row, not per element.
 // The column matrices these write are the largest buffers of a VQVAE step (the decoder's
 // [32, 160, 256, 256] 3x3 convs write 1440 rows of 65536 positions per image), and the
-// per-element kernels spent their time in 64-bit divisions, not in memory traffic.
+// per-element kernels spent their time in 64-bit divisions, not in memory traffic. The
+// upsampling kernels have vector variants in the same grid too (upsample_nearest_vec: a vector
+// of an output row; upsample_nearest_bwd_vec: a vector of a dx row), taken when those rows are
+// whole vectors.
 // Numerics: copies (im2col, conv_tile_dy, the upsampling forward) move raw bits. Sums are f32,
 // bf16 widened on load and rounded once on store; the accumulators of dx and dW are f32 for
 // both element types and the host rounds them to bf16 at the end.
@@ -271,6 +274,73 @@ __device__ void upsample_nearest_bwd_impl(T* dx, const T* g, i64 total, i64 h, i
     }
 }
 
+// upsample_nearest with N = 16 / sizeof(T) outputs a thread: y row `row` (rows = planes * h * f
+// rows of ow = w * f) copies x row row / f, output column j reading input column j / f; the
+// columns of a thread's vector are walked by a counter, so no division runs per element (the
+// per-element kernel above does four 64-bit ones). Needs ow a whole number of vectors and every
+// index below 2^31.
+template <typename T>
+__device__ void upsample_nearest_vec_impl(T* y, const T* x, int w, int f, int rows) {
+    constexpr int N = Vec16<T>::N;
+    const int ow = w * f;
+    int jv;
+    if (!vec_coords(ow / N, jv)) return;
+    const int j0 = jv * N, ix0 = j0 / f, r0 = j0 - ix0 * f;
+    VEC_ROWS(row, rows) {
+        const T* xr = x + (row / f) * w;
+        T v[N];
+        int ix = ix0, r = r0;
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            v[e] = xr[ix];
+            if (++r == f) {
+                r = 0;
+                ++ix;
+            }
+        }
+        *reinterpret_cast<Word16*>(y + row * ow + j0) = pack_word(v);
+    }
+}
+
+// upsample_nearest's backward with N outputs a thread: dx row `row` (rows = planes * h rows of w)
+// sums, for each of its N columns, the f x f block of g rows row * f .. row * f + f, in the
+// per-element kernel's order (g row by g row, left to right), so the sums are the same floats.
+// F = 2 (the decoders' factor) reads each g row's 2N columns as two 16-byte vectors; F = 0 takes
+// f at run time and reads them one element at a time. Needs w a whole number of vectors and
+// every index below 2^31.
+template <typename T, int F>
+__device__ void upsample_nearest_bwd_vec_impl(T* dx, const T* g, int w, int f_rt, int rows) {
+    constexpr int N = Vec16<T>::N;
+    const int f = F ? F : f_rt;
+    const int ow = w * f;
+    int jv;
+    if (!vec_coords(w / N, jv)) return;
+    const int j0 = jv * N;
+    VEC_ROWS(row, rows) {
+        float acc[N];
+#pragma unroll
+        for (int e = 0; e < N; ++e) acc[e] = 0.0f;
+        for (int a = 0; a < f; ++a) {
+            const T* gr = g + (row * f + a) * ow + j0 * f;
+            if (F == 2) {
+                float v[2 * N];
+                Vec16<T>::load(gr, v);
+                Vec16<T>::load(gr + N, v + N);
+#pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    acc[e] += v[2 * e];
+                    acc[e] += v[2 * e + 1];
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < N; ++e)
+                    for (int c = 0; c < f; ++c) acc[e] += Io<T>::load(gr, e * f + c);
+            }
+        }
+        Vec16<T>::store(dx + row * w + j0, acc);
+    }
+}
+
 #define CONV_KERNELS(T, S)                                                                           \
     extern "C" __global__ void im2col_##S(T* cols, const T* x, i64 total, ConvGeom g, i64 n0,      \
                                          i64 nb, i64 p0, i64 t) {                                   \
@@ -297,6 +367,17 @@ __device__ void upsample_nearest_bwd_impl(T* dx, const T* g, i64 total, i64 h, i
     extern "C" __global__ void conv_tile_dy_vec_##S(T* dyt, const T* dy, int cout, int p, int n0,  \
                                                    int nb, int p0, int t, int rows) {               \
         conv_tile_dy_vec_impl<T>(dyt, dy, cout, p, n0, nb, p0, t, rows);                            \
+    }                                                                                               \
+    extern "C" __global__ void upsample_nearest_vec_##S(T* y, const T* x, int w, int f, int rows) { \
+        upsample_nearest_vec_impl<T>(y, x, w, f, rows);                                             \
+    }                                                                                               \
+    extern "C" __global__ void upsample_nearest_bwd_vec2_##S(T* dx, const T* g, int w, int f,      \
+                                                            int rows) {                             \
+        upsample_nearest_bwd_vec_impl<T, 2>(dx, g, w, f, rows);                                     \
+    }                                                                                               \
+    extern "C" __global__ void upsample_nearest_bwd_vec_##S(T* dx, const T* g, int w, int f,       \
+                                                           int rows) {                              \
+        upsample_nearest_bwd_vec_impl<T, 0>(dx, g, w, f, rows);                                     \
     }                                                                                               \
     extern "C" __global__ void col2im_##S(float* acc, const T* dcols, i64 total, ConvGeom g,       \
                                          i64 n0, i64 nb, i64 p0, i64 t) {                           \

@@ -264,3 +264,68 @@ fn check_tiles(s: &Conv2dShape, run: usize) {
         }
     }
 }
+
+/// Nearest upsampling on rows of whole 16-byte vectors (the vector kernels): factors 1, 2 (whose
+/// backward reads g as vectors) and 3, rows of one vector and of several, in f32 and bf16,
+/// against the CPU; and on the GPU each vector kernel equal, bit for bit, to the per-element
+/// kernel it replaces (same copies, same sums in the same order).
+#[test]
+fn upsample_nearest_vector_kernels() {
+    use mvar::engine::cuda::ops::conv::{
+        upsample_nearest_backward_with, upsample_nearest_with, upsample_vector,
+    };
+    use mvar::engine::DType;
+    let run = |r: std::result::Result<(), proptest::test_runner::TestCaseError>| {
+        if let Err(e) = r {
+            panic!("{e}");
+        }
+    };
+    // [n, c, h, w] and f; (w * f) and w whole vectors of f32 (4) and, for some, of bf16 (8).
+    let cases = [
+        ([2, 3, 5, 8], 2),
+        ([1, 2, 3, 16], 3),
+        ([2, 2, 4, 4], 1),
+        ([1, 1, 2, 12], 2),
+        ([1, 2, 3, 40], 2),
+    ];
+    for (i, (s, f)) in cases.into_iter().enumerate() {
+        let x = randn(&s, 60 + i as u64);
+        run(parity(
+            &format!("upsample_nearest {s:?} x{f}"),
+            |_, x| ops::upsample_nearest(&x[0], f),
+            std::slice::from_ref(&x),
+        ));
+        let Some(gpu) = gpu() else { continue };
+        let planes = s[0] * s[1];
+        let [h, w] = [s[2], s[3]];
+        let g = randn(&[s[0], s[1], h * f, w * f], 80 + i as u64);
+        for dtype in [DType::F32, DType::BF16] {
+            let (dev, xb) = buffer_of(&x.to_dtype(dtype).unwrap().to_device(&gpu).unwrap());
+            let (_, gb) = buffer_of(&g.to_dtype(dtype).unwrap().to_device(&gpu).unwrap());
+            let up = |v| upsample_nearest_with(&dev, &xb, planes, h, w, f, v).unwrap();
+            let down = |v| upsample_nearest_backward_with(&dev, &gb, planes, h, w, f, v).unwrap();
+            let (up_dims, down_dims) = ([planes * h * f * w * f], [planes * h * w]);
+            let label = format!("{s:?} x{f} {dtype}");
+            // Which kernels run: the forward's rows are w * f long, the backward's w.
+            let per = 16 / dtype.size_in_bytes();
+            let ptrs = [xb.device_ptr(), gb.device_ptr()];
+            for (backward, row) in [(false, w * f), (true, w)] {
+                assert_eq!(
+                    upsample_vector(xb.kind(), backward, planes, [h, w, f], &ptrs).is_some(),
+                    row.is_multiple_of(per),
+                    "{label} backward={backward}"
+                );
+            }
+            assert_eq!(
+                values(&dev, up(true), &up_dims),
+                values(&dev, up(false), &up_dims),
+                "forward {label}"
+            );
+            assert_eq!(
+                values(&dev, down(true), &down_dims),
+                values(&dev, down(false), &down_dims),
+                "backward {label}"
+            );
+        }
+    }
+}

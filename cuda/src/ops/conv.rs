@@ -718,10 +718,35 @@ fn upsample_launch(
     name: &str,
     out: &CudaBuffer,
     src: &CudaBuffer,
+    planes: usize,
     hwf: [usize; 3],
+    vectors: bool,
 ) -> Result<(), CudaError> {
     let total = out.len();
     if total == 0 {
+        return Ok(());
+    }
+    let backward = name.ends_with("_bwd");
+    let [_, w, fac] = hwf;
+    // Rows of the output: planes * h * f of w * f (forward), planes * h of w (backward).
+    let row = if backward { w } else { w * fac };
+    let ptrs = [out.device_ptr(), src.device_ptr()];
+    let per = upsample_vector(src.kind(), backward, planes, hwf, &ptrs).filter(|_| vectors);
+    if let Some(per) = per {
+        // The backward's factor-2 kernel reads g as vectors; other factors element by element.
+        let variant = if backward && fac == 2 { "vec2" } else { "vec" };
+        let kernel = format!("{name}_{variant}_{}", src.kind().suffix());
+        let f = dev.function(&CONV, &kernel)?;
+        let rows = (total / row) as i32;
+        let (w32, fac32, po, ps) = (w as i32, fac as i32, ptrs[0], ptrs[1]);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&po).arg(&ps).arg(&w32).arg(&fac32).arg(&rows);
+        // SAFETY: as below; upsample_vector checked that rows are whole 16-byte vectors at
+        // aligned addresses and that every index fits in 32 bits.
+        unsafe { b.launch(vector_launch(row / per, rows as usize)) }.map_err(launch_err(
+            name,
+            format!("{total} elements, [h, w, f] {hwf:?}"),
+        ))?;
         return Ok(());
     }
     let f = dev.function(&CONV, &format!("{name}_{}", src.kind().suffix()))?;
@@ -736,6 +761,29 @@ fn upsample_launch(
         format!("{total} elements, [h, w, f] {hwf:?}"),
     ))?;
     Ok(())
+}
+
+/// Elements per 16-byte vector when the upsampling vector kernels take planes [h, w] and factor
+/// f for the buffers at `ptrs` (either direction): a row of the forward's output (w * f
+/// elements) or of the backward's output (w elements) is whole vectors, the addresses are
+/// 16-byte aligned, and the upsampled length fits the kernels' 32-bit indices.
+pub fn upsample_vector(
+    kind: BufferKind,
+    backward: bool,
+    planes: usize,
+    hwf: [usize; 3],
+    ptrs: &[u64],
+) -> Option<usize> {
+    let [h, w, f] = hwf;
+    let per = ew::vector_width(kind, 0, ptrs)?;
+    let row = if backward { w } else { w * f };
+    // Both directions index the upsampled tensor (the forward's output, the backward's g).
+    let upsampled = planes
+        .checked_mul(h)?
+        .checked_mul(f)?
+        .checked_mul(w)?
+        .checked_mul(f)?;
+    (row > 0 && row.is_multiple_of(per) && upsampled <= i32::MAX as usize).then_some(per)
 }
 
 /// (input elements, output elements) of upsampling `planes` planes [h, w] by `f`.
@@ -765,12 +813,25 @@ pub fn upsample_nearest(
     w: usize,
     f: usize,
 ) -> Result<CudaBuffer, CudaError> {
+    upsample_nearest_with(dev, x, planes, h, w, f, ew::vector_kernels_enabled())
+}
+
+/// [`upsample_nearest`] with the vector kernel allowed (where it applies) or not.
+pub fn upsample_nearest_with(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    planes: usize,
+    h: usize,
+    w: usize,
+    f: usize,
+    vectors: bool,
+) -> Result<CudaBuffer, CudaError> {
     const OP: &str = "upsample_nearest";
     let kind = float_kind(OP, &[x])?;
     let (in_len, out_len) = upsample_sizes(OP, planes, h, w, f)?;
     check_lens(OP, &[(x, in_len)])?;
     let out = dev.alloc(kind, out_len, "upsample_nearest output")?;
-    upsample_launch(dev, "upsample_nearest", &out, x, [h, w, f])?;
+    upsample_launch(dev, "upsample_nearest", &out, x, planes, [h, w, f], vectors)?;
     Ok(out)
 }
 
@@ -783,12 +844,33 @@ pub fn upsample_nearest_backward(
     w: usize,
     f: usize,
 ) -> Result<CudaBuffer, CudaError> {
+    upsample_nearest_backward_with(dev, g, planes, h, w, f, ew::vector_kernels_enabled())
+}
+
+/// [`upsample_nearest_backward`] with the vector kernels allowed (where they apply) or not.
+pub fn upsample_nearest_backward_with(
+    dev: &CudaDevice,
+    g: &CudaBuffer,
+    planes: usize,
+    h: usize,
+    w: usize,
+    f: usize,
+    vectors: bool,
+) -> Result<CudaBuffer, CudaError> {
     const OP: &str = "upsample_nearest backward";
     let kind = float_kind(OP, &[g])?;
     let (in_len, out_len) = upsample_sizes(OP, planes, h, w, f)?;
     check_lens(OP, &[(g, out_len)])?;
     let dx = dev.alloc(kind, in_len, "upsample_nearest backward output")?;
-    upsample_launch(dev, "upsample_nearest_bwd", &dx, g, [h, w, f])?;
+    upsample_launch(
+        dev,
+        "upsample_nearest_bwd",
+        &dx,
+        g,
+        planes,
+        [h, w, f],
+        vectors,
+    )?;
     Ok(dx)
 }
 
@@ -813,6 +895,41 @@ mod tests {
         }
         let want: Vec<_> = (0..n).flat_map(|i| (0..p).map(move |j| (i, j))).collect();
         assert_eq!(seen, want, "n {n}, rows {rows}, p {p}, budget {budget}");
+    }
+
+    #[test]
+    fn the_upsampling_vector_kernels_take_rows_of_whole_vectors() {
+        let f32_ = BufferKind::F32;
+        // Forward rows are w * f long, backward rows w.
+        assert_eq!(
+            upsample_vector(f32_, false, 2, [3, 2, 2], &[0, 16]),
+            Some(4)
+        );
+        assert_eq!(upsample_vector(f32_, true, 2, [3, 2, 2], &[0, 16]), None);
+        assert_eq!(upsample_vector(f32_, true, 2, [3, 8, 3], &[0, 16]), Some(4));
+        assert_eq!(
+            upsample_vector(BufferKind::BF16, false, 1, [3, 4, 2], &[0]),
+            Some(8)
+        );
+        assert_eq!(
+            upsample_vector(BufferKind::BF16, true, 1, [3, 4, 2], &[0]),
+            None
+        );
+        assert_eq!(upsample_vector(f32_, false, 2, [3, 2, 2], &[8]), None);
+        assert_eq!(upsample_vector(f32_, false, 0, [3, 0, 2], &[0]), None);
+        // The upsampled tensor (2^31 elements here, 2^31 - 2^16 below) must fit 32-bit indices.
+        assert_eq!(
+            upsample_vector(f32_, false, 1 << 17, [64, 64, 2], &[0]),
+            None
+        );
+        assert_eq!(
+            upsample_vector(f32_, true, 1 << 17, [64, 64, 2], &[0]),
+            None
+        );
+        assert_eq!(
+            upsample_vector(f32_, true, (1 << 17) - 4, [64, 64, 2], &[0]),
+            Some(4)
+        );
     }
 
     #[test]

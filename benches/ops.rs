@@ -1056,6 +1056,18 @@ fn spatial(c: &mut Criterion) {
                 ops::upsample_nearest(&x, 2).unwrap();
             },
         );
+        if d.is_cuda() {
+            with_kernel_env("MVAR_EW_KERNEL", "scalar", || {
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{t}/upsample_nearest x2 per-element [2,64,64,64] f32"),
+                    || {
+                        ops::upsample_nearest(&x, 2).unwrap();
+                    },
+                );
+            });
+        }
     }
     drop(ng);
     for d in devices().into_iter().filter(|d| d.is_cuda()) {
@@ -1081,6 +1093,39 @@ fn spatial(c: &mut Criterion) {
                         .unwrap()
                         .backward()
                         .unwrap();
+                    },
+                );
+            });
+        }
+        // The decoder's nearest upsampling (160 channels, 128 -> 256, batch 8, bf16), forward and
+        // forward + backward (the backward sums each 2 x 2 block), with the per-element kernels
+        // beside (MVAR_EW_KERNEL=scalar). Bytes: read x, write 4x; backward read 4x, write x.
+        let low = randn(&[8, 160, 128, 128], DType::BF16, &d, 10)
+            .with_grad()
+            .unwrap();
+        let dup = randn(&[8, 160, 256, 256], DType::BF16, &d, 11);
+        for (variant, env) in [("", "vector"), (" per-element", "scalar")] {
+            with_kernel_env("MVAR_EW_KERNEL", env, || {
+                g.throughput(Throughput::Bytes(bytes(5 * low.elem_count(), DType::BF16)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("cuda/upsample_nearest x2{variant} [8,160,128,128] bf16 fwd"),
+                    || {
+                        mvar::engine::with_no_grad(|| ops::upsample_nearest(&low, 2).unwrap());
+                    },
+                );
+                g.throughput(Throughput::Bytes(bytes(10 * low.elem_count(), DType::BF16)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("cuda/upsample_nearest x2{variant} [8,160,128,128] bf16 fwd+bwd"),
+                    || {
+                        low.zero_grad();
+                        ops::upsample_nearest(&low, 2)
+                            .unwrap()
+                            .backward_with(dup.clone())
+                            .unwrap();
                     },
                 );
             });

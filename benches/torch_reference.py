@@ -478,6 +478,19 @@ def main():
            timed(lambda: F.interpolate(small, size=(16, 16), mode="bicubic")), nbytes=(lat.numel() + small.numel()) * 4)
     report("spatial", "cuda/upsample_nearest x2 [2,64,64,64] f32",
            timed(lambda: F.interpolate(xs, scale_factor=2, mode="nearest")), nbytes=5 * xs.numel() * 4)
+    # The decoder's nearest upsampling (160 channels, 128 -> 256, batch 8, bf16), forward and
+    # forward + backward with a random output gradient.
+    low = torch.randn(8, 160, 128, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dup = torch.randn(8, 160, 256, 256, device=dev, dtype=torch.bfloat16)
+    report("spatial", "cuda/upsample_nearest x2 [8,160,128,128] bf16 fwd",
+           timed(lambda: F.interpolate(low.detach(), scale_factor=2, mode="nearest")), nbytes=5 * low.numel() * 2)
+
+    def upsample_fwd_bwd():
+        low.grad = None
+        F.interpolate(low, scale_factor=2, mode="nearest").backward(dup)
+
+    report("spatial", "cuda/upsample_nearest x2 [8,160,128,128] bf16 fwd+bwd", timed(upsample_fwd_bwd),
+           nbytes=10 * low.numel() * 2)
 
     # quant: the nearest code of every row. The quantizer's own formulation (squared distances
     # through one GEMM, then argmin) under the bench's id; torch.cdist + argmin under the same id

@@ -755,6 +755,19 @@ __device__ void attn_naive_bwd_dkdv(T* __restrict__ dk, T* __restrict__ dvo, con
 template <int D>
 __device__ __forceinline__ void att_stage_async(bf16_t* dst, const bf16_t* g, int row0, int n, int d) {
     constexpr int V = D / 8;
+    if (n == ATT_TILE && d == D) {
+        // A whole tile of full rows (every tile but a head's last, at D = d): a thread's pieces
+        // sit in one column, STEP rows apart, so their addresses are one base plus constants.
+        // The general loop below forms each from its index with bounds checks, about 60
+        // instructions a piece in SASS (tools/sass.py), a third of the forward's key-tile loop.
+        constexpr int STEP = ATT_MMA_THREADS / V;
+        const int r = threadIdx.x / V, col = (threadIdx.x % V) * 8;
+        const bf16_t* src = g + (i64)(row0 + r) * D + col;
+        bf16_t* to = dst + r * (D + 8) + col;
+#pragma unroll
+        for (int i = 0; i < ATT_TILE / STEP; ++i) mma_cp_async16(to + i * STEP * (D + 8), src + (i64)i * STEP * D, true);
+        return;
+    }
 #pragma unroll 4
     for (int e = threadIdx.x; e < ATT_TILE * V; e += ATT_MMA_THREADS) {
         const int r = e / V, col = (e - r * V) * 8;
@@ -801,6 +814,118 @@ __device__ __forceinline__ AttLaneRows att_lane_rows(const AttnMaskArg& m, int w
     return r;
 }
 
+// The keys (or query rows) that every valid row of the warp sees, [lo, hi): the intersection of
+// its lanes' ranges (empty when lo >= hi; everything when the warp has no valid row). A tile or
+// chunk inside it needs no mask: the masked kernels' per-element compares and selects (about a
+// tenth of the forward's key-tile loop) are skipped there. Whole warp (shuffles).
+struct AttWarpSeen {
+    int lo, hi;
+};
+
+__device__ __forceinline__ AttWarpSeen att_warp_seen(const AttLaneRows& r) {
+    const int none_lo = -2147483647 - 1, none_hi = 2147483647;
+    int lo = max(r.oka ? r.alo : none_lo, r.okb ? r.blo : none_lo);
+    int hi = min(r.oka ? r.ahi : none_hi, r.okb ? r.bhi : none_hi);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = max(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = min(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    return AttWarpSeen{lo, hi};
+}
+
+__device__ __forceinline__ bool att_unmasked(const AttWarpSeen& w, int first, int n) {
+    return first >= w.lo && first + n <= w.hi;
+}
+
+// The forward's per-tile softmax update of a warp's 16 x 64 scores `s` (chunk, n-tile, fragment
+// element): scale to log2 units, mask (MASKED) to each row's keys, new row maxima, p = exp2(s -
+// max) in place, row sums, and O rescaled by exp2(old max - new max).
+template <int D, bool MASKED>
+__device__ __forceinline__ void att_fwd_softmax(float (&s)[4][2][4], float (&acc)[D / 8][4], float (&mr)[2],
+                                                float (&lr)[2], const AttLaneRows& rw, int k0, int tg,
+                                                float scale_log2) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int lo = rr ? rw.blo : rw.alo, hi = rr ? rw.bhi : rw.ahi;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    const int key = k0 + 16 * c + 8 * nt + 2 * tg + e2;
+                    float& x = s[c][nt][2 * rr + e2];
+                    x = (!MASKED || (key >= lo && key < hi)) ? x * scale_log2 : NEG_INF;
+                    mx = fmaxf(mx, x);
+                }
+        const float mn = fmaxf(mr[rr], mma_quad_max(mx));
+        // While nothing is visible (mn = -inf) every p is 0 and nothing is rescaled.
+        const float base = mn == NEG_INF ? 0.0f : mn;
+        const float alpha = exp2f(mr[rr] - base);
+        mr[rr] = mn;
+        float ps = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    float& x = s[c][nt][2 * rr + e2];
+                    x = exp2f(x - base);
+                    ps += x;
+                }
+        lr[rr] = lr[rr] * alpha + ps;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            acc[nt][2 * rr] *= alpha;
+            acc[nt][2 * rr + 1] *= alpha;
+        }
+    }
+}
+
+// dq's per-chunk dS = P (dP - delta) in place of the scores, P = exp2(s scale_log2 - lse2) masked
+// (MASKED) to each row's keys.
+template <bool MASKED>
+__device__ __forceinline__ void att_dq_ds(float (&s)[2][4], const float (&dp)[2][4], const AttLaneRows& rw, int c0,
+                                          int tg, float scale_log2, const float (&l2)[2], const float (&dl)[2]) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1, key = c0 + 8 * nt + 2 * tg + (e & 1);
+            const bool valid = !MASKED || (key >= (rr ? rw.blo : rw.alo) && key < (rr ? rw.bhi : rw.ahi));
+            const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2[rr]) : 0.0f;
+            s[nt][e] = p * (dp[nt][e] - dl[rr]);
+        }
+}
+
+// dK/dV's per-chunk P^T (in place of the transposed scores) and dS^T = P^T (dP^T - delta), the
+// columns being the chunk's queries (first `first`, local column base `col0`), masked (MASKED) to
+// the queries that see each key row.
+template <bool MASKED>
+__device__ __forceinline__ void att_dkdv_p_ds(float (&s)[2][4], const float (&dp)[2][4], float (&dsv)[2][4],
+                                              const AttLaneRows& rw, int first, int col0, int tg, float scale_log2,
+                                              const float* ls, const float* ds) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int ce = 0; ce < 2; ++ce) {
+            const int col = col0 + 8 * nt + 2 * tg + ce, query = first + col;
+            const float l2 = ls[col], dl = ds[col];
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const int e = 2 * rr + ce;
+                const bool valid =
+                    !MASKED || (query >= (rr ? rw.blo : rw.alo) && query < (rr ? rw.bhi : rw.ahi));
+                const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2) : 0.0f;
+                dsv[nt][e] = p * (dp[nt][e] - dl);
+                s[nt][e] = p;
+            }
+        }
+}
+
 // Forward. One block per (head, 64 queries), four warps of 16 queries; Q fragments in registers.
 // Shared memory: two stages of (K, V) tiles, bf16 [64][D + 8] each: the next key tile is copied
 // (cp.async) while the current one is used. Per tile a warp computes its 16 x 64 scores as four
@@ -818,6 +943,7 @@ __device__ void attn_fwd_mma(bf16_t* __restrict__ o, float* __restrict__ lse, co
     const int w0 = q0 + warp * 16;
     const bool active = w0 < lq;
     const AttLaneRows rw = att_lane_rows(mask, w0, lq, lk, true);
+    const AttWarpSeen seen = att_warp_seen(rw);
     for (int bh = blockIdx.y; bh < dims.bh; bh += gridDim.y) {
         const bf16_t* qh = q + (i64)bh * lq * d;
         const bf16_t* kh = k + (i64)bh * lk * d;
@@ -856,44 +982,10 @@ __device__ void attn_fwd_mma(bf16_t* __restrict__ o, float* __restrict__ lse, co
                     for (int nt = 0; nt < 2; ++nt) s[c][nt][0] = s[c][nt][1] = s[c][nt][2] = s[c][nt][3] = 0.0f;
                     if (need[c]) mma_abt<D>(s[c], qf, kt + c * 16 * P);
                 }
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr) {
-                    const int lo = rr ? rw.blo : rw.alo, hi = rr ? rw.bhi : rw.ahi;
-                    float mx = NEG_INF;
-#pragma unroll
-                    for (int c = 0; c < 4; ++c)
-#pragma unroll
-                        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                            for (int e2 = 0; e2 < 2; ++e2) {
-                                const int key = k0 + 16 * c + 8 * nt + 2 * tg + e2;
-                                float& x = s[c][nt][2 * rr + e2];
-                                x = (key >= lo && key < hi) ? x * scale_log2 : NEG_INF;
-                                mx = fmaxf(mx, x);
-                            }
-                    const float mn = fmaxf(mr[rr], mma_quad_max(mx));
-                    // While nothing is visible (mn = -inf) every p is 0 and nothing is rescaled.
-                    const float base = mn == NEG_INF ? 0.0f : mn;
-                    const float alpha = exp2f(mr[rr] - base);
-                    mr[rr] = mn;
-                    float ps = 0.0f;
-#pragma unroll
-                    for (int c = 0; c < 4; ++c)
-#pragma unroll
-                        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                            for (int e2 = 0; e2 < 2; ++e2) {
-                                float& x = s[c][nt][2 * rr + e2];
-                                x = exp2f(x - base);
-                                ps += x;
-                            }
-                    lr[rr] = lr[rr] * alpha + ps;
-#pragma unroll
-                    for (int nt = 0; nt < D / 8; ++nt) {
-                        acc[nt][2 * rr] *= alpha;
-                        acc[nt][2 * rr + 1] *= alpha;
-                    }
-                }
+if (att_unmasked(seen, k0, ATT_TILE))
+                    att_fwd_softmax<D, false>(s, acc, mr, lr, rw, k0, tg, scale_log2);
+                else
+                    att_fwd_softmax<D, true>(s, acc, mr, lr, rw, k0, tg, scale_log2);
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     if (!need[c]) continue;
@@ -934,6 +1026,7 @@ __device__ void attn_bwd_dq_mma(bf16_t* __restrict__ dq, const bf16_t* __restric
     const int w0 = q0 + warp * 16;
     const bool active = w0 < lq;
     const AttLaneRows rw = att_lane_rows(mask, w0, lq, lk, true);
+    const AttWarpSeen seen = att_warp_seen(rw);
     for (int bh = blockIdx.y; bh < dims.bh; bh += gridDim.y) {
         const i64 ra = (i64)bh * lq + min(rw.a, lq - 1), rb = (i64)bh * lq + min(rw.b, lq - 1);
         const bf16_t* kh = k + (i64)bh * lk * d;
@@ -972,15 +1065,10 @@ __device__ void attn_bwd_dq_mma(bf16_t* __restrict__ dq, const bf16_t* __restric
                     float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
                     mma_abt<D>(s, qf, kt + c * 16 * P);
                     mma_abt<D>(dp, gf, vt + c * 16 * P);
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int rr = e >> 1, key = c0 + 8 * nt + 2 * tg + (e & 1);
-                            const bool valid = key >= (rr ? rw.blo : rw.alo) && key < (rr ? rw.bhi : rw.ahi);
-                            const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2[rr]) : 0.0f;
-                            s[nt][e] = p * (dp[nt][e] - dl[rr]);
-                        }
+                    if (att_unmasked(seen, c0, 16))
+                        att_dq_ds<false>(s, dp, rw, c0, tg, scale_log2, l2, dl);
+                    else
+                        att_dq_ds<true>(s, dp, rw, c0, tg, scale_log2, l2, dl);
                     unsigned dsa[4];
                     mma_to_a(dsa, s);
                     mma_av<D>(acc, dsa, kt + c * 16 * P);
@@ -1015,6 +1103,7 @@ __device__ void attn_bwd_dkdv_mma(bf16_t* __restrict__ dk, bf16_t* __restrict__ 
     const int w0 = c0 + warp * 16;
     const bool active = w0 < lk;
     const AttLaneRows rw = att_lane_rows(mask, w0, lk, lq, false);
+    const AttWarpSeen seen = att_warp_seen(rw);
     for (int bh = blockIdx.y; bh < dims.bh; bh += gridDim.y) {
         const bf16_t* qh = q + (i64)bh * lq * d;
         const bf16_t* gh = go + (i64)bh * lq * d;
@@ -1070,22 +1159,10 @@ __device__ void attn_bwd_dkdv_mma(bf16_t* __restrict__ dk, bf16_t* __restrict__ 
                     mma_abt_s<D>(s, mk, qs + c * 16 * P);
                     mma_abt_s<D>(dp, mv, gs + c * 16 * P);
                     float dsv[2][4];
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                        for (int ce = 0; ce < 2; ++ce) {
-                            const int col = 16 * c + 8 * nt + 2 * tg + ce, query = r0 + col;
-                            const float l2 = ls[col], dl = ds[col];
-#pragma unroll
-                            for (int rr = 0; rr < 2; ++rr) {
-                                const int e = 2 * rr + ce;
-                                const bool valid =
-                                    query >= (rr ? rw.blo : rw.alo) && query < (rr ? rw.bhi : rw.ahi);
-                                const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2) : 0.0f;
-                                dsv[nt][e] = p * (dp[nt][e] - dl);
-                                s[nt][e] = p;
-                            }
-                        }
+                    if (att_unmasked(seen, cq, 16))
+                        att_dkdv_p_ds<false>(s, dp, dsv, rw, r0, 16 * c, tg, scale_log2, ls, ds);
+                    else
+                        att_dkdv_p_ds<true>(s, dp, dsv, rw, r0, 16 * c, tg, scale_log2, ls, ds);
                     unsigned pa[4], dsa[4];
                     mma_to_a(pa, s);
                     mma_to_a(dsa, dsv);

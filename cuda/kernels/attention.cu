@@ -55,6 +55,10 @@
 //   A operands of the transposed products S^T = K Q^T, dP^T = V dO^T); dK and dV accumulate in
 //   registers over the query tiles that see the keys (no atomics).
 // The masks are per-lane key (or query) ranges of the lane's two rows, as in the tiled kernels.
+// Two fast paths keep the common case lean: a whole 64-row tile with d == D is staged with
+// constant-offset cp.async (att_stage_async), and a key tile (forward) or 16-key / 16-query
+// chunk (backward) that every row of the warp sees whole skips the per-element masks
+// (att_warp_seen: the intersection of the warp's ranges, found once per block by shuffles).
 //
 // Naive kernels (reference; any D, Dv, every mask): one block of 128 threads per query row
 // (forward, dQ) or per key row (dK, dV). The forward makes two passes over the keys: the row

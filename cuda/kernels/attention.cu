@@ -867,7 +867,7 @@ __device__ __forceinline__ void att_fwd_softmax(float (&s)[4][2][4], float (&acc
         const float mn = fmaxf(mr[rr], mma_quad_max(mx));
         // While nothing is visible (mn = -inf) every p is 0 and nothing is rescaled.
         const float base = mn == NEG_INF ? 0.0f : mn;
-        const float alpha = exp2f(mr[rr] - base);
+        const float alpha = mma_exp2(mr[rr] - base);
         mr[rr] = mn;
         float ps = 0.0f;
 #pragma unroll
@@ -877,7 +877,7 @@ __device__ __forceinline__ void att_fwd_softmax(float (&s)[4][2][4], float (&acc
 #pragma unroll
                 for (int e2 = 0; e2 < 2; ++e2) {
                     float& x = s[c][nt][2 * rr + e2];
-                    x = exp2f(x - base);
+                    x = mma_exp2(x - base);
                     ps += x;
                 }
         lr[rr] = lr[rr] * alpha + ps;
@@ -900,7 +900,7 @@ __device__ __forceinline__ void att_dq_ds(float (&s)[2][4], const float (&dp)[2]
         for (int e = 0; e < 4; ++e) {
             const int rr = e >> 1, key = c0 + 8 * nt + 2 * tg + (e & 1);
             const bool valid = !MASKED || (key >= (rr ? rw.blo : rw.alo) && key < (rr ? rw.bhi : rw.ahi));
-            const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2[rr]) : 0.0f;
+            const float p = valid ? mma_exp2(s[nt][e] * scale_log2 - l2[rr]) : 0.0f;
             s[nt][e] = p * (dp[nt][e] - dl[rr]);
         }
 }
@@ -923,7 +923,7 @@ __device__ __forceinline__ void att_dkdv_p_ds(float (&s)[2][4], const float (&dp
                 const int e = 2 * rr + ce;
                 const bool valid =
                     !MASKED || (query >= (rr ? rw.blo : rw.alo) && query < (rr ? rw.bhi : rw.ahi));
-                const float p = valid ? exp2f(s[nt][e] * scale_log2 - l2) : 0.0f;
+                const float p = valid ? mma_exp2(s[nt][e] * scale_log2 - l2) : 0.0f;
                 dsv[nt][e] = p * (dp[nt][e] - dl);
                 s[nt][e] = p;
             }

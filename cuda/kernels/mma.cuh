@@ -72,9 +72,33 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&c)[4], const unsigned (
 #endif
 }
 
-// Two floats as bf16x2 (lo in the low half), rounded like every other store.
+// Two floats as bf16x2 (lo in the low half), rounded to nearest even like every other store. On
+// the GPU one cvt.rn.bf16x2.f32 (F2FP) does the pair; f32_to_bf16's integer rounding took about
+// ten instructions an element (tools/sass.py), which for the probabilities packed as A operands
+// was a third of the neighbourhood-attention forward's chunk loop. Only a NaN's payload differs
+// (the instruction gives the canonical NaN, f32_to_bf16 keeps the sign and high payload bits).
 __device__ __forceinline__ unsigned mma_pack(float lo, float hi) {
+#if defined(MVAR_CUDA_EMU) || defined(MMA_UNSUPPORTED)
     return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+#else
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+
+// 2^x for the tensor-core kernels' probabilities: ex2.approx.ftz, one MUFU.EX2 (exp2f adds a
+// compare and two conditional multiplies around it to keep results below 2^-126 subnormal).
+// Its relative error (about 2^-22) and the flush of results below 2^-126 to 0 are far below the
+// bf16 rounding these probabilities get as mma operands. The emulator computes exp2f.
+__device__ __forceinline__ float mma_exp2(float x) {
+#if defined(MVAR_CUDA_EMU) || defined(MMA_UNSUPPORTED)
+    return exp2f(x);
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+#endif
 }
 
 // The 16 x 16 block in accumulator layout ([n-tile][c0..c3]) as an A operand.

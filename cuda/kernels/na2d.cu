@@ -702,14 +702,14 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
                         float cm = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
                         float mn = fmaxf(mr[rr], mma_quad_max(cm));
                         float mu = mn == NEG_INF ? 0.0f : mn;
-                        float alpha = exp2f(mr[rr] - mu);
+                        float alpha = mma_exp2(mr[rr] - mu);
                         mr[rr] = mn;
                         float ps = 0.0f;
 #pragma unroll
                         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
                             for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
-                                s[nt][e] = exp2f(s[nt][e] - mu);
+                                s[nt][e] = mma_exp2(s[nt][e] - mu);
                                 ps += s[nt][e];
                             }
                         lr[rr] = lr[rr] * alpha + ps;
@@ -809,7 +809,7 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
                         for (int e = 0; e < 4; ++e) {
                             bool lo = e < 2;
                             float p = na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks)
-                                          ? exp2f(s[nt][e] * g.scale_log2 - (lo ? la : lb))
+                                          ? mma_exp2(s[nt][e] * g.scale_log2 - (lo ? la : lb))
                                           : 0.0f;
                             s[nt][e] = p * (dp[nt][e] - (lo ? da : db));
                         }
@@ -903,7 +903,7 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
                             for (int rr = 0; rr < 2; ++rr) {
                                 int e = 2 * rr + ce;
                                 bool valid = inside && na_in_window(rr ? jb : ja, sy, g.ks);
-                                float p = valid ? exp2f(s[nt][e] * g.scale_log2 - l2) : 0.0f;
+                                float p = valid ? mma_exp2(s[nt][e] * g.scale_log2 - l2) : 0.0f;
                                 ds[nt][e] = p * (dp[nt][e] - dl);
                                 s[nt][e] = p;
                             }

@@ -64,6 +64,9 @@
 #define NA_LOG2E 1.4426950408889634f
 #define NA_LN2 0.6931471805599453f
 #define NA_FULL 0xffffffffu
+// How far (log2 units) a chunk's score max may pass the mma forward's running max before O is
+// rescaled to it: probabilities stay below 2^8, far inside f32 and bf16 range.
+#define NA_RESCALE_SLACK 8.0f
 // Unroll of the simt dq kernel's per-key loop (registers hold one key's rows per step; the dk/dv
 // kernel, which holds four rows per lane already, does not unroll).
 #define NA_SIMT_UNROLL 2
@@ -700,10 +703,24 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
 #pragma unroll
                     for (int rr = 0; rr < 2; ++rr) {
                         float cm = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
-                        float mn = fmaxf(mr[rr], mma_quad_max(cm));
-                        float mu = mn == NEG_INF ? 0.0f : mn;
-                        float alpha = mma_exp2(mr[rr] - mu);
-                        mr[rr] = mn;
+                        const float cmax = mma_quad_max(cm);
+                        // The running max moves only when a chunk's max passes it by more than
+                        // NA_RESCALE_SLACK (log2 units): p = 2^(s - max) then stays below
+                        // 2^NA_RESCALE_SLACK, and O and the sum are rescaled (D / 4 multiplies) only
+                        // then, which after a row's first visible chunk is rare. The result is the
+                        // same softmax (out = O / sum, lse = max + log2 sum). Uniform over a row's
+                        // four lanes; the warp skips the block when none of its rows takes it.
+                        if (cmax > mr[rr] + NA_RESCALE_SLACK) {
+                            const float alpha = mma_exp2(mr[rr] - cmax);  // 0 from -inf
+                            lr[rr] *= alpha;
+#pragma unroll
+                            for (int nt = 0; nt < D / 8; ++nt) {
+                                o[nt][2 * rr] *= alpha;
+                                o[nt][2 * rr + 1] *= alpha;
+                            }
+                            mr[rr] = cmax;
+                        }
+                        const float mu = mr[rr] == NEG_INF ? 0.0f : mr[rr];
                         float ps = 0.0f;
 #pragma unroll
                         for (int nt = 0; nt < 2; ++nt)
@@ -712,12 +729,7 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
                                 s[nt][e] = mma_exp2(s[nt][e] - mu);
                                 ps += s[nt][e];
                             }
-                        lr[rr] = lr[rr] * alpha + ps;
-#pragma unroll
-                        for (int nt = 0; nt < D / 8; ++nt) {
-                            o[nt][2 * rr] *= alpha;
-                            o[nt][2 * rr + 1] *= alpha;
-                        }
+                        lr[rr] += ps;
                     }
                     unsigned pa[4];
                     mma_to_a(pa, s);

@@ -125,6 +125,29 @@ fn na2d_mvar_shapes() {
     }
 }
 
+/// Scores spread over tens of log2 units (q scaled by 6: q.k / 8 has a standard deviation of
+/// about 8.7 log2 units), so that a row's score maximum often grows by more than the mma
+/// forward's rescale slack (NA_RESCALE_SLACK) from one chunk to a later one: the path where O
+/// and the sum are rescaled after the first chunk, which unit-scale inputs never take.
+#[test]
+fn na2d_wide_logits() {
+    for (i, shape) in [[1, 2, 16, 16, 64], [1, 2, 13, 13, 64]]
+        .into_iter()
+        .enumerate()
+    {
+        let (mut x, scale) = inputs(&shape, false, 300 + i as u64);
+        x[0] = bf16_exact(ops::affine(&x[0], 6.0, 0.0).unwrap());
+        for fam in FAMILIES {
+            parity(
+                &format!("na2d {} {shape:?} k 7 wide logits", fam.name()),
+                |_, x| ops::na2d_with_kernel(&x[0], &x[1], &x[2], 7, scale, fam),
+                &x,
+            )
+            .unwrap();
+        }
+    }
+}
+
 /// Shapes whose staged rows exceed the shared-memory budget, so blocks loop over stages:
 /// k = 13 at head dim 128 (mma) and 64 (simt, f32 staging), and a tall map.
 #[test]

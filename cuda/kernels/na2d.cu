@@ -56,7 +56,9 @@
 //
 // Numerics: f32 throughout (bf16 widened on load, rounded once on store); softmax in base 2 with
 // the logits pre-multiplied by scale * log2(e); the saved lse is natural-log. The mma variant
-// additionally rounds p and ds to bf16 as tensor-core operands.
+// additionally rounds p and ds to bf16 as tensor-core operands, computes 2^x with ex2.approx
+// (mma_exp2), and in the forward lets a row's running max lag its true max by up to
+// NA_RESCALE_SLACK log2 units (O is rescaled only past that; the softmax is the same).
 
 #define NA_TILE 16
 #define NA_WARPS 4

@@ -93,6 +93,34 @@ fn vector_rows_needed(kind: BufferKind) -> String {
     )
 }
 
+/// The cross-entropy kernel (name without the kind suffix) and launch for rows of `classes`
+/// logits of `kind` in the buffers at `ptrs`: the vector kernel (`general`'s name + `_vec`)
+/// where it applies and `kernel` allows it, else `general`; for [`SoftmaxKernel::Tuned`] an
+/// error where the vector kernel does not apply.
+fn cross_entropy_kernel(
+    op: &str,
+    kind: BufferKind,
+    [rows, classes]: [usize; 2],
+    ptrs: &[u64],
+    kernel: SoftmaxKernel,
+    general: (&'static str, LaunchConfig),
+) -> Result<(String, LaunchConfig), CudaError> {
+    let vectors = cross_entropy_takes_vectors(classes, kind.size_in_bytes(), ptrs);
+    if kernel == SoftmaxKernel::Tuned && !vectors {
+        return Err(tuned_refused(
+            op,
+            format!("[{rows}, {classes}]"),
+            vector_rows_needed(kind),
+        ));
+    }
+    Ok(if vectors && kernel != SoftmaxKernel::Block {
+        let vecs = classes / (16 / kind.size_in_bytes());
+        (format!("{}_vec", general.0), vector_rows_launch(rows, vecs))
+    } else {
+        (general.0.to_string(), general.1)
+    })
+}
+
 /// One warp per row, [`SM_WARP_ROWS`] rows a block.
 fn warp_rows_launch(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -344,21 +372,14 @@ pub fn cross_entropy_forward_with(
     if rows == 0 {
         return Ok((loss, lse));
     }
-    let vectors =
-        cross_entropy_takes_vectors(classes, kind.size_in_bytes(), &[logits.device_ptr()]);
-    if kernel == SoftmaxKernel::Tuned && !vectors {
-        return Err(tuned_refused(
-            OP,
-            format!("[{rows}, {classes}]"),
-            vector_rows_needed(kind),
-        ));
-    }
-    let (name, cfg) = if vectors && kernel != SoftmaxKernel::Block {
-        let vecs = classes / (16 / kind.size_in_bytes());
-        ("cross_entropy_fwd_vec", vector_rows_launch(rows, vecs))
-    } else {
-        ("cross_entropy_fwd", row_launch(rows, classes))
-    };
+    let (name, cfg) = cross_entropy_kernel(
+        OP,
+        kind,
+        [rows, classes],
+        &[logits.device_ptr()],
+        kernel,
+        ("cross_entropy_fwd", row_launch(rows, classes)),
+    )?;
     let f = dev.function(&SOFTMAX, &format!("{name}_{}", kind.suffix()))?;
     let (pl, ps, px, pt) = (
         loss.device_ptr(),
@@ -439,24 +460,14 @@ pub fn cross_entropy_backward_with(
     if total == 0 {
         return Ok(out);
     }
-    let vectors = cross_entropy_takes_vectors(
-        classes,
-        kind.size_in_bytes(),
+    let (name, cfg) = cross_entropy_kernel(
+        OP,
+        kind,
+        [rows, classes],
         &[logits.device_ptr(), out.device_ptr()],
-    );
-    if kernel == SoftmaxKernel::Tuned && !vectors {
-        return Err(tuned_refused(
-            OP,
-            format!("[{rows}, {classes}]"),
-            vector_rows_needed(kind),
-        ));
-    }
-    let (name, cfg) = if vectors && kernel != SoftmaxKernel::Block {
-        let vecs = classes / (16 / kind.size_in_bytes());
-        ("cross_entropy_bwd_vec", vector_rows_launch(rows, vecs))
-    } else {
-        ("cross_entropy_bwd", launch_1d(total, THREADS))
-    };
+        kernel,
+        ("cross_entropy_bwd", launch_1d(total, THREADS)),
+    )?;
     let f = dev.function(&SOFTMAX, &format!("{name}_{}", kind.suffix()))?;
     let (pd, px, pg, pt, ps) = (
         out.device_ptr(),

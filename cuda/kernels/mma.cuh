@@ -77,8 +77,10 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&c)[4], const unsigned (
 // ten instructions an element (tools/sass.py), which for the probabilities packed as A operands
 // was a third of the neighbourhood-attention forward's chunk loop. Only a NaN's payload differs
 // (the instruction gives the canonical NaN, f32_to_bf16 keeps the sign and high payload bits).
+// MVAR_MMA_PORTABLE (set by the host from the environment variable of that name) keeps the
+// integer code here and exp2f below, for comparison on a GPU.
 __device__ __forceinline__ unsigned mma_pack(float lo, float hi) {
-#if defined(MVAR_CUDA_EMU) || defined(MMA_UNSUPPORTED)
+#if defined(MVAR_CUDA_EMU) || defined(MMA_UNSUPPORTED) || defined(MVAR_MMA_PORTABLE)
     return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
 #else
     unsigned r;
@@ -92,7 +94,7 @@ __device__ __forceinline__ unsigned mma_pack(float lo, float hi) {
 // Its relative error (about 2^-22) and the flush of results below 2^-126 to 0 are far below the
 // bf16 rounding these probabilities get as mma operands. The emulator computes exp2f.
 __device__ __forceinline__ float mma_exp2(float x) {
-#if defined(MVAR_CUDA_EMU) || defined(MMA_UNSUPPORTED)
+#if defined(MVAR_CUDA_EMU) || defined(MMA_UNSUPPORTED) || defined(MVAR_MMA_PORTABLE)
     return exp2f(x);
 #else
     float r;

@@ -9,6 +9,7 @@ barriers and ptxas's register/spill line; with --body, one kernel's SASS.
     tools/sass.py elementwise.cu                     # every kernel of the file, sm_90
     tools/sass.py softmax.cu --arch sm_80 --only warp
     tools/sass.py elementwise.cu --body unary_fwd_vec_bf16
+    tools/sass.py na2d.cu --only dkdv_mma_bf16_d64 --loops   # each loop's size and its HMMA
 
 Why: without a GPU these counts are the evidence a change can have (a switch left inside a loop,
 a division per element, a spill); they are counts, not times. Needs NVRTC 13 (the pip wheels
@@ -76,14 +77,40 @@ def nvdisasm():
 
 
 def functions(sass):
-    funcs, cur = {}, None
+    """Per kernel, its instruction lines and {label: address of the instruction after it}."""
+    funcs, labels, cur = {}, {}, None
     for line in sass.splitlines():
         m = re.match(r"\s*\.text\.(\S+):", line)
         if m:
             cur = funcs.setdefault(m.group(1), [])
+            labels[m.group(1)] = {}
+            pending = []
         elif cur is not None and re.search(r"/\*[0-9a-f]{4,}\*/", line):
             cur.append(line)
-    return funcs
+            for label in pending:
+                labels[list(funcs)[-1]][label] = address(line)
+            pending = []
+        elif cur is not None and re.match(r"\s*\.L_x_\d+:", line):
+            pending.append(line.strip().rstrip(":"))
+    return funcs, labels
+
+
+def address(line):
+    return int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16)
+
+
+def loops(body, labels):
+    """The loops of a kernel: (first address, last address, instructions, HMMA, MUFU) for every
+    backward branch, innermost (shortest) first. A count, not a trip count or a time."""
+    out = set()
+    for line in body:
+        m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] <= address(line):
+            lo, hi = labels[m.group(1)], address(line)
+            span = [l for l in body if lo <= address(l) <= hi]
+            count = lambda p: sum(1 for l in span if re.search(p, l))
+            out.add((lo, hi, len(span), count(r"\bHMMA\b"), count(r"\bMUFU\.")))
+    return sorted(out, key=lambda t: t[2])
 
 
 def ptxas_lines(log):
@@ -104,13 +131,14 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--only", default="", help="a regex the kernel names must match")
     ap.add_argument("--body", help="print this kernel's SASS")
+    ap.add_argument("--loops", action="store_true", help="also list each kernel's loops (backward branches)")
     a = ap.parse_args()
     cubin, log = compile_cubin(a.file, a.arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    funcs, regs = functions(sass), ptxas_lines(log)
+    (funcs, labels), regs = functions(sass), ptxas_lines(log)
     if a.body:
         if a.body not in funcs:
             sys.exit(f"sass.py: no kernel {a.body} in {a.file} (kernels: {', '.join(sorted(funcs))})")
@@ -122,6 +150,9 @@ def main():
         body = funcs[name]
         brx, mufu, bar = (sum(1 for line in body if re.search(p, line)) for p in (r"\bBRX\b", r"\bMUFU\.", r"\bBAR\."))
         print(f"{name}: {len(body)} instructions, BRX {brx}, MUFU {mufu}, BAR {bar}; {regs.get(name, '')}")
+        if a.loops:
+            for lo, hi, n, hmma, mu in loops(body, labels[name]):
+                print(f"    loop {lo:#06x}..{hi:#06x}: {n} instructions, HMMA {hmma}, MUFU {mu}")
 
 
 if __name__ == "__main__":

@@ -822,9 +822,10 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
                             bool lo = e < 2;
-                            float p = na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks)
-                                          ? mma_exp2(s[nt][e] * g.scale_log2 - (lo ? la : lb))
-                                          : 0.0f;
+                            // exp2(-inf) = 0: a select, not a branch around the exponential.
+                            float p = mma_exp2(na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks)
+                                                   ? s[nt][e] * g.scale_log2 - (lo ? la : lb)
+                                                   : NEG_INF);
                             s[nt][e] = p * (dp[nt][e] - (lo ? da : db));
                         }
                     unsigned dsa[4];
@@ -871,6 +872,14 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
         bool oka = active && ja < g.y, okb = active && jb < g.y;
         i64 trow = mbase + (i64)min(x, g.x - 1) * g.y;
         i64 ta = trow + min(ja, g.y - 1), tb = trow + min(jb, g.y - 1);
+        // The query columns whose window holds key column ja (jb) are the contiguous range
+        // qlo .. qlo + qn (all below Y), so a chunk element's mask is one unsigned compare of its
+        // column's offset from qlo; qn = 0 masks a key past Y. (Recomputing each column's window
+        // start, as the simt kernel does, took about a third of this loop's instructions.)
+        const int qlo_a = na_inv_lo(ja, g.y, g.ks), qlo_b = na_inv_lo(jb, g.y, g.ks);
+        const unsigned qn_a = oka ? (unsigned)(na_inv_hi(ja, g.y, g.ks) - qlo_a) : 0u;
+        const unsigned qn_b = okb ? (unsigned)(na_inv_hi(jb, g.y, g.ks) - qlo_b) : 0u;
+        const float scale_log2 = g.scale_log2;
         __syncthreads();  // the previous tile's warps may still read kt / vt
         // Landed with the first stage below.
         na_stage_mma<D>(kt, k + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y, g.async_stage);
@@ -904,20 +913,22 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
                     mma_abt_s<D>(s, mk, qs + off);
                     mma_abt_s<D>(dp, mv, gs + off);
                     float ds[2][4];
+                    // Offsets of this lane's first query column from qlo_a and qlo_b.
+                    const int qrel_a = c0 + ch * NA_TILE + 2 * tg - qlo_a;
+                    const int qrel_b = c0 + ch * NA_TILE + 2 * tg - qlo_b;
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
                         for (int ce = 0; ce < 2; ++ce) {
                             int cl = nt * 8 + 2 * tg + ce;  // the query column within the chunk
-                            int qy = c0 + ch * NA_TILE + cl;
-                            int sy = na_start(min(qy, g.y - 1), g.y, g.ks);
-                            bool inside = qy < g.y;
                             float l2 = ls[tok + cl], dl = dls[tok + cl];
 #pragma unroll
                             for (int rr = 0; rr < 2; ++rr) {
                                 int e = 2 * rr + ce;
-                                bool valid = inside && na_in_window(rr ? jb : ja, sy, g.ks);
-                                float p = valid ? mma_exp2(s[nt][e] * g.scale_log2 - l2) : 0.0f;
+                                bool valid = rr ? (unsigned)(qrel_b + nt * 8 + ce) < qn_b
+                                                : (unsigned)(qrel_a + nt * 8 + ce) < qn_a;
+                                // exp2(-inf) = 0: a select, not a branch around the exponential.
+                                float p = mma_exp2(valid ? s[nt][e] * scale_log2 - l2 : NEG_INF);
                                 ds[nt][e] = p * (dp[nt][e] - dl);
                                 s[nt][e] = p;
                             }

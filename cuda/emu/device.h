@@ -295,6 +295,32 @@ inline T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
     return mvar_emu::shuffle(v, [&](int l) { return (l & ~(width - 1)) | (src_lane & (width - 1)); });
 }
 
+namespace mvar_emu {
+// Every lane publishes its predicate; each gets the bits of the lanes that published in this
+// round (a lane that exited, or is missing from a partial warp, adds no bit, as on the GPU where
+// only the active lanes vote).
+inline unsigned ballot(bool pred) {
+    auto& w = warp();
+    int l = lane();
+    const unsigned round = w.bar.phase + 1;
+    w.slot[l][0] = pred ? 1u : 0u;
+    w.published[l] = round;
+    arrive_and_wait(w.bar);
+    unsigned bits = 0;
+    for (int i = 0; i < w.lanes; ++i)
+        if (w.published[i] == round && w.slot[i][0]) bits |= 1u << i;
+    arrive_and_wait(w.bar);
+    return bits;
+}
+}  // namespace mvar_emu
+
+inline unsigned __ballot_sync(unsigned, int pred) { return mvar_emu::ballot(pred != 0); }
+inline int __any_sync(unsigned, int pred) { return mvar_emu::ballot(pred != 0) != 0; }
+inline int __all_sync(unsigned, int pred) {
+    // All of the live lanes: ballot of the negation is empty.
+    return mvar_emu::ballot(pred == 0) == 0;
+}
+
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }

@@ -140,6 +140,20 @@ __global__ void shuffle_sum_of_live_lanes(float* out, int live, int first) {
     out[threadIdx.x] = v;
 }
 
+// The lanes below `live` of each warp vote on (lane % 3 == 0) and on (lane < live); out gets
+// the ballot's bits (as a float: exact below 2^24 with live <= 16), any and all.
+__global__ void votes_of_live_lanes(float* out, int live) {
+    int l = threadIdx.x % 32;
+    if (l >= live) return;
+    unsigned bits = __ballot_sync(0xffffffffu, l % 3 == 0);
+    int any_big = __any_sync(0xffffffffu, l >= live);
+    int all_live = __all_sync(0xffffffffu, l < live);
+    int all_even = __all_sync(0xffffffffu, l % 2 == 0);
+    out[3 * threadIdx.x] = (float)bits;
+    out[3 * threadIdx.x + 1] = (float)any_big;
+    out[3 * threadIdx.x + 2] = (float)(all_live + 2 * all_even);
+}
+
 // Lane `exiting` returns, then the rest of the warp runs an ldmatrix (.aligned: every lane must).
 __global__ void ldmatrix_without_a_lane(float* out, int exiting) {
     if ((int)threadIdx.x == exiting) return;
@@ -162,6 +176,7 @@ mvar_emu::Registrar r10("ldmatrix_at", &ldmatrix_at);
 mvar_emu::Registrar r12("static_shared_next_to_dynamic", &static_shared_next_to_dynamic);
 mvar_emu::Registrar r13("shuffle_sum_of_live_lanes", &shuffle_sum_of_live_lanes);
 mvar_emu::Registrar r14("ldmatrix_without_a_lane", &ldmatrix_without_a_lane);
+mvar_emu::Registrar r15("votes_of_live_lanes", &votes_of_live_lanes);
 
 int failures = 0;
 
@@ -344,6 +359,25 @@ int main(int argc, char** argv) {
                "a shuffle reading a lane that exited gives NaN, not a stale or own value");
         expect(sums(48, 32, 8, 0, 48).first && sums(48, 32, 16, 0, 32).first && sums(48, 32, 16, 32, 48).second,
                "a shuffle reading a lane missing from a partial warp gives NaN");
+    }
+
+    {
+        // Votes count the lanes that take part only: with 16 live lanes the ballot of
+        // (lane % 3 == 0) has bits 0, 3, .., 15; nobody is >= 16; all live lanes are < 16; not
+        // all are even.
+        std::vector<float> votes(3 * 64, -1.0f);
+        float* p = votes.data();
+        int live = 16;
+        void* params[] = {&p, &live};
+        mvar_emu_launch("votes_of_live_lanes", 1, 1, 1, 64, 1, 1, 0, params);
+        unsigned want = 0;
+        for (int l = 0; l < 16; l += 3) want |= 1u << l;
+        bool right = true;
+        for (int t = 0; t < 64; ++t) {
+            if (t % 32 >= live) continue;
+            right = right && votes[3 * t] == (float)want && votes[3 * t + 1] == 0.0f && votes[3 * t + 2] == 1.0f;
+        }
+        expect(right, "ballot, any and all see the lanes that take part");
     }
 
     {

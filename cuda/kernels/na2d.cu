@@ -318,6 +318,24 @@ __device__ __forceinline__ void na_stage_bf16(bf16_t* dst, const bf16_t* map, in
 // past Y.
 __device__ __forceinline__ void na_stage_stats(float* ls, float* ds, const float* lse, const float* delta, int r0,
                                                int nr, int c0, int ncols, int pitch, int y) {
+    if (NA_THREADS % ncols == 0 && blockDim.x == NA_THREADS) {
+        // A row is a whole fraction of the block (MVAR's maps: 16 columns, 8 rows a pass): each
+        // thread keeps one column, so no division per element and the address steps by a row.
+        const int c = threadIdx.x % ncols, col = c0 + c, rstep = NA_THREADS / ncols;
+        const bool inside = col < y;
+        int r = threadIdx.x / ncols;
+        i64 t = (i64)(r0 + r) * y + col;
+        for (; r < nr; r += rstep, t += (i64)rstep * y) {
+            float l = 0.0f, dl = 0.0f;
+            if (inside) {
+                l = lse[t] * NA_LOG2E;
+                dl = delta[t];
+            }
+            ls[r * pitch + c] = l;
+            ds[r * pitch + c] = dl;
+        }
+        return;
+    }
     int total = nr * ncols;
     for (int e = threadIdx.x; e < total; e += blockDim.x) {
         int c = e % ncols, r = e / ncols;
@@ -624,7 +642,8 @@ __device__ __forceinline__ void na_stage_mma(bf16_t* dst, const bf16_t* map, int
             bf16_t* to = dst + c * (D + 8) + 8 * vi;
             const i64 src_step = (i64)y * D;
             const int dst_step = pitch * (D + 8);
-            for (int r = 0; r < nr; ++r) mma_cp_async16(to + r * dst_step, src + r * src_step, inside);
+            // Pointers stepped by additions: `src + r * src_step` was a 64-bit product per row.
+            for (int r = 0; r < nr; ++r, src += src_step, to += dst_step) mma_cp_async16(to, src, inside);
         }
         return;
     }

@@ -852,10 +852,12 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
                             bool lo = e < 2;
-                            // exp2(-inf) = 0: a select, not a branch around the exponential.
-                            float p = mma_exp2(na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks)
-                                                   ? s[nt][e] * g.scale_log2 - (lo ? la : lb)
-                                                   : NEG_INF);
+                            bool in = na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks);
+                            float x = s[nt][e] * g.scale_log2 - (lo ? la : lb);
+                            // exp2(-inf) = 0: selecting before the exponential spares the branch
+                            // around it (6 instructions of the d64 loop), but at D < 64 (4 blocks,
+                            // 128 registers) it costs a spill.
+                            float p = D >= 64 ? mma_exp2(in ? x : NEG_INF) : (in ? mma_exp2(x) : 0.0f);
                             s[nt][e] = p * (dp[nt][e] - (lo ? da : db));
                         }
                     unsigned dsa[4];

@@ -156,8 +156,13 @@ struct MemoryRow {
 // Blocks per multiprocessor sample_rows is compiled for: two (128 registers) compile without
 // spills on sm_90 (ptxas, NVRTC 13.0); filter_rows takes 192 registers and spills at 128, so
 // it keeps one. A pass of the searches is short, and the block waits at its reductions' barriers:
-// a second resident block is what fills those waits.
+// a second resident block is what fills those waits. On sm_80 ptxas spills 8 bytes at 128
+// registers (the compile test refuses spills), so there it keeps one.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SAMPLE_ROWS_BLOCKS 1
+#else
 #define SAMPLE_ROWS_BLOCKS 2
+#endif
 
 template <typename T, int PER>
 struct HeldRow {

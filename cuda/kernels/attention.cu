@@ -842,17 +842,25 @@ __device__ __forceinline__ bool att_unmasked(const AttWarpSeen& w, int first, in
     return first >= w.lo && first + n <= w.hi;
 }
 
+// How far (log2 units) a tile's score max may pass the forward's running max before O is
+// rescaled to it: probabilities stay below 2^8, far inside f32 and bf16 range.
+#define ATT_RESCALE_SLACK 8.0f
+
 // The forward's per-tile softmax update of a warp's 16 x 64 scores `s` (chunk, n-tile, fragment
-// element): scale to log2 units, mask (MASKED) to each row's keys, new row maxima, p = exp2(s -
-// max) in place, row sums, and O rescaled by exp2(old max - new max).
+// element): scale to log2 units, mask (MASKED) to each row's keys, p = exp2(s - max) in place,
+// row sums. The running max moves only when a tile's max passes it by more than
+// ATT_RESCALE_SLACK (then O and the sum are rescaled by exp2(old max - new max)), which after a
+// row's first visible tile is rare; the result is the same softmax (out = O / sum, lse = max +
+// log2 sum). Each lane tests its own scores and one vote tells the warp whether any row needs its
+// maximum (two shuffle rounds) at all.
 template <int D, bool MASKED>
 __device__ __forceinline__ void att_fwd_softmax(float (&s)[4][2][4], float (&acc)[D / 8][4], float (&mr)[2],
                                                 float (&lr)[2], const AttLaneRows& rw, int k0, int tg,
                                                 float scale_log2) {
+    float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const int lo = rr ? rw.blo : rw.alo, hi = rr ? rw.bhi : rw.ahi;
-        float mx = NEG_INF;
 #pragma unroll
         for (int c = 0; c < 4; ++c)
 #pragma unroll
@@ -862,13 +870,29 @@ __device__ __forceinline__ void att_fwd_softmax(float (&s)[4][2][4], float (&acc
                     const int key = k0 + 16 * c + 8 * nt + 2 * tg + e2;
                     float& x = s[c][nt][2 * rr + e2];
                     x = (!MASKED || (key >= lo && key < hi)) ? x * scale_log2 : NEG_INF;
-                    mx = fmaxf(mx, x);
+                    mx[rr] = fmaxf(mx[rr], x);
                 }
-        const float mn = fmaxf(mr[rr], mma_quad_max(mx));
-        // While nothing is visible (mn = -inf) every p is 0 and nothing is rescaled.
-        const float base = mn == NEG_INF ? 0.0f : mn;
-        const float alpha = mma_exp2(mr[rr] - base);
-        mr[rr] = mn;
+    }
+    if (__any_sync(0xffffffffu, mx[0] > mr[0] + ATT_RESCALE_SLACK || mx[1] > mr[1] + ATT_RESCALE_SLACK)) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const float cmax = mma_quad_max(mx[rr]);  // uniform over the row's four lanes
+            if (cmax > mr[rr] + ATT_RESCALE_SLACK) {
+                const float alpha = mma_exp2(mr[rr] - cmax);  // 0 from -inf
+                lr[rr] *= alpha;
+#pragma unroll
+                for (int nt = 0; nt < D / 8; ++nt) {
+                    acc[nt][2 * rr] *= alpha;
+                    acc[nt][2 * rr + 1] *= alpha;
+                }
+                mr[rr] = cmax;
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        // While nothing is visible (max -inf) every p is 0.
+        const float base = mr[rr] == NEG_INF ? 0.0f : mr[rr];
         float ps = 0.0f;
 #pragma unroll
         for (int c = 0; c < 4; ++c)
@@ -880,12 +904,7 @@ __device__ __forceinline__ void att_fwd_softmax(float (&s)[4][2][4], float (&acc
                     x = mma_exp2(x - base);
                     ps += x;
                 }
-        lr[rr] = lr[rr] * alpha + ps;
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            acc[nt][2 * rr] *= alpha;
-            acc[nt][2 * rr + 1] *= alpha;
-        }
+        lr[rr] += ps;
     }
 }
 

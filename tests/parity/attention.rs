@@ -227,6 +227,28 @@ fn var_d16_block_causal_shape() {
     .unwrap();
 }
 
+#[test]
+fn attention_wide_logits() {
+    // Queries six times larger: scores spread over tens of log2 units, so the forward's running
+    // max passes its slack after the first tile and O is rescaled mid-row (a 200-key row is four
+    // tiles; the block-causal pyramid's last scales span three).
+    let lens = pyramid(7);
+    let l: usize = lens.iter().sum();
+    for (name, mask, lq, lk) in [
+        ("none", AttnMask::None, 70, 200),
+        ("block-causal", AttnMask::BlockCausal(lens), l, l),
+    ] {
+        let [q, k, v] = qkv(1, 2, lq, lk, 64, 64, 21);
+        let q = bf16_exact(ops::affine(&q, 6.0, 0.0).unwrap());
+        parity(
+            &format!("attention {name} [1,2,{lq}/{lk},64] wide logits"),
+            |_, x| ops::attention(&x[0], &x[1], &x[2], 0.125, &mask),
+            &[q, k, v],
+        )
+        .unwrap();
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // tiled against naive on the GPU
 

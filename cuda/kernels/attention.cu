@@ -67,7 +67,9 @@
 //
 // Numerics: f32 throughout (bf16 widened on load, rounded once on store); lse in f32. The mma
 // kernels multiply bf16 operands exactly into f32 accumulators; they additionally round P and dS
-// to bf16 as operands of the second product of each pass.
+// to bf16 as operands of the second product of each pass, and the mma forward lets a row's
+// running max lag its true max by up to ATT_RESCALE_SLACK log2 units (O is rescaled only past
+// that; the softmax is the same).
 
 #define ATT_TILE 64
 #define ATT_LS (ATT_TILE + 4)

@@ -875,22 +875,7 @@ __device__ __forceinline__ void att_fwd_softmax(float (&s)[4][2][4], float (&acc
                     mx[rr] = fmaxf(mx[rr], x);
                 }
     }
-    if (__any_sync(0xffffffffu, mx[0] > mr[0] + ATT_RESCALE_SLACK || mx[1] > mr[1] + ATT_RESCALE_SLACK)) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const float cmax = mma_quad_max(mx[rr]);  // uniform over the row's four lanes
-            if (cmax > mr[rr] + ATT_RESCALE_SLACK) {
-                const float alpha = mma_exp2(mr[rr] - cmax);  // 0 from -inf
-                lr[rr] *= alpha;
-#pragma unroll
-                for (int nt = 0; nt < D / 8; ++nt) {
-                    acc[nt][2 * rr] *= alpha;
-                    acc[nt][2 * rr + 1] *= alpha;
-                }
-                mr[rr] = cmax;
-            }
-        }
-    }
+    mma_lazy_rescale<D>(acc, mr, lr, mx, ATT_RESCALE_SLACK);
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         // While nothing is visible (max -inf) every p is 0.

@@ -197,6 +197,33 @@ __device__ __forceinline__ float mma_quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(MMA_FULL, v, 2));
 }
 
+// The online softmax of the mma forwards (attention.cu, na2d.cu) with a lagging running max:
+// a row's max `mr` moves only when the new scores' max passes it by more than `slack` (log2
+// units), and then O (`acc`, the rows' accumulator columns) and the row sums `lr` are rescaled
+// by exp2(old max - new max); p = exp2(s - mr) stays below 2^slack and the softmax is the same
+// (out = O / sum, lse = max + log2 sum). `mx` is each lane's own max of its two rows' new
+// scores: one vote tells the warp whether any row passed, so the usual case skips the rows'
+// maxima over their four lanes (two shuffle rounds each). Whole warp.
+template <int D>
+__device__ __forceinline__ void mma_lazy_rescale(float (&acc)[D / 8][4], float (&mr)[2], float (&lr)[2],
+                                                 const float (&mx)[2], float slack) {
+    if (!__any_sync(MMA_FULL, mx[0] > mr[0] + slack || mx[1] > mr[1] + slack)) return;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const float cmax = mma_quad_max(mx[rr]);  // uniform over the row's four lanes
+        if (cmax > mr[rr] + slack) {
+            const float alpha = mma_exp2(mr[rr] - cmax);  // 0 from -inf
+            lr[rr] *= alpha;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                acc[nt][2 * rr] *= alpha;
+                acc[nt][2 * rr + 1] *= alpha;
+            }
+            mr[rr] = cmax;
+        }
+    }
+}
+
 // cp.async of 16 bytes global -> shared, bypassing L1; `valid` false writes 16 zero bytes (the
 // source size operand 0) and reads nothing. Both addresses 16-byte aligned.
 __device__ __forceinline__ void mma_cp_async16(void* smem, const void* gmem, bool valid) {

@@ -721,35 +721,14 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
                             int sy = e < 2 ? sya : syb;
                             s[nt][e] = na_in_window(cb + nt * 8 + (e & 1), sy, g.ks) ? s[nt][e] * g.scale_log2 : NEG_INF;
                         }
-                    // The running max moves only when a chunk's max passes it by more than
-                    // NA_RESCALE_SLACK (log2 units): p = 2^(s - max) then stays below
-                    // 2^NA_RESCALE_SLACK, and O and the sum are rescaled (D / 4 multiplies) only
-                    // then, which after a row's first visible chunk is rare. The result is the
-                    // same softmax (out = O / sum, lse = max + log2 sum). Each lane tests its own
-                    // scores and one vote tells the warp whether any row needs the row maxima
-                    // (two shuffle rounds each) at all: most chunks skip the shuffles, which sat
-                    // between the scores' mma and the exponentials.
+                    // The running max lags (mma_lazy_rescale): after a row's first visible chunk
+                    // O and the sum are rarely rescaled, and most chunks skip the row maxima's
+                    // shuffles, which sat between the scores' mma and the exponentials.
                     float cm[2];
 #pragma unroll
                     for (int rr = 0; rr < 2; ++rr)
                         cm[rr] = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
-                    if (__any_sync(NA_FULL, cm[0] > mr[0] + NA_RESCALE_SLACK || cm[1] > mr[1] + NA_RESCALE_SLACK)) {
-#pragma unroll
-                        for (int rr = 0; rr < 2; ++rr) {
-                            // Uniform over a row's four lanes.
-                            const float cmax = mma_quad_max(cm[rr]);
-                            if (cmax > mr[rr] + NA_RESCALE_SLACK) {
-                                const float alpha = mma_exp2(mr[rr] - cmax);  // 0 from -inf
-                                lr[rr] *= alpha;
-#pragma unroll
-                                for (int nt = 0; nt < D / 8; ++nt) {
-                                    o[nt][2 * rr] *= alpha;
-                                    o[nt][2 * rr + 1] *= alpha;
-                                }
-                                mr[rr] = cmax;
-                            }
-                        }
-                    }
+                    mma_lazy_rescale<D>(o, mr, lr, cm, NA_RESCALE_SLACK);
 #pragma unroll
                     for (int rr = 0; rr < 2; ++rr) {
                         const float mu = mr[rr] == NEG_INF ? 0.0f : mr[rr];

@@ -741,6 +741,19 @@ fn attention(c: &mut Criterion) {
             };
             g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
             bench(&mut g, &d, id("fwd+bwd"), fwd_bwd);
+            // The tensor-core kernels compiled with their portable bf16 packing and 2^x instead
+            // of cvt.rn.bf16x2 and ex2.approx (mma.cuh; 2026-12-05), at batch 64.
+            if b == 64 {
+                with_kernel_env("MVAR_MMA_PORTABLE", "1", || {
+                    g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
+                    bench(
+                        &mut g,
+                        &d,
+                        format!("{} portable pack and exp2", id("fwd+bwd")),
+                        fwd_bwd,
+                    );
+                });
+            }
             // The mma kernels staging through registers, as before cp.async (2026-12-04).
             with_kernel_env("MVAR_NA_STAGING", "registers", || {
                 g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::BF16)));
@@ -818,6 +831,18 @@ fn attention(c: &mut Criterion) {
             );
             eprintln!("attention: bf16 [8,16,{l},64] block-causal runs {fam:?}");
         }
+        with_kernel_env("MVAR_MMA_PORTABLE", "1", || {
+            bench(
+                &mut g,
+                &d,
+                format!("cuda/block-causal fwd [8,16,{l},64] bf16 portable pack and exp2"),
+                || {
+                    mvar::engine::with_no_grad(|| {
+                        ops::attention(&q, &k, &v, 0.125, &mask).unwrap()
+                    });
+                },
+            );
+        });
         for family in ["tiled", "naive"] {
             with_kernel_env("MVAR_ATTN_KERNEL", family, || {
                 bench(

@@ -30,13 +30,18 @@ fn options(arch: &str) -> Vec<String> {
     if let Ok(dir) = std::env::var("MVAR_CUDA_INCLUDE") {
         opts.push(format!("--include-path={dir}"));
     }
-    // MVAR_MMA_PORTABLE=1: the tensor-core kernels' bf16 packing and 2^x in portable code instead
-    // of their single PTX instructions (mma.cuh), to tell on a GPU whether those instructions
-    // are what changed a result or a time. Part of the options, so of the cache key.
-    if std::env::var("MVAR_MMA_PORTABLE").as_deref() == Ok("1") {
+    if mma_portable() {
         opts.push("-DMVAR_MMA_PORTABLE=1".to_string());
     }
     opts
+}
+
+/// `MVAR_MMA_PORTABLE=1`: the tensor-core kernels' bf16 packing and 2^x in portable code instead
+/// of their single PTX instructions (mma.cuh), to tell on a GPU whether those instructions are
+/// what changed a result or a time. Part of the options, so of the cache key, and of the key of
+/// a device's loaded modules: a process (a bench) can time both.
+pub fn mma_portable() -> bool {
+    std::env::var("MVAR_MMA_PORTABLE").as_deref() == Ok("1")
 }
 
 /// The CUBIN target for a compute capability. Newer GPUs than the table get the newest entry

@@ -63,8 +63,9 @@ struct Inner {
     smem_per_multiprocessor: usize,
     multiprocessors: usize,
     pool: Pool,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Loaded modules by (kernel file, compiled with MVAR_MMA_PORTABLE).
+    modules: Mutex<HashMap<(&'static str, bool), Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, bool, String), CudaFunction>>,
     blas: OnceLock<Result<BlasHandle, CudaError>>,
 }
 
@@ -438,7 +439,7 @@ impl CudaDevice {
 
     /// Kernel `name` of `file`, compiling and loading the file on first use.
     pub fn function(&self, file: &KernelFile, name: &str) -> Result<CudaFunction, CudaError> {
-        let key = (file.name, name.to_string());
+        let key = (file.name, compile::mma_portable(), name.to_string());
         if let Some(f) = self
             .0
             .functions
@@ -465,7 +466,8 @@ impl CudaDevice {
 
     fn module(&self, file: &KernelFile) -> Result<Arc<CudaModule>, CudaError> {
         let mut modules = self.0.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = modules.get(file.name) {
+        let key = (file.name, compile::mma_portable());
+        if let Some(m) = modules.get(&key) {
             return Ok(m.clone());
         }
         let cubin = compile::cubin(file, self.0.arch)?;
@@ -474,7 +476,7 @@ impl CudaDevice {
             .ctx
             .load_module(Ptx::from_binary(cubin))
             .map_err(driver_err(format!("loading the module of {}", file.name)))?;
-        modules.insert(file.name, m.clone());
+        modules.insert(key, m.clone());
         Ok(m)
     }
 

@@ -41,7 +41,8 @@
 // a whole number of the block's 16-byte pieces (MVAR's maps at D = 64: one 16-column row is 128
 // pieces): each thread's pieces then sit at fixed columns of every row. A warp then walks the staged rows its tokens need (its window rows, or its
 // inverse-window rows) in chunks of 16 staged columns: one 16 x 16 block of scores per chunk,
-// masked to each token's own window (columns outside it get -inf, i.e. p = 0), an online softmax
+// masked to each token's own window (columns outside it get -inf, i.e. p = 0; in dk/dv the
+// queries that see a key column are one contiguous range, so a compare each), an online softmax
 // (forward) or the recomputed p = exp(s - lse) (backward), then the products with V, K, dO or Q
 // of the chunk. Every query sees at least one key, so no softmax row is empty.
 // - simt lanes: lane = 2 * r + h owns tile token r and the half h of the head dimension (float4

@@ -739,19 +739,17 @@ fn attention(c: &mut Criterion) {
                     .backward_with(dout.clone())
                     .unwrap();
             };
-            g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
-            bench(&mut g, &d, id("fwd+bwd"), fwd_bwd);
+            let fwd_bwd_bytes = Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16));
+            let time_fwd_bwd = |g: &mut BenchmarkGroup<'_, WallTime>, variant: &str| {
+                g.throughput(fwd_bwd_bytes.clone());
+                bench(g, &d, format!("{}{variant}", id("fwd+bwd")), fwd_bwd);
+            };
+            time_fwd_bwd(&mut g, "");
             // The tensor-core kernels compiled with their portable bf16 packing and 2^x instead
             // of cvt.rn.bf16x2 and ex2.approx (mma.cuh; 2026-12-05), at batch 64.
             if b == 64 {
                 with_kernel_env("MVAR_MMA_PORTABLE", "1", || {
-                    g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
-                    bench(
-                        &mut g,
-                        &d,
-                        format!("{} portable pack and exp2", id("fwd+bwd")),
-                        fwd_bwd,
-                    );
+                    time_fwd_bwd(&mut g, " portable pack and exp2")
                 });
             }
             // The mma kernels staging through registers, as before cp.async (2026-12-04).
@@ -765,13 +763,7 @@ fn attention(c: &mut Criterion) {
                         mvar::engine::with_no_grad(|| ops::na2d(&q, &k, &v, 7, 0.125).unwrap());
                     },
                 );
-                g.throughput(Throughput::Bytes(bytes(12 * q.elem_count(), DType::BF16)));
-                bench(
-                    &mut g,
-                    &d,
-                    format!("{} staged in registers", id("fwd+bwd")),
-                    fwd_bwd,
-                );
+                time_fwd_bwd(&mut g, " staged in registers");
             });
         }
     }

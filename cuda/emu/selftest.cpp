@@ -140,8 +140,9 @@ __global__ void shuffle_sum_of_live_lanes(float* out, int live, int first) {
     out[threadIdx.x] = v;
 }
 
-// The lanes below `live` of each warp vote on (lane % 3 == 0) and on (lane < live); out gets
-// the ballot's bits (as a float: exact below 2^24 with live <= 16), any and all.
+// The lanes below `live` of each warp (the others have returned) vote: a ballot of
+// (lane % 3 == 0), any of (lane >= live), all of (lane < live) and all of (lane even); out gets
+// the ballot's bits (as a float: exact below 2^24 with live <= 16), the any, and the two alls.
 __global__ void votes_of_live_lanes(float* out, int live) {
     int l = threadIdx.x % 32;
     if (l >= live) return;

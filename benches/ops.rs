@@ -795,13 +795,14 @@ fn attention(c: &mut Criterion) {
         let mask = ops::AttnMask::BlockCausal(lens.clone());
         let fwd_flops = (4 * 8 * 16 * 64 * pairs) as u64;
         g.throughput(Throughput::Elements(fwd_flops));
+        let fwd = || {
+            mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 0.125, &mask).unwrap());
+        };
         bench(
             &mut g,
             &d,
             format!("cuda/block-causal fwd [8,16,{l},64] bf16"),
-            || {
-                mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 0.125, &mask).unwrap());
-            },
+            fwd,
         );
         // The f32 CUDA-core tiled kernels and the naive reference kernels on the same case
         // (selected by MVAR_ATTN_KERNEL; the unnamed case runs what Auto picks, printed here).
@@ -828,11 +829,7 @@ fn attention(c: &mut Criterion) {
                 &mut g,
                 &d,
                 format!("cuda/block-causal fwd [8,16,{l},64] bf16 portable pack and exp2"),
-                || {
-                    mvar::engine::with_no_grad(|| {
-                        ops::attention(&q, &k, &v, 0.125, &mask).unwrap()
-                    });
-                },
+                fwd,
             );
         });
         for family in ["tiled", "naive"] {
@@ -841,11 +838,7 @@ fn attention(c: &mut Criterion) {
                     &mut g,
                     &d,
                     format!("cuda/{family} block-causal fwd [8,16,{l},64] bf16"),
-                    || {
-                        mvar::engine::with_no_grad(|| {
-                            ops::attention(&q, &k, &v, 0.125, &mask).unwrap()
-                        });
-                    },
+                    fwd,
                 );
             });
         }

@@ -117,6 +117,15 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
 #           memory, and their ratios (the MVAR paper's Table 2); then a short run of the same
 #           under MVAR_PROFILE=trace, whose timeline (host ops, GPU kernels) lands in logs/
+#   ncu     Nsight Compute on the kernels of a few bench cases (not in the default set: name it):
+#           per case, the sections that say where a kernel's time goes (throughputs, occupancy,
+#           scheduler, warp stalls, memory, the SASS lines with the most stall samples) as text
+#           in logs/ncu-N.txt and as raw metrics in logs/ncu-N.csv, all cases summed up by
+#           tools/ncu_summary.py in logs/ncu-summary.md. MVAR_NCU_CASES replaces the cases: one
+#           per line, "bench filter|kernel name regex|launches skipped|launches profiled" (the
+#           defaults below: issue 6's neighbourhood attention at batch 64, VAR's block-causal
+#           attention, the KV-cache decode). A machine whose ncu cannot read the counters (seen
+#           on gVisor) ends the phase after the first case, with ncu's error in the log.
 # e.g. `bash gpu-bundle/run-all.sh tests model`, then `bash gpu-bundle/run-all.sh benches torch`
 # (benches and torch in one call, for the comparison),
 # to keep each call of a time-limited machine short. Each phase prints its duration.
@@ -155,7 +164,7 @@ mkdir -p "$LOGS"
 save_logs() {
   [ -n "${OUT:-}" ] || return 0
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
-  for f in comparison.md mvar-bench.log; do
+  for f in comparison.md mvar-bench.log ncu-summary.md; do
     [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$OUT/$f"
   done
   return 0
@@ -175,8 +184,8 @@ PHASES=("$@")
 [ "${#PHASES[@]}" -gt 0 ] || PHASES=(tests benches torch model)
 for p in "${PHASES[@]}"; do
   case "$p" in
-    tests|gpu-tests|kernel-tests|cli|benches|torch|model) ;;
-    *) echo "run-all.sh: unknown phase $p (expected tests, gpu-tests, kernel-tests, cli, benches, torch or model)" >&2; exit 2 ;;
+    tests|gpu-tests|kernel-tests|cli|benches|torch|model|ncu) ;;
+    *) echo "run-all.sh: unknown phase $p (expected tests, gpu-tests, kernel-tests, cli, benches, torch, model or ncu)" >&2; exit 2 ;;
   esac
 done
 
@@ -377,6 +386,65 @@ phase_model() {
   outcome "timeline" "$?" "log: $LOGS/timeline-d16.log" && grep -E '^trace' "$LOGS/timeline-d16.log"
 }
 
+# Nsight Compute's command line: on the PATH, else where NVIDIA's installers put it.
+find_ncu() {
+  local c
+  command -v ncu 2>/dev/null && return 0
+  for c in /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda-*/bin/ncu; do
+    [ -x "$c" ] && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+NCU_DEFAULT_CASES='cuda/na2d k7 fwd\+bwd \[64,16,16,16,64\] bf16$|^na2d_|3|3
+cuda/na2d k7 fwd\+bwd \[64,16,13,13,64\] bf16$|^na2d_|3|3
+cuda/block-causal fwd\+bwd \[8,16,680,64\] bf16$|^attn_|4|4
+cuda/decode fwd q \[64,16,256,64\] kv 680 bf16$|^attn_|2|1'
+
+phase_ncu() {
+  local ncu bench filter kernels skip count n=0 status rep
+  if ! ncu="$(find_ncu)"; then
+    echo "skipped: no ncu (Nsight Compute) on this machine"
+    return
+  fi
+  bench="$(ls "$BIN"/benches/ops-* 2>/dev/null | head -n 1)"
+  [ -n "$bench" ] || { echo "ncu: no bench binary in the bundle"; failed+=("ncu"); return; }
+  echo "ncu: $ncu ($("$ncu" --version 2>/dev/null | tail -n 1))"
+  mkdir -p "$WORK/ncu"
+  rm -f "$LOGS"/ncu-*.csv "$LOGS"/ncu-*.txt "$LOGS/ncu-summary.md"
+  while IFS='|' read -r filter kernels skip count; do
+    [ -n "$filter" ] || continue
+    n=$((n + 1))
+    budget_for "ncu case $n" 240 || return
+    echo "== ncu case $n: bench '$filter', kernels /$kernels/, launches $((skip + 1))..$((skip + count)) (at most $STEP_SECS s)"
+    rep="$WORK/ncu/ncu-$n"
+    rm -f "$rep.ncu-rep"
+    # --clock-control none: the clocks as the benches run them (the device notes ask to leave
+    # them alone). --profile-time: criterion runs the case without its statistics.
+    MVAR_BENCH_DEVICES=cuda run_for "$STEP_SECS" "$ncu" --clock-control none --target-processes all \
+      --kernel-name "regex:$kernels" --launch-skip "$skip" --launch-count "$count" \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section SourceCounters --export "$rep" --force-overwrite \
+      "$bench" --bench --noplot --profile-time 2 "$filter" > "$LOGS/ncu-$n.log" 2>&1
+    status=$?
+    if [ ! -f "$rep.ncu-rep" ]; then
+      grep -E '==(ERROR|WARNING)==' "$LOGS/ncu-$n.log" | head -n 5
+      outcome "ncu case $n" "$((status == 0 ? 1 : status))" "no report written; log: $LOGS/ncu-$n.log"
+      return
+    fi
+    outcome "ncu case $n" "$status" "log: $LOGS/ncu-$n.log"
+    "$ncu" --import "$rep.ncu-rep" > "$LOGS/ncu-$n.txt" 2>&1
+    "$ncu" --import "$rep.ncu-rep" --page raw --csv > "$LOGS/ncu-$n.csv" 2>&1
+    grep -cE '^  [A-Za-z_][A-Za-z0-9_]* \(' "$LOGS/ncu-$n.txt" | sed 's/^/kernel launches profiled: /'
+    save_logs
+  done <<< "${MVAR_NCU_CASES:-$NCU_DEFAULT_CASES}"
+  if ls "$LOGS"/ncu-*.csv >/dev/null 2>&1; then
+    python3 "$HERE/../tools/ncu_summary.py" "$LOGS"/ncu-*.csv > "$LOGS/ncu-summary.md" \
+      && echo "wrote $LOGS/ncu-summary.md" && cat "$LOGS/ncu-summary.md"
+  fi
+}
+
 for p in "${PHASES[@]}"; do
   start=$SECONDS
   "phase_$p"
@@ -411,5 +479,5 @@ if [ "$size_mb" -ge "$LIMIT_MB" ]; then
   exit 1
 fi
 echo "On the GPU machine, from the repository root, run (all phases, or some of them per call):"
-echo "  bash $BUNDLE/run-all.sh [tests|gpu-tests|kernel-tests|cli] [benches] [torch] [model]"
+echo "  bash $BUNDLE/run-all.sh [tests|gpu-tests|kernel-tests|cli] [benches] [torch] [model] [ncu]"
 echo "with MVAR_RUN_SECONDS=N in front to end the call, logs saved, within N seconds."

@@ -751,6 +751,19 @@ fn attention(c: &mut Criterion) {
                 with_kernel_env("MVAR_MMA_PORTABLE", "1", || {
                     time_fwd_bwd(&mut g, " portable pack and exp2")
                 });
+                // Timing diagnostics (MVAR_NA_DIAG, wrong results by design): the mma kernels
+                // without their chunk loops, and without their staging. Against the full
+                // kernels they say what the loads and the arithmetic each add and how much
+                // they overlap, where no profiler reads the counters.
+                for diag in ["loads-only", "no-loads"] {
+                    with_kernel_env("MVAR_NA_DIAG", diag, || {
+                        g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::BF16)));
+                        bench(&mut g, &d, format!("{} diag {diag}", id("fwd")), || {
+                            mvar::engine::with_no_grad(|| ops::na2d(&q, &k, &v, 7, 0.125).unwrap());
+                        });
+                        time_fwd_bwd(&mut g, &format!(" diag {diag}"));
+                    });
+                }
             }
             // The mma kernels staging through registers, as before cp.async (2026-12-04).
             with_kernel_env("MVAR_NA_STAGING", "registers", || {

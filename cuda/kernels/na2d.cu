@@ -82,6 +82,16 @@
 #define NA_MMA_DQ_BLOCKS(D) (D <= 48 ? 4 : D <= 80 ? 3 : 2)
 #define NA_MMA_DKDV_BLOCKS(D) (D <= 80 ? 3 : 2)
 
+// Timing diagnostics of the mma kernels (`NaDiag` in cuda/src/ops/na2d.rs; benches only, the
+// results are wrong by design): a kernel with one part left out, so that on a GPU the time of the
+// parts and how much they overlap come from differences of wall times, where no profiler can
+// read the counters. LOADS_ONLY skips the chunk loops (the staging, the fragment loads of the
+// warp's own tokens and the stores stay); NO_LOADS skips the staging into shared memory (zeroed
+// once per block instead) and computes on it.
+#define NA_DIAG_FULL 0
+#define NA_DIAG_LOADS_ONLY 1
+#define NA_DIAG_NO_LOADS 2
+
 // Mirrors `Geom` in cuda/src/ops/na2d.rs (repr(C)).
 struct NaGeom {
     i64 maps;       // B * H
@@ -93,6 +103,7 @@ struct NaGeom {
     int xtiles;     // ceil(x / wx)
     int ytiles;     // ceil(y / 16)
     int async_stage;  // mma variant: 1 stages through cp.async, 0 through registers
+    int diag;         // mma variant: NA_DIAG_* (0 in every use but the benches' timing twins)
     float scale;       // logit scale
     float scale_log2;  // scale * log2(e)
 };
@@ -669,6 +680,14 @@ __device__ __forceinline__ void na_stage_land(int async) {
     }
 }
 
+// NA_DIAG_NO_LOADS: the block's shared memory (`words` 32-bit words) zeroed once, so that the
+// chunk loops compute on fixed values (zero scores: no rescale past the first chunk).
+__device__ __forceinline__ void na_diag_zero(void* smem, i64 words) {
+    unsigned* w = reinterpret_cast<unsigned*>(smem);
+    for (i64 i = threadIdx.x; i < words; i += blockDim.x) w[i] = 0u;
+    __syncthreads();
+}
+
 // Forward. Shared memory: K and V stages, bf16 [rows][ncw][D + 8] each.
 template <int D>
 __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
@@ -679,6 +698,8 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int gr = lane >> 2, tg = lane & 3;
     i64 plane = (i64)g.x * g.y;
+    const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
+    if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
     for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
         NaTile tl = na_tile(g, it);
         int rlo = na_start(tl.x0, g.x, g.ks), rhi = na_start(tl.xl, g.x, g.ks) + g.ks;
@@ -703,11 +724,13 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
         for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
             int nr = min(g.rows, rhi - r0);
             __syncthreads();
-            na_stage_mma<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
-            na_stage_mma<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
-            na_stage_land(g.async_stage);
+            if (load) {
+                na_stage_mma<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+                na_stage_mma<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+                na_stage_land(g.async_stage);
+            }
             __syncthreads();
-            if (!active) continue;
+            if (!active || !compute) continue;
             int ra = max(r0, wlo), rb = min(r0 + nr, whi);
             for (int r = ra; r < rb; ++r) {
                 for (int ch = 0; ch < nch; ++ch) {
@@ -770,6 +793,8 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int gr = lane >> 2, tg = lane & 3;
     i64 plane = (i64)g.x * g.y;
+    const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
+    if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
     for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
         NaTile tl = na_tile(g, it);
         int rlo = na_start(tl.x0, g.x, g.ks), rhi = na_start(tl.xl, g.x, g.ks) + g.ks;
@@ -813,11 +838,13 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
         for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
             int nr = min(g.rows, rhi - r0);
             __syncthreads();
-            na_stage_mma<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
-            na_stage_mma<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
-            na_stage_land(g.async_stage);
+            if (load) {
+                na_stage_mma<D>(ks, kmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+                na_stage_mma<D>(vs, vmap, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+                na_stage_land(g.async_stage);
+            }
             __syncthreads();
-            if (!active) continue;
+            if (!active || !compute) continue;
             int ra = max(r0, wlo), rb = min(r0 + nr, whi);
             for (int r = ra; r < rb; ++r) {
                 for (int ch = 0; ch < nch; ++ch) {
@@ -871,6 +898,8 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int gr = lane >> 2, tg = lane & 3;
     i64 plane = (i64)g.x * g.y;
+    const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
+    if (!load) na_diag_zero(kt, ((i64)2 * g.wx * NA_TILE * P + (i64)2 * g.rows * g.ncw * P) / 2 + (i64)2 * g.rows * g.ncw);
     for (i64 it = blockIdx.x; it < na_tiles(g); it += gridDim.x) {
         NaTile tl = na_tile(g, it);
         int rlo = na_inv_lo(tl.x0, g.x, g.ks), rhi = na_inv_hi(tl.xl, g.x, g.ks);
@@ -894,8 +923,10 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
         const float scale_log2 = g.scale_log2;
         __syncthreads();  // the previous tile's warps may still read kt / vt
         // Landed with the first stage below.
-        na_stage_mma<D>(kt, k + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y, g.async_stage);
-        na_stage_mma<D>(vt, v + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y, g.async_stage);
+        if (load) {
+            na_stage_mma<D>(kt, k + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y, g.async_stage);
+            na_stage_mma<D>(vt, v + mbase * D, tl.x0, tl.xl - tl.x0 + 1, tl.y0, NA_TILE, NA_TILE, g.y, g.async_stage);
+        }
         const bf16_t* mk = kt + warp * NA_TILE * P;
         const bf16_t* mv = vt + warp * NA_TILE * P;
         float ak[D / 8][4], av[D / 8][4];
@@ -907,13 +938,15 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
         for (int r0 = rlo; r0 < rhi; r0 += g.rows) {
             int nr = min(g.rows, rhi - r0);
             __syncthreads();
-            na_stage_mma<D>(qs, q + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
-            na_stage_mma<D>(gs, go + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
-            // The statistics' plain loads overlap the copies in flight.
-            na_stage_stats(ls, dls, lse + mbase, delta + mbase, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
-            na_stage_land(g.async_stage);
+            if (load) {
+                na_stage_mma<D>(qs, q + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+                na_stage_mma<D>(gs, go + mbase * D, r0, nr, c0, nch * NA_TILE, g.ncw, g.y, g.async_stage);
+                // The statistics' plain loads overlap the copies in flight.
+                na_stage_stats(ls, dls, lse + mbase, delta + mbase, r0, nr, c0, nch * NA_TILE, g.ncw, g.y);
+                na_stage_land(g.async_stage);
+            }
             __syncthreads();
-            if (!active) continue;
+            if (!active || !compute) continue;
             int ra = max(r0, ilo), rb = min(r0 + nr, ihi);
             for (int r = ra; r < rb; ++r) {
                 for (int ch = 0; ch < nch; ++ch) {

@@ -285,3 +285,101 @@ fn na2d_empty_and_invalid_on_the_gpu() {
     assert!(ops::na2d(&x, &x, &x, 4, 1.0).is_err());
     assert!(ops::na2d(&x, &x, &x, 7, 1.0).is_err());
 }
+
+/// The timing diagnostics of the mma kernels (`NaDiag`, benches only) leave out what they say:
+/// with the chunk loops left out nothing is accumulated (the forward's lse is -inf, every
+/// gradient 0); with the staging left out the kernels compute on zeroed shared memory (zero
+/// keys and values: a uniform softmax over the k * k window, so out = 0 and lse = ln(k * k);
+/// zero gradients). A diagnostic the kernels ignored would give the full results, which are
+/// none of these.
+#[test]
+fn na2d_timing_diagnostics_leave_their_part_out() {
+    use mvar::cuda::ops::na2d::{na2d_backward_diag, na2d_forward_diag, NaDiag};
+    use mvar::cuda::HostVec;
+    use mvar::engine::Storage;
+    let Some(gpu) = gpu() else { return };
+    let Device::Cuda(dev) = &gpu else { return };
+    let (shape, ks) = ([1usize, 2, 9, 11, 64], 5);
+    let s = Na2dShape {
+        maps: shape[0] * shape[1],
+        x: shape[2],
+        y: shape[3],
+        d: shape[4],
+        kernel_size: ks,
+    };
+    let (x, scale) = inputs(&shape, false, 77);
+    let on_gpu: Vec<Tensor> = x
+        .iter()
+        .chain(std::iter::once(&randn(&shape, 78)))
+        .map(|t| t.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap())
+        .collect();
+    let storages: Vec<_> = on_gpu.iter().map(|t| t.storage()).collect();
+    let b: Vec<&mvar::cuda::CudaBuffer> = storages
+        .iter()
+        .map(|st| match &**st {
+            Storage::Cuda(b) => b,
+            _ => panic!("expected a CUDA tensor"),
+        })
+        .collect();
+    let f32s = |buf: &mvar::cuda::CudaBuffer| -> Vec<f32> {
+        match dev.download(buf).unwrap() {
+            HostVec::F32(v) => v,
+            HostVec::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            _ => panic!("expected floats"),
+        }
+    };
+    let scale = scale as f32;
+    let run = |diag| {
+        let (out, lse) =
+            na2d_forward_diag(dev, b[0], b[1], b[2], s, scale, NaKernel::Mma, diag).unwrap();
+        let grads = na2d_backward_diag(
+            dev,
+            b[0],
+            b[1],
+            b[2],
+            &out,
+            b[3],
+            &lse,
+            s,
+            scale,
+            NaKernel::Mma,
+            diag,
+        )
+        .unwrap();
+        let g = [&grads.0, &grads.1, &grads.2].map(f32s);
+        (f32s(&out), f32s(&lse), g)
+    };
+    let (out, lse, g) = run(NaDiag::Full);
+    assert!(out.iter().any(|&v| v != 0.0) && lse.iter().all(|v| v.is_finite()));
+    assert!(g.iter().all(|gi| gi.iter().any(|&v| v != 0.0)));
+
+    let (_, lse, g) = run(NaDiag::LoadsOnly);
+    assert!(
+        lse.iter().all(|&v| v == f32::NEG_INFINITY),
+        "loads-only: the forward still accumulated"
+    );
+    assert!(
+        g.iter().all(|gi| gi.iter().all(|&v| v == 0.0)),
+        "loads-only: the backward still accumulated"
+    );
+
+    let (out, lse, g) = run(NaDiag::NoLoads);
+    let uniform = ((ks * ks) as f32).ln();
+    assert!(
+        out.iter().all(|&v| v == 0.0),
+        "no-loads: the values were staged"
+    );
+    assert!(
+        lse.iter().all(|&v| (v - uniform).abs() < 1e-4),
+        "no-loads: the keys were staged (lse {:?}, want {uniform})",
+        &lse[..4]
+    );
+    assert!(
+        g.iter().all(|gi| gi.iter().all(|&v| v == 0.0)),
+        "no-loads: the backward's rows were staged"
+    );
+    assert_eq!(NaDiag::parse("loads-only"), Some(NaDiag::LoadsOnly));
+    assert_eq!(NaDiag::parse(" No-Loads "), Some(NaDiag::NoLoads));
+    assert_eq!(NaDiag::parse(""), Some(NaDiag::Full));
+    assert_eq!(NaDiag::parse("noloads"), None);
+}

@@ -17,6 +17,10 @@
 //! shared memory does not cut that count further. The mma kernels stage through `cp.async`
 //! (every copy of a stage in flight at once); `MVAR_NA_STAGING=registers` makes them stage through
 //! registers as before, for comparison.
+//!
+//! [`NaDiag`] (`MVAR_NA_DIAG`) is a timing diagnostic for the benches, not a kernel choice: the
+//! mma kernels with a part of their work left out, so that differences of wall times say where
+//! the time goes on a GPU whose profiler cannot read the counters. Its results are wrong.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -153,6 +157,81 @@ impl NaKernel {
     }
 }
 
+/// A timing diagnostic of the mma kernels (`NA_DIAG_*` in the kernel file): which part of their
+/// work they leave out. Anything but `Full` gives wrong results on purpose; the benches time
+/// `LoadsOnly` and `NoLoads` beside `Full`, so that T(full) - T(no loads) is what the loads add
+/// and T(full) - T(loads only) what the arithmetic adds (each near T(full) means the other part
+/// hides behind it). The other families ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NaDiag {
+    /// The kernels as they are.
+    #[default]
+    Full,
+    /// No chunk loops: staging, the fragment loads of each warp's own tokens and the stores.
+    LoadsOnly,
+    /// No staging into shared memory (zeroed once per block instead); everything else.
+    NoLoads,
+}
+
+impl NaDiag {
+    /// The environment variable [`NaDiag::from_env`] reads.
+    pub const ENV: &'static str = "MVAR_NA_DIAG";
+
+    /// `MVAR_NA_DIAG` = `loads-only` or `no-loads`; unset, empty or `full` is `Full`. Another
+    /// value is refused rather than read as `Full`, since a typo would time the wrong thing.
+    /// The first call that finds a diagnostic says on stderr that results are wrong.
+    pub fn from_env() -> Result<NaDiag, CudaError> {
+        let value = std::env::var(Self::ENV).unwrap_or_default();
+        let diag = Self::parse(&value).ok_or_else(|| CudaError::Launch {
+            op: "na2d".into(),
+            sizes: "every shape".into(),
+            message: format!(
+                "{}={value:?}: expected full, loads-only or no-loads",
+                Self::ENV
+            ),
+        })?;
+        if diag != NaDiag::Full {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!(
+                    "mvar: {}={}: the neighbourhood-attention mma kernels leave out part of \
+                     their work and give wrong results (a timing diagnostic for the benches)",
+                    Self::ENV,
+                    diag.name()
+                )
+            });
+        }
+        Ok(diag)
+    }
+
+    /// The diagnostic a `MVAR_NA_DIAG` value names; None for an unknown one.
+    pub fn parse(name: &str) -> Option<NaDiag> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "" | "full" => Some(NaDiag::Full),
+            "loads-only" => Some(NaDiag::LoadsOnly),
+            "no-loads" => Some(NaDiag::NoLoads),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NaDiag::Full => "full",
+            NaDiag::LoadsOnly => "loads-only",
+            NaDiag::NoLoads => "no-loads",
+        }
+    }
+
+    /// `NA_DIAG_*` of the kernel file.
+    fn code(self) -> i32 {
+        match self {
+            NaDiag::Full => 0,
+            NaDiag::LoadsOnly => 1,
+            NaDiag::NoLoads => 2,
+        }
+    }
+}
+
 /// Mirror of `struct NaGeom` in na2d.cu.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -168,6 +247,7 @@ struct Geom {
     xtiles: i32,
     ytiles: i32,
     async_stage: i32,
+    diag: i32,
     scale: f32,
     scale_log2: f32,
 }
@@ -351,6 +431,7 @@ fn plan(
         xtiles: xtiles as i32,
         ytiles: ytiles as i32,
         async_stage: 1,
+        diag: 0,
         scale,
         scale_log2: (scale as f64 * std::f64::consts::LOG2_E) as f32,
     };
@@ -424,18 +505,23 @@ fn tiled_plan(
     pass: Pass,
     scale: f32,
     bufs: &[&CudaBuffer],
+    diag: NaDiag,
 ) -> Result<(Plan, Option<(CudaFunction, LaunchConfig)>), CudaError> {
     let which = usable_on(dev, which);
     let mut p = plan(s, kind, which, pass, scale, Some(SmemLimits::of(dev)));
     p.geom.async_stage = async_staging() as i32;
+    if p.family == NaKernel::Mma {
+        p.geom.diag = diag.code();
+    }
     if p.family == NaKernel::Naive || bufs.iter().any(|b| b.device_ptr() % 16 != 0) {
         return Ok((p, None));
     }
     let mut f = tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)?;
     if f.is_none() {
-        let stage = p.geom.async_stage;
+        let (stage, diag) = (p.geom.async_stage, p.geom.diag);
         p = plan(s, kind, which, pass, scale, None);
         p.geom.async_stage = stage;
+        p.geom.diag = diag;
         f = tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)?;
     }
     let cfg = LaunchConfig {
@@ -477,7 +563,7 @@ pub fn na2d_family(
     };
     let mut out = NaKernel::Mma;
     for &pass in passes {
-        let (p, f) = tiled_plan(dev, s, kind, which, pass, 1.0, &[])?;
+        let (p, f) = tiled_plan(dev, s, kind, which, pass, 1.0, &[], NaDiag::Full)?;
         let fam = if f.is_some() {
             p.family
         } else {
@@ -531,6 +617,21 @@ pub fn na2d_forward(
     scale: f32,
     which: NaKernel,
 ) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
+    na2d_forward_diag(dev, q, k, v, s, scale, which, NaDiag::from_env()?)
+}
+
+/// [`na2d_forward`] under a timing diagnostic ([`NaDiag`]; `Full` is `na2d_forward` itself).
+#[allow(clippy::too_many_arguments)]
+pub fn na2d_forward_diag(
+    dev: &CudaDevice,
+    q: &CudaBuffer,
+    k: &CudaBuffer,
+    v: &CudaBuffer,
+    s: Na2dShape,
+    scale: f32,
+    which: NaKernel,
+    diag: NaDiag,
+) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "na2d";
     let kind = float_kind(OP, &[q, k, v])?;
     let (tokens, total) = s.check(OP)?;
@@ -541,7 +642,16 @@ pub fn na2d_forward(
         return Ok((out, dev.zeros(BufferKind::F32, tokens)?));
     }
     let lse = dev.alloc(BufferKind::F32, tokens, "na2d log-sum-exp")?;
-    let (p, tiled) = tiled_plan(dev, &s, kind, which, Pass::Forward, scale, &[q, k, v, &out])?;
+    let (p, tiled) = tiled_plan(
+        dev,
+        &s,
+        kind,
+        which,
+        Pass::Forward,
+        scale,
+        &[q, k, v, &out],
+        diag,
+    )?;
     let (f, cfg) = match tiled {
         Some(t) => t,
         None => naive(dev, Pass::Forward, kind, total)?,
@@ -579,6 +689,25 @@ pub fn na2d_backward(
     s: Na2dShape,
     scale: f32,
     which: NaKernel,
+) -> Result<(CudaBuffer, CudaBuffer, CudaBuffer), CudaError> {
+    let diag = NaDiag::from_env()?;
+    na2d_backward_diag(dev, q, k, v, out, g, lse, s, scale, which, diag)
+}
+
+/// [`na2d_backward`] under a timing diagnostic ([`NaDiag`]; `Full` is `na2d_backward` itself).
+#[allow(clippy::too_many_arguments)]
+pub fn na2d_backward_diag(
+    dev: &CudaDevice,
+    q: &CudaBuffer,
+    k: &CudaBuffer,
+    v: &CudaBuffer,
+    out: &CudaBuffer,
+    g: &CudaBuffer,
+    lse: &CudaBuffer,
+    s: Na2dShape,
+    scale: f32,
+    which: NaKernel,
+    diag: NaDiag,
 ) -> Result<(CudaBuffer, CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "na2d backward";
     let kind = float_kind(OP, &[q, k, v, out, g])?;
@@ -625,6 +754,7 @@ pub fn na2d_backward(
         Pass::Dq,
         scale,
         &[q, k, v, out, g, &dq],
+        diag,
     )?;
     let (f, cfg) = match tiled {
         Some(t) => t,
@@ -653,6 +783,7 @@ pub fn na2d_backward(
         Pass::DkDv,
         scale,
         &[q, k, v, g, &dk, &dv],
+        diag,
     )?;
     let (f, cfg) = match tiled {
         Some(t) => t,
@@ -691,9 +822,9 @@ mod tests {
 
     #[test]
     fn geom_matches_the_c_struct_size() {
-        // i64 maps; int x, y, d, ks, wx, ncw, rows, xtiles, ytiles, async_stage; float scale,
-        // scale_log2
-        assert_eq!(std::mem::size_of::<Geom>(), 8 + 10 * 4 + 2 * 4);
+        // i64 maps; int x, y, d, ks, wx, ncw, rows, xtiles, ytiles, async_stage, diag; float
+        // scale, scale_log2 (60 bytes, padded to the i64's alignment)
+        assert_eq!(std::mem::size_of::<Geom>(), 8 + 11 * 4 + 2 * 4 + 4);
     }
 
     /// The window helpers agree with a brute-force inverse of the window rule.

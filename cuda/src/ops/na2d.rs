@@ -496,7 +496,7 @@ fn tiled_function(
 /// the kernel when the naive one must run (its family, or buffers that are not 16-byte aligned,
 /// or no shared-memory opt-in even for the default budget). A plan whose shared memory the
 /// device refuses is made again within [`SMEM_BUDGET`].
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn tiled_plan(
     dev: &CudaDevice,
     s: &Na2dShape,

@@ -380,8 +380,18 @@ pub fn na2d_with_kernel(
         lse: Mutex::new(Vec::new()),
     };
     let mut outs = float_op(OP, &[q, k, v], &fwd, |dev, bufs| {
-        let (out, lse) =
-            cn::na2d_forward(dev, bufs[0], bufs[1], bufs[2], shape, scale as f32, kernel)?;
+        // Full, unless a bench asks for a timing diagnostic (wrong results by design).
+        let diag = cn::NaDiag::from_env()?;
+        let (out, lse) = cn::na2d_forward(
+            dev,
+            bufs[0],
+            bufs[1],
+            bufs[2],
+            shape,
+            scale as f32,
+            kernel,
+            diag,
+        )?;
         Ok(vec![out, lse])
     })?;
     let lse = Saved::take(
@@ -403,6 +413,7 @@ pub fn na2d_with_kernel(
                 |lse| Backward { g, lse },
                 |dev, bufs, st| {
                     let lse = nth(OP, st, 0)?;
+                    let diag = cn::NaDiag::from_env()?;
                     let (dq, dk, dv) = cn::na2d_backward(
                         dev,
                         bufs[1],
@@ -414,6 +425,7 @@ pub fn na2d_with_kernel(
                         shape,
                         scale as f32,
                         kernel,
+                        diag,
                     )?;
                     Ok(vec![dq, dk, dv])
                 },

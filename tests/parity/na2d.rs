@@ -164,6 +164,17 @@ fn na2d_in_several_stages() {
     }
 }
 
+/// The kernels' view of a [B, H, X, Y, D] problem.
+fn na_shape(shape: [usize; 5], kernel_size: usize) -> Na2dShape {
+    Na2dShape {
+        maps: shape[0] * shape[1],
+        x: shape[2],
+        y: shape[3],
+        d: shape[4],
+        kernel_size,
+    }
+}
+
 /// Output and input gradients of na2d with one family on the GPU (loss sum(out * w)).
 fn run_family(
     x: &[Tensor],
@@ -208,13 +219,7 @@ fn tuned_kernels_match_the_naive_kernel() {
     ];
     for (i, &(shape, ks)) in cases.iter().enumerate() {
         let (x, scale) = inputs(&shape, i % 2 == 1, 400 + i as u64);
-        let s = Na2dShape {
-            maps: shape[0] * shape[1],
-            x: shape[2],
-            y: shape[3],
-            d: shape[4],
-            kernel_size: ks,
-        };
+        let s = na_shape(shape, ks);
         for dtype in [DType::F32, DType::BF16] {
             let kind = match dtype {
                 DType::BF16 => mvar::cuda::BufferKind::BF16,
@@ -294,19 +299,13 @@ fn na2d_empty_and_invalid_on_the_gpu() {
 /// none of these.
 #[test]
 fn na2d_timing_diagnostics_leave_their_part_out() {
-    use mvar::cuda::ops::na2d::{na2d_backward_diag, na2d_forward_diag, NaDiag};
+    use mvar::cuda::ops::na2d::{na2d_backward, na2d_forward, NaDiag};
     use mvar::cuda::HostVec;
     use mvar::engine::Storage;
     let Some(gpu) = gpu() else { return };
     let Device::Cuda(dev) = &gpu else { return };
     let (shape, ks) = ([1usize, 2, 9, 11, 64], 5);
-    let s = Na2dShape {
-        maps: shape[0] * shape[1],
-        x: shape[2],
-        y: shape[3],
-        d: shape[4],
-        kernel_size: ks,
-    };
+    let s = na_shape(shape, ks);
     let (x, scale) = inputs(&shape, false, 77);
     let on_gpu: Vec<Tensor> = x
         .iter()
@@ -331,8 +330,8 @@ fn na2d_timing_diagnostics_leave_their_part_out() {
     let scale = scale as f32;
     let run = |diag| {
         let (out, lse) =
-            na2d_forward_diag(dev, b[0], b[1], b[2], s, scale, NaKernel::Mma, diag).unwrap();
-        let grads = na2d_backward_diag(
+            na2d_forward(dev, b[0], b[1], b[2], s, scale, NaKernel::Mma, diag).unwrap();
+        let grads = na2d_backward(
             dev,
             b[0],
             b[1],

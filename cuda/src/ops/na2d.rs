@@ -607,22 +607,10 @@ fn simpler(a: NaKernel, b: NaKernel) -> NaKernel {
 
 /// Neighbourhood attention forward of q, k, v `[maps, x, y, d]` (one float kind) with logits
 /// `scale * q . k`. Returns (out of q's kind and shape, lse f32 `[maps, x, y]`, the natural-log
-/// log-sum-exp per query that [`na2d_backward`] needs).
-pub fn na2d_forward(
-    dev: &CudaDevice,
-    q: &CudaBuffer,
-    k: &CudaBuffer,
-    v: &CudaBuffer,
-    s: Na2dShape,
-    scale: f32,
-    which: NaKernel,
-) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
-    na2d_forward_diag(dev, q, k, v, s, scale, which, NaDiag::from_env()?)
-}
-
-/// [`na2d_forward`] under a timing diagnostic ([`NaDiag`]; `Full` is `na2d_forward` itself).
+/// log-sum-exp per query that [`na2d_backward`] needs). `diag` is [`NaDiag::Full`] except in
+/// the benches' timing diagnostics.
 #[allow(clippy::too_many_arguments)]
-pub fn na2d_forward_diag(
+pub fn na2d_forward(
     dev: &CudaDevice,
     q: &CudaBuffer,
     k: &CudaBuffer,
@@ -676,27 +664,9 @@ pub fn na2d_forward_diag(
 /// (dq, dk, dv) of [`na2d_forward`] from the saved q, k, v, out and lse and the incoming
 /// gradient `g` (all `[maps, x, y, d]` of one kind, lse f32 `[maps, x, y]`). Two kernels: dq per
 /// query over its window (also writing delta = g . out per query), then dk and dv per key over
-/// the queries whose window holds it.
+/// the queries whose window holds it. `diag` as for [`na2d_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn na2d_backward(
-    dev: &CudaDevice,
-    q: &CudaBuffer,
-    k: &CudaBuffer,
-    v: &CudaBuffer,
-    out: &CudaBuffer,
-    g: &CudaBuffer,
-    lse: &CudaBuffer,
-    s: Na2dShape,
-    scale: f32,
-    which: NaKernel,
-) -> Result<(CudaBuffer, CudaBuffer, CudaBuffer), CudaError> {
-    let diag = NaDiag::from_env()?;
-    na2d_backward_diag(dev, q, k, v, out, g, lse, s, scale, which, diag)
-}
-
-/// [`na2d_backward`] under a timing diagnostic ([`NaDiag`]; `Full` is `na2d_backward` itself).
-#[allow(clippy::too_many_arguments)]
-pub fn na2d_backward_diag(
     dev: &CudaDevice,
     q: &CudaBuffer,
     k: &CudaBuffer,

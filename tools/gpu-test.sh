@@ -415,7 +415,9 @@ phase_ncu() {
   while IFS='|' read -r filter kernels skip count; do
     [ -n "$filter" ] || continue
     n=$((n + 1))
-    budget_for "ncu case $n" 240 || return
+    # A spent budget or a failed case ends the loop, not the phase: the summary of the cases
+    # that ran is still written.
+    budget_for "ncu case $n" 240 || break
     echo "== ncu case $n: bench '$filter', kernels /$kernels/, launches $((skip + 1))..$((skip + count)) (at most $STEP_SECS s)"
     rep="$WORK/ncu/ncu-$n"
     rm -f "$rep.ncu-rep"
@@ -431,7 +433,9 @@ phase_ncu() {
     if [ ! -f "$rep.ncu-rep" ]; then
       grep -E '==(ERROR|WARNING)==' "$LOGS/ncu-$n.log" | head -n 5
       outcome "ncu case $n" "$((status == 0 ? 1 : status))" "no report written; log: $LOGS/ncu-$n.log"
-      return
+      # A profiler error (counters it cannot read) ends the phase; a case whose filter matched
+      # no launch does not.
+      if grep -q '==ERROR==' "$LOGS/ncu-$n.log"; then break; else continue; fi
     fi
     outcome "ncu case $n" "$status" "log: $LOGS/ncu-$n.log"
     "$ncu" --import "$rep.ncu-rep" > "$LOGS/ncu-$n.txt" 2>&1

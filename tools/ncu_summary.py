@@ -109,7 +109,7 @@ def main(paths):
             m = STALL.match(name)
             v = number(row.get(name)) if m else None
             # "not_issued" and "selected" are not waits on something; the rest are.
-            if v is not None and v > 0 and m.group(1) not in ("not_issued",):
+            if v is not None and v > 0 and m.group(1) not in ("not_issued", "selected"):
                 stalls.append((v, m.group(1)))
         stalls.sort(reverse=True)
         text = ", ".join("{} {:.2f}".format(n, v) for v, n in stalls[:8]) or "(not collected)"

@@ -778,6 +778,21 @@ fn attention(c: &mut Criterion) {
                 );
                 time_fwd_bwd(&mut g, " staged in registers");
             });
+            // The forward and dq walking each 16-column strip with a ring of rows, each row
+            // staged once per work item and the next row group's rows prefetched (2026-12-05 (5);
+            // dk/dv as above).
+            with_kernel_env("MVAR_NA_STAGING", "ring", || {
+                g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::BF16)));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{} staged in a ring", id("fwd")),
+                    || {
+                        mvar::engine::with_no_grad(|| ops::na2d(&q, &k, &v, 7, 0.125).unwrap());
+                    },
+                );
+                time_fwd_bwd(&mut g, " staged in a ring");
+            });
         }
     }
     // CUDA: block-causal attention of VAR-d16 at batch 8 (16 heads over the 10-scale 256-px

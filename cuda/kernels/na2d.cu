@@ -37,7 +37,10 @@
 //   variant also stages the block's own K and V (its A operands, re-read per chunk instead of
 //   held in registers), the simt variant keeps each lane's key and value in registers.
 // When the rows do not fit the shared-memory budget the host picks `rows` per stage and the block
-// loops over stages. The mma variant's cp.async staging takes a fast path when a staged row is
+// loops over stages. The ring kernels (`*_ring_mma_bf16_d<D>`, NaGeom::ring > 0; see "ring
+// staging" below) instead walk several such tiles down a 16-column strip of a map, each staged
+// row kept in a ring of shared-memory slots for every tile that reads it, and the next tile's
+// rows in flight while a tile computes; per warp they compute exactly what the mma tiles do. The mma variant's cp.async staging takes a fast path when a staged row is
 // a whole number of the block's 16-byte pieces (MVAR's maps at D = 64: one 16-column row is 128
 // pieces): each thread's pieces then sit at fixed columns of every row. A warp then walks the staged rows its tokens need (its window rows, or its
 // inverse-window rows) in chunks of 16 staged columns: one 16 x 16 block of scores per chunk,
@@ -81,6 +84,11 @@
 #define NA_MMA_FWD_BLOCKS(D) (D <= 80 ? 4 : D <= 112 ? 3 : 2)
 #define NA_MMA_DQ_BLOCKS(D) (D <= 48 ? 4 : D <= 80 ? 3 : 2)
 #define NA_MMA_DKDV_BLOCKS(D) (D <= 80 ? 3 : 2)
+// The same for the ring-staged kernels (their ring bookkeeping stays live across the chunk
+// loops: dq spills at head dims 48 and 80 with the tile kernels' counts).
+#define NA_MMA_FWD_RING_BLOCKS(D) (D <= 80 ? 4 : D <= 112 ? 3 : 2)
+#define NA_MMA_DQ_RING_BLOCKS(D) (D <= 32 ? 4 : D <= 64 ? 3 : 2)
+#define NA_MMA_DKDV_RING_BLOCKS(D) (D <= 80 ? 3 : 2)
 
 // Timing diagnostics of the mma kernels (`NaDiag` in cuda/src/ops/na2d.rs; benches only, the
 // results are wrong by design): a kernel with one part left out, so that on a GPU the time of the
@@ -104,6 +112,8 @@ struct NaGeom {
     int ytiles;     // ceil(y / 16)
     int async_stage;  // mma variant: 1 stages through cp.async, 0 through registers
     int diag;         // mma variant: NA_DIAG_* (0 in every use but the benches' timing twins)
+    int ring;         // ring kernels (na2d_*_ring_mma_*): row groups per work item; rows is then
+                      // the ring's slot count (0 for every other kernel)
     float scale;       // logit scale
     float scale_log2;  // scale * log2(e)
 };
@@ -688,6 +698,225 @@ __device__ __forceinline__ void na_diag_zero(void* smem, i64 words) {
     __syncthreads();
 }
 
+// ------------------------------------------------------------------------------------------------
+// ring staging of the mma variant (NaGeom::ring > 0)
+//
+// A block tile above stages every row its 4 warps need and computes only then, so rows are
+// staged once per tile they serve (2.1 times over at 16x16, k 7: tiles of 4 rows read 10 key
+// rows each) and a block's copies overlap only other blocks' work. With a ring, a block's work
+// item is a run of `ring` consecutive row groups (a group: wx rows, what one block tile
+// computes) of one 16-column strip of a map, walked top to bottom, and the rows the groups need
+// (window rows, or inverse-window rows for dk/dv) pass through `rows` slots of shared memory,
+// row r in slot r % rows: each row is staged once per item. While a group computes, the next
+// group's rows that fit are already in flight. Per group:
+//   barrier (every warp is done with the previous group, whose rows below this group's first
+//            row may be overwritten)
+//   cp.async group 1: this group's rows not yet staged      cp.async group 2: the prefetch
+//   wait_group 1 (group 1 and every earlier one landed), barrier, compute
+// The host makes the ring at least as large as any one group's rows (cuda/src/ops/na2d.rs), so
+// a copy never lands on a row its own group reads; with one slot per row of two successive
+// groups, every group after an item's first finds its rows landed or in flight.
+
+struct NaItem {
+    i64 map;
+    int y0, yl;    // first and last column of the strip's tokens
+    int c0, nch;   // first staged column, staged chunks of 16 columns
+    int g0, g1;    // row groups g0 .. g1 - 1 (group gi: rows gi * wx .. gi * wx + wx - 1)
+};
+
+// Work items: maps * ytiles * segments of `ring` groups, below 2^31 (the host plans no more).
+__device__ __forceinline__ int na_ring_segments(const NaGeom& g) { return (g.xtiles + g.ring - 1) / g.ring; }
+__device__ __forceinline__ int na_ring_items(const NaGeom& g) { return (int)g.maps * g.ytiles * na_ring_segments(g); }
+
+// First and one-past-last staged row of group gi: its queries' window rows (KSIDE false) or its
+// keys' inverse-window rows (KSIDE true).
+template <bool KSIDE>
+__device__ __forceinline__ int na_group_lo(const NaGeom& g, int gi) {
+    return KSIDE ? na_inv_lo(gi * g.wx, g.x, g.ks) : na_start(gi * g.wx, g.x, g.ks);
+}
+template <bool KSIDE>
+__device__ __forceinline__ int na_group_hi(const NaGeom& g, int gi) {
+    const int xl = min(gi * g.wx + g.wx, g.x) - 1;
+    return KSIDE ? na_inv_hi(xl, g.x, g.ks) : na_start(xl, g.x, g.ks) + g.ks;
+}
+
+template <bool KSIDE>
+__device__ __forceinline__ NaItem na_ring_item(const NaGeom& g, int it) {
+    const int segs = na_ring_segments(g), per_map = g.ytiles * segs;
+    NaItem t;
+    const int map = it / per_map;
+    t.map = map;
+    const int rem = it - map * per_map;
+    const int yt = rem / segs, sg = rem - yt * segs;
+    t.y0 = yt * NA_TILE;
+    t.yl = min(t.y0 + NA_TILE, g.y) - 1;
+    t.c0 = KSIDE ? na_inv_lo(t.y0, g.y, g.ks) : na_start(t.y0, g.y, g.ks);
+    const int chi = KSIDE ? na_inv_hi(t.yl, g.y, g.ks) : na_start(t.yl, g.y, g.ks) + g.ks;
+    t.nch = (chi - t.c0 + NA_TILE - 1) / NA_TILE;
+    t.g0 = sg * g.ring;
+    t.g1 = min(t.g0 + g.ring, g.xtiles);
+    return t;
+}
+
+// Stages rows [a, b) of `map` (columns c0 .. c0 + ncols) into ring slots r % g.rows through
+// cp.async (a run that wraps past the last slot goes as two).
+template <int D>
+__device__ __forceinline__ void na_ring_stage(bf16_t* ring, const bf16_t* map, int a, int b, int c0, int ncols,
+                                              const NaGeom& g) {
+    if (a >= b) return;
+    const int slot = a % g.rows, first = min(b - a, g.rows - slot);
+    na_stage_mma<D>(ring + (i64)slot * g.ncw * (D + 8), map, a, first, c0, ncols, g.ncw, g.y, 1);
+    if (first < b - a) na_stage_mma<D>(ring, map, a + first, b - a - first, c0, ncols, g.ncw, g.y, 1);
+}
+
+// Stages the statistics (lse * log2 e, delta) of rows [a, b) into ring slots r % g.rows (pitch
+// ncw), as na_stage_stats does for a block tile.
+__device__ __forceinline__ void na_ring_stats(float* ls, float* ds, const float* lse, const float* delta, int a, int b,
+                                              int c0, int ncols, const NaGeom& g) {
+    if (a >= b) return;
+    const int slot = a % g.rows, first = min(b - a, g.rows - slot);
+    na_stage_stats(ls + slot * g.ncw, ds + slot * g.ncw, lse, delta, a, first, c0, ncols, g.ncw, g.y);
+    if (first < b - a) na_stage_stats(ls, ds, lse, delta, a + first, b - a - first, c0, ncols, g.ncw, g.y);
+}
+
+// The rows group gi stages: [a, hi) its own rows not yet staged, [max(a, hi), pre) the next
+// group's rows that fit in the ring; moves `staged` (the first row not yet staged) past both.
+struct NaRingRows {
+    int a, hi, pre;
+};
+
+template <bool KSIDE>
+__device__ __forceinline__ NaRingRows na_ring_rows(const NaGeom& g, const NaItem& t, int gi, int& staged) {
+    const int lo = na_group_lo<KSIDE>(g, gi), hi = na_group_hi<KSIDE>(g, gi);
+    const int next = gi + 1 < t.g1 ? na_group_hi<KSIDE>(g, gi + 1) : hi;
+    NaRingRows rows;
+    rows.a = max(staged, lo);
+    rows.hi = hi;
+    rows.pre = max(hi, min(next, lo + g.rows));
+    staged = max(rows.a, rows.pre);
+    return rows;
+}
+
+// The copies of a group for two ring-staged maps (K and V, or Q and dO): its own rows
+// (committed), then the prefetch (committed). Call after the barrier that ends the previous
+// group.
+template <int D>
+__device__ __forceinline__ void na_ring_copies(const NaGeom& g, const NaItem& t, const NaRingRows& rows, bf16_t* as,
+                                               const bf16_t* amap, bf16_t* bs, const bf16_t* bmap, bool load) {
+    const int ncols = t.nch * NA_TILE, b = max(rows.a, rows.hi);
+    if (load) {
+        na_ring_stage<D>(as, amap, rows.a, rows.hi, t.c0, ncols, g);
+        na_ring_stage<D>(bs, bmap, rows.a, rows.hi, t.c0, ncols, g);
+    }
+    mma_cp_commit();
+    if (load) {
+        na_ring_stage<D>(as, amap, b, rows.pre, t.c0, ncols, g);
+        na_ring_stage<D>(bs, bmap, b, rows.pre, t.c0, ncols, g);
+    }
+    mma_cp_commit();
+}
+
+// One chunk of the forward for a warp: the scores of its 16 queries (A fragments `qf`) against
+// the 16 staged keys at `kc`, masked to each query's window (`cb`: the key column of this lane's
+// first score column; `sya`, `syb`: the window starts of its two rows), folded into the online
+// softmax (`mr`, `lr`) and O (`o`) with the 16 staged values at `vc`.
+template <int D>
+__device__ __forceinline__ void na_fwd_chunk(float (&o)[D / 8][4], float (&mr)[2], float (&lr)[2],
+                                             const unsigned (&qf)[D / 16][4], const bf16_t* kc, const bf16_t* vc,
+                                             int cb, int sya, int syb, const NaGeom& g) {
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    mma_abt<D>(s, qf, kc);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int sy = e < 2 ? sya : syb;
+            s[nt][e] = na_in_window(cb + nt * 8 + (e & 1), sy, g.ks) ? s[nt][e] * g.scale_log2 : NEG_INF;
+        }
+    // The running max lags (mma_lazy_rescale): after a row's first visible chunk O and the sum
+    // are rarely rescaled, and most chunks skip the row maxima's shuffles, which sat between the
+    // scores' mma and the exponentials.
+    float cm[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)
+        cm[rr] = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
+    mma_lazy_rescale<D>(o, mr, lr, cm, NA_RESCALE_SLACK);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const float mu = mr[rr] == NEG_INF ? 0.0f : mr[rr];
+        float ps = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
+                s[nt][e] = mma_exp2(s[nt][e] - mu);
+                ps += s[nt][e];
+            }
+        lr[rr] += ps;
+    }
+    unsigned pa[4];
+    mma_to_a(pa, s);
+    mma_av<D>(o, pa, vc);
+}
+
+// The forward with ring staging (see above); per group the same per-warp work as the tiles'.
+template <int D>
+__device__ void na2d_fwd_mma_ring(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                                  NaGeom g) {
+    const int P = D + 8;
+    bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
+    bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gr = lane >> 2, tg = lane & 3;
+    i64 plane = (i64)g.x * g.y;
+    const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
+    if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
+    for (int it = blockIdx.x; it < na_ring_items(g); it += gridDim.x) {
+        const NaItem t = na_ring_item<false>(g, it);
+        const bf16_t* kmap = k + t.map * plane * D;
+        const bf16_t* vmap = v + t.map * plane * D;
+        int staged = 0;
+        for (int gi = t.g0; gi < t.g1; ++gi) {
+            int x = gi * g.wx + warp;
+            bool active = x < g.x;
+            int wlo = active ? na_start(x, g.x, g.ks) : 0;
+            int ya = t.y0 + gr, yb = ya + 8;
+            bool oka = active && ya < g.y, okb = active && yb < g.y;
+            int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
+            i64 trow = t.map * plane + (i64)min(x, g.x - 1) * g.y;
+            i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+            // The query fragments' loads are in flight across the barrier and the copies.
+            unsigned qf[D / 16][4];
+            mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
+            __syncthreads();
+            na_ring_copies<D>(g, t, na_ring_rows<false>(g, t, gi, staged), ks, kmap, vs, vmap, load);
+            mma_cp_wait<1>();
+            __syncthreads();
+            if (!active) continue;
+            float o[D / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+            float mr[2] = {NEG_INF, NEG_INF}, lr[2] = {0.0f, 0.0f};
+            if (compute) {
+                int slot = wlo % g.rows;
+                for (int r = wlo; r < wlo + g.ks; ++r) {
+                    for (int ch = 0; ch < t.nch; ++ch) {
+                        i64 off = ((i64)slot * g.ncw + ch * NA_TILE) * P;
+                        na_fwd_chunk<D>(o, mr, lr, qf, ks + off, vs + off, t.c0 + ch * NA_TILE + 2 * tg, sya, syb, g);
+                    }
+                    slot = slot + 1 == g.rows ? 0 : slot + 1;
+                }
+            }
+            float la = mma_quad_sum(lr[0]), lb = mma_quad_sum(lr[1]);
+            mma_store_c<D>(out + ta * D, out + tb * D, oka, okb, o, 1.0f / la, 1.0f / lb);
+            if (tg == 0) {
+                if (oka) lse[ta] = (mr[0] + log2f(la)) * NA_LN2;
+                if (okb) lse[tb] = (mr[1] + log2f(lb)) * NA_LN2;
+            }
+        }
+    }
+}
+
 // Forward. Shared memory: K and V stages, bf16 [rows][ncw][D + 8] each.
 template <int D>
 __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
@@ -732,45 +961,11 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
             __syncthreads();
             if (!active || !compute) continue;
             int ra = max(r0, wlo), rb = min(r0 + nr, whi);
-            for (int r = ra; r < rb; ++r) {
+            for (int r = ra; r < rb; ++r)
                 for (int ch = 0; ch < nch; ++ch) {
                     i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * P;
-                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    mma_abt<D>(s, qf, ks + off);
-                    int cb = c0 + ch * NA_TILE + 2 * tg;
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            int sy = e < 2 ? sya : syb;
-                            s[nt][e] = na_in_window(cb + nt * 8 + (e & 1), sy, g.ks) ? s[nt][e] * g.scale_log2 : NEG_INF;
-                        }
-                    // The running max lags (mma_lazy_rescale): after a row's first visible chunk
-                    // O and the sum are rarely rescaled, and most chunks skip the row maxima's
-                    // shuffles, which sat between the scores' mma and the exponentials.
-                    float cm[2];
-#pragma unroll
-                    for (int rr = 0; rr < 2; ++rr)
-                        cm[rr] = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
-                    mma_lazy_rescale<D>(o, mr, lr, cm, NA_RESCALE_SLACK);
-#pragma unroll
-                    for (int rr = 0; rr < 2; ++rr) {
-                        const float mu = mr[rr] == NEG_INF ? 0.0f : mr[rr];
-                        float ps = 0.0f;
-#pragma unroll
-                        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                            for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
-                                s[nt][e] = mma_exp2(s[nt][e] - mu);
-                                ps += s[nt][e];
-                            }
-                        lr[rr] += ps;
-                    }
-                    unsigned pa[4];
-                    mma_to_a(pa, s);
-                    mma_av<D>(o, pa, vs + off);
+                    na_fwd_chunk<D>(o, mr, lr, qf, ks + off, vs + off, c0 + ch * NA_TILE + 2 * tg, sya, syb, g);
                 }
-            }
         }
         if (active) {
             float la = mma_quad_sum(lr[0]), lb = mma_quad_sum(lr[1]);
@@ -778,6 +973,124 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
             if (tg == 0) {
                 if (oka) lse[ta] = (mr[0] + log2f(la)) * NA_LN2;
                 if (okb) lse[tb] = (mr[1] + log2f(lb)) * NA_LN2;
+            }
+        }
+    }
+}
+
+// One chunk of dq for a warp: the probabilities of its 16 queries (`qf`; lse * log2 e `la`, `lb`)
+// against the 16 staged keys at `kc`, recomputed and masked as in na_fwd_chunk, ds = p (dO . v -
+// delta) with dO (`gf`) against the staged values at `vc`, and dq += ds K into `acc`.
+template <int D>
+__device__ __forceinline__ void na_dq_chunk(float (&acc)[D / 8][4], const unsigned (&qf)[D / 16][4],
+                                            const unsigned (&gf)[D / 16][4], const bf16_t* kc, const bf16_t* vc,
+                                            int cb, int sya, int syb, float la, float lb, float da, float db,
+                                            const NaGeom& g) {
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    mma_abt<D>(s, qf, kc);
+    mma_abt<D>(dp, gf, vc);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            bool lo = e < 2;
+            bool in = na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks);
+            float x = s[nt][e] * g.scale_log2 - (lo ? la : lb);
+            // exp2(-inf) = 0: selecting before the exponential spares the branch around it (6
+            // instructions of the d64 loop), but at D < 64 (4 blocks, 128 registers) it costs a
+            // spill.
+            float p = D >= 64 ? mma_exp2(in ? x : NEG_INF) : (in ? mma_exp2(x) : 0.0f);
+            s[nt][e] = p * (dp[nt][e] - (lo ? da : db));
+        }
+    unsigned dsa[4];
+    mma_to_a(dsa, s);
+    mma_av<D>(acc, dsa, kc);
+}
+
+// delta = dO . out of a warp's two rows (g, g + 8) from A fragments of out and dO at the same
+// positions, reduced over the row's four lanes.
+template <int D>
+__device__ __forceinline__ void na_dq_delta(float& da, float& db, const unsigned (&of)[D / 16][4],
+                                            const unsigned (&gf)[D / 16][4]) {
+    da = 0.0f;
+    db = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            unsigned a = of[kk][j], b = gf[kk][j];
+            float pr = __uint_as_float(a << 16) * __uint_as_float(b << 16) +
+                       __uint_as_float(a & 0xffff0000u) * __uint_as_float(b & 0xffff0000u);
+            if (j & 1) db += pr;
+            else da += pr;
+        }
+    da = mma_quad_sum(da);
+    db = mma_quad_sum(db);
+}
+
+// dq with ring staging (see above); per group the same per-warp work as the tiles', whose order
+// it keeps: the group's own q, dO, out and lse are loaded and delta computed before the barrier
+// and the copies (later, the fragments of out stay live across the copies and dq spills at head
+// dims 48 and 80).
+template <int D>
+__device__ void na2d_dq_mma_ring(bf16_t* dq, float* delta, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                                 const bf16_t* o, const bf16_t* go, const float* lse, NaGeom g) {
+    const int P = D + 8;
+    bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
+    bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gr = lane >> 2, tg = lane & 3;
+    i64 plane = (i64)g.x * g.y;
+    const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
+    if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
+    for (int it = blockIdx.x; it < na_ring_items(g); it += gridDim.x) {
+        const NaItem t = na_ring_item<false>(g, it);
+        const bf16_t* kmap = k + t.map * plane * D;
+        const bf16_t* vmap = v + t.map * plane * D;
+        int staged = 0;
+        for (int gi = t.g0; gi < t.g1; ++gi) {
+            int x = gi * g.wx + warp;
+            bool active = x < g.x;
+            int wlo = active ? na_start(x, g.x, g.ks) : 0;
+            int ya = t.y0 + gr, yb = ya + 8;
+            bool oka = active && ya < g.y, okb = active && yb < g.y;
+            int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
+            i64 trow = t.map * plane + (i64)min(x, g.x - 1) * g.y;
+            i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+            unsigned qf[D / 16][4], gf[D / 16][4];
+            float da, db;
+            mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
+            mma_ldg_a<D>(gf, go + ta * D, go + tb * D, oka, okb);
+            {
+                unsigned of[D / 16][4];
+                mma_ldg_a<D>(of, o + ta * D, o + tb * D, oka, okb);
+                na_dq_delta<D>(da, db, of, gf);
+            }
+            float la = oka ? lse[ta] * NA_LOG2E : 0.0f, lb = okb ? lse[tb] * NA_LOG2E : 0.0f;
+            __syncthreads();
+            na_ring_copies<D>(g, t, na_ring_rows<false>(g, t, gi, staged), ks, kmap, vs, vmap, load);
+            mma_cp_wait<1>();
+            __syncthreads();
+            if (!active) continue;
+            float acc[D / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+            if (compute) {
+                int slot = wlo % g.rows;
+                for (int r = wlo; r < wlo + g.ks; ++r) {
+                    for (int ch = 0; ch < t.nch; ++ch) {
+                        i64 off = ((i64)slot * g.ncw + ch * NA_TILE) * P;
+                        na_dq_chunk<D>(acc, qf, gf, ks + off, vs + off, t.c0 + ch * NA_TILE + 2 * tg, sya, syb, la, lb,
+                                       da, db, g);
+                    }
+                    slot = slot + 1 == g.rows ? 0 : slot + 1;
+                }
+            }
+            mma_store_c<D>(dq + ta * D, dq + tb * D, oka, okb, acc, g.scale, g.scale);
+            if (tg == 0) {
+                if (oka) delta[ta] = da;
+                if (okb) delta[tb] = db;
             }
         }
     }
@@ -813,24 +1126,12 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
         unsigned qf[D / 16][4], gf[D / 16][4];
         mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
         mma_ldg_a<D>(gf, go + ta * D, go + tb * D, oka, okb);
-        // delta = dO . out per row, from the same fragment positions of out.
-        float da = 0.0f, db = 0.0f;
+        float da, db;
         {
             unsigned of[D / 16][4];
             mma_ldg_a<D>(of, o + ta * D, o + tb * D, oka, okb);
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    unsigned a = of[kk][j], b = gf[kk][j];
-                    float pr = __uint_as_float(a << 16) * __uint_as_float(b << 16) +
-                               __uint_as_float(a & 0xffff0000u) * __uint_as_float(b & 0xffff0000u);
-                    if (j & 1) db += pr;
-                    else da += pr;
-                }
+            na_dq_delta<D>(da, db, of, gf);
         }
-        da = mma_quad_sum(da);
-        db = mma_quad_sum(db);
         float la = oka ? lse[ta] * NA_LOG2E : 0.0f, lb = okb ? lse[tb] * NA_LOG2E : 0.0f;
         float acc[D / 8][4];
 #pragma unroll
@@ -846,32 +1147,12 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
             __syncthreads();
             if (!active || !compute) continue;
             int ra = max(r0, wlo), rb = min(r0 + nr, whi);
-            for (int r = ra; r < rb; ++r) {
+            for (int r = ra; r < rb; ++r)
                 for (int ch = 0; ch < nch; ++ch) {
                     i64 off = ((i64)(r - r0) * g.ncw + ch * NA_TILE) * P;
-                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    mma_abt<D>(s, qf, ks + off);
-                    mma_abt<D>(dp, gf, vs + off);
-                    int cb = c0 + ch * NA_TILE + 2 * tg;
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            bool lo = e < 2;
-                            bool in = na_in_window(cb + nt * 8 + (e & 1), lo ? sya : syb, g.ks);
-                            float x = s[nt][e] * g.scale_log2 - (lo ? la : lb);
-                            // exp2(-inf) = 0: selecting before the exponential spares the branch
-                            // around it (6 instructions of the d64 loop), but at D < 64 (4 blocks,
-                            // 128 registers) it costs a spill.
-                            float p = D >= 64 ? mma_exp2(in ? x : NEG_INF) : (in ? mma_exp2(x) : 0.0f);
-                            s[nt][e] = p * (dp[nt][e] - (lo ? da : db));
-                        }
-                    unsigned dsa[4];
-                    mma_to_a(dsa, s);
-                    mma_av<D>(acc, dsa, ks + off);
+                    na_dq_chunk<D>(acc, qf, gf, ks + off, vs + off, c0 + ch * NA_TILE + 2 * tg, sya, syb, la, lb, da, db,
+                                   g);
                 }
-            }
         }
         if (active) {
             mma_store_c<D>(dq + ta * D, dq + tb * D, oka, okb, acc, g.scale, g.scale);
@@ -881,6 +1162,46 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
             }
         }
     }
+}
+
+// One chunk of dk/dv for a warp: its 16 keys (A operands `mk`, values `mv`, staged) against the
+// 16 staged queries at `qc` (their dO at `gc`, lse * log2 e at `lc`, delta at `dc`): transposed
+// scores (rows the keys, columns the queries), p recomputed from the lse and masked to the
+// queries whose window holds each key (`qrel_a`, `qrel_b`: this lane's first query column
+// relative to the first such query of its two keys; `qn_a`, `qn_b`: how many there are),
+// ds = p (dp - delta), then dv += p dO and dk += ds q.
+template <int D>
+__device__ __forceinline__ void na_dkdv_chunk(float (&ak)[D / 8][4], float (&av)[D / 8][4], const bf16_t* mk,
+                                              const bf16_t* mv, const bf16_t* qc, const bf16_t* gc, const float* lc,
+                                              const float* dc, int qrel_a, int qrel_b, unsigned qn_a, unsigned qn_b,
+                                              float scale_log2) {
+    const int tg = threadIdx.x & 3;
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    mma_abt_s<D>(s, mk, qc);
+    mma_abt_s<D>(dp, mv, gc);
+    float ds[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int ce = 0; ce < 2; ++ce) {
+            int cl = nt * 8 + 2 * tg + ce;  // the query column within the chunk
+            float l2 = lc[cl], dl = dc[cl];
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                int e = 2 * rr + ce;
+                bool valid = rr ? (unsigned)(qrel_b + nt * 8 + ce) < qn_b : (unsigned)(qrel_a + nt * 8 + ce) < qn_a;
+                // exp2(-inf) = 0: a select, not a branch around the exponential.
+                float p = mma_exp2(valid ? s[nt][e] * scale_log2 - l2 : NEG_INF);
+                ds[nt][e] = p * (dp[nt][e] - dl);
+                s[nt][e] = p;
+            }
+        }
+    unsigned pa[4], dsa[4];
+    mma_to_a(pa, s);
+    mma_to_a(dsa, ds);
+    mma_av<D>(av, pa, gc);
+    mma_av<D>(ak, dsa, qc);
 }
 
 // dk and dv. Shared memory: the block's own K and V tiles bf16 [wx * 16][D + 8] each, then the Q
@@ -948,45 +1269,91 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
             __syncthreads();
             if (!active || !compute) continue;
             int ra = max(r0, ilo), rb = min(r0 + nr, ihi);
-            for (int r = ra; r < rb; ++r) {
+            for (int r = ra; r < rb; ++r)
                 for (int ch = 0; ch < nch; ++ch) {
                     int tok = (r - r0) * g.ncw + ch * NA_TILE;
-                    i64 off = (i64)tok * P;
-                    // Transposed scores: rows are the warp's keys, columns the chunk's queries.
-                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    mma_abt_s<D>(s, mk, qs + off);
-                    mma_abt_s<D>(dp, mv, gs + off);
-                    float ds[2][4];
                     // Offsets of this lane's first query column from qlo_a and qlo_b.
-                    const int qrel_a = c0 + ch * NA_TILE + 2 * tg - qlo_a;
-                    const int qrel_b = c0 + ch * NA_TILE + 2 * tg - qlo_b;
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                        for (int ce = 0; ce < 2; ++ce) {
-                            int cl = nt * 8 + 2 * tg + ce;  // the query column within the chunk
-                            float l2 = ls[tok + cl], dl = dls[tok + cl];
-#pragma unroll
-                            for (int rr = 0; rr < 2; ++rr) {
-                                int e = 2 * rr + ce;
-                                bool valid = rr ? (unsigned)(qrel_b + nt * 8 + ce) < qn_b
-                                                : (unsigned)(qrel_a + nt * 8 + ce) < qn_a;
-                                // exp2(-inf) = 0: a select, not a branch around the exponential.
-                                float p = mma_exp2(valid ? s[nt][e] * scale_log2 - l2 : NEG_INF);
-                                ds[nt][e] = p * (dp[nt][e] - dl);
-                                s[nt][e] = p;
-                            }
-                        }
-                    unsigned pa[4], dsa[4];
-                    mma_to_a(pa, s);
-                    mma_to_a(dsa, ds);
-                    mma_av<D>(av, pa, gs + off);
-                    mma_av<D>(ak, dsa, qs + off);
+                    const int qrel = c0 + ch * NA_TILE + 2 * tg;
+                    na_dkdv_chunk<D>(ak, av, mk, mv, qs + (i64)tok * P, gs + (i64)tok * P, ls + tok, dls + tok,
+                                     qrel - qlo_a, qrel - qlo_b, qn_a, qn_b, scale_log2);
                 }
-            }
         }
         if (active) {
+            mma_store_c<D>(dk + ta * D, dk + tb * D, oka, okb, ak, g.scale, g.scale);
+            mma_store_c<D>(dv + ta * D, dv + tb * D, oka, okb, av, 1.0f, 1.0f);
+        }
+    }
+}
+
+// dk and dv with ring staging (see above): the ring holds Q and dO bf16 [rows][ncw][D + 8] each
+// and lse * log2(e) and delta f32 [rows][ncw] each, after the group's own K and V tiles as in
+// the tile kernel (staged with the group's rows, so their copies do not overlap the previous
+// group's work). The statistics go through plain loads and stores into the same slots, the
+// prefetched rows' too (their slots are free once the barrier has passed).
+template <int D>
+__device__ void na2d_dkdv_mma_ring(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                                   const bf16_t* go, const float* lse, const float* delta, NaGeom g) {
+    const int P = D + 8;
+    bf16_t* kt = reinterpret_cast<bf16_t*>(na_smem);
+    bf16_t* vt = kt + g.wx * NA_TILE * P;
+    bf16_t* qs = vt + g.wx * NA_TILE * P;
+    bf16_t* gs = qs + (i64)g.rows * g.ncw * P;
+    float* ls = reinterpret_cast<float*>(gs + (i64)g.rows * g.ncw * P);
+    float* dls = ls + g.rows * g.ncw;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gr = lane >> 2, tg = lane & 3;
+    i64 plane = (i64)g.x * g.y;
+    const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
+    if (!load) na_diag_zero(kt, ((i64)2 * g.wx * NA_TILE * P + (i64)2 * g.rows * g.ncw * P) / 2 + (i64)2 * g.rows * g.ncw);
+    for (int it = blockIdx.x; it < na_ring_items(g); it += gridDim.x) {
+        const NaItem t = na_ring_item<true>(g, it);
+        const i64 mbase = t.map * plane;
+        int staged = 0;
+        for (int gi = t.g0; gi < t.g1; ++gi) {
+            const int x0 = gi * g.wx, xl = min(x0 + g.wx, g.x) - 1;
+            int x = x0 + warp;
+            bool active = x < g.x;
+            int ilo = active ? na_inv_lo(x, g.x, g.ks) : 0, ihi = active ? na_inv_hi(x, g.x, g.ks) : 0;
+            int ja = t.y0 + gr, jb = ja + 8;
+            bool oka = active && ja < g.y, okb = active && jb < g.y;
+            // The queries whose window holds key column ja (jb): qlo .. qlo + qn (see the tile
+            // kernel).
+            const int qlo_a = na_inv_lo(ja, g.y, g.ks), qlo_b = na_inv_lo(jb, g.y, g.ks);
+            const unsigned qn_a = oka ? (unsigned)(na_inv_hi(ja, g.y, g.ks) - qlo_a) : 0u;
+            const unsigned qn_b = okb ? (unsigned)(na_inv_hi(jb, g.y, g.ks) - qlo_b) : 0u;
+            __syncthreads();
+            const NaRingRows rows = na_ring_rows<true>(g, t, gi, staged);
+            if (load) {
+                na_stage_mma<D>(kt, k + mbase * D, x0, xl - x0 + 1, t.y0, NA_TILE, NA_TILE, g.y, 1);
+                na_stage_mma<D>(vt, v + mbase * D, x0, xl - x0 + 1, t.y0, NA_TILE, NA_TILE, g.y, 1);
+            }
+            na_ring_copies<D>(g, t, rows, qs, q + mbase * D, gs, go + mbase * D, load);
+            if (load) na_ring_stats(ls, dls, lse + mbase, delta + mbase, rows.a, rows.pre, t.c0, t.nch * NA_TILE, g);
+            mma_cp_wait<1>();
+            __syncthreads();
+            if (!active) continue;
+            const bf16_t* mk = kt + warp * NA_TILE * P;
+            const bf16_t* mv = vt + warp * NA_TILE * P;
+            float ak[D / 8][4], av[D / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                ak[nt][0] = ak[nt][1] = ak[nt][2] = ak[nt][3] = 0.0f;
+                av[nt][0] = av[nt][1] = av[nt][2] = av[nt][3] = 0.0f;
+            }
+            if (compute) {
+                int slot = ilo % g.rows;
+                for (int r = ilo; r < ihi; ++r) {
+                    for (int ch = 0; ch < t.nch; ++ch) {
+                        const int tok = slot * g.ncw + ch * NA_TILE, qrel = t.c0 + ch * NA_TILE + 2 * tg;
+                        na_dkdv_chunk<D>(ak, av, mk, mv, qs + (i64)tok * P, gs + (i64)tok * P, ls + tok, dls + tok,
+                                         qrel - qlo_a, qrel - qlo_b, qn_a, qn_b, g.scale_log2);
+                    }
+                    slot = slot + 1 == g.rows ? 0 : slot + 1;
+                }
+            }
+            // The token offsets only now: held across the chunk loop they cost a spill at D 64.
+            const i64 trow = mbase + (i64)x * g.y;
+            const i64 ta = trow + min(ja, g.y - 1), tb = trow + min(jb, g.y - 1);
             mma_store_c<D>(dk + ta * D, dk + tb * D, oka, okb, ak, g.scale, g.scale);
             mma_store_c<D>(dv + ta * D, dv + tb * D, oka, okb, av, 1.0f, 1.0f);
         }
@@ -1042,6 +1409,23 @@ __device__ void na2d_dkdv_mma_impl(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
         na2d_dkdv_mma_bf16_d##D(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k, const bf16_t* v,   \
                                 const bf16_t* go, const float* lse, const float* delta, NaGeom g) {          \
         na2d_dkdv_mma_impl<D>(dk, dv, q, k, v, go, lse, delta, g);                                           \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_FWD_RING_BLOCKS(D))                          \
+        na2d_fwd_ring_mma_bf16_d##D(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k,               \
+                                    const bf16_t* v, NaGeom g) {                                             \
+        na2d_fwd_mma_ring<D>(out, lse, q, k, v, g);                                                          \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DQ_RING_BLOCKS(D))                           \
+        na2d_dq_ring_mma_bf16_d##D(bf16_t* dq, float* delta, const bf16_t* q, const bf16_t* k,               \
+                                   const bf16_t* v, const bf16_t* o, const bf16_t* go, const float* lse,     \
+                                   NaGeom g) {                                                               \
+        na2d_dq_mma_ring<D>(dq, delta, q, k, v, o, go, lse, g);                                              \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DKDV_RING_BLOCKS(D))                         \
+        na2d_dkdv_ring_mma_bf16_d##D(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k,               \
+                                     const bf16_t* v, const bf16_t* go, const float* lse, const float* delta,\
+                                     NaGeom g) {                                                             \
+        na2d_dkdv_mma_ring<D>(dk, dv, q, k, v, go, lse, delta, g);                                           \
     }
 
 NA_NAIVE_KERNELS(float, f32)

@@ -380,18 +380,11 @@ pub fn na2d_with_kernel(
         lse: Mutex::new(Vec::new()),
     };
     let mut outs = float_op(OP, &[q, k, v], &fwd, |dev, bufs| {
-        // Full, unless a bench asks for a timing diagnostic (wrong results by design).
-        let diag = cn::NaDiag::from_env()?;
-        let (out, lse) = cn::na2d_forward(
-            dev,
-            bufs[0],
-            bufs[1],
-            bufs[2],
-            shape,
-            scale as f32,
-            kernel,
-            diag,
-        )?;
+        // The staging and (benches only: wrong results by design) a timing diagnostic come
+        // from the environment.
+        let run = cn::NaRun::with_env(kernel)?;
+        let (out, lse) =
+            cn::na2d_forward(dev, bufs[0], bufs[1], bufs[2], shape, scale as f32, run)?;
         Ok(vec![out, lse])
     })?;
     let lse = Saved::take(
@@ -413,7 +406,7 @@ pub fn na2d_with_kernel(
                 |lse| Backward { g, lse },
                 |dev, bufs, st| {
                     let lse = nth(OP, st, 0)?;
-                    let diag = cn::NaDiag::from_env()?;
+                    let run = cn::NaRun::with_env(kernel)?;
                     let (dq, dk, dv) = cn::na2d_backward(
                         dev,
                         bufs[1],
@@ -424,8 +417,7 @@ pub fn na2d_with_kernel(
                         lse,
                         shape,
                         scale as f32,
-                        kernel,
-                        diag,
+                        run,
                     )?;
                     Ok(vec![dq, dk, dv])
                 },

@@ -8,7 +8,7 @@
 //! only the arithmetic differs. Two input kinds: raw N(0, 1) with logits scaled by 1/sqrt(D), and
 //! MVAR-like (q = normalize(randn) * 4, k = normalize(randn) over D, logit scale 1).
 
-use mvar::cuda::ops::na2d::{na2d_family, Na2dShape};
+use mvar::cuda::ops::na2d::{na2d_family, Na2dShape, NaDiag, NaRun, NaStaging};
 use mvar::engine::{DType, Device, Generator, Tensor};
 use mvar::ops::{self, NaKernel};
 use proptest::prelude::*;
@@ -291,26 +291,31 @@ fn na2d_empty_and_invalid_on_the_gpu() {
     assert!(ops::na2d(&x, &x, &x, 7, 1.0).is_err());
 }
 
-/// The timing diagnostics of the mma kernels (`NaDiag`, benches only) leave out what they say:
-/// with the chunk loops left out nothing is accumulated (the forward's lse is -inf, every
-/// gradient 0); with the staging left out the kernels compute on zeroed shared memory (zero
-/// keys and values: a uniform softmax over the k * k window, so out = 0 and lse = ln(k * k);
-/// zero gradients). A diagnostic the kernels ignored would give the full results, which are
-/// none of these.
-#[test]
-fn na2d_timing_diagnostics_leave_their_part_out() {
-    use mvar::cuda::ops::na2d::{na2d_backward, na2d_forward, NaDiag};
+/// One run's output, lse and (dq, dk, dv), as f32.
+type DeviceRun = (Vec<f32>, Vec<f32>, [Vec<f32>; 3]);
+
+/// Output, lse and (dq, dk, dv) of the op's device functions on bf16 inputs (q, k, v and dO from
+/// `seed`), once per `runs` entry, called directly so that each run's staging and diagnostic
+/// are its own (not the process's environment).
+fn device_runs(
+    gpu: &Device,
+    shape: [usize; 5],
+    ks: usize,
+    seed: u64,
+    runs: &[NaRun],
+) -> Vec<DeviceRun> {
+    use mvar::cuda::ops::na2d::{na2d_backward, na2d_forward};
     use mvar::cuda::HostVec;
     use mvar::engine::Storage;
-    let Some(gpu) = gpu() else { return };
-    let Device::Cuda(dev) = &gpu else { return };
-    let (shape, ks) = ([1usize, 2, 9, 11, 64], 5);
+    let Device::Cuda(dev) = gpu else {
+        panic!("expected a CUDA device")
+    };
     let s = na_shape(shape, ks);
-    let (x, scale) = inputs(&shape, false, 77);
+    let (x, scale) = inputs(&shape, false, seed);
     let on_gpu: Vec<Tensor> = x
         .iter()
-        .chain(std::iter::once(&randn(&shape, 78)))
-        .map(|t| t.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap())
+        .chain(std::iter::once(&randn(&shape, seed + 1)))
+        .map(|t| t.to_dtype(DType::BF16).unwrap().to_device(gpu).unwrap())
         .collect();
     let storages: Vec<_> = on_gpu.iter().map(|t| t.storage()).collect();
     let b: Vec<&mvar::cuda::CudaBuffer> = storages
@@ -328,31 +333,51 @@ fn na2d_timing_diagnostics_leave_their_part_out() {
         }
     };
     let scale = scale as f32;
-    let run = |diag| {
-        let (out, lse) =
-            na2d_forward(dev, b[0], b[1], b[2], s, scale, NaKernel::Mma, diag).unwrap();
-        let grads = na2d_backward(
-            dev,
-            b[0],
-            b[1],
-            b[2],
-            &out,
-            b[3],
-            &lse,
-            s,
-            scale,
-            NaKernel::Mma,
-            diag,
-        )
-        .unwrap();
-        let g = [&grads.0, &grads.1, &grads.2].map(f32s);
-        (f32s(&out), f32s(&lse), g)
-    };
-    let (out, lse, g) = run(NaDiag::Full);
+    runs.iter()
+        .map(|&run| {
+            let (out, lse) = na2d_forward(dev, b[0], b[1], b[2], s, scale, run).unwrap();
+            let grads =
+                na2d_backward(dev, b[0], b[1], b[2], &out, b[3], &lse, s, scale, run).unwrap();
+            let g = [&grads.0, &grads.1, &grads.2].map(f32s);
+            (f32s(&out), f32s(&lse), g)
+        })
+        .collect()
+}
+
+/// The timing diagnostics of the mma kernels (`NaDiag`, benches only) leave out what they say:
+/// with the chunk loops left out nothing is accumulated (the forward's lse is -inf, every
+/// gradient 0); with the staging left out the kernels compute on zeroed shared memory (zero
+/// keys and values: a uniform softmax over the k * k window, so out = 0 and lse = ln(k * k);
+/// zero gradients). A diagnostic the kernels ignored would give the full results, which are
+/// none of these. The ring staging's kernels take the same diagnostics.
+#[test]
+fn na2d_timing_diagnostics_leave_their_part_out() {
+    let Some(gpu) = gpu() else { return };
+    let (shape, ks) = ([1usize, 2, 9, 11, 64], 5);
+    for staging in [NaStaging::Async, NaStaging::Ring { groups: 2 }] {
+        let runs: Vec<NaRun> = [NaDiag::Full, NaDiag::LoadsOnly, NaDiag::NoLoads]
+            .map(|diag| NaRun {
+                kernel: NaKernel::Mma,
+                staging,
+                diag,
+            })
+            .to_vec();
+        let results = device_runs(&gpu, shape, ks, 77, &runs);
+        check_diagnostics(ks, &results);
+    }
+    assert_eq!(NaDiag::parse("loads-only"), Some(NaDiag::LoadsOnly));
+    assert_eq!(NaDiag::parse(" No-Loads "), Some(NaDiag::NoLoads));
+    assert_eq!(NaDiag::parse(""), Some(NaDiag::Full));
+    assert_eq!(NaDiag::parse("noloads"), None);
+}
+
+/// The full, loads-only and no-loads results of one staging (see the test above).
+fn check_diagnostics(ks: usize, results: &[DeviceRun]) {
+    let (out, lse, g) = &results[0];
     assert!(out.iter().any(|&v| v != 0.0) && lse.iter().all(|v| v.is_finite()));
     assert!(g.iter().all(|gi| gi.iter().any(|&v| v != 0.0)));
 
-    let (_, lse, g) = run(NaDiag::LoadsOnly);
+    let (_, lse, g) = &results[1];
     assert!(
         lse.iter().all(|&v| v == f32::NEG_INFINITY),
         "loads-only: the forward still accumulated"
@@ -362,7 +387,7 @@ fn na2d_timing_diagnostics_leave_their_part_out() {
         "loads-only: the backward still accumulated"
     );
 
-    let (out, lse, g) = run(NaDiag::NoLoads);
+    let (out, lse, g) = &results[2];
     let uniform = ((ks * ks) as f32).ln();
     assert!(
         out.iter().all(|&v| v == 0.0),
@@ -377,8 +402,65 @@ fn na2d_timing_diagnostics_leave_their_part_out() {
         g.iter().all(|gi| gi.iter().all(|&v| v == 0.0)),
         "no-loads: the backward's rows were staged"
     );
-    assert_eq!(NaDiag::parse("loads-only"), Some(NaDiag::LoadsOnly));
-    assert_eq!(NaDiag::parse(" No-Loads "), Some(NaDiag::NoLoads));
-    assert_eq!(NaDiag::parse(""), Some(NaDiag::Full));
-    assert_eq!(NaDiag::parse("noloads"), None);
+}
+
+/// Ring staging (`NaStaging::Ring`) computes each warp's chunks in the order the block tiles do,
+/// so its forward and dq equal theirs bit for bit (dk/dv stage as tiles either way). Maps of
+/// several row groups, in work items of one, two and three groups and the automatic count;
+/// rings that wrap and that prefetch only part of the next group (the forward's at 16x16);
+/// strips side by side; maps with a short last group; a shape whose group rows do not fit a
+/// ring (k 13), which stages as tiles.
+#[test]
+fn na2d_ring_staging_equals_the_tiles() {
+    let Some(gpu) = gpu() else { return };
+    let cases: &[([usize; 5], usize)] = &[
+        ([1, 2, 16, 16, 64], 7),
+        ([1, 1, 13, 13, 64], 7),
+        ([1, 1, 21, 37, 32], 5),
+        ([2, 1, 18, 7, 16], 3),
+        ([1, 1, 11, 9, 128], 9),
+        ([1, 1, 30, 20, 64], 13),
+    ];
+    for (i, &(shape, ks)) in cases.iter().enumerate() {
+        let mut runs = vec![NaRun {
+            kernel: NaKernel::Mma,
+            ..NaRun::default()
+        }];
+        for groups in [0, 1, 2, 3] {
+            runs.push(NaRun {
+                staging: NaStaging::Ring { groups },
+                ..runs[0]
+            });
+        }
+        let results = device_runs(&gpu, shape, ks, 500 + i as u64, &runs);
+        let (tiles, rings) = results.split_first().unwrap();
+        for (run, ring) in runs[1..].iter().zip(rings) {
+            let what = format!("{shape:?} k {ks} {}", run.staging.name());
+            assert!(
+                ring.0 == tiles.0,
+                "{what}: the output differs from the tiles'"
+            );
+            assert!(ring.1 == tiles.1, "{what}: the lse differs from the tiles'");
+            for (j, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                assert!(
+                    ring.2[j] == tiles.2[j],
+                    "{what}: {name} differs from the tiles'"
+                );
+            }
+        }
+    }
+    assert_eq!(NaStaging::parse(""), Some(NaStaging::Async));
+    assert_eq!(
+        NaStaging::parse(" Ring "),
+        Some(NaStaging::Ring { groups: 0 })
+    );
+    assert_eq!(
+        NaStaging::parse("ring:3"),
+        Some(NaStaging::Ring { groups: 3 })
+    );
+    assert_eq!(NaStaging::parse("ring:0"), None);
+    assert_eq!(NaStaging::parse("rings"), None);
+    for st in [NaStaging::Registers, NaStaging::Ring { groups: 2 }] {
+        assert_eq!(NaStaging::parse(&st.name()), Some(st));
+    }
 }

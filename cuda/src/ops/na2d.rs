@@ -15,8 +15,9 @@
 //! kernels take [`SMEM_BUDGET`]; the mma kernels the multiprocessor's shared memory divided
 //! among the blocks their registers let run on it at once ([`mma_blocks_per_sm`]), so that
 //! shared memory does not cut that count further. The mma kernels stage through `cp.async`
-//! (every copy of a stage in flight at once); `MVAR_NA_STAGING=registers` makes them stage through
-//! registers as before, for comparison.
+//! (every copy of a stage in flight at once); [`NaStaging`] (`MVAR_NA_STAGING`) also offers
+//! staging through registers as before, and a ring of rows per 16-column strip of a map that
+//! stages each row once per work item and prefetches the next row group's rows.
 //!
 //! [`NaDiag`] (`MVAR_NA_DIAG`) is a timing diagnostic for the benches, not a kernel choice: the
 //! mma kernels with a part of their work left out, so that differences of wall times say where
@@ -232,6 +233,84 @@ impl NaDiag {
     }
 }
 
+/// How the mma kernels stage rows into shared memory (`MVAR_NA_STAGING`); the other families
+/// ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NaStaging {
+    /// Block tiles (4 rows of 16 tokens) stage the rows they read through `cp.async`.
+    #[default]
+    Async,
+    /// Block tiles stage through registers, as before `cp.async` (kept for comparison).
+    Registers,
+    /// A block walks `groups` row groups of a 16-column strip of a map (0: as many as leave two
+    /// work items per resident block), staging each row once into a ring of rows and the next
+    /// group's rows while the current one computes (the `*_ring_mma_*` kernels). Shapes whose
+    /// rows of one group do not fit stage as `Async`.
+    Ring { groups: u32 },
+}
+
+impl NaStaging {
+    /// The environment variable [`NaStaging::from_env`] reads.
+    pub const ENV: &'static str = "MVAR_NA_STAGING";
+
+    /// `MVAR_NA_STAGING` = `async` (or unset, or empty), `registers`, `ring` or `ring:N` (N row
+    /// groups per work item). Another value is refused: a typo would time the wrong kernels.
+    pub fn from_env() -> Result<NaStaging, CudaError> {
+        let value = std::env::var(Self::ENV).unwrap_or_default();
+        Self::parse(&value).ok_or_else(|| CudaError::Launch {
+            op: "na2d".into(),
+            sizes: "every shape".into(),
+            message: format!(
+                "{}={value:?}: expected async, registers, ring or ring:N (N >= 1 row groups)",
+                Self::ENV
+            ),
+        })
+    }
+
+    /// The staging a `MVAR_NA_STAGING` value names; None for an unknown one.
+    pub fn parse(name: &str) -> Option<NaStaging> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "" | "async" => Some(NaStaging::Async),
+            "registers" => Some(NaStaging::Registers),
+            "ring" => Some(NaStaging::Ring { groups: 0 }),
+            other => match other.strip_prefix("ring:")?.trim().parse() {
+                Ok(groups) if groups >= 1 => Some(NaStaging::Ring { groups }),
+                _ => None,
+            },
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            NaStaging::Async => "async".into(),
+            NaStaging::Registers => "registers".into(),
+            NaStaging::Ring { groups: 0 } => "ring".into(),
+            NaStaging::Ring { groups } => format!("ring:{groups}"),
+        }
+    }
+}
+
+/// How the op's kernels run: the family asked for, the mma kernels' staging and (benches only)
+/// a timing diagnostic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NaRun {
+    pub kernel: NaKernel,
+    pub staging: NaStaging,
+    pub diag: NaDiag,
+}
+
+impl NaRun {
+    /// `kernel` with the staging and the diagnostic the environment asks for
+    /// (`MVAR_NA_STAGING`, `MVAR_NA_DIAG`).
+    pub fn with_env(kernel: NaKernel) -> Result<NaRun, CudaError> {
+        Ok(NaRun {
+            kernel,
+            staging: NaStaging::from_env()?,
+            diag: NaDiag::from_env()?,
+        })
+    }
+}
+
 /// Mirror of `struct NaGeom` in na2d.cu.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -248,6 +327,7 @@ struct Geom {
     ytiles: i32,
     async_stage: i32,
     diag: i32,
+    ring: i32,
     scale: f32,
     scale_log2: f32,
 }
@@ -313,23 +393,27 @@ impl Pass {
 }
 
 /// Blocks per multiprocessor the mma kernels of `pass` with head dim `d` are compiled for
-/// (`NA_MMA_*_BLOCKS` in the kernel file, the second `__launch_bounds__` argument: as many as
-/// fit without spilling registers on sm_80 and sm_90, checked by the kernel compile test).
-fn mma_blocks_per_sm(pass: Pass, d: usize) -> usize {
+/// (`NA_MMA_*_BLOCKS` in the kernel file, `NA_MMA_*_RING_BLOCKS` for the ring-staged ones: the
+/// second `__launch_bounds__` argument, as many as fit without spilling registers on sm_80 and
+/// sm_90, checked by the kernel compile test).
+fn mma_blocks_per_sm(pass: Pass, d: usize, ring: bool) -> usize {
     match pass {
         Pass::Forward if d <= 80 => 4,
         Pass::Forward if d <= 112 => 3,
-        Pass::Dq if d <= 48 => 4,
-        Pass::Dq | Pass::DkDv if d <= 80 => 3,
+        Pass::Dq if d <= 32 || (d <= 48 && !ring) => 4,
+        Pass::Dq if d <= 64 || (d <= 80 && !ring) => 3,
+        Pass::DkDv if d <= 80 => 3,
         _ => 2,
     }
 }
 
-/// A device's shared-memory limits, for the mma budget.
+/// A device's shared-memory limits, for the mma budget, and its multiprocessor count, for the
+/// ring's work items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SmemLimits {
     per_multiprocessor: usize,
     per_block_optin: usize,
+    multiprocessors: usize,
 }
 
 impl SmemLimits {
@@ -337,24 +421,19 @@ impl SmemLimits {
         SmemLimits {
             per_multiprocessor: dev.smem_per_multiprocessor(),
             per_block_optin: dev.max_smem_optin(),
+            multiprocessors: dev.multiprocessors(),
         }
     }
 
-    /// Shared memory one mma block of `pass` may take: its share of the multiprocessor when
-    /// [`mma_blocks_per_sm`] of them are resident, within the opt-in limit, at least
-    /// [`SMEM_BUDGET`].
-    fn mma_budget(self, pass: Pass, d: usize) -> usize {
-        (self.per_multiprocessor / mma_blocks_per_sm(pass, d))
+    /// Shared memory one mma block of `pass` (`ring`: its ring-staged kernel) may take: its share
+    /// of the multiprocessor when [`mma_blocks_per_sm`] of them are resident, within the opt-in
+    /// limit, at least [`SMEM_BUDGET`].
+    fn mma_budget(self, pass: Pass, d: usize, ring: bool) -> usize {
+        (self.per_multiprocessor / mma_blocks_per_sm(pass, d, ring))
             .saturating_sub(SMEM_RESERVED_PER_BLOCK)
             .min(self.per_block_optin)
             .max(SMEM_BUDGET)
     }
-}
-
-/// Whether the mma kernels stage through `cp.async` (the default) or through registers
-/// (`MVAR_NA_STAGING=registers`, the way they did before, kept for comparison on a GPU).
-fn async_staging() -> bool {
-    std::env::var("MVAR_NA_STAGING").map_or(true, |v| v.trim() != "registers")
 }
 
 /// (staged columns per row, a multiple of 16; rows a block needs): the largest over the tiles.
@@ -407,8 +486,52 @@ struct Plan {
     grid: u32,
 }
 
+/// The ring of an mma kernel (`NaStaging::Ring`) staging `side`'s rows, when the rows of one row
+/// group (`needed`) fit in the `fit` rows of the budget: (slots, row groups per work item). Slots
+/// enough for the rows of two successive groups when they fit, so that a group's copies all fly
+/// while the previous group computes; else as many as fit, and the prefetch takes the next
+/// group's first rows. `groups` 0 picks the most groups per item (each row staged once per item)
+/// that still leaves two items per resident block (`resident`), at least two.
+fn ring_plan(
+    s: &Na2dShape,
+    side: Side,
+    needed: usize,
+    fit: usize,
+    strips: usize,
+    resident: usize,
+    groups: u32,
+) -> Option<(usize, usize)> {
+    if fit < needed {
+        return None;
+    }
+    let (k, xtiles) = (s.kernel_size, s.x.div_ceil(WARPS));
+    let lo = |gi: usize| match side {
+        Side::Query => start(gi * WARPS, s.x, k),
+        Side::Key => inv_lo(gi * WARPS, k),
+    };
+    let hi = |gi: usize| {
+        let last = ((gi + 1) * WARPS).min(s.x) - 1;
+        match side {
+            Side::Query => start(last, s.x, k) + k,
+            Side::Key => inv_hi(last, s.x, k),
+        }
+    };
+    let two = (1..xtiles).map(|gi| hi(gi) - lo(gi - 1)).max().unwrap_or(0);
+    let slots = two.min(fit).max(needed);
+    let groups = match groups as usize {
+        0 => {
+            let segments = (1..=xtiles)
+                .find(|&n| strips.saturating_mul(n) >= 2 * resident)
+                .unwrap_or(xtiles);
+            xtiles.div_ceil(segments).max(2.min(xtiles))
+        }
+        g => g.min(xtiles),
+    };
+    Some((slots, groups))
+}
+
 /// The plan of `pass` for `which` (already adjusted to the device, see [`usable_on`]); `limits`
-/// None plans the mma kernels within [`SMEM_BUDGET`] too.
+/// None plans the mma kernels within [`SMEM_BUDGET`] too, and never a ring.
 fn plan(
     s: &Na2dShape,
     kind: BufferKind,
@@ -416,6 +539,7 @@ fn plan(
     pass: Pass,
     scale: f32,
     limits: Option<SmemLimits>,
+    staging: NaStaging,
 ) -> Plan {
     let xtiles = s.x.div_ceil(WARPS);
     let ytiles = s.y.div_ceil(TILE);
@@ -432,6 +556,7 @@ fn plan(
         ytiles: ytiles as i32,
         async_stage: 1,
         diag: 0,
+        ring: 0,
         scale,
         scale_log2: (scale as f64 * std::f64::consts::LOG2_E) as f32,
     };
@@ -454,15 +579,35 @@ fn plan(
     }
     let side = pass.side();
     let budget = match (family, limits) {
-        (NaKernel::Mma, Some(l)) => l.mma_budget(pass, s.d),
+        (NaKernel::Mma, Some(l)) => l.mma_budget(pass, s.d, false),
         _ => SMEM_BUDGET,
     };
     let (ncw, needed) = spans(s, side);
     let (fixed, per_row) = smem_layout(family, side, s.d, ncw);
+    geom.ncw = ncw as i32;
+    if let (NaKernel::Mma, NaStaging::Ring { groups }, Some(l)) = (family, staging, limits) {
+        let fit = l.mma_budget(pass, s.d, true).saturating_sub(fixed) / per_row;
+        let strips = s.maps.saturating_mul(ytiles);
+        let resident = l.multiprocessors.max(1) * mma_blocks_per_sm(pass, s.d, true);
+        let ring =
+            ring_plan(s, side, needed, fit, strips, resident, groups).and_then(|(slots, g)| {
+                let items = strips.checked_mul(xtiles.div_ceil(g))?;
+                (items <= i32::MAX as usize).then_some((slots, g, items))
+            });
+        if let Some((slots, groups, items)) = ring {
+            geom.rows = slots as i32;
+            geom.ring = groups as i32;
+            return Plan {
+                family,
+                geom,
+                smem: fixed + slots * per_row,
+                grid: items as u32,
+            };
+        }
+    }
     let most = (budget.saturating_sub(fixed) / per_row).clamp(1, needed);
     // As many stages as the budget needs, their rows evened out.
     let rows = needed.div_ceil(needed.div_ceil(most));
-    geom.ncw = ncw as i32;
     geom.rows = rows as i32;
     Plan {
         family,
@@ -501,17 +646,17 @@ fn tiled_plan(
     dev: &CudaDevice,
     s: &Na2dShape,
     kind: BufferKind,
-    which: NaKernel,
+    run: NaRun,
     pass: Pass,
     scale: f32,
     bufs: &[&CudaBuffer],
-    diag: NaDiag,
 ) -> Result<(Plan, Option<(CudaFunction, LaunchConfig)>), CudaError> {
-    let which = usable_on(dev, which);
-    let mut p = plan(s, kind, which, pass, scale, Some(SmemLimits::of(dev)));
-    p.geom.async_stage = async_staging() as i32;
+    let which = usable_on(dev, run.kernel);
+    let limits = Some(SmemLimits::of(dev));
+    let mut p = plan(s, kind, which, pass, scale, limits, run.staging);
+    p.geom.async_stage = (run.staging != NaStaging::Registers) as i32;
     if p.family == NaKernel::Mma {
-        p.geom.diag = diag.code();
+        p.geom.diag = run.diag.code();
     }
     if p.family == NaKernel::Naive || bufs.iter().any(|b| b.device_ptr() % 16 != 0) {
         return Ok((p, None));
@@ -519,7 +664,7 @@ fn tiled_plan(
     let mut f = tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)?;
     if f.is_none() {
         let (stage, diag) = (p.geom.async_stage, p.geom.diag);
-        p = plan(s, kind, which, pass, scale, None);
+        p = plan(s, kind, which, pass, scale, None, run.staging);
         p.geom.async_stage = stage;
         p.geom.diag = diag;
         f = tiled_function(dev, &kernel_name(&p, pass, kind), p.smem)?;
@@ -563,7 +708,11 @@ pub fn na2d_family(
     };
     let mut out = NaKernel::Mma;
     for &pass in passes {
-        let (p, f) = tiled_plan(dev, s, kind, which, pass, 1.0, &[], NaDiag::Full)?;
+        let run = NaRun {
+            kernel: which,
+            ..NaRun::default()
+        };
+        let (p, f) = tiled_plan(dev, s, kind, run, pass, 1.0, &[])?;
         let fam = if f.is_some() {
             p.family
         } else {
@@ -586,6 +735,7 @@ fn usable_on(dev: &CudaDevice, which: NaKernel) -> NaKernel {
 fn kernel_name(p: &Plan, pass: Pass, kind: BufferKind) -> String {
     let pass = pass.name();
     match p.family {
+        NaKernel::Mma if p.geom.ring > 0 => format!("na2d_{pass}_ring_mma_bf16_d{}", p.geom.d),
         NaKernel::Mma => format!("na2d_{pass}_mma_bf16_d{}", p.geom.d),
         NaKernel::Simt => format!("na2d_{pass}_simt_{}_d{}", kind.suffix(), p.geom.d),
         _ => format!("na2d_{pass}_naive_{}", kind.suffix()),
@@ -607,8 +757,9 @@ fn simpler(a: NaKernel, b: NaKernel) -> NaKernel {
 
 /// Neighbourhood attention forward of q, k, v `[maps, x, y, d]` (one float kind) with logits
 /// `scale * q . k`. Returns (out of q's kind and shape, lse f32 `[maps, x, y]`, the natural-log
-/// log-sum-exp per query that [`na2d_backward`] needs). `diag` is [`NaDiag::Full`] except in
-/// the benches' timing diagnostics.
+/// log-sum-exp per query that [`na2d_backward`] needs). `run` says which family to ask for and
+/// how the mma kernels stage; its `diag` is [`NaDiag::Full`] except in the benches' timing
+/// diagnostics.
 #[allow(clippy::too_many_arguments)]
 pub fn na2d_forward(
     dev: &CudaDevice,
@@ -617,8 +768,7 @@ pub fn na2d_forward(
     v: &CudaBuffer,
     s: Na2dShape,
     scale: f32,
-    which: NaKernel,
-    diag: NaDiag,
+    run: NaRun,
 ) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "na2d";
     let kind = float_kind(OP, &[q, k, v])?;
@@ -630,16 +780,7 @@ pub fn na2d_forward(
         return Ok((out, dev.zeros(BufferKind::F32, tokens)?));
     }
     let lse = dev.alloc(BufferKind::F32, tokens, "na2d log-sum-exp")?;
-    let (p, tiled) = tiled_plan(
-        dev,
-        &s,
-        kind,
-        which,
-        Pass::Forward,
-        scale,
-        &[q, k, v, &out],
-        diag,
-    )?;
+    let (p, tiled) = tiled_plan(dev, &s, kind, run, Pass::Forward, scale, &[q, k, v, &out])?;
     let (f, cfg) = match tiled {
         Some(t) => t,
         None => naive(dev, Pass::Forward, kind, total)?,
@@ -664,7 +805,7 @@ pub fn na2d_forward(
 /// (dq, dk, dv) of [`na2d_forward`] from the saved q, k, v, out and lse and the incoming
 /// gradient `g` (all `[maps, x, y, d]` of one kind, lse f32 `[maps, x, y]`). Two kernels: dq per
 /// query over its window (also writing delta = g . out per query), then dk and dv per key over
-/// the queries whose window holds it. `diag` as for [`na2d_forward`].
+/// the queries whose window holds it. `run` as for [`na2d_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn na2d_backward(
     dev: &CudaDevice,
@@ -676,8 +817,7 @@ pub fn na2d_backward(
     lse: &CudaBuffer,
     s: Na2dShape,
     scale: f32,
-    which: NaKernel,
-    diag: NaDiag,
+    run: NaRun,
 ) -> Result<(CudaBuffer, CudaBuffer, CudaBuffer), CudaError> {
     const OP: &str = "na2d backward";
     let kind = float_kind(OP, &[q, k, v, out, g])?;
@@ -716,16 +856,7 @@ pub fn na2d_backward(
         delta.device_ptr(),
     );
 
-    let (p, tiled) = tiled_plan(
-        dev,
-        &s,
-        kind,
-        which,
-        Pass::Dq,
-        scale,
-        &[q, k, v, out, g, &dq],
-        diag,
-    )?;
+    let (p, tiled) = tiled_plan(dev, &s, kind, run, Pass::Dq, scale, &[q, k, v, out, g, &dq])?;
     let (f, cfg) = match tiled {
         Some(t) => t,
         None => naive(dev, Pass::Dq, kind, total)?,
@@ -749,11 +880,10 @@ pub fn na2d_backward(
         dev,
         &s,
         kind,
-        which,
+        run,
         Pass::DkDv,
         scale,
         &[q, k, v, g, &dk, &dv],
-        diag,
     )?;
     let (f, cfg) = match tiled {
         Some(t) => t,
@@ -792,9 +922,9 @@ mod tests {
 
     #[test]
     fn geom_matches_the_c_struct_size() {
-        // i64 maps; int x, y, d, ks, wx, ncw, rows, xtiles, ytiles, async_stage, diag; float
-        // scale, scale_log2 (60 bytes, padded to the i64's alignment)
-        assert_eq!(std::mem::size_of::<Geom>(), 8 + 11 * 4 + 2 * 4 + 4);
+        // i64 maps; int x, y, d, ks, wx, ncw, rows, xtiles, ytiles, async_stage, diag, ring;
+        // float scale, scale_log2 (64 bytes)
+        assert_eq!(std::mem::size_of::<Geom>(), 8 + 12 * 4 + 2 * 4);
     }
 
     /// The window helpers agree with a brute-force inverse of the window rule.
@@ -857,11 +987,13 @@ mod tests {
     const HOPPER: SmemLimits = SmemLimits {
         per_multiprocessor: 233_472,
         per_block_optin: 232_448,
+        multiprocessors: 132,
     };
     /// An RTX 3090's / 4090's: 100 KiB per multiprocessor, 99 KiB per block.
     const AMPERE_GEFORCE: SmemLimits = SmemLimits {
         per_multiprocessor: 102_400,
         per_block_optin: 101_376,
+        multiprocessors: 82,
     };
 
     /// MVAR's shapes stage in one pass within the default budget; large windows split into
@@ -876,6 +1008,7 @@ mod tests {
             Pass::Forward,
             0.125,
             None,
+            NaStaging::Async,
         );
         assert_eq!(p.family, NaKernel::Mma);
         assert_eq!((p.geom.ncw, p.geom.rows), (16, 10));
@@ -890,9 +1023,17 @@ mod tests {
                 for pass in [Pass::Forward, Pass::Dq, Pass::DkDv] {
                     for k in [3, 7, 13, 31] {
                         let s = shape(40, 40, d, k);
-                        let p = plan(&s, kind, NaKernel::Auto, pass, 1.0, limits);
+                        let p = plan(
+                            &s,
+                            kind,
+                            NaKernel::Auto,
+                            pass,
+                            1.0,
+                            limits,
+                            NaStaging::Async,
+                        );
                         let budget = match (p.family, limits) {
-                            (NaKernel::Mma, Some(l)) => l.mma_budget(pass, d),
+                            (NaKernel::Mma, Some(l)) => l.mma_budget(pass, d, false),
                             _ => SMEM_BUDGET,
                         };
                         let side = pass.side();
@@ -918,7 +1059,8 @@ mod tests {
                 NaKernel::Auto,
                 Pass::DkDv,
                 1.0,
-                None
+                None,
+                NaStaging::Async
             )
             .family,
             NaKernel::Naive
@@ -933,8 +1075,8 @@ mod tests {
         for limits in [HOPPER, AMPERE_GEFORCE] {
             for pass in [Pass::Forward, Pass::Dq, Pass::DkDv] {
                 for d in (16..=MMA_MAX_DIM).step_by(16) {
-                    let blocks = mma_blocks_per_sm(pass, d);
-                    let budget = limits.mma_budget(pass, d);
+                    let blocks = mma_blocks_per_sm(pass, d, false);
+                    let budget = limits.mma_budget(pass, d, false);
                     assert!(budget <= limits.per_block_optin);
                     assert!(
                         blocks * (budget + SMEM_RESERVED_PER_BLOCK) <= limits.per_multiprocessor
@@ -954,6 +1096,7 @@ mod tests {
                     pass,
                     1.0,
                     Some(HOPPER),
+                    NaStaging::Async,
                 );
                 assert_eq!(p.family, NaKernel::Mma);
                 let stages = spans(&s, pass.side()).1.div_ceil(p.geom.rows as usize);
@@ -965,6 +1108,88 @@ mod tests {
                 assert_eq!(stages, want, "{side} {pass:?}");
             }
         }
+    }
+
+    /// Ring plans: on a Hopper GPU MVAR's 16x16 maps get a ring in every pass (the forward's 12
+    /// slots prefetch part of the next group, dq's 14 all of it, dk/dv's 12 one row);
+    /// every ring holds the rows of any one group and fits the ring kernels' budget; the grid is
+    /// one block per work item; rows that do not fit fall back to the tiles.
+    #[test]
+    fn ring_plans_hold_a_group_and_fit_the_budget() {
+        let ring = NaStaging::Ring { groups: 0 };
+        let at = |s: &Na2dShape, pass, limits, staging| {
+            plan(
+                s,
+                BufferKind::BF16,
+                NaKernel::Auto,
+                pass,
+                1.0,
+                limits,
+                staging,
+            )
+        };
+        let mvar = Na2dShape {
+            maps: 64 * 16,
+            ..shape(16, 16, 64, 7)
+        };
+        let fwd = at(&mvar, Pass::Forward, Some(HOPPER), ring);
+        let dq = at(&mvar, Pass::Dq, Some(HOPPER), ring);
+        // 1024 strips of 4 groups: two items per strip leave two per resident block (528 fwd).
+        assert_eq!((fwd.geom.ring, fwd.geom.rows, fwd.grid), (2, 12, 2048));
+        // dq: 396 resident, one item per strip is 2.6 per block.
+        assert_eq!((dq.geom.ring, dq.geom.rows, dq.grid), (4, 14, 1024));
+        // dk/dv: 12 slots hold a group's 11 inverse-window rows and prefetch one of the next's.
+        let dkdv = at(&mvar, Pass::DkDv, Some(HOPPER), ring);
+        assert_eq!((dkdv.geom.ring, dkdv.geom.rows, dkdv.grid), (4, 12, 1024));
+        // 13x13: a group's inverse window is the whole map, 13 rows; 12 fit, so tiles.
+        let mvar13 = shape(13, 13, 64, 7);
+        assert_eq!(at(&mvar13, Pass::DkDv, Some(HOPPER), ring).geom.ring, 0);
+        for staging in [NaStaging::Async, NaStaging::Registers] {
+            assert_eq!(at(&mvar, Pass::Forward, Some(HOPPER), staging).geom.ring, 0);
+        }
+        assert_eq!(at(&mvar, Pass::Forward, None, ring).geom.ring, 0);
+        let fixed = at(&mvar, Pass::Dq, Some(HOPPER), NaStaging::Ring { groups: 3 });
+        assert_eq!((fixed.geom.ring, fixed.grid), (3, 2048));
+        for limits in [HOPPER, AMPERE_GEFORCE] {
+            for (x, y, d, k) in [
+                (16, 16, 64, 7),
+                (13, 13, 64, 7),
+                (37, 9, 128, 9),
+                (30, 40, 16, 3),
+            ] {
+                let s = shape(x, y, d, k);
+                for pass in [Pass::Forward, Pass::Dq, Pass::DkDv] {
+                    let p = at(&s, pass, Some(limits), ring);
+                    assert_eq!(p.family, NaKernel::Mma);
+                    if p.geom.ring == 0 {
+                        continue;
+                    }
+                    let (fixed, per_row) =
+                        smem_layout(NaKernel::Mma, pass.side(), d, p.geom.ncw as usize);
+                    assert_eq!(p.smem, fixed + p.geom.rows as usize * per_row);
+                    assert!(
+                        p.smem <= limits.mma_budget(pass, d, true),
+                        "{x}x{y} d {d} k {k}"
+                    );
+                    assert!(p.geom.rows as usize >= spans(&s, pass.side()).1);
+                    let items = s.maps * p.geom.ytiles as usize;
+                    let segments = (p.geom.xtiles as usize).div_ceil(p.geom.ring as usize);
+                    assert_eq!(p.grid as usize, items * segments);
+                    assert!(p.geom.ring as usize <= p.geom.xtiles as usize);
+                }
+            }
+        }
+        // k 13 at head dim 128: one group's 16 key rows of 32 columns do not fit.
+        let big = shape(30, 20, 128, 13);
+        assert_eq!(at(&big, Pass::Forward, Some(HOPPER), ring).geom.ring, 0);
+        let p = at(&shape(16, 16, 64, 7), Pass::Dq, Some(HOPPER), ring);
+        assert_eq!(
+            kernel_name(&p, Pass::Dq, BufferKind::BF16),
+            "na2d_dq_ring_mma_bf16_d64"
+        );
+        assert!(NA2D.source.contains("na2d_fwd_ring_mma_bf16_d##D("));
+        assert!(NA2D.source.contains("na2d_dq_ring_mma_bf16_d##D("));
+        assert!(NA2D.source.contains("na2d_dkdv_ring_mma_bf16_d##D("));
     }
 
     /// `mma_blocks_per_sm` says what the kernel file's `NA_MMA_*_BLOCKS(D)` macros say.
@@ -996,10 +1221,13 @@ mod tests {
                 }
             }
         }
-        for (pass, name) in [
-            (Pass::Forward, "FWD"),
-            (Pass::Dq, "DQ"),
-            (Pass::DkDv, "DKDV"),
+        for (pass, name, ring) in [
+            (Pass::Forward, "FWD", false),
+            (Pass::Dq, "DQ", false),
+            (Pass::DkDv, "DKDV", false),
+            (Pass::Forward, "FWD_RING", true),
+            (Pass::Dq, "DQ_RING", true),
+            (Pass::DkDv, "DKDV_RING", true),
         ] {
             let head = format!("#define NA_MMA_{name}_BLOCKS(D) ");
             let line = NA2D
@@ -1008,7 +1236,8 @@ mod tests {
                 .find_map(|l| l.strip_prefix(head.as_str()))
                 .unwrap_or_else(|| panic!("{head} in na2d.cu"));
             for d in (16..=MMA_MAX_DIM).step_by(16) {
-                assert_eq!(mma_blocks_per_sm(pass, d), eval(line, d), "{name} d {d}");
+                let blocks = mma_blocks_per_sm(pass, d, ring);
+                assert_eq!(blocks, eval(line, d), "{name} d {d}");
             }
         }
     }
@@ -1051,6 +1280,7 @@ mod tests {
             Pass::DkDv,
             1.0,
             None,
+            NaStaging::Async,
         );
         assert_eq!(
             kernel_name(&p, Pass::DkDv, BufferKind::F32),
@@ -1063,6 +1293,7 @@ mod tests {
             Pass::Forward,
             1.0,
             None,
+            NaStaging::Async,
         );
         assert_eq!(
             kernel_name(&p, Pass::Forward, BufferKind::BF16),

@@ -123,9 +123,10 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #           in logs/ncu-N.txt and as raw metrics in logs/ncu-N.csv, all cases summed up by
 #           tools/ncu_summary.py in logs/ncu-summary.md. MVAR_NCU_CASES replaces the cases: one
 #           per line, "bench filter|kernel name regex|launches skipped|launches profiled" (the
-#           defaults below: issue 6's neighbourhood attention at batch 64, VAR's block-causal
-#           attention, the KV-cache decode). A machine whose ncu cannot read the counters (seen
-#           on gVisor) ends the phase after the first case, with ncu's error in the log.
+#           defaults below: issue 6's neighbourhood attention at batch 64, at 16x16 also with the
+#           ring-staged kernels; VAR's block-causal attention, the KV-cache decode). A machine
+#           whose ncu cannot read the counters (seen on gVisor) ends the phase after the first
+#           case, with ncu's error in the log.
 # e.g. `bash gpu-bundle/run-all.sh tests model`, then `bash gpu-bundle/run-all.sh benches torch`
 # (benches and torch in one call, for the comparison),
 # to keep each call of a time-limited machine short. Each phase prints its duration.
@@ -397,6 +398,7 @@ find_ncu() {
 }
 
 NCU_DEFAULT_CASES='cuda/na2d k7 fwd\+bwd \[64,16,16,16,64\] bf16$|^na2d_|3|3
+cuda/na2d k7 fwd\+bwd \[64,16,16,16,64\] bf16 staged in a ring$|^na2d_|3|3
 cuda/na2d k7 fwd\+bwd \[64,16,13,13,64\] bf16$|^na2d_|3|3
 cuda/block-causal fwd\+bwd \[8,16,680,64\] bf16$|^attn_|4|4
 cuda/decode fwd q \[64,16,256,64\] kv 680 bf16$|^attn_|2|1'

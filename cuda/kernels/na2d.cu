@@ -816,6 +816,33 @@ __device__ __forceinline__ void na_ring_copies(const NaGeom& g, const NaItem& t,
     mma_cp_commit();
 }
 
+// A warp's 16 queries in the mma forward and dq: map row x = x0 + warp, columns y0 + g and
+// y0 + g + 8 (g = lane / 4, this lane's two fragment rows); their window starts (rows: `wlo`;
+// columns: `sya`, `syb`) and token indices, clamped into the map for a row or column past it
+// (which `active`, `oka` and `okb` say).
+struct NaQueryTile {
+    int x, wlo, sya, syb;
+    bool active, oka, okb;
+    i64 ta, tb;
+};
+
+__device__ __forceinline__ NaQueryTile na_query_tile(const NaGeom& g, i64 map, int x0, int y0) {
+    const int warp = threadIdx.x >> 5, gr = (threadIdx.x & 31) >> 2;
+    NaQueryTile w;
+    w.x = x0 + warp;
+    w.active = w.x < g.x;
+    w.wlo = w.active ? na_start(w.x, g.x, g.ks) : 0;
+    const int ya = y0 + gr, yb = ya + 8;
+    w.oka = w.active && ya < g.y;
+    w.okb = w.active && yb < g.y;
+    w.sya = na_start(min(ya, g.y - 1), g.y, g.ks);
+    w.syb = na_start(min(yb, g.y - 1), g.y, g.ks);
+    const i64 trow = map * g.x * g.y + (i64)min(w.x, g.x - 1) * g.y;
+    w.ta = trow + min(ya, g.y - 1);
+    w.tb = trow + min(yb, g.y - 1);
+    return w;
+}
+
 // One chunk of the forward for a warp: the scores of its 16 queries (A fragments `qf`) against
 // the 16 staged keys at `kc`, masked to each query's window (`cb`: the key column of this lane's
 // first score column; `sya`, `syb`: the window starts of its two rows), folded into the online
@@ -866,8 +893,7 @@ __device__ void na2d_fwd_mma_ring(bf16_t* out, float* lse, const bf16_t* q, cons
     const int P = D + 8;
     bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
     bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int gr = lane >> 2, tg = lane & 3;
+    const int tg = threadIdx.x & 3;
     i64 plane = (i64)g.x * g.y;
     const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
     if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
@@ -877,14 +903,10 @@ __device__ void na2d_fwd_mma_ring(bf16_t* out, float* lse, const bf16_t* q, cons
         const bf16_t* vmap = v + t.map * plane * D;
         int staged = 0;
         for (int gi = t.g0; gi < t.g1; ++gi) {
-            int x = gi * g.wx + warp;
-            bool active = x < g.x;
-            int wlo = active ? na_start(x, g.x, g.ks) : 0;
-            int ya = t.y0 + gr, yb = ya + 8;
-            bool oka = active && ya < g.y, okb = active && yb < g.y;
-            int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
-            i64 trow = t.map * plane + (i64)min(x, g.x - 1) * g.y;
-            i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+            const NaQueryTile w = na_query_tile(g, t.map, gi * g.wx, t.y0);
+            const bool active = w.active, oka = w.oka, okb = w.okb;
+            const int wlo = w.wlo, sya = w.sya, syb = w.syb;
+            const i64 ta = w.ta, tb = w.tb;
             // The query fragments' loads are in flight across the barrier and the copies.
             unsigned qf[D / 16][4];
             mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
@@ -924,8 +946,7 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
     const int P = D + 8;
     bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
     bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int gr = lane >> 2, tg = lane & 3;
+    const int tg = threadIdx.x & 3;
     i64 plane = (i64)g.x * g.y;
     const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
     if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
@@ -936,14 +957,10 @@ __device__ void na2d_fwd_mma_impl(bf16_t* out, float* lse, const bf16_t* q, cons
         int nch = (na_start(tl.yl, g.y, g.ks) + g.ks - c0 + NA_TILE - 1) / NA_TILE;
         const bf16_t* kmap = k + tl.map * plane * D;
         const bf16_t* vmap = v + tl.map * plane * D;
-        int x = tl.x0 + warp;
-        bool active = x < g.x;
-        int wlo = active ? na_start(x, g.x, g.ks) : 0, whi = active ? wlo + g.ks : 0;
-        int ya = tl.y0 + gr, yb = ya + 8;
-        bool oka = active && ya < g.y, okb = active && yb < g.y;
-        int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
-        i64 trow = tl.map * plane + (i64)min(x, g.x - 1) * g.y;
-        i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+        const NaQueryTile w = na_query_tile(g, tl.map, tl.x0, tl.y0);
+        const bool active = w.active, oka = w.oka, okb = w.okb;
+        const int wlo = w.wlo, whi = active ? wlo + g.ks : 0, sya = w.sya, syb = w.syb;
+        const i64 ta = w.ta, tb = w.tb;
         unsigned qf[D / 16][4];
         mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
         float o[D / 8][4];
@@ -1039,8 +1056,7 @@ __device__ void na2d_dq_mma_ring(bf16_t* dq, float* delta, const bf16_t* q, cons
     const int P = D + 8;
     bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
     bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int gr = lane >> 2, tg = lane & 3;
+    const int tg = threadIdx.x & 3;
     i64 plane = (i64)g.x * g.y;
     const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
     if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
@@ -1050,14 +1066,10 @@ __device__ void na2d_dq_mma_ring(bf16_t* dq, float* delta, const bf16_t* q, cons
         const bf16_t* vmap = v + t.map * plane * D;
         int staged = 0;
         for (int gi = t.g0; gi < t.g1; ++gi) {
-            int x = gi * g.wx + warp;
-            bool active = x < g.x;
-            int wlo = active ? na_start(x, g.x, g.ks) : 0;
-            int ya = t.y0 + gr, yb = ya + 8;
-            bool oka = active && ya < g.y, okb = active && yb < g.y;
-            int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
-            i64 trow = t.map * plane + (i64)min(x, g.x - 1) * g.y;
-            i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+            const NaQueryTile w = na_query_tile(g, t.map, gi * g.wx, t.y0);
+            const bool active = w.active, oka = w.oka, okb = w.okb;
+            const int wlo = w.wlo, sya = w.sya, syb = w.syb;
+            const i64 ta = w.ta, tb = w.tb;
             unsigned qf[D / 16][4], gf[D / 16][4];
             float da, db;
             mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
@@ -1103,8 +1115,7 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
     const int P = D + 8;
     bf16_t* ks = reinterpret_cast<bf16_t*>(na_smem);
     bf16_t* vs = ks + (i64)g.rows * g.ncw * P;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int gr = lane >> 2, tg = lane & 3;
+    const int tg = threadIdx.x & 3;
     i64 plane = (i64)g.x * g.y;
     const bool load = g.diag != NA_DIAG_NO_LOADS, compute = g.diag != NA_DIAG_LOADS_ONLY;
     if (!load) na_diag_zero(ks, (i64)g.rows * g.ncw * P);
@@ -1115,14 +1126,10 @@ __device__ void na2d_dq_mma_impl(bf16_t* dq, float* delta, const bf16_t* q, cons
         int nch = (na_start(tl.yl, g.y, g.ks) + g.ks - c0 + NA_TILE - 1) / NA_TILE;
         const bf16_t* kmap = k + tl.map * plane * D;
         const bf16_t* vmap = v + tl.map * plane * D;
-        int x = tl.x0 + warp;
-        bool active = x < g.x;
-        int wlo = active ? na_start(x, g.x, g.ks) : 0, whi = active ? wlo + g.ks : 0;
-        int ya = tl.y0 + gr, yb = ya + 8;
-        bool oka = active && ya < g.y, okb = active && yb < g.y;
-        int sya = na_start(min(ya, g.y - 1), g.y, g.ks), syb = na_start(min(yb, g.y - 1), g.y, g.ks);
-        i64 trow = tl.map * plane + (i64)min(x, g.x - 1) * g.y;
-        i64 ta = trow + min(ya, g.y - 1), tb = trow + min(yb, g.y - 1);
+        const NaQueryTile w = na_query_tile(g, tl.map, tl.x0, tl.y0);
+        const bool active = w.active, oka = w.oka, okb = w.okb;
+        const int wlo = w.wlo, whi = active ? wlo + g.ks : 0, sya = w.sya, syb = w.syb;
+        const i64 ta = w.ta, tb = w.tb;
         unsigned qf[D / 16][4], gf[D / 16][4];
         mma_ldg_a<D>(qf, q + ta * D, q + tb * D, oka, okb);
         mma_ldg_a<D>(gf, go + ta * D, go + tb * D, oka, okb);

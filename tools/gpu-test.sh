@@ -115,8 +115,9 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #   torch   benches/torch_reference.py: PyTorch's figures for the same cases, when torch imports;
 #           with the benches phase's log, benches/compare.py puts both in logs/comparison.md
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
-#           memory, and their ratios (the MVAR paper's Table 2); then a short run of the same
-#           under MVAR_PROFILE=trace, whose timeline (host ops, GPU kernels) lands in logs/
+#           memory, and their ratios (the MVAR paper's Table 2); MVAR-d16's training step again
+#           with MVAR_NA_STAGING=ring; then a short run of the same under MVAR_PROFILE=trace,
+#           whose timeline (host ops, GPU kernels) lands in logs/
 #   ncu     Nsight Compute on the kernels of a few bench cases (not in the default set: name it):
 #           per case, the sections that say where a kernel's time goes (throughputs, occupancy,
 #           scheduler, warp stalls, memory, the SASS lines with the most stall samples) as text
@@ -377,6 +378,13 @@ phase_model() {
   run_for "$STEP_SECS" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --steps 10 \
     --json "$LOGS/mvar-bench.jsonl" 2>&1 | tee "$LOGS/mvar-bench.log"
   outcome "mvar bench" "${PIPESTATUS[0]}"
+  # MVAR-d16's training step again with the ring-staged neighbourhood-attention kernels
+  # (MVAR_NA_STAGING=ring; the bench twins time the kernels alone).
+  budget_for "mvar bench (ring)" 120 || return
+  echo "== mvar bench MVAR-d16 training, MVAR_NA_STAGING=ring (at most $STEP_SECS s)"
+  MVAR_NA_STAGING=ring run_for "$STEP_SECS" "$BIN/mvar" bench --model mvar-d16 --what train --steps 10 \
+    --json "$LOGS/mvar-bench-ring.jsonl" 2>&1 | tee "$LOGS/mvar-bench-ring.log"
+  outcome "mvar bench (ring)" "${PIPESTATUS[0]}"
   # A timeline of the same models (few steps, one sampling batch) for Perfetto: the ops on the
   # host and their kernels on the GPU track (MVAR_PROFILE=trace), to see where a step's time
   # goes. Separate from the figures above: reading the GPU times adds a device sync per batch.

@@ -40,7 +40,8 @@
 // loops over stages. The ring kernels (`*_ring_mma_bf16_d<D>`, NaGeom::ring > 0; see "ring
 // staging" below) instead walk several such tiles down a 16-column strip of a map, each staged
 // row kept in a ring of shared-memory slots for every tile that reads it, and the next tile's
-// rows in flight while a tile computes; per warp they compute exactly what the mma tiles do. The mma variant's cp.async staging takes a fast path when a staged row is
+// rows in flight while a tile computes; per warp they compute exactly what the mma tiles do.
+// The mma variant's cp.async staging takes a fast path when a staged row is
 // a whole number of the block's 16-byte pieces (MVAR's maps at D = 64: one 16-column row is 128
 // pieces): each thread's pieces then sit at fixed columns of every row. A warp then walks the staged rows its tokens need (its window rows, or its
 // inverse-window rows) in chunks of 16 staged columns: one 16 x 16 block of scores per chunk,
@@ -84,11 +85,7 @@
 #define NA_MMA_FWD_BLOCKS(D) (D <= 80 ? 4 : D <= 112 ? 3 : 2)
 #define NA_MMA_DQ_BLOCKS(D) (D <= 48 ? 4 : D <= 80 ? 3 : 2)
 #define NA_MMA_DKDV_BLOCKS(D) (D <= 80 ? 3 : 2)
-// The same for the ring-staged kernels (their ring bookkeeping stays live across the chunk
-// loops: dq spills at head dims 48 and 80 with the tile kernels' counts).
-#define NA_MMA_FWD_RING_BLOCKS(D) (D <= 80 ? 4 : D <= 112 ? 3 : 2)
-#define NA_MMA_DQ_RING_BLOCKS(D) (D <= 32 ? 4 : D <= 64 ? 3 : 2)
-#define NA_MMA_DKDV_RING_BLOCKS(D) (D <= 80 ? 3 : 2)
+// The ring-staged kernels of each pass are compiled for the same counts (none spills there).
 
 // Timing diagnostics of the mma kernels (`NaDiag` in cuda/src/ops/na2d.rs; benches only, the
 // results are wrong by design): a kernel with one part left out, so that on a GPU the time of the
@@ -719,7 +716,7 @@ __device__ __forceinline__ void na_diag_zero(void* smem, i64 words) {
 
 struct NaItem {
     i64 map;
-    int y0, yl;    // first and last column of the strip's tokens
+    int y0;        // first column of the strip's tokens
     int c0, nch;   // first staged column, staged chunks of 16 columns
     int g0, g1;    // row groups g0 .. g1 - 1 (group gi: rows gi * wx .. gi * wx + wx - 1)
 };
@@ -749,9 +746,9 @@ __device__ __forceinline__ NaItem na_ring_item(const NaGeom& g, int it) {
     const int rem = it - map * per_map;
     const int yt = rem / segs, sg = rem - yt * segs;
     t.y0 = yt * NA_TILE;
-    t.yl = min(t.y0 + NA_TILE, g.y) - 1;
+    const int yl = min(t.y0 + NA_TILE, g.y) - 1;
     t.c0 = KSIDE ? na_inv_lo(t.y0, g.y, g.ks) : na_start(t.y0, g.y, g.ks);
-    const int chi = KSIDE ? na_inv_hi(t.yl, g.y, g.ks) : na_start(t.yl, g.y, g.ks) + g.ks;
+    const int chi = KSIDE ? na_inv_hi(yl, g.y, g.ks) : na_start(yl, g.y, g.ks) + g.ks;
     t.nch = (chi - t.c0 + NA_TILE - 1) / NA_TILE;
     t.g0 = sg * g.ring;
     t.g1 = min(t.g0 + g.ring, g.xtiles);
@@ -1046,10 +1043,9 @@ __device__ __forceinline__ void na_dq_delta(float& da, float& db, const unsigned
     db = mma_quad_sum(db);
 }
 
-// dq with ring staging (see above); per group the same per-warp work as the tiles', whose order
-// it keeps: the group's own q, dO, out and lse are loaded and delta computed before the barrier
-// and the copies (later, the fragments of out stay live across the copies and dq spills at head
-// dims 48 and 80).
+// dq with ring staging (see above); per group the same per-warp work as the tiles', in their
+// order: the group's own q, dO, out and lse are loaded and delta computed before the barrier
+// and the copies.
 template <int D>
 __device__ void na2d_dq_mma_ring(bf16_t* dq, float* delta, const bf16_t* q, const bf16_t* k, const bf16_t* v,
                                  const bf16_t* o, const bf16_t* go, const float* lse, NaGeom g) {
@@ -1417,18 +1413,18 @@ __device__ void na2d_dkdv_mma_ring(bf16_t* dk, bf16_t* dv, const bf16_t* q, cons
                                 const bf16_t* go, const float* lse, const float* delta, NaGeom g) {          \
         na2d_dkdv_mma_impl<D>(dk, dv, q, k, v, go, lse, delta, g);                                           \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_FWD_RING_BLOCKS(D))                          \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_FWD_BLOCKS(D))                               \
         na2d_fwd_ring_mma_bf16_d##D(bf16_t* out, float* lse, const bf16_t* q, const bf16_t* k,               \
                                     const bf16_t* v, NaGeom g) {                                             \
         na2d_fwd_mma_ring<D>(out, lse, q, k, v, g);                                                          \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DQ_RING_BLOCKS(D))                           \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DQ_BLOCKS(D))                                \
         na2d_dq_ring_mma_bf16_d##D(bf16_t* dq, float* delta, const bf16_t* q, const bf16_t* k,               \
                                    const bf16_t* v, const bf16_t* o, const bf16_t* go, const float* lse,     \
                                    NaGeom g) {                                                               \
         na2d_dq_mma_ring<D>(dq, delta, q, k, v, o, go, lse, g);                                              \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DKDV_RING_BLOCKS(D))                         \
+    extern "C" __global__ void __launch_bounds__(NA_THREADS, NA_MMA_DKDV_BLOCKS(D))                              \
         na2d_dkdv_ring_mma_bf16_d##D(bf16_t* dk, bf16_t* dv, const bf16_t* q, const bf16_t* k,               \
                                      const bf16_t* v, const bf16_t* go, const float* lse, const float* delta,\
                                      NaGeom g) {                                                             \

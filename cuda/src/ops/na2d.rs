@@ -393,55 +393,62 @@ impl Pass {
 }
 
 /// Blocks per multiprocessor the mma kernels of `pass` with head dim `d` are compiled for
-/// (`NA_MMA_*_BLOCKS` in the kernel file, `NA_MMA_*_RING_BLOCKS` for the ring-staged ones: the
-/// second `__launch_bounds__` argument, as many as fit without spilling registers on sm_80 and
-/// sm_90, checked by the kernel compile test).
-fn mma_blocks_per_sm(pass: Pass, d: usize, ring: bool) -> usize {
+/// (`NA_MMA_*_BLOCKS` in the kernel file, the second `__launch_bounds__` argument of the tile and
+/// the ring-staged kernels alike: as many as fit without spilling registers on sm_80 and sm_90,
+/// checked by the kernel compile test).
+fn mma_blocks_per_sm(pass: Pass, d: usize) -> usize {
     match pass {
         Pass::Forward if d <= 80 => 4,
         Pass::Forward if d <= 112 => 3,
-        Pass::Dq if d <= 32 || (d <= 48 && !ring) => 4,
-        Pass::Dq if d <= 64 || (d <= 80 && !ring) => 3,
-        Pass::DkDv if d <= 80 => 3,
+        Pass::Dq if d <= 48 => 4,
+        Pass::Dq | Pass::DkDv if d <= 80 => 3,
         _ => 2,
     }
 }
 
-/// A device's shared-memory limits, for the mma budget, and its multiprocessor count, for the
-/// ring's work items.
+/// What the plans need of a device: its shared-memory limits, for the mma budget, and its
+/// multiprocessor count, for the ring's work items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SmemLimits {
+struct DeviceLimits {
     per_multiprocessor: usize,
     per_block_optin: usize,
     multiprocessors: usize,
 }
 
-impl SmemLimits {
-    fn of(dev: &CudaDevice) -> SmemLimits {
-        SmemLimits {
+impl DeviceLimits {
+    fn of(dev: &CudaDevice) -> DeviceLimits {
+        DeviceLimits {
             per_multiprocessor: dev.smem_per_multiprocessor(),
             per_block_optin: dev.max_smem_optin(),
             multiprocessors: dev.multiprocessors(),
         }
     }
 
-    /// Shared memory one mma block of `pass` (`ring`: its ring-staged kernel) may take: its share
-    /// of the multiprocessor when [`mma_blocks_per_sm`] of them are resident, within the opt-in
-    /// limit, at least [`SMEM_BUDGET`].
-    fn mma_budget(self, pass: Pass, d: usize, ring: bool) -> usize {
-        (self.per_multiprocessor / mma_blocks_per_sm(pass, d, ring))
+    /// Shared memory one mma block of `pass` may take: its share of the multiprocessor when
+    /// [`mma_blocks_per_sm`] of them are resident, within the opt-in limit, at least
+    /// [`SMEM_BUDGET`].
+    fn mma_budget(self, pass: Pass, d: usize) -> usize {
+        (self.per_multiprocessor / mma_blocks_per_sm(pass, d))
             .saturating_sub(SMEM_RESERVED_PER_BLOCK)
             .min(self.per_block_optin)
             .max(SMEM_BUDGET)
     }
 }
 
+/// The rows (or columns) a tiled kernel stages for its tokens `first ..= last` on an axis of
+/// extent `n`: the union of their windows (Query) or inverse windows (Key), as `lo .. hi`.
+fn staged(side: Side, n: usize, k: usize, first: usize, last: usize) -> (usize, usize) {
+    match side {
+        Side::Query => (start(first, n, k), start(last, n, k) + k),
+        Side::Key => (inv_lo(first, k), inv_hi(last, n, k)),
+    }
+}
+
 /// (staged columns per row, a multiple of 16; rows a block needs): the largest over the tiles.
 fn spans(s: &Na2dShape, side: Side) -> (usize, usize) {
-    let k = s.kernel_size;
-    let span = |n: usize, first: usize, last: usize| match side {
-        Side::Query => start(last, n, k) + k - start(first, n, k),
-        Side::Key => inv_hi(last, n, k) - inv_lo(first, k),
+    let span = |n: usize, first: usize, last: usize| {
+        let (lo, hi) = staged(side, n, s.kernel_size, first, last);
+        hi - lo
     };
     let rows = (0..s.x)
         .step_by(WARPS)
@@ -504,19 +511,15 @@ fn ring_plan(
     if fit < needed {
         return None;
     }
-    let (k, xtiles) = (s.kernel_size, s.x.div_ceil(WARPS));
-    let lo = |gi: usize| match side {
-        Side::Query => start(gi * WARPS, s.x, k),
-        Side::Key => inv_lo(gi * WARPS, k),
-    };
-    let hi = |gi: usize| {
+    let xtiles = s.x.div_ceil(WARPS);
+    let group = |gi: usize| {
         let last = ((gi + 1) * WARPS).min(s.x) - 1;
-        match side {
-            Side::Query => start(last, s.x, k) + k,
-            Side::Key => inv_hi(last, s.x, k),
-        }
+        staged(side, s.x, s.kernel_size, gi * WARPS, last)
     };
-    let two = (1..xtiles).map(|gi| hi(gi) - lo(gi - 1)).max().unwrap_or(0);
+    let two = (1..xtiles)
+        .map(|gi| group(gi).1 - group(gi - 1).0)
+        .max()
+        .unwrap_or(0);
     let slots = two.min(fit).max(needed);
     let groups = match groups as usize {
         0 => {
@@ -538,7 +541,7 @@ fn plan(
     which: NaKernel,
     pass: Pass,
     scale: f32,
-    limits: Option<SmemLimits>,
+    limits: Option<DeviceLimits>,
     staging: NaStaging,
 ) -> Plan {
     let xtiles = s.x.div_ceil(WARPS);
@@ -579,16 +582,16 @@ fn plan(
     }
     let side = pass.side();
     let budget = match (family, limits) {
-        (NaKernel::Mma, Some(l)) => l.mma_budget(pass, s.d, false),
+        (NaKernel::Mma, Some(l)) => l.mma_budget(pass, s.d),
         _ => SMEM_BUDGET,
     };
     let (ncw, needed) = spans(s, side);
     let (fixed, per_row) = smem_layout(family, side, s.d, ncw);
     geom.ncw = ncw as i32;
     if let (NaKernel::Mma, NaStaging::Ring { groups }, Some(l)) = (family, staging, limits) {
-        let fit = l.mma_budget(pass, s.d, true).saturating_sub(fixed) / per_row;
+        let fit = l.mma_budget(pass, s.d).saturating_sub(fixed) / per_row;
         let strips = s.maps.saturating_mul(ytiles);
-        let resident = l.multiprocessors.max(1) * mma_blocks_per_sm(pass, s.d, true);
+        let resident = l.multiprocessors.max(1) * mma_blocks_per_sm(pass, s.d);
         let ring =
             ring_plan(s, side, needed, fit, strips, resident, groups).and_then(|(slots, g)| {
                 let items = strips.checked_mul(xtiles.div_ceil(g))?;
@@ -652,7 +655,7 @@ fn tiled_plan(
     bufs: &[&CudaBuffer],
 ) -> Result<(Plan, Option<(CudaFunction, LaunchConfig)>), CudaError> {
     let which = usable_on(dev, run.kernel);
-    let limits = Some(SmemLimits::of(dev));
+    let limits = Some(DeviceLimits::of(dev));
     let mut p = plan(s, kind, which, pass, scale, limits, run.staging);
     p.geom.async_stage = (run.staging != NaStaging::Registers) as i32;
     if p.family == NaKernel::Mma {
@@ -984,13 +987,13 @@ mod tests {
     }
 
     /// An H100's (and H200's) limits: 228 KiB per multiprocessor, 227 KiB per block.
-    const HOPPER: SmemLimits = SmemLimits {
+    const HOPPER: DeviceLimits = DeviceLimits {
         per_multiprocessor: 233_472,
         per_block_optin: 232_448,
         multiprocessors: 132,
     };
     /// An RTX 3090's / 4090's: 100 KiB per multiprocessor, 99 KiB per block.
-    const AMPERE_GEFORCE: SmemLimits = SmemLimits {
+    const AMPERE_GEFORCE: DeviceLimits = DeviceLimits {
         per_multiprocessor: 102_400,
         per_block_optin: 101_376,
         multiprocessors: 82,
@@ -1033,7 +1036,7 @@ mod tests {
                             NaStaging::Async,
                         );
                         let budget = match (p.family, limits) {
-                            (NaKernel::Mma, Some(l)) => l.mma_budget(pass, d, false),
+                            (NaKernel::Mma, Some(l)) => l.mma_budget(pass, d),
                             _ => SMEM_BUDGET,
                         };
                         let side = pass.side();
@@ -1075,8 +1078,8 @@ mod tests {
         for limits in [HOPPER, AMPERE_GEFORCE] {
             for pass in [Pass::Forward, Pass::Dq, Pass::DkDv] {
                 for d in (16..=MMA_MAX_DIM).step_by(16) {
-                    let blocks = mma_blocks_per_sm(pass, d, false);
-                    let budget = limits.mma_budget(pass, d, false);
+                    let blocks = mma_blocks_per_sm(pass, d);
+                    let budget = limits.mma_budget(pass, d);
                     assert!(budget <= limits.per_block_optin);
                     assert!(
                         blocks * (budget + SMEM_RESERVED_PER_BLOCK) <= limits.per_multiprocessor
@@ -1167,10 +1170,7 @@ mod tests {
                     let (fixed, per_row) =
                         smem_layout(NaKernel::Mma, pass.side(), d, p.geom.ncw as usize);
                     assert_eq!(p.smem, fixed + p.geom.rows as usize * per_row);
-                    assert!(
-                        p.smem <= limits.mma_budget(pass, d, true),
-                        "{x}x{y} d {d} k {k}"
-                    );
+                    assert!(p.smem <= limits.mma_budget(pass, d), "{x}x{y} d {d} k {k}");
                     assert!(p.geom.rows as usize >= spans(&s, pass.side()).1);
                     let items = s.maps * p.geom.ytiles as usize;
                     let segments = (p.geom.xtiles as usize).div_ceil(p.geom.ring as usize);
@@ -1221,13 +1221,10 @@ mod tests {
                 }
             }
         }
-        for (pass, name, ring) in [
-            (Pass::Forward, "FWD", false),
-            (Pass::Dq, "DQ", false),
-            (Pass::DkDv, "DKDV", false),
-            (Pass::Forward, "FWD_RING", true),
-            (Pass::Dq, "DQ_RING", true),
-            (Pass::DkDv, "DKDV_RING", true),
+        for (pass, name) in [
+            (Pass::Forward, "FWD"),
+            (Pass::Dq, "DQ"),
+            (Pass::DkDv, "DKDV"),
         ] {
             let head = format!("#define NA_MMA_{name}_BLOCKS(D) ");
             let line = NA2D
@@ -1236,7 +1233,7 @@ mod tests {
                 .find_map(|l| l.strip_prefix(head.as_str()))
                 .unwrap_or_else(|| panic!("{head} in na2d.cu"));
             for d in (16..=MMA_MAX_DIM).step_by(16) {
-                let blocks = mma_blocks_per_sm(pass, d, ring);
+                let blocks = mma_blocks_per_sm(pass, d);
                 assert_eq!(blocks, eval(line, d), "{name} d {d}");
             }
         }

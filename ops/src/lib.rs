@@ -38,6 +38,7 @@ pub use quant::*;
 pub use reduce::*;
 pub use sample::*;
 pub use softmax::*;
+pub use util::{cpu_vectors, CpuVectors};
 
 pub use mvar_engine as engine;
 pub use mvar_engine::{DType, Device, Error, Result, Shape, Tensor};

@@ -42,10 +42,11 @@ use mvar_engine::cuda::ops::norm::{self as cn, GroupNormShape};
 use mvar_engine::cuda::{CudaBuffer, CudaDevice};
 use mvar_engine::{Device, Error, Float, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::util::{
     dispatch, float_op, in_widest_vectors, lane_sum, lane_sum2, out_tensor, require_float,
-    same_device, same_dtype,
+    same_device, same_dtype, written_vec,
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -138,36 +139,39 @@ pub(crate) fn backward_with_saved<C, K: FloatKernel>(
     )
 }
 
-/// Fills `out` (rows of `d` elements) with `f(row index, row)` per row and collects what each
-/// call returns; threaded for large inputs.
+/// Fills a new output of `len` elements (rows of `d`) with `f(row index, row)` per row and
+/// collects what each call returns; threaded for large inputs. The rows start uninitialised
+/// (no zero fill: [`written_vec`]), so `f` must write every element of its row: each caller
+/// below walks the whole row in one loop over it, `o.write(..)`.
 fn map_rows<T: Float, S: Send + Default + Clone>(
     len: usize,
     d: usize,
-    f: impl Fn(usize, &mut [T]) -> S + Sync + Send,
+    f: impl Fn(usize, &mut [MaybeUninit<T>]) -> S + Sync + Send,
 ) -> (Vec<T>, Vec<S>) {
-    let mut out = vec![T::zero(); len];
     if len == 0 || d == 0 {
-        return (out, vec![]);
+        return (vec![T::zero(); len], vec![]);
     }
     let mut side = vec![S::default(); len / d];
     // Each row in the widest vectors the CPU has: the callers' loops are inlined into `f`.
-    let run = |(r, (row, s)): (usize, (&mut [T], &mut S))| {
+    let run = |(r, (row, s)): (usize, (&mut [MaybeUninit<T>], &mut S))| {
         *s = in_widest_vectors(
             #[inline(always)]
             || f(r, row),
         )
     };
-    if len >= PARALLEL_MIN_ELEMS {
-        out.par_chunks_mut(d)
-            .zip(side.par_iter_mut())
-            .enumerate()
-            .for_each(run);
-    } else {
-        out.chunks_mut(d)
-            .zip(side.iter_mut())
-            .enumerate()
-            .for_each(run);
-    }
+    let out = written_vec(len, |out| {
+        if len >= PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(d)
+                .zip(side.par_iter_mut())
+                .enumerate()
+                .for_each(run);
+        } else {
+            out.chunks_mut(d)
+                .zip(side.iter_mut())
+                .enumerate()
+                .for_each(run);
+        }
+    });
     (out, side)
 }
 
@@ -178,13 +182,13 @@ fn map_normalized_rows<T: Float>(
     x: &[T],
     d: usize,
     eps: f64,
-    apply: impl Fn(usize, &[T], &mut [T], f64, f64) + Sync + Send,
+    apply: impl Fn(usize, &[T], &mut [MaybeUninit<T>], f64, f64) + Sync + Send,
 ) -> (Vec<T>, Vec<(f64, f64)>) {
     map_rows(
         x.len(),
         d,
         #[inline(always)]
-        |r, y: &mut [T]| {
+        |r, y: &mut [MaybeUninit<T>]| {
             let row = &x[r * d..(r + 1) * d];
             let (mean, rstd) = row_stats(row, eps);
             apply(r, row, y, mean, rstd);
@@ -251,7 +255,7 @@ impl FloatKernel for LayerNormFwd {
             |_, row, y, mean, rstd| {
                 let (m, s) = (T::from_f64(mean), T::from_f64(rstd));
                 for (o, &v) in y.iter_mut().zip(row) {
-                    *o = (v - m) * s;
+                    o.write((v - m) * s);
                 }
             },
         );
@@ -272,14 +276,14 @@ impl FloatKernel for LayerNormBwd {
             x[0].len(),
             d,
             #[inline(always)]
-            |r, dx: &mut [T]| {
+            |r, dx: &mut [MaybeUninit<T>]| {
                 let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
                 let (m, s) = (T::from_f64(self.stats[r].0), T::from_f64(self.stats[r].1));
                 let sg = lane_sum(gr, |g| g.as_f64());
                 let sgx = lane_sum2(xr, gr, |v, g| (g * (v - m) * s).as_f64());
                 let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
                 for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                    *o = s * (g - mg - (v - m) * s * mgx);
+                    o.write(s * (g - mg - (v - m) * s * mgx));
                 }
             },
         );
@@ -385,7 +389,7 @@ impl FloatKernel for GroupNormFwd {
                     let (m, sc) = (T::from_f64(mean), T::from_f64(rstd * w[c].as_f64()));
                     let bc = b[c];
                     for (o, &v) in ys.iter_mut().zip(xs) {
-                        *o = (v - m) * sc + bc;
+                        o.write((v - m) * sc + bc);
                     }
                 }
             },
@@ -411,7 +415,7 @@ impl FloatKernel for GroupNormBwd {
             xs.len(),
             d,
             #[inline(always)]
-            |r, dx: &mut [T]| {
+            |r, dx: &mut [MaybeUninit<T>]| {
                 let (xr, g) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
                 let (mean, rstd) = self.stats[r];
                 let first = gr.channel(r, 0);
@@ -444,7 +448,7 @@ impl FloatKernel for GroupNormBwd {
                     let c = T::from_f64(-rstd * mh);
                     let m = T::from_f64(mean);
                     for (o, (&v, &gv)) in oc.iter_mut().zip(xc.iter().zip(gc)) {
-                        *o = gv * a + (v - m) * b + c;
+                        o.write(gv * a + (v - m) * b + c);
                     }
                 }
                 part
@@ -584,12 +588,12 @@ impl FloatKernel for L2NormalizeFwd {
             x[0].len(),
             d,
             #[inline(always)]
-            |r, y: &mut [T]| {
+            |r, y: &mut [MaybeUninit<T>]| {
                 let row = &x[0][r * d..(r + 1) * d];
                 let norm = lane_sum(row, |v| v.as_f64() * v.as_f64()).sqrt();
                 let denom = T::from_f64(norm.max(eps));
                 for (o, &v) in y.iter_mut().zip(row) {
-                    *o = v / denom;
+                    o.write(v / denom);
                 }
                 norm
             },
@@ -612,19 +616,19 @@ impl FloatKernel for L2NormalizeBwd {
             x[0].len(),
             d,
             #[inline(always)]
-            |r, dx: &mut [T]| {
+            |r, dx: &mut [MaybeUninit<T>]| {
                 let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
                 let norm = self.norms[r];
                 if norm >= self.eps {
                     let n = T::from_f64(norm);
                     let dot = T::from_f64(lane_sum2(xr, gr, |v, g| (v / n * g).as_f64()));
                     for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                        *o = (g - v / n * dot) / n;
+                        o.write((g - v / n * dot) / n);
                     }
                 } else {
                     let e = T::from_f64(self.eps);
                     for (o, &g) in dx.iter_mut().zip(gr) {
-                        *o = g / e;
+                        o.write(g / e);
                     }
                 }
             },

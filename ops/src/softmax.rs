@@ -54,7 +54,7 @@ pub(crate) fn map_lanes<T: Float, const N: usize>(
     let block = n * inner;
     let run = |(o, dst): (usize, &mut [T])| {
         if inner == 1 {
-            // The lane loops of `f` inlined and compiled for AVX2 where the CPU has it.
+            // The lane loops of `f` inlined and compiled for the widest vectors the CPU has.
             in_widest_vectors(
                 #[inline(always)]
                 || f(std::array::from_fn(|k| &inputs[k][o * n..(o + 1) * n]), dst),
@@ -216,7 +216,7 @@ impl CrossEntropyFwd {
 impl FloatKernel for CrossEntropyFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let rows = self.targets.len();
-        // Each row's loops compiled for AVX2 where the CPU has it.
+        // Each row's loops compiled for the widest vectors the CPU has.
         let per_row = |r: usize| {
             in_widest_vectors(
                 #[inline(always)]
@@ -266,7 +266,7 @@ impl FloatKernel for CrossEntropyBwd {
         if dx.is_empty() {
             return Ok(vec![dx]);
         }
-        // Each row's loop compiled for AVX2 where the CPU has it.
+        // Each row's loop compiled for the widest vectors the CPU has.
         let row = |(r, d): (usize, &mut [T])| {
             in_widest_vectors(
                 #[inline(always)]

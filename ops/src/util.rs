@@ -7,6 +7,7 @@ use mvar_engine::{
     CpuStorage, DType, Device, Error, Float, Result, Shape, Storage, Tensor, WithDType,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// All tensors on one device.
 pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
@@ -278,12 +279,11 @@ pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sy
     let bc = Broadcast::new(out, &[a.1, b.1]);
     let row = bc.row_len().max(1);
     let (sa, sb) = (bc.row_step(0), bc.row_step(1));
-    let mut v = vec![R::default(); n];
     // A task takes whole rows, about MAP_CHUNK elements of them. Along a row each input is either
     // contiguous (step 1) or one repeated value (step 0), so the common cases are the plain
-    // slice loops of the maps (vectorised, AVX2 where present).
+    // slice loops of the maps (vectorised, in the widest vectors the CPU has).
     let rows_per_task = (MAP_CHUNK / row).max(1);
-    let fill = |(t, chunk): (usize, &mut [R])| {
+    let fill = |(t, chunk): (usize, &mut [MaybeUninit<R>])| {
         for (k, out_row) in chunk.chunks_mut(row).enumerate() {
             let r = t * rows_per_task + k;
             let (oa, ob, len) = (bc.row_offset(0, r), bc.row_offset(1, r), out_row.len());
@@ -299,20 +299,21 @@ pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sy
                 }
                 _ => {
                     for (j, o) in out_row.iter_mut().enumerate() {
-                        *o = f(a.0[oa + j * sa], b.0[ob + j * sb]);
+                        o.write(f(a.0[oa + j * sa], b.0[ob + j * sb]));
                     }
                 }
             }
         }
     };
-    if n >= PARALLEL_MIN_ELEMS {
-        v.par_chunks_mut(row * rows_per_task)
-            .enumerate()
-            .for_each(fill);
-    } else {
-        v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
-    }
-    v
+    written_vec(n, |v| {
+        if n >= PARALLEL_MIN_ELEMS {
+            v.par_chunks_mut(row * rows_per_task)
+                .enumerate()
+                .for_each(fill);
+        } else {
+            v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
+        }
+    })
 }
 
 /// out[i] = f(a[ia], b[ib], c[ic]) over the broadcast of a, b and c to `out`.
@@ -332,11 +333,10 @@ pub(crate) fn broadcast_map3<
     let bc = Broadcast::new(out, &[a.1, b.1, c.1]);
     let row = bc.row_len().max(1);
     let (sa, sb, sc) = (bc.row_step(0), bc.row_step(1), bc.row_step(2));
-    let mut v = vec![R::default(); n];
     // Whole rows per task, as in broadcast_map2; rows where every input is contiguous run as a
     // plain zipped loop.
     let rows_per_task = (MAP_CHUNK / row).max(1);
-    let fill = |(t, chunk): (usize, &mut [R])| {
+    let fill = |(t, chunk): (usize, &mut [MaybeUninit<R>])| {
         for (k, out_row) in chunk.chunks_mut(row).enumerate() {
             let r = t * rows_per_task + k;
             let (oa, ob, oc) = (
@@ -348,37 +348,106 @@ pub(crate) fn broadcast_map3<
             if (sa, sb, sc) == (1, 1, 1) {
                 let rows = (&a.0[oa..oa + len], &b.0[ob..ob + len], &c.0[oc..oc + len]);
                 for (((o, &x), &y), &z) in out_row.iter_mut().zip(rows.0).zip(rows.1).zip(rows.2) {
-                    *o = f(x, y, z);
+                    o.write(f(x, y, z));
                 }
             } else {
                 for (j, o) in out_row.iter_mut().enumerate() {
-                    *o = f(a.0[oa + j * sa], b.0[ob + j * sb], c.0[oc + j * sc]);
+                    o.write(f(a.0[oa + j * sa], b.0[ob + j * sb], c.0[oc + j * sc]));
                 }
             }
         }
     };
-    if n >= PARALLEL_MIN_ELEMS {
-        v.par_chunks_mut(row * rows_per_task)
-            .enumerate()
-            .for_each(fill);
-    } else {
-        v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
-    }
-    v
+    written_vec(n, |v| {
+        if n >= PARALLEL_MIN_ELEMS {
+            v.par_chunks_mut(row * rows_per_task)
+                .enumerate()
+                .for_each(fill);
+        } else {
+            v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
+        }
+    })
 }
 
 /// Elements per task of the threaded maps: plain slice loops inside a task, so that a
 /// branch-free `f` vectorises (rayon's per-element iterators do not).
 const MAP_CHUNK: usize = 16 * 1024;
 
-/// Whether this CPU runs AVX2 (checked once). The builds target baseline x86-64, whose vectors
-/// are SSE2's 4 lanes; the map loops below also have a copy compiled for AVX2 (8 lanes) that
-/// runs where it can. Both copies perform the same IEEE operations in the same order (Rust never
-/// fuses a * b + c into an FMA on its own), so results are bitwise the same on every machine.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx2() -> bool {
-    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+/// A new vector of `n` elements written by `fill`, without zeroing them first: `fill` receives
+/// the uninitialised elements and must write every one. The maps and copies here do (each walks
+/// its whole output, row by row or element by element, and the slice loops assert that output
+/// and inputs have one length). The zero fill this skips was 10-14 % of a CPU training step on
+/// an AVX-512 Xeon (docs/performance.md).
+pub(crate) fn written_vec<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the capacity is at least n, and `fill` wrote each of the first n elements (its
+    // contract above), so they are initialised.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// The vector instruction sets the CPU loops below are compiled for, widest last. The builds
+/// target baseline x86-64, whose vectors are SSE2's 4 f32 lanes; the map loops and the closures
+/// run through [`in_widest_vectors`] also have copies compiled for AVX2 (8 lanes) and AVX-512
+/// (16 lanes), and the widest the CPU has runs. Every copy performs the same IEEE operations in
+/// the same order (Rust never fuses a * b + c into an FMA on its own, and the loops' reductions
+/// keep their lanes explicitly: [`lane_sum`]), so results are bitwise the same on every machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuVectors {
+    /// SSE2, what every x86-64 has (and the only copy off x86-64).
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+impl CpuVectors {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuVectors::Baseline => "baseline",
+            CpuVectors::Avx2 => "avx2",
+            CpuVectors::Avx512 => "avx512",
+        }
+    }
+
+    /// The widest the CPU runs.
+    fn detected() -> CpuVectors {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return CpuVectors::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return CpuVectors::Avx2;
+            }
+        }
+        CpuVectors::Baseline
+    }
+}
+
+/// The copy of the vector loops that runs here (checked once): the widest the CPU has, capped
+/// by `MVAR_CPU_VECTORS` (`baseline`, `avx2` or `avx512`; to compare them in benchmarks).
+/// Matrix products are the `gemm` crate's, which picks its own kernels (AVX-512 where present).
+pub fn cpu_vectors() -> CpuVectors {
+    static CHOSEN: std::sync::OnceLock<CpuVectors> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let detected = CpuVectors::detected();
+        let cap = match std::env::var("MVAR_CPU_VECTORS").as_deref() {
+            Ok("baseline") => CpuVectors::Baseline,
+            Ok("avx2") => CpuVectors::Avx2,
+            Ok("avx512") | Err(_) => CpuVectors::Avx512,
+            Ok(other) => {
+                // A typo must not silently change what a benchmark measures; this runs inside
+                // ops that return no error for it, so it says so once and keeps the widest.
+                eprintln!(
+                    "warning: MVAR_CPU_VECTORS={other:?} is not one of baseline, avx2, avx512; \
+                     using the widest the CPU has ({})",
+                    detected.name()
+                );
+                CpuVectors::Avx512
+            }
+        };
+        detected.min(cap)
+    })
 }
 
 /// The f64 sum of `f(x[i])` over eight interleaved accumulators (element i into lane i % 8):
@@ -426,15 +495,18 @@ pub(crate) fn lane_max<T: Float>(x: &[T]) -> T {
     acc.iter().fold(T::neg_infinity(), |m, &v| m.max(v))
 }
 
-/// Runs `f` compiled for AVX2 where the CPU has it (see [`has_avx2`]): loops inlined into `f`
-/// (mark a closure `#[inline(always)]`) then use 8-lane vectors; the same operations in the
-/// same order either way, so the results are the same.
+/// Runs `f` compiled for the widest vectors the CPU has (see [`cpu_vectors`]): loops inlined
+/// into `f` (mark a closure `#[inline(always)]`) then use 16- or 8-lane vectors; the same
+/// operations in the same order either way, so the results are the same.
 #[inline(always)]
 pub(crate) fn in_widest_vectors<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    match cpu_vectors() {
+        // SAFETY: the CPU has AVX-512F (checked at run time).
+        CpuVectors::Avx512 => return unsafe { with_avx512(f) },
         // SAFETY: the CPU has AVX2 (checked at run time).
-        return unsafe { with_avx2(f) };
+        CpuVectors::Avx2 => return unsafe { with_avx2(f) },
+        CpuVectors::Baseline => {}
     }
     f()
 }
@@ -445,48 +517,99 @@ fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 #[inline(always)]
-fn map1_loop<A: Copy, R, F: Fn(A) -> R>(out: &mut [R], x: &[A], f: &F) {
+fn map1_loop<A: Copy, R, F: Fn(A) -> R>(out: &mut [MaybeUninit<R>], x: &[A], f: &F) {
     for (o, &i) in out.iter_mut().zip(x) {
-        *o = f(i);
+        o.write(f(i));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn map1_loop_avx2<A: Copy, R, F: Fn(A) -> R>(out: &mut [R], x: &[A], f: &F) {
+fn map1_loop_avx2<A: Copy, R, F: Fn(A) -> R>(out: &mut [MaybeUninit<R>], x: &[A], f: &F) {
     map1_loop(out, x, f)
 }
 
-/// out[i] = f(x[i]) over one slice, in the widest vectors the CPU has (see [`has_avx2`]).
-fn map1_slice<A: Copy, R, F: Fn(A) -> R>(out: &mut [R], x: &[A], f: &F) {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn map1_loop_avx512<A: Copy, R, F: Fn(A) -> R>(out: &mut [MaybeUninit<R>], x: &[A], f: &F) {
+    map1_loop(out, x, f)
+}
+
+/// out[i] = f(x[i]) over one slice, in the widest vectors the CPU has (see [`cpu_vectors`]).
+/// Writes every element of `out` (its callers' outputs are [`written_vec`]s).
+fn map1_slice<A: Copy, R, F: Fn(A) -> R>(out: &mut [MaybeUninit<R>], x: &[A], f: &F) {
+    assert_eq!(out.len(), x.len(), "map1_slice: output and input lengths");
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    match cpu_vectors() {
+        // SAFETY: the CPU has AVX-512F (checked at run time).
+        CpuVectors::Avx512 => return unsafe { map1_loop_avx512(out, x, f) },
         // SAFETY: the CPU has AVX2 (checked at run time).
-        return unsafe { map1_loop_avx2(out, x, f) };
+        CpuVectors::Avx2 => return unsafe { map1_loop_avx2(out, x, f) },
+        CpuVectors::Baseline => {}
     }
     map1_loop(out, x, f)
 }
 
 #[inline(always)]
-fn map2_loop<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(out: &mut [R], a: &[A], b: &[B], f: &F) {
+fn map2_loop<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(
+    out: &mut [MaybeUninit<R>],
+    a: &[A],
+    b: &[B],
+    f: &F,
+) {
     for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        *o = f(x, y);
+        o.write(f(x, y));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn map2_loop_avx2<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(out: &mut [R], a: &[A], b: &[B], f: &F) {
+fn map2_loop_avx2<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(
+    out: &mut [MaybeUninit<R>],
+    a: &[A],
+    b: &[B],
+    f: &F,
+) {
     map2_loop(out, a, b, f)
 }
 
-/// out[i] = f(a[i], b[i]) over one slice, in the widest vectors the CPU has.
-fn map2_slice<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(out: &mut [R], a: &[A], b: &[B], f: &F) {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn map2_loop_avx512<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(
+    out: &mut [MaybeUninit<R>],
+    a: &[A],
+    b: &[B],
+    f: &F,
+) {
+    map2_loop(out, a, b, f)
+}
+
+/// out[i] = f(a[i], b[i]) over one slice, in the widest vectors the CPU has; writes every
+/// element of `out`.
+fn map2_slice<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(
+    out: &mut [MaybeUninit<R>],
+    a: &[A],
+    b: &[B],
+    f: &F,
+) {
+    assert!(
+        out.len() == a.len() && out.len() == b.len(),
+        "map2_slice: output and input lengths"
+    );
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    match cpu_vectors() {
+        // SAFETY: the CPU has AVX-512F (checked at run time).
+        CpuVectors::Avx512 => return unsafe { map2_loop_avx512(out, a, b, f) },
         // SAFETY: the CPU has AVX2 (checked at run time).
-        return unsafe { map2_loop_avx2(out, a, b, f) };
+        CpuVectors::Avx2 => return unsafe { map2_loop_avx2(out, a, b, f) },
+        CpuVectors::Baseline => {}
     }
     map2_loop(out, a, b, f)
 }
@@ -496,16 +619,16 @@ pub(crate) fn map1<A: Copy + Sync, R: Copy + Default + Send + Sync>(
     x: &[A],
     f: impl Fn(A) -> R + Sync + Send,
 ) -> Vec<R> {
-    let mut out = vec![R::default(); x.len()];
-    let run = |(o, i): (&mut [R], &[A])| map1_slice(o, i, &f);
-    if x.len() >= PARALLEL_MIN_ELEMS {
-        out.par_chunks_mut(MAP_CHUNK)
-            .zip(x.par_chunks(MAP_CHUNK))
-            .for_each(run);
-    } else {
-        run((&mut out, x));
-    }
-    out
+    let run = |(o, i): (&mut [MaybeUninit<R>], &[A])| map1_slice(o, i, &f);
+    written_vec(x.len(), |out| {
+        if x.len() >= PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(MAP_CHUNK)
+                .zip(x.par_chunks(MAP_CHUNK))
+                .for_each(run);
+        } else {
+            run((out, x));
+        }
+    })
 }
 
 /// out[i] = f(a[i], b[i]), threaded for large inputs.
@@ -515,17 +638,17 @@ pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Copy + Default + Send +
     f: impl Fn(A, B) -> R + Sync + Send,
 ) -> Vec<R> {
     let n = a.len().min(b.len());
-    let mut out = vec![R::default(); n];
-    let run = |((o, x), y): ((&mut [R], &[A]), &[B])| map2_slice(o, x, y, &f);
-    if n >= PARALLEL_MIN_ELEMS {
-        out.par_chunks_mut(MAP_CHUNK)
-            .zip(a[..n].par_chunks(MAP_CHUNK))
-            .zip(b[..n].par_chunks(MAP_CHUNK))
-            .for_each(run);
-    } else {
-        run(((&mut out, &a[..n]), &b[..n]));
-    }
-    out
+    let run = |((o, x), y): ((&mut [MaybeUninit<R>], _), _)| map2_slice(o, x, y, &f);
+    written_vec(n, |out| {
+        if n >= PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(MAP_CHUNK)
+                .zip(a[..n].par_chunks(MAP_CHUNK))
+                .zip(b[..n].par_chunks(MAP_CHUNK))
+                .for_each(run);
+        } else {
+            run(((out, &a[..n]), &b[..n]));
+        }
+    })
 }
 
 /// A kernel that only moves elements, written once for every dtype (no float conversion, so
@@ -582,15 +705,14 @@ pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(
     let rank = out_dims.len();
     let row = if rank == 0 { 1 } else { out_dims[rank - 1] };
     let step = if rank == 0 { 0 } else { strides[rank - 1] };
-    let mut out = vec![T::default(); n];
     if n == 0 {
-        return out;
+        return Vec::new();
     }
     // A task takes whole output rows, about MAP_CHUNK elements of them (a task per row of 64
     // elements cost more in scheduling than the copy); a row whose source is contiguous is one
     // slice copy.
     let rows_per_task = (MAP_CHUNK / row).max(1);
-    let fill = |(t, chunk): (usize, &mut [T])| {
+    let fill = |(t, chunk): (usize, &mut [MaybeUninit<T>])| {
         for (k, out_row) in chunk.chunks_mut(row).enumerate() {
             let mut rem = t * rows_per_task + k;
             let mut off = 0;
@@ -599,21 +721,25 @@ pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(
                 rem /= out_dims[ax];
             }
             if step == 1 {
-                out_row.copy_from_slice(&x[off..off + out_row.len()]);
+                let src = &x[off..off + out_row.len()];
+                for (o, &v) in out_row.iter_mut().zip(src) {
+                    o.write(v);
+                }
             } else {
                 for (j, o) in out_row.iter_mut().enumerate() {
-                    *o = x[off + j * step];
+                    o.write(x[off + j * step]);
                 }
             }
         }
     };
     let task_len = row * rows_per_task;
-    if n >= PARALLEL_MIN_ELEMS {
-        out.par_chunks_mut(task_len).enumerate().for_each(fill);
-    } else {
-        out.chunks_mut(task_len).enumerate().for_each(fill);
-    }
-    out
+    written_vec(n, |out| {
+        if n >= PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(task_len).enumerate().for_each(fill);
+        } else {
+            out.chunks_mut(task_len).enumerate().for_each(fill);
+        }
+    })
 }
 
 /// The element count of a new output, or an error naming `op` when it overflows or could not
@@ -792,17 +918,16 @@ mod tests {
         }
     }
 
-    /// The AVX2 copy of the map loops gives bitwise the results of the baseline copy, for the
-    /// transcendental maps (exp and tanh polynomials, clamps, selects, int conversions) and a
-    /// binary op, over normal values, huge ones, zeros, infinities and NaN.
+    /// The AVX2 and AVX-512 copies of the map loops, and closures run through
+    /// [`in_widest_vectors`]' copies, give bitwise the results of the baseline copy: the
+    /// transcendental maps (exp and tanh polynomials, clamps, selects, int conversions), a
+    /// binary op and lane sums, over normal values, huge ones, zeros, infinities and NaN. The
+    /// closures are concrete types (not `dyn Fn`), so they are inlined into each copy and
+    /// compiled for its instruction set, as in the ops.
     #[test]
-    fn the_avx2_loops_match_the_baseline_loops_bit_for_bit() {
+    fn the_wide_loops_match_the_baseline_loops_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
         {
-            if !has_avx2() {
-                eprintln!("skipped: this CPU has no AVX2");
-                return;
-            }
             let mut x: Vec<f32> = (0..10_007)
                 .map(|i| ((i as f32) * 0.618_034).sin() * (1.0 + (i % 97) as f32))
                 .collect();
@@ -819,19 +944,78 @@ mod tests {
                 |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044_715 * v * v * v)).tanh_fast());
             let silu = |v: f32| v / (1.0 + (-v).exp_fast());
             let div = |a: f32, b: f32| a / b + a * b;
+            // A closure of the kind the norms and Winograd transforms run in in_widest_vectors:
+            // maps and lane sums over whole slices.
+            let rows = || {
+                let mut out = vec![0.0f32; x.len()];
+                for ((o, &a), &b) in out.iter_mut().zip(&x).zip(&y) {
+                    *o = (a - b).clamp(-3.0, 3.0).exp_fast() * 0.5 + a * b;
+                }
+                let sum = lane_sum2(&x, &y, |a, b| (a as f64) * (b as f64));
+                (out, sum.to_bits(), lane_max(&x).to_bits())
+            };
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            for f in [&gelu as &dyn Fn(f32) -> f32, &silu] {
-                let (mut base, mut wide) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
-                map1_loop(&mut base, &x, &f);
+            // Output buffers start as zeros, so reading them back is sound whatever the loops do.
+            let zeros = || vec![vec![MaybeUninit::new(0.0f32); x.len()]; 3];
+            // SAFETY: every element was initialised (zeros above, then written).
+            let read = |v: &[MaybeUninit<f32>]| {
+                bits(
+                    &v.iter()
+                        .map(|m| unsafe { m.assume_init() })
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let mut base = zeros();
+            map1_loop(&mut base[0], &x, &gelu);
+            map1_loop(&mut base[1], &x, &silu);
+            map2_loop(&mut base[2], &x, &y, &div);
+            let base: Vec<_> = base.iter().map(|v| read(v)).collect();
+            let base_rows = rows();
+            let mut tiers = 0;
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut wide = zeros();
                 // SAFETY: AVX2 is present (checked above).
-                unsafe { map1_loop_avx2(&mut wide, &x, &f) };
-                assert_eq!(bits(&base), bits(&wide));
+                unsafe {
+                    map1_loop_avx2(&mut wide[0], &x, &gelu);
+                    map1_loop_avx2(&mut wide[1], &x, &silu);
+                    map2_loop_avx2(&mut wide[2], &x, &y, &div);
+                }
+                for (w, b) in wide.iter().zip(&base) {
+                    assert_eq!(&read(w), b, "avx2 map loop");
+                }
+                // SAFETY: as above.
+                let r = unsafe { with_avx2(rows) };
+                assert!(
+                    bits(&r.0) == bits(&base_rows.0) && r.1 == base_rows.1 && r.2 == base_rows.2
+                );
+                tiers += 1;
             }
-            let (mut base, mut wide) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
-            map2_loop(&mut base, &x, &y, &div);
-            // SAFETY: as above.
-            unsafe { map2_loop_avx2(&mut wide, &x, &y, &div) };
-            assert_eq!(bits(&base), bits(&wide));
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let mut wide = zeros();
+                // SAFETY: AVX-512F is present (checked above).
+                unsafe {
+                    map1_loop_avx512(&mut wide[0], &x, &gelu);
+                    map1_loop_avx512(&mut wide[1], &x, &silu);
+                    map2_loop_avx512(&mut wide[2], &x, &y, &div);
+                }
+                for (w, b) in wide.iter().zip(&base) {
+                    assert_eq!(&read(w), b, "avx512 map loop");
+                }
+                // SAFETY: as above.
+                let r = unsafe { with_avx512(rows) };
+                assert!(
+                    bits(&r.0) == bits(&base_rows.0) && r.1 == base_rows.1 && r.2 == base_rows.2
+                );
+                tiers += 1;
+            }
+            if tiers == 0 {
+                eprintln!("skipped: this CPU has neither AVX2 nor AVX-512F");
+            }
         }
+    }
+
+    #[test]
+    fn cpu_vectors_never_exceeds_what_the_cpu_runs() {
+        assert!(cpu_vectors() <= CpuVectors::detected());
     }
 }

@@ -145,6 +145,10 @@ fn with_device(f: impl FnOnce(&Device) -> mvar_engine::Result<()>) -> mvar_engin
 fn info() -> mvar_engine::Result<()> {
     println!("mvar {}", env!("CARGO_PKG_VERSION"));
     println!("cpu threads: {}", rayon_threads());
+    println!(
+        "cpu vectors: {} (element-wise loops; MVAR_CPU_VECTORS caps them)",
+        mvar_ops::cpu_vectors().name()
+    );
     let driver = mvar_cuda::driver_present();
     println!(
         "cuda driver: {}",

@@ -43,7 +43,8 @@ use rayon::prelude::*;
 mod winograd;
 
 use crate::util::{
-    autocast_run, float_op, lane_sum, out_tensor, output_len, require_rank, same_device, same_dtype,
+    autocast_run, float_op, lane_sum, out_tensor, output_len, require_rank, same_device,
+    same_dtype, written_vec,
 };
 
 /// Zero rows/columns added on each side of the input before the kernel slides over it.
@@ -490,11 +491,12 @@ impl FloatKernel for ConvFwd {
         let g = &self.g;
         let (x, w) = (inp[0], inp[1]);
         let bias = if self.has_bias { Some(inp[2]) } else { None };
-        let mut out = vec![T::zero(); g.n * g.y_len()];
         if winograd::applies(g) {
-            winograd::forward(g, x, w, bias, &mut out);
+            // Winograd writes every output element, so the output is not zero-filled first.
+            let out = written_vec(g.n * g.y_len(), |y| winograd::forward(g, x, w, bias, y));
             return Ok(vec![out]);
         }
+        let mut out = vec![T::zero(); g.n * g.y_len()];
         let cols_len = if g.direct() { 0 } else { g.k() * g.tile() };
         let (per_task, par) = g.schedule();
         let body = |cols: &mut Vec<T>, (ni, y): (usize, &mut [T])| {
@@ -693,15 +695,20 @@ impl FloatKernel for ConvBwd {
             )),
             _ => None,
         };
-        let mut dx = vec![T::zero(); if self.need_dx { g.n * g.x_len() } else { 0 }];
-        // A Winograd dx runs over the whole batch here; the tasks below then only do dW, dbias
-        // (they do dx where they get w).
-        let (dx_conv, w) = match dx_conv {
+        // A Winograd dx runs over the whole batch here, writing all of dx (no zero fill first);
+        // the tasks below then only do dW, dbias (they do dx, accumulating, where they get w).
+        let (mut dx, dx_conv, w) = match dx_conv {
             Some((conv, w_flipped)) if winograd::applies(&conv.g) => {
-                winograd::forward(&conv.g, inp[0], &w_flipped, None, &mut dx);
-                (None, None)
+                let dx = written_vec(g.n * g.x_len(), |dx| {
+                    winograd::forward(&conv.g, inp[0], &w_flipped, None, dx)
+                });
+                (dx, None, None)
             }
-            other => (other, w),
+            other => (
+                vec![T::zero(); if self.need_dx { g.n * g.x_len() } else { 0 }],
+                other,
+                w,
+            ),
         };
         let dx_in_tasks = w.is_some();
         // So does a Winograd dW; the tasks then get no x and only sum dbias.

@@ -39,6 +39,7 @@
 use gemm::Parallelism;
 use mvar_engine::Float;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{gemm_into, ConvGeom, SMALL_CONV_FLOPS};
@@ -119,9 +120,15 @@ struct Scratch<T> {
     rows: Vec<T>,
 }
 
-/// y = conv(x, w) + bias for the whole batch: x [N, Cin, H, W], y [N, Cout, Ho, Wo] (all of it
-/// written).
-pub(super) fn forward<T: Float>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T]) {
+/// y = conv(x, w) + bias for the whole batch: x [N, Cin, H, W], y [N, Cout, Ho, Wo]. Every
+/// element of y is written (once), so y may start uninitialised (`util::written_vec`).
+pub(super) fn forward<T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    y: &mut [MaybeUninit<T>],
+) {
     let u = transform_weight(g, w);
     let tiling = Tiling::new(g);
     let threads = rayon::current_num_threads().max(1);
@@ -176,12 +183,13 @@ struct WinogradConv<'a, T> {
 }
 
 impl<T: Float> WinogradConv<'_, T> {
-    /// Output channels `cos` of samples `samples` into `out`, laid out [samples][cos][Ho * Wo].
+    /// Output channels `cos` of samples `samples` into `out`, laid out [samples][cos][Ho * Wo],
+    /// every element of it written.
     fn samples(
         &self,
         samples: std::ops::Range<usize>,
         cos: std::ops::Range<usize>,
-        out: &mut [T],
+        out: &mut [MaybeUninit<T>],
         s: &mut Scratch<T>,
     ) {
         let ty_n = self.tiling.tiles_y;
@@ -203,7 +211,7 @@ impl<T: Float> WinogradConv<'_, T> {
         rows: std::ops::Range<usize>,
         first_sample: usize,
         cos: &std::ops::Range<usize>,
-        out: &mut [T],
+        out: &mut [MaybeUninit<T>],
         s: &mut Scratch<T>,
     ) {
         let (g, t) = (self.g, self.tiling);
@@ -263,7 +271,9 @@ impl<T: Float> WinogradConv<'_, T> {
                     *o = bias + b - c - d;
                 }
             }
-            // Interleave into the output rows.
+            // Interleave into the output rows: the chunk's tile rows cover output rows 2 ty and
+            // 2 ty + 1 (< Ho), its nx = ceil(Wo / 2) tiles every column, so each output element
+            // of these channels is written here once.
             for (ri, r) in rows.clone().enumerate() {
                 let (n, ty) = (r / t.tiles_y, r % t.tiles_y);
                 let plane = &mut out[((n - first_sample) * ncos + ci) * p..][..p];
@@ -277,11 +287,11 @@ impl<T: Float> WinogradConv<'_, T> {
                     let row = &mut plane[oy * g.wo..][..g.wo];
                     let mut pairs = row.chunks_exact_mut(2);
                     for (pair, (&e, &o)) in (&mut pairs).zip(even.iter().zip(odd)) {
-                        pair[0] = e;
-                        pair[1] = o;
+                        pair[0].write(e);
+                        pair[1].write(o);
                     }
                     if let [last] = pairs.into_remainder() {
-                        *last = even[nx - 1];
+                        last.write(even[nx - 1]);
                     }
                 }
             }
@@ -597,6 +607,15 @@ mod tests {
     use super::*;
     use crate::conv::Padding;
 
+    /// Runs `f` on an output of n NaNs and returns it: an element `forward` failed to write
+    /// stays NaN and fails the comparison (the real outputs start uninitialised).
+    fn forward_over_nan(n: usize, f: impl FnOnce(&mut [MaybeUninit<f64>])) -> Vec<f64> {
+        let mut y = vec![MaybeUninit::new(f64::NAN); n];
+        f(&mut y);
+        // SAFETY: every element was initialised (to NaN) before `f` ran.
+        y.iter().map(|v| unsafe { v.assume_init() }).collect()
+    }
+
     fn geom(n: usize, cin: usize, h: usize, w: usize, cout: usize, pad: Padding) -> ConvGeom {
         let (ho, wo) = (h + pad.top + pad.bottom - 2, w + pad.left + pad.right - 2);
         ConvGeom {
@@ -715,8 +734,7 @@ mod tests {
                 let wt = values(cout * cin * 9, seed ^ 1);
                 let b = values(cout, seed ^ 2);
                 let want = direct(&g, &x, &wt, &b);
-                let mut y = vec![f64::NAN; want.len()];
-                forward(&g, &x, &wt, Some(&b), &mut y);
+                let y = forward_over_nan(want.len(), |y| forward(&g, &x, &wt, Some(&b), y));
                 assert_close(&format!("case {i} pad {pad:?}: y"), &y, &want);
             }
         }
@@ -800,8 +818,9 @@ mod tests {
         let want = direct(&g, &x, &wt, &[0.0; 24]);
         for threads in [1, 2, 3] {
             let threaded = pool(threads);
-            let mut y = vec![f64::NAN; want.len()];
-            threaded.install(|| forward(&g, &x, &wt, None, &mut y));
+            let y = forward_over_nan(want.len(), |y| {
+                threaded.install(|| forward(&g, &x, &wt, None, y))
+            });
             assert_close(&format!("{threads} threads: y"), &y, &want);
         }
     }

@@ -266,7 +266,7 @@ impl Broadcast {
 }
 
 /// out[i] = f(a[ia], b[ib]) over the broadcast of a and b to `out`.
-pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sync + Default>(
+pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sync>(
     out: &Shape,
     a: (&[A], &Shape),
     b: (&[B], &Shape),
@@ -317,12 +317,7 @@ pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sy
 }
 
 /// out[i] = f(a[ia], b[ib], c[ic]) over the broadcast of a, b and c to `out`.
-pub(crate) fn broadcast_map3<
-    A: Copy + Sync,
-    B: Copy + Sync,
-    C: Copy + Sync,
-    R: Copy + Send + Default,
->(
+pub(crate) fn broadcast_map3<A: Copy + Sync, B: Copy + Sync, C: Copy + Sync, R: Copy + Send>(
     out: &Shape,
     a: (&[A], &Shape),
     b: (&[B], &Shape),
@@ -619,7 +614,7 @@ fn map2_slice<A: Copy, B: Copy, R, F: Fn(A, B) -> R>(
 }
 
 /// out[i] = f(x[i]), threaded for large inputs.
-pub(crate) fn map1<A: Copy + Sync, R: Copy + Default + Send + Sync>(
+pub(crate) fn map1<A: Copy + Sync, R: Copy + Send + Sync>(
     x: &[A],
     f: impl Fn(A) -> R + Sync + Send,
 ) -> Vec<R> {
@@ -636,7 +631,7 @@ pub(crate) fn map1<A: Copy + Sync, R: Copy + Default + Send + Sync>(
 }
 
 /// out[i] = f(a[i], b[i]), threaded for large inputs.
-pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Copy + Default + Send + Sync>(
+pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sync>(
     a: &[A],
     b: &[B],
     f: impl Fn(A, B) -> R + Sync + Send,
@@ -700,7 +695,7 @@ pub(crate) fn copy_op(
 
 /// out[i] = x[offset(i)] where offset(i) = sum over axes of index(i, axis) * strides[axis]:
 /// a copy through arbitrary strides (permute is this with permuted strides).
-pub(crate) fn strided_copy<T: Copy + Send + Sync + Default>(
+pub(crate) fn strided_copy<T: Copy + Send + Sync>(
     x: &[T],
     out_dims: &[usize],
     strides: &[usize],

@@ -493,7 +493,10 @@ impl FloatKernel for ConvFwd {
         let bias = if self.has_bias { Some(inp[2]) } else { None };
         if winograd::applies(g) {
             // Winograd writes every output element, so the output is not zero-filled first.
-            let out = written_vec(g.n * g.y_len(), |y| winograd::forward(g, x, w, bias, y));
+            // SAFETY: winograd::forward writes every element of y (its contract; its unit tests
+            // start y from NaN).
+            let out =
+                unsafe { written_vec(g.n * g.y_len(), |y| winograd::forward(g, x, w, bias, y)) };
             return Ok(vec![out]);
         }
         let mut out = vec![T::zero(); g.n * g.y_len()];
@@ -699,9 +702,12 @@ impl FloatKernel for ConvBwd {
         // the tasks below then only do dW, dbias (they do dx, accumulating, where they get w).
         let (mut dx, dx_conv, w) = match dx_conv {
             Some((conv, w_flipped)) if winograd::applies(&conv.g) => {
-                let dx = written_vec(g.n * g.x_len(), |dx| {
-                    winograd::forward(&conv.g, inp[0], &w_flipped, None, dx)
-                });
+                // SAFETY: winograd::forward writes every element of dx (as in the forward).
+                let dx = unsafe {
+                    written_vec(g.n * g.x_len(), |dx| {
+                        winograd::forward(&conv.g, inp[0], &w_flipped, None, dx)
+                    })
+                };
                 (dx, None, None)
             }
             other => (

@@ -141,9 +141,12 @@ pub(crate) fn backward_with_saved<C, K: FloatKernel>(
 
 /// Fills a new output of `len` elements (rows of `d`) with `f(row index, row)` per row and
 /// collects what each call returns; threaded for large inputs. The rows start uninitialised
-/// (no zero fill: [`written_vec`]), so `f` must write every element of its row: each caller
-/// below walks the whole row in one loop over it, `o.write(..)`.
-fn map_rows<T: Float, S: Send + Default + Clone>(
+/// (no zero fill: [`written_vec`]).
+///
+/// # Safety
+/// `f` must write every element of the row it is given: each caller below walks the whole
+/// row, `o.write(..)` in a loop zipped over the row and an input row of the same length d.
+unsafe fn map_rows<T: Float, S: Send + Default + Clone>(
     len: usize,
     d: usize,
     f: impl Fn(usize, &mut [MaybeUninit<T>]) -> S + Sync + Send,
@@ -159,42 +162,52 @@ fn map_rows<T: Float, S: Send + Default + Clone>(
             || f(r, row),
         )
     };
-    let out = written_vec(len, |out| {
-        if len >= PARALLEL_MIN_ELEMS {
-            out.par_chunks_mut(d)
-                .zip(side.par_iter_mut())
-                .enumerate()
-                .for_each(run);
-        } else {
-            out.chunks_mut(d)
-                .zip(side.iter_mut())
-                .enumerate()
-                .for_each(run);
-        }
-    });
+    // SAFETY: the rows tile the output, and `f` writes each row whole (this function's
+    // contract).
+    let out = unsafe {
+        written_vec(len, |out| {
+            if len >= PARALLEL_MIN_ELEMS {
+                out.par_chunks_mut(d)
+                    .zip(side.par_iter_mut())
+                    .enumerate()
+                    .for_each(run);
+            } else {
+                out.chunks_mut(d)
+                    .zip(side.iter_mut())
+                    .enumerate()
+                    .for_each(run);
+            }
+        })
+    };
     (out, side)
 }
 
 /// [`map_rows`] for the normalisations: each row's (mean, rstd) first (returned per row), then
 /// `apply(row index, row, output row, mean, rstd)` writes the output.
+///
+/// # Safety
+/// `apply` must write every element of the output row it is given (as for [`map_rows`]).
 #[inline(always)]
-fn map_normalized_rows<T: Float>(
+unsafe fn map_normalized_rows<T: Float>(
     x: &[T],
     d: usize,
     eps: f64,
     apply: impl Fn(usize, &[T], &mut [MaybeUninit<T>], f64, f64) + Sync + Send,
 ) -> (Vec<T>, Vec<(f64, f64)>) {
-    map_rows(
-        x.len(),
-        d,
-        #[inline(always)]
-        |r, y: &mut [MaybeUninit<T>]| {
-            let row = &x[r * d..(r + 1) * d];
-            let (mean, rstd) = row_stats(row, eps);
-            apply(r, row, y, mean, rstd);
-            (mean, rstd)
-        },
-    )
+    // SAFETY: `apply` writes the whole row (this function's contract).
+    unsafe {
+        map_rows(
+            x.len(),
+            d,
+            #[inline(always)]
+            |r, y: &mut [MaybeUninit<T>]| {
+                let row = &x[r * d..(r + 1) * d];
+                let (mean, rstd) = row_stats(row, eps);
+                apply(r, row, y, mean, rstd);
+                (mean, rstd)
+            },
+        )
+    }
 }
 
 /// (mean, rstd) of one row, in f64, two-pass.
@@ -247,18 +260,21 @@ struct LayerNormFwd {
 }
 impl FloatKernel for LayerNormFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let (y, stats) = map_normalized_rows(
-            x[0],
-            self.d,
-            self.eps,
-            #[inline(always)]
-            |_, row, y, mean, rstd| {
-                let (m, s) = (T::from_f64(mean), T::from_f64(rstd));
-                for (o, &v) in y.iter_mut().zip(row) {
-                    o.write((v - m) * s);
-                }
-            },
-        );
+        // SAFETY: each row is written by one loop zipped over it and the input row (both d long).
+        let (y, stats) = unsafe {
+            map_normalized_rows(
+                x[0],
+                self.d,
+                self.eps,
+                #[inline(always)]
+                |_, row, y, mean, rstd| {
+                    let (m, s) = (T::from_f64(mean), T::from_f64(rstd));
+                    for (o, &v) in y.iter_mut().zip(row) {
+                        o.write((v - m) * s);
+                    }
+                },
+            )
+        };
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         Ok(vec![y])
     }
@@ -272,21 +288,24 @@ struct LayerNormBwd {
 impl FloatKernel for LayerNormBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let d = self.d;
-        let (dx, _) = map_rows(
-            x[0].len(),
-            d,
-            #[inline(always)]
-            |r, dx: &mut [MaybeUninit<T>]| {
-                let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
-                let (m, s) = (T::from_f64(self.stats[r].0), T::from_f64(self.stats[r].1));
-                let sg = lane_sum(gr, |g| g.as_f64());
-                let sgx = lane_sum2(xr, gr, |v, g| (g * (v - m) * s).as_f64());
-                let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
-                for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                    o.write(s * (g - mg - (v - m) * s * mgx));
-                }
-            },
-        );
+        // SAFETY: the one loop zipped over dx's row and the input rows (all d long) writes it whole.
+        let (dx, _) = unsafe {
+            map_rows(
+                x[0].len(),
+                d,
+                #[inline(always)]
+                |r, dx: &mut [MaybeUninit<T>]| {
+                    let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
+                    let (m, s) = (T::from_f64(self.stats[r].0), T::from_f64(self.stats[r].1));
+                    let sg = lane_sum(gr, |g| g.as_f64());
+                    let sgx = lane_sum2(xr, gr, |v, g| (g * (v - m) * s).as_f64());
+                    let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
+                    for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
+                        o.write(s * (g - mg - (v - m) * s * mgx));
+                    }
+                },
+            )
+        };
         Ok(vec![dx])
     }
 }
@@ -368,32 +387,36 @@ impl FloatKernel for GroupNormFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let gr = self.g;
         let (w, b) = (x[1], x[2]);
-        let (y, stats) = map_normalized_rows(
-            x[0],
-            gr.row(),
-            self.eps,
-            #[inline(always)]
-            |r, row, y, mean, rstd| {
-                // Channel by channel, so that rstd and the weight fold into one scale.
-                let first = gr.channel(r, 0);
-                for (j, (ys, xs)) in y
-                    .chunks_mut(gr.spatial)
-                    .zip(row.chunks(gr.spatial))
-                    .enumerate()
-                {
-                    let c = first + j;
-                    // (x - mean) * scale + bias, not x * scale + (bias - mean * scale): with
-                    // a large rstd (a group of near-equal values, eps 1e-6) the folded shift
-                    // cancels against x * scale and loses the bias's low bits; x - mean does
-                    // not (it is exact for values near the mean).
-                    let (m, sc) = (T::from_f64(mean), T::from_f64(rstd * w[c].as_f64()));
-                    let bc = b[c];
-                    for (o, &v) in ys.iter_mut().zip(xs) {
-                        o.write((v - m) * sc + bc);
+        // SAFETY: the channel chunks of a row tile it, and each is written by one loop zipped over it and
+        // the input chunk of the same length.
+        let (y, stats) = unsafe {
+            map_normalized_rows(
+                x[0],
+                gr.row(),
+                self.eps,
+                #[inline(always)]
+                |r, row, y, mean, rstd| {
+                    // Channel by channel, so that rstd and the weight fold into one scale.
+                    let first = gr.channel(r, 0);
+                    for (j, (ys, xs)) in y
+                        .chunks_mut(gr.spatial)
+                        .zip(row.chunks(gr.spatial))
+                        .enumerate()
+                    {
+                        let c = first + j;
+                        // (x - mean) * scale + bias, not x * scale + (bias - mean * scale): with
+                        // a large rstd (a group of near-equal values, eps 1e-6) the folded shift
+                        // cancels against x * scale and loses the bias's low bits; x - mean does
+                        // not (it is exact for values near the mean).
+                        let (m, sc) = (T::from_f64(mean), T::from_f64(rstd * w[c].as_f64()));
+                        let bc = b[c];
+                        for (o, &v) in ys.iter_mut().zip(xs) {
+                            o.write((v - m) * sc + bc);
+                        }
                     }
-                }
-            },
-        );
+                },
+            )
+        };
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         Ok(vec![y])
     }
@@ -411,49 +434,55 @@ impl FloatKernel for GroupNormBwd {
         let (xs, w, gs) = (x[0], x[1], x[2]);
         // Each group row also returns its channels' partial sums of g * xhat and g; the
         // per-channel totals add these over the samples afterwards.
-        let (dx, partials) = map_rows(
-            xs.len(),
-            d,
-            #[inline(always)]
-            |r, dx: &mut [MaybeUninit<T>]| {
-                let (xr, g) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-                let (mean, rstd) = self.stats[r];
-                let first = gr.channel(r, 0);
-                // Per channel: sum g and sum g * xhat (the weight/bias gradients), from which the
-                // row's sums of h = g * w and h * xhat follow without another pass.
-                let mut part = vec![0.0f64; 2 * gr.cpg];
-                let (mut sh, mut shx) = (0.0f64, 0.0f64);
-                for (j, (xc, gc)) in xr.chunks(gr.spatial).zip(g.chunks(gr.spatial)).enumerate() {
-                    let sg = lane_sum(gc, |v| v.as_f64());
-                    let sgx = lane_sum2(xc, gc, |v, gv| gv.as_f64() * (v.as_f64() - mean)) * rstd;
-                    part[2 * j] = sgx;
-                    part[2 * j + 1] = sg;
-                    let wc = w[first + j].as_f64();
-                    sh += wc * sg;
-                    shx += wc * sgx;
-                }
-                let (mh, mhx) = (sh / d as f64, shx / d as f64);
-                for (j, ((oc, xc), gc)) in dx
-                    .chunks_mut(gr.spatial)
-                    .zip(xr.chunks(gr.spatial))
-                    .zip(g.chunks(gr.spatial))
-                    .enumerate()
-                {
-                    // dx = rstd * (g w - mh - xhat mhx), xhat = (x - mean) rstd, as
-                    // dx = g * a + (x - mean) * b + c per channel (x - mean rather than a
-                    // shift folded into c, which cancels like the forward's did).
-                    let wc = w[first + j].as_f64();
-                    let a = T::from_f64(rstd * wc);
-                    let b = T::from_f64(-rstd * rstd * mhx);
-                    let c = T::from_f64(-rstd * mh);
-                    let m = T::from_f64(mean);
-                    for (o, (&v, &gv)) in oc.iter_mut().zip(xc.iter().zip(gc)) {
-                        o.write(gv * a + (v - m) * b + c);
+        // SAFETY: the channel chunks of dx's row tile it, and each is written by one loop zipped over it
+        // and the equally long input chunks.
+        let (dx, partials) = unsafe {
+            map_rows(
+                xs.len(),
+                d,
+                #[inline(always)]
+                |r, dx: &mut [MaybeUninit<T>]| {
+                    let (xr, g) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
+                    let (mean, rstd) = self.stats[r];
+                    let first = gr.channel(r, 0);
+                    // Per channel: sum g and sum g * xhat (the weight/bias gradients), from which the
+                    // row's sums of h = g * w and h * xhat follow without another pass.
+                    let mut part = vec![0.0f64; 2 * gr.cpg];
+                    let (mut sh, mut shx) = (0.0f64, 0.0f64);
+                    for (j, (xc, gc)) in xr.chunks(gr.spatial).zip(g.chunks(gr.spatial)).enumerate()
+                    {
+                        let sg = lane_sum(gc, |v| v.as_f64());
+                        let sgx =
+                            lane_sum2(xc, gc, |v, gv| gv.as_f64() * (v.as_f64() - mean)) * rstd;
+                        part[2 * j] = sgx;
+                        part[2 * j + 1] = sg;
+                        let wc = w[first + j].as_f64();
+                        sh += wc * sg;
+                        shx += wc * sgx;
                     }
-                }
-                part
-            },
-        );
+                    let (mh, mhx) = (sh / d as f64, shx / d as f64);
+                    for (j, ((oc, xc), gc)) in dx
+                        .chunks_mut(gr.spatial)
+                        .zip(xr.chunks(gr.spatial))
+                        .zip(g.chunks(gr.spatial))
+                        .enumerate()
+                    {
+                        // dx = rstd * (g w - mh - xhat mhx), xhat = (x - mean) rstd, as
+                        // dx = g * a + (x - mean) * b + c per channel (x - mean rather than a
+                        // shift folded into c, which cancels like the forward's did).
+                        let wc = w[first + j].as_f64();
+                        let a = T::from_f64(rstd * wc);
+                        let b = T::from_f64(-rstd * rstd * mhx);
+                        let c = T::from_f64(-rstd * mh);
+                        let m = T::from_f64(mean);
+                        for (o, (&v, &gv)) in oc.iter_mut().zip(xc.iter().zip(gc)) {
+                            o.write(gv * a + (v - m) * b + c);
+                        }
+                    }
+                    part
+                },
+            )
+        };
         let mut dw = vec![0.0f64; self.channels];
         let mut db = vec![0.0f64; self.channels];
         for (r, part) in partials.iter().enumerate() {
@@ -584,20 +613,23 @@ struct L2NormalizeFwd {
 impl FloatKernel for L2NormalizeFwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let (d, eps) = (self.d, self.eps);
-        let (y, norms) = map_rows(
-            x[0].len(),
-            d,
-            #[inline(always)]
-            |r, y: &mut [MaybeUninit<T>]| {
-                let row = &x[0][r * d..(r + 1) * d];
-                let norm = lane_sum(row, |v| v.as_f64() * v.as_f64()).sqrt();
-                let denom = T::from_f64(norm.max(eps));
-                for (o, &v) in y.iter_mut().zip(row) {
-                    o.write(v / denom);
-                }
-                norm
-            },
-        );
+        // SAFETY: the one loop zipped over the row and the input row (both d long) writes it whole.
+        let (y, norms) = unsafe {
+            map_rows(
+                x[0].len(),
+                d,
+                #[inline(always)]
+                |r, y: &mut [MaybeUninit<T>]| {
+                    let row = &x[0][r * d..(r + 1) * d];
+                    let norm = lane_sum(row, |v| v.as_f64() * v.as_f64()).sqrt();
+                    let denom = T::from_f64(norm.max(eps));
+                    for (o, &v) in y.iter_mut().zip(row) {
+                        o.write(v / denom);
+                    }
+                    norm
+                },
+            )
+        };
         *self.norms.lock().unwrap_or_else(|e| e.into_inner()) = norms;
         Ok(vec![y])
     }
@@ -612,27 +644,30 @@ struct L2NormalizeBwd {
 impl FloatKernel for L2NormalizeBwd {
     fn run<T: Float>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let d = self.d;
-        let (dx, _) = map_rows(
-            x[0].len(),
-            d,
-            #[inline(always)]
-            |r, dx: &mut [MaybeUninit<T>]| {
-                let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
-                let norm = self.norms[r];
-                if norm >= self.eps {
-                    let n = T::from_f64(norm);
-                    let dot = T::from_f64(lane_sum2(xr, gr, |v, g| (v / n * g).as_f64()));
-                    for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                        o.write((g - v / n * dot) / n);
+        // SAFETY: either branch writes the whole row in one loop zipped over it and d-long input rows.
+        let (dx, _) = unsafe {
+            map_rows(
+                x[0].len(),
+                d,
+                #[inline(always)]
+                |r, dx: &mut [MaybeUninit<T>]| {
+                    let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
+                    let norm = self.norms[r];
+                    if norm >= self.eps {
+                        let n = T::from_f64(norm);
+                        let dot = T::from_f64(lane_sum2(xr, gr, |v, g| (v / n * g).as_f64()));
+                        for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
+                            o.write((g - v / n * dot) / n);
+                        }
+                    } else {
+                        let e = T::from_f64(self.eps);
+                        for (o, &g) in dx.iter_mut().zip(gr) {
+                            o.write(g / e);
+                        }
                     }
-                } else {
-                    let e = T::from_f64(self.eps);
-                    for (o, &g) in dx.iter_mut().zip(gr) {
-                        o.write(g / e);
-                    }
-                }
-            },
-        );
+                },
+            )
+        };
         Ok(vec![dx])
     }
 }

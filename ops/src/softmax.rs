@@ -24,6 +24,7 @@
 //! against); the elementwise arithmetic runs in the kernel's type (f32 for f32 and bf16). On CUDA
 //! (`cuda/kernels/softmax.cu`) everything is f32 and cross_entropy's lse stays on the device.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use mvar_engine::cpu::{run_float, FloatKernel, PARALLEL_MIN_ELEMS};
@@ -34,53 +35,80 @@ use rayon::prelude::*;
 use crate::norm::{backward_with_saved, nth, Saved};
 use crate::util::{
     dispatch, float_op, in_widest_vectors, lane_max, lane_sum, lane_sum2, out_tensor,
-    require_dtype, require_float, same_device, same_dtype,
+    require_dtype, require_float, same_device, same_dtype, write_mapped, write_mapped2,
+    written_vec,
 };
 
 /// Writes `f(lanes of inputs, lane of out)` for every lane of the inputs seen as
 /// [outer, n, inner]. Last-axis lanes (inner == 1) are passed as slices of the inputs; strided
 /// lanes are gathered into buffers first and the result is scattered back. Threaded over outer
 /// blocks for large inputs.
+///
+/// The output is not zero-filled first: `f` gets its lane uninitialised and returns it written
+/// (through [`write_mapped`] and the like), and that returned slice must be the lane itself,
+/// which is checked, so every element is written whatever `f` does.
 pub(crate) fn map_lanes<T: Float, const N: usize>(
     inputs: [&[T]; N],
     (outer, n, inner): (usize, usize, usize),
-    f: impl Fn([&[T]; N], &mut [T]) + Sync + Send,
+    f: impl for<'a> Fn([&[T]; N], &'a mut [MaybeUninit<T>]) -> &'a mut [T] + Sync + Send,
 ) -> Vec<T> {
     let total = outer * n * inner;
-    let mut out = vec![T::zero(); total];
     if total == 0 {
-        return out;
+        return Vec::new();
     }
     let block = n * inner;
-    let run = |(o, dst): (usize, &mut [T])| {
+    let run = |(o, dst): (usize, &mut [MaybeUninit<T>])| {
         if inner == 1 {
             // The lane loops of `f` inlined and compiled for the widest vectors the CPU has.
             in_widest_vectors(
                 #[inline(always)]
-                || f(std::array::from_fn(|k| &inputs[k][o * n..(o + 1) * n]), dst),
+                || {
+                    let (lane, len) = (dst.as_ptr() as *const T, dst.len());
+                    let ins = std::array::from_fn(|k| &inputs[k][o * n..(o + 1) * n]);
+                    // `f` returning its lane as `&mut [T]` proves it initialised: a safe
+                    // `&mut [T]` at the lane's address and of its length can only be the lane,
+                    // written.
+                    let out = f(ins, dst);
+                    assert!(
+                        out.as_ptr() == lane && out.len() == len,
+                        "map_lanes: the lane function must return the lane it was given, written"
+                    );
+                },
             );
             return;
         }
         let mut bufs: [Vec<T>; N] = std::array::from_fn(|_| vec![T::zero(); n]);
-        let mut lane_out = vec![T::zero(); n];
+        let mut lane_out: Vec<MaybeUninit<T>> = Vec::with_capacity(n);
+        lane_out.resize_with(n, MaybeUninit::uninit);
         for i in 0..inner {
             for (buf, x) in bufs.iter_mut().zip(&inputs) {
                 for (s, b) in buf.iter_mut().enumerate() {
                     *b = x[o * block + s * inner + i];
                 }
             }
-            f(std::array::from_fn(|k| bufs[k].as_slice()), &mut lane_out);
-            for (s, &v) in lane_out.iter().enumerate() {
-                dst[s * inner + i] = v;
+            let lane = f(std::array::from_fn(|k| bufs[k].as_slice()), &mut lane_out);
+            assert_eq!(
+                lane.len(),
+                n,
+                "map_lanes: the lane function's output length"
+            );
+            for (s, &v) in lane.iter().enumerate() {
+                dst[s * inner + i].write(v);
             }
         }
     };
-    if total >= PARALLEL_MIN_ELEMS && outer > 1 {
-        out.par_chunks_mut(block).enumerate().for_each(run);
-    } else {
-        out.chunks_mut(block).enumerate().for_each(run);
+    // SAFETY: the blocks tile the output. A last-axis block is one lane, written whole (checked
+    // in `written`); a strided block gets dst[s * inner + i] for every s < n and i < inner, which
+    // is each of its n * inner elements.
+    unsafe {
+        written_vec(total, |out| {
+            if total >= PARALLEL_MIN_ELEMS && outer > 1 {
+                out.par_chunks_mut(block).enumerate().for_each(run);
+            } else {
+                out.chunks_mut(block).enumerate().for_each(run);
+            }
+        })
     }
-    out
 }
 
 /// m + ln(sum_j exp(x_j - m)) with m the lane maximum (NaNs are skipped by the maximum but
@@ -107,15 +135,12 @@ impl FloatKernel for SoftmaxFwd {
                 if log {
                     let s = lane_sum(x, |v| (v - m).exp_fast().as_f64());
                     let ln_s = T::from_f64(s.ln());
-                    for (o, &v) in y.iter_mut().zip(x) {
-                        *o = v - m - ln_s;
-                    }
+                    write_mapped(y, x, |v| v - m - ln_s)
                 } else {
-                    for (o, &v) in y.iter_mut().zip(x) {
-                        *o = (v - m).exp_fast();
-                    }
+                    let y = write_mapped(y, x, |v| (v - m).exp_fast());
                     let inv = T::from_f64(1.0 / lane_sum(y, |o| o.as_f64()));
                     y.iter_mut().for_each(|o| *o = *o * inv);
+                    y
                 }
             },
         )])
@@ -137,14 +162,10 @@ impl FloatKernel for SoftmaxBwd {
             move |[y, g], dx| {
                 if log {
                     let sg = T::from_f64(lane_sum(g, |v| v.as_f64()));
-                    for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
-                        *d = gv - yv.exp_fast() * sg;
-                    }
+                    write_mapped2(dx, y, g, |yv, gv| gv - yv.exp_fast() * sg)
                 } else {
                     let dot = T::from_f64(lane_sum2(y, g, |a, b| a.as_f64() * b.as_f64()));
-                    for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
-                        *d = yv * (gv - dot);
-                    }
+                    write_mapped2(dx, y, g, |yv, gv| yv * (gv - dot))
                 }
             },
         )])
@@ -416,4 +437,49 @@ pub fn cross_entropy(
             Ok(vec![Some(out_tensor(dx, x.shape().clone(), g.device())?)])
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every element of every lane is written, last-axis and strided, small (one task) and
+    /// large (threaded): each lane of an [outer, n, inner] iota becomes its element's index
+    /// within the lane plus 1000 times the lane's first input.
+    #[test]
+    fn map_lanes_writes_every_element_of_every_lane() {
+        for (outer, n, inner) in [(3, 5, 1), (2, 7, 3), (1, 1, 4), (300, 257, 1), (40, 65, 13)] {
+            let x: Vec<f64> = (0..outer * n * inner).map(|i| i as f64).collect();
+            // Within a lane the inputs step by `inner`, so (v - first) / inner is the index.
+            let got = map_lanes([&x], (outer, n, inner), |[lane], out| {
+                let first = lane[0];
+                write_mapped(out, lane, |v| first * 1000.0 + (v - first) / inner as f64)
+            });
+            for o in 0..outer {
+                for s in 0..n {
+                    for i in 0..inner {
+                        let at = (o * n + s) * inner + i;
+                        let first = ((o * n) * inner + i) as f64;
+                        assert_eq!(
+                            got[at],
+                            first * 1000.0 + s as f64,
+                            "{outer}x{n}x{inner} at {at}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "must return the lane it was given")]
+    fn map_lanes_refuses_a_lane_function_that_returns_another_slice() {
+        let x = vec![1.0f32; 8];
+        let mut elsewhere = vec![0.0f32; 8];
+        let elsewhere: &'static mut [f32] = Box::leak(std::mem::take(&mut elsewhere).into());
+        let elsewhere = std::sync::Mutex::new(Some(elsewhere));
+        map_lanes([&x], (1, 8, 1), move |_, _| {
+            elsewhere.lock().unwrap().take().unwrap()
+        });
+    }
 }

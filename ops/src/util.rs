@@ -305,15 +305,20 @@ pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sy
             }
         }
     };
-    written_vec(n, |v| {
-        if n >= PARALLEL_MIN_ELEMS {
-            v.par_chunks_mut(row * rows_per_task)
-                .enumerate()
-                .for_each(fill);
-        } else {
-            v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
-        }
-    })
+    // SAFETY: the tasks' chunks tile the output, and `fill` writes every element of its
+    // chunk: each row through map1_slice / map2_slice (which assert the row's length) or the
+    // element loop over the whole row.
+    unsafe {
+        written_vec(n, |v| {
+            if n >= PARALLEL_MIN_ELEMS {
+                v.par_chunks_mut(row * rows_per_task)
+                    .enumerate()
+                    .for_each(fill);
+            } else {
+                v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
+            }
+        })
+    }
 }
 
 /// out[i] = f(a[ia], b[ib], c[ic]) over the broadcast of a, b and c to `out`.
@@ -352,15 +357,19 @@ pub(crate) fn broadcast_map3<A: Copy + Sync, B: Copy + Sync, C: Copy + Sync, R: 
             }
         }
     };
-    written_vec(n, |v| {
-        if n >= PARALLEL_MIN_ELEMS {
-            v.par_chunks_mut(row * rows_per_task)
-                .enumerate()
-                .for_each(fill);
-        } else {
-            v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
-        }
-    })
+    // SAFETY: the tasks' chunks tile the output, and `fill` writes every element of each row
+    // of its chunk (a zipped loop over the row and equally long input rows, or the element loop).
+    unsafe {
+        written_vec(n, |v| {
+            if n >= PARALLEL_MIN_ELEMS {
+                v.par_chunks_mut(row * rows_per_task)
+                    .enumerate()
+                    .for_each(fill);
+            } else {
+                v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
+            }
+        })
+    }
 }
 
 /// Elements per task of the threaded maps: plain slice loops inside a task, so that a
@@ -368,17 +377,57 @@ pub(crate) fn broadcast_map3<A: Copy + Sync, B: Copy + Sync, C: Copy + Sync, R: 
 const MAP_CHUNK: usize = 16 * 1024;
 
 /// A new vector of `n` elements written by `fill`, without zeroing them first: `fill` receives
-/// the uninitialised elements and must write every one. The maps and copies here do (each walks
-/// its whole output, row by row or element by element, and the slice loops assert that output
-/// and inputs have one length). The zero fill this skips was 10-14 % of a CPU training step on
+/// the uninitialised elements. The zero fill this skips was 10-14 % of a CPU training step on
 /// an AVX-512 Xeon (docs/performance.md).
-pub(crate) fn written_vec<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given before it returns (the maps and
+/// copies here walk their whole output, row by row or element by element, and the slice loops
+/// assert that output and inputs have one length). If `fill` panics instead, nothing unsound
+/// follows: the length is set only after it returns.
+pub(crate) unsafe fn written_vec<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     fill(&mut v.spare_capacity_mut()[..n]);
-    // SAFETY: the capacity is at least n, and `fill` wrote each of the first n elements (its
-    // contract above), so they are initialised.
+    // SAFETY: the capacity is at least n, and `fill` wrote each of the first n elements (the
+    // caller's obligation above), so they are initialised.
     unsafe { v.set_len(n) };
     v
+}
+
+/// `dst[i] = f(x[i])` for every element, returning `dst` as the initialised slice it now is.
+/// Panics unless the lengths are equal.
+#[inline(always)]
+pub(crate) fn write_mapped<'a, A: Copy, T>(
+    dst: &'a mut [MaybeUninit<T>],
+    x: &[A],
+    f: impl Fn(A) -> T,
+) -> &'a mut [T] {
+    assert_eq!(dst.len(), x.len(), "write_mapped: output and input lengths");
+    for (o, &v) in dst.iter_mut().zip(x) {
+        o.write(f(v));
+    }
+    // SAFETY: the loop wrote every element of dst (its length is x's), and MaybeUninit<T> has
+    // T's layout.
+    unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// [`write_mapped`] of two inputs: `dst[i] = f(a[i], b[i])`.
+#[inline(always)]
+pub(crate) fn write_mapped2<'a, A: Copy, B: Copy, T>(
+    dst: &'a mut [MaybeUninit<T>],
+    a: &[A],
+    b: &[B],
+    f: impl Fn(A, B) -> T,
+) -> &'a mut [T] {
+    assert!(
+        dst.len() == a.len() && dst.len() == b.len(),
+        "write_mapped2: output and input lengths"
+    );
+    for ((o, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+        o.write(f(x, y));
+    }
+    // SAFETY: as in write_mapped: every element was written.
+    unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// The vector instruction sets the CPU loops below are compiled for, widest last. The builds
@@ -472,15 +521,17 @@ pub(crate) fn lane_sum2<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> 
     acc.iter().sum()
 }
 
-/// The largest `x[i]` (-inf for an empty slice) over eight lanes, like [`lane_sum`]; NaNs are
+/// The largest `x[i]` (-inf for an empty slice) over sixteen lanes (see [`lane_sum`]); NaNs are
 /// skipped (`max` returns the other operand), which is exact in any order.
 #[inline(always)]
 pub(crate) fn lane_max<T: Float>(x: &[T]) -> T {
-    let mut acc = [T::neg_infinity(); 8];
-    let chunks = x.chunks_exact(8);
+    // Sixteen lanes (one AVX-512 vector of f32), not lane_sum's eight: a maximum is exact in
+    // any order, so the width changes no result.
+    let mut acc = [T::neg_infinity(); 16];
+    let chunks = x.chunks_exact(16);
     let rest = chunks.remainder();
     for c in chunks {
-        for k in 0..8 {
+        for k in 0..16 {
             acc[k] = acc[k].max(c[k]);
         }
     }
@@ -619,15 +670,19 @@ pub(crate) fn map1<A: Copy + Sync, R: Copy + Send + Sync>(
     f: impl Fn(A) -> R + Sync + Send,
 ) -> Vec<R> {
     let run = |(o, i): (&mut [MaybeUninit<R>], &[A])| map1_slice(o, i, &f);
-    written_vec(x.len(), |out| {
-        if x.len() >= PARALLEL_MIN_ELEMS {
-            out.par_chunks_mut(MAP_CHUNK)
-                .zip(x.par_chunks(MAP_CHUNK))
-                .for_each(run);
-        } else {
-            run((out, x));
-        }
-    })
+    // SAFETY: the chunks tile the output; map1_slice writes every element of its chunk (it
+    // asserts that chunk and input have one length).
+    unsafe {
+        written_vec(x.len(), |out| {
+            if x.len() >= PARALLEL_MIN_ELEMS {
+                out.par_chunks_mut(MAP_CHUNK)
+                    .zip(x.par_chunks(MAP_CHUNK))
+                    .for_each(run);
+            } else {
+                run((out, x));
+            }
+        })
+    }
 }
 
 /// out[i] = f(a[i], b[i]), threaded for large inputs.
@@ -638,16 +693,20 @@ pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sync>(
 ) -> Vec<R> {
     let n = a.len().min(b.len());
     let run = |((o, x), y): ((&mut [MaybeUninit<R>], _), _)| map2_slice(o, x, y, &f);
-    written_vec(n, |out| {
-        if n >= PARALLEL_MIN_ELEMS {
-            out.par_chunks_mut(MAP_CHUNK)
-                .zip(a[..n].par_chunks(MAP_CHUNK))
-                .zip(b[..n].par_chunks(MAP_CHUNK))
-                .for_each(run);
-        } else {
-            run(((out, &a[..n]), &b[..n]));
-        }
-    })
+    // SAFETY: the chunks tile the output (inputs cut to its length n); map2_slice writes every
+    // element of its chunk (it asserts equal lengths).
+    unsafe {
+        written_vec(n, |out| {
+            if n >= PARALLEL_MIN_ELEMS {
+                out.par_chunks_mut(MAP_CHUNK)
+                    .zip(a[..n].par_chunks(MAP_CHUNK))
+                    .zip(b[..n].par_chunks(MAP_CHUNK))
+                    .for_each(run);
+            } else {
+                run(((out, &a[..n]), &b[..n]));
+            }
+        })
+    }
 }
 
 /// A kernel that only moves elements, written once for every dtype (no float conversion, so
@@ -732,13 +791,17 @@ pub(crate) fn strided_copy<T: Copy + Send + Sync>(
         }
     };
     let task_len = row * rows_per_task;
-    written_vec(n, |out| {
-        if n >= PARALLEL_MIN_ELEMS {
-            out.par_chunks_mut(task_len).enumerate().for_each(fill);
-        } else {
-            out.chunks_mut(task_len).enumerate().for_each(fill);
-        }
-    })
+    // SAFETY: the tasks' chunks tile the output, and `fill` writes every element of each row
+    // (a zipped loop over the row, or one write per index of the row).
+    unsafe {
+        written_vec(n, |out| {
+            if n >= PARALLEL_MIN_ELEMS {
+                out.par_chunks_mut(task_len).enumerate().for_each(fill);
+            } else {
+                out.chunks_mut(task_len).enumerate().for_each(fill);
+            }
+        })
+    }
 }
 
 /// The element count of a new output, or an error naming `op` when it overflows or could not

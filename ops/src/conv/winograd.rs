@@ -129,6 +129,9 @@ pub(super) fn forward<T: Float>(
     bias: Option<&[T]>,
     y: &mut [MaybeUninit<T>],
 ) {
+    // Every element of a y of exactly this length is written; a longer one would keep an
+    // uninitialised tail.
+    assert_eq!(y.len(), g.n * g.y_len(), "winograd::forward: output length");
     let u = transform_weight(g, w);
     let tiling = Tiling::new(g);
     let threads = rayon::current_num_threads().max(1);

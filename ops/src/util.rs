@@ -305,20 +305,9 @@ pub(crate) fn broadcast_map2<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sy
             }
         }
     };
-    // SAFETY: the tasks' chunks tile the output, and `fill` writes every element of its
-    // chunk: each row through map1_slice / map2_slice (which assert the row's length) or the
-    // element loop over the whole row.
-    unsafe {
-        written_vec(n, |v| {
-            if n >= PARALLEL_MIN_ELEMS {
-                v.par_chunks_mut(row * rows_per_task)
-                    .enumerate()
-                    .for_each(fill);
-            } else {
-                v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
-            }
-        })
-    }
+    // SAFETY: `fill` writes every element of its chunk: each row through map1_slice /
+    // map2_slice (which assert the row's length) or the element loop over the whole row.
+    unsafe { written_in_tasks(n, row * rows_per_task, fill) }
 }
 
 /// out[i] = f(a[ia], b[ib], c[ic]) over the broadcast of a, b and c to `out`.
@@ -357,19 +346,9 @@ pub(crate) fn broadcast_map3<A: Copy + Sync, B: Copy + Sync, C: Copy + Sync, R: 
             }
         }
     };
-    // SAFETY: the tasks' chunks tile the output, and `fill` writes every element of each row
-    // of its chunk (a zipped loop over the row and equally long input rows, or the element loop).
-    unsafe {
-        written_vec(n, |v| {
-            if n >= PARALLEL_MIN_ELEMS {
-                v.par_chunks_mut(row * rows_per_task)
-                    .enumerate()
-                    .for_each(fill);
-            } else {
-                v.chunks_mut(row * rows_per_task).enumerate().for_each(fill);
-            }
-        })
-    }
+    // SAFETY: `fill` writes every element of each row of its chunk (a zipped loop over the row
+    // and equally long input rows, or the element loop).
+    unsafe { written_in_tasks(n, row * rows_per_task, fill) }
 }
 
 /// Elements per task of the threaded maps: plain slice loops inside a task, so that a
@@ -392,6 +371,27 @@ pub(crate) unsafe fn written_vec<T>(n: usize, fill: impl FnOnce(&mut [MaybeUnini
     // caller's obligation above), so they are initialised.
     unsafe { v.set_len(n) };
     v
+}
+
+/// [`written_vec`] of `n` elements in tasks of `task_len` (the last may be shorter):
+/// `fill((task index, its elements))`, threaded when `n` is large.
+///
+/// # Safety
+/// `fill` must write every element of the chunk it is given (the chunks tile the output).
+unsafe fn written_in_tasks<R: Send>(
+    n: usize,
+    task_len: usize,
+    fill: impl Fn((usize, &mut [MaybeUninit<R>])) + Sync + Send,
+) -> Vec<R> {
+    let fill_all = |v: &mut [MaybeUninit<R>]| {
+        if n >= PARALLEL_MIN_ELEMS {
+            v.par_chunks_mut(task_len).enumerate().for_each(&fill);
+        } else {
+            v.chunks_mut(task_len).enumerate().for_each(&fill);
+        }
+    };
+    // SAFETY: the chunks tile the output and `fill` writes each whole (the caller's obligation).
+    unsafe { written_vec(n, fill_all) }
 }
 
 /// `dst[i] = f(x[i])` for every element, returning `dst` as the initialised slice it now is.
@@ -790,18 +790,9 @@ pub(crate) fn strided_copy<T: Copy + Send + Sync>(
             }
         }
     };
-    let task_len = row * rows_per_task;
-    // SAFETY: the tasks' chunks tile the output, and `fill` writes every element of each row
-    // (a zipped loop over the row, or one write per index of the row).
-    unsafe {
-        written_vec(n, |out| {
-            if n >= PARALLEL_MIN_ELEMS {
-                out.par_chunks_mut(task_len).enumerate().for_each(fill);
-            } else {
-                out.chunks_mut(task_len).enumerate().for_each(fill);
-            }
-        })
-    }
+    // SAFETY: `fill` writes every element of each row of its chunk (a zipped loop over the row,
+    // or one write per index of the row).
+    unsafe { written_in_tasks(n, row * rows_per_task, fill) }
 }
 
 /// The element count of a new output, or an error naming `op` when it overflows or could not

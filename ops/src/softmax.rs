@@ -97,9 +97,9 @@ pub(crate) fn map_lanes<T: Float, const N: usize>(
             }
         }
     };
-    // SAFETY: the blocks tile the output. A last-axis block is one lane, written whole (checked
-    // in `written`); a strided block gets dst[s * inner + i] for every s < n and i < inner, which
-    // is each of its n * inner elements.
+    // SAFETY: the blocks tile the output. A last-axis block is one lane, written whole (the
+    // returned lane is checked above); a strided block gets dst[s * inner + i] for every s < n
+    // and i < inner, which is each of its n * inner elements.
     unsafe {
         written_vec(total, |out| {
             if total >= PARALLEL_MIN_ELEMS && outer > 1 {

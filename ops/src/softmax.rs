@@ -36,7 +36,7 @@ use crate::norm::{backward_with_saved, nth, Saved};
 use crate::util::{
     dispatch, float_op, in_widest_vectors, lane_max, lane_sum, lane_sum2, out_tensor,
     require_dtype, require_float, same_device, same_dtype, write_mapped, write_mapped2,
-    written_vec,
+    written_in_tasks,
 };
 
 /// Writes `f(lanes of inputs, lane of out)` for every lane of the inputs seen as
@@ -100,15 +100,7 @@ pub(crate) fn map_lanes<T: Float, const N: usize>(
     // SAFETY: the blocks tile the output. A last-axis block is one lane, written whole (the
     // returned lane is checked above); a strided block gets dst[s * inner + i] for every s < n
     // and i < inner, which is each of its n * inner elements.
-    unsafe {
-        written_vec(total, |out| {
-            if total >= PARALLEL_MIN_ELEMS && outer > 1 {
-                out.par_chunks_mut(block).enumerate().for_each(run);
-            } else {
-                out.chunks_mut(block).enumerate().for_each(run);
-            }
-        })
-    }
+    unsafe { written_in_tasks(total, block, run) }
 }
 
 /// m + ln(sum_j exp(x_j - m)) with m the lane maximum (NaNs are skipped by the maximum but

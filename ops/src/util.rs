@@ -378,7 +378,7 @@ pub(crate) unsafe fn written_vec<T>(n: usize, fill: impl FnOnce(&mut [MaybeUnini
 ///
 /// # Safety
 /// `fill` must write every element of the chunk it is given (the chunks tile the output).
-unsafe fn written_in_tasks<R: Send>(
+pub(crate) unsafe fn written_in_tasks<R: Send>(
     n: usize,
     task_len: usize,
     fill: impl Fn((usize, &mut [MaybeUninit<R>])) + Sync + Send,
@@ -669,20 +669,12 @@ pub(crate) fn map1<A: Copy + Sync, R: Copy + Send + Sync>(
     x: &[A],
     f: impl Fn(A) -> R + Sync + Send,
 ) -> Vec<R> {
-    let run = |(o, i): (&mut [MaybeUninit<R>], &[A])| map1_slice(o, i, &f);
-    // SAFETY: the chunks tile the output; map1_slice writes every element of its chunk (it
-    // asserts that chunk and input have one length).
-    unsafe {
-        written_vec(x.len(), |out| {
-            if x.len() >= PARALLEL_MIN_ELEMS {
-                out.par_chunks_mut(MAP_CHUNK)
-                    .zip(x.par_chunks(MAP_CHUNK))
-                    .for_each(run);
-            } else {
-                run((out, x));
-            }
-        })
-    }
+    let fill = |(t, out): (usize, &mut [MaybeUninit<R>])| {
+        map1_slice(out, &x[t * MAP_CHUNK..][..out.len()], &f)
+    };
+    // SAFETY: map1_slice writes every element of its chunk (it asserts that chunk and input
+    // have one length).
+    unsafe { written_in_tasks(x.len(), MAP_CHUNK, fill) }
 }
 
 /// out[i] = f(a[i], b[i]), threaded for large inputs.
@@ -692,21 +684,12 @@ pub(crate) fn map_zip<A: Copy + Sync, B: Copy + Sync, R: Copy + Send + Sync>(
     f: impl Fn(A, B) -> R + Sync + Send,
 ) -> Vec<R> {
     let n = a.len().min(b.len());
-    let run = |((o, x), y): ((&mut [MaybeUninit<R>], _), _)| map2_slice(o, x, y, &f);
-    // SAFETY: the chunks tile the output (inputs cut to its length n); map2_slice writes every
-    // element of its chunk (it asserts equal lengths).
-    unsafe {
-        written_vec(n, |out| {
-            if n >= PARALLEL_MIN_ELEMS {
-                out.par_chunks_mut(MAP_CHUNK)
-                    .zip(a[..n].par_chunks(MAP_CHUNK))
-                    .zip(b[..n].par_chunks(MAP_CHUNK))
-                    .for_each(run);
-            } else {
-                run(((out, &a[..n]), &b[..n]));
-            }
-        })
-    }
+    let fill = |(t, out): (usize, &mut [MaybeUninit<R>])| {
+        let at = t * MAP_CHUNK;
+        map2_slice(out, &a[at..][..out.len()], &b[at..][..out.len()], &f)
+    };
+    // SAFETY: map2_slice writes every element of its chunk (it asserts equal lengths).
+    unsafe { written_in_tasks(n, MAP_CHUNK, fill) }
 }
 
 /// A kernel that only moves elements, written once for every dtype (no float conversion, so

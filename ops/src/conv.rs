@@ -492,9 +492,8 @@ impl FloatKernel for ConvFwd {
         let (x, w) = (inp[0], inp[1]);
         let bias = if self.has_bias { Some(inp[2]) } else { None };
         if winograd::applies(g) {
-            // Winograd writes every output element, so the output is not zero-filled first.
-            // SAFETY: winograd::forward writes every element of y (its contract; its unit tests
-            // start y from NaN).
+            // No zero fill first. SAFETY: winograd::forward writes every element of y (its
+            // contract; its unit tests start y from NaN).
             let out =
                 unsafe { written_vec(g.n * g.y_len(), |y| winograd::forward(g, x, w, bias, y)) };
             return Ok(vec![out]);

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""The official VAR and MVAR code on the CPU, timed as `mvar bench` times ours: PyTorch's figures
+for the same model-level measurements on the same machine.
+
+`mvar bench --model var-dN --model mvar-dN --batch B --sample-batch S --vae-ch C` builds fresh
+models (the official init), a fresh tokenizer with C base channels, random token maps and
+labels, and times
+- a training step: forward, the trainer's loss, backward, `clip_grad_norm_` (2.0) and AdamW,
+  the median of `--steps` steps after warm-up; MVAR per segment (scales 0..refine_step, then
+  each later scale), weighted over the official ratio_k : 1 : 1 cycle;
+- sampling S images with the official sampler (cfg 1.5 ramp on the doubled batch, top-k 900,
+  top-p 0.96) plus the tokenizer's decode, the median of `--sample-reps` batches.
+This script does the same with the official sources (FoundationVision/VAR, CVL-UESTC/MVAR):
+`VAR`/`MVAR` with their `init_weights` as `build_vae_var` calls it, drop-path 0.1 depth / 24
+and label dropout 0.1 as train.py sets them, `filter_params` + `torch.optim.AdamW(betas=(0.9,
+0.95))` (not fused: CPU) + `AmpOptimizer.backward_clip_step`, `autoregressive_infer_cfg`
+(VAR; it decodes) and `autoregressive_infer` + `fhat_to_img` (MVAR). f32, `--threads` intra-op
+threads (match RAYON_NUM_THREADS / the cores `mvar bench` uses).
+
+MVAR's large scales call `natten.na2d`; NATTEN is not installed here, so a pure-PyTorch na2d
+(gather of each query's 7x7 window, einsum, softmax; tools/official_reference/official.py)
+stands in, and its time is not NATTEN's: the MVAR rows of scales from refine_step on say so.
+
+Usage: python3 benches/torch_cpu_models.py --var-repo VAR --mvar-repo MVAR [--depth 4 --batch 4
+--sample-batch 4 --vae-ch 32 --steps 5 --sample-reps 2 --threads 2]
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "official_reference"))
+from official import prepare_official_import  # noqa: E402
+
+PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+NOWD_KEYS = {"cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+             "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"}
+
+
+def run(kind, args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    prepare_official_import(args.var_repo if kind == "var" else args.mvar_repo, natten=kind == "mvar")
+    from models.vqvae import VQVAE
+    from utils.amp_sc import AmpOptimizer
+    from utils.lr_control import filter_params
+
+    depth = args.depth
+    vae = VQVAE(vocab_size=args.vocab, z_channels=32, ch=args.vae_ch, test_mode=True, share_quant_resi=4,
+                v_patch_nums=PATCH_NUMS)
+    common = dict(vae_local=vae, num_classes=args.classes, depth=depth, embed_dim=depth * 64, num_heads=depth,
+                  mlp_ratio=4.0, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1 * depth / 24,
+                  norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=PATCH_NUMS,
+                  flash_if_available=False, fused_if_available=False)
+    if kind == "var":
+        from models.var import VAR
+
+        model = VAR(**common)
+    else:
+        from models.mvar import MVAR
+
+        model = MVAR(**common, kernel_size=7, refine_step=args.refine_step)
+    model.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"== official {kind}-d{depth}: width {depth * 64}, {depth} heads, {params / 1e6:.1f} M parameters, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    # Training: random token maps, their teacher-forcing input from the tokenizer's quantizer.
+    B, V, L = args.batch, args.vocab, sum(p * p for p in PATCH_NUMS)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    idx = [torch.randint(0, V, (B, p * p), generator=g) for p in PATCH_NUMS]
+    gt = torch.cat(idx, dim=1)
+    with torch.no_grad():
+        to_input = (vae.quantize.idxBl_to_var_input if kind == "var" else vae.quantize.idxBl_to_mvar_input)
+        x_in = to_input(idx)
+    labels = torch.randint(0, args.classes, (B,), generator=g)
+    names, paras, groups = filter_params(model, nowd_keys=NOWD_KEYS)
+    opt = torch.optim.AdamW(params=groups, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), fused=False)
+    amp = AmpOptimizer(mixed_precision=0, optimizer=opt, names=names, paras=paras, grad_clip=2.0,
+                       n_gradient_accumulation=1)
+    begin_ends, cur = [], 0
+    for p in PATCH_NUMS:
+        begin_ends.append((cur, cur + p * p))
+        cur += p * p
+    if kind == "var":
+        segments = [(0, L, False, 1.0)]
+    else:
+        r, k = args.refine_step, args.ratio_k
+        later = len(PATCH_NUMS) - r
+        segments = [(0, begin_ends[r - 1][1], False, k / (k + later))]
+        segments += [(begin_ends[s][0], begin_ends[s][1], True, 1 / (k + later)) for s in range(r, len(PATCH_NUMS))]
+    model.train()
+
+    def step(bg, ed, nattn):
+        if kind == "var":
+            logits = model(labels, x_in)
+        else:
+            logits = model(label_B=labels, x_BlCv_wo_first_l=x_in[:, max(0, bg - 1):ed - 1], L_bg=bg, L_ed=ed,
+                           using_nattn=nattn)
+        loss = torch.nn.CrossEntropyLoss(reduction="none")(logits.reshape(-1, V), gt[:, bg:ed].reshape(-1))
+        loss = loss.view(B, -1).mul(1.0 / L).sum(dim=-1).mean()
+        amp.backward_clip_step(stepping=True, loss=loss)
+
+    for bg, ed, nattn, _ in segments:  # warm-up: every segment, two steps at least
+        step(bg, ed, nattn)
+    if len(segments) == 1:
+        step(*segments[0][:3])
+    weighted = 0.0
+    for bg, ed, nattn, share in segments:
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            step(bg, ed, nattn)
+            times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        weighted += share * med
+        note = " (na2d: the pure-PyTorch stand-in, not NATTEN)" if nattn else ""
+        print(f"train segment tokens [{bg}, {ed}) ({ed - bg} tokens, {share * 100:.0f} % of steps): "
+              f"{med:.4f} s/step median of {args.steps}{note}", flush=True)
+    print(f"train step, batch {B}: {weighted:.4f} s/it", flush=True)
+
+    # Sampling plus decode.
+    model.eval()
+    S = args.sample_batch
+    sample_labels = torch.randint(0, args.classes, (S,), generator=g)
+
+    def sample():
+        with torch.inference_mode():
+            if kind == "var":
+                return model.autoregressive_infer_cfg(B=S, label_B=sample_labels, g_seed=args.seed, cfg=1.5,
+                                                      top_k=900, top_p=0.96, more_smooth=False)
+            f_hat = model.autoregressive_infer(B=S, label_B=sample_labels, g_seed=args.seed, cfg=1.5, top_k=900,
+                                               top_p=0.96, more_smooth=False)
+            return vae.fhat_to_img(f_hat)
+
+    sample()
+    totals = []
+    for _ in range(args.sample_reps):
+        t = time.perf_counter()
+        sample()
+        totals.append(time.perf_counter() - t)
+    f_hat = torch.randn(S, 32, PATCH_NUMS[-1], PATCH_NUMS[-1], generator=g)
+    decodes = []
+    with torch.inference_mode():
+        vae.fhat_to_img(f_hat)
+        for _ in range(args.sample_reps):
+            t = time.perf_counter()
+            vae.fhat_to_img(f_hat)
+            decodes.append(time.perf_counter() - t)
+    note = " (na2d on scales from refine_step: the stand-in)" if kind == "mvar" else ""
+    print(f"sample {S} images: {statistics.median(totals):.4f} s/batch (decode {statistics.median(decodes):.4f} s)"
+          f"{note}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--var-repo", required=True)
+    ap.add_argument("--mvar-repo")
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--sample-batch", type=int, default=4)
+    ap.add_argument("--vae-ch", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--refine-step", type=int, default=8)
+    ap.add_argument("--ratio-k", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--sample-reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", choices=["var", "mvar"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.kind:
+        run(args.kind, args)
+        return
+    # One process per model: both repositories name their packages `models` and `utils`.
+    kinds = ["var"] + (["mvar"] if args.mvar_repo else [])
+    for kind in kinds:
+        subprocess.run([sys.executable, __file__, "--kind", kind] + sys.argv[1:], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,13 +30,16 @@ index, all in float64 from the float32 values. Recorded per step: the loss, the 
 before clipping (clip_grad_norm_'s return), lr and weight decay, and the summaries of the
 gradients after clipping (what the optimizer steps with; null for a parameter the step's loss
 does not reach, which torch's AdamW leaves alone); after the last step, the summaries of
-each parameter's change (after - before).
+each parameter's change (after - before), with the largest share of its gradient's elements
+that were rounding noise at any step (`noise_share`; a reimplementation's change of such a
+tensor is not comparable, see `noise_share` below).
 
 Usage (torch 2.x on the CPU, einops and safetensors installed; the official sources at the
 commits manifest.json names, checked out anywhere):
   python3 tools/official_reference/train_steps.py --var-repo VAR --mvar-repo MVAR \\
       --fixtures ../shared/fixtures --out tests/official
-It writes var_train_steps.json and mvar_train_steps.json. It imports the official sources and
+It writes var_train_steps.json, mvar_train_steps.json and tokenizer_train_steps.json (two steps of
+the official VQVAE's training forward, see `run_tokenizer`). It imports the official sources and
 copies none of their code.
 """
 
@@ -78,6 +81,107 @@ def probe_sums(values):
 
 def summary(t):
     return probe_sums(t.detach().double().reshape(-1).cpu().numpy())
+
+
+def noise_share(g):
+    """The share of a gradient's elements at rounding-noise level (not zero, below 1e-6 of its
+    largest): attention's key bias (softmax ignores a constant added to every score of a query)
+    has a gradient that is zero in exact arithmetic and computed as noise, which Adam turns into
+    steps of +-lr in directions that rounding picks. (Exact zeros, e.g. the rows of classes not in
+    the batch, are not noise: every implementation gets them.)"""
+    a = g.detach().double().abs()
+    top = a.max()
+    return float(((a > 0) & (a < 1e-6 * top)).double().mean()) if top > 0 else 0.0
+
+
+def run_tokenizer(repo, fixtures, out_dir):
+    """Two steps of the tokenizer: the official VQVAE's training forward (`VQVAE.forward`: the
+    quantizer's straight-through f_hat and its commitment + codebook loss) with the loss our
+    tokenizer trainer adds to it (the official repositories never released theirs):
+    mean |rec - x| + mean (rec - x)^2 + vq_loss, then `clip_grad_norm_` and torch's AdamW with
+    the trainer's defaults (betas 0.9 / 0.99, no weight decay)."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    prepare_official_import(repo)
+    from models.vqvae import VQVAE
+
+    manifest = json.load(open(os.path.join(fixtures, "manifest.json")))
+    # The 64-px images (scales 1..4): the same code paths as 256 px at a sixteenth of the work.
+    weights_file, batch_file = "vqvae_weights.safetensors", "vqvae_64.safetensors"
+    vq = manifest["files"][weights_file]["config"]
+    patch_nums = tuple(manifest["files"][batch_file]["config"]["v_patch_nums"])
+    vae = VQVAE(vocab_size=vq["vocab_size"], z_channels=vq["z_channels"], ch=vq["ch"], dropout=0.0,
+                beta=vq["beta"], using_znorm=vq["using_znorm"], quant_conv_ks=vq["quant_conv_ks"],
+                quant_resi=vq["quant_resi"], share_quant_resi=vq["share_quant_resi"],
+                v_patch_nums=patch_nums, test_mode=False)
+    vae.load_state_dict(load_file(os.path.join(fixtures, weights_file)), strict=True)
+    vae.train()
+    # VectorQuantizer2.forward reads torch.distributed's world size (for its usage margin): one
+    # process, a file rendezvous, no network.
+    import tempfile
+
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        tdist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    img_u8 = load_file(os.path.join(fixtures, batch_file))["img_u8"]
+    x = img_u8.float() / 255
+    x = x + x - 1
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    settings = dict(steps=2, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, l1=1.0, l2=1.0, clip=0.0)
+
+    def loss_of():
+        rec, _, vq_loss = vae(x)
+        l1 = (rec - x).abs().mean()
+        l2 = (rec - x).square().mean()
+        return settings["l1"] * l1 + settings["l2"] * l2 + vq_loss, vq_loss
+
+    loss, _ = loss_of()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in vae.parameters() if p.grad is not None))
+    settings["clip"] = float(f"{0.5 * norm.item():.3g}")
+    vae.zero_grad(set_to_none=True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings["lr"], betas=(settings["beta1"], settings["beta2"]),
+                            weight_decay=settings["weight_decay"], eps=1e-8, foreach=False)
+    steps = []
+    noisy = {n: 0.0 for n, _ in vae.named_parameters()}
+    for it in range(settings["steps"]):
+        loss, vq_loss = loss_of()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(vae.parameters()), settings["clip"])
+        clipped = {n: None if p.grad is None else summary(p.grad) for n, p in vae.named_parameters()}
+        for n, p in vae.named_parameters():
+            noisy[n] = max(noisy[n], noise_share(p.grad))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append(dict(step=it, loss=loss.item(), vq_loss=vq_loss.item(), grad_norm=float(norm),
+                          clipped_grads=clipped))
+        print(f"tokenizer step {it}: loss {loss.item():.6f} vq {vq_loss.item():.6f} grad norm {float(norm):.6f}",
+              file=sys.stderr)
+    out = dict(
+        what="two tokenizer training steps on the official VQVAE modules, the public fixture set's weights and "
+             "images (tools/official_reference/train_steps.py)",
+        official_source=manifest["official_sources"]["VAR"],
+        torch_version=torch.__version__,
+        initial={n: summary(t) for n, t in before.items()},
+        batch={"img_u8": summary(img_u8)},
+        weights_file=weights_file,
+        batch_file=batch_file,
+        patch_nums=list(patch_nums),
+        settings=settings,
+        probe="probe[i] = ((i * 2654435761 + 12345) mod 2^32) / 2^32 - 0.5, i the row-major index",
+        steps=steps,
+        change={n: dict(summary(p.detach() - before[n]), noise_share=noisy[n]) for n, p in vae.named_parameters()},
+    )
+    path = os.path.join(out_dir, "tokenizer_train_steps.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def run_kind(kind, repo, fixtures, out_dir):
@@ -173,8 +277,12 @@ def run_kind(kind, repo, fixtures, out_dir):
     clipped = {}
     real_step = opt.step
 
+    noisy = {n: 0.0 for n, _ in model.named_parameters()}
+
     def step_and_record(*a, **kw):
         for n, p in model.named_parameters():
+            if p.grad is not None:
+                noisy[n] = max(noisy[n], noise_share(p.grad))
             # None: the parameter took no part in this step's loss; torch's AdamW then skips it
             # (no moment update, no weight decay).
             clipped[n] = None if p.grad is None else summary(p.grad)
@@ -193,7 +301,7 @@ def run_kind(kind, repo, fixtures, out_dir):
                           weight_decay=max_wd, clipped_grads=dict(clipped)))
         print(f"{kind} step {it}: tokens [{bg}, {ed}) loss {loss.item():.6f} grad norm {float(norm):.6f} "
               f"lr {lr:.3g} wd {max_wd:.3g}", file=sys.stderr)
-    change = {n: summary(p.detach() - before[n]) for n, p in model.named_parameters()}
+    change = {n: dict(summary(p.detach() - before[n]), noise_share=noisy[n]) for n, p in model.named_parameters()}
     out = dict(
         what=f"the official {kind.upper()} training steps on the public fixture set's weights and batch "
              "(tools/official_reference/train_steps.py)",
@@ -226,14 +334,17 @@ def main():
     ap.add_argument("--mvar-repo", help="CVL-UESTC/MVAR checked out at the manifest's commit")
     ap.add_argument("--fixtures", default="../shared/fixtures")
     ap.add_argument("--out", default="tests/official")
-    ap.add_argument("--kind", choices=["var", "mvar"], help=argparse.SUPPRESS)
+    ap.add_argument("--kind", choices=["var", "mvar", "tokenizer"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.kind == "tokenizer":
+        run_tokenizer(args.var_repo, args.fixtures, args.out)
+        return
     if args.kind:
         run_kind(args.kind, args.var_repo if args.kind == "var" else args.mvar_repo, args.fixtures, args.out)
         return
     os.makedirs(args.out, exist_ok=True)
     # One process per model: both repositories name their packages `models` and `utils`.
-    for kind, repo in (("var", args.var_repo), ("mvar", args.mvar_repo)):
+    for kind, repo in (("var", args.var_repo), ("mvar", args.mvar_repo), ("tokenizer", args.var_repo)):
         if not repo:
             sys.exit(f"--{kind}-repo is required")
         subprocess.run([sys.executable, __file__, "--kind", kind, "--var-repo", args.var_repo or "",

@@ -7,7 +7,10 @@
 //!    every logit.
 //! 2. top-p (when top_p > 0): order the kept logits ascending, ties by index; with
 //!    p_i = exp(x_i - m) / Z over the kept (m the maximum), drop the prefix of that order whose
-//!    inclusive running sum of p is <= 1 - top_p, never the last (largest) one.
+//!    inclusive running sum of p is <= 1 - top_p, never the last (largest) one. (The official
+//!    code sorts with torch's unstable sort: where the cut falls inside a run of equal logits,
+//!    which of them it keeps is that sort's choice, how many is not; the fixtures test holds
+//!    both to tests/official/sampler_filter.json.)
 //! 3. with w_i = exp(x_i - m) over what is left, the token is the smallest index whose running
 //!    sum of w (index order) exceeds u * sum(w); if rounding leaves none, the largest such index.
 //!

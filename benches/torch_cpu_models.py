@@ -161,18 +161,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--var-repo", required=True)
     ap.add_argument("--mvar-repo")
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--sample-batch", type=int, default=4)
-    ap.add_argument("--vae-ch", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--classes", type=int, default=1000)
-    ap.add_argument("--refine-step", type=int, default=8)
-    ap.add_argument("--ratio-k", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--sample-reps", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    # The integer settings, with `mvar bench`'s defaults where it has them.
+    for name, default in (("depth", 4), ("batch", 4), ("sample-batch", 4), ("vae-ch", 32), ("vocab", 4096),
+                          ("classes", 1000), ("refine-step", 8), ("ratio-k", 8), ("steps", 5), ("sample-reps", 2),
+                          ("threads", 2), ("seed", 0)):
+        ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--kind", choices=["var", "mvar"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.kind:

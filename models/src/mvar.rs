@@ -105,7 +105,11 @@ impl Mvar {
 
     /// The segment training step `step` (0-based) trains, in the official cycle: of every
     /// ratio_k + (K - refine_step) steps, the first ratio_k train scales [0, refine_step) and the
-    /// others one later scale each, in order.
+    /// others one later scale each, in order. (MVARTrainer picks the later scale as
+    /// refine_step + cur_prog % ratio_k, or refine_step + cur_prog - 1 for ratio_k 1: the same
+    /// order whenever the later scales number at most ratio_k, as the official 2 against 8 do;
+    /// with more, that formula would train some later scales twice a cycle and the last never,
+    /// so here they stay in order.)
     pub fn segment_for_step(&self, step: u64) -> Range<usize> {
         let segs = self.segments();
         if segs.len() <= 1 {

@@ -11,14 +11,13 @@ several pyramids, in- and out-painting, the kept tokens of every scale.
 Usage: python3 tools/official_reference/edit_mask.py --var-repo VAR --out tests/official
 """
 
-import argparse
 import json
 import os
 import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official import prepare_official_import  # noqa: E402
+from official import prepare_official_import, var_repo_args, write_json  # noqa: E402
 
 PYRAMIDS = {
     32: (1, 2, 3, 4, 5, 6, 8),  # the demo's 32-px images, 4x downsampling
@@ -29,10 +28,7 @@ PYRAMIDS = {
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--var-repo", required=True)
-    ap.add_argument("--out", default="tests/official")
-    args = ap.parse_args()
+    args = var_repo_args()
     prepare_official_import(args.var_repo)
     import torch
 
@@ -68,11 +64,7 @@ def main():
         torch_version=torch.__version__,
         cases=cases,
     )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "edit_mask.json")
-    with open(path, "w") as f:
-        json.dump(out, f)
-        f.write("\n")
+    path = write_json(args.out, "edit_mask.json", out)
     print(f"wrote {path}: {len(cases)} cases", file=sys.stderr)
 
 

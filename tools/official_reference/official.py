@@ -80,3 +80,27 @@ def prepare_official_import(repo, natten=False):
     accept_print_force()
     if natten:
         install_natten_stand_in()
+
+
+def write_json(out_dir, name, obj, indent=None):
+    """Writes `obj` to out_dir/name (creating the folder) and returns the path."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+    return path
+
+
+def var_repo_args():
+    """The command line of the scripts that need only the VAR checkout: --var-repo, --out."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--var-repo", required=True, help="FoundationVision/VAR at the fixture manifest's commit")
+    ap.add_argument("--out", default="tests/official")
+    return ap.parse_args()
+

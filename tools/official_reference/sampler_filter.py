@@ -17,13 +17,11 @@ Usage: python3 tools/official_reference/sampler_filter.py --var-repo VAR --out t
 It imports the official sources and copies none of their code.
 """
 
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official import prepare_official_import  # noqa: E402
+from official import prepare_official_import, var_repo_args, write_json  # noqa: E402
 
 PAIRS = [(1, 0.0), (5, 0.0), (0, 0.5), (0, 0.9), (0, 0.99), (10, 0.8), (3, 0.96), (64, 0.96), (20, 0.3)]
 
@@ -47,10 +45,7 @@ def rows(v):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--var-repo", required=True)
-    ap.add_argument("--out", default="tests/official")
-    args = ap.parse_args()
+    args = var_repo_args()
     import torch
 
     prepare_official_import(args.var_repo)
@@ -97,11 +92,7 @@ def main():
         logits=[[float(x) for x in r] for r in logits],
         cases=cases,
     )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "sampler_filter.json")
-    with open(path, "w") as f:
-        json.dump(out, f)
-        f.write("\n")
+    path = write_json(args.out, "sampler_filter.json", out)
     print(f"wrote {path}: {len(cases)} cases of {logits.shape[0]} rows; "
           f"{sum(sum(c['near_cut']) for c in cases)} rows near a cut, "
           f"{sum(sum(c['tie_at_cut']) for c in cases)} with a tie at the cut", file=sys.stderr)

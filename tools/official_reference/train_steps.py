@@ -50,7 +50,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official import prepare_official_import  # noqa: E402
+from official import prepare_official_import, write_json  # noqa: E402
 
 # The settings of the reference run (written into the JSON; the Rust test reads them from there).
 SETTINGS = dict(
@@ -177,10 +177,7 @@ def run_tokenizer(repo, fixtures, out_dir):
         steps=steps,
         change={n: dict(summary(p.detach() - before[n]), noise_share=noisy[n]) for n, p in vae.named_parameters()},
     )
-    path = os.path.join(out_dir, "tokenizer_train_steps.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    path = write_json(out_dir, "tokenizer_train_steps.json", out, indent=1)
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -321,10 +318,7 @@ def run_kind(kind, repo, fixtures, out_dir):
         steps=steps,
         change=change,
     )
-    path = os.path.join(out_dir, f"{kind}_train_steps.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    path = write_json(out_dir, f"{kind}_train_steps.json", out, indent=1)
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -229,8 +229,8 @@ if [ -z "${MVAR_FIXTURES_DIR:-}" ] && [ -f "$HERE/fixtures.tar.xz" ]; then
   unpack "$HERE/fixtures.tar.xz" "$WORK/fixtures" && export MVAR_FIXTURES_DIR="$WORK/fixtures"
 fi
 
-# The official training steps the fixture tests also check (tests/official of the repository
-# the bundle came with).
+# The official references the fixture tests also check (training steps, the sampler's filter,
+# zero-shot edits: tests/official of the repository the bundle came with).
 if [ -z "${MVAR_OFFICIAL_DIR:-}" ] && [ -d "$HERE/../tests/official" ]; then
   export MVAR_OFFICIAL_DIR="$(cd "$HERE/../tests/official" && pwd)"
 fi

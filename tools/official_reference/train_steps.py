@@ -62,7 +62,6 @@ SETTINGS = dict(
     wpe=0.1,
     weight_decay=0.05,  # twd
     weight_decay_end=0.01,  # twde
-    clip=0.0,  # filled in below from the first step's norm, so that clipping is active
     schedule="lin0",
 )
 
@@ -81,6 +80,18 @@ def probe_sums(values):
 
 def summary(t):
     return probe_sums(t.detach().double().reshape(-1).cpu().numpy())
+
+
+def half_first_norm(module, loss):
+    """A gradient-clipping threshold below the first step's norm (half of it, three digits), so
+    that the reference covers the scaling; the gradients are cleared again, and the official step
+    computes (and records) the norm itself."""
+    import torch
+
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in module.parameters() if p.grad is not None))
+    module.zero_grad(set_to_none=True)
+    return float(f"{0.5 * norm.item():.3g}")
 
 
 def noise_share(g):
@@ -132,7 +143,7 @@ def run_tokenizer(repo, fixtures, out_dir):
     x = img_u8.float() / 255
     x = x + x - 1
     before = {n: p.detach().clone() for n, p in vae.named_parameters()}
-    settings = dict(steps=2, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, l1=1.0, l2=1.0, clip=0.0)
+    settings = dict(steps=2, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, l1=1.0, l2=1.0)
 
     def loss_of():
         rec, _, vq_loss = vae(x)
@@ -140,11 +151,7 @@ def run_tokenizer(repo, fixtures, out_dir):
         l2 = (rec - x).square().mean()
         return settings["l1"] * l1 + settings["l2"] * l2 + vq_loss, vq_loss
 
-    loss, _ = loss_of()
-    loss.backward()
-    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in vae.parameters() if p.grad is not None))
-    settings["clip"] = float(f"{0.5 * norm.item():.3g}")
-    vae.zero_grad(set_to_none=True)
+    settings["clip"] = half_first_norm(vae, loss_of()[0])
     opt = torch.optim.AdamW(vae.parameters(), lr=settings["lr"], betas=(settings["beta1"], settings["beta2"]),
                             weight_decay=settings["weight_decay"], eps=1e-8, foreach=False)
     steps = []
@@ -258,15 +265,7 @@ def run_kind(kind, repo, fixtures, out_dir):
         lw = (torch.ones(1, L) / L)[:, bg:ed]
         return loss.view(B, -1).mul(lw).sum(dim=-1).mean(), (bg, ed)
 
-    settings = dict(SETTINGS)
-    if settings["clip"] == 0.0:
-        # A clip below the first step's norm, so that the check covers the scaling; the norm
-        # itself is computed again (and recorded) by the official step below.
-        loss, _ = forward_loss(0)
-        loss.backward()
-        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
-        settings["clip"] = float(f"{0.5 * norm.item():.3g}")
-        opt.zero_grad(set_to_none=True)
+    settings = dict(SETTINGS, clip=half_first_norm(model, forward_loss(0)[0]))
     amp = AmpOptimizer(mixed_precision=0, optimizer=opt, names=names, paras=paras, grad_clip=settings["clip"],
                        n_gradient_accumulation=1)
 

@@ -406,14 +406,25 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         )?])
     })?;
     let out = out_tensor(out, out_shape.clone(), a.device())?;
-    let (sa, sb) = (a.detach(), b.detach());
+    let (shape_a, shape_b) = (a.shape().clone(), b.shape().clone());
+    // Add and sub need neither input in their backward, so the tape must not hold them: a
+    // transformer's bias and residual adds would otherwise keep every matmul output and every
+    // residual-stream tensor of the forward alive until the backward reaches them.
+    let saved = match op {
+        BinaryOp::Add | BinaryOp::Sub => None,
+        _ => Some((a.detach(), b.detach())),
+    };
     Ok(Tensor::record(out, name, &[a, b], move || {
         move |g: &Tensor| {
-            // Add and sub need neither input: skip reading them.
-            let (ga, gb) = match op {
-                BinaryOp::Add => (g.clone(), g.clone()),
-                BinaryOp::Sub => (g.clone(), neg(g)?),
-                _ => {
+            let (ga, gb) = match (op, saved) {
+                (BinaryOp::Add, _) => (g.clone(), g.clone()),
+                (BinaryOp::Sub, _) => (g.clone(), neg(g)?),
+                (_, None) => {
+                    return Err(Error::Autograd(format!(
+                        "`{name}` backward: its inputs were not saved"
+                    )))
+                }
+                (_, Some((sa, sb))) => {
                     let k = BinaryBwd {
                         op,
                         a: sa.shape().clone(),
@@ -443,8 +454,8 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
                 }
             };
             Ok(vec![
-                Some(sum_to(&ga, sa.shape())?),
-                Some(sum_to(&gb, sb.shape())?),
+                Some(sum_to(&ga, &shape_a)?),
+                Some(sum_to(&gb, &shape_b)?),
             ])
         }
     }))

@@ -245,28 +245,28 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<
         Ok(vec![cuda_gemm(dev, &plan, x[0], x[1])?])
     })?;
     let out = out_tensor(out, out_shape, a.device())?;
-    let (sa, sb) = (a.detach(), b.detach());
+    // dA needs only B and dB only A: an input is kept for the backward only when the other one
+    // gets a gradient (a frozen weight does not keep the activations that meet it alive).
     let (a_req, b_req) = (a.requires_grad(), b.requires_grad());
+    let (shape_a, shape_b) = (a.shape().clone(), b.shape().clone());
+    let sa = b_req.then(|| a.detach());
+    let sb = a_req.then(|| b.detach());
     Ok(Tensor::record(out, "matmul", &[a, b], move || {
         move |g: &Tensor| {
             // C = op(A) op(B):  d op(A) = dC op(B)^T,  d op(B) = op(A)^T dC, then undo op.
-            let ga = if !a_req {
-                None
-            } else if !trans_a {
-                Some(matmul_t(g, &sb, false, !trans_b)?)
-            } else {
-                Some(matmul_t(&sb, g, trans_b, true)?)
+            let ga = match &sb {
+                None => None,
+                Some(sb) if !trans_a => Some(matmul_t(g, sb, false, !trans_b)?),
+                Some(sb) => Some(matmul_t(sb, g, trans_b, true)?),
             };
-            let gb = if !b_req {
-                None
-            } else if !trans_b {
-                Some(matmul_t(&sa, g, !trans_a, false)?)
-            } else {
-                Some(matmul_t(g, &sa, true, trans_a)?)
+            let gb = match &sa {
+                None => None,
+                Some(sa) if !trans_b => Some(matmul_t(sa, g, !trans_a, false)?),
+                Some(sa) => Some(matmul_t(g, sa, true, trans_a)?),
             };
             Ok(vec![
-                ga.map(|t| sum_to(&t, sa.shape())).transpose()?,
-                gb.map(|t| sum_to(&t, sb.shape())).transpose()?,
+                ga.map(|t| sum_to(&t, &shape_a)).transpose()?,
+                gb.map(|t| sum_to(&t, &shape_b)).transpose()?,
             ])
         }
     }))

@@ -82,6 +82,54 @@ fn backward_needs_a_scalar_and_a_graph_runs_once() {
     );
 }
 
+/// How many handles share `probe`'s storage, the probe's own left out (the tensor it was
+/// detached from, and every copy the tape saved).
+fn tape_handles(probe: &Tensor) -> usize {
+    probe.storage_handle_count() - 1
+}
+
+#[test]
+fn the_tape_keeps_only_what_each_backward_reads() {
+    // Add and sub read no input in their backward; mul reads both. A transformer's bias and
+    // residual adds would otherwise hold every matmul output of the forward until backward.
+    let a = t(&[1.0, 2.0], &[2]).with_grad().unwrap();
+    let b = t(&[3.0, 4.0], &[2]).with_grad().unwrap();
+    let (pa, pb) = (a.detach(), b.detach());
+    let base = (tape_handles(&pa), tape_handles(&pb));
+    let sum = ops::sub(&ops::add(&a, &b).unwrap(), &b).unwrap();
+    assert_eq!(
+        (tape_handles(&pa), tape_handles(&pb)),
+        base,
+        "add/sub saved an input"
+    );
+    let prod = ops::mul(&a, &b).unwrap();
+    assert_eq!(
+        (tape_handles(&pa), tape_handles(&pb)),
+        (base.0 + 1, base.1 + 1)
+    );
+    drop(prod);
+    ops::sum_all(&sum).unwrap().backward().unwrap();
+    assert_eq!(a.grad().unwrap().to_vec::<f64>().unwrap(), vec![1.0, 1.0]);
+    assert_eq!(b.grad().unwrap().to_vec::<f64>().unwrap(), vec![0.0, 0.0]);
+
+    // A matmul keeps A only for dB and B only for dA: against a frozen weight the activation
+    // is not saved, and the weight is, for the activation's gradient.
+    let x = t(&[1.0, 2.0, 3.0, 4.0], &[2, 2]).with_grad().unwrap();
+    let frozen_w = t(&[1.0, 0.0, 0.0, 1.0], &[2, 2]);
+    let (px, pw) = (x.detach(), frozen_w.detach());
+    let (bx, bw) = (tape_handles(&px), tape_handles(&pw));
+    let y = ops::matmul(&x, &frozen_w).unwrap();
+    assert_eq!(
+        tape_handles(&px),
+        bx,
+        "the activation was saved against a frozen weight"
+    );
+    assert_eq!(tape_handles(&pw), bw + 1, "dA needs the weight");
+    ops::sum_all(&y).unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![1.0; 4]);
+    assert_eq!(tape_handles(&pw), bw, "backward released the weight");
+}
+
 #[test]
 fn saved_buffers_are_released_by_backward() {
     // exp saves its output for the backward. Hold a detached probe on that output's storage and

@@ -255,6 +255,95 @@ impl Tensor {
     }
 }
 
+/// Turns recording on until dropped (the inverse of [`no_grad`]): a recomputation inside a
+/// backward pass, which itself runs in no-grad mode, needs its graph.
+struct EnableGradGuard {
+    previous: bool,
+}
+
+impl Drop for EnableGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.previous));
+    }
+}
+
+fn enable_grad() -> EnableGradGuard {
+    EnableGradGuard {
+        previous: GRAD_ENABLED.with(|g| g.replace(true)),
+    }
+}
+
+/// Activation recomputation (PyTorch's `torch.utils.checkpoint`): runs `f` on `inputs` without
+/// recording, so that none of its intermediate tensors is kept for the backward, and records one
+/// node that, when the backward reaches it, runs `f` again with recording on and
+/// back-propagates through that second run. Memory: the inputs and the output, instead of
+/// everything `f`'s ops save; time: one more forward of `f` per backward.
+///
+/// The contract on `f`: it computes the same thing both times. It may use parameters (leaves
+/// that require grad) it captured, whose gradients the recomputation's backward adds into their
+/// `.grad()` as an unrecomputed graph would, and randomness only from state it captured (a
+/// generator snapshot it clones each call); the autocast state of the forward is restored for
+/// the second run. The node is recorded whenever grad mode is on, even when no input requires
+/// grad, since the captured parameters may.
+pub fn recomputed<F>(inputs: &[&Tensor], f: F) -> Result<Tensor>
+where
+    F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+    if !is_grad_enabled() {
+        return f(&detached);
+    }
+    let out = {
+        let _ng = no_grad();
+        f(&detached)?
+    };
+    let (out_shape, out_dtype) = (out.shape().clone(), out.dtype());
+    let wants_grad: Vec<bool> = inputs.iter().map(|t| t.requires_grad()).collect();
+    let low = crate::autocast::autocast_dtype();
+    let backward = move |g: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let _recording = enable_grad();
+        let _autocast = crate::autocast::autocast(low)?;
+        let leaves: Vec<Tensor> = detached
+            .iter()
+            .zip(&wants_grad)
+            .map(|(t, &w)| if w { t.with_grad() } else { Ok(t.clone()) })
+            .collect::<Result<_>>()?;
+        let again = {
+            let _span = crate::profile::span(|| "recompute".into());
+            f(&leaves)?
+        };
+        if again.shape() != &out_shape || again.dtype() != out_dtype {
+            return Err(Error::Autograd(format!(
+                "a recomputed function gave {} {} on its second run and {} {} on its first: \
+                 it must compute the same thing both times",
+                again.shape(),
+                again.dtype(),
+                out_shape,
+                out_dtype
+            )));
+        }
+        if again.requires_grad() {
+            again.backward_with(g.clone())?;
+        }
+        Ok(leaves
+            .iter()
+            .zip(&wants_grad)
+            .map(|(t, &w)| if w { t.grad() } else { None })
+            .collect())
+    };
+    let edges = inputs
+        .iter()
+        .map(|t| t.grad_edge().map(|e| (e, t.shape().clone(), t.dtype())))
+        .collect();
+    let node = Node {
+        id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
+        op: "recomputed",
+        inputs: edges,
+        backward: Mutex::new(Some(Box::new(backward))),
+    };
+    Ok(out.with_grad_edge(GradEdge::Node(Arc::new(node))))
+}
+
 /// Nodes reachable from `root`, every node before the nodes it feeds on (so a node's gradient is
 /// complete when it is reached). Iterative DFS: graphs of deep models would overflow a recursive
 /// one.

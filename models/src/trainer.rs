@@ -74,6 +74,10 @@ pub struct ArTrainConfig {
     /// loss, the gradient and the learning-rate rule stay the whole batch's (up to summation
     /// order, and drop-path masks drawn per pass). 0: the whole batch in one pass.
     pub micro_batch: usize,
+    /// Activation recomputation ([`Var::set_recompute_blocks`]): the blocks' activations are
+    /// recomputed in the backward instead of kept, for about one more forward per step; the
+    /// gradients are the same.
+    pub recompute_blocks: bool,
 }
 
 impl Default for ArTrainConfig {
@@ -91,6 +95,7 @@ impl Default for ArTrainConfig {
             label_smoothing: 0.0,
             autocast: None,
             micro_batch: 0,
+            recompute_blocks: false,
         }
     }
 }
@@ -239,6 +244,7 @@ impl ArTrainer {
         let dropped = var.drop_labels(labels, var.config.cond_drop_rate, rng);
         let lab = Tensor::from_vec(dropped, [labels.len()], &device)?;
         var.params.zero_grad();
+        var.set_recompute_blocks(self.config.recompute_blocks);
         let _autocast = mvar_engine::autocast(self.config.autocast)?;
         let be = var.config.begin_ends();
         let (bg, ed) = (be[scales.start].0, be[scales.end - 1].1);

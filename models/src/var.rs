@@ -18,6 +18,9 @@
 
 use std::ops::Range;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use mvar_engine::{no_grad, DType, Device, Error, Generator, ParamStore, Result, Tensor};
 use mvar_ops::{self as ops, AttnMask};
 use serde::{Deserialize, Serialize};
@@ -469,6 +472,40 @@ impl Block {
     }
 }
 
+impl Block {
+    /// [`Block::forward`] over `sides` with `mixing`, its activations recomputed in the backward
+    /// (see [`Var::set_recompute_blocks`]). Drop-path draws from `rng`: both runs start from a
+    /// snapshot of it, so they draw the same masks, and `rng` leaves in the state the plain
+    /// forward would leave it in.
+    fn forward_recomputed(
+        &self,
+        x: &Tensor,
+        ada: &Tensor,
+        rng: Option<&mut Generator>,
+        sides: &[usize],
+        mixing: Mixing,
+    ) -> Result<Tensor> {
+        let snapshot = rng.as_deref().cloned();
+        let after_run: Arc<Mutex<Option<Generator>>> = Arc::new(Mutex::new(None));
+        let (block, sides, after) = (self.clone(), sides.to_vec(), after_run.clone());
+        let out = mvar_engine::recomputed(&[x, ada], move |t| {
+            let mut g = snapshot.clone();
+            let y = block.forward(&t[0], &t[1], g.as_mut(), |attn, h| {
+                attn.forward(h, &sides, mixing)
+            })?;
+            *after.lock().unwrap_or_else(|e| e.into_inner()) = g;
+            Ok(y)
+        })?;
+        if let (Some(r), Some(g)) = (
+            rng,
+            after_run.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        ) {
+            *r = g;
+        }
+        Ok(out)
+    }
+}
+
 /// Multiplies rows [2:] of axis `axis` (size 6, the gamma/scale/shift slots) by init_adaln and
 /// rows [:2] (the gammas) by init_adaln_gamma: the official init of the AdaLN weights.
 fn scale_ada_rows(w: &Tensor, axis: usize, cfg: &VarConfig) -> Result<Tensor> {
@@ -527,6 +564,8 @@ pub struct Var {
     head: Linear,
     pub params: ParamStore,
     pub buffers: Vec<(String, Tensor)>,
+    /// Activation recomputation in training: see [`Var::set_recompute_blocks`].
+    recompute_blocks: AtomicBool,
 }
 
 impl Var {
@@ -652,7 +691,22 @@ impl Var {
             head,
             params,
             buffers,
+            recompute_blocks: AtomicBool::new(false),
         })
+    }
+
+    /// Activation recomputation (gradient checkpointing) for training: with it on, a forward
+    /// that records a graph keeps only each block's input and output, and the backward runs each
+    /// block again to get its gradient. Memory: the blocks' saved activations (most of a
+    /// training step's peak) become one block's; time: one more forward of the blocks per step.
+    /// The gradients are those of the plain graph (drop-path masks are replayed from a snapshot
+    /// of the generator). Off by default; a run-time setting, not part of the checkpoint.
+    pub fn set_recompute_blocks(&self, on: bool) {
+        self.recompute_blocks.store(on, Ordering::Relaxed);
+    }
+
+    pub fn recompute_blocks(&self) -> bool {
+        self.recompute_blocks.load(Ordering::Relaxed)
     }
 
     /// Every tensor a checkpoint holds, by official name.
@@ -843,11 +897,16 @@ impl Var {
         let shared = self.shared(&cond)?;
         let sides: Vec<usize> = self.config.patch_nums[scales.clone()].to_vec();
         let mut rng = rng;
+        let recompute = self.recompute_blocks() && mvar_engine::is_grad_enabled();
         for block in &self.blocks {
             let ada = block.modulation(&cond, shared.as_ref())?;
-            h = block.forward(&h, &ada, rng.as_deref_mut(), |attn, x| {
-                attn.forward(x, &sides, mixing)
-            })?;
+            h = if recompute {
+                block.forward_recomputed(&h, &ada, rng.as_deref_mut(), &sides, mixing)?
+            } else {
+                block.forward(&h, &ada, rng.as_deref_mut(), |attn, x| {
+                    attn.forward(x, &sides, mixing)
+                })?
+            };
         }
         self.logits(&h, &cond)
     }
@@ -1312,5 +1371,75 @@ mod tests {
             .fold(0.0f32, f32::max);
         assert!(err < 2e-5, "{err}");
         assert!(tf.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
+    }
+
+    #[test]
+    fn recomputed_blocks_give_the_plain_logits_gradients_and_drop_path_draws() {
+        // Activation recomputation must not change training: same logits, same gradients (the
+        // drop-path masks of the second run replayed from the snapshot), and the generator left
+        // where the plain forward leaves it.
+        let (vae, tcfg) = crate::test_models::tiny(32, 8, &[1, 2, 3, 4], 1, 3, 64, 5);
+        let var = Var::new(
+            VarConfig {
+                init_adaln_gamma: 0.5,
+                init_head: 1.0,
+                drop_path_rate: 0.4,
+                ..tcfg
+            },
+            &Device::Cpu,
+            4,
+            Mixing::BlockCausal,
+        )
+        .unwrap();
+        let mut g = Generator::new(3);
+        let idx: Vec<Tensor> = vae
+            .config
+            .v_patch_nums
+            .iter()
+            .map(|&pn| {
+                let v: Vec<i64> = g
+                    .next_u32s(4 * pn * pn)
+                    .iter()
+                    .map(|w| (w % 32) as i64)
+                    .collect();
+                Tensor::from_vec(v, [4, pn * pn], &Device::Cpu).unwrap()
+            })
+            .collect();
+        // Data, as the trainer sees it: not a path into the tokenizer's graph.
+        let x_in = vae.idx_to_var_input(&idx).unwrap().detach();
+        let lab = Tensor::from_vec(vec![0i64, 1, 2, 3], [4], &Device::Cpu).unwrap();
+        let run = |recompute: bool| {
+            var.set_recompute_blocks(recompute);
+            var.params.zero_grad();
+            let mut rng = Generator::new(11);
+            let logits = var.forward(&lab, &x_in, Some(&mut rng)).unwrap();
+            let w: Vec<f32> = (0..logits.elem_count())
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect();
+            let weights = Tensor::from_vec(w, logits.shape().clone(), &Device::Cpu).unwrap();
+            ops::sum_all(&ops::mul(&logits, &weights).unwrap())
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Vec<f32>> = var
+                .params
+                .iter()
+                .map(|(_, p)| {
+                    p.grad()
+                        .map(|g| g.to_vec_f32().unwrap())
+                        .unwrap_or_default()
+                })
+                .collect();
+            (logits.to_vec_f32().unwrap(), grads, rng.state())
+        };
+        let plain = run(false);
+        let again = run(true);
+        var.set_recompute_blocks(false);
+        assert_eq!(plain.0, again.0, "logits");
+        assert_eq!(plain.2, again.2, "generator state after the forward");
+        assert!(plain.1.iter().filter(|g| !g.is_empty()).count() > 10);
+        for ((name, _), (p, r)) in var.params.iter().zip(plain.1.iter().zip(&again.1)) {
+            assert_eq!(p, r, "gradient of {name}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 use mvar::engine::{no_grad, DType, Device, ParamStore, Tensor};
 use mvar::ops::{self, TensorExt};
 
-use crate::t;
+use crate::{t, t32};
 
 #[test]
 fn backward_fills_leaf_grads_and_accumulates_until_zeroed() {
@@ -255,4 +255,131 @@ fn creation_functions() {
         a.to_vec::<f64>().is_err(),
         "reading f32 as f64 must be a dtype error"
     );
+}
+
+/// y = sum(exp(x * w) * x): an input, a captured parameter, an intermediate that exp saves.
+fn recompute_case(x: &Tensor, w: &Tensor) -> mvar::engine::Result<Tensor> {
+    ops::mul(&ops::exp(&ops::mul(x, w)?)?, x)
+}
+
+#[test]
+fn recomputed_gives_the_gradients_of_the_plain_graph_and_saves_only_its_inputs() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let xs = [0.5, -1.0, 2.0];
+    let ws = [1.5, 0.25, -0.5];
+    // The plain graph.
+    let x = t(&xs, &[3]).with_grad().unwrap();
+    let w = t(&ws, &[3]).with_grad().unwrap();
+    let plain = ops::sum_all(&recompute_case(&x, &w).unwrap()).unwrap();
+    plain.backward().unwrap();
+
+    // The same through recomputed, with w captured rather than passed.
+    let xr = t(&xs, &[3]).with_grad().unwrap();
+    let wr = t(&ws, &[3]).with_grad().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (w_in, counter) = (wr.clone(), runs.clone());
+    let probe = xr.detach();
+    let before = tape_handles(&probe);
+    let y = mvar::engine::recomputed(&[&xr], move |i| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        recompute_case(&i[0], &w_in)
+    })
+    .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(y.requires_grad());
+    assert_eq!(
+        tape_handles(&probe),
+        before + 1,
+        "the node keeps its input, once (the inner mul and exp saved nothing)"
+    );
+    let loss = ops::sum_all(&y).unwrap();
+    assert_eq!(
+        loss.to_vec::<f64>().unwrap(),
+        plain.to_vec::<f64>().unwrap()
+    );
+    loss.backward().unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "one recomputation in backward"
+    );
+    assert_eq!(
+        tape_handles(&probe),
+        before,
+        "backward released the saved input"
+    );
+    for (got, want) in [(&xr, &x), (&wr, &w)] {
+        assert_eq!(
+            got.grad().unwrap().to_vec::<f64>().unwrap(),
+            want.grad().unwrap().to_vec::<f64>().unwrap()
+        );
+    }
+
+    // Without grad mode it is a plain call: no node, one run.
+    let _ng = no_grad();
+    let z = mvar::engine::recomputed(&[&xr], move |i| ops::exp(&i[0])).unwrap();
+    assert!(!z.requires_grad());
+}
+
+#[test]
+fn recomputed_only_captured_parameters_get_gradients_and_changes_between_runs_are_errors() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    // No input requires grad; the captured parameter still gets its gradient.
+    let x = t(&[1.0, 2.0], &[2]);
+    let w = t(&[3.0, 4.0], &[2]).with_grad().unwrap();
+    let w_in = w.clone();
+    let y = mvar::engine::recomputed(&[&x], move |i| ops::mul(&i[0], &w_in)).unwrap();
+    ops::sum_all(&y).unwrap().backward().unwrap();
+    assert_eq!(w.grad().unwrap().to_vec::<f64>().unwrap(), vec![1.0, 2.0]);
+
+    // A function that gives another shape on its second run is named as the fault.
+    let x = t(&[1.0, 2.0], &[2]).with_grad().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let y = mvar::engine::recomputed(&[&x], move |i| {
+        if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+            ops::square(&i[0])
+        } else {
+            ops::sum_all(&i[0])
+        }
+    })
+    .unwrap();
+    let err = ops::sum_all(&y)
+        .unwrap()
+        .backward()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("second run") && err.contains("same thing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn recomputed_runs_again_under_the_autocast_state_of_its_forward() {
+    use std::sync::{Arc, Mutex};
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let x = t32(&[1.0, 2.0], &[2]).with_grad().unwrap();
+    let log = seen.clone();
+    let y = {
+        let _bf16 = mvar::engine::autocast(Some(DType::BF16)).unwrap();
+        mvar::engine::recomputed(&[&x], move |i| {
+            log.lock().unwrap().push(mvar::engine::autocast_dtype());
+            ops::square(&i[0])
+        })
+        .unwrap()
+    };
+    // The backward runs outside the scope; the recomputation must not.
+    ops::sum_all(&y).unwrap().backward().unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![Some(DType::BF16); 2]);
+    assert_eq!(
+        mvar::engine::autocast_dtype(),
+        None,
+        "the scope ended with backward"
+    );
+    assert_eq!(x.grad().unwrap().to_vec::<f32>().unwrap(), vec![2.0, 4.0]);
 }

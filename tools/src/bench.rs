@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// GPU, f32 on the CPU).
     #[arg(long, value_enum, default_value = "auto")]
     pub precision: Precision,
+    /// Train with activation recomputation (`mvar train --recompute-activations`): the blocks'
+    /// activations are recomputed in the backward instead of kept. Not the paper's setting.
+    #[arg(long)]
+    pub recompute_activations: bool,
     /// The token pyramid (side of each scale's map).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,8,10,13,16")]
     pub patch_nums: Vec<usize>,
@@ -247,6 +251,7 @@ struct ModelFigures {
     params: usize,
     device: String,
     precision: String,
+    recompute_activations: bool,
     batch: usize,
     sample_batch: usize,
     train: Outcome<TrainFigures>,
@@ -296,6 +301,7 @@ fn measure_train(
         total_steps: u64::MAX / 2,
         warmup_steps: 1,
         autocast: args.precision.autocast(device),
+        recompute_blocks: args.recompute_activations,
         ..ArTrainConfig::default()
     };
     let mut trainer = ArTrainer::new(model, config)?;
@@ -472,7 +478,7 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
         None => "f32",
     };
     println!(
-        "tokenizer: {}, {} codes, {side}x{side} images, scales {:?}; precision {precision}",
+        "tokenizer: {}, {} codes, {side}x{side} images, scales {:?}; precision {precision}{}",
         args.tokenizer
             .as_ref()
             .map(|d| d.display().to_string())
@@ -481,9 +487,15 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
                 vae.config.ch, vae.config.ch_mult
             )),
         vae.config.vocab_size,
-        pns
+        pns,
+        if args.recompute_activations {
+            "; block activations recomputed in the backward"
+        } else {
+            ""
+        }
     );
     let official = args.tokenizer.is_none()
+        && !args.recompute_activations
         && pns == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
         && args.vocab == 4096
         && args.batch == 32
@@ -571,6 +583,7 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
             params,
             device: device.describe(),
             precision: precision.to_string(),
+            recompute_activations: args.recompute_activations,
             batch: args.batch,
             sample_batch: args.sample_batch,
             train,

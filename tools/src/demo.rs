@@ -138,6 +138,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             epochs: Some(args.model_epochs),
             batch: 32,
             micro_batch: 0,
+            recompute_activations: false,
             base_lr: 8e-3,
             warmup: 50,
             wpe: 0.1,

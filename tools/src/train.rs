@@ -138,6 +138,11 @@ pub struct TrainArgs {
     /// the memory of one pass; the loss and the learning-rate rule stay --batch's. 0: one pass.
     #[arg(long, default_value_t = 0)]
     pub micro_batch: usize,
+    /// Activation recomputation (gradient checkpointing): keep only each transformer block's
+    /// input and run the block again in the backward, for a fraction of the memory at the cost
+    /// of about one more forward per step; the gradients are the same.
+    #[arg(long)]
+    pub recompute_activations: bool,
     /// Learning rate per 256 images (peak = base * batch / 256).
     #[arg(long, default_value_t = 1e-4)]
     pub base_lr: f64,
@@ -348,10 +353,11 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         weight_decay_end: args.weight_decay,
         autocast: args.precision.autocast(device),
         micro_batch: args.micro_batch,
+        recompute_blocks: args.recompute_activations,
         ..ArTrainConfig::default()
     };
     println!(
-        "precision: {}{}",
+        "precision: {}{}{}",
         match cfg.autocast {
             Some(_) => "bf16 autocast (f32 master weights)",
             None => "f32",
@@ -363,6 +369,11 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
                 cfg.batch,
                 cfg.batch.div_ceil(m)
             ),
+        },
+        if cfg.recompute_blocks {
+            "; block activations recomputed in the backward"
+        } else {
+            ""
         }
     );
     let mut trainer = ArTrainer::new(model, cfg)?;

@@ -1512,6 +1512,44 @@ fn import_names_what_does_not_fit() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `--recompute-activations`: the blocks run again in the backward, which must not change
+/// training: with drop-path on (its masks replayed) and label dropout, MVAR's loss and gradient
+/// norm curves are the plain run's, step for step.
+#[test]
+fn recomputed_activations_train_the_same_curve() {
+    let (data, tok) = tokenizer();
+    let root = scratch("recompute");
+    let run = |name: &str, recompute: bool| {
+        let out = root.join(name);
+        let mut cmd = train_cmd_model(data, tok, &out, 6, 2, "mvar");
+        cmd.args(["--drop-path", "0.3"]);
+        if recompute {
+            cmd.arg("--recompute-activations");
+        }
+        let log = ok(&mut cmd);
+        (out, log)
+    };
+    let (plain, _) = run("plain", false);
+    let (again, log) = run("recomputed", true);
+    assert!(log.contains("block activations recomputed"), "{log}");
+    let curve = |out: &Path| -> Vec<(f64, f64)> {
+        metric_lines(out)
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["loss"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (curve(&plain), curve(&again));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "loss and gradient norm per step");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `--micro-batch`: the batch runs in passes whose gradients add up, so without label dropout
 /// and drop-path the loss curve is the one-pass curve (up to summation order); the setting is
 /// stored in the checkpoint, which a resumed run keeps.

@@ -116,7 +116,8 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #           with the benches phase's log, benches/compare.py puts both in logs/comparison.md
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
 #           memory, and their ratios (the MVAR paper's Table 2); MVAR-d16's training step again
-#           with MVAR_NA_STAGING=ring; then a short run of the same under MVAR_PROFILE=trace,
+#           with MVAR_NA_STAGING=ring; both models' training step with
+#           --recompute-activations; then a short run of the same under MVAR_PROFILE=trace,
 #           whose timeline (host ops, GPU kernels) lands in logs/
 #   ncu     Nsight Compute on the kernels of a few bench cases (not in the default set: name it):
 #           per case, the sections that say where a kernel's time goes (throughputs, occupancy,
@@ -166,7 +167,7 @@ mkdir -p "$LOGS"
 save_logs() {
   [ -n "${OUT:-}" ] || return 0
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
-  for f in comparison.md mvar-bench.log ncu-summary.md; do
+  for f in comparison.md mvar-bench.log mvar-bench-recompute.log ncu-summary.md; do
     [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$OUT/$f"
   done
   return 0
@@ -391,6 +392,13 @@ phase_model() {
   MVAR_NA_STAGING=ring run_for "$STEP_SECS" "$BIN/mvar" bench --model mvar-d16 --what train --steps 10 \
     --json "$LOGS/mvar-bench-ring.jsonl" 2>&1 | tee "$LOGS/mvar-bench-ring.log"
   outcome "mvar bench (ring)" "${PIPESTATUS[0]}"
+  # Both models' training step with activation recomputation (--recompute-activations): the
+  # memory it saves and the time it costs on the GPU, against the plain figures above.
+  budget_for "mvar bench (recompute)" 150 || return
+  echo "== mvar bench VAR-d16 and MVAR-d16 training, --recompute-activations (at most $STEP_SECS s)"
+  run_for "$STEP_SECS" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --what train --steps 5 \
+    --recompute-activations --json "$LOGS/mvar-bench-recompute.jsonl" 2>&1 | tee "$LOGS/mvar-bench-recompute.log"
+  outcome "mvar bench (recompute)" "${PIPESTATUS[0]}"
   # A timeline of the same models (few steps, one sampling batch) for Perfetto: the ops on the
   # host and their kernels on the GPU track (MVAR_PROFILE=trace), to see where a step's time
   # goes. Separate from the figures above: reading the GPU times adds a device sync per batch.

@@ -148,17 +148,7 @@ impl Tensor {
         if !is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
             return out;
         }
-        let edges = inputs
-            .iter()
-            .map(|t| t.grad_edge().map(|e| (e, t.shape().clone(), t.dtype())))
-            .collect();
-        let node = Node {
-            id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
-            op,
-            inputs: edges,
-            backward: Mutex::new(Some(Box::new(make_backward()))),
-        };
-        out.with_grad_edge(GradEdge::Node(Arc::new(node)))
+        attach_node(&out, op, inputs, Box::new(make_backward()))
     }
 
     /// Back-propagates from this one-element tensor into every leaf that requires grad.
@@ -331,17 +321,27 @@ where
             .map(|(t, &w)| if w { t.grad() } else { None })
             .collect())
     };
+    Ok(attach_node(&out, "recomputed", inputs, Box::new(backward)))
+}
+
+/// `out` as the output of a new node `op` over `inputs` (one edge per input) with `backward`.
+fn attach_node(
+    out: &Tensor,
+    op: &'static str,
+    inputs: &[&Tensor],
+    backward: Box<dyn Backward>,
+) -> Tensor {
     let edges = inputs
         .iter()
         .map(|t| t.grad_edge().map(|e| (e, t.shape().clone(), t.dtype())))
         .collect();
     let node = Node {
         id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
-        op: "recomputed",
+        op,
         inputs: edges,
-        backward: Mutex::new(Some(Box::new(backward))),
+        backward: Mutex::new(Some(backward)),
     };
-    Ok(out.with_grad_edge(GradEdge::Node(Arc::new(node))))
+    out.with_grad_edge(GradEdge::Node(Arc::new(node)))
 }
 
 /// Nodes reachable from `root`, every node before the nodes it feeds on (so a node's gradient is

@@ -11,6 +11,8 @@
 //! conv. The quantizer has one codebook shared by all scales and `share_quant_resi` Phi convs,
 //! Phi(h) = (1 - r) h + r conv3x3(h), picked per scale by [`phi_index`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use mvar_engine::{no_grad, DType, Device, Error, Result, Tensor};
 use mvar_ops as ops;
 use serde::{Deserialize, Serialize};
@@ -224,6 +226,16 @@ impl ResnetBlock {
         };
         ops::add(&skip, &h)
     }
+
+    /// [`ResnetBlock::forward`], its activations recomputed in the backward when `recompute`
+    /// (see [`VqVae::set_recompute_blocks`]).
+    fn run(&self, x: &Tensor, recompute: bool) -> Result<Tensor> {
+        if !recompute {
+            return self.forward(x);
+        }
+        let block = self.clone();
+        mvar_engine::recomputed(&[x], move |t| block.forward(&t[0]))
+    }
 }
 
 #[derive(Clone)]
@@ -308,14 +320,15 @@ impl Mid {
         x: &Tensor,
         path: &str,
         hook: &mut dyn FnMut(&str, &Tensor),
+        recompute: bool,
     ) -> Result<Tensor> {
-        let mut h = self.block_1.forward(x)?;
+        let mut h = self.block_1.run(x, recompute)?;
         hook(&format!("{path}.block_1"), &h);
         if let Some(a) = &self.attn_1 {
             h = a.forward(&h)?;
             hook(&format!("{path}.attn_1"), &h);
         }
-        let h = self.block_2.forward(&h)?;
+        let h = self.block_2.run(&h, recompute)?;
         hook(&format!("{path}.block_2"), &h);
         Ok(h)
     }
@@ -383,12 +396,18 @@ impl Encoder {
 
     /// The encoder; `hook(path, output)` sees every module's output under its official path
     /// (`encoder.down.1.downsample`, `encoder.mid.attn_1`, ...).
-    fn forward(&self, x: &Tensor, hook: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    /// `recompute`: the residual blocks' activations are recomputed in the backward.
+    fn forward(
+        &self,
+        x: &Tensor,
+        hook: &mut dyn FnMut(&str, &Tensor),
+        recompute: bool,
+    ) -> Result<Tensor> {
         let mut h = self.conv_in.forward(x)?;
         hook("encoder.conv_in", &h);
         for (i, level) in self.down.iter().enumerate() {
             for (j, block) in level.blocks.iter().enumerate() {
-                h = block.forward(&h)?;
+                h = block.run(&h, recompute)?;
                 hook(&format!("encoder.down.{i}.block.{j}"), &h);
                 if let Some(a) = level.attns.get(j) {
                     h = a.forward(&h)?;
@@ -407,7 +426,7 @@ impl Encoder {
                 hook(&format!("encoder.down.{i}.downsample"), &h);
             }
         }
-        h = self.mid.forward(&h, "encoder.mid", hook)?;
+        h = self.mid.forward(&h, "encoder.mid", hook, recompute)?;
         let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
         hook("encoder.conv_out", &out);
         Ok(out)
@@ -477,13 +496,18 @@ impl Decoder {
     }
 
     /// The decoder output before the final clamp; `hook` as for the encoder.
-    fn forward(&self, z: &Tensor, hook: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    fn forward(
+        &self,
+        z: &Tensor,
+        hook: &mut dyn FnMut(&str, &Tensor),
+        recompute: bool,
+    ) -> Result<Tensor> {
         let h = self.conv_in.forward(z)?;
         hook("decoder.conv_in", &h);
-        let mut h = self.mid.forward(&h, "decoder.mid", hook)?;
+        let mut h = self.mid.forward(&h, "decoder.mid", hook, recompute)?;
         for (i, level) in self.up.iter().enumerate().rev() {
             for (j, block) in level.blocks.iter().enumerate() {
-                h = block.forward(&h)?;
+                h = block.run(&h, recompute)?;
                 hook(&format!("decoder.up.{i}.block.{j}"), &h);
                 if let Some(a) = level.attns.get(j) {
                     h = a.forward(&h)?;
@@ -663,6 +687,8 @@ pub struct VqVae {
     pub quantize: Quantizer,
     pub params: mvar_engine::ParamStore,
     pub buffers: Vec<(String, Tensor)>,
+    /// Activation recomputation in training: see [`VqVae::set_recompute_blocks`].
+    recompute_blocks: AtomicBool,
 }
 
 impl VqVae {
@@ -687,7 +713,22 @@ impl VqVae {
             quantize,
             params,
             buffers,
+            recompute_blocks: AtomicBool::new(false),
         })
+    }
+
+    /// Activation recomputation (gradient checkpointing) for training: with it on, a forward
+    /// that records a graph keeps only each residual block's input, and the backward runs the
+    /// block again (`engine::recomputed`). The residual blocks hold most of a training step's
+    /// activations (the full-resolution ones above all), for about one more forward of them per
+    /// step; the gradients are the same. Off by default; a run-time setting.
+    pub fn set_recompute_blocks(&self, on: bool) {
+        self.recompute_blocks.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether this forward recomputes: the setting, and only when a graph is being recorded.
+    fn recomputing(&self) -> bool {
+        self.recompute_blocks.load(Ordering::Relaxed) && mvar_engine::is_grad_enabled()
     }
 
     /// Every tensor a checkpoint holds (parameters then buffers), by official name.
@@ -769,7 +810,7 @@ impl VqVae {
                 ),
             ));
         }
-        self.encoder.forward(img, hook)
+        self.encoder.forward(img, hook, self.recomputing())
     }
 
     /// The latent side (the last scale).
@@ -988,7 +1029,7 @@ impl VqVae {
     /// The decoder's output before the clamp, from post_quant_conv(f_hat).
     pub fn decode_unclamped(&self, f_hat: &Tensor) -> Result<Tensor> {
         self.decoder
-            .forward(&self.post_quant(f_hat)?, &mut |_, _| {})
+            .forward(&self.post_quant(f_hat)?, &mut |_, _| {}, self.recomputing())
     }
 
     /// The decoder's output before the clamp from `dec_in` = post_quant_conv(f_hat), with every
@@ -998,7 +1039,7 @@ impl VqVae {
         dec_in: &Tensor,
         hook: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<Tensor> {
-        self.decoder.forward(dec_in, hook)
+        self.decoder.forward(dec_in, hook, self.recomputing())
     }
 
     /// decoder(post_quant_conv(f_hat)).clamp(-1, 1).

@@ -100,6 +100,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             chroma: args.chroma,
             beta: 0.25,
             dead_after: 10,
+            recompute_activations: false,
             seed: args.seed,
             log_every: 50,
             checkpoint_every: 500,

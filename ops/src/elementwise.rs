@@ -406,56 +406,55 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         )?])
     })?;
     let out = out_tensor(out, out_shape.clone(), a.device())?;
-    let (shape_a, shape_b) = (a.shape().clone(), b.shape().clone());
     // Add and sub need neither input in their backward, so the tape must not hold them: a
     // transformer's bias and residual adds would otherwise keep every matmul output and every
     // residual-stream tensor of the forward alive until the backward reaches them.
-    let saved = match op {
-        BinaryOp::Add | BinaryOp::Sub => None,
-        _ => Some((a.detach(), b.detach())),
-    };
+    if matches!(op, BinaryOp::Add | BinaryOp::Sub) {
+        let (shape_a, shape_b) = (a.shape().clone(), b.shape().clone());
+        return Ok(Tensor::record(out, name, &[a, b], move || {
+            move |g: &Tensor| {
+                let gb = match op {
+                    BinaryOp::Sub => neg(g)?,
+                    _ => g.clone(),
+                };
+                Ok(vec![
+                    Some(sum_to(g, &shape_a)?),
+                    Some(sum_to(&gb, &shape_b)?),
+                ])
+            }
+        }));
+    }
+    let (sa, sb) = (a.detach(), b.detach());
     Ok(Tensor::record(out, name, &[a, b], move || {
         move |g: &Tensor| {
-            let (ga, gb) = match (op, saved) {
-                (BinaryOp::Add, _) => (g.clone(), g.clone()),
-                (BinaryOp::Sub, _) => (g.clone(), neg(g)?),
-                (_, None) => {
-                    return Err(Error::Autograd(format!(
-                        "`{name}` backward: its inputs were not saved"
-                    )))
-                }
-                (_, Some((sa, sb))) => {
-                    let k = BinaryBwd {
-                        op,
-                        a: sa.shape().clone(),
-                        b: sb.shape().clone(),
-                        out: out_shape.clone(),
-                    };
-                    let dims = (
-                        sa.dims().to_vec(),
-                        sb.dims().to_vec(),
-                        out_shape.dims().to_vec(),
-                    );
-                    let mut v = float_op(name, &[&sa, &sb, g], &k, |dev, x| {
-                        let (ga, gb) = ew::binary_backward(
-                            dev,
-                            (x[0], &dims.0),
-                            (x[1], &dims.1),
-                            x[2],
-                            &dims.2,
-                            code,
-                            (true, true),
-                        )?;
-                        Ok(ga.into_iter().chain(gb).collect())
-                    })?;
-                    let gb = out_tensor(v.split_off(1), out_shape.clone(), g.device())?;
-                    let ga = out_tensor(v, out_shape.clone(), g.device())?;
-                    (ga, gb)
-                }
+            let k = BinaryBwd {
+                op,
+                a: sa.shape().clone(),
+                b: sb.shape().clone(),
+                out: out_shape.clone(),
             };
+            let dims = (
+                sa.dims().to_vec(),
+                sb.dims().to_vec(),
+                out_shape.dims().to_vec(),
+            );
+            let mut v = float_op(name, &[&sa, &sb, g], &k, |dev, x| {
+                let (ga, gb) = ew::binary_backward(
+                    dev,
+                    (x[0], &dims.0),
+                    (x[1], &dims.1),
+                    x[2],
+                    &dims.2,
+                    code,
+                    (true, true),
+                )?;
+                Ok(ga.into_iter().chain(gb).collect())
+            })?;
+            let gb = out_tensor(v.split_off(1), out_shape.clone(), g.device())?;
+            let ga = out_tensor(v, out_shape.clone(), g.device())?;
             Ok(vec![
-                Some(sum_to(&ga, &shape_a)?),
-                Some(sum_to(&gb, &shape_b)?),
+                Some(sum_to(&ga, sa.shape())?),
+                Some(sum_to(&gb, sb.shape())?),
             ])
         }
     }))

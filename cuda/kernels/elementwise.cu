@@ -482,6 +482,74 @@ __device__ void scalar_fwd_vec_impl(T* out, const T* x, i64 nvec, int op, float 
 FLOAT_KERNELS(float, f32)
 FLOAT_KERNELS(bf16_t, bf16)
 
+// Activations under bf16 autocast (`unary` in ops/src/elementwise.rs): f32 x in, f32 y out, and
+// a bf16 copy of x kept for the backward, which reads it instead of x. The saved activation
+// (VAR's FFN hidden layer, four times the model width) takes half the memory, as under PyTorch's
+// autocast, where that tensor is bf16 to begin with; written in the forward's pass, it costs 2
+// more bytes an element there and saves 2 in the backward. The gradient is the op's at the
+// bf16-rounded x (the CPU reference casts, then runs the f32 backward: the same numbers).
+// Per-element kernels (reference) and vector kernels of 8 elements a thread (two 16-byte f32
+// vectors and one 16-byte bf16 vector), for a length that divides by 8 at 16-byte aligned
+// addresses.
+__device__ void unary_fwd_keep_bf16_impl(float* out, bf16_t* kept, const float* x, i64 n, int op) {
+    GRID_STRIDE(i, n) {
+        const float v = x[i];
+        out[i] = unary_forward(op, v);
+        Io<bf16_t>::store(kept, i, v);
+    }
+}
+
+__device__ void unary_bwd_from_bf16_impl(float* dx, const bf16_t* kept, const float* g, i64 n, int op) {
+    GRID_STRIDE(i, n) dx[i] = unary_backward(op, Io<bf16_t>::load(kept, i), g[i]);
+}
+
+struct UnaryFwdKeepBf16Vec {
+    template <int OP>
+    static __device__ __forceinline__ void run(float* out, bf16_t* kept, const float* x, i64 nvec) {
+        GRID_STRIDE(i, nvec) {
+            float v[8];
+            Vec16<float>::load(x + i * 8, v);
+            Vec16<float>::load(x + i * 8 + 4, v + 4);
+            Vec16<bf16_t>::store(kept + i * 8, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = unary_forward(OP, v[k]);
+            Vec16<float>::store(out + i * 8, v);
+            Vec16<float>::store(out + i * 8 + 4, v + 4);
+        }
+    }
+};
+
+struct UnaryBwdFromBf16Vec {
+    template <int OP>
+    static __device__ __forceinline__ void run(float* dx, const bf16_t* kept, const float* g, i64 nvec) {
+        GRID_STRIDE(i, nvec) {
+            float s[8], d[8];
+            Vec16<bf16_t>::load(kept + i * 8, s);
+            Vec16<float>::load(g + i * 8, d);
+            Vec16<float>::load(g + i * 8 + 4, d + 4);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) d[k] = unary_backward(OP, s[k], d[k]);
+            Vec16<float>::store(dx + i * 8, d);
+            Vec16<float>::store(dx + i * 8 + 4, d + 4);
+        }
+    }
+};
+
+extern "C" __global__ void unary_fwd_keep_bf16_f32(float* out, bf16_t* kept, const float* x, i64 n, int op) {
+    unary_fwd_keep_bf16_impl(out, kept, x, n, op);
+}
+extern "C" __global__ void unary_bwd_from_bf16_f32(float* dx, const bf16_t* kept, const float* g, i64 n, int op) {
+    unary_bwd_from_bf16_impl(dx, kept, g, n, op);
+}
+extern "C" __global__ void unary_fwd_keep_bf16_vec_f32(float* out, bf16_t* kept, const float* x, i64 nvec,
+                                                       int op) {
+    unary_dispatch<UnaryFwdKeepBf16Vec>(op, out, kept, x, nvec);
+}
+extern "C" __global__ void unary_bwd_from_bf16_vec_f32(float* dx, const bf16_t* kept, const float* g, i64 nvec,
+                                                       int op) {
+    unary_dispatch<UnaryBwdFromBf16Vec>(op, dx, kept, g, nvec);
+}
+
 #define ANY_KERNELS(T, S)                                                                            \
     extern "C" __global__ void compare_##S(u8* out, const T* a, const T* b, i64 n, int op,         \
                                           Layout l) {                                               \

@@ -3,7 +3,8 @@
 //
 // Layouts (dense row-major):
 // - layer_norm, l2_normalize: x [rows, d]; saved statistics in f32: (mean, rstd) interleaved as
-//   [rows, 2] for layer norm, the L2 norm [rows] for l2_normalize.
+//   [rows, 2] for layer norm, the L2 norm [rows] for l2_normalize. Their backwards read the
+//   forward's output (xhat, y) instead of x, so the op's caller keeps one buffer, not two.
 // - group_norm: x [N, C, S] (S the product of the spatial axes), weight and bias [C]. Group row
 //   r = n * G + g holds the cpg = C / G channels of group g of sample n, which are contiguous:
 //   cpg * S elements starting at r * cpg * S; element k of the row has channel g * cpg + k / S.
@@ -126,24 +127,23 @@ __device__ void layer_norm_fwd_warp_impl(T* y, float* stats, const T* x, i64 row
 }
 
 template <typename T>
-__device__ void layer_norm_bwd_impl(T* dx, const T* x, const T* g, const float* stats, i64 rows, i64 d) {
+__device__ void layer_norm_bwd_impl(T* dx, const T* xhat, const T* g, const float* stats, i64 rows, i64 d) {
     __shared__ float scratch[32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T* xr = x + r * d;
+        const T* hr = xhat + r * d;
         const T* gr = g + r * d;
         T* dr = dx + r * d;
-        float mean = stats[2 * r], rstd = stats[2 * r + 1];
+        float rstd = stats[2 * r + 1];
         float sg = 0.0f, sgx = 0.0f;
         for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
             float gv = Io<T>::load(gr, k);
             sg += gv;
-            sgx += gv * ((Io<T>::load(xr, k) - mean) * rstd);
+            sgx += gv * Io<T>::load(hr, k);
         }
         float mg = block_sum(sg, scratch) / (float)d;
         float mgx = block_sum(sgx, scratch) / (float)d;
         for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
-            float xhat = (Io<T>::load(xr, k) - mean) * rstd;
-            Io<T>::store(dr, k, rstd * (Io<T>::load(gr, k) - mg - xhat * mgx));
+            Io<T>::store(dr, k, rstd * (Io<T>::load(gr, k) - mg - Io<T>::load(hr, k) * mgx));
         }
     }
 }
@@ -245,21 +245,20 @@ __device__ void l2_normalize_fwd_impl(T* y, float* norms, const T* x, i64 rows, 
 }
 
 template <typename T>
-__device__ void l2_normalize_bwd_impl(T* dx, const T* x, const T* g, const float* norms, i64 rows, i64 d,
+__device__ void l2_normalize_bwd_impl(T* dx, const T* y, const T* g, const float* norms, i64 rows, i64 d,
                                       float eps) {
     __shared__ float scratch[32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T* xr = x + r * d;
+        const T* yr = y + r * d;
         const T* gr = g + r * d;
         T* dr = dx + r * d;
         float norm = norms[r];
         if (norm >= eps) {
             float dot = 0.0f;
-            for (i64 k = threadIdx.x; k < d; k += blockDim.x) dot += Io<T>::load(xr, k) / norm * Io<T>::load(gr, k);
+            for (i64 k = threadIdx.x; k < d; k += blockDim.x) dot += Io<T>::load(yr, k) * Io<T>::load(gr, k);
             dot = block_sum(dot, scratch);
             for (i64 k = threadIdx.x; k < d; k += blockDim.x) {
-                float yv = Io<T>::load(xr, k) / norm;
-                Io<T>::store(dr, k, (Io<T>::load(gr, k) - yv * dot) / norm);
+                Io<T>::store(dr, k, (Io<T>::load(gr, k) - Io<T>::load(yr, k) * dot) / norm);
             }
         } else {
             // The denominator was the constant eps: no dependence through the norm.
@@ -311,7 +310,7 @@ __device__ void l2_normalize_fwd_group_impl(T* y, float* norms, const T* x, i64 
 }
 
 template <typename T, int G>
-__device__ void l2_normalize_bwd_group_impl(T* dx, const T* x, const T* g, const float* norms, i64 rows, i64 d,
+__device__ void l2_normalize_bwd_group_impl(T* dx, const T* y, const T* g, const float* norms, i64 rows, i64 d,
                                             float eps) {
     constexpr int N = Vec16<T>::N;
     const int lane = threadIdx.x & 31, c = lane % G;
@@ -320,13 +319,13 @@ __device__ void l2_normalize_bwd_group_impl(T* dx, const T* x, const T* g, const
         const i64 r = base + lane / G;
         const bool ok = r < rows && c < vecs;
         const float norm = r < rows ? norms[r] : 1.0f;
-        float xv[N], gv[N];
+        float yv[N], gv[N];
         float dot = 0.0f;
         if (ok) {
-            Vec16<T>::load(x + r * d + (i64)c * N, xv);
+            Vec16<T>::load(y + r * d + (i64)c * N, yv);
             Vec16<T>::load(g + r * d + (i64)c * N, gv);
 #pragma unroll
-            for (int k = 0; k < N; ++k) dot += xv[k] / norm * gv[k];
+            for (int k = 0; k < N; ++k) dot += yv[k] * gv[k];
         }
         // Every lane shuffles; a row whose norm is below eps ignores the sum (the branch is per
         // row, so it may differ between the groups of a warp).
@@ -334,7 +333,7 @@ __device__ void l2_normalize_bwd_group_impl(T* dx, const T* x, const T* g, const
         if (ok) {
             if (norm >= eps) {
 #pragma unroll
-                for (int k = 0; k < N; ++k) gv[k] = (gv[k] - xv[k] / norm * dot) / norm;
+                for (int k = 0; k < N; ++k) gv[k] = (gv[k] - yv[k] * dot) / norm;
             } else {
                 // The denominator was the constant eps: no dependence through the norm.
 #pragma unroll
@@ -351,9 +350,9 @@ __device__ void l2_normalize_bwd_group_impl(T* dx, const T* x, const T* g, const
         l2_normalize_fwd_group_impl<T, G>(y, norms, x, rows, d, eps);                              \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(L2_GROUP_WARPS * 32)                              \
-        l2_normalize_bwd_g##G##_##S(T* dx, const T* x, const T* g, const float* norms, i64 rows,   \
+        l2_normalize_bwd_g##G##_##S(T* dx, const T* y, const T* g, const float* norms, i64 rows,   \
                                     i64 d, float eps) {                                            \
-        l2_normalize_bwd_group_impl<T, G>(dx, x, g, norms, rows, d, eps);                          \
+        l2_normalize_bwd_group_impl<T, G>(dx, y, g, norms, rows, d, eps);                          \
     }
 
 L2_GROUP_KERNELS(float, f32, 4)
@@ -386,8 +385,8 @@ LN_WARP_KERNEL(bf16_t, bf16, 8)
         layer_norm_fwd_impl<T>(y, stats, x, rows, d, eps);                                          \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
-        layer_norm_bwd_##S(T* dx, const T* x, const T* g, const float* stats, i64 rows, i64 d) {    \
-        layer_norm_bwd_impl<T>(dx, x, g, stats, rows, d);                                           \
+        layer_norm_bwd_##S(T* dx, const T* xhat, const T* g, const float* stats, i64 rows, i64 d) { \
+        layer_norm_bwd_impl<T>(dx, xhat, g, stats, rows, d);                                        \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
         group_norm_fwd_##S(T* y, float* stats, const T* x, const T* w, const T* b, i64 rows,        \
@@ -409,9 +408,9 @@ LN_WARP_KERNEL(bf16_t, bf16, 8)
         l2_normalize_fwd_impl<T>(y, norms, x, rows, d, eps);                                        \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS_MAX)                                   \
-        l2_normalize_bwd_##S(T* dx, const T* x, const T* g, const float* norms, i64 rows, i64 d,    \
+        l2_normalize_bwd_##S(T* dx, const T* y, const T* g, const float* norms, i64 rows, i64 d,    \
                              float eps) {                                                           \
-        l2_normalize_bwd_impl<T>(dx, x, g, norms, rows, d, eps);                                    \
+        l2_normalize_bwd_impl<T>(dx, y, g, norms, rows, d, eps);                                    \
     }
 
 NORM_KERNELS(float, f32)

@@ -96,6 +96,12 @@ impl UnaryOp {
         }
     }
 
+    /// The activation functions: under bf16 autocast they keep their f32 input for the backward
+    /// as bf16 (see [`unary`]).
+    fn is_activation(self) -> bool {
+        matches!(self, UnaryOp::GeluTanh | UnaryOp::Silu | UnaryOp::Relu)
+    }
+
     /// Whether the backward reads the output (true) or the input (false).
     fn backward_uses_output(self) -> bool {
         matches!(
@@ -199,7 +205,21 @@ impl FloatKernel for UnaryBwd {
 }
 
 /// Applies a unary map.
+///
+/// Inside a bf16 autocast scope an activation function (GELU, SiLU, ReLU) given an f32 input
+/// that needs a gradient keeps that input for its backward in bf16, not f32: VAR's FFN hidden
+/// layer, four times the model's width, is the largest activation of a transformer block, and
+/// under PyTorch's autocast it is bf16 (the output of a bf16 linear). The forward's result is
+/// the f32 one either way; the gradient is the op's at the bf16-rounded input.
 pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    if op.is_activation()
+        && x.dtype() == DType::F32
+        && mvar_engine::autocast_dtype() == Some(DType::BF16)
+        && mvar_engine::is_grad_enabled()
+        && x.requires_grad()
+    {
+        return activation_keeping_bf16(x, op);
+    }
     let code = op.cuda_code();
     let out = float_op(op.name(), &[x], &UnaryFwd(op), |dev, b| {
         Ok(vec![ew::unary_forward(dev, b[0], code)?])
@@ -215,6 +235,37 @@ pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
             let dx = float_op(op.name(), &[&saved, g], &UnaryBwd(op), |dev, b| {
                 Ok(vec![ew::unary_backward(dev, b[0], b[1], code)?])
             })?;
+            Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
+        }
+    }))
+}
+
+/// [`unary`] for an activation under bf16 autocast: one pass writes the f32 output and the bf16
+/// copy of `x` on the GPU; the CPU computes the output and casts.
+fn activation_keeping_bf16(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    let code = op.cuda_code();
+    let mut outs = dispatch(
+        op.name(),
+        &[x],
+        |c| {
+            let out = run_float(op.name(), c, &UnaryFwd(op))?;
+            Ok(out.into_iter().chain([c[0].to_dtype(DType::BF16)]).collect())
+        },
+        |dev, b| {
+            let (out, kept) = ew::unary_forward_keep_bf16(dev, b[0], code)?;
+            Ok(vec![out, kept])
+        },
+    )?;
+    let kept = out_tensor(outs.split_off(1), x.shape().clone(), x.device())?;
+    let out = out_tensor(outs, x.shape().clone(), x.device())?;
+    Ok(Tensor::record(out, op.name(), &[x], move || {
+        move |g: &Tensor| {
+            let dx = dispatch(
+                op.name(),
+                &[&kept, g],
+                |c| run_float(op.name(), &[&c[0].to_dtype(DType::F32), c[1]], &UnaryBwd(op)),
+                |dev, b| Ok(vec![ew::unary_backward_from_bf16(dev, b[0], b[1], code)?]),
+            )?;
             Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])
         }
     }))

@@ -30,10 +30,14 @@
 //!
 //! The tie n == eps takes the first branch, as PyTorch's clamp_min does.
 //!
-//! Each forward saves its input and its per-row statistics (mean and rstd, or the norm) in f64;
-//! row sums accumulate in f64, the elementwise arithmetic runs in the kernel's type. On the GPU
-//! the statistics are computed in f32 and stay on the device (a detached f32 tensor kept by the
-//! backward closure, see [`Saved`]).
+//! Each forward saves its per-row statistics (mean and rstd, or the norm) in f64, and what its
+//! backward reads of the rows: group norm its input; layer norm and l2_normalize their output
+//! (xhat and y, which the formulas above read instead of x). The output is usually kept anyway
+//! by the op after it (AdaLN's scale multiply, the query's scale multiply, attention), so saving
+//! it instead of the input frees one activation per call, which a transformer block otherwise
+//! holds until its backward. Row sums accumulate in f64, the elementwise arithmetic runs in the
+//! kernel's type. On the GPU the statistics are computed in f32 and stay on the device (a
+//! detached f32 tensor kept by the backward closure, see [`Saved`]).
 
 use std::sync::Mutex;
 
@@ -280,7 +284,7 @@ impl FloatKernel for LayerNormFwd {
     }
 }
 
-/// Inputs [x, g].
+/// Inputs [xhat (the forward's output), g].
 struct LayerNormBwd {
     d: usize,
     stats: Vec<(f64, f64)>,
@@ -296,12 +300,12 @@ impl FloatKernel for LayerNormBwd {
                 #[inline(always)]
                 |r, dx: &mut [MaybeUninit<T>]| {
                     let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
-                    let (m, s) = (T::from_f64(self.stats[r].0), T::from_f64(self.stats[r].1));
+                    let s = T::from_f64(self.stats[r].1);
                     let sg = lane_sum(gr, |g| g.as_f64());
-                    let sgx = lane_sum2(xr, gr, |v, g| (g * (v - m) * s).as_f64());
+                    let sgx = lane_sum2(xr, gr, |xh, g| (g * xh).as_f64());
                     let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
-                    for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                        o.write(s * (g - mg - (v - m) * s * mgx));
+                    for ((o, &xh), &g) in dx.iter_mut().zip(xr).zip(gr) {
+                        o.write(s * (g - mg - xh * mgx));
                     }
                 },
             )
@@ -336,12 +340,12 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
         x.device(),
     )?;
     let out = out_tensor(outs, x.shape().clone(), x.device())?;
-    let saved = x.detach();
+    let xhat = out.detach();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
             let dx = backward_with_saved(
                 OP,
-                &[&saved, g],
+                &[&xhat, g],
                 stats,
                 |stats| LayerNormBwd { d, stats },
                 |dev, b, st| {
@@ -635,7 +639,7 @@ impl FloatKernel for L2NormalizeFwd {
     }
 }
 
-/// Inputs [x, g].
+/// Inputs [y (the forward's output), g].
 struct L2NormalizeBwd {
     d: usize,
     eps: f64,
@@ -651,13 +655,13 @@ impl FloatKernel for L2NormalizeBwd {
                 d,
                 #[inline(always)]
                 |r, dx: &mut [MaybeUninit<T>]| {
-                    let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
+                    let (yr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
                     let norm = self.norms[r];
                     if norm >= self.eps {
                         let n = T::from_f64(norm);
-                        let dot = T::from_f64(lane_sum2(xr, gr, |v, g| (v / n * g).as_f64()));
-                        for ((o, &v), &g) in dx.iter_mut().zip(xr).zip(gr) {
-                            o.write((g - v / n * dot) / n);
+                        let dot = T::from_f64(lane_sum2(yr, gr, |y, g| (y * g).as_f64()));
+                        for ((o, &y), &g) in dx.iter_mut().zip(yr).zip(gr) {
+                            o.write((g - y * dot) / n);
                         }
                     } else {
                         let e = T::from_f64(self.eps);
@@ -698,12 +702,12 @@ pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
         x.device(),
     )?;
     let out = out_tensor(outs, x.shape().clone(), x.device())?;
-    let saved = x.detach();
+    let y = out.detach();
     Ok(Tensor::record(out, OP, &[x], move || {
         move |g: &Tensor| {
             let dx = backward_with_saved(
                 OP,
-                &[&saved, g],
+                &[&y, g],
                 norms,
                 |norms| L2NormalizeBwd { d, eps, norms },
                 |dev, b, st| {

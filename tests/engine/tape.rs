@@ -128,6 +128,94 @@ fn the_tape_keeps_only_what_each_backward_reads() {
     ops::sum_all(&y).unwrap().backward().unwrap();
     assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![1.0; 4]);
     assert_eq!(tape_handles(&pw), bw, "backward released the weight");
+
+    // Layer norm and l2_normalize read their output in the backward, not their input: AdaLN's
+    // scale multiply and the query's scale multiply keep that output anyway, so the input (the
+    // residual stream, the raw query) is freed after the forward.
+    for op in ["layer_norm", "l2_normalize"] {
+        let x = t(&[1.0, -2.0, 0.5, 3.0, 0.0, -1.0], &[2, 3])
+            .with_grad()
+            .unwrap();
+        let px = x.detach();
+        let bx = tape_handles(&px);
+        let y = match op {
+            "layer_norm" => ops::layer_norm(&x, 1e-5),
+            _ => ops::l2_normalize(&x, 1e-12),
+        }
+        .unwrap();
+        let py = y.detach();
+        assert_eq!(tape_handles(&px), bx, "{op} saved its input");
+        assert_eq!(tape_handles(&py), 2, "{op}: y and the copy its node saved");
+        let w = t(&[1.0, 2.0, 3.0, -1.0, 0.5, 2.0], &[2, 3]);
+        ops::sum_all(&ops::mul(&y, &w).unwrap())
+            .unwrap()
+            .backward()
+            .unwrap();
+        drop(y);
+        assert_eq!(tape_handles(&py), 0, "{op}: backward released its output");
+    }
+}
+
+#[test]
+fn activations_under_bf16_autocast_keep_their_input_in_bf16() {
+    // VAR's FFN hidden layer: under autocast GELU keeps a bf16 copy of its f32 input (half the
+    // bytes), not the input; its output is the f32 one, its gradient the f32 gradient at the
+    // bf16-rounded input. Outside autocast, or for an op that is not an activation, nothing
+    // changes.
+    use mvar::engine::{autocast, Generator};
+    use mvar::ops::UnaryOp;
+    let x32 = Tensor::randn(
+        [4, 24],
+        0.0,
+        2.0,
+        DType::F32,
+        &Device::Cpu,
+        &mut Generator::new(7),
+    )
+    .unwrap();
+    let w = Tensor::randn(
+        [4, 24],
+        0.0,
+        1.0,
+        DType::F32,
+        &Device::Cpu,
+        &mut Generator::new(8),
+    )
+    .unwrap();
+    let rounded = x32.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    assert_ne!(
+        rounded.to_vec::<f32>().unwrap(),
+        x32.to_vec::<f32>().unwrap()
+    );
+    let grad_of = |x: &Tensor, op: UnaryOp, cast: bool| -> (Vec<f32>, Vec<f32>, usize) {
+        let x = x.detach().with_grad().unwrap();
+        let probe = x.detach();
+        let before = tape_handles(&probe);
+        let _scope = autocast(cast.then_some(DType::BF16)).unwrap();
+        let y = ops::unary(&x, op).unwrap();
+        let kept = tape_handles(&probe) - before;
+        ops::sum_all(&ops::mul(&y, &w).unwrap())
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = x.grad().unwrap().to_vec::<f32>().unwrap();
+        (y.to_vec::<f32>().unwrap(), g, kept)
+    };
+    for op in [UnaryOp::GeluTanh, UnaryOp::Silu, UnaryOp::Relu] {
+        let (y, g, kept) = grad_of(&x32, op, true);
+        assert_eq!(kept, 0, "{op:?} kept its f32 input under autocast");
+        let (plain_y, plain_g, plain_kept) = grad_of(&x32, op, false);
+        assert_eq!(plain_kept, 1, "{op:?} keeps its input outside autocast");
+        assert_eq!(y, plain_y, "{op:?}: the output is the f32 one");
+        let (_, at_rounded, _) = grad_of(&rounded, op, false);
+        assert_eq!(g, at_rounded, "{op:?}: the gradient at the bf16-rounded input");
+        if op == UnaryOp::GeluTanh {
+            assert_ne!(g, plain_g, "the test cannot tell the two gradients apart");
+        }
+    }
+    // Not an activation: square keeps its f32 input even under autocast.
+    let (_, _, kept) = grad_of(&x32, UnaryOp::Square, true);
+    assert_eq!(kept, 1);
 }
 
 #[test]

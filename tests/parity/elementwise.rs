@@ -93,6 +93,32 @@ proptest! {
     }
 }
 
+/// Activations inside a bf16 autocast scope keep their f32 input as bf16 for the backward (one
+/// kernel writes the output and that copy; the backward reads it): on whole vectors of 8 (the
+/// vector kernels) and odd lengths (per element), against the CPU, which casts.
+#[test]
+fn activations_keeping_bf16_inputs_match_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    for (i, s) in [vec![2usize, 96], vec![1, 8], vec![3, 5], vec![7]]
+        .iter()
+        .enumerate()
+    {
+        for op in [UnaryOp::GeluTanh, UnaryOp::Silu, UnaryOp::Relu] {
+            parity(
+                op.name(),
+                |_, x| {
+                    let _bf16 = mvar::engine::autocast(Some(DType::BF16))?;
+                    ops::unary(&x[0], op)
+                },
+                &[randn(s, 90 + i as u64)],
+            )
+            .unwrap();
+        }
+    }
+}
+
 #[test]
 fn compare_and_cast_match_the_cpu() {
     let Some(gpu) = gpu() else { return };

@@ -5,6 +5,7 @@ use cudarc::driver::PushKernelArg;
 use crate::buffer::{BufferKind, CudaBuffer};
 use crate::device::{launch_1d, launch_err};
 use crate::kernels::ELEMENTWISE;
+use crate::ops::reduce::require_kind;
 use crate::ops::{check_lens, copy_word, float_kind, Layout};
 use crate::{CudaDevice, CudaError};
 
@@ -248,6 +249,72 @@ pub fn unary_backward(
         "unary backward",
         format!("{n} elements, op {op}"),
     ))?;
+    Ok(out)
+}
+
+/// y = f(x) for f32 `x`, and a bf16 copy of x for the backward (an activation under bf16
+/// autocast: see `unary_fwd_keep_bf16` in elementwise.cu). Returns (y, kept).
+pub fn unary_forward_keep_bf16(
+    dev: &CudaDevice,
+    x: &CudaBuffer,
+    op: i32,
+) -> Result<(CudaBuffer, CudaBuffer), CudaError> {
+    const OP: &str = "unary keeping a bf16 input";
+    require_kind(OP, x, "input", BufferKind::F32)?;
+    let n = x.len();
+    let out = dev.alloc(BufferKind::F32, n, "unary output")?;
+    let kept = dev.alloc(BufferKind::BF16, n, "unary input kept in bf16")?;
+    if n == 0 {
+        return Ok((out, kept));
+    }
+    let (po, pk, px) = (out.device_ptr(), kept.device_ptr(), x.device_ptr());
+    let (name, items, _) = pick(
+        "unary_fwd_keep_bf16",
+        BufferKind::F32,
+        n,
+        vector_width(BufferKind::BF16, n, &[po, pk, px]),
+    );
+    let f = dev.function(&ELEMENTWISE, &name)?;
+    let nn = items as i64;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&pk).arg(&px).arg(&nn).arg(&op);
+    // SAFETY: out and x hold n f32s, kept n bf16s (for the vector kernel n / 8 items of 8, all
+    // three addresses 16-byte aligned).
+    unsafe { b.launch(launch_1d(items, THREADS)) }
+        .map_err(launch_err(OP, format!("{n} elements, op {op}")))?;
+    Ok((out, kept))
+}
+
+/// dx (f32) from the bf16 copy of x that [`unary_forward_keep_bf16`] kept and dy (f32).
+pub fn unary_backward_from_bf16(
+    dev: &CudaDevice,
+    kept: &CudaBuffer,
+    g: &CudaBuffer,
+    op: i32,
+) -> Result<CudaBuffer, CudaError> {
+    const OP: &str = "unary backward from a bf16 input";
+    require_kind(OP, kept, "kept input", BufferKind::BF16)?;
+    require_kind(OP, g, "gradient", BufferKind::F32)?;
+    let n = g.len();
+    check_lens(OP, &[(kept, n)])?;
+    let out = dev.alloc(BufferKind::F32, n, "unary backward output")?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let (po, pk, pg) = (out.device_ptr(), kept.device_ptr(), g.device_ptr());
+    let (name, items, _) = pick(
+        "unary_bwd_from_bf16",
+        BufferKind::F32,
+        n,
+        vector_width(BufferKind::BF16, n, &[po, pk, pg]),
+    );
+    let f = dev.function(&ELEMENTWISE, &name)?;
+    let nn = items as i64;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&po).arg(&pk).arg(&pg).arg(&nn).arg(&op);
+    // SAFETY: out and g hold n f32s, kept n bf16s (as in the forward for the vector kernel).
+    unsafe { b.launch(launch_1d(items, THREADS)) }
+        .map_err(launch_err(OP, format!("{n} elements, op {op}")))?;
     Ok(out)
 }
 

@@ -128,38 +128,39 @@ pub fn layer_norm_forward_with(
     Ok((y, stats))
 }
 
-/// dx of [`layer_norm_forward`] from the saved input, the incoming gradient and the stats.
+/// dx of [`layer_norm_forward`] from its output `xhat`, the incoming gradient and the stats
+/// (of which it reads rstd).
 pub fn layer_norm_backward(
     dev: &CudaDevice,
-    x: &CudaBuffer,
+    xhat: &CudaBuffer,
     g: &CudaBuffer,
     stats: &CudaBuffer,
     rows: usize,
     d: usize,
 ) -> Result<CudaBuffer, CudaError> {
     const OP: &str = "layer_norm backward";
-    let kind = float_kind(OP, &[x, g])?;
+    let kind = float_kind(OP, &[xhat, g])?;
     require_kind(OP, stats, "statistics", BufferKind::F32)?;
     let total = volume(OP, &[rows, d])?;
     check_lens(
         OP,
-        &[(x, total), (g, total), (stats, volume(OP, &[2, rows])?)],
+        &[(xhat, total), (g, total), (stats, volume(OP, &[2, rows])?)],
     )?;
     let dx = dev.alloc(kind, total, "layer_norm backward output")?;
     if total == 0 {
         return Ok(dx);
     }
     let f = dev.function(&NORM, &format!("layer_norm_bwd_{}", kind.suffix()))?;
-    let (pd, px, pg, ps) = (
+    let (pd, ph, pg, ps) = (
         dx.device_ptr(),
-        x.device_ptr(),
+        xhat.device_ptr(),
         g.device_ptr(),
         stats.device_ptr(),
     );
     let (r, dd) = (rows as i64, d as i64);
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(&pd).arg(&px).arg(&pg).arg(&ps).arg(&r).arg(&dd);
-    // SAFETY: x, g and dx hold rows * d elements of `kind`, stats 2 * rows f32s.
+    b.arg(&pd).arg(&ph).arg(&pg).arg(&ps).arg(&r).arg(&dd);
+    // SAFETY: xhat, g and dx hold rows * d elements of `kind`, stats 2 * rows f32s.
     unsafe { b.launch(row_launch(rows, d)) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
     Ok(dx)
 }
@@ -410,10 +411,10 @@ pub fn l2_normalize_forward(
     Ok((y, norms))
 }
 
-/// dx of [`l2_normalize_forward`] from the saved input, the incoming gradient and the norms.
+/// dx of [`l2_normalize_forward`] from its output `y`, the incoming gradient and the norms.
 pub fn l2_normalize_backward(
     dev: &CudaDevice,
-    x: &CudaBuffer,
+    y: &CudaBuffer,
     g: &CudaBuffer,
     norms: &CudaBuffer,
     rows: usize,
@@ -421,21 +422,21 @@ pub fn l2_normalize_backward(
     eps: f32,
 ) -> Result<CudaBuffer, CudaError> {
     const OP: &str = "l2_normalize backward";
-    let kind = float_kind(OP, &[x, g])?;
+    let kind = float_kind(OP, &[y, g])?;
     require_kind(OP, norms, "norms", BufferKind::F32)?;
     let total = volume(OP, &[rows, d])?;
-    check_lens(OP, &[(x, total), (g, total), (norms, rows)])?;
+    check_lens(OP, &[(y, total), (g, total), (norms, rows)])?;
     let dx = dev.alloc(kind, total, "l2_normalize backward output")?;
     if total == 0 {
         return Ok(dx);
     }
-    let (pd, px, pg, pn) = (
+    let (pd, py, pg, pn) = (
         dx.device_ptr(),
-        x.device_ptr(),
+        y.device_ptr(),
         g.device_ptr(),
         norms.device_ptr(),
     );
-    let (name, cfg) = match l2_normalize_group(d, kind.size_in_bytes(), &[pd, px, pg]) {
+    let (name, cfg) = match l2_normalize_group(d, kind.size_in_bytes(), &[pd, py, pg]) {
         Some(lanes) => (
             format!("l2_normalize_bwd_g{lanes}_{}", kind.suffix()),
             l2_group_launch(rows, lanes),
@@ -449,13 +450,13 @@ pub fn l2_normalize_backward(
     let (r, dd) = (rows as i64, d as i64);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&pd)
-        .arg(&px)
+        .arg(&py)
         .arg(&pg)
         .arg(&pn)
         .arg(&r)
         .arg(&dd)
         .arg(&eps);
-    // SAFETY: x, g and dx hold rows * d elements of `kind`, norms rows f32s; as in the forward
+    // SAFETY: y, g and dx hold rows * d elements of `kind`, norms rows f32s; as in the forward
     // for the grouped kernel.
     unsafe { b.launch(cfg) }.map_err(launch_err(OP, format!("[{rows}, {d}]")))?;
     Ok(dx)

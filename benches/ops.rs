@@ -266,6 +266,63 @@ fn elementwise(c: &mut Criterion) {
     g.finish();
 }
 
+/// GELU forward + backward as VAR's FFN trains it under bf16 autocast: an f32 input whose bf16
+/// copy the forward keeps for the backward (one kernel each way), its per-element twin, and the
+/// f32-keeping path outside autocast. PyTorch's counterpart runs GELU on a bf16 input, which is
+/// what its autocast linear hands the activation.
+fn activations(c: &mut Criterion) {
+    let mut g = c.benchmark_group("elementwise");
+    for d in devices() {
+        let t = tag(&d);
+        let n = if d.is_cpu() { 1 << 22 } else { 1 << 26 };
+        let x = randn(&[n / 1024, 1024], DType::F32, &d, 11)
+            .with_grad()
+            .unwrap();
+        let dy = randn(&[n / 1024, 1024], DType::F32, &d, 12);
+        let fwd_bwd = || {
+            x.zero_grad();
+            ops::gelu_tanh(&x)
+                .unwrap()
+                .backward_with(dy.clone())
+                .unwrap();
+        };
+        // Forward: read x, write y and the bf16 copy; backward: read the copy and dy, write dx.
+        g.throughput(Throughput::Bytes(
+            bytes(4 * n, DType::F32) + bytes(2 * n, DType::BF16),
+        ));
+        let variants: &[(&str, &str)] = if d.is_cuda() {
+            &[("", "vector"), (" per-element", "scalar")]
+        } else {
+            &[("", "vector")]
+        };
+        for (variant, env) in variants {
+            with_kernel_env("MVAR_EW_KERNEL", env, || {
+                bench(
+                    &mut g,
+                    &d,
+                    format!(
+                        "{t}/gelu_tanh{variant} fwd+bwd autocast bf16 [{},1024]",
+                        n / 1024
+                    ),
+                    || {
+                        let _bf16 = mvar::engine::autocast(Some(DType::BF16)).unwrap();
+                        fwd_bwd();
+                    },
+                );
+            });
+        }
+        // Outside autocast the f32 input is kept: read x, write y; read x and dy, write dx.
+        g.throughput(Throughput::Bytes(bytes(5 * n, DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/gelu_tanh fwd+bwd f32 [{},1024]", n / 1024),
+            fwd_bwd,
+        );
+    }
+    g.finish();
+}
+
 fn reduce(c: &mut Criterion) {
     let _ng = no_grad();
     let mut g = c.benchmark_group("reduce");
@@ -1480,6 +1537,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = matmul, elementwise, reduce, layout, nn, attention, spatial, quant, sample
+    targets = matmul, elementwise, activations, reduce, layout, nn, attention, spatial, quant, sample
 }
 criterion_main!(benches);

@@ -285,6 +285,17 @@ def main():
     xb = x.to(torch.bfloat16)
     report("elementwise", f"cuda/gelu_tanh bf16 [{n // 1024},1024]",
            timed(lambda: F.gelu(xb, approximate="tanh")), nbytes=2 * n * 2)
+    # Forward + backward: under autocast the FFN's activation gets a bf16 input (the linear's
+    # output), which is what ours keeps of its f32 input; and the plain f32 case.
+    for dt, label, per in [(torch.bfloat16, "autocast bf16", 2), (torch.float32, "f32", 4)]:
+        leaf = torch.randn(n // 1024, 1024, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(n // 1024, 1024, device=dev, dtype=dt)
+
+        def gelu_fwd_bwd(leaf=leaf, dy=dy):
+            leaf.grad = None
+            F.gelu(leaf, approximate="tanh").backward(dy)
+        report("elementwise", f"cuda/gelu_tanh fwd+bwd {label} [{n // 1024},1024]", timed(gelu_fwd_bwd),
+               nbytes=5 * n * per)
 
     # reduce
     r = torch.randn(4096, 1024, device=dev)

@@ -249,7 +249,10 @@ fn activation_keeping_bf16(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
         &[x],
         |c| {
             let out = run_float(op.name(), c, &UnaryFwd(op))?;
-            Ok(out.into_iter().chain([c[0].to_dtype(DType::BF16)]).collect())
+            Ok(out
+                .into_iter()
+                .chain([c[0].to_dtype(DType::BF16)])
+                .collect())
         },
         |dev, b| {
             let (out, kept) = ew::unary_forward_keep_bf16(dev, b[0], code)?;
@@ -263,7 +266,13 @@ fn activation_keeping_bf16(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
             let dx = dispatch(
                 op.name(),
                 &[&kept, g],
-                |c| run_float(op.name(), &[&c[0].to_dtype(DType::F32), c[1]], &UnaryBwd(op)),
+                |c| {
+                    run_float(
+                        op.name(),
+                        &[&c[0].to_dtype(DType::F32), c[1]],
+                        &UnaryBwd(op),
+                    )
+                },
                 |dev, b| Ok(vec![ew::unary_backward_from_bf16(dev, b[0], b[1], code)?]),
             )?;
             Ok(vec![Some(out_tensor(dx, g.shape().clone(), g.device())?)])

@@ -182,7 +182,11 @@ fn activations_under_bf16_autocast_keep_their_input_in_bf16() {
         &mut Generator::new(8),
     )
     .unwrap();
-    let rounded = x32.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    let rounded = x32
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     assert_ne!(
         rounded.to_vec::<f32>().unwrap(),
         x32.to_vec::<f32>().unwrap()
@@ -208,7 +212,10 @@ fn activations_under_bf16_autocast_keep_their_input_in_bf16() {
         assert_eq!(plain_kept, 1, "{op:?} keeps its input outside autocast");
         assert_eq!(y, plain_y, "{op:?}: the output is the f32 one");
         let (_, at_rounded, _) = grad_of(&rounded, op, false);
-        assert_eq!(g, at_rounded, "{op:?}: the gradient at the bf16-rounded input");
+        assert_eq!(
+            g, at_rounded,
+            "{op:?}: the gradient at the bf16-rounded input"
+        );
         if op == UnaryOp::GeluTanh {
             assert_ne!(g, plain_g, "the test cannot tell the two gradients apart");
         }

@@ -11,7 +11,7 @@
 //! conv. The quantizer has one codebook shared by all scales and `share_quant_resi` Phi convs,
 //! Phi(h) = (1 - r) h + r conv3x3(h), picked per scale by [`phi_index`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mvar_engine::{no_grad, DType, Device, Error, Result, Tensor};
 use mvar_ops as ops;
@@ -218,8 +218,16 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        // Each intermediate is dropped as soon as the next op has read it: without a graph (the
+        // decode of sampling) nothing else holds it, and one 160-channel activation at 256 px
+        // is 40 MiB an image. (A nested call would keep the norm's output to the statement's end.)
+        let a = silu(&self.norm1.forward(x)?)?;
+        let h = self.conv1.forward(&a)?;
+        drop(a);
+        let a = silu(&self.norm2.forward(&h)?)?;
+        drop(h);
+        let h = self.conv2.forward(&a)?;
+        drop(a);
         let skip = match &self.nin_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -519,7 +527,9 @@ impl Decoder {
                 hook(&format!("decoder.up.{i}.upsample"), &h);
             }
         }
-        let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
+        let a = silu(&self.norm_out.forward(&h)?)?;
+        drop(h);
+        let out = self.conv_out.forward(&a)?;
         hook("decoder.conv_out", &out);
         Ok(out)
     }
@@ -689,6 +699,31 @@ pub struct VqVae {
     pub buffers: Vec<(String, Tensor)>,
     /// Activation recomputation in training: see [`VqVae::set_recompute_blocks`].
     recompute_blocks: AtomicBool,
+    /// Images per decoder pass without a graph (0: automatic): see [`VqVae::set_decode_batch`].
+    decode_batch: AtomicUsize,
+}
+
+/// The automatic decode chunk holds one activation of the decoder's widest, full-resolution
+/// layer to about this many bytes (6 images of the released 256-px tokenizer, whose 160-channel
+/// layers take 40 MiB an image in f32; a pass holds about five such buffers at its peak).
+const DECODE_CHUNK_BYTES: usize = 256 << 20;
+
+/// Images per decoder pass so that the largest f32 activation of the pass stays near
+/// [`DECODE_CHUNK_BYTES`], for latents of `latent` positions an image; at least 1, at most
+/// `batch`. Level i of the decoder (ch_mult's index) works at 2^(levels - 1 - i) times the
+/// latent side, on ch * ch_mult[i] channels or those of the level below it, whose output is
+/// upsampled into it.
+fn automatic_decode_chunk(c: &VqVaeConfig, latent: usize, batch: usize) -> usize {
+    let levels = c.ch_mult.len();
+    let per_image = (0..levels)
+        .map(|i| {
+            let mult = c.ch_mult[i].max(c.ch_mult.get(i + 1).copied().unwrap_or(0));
+            c.ch * mult * (latent << (2 * (levels - 1 - i))) * 4
+        })
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    (DECODE_CHUNK_BYTES / per_image).clamp(1, batch.max(1))
 }
 
 impl VqVae {
@@ -714,7 +749,33 @@ impl VqVae {
             params,
             buffers,
             recompute_blocks: AtomicBool::new(false),
+            decode_batch: AtomicUsize::new(0),
         })
+    }
+
+    /// How many images one pass of the decoder takes when no graph is recorded (sampling,
+    /// evaluation): 0 (the default) picks the count from the image size, so that one activation
+    /// of the widest full-resolution layer stays near 256 MiB. A batch decodes in chunks of that
+    /// many images, with the same result (every decoder op works per image), so the decode's
+    /// peak memory no longer grows with the sampling batch: at 256 px it was the peak of
+    /// sampling, several times the transformer's. While a graph is recorded (tokenizer
+    /// training) the whole batch runs at once: its activations are kept anyway.
+    pub fn set_decode_batch(&self, images: usize) {
+        self.decode_batch.store(images, Ordering::Relaxed);
+    }
+
+    /// Images per decoder pass for `f_hat` [B, Cvae, h, w] (see [`VqVae::set_decode_batch`]).
+    pub fn decode_chunk(&self, f_hat: &Tensor) -> usize {
+        let batch = f_hat.dims().first().copied().unwrap_or(1).max(1);
+        if mvar_engine::is_grad_enabled() && f_hat.requires_grad() {
+            return batch;
+        }
+        let set = self.decode_batch.load(Ordering::Relaxed);
+        if set > 0 {
+            return set.min(batch);
+        }
+        let latent: usize = f_hat.dims().iter().skip(2).product();
+        automatic_decode_chunk(&self.config, latent, batch)
     }
 
     /// Activation recomputation (gradient checkpointing) for training: with it on, a forward
@@ -1026,10 +1087,25 @@ impl VqVae {
         self.post_quant_conv.forward(f_hat)
     }
 
-    /// The decoder's output before the clamp, from post_quant_conv(f_hat).
+    /// The decoder's output before the clamp, from post_quant_conv(f_hat), in chunks of
+    /// [`VqVae::decode_chunk`] images.
     pub fn decode_unclamped(&self, f_hat: &Tensor) -> Result<Tensor> {
-        self.decoder
-            .forward(&self.post_quant(f_hat)?, &mut |_, _| {}, self.recomputing())
+        let decode = |f: &Tensor| {
+            self.decoder
+                .forward(&self.post_quant(f)?, &mut |_, _| {}, self.recomputing())
+        };
+        let (batch, chunk) = (
+            f_hat.dims().first().copied().unwrap_or(0),
+            self.decode_chunk(f_hat),
+        );
+        if batch <= chunk {
+            return decode(f_hat);
+        }
+        let parts = (0..batch)
+            .step_by(chunk)
+            .map(|start| decode(&ops::narrow(f_hat, 0, start, chunk.min(batch - start))?))
+            .collect::<Result<Vec<_>>>()?;
+        ops::concat(&parts.iter().collect::<Vec<_>>(), 0)
     }
 
     /// The decoder's output before the clamp from `dec_in` = post_quant_conv(f_hat), with every
@@ -1136,6 +1212,55 @@ mod tests {
         assert_eq!(table(7), vec![0, 0, 1, 2, 2, 3, 3]);
         assert_eq!(table(10), vec![0, 0, 1, 1, 1, 2, 2, 3, 3, 3]);
         assert_eq!(table(14), vec![0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn decoding_in_chunks_equals_decoding_the_batch() {
+        let cfg = VqVaeConfig {
+            vocab_size: 16,
+            z_channels: 4,
+            ch: 32,
+            ch_mult: vec![1, 2],
+            num_res_blocks: 1,
+            v_patch_nums: vec![1, 2, 4],
+            ..VqVaeConfig::default()
+        };
+        assert!(cfg.using_sa && cfg.using_mid_sa);
+        let vae = VqVae::new(cfg, &Device::Cpu, 3).unwrap();
+        let f_hat = Tensor::randn(
+            [5, 4, 4, 4],
+            0.0,
+            1.0,
+            DType::F32,
+            &Device::Cpu,
+            &mut mvar_engine::Generator::new(2),
+        )
+        .unwrap();
+        let _ng = no_grad();
+        vae.set_decode_batch(5);
+        let whole = vae.fhat_to_img(&f_hat).unwrap();
+        vae.set_decode_batch(2);
+        assert_eq!(vae.decode_chunk(&f_hat), 2);
+        let chunked = vae.fhat_to_img(&f_hat).unwrap();
+        assert_eq!(chunked.dims(), &[5, 3, 8, 8]);
+        assert_eq!(chunked.to_vec_f32().unwrap(), whole.to_vec_f32().unwrap());
+        // Automatic: 8 x 8 pixels of at most 64 channels an image fit many times over.
+        vae.set_decode_batch(0);
+        assert_eq!(vae.decode_chunk(&f_hat), 5);
+        // The released 256-px tokenizer (ch 160, ch_mult 1,1,2,2,4; 16 x 16 latents): its
+        // largest activation is 160 channels at 256 x 256 (640 channels only at 16 x 16), 40
+        // MiB an image: 6 images a pass; 512 px (32 x 32 latents): 1.
+        let released = VqVaeConfig {
+            ch: 160,
+            ch_mult: vec![1, 1, 2, 2, 4],
+            ..VqVaeConfig::default()
+        };
+        assert_eq!(automatic_decode_chunk(&released, 16 * 16, 32), 6);
+        assert_eq!(automatic_decode_chunk(&released, 16 * 16, 4), 4);
+        assert_eq!(automatic_decode_chunk(&released, 32 * 32, 32), 1);
+        // With a graph recorded the batch runs whole.
+        drop(_ng);
+        assert_eq!(vae.decode_chunk(&f_hat.detach().with_grad().unwrap()), 5);
     }
 
     #[test]

@@ -72,6 +72,11 @@ pub struct BenchArgs {
     /// activations are recomputed in the backward instead of kept. Not the paper's setting.
     #[arg(long)]
     pub recompute_activations: bool,
+    /// Images per pass of the tokenizer's decoder in sampling (`mvar sample --decode-batch`; 0:
+    /// from the image size, 6 at 256 px). The official sampler decodes the whole batch at once:
+    /// --decode-batch 32 at batch 32.
+    #[arg(long, default_value_t = 0)]
+    pub decode_batch: usize,
     /// The token pyramid (side of each scale's map).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,8,10,13,16")]
     pub patch_nums: Vec<usize>,
@@ -230,6 +235,8 @@ struct SampleFigures {
     peak_bytes: u64,
     /// The peak until the tokens are sampled, before the decode to pixels.
     transformer_peak_bytes: u64,
+    /// Images per pass of the decoder.
+    decode_batch: usize,
     memory: &'static str,
     /// Weights of the transformer and the tokenizer.
     weights_bytes: u64,
@@ -382,12 +389,14 @@ fn measure_sample(
     let mut rng = Generator::new(args.seed.wrapping_add(2));
     let labels = random_labels(args.sample_batch, subject.var.num_classes, &mut rng);
     // (seconds for sampling and decode, seconds for the decode, peak bytes before the decode).
+    let mut decode_batch = 0;
     let mut run = |probe: Option<&MemoryProbe>| -> Result<(f64, f64, u64)> {
         let t = Instant::now();
         let out = crate::sample::sample_labels(&model, vae, &labels, sc, &mut rng)?;
         device.synchronize()?;
         let sampled = t.elapsed().as_secs_f64();
         let transformer_peak = probe.map(|p| p.peak().0).unwrap_or(0);
+        decode_batch = vae.decode_chunk(&out.f_hat);
         let img = vae.fhat_to_img(&out.f_hat)?;
         device.synchronize()?;
         drop(img);
@@ -415,6 +424,7 @@ fn measure_sample(
         decode_s: median(&mut decodes),
         peak_bytes,
         transformer_peak_bytes,
+        decode_batch,
         memory,
         weights_bytes,
     })
@@ -468,6 +478,7 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
             args.seed,
         )?,
     };
+    vae.set_decode_batch(args.decode_batch);
     if device.describe().contains("emulator") {
         println!("note: the CUDA emulator runs kernels on the CPU; these times are not GPU speeds");
     }
@@ -645,9 +656,10 @@ fn report_sample(
 ) {
     match s {
         Outcome::Measured(f) => println!(
-            "sample {batch} images: {:.4} s/batch (decode {:.4} s), {:.1} img/s; peak {}, {:.0} MiB before the decode; weights {:.0} MiB",
+            "sample {batch} images: {:.4} s/batch (decode {:.4} s, {} images a pass), {:.1} img/s; peak {}, {:.0} MiB before the decode; weights {:.0} MiB",
             f.batch_s,
             f.decode_s,
+            f.decode_batch,
             batch as f64 / f.batch_s,
             memory_text(f.peak_bytes, f.memory),
             mib(f.transformer_peak_bytes),

@@ -41,6 +41,11 @@ pub struct SampleArgs {
     /// Images sampled per batch (the transformer runs on twice as many rows for guidance).
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Images per pass of the tokenizer's decoder (0: from the image size, so that its largest
+    /// activation stays near 256 MiB: 6 at 256 px). Same images either way; at 256 px the
+    /// decode of a whole batch needs more memory than sampling it.
+    #[arg(long, default_value_t = 0)]
+    pub decode_batch: usize,
     /// Also write every image to this .npz (`arr_0`: uint8 [N, H, W, 3]), the input of the ADM
     /// evaluator that the VAR paper's FID / IS / precision / recall come from; streamed batch
     /// by batch, so 50,000 images need no more memory than one batch.
@@ -239,6 +244,7 @@ fn save_progression(
 
 pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
     let (model, vae, info) = load_model_dir(&args.ckpt, device)?;
+    vae.set_decode_batch(args.decode_batch);
     let classes: Vec<i64> = if args.classes.is_empty() {
         (0..info.var.num_classes as i64).collect()
     } else {

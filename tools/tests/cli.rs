@@ -465,6 +465,32 @@ fn held_out_scores_during_training_leave_the_training_curve_as_it_is() {
         .arg("--out")
         .arg(&sampled));
     assert!(sampled.join("grid.png").exists());
+    // --decode-batch 1: the decoder takes one image a pass; the same images (to a unit of the
+    // 8-bit pixels: a GPU's GEMMs may sum in another order for another batch).
+    let one_by_one = root.join("decoded-one-by-one");
+    ok(mvar()
+        .args([
+            "sample",
+            "--n",
+            "2",
+            "--class",
+            "0",
+            "--decode-batch",
+            "1",
+            "--ckpt",
+        ])
+        .arg(scored.join("best"))
+        .arg("--out")
+        .arg(&one_by_one));
+    for png in ["grid.png", "0000-blue.png", "0001-blue.png"] {
+        let [a, b] =
+            [&sampled, &one_by_one].map(|d| image::open(d.join(png)).unwrap().to_rgb8().into_raw());
+        let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max();
+        assert!(
+            a.len() == b.len() && worst <= Some(1),
+            "{png}: off by {worst:?}"
+        );
+    }
     // --progression: a row per class of the image after each scale, the last column the sample
     // (batches of one, so the rows come from different batches).
     let progressed = root.join("progression");

@@ -117,7 +117,8 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #   model   `mvar bench`: VAR-d16 and MVAR-d16 training step and batch-32 sampling, time and peak
 #           memory, and their ratios (the MVAR paper's Table 2); MVAR-d16's training step again
 #           with MVAR_NA_STAGING=ring; both models' training step with
-#           --recompute-activations; then a short run of the same under MVAR_PROFILE=trace,
+#           --recompute-activations; both models' sampling with the whole batch decoded in one
+#           pass (--decode-batch 32, the official sampler's way); then a short run of the same under MVAR_PROFILE=trace,
 #           whose timeline (host ops, GPU kernels) lands in logs/
 #   ncu     Nsight Compute on the kernels of a few bench cases (not in the default set: name it):
 #           per case, the sections that say where a kernel's time goes (throughputs, occupancy,
@@ -167,7 +168,7 @@ mkdir -p "$LOGS"
 save_logs() {
   [ -n "${OUT:-}" ] || return 0
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
-  for f in comparison.md mvar-bench.log mvar-bench-recompute.log ncu-summary.md; do
+  for f in comparison.md mvar-bench.log mvar-bench-recompute.log mvar-bench-decode32.log ncu-summary.md; do
     [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$OUT/$f"
   done
   return 0
@@ -399,6 +400,13 @@ phase_model() {
   run_for "$STEP_SECS" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --what train --steps 5 \
     --recompute-activations --json "$LOGS/mvar-bench-recompute.jsonl" 2>&1 | tee "$LOGS/mvar-bench-recompute.log"
   outcome "mvar bench (recompute)" "${PIPESTATUS[0]}"
+  # Sampling with the whole batch decoded in one pass, as the official sampler does (the run
+  # above decodes in passes of a few images): what the passes save in memory and cost in time.
+  budget_for "mvar bench (whole-batch decode)" 90 || return
+  echo "== mvar bench VAR-d16 and MVAR-d16 sampling, --decode-batch 32 (at most $STEP_SECS s)"
+  run_for "$STEP_SECS" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --what sample --decode-batch 32 \
+    --json "$LOGS/mvar-bench-decode32.jsonl" 2>&1 | tee "$LOGS/mvar-bench-decode32.log"
+  outcome "mvar bench (whole-batch decode)" "${PIPESTATUS[0]}"
   # A timeline of the same models (few steps, one sampling batch) for Perfetto: the ops on the
   # host and their kernels on the GPU track (MVAR_PROFILE=trace), to see where a step's time
   # goes. Separate from the figures above: reading the GPU times adds a device sync per batch.

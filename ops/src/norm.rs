@@ -299,12 +299,12 @@ impl FloatKernel for LayerNormBwd {
                 d,
                 #[inline(always)]
                 |r, dx: &mut [MaybeUninit<T>]| {
-                    let (xr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
+                    let (hr, gr) = (&x[0][r * d..(r + 1) * d], &x[1][r * d..(r + 1) * d]);
                     let s = T::from_f64(self.stats[r].1);
                     let sg = lane_sum(gr, |g| g.as_f64());
-                    let sgx = lane_sum2(xr, gr, |xh, g| (g * xh).as_f64());
+                    let sgx = lane_sum2(hr, gr, |xh, g| (g * xh).as_f64());
                     let (mg, mgx) = (T::from_f64(sg / d as f64), T::from_f64(sgx / d as f64));
-                    for ((o, &xh), &g) in dx.iter_mut().zip(xr).zip(gr) {
+                    for ((o, &xh), &g) in dx.iter_mut().zip(hr).zip(gr) {
                         o.write(s * (g - mg - xh * mgx));
                     }
                 },

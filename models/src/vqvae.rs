@@ -703,9 +703,9 @@ pub struct VqVae {
     decode_batch: AtomicUsize,
 }
 
-/// The automatic decode chunk holds one activation of the decoder's widest, full-resolution
-/// layer to about this many bytes (6 images of the released 256-px tokenizer, whose 160-channel
-/// layers take 40 MiB an image in f32; a pass holds about five such buffers at its peak).
+/// The automatic decode chunk holds the decoder's largest activation (f32) to about this many
+/// bytes (6 images of the released 256-px tokenizer, whose 160-channel layers at 256 x 256 take
+/// 40 MiB an image; a pass holds about five such buffers at its peak).
 const DECODE_CHUNK_BYTES: usize = 256 << 20;
 
 /// Images per decoder pass so that the largest f32 activation of the pass stays near
@@ -754,8 +754,8 @@ impl VqVae {
     }
 
     /// How many images one pass of the decoder takes when no graph is recorded (sampling,
-    /// evaluation): 0 (the default) picks the count from the image size, so that one activation
-    /// of the widest full-resolution layer stays near 256 MiB. A batch decodes in chunks of that
+    /// evaluation): 0 (the default) picks the count from the image size, so that the decoder's
+    /// largest activation stays near 256 MiB. A batch decodes in chunks of that
     /// many images, with the same result (every decoder op works per image), so the decode's
     /// peak memory no longer grows with the sampling batch: at 256 px it was the peak of
     /// sampling, several times the transformer's. While a graph is recorded (tokenizer

@@ -978,8 +978,9 @@ fn attention(c: &mut Criterion) {
     if !devices().contains(&d) {
         return;
     }
-    // Block-causal attention over the first 8 scales of the 256-px pyramid (L = 255), batch 2 x
-    // 16 heads; 7x7 neighbourhood attention on a 16x16 map.
+    // Block-causal (VAR) and block-diagonal (MVAR's scale-Markov) attention over the first 8
+    // scales of the 256-px pyramid (L = 255), batch 2 x 16 heads; 7x7 neighbourhood attention
+    // on a 16x16 map. The CPU kernels compute only each scale's visible keys (2026-12-06 (6)).
     let scales: Vec<usize> = [1usize, 2, 3, 4, 5, 6, 8, 10]
         .iter()
         .map(|p| p * p)
@@ -990,32 +991,39 @@ fn attention(c: &mut Criterion) {
         randn(&[2, 16, l, 64], DType::F32, &d, 2),
         randn(&[2, 16, l, 64], DType::F32, &d, 3),
     );
-    let mask = ops::AttnMask::BlockCausal(scales);
-    g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::F32)));
-    bench(
-        &mut g,
-        &d,
-        format!("cpu/block-causal fwd [2,16,{l},64] f32"),
-        || {
-            mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 1.0, &mask).unwrap());
-        },
-    );
     let (qg, kg, vg) = (
         q.with_grad().unwrap(),
         k.with_grad().unwrap(),
         v.with_grad().unwrap(),
     );
-    bench(
-        &mut g,
-        &d,
-        format!("cpu/block-causal fwd+bwd [2,16,{l},64] f32"),
-        || {
-            ops::sum_all(&ops::attention(&qg, &kg, &vg, 1.0, &mask).unwrap())
-                .unwrap()
-                .backward()
-                .unwrap();
-        },
-    );
+    for (name, mask) in [
+        ("block-causal", ops::AttnMask::BlockCausal(scales.clone())),
+        (
+            "block-diagonal",
+            ops::AttnMask::BlockDiagonal(scales.clone()),
+        ),
+    ] {
+        g.throughput(Throughput::Bytes(bytes(4 * q.elem_count(), DType::F32)));
+        bench(
+            &mut g,
+            &d,
+            format!("cpu/{name} fwd [2,16,{l},64] f32"),
+            || {
+                mvar::engine::with_no_grad(|| ops::attention(&q, &k, &v, 1.0, &mask).unwrap());
+            },
+        );
+        bench(
+            &mut g,
+            &d,
+            format!("cpu/{name} fwd+bwd [2,16,{l},64] f32"),
+            || {
+                ops::sum_all(&ops::attention(&qg, &kg, &vg, 1.0, &mask).unwrap())
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            },
+        );
+    }
     let na = |s| randn(&[2, 16, 16, 16, 64], DType::F32, &d, s);
     let (nq, nk, nv) = (na(4), na(5), na(6));
     g.throughput(Throughput::Bytes(bytes(4 * nq.elem_count(), DType::F32)));

@@ -267,7 +267,11 @@ struct ModelFigures {
 
 /// Random token maps of a batch: the targets [B, L] and the teacher-forcing input the tokenizer
 /// makes of them.
-fn random_batch(vae: &VqVae, batch: usize, rng: &mut Generator) -> Result<(Tensor, Tensor)> {
+pub(crate) fn random_batch(
+    vae: &VqVae,
+    batch: usize,
+    rng: &mut Generator,
+) -> Result<(Tensor, Tensor)> {
     let device = vae.device().clone();
     let vocab = vae.config.vocab_size as u32;
     let idx = vae
@@ -289,7 +293,7 @@ fn random_batch(vae: &VqVae, batch: usize, rng: &mut Generator) -> Result<(Tenso
     Ok((ops::concat(&refs, 1)?, x_in))
 }
 
-fn random_labels(n: usize, classes: usize, rng: &mut Generator) -> Vec<i64> {
+pub(crate) fn random_labels(n: usize, classes: usize, rng: &mut Generator) -> Vec<i64> {
     rng.next_u32s(n)
         .into_iter()
         .map(|w| (w as usize % classes) as i64)

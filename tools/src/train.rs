@@ -11,7 +11,7 @@ use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
 use mvar_models::metrics::ScaleEval;
 use mvar_models::trainer::{ArTrainConfig, ArTrainer};
-use mvar_models::{MvarConfig, VarConfig, VqVae};
+use mvar_models::{MvarConfig, VarConfig, VqVae, VqVaeConfig};
 
 use crate::common::{
     batch_indices, build_model, io, load_split, load_tokenizer, load_training_split, ModelInfo,
@@ -196,6 +196,53 @@ pub struct TrainArgs {
     pub sampling: SamplingArgs,
 }
 
+/// The transformer's configuration of a run: `args`' depth (a depth in `--model` first), width,
+/// heads and regularisation on the tokenizer's pyramid, latent and vocabulary, for `classes`
+/// classes; and for MVAR its neighbourhood settings.
+pub(crate) fn model_configs(
+    args: &TrainArgs,
+    vae: &VqVaeConfig,
+    classes: usize,
+) -> (VarConfig, Option<MvarConfig>) {
+    let pns = vae.v_patch_nums.clone();
+    let mut var_cfg = VarConfig::with_depth(args.model.depth.unwrap_or(args.depth));
+    var_cfg.embed_dim = args.width.unwrap_or(0);
+    var_cfg.num_heads = args.heads.unwrap_or(0);
+    var_cfg.num_classes = classes;
+    var_cfg.cvae = vae.z_channels;
+    var_cfg.vocab_size = vae.vocab_size;
+    var_cfg.cond_drop_rate = args.cond_drop;
+    if let Some(rate) = args.drop_path {
+        var_cfg.drop_path_rate = rate;
+    }
+    let mvar_cfg = (args.model.kind == Kind::Mvar).then(|| MvarConfig {
+        refine_step: args
+            .refine_step
+            .unwrap_or_else(|| crate::common::default_refine_step(&pns, args.kernel_size)),
+        kernel_size: args.kernel_size,
+        ..MvarConfig::default()
+    });
+    var_cfg.patch_nums = pns;
+    (var_cfg, mvar_cfg)
+}
+
+/// The optimisation settings of a run of `args.steps` steps on `device`.
+pub(crate) fn trainer_config(args: &TrainArgs, device: &Device) -> ArTrainConfig {
+    ArTrainConfig {
+        base_lr: args.base_lr,
+        batch: args.batch,
+        total_steps: args.steps,
+        warmup_steps: args.warmup.min(args.steps / 2),
+        wpe: args.wpe,
+        weight_decay: args.weight_decay,
+        weight_decay_end: args.weight_decay,
+        autocast: args.precision.autocast(device),
+        micro_batch: args.micro_batch,
+        recompute_blocks: args.recompute_activations,
+        ..ArTrainConfig::default()
+    }
+}
+
 pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let t_cmd = Instant::now();
     if !(args.base_lr.is_finite() && args.base_lr >= 0.0) {
@@ -268,24 +315,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     if let Some(d) = args.model.depth {
         args.depth = d;
     }
-    let mut var_cfg = VarConfig::with_depth(args.depth);
-    var_cfg.embed_dim = args.width.unwrap_or(0);
-    var_cfg.num_heads = args.heads.unwrap_or(0);
-    var_cfg.num_classes = train.classes().len();
-    var_cfg.patch_nums = pns.clone();
-    var_cfg.cvae = vae.config.z_channels;
-    var_cfg.vocab_size = vae.config.vocab_size;
-    var_cfg.cond_drop_rate = args.cond_drop;
-    if let Some(rate) = args.drop_path {
-        var_cfg.drop_path_rate = rate;
-    }
-    let mvar_cfg = (args.model.kind == Kind::Mvar).then(|| MvarConfig {
-        refine_step: args
-            .refine_step
-            .unwrap_or_else(|| crate::common::default_refine_step(&pns, args.kernel_size)),
-        kernel_size: args.kernel_size,
-        ..MvarConfig::default()
-    });
+    let (var_cfg, mvar_cfg) = model_configs(&args, &vae.config, train.classes().len());
     let info = ModelInfo {
         kind: if args.model.kind == Kind::Var {
             "var"
@@ -343,19 +373,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             ))
             .unwrap_or_default()
     );
-    let cfg = ArTrainConfig {
-        base_lr: args.base_lr,
-        batch: args.batch,
-        total_steps: args.steps,
-        warmup_steps: args.warmup.min(args.steps / 2),
-        wpe: args.wpe,
-        weight_decay: args.weight_decay,
-        weight_decay_end: args.weight_decay,
-        autocast: args.precision.autocast(device),
-        micro_batch: args.micro_batch,
-        recompute_blocks: args.recompute_activations,
-        ..ArTrainConfig::default()
-    };
+    let cfg = trainer_config(&args, device);
     println!(
         "precision: {}{}{}",
         match cfg.autocast {

@@ -118,9 +118,9 @@ fn list(s: &str, what: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
-    let t_cmd = Instant::now();
-    let config = match &args.config {
+/// The tokenizer's configuration: `--config`'s file, else the architecture flags.
+pub(crate) fn tokenizer_config(args: &TrainTokenizerArgs) -> Result<VqVaeConfig> {
+    Ok(match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::Io {
                 path: p.display().to_string(),
@@ -140,7 +140,12 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
             num_res_blocks: args.res_blocks,
             ..VqVaeConfig::default()
         },
-    };
+    })
+}
+
+pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
+    let t_cmd = Instant::now();
+    let config = tokenizer_config(&args)?;
     config.validate()?;
     let latent = args.side / config.downsample();
     if latent * config.downsample() != args.side || config.v_patch_nums.last() != Some(&latent) {

@@ -624,6 +624,11 @@ fn the_demo_writes_every_file_it_promises() {
         .arg(&data)
         .arg("--out")
         .arg(&out));
+    // The budget's split: the transformer's step time is taken before the tokenizer starts.
+    assert!(
+        log.contains("held-out evaluations, should take"),
+        "no budget plan in:\n{log}"
+    );
     for stage in [
         "== 1/5 tokenizer",
         "== 2/5 MVAR",

@@ -64,7 +64,7 @@ pub struct TrainClassifierArgs {
     pub overwrite: bool,
     /// Wall-clock budget in minutes: after 10 steps the step count (and the schedule) is set to
     /// what fits, at most --steps.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::parse_minutes)]
     pub minutes: Option<f64>,
 }
 

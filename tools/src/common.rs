@@ -83,6 +83,16 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
         .collect()
 }
 
+/// Parses a `--minutes` budget: a finite number of minutes above 0 (a zero, negative or NaN
+/// budget would silently train only the steps that time it).
+pub fn parse_minutes(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(m) if m.is_finite() && m > 0.0 => Ok(m),
+        Ok(_) => Err("expected a number of minutes above 0".to_string()),
+        Err(e) => Err(format!("{e}; expected a number of minutes above 0")),
+    }
+}
+
 /// A --minutes budget times this many steps before it sets the step count (the help texts say 10).
 pub const CALIBRATION_STEPS: u64 = 10;
 

@@ -39,7 +39,7 @@ pub struct DemoArgs {
     /// evaluation classifier, the rest data preparation, sampling, evaluation and plots; what
     /// the transformer's capped steps will not use of its share, timed before the tokenizer
     /// starts, goes to the tokenizer).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::common::parse_minutes)]
     pub minutes: f64,
     /// Upper bounds on the steps, so that a GPU finishes early instead of filling the budget.
     #[arg(long, default_value_t = 3000)]

@@ -184,7 +184,7 @@ pub struct TrainArgs {
     pub overwrite: bool,
     /// Wall-clock budget in minutes for the whole command: after 10 steps the step count (and
     /// the learning-rate schedule) is set to what fits, at most --steps.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::parse_minutes)]
     pub minutes: Option<f64>,
     /// Mixed precision: bf16 (autocast: GEMMs, attention and convolutions in bf16 with f32
     /// accumulation, f32 master weights), f32, or auto (bf16 on a GPU, f32 on the CPU, where

@@ -98,7 +98,7 @@ pub struct TrainTokenizerArgs {
     /// Wall-clock budget in minutes for the whole command: after 10 steps the step count is set
     /// to what fits, at most --steps, and every 50 steps after that it is set again from the rate
     /// since step 10 (the learning rate is constant, so only the end moves).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::parse_minutes)]
     pub minutes: Option<f64>,
     /// No horizontal flips.
     #[arg(long)]

@@ -871,6 +871,31 @@ fn a_time_budget_never_trains_past_steps() {
 }
 
 #[test]
+fn a_budget_that_is_not_a_positive_number_of_minutes_is_refused() {
+    for cmd in ["demo", "train", "train-tokenizer", "train-classifier"] {
+        for bad in ["0", "-1", "nan", "inf", "ten"] {
+            // A usage error: clap's exit status 2, before anything runs.
+            let o = mvar()
+                .arg(cmd)
+                .arg(format!("--minutes={bad}"))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{cmd} --minutes={bad}:\n{err}");
+            for needle in [
+                format!("invalid value '{bad}' for '--minutes"),
+                "expected a number of minutes above 0".to_string(),
+            ] {
+                assert!(
+                    err.contains(&needle),
+                    "{cmd} --minutes={bad}: lacks {needle:?}:\n{err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn missing_and_empty_data_folders_are_named() {
     let root = scratch("nodata");
     let missing = root.join("does-not-exist");

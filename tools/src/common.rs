@@ -83,6 +83,16 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
         .collect()
 }
 
+/// Parses a flag that must be a finite number (a NaN or infinite guidance strength would only
+/// surface later as NaN logits, far from the flag that caused them).
+pub fn parse_finite(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        Ok(_) => Err("expected a finite number".to_string()),
+        Err(e) => Err(format!("{e}; expected a finite number")),
+    }
+}
+
 /// Parses a `--minutes` budget: a finite number of minutes above 0 (a zero, negative or NaN
 /// budget would silently train only the steps that time it).
 pub fn parse_minutes(s: &str) -> std::result::Result<f64, String> {

@@ -102,7 +102,7 @@ const MAX_GRID_IMAGES: usize = 256;
 #[derive(Args, Debug, Clone, Copy)]
 pub struct SamplingArgs {
     /// Classifier-free guidance strength (ramped from 0 at the first scale to this at the last).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = crate::common::parse_finite)]
     pub cfg: f64,
     /// Keep the top-k logits (0 = all; 1 = greedy).
     #[arg(long, default_value_t = 0)]

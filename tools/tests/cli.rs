@@ -871,6 +871,26 @@ fn a_time_budget_never_trains_past_steps() {
 }
 
 #[test]
+fn a_guidance_strength_that_is_not_a_finite_number_is_refused() {
+    for cmd in ["sample", "eval", "train"] {
+        for bad in ["nan", "inf", "-inf"] {
+            let o = mvar()
+                .arg(cmd)
+                .arg(format!("--cfg={bad}"))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{cmd} --cfg={bad}:\n{err}");
+            assert!(
+                err.contains(&format!("invalid value '{bad}' for '--cfg"))
+                    && err.contains("expected a finite number"),
+                "{cmd} --cfg={bad}:\n{err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_budget_that_is_not_a_positive_number_of_minutes_is_refused() {
     for cmd in ["demo", "train", "train-tokenizer", "train-classifier"] {
         for bad in ["0", "-1", "nan", "inf", "ten"] {

@@ -83,6 +83,20 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: u64) -> Vec<usize>
         .collect()
 }
 
+/// Refuses a loss weight, rate or coefficient flag (`flag`, e.g. "--l1") of command `cmd` that
+/// is not a finite number >= 0, naming it, before any work starts: such values otherwise show
+/// up steps later as a NaN or negative loss.
+pub fn require_nonnegative(cmd: &'static str, flag: &str, value: f64) -> Result<()> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            cmd,
+            format!("{flag} {value}: expected a finite number >= 0"),
+        ))
+    }
+}
+
 /// Parses a flag that must be a finite number (a NaN or infinite guidance strength would only
 /// surface later as NaN logits, far from the flag that caused them).
 pub fn parse_finite(s: &str) -> std::result::Result<f64, String> {

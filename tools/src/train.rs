@@ -254,6 +254,15 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             ),
         ));
     }
+    if args.batch == 0 {
+        return Err(Error::invalid(
+            "mvar train",
+            "--batch 0: expected at least one sequence per step",
+        ));
+    }
+    for (flag, value) in [("--wpe", args.wpe), ("--weight-decay", args.weight_decay)] {
+        crate::common::require_nonnegative("mvar train", flag, value)?;
+    }
     let t0 = Instant::now();
     let vae = load_tokenizer(&args.tokenizer, device)?;
     let pns = vae.config.v_patch_nums.clone();

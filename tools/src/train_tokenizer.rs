@@ -160,7 +160,19 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         ));
     }
     if args.batch == 0 {
-        return Err(Error::invalid("train-tokenizer", "--batch 0"));
+        return Err(Error::invalid(
+            "train-tokenizer",
+            "--batch 0: expected at least one image per step",
+        ));
+    }
+    for (flag, value) in [
+        ("--lr", args.lr),
+        ("--l1", args.l1),
+        ("--l2", args.l2),
+        ("--chroma", args.chroma),
+        ("--beta", args.beta),
+    ] {
+        crate::common::require_nonnegative("train-tokenizer", flag, value)?;
     }
     let t0 = Instant::now();
     let train = load_training_split(&args.data, &args.split, args.side, args.preprocess)?;

@@ -891,6 +891,59 @@ fn a_guidance_strength_that_is_not_a_finite_number_is_refused() {
 }
 
 #[test]
+fn loss_weights_rates_and_batches_that_a_step_cannot_use_are_named_before_training() {
+    let out = scratch("bad-flags");
+    for (flag, value, message) in [
+        ("--l1", "-1", "--l1 -1: expected a finite number >= 0"),
+        ("--l2", "nan", "--l2 NaN: expected a finite number >= 0"),
+        (
+            "--chroma",
+            "-2",
+            "--chroma -2: expected a finite number >= 0",
+        ),
+        ("--beta", "inf", "--beta inf: expected a finite number >= 0"),
+        ("--lr", "-0.1", "--lr -0.1: expected a finite number >= 0"),
+        (
+            "--batch",
+            "0",
+            "--batch 0: expected at least one image per step",
+        ),
+    ] {
+        fails(
+            mvar()
+                .arg("train-tokenizer")
+                .arg(format!("{flag}={value}"))
+                .arg("--out")
+                .arg(out.join("tok")),
+            &[message],
+        );
+    }
+    for (flag, value, message) in [
+        ("--wpe", "nan", "--wpe NaN: expected a finite number >= 0"),
+        (
+            "--weight-decay",
+            "-1",
+            "--weight-decay -1: expected a finite number >= 0",
+        ),
+        (
+            "--batch",
+            "0",
+            "--batch 0: expected at least one sequence per step",
+        ),
+    ] {
+        fails(
+            mvar()
+                .arg("train")
+                .arg(format!("{flag}={value}"))
+                .arg("--out")
+                .arg(out.join("model")),
+            &[message],
+        );
+    }
+    assert!(!out.join("tok").exists() && !out.join("model").exists());
+}
+
+#[test]
 fn a_budget_that_is_not_a_positive_number_of_minutes_is_refused() {
     for cmd in ["demo", "train", "train-tokenizer", "train-classifier"] {
         for bad in ["0", "-1", "nan", "inf", "ten"] {

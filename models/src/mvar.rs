@@ -59,6 +59,30 @@ pub struct Mvar {
     pub config: MvarConfig,
 }
 
+impl MvarConfig {
+    /// Checks the neighbourhood settings against the token pyramid `patch_nums`: an odd kernel,
+    /// no larger than any scale from `refine_step` on.
+    pub fn validate(&self, patch_nums: &[usize]) -> Result<()> {
+        if self.kernel_size == 0 || self.kernel_size.is_multiple_of(2) {
+            return Err(Error::invalid(
+                "MvarConfig",
+                format!("kernel_size {}: expected an odd size", self.kernel_size),
+            ));
+        }
+        if let Some(&small) = patch_nums
+            .iter()
+            .skip(self.refine_step.min(patch_nums.len()))
+            .find(|&&p| p < self.kernel_size)
+        {
+            return Err(Error::invalid(
+                "MvarConfig",
+                format!("kernel_size {} is larger than the {small}x{small} scale at or after refine_step {}", self.kernel_size, self.refine_step),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Mvar {
     /// An MVAR with VAR's initialisation; its checkpoint buffer holds the block-diagonal mask.
     pub fn new(
@@ -67,24 +91,7 @@ impl Mvar {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
-        let k = var_config.patch_nums.len();
-        if config.kernel_size == 0 || config.kernel_size.is_multiple_of(2) {
-            return Err(Error::invalid(
-                "MvarConfig",
-                format!("kernel_size {}: expected an odd size", config.kernel_size),
-            ));
-        }
-        if let Some(&small) = var_config
-            .patch_nums
-            .iter()
-            .skip(config.refine_step.min(k))
-            .find(|&&p| p < config.kernel_size)
-        {
-            return Err(Error::invalid(
-                "MvarConfig",
-                format!("kernel_size {} is larger than the {small}x{small} scale at or after refine_step {}", config.kernel_size, config.refine_step),
-            ));
-        }
+        config.validate(&var_config.patch_nums)?;
         Ok(Mvar {
             var: Var::new(var_config, device, seed, Mixing::BlockDiagonal)?,
             config,

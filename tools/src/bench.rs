@@ -517,6 +517,18 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
         && args.sample_batch == 32
         && args.width.is_none()
         && args.heads.is_none();
+    // An MVAR whose neighbourhoods do not fit the pyramid is refused before any model is
+    // measured, not after the models before it.
+    let mvar_config = || MvarConfig {
+        refine_step: args
+            .refine_step
+            .unwrap_or_else(|| crate::common::default_refine_step(&pns, args.kernel_size)),
+        kernel_size: args.kernel_size,
+        ..MvarConfig::default()
+    };
+    if args.models.iter().any(|m| m.kind == Kind::Mvar) {
+        mvar_config().validate(&pns)?;
+    }
     let mut results: Vec<(Kind, ModelFigures)> = Vec::new();
     let mut json = match &args.json {
         Some(p) => Some(crate::progress::Metrics::open(p, None)?),
@@ -531,13 +543,7 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
         var.patch_nums = pns.clone();
         var.cvae = vae.config.z_channels;
         var.vocab_size = vae.config.vocab_size;
-        let mvar = (name.kind == Kind::Mvar).then(|| MvarConfig {
-            refine_step: args
-                .refine_step
-                .unwrap_or_else(|| crate::common::default_refine_step(&pns, args.kernel_size)),
-            kernel_size: args.kernel_size,
-            ..MvarConfig::default()
-        });
+        let mvar = (name.kind == Kind::Mvar).then(mvar_config);
         let label = format!(
             "{}-d{depth}",
             if name.kind == Kind::Var {

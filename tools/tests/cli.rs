@@ -944,6 +944,37 @@ fn loss_weights_rates_and_batches_that_a_step_cannot_use_are_named_before_traini
 }
 
 #[test]
+fn bench_refuses_neighbourhoods_that_do_not_fit_before_timing_any_model() {
+    let o = mvar()
+        .args([
+            "bench", "--model", "var-d1", "--model", "mvar-d1", "--vae-ch", "32",
+        ])
+        .args([
+            "--batch",
+            "1",
+            "--sample-batch",
+            "1",
+            "--steps",
+            "1",
+            "--sample-reps",
+            "1",
+        ])
+        .args(["--kernel-size", "4"])
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    assert!(err.contains("kernel_size 4: expected an odd size"), "{err}");
+    assert!(
+        !out.contains("train step"),
+        "a model was timed first:\n{out}"
+    );
+}
+
+#[test]
 fn a_budget_that_is_not_a_positive_number_of_minutes_is_refused() {
     for cmd in ["demo", "train", "train-tokenizer", "train-classifier"] {
         for bad in ["0", "-1", "nan", "inf", "ten"] {

@@ -234,7 +234,24 @@ pub fn load_model_dir(
     dir: &Path,
     device: &Device,
 ) -> Result<(mvar_models::trainer::ArModel, VqVae, ModelInfo)> {
-    let info: ModelInfo = read_json(&dir.join("model.json"))?;
+    let json = dir.join("model.json");
+    if !json.is_file() {
+        let what = if dir.join("tokenizer.json").is_file() {
+            "a tokenizer folder (from `mvar train-tokenizer`), not a model folder"
+        } else if dir.is_dir() {
+            "a folder without model.json"
+        } else {
+            "no such folder"
+        };
+        return Err(Error::invalid(
+            "model folder",
+            format!(
+                "{}: {what}; expected a model folder written by `mvar train` or `mvar import` (model.json, model.safetensors)",
+                dir.display()
+            ),
+        ));
+    }
+    let info: ModelInfo = read_json(&json)?;
     let model = build_model(&info, device, 0)?;
     let report = model.var().load(&dir.join("model.safetensors"))?;
     if !report.unexpected.is_empty() {

@@ -975,6 +975,32 @@ fn bench_refuses_neighbourhoods_that_do_not_fit_before_timing_any_model() {
 }
 
 #[test]
+fn a_folder_that_is_not_a_model_folder_is_named_with_what_it_is() {
+    let root = scratch("not-a-model");
+    let (_, tok) = tokenizer();
+    for (dir, what) in [
+        (root.join("missing"), "no such folder"),
+        (root.clone(), "a folder without model.json"),
+        (tok.clone(), "a tokenizer folder"),
+    ] {
+        for cmd in ["sample", "eval"] {
+            fails(
+                mvar()
+                    .arg(cmd)
+                    .arg("--ckpt")
+                    .arg(&dir)
+                    .arg("--out")
+                    .arg(root.join("out")),
+                &[
+                    what,
+                    "expected a model folder written by `mvar train` or `mvar import`",
+                ],
+            );
+        }
+    }
+}
+
+#[test]
 fn a_budget_that_is_not_a_positive_number_of_minutes_is_refused() {
     for cmd in ["demo", "train", "train-tokenizer", "train-classifier"] {
         for bad in ["0", "-1", "nan", "inf", "ten"] {

@@ -80,7 +80,10 @@ fn lr_at(peak: f64, step: u64, total: u64) -> f64 {
 
 /// Loads a classifier folder written by `mvar train-classifier`.
 pub fn load_classifier(dir: &Path, device: &Device) -> Result<Classifier> {
-    let cfg: ClassifierConfig = read_json(&dir.join("classifier.json"))?;
+    let cfg: ClassifierConfig = read_json(&crate::common::folder_file(
+        dir,
+        crate::common::FolderKind::Classifier,
+    )?)?;
     let c = Classifier::new(cfg, device, 0)?;
     c.load(&dir.join("classifier.safetensors"))?;
     Ok(c)

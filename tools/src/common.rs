@@ -1,6 +1,6 @@
 //! Helpers shared by the commands: data splits, the deterministic data order.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use mvar_engine::{no_grad, Device, Error, Generator, Result, Tensor};
 use mvar_models::data::{Crop, ImageDataset, Preprocess};
@@ -164,9 +164,68 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// The folders the commands write and read, told apart by the JSON file each holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FolderKind {
+    Model,
+    Tokenizer,
+    Classifier,
+}
+
+impl FolderKind {
+    const ALL: [FolderKind; 3] = [
+        FolderKind::Model,
+        FolderKind::Tokenizer,
+        FolderKind::Classifier,
+    ];
+
+    fn json(self) -> &'static str {
+        match self {
+            FolderKind::Model => "model.json",
+            FolderKind::Tokenizer => "tokenizer.json",
+            FolderKind::Classifier => "classifier.json",
+        }
+    }
+
+    fn described(self) -> &'static str {
+        match self {
+            FolderKind::Model => "a model folder written by `mvar train` or `mvar import` (model.json, model.safetensors)",
+            FolderKind::Tokenizer => "a tokenizer folder written by `mvar train-tokenizer` (tokenizer.json, tokenizer.safetensors)",
+            FolderKind::Classifier => "a classifier folder written by `mvar train-classifier` (classifier.json, classifier.safetensors)",
+        }
+    }
+}
+
+/// The JSON file of `dir` as a folder of kind `want`; when it is not there, an error that says
+/// what `dir` is instead (missing, another kind of folder, a folder without it) and what was
+/// expected.
+pub(crate) fn folder_file(dir: &Path, want: FolderKind) -> Result<PathBuf> {
+    let json = dir.join(want.json());
+    if json.is_file() {
+        return Ok(json);
+    }
+    let found = if !dir.exists() {
+        "no such folder".to_string()
+    } else if !dir.is_dir() {
+        "a file, not a folder".to_string()
+    } else if let Some(other) = FolderKind::ALL
+        .into_iter()
+        .find(|k| *k != want && dir.join(k.json()).is_file())
+    {
+        let d = other.described();
+        format!("{} instead", d.split(" (").next().unwrap_or(d))
+    } else {
+        format!("a folder without {}", want.json())
+    };
+    Err(Error::invalid(
+        "folder",
+        format!("{}: {found}; expected {}", dir.display(), want.described()),
+    ))
+}
+
 /// Loads a tokenizer folder written by `mvar train-tokenizer` (tokenizer.json + tokenizer.safetensors).
 pub fn load_tokenizer(dir: &Path, device: &Device) -> Result<VqVae> {
-    let cfg: VqVaeConfig = read_json(&dir.join("tokenizer.json"))?;
+    let cfg: VqVaeConfig = read_json(&folder_file(dir, FolderKind::Tokenizer)?)?;
     let vae = VqVae::new(cfg, device, 0)?;
     vae.load(&dir.join("tokenizer.safetensors"))?;
     Ok(vae)
@@ -234,23 +293,7 @@ pub fn load_model_dir(
     dir: &Path,
     device: &Device,
 ) -> Result<(mvar_models::trainer::ArModel, VqVae, ModelInfo)> {
-    let json = dir.join("model.json");
-    if !json.is_file() {
-        let what = if dir.join("tokenizer.json").is_file() {
-            "a tokenizer folder (from `mvar train-tokenizer`), not a model folder"
-        } else if dir.is_dir() {
-            "a folder without model.json"
-        } else {
-            "no such folder"
-        };
-        return Err(Error::invalid(
-            "model folder",
-            format!(
-                "{}: {what}; expected a model folder written by `mvar train` or `mvar import` (model.json, model.safetensors)",
-                dir.display()
-            ),
-        ));
-    }
+    let json = folder_file(dir, FolderKind::Model)?;
     let info: ModelInfo = read_json(&json)?;
     let model = build_model(&info, device, 0)?;
     let report = model.var().load(&dir.join("model.safetensors"))?;

@@ -981,7 +981,10 @@ fn a_folder_that_is_not_a_model_folder_is_named_with_what_it_is() {
     for (dir, what) in [
         (root.join("missing"), "no such folder"),
         (root.clone(), "a folder without model.json"),
-        (tok.clone(), "a tokenizer folder"),
+        (
+            tok.clone(),
+            "a tokenizer folder written by `mvar train-tokenizer` instead",
+        ),
     ] {
         for cmd in ["sample", "eval"] {
             fails(
@@ -998,6 +1001,18 @@ fn a_folder_that_is_not_a_model_folder_is_named_with_what_it_is() {
             );
         }
     }
+    // And a model folder where a tokenizer is expected.
+    let data = root.join("data");
+    tiny_images(&data);
+    let model = root.join("model");
+    ok(&mut train_cmd(&data, tok, &model, 1));
+    fails(
+        &mut train_cmd(&data, &model, &root.join("model2"), 1),
+        &[
+            "a model folder written by `mvar train` or `mvar import` instead",
+            "expected a tokenizer folder written by `mvar train-tokenizer`",
+        ],
+    );
 }
 
 #[test]

@@ -870,21 +870,28 @@ fn a_time_budget_never_trains_past_steps() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// Runs `mvar <cmd> <arg>` and expects a usage error: clap's exit status 2 while the flags are
+/// read, before anything runs, with each of `needles` in its message.
+fn usage_error(cmd: &str, arg: &str, needles: &[&str]) {
+    let o = mvar().arg(cmd).arg(arg).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{cmd} {arg}:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{cmd} {arg}: lacks {n:?}:\n{err}");
+    }
+}
+
 #[test]
 fn a_guidance_strength_that_is_not_a_finite_number_is_refused() {
     for cmd in ["sample", "eval", "train"] {
         for bad in ["nan", "inf", "-inf"] {
-            let o = mvar()
-                .arg(cmd)
-                .arg(format!("--cfg={bad}"))
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&o.stderr);
-            assert_eq!(o.status.code(), Some(2), "{cmd} --cfg={bad}:\n{err}");
-            assert!(
-                err.contains(&format!("invalid value '{bad}' for '--cfg"))
-                    && err.contains("expected a finite number"),
-                "{cmd} --cfg={bad}:\n{err}"
+            usage_error(
+                cmd,
+                &format!("--cfg={bad}"),
+                &[
+                    &format!("invalid value '{bad}' for '--cfg"),
+                    "expected a finite number",
+                ],
             );
         }
     }
@@ -893,39 +900,53 @@ fn a_guidance_strength_that_is_not_a_finite_number_is_refused() {
 #[test]
 fn loss_weights_rates_and_batches_that_a_step_cannot_use_are_named_before_training() {
     let out = scratch("bad-flags");
-    for (flag, value, message) in [
-        ("--l1", "-1", "--l1 -1: expected a finite number >= 0"),
-        ("--l2", "nan", "--l2 NaN: expected a finite number >= 0"),
+    let tok = "train-tokenizer";
+    for (cmd, flag, value, message) in [
+        (tok, "--l1", "-1", "--l1 -1: expected a finite number >= 0"),
         (
+            tok,
+            "--l2",
+            "nan",
+            "--l2 NaN: expected a finite number >= 0",
+        ),
+        (
+            tok,
             "--chroma",
             "-2",
             "--chroma -2: expected a finite number >= 0",
         ),
-        ("--beta", "inf", "--beta inf: expected a finite number >= 0"),
-        ("--lr", "-0.1", "--lr -0.1: expected a finite number >= 0"),
         (
+            tok,
+            "--beta",
+            "inf",
+            "--beta inf: expected a finite number >= 0",
+        ),
+        (
+            tok,
+            "--lr",
+            "-0.1",
+            "--lr -0.1: expected a finite number >= 0",
+        ),
+        (
+            tok,
             "--batch",
             "0",
             "--batch 0: expected at least one image per step",
         ),
-    ] {
-        fails(
-            mvar()
-                .arg("train-tokenizer")
-                .arg(format!("{flag}={value}"))
-                .arg("--out")
-                .arg(out.join("tok")),
-            &[message],
-        );
-    }
-    for (flag, value, message) in [
-        ("--wpe", "nan", "--wpe NaN: expected a finite number >= 0"),
         (
+            "train",
+            "--wpe",
+            "nan",
+            "--wpe NaN: expected a finite number >= 0",
+        ),
+        (
+            "train",
             "--weight-decay",
             "-1",
             "--weight-decay -1: expected a finite number >= 0",
         ),
         (
+            "train",
             "--batch",
             "0",
             "--batch 0: expected at least one sequence per step",
@@ -933,14 +954,14 @@ fn loss_weights_rates_and_batches_that_a_step_cannot_use_are_named_before_traini
     ] {
         fails(
             mvar()
-                .arg("train")
+                .arg(cmd)
                 .arg(format!("{flag}={value}"))
                 .arg("--out")
-                .arg(out.join("model")),
+                .arg(out.join(cmd)),
             &[message],
         );
     }
-    assert!(!out.join("tok").exists() && !out.join("model").exists());
+    assert!(!out.join(tok).exists() && !out.join("train").exists());
 }
 
 #[test]
@@ -1019,23 +1040,14 @@ fn a_folder_that_is_not_a_model_folder_is_named_with_what_it_is() {
 fn a_budget_that_is_not_a_positive_number_of_minutes_is_refused() {
     for cmd in ["demo", "train", "train-tokenizer", "train-classifier"] {
         for bad in ["0", "-1", "nan", "inf", "ten"] {
-            // A usage error: clap's exit status 2, before anything runs.
-            let o = mvar()
-                .arg(cmd)
-                .arg(format!("--minutes={bad}"))
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&o.stderr);
-            assert_eq!(o.status.code(), Some(2), "{cmd} --minutes={bad}:\n{err}");
-            for needle in [
-                format!("invalid value '{bad}' for '--minutes"),
-                "expected a number of minutes above 0".to_string(),
-            ] {
-                assert!(
-                    err.contains(&needle),
-                    "{cmd} --minutes={bad}: lacks {needle:?}:\n{err}"
-                );
-            }
+            usage_error(
+                cmd,
+                &format!("--minutes={bad}"),
+                &[
+                    &format!("invalid value '{bad}' for '--minutes"),
+                    "expected a number of minutes above 0",
+                ],
+            );
         }
     }
 }

@@ -519,13 +519,7 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
         && args.heads.is_none();
     // An MVAR whose neighbourhoods do not fit the pyramid is refused before any model is
     // measured, not after the models before it.
-    let mvar_config = || MvarConfig {
-        refine_step: args
-            .refine_step
-            .unwrap_or_else(|| crate::common::default_refine_step(&pns, args.kernel_size)),
-        kernel_size: args.kernel_size,
-        ..MvarConfig::default()
-    };
+    let mvar_config = || crate::common::mvar_config(&pns, args.refine_step, args.kernel_size);
     if args.models.iter().any(|m| m.kind == Kind::Mvar) {
         mvar_config().validate(&pns)?;
     }

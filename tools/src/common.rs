@@ -231,6 +231,20 @@ pub fn load_tokenizer(dir: &Path, device: &Device) -> Result<VqVae> {
     Ok(vae)
 }
 
+/// An MVAR's neighbourhood settings on the pyramid `patch_nums`: `kernel_size`, from scale
+/// `refine_step` on (none given: [`default_refine_step`]).
+pub fn mvar_config(
+    patch_nums: &[usize],
+    refine_step: Option<usize>,
+    kernel_size: usize,
+) -> mvar_models::MvarConfig {
+    mvar_models::MvarConfig {
+        refine_step: refine_step.unwrap_or_else(|| default_refine_step(patch_nums, kernel_size)),
+        kernel_size,
+        ..mvar_models::MvarConfig::default()
+    }
+}
+
 /// MVAR's first neighbourhood-attention scale when none is given: the official 8 where the
 /// pyramid has scales from 8 on and all of them are at least as large as the kernel (the 256-px
 /// pyramid: 13x13 and 16x16), else the first scale at least as large as the kernel (none: the

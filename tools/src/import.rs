@@ -15,9 +15,9 @@ use mvar_models::checkpoint::write_atomic;
 use mvar_models::import::{
     read_state_dict, var_config_from_state_dict, vqvae_config_from_state_dict,
 };
-use mvar_models::{MvarConfig, VqVae};
+use mvar_models::VqVae;
 
-use crate::common::{build_model, default_refine_step, io, ModelInfo};
+use crate::common::{build_model, io, mvar_config, ModelInfo};
 use crate::train::Kind;
 
 #[derive(Args, Debug, Clone)]
@@ -117,13 +117,8 @@ pub fn run(args: ImportArgs) -> Result<()> {
         Some(p) => class_names(p, var_cfg.num_classes)?,
         None => Vec::new(),
     };
-    let mvar = (args.kind == Kind::Mvar).then(|| MvarConfig {
-        refine_step: args
-            .refine_step
-            .unwrap_or_else(|| default_refine_step(&var_cfg.patch_nums, args.kernel_size)),
-        kernel_size: args.kernel_size,
-        ..MvarConfig::default()
-    });
+    let mvar = (args.kind == Kind::Mvar)
+        .then(|| mvar_config(&var_cfg.patch_nums, args.refine_step, args.kernel_size));
     let info = ModelInfo {
         kind: if args.kind == Kind::Var {
             "var"

@@ -215,13 +215,8 @@ pub(crate) fn model_configs(
     if let Some(rate) = args.drop_path {
         var_cfg.drop_path_rate = rate;
     }
-    let mvar_cfg = (args.model.kind == Kind::Mvar).then(|| MvarConfig {
-        refine_step: args
-            .refine_step
-            .unwrap_or_else(|| crate::common::default_refine_step(&pns, args.kernel_size)),
-        kernel_size: args.kernel_size,
-        ..MvarConfig::default()
-    });
+    let mvar_cfg = (args.model.kind == Kind::Mvar)
+        .then(|| crate::common::mvar_config(&pns, args.refine_step, args.kernel_size));
     var_cfg.patch_nums = pns;
     (var_cfg, mvar_cfg)
 }
@@ -245,22 +240,17 @@ pub(crate) fn trainer_config(args: &TrainArgs, device: &Device) -> ArTrainConfig
 
 pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let t_cmd = Instant::now();
-    if !(args.base_lr.is_finite() && args.base_lr >= 0.0) {
-        return Err(Error::invalid(
-            "mvar train",
-            format!(
-                "--base-lr {}: expected a finite learning rate >= 0",
-                args.base_lr
-            ),
-        ));
-    }
     if args.batch == 0 {
         return Err(Error::invalid(
             "mvar train",
             "--batch 0: expected at least one sequence per step",
         ));
     }
-    for (flag, value) in [("--wpe", args.wpe), ("--weight-decay", args.weight_decay)] {
+    for (flag, value) in [
+        ("--base-lr", args.base_lr),
+        ("--wpe", args.wpe),
+        ("--weight-decay", args.weight_decay),
+    ] {
         crate::common::require_nonnegative("mvar train", flag, value)?;
     }
     let t0 = Instant::now();

@@ -387,7 +387,7 @@ fn early_stop_ends_the_run_when_the_held_out_loss_stops_falling() {
     );
     fails(
         train_cmd(&data, tok, &root.join("nolr"), 5).arg("--base-lr=-1"),
-        &["--base-lr -1: expected a finite learning rate >= 0"],
+        &["--base-lr -1: expected a finite number >= 0"],
     );
 }
 

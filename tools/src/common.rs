@@ -110,10 +110,9 @@ pub fn parse_finite(s: &str) -> std::result::Result<f64, String> {
 /// Parses a `--minutes` budget: a finite number of minutes above 0 (a zero, negative or NaN
 /// budget would silently train only the steps that time it).
 pub fn parse_minutes(s: &str) -> std::result::Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(m) if m.is_finite() && m > 0.0 => Ok(m),
-        Ok(_) => Err("expected a number of minutes above 0".to_string()),
-        Err(e) => Err(format!("{e}; expected a number of minutes above 0")),
+    match parse_finite(s) {
+        Ok(m) if m > 0.0 => Ok(m),
+        _ => Err("expected a number of minutes above 0".to_string()),
     }
 }
 

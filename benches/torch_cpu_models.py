@@ -23,6 +23,10 @@ stands in, and its time is not NATTEN's: the MVAR rows of scales from refine_ste
 
 Usage: python3 benches/torch_cpu_models.py --var-repo VAR --mvar-repo MVAR [--depth 4 --batch 4
 --sample-batch 4 --vae-ch 32 --steps 5 --sample-reps 2 --threads 2]
+
+With --tokenizer it times the tokenizer's training step instead, as `mvar bench --what tokenizer`
+does (see `run_tokenizer`); `mvar demo`'s tokenizer: --tokenizer --vae-ch 32 --vae-ch-mult 1,2,2
+--vae-res-blocks 1 --patch-nums 1,2,3,4,6,8 --batch 16 --steps 20.
 """
 
 import argparse
@@ -35,7 +39,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "official_reference"))
 from official import prepare_official_import  # noqa: E402
 
-PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 NOWD_KEYS = {"cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
              "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"}
 
@@ -51,6 +54,7 @@ def run(kind, args):
     from utils.lr_control import filter_params
 
     depth = args.depth
+    PATCH_NUMS = tuple(args.patch_nums)
     vae = VQVAE(vocab_size=args.vocab, z_channels=32, ch=args.vae_ch, test_mode=True, share_quant_resi=4,
                 v_patch_nums=PATCH_NUMS)
     common = dict(vae_local=vae, num_classes=args.classes, depth=depth, embed_dim=depth * 64, num_heads=depth,
@@ -157,6 +161,63 @@ def run(kind, args):
           f"{note}", flush=True)
 
 
+def run_tokenizer(args):
+    """`mvar bench --what tokenizer`: the official VQVAE's training forward (`VQVAE.forward`:
+    encoder, quant_conv, the residual quantizer's straight-through f_hat with its commitment and
+    codebook loss, post_quant_conv, decoder) with the loss `mvar train-tokenizer` adds, mean
+    |rec - x| + mean (rec - x)^2 + vq_loss, backward, `clip_grad_norm_` (2.0) and AdamW (betas
+    0.9 / 0.99, not fused), on one batch of random images in [-1, 1]. The official VQVAE fixes
+    ch_mult (1, 1, 2, 2, 4) and two residual blocks; other values replace its encoder and decoder
+    with the official `Encoder` / `Decoder` built with them (the parameter count is printed, to
+    compare with `mvar bench`'s)."""
+    import torch
+    import torch.distributed as tdist
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    prepare_official_import(args.var_repo)
+    from models.basic_vae import Decoder, Encoder
+    from models.vqvae import VQVAE
+
+    if not tdist.is_initialized():
+        # VectorQuantizer2.forward reads the world size: one process, a file rendezvous.
+        import tempfile
+
+        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        tdist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    pns = tuple(args.patch_nums)
+    vae = VQVAE(vocab_size=args.vocab, z_channels=32, ch=args.vae_ch, test_mode=False, v_patch_nums=pns)
+    levels = dict(dropout=0.0, ch=args.vae_ch, z_channels=32, in_channels=3, ch_mult=tuple(args.vae_ch_mult),
+                  num_res_blocks=args.vae_res_blocks, using_sa=True, using_mid_sa=True)
+    vae.encoder = Encoder(double_z=False, **levels)
+    vae.decoder = Decoder(**levels)
+    vae.train()
+    side = pns[-1] * 2 ** (len(args.vae_ch_mult) - 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-4, betas=(0.9, 0.99), weight_decay=0.0, foreach=False)
+    x = torch.rand(args.batch, 3, side, side) * 2 - 1
+
+    def step():
+        rec, _, vq_loss = vae(x)
+        loss = (rec - x).abs().mean() + (rec - x).square().mean() + vq_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    params = sum(p.numel() for p in vae.parameters())
+    print(f"tokenizer (official VQVAE, ch {args.vae_ch}, ch_mult {tuple(args.vae_ch_mult)}, "
+          f"{args.vae_res_blocks} residual blocks, {params / 1e6:.2f} M parameters), {side}x{side}, "
+          f"torch {torch.__version__}, {args.threads} threads: train step, batch {args.batch}: "
+          f"{statistics.median(times):.4f} s/step median of {args.steps}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--var-repo", required=True)
@@ -166,8 +227,17 @@ def main():
                           ("classes", 1000), ("refine-step", 8), ("ratio-k", 8), ("steps", 5), ("sample-reps", 2),
                           ("threads", 2), ("seed", 0)):
         ap.add_argument(f"--{name}", type=int, default=default)
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    ap.add_argument("--patch-nums", type=ints, default=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+    ap.add_argument("--vae-ch-mult", type=ints, default=[1, 1, 2, 2, 4], help="--tokenizer only")
+    ap.add_argument("--vae-res-blocks", type=int, default=2, help="--tokenizer only")
+    ap.add_argument("--tokenizer", action="store_true",
+                    help="time the tokenizer's training step instead (mvar bench --what tokenizer)")
     ap.add_argument("--kind", choices=["var", "mvar"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tokenizer:
+        run_tokenizer(args)
+        return
     if args.kind:
         run(args.kind, args)
         return

@@ -118,7 +118,8 @@ cat > "$BUNDLE/run-all.sh" <<'RUN'
 #           memory, and their ratios (the MVAR paper's Table 2); MVAR-d16's training step again
 #           with MVAR_NA_STAGING=ring; both models' training step with
 #           --recompute-activations; both models' sampling with the whole batch decoded in one
-#           pass (--decode-batch 32, the official sampler's way); then a short run of the same under MVAR_PROFILE=trace,
+#           pass (--decode-batch 32, the official sampler's way); the released tokenizer's
+#           training step (--what tokenizer, batch 8); then a short run of the same under MVAR_PROFILE=trace,
 #           whose timeline (host ops, GPU kernels) lands in logs/
 #   ncu     Nsight Compute on the kernels of a few bench cases (not in the default set: name it):
 #           per case, the sections that say where a kernel's time goes (throughputs, occupancy,
@@ -407,6 +408,13 @@ phase_model() {
   run_for "$STEP_SECS" "$BIN/mvar" bench --model var-d16 --model mvar-d16 --what sample --decode-batch 32 \
     --json "$LOGS/mvar-bench-decode32.jsonl" 2>&1 | tee "$LOGS/mvar-bench-decode32.log"
   outcome "mvar bench (whole-batch decode)" "${PIPESTATUS[0]}"
+  # The released tokenizer's training step (f32, as `mvar train-tokenizer` trains), batch 8 at
+  # 256 px: the convolutions' share of a GPU run, which no test times.
+  budget_for "mvar bench (tokenizer)" 90 || return
+  echo "== mvar bench tokenizer training step, released shape, batch 8 (at most $STEP_SECS s)"
+  run_for "$STEP_SECS" "$BIN/mvar" bench --what tokenizer --batch 8 --steps 5 \
+    --json "$LOGS/mvar-bench-tokenizer.jsonl" 2>&1 | tee "$LOGS/mvar-bench-tokenizer.log"
+  outcome "mvar bench (tokenizer)" "${PIPESTATUS[0]}"
   # A timeline of the same models (few steps, one sampling batch) for Perfetto: the ops on the
   # host and their kernels on the GPU track (MVAR_PROFILE=trace), to see where a step's time
   # goes. Separate from the figures above: reading the GPU times adds a device sync per batch.

@@ -22,7 +22,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use mvar_engine::{no_grad, Device, Error, Generator, Result, Tensor};
+use mvar_engine::{no_grad, DType, Device, Error, Generator, Result, Tensor};
+use mvar_models::tokenizer::{TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::trainer::{ArModel, ArTrainConfig, ArTrainer};
 use mvar_models::{Mixing, Mvar, MvarConfig, SampleConfig, Var, VarConfig, VqVae, VqVaeConfig};
 use mvar_ops as ops;
@@ -34,6 +35,8 @@ pub enum What {
     Train,
     Sample,
     All,
+    /// The tokenizer's training step instead of the transformers' figures.
+    Tokenizer,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -55,7 +58,9 @@ pub struct BenchArgs {
     /// rows for classifier-free guidance).
     #[arg(long, default_value_t = 32)]
     pub sample_batch: usize,
-    /// train, sample or all.
+    /// train, sample or all (the transformers' figures), or tokenizer: the tokenizer's training
+    /// step (`mvar train-tokenizer`'s loss, gradient clip and AdamW on random images of its
+    /// size; batch --batch, --steps steps; --model is then not used).
     #[arg(long, value_enum, default_value = "all")]
     pub what: What,
     /// Timed training steps per model, per segment for MVAR (after one untimed cycle).
@@ -91,6 +96,9 @@ pub struct BenchArgs {
     /// 16x downsampling).
     #[arg(long, value_delimiter = ',', default_value = "1,1,2,2,4")]
     pub vae_ch_mult: Vec<usize>,
+    /// Residual blocks per level of the fresh tokenizer (the released one: 2; `mvar demo`'s: 1).
+    #[arg(long, default_value_t = 2)]
+    pub vae_res_blocks: usize,
     /// A tokenizer folder from `mvar train-tokenizer` to use instead of a fresh tokenizer (its
     /// pyramid, codebook and channels replace --patch-nums, --vocab and --vae-*).
     #[arg(long)]
@@ -374,6 +382,94 @@ fn measure_train(
     })
 }
 
+/// `--what tokenizer`: the tokenizer's training step.
+#[derive(Debug, Clone, serde::Serialize)]
+struct TokenizerFigures {
+    model: &'static str,
+    device: String,
+    params: usize,
+    batch: usize,
+    side: usize,
+    recompute_activations: bool,
+    steps: usize,
+    median_s: f64,
+    peak_bytes: u64,
+    memory: &'static str,
+    resident_bytes: u64,
+}
+
+/// The median of `--steps` tokenizer training steps (after two untimed ones: kernels compiled,
+/// optimizer state created) on one batch of random images in [-1, 1], with
+/// `mvar train-tokenizer`'s loss, clip and AdamW (`TokenizerTrainConfig`'s defaults). No data
+/// loading is timed; on a trained tokenizer dead-code restarts would add a little.
+fn measure_tokenizer(
+    vae: VqVae,
+    side: usize,
+    args: &BenchArgs,
+    device: &Device,
+) -> Result<TokenizerFigures> {
+    let params = vae.params.num_elements();
+    let config = TokenizerTrainConfig {
+        recompute_blocks: args.recompute_activations,
+        ..TokenizerTrainConfig::default()
+    };
+    let mut trainer = TokenizerTrainer::new(vae, config)?;
+    let mut rng = Generator::new(args.seed.wrapping_add(1));
+    let x = Tensor::rand_uniform(
+        [args.batch, 3, side, side],
+        -1.0,
+        1.0,
+        DType::F32,
+        device,
+        &mut rng,
+    )?;
+    for _ in 0..2 {
+        trainer.step(&x, &mut rng)?;
+    }
+    device.synchronize()?;
+    let resident_bytes = current_bytes(device);
+    let probe = MemoryProbe::start(device);
+    let mut times = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let t = Instant::now();
+        trainer.step(&x, &mut rng)?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let (peak_bytes, memory) = probe.peak();
+    Ok(TokenizerFigures {
+        model: "tokenizer",
+        device: device.describe(),
+        params,
+        batch: args.batch,
+        side,
+        recompute_activations: args.recompute_activations,
+        steps: times.len(),
+        median_s: median(&mut times),
+        peak_bytes,
+        memory,
+        resident_bytes,
+    })
+}
+
+fn report_tokenizer(t: &Outcome<TokenizerFigures>, batch: usize) {
+    match t {
+        Outcome::Measured(f) => println!(
+            "tokenizer train step, batch {batch}: {:.4} s (median of {} steps; {:.3} images/s); {}, {:.2} M parameters; peak memory {:.0} MiB ({}; {:.0} MiB resident before the steps)",
+            f.median_s,
+            f.steps,
+            batch as f64 / f.median_s,
+            f.device,
+            f.params as f64 / 1e6,
+            mib(f.peak_bytes),
+            f.memory,
+            mib(f.resident_bytes),
+        ),
+        Outcome::OutOfMemory(e) => println!("tokenizer train step, batch {batch}: out of memory ({e})"),
+        Outcome::Skipped => {}
+    }
+}
+
 fn measure_sample(
     subject: &Subject,
     vae: &VqVae,
@@ -462,7 +558,7 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
     if args.what != What::Sample && args.steps == 0 {
         return Err(Error::invalid("mvar bench", "--steps 0: nothing to time"));
     }
-    if args.what != What::Train && args.sample_reps == 0 {
+    if matches!(args.what, What::Sample | What::All) && args.sample_reps == 0 {
         return Err(Error::invalid(
             "mvar bench",
             "--sample-reps 0: nothing to time",
@@ -475,6 +571,7 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
                 vocab_size: args.vocab,
                 ch: args.vae_ch,
                 ch_mult: args.vae_ch_mult.clone(),
+                num_res_blocks: args.vae_res_blocks,
                 v_patch_nums: args.patch_nums.clone(),
                 ..VqVaeConfig::default()
             },
@@ -488,9 +585,10 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
     }
     let pns = vae.config.v_patch_nums.clone();
     let side = pns.last().copied().unwrap_or(1) * vae.config.downsample();
+    // The tokenizer trainer has no autocast (`mvar train-tokenizer` trains in f32).
     let precision = match args.precision.autocast(device) {
-        Some(_) => "bf16 autocast",
-        None => "f32",
+        Some(_) if args.what != What::Tokenizer => "bf16 autocast",
+        _ => "f32",
     };
     println!(
         "tokenizer: {}, {} codes, {side}x{side} images, scales {:?}; precision {precision}{}",
@@ -498,8 +596,8 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
             .as_ref()
             .map(|d| d.display().to_string())
             .unwrap_or_else(|| format!(
-                "fresh (ch {}, ch_mult {:?})",
-                vae.config.ch, vae.config.ch_mult
+                "fresh (ch {}, ch_mult {:?}, {} residual blocks per level)",
+                vae.config.ch, vae.config.ch_mult, vae.config.num_res_blocks
             )),
         vae.config.vocab_size,
         pns,
@@ -509,6 +607,15 @@ pub fn run(args: BenchArgs, device: &Device) -> Result<()> {
             ""
         }
     );
+    if args.what == What::Tokenizer {
+        let figures = guard(measure_tokenizer(vae, side, &args, device))?;
+        report_tokenizer(&figures, args.batch);
+        if let (Some(p), Outcome::Measured(f)) = (&args.json, &figures) {
+            crate::progress::Metrics::open(p, None)?
+                .write(&serde_json::to_string(f).unwrap_or_default())?;
+        }
+        return Ok(());
+    }
     let official = args.tokenizer.is_none()
         && !args.recompute_activations
         && pns == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]

@@ -1399,6 +1399,40 @@ fn init_from_takes_a_folder_or_a_file_strictly_and_model_names_carry_the_depth()
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `mvar bench --what tokenizer` times the tokenizer's training step (the fresh tokenizer of the
+/// --vae-* flags), writes the figures to the JSON, and times no transformer.
+#[test]
+fn bench_times_the_tokenizer_training_step() {
+    let json = scratch("bench-tokenizer").join("bench.jsonl");
+    let out = ok(mvar()
+        .args(["bench", "--what", "tokenizer", "--vae-ch", "32"])
+        .args(["--vae-ch-mult", "1,1", "--vae-res-blocks", "1"])
+        .args(["--patch-nums", "1,2,4", "--vocab", "32", "--batch", "2"])
+        .args(["--steps", "2", "--json"])
+        .arg(&json));
+    for needle in [
+        "1 residual blocks per level",
+        "8x8 images",
+        "precision f32",
+        "tokenizer train step, batch 2:",
+        "(median of 2 steps;",
+        "peak memory",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(!out.contains("== var") && !out.contains("== mvar"), "{out}");
+    let text = std::fs::read_to_string(&json).unwrap();
+    let figures: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(figures["model"], "tokenizer");
+    assert_eq!(
+        (figures["batch"].as_u64(), figures["side"].as_u64()),
+        (Some(2), Some(8))
+    );
+    assert_eq!(figures["steps"].as_u64(), Some(2));
+    assert!(figures["median_s"].as_f64().unwrap() > 0.0, "{text}");
+    assert!(figures["peak_bytes"].as_u64().unwrap() > 0, "{text}");
+}
+
 /// `mvar bench` on a tiny VAR and MVAR: every MVAR segment is timed, memory is reported, the
 /// JSON holds the same figures, and the ratio line compares the two models.
 #[test]

@@ -128,8 +128,9 @@ impl Tiling {
 struct Scratch<T> {
     v: Vec<T>,
     m: Vec<T>,
-    /// Row buffers of the transforms: 16 per tile plus one padded input row for the input
-    /// transform, 12 per tile for the output transform and for dY in the weight gradient.
+    /// Row buffers of the transforms: 16 per tile plus one padded input row and its even and
+    /// odd halves for the input transform, 12 per tile for the output transform and for dY in
+    /// the weight gradient.
     rows: Vec<T>,
 }
 

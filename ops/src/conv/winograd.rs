@@ -779,14 +779,32 @@ mod tests {
                 left: 2,
                 right: 1,
             },
+            // No left padding and a width 2 nx (even or odd output): the arms of
+            // `with_row_widths` for left = 0 at widths 8, 16 and 32.
+            Padding {
+                top: 1,
+                bottom: 1,
+                left: 0,
+                right: 2,
+            },
+            Padding {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1,
+            },
         ];
-        // Odd and even outputs, a 1x1 input, and sizes that need several chunks.
+        // Odd and even outputs, a 1x1 input, sizes that need several chunks, and the widths
+        // `with_row_widths` compiles apart (8, 16, 32).
         for (i, &(n, cin, h, w, cout)) in [
             (2, 8, 5, 7, 9),
             (1, 8, 1, 1, 8),
             (3, 9, 2, 3, 8),
             (2, 12, 20, 33, 8),
             (5, 8, 4, 4, 11),
+            (2, 8, 8, 8, 9),
+            (1, 9, 5, 16, 8),
+            (1, 8, 3, 32, 8),
         ]
         .iter()
         .enumerate()
@@ -829,6 +847,23 @@ mod tests {
                 },
             ),
             (4, 16, 24, 22, 16, Padding::same(1)),
+            // The widths `with_row_widths` compiles apart, with and without left padding.
+            (2, 8, 8, 8, 9, Padding::same(1)),
+            (1, 8, 3, 16, 8, Padding::same(1)),
+            (1, 9, 4, 32, 8, Padding::same(1)),
+            (
+                2,
+                8,
+                5,
+                16,
+                8,
+                Padding {
+                    top: 1,
+                    bottom: 1,
+                    left: 0,
+                    right: 2,
+                },
+            ),
         ]
         .iter()
         .enumerate()

@@ -44,6 +44,16 @@ NOWD_KEYS = {"cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed"
              "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"}
 
 
+def call_times(f, n):
+    """The seconds of each of n calls of f()."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def run(kind, args):
     import torch
 
@@ -117,12 +127,7 @@ def run(kind, args):
         step(*segments[0][:3])
     weighted = 0.0
     for bg, ed, nattn, share in segments:
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            step(bg, ed, nattn)
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
+        med = statistics.median(call_times(lambda: step(bg, ed, nattn), args.steps))
         weighted += share * med
         note = " (na2d: the pure-PyTorch stand-in, not NATTEN)" if nattn else ""
         print(f"train segment tokens [{bg}, {ed}) ({ed - bg} tokens, {share * 100:.0f} % of steps): "
@@ -144,19 +149,11 @@ def run(kind, args):
             return vae.fhat_to_img(f_hat)
 
     sample()
-    totals = []
-    for _ in range(args.sample_reps):
-        t = time.perf_counter()
-        sample()
-        totals.append(time.perf_counter() - t)
+    totals = call_times(sample, args.sample_reps)
     f_hat = torch.randn(S, 32, PATCH_NUMS[-1], PATCH_NUMS[-1], generator=g)
-    decodes = []
     with torch.inference_mode():
         vae.fhat_to_img(f_hat)
-        for _ in range(args.sample_reps):
-            t = time.perf_counter()
-            vae.fhat_to_img(f_hat)
-            decodes.append(time.perf_counter() - t)
+        decodes = call_times(lambda: vae.fhat_to_img(f_hat), args.sample_reps)
     note = " (na2d on scales from refine_step: the stand-in)" if kind == "mvar" else ""
     print(f"sample {S} images: {statistics.median(totals):.4f} s/batch (decode {statistics.median(decodes):.4f} s)"
           f"{note}", flush=True)
@@ -207,11 +204,7 @@ def run_tokenizer(args):
 
     for _ in range(2):
         step()
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = call_times(step, args.steps)
     params = sum(p.numel() for p in vae.parameters())
     print(f"tokenizer (official VQVAE, ch {args.vae_ch}, ch_mult {tuple(args.vae_ch_mult)}, "
           f"{args.vae_res_blocks} residual blocks, {params / 1e6:.2f} M parameters), {side}x{side}, "

@@ -10,10 +10,18 @@ use mvar_engine::cuda::ops::quant as cq;
 use mvar_engine::{CpuStorage, Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{dispatch, out_tensor, require_float, require_rank, same_device, same_dtype};
+use crate::util::{
+    dispatch, in_widest_vectors, out_tensor, require_float, require_rank, same_device, same_dtype,
+};
+
+/// Cross terms kept at once per task: [rows, V] of them, 256 KiB of f32, so each block's
+/// distances are searched while they are in the core's L2 cache. (The whole [N, V] matrix at
+/// once, 128 MiB for 8192 rows against 4096 codes, made the search wait on memory.)
+const CROSS_BLOCK_ELEMS: usize = 1 << 16;
 
 /// The CPU reference: indices straight to i64 (never through the float type, which cannot hold
-/// large indices exactly in bf16).
+/// large indices exactly in bf16). Rows go in blocks, one task each: the block's cross terms
+/// (one single-threaded GEMM), then each row's search.
 fn nearest_rows<T: Float>(z: &[T], e: &[T], n: usize, v: usize, c: usize) -> Vec<i64> {
     let e_sq: Vec<f64> = (0..v)
         .map(|j| {
@@ -23,53 +31,98 @@ fn nearest_rows<T: Float>(z: &[T], e: &[T], n: usize, v: usize, c: usize) -> Vec
                 .sum()
         })
         .collect();
-    let mut cross = vec![T::zero(); n * v];
-    if n * v > 0 && c > 0 {
-        // SAFETY: z is [n, c], e is [v, c] read transposed (column stride c), cross is [n, v].
-        unsafe {
-            gemm::gemm(
-                n,
-                v,
-                c,
-                cross.as_mut_ptr(),
-                1,
-                v as isize,
-                false,
-                z.as_ptr(),
-                1,
-                c as isize,
-                e.as_ptr(),
-                c as isize,
-                1,
-                T::zero(),
-                T::one(),
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            )
-        };
+    let mut out = vec![0i64; n];
+    if n == 0 || v == 0 || c == 0 {
+        // No rows, or every distance is 0 (no channels): the first code.
+        return out;
     }
-    cross
-        .par_chunks(v.max(1))
-        .enumerate()
-        .map(|(i, row)| {
-            let z_sq: f64 = z[i * c..(i + 1) * c]
-                .iter()
-                .map(|x| x.as_f64() * x.as_f64())
-                .sum();
-            let mut best = 0usize;
-            let mut best_d = f64::INFINITY;
-            for (j, &dot) in row.iter().enumerate() {
-                let d = z_sq + e_sq[j] - 2.0 * dot.as_f64();
-                if d < best_d {
-                    best_d = d;
-                    best = j;
+    let block = (CROSS_BLOCK_ELEMS / v).clamp(8, 256);
+    out.par_chunks_mut(block)
+        .zip(z.par_chunks(block * c))
+        .for_each_init(
+            || vec![T::zero(); block * v],
+            |cross, (idx, zb)| {
+                let rows = idx.len();
+                let cross = &mut cross[..rows * v];
+                // SAFETY: zb is [rows, c], e is [v, c] read transposed (column stride c), cross
+                // is [rows, v].
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        v,
+                        c,
+                        cross.as_mut_ptr(),
+                        1,
+                        v as isize,
+                        false,
+                        zb.as_ptr(),
+                        1,
+                        c as isize,
+                        e.as_ptr(),
+                        c as isize,
+                        1,
+                        T::zero(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
+                for (r, (slot, row)) in idx.iter_mut().zip(cross.chunks_exact(v)).enumerate() {
+                    let z_sq: f64 = zb[r * c..(r + 1) * c]
+                        .iter()
+                        .map(|x| x.as_f64() * x.as_f64())
+                        .sum();
+                    *slot = in_widest_vectors(
+                        #[inline(always)]
+                        || nearest_in_row(row, z_sq, &e_sq),
+                    ) as i64;
                 }
+            },
+        );
+    out
+}
+
+/// argmin over j of z_sq + e_sq[j] - 2 row[j] (in f64), ties to the lowest j, a NaN never
+/// chosen (index 0 when no distance is below +inf), as one scalar pass in j order finds it.
+///
+/// Lane l of `LANES` keeps the first minimum of the columns j = l (mod LANES), a running
+/// compare-and-select that vectorises (the one-pass loop carried its minimum from each column to
+/// the next: one scalar compare per code, most of the search's time after the GEMM); the lanes
+/// are then merged by distance, ties to the lower index, which is the first minimum overall.
+#[inline(always)]
+fn nearest_in_row<T: Float>(row: &[T], z_sq: f64, e_sq: &[f64]) -> usize {
+    const LANES: usize = 8;
+    let mut best_d = [f64::INFINITY; LANES];
+    let mut best = [0usize; LANES];
+    let full = row.len() / LANES * LANES;
+    for (k, (dots, norms)) in row[..full]
+        .chunks_exact(LANES)
+        .zip(e_sq[..full].chunks_exact(LANES))
+        .enumerate()
+    {
+        for l in 0..LANES {
+            let d = z_sq + norms[l] - 2.0 * dots[l].as_f64();
+            if d < best_d[l] {
+                best_d[l] = d;
+                best[l] = k * LANES + l;
             }
-            best as i64
-        })
-        .collect()
+        }
+    }
+    let (mut index, mut min) = (0usize, f64::INFINITY);
+    for l in 0..LANES {
+        if best_d[l] < min || (best_d[l] == min && best[l] < index) {
+            (index, min) = (best[l], best_d[l]);
+        }
+    }
+    for (j, (&dot, &norm)) in row[full..].iter().zip(&e_sq[full..]).enumerate() {
+        let d = z_sq + norm - 2.0 * dot.as_f64();
+        if d < min {
+            (index, min) = (full + j, d);
+        }
+    }
+    index
 }
 
 /// Index of the nearest row of `codebook` [V, C] for every row of `z` [N, C] (squared L2), as
@@ -429,5 +482,60 @@ pub fn phi_accumulate_unfused(
         crate::sub(acc, &mixed)
     } else {
         crate::add(acc, &mixed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mvar_engine::Generator;
+
+    /// The one-pass search the lanes must reproduce: first minimum, NaN never chosen.
+    fn naive(row: &[f64], z_sq: f64, e_sq: &[f64]) -> usize {
+        let (mut best, mut best_d) = (0, f64::INFINITY);
+        for (j, (&dot, &norm)) in row.iter().zip(e_sq).enumerate() {
+            let d = z_sq + norm - 2.0 * dot;
+            if d < best_d {
+                (best, best_d) = (j, d);
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn lanes_find_the_first_minimum_as_one_pass_does() {
+        let mut rng = Generator::new(11);
+        // Few distinct values (many ties, across lanes and within one), NaN and both infinities,
+        // lengths below, at and past multiples of the lane count.
+        let pool = [
+            0.0,
+            1.0,
+            -1.0,
+            2.5,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        for case in 0..4000 {
+            let len = case % 41;
+            let draw = |rng: &mut Generator, n: usize, spread: u32| -> Vec<f64> {
+                rng.next_u32s(n)
+                    .into_iter()
+                    .map(|w| pool[(w % spread) as usize])
+                    .collect()
+            };
+            // Every fourth case finite only, so most searches have a finite minimum to find.
+            let spread = if case % 4 == 0 { 4 } else { 7 };
+            let row = draw(&mut rng, len, spread);
+            let e_sq = draw(&mut rng, len, 4);
+            let want = naive(&row, 0.5, &e_sq);
+            assert_eq!(nearest_in_row(&row, 0.5, &e_sq), want, "{row:?} {e_sq:?}");
+            let row32: Vec<f32> = row.iter().map(|&x| x as f32).collect();
+            assert_eq!(
+                nearest_in_row(&row32, 0.5, &e_sq),
+                want,
+                "f32 {row:?} {e_sq:?}"
+            );
+        }
     }
 }

@@ -26,8 +26,9 @@ Usage: python3 benches/torch_cpu_models.py --var-repo VAR --mvar-repo MVAR [--de
 
 With --tokenizer it times the tokenizer's training step instead, as `mvar bench --what tokenizer`
 does (see `run_tokenizer`); `mvar demo`'s tokenizer: --tokenizer --vae-ch 32 --vae-ch-mult 1,2,2
---vae-res-blocks 1 --patch-nums 1,2,3,4,6,8 --batch 16 --steps 20. With --convs it times the
-criterion bench's CPU conv2d cases (`cargo bench --bench ops -- 'cpu/conv2d 3x3'`) instead.
+--vae-res-blocks 1 --patch-nums 1,2,3,4,6,8 --batch 16 --steps 20. With --ops it times the
+criterion bench's CPU conv2d and nearest_code cases (`cargo bench --bench ops -- 'cpu/conv2d 3x3'`,
+`-- 'cpu/nearest_code'`) instead.
 """
 
 import argparse
@@ -212,18 +213,20 @@ def run_tokenizer(args):
           f"{statistics.median(times):.4f} s/step median of {args.steps}", flush=True)
 
 
-def run_convs(args):
-    """The criterion cases `spatial/cpu/conv2d 3x3 [N,C,S,S] f32 fwd|fwd+bwd` (the demo
-    tokenizer's commonest convolutions: C -> C channels, 3x3, padding 1, bias) with
-    `F.conv2d`: forward under no_grad, and forward + backward of the output's sum (input, weight
-    and bias gradients). Medians of 5 rounds of 50 calls after 5 warm-up calls."""
+def run_ops(args):
+    """Criterion cases of the tokenizer's ops, the PyTorch way: `spatial/cpu/conv2d 3x3
+    [N,C,S,S] f32 fwd|fwd+bwd` (the demo tokenizer's commonest convolutions: C -> C channels,
+    3x3, padding 1, bias) with `F.conv2d`, forward under no_grad and forward + backward of the
+    output's sum (input, weight and bias gradients); and `quant/cpu/nearest_code ... f32` as the
+    official quantizer searches (||z||^2 + ||e||^2, `addmm_` of -2 z e^T, `argmin`). Medians of 5
+    rounds (of 50 calls for the convolutions, of 1 for the search) after 5 warm-up calls."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    def timed(f, calls=50):
+    def timed(f, calls):
         for _ in range(5):
             f()
         rounds = []
@@ -248,12 +251,25 @@ def run_convs(args):
             F.conv2d(x, w, b, padding=1).sum().backward()
 
         print(f"conv2d 3x3 [{n},{c},{side},{side}] f32, torch {torch.__version__}, {args.threads} threads: "
-              f"fwd {timed(fwd) * 1e3:.3f} ms, fwd+bwd {timed(fwd_bwd) * 1e3:.3f} ms", flush=True)
+              f"fwd {timed(fwd, 50) * 1e3:.3f} ms, fwd+bwd {timed(fwd_bwd, 50) * 1e3:.3f} ms", flush=True)
+
+    codes = torch.randn(4096, 32)
+    for rows in (32 * 16 * 16, 32 * 680):
+        z = torch.randn(rows, 32)
+
+        @torch.no_grad()
+        def search():
+            d = torch.sum(z.square(), dim=1, keepdim=True) + torch.sum(codes.square(), dim=1)
+            d.addmm_(z, codes.T, alpha=-2, beta=1)
+            return torch.argmin(d, dim=1)
+
+        print(f"nearest_code [{rows},32] x [4096,32] f32, torch {torch.__version__}, {args.threads} threads: "
+              f"{timed(search, 1) * 1e3:.3f} ms", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--var-repo", required="--convs" not in sys.argv)
+    ap.add_argument("--var-repo", required="--ops" not in sys.argv)
     ap.add_argument("--mvar-repo")
     # The integer settings, with `mvar bench`'s defaults where it has them.
     for name, default in (("depth", 4), ("batch", 4), ("sample-batch", 4), ("vae-ch", 32), ("vocab", 4096),
@@ -266,12 +282,12 @@ def main():
     ap.add_argument("--vae-res-blocks", type=int, default=2, help="--tokenizer only")
     ap.add_argument("--tokenizer", action="store_true",
                     help="time the tokenizer's training step instead (mvar bench --what tokenizer)")
-    ap.add_argument("--convs", action="store_true",
-                    help="time the criterion bench's CPU conv2d cases instead (needs no repository)")
+    ap.add_argument("--ops", action="store_true",
+                    help="time the criterion bench's CPU conv2d and nearest_code cases instead (needs no repository)")
     ap.add_argument("--kind", choices=["var", "mvar"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.convs:
-        run_convs(args)
+    if args.ops:
+        run_ops(args)
         return
     if args.tokenizer:
         run_tokenizer(args)

@@ -455,9 +455,11 @@ fn measure_tokenizer(
 fn report_tokenizer(t: &Outcome<TokenizerFigures>, batch: usize) {
     match t {
         Outcome::Measured(f) => println!(
-            "tokenizer train step, batch {batch}: {:.4} s (median of {} steps; {:.3} images/s); {}, {:.2} M parameters; peak memory {:.0} MiB ({}; {:.0} MiB resident before the steps)",
+            "tokenizer train step, batch {batch}: {:.4} s (median of {} steps; {:.*} images/s); {}, {:.2} M parameters; peak memory {:.0} MiB ({}; {:.0} MiB resident before the steps)",
             f.median_s,
             f.steps,
+            // Whole images a second, or the digits that show a slow step's rate.
+            if batch as f64 >= 10.0 * f.median_s { 0 } else { 3 },
             batch as f64 / f.median_s,
             f.device,
             f.params as f64 / 1e6,

@@ -21,7 +21,7 @@
 //!
 //! Stride-1 3x3 convs with at least 8 channels on each side (all of the VQVAE's but the first
 //! and last) run as Winograd F(2x2, 3x3) instead, forward, dx (as the transposed conv above) and
-//! dW alike: 2.25x fewer multiply-adds, and 1.5-1.8x faster on the demo tokenizer's shapes
+//! dW alike: 2.25x fewer multiply-adds, and 1.4-1.8x faster on the demo tokenizer's shapes
 //! (`conv/winograd.rs`; `set_cpu_winograd(false)` selects im2col for comparison).
 //!
 //! Threading: a batch of at least as many samples as threads runs one sample per task with

@@ -199,6 +199,14 @@ fn guard<T>(r: Result<T>) -> Result<Outcome<T>> {
     }
 }
 
+/// Seconds of one call of `f`, the device synchronised before the clock stops.
+fn timed(device: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
@@ -358,10 +366,9 @@ fn measure_train(
         let mut times = Vec::with_capacity(args.steps);
         for _ in 0..args.steps {
             trainer.set_step(at);
-            let t = Instant::now();
-            trainer.step(&labels, &gt, &x_in, &mut rng)?;
-            device.synchronize()?;
-            times.push(t.elapsed().as_secs_f64());
+            times.push(timed(device, || {
+                trainer.step(&labels, &gt, &x_in, &mut rng).map(drop)
+            })?);
         }
         segments.push(SegmentTiming {
             scales: [r.start, r.end],
@@ -431,10 +438,7 @@ fn measure_tokenizer(
     let probe = MemoryProbe::start(device);
     let mut times = Vec::with_capacity(args.steps);
     for _ in 0..args.steps {
-        let t = Instant::now();
-        trainer.step(&x, &mut rng)?;
-        device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
+        times.push(timed(device, || trainer.step(&x, &mut rng).map(drop))?);
     }
     let (peak_bytes, memory) = probe.peak();
     Ok(TokenizerFigures {

@@ -186,12 +186,19 @@ impl FolderKind {
         }
     }
 
+    /// What writes such a folder.
     fn described(self) -> &'static str {
         match self {
-            FolderKind::Model => "a model folder written by `mvar train` or `mvar import` (model.json, model.safetensors)",
-            FolderKind::Tokenizer => "a tokenizer folder written by `mvar train-tokenizer` (tokenizer.json, tokenizer.safetensors)",
-            FolderKind::Classifier => "a classifier folder written by `mvar train-classifier` (classifier.json, classifier.safetensors)",
+            FolderKind::Model => "a model folder written by `mvar train` or `mvar import`",
+            FolderKind::Tokenizer => "a tokenizer folder written by `mvar train-tokenizer`",
+            FolderKind::Classifier => "a classifier folder written by `mvar train-classifier`",
         }
+    }
+
+    /// What it holds: the JSON and the weights beside it.
+    fn files(self) -> String {
+        let json = self.json();
+        format!("{json}, {}.safetensors", json.trim_end_matches(".json"))
     }
 }
 
@@ -211,14 +218,18 @@ pub(crate) fn folder_file(dir: &Path, want: FolderKind) -> Result<PathBuf> {
         .into_iter()
         .find(|k| *k != want && dir.join(k.json()).is_file())
     {
-        let d = other.described();
-        format!("{} instead", d.split(" (").next().unwrap_or(d))
+        format!("{} instead", other.described())
     } else {
         format!("a folder without {}", want.json())
     };
     Err(Error::invalid(
         "folder",
-        format!("{}: {found}; expected {}", dir.display(), want.described()),
+        format!(
+            "{}: {found}; expected {} ({})",
+            dir.display(),
+            want.described(),
+            want.files()
+        ),
     ))
 }
 

@@ -1024,33 +1024,44 @@ fn attention(c: &mut Criterion) {
             },
         );
     }
-    let na = |s| randn(&[2, 16, 16, 16, 64], DType::F32, &d, s);
-    let (nq, nk, nv) = (na(4), na(5), na(6));
-    g.throughput(Throughput::Bytes(bytes(4 * nq.elem_count(), DType::F32)));
-    bench(
-        &mut g,
-        &d,
-        "cpu/na2d k7 fwd [2,16,16,16,64] f32".into(),
-        || {
-            mvar::engine::with_no_grad(|| ops::na2d(&nq, &nk, &nv, 7, 1.0).unwrap());
-        },
-    );
-    let (nqg, nkg, nvg) = (
-        nq.with_grad().unwrap(),
-        nk.with_grad().unwrap(),
-        nv.with_grad().unwrap(),
-    );
-    bench(
-        &mut g,
-        &d,
-        "cpu/na2d k7 fwd+bwd [2,16,16,16,64] f32".into(),
-        || {
-            ops::sum_all(&ops::na2d(&nqg, &nkg, &nvg, 7, 1.0).unwrap())
-                .unwrap()
-                .backward()
-                .unwrap();
-        },
-    );
+    // The tiled CPU variant (the default) and the naive one it is tested against, on MVAR's
+    // 16x16 scale; 13x13 is MVAR's other neighbourhood scale.
+    for side in [16, 13] {
+        let na = |s| randn(&[2, 16, side, side, 64], DType::F32, &d, s);
+        let (nq, nk, nv) = (na(4), na(5), na(6));
+        g.throughput(Throughput::Bytes(bytes(4 * nq.elem_count(), DType::F32)));
+        for (family, tag) in [(ops::NaKernel::Auto, ""), (ops::NaKernel::Naive, " naive")] {
+            if side != 16 && matches!(family, ops::NaKernel::Naive) {
+                continue;
+            }
+            bench(
+                &mut g,
+                &d,
+                format!("cpu/na2d k7 fwd [2,16,{side},{side},64] f32{tag}"),
+                || {
+                    mvar::engine::with_no_grad(|| {
+                        ops::na2d_with_kernel(&nq, &nk, &nv, 7, 1.0, family).unwrap()
+                    });
+                },
+            );
+            let (nqg, nkg, nvg) = (
+                nq.with_grad().unwrap(),
+                nk.with_grad().unwrap(),
+                nv.with_grad().unwrap(),
+            );
+            bench(
+                &mut g,
+                &d,
+                format!("cpu/na2d k7 fwd+bwd [2,16,{side},{side},64] f32{tag}"),
+                || {
+                    ops::sum_all(&ops::na2d_with_kernel(&nqg, &nkg, &nvg, 7, 1.0, family).unwrap())
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                },
+            );
+        }
+    }
     g.finish();
 }
 

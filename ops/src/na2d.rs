@@ -23,6 +23,20 @@
 //! every output element has one writer and both passes run in parallel without atomics, the
 //! way the CUDA kernel splits its work. The query pass keeps each pair's p_tj and ds_tj
 //! (k * k of each per query) for the key pass, which then does no dot products. bf16 is computed in f32; the log-sum-exp is kept in f64.
+//!
+//! Two CPU variants compute this, in the same two passes (`NaKernel::Naive` picks the first,
+//! every other family the second; the CUDA families are chosen the same way on the GPU):
+//!
+//! - naive: per (query, key) pair a dot product of D and an axpy of D, straight from the
+//!   formulas; the reference the tiled variant is tested against.
+//! - tiled: the products run as short vector loops with no horizontal sums. k and v are first
+//!   transposed per map row to [D, Y + LANES] (zero-padded), so the k keys of one window row
+//!   are LANES contiguous values for every d: a window row's k scores are one LANES-wide
+//!   multiply-add per d (lanes past k are computed and dropped: 8 lanes for k = 7), with
+//!   CHAINS independent partial sums over d so the adds do not wait on each other. The sums
+//!   over a window (out, dq) or an inverse window (dk, dv) run over D in blocks of 64 lanes held
+//!   in registers, the terms split over two accumulators. Every lane does the same scalar
+//!   operations in the same order at any vector width, so the results do not depend on the CPU.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -160,8 +174,26 @@ fn at<T>(x: &[T], t: usize, d: usize) -> &[T] {
     &x[t * d..(t + 1) * d]
 }
 
+/// The CPU variant that runs (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CpuVariant {
+    Naive,
+    Tiled,
+}
+
+impl CpuVariant {
+    fn of(kernel: NaKernel) -> CpuVariant {
+        if matches!(kernel, NaKernel::Naive) {
+            CpuVariant::Naive
+        } else {
+            CpuVariant::Tiled
+        }
+    }
+}
+
 struct Forward {
     g: Geometry,
+    variant: CpuVariant,
     /// Per-query log-sum-exp [B, H, X, Y], handed back beside the output.
     lse: Mutex<Vec<f64>>,
 }
@@ -174,120 +206,484 @@ impl FloatKernel for Forward {
         let mut out = vec![T::zero(); tokens * g.d];
         let mut lse = vec![0.0f64; tokens];
         if g.d > 0 {
-            let scale = T::from_f64(g.scale);
-            for_rows2(
-                &g,
-                &mut out,
-                g.d,
-                &mut lse,
-                1,
-                #[inline(always)]
-                |r, out_row, lse_row| {
-                    let (m, ix) = (r / g.x, r % g.x);
-                    let mut s = vec![T::zero(); g.k * g.k];
-                    for iy in 0..g.y {
-                        let qt = at(q, g.token(m, ix, iy), g.d);
-                        for (sw, kj) in s.iter_mut().zip(g.window(m, ix, iy)) {
-                            *sw = scale * dot(qt, at(k, kj, g.d));
-                        }
-                        lse_row[iy] = softmax_row(&mut s).as_f64();
-                        let o = &mut out_row[iy * g.d..][..g.d];
-                        for (&p, kj) in s.iter().zip(g.window(m, ix, iy)) {
-                            axpy(o, p, at(v, kj, g.d));
-                        }
-                    }
-                },
-            );
+            match self.variant {
+                CpuVariant::Naive => naive_forward(&g, q, k, v, &mut out, &mut lse),
+                CpuVariant::Tiled => tiled_forward(&g, q, k, v, &mut out, &mut lse),
+            }
         }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok(vec![out])
     }
 }
 
+fn naive_forward<T: Float>(
+    g: &Geometry,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: &mut [f64],
+) {
+    let scale = T::from_f64(g.scale);
+    for_rows2(
+        g,
+        out,
+        g.d,
+        lse,
+        1,
+        #[inline(always)]
+        |r, out_row, lse_row| {
+            let (m, ix) = (r / g.x, r % g.x);
+            let mut s = vec![T::zero(); g.k * g.k];
+            for iy in 0..g.y {
+                let qt = at(q, g.token(m, ix, iy), g.d);
+                for (sw, kj) in s.iter_mut().zip(g.window(m, ix, iy)) {
+                    *sw = scale * dot(qt, at(k, kj, g.d));
+                }
+                lse_row[iy] = softmax_row(&mut s).as_f64();
+                let o = &mut out_row[iy * g.d..][..g.d];
+                for (&p, kj) in s.iter().zip(g.window(m, ix, iy)) {
+                    axpy(o, p, at(v, kj, g.d));
+                }
+            }
+        },
+    );
+}
+
+fn tiled_forward<T: Float>(
+    g: &Geometry,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: &mut [f64],
+) {
+    let (d, kk) = (g.d, g.k * g.k);
+    let scale = T::from_f64(g.scale);
+    let kt = transpose_rows(g, k);
+    let kt = &kt;
+    for_rows2(
+        g,
+        out,
+        d,
+        lse,
+        1,
+        #[inline(always)]
+        |r, out_row, lse_row| {
+            let (m, ix) = (r / g.x, r % g.x);
+            // The whole row's scores first, then its sums: each phase keeps its own k rows of
+            // keys (or values) in cache.
+            let mut s = vec![T::zero(); g.y * kk];
+            query_row_scores(g, kt, m, ix, &q[r * g.y * d..][..g.y * d], &mut s, kk);
+            let mut keys = vec![0usize; kk];
+            for (iy, s_t) in s.chunks_exact_mut(kk).enumerate() {
+                s_t.iter_mut().for_each(|x| *x = scale * *x);
+                lse_row[iy] = softmax_row(s_t).as_f64();
+                window_tokens(g, m, ix, iy, &mut keys);
+                weighted_sum(&mut out_row[iy * d..][..d], s_t, &keys, v, d);
+            }
+        },
+    );
+}
+
+/// Lanes of the tiled variant's score loops: a window row's keys as one vector (k <= 8 in one
+/// step, larger k in steps of 8), and the zero padding of the transposed rows that lets the
+/// last window of a row be read as whole vectors.
+const LANES: usize = 8;
+/// Independent partial sums over d in the score loops, combined pairwise at the end.
+const CHAINS: usize = 8;
+/// Lanes of D summed at once in [`weighted_sum`] (64: one head of MVAR in four AVX-512
+/// vectors per accumulator).
+const BLOCK: usize = 64;
+
+/// Columns per (row, d) of the transposed copies: Y, and the padding that lets the last window
+/// of a row be read in whole steps of LANES (k rounded up to LANES, less k).
+fn padded_y(g: &Geometry) -> usize {
+    g.y + g.k.next_multiple_of(LANES) - g.k
+}
+
+/// `x` [maps * X rows, Y, D] as [maps * X rows, D, padded_y], the padding zero: in the copy,
+/// the Y values of one (row, d) are contiguous.
+fn transpose_rows<T: Float>(g: &Geometry, x: &[T]) -> Vec<T> {
+    let (d, yp) = (g.d, padded_y(g));
+    let mut out = vec![T::zero(); g.maps * g.x * d * yp];
+    let fill = |(r, dst): (usize, &mut [T])| {
+        for (iy, xv) in x[r * g.y * d..][..g.y * d].chunks_exact(d).enumerate() {
+            for (dd, &val) in xv.iter().enumerate() {
+                dst[dd * yp + iy] = val;
+            }
+        }
+    };
+    if g.parallel() {
+        out.par_chunks_mut(d * yp).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(d * yp).enumerate().for_each(fill);
+    }
+    out
+}
+
+/// For every query (ix, iy) of map row `ix` of map `m`: the k * k scores `u_t . w_j` over its
+/// window (row-major), at `s[iy * s_stride ..]`; `u_row` holds the row's Y query-side vectors,
+/// `wt` the transposed key-side ones ([`transpose_rows`]). Key row by key row, so one row of
+/// `wt` serves all Y queries while it is in cache.
+#[inline(always)]
+fn query_row_scores<T: Float>(
+    g: &Geometry,
+    wt: &[T],
+    m: usize,
+    ix: usize,
+    u_row: &[T],
+    s: &mut [T],
+    s_stride: usize,
+) {
+    let (d, yp) = (g.d, padded_y(g));
+    let xs = natten_window_start(ix, g.x, g.k);
+    for r in 0..g.k {
+        let w_row = &wt[(m * g.x + xs + r) * d * yp..][..d * yp];
+        for iy in 0..g.y {
+            let ys = natten_window_start(iy, g.y, g.k);
+            row_scores(
+                &w_row[ys..],
+                yp,
+                &u_row[iy * d..][..d],
+                &mut s[iy * s_stride + r * g.k..][..g.k],
+            );
+        }
+    }
+}
+
+/// The token indices of query (ix, iy)'s window of map `m`, row-major.
+#[inline(always)]
+fn window_tokens(g: &Geometry, m: usize, ix: usize, iy: usize, keys: &mut [usize]) {
+    let xs = natten_window_start(ix, g.x, g.k);
+    let ys = natten_window_start(iy, g.y, g.k);
+    for (r, run) in keys.chunks_exact_mut(g.k).enumerate() {
+        let first = g.token(m, xs + r, ys);
+        for (j, t) in run.iter_mut().enumerate() {
+            *t = first + j;
+        }
+    }
+}
+
+/// `s[c] = u . (column c of wt)` for c < s.len(), `wt` a [D, stride] block starting at the
+/// window row's first key; reads LANES columns per step (the padding covers the last step).
+///
+/// The order of the sums, which both copies below keep: chain c (of CHAINS) adds the terms
+/// e = c, c + CHAINS, c + 2 CHAINS, ... in turn, each term rounded before it is added (no fused
+/// multiply-add); the chains are combined pairwise at the end.
+#[inline(always)]
+fn row_scores<T: Float>(wt: &[T], stride: usize, u: &[T], s: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && crate::util::cpu_vectors() != crate::util::CpuVectors::Baseline
+    {
+        // SAFETY: T is f32 (checked above), so the slices are f32 slices of the same length;
+        // the CPU has AVX2 (so AVX).
+        unsafe {
+            let f = |x: &[T]| std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len());
+            let sf = std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len());
+            return row_scores_f32_avx(f(wt), stride, f(u), sf);
+        }
+    }
+    row_scores_lanes(wt, stride, u, s)
+}
+
+/// [`row_scores`] in portable code: per lane, the scalar operations of the vector copy.
+#[inline(always)]
+fn row_scores_lanes<T: Float>(wt: &[T], stride: usize, u: &[T], s: &mut [T]) {
+    let d = u.len();
+    for c0 in (0..s.len()).step_by(LANES) {
+        // One bounds check for the whole block; the loads below stay within it.
+        let block = &wt[c0..c0 + (d - 1) * stride + LANES];
+        let mut acc = [[T::zero(); LANES]; CHAINS];
+        for e0 in (0..d).step_by(CHAINS) {
+            // Unrolled over the chains, with a condition for a partial last step: an index
+            // that is not a constant would keep `acc` in memory. (Without the condition the
+            // compiler vectorised across the chains, gathering wt: 3x slower.)
+            for (c, a) in acc.iter_mut().enumerate() {
+                let e = e0 + c;
+                if e < d {
+                    let w = &block[e * stride..][..LANES];
+                    for l in 0..LANES {
+                        a[l] += u[e] * w[l];
+                    }
+                }
+            }
+        }
+        for (l, sc) in s[c0..].iter_mut().take(LANES).enumerate() {
+            *sc = ((acc[0][l] + acc[4][l]) + (acc[1][l] + acc[5][l]))
+                + ((acc[2][l] + acc[6][l]) + (acc[3][l] + acc[7][l]));
+        }
+    }
+}
+
+/// [`row_scores`] for f32 in 8-lane AVX vectors (LANES = CHAINS = 8), written out: left to
+/// the compiler, the same loops were vectorised across the chains instead of the lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn row_scores_f32_avx(wt: &[f32], stride: usize, u: &[f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 8 && CHAINS == 8);
+    let d = u.len();
+    let whole = d - d % CHAINS;
+    for c0 in (0..s.len()).step_by(LANES) {
+        // One bounds check for the whole block; the loads below stay within it.
+        let block = &wt[c0..c0 + (d - 1) * stride + LANES];
+        let p = block.as_ptr();
+        // SAFETY (every load): term e < d reads block[e * stride .. e * stride + 8], within
+        // (d - 1) * stride + 8 = block.len(); u[e] with e < d = u.len().
+        let term = |e: usize| {
+            _mm256_mul_ps(
+                _mm256_set1_ps(*u.get_unchecked(e)),
+                _mm256_loadu_ps(p.add(e * stride)),
+            )
+        };
+        let mut a = [_mm256_setzero_ps(); CHAINS];
+        for e0 in (0..whole).step_by(CHAINS) {
+            for (c, ac) in a.iter_mut().enumerate() {
+                *ac = _mm256_add_ps(*ac, term(e0 + c));
+            }
+        }
+        for (c, ac) in a.iter_mut().enumerate() {
+            if whole + c < d {
+                *ac = _mm256_add_ps(*ac, term(whole + c));
+            }
+        }
+        let sum = _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[1], a[5])),
+            _mm256_add_ps(_mm256_add_ps(a[2], a[6]), _mm256_add_ps(a[3], a[7])),
+        );
+        let mut lanes = [0.0f32; LANES];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        for (sc, &v) in s[c0..].iter_mut().zip(&lanes) {
+            *sc = v;
+        }
+    }
+}
+
+/// `dst = sum_i w[i] * src[rows[i]]` (`src` in rows of `d`), over D in blocks of [`BLOCK`] lanes
+/// kept in registers, the terms alternating between two accumulators so consecutive adds do not
+/// wait on each other.
+#[inline(always)]
+fn weighted_sum<T: Float>(dst: &mut [T], w: &[T], rows: &[usize], src: &[T], d: usize) {
+    let (w_pairs, r_pairs) = (w.chunks_exact(2), rows.chunks_exact(2));
+    let last = w_pairs.remainder().first().zip(r_pairs.remainder().first());
+    let mut c0 = 0;
+    while c0 + BLOCK <= d {
+        let (mut a, mut b) = ([T::zero(); BLOCK], [T::zero(); BLOCK]);
+        for (wp, rp) in w_pairs.clone().zip(r_pairs.clone()) {
+            let x: &[T; BLOCK] = src[rp[0] * d + c0..][..BLOCK].try_into().unwrap();
+            let y: &[T; BLOCK] = src[rp[1] * d + c0..][..BLOCK].try_into().unwrap();
+            for l in 0..BLOCK {
+                a[l] += wp[0] * x[l];
+                b[l] += wp[1] * y[l];
+            }
+        }
+        if let Some((&wl, &rl)) = last {
+            let x: &[T; BLOCK] = src[rl * d + c0..][..BLOCK].try_into().unwrap();
+            for l in 0..BLOCK {
+                a[l] += wl * x[l];
+            }
+        }
+        for l in 0..BLOCK {
+            dst[c0 + l] = a[l] + b[l];
+        }
+        c0 += BLOCK;
+    }
+    // The lanes past the last whole block: the same operations per lane.
+    for (l, o) in dst.iter_mut().enumerate().take(d).skip(c0) {
+        let (mut a, mut b) = (T::zero(), T::zero());
+        for (wp, rp) in w_pairs.clone().zip(r_pairs.clone()) {
+            a += wp[0] * src[rp[0] * d + l];
+            b += wp[1] * src[rp[1] * d + l];
+        }
+        if let Some((&wl, &rl)) = last {
+            a += wl * src[rl * d + l];
+        }
+        *o = a + b;
+    }
+}
+
 /// The fused backward: inputs [dO, q, k, v, out], outputs [dq, dk, dv].
 struct Backward {
     g: Geometry,
+    variant: CpuVariant,
     lse: Vec<f64>,
+}
+
+/// The backward's inputs and outputs, one slice each.
+struct BackwardBufs<'a, T> {
+    go: &'a [T],
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    o: &'a [T],
+    lse: &'a [T],
 }
 
 impl FloatKernel for Backward {
     fn run<T: Float>(&self, xs: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let (go, q, k, v, o) = (xs[0], xs[1], xs[2], xs[3], xs[4]);
         let g = self.g;
-        let d = g.d;
         let tokens = g.maps * g.x * g.y;
-        let (mut dq, mut dk, mut dv) = (
-            vec![T::zero(); tokens * d],
-            vec![T::zero(); tokens * d],
-            vec![T::zero(); tokens * d],
-        );
-        if d == 0 {
-            return Ok(vec![dq, dk, dv]);
+        let mut grads = [(); 3].map(|_| vec![T::zero(); tokens * g.d]);
+        if g.d == 0 {
+            return Ok(grads.into());
         }
-        let scale = T::from_f64(g.scale);
-        let kk = g.k * g.k;
         let lse: Vec<T> = self.lse.iter().map(|&l| T::from_f64(l)).collect();
+        let bufs = BackwardBufs {
+            go: xs[0],
+            q: xs[1],
+            k: xs[2],
+            v: xs[3],
+            o: xs[4],
+            lse: &lse,
+        };
+        // p_tj and ds_tj of every (query, window slot) ([tokens, 2, k*k]): the query pass
+        // writes them beside dq, the key pass reads them instead of recomputing the two dot
+        // products per pair.
+        let mut pds = vec![T::zero(); tokens * 2 * g.k * g.k];
+        let [dq, dk, dv] = &mut grads;
+        match self.variant {
+            CpuVariant::Naive => naive_query_pass(&g, &bufs, dq, &mut pds),
+            CpuVariant::Tiled => tiled_query_pass(&g, &bufs, dq, &mut pds),
+        }
+        key_pass(&g, &bufs, &pds, dk, dv, self.variant);
+        Ok(grads.into())
+    }
+}
 
-        // dq per query over its window; on the way, p_tj and ds_tj of every (query, window
-        // slot) go to `pds` ([tokens, 2, k*k]), which the key pass reads instead of recomputing
-        // the two dot products per pair.
-        let mut pds = vec![T::zero(); tokens * 2 * kk];
-        for_rows2(
-            &g,
-            &mut dq,
-            d,
-            &mut pds,
-            2 * kk,
-            #[inline(always)]
-            |r, dq_row, pds_row| {
-                let (m, ix) = (r / g.x, r % g.x);
-                for iy in 0..g.y {
-                    let t = g.token(m, ix, iy);
-                    let (qt, got) = (at(q, t, d), at(go, t, d));
-                    let delta = dot(got, at(o, t, d));
-                    let (p_slots, ds_slots) = pds_row[iy * 2 * kk..][..2 * kk].split_at_mut(kk);
-                    let acc = &mut dq_row[iy * d..][..d];
-                    for (w, j) in g.window(m, ix, iy).enumerate() {
-                        let p = prob_from_lse(scale * dot(qt, at(k, j, d)), lse[t]);
-                        let ds = p * (dot(got, at(v, j, d)) - delta);
-                        p_slots[w] = p;
-                        ds_slots[w] = ds;
-                        axpy(acc, ds, at(k, j, d));
-                    }
-                    acc.iter_mut().for_each(|a| *a = *a * scale);
+/// dq per query over its window, and p_tj, ds_tj into `pds`.
+fn naive_query_pass<T: Float>(g: &Geometry, b: &BackwardBufs<T>, dq: &mut [T], pds: &mut [T]) {
+    let (d, kk) = (g.d, g.k * g.k);
+    let scale = T::from_f64(g.scale);
+    for_rows2(
+        g,
+        dq,
+        d,
+        pds,
+        2 * kk,
+        #[inline(always)]
+        |r, dq_row, pds_row| {
+            let (m, ix) = (r / g.x, r % g.x);
+            for iy in 0..g.y {
+                let t = g.token(m, ix, iy);
+                let (qt, got) = (at(b.q, t, d), at(b.go, t, d));
+                let delta = dot(got, at(b.o, t, d));
+                let (p_slots, ds_slots) = pds_row[iy * 2 * kk..][..2 * kk].split_at_mut(kk);
+                let acc = &mut dq_row[iy * d..][..d];
+                for (w, j) in g.window(m, ix, iy).enumerate() {
+                    let p = prob_from_lse(scale * dot(qt, at(b.k, j, d)), b.lse[t]);
+                    let ds = p * (dot(got, at(b.v, j, d)) - delta);
+                    p_slots[w] = p;
+                    ds_slots[w] = ds;
+                    axpy(acc, ds, at(b.k, j, d));
                 }
-            },
-        );
-        // dk, dv per key, over the queries whose window holds it; the key's slot in query
-        // (ix, iy)'s window follows from that window's start.
-        let pds = &pds;
-        for_rows2(
-            &g,
-            &mut dk,
-            d,
-            &mut dv,
-            d,
-            #[inline(always)]
-            |r, dk_row, dv_row| {
-                let (m, jx) = (r / g.x, r % g.x);
-                for jy in 0..g.y {
-                    let (dkj, dvj) = (&mut dk_row[jy * d..][..d], &mut dv_row[jy * d..][..d]);
-                    for ix in natten_inverse_window(jx, g.x, g.k) {
-                        let wx = jx - natten_window_start(ix, g.x, g.k);
-                        for iy in natten_inverse_window(jy, g.y, g.k) {
-                            let w = wx * g.k + (jy - natten_window_start(iy, g.y, g.k));
-                            let t = g.token(m, ix, iy);
-                            let slots = &pds[t * 2 * kk..][..2 * kk];
-                            axpy(dvj, slots[w], at(go, t, d));
-                            axpy(dkj, slots[kk + w], at(q, t, d));
+                acc.iter_mut().for_each(|a| *a = *a * scale);
+            }
+        },
+    );
+}
+
+/// [`naive_query_pass`] with the tiled variant's loops.
+fn tiled_query_pass<T: Float>(g: &Geometry, b: &BackwardBufs<T>, dq: &mut [T], pds: &mut [T]) {
+    let (d, kk) = (g.d, g.k * g.k);
+    let scale = T::from_f64(g.scale);
+    let (kt, vt) = (transpose_rows(g, b.k), transpose_rows(g, b.v));
+    let (kt, vt) = (&kt, &vt);
+    for_rows2(
+        g,
+        dq,
+        d,
+        pds,
+        2 * kk,
+        #[inline(always)]
+        |r, dq_row, pds_row| {
+            let (m, ix) = (r / g.x, r % g.x);
+            let row = r * g.y * d..(r + 1) * g.y * d;
+            // Scores into the p slots, dO . v into `dp`, for the whole row first.
+            query_row_scores(g, kt, m, ix, &b.q[row.clone()], pds_row, 2 * kk);
+            let mut dp = vec![T::zero(); g.y * kk];
+            query_row_scores(g, vt, m, ix, &b.go[row], &mut dp, kk);
+            let mut keys = vec![0usize; kk];
+            for ((iy, slots), dp_t) in pds_row
+                .chunks_exact_mut(2 * kk)
+                .enumerate()
+                .zip(dp.chunks_exact(kk))
+            {
+                let t = g.token(m, ix, iy);
+                let delta = dot(at(b.go, t, d), at(b.o, t, d));
+                let (p_slots, ds_slots) = slots.split_at_mut(kk);
+                for ((p, ds), &dpj) in p_slots.iter_mut().zip(ds_slots.iter_mut()).zip(dp_t) {
+                    *p = prob_from_lse(scale * *p, b.lse[t]);
+                    *ds = *p * (dpj - delta);
+                }
+                window_tokens(g, m, ix, iy, &mut keys);
+                let acc = &mut dq_row[iy * d..][..d];
+                weighted_sum(acc, ds_slots, &keys, b.k, d);
+                acc.iter_mut().for_each(|a| *a = *a * scale);
+            }
+        },
+    );
+}
+
+/// dk, dv per key, over the queries whose window holds it; the key's slot in query (ix, iy)'s
+/// window follows from that window's start.
+fn key_pass<T: Float>(
+    g: &Geometry,
+    b: &BackwardBufs<T>,
+    pds: &[T],
+    dk: &mut [T],
+    dv: &mut [T],
+    variant: CpuVariant,
+) {
+    let (d, kk) = (g.d, g.k * g.k);
+    let scale = T::from_f64(g.scale);
+    for_rows2(
+        g,
+        dk,
+        d,
+        dv,
+        d,
+        #[inline(always)]
+        |r, dk_row, dv_row| {
+            let (m, jx) = (r / g.x, r % g.x);
+            let (mut p_of, mut ds_of, mut queries) = (
+                Vec::with_capacity(kk),
+                Vec::with_capacity(kk),
+                Vec::with_capacity(kk),
+            );
+            for jy in 0..g.y {
+                let (dkj, dvj) = (&mut dk_row[jy * d..][..d], &mut dv_row[jy * d..][..d]);
+                p_of.clear();
+                ds_of.clear();
+                queries.clear();
+                for ix in natten_inverse_window(jx, g.x, g.k) {
+                    let wx = jx - natten_window_start(ix, g.x, g.k);
+                    for iy in natten_inverse_window(jy, g.y, g.k) {
+                        let w = wx * g.k + (jy - natten_window_start(iy, g.y, g.k));
+                        let t = g.token(m, ix, iy);
+                        let slots = &pds[t * 2 * kk..][..2 * kk];
+                        p_of.push(slots[w]);
+                        ds_of.push(slots[kk + w]);
+                        queries.push(t);
+                    }
+                }
+                match variant {
+                    CpuVariant::Naive => {
+                        for ((&p, &ds), &t) in p_of.iter().zip(&ds_of).zip(&queries) {
+                            axpy(dvj, p, at(b.go, t, d));
+                            axpy(dkj, ds, at(b.q, t, d));
                         }
                     }
-                    dkj.iter_mut().for_each(|a| *a = *a * scale);
+                    CpuVariant::Tiled => {
+                        weighted_sum(dvj, &p_of, &queries, b.go, d);
+                        weighted_sum(dkj, &ds_of, &queries, b.q, d);
+                    }
                 }
-            },
-        );
-        Ok(vec![dq, dk, dv])
-    }
+                dkj.iter_mut().for_each(|a| *a = *a * scale);
+            }
+        },
+    );
 }
 
 /// 2-D neighbourhood attention: each query attends to the `kernel_size` x `kernel_size` keys of
@@ -304,9 +700,9 @@ pub fn na2d(q: &Tensor, k: &Tensor, v: &Tensor, kernel_size: usize, scale: f64) 
     na2d_with_kernel(q, k, v, kernel_size, scale, NaKernel::from_env())
 }
 
-/// [`na2d`] with the CUDA kernel family chosen by the caller (ignored on the CPU), for
-/// benchmarks and for checking the families against each other. The backward runs the same
-/// family.
+/// [`na2d`] with the kernel family chosen by the caller, for benchmarks and for checking the
+/// families against each other: on the CPU `NaKernel::Naive` runs the naive variant and every
+/// other family the tiled one (see the module docs). The backward runs the same family.
 pub fn na2d_with_kernel(
     q: &Tensor,
     k: &Tensor,
@@ -375,8 +771,10 @@ pub fn na2d_with_kernel(
         d,
         kernel_size,
     };
+    let variant = CpuVariant::of(kernel);
     let fwd = Forward {
         g,
+        variant,
         lse: Mutex::new(Vec::new()),
     };
     let mut outs = float_op(OP, &[q, k, v], &fwd, |dev, bufs| {
@@ -403,7 +801,7 @@ pub fn na2d_with_kernel(
                 OP,
                 &[grad, &q, &k, &v, &o],
                 lse,
-                |lse| Backward { g, lse },
+                |lse| Backward { g, variant, lse },
                 |dev, bufs, st| {
                     let lse = nth(OP, st, 0)?;
                     let run = cn::NaRun::with_env(kernel)?;
@@ -428,4 +826,53 @@ pub fn na2d_with_kernel(
                 .collect()
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX copy of the score loop and the portable one give the same bits (the tiled
+    /// variant's results must not depend on the CPU), for head dims with and without a partial
+    /// last step of the chains and windows of one and two steps of lanes.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn row_scores_avx_and_portable_copies_agree_bitwise() {
+        if !std::arch::is_x86_feature_detected!("avx") {
+            return;
+        }
+        let mut g = mvar_engine::Generator::new(7);
+        for (d, k) in [(64usize, 7usize), (13, 3), (70, 13), (1, 9), (8, 8)] {
+            let stride = 20 + k.next_multiple_of(LANES);
+            let wt: Vec<f32> = g
+                .uniform((d - 1) * stride + k.next_multiple_of(LANES), -2.0, 2.0)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect();
+            let u: Vec<f32> = g
+                .uniform(d, -2.0, 2.0)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect();
+            let (mut portable, mut avx) = (vec![0.0f32; k], vec![0.0f32; k]);
+            row_scores_lanes(&wt, stride, &u, &mut portable);
+            // SAFETY: the CPU has AVX (checked above).
+            unsafe { row_scores_f32_avx(&wt, stride, &u, &mut avx) };
+            assert_eq!(
+                portable.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                avx.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "d {d}, k {k}"
+            );
+            // And both are the dot products they claim to be.
+            for (c, &s) in portable.iter().enumerate() {
+                let want: f64 = (0..d)
+                    .map(|e| u[e] as f64 * wt[e * stride + c] as f64)
+                    .sum();
+                assert!(
+                    (s as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "d {d}, k {k}, column {c}: {s} vs {want}"
+                );
+            }
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! NATTEN's own formula, and the error messages.
 
 use mvar::engine::{DType, Device, Generator, Tensor};
-use mvar::ops::{self, natten_inverse_window, natten_window_start, AttnMask};
+use mvar::ops::{self, natten_inverse_window, natten_window_start, AttnMask, NaKernel};
 use proptest::prelude::*;
 
 use crate::{check, config, randn};
@@ -626,18 +626,12 @@ fn na2d_by_masked_attention(q: &Tensor, k: &Tensor, v: &Tensor, ks: usize, scale
         .unwrap()
 }
 
+/// Both CPU variants (tiled: the default; naive) against the masked-attention oracle.
 fn compare_na2d_with_oracle(shape: [usize; 5], ks: usize, scale: f64, seed: u64) {
     let (q, k, v) = (
         randn(&shape, seed),
         randn(&shape, seed ^ 1),
         randn(&shape, seed ^ 2),
-    );
-    let got = forward_backward(
-        |q, k, v| ops::na2d(q, k, v, ks, scale).unwrap(),
-        &q,
-        &k,
-        &v,
-        seed ^ 3,
     );
     let want = forward_backward(
         |q, k, v| na2d_by_masked_attention(q, k, v, ks, scale),
@@ -646,13 +640,69 @@ fn compare_na2d_with_oracle(shape: [usize; 5], ks: usize, scale: f64, seed: u64)
         &v,
         seed ^ 3,
     );
-    for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-        assert_close(
-            &format!("{shape:?} k={ks} {name}"),
-            &got[i],
-            &want[i],
-            1e-12,
+    for family in [NaKernel::Auto, NaKernel::Naive] {
+        let got = forward_backward(
+            |q, k, v| ops::na2d_with_kernel(q, k, v, ks, scale, family).unwrap(),
+            &q,
+            &k,
+            &v,
+            seed ^ 3,
         );
+        for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+            assert_close(
+                &format!("{family:?} {shape:?} k={ks} {name}"),
+                &got[i],
+                &want[i],
+                1e-12,
+            );
+        }
+    }
+}
+
+/// The tiled CPU variant against the naive one where the oracle's [L, L] mask would be large:
+/// head dims around its 64-lane blocks and 8-lane score steps, windows wider than 8 keys (two
+/// score steps), maps narrower and wider than a step, rectangular maps; f64 and f32.
+#[test]
+fn na2d_tiled_cpu_variant_matches_the_naive_one() {
+    let cases: [([usize; 5], usize); 9] = [
+        ([1, 2, 16, 16, 64], 7),
+        ([2, 1, 13, 13, 64], 7),
+        ([1, 1, 9, 20, 70], 9),
+        ([1, 1, 15, 17, 24], 15),
+        ([1, 2, 5, 11, 128], 5),
+        ([1, 1, 12, 4, 1], 3),
+        ([1, 1, 3, 3, 65], 3),
+        ([1, 1, 14, 13, 13], 13),
+        ([1, 1, 6, 9, 16], 1),
+    ];
+    for (c, (shape, ks)) in cases.into_iter().enumerate() {
+        let seed = 900 + 4 * c as u64;
+        let (q, k, v) = (
+            randn(&shape, seed),
+            randn(&shape, seed ^ 1),
+            randn(&shape, seed ^ 2),
+        );
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let cast = |x: &Tensor| x.to_dtype(dt).unwrap();
+            let run = |family| {
+                forward_backward(
+                    |q, k, v| ops::na2d_with_kernel(q, k, v, ks, 0.3, family).unwrap(),
+                    &cast(&q),
+                    &cast(&k),
+                    &cast(&v),
+                    seed ^ 3,
+                )
+            };
+            let (tiled, naive) = (run(NaKernel::Auto), run(NaKernel::Naive));
+            for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                assert_close(
+                    &format!("{dt} {shape:?} k={ks} {name}"),
+                    &tiled[i],
+                    &naive[i],
+                    tol,
+                );
+            }
+        }
     }
 }
 

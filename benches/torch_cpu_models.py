@@ -28,7 +28,8 @@ With --tokenizer it times the tokenizer's training step instead, as `mvar bench 
 does (see `run_tokenizer`); `mvar demo`'s tokenizer: --tokenizer --vae-ch 32 --vae-ch-mult 1,2,2
 --vae-res-blocks 1 --patch-nums 1,2,3,4,6,8 --batch 16 --steps 20. With --ops it times the
 criterion bench's CPU conv2d and nearest_code cases (`cargo bench --bench ops -- 'cpu/conv2d 3x3'`,
-`-- 'cpu/nearest_code'`) instead.
+`-- 'cpu/nearest_code'`) and the neighbourhood-attention cases (`-- 'cpu/na2d'`, as masked SDPA
+and flex_attention) instead.
 """
 
 import argparse
@@ -265,6 +266,71 @@ def run_ops(args):
 
         print(f"nearest_code [{rows},32] x [4096,32] f32, torch {torch.__version__}, {args.threads} threads: "
               f"{timed(search, 1) * 1e3:.3f} ms", flush=True)
+
+    run_na2d_ops(args, timed)
+
+
+def natten_start(i, n, k):
+    """NATTEN's window start, clamp(i - k/2, 0, n - k) (ops/src/na2d.rs)."""
+    return min(max(i - k // 2, 0), n - k)
+
+
+def run_na2d_ops(args, timed):
+    """`attention/cpu/na2d k7 fwd|fwd+bwd [2,16,S,S,64] f32` (scale 1, the sum's gradient), the
+    PyTorch ways NATTEN is absent from: SDPA over the flattened map with the window as a dense
+    [L, L] boolean mask, and flex_attention with the window as its mask_mod (torch.compile'd,
+    which needs a C++ compiler; forward only, as torch 2.15 has no CPU backward for it; if it
+    cannot be built, the reason is printed)."""
+    import torch
+    import torch.nn.functional as F
+
+    k = 7
+    for side in (16, 13):
+        L = side * side
+        idx = torch.arange(L)
+        rows, cols = idx // side, idx % side
+        starts = torch.tensor([natten_start(i, side, k) for i in range(side)])
+        sx, sy = starts[rows], starts[cols]
+
+        def sees(qi, kj):
+            return ((rows[kj] >= sx[qi]) & (rows[kj] < sx[qi] + k)
+                    & (cols[kj] >= sy[qi]) & (cols[kj] < sy[qi] + k))
+
+        mask = sees(idx[:, None], idx[None, :])
+        q, kk, v = (torch.randn(2, 16, L, 64, requires_grad=True) for _ in range(3))
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=1.0)
+
+        variants = [("masked SDPA", sdpa, True)]
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            block_mask = create_block_mask(lambda b, h, qi, kj: sees(qi, kj), None, None, L, L, device="cpu")
+            flex = torch.compile(flex_attention)
+            # torch 2.15 has no flex_attention backward on the CPU: the forward alone, on
+            # inputs that need no gradient.
+            qd, kd, vd = (t.detach() for t in (q, kk, v))
+
+            def flex_call():
+                return flex(qd, kd, vd, block_mask=block_mask, scale=1.0)
+
+            flex_call()
+            variants.append(("flex_attention", flex_call, False))
+        except Exception as e:  # noqa: BLE001: any failure to build it is reported, not fatal
+            print(f"na2d k7 [2,16,{side},{side},64]: flex_attention unavailable on the CPU here: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+        for name, f, backward in variants:
+            def fwd():
+                with torch.no_grad():
+                    f()
+
+            def fwd_bwd():
+                q.grad = kk.grad = v.grad = None
+                f().sum().backward()
+
+            both = f"fwd+bwd {timed(fwd_bwd, 20) * 1e3:.3f} ms" if backward else "no backward on the CPU"
+            print(f"na2d k7 [2,16,{side},{side},64] f32 as {name}, torch {torch.__version__}, "
+                  f"{args.threads} threads: fwd {timed(fwd, 20) * 1e3:.3f} ms, {both}", flush=True)
 
 
 def main():

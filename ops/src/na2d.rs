@@ -24,18 +24,19 @@
 //! way the CUDA kernel splits its work. The query pass keeps each pair's p_tj and ds_tj
 //! (k * k of each per query) for the key pass, which then does no dot products. bf16 is computed in f32; the log-sum-exp is kept in f64.
 //!
-//! Two CPU variants compute this, in the same two passes (`NaKernel::Naive` picks the first,
-//! every other family the second; the CUDA families are chosen the same way on the GPU):
+//! Two CPU variants compute this, in the same two passes: `NaKernel::Naive` (`MVAR_NA_KERNEL=naive`)
+//! picks the first, every other family the second, the default.
 //!
 //! - naive: per (query, key) pair a dot product of D and an axpy of D, straight from the
 //!   formulas; the reference the tiled variant is tested against.
 //! - tiled: the products run as short vector loops with no horizontal sums. k and v are first
-//!   transposed per map row to [D, Y + LANES] (zero-padded), so the k keys of one window row
-//!   are LANES contiguous values for every d: a window row's k scores are one LANES-wide
-//!   multiply-add per d (lanes past k are computed and dropped: 8 lanes for k = 7), with
-//!   CHAINS independent partial sums over d so the adds do not wait on each other. The sums
-//!   over a window (out, dq) or an inverse window (dk, dv) run over D in blocks of 64 lanes held
-//!   in registers, the terms split over two accumulators. Every lane does the same scalar
+//!   transposed per map row to [D, Y + pad] (zero padding: [`padded_y`]), so the k keys of one
+//!   window row are contiguous for every d: a window row's k scores are LANES-wide multiplies
+//!   and adds per d (lanes past k are computed and dropped: 8 lanes for k = 7), with CHAINS
+//!   independent partial sums over d so the adds do not wait on each other. A query row's
+//!   scores are computed first, key row by key row, then its softmaxes and sums. The sums over
+//!   a window (out, dq) or an inverse window (dk, dv) run over D in blocks of 64 lanes held in
+//!   registers, the terms split over two accumulators. Every lane does the same scalar
 //!   operations in the same order at any vector width, so the results do not depend on the CPU.
 
 use std::ops::Range;
@@ -511,7 +512,7 @@ struct Backward {
     lse: Vec<f64>,
 }
 
-/// The backward's inputs and outputs, one slice each.
+/// The backward's inputs and the forward's log-sum-exp (in the dtype), one slice each.
 struct BackwardBufs<'a, T> {
     go: &'a [T],
     q: &'a [T],

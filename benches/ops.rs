@@ -1546,6 +1546,75 @@ fn sample(c: &mut Criterion) {
     g.finish();
 }
 
+/// The parameters of `blocks` transformer blocks of VAR-d16's width (C = 1024: qkv, proj, the
+/// MLP's two layers and AdaLN's linear, weights and biases; 18.9 M per block), filled on the
+/// device with gradients set (the update's cost does not depend on the values).
+fn transformer_params(blocks: usize, d: &Device) -> mvar::engine::ParamStore {
+    let c = 1024;
+    let shapes = [
+        ("attn.mat_qkv.weight", vec![3 * c, c]),
+        ("attn.proj.weight", vec![c, c]),
+        ("attn.proj.bias", vec![c]),
+        ("ffn.fc1.weight", vec![4 * c, c]),
+        ("ffn.fc1.bias", vec![4 * c]),
+        ("ffn.fc2.weight", vec![c, 4 * c]),
+        ("ffn.fc2.bias", vec![c]),
+        ("ada_lin.1.weight", vec![6 * c, c]),
+        ("ada_lin.1.bias", vec![6 * c]),
+    ];
+    let mut store = mvar::engine::ParamStore::new();
+    for b in 0..blocks {
+        for (name, shape) in &shapes {
+            let p = store
+                .insert(
+                    format!("blocks.{b}.{name}"),
+                    &filled(shape, DType::F32, d, 0.02),
+                )
+                .expect("parameter");
+            p.set_grad(Some(filled(shape, DType::F32, d, 1e-3)))
+                .expect("gradient");
+        }
+    }
+    store
+}
+
+/// AdamW's step (VAR's betas, weight decay on all but the biases) and the global gradient clip
+/// of the trainers, over one block of VAR-d16 on the CPU and all 16 on a GPU.
+fn optim(c: &mut Criterion) {
+    let _ng = no_grad();
+    let mut g = c.benchmark_group("optim");
+    for d in devices() {
+        let t = tag(&d);
+        let blocks = if d.is_cuda() { 16 } else { 1 };
+        let store = transformer_params(blocks, &d);
+        let n: usize = store.iter().map(|(_, p)| p.elem_count()).sum();
+        let what = format!(
+            "{blocks} block(s) of VAR-d16, {:.1} M parameters, f32",
+            n as f64 / 1e6
+        );
+        let mut opt = ops::AdamW::new(
+            &store,
+            ops::AdamWConfig {
+                lr: 1e-4,
+                ..Default::default()
+            },
+            |name, _| name.ends_with(".bias"),
+        )
+        .expect("optimizer");
+        // Parameter and both moments read and written, the gradient read.
+        g.throughput(Throughput::Bytes(bytes(7 * n, DType::F32)));
+        bench(&mut g, &d, format!("{t}/adamw step {what}"), || {
+            opt.step(&store).unwrap();
+        });
+        // The norm's read of every gradient; the scaling is a no-op once the norm is under 2.
+        g.throughput(Throughput::Bytes(bytes(n, DType::F32)));
+        bench(&mut g, &d, format!("{t}/clip_grad_norm {what}"), || {
+            ops::clip_grad_norm(&store, 2.0).unwrap();
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -1556,6 +1625,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = matmul, elementwise, activations, reduce, layout, nn, attention, spatial, quant, sample
+    targets = matmul, elementwise, activations, reduce, layout, nn, attention, spatial, quant, sample, optim
 }
 criterion_main!(benches);

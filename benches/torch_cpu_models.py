@@ -28,8 +28,8 @@ With --tokenizer it times the tokenizer's training step instead, as `mvar bench 
 does (see `run_tokenizer`); `mvar demo`'s tokenizer: --tokenizer --vae-ch 32 --vae-ch-mult 1,2,2
 --vae-res-blocks 1 --patch-nums 1,2,3,4,6,8 --batch 16 --steps 20. With --ops it times the
 criterion bench's CPU conv2d and nearest_code cases (`cargo bench --bench ops -- 'cpu/conv2d 3x3'`,
-`-- 'cpu/nearest_code'`) and the neighbourhood-attention cases (`-- 'cpu/na2d'`, as masked SDPA
-and flex_attention) instead.
+`-- 'cpu/nearest_code'`) the neighbourhood-attention cases (`-- 'cpu/na2d'`, as masked SDPA
+and flex_attention) and the optimizer's (`-- 'optim/cpu'`) instead.
 """
 
 import argparse
@@ -268,6 +268,37 @@ def run_ops(args):
               f"{timed(search, 1) * 1e3:.3f} ms", flush=True)
 
     run_na2d_ops(args, timed)
+    run_optim_ops(args)
+
+
+def run_optim_ops(args):
+    """`optim/cpu/adamw step` and `optim/cpu/clip_grad_norm` over one block of VAR-d16 (the
+    bench's parameter shapes, 18.9 M parameters, values filled as there): torch.optim.AdamW
+    (VAR's betas, weight decay 0.05 on the matrices only) in its three CPU implementations, and
+    clip_grad_norm_ (2.0). Medians of 15 steps after 3."""
+    import torch
+
+    c = 1024
+    shapes = [(3 * c, c), (c, c), (c,), (4 * c, c), (4 * c,), (c, 4 * c), (c,), (6 * c, c), (6 * c,)]
+    params = [torch.full(s, 0.02, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.full(p.shape, 1e-3)
+    n = sum(p.numel() for p in params)
+
+    def median_ms(f):
+        for _ in range(3):
+            f()
+        return statistics.median(call_times(f, 15)) * 1e3
+
+    for impl in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+        groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.05},
+                  {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **impl)
+        print(f"adamw step, 1 block of VAR-d16 ({n / 1e6:.1f} M parameters) f32, {impl}, torch {torch.__version__}, "
+              f"{args.threads} threads: {median_ms(opt.step):.2f} ms", flush=True)
+    clip = lambda: torch.nn.utils.clip_grad_norm_(params, 2.0)  # noqa: E731
+    print(f"clip_grad_norm_, the same parameters, torch {torch.__version__}, {args.threads} threads: "
+          f"{median_ms(clip):.2f} ms", flush=True)
 
 
 def natten_start(i, n, k):

@@ -23,7 +23,7 @@ use mvar_engine::{CpuStorage, DType, Device, Error, Float, ParamStore, Result, S
 use rayon::prelude::*;
 
 use crate::elementwise::mul_scalar;
-use crate::util::{lane_sum, no_cuda_kernel};
+use crate::util::{in_widest_vectors, lane_sum, no_cuda_kernel};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -196,15 +196,31 @@ impl AdamW {
                 bias2_sqrt,
                 eps: c.eps,
             };
-            let grad = g.to_cpu_storage()?;
             let moments = match self.state.remove(name) {
+                // Host moments move out and back in (`to_host` would copy them).
+                Some(Slot::Host(mo)) => mo,
                 Some(slot) => slot.to_host()?,
                 None => Moments {
                     m: CpuStorage::full(p.dtype(), p.elem_count(), 0.0),
                     v: CpuStorage::full(p.dtype(), p.elem_count(), 0.0),
                 },
             };
-            let moments = update_in_place(name, p, &grad, moments, &hyper)?;
+            // The gradient is read in place (a copy per parameter per step was a fifth of the
+            // step's memory traffic), unless it shares the parameter's storage: then the
+            // parameter's write lock would wait on the gradient's read lock for ever.
+            let moments = if g.same_storage(p) || !g.device().is_cpu() {
+                update_in_place(name, p, &g.to_cpu_storage()?, moments, &hyper)?
+            } else {
+                let guard = g.storage();
+                let Storage::Cpu(grad) = &*guard else {
+                    return Err(Error::DeviceMismatch {
+                        op: "AdamW",
+                        got: format!("device storage in the CPU gradient of {name:?}"),
+                        expected: "storage on the tensor's device".into(),
+                    });
+                };
+                update_in_place(name, p, grad, moments, &hyper)?
+            };
             self.state.insert(name.to_string(), Slot::Host(moments));
         }
         if !on_gpu.is_empty() {
@@ -422,25 +438,32 @@ fn adamw_kernel<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], h: &Hy
     let step_size = T::from_f64(h.step_size);
     let bias2_sqrt = T::from_f64(h.bias2_sqrt);
     let eps = T::from_f64(h.eps);
-    let update = |(((p, &g), m), v): (((&mut T, &T), &mut T), &mut T)| {
-        *p = *p * decay;
-        *m = b1 * *m + one_b1 * g;
-        *v = b2 * *v + one_b2 * g * g;
-        let denom = v.sqrt() / bias2_sqrt + eps;
-        *p = *p - step_size * *m / denom;
+    // Chunks of slices, each a plain loop in the widest vectors: rayon's per-element zip did
+    // not vectorise (its sqrt and two divisions per element ran one at a time, 3x slower than
+    // PyTorch's fused CPU AdamW). Every element gets the same IEEE operations either way.
+    let update = |p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]| {
+        in_widest_vectors(
+            #[inline(always)]
+            || {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *p = *p * decay;
+                    *m = b1 * *m + one_b1 * g;
+                    *v = b2 * *v + one_b2 * g * g;
+                    let denom = v.sqrt() / bias2_sqrt + eps;
+                    *p = *p - step_size * *m / denom;
+                }
+            },
+        )
     };
+    const CHUNK: usize = 16 * 1024;
     if p.len() >= mvar_engine::cpu::PARALLEL_MIN_ELEMS {
-        p.par_iter_mut()
-            .zip(g.par_iter())
-            .zip(m.par_iter_mut())
-            .zip(v.par_iter_mut())
-            .for_each(update);
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| update(p, g, m, v));
     } else {
-        p.iter_mut()
-            .zip(g.iter())
-            .zip(m.iter_mut())
-            .zip(v.iter_mut())
-            .for_each(update);
+        update(p, g, m, v);
     }
 }
 

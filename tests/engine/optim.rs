@@ -77,6 +77,74 @@ fn adamw_second_step_matches_a_hand_computation() {
     assert!((w.to_vec::<f64>().unwrap()[0] - p).abs() < 1e-14);
 }
 
+/// The threaded path (a parameter of many chunks, the last one partial) follows the same
+/// per-element recurrence over three steps, moments carried between them; and a gradient that
+/// is the parameter's own storage (which the step reads in place otherwise) still works.
+#[test]
+fn adamw_large_parameters_and_a_gradient_sharing_the_parameter_storage() {
+    let n = 3 * 16 * 1024 + 123;
+    let init: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+    let grads: Vec<Vec<f32>> = (0..3)
+        .map(|s| {
+            (0..n)
+                .map(|i| (((i * 7 + s * 13) % 89) as f32 - 44.0) / 30.0)
+                .collect()
+        })
+        .collect();
+    let cfg = AdamWConfig {
+        lr: 0.05,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut ps = ParamStore::new();
+    let w = ps
+        .insert("w", &Tensor::from_slice(&init, [n], &Device::Cpu).unwrap())
+        .unwrap();
+    let mut opt = AdamW::new(&ps, cfg, |_, _| false).unwrap();
+    let (mut p, mut m, mut v) = (init.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+    for (t, g) in grads.iter().enumerate() {
+        w.set_grad(Some(Tensor::from_slice(g, [n], &Device::Cpu).unwrap()))
+            .unwrap();
+        opt.step(&ps).unwrap();
+        let t = t as i32 + 1;
+        // The kernel's constants, rounded from f64 as it rounds them, and its operation order.
+        let step_size = (0.05 / (1.0 - 0.9f64.powi(t))) as f32;
+        let bias2_sqrt = (1.0 - 0.95f64.powi(t)).sqrt() as f32;
+        let (decay, one_b1, one_b2) = (
+            (1.0 - 0.05 * 0.1f64) as f32,
+            (1.0 - 0.9f64) as f32,
+            (1.0 - 0.95f64) as f32,
+        );
+        for i in 0..n {
+            p[i] *= decay;
+            m[i] = 0.9 * m[i] + one_b1 * g[i];
+            v[i] = 0.95 * v[i] + one_b2 * g[i] * g[i];
+            p[i] -= step_size * m[i] / (v[i].sqrt() / bias2_sqrt + 1e-8);
+        }
+    }
+    assert_eq!(w.to_vec::<f32>().unwrap(), p, "three steps of {n} elements");
+
+    // The gradient is the parameter itself: g = p, so the first step moves each element by
+    // lr * sign(p) (after the decay), as in the closed form above.
+    let mut ps = ParamStore::new();
+    let x = ps
+        .insert(
+            "x",
+            &Tensor::from_vec(vec![0.5f64, -2.0], [2], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    x.set_grad(Some(x.clone())).unwrap();
+    let mut opt = AdamW::new(&ps, cfg, |_, _| false).unwrap();
+    opt.step(&ps).unwrap();
+    let got = x.to_vec::<f64>().unwrap();
+    for (p0, p1) in [0.5f64, -2.0].iter().zip(got) {
+        let want = p0 * (1.0 - 0.05 * 0.1) - 0.05 * p0 / (p0.abs() + 1e-8);
+        assert!((p1 - want).abs() < 1e-12, "{p1} vs {want}");
+    }
+}
+
 #[test]
 fn adamw_minimises_a_quadratic() {
     let mut ps = ParamStore::new();

@@ -497,6 +497,26 @@ fn nn(c: &mut Criterion) {
         bench(&mut g, &d, format!("{t}/softmax [5440,1024] f32"), || {
             ops::softmax(&x, -1).unwrap();
         });
+        // The transformer's drop-path (one decision per sample) and dropout (one per element;
+        // drawing the decisions on the host is part of it on the CPU), as training runs them.
+        let x3 = x.reshape([8, 680, 1024]).unwrap();
+        let mut rng = Generator::new(3);
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/drop_path p 0.1 [8,680,1024] f32"),
+            || {
+                ops::drop_path(&x3, 0.1, &mut rng).unwrap();
+            },
+        );
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/dropout p 0.1 [8,680,1024] f32"),
+            || {
+                ops::dropout(&x3, 0.1, &mut rng).unwrap();
+            },
+        );
         if d.is_cuda() {
             for dt in [DType::F32, DType::BF16] {
                 let big = filled(&[65536, 1024], dt, &d, 0.25);

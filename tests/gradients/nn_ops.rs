@@ -520,6 +520,35 @@ fn drop_path_keeps_or_drops_whole_samples() {
     assert_eq!(y, again);
 }
 
+/// Samples longer than one CPU task (16 K elements), one task per sample, and a batch that
+/// ends in a partial task of small samples: each sample whole, scaled or zeroed.
+#[test]
+fn drop_path_with_samples_larger_and_smaller_than_a_task() {
+    for (n, rest) in [(7usize, 20_011usize), (3001, 17)] {
+        let x = randn(&[n, rest], 46);
+        let xv = f64s(&x);
+        let p = 0.4;
+        let y = f64s(&ops::drop_path(&x, p, &mut Generator::new(47)).unwrap());
+        let u = Generator::new(47).uniform(n, 0.0, 1.0);
+        for s in 0..n {
+            let (ys, xs) = (&y[s * rest..][..rest], &xv[s * rest..][..rest]);
+            if u[s] < 1.0 - p {
+                assert!(
+                    ys.iter()
+                        .zip(xs)
+                        .all(|(a, b)| (a - b / (1.0 - p)).abs() < 1e-12),
+                    "[{n}, {rest}]: sample {s} kept and scaled"
+                );
+            } else {
+                assert!(
+                    ys.iter().all(|&a| a == 0.0),
+                    "[{n}, {rest}]: sample {s} zeroed"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn zero_probability_is_the_identity_and_draws_nothing() {
     let x = randn(&[3, 4], 44);

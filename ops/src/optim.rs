@@ -205,9 +205,9 @@ impl AdamW {
                     v: CpuStorage::full(p.dtype(), p.elem_count(), 0.0),
                 },
             };
-            // The gradient is read in place (a copy per parameter per step was a fifth of the
-            // step's memory traffic), unless it shares the parameter's storage: then the
-            // parameter's write lock would wait on the gradient's read lock for ever.
+            // The gradient is read in place rather than copied every step, unless it shares
+            // the parameter's storage: then the parameter's write lock would wait on the
+            // gradient's read lock for ever.
             let moments = if g.same_storage(p) || !g.device().is_cpu() {
                 update_in_place(name, p, &g.to_cpu_storage()?, moments, &hyper)?
             } else {

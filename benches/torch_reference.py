@@ -223,6 +223,28 @@ def na2d_cases(report, timed, dev):
         cases("sdpa", lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale))
 
 
+def optim_cases(report, timed, dev):
+    """`optim/cuda/adamw step` and `clip_grad_norm` of benches/ops.rs: VAR-d16's 16 transformer
+    blocks (C = 1024: qkv, proj, the MLP, AdaLN's linear; 302.2 M f32 parameters, filled), with
+    torch.optim.AdamW(fused=True) as the official trainer runs it (VAR's betas, weight decay
+    0.05 on all but the biases) and clip_grad_norm_ (2.0)."""
+    c, blocks = 1024, 16
+    shapes = [(3 * c, c), (c, c), (c,), (4 * c, c), (4 * c,), (c, 4 * c), (c,), (6 * c, c), (6 * c,)] * blocks
+    params = [torch.full(s, 0.02, device=dev, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.full(p.shape, 1e-3, device=dev)
+    n = sum(p.numel() for p in params)
+    what = f"{blocks} block(s) of VAR-d16, {n / 1e6:.1f} M parameters, f32"
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.05},
+              {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}]
+    fused = dev.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=fused)
+    report("optim", f"cuda/adamw step {what}", timed(opt.step), nbytes=7 * n * 4)
+    report("optim", f"cuda/clip_grad_norm {what}", timed(lambda: torch.nn.utils.clip_grad_norm_(params, 2.0)),
+           nbytes=n * 4)
+    del params, groups, opt
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="also write one JSON object per case to this file")
@@ -554,6 +576,8 @@ def main():
 
     # attention
     na2d_cases(report, timed, dev)
+
+    optim_cases(report, timed, dev)
 
     if json_out:
         json_out.close()

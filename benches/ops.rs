@@ -1000,7 +1000,8 @@ fn attention(c: &mut Criterion) {
     }
     // Block-causal (VAR) and block-diagonal (MVAR's scale-Markov) attention over the first 8
     // scales of the 256-px pyramid (L = 255), batch 2 x 16 heads; 7x7 neighbourhood attention
-    // on a 16x16 map. The CPU kernels compute only each scale's visible keys (2026-12-06 (6)).
+    // on MVAR's 16x16 and 13x13 maps. The CPU kernels compute only each scale's visible keys
+    // (2026-12-06 (6)).
     let scales: Vec<usize> = [1usize, 2, 3, 4, 5, 6, 8, 10]
         .iter()
         .map(|p| p * p)

@@ -354,6 +354,15 @@ fn reduce(c: &mut Criterion) {
                 ops::max(&x, -1, false).unwrap();
             },
         );
+        // The trainers' token accuracy: the argmax of the logits over the vocabulary.
+        bench(
+            &mut g,
+            &d,
+            format!("{t}/argmax last axis [4096,1024] f32"),
+            || {
+                ops::argmax(&x, -1, false).unwrap();
+            },
+        );
         // A bias gradient of VAR-d16's training step at batch 32 (B * L = 21760 rows), and a
         // whole-tensor sum (the scalar loss of the conv and silu fwd+bwd cases).
         let bias = randn(&[21760, 1024], DType::F32, &d, 3);

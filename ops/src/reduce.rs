@@ -11,7 +11,7 @@ use mvar_engine::{CpuStorage, DType, Error, Float, Result, Shape, Tensor, WithDT
 use rayon::prelude::*;
 
 use crate::elementwise::{broadcast_to, mul_scalar};
-use crate::util::{dispatch, float_op, lane_sum, out_tensor, require_float};
+use crate::util::{dispatch, float_op, in_widest_vectors, lane_sum, out_tensor, require_float};
 
 fn keepdim_shape(shape: &Shape, axis: usize) -> Shape {
     let mut d = shape.dims().to_vec();
@@ -216,12 +216,91 @@ fn argmax_kernel<T: WithDType>(x: &[T], outer: usize, n: usize, inner: usize) ->
     if inner == 0 {
         return out;
     }
+    if inner == 1 && n <= u32::MAX as usize {
+        // Contiguous rows (the last axis, as for logits): lanes instead of one running best.
+        let rows = |(o, dst): (usize, &mut [i64])| {
+            for (r, d) in dst.iter_mut().enumerate() {
+                let start = (o * ROWS_PER_TASK + r) * n;
+                *d = in_widest_vectors(
+                    #[inline(always)]
+                    || row_argmax(&x[start..start + n]),
+                ) as i64;
+            }
+        };
+        if outer * n >= mvar_engine::cpu::PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(rows);
+        } else {
+            out.chunks_mut(ROWS_PER_TASK).enumerate().for_each(rows);
+        }
+        return out;
+    }
     if outer * n * inner >= mvar_engine::cpu::PARALLEL_MIN_ELEMS {
         out.par_chunks_mut(inner).enumerate().for_each(row);
     } else {
         out.chunks_mut(inner).enumerate().for_each(row);
     }
     out
+}
+
+/// Rows of [`argmax_kernel`]'s contiguous case per task.
+const ROWS_PER_TASK: usize = 8;
+
+/// Lanes of [`row_argmax`].
+const ARGMAX_LANES: usize = 16;
+
+/// The index of the first NaN of `row` if it has one, else of its first maximum: the rule of
+/// [`argmax_kernel`]'s scalar loop. Each of 16 lanes keeps the first best of the elements
+/// i = lane (mod 16) with a compare and two selects (no branch, so the loop vectorises); the
+/// lanes are merged by NaN first, then value, then the lower index. `row` is not empty and has
+/// fewer than 2^32 elements.
+#[inline(always)]
+fn row_argmax<T: WithDType>(row: &[T]) -> usize {
+    const L: usize = ARGMAX_LANES;
+    #[allow(clippy::eq_op)]
+    let is_nan = |v: T| v != v;
+    if row.len() < L {
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate().skip(1) {
+            if is_nan(row[best]) {
+                break;
+            }
+            if v > row[best] || is_nan(v) {
+                best = i;
+            }
+        }
+        return best;
+    }
+    let mut best_v: [T; L] = row[..L].try_into().expect("L elements");
+    let mut best_i: [u32; L] = std::array::from_fn(|l| l as u32);
+    let mut step = |base: usize, chunk: &[T]| {
+        for (l, &v) in chunk.iter().enumerate() {
+            // A later NaN never replaces an earlier one; a NaN replaces any number.
+            // `|` and `&`, not `||` and `&&`: no branches, so the lanes vectorise.
+            let take = (v > best_v[l]) | (is_nan(v) & !is_nan(best_v[l]));
+            best_v[l] = if take { v } else { best_v[l] };
+            best_i[l] = if take { (base + l) as u32 } else { best_i[l] };
+        }
+    };
+    let chunks = row[L..].chunks_exact(L);
+    let rest = chunks.remainder();
+    for (c, chunk) in chunks.enumerate() {
+        let chunk: &[T; L] = chunk.try_into().expect("L elements");
+        step((c + 1) * L, chunk);
+    }
+    step(row.len() - rest.len(), rest);
+    let mut best = 0;
+    for l in 1..L {
+        let (a, b) = ((best_v[best], best_i[best]), (best_v[l], best_i[l]));
+        let better = if is_nan(b.0) {
+            !is_nan(a.0) || b.1 < a.1
+        } else {
+            !is_nan(a.0) && (b.0 > a.0 || (b.0 == a.0 && b.1 < a.1))
+        };
+        if better {
+            best = l;
+        }
+    }
+    best_i[best] as usize
 }
 
 fn argmax_any(x: &CpuStorage, outer: usize, n: usize, inner: usize) -> Vec<i64> {
@@ -350,4 +429,62 @@ pub fn max(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
 /// Smallest value along `axis` (as -max(-x)).
 pub fn min(x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
     crate::elementwise::neg(&max(&crate::elementwise::neg(x)?, axis, keepdim)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scalar rule: the first NaN, else the first maximum.
+    fn one_pass<T: WithDType>(row: &[T]) -> usize {
+        #[allow(clippy::eq_op)]
+        let is_nan = |v: T| v != v;
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate() {
+            if is_nan(row[best]) {
+                break;
+            }
+            if v > row[best] || is_nan(v) {
+                best = i;
+            }
+        }
+        best
+    }
+
+    /// The lane merge against the scalar rule, on rows shorter and longer than the lanes, with
+    /// many ties (few distinct values), NaNs at various places and infinities, in f32, i64, u8.
+    #[test]
+    fn row_argmax_is_the_first_nan_else_the_first_maximum() {
+        let mut g = mvar_engine::Generator::new(5);
+        for len in (1..80).chain([255, 4096]) {
+            for trial in 0..12 {
+                let u = g.uniform(2 * len, 0.0, 1.0);
+                let row: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let (a, b) = (u[2 * i], u[2 * i + 1]);
+                        match trial % 4 {
+                            0 => (a * 7.0).floor() as f32,
+                            1 if b < 0.05 => f32::NAN,
+                            2 if b < 0.05 => f32::INFINITY,
+                            3 if b < 0.03 => f32::NEG_INFINITY,
+                            _ => (a * 4.0).floor() as f32 - 2.0,
+                        }
+                    })
+                    .collect();
+                assert_eq!(row_argmax(&row), one_pass(&row), "f32 {row:?}");
+                let ints: Vec<i64> = row
+                    .iter()
+                    .map(|&v| if v.is_finite() { v as i64 } else { 9 })
+                    .collect();
+                assert_eq!(row_argmax(&ints), one_pass(&ints), "i64 {ints:?}");
+                let bytes: Vec<u8> = ints.iter().map(|&v| (v + 3) as u8).collect();
+                assert_eq!(row_argmax(&bytes), one_pass(&bytes), "u8 {bytes:?}");
+            }
+        }
+        // Two NaNs in different lanes: the earlier one.
+        let mut row = vec![0.0f32; 40];
+        row[37] = f32::NAN;
+        row[21] = f32::NAN;
+        assert_eq!(row_argmax(&row), 21);
+    }
 }

@@ -84,7 +84,7 @@ impl CpuStorage {
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {
             CpuStorage::F32(v) => v.clone(),
-            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::BF16(v) => crate::cpu::widen_bf16(v),
             CpuStorage::F64(v) => v.iter().map(|&x| x as f32).collect(),
             CpuStorage::I64(v) => v.iter().map(|&x| x as f32).collect(),
             CpuStorage::U8(v) => v.iter().map(|&x| x as f32).collect(),
@@ -98,9 +98,7 @@ impl CpuStorage {
             return self.clone();
         }
         match (self, dtype) {
-            (CpuStorage::F32(v), DType::BF16) => {
-                CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect())
-            }
+            (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(crate::cpu::narrow_to_bf16(v)),
             (_, DType::F32) => CpuStorage::F32(self.to_f32_vec()),
             (_, DType::F64) => CpuStorage::F64(self.to_f64_vec()),
             (_, DType::BF16) => {

@@ -1,6 +1,7 @@
 //! Checks and plumbing shared by every op: device/dtype agreement, access to CPU storage,
 //! broadcast iteration.
 
+pub use mvar_engine::cpu::{cpu_vectors, in_widest_vectors, CpuVectors};
 use mvar_engine::cpu::{run_float, FloatKernel, PARALLEL_MIN_ELEMS};
 use mvar_engine::cuda::{CudaBuffer, CudaDevice};
 use mvar_engine::{
@@ -430,70 +431,6 @@ pub(crate) fn write_mapped2<'a, A: Copy, B: Copy, T>(
     unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
-/// The vector instruction sets the CPU loops below are compiled for, widest last. The builds
-/// target baseline x86-64, whose vectors are SSE2's 4 f32 lanes; the map loops and the closures
-/// run through [`in_widest_vectors`] also have copies compiled for AVX2 (8 lanes) and AVX-512
-/// (16 lanes), and the widest the CPU has runs. Every copy performs the same IEEE operations in
-/// the same order (Rust never fuses a * b + c into an FMA on its own, and the loops' reductions
-/// keep their lanes explicitly: [`lane_sum`]), so results are bitwise the same on every machine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum CpuVectors {
-    /// SSE2, what every x86-64 has (and the only copy off x86-64).
-    Baseline,
-    Avx2,
-    Avx512,
-}
-
-impl CpuVectors {
-    pub fn name(self) -> &'static str {
-        match self {
-            CpuVectors::Baseline => "baseline",
-            CpuVectors::Avx2 => "avx2",
-            CpuVectors::Avx512 => "avx512",
-        }
-    }
-
-    /// The widest the CPU runs.
-    fn detected() -> CpuVectors {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return CpuVectors::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return CpuVectors::Avx2;
-            }
-        }
-        CpuVectors::Baseline
-    }
-}
-
-/// The copy of the vector loops that runs here (checked once): the widest the CPU has, capped
-/// by `MVAR_CPU_VECTORS` (`baseline`, `avx2` or `avx512`; to compare them in benchmarks).
-/// Matrix products are the `gemm` crate's, which picks its own kernels (AVX-512 where present).
-pub fn cpu_vectors() -> CpuVectors {
-    static CHOSEN: std::sync::OnceLock<CpuVectors> = std::sync::OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        let detected = CpuVectors::detected();
-        let cap = match std::env::var("MVAR_CPU_VECTORS").as_deref() {
-            Ok("baseline") => CpuVectors::Baseline,
-            Ok("avx2") => CpuVectors::Avx2,
-            Ok("avx512") | Err(_) => CpuVectors::Avx512,
-            Ok(other) => {
-                // A typo must not silently change what a benchmark measures; this runs inside
-                // ops that return no error for it, so it says so once and keeps the widest.
-                eprintln!(
-                    "warning: MVAR_CPU_VECTORS={other:?} is not one of baseline, avx2, avx512; \
-                     using the widest the CPU has ({})",
-                    detected.name()
-                );
-                CpuVectors::Avx512
-            }
-        };
-        detected.min(cap)
-    })
-}
-
 /// The f64 sum of `f(x[i])` over eight interleaved accumulators (element i into lane i % 8):
 /// the same accuracy class as a plain sum, but the adds are independent. Walked in chunks of
 /// eight with the lanes in a local array, so the loop becomes vector adds (an indexed
@@ -539,34 +476,6 @@ pub(crate) fn lane_max<T: Float>(x: &[T]) -> T {
         acc[k] = acc[k].max(v);
     }
     acc.iter().fold(T::neg_infinity(), |m, &v| m.max(v))
-}
-
-/// Runs `f` compiled for the widest vectors the CPU has (see [`cpu_vectors`]): loops inlined
-/// into `f` (mark a closure `#[inline(always)]`) then use 16- or 8-lane vectors; the same
-/// operations in the same order either way, so the results are the same.
-#[inline(always)]
-pub(crate) fn in_widest_vectors<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    match cpu_vectors() {
-        // SAFETY: the CPU has AVX-512F (checked at run time).
-        CpuVectors::Avx512 => return unsafe { with_avx512(f) },
-        // SAFETY: the CPU has AVX2 (checked at run time).
-        CpuVectors::Avx2 => return unsafe { with_avx2(f) },
-        CpuVectors::Baseline => {}
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
 }
 
 #[inline(always)]
@@ -813,6 +722,8 @@ pub(crate) fn autocast_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
+    use mvar_engine::cpu::{with_avx2, with_avx512};
     use mvar_engine::{Float, Shape};
 
     /// strided_copy as permute uses it against per-element index arithmetic: rows copied as

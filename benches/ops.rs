@@ -105,7 +105,15 @@ fn matmul(c: &mut Criterion) {
             (1024, 1024, 1024, DType::BF16),
         ];
         if d.is_cpu() {
-            cases.push((256, 256, 256, DType::F64));
+            // bf16 on the CPU runs VDPBF16PS where the CPU has AVX512-BF16 (else it is widened to
+            // f32; MVAR_CPU_BF16_GEMM=0 forces that): the VAR-d16 MLP and MVAR-d4's head
+            // (4 x 255 tokens, width 256, 4096 codes), beside their f32 cases.
+            cases.extend([
+                (256, 256, 256, DType::F64),
+                (680, 1024, 4096, DType::BF16),
+                (1020, 256, 4096, DType::F32),
+                (1020, 256, 4096, DType::BF16),
+            ]);
         } else {
             cases.extend([
                 (4096, 4096, 4096, DType::BF16),
@@ -119,6 +127,25 @@ fn matmul(c: &mut Criterion) {
             bench(&mut g, &d, format!("{}/{dt}/{m}x{k}x{n}", tag(&d)), || {
                 ops::matmul(&a, &b).unwrap();
             });
+        }
+        if d.is_cpu() {
+            // A weight gradient of MVAR-d4's MLP (g^T x: [1020,4096]^T @ [1020,256]), whose
+            // transposed operand the bf16 kernel packs with interleaved rows.
+            for dt in [DType::F32, DType::BF16] {
+                let (g_out, x) = (
+                    randn(&[1020, 4096], dt, &d, 5),
+                    randn(&[1020, 256], dt, &d, 6),
+                );
+                g.throughput(Throughput::Elements(2 * 4096 * 1020 * 256));
+                bench(
+                    &mut g,
+                    &d,
+                    format!("{}/{dt}/4096x1020x256 a^T b", tag(&d)),
+                    || {
+                        ops::matmul_t(&g_out, &x, true, false).unwrap();
+                    },
+                );
+            }
         }
         let (q, kt) = (
             randn(&[512, 256, 64], DType::F32, &d, 3),

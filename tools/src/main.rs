@@ -149,6 +149,10 @@ fn info() -> mvar_engine::Result<()> {
         "cpu vectors: {} (element-wise loops; MVAR_CPU_VECTORS caps them)",
         mvar_ops::cpu_vectors().name()
     );
+    println!(
+        "cpu bf16 matrix products: {} (MVAR_CPU_BF16_GEMM=0 widens them)",
+        mvar_ops::cpu_bf16_gemm()
+    );
     let driver = mvar_cuda::driver_present();
     println!(
         "cuda driver: {}",

@@ -29,7 +29,8 @@ does (see `run_tokenizer`); `mvar demo`'s tokenizer: --tokenizer --vae-ch 32 --v
 --vae-res-blocks 1 --patch-nums 1,2,3,4,6,8 --batch 16 --steps 20. With --ops it times the
 criterion bench's CPU conv2d and nearest_code cases (`cargo bench --bench ops -- 'cpu/conv2d 3x3'`,
 `-- 'cpu/nearest_code'`) the neighbourhood-attention cases (`-- 'cpu/na2d'`, as masked SDPA
-and flex_attention) and the optimizer's (`-- 'optim/cpu'`) instead.
+and flex_attention), the CPU matrix products in f32 and bf16 (`-- 'matmul/cpu/(f32|bf16)'`)
+and the optimizer's (`-- 'optim/cpu'`) instead.
 """
 
 import argparse
@@ -268,7 +269,28 @@ def run_ops(args):
               f"{timed(search, 1) * 1e3:.3f} ms", flush=True)
 
     run_na2d_ops(args, timed)
+    run_matmul_ops(args, timed)
     run_optim_ops(args)
+
+
+def run_matmul_ops(args, timed):
+    """`matmul/cpu/{f32,bf16}/MxKxN` (a @ b, row-major) and `.../4096x1020x256 a^T b` (the
+    transposed view's product, g.T @ x), with `torch.matmul` on the same shapes and dtypes:
+    bf16 products on the CPU are oneDNN's (AVX512-BF16 or AMX where the CPU has them). Medians
+    of 5 rounds of 10 calls after 5."""
+    import torch
+
+    for dt in (torch.float32, torch.bfloat16):
+        name = "f32" if dt == torch.float32 else "bf16"
+        for m, k, n in ((1024, 1024, 1024), (680, 1024, 4096), (1020, 256, 4096)):
+            a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+            ms = timed(lambda: torch.matmul(a, b), 10) * 1e3
+            print(f"matmul/cpu/{name}/{m}x{k}x{n}, torch {torch.__version__}, {args.threads} threads: "
+                  f"{ms:.3f} ms, {2 * m * k * n / ms / 1e6:.0f} GFLOP/s", flush=True)
+        g, x = torch.randn(1020, 4096, dtype=dt), torch.randn(1020, 256, dtype=dt)
+        ms = timed(lambda: torch.matmul(g.T, x), 10) * 1e3
+        print(f"matmul/cpu/{name}/4096x1020x256 a^T b, torch {torch.__version__}, {args.threads} threads: "
+              f"{ms:.3f} ms, {2 * 4096 * 1020 * 256 / ms / 1e6:.0f} GFLOP/s", flush=True)
 
 
 def run_optim_ops(args):

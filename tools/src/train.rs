@@ -187,9 +187,8 @@ pub struct TrainArgs {
     #[arg(long, value_parser = crate::common::parse_minutes)]
     pub minutes: Option<f64>,
     /// Mixed precision: bf16 (autocast: GEMMs, attention and convolutions in bf16 with f32
-    /// accumulation, f32 master weights), f32, or auto (bf16 on a GPU, f32 on the CPU, so that
-    /// CPU runs repeat on every machine; on a CPU with AVX512-BF16, see `mvar info`, bf16
-    /// trains faster).
+    /// accumulation, f32 master weights), f32, or auto (bf16 on a GPU, f32 on the CPU; on a
+    /// CPU with AVX512-BF16, see `mvar info`, bf16 trains faster).
     #[arg(long, value_enum, default_value = "auto")]
     pub precision: Precision,
     /// Sampling of the grid written at the end.

@@ -648,6 +648,15 @@ mod tests {
         }
     }
 
+    /// The [`Strided`] view of a [`matrix`].
+    fn view(owned: &(Vec<bf16>, usize, usize)) -> Strided<'_> {
+        Strided {
+            data: &owned.0,
+            rs: owned.1,
+            cs: owned.2,
+        }
+    }
+
     fn run(
         m: usize,
         n: usize,
@@ -683,18 +692,11 @@ mod tests {
         let mut seed = 3;
         for (m, n, k, ta, tb) in CASES {
             for integers in [true, false] {
-                let (av, a_rs, a_cs) = matrix(m, k, ta, integers, &mut seed);
-                let (bv, b_rs, b_cs) = matrix(k, n, tb, integers, &mut seed);
-                let a = Strided {
-                    data: &av,
-                    rs: a_rs,
-                    cs: a_cs,
-                };
-                let b = Strided {
-                    data: &bv,
-                    rs: b_rs,
-                    cs: b_cs,
-                };
+                let (a_owned, b_owned) = (
+                    matrix(m, k, ta, integers, &mut seed),
+                    matrix(k, n, tb, integers, &mut seed),
+                );
+                let (a, b) = (view(&a_owned), view(&b_owned));
                 for parallel in [false, true] {
                     let got = run(m, n, k, a, b, portable_kernel, parallel);
                     for i in 0..m {
@@ -791,18 +793,11 @@ mod tests {
         };
         let mut seed = 5;
         for (m, n, k, ta, tb) in CASES {
-            let (av, a_rs, a_cs) = matrix(m, k, ta, false, &mut seed);
-            let (bv, b_rs, b_cs) = matrix(k, n, tb, false, &mut seed);
-            let a = Strided {
-                data: &av,
-                rs: a_rs,
-                cs: a_cs,
-            };
-            let b = Strided {
-                data: &bv,
-                rs: b_rs,
-                cs: b_cs,
-            };
+            let (a_owned, b_owned) = (
+                matrix(m, k, ta, false, &mut seed),
+                matrix(k, n, tb, false, &mut seed),
+            );
+            let (a, b) = (view(&a_owned), view(&b_owned));
             let want = run(m, n, k, a, b, portable_kernel, false);
             let got = run(m, n, k, a, b, native, true);
             assert!(want == got, "{m}x{n}x{k} ta {ta} tb {tb}");

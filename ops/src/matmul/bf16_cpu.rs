@@ -13,17 +13,19 @@
 //! - B is packed once per product into panels of [`NR`] = 32 columns: panel j holds, for each
 //!   pair p, the 32 columns' words `[p][32]`, two 512-bit vectors. k is padded to even and the
 //!   last panel's columns to 32 with zeros.
-//! - A is packed once per product into micro-panels of [`MR`] = 12 rows: `[p][12]` words, so
-//!   each row's pair is one 32-bit broadcast. The last micro-panel's rows are zero-padded.
+//! - A row-major A with an even k is read in place: row r's pair p is the 32-bit word at
+//!   r * k / 2 + p, broadcast as it is ([`APanel`]); only a last, partial micro-panel is
+//!   packed. Any other A (a transposed view, an odd k) is packed once per product into
+//!   micro-panels of [`MR`] = 12 rows, `[p][12]` words, the last one's missing rows zero.
 //! - The micro-kernel keeps a 12 x 32 block of C in 24 f32 vectors (24 of the 32 registers,
-//!   with 2 for the B pair and 1 for the broadcast), and per pair issues 24 `VDPBF16PS`: enough
-//!   independent chains to cover the instruction's latency at two per cycle.
+//!   with 2 for the B pair and 1 for the broadcast), and per pair issues 24 `VDPBF16PS`, 24
+//!   independent chains to hide the instruction's latency.
 //!
 //! Parallel decomposition: the two packings run in parallel over their panels; then C is cut
 //! into tiles of up to [`MC`] x [`NC`], each one rayon task with its own f32 accumulator tile
 //! (reused per thread), rounded to bf16 into the output at the task's end. Inside a task
 //! the k blocks of [`KC_PAIRS`] pairs go outermost (the f32 tile accumulates across them), then
-//! the B panels (a 32-column, 256-k slice of packed B is 32 KiB and stays in L1 while every
+//! the B panels (a 32-column, 256-k slice of packed B is 16 KiB and stays in L1 while every
 //! micro-panel of A passes it), then the micro-panels of A (the tile's A block stays in L2).
 //!
 //! Numerics: `VDPBF16PS` adds, per lane, the odd element's product and then the even one's; a

@@ -145,6 +145,16 @@ pub fn serialize(
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes).map_err(|e| io_err(path, e)))
+}
+
+/// [`write_atomic`] of what `fill` writes, through a buffer: for files too large to assemble
+/// in memory first. An error of `fill` (its own, or writing) leaves no file and no temporary
+/// file behind, and is returned as it is.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -156,20 +166,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or_else(|| "checkpoint".into());
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        let file = std::fs::File::create(&tmp).map_err(|e| io_err(path, e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        fill(&mut w)?;
+        let file = w.into_inner().map_err(|e| io_err(path, e.into_error()))?;
+        file.sync_all().map_err(|e| io_err(path, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
         // Make the rename itself durable.
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
         Ok(())
     })();
-    result.map_err(|e| {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        io_err(path, e)
-    })
+    }
+    result
 }
 
 /// Writes named tensors to a safetensors file atomically.
@@ -328,6 +340,28 @@ mod tests {
         write_atomic(&path, b"first").unwrap();
         write_atomic(&path, b"second").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // Written piece by piece; a failure half way keeps the previous file and no temporary.
+        write_atomic_with(&path, |w| {
+            for piece in [&b"th"[..], b"ir", b"d"] {
+                w.write_all(piece).map_err(|e| io_err(&path, e))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"third");
+        let e = write_atomic_with(&path, |w| {
+            w.write_all(&[7u8; 3 << 20]).map_err(|e| io_err(&path, e))?;
+            Err(Error::invalid("filler", "gave up half way"))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("gave up half way"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"third");
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -1,11 +1,13 @@
-//! Labelled image data sets held in memory.
+//! Labelled image data sets: held in memory, or streamed from their files.
 //!
-//! An ImageFolder (`root/<class>/<image>`, PNG or JPEG; classes in sorted folder order) is decoded
-//! once on a rayon pool and preprocessed the way the official VAR trainer does it: the shorter
-//! side is resized to 1.125 x the target side with a Lanczos filter, then batches take a random
-//! crop (training) or the centre crop (validation) of the target side, optionally flipped
-//! horizontally, scaled to [-1, 1]. The small data sets this is meant for fit in memory many
-//! times over; streaming and token caching belong to the training driver.
+//! An ImageFolder (`root/<class>/<image>`, PNG or JPEG; classes in sorted folder order) is
+//! preprocessed the way the official VAR trainer does it: the shorter side is resized to 1.125 x
+//! the target side with a Lanczos filter, then batches take a random crop (training) or the
+//! centre crop (validation) of the target side, optionally flipped horizontally, scaled to
+//! [-1, 1]. A folder whose decoded pixels fit the memory budget ([`Loading`]) is decoded once on
+//! a rayon pool and held; a larger one (ImageNet: about 400 GB decoded at 256 px) keeps only its
+//! file list and decodes the images of each batch when the batch is cut, with the same
+//! functions, so both give the same batches bit for bit.
 
 use std::path::{Path, PathBuf};
 
@@ -37,14 +39,70 @@ pub enum Preprocess {
 /// One stored image: (height, width, RGB bytes row-major HWC).
 type Pixels = (usize, usize, Vec<u8>);
 
-/// Decoded, resized RGB images with class labels.
+/// Whether an image folder is decoded into memory or streamed from its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loading {
+    /// Decode every image once and hold the pixels.
+    Memory,
+    /// Keep the file list; decode the images of each batch when it is cut.
+    Stream,
+    /// Memory when the estimated decoded pixels take at most this many bytes, else Stream.
+    WithinBudget(u64),
+}
+
+/// The environment variable that sets the memory budget of [`Loading::from_env`], in MiB.
+pub const DATA_MEMORY_ENV: &str = "MVAR_DATA_MEMORY_MB";
+
+/// The budget when [`DATA_MEMORY_ENV`] is not set: 4 GiB of decoded pixels (ImageNet's 50 000
+/// validation images at 256 px take about 16 GB, a 32 px CIFAR-10 about 0.2 GB).
+pub const DEFAULT_DATA_MEMORY_MB: u64 = 4096;
+
+impl Loading {
+    /// [`Loading::WithinBudget`] of `MVAR_DATA_MEMORY_MB` MiB (default 4096; 0 streams every
+    /// folder). A value that is not a whole number is an error naming the variable.
+    pub fn from_env() -> Result<Loading> {
+        Self::from_budget_var(std::env::var(DATA_MEMORY_ENV).ok().as_deref())
+    }
+
+    /// [`Loading::from_env`] of the variable's value (None: not set).
+    fn from_budget_var(value: Option<&str>) -> Result<Loading> {
+        match value {
+            None => Ok(Loading::WithinBudget(DEFAULT_DATA_MEMORY_MB << 20)),
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .map(|mb| Loading::WithinBudget(mb.saturating_mul(1 << 20)))
+                .map_err(|_| {
+                    Error::invalid(
+                        DATA_MEMORY_ENV,
+                        format!(
+                            "{v:?}: expected a whole number of MiB (0 streams every image folder)"
+                        ),
+                    )
+                }),
+        }
+    }
+}
+
+/// Where a batch's pixels come from.
+enum Store {
+    /// Decoded and resized once: RGB, row-major HWC, each at least `side` on both axes.
+    Decoded(Vec<Pixels>),
+    /// Decoded from `paths` (with this preprocessing) each time a batch reads them.
+    Files(Preprocess),
+}
+
+/// Resized RGB images with class labels.
 pub struct ImageDataset {
-    /// Stored images: RGB, row-major HWC, each at least `side` on both axes.
-    images: Vec<Pixels>,
+    store: Store,
     labels: Vec<usize>,
     classes: Vec<String>,
     paths: Vec<PathBuf>,
     side: usize,
+    /// For an image folder, the digest of its file list (relative paths, sizes, modification
+    /// times) and preprocessing, so that its fingerprint needs no pixels and is the same whether
+    /// the folder is held or streamed. None: the fingerprint digests the held pixels.
+    files_digest: Option<u64>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -84,8 +142,21 @@ impl ImageDataset {
     }
 
     /// Loads `root/<class>/<image>` for crops of `side` x `side`, preprocessed as `preprocess`
-    /// says.
+    /// says, held in memory or streamed as `MVAR_DATA_MEMORY_MB` decides ([`Loading::from_env`]).
     pub fn load_folder_with(root: &Path, side: usize, preprocess: Preprocess) -> Result<Self> {
+        Self::load_folder_as(root, side, preprocess, Loading::from_env()?)
+    }
+
+    /// Loads `root/<class>/<image>` for crops of `side` x `side`, preprocessed as `preprocess`
+    /// says and held or streamed as `loading` says. Held, every image is decoded now and the
+    /// first unreadable one (in file order) is an error naming it; streamed, an image is read
+    /// when a batch first needs it, and the error names it then.
+    pub fn load_folder_as(
+        root: &Path,
+        side: usize,
+        preprocess: Preprocess,
+        loading: Loading,
+    ) -> Result<Self> {
         if side == 0 {
             return Err(Error::invalid("ImageDataset", "image side 0"));
         }
@@ -128,23 +199,36 @@ impl ImageDataset {
                 msg: "no images found; expected root/<class>/<image>.png|jpg".into(),
             });
         }
-        let target = (side as f64 * 1.125).round() as u32;
-        let decoded: Vec<Pixels> = files
-            .par_iter()
-            .map(|(p, _)| match preprocess {
-                Preprocess::Official => decode_resized(p, target),
-                Preprocess::Exact => decode_exact(p, side),
-            })
-            .collect::<Vec<Result<Pixels>>>()
-            .into_iter()
-            // In file order, so that the error names the first bad image, whichever thread saw it.
-            .collect::<Result<_>>()?;
+        let files_digest = Some(folder_digest(root, &files, preprocess, side)?);
+        let stream = match loading {
+            Loading::Memory => false,
+            Loading::Stream => true,
+            Loading::WithinBudget(bytes) => {
+                estimated_decoded_bytes(files.len(), side, preprocess) > bytes
+            }
+        };
+        let store = if stream {
+            Store::Files(preprocess)
+        } else {
+            let target = resize_target(side);
+            Store::Decoded(
+                files
+                    .par_iter()
+                    .map(|(p, _)| decode_file(p, preprocess, side, target))
+                    .collect::<Vec<Result<Pixels>>>()
+                    .into_iter()
+                    // In file order, so that the error names the first bad image, whichever
+                    // thread saw it.
+                    .collect::<Result<_>>()?,
+            )
+        };
         Ok(ImageDataset {
-            images: decoded,
+            store,
             labels: files.iter().map(|(_, l)| *l).collect(),
             paths: files.into_iter().map(|(p, _)| p).collect(),
             classes,
             side,
+            files_digest,
         })
     }
 
@@ -223,7 +307,8 @@ impl ImageDataset {
         let n = decoded.len();
         let (labels, images): (Vec<usize>, Vec<_>) = decoded.into_iter().unzip();
         Ok(ImageDataset {
-            images,
+            store: Store::Decoded(images),
+            files_digest: None,
             labels,
             classes,
             paths: (0..n)
@@ -259,7 +344,8 @@ impl ImageDataset {
         }
         let n = images.len();
         Ok(ImageDataset {
-            images: images.into_iter().map(|v| (side, side, v)).collect(),
+            store: Store::Decoded(images.into_iter().map(|v| (side, side, v)).collect()),
+            files_digest: None,
             labels,
             classes,
             paths: (0..n)
@@ -269,8 +355,10 @@ impl ImageDataset {
         })
     }
 
-    /// A 64-bit FNV-1a digest of the stored pixels, sizes, labels, class names and crop side:
-    /// what a token cache is keyed by, so a changed data set never reuses stale tokens.
+    /// A 64-bit FNV-1a digest of what the batches are made of, with the labels, class names and
+    /// crop side: what a token cache is keyed by, so a changed data set never reuses stale
+    /// tokens. An image folder digests its file list (relative paths, sizes, modification times)
+    /// and preprocessing, held or streamed alike; other data sets their pixels.
     pub fn fingerprint(&self) -> u64 {
         let mut h = Fnv64::new();
         h.write_u64(self.side as u64);
@@ -278,21 +366,50 @@ impl ImageDataset {
             h.write(c.as_bytes());
             h.write_u64(c.len() as u64);
         }
-        for ((hgt, wid, px), &label) in self.images.iter().zip(&self.labels) {
-            h.write_u64(*hgt as u64);
-            h.write_u64(*wid as u64);
+        h.write_u64(self.labels.len() as u64);
+        for &label in &self.labels {
             h.write_u64(label as u64);
-            h.write(px);
+        }
+        match (&self.store, self.files_digest) {
+            (_, Some(files)) => h.write_u64(files),
+            (Store::Decoded(images), None) => {
+                for (hgt, wid, px) in images {
+                    h.write_u64(*hgt as u64);
+                    h.write_u64(*wid as u64);
+                    h.write(px);
+                }
+            }
+            // Streamed data sets are image folders, which always have a file digest.
+            (Store::Files(_), None) => h.write_u64(u64::MAX),
         }
         h.finish()
     }
 
     pub fn len(&self) -> usize {
-        self.images.len()
+        self.labels.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
+        self.labels.is_empty()
+    }
+
+    /// Whether batches decode their images from the files (see [`Loading`]).
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.store, Store::Files(_))
+    }
+
+    /// Image `i` as stored or as a batch would decode it: (height, width, HWC bytes).
+    fn pixels(&self, i: usize) -> Result<std::borrow::Cow<'_, Pixels>> {
+        use std::borrow::Cow;
+        match &self.store {
+            Store::Decoded(images) => Ok(Cow::Borrowed(&images[i])),
+            Store::Files(preprocess) => Ok(Cow::Owned(decode_file(
+                &self.paths[i],
+                *preprocess,
+                self.side,
+                resize_target(self.side),
+            )?)),
+        }
     }
 
     pub fn side(&self) -> usize {
@@ -332,11 +449,19 @@ impl ImageDataset {
             });
         }
         let draws = rng.uniform(indices.len() * 3, 0.0, 1.0);
+        // Streamed images are decoded here, in parallel; in index order so that an error names
+        // the first unreadable image of the batch.
+        let stored = indices
+            .par_iter()
+            .map(|&i| self.pixels(i))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
         let mut out = vec![0f32; indices.len() * 3 * s * s];
         out.par_chunks_mut(3 * s * s)
-            .zip(indices.par_iter().enumerate())
-            .for_each(|(dst, (k, &i))| {
-                let (h, w, px) = &self.images[i];
+            .zip(stored.par_iter().enumerate())
+            .for_each(|(dst, (k, stored))| {
+                let (h, w, px) = &**stored;
                 let (oy, ox) = match crop {
                     Crop::Center => ((h - s) / 2, (w - s) / 2),
                     Crop::Random => {
@@ -377,9 +502,9 @@ pub fn load_image(path: &Path, side: usize, device: &Device) -> Result<Tensor> {
     if side == 0 {
         return Err(Error::invalid("load_image", "image side 0"));
     }
-    let target = (side as f64 * 1.125).round() as u32;
     let one = ImageDataset {
-        images: vec![decode_resized(path, target)?],
+        store: Store::Decoded(vec![decode_resized(path, resize_target(side))?]),
+        files_digest: None,
         labels: vec![0],
         paths: vec![path.to_path_buf()],
         classes: vec!["image".into()],
@@ -388,6 +513,65 @@ pub fn load_image(path: &Path, side: usize, device: &Device) -> Result<Tensor> {
     Ok(one
         .batch(&[0], Crop::Center, false, &mut Generator::new(0), device)?
         .0)
+}
+
+/// The shorter side the official preprocessing resizes to: 1.125 x the crop side.
+fn resize_target(side: usize) -> u32 {
+    (side as f64 * 1.125).round() as u32
+}
+
+/// One image file, preprocessed as `preprocess` says.
+fn decode_file(path: &Path, preprocess: Preprocess, side: usize, target: u32) -> Result<Pixels> {
+    match preprocess {
+        Preprocess::Official => decode_resized(path, target),
+        Preprocess::Exact => decode_exact(path, side),
+    }
+}
+
+/// What a folder's images take once decoded: `side` x `side` for exact preprocessing, the
+/// resized shorter side times 4/3 of it (the typical 4:3 photo) for the official one.
+fn estimated_decoded_bytes(images: usize, side: usize, preprocess: Preprocess) -> u64 {
+    let per_image = match preprocess {
+        Preprocess::Exact => 3 * (side as u64).pow(2),
+        Preprocess::Official => 4 * (resize_target(side) as u64).pow(2),
+    };
+    per_image.saturating_mul(images as u64)
+}
+
+/// The digest of an image folder's files: each one's path below `root`, size and modification
+/// time, in order, and the preprocessing (cheap for a million files, unlike their pixels).
+fn folder_digest(
+    root: &Path,
+    files: &[(PathBuf, usize)],
+    preprocess: Preprocess,
+    side: usize,
+) -> Result<u64> {
+    let stamps = files
+        .par_iter()
+        .map(|(p, _)| {
+            let meta = std::fs::metadata(p).map_err(|e| io_err(p, e))?;
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as u64);
+            Ok((meta.len(), modified))
+        })
+        .collect::<Vec<Result<(u64, u64)>>>()
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let mut h = Fnv64::new();
+    h.write(format!("{preprocess:?}").as_bytes());
+    h.write_u64(side as u64);
+    for ((p, _), (len, modified)) in files.iter().zip(stamps) {
+        let rel = p.strip_prefix(root).unwrap_or(p);
+        let name = rel.to_string_lossy();
+        h.write(name.as_bytes());
+        h.write_u64(name.len() as u64);
+        h.write_u64(len);
+        h.write_u64(modified);
+    }
+    Ok(h.finish())
 }
 
 /// Decodes an image file as RGB, naming the file when it cannot.
@@ -555,6 +739,11 @@ impl Fnv64 {
 mod tests {
     use super::*;
 
+    fn stored_size(ds: &ImageDataset, i: usize) -> (usize, usize) {
+        let p = ds.pixels(i).unwrap();
+        (p.0, p.1)
+    }
+
     fn write_png(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
         let img = image::RgbImage::from_fn(w, h, |x, _| {
             image::Rgb([rgb[0], rgb[1], (x % 256) as u8 ^ rgb[2]])
@@ -580,8 +769,8 @@ mod tests {
             vec![0, 0, 1]
         );
         // Shorter side resized to round(1.125 * 16) = 18.
-        assert_eq!((ds.images[0].0, ds.images[0].1), (18, 23));
-        assert_eq!((ds.images[1].0, ds.images[1].1), (27, 18));
+        assert_eq!(stored_size(&ds, 0), (18, 23));
+        assert_eq!(stored_size(&ds, 1), (27, 18));
         let mut g = Generator::new(0);
         let (x, y) = ds
             .batch(&[0, 2], Crop::Random, true, &mut g, &Device::Cpu)
@@ -624,6 +813,116 @@ mod tests {
     }
 
     #[test]
+    fn streamed_folders_give_the_held_batches() {
+        let root = std::env::temp_dir().join(format!("mvar-stream-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir_all(root.join("b")).unwrap();
+        write_png(&root.join("a/1.png"), 40, 32, [200, 10, 0]);
+        write_png(&root.join("a/2.png"), 32, 48, [10, 200, 0]);
+        write_png(&root.join("b/1.png"), 64, 64, [0, 30, 255]);
+        write_png(&root.join("b/2.png"), 17, 23, [90, 30, 25]);
+        image::RgbImage::from_fn(37, 29, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 9) as u8, 77])
+        })
+        .save(root.join("b/3.jpg"))
+        .unwrap();
+        let load = |loading| ImageDataset::load_folder_as(&root, 16, Preprocess::Official, loading);
+        let held = load(Loading::Memory).unwrap();
+        let streamed = load(Loading::Stream).unwrap();
+        assert!(!held.is_streamed() && streamed.is_streamed());
+        assert_eq!(streamed.len(), 5);
+        assert_eq!(held.fingerprint(), streamed.fingerprint());
+        // The estimate: 5 images of 4 x 18^2 bytes each.
+        assert!(!load(Loading::WithinBudget(5 * 4 * 18 * 18))
+            .unwrap()
+            .is_streamed());
+        assert!(load(Loading::WithinBudget(5 * 4 * 18 * 18 - 1))
+            .unwrap()
+            .is_streamed());
+        for seed in 0..4 {
+            let cut = |ds: &ImageDataset, crop| {
+                let mut g = Generator::new(seed);
+                let (x, y) = ds
+                    .batch(&[0, 3, 1, 4, 2, 0], crop, true, &mut g, &Device::Cpu)
+                    .unwrap();
+                (
+                    x.to_vec::<f32>().unwrap(),
+                    y.to_vec::<i64>().unwrap(),
+                    g.next_u32s(1),
+                )
+            };
+            for crop in [Crop::Random, Crop::Center] {
+                assert_eq!(
+                    cut(&held, crop),
+                    cut(&streamed, crop),
+                    "seed {seed}, {crop:?}"
+                );
+            }
+        }
+        // Another file list (a changed image) is another fingerprint.
+        let before = streamed.fingerprint();
+        write_png(&root.join("a/2.png"), 32, 50, [10, 200, 0]);
+        assert_ne!(load(Loading::Stream).unwrap().fingerprint(), before);
+        // A streamed folder finds an unreadable image (index 5, after b/3.jpg) when a batch
+        // reads it, and names it.
+        std::fs::write(root.join("b/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        let e = load(Loading::Memory).unwrap_err().to_string();
+        assert!(e.contains("broken.png"), "{e}");
+        let streamed = load(Loading::Stream).unwrap();
+        let mut g = Generator::new(0);
+        assert!(streamed
+            .batch(&[0, 4], Crop::Center, false, &mut g, &Device::Cpu)
+            .is_ok());
+        let e = streamed
+            .batch(&[0, 2, 5], Crop::Center, false, &mut g, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("broken.png") && e.contains("unreadable image"),
+            "{e}"
+        );
+        std::fs::remove_file(root.join("b/broken.png")).unwrap();
+        // Exact preprocessing checks a streamed image's size when it is read.
+        let exact =
+            ImageDataset::load_folder_as(&root, 16, Preprocess::Exact, Loading::Stream).unwrap();
+        let e = exact
+            .batch(&[1], Crop::Center, false, &mut g, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a/2.png") && e.contains("expected 16x16"), "{e}");
+        assert_ne!(
+            exact.fingerprint(),
+            load(Loading::Stream).unwrap().fingerprint(),
+            "the preprocessing is part of the fingerprint"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_memory_budget_variable() {
+        assert_eq!(
+            Loading::from_budget_var(None).unwrap(),
+            Loading::WithinBudget(4096 << 20)
+        );
+        assert_eq!(
+            Loading::from_budget_var(Some(" 0 ")).unwrap(),
+            Loading::WithinBudget(0)
+        );
+        assert_eq!(
+            Loading::from_budget_var(Some("12")).unwrap(),
+            Loading::WithinBudget(12 << 20)
+        );
+        let e = Loading::from_budget_var(Some("4G"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("MVAR_DATA_MEMORY_MB") && e.contains("\"4G\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn exact_preprocessing_keeps_pixels_and_refuses_mixed_sizes() {
         let root = std::env::temp_dir().join(format!("mvar-exact-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -632,7 +931,7 @@ mod tests {
         write_png(&root.join("a/1.png"), 16, 16, [255, 0, 0]);
         write_png(&root.join("b/1.png"), 16, 16, [0, 0, 255]);
         let ds = ImageDataset::load_folder_with(&root, 16, Preprocess::Exact).unwrap();
-        assert_eq!((ds.images[0].0, ds.images[0].1), (16, 16));
+        assert_eq!(stored_size(&ds, 0), (16, 16));
         let (x, _) = ds
             .batch(
                 &[0],
@@ -675,7 +974,7 @@ mod tests {
         // Exact: the records' own 32x32 pixels, or an error for another side.
         let exact =
             ImageDataset::load_cifar_binary_with(&dir, "test", 32, Preprocess::Exact).unwrap();
-        assert_eq!((exact.images[0].0, exact.images[0].1), (32, 32));
+        assert_eq!(stored_size(&exact, 0), (32, 32));
         let e = ImageDataset::load_cifar_binary_with(&dir, "test", 16, Preprocess::Exact)
             .unwrap_err()
             .to_string();

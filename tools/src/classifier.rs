@@ -107,17 +107,31 @@ pub fn features_and_predictions(
     Ok((feats, preds))
 }
 
-/// Every image of a data set, centre-cropped: ([N, 3, S, S], labels).
-pub fn all_images(data: &ImageDataset, device: &Device) -> Result<(Tensor, Vec<i64>)> {
+/// The images of a data set in order, centre-cropped, 64 at a time: `each` gets a batch
+/// [b, 3, S, S] and its labels. Only one batch is held (and, for a streamed data set, decoded)
+/// at a time, so a held-out set of any size fits.
+pub fn each_image_batch(
+    data: &ImageDataset,
+    device: &Device,
+    mut each: impl FnMut(&Tensor, &[i64]) -> Result<()>,
+) -> Result<()> {
     let idx: Vec<usize> = (0..data.len()).collect();
-    let (x, _) = data.batch(&idx, Crop::Center, false, &mut Generator::new(0), device)?;
-    Ok((x, idx.iter().map(|&i| data.label(i) as i64).collect()))
+    for chunk in idx.chunks(64) {
+        let (x, _) = data.batch(chunk, Crop::Center, false, &mut Generator::new(0), device)?;
+        let labels: Vec<i64> = chunk.iter().map(|&i| data.label(i) as i64).collect();
+        each(&x, &labels)?;
+    }
+    Ok(())
 }
 
 /// Top-1 accuracy of `classifier` over a data set.
 pub fn accuracy_on(classifier: &Classifier, data: &ImageDataset, device: &Device) -> Result<f64> {
-    let (x, labels) = all_images(data, device)?;
-    let (_, preds) = features_and_predictions(classifier, &x)?;
+    let (mut preds, mut labels) = (Vec::new(), Vec::new());
+    each_image_batch(data, device, |x, l| {
+        preds.extend(features_and_predictions(classifier, x)?.1);
+        labels.extend_from_slice(l);
+        Ok(())
+    })?;
     Ok(top1_accuracy(&preds, &labels))
 }
 
@@ -157,12 +171,13 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
         return Err(Error::invalid(OP, "--batch and --steps must be positive"));
     }
     println!(
-        "data: {} training images of {} classes at {s}x{s}{}",
+        "data: {} training images of {} classes at {s}x{s}{}{}",
         train.len(),
         train.classes().len(),
         val.as_ref()
             .map(|v| format!(", {} held out", v.len()))
             .unwrap_or_default(),
+        crate::common::storage_note(&train),
         s = args.side
     );
     std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;

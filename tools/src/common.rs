@@ -45,6 +45,27 @@ pub fn load_split(
     Ok(None)
 }
 
+/// What the data lines say of a data set streamed from its files (nothing when it is held).
+pub fn storage_note(data: &ImageDataset) -> String {
+    if data.is_streamed() {
+        format!(
+            ", streamed from the image files (decoded they would pass {} MiB, {})",
+            data_memory_budget_mb(),
+            mvar_models::data::DATA_MEMORY_ENV
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// The memory budget of image folders in MiB, as the data sets read it.
+fn data_memory_budget_mb() -> u64 {
+    match mvar_models::data::Loading::from_env() {
+        Ok(mvar_models::data::Loading::WithinBudget(bytes)) => bytes >> 20,
+        _ => mvar_models::data::DEFAULT_DATA_MEMORY_MB,
+    }
+}
+
 /// Loads the training split: as [`load_split`], else `<dir>` itself as an image folder (whose
 /// error names the folder when it is missing or holds no images).
 pub fn load_training_split(
@@ -345,20 +366,19 @@ pub fn tokenizer_dir(model_dir: &Path, info: &ModelInfo) -> std::path::PathBuf {
     }
 }
 
-/// Token maps of every image of a data set, centre-cropped and (when `flips`) mirrored too:
-/// (targets i64 [M, L], teacher-forcing inputs [M, L - first_l, Cvae], labels), M = N or 2N
-/// (image i then its mirror at N + i). This is the official token cache (`main_cache.py`): the
-/// transformer then trains on tokens, not images.
-pub fn tokenize(
+/// Token maps of every image of a data set, centre-cropped and (when `flips`) mirrored too, a
+/// batch at a time: `each` gets the targets i64 [b, L] of each batch of images, in order, first
+/// every image, then (with flips) every mirror, so that row N + i is image i mirrored. This is
+/// the official token cache (`main_cache.py`): the transformer then trains on tokens, not
+/// images; only one batch of images is decoded (for a streamed data set) and held at a time.
+pub fn tokenize_each(
     vae: &VqVae,
     data: &ImageDataset,
     flips: bool,
     device: &Device,
-) -> Result<(Tensor, Tensor, Vec<i64>)> {
+    mut each: impl FnMut(&Tensor) -> Result<()>,
+) -> Result<()> {
     let _ng = no_grad();
-    let mut gts = Vec::new();
-    let mut xins = Vec::new();
-    let mut labels = Vec::new();
     let idx: Vec<usize> = (0..data.len()).collect();
     for flip in if flips {
         vec![false, true]
@@ -370,14 +390,10 @@ pub fn tokenize(
             let x = if flip { mirror(&x)? } else { x };
             let maps = vae.img_to_idx(&x)?;
             let refs: Vec<&Tensor> = maps.iter().collect();
-            gts.push(ops::concat(&refs, 1)?);
-            xins.push(vae.idx_to_var_input(&maps)?);
-            labels.extend(chunk.iter().map(|&i| data.label(i) as i64));
+            each(&ops::concat(&refs, 1)?)?;
         }
     }
-    let g: Vec<&Tensor> = gts.iter().collect();
-    let x: Vec<&Tensor> = xins.iter().collect();
-    Ok((ops::concat(&g, 0)?, ops::concat(&x, 0)?, labels))
+    Ok(())
 }
 
 /// Images [B, 3, H, W] mirrored horizontally.

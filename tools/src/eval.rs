@@ -23,7 +23,9 @@ use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::write_atomic;
 use mvar_models::metrics::{evaluate_tokens, frechet_distance_of, ScaleEval};
 
-use crate::classifier::{all_images, features_and_predictions, load_classifier, top1_accuracy};
+use crate::classifier::{
+    each_image_batch, features_and_predictions, load_classifier, top1_accuracy,
+};
 use crate::common::{epoch_order, load_model_dir, load_split, tokenizer_dir, PreprocessArg};
 use crate::sample::SamplingArgs;
 use crate::token_cache::TokenCache;
@@ -129,6 +131,7 @@ pub struct HeldOut {
 pub fn teacher_forced(
     model: &mvar_models::trainer::ArModel,
     cache: &TokenCache,
+    vae: &mvar_models::VqVae,
     rows: &[usize],
     batch: usize,
     device: &Device,
@@ -145,7 +148,7 @@ pub fn teacher_forced(
     let batch = batch.max(1);
     let mut scales: Vec<ScaleEval> = Vec::new();
     for idx in rows.chunks(batch) {
-        let (gt, x_in, labels) = cache.batch(idx, device)?;
+        let (gt, x_in, labels) = cache.batch(idx, vae, device)?;
         let part = evaluate_tokens(model, &labels, &gt, &x_in, batch)?;
         if scales.is_empty() {
             scales = part
@@ -233,6 +236,7 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
     } = teacher_forced(
         &model,
         &cache,
+        &vae,
         &(0..cache.len()).collect::<Vec<_>>(),
         args.batch,
         device,
@@ -332,8 +336,24 @@ fn sample_quality(
     let (gen_feats, gen_preds) = features_and_predictions(&classifier, &images)?;
     let accuracy = top1_accuracy(&gen_preds, &labels);
 
-    let (real, real_labels) = all_images(val, device)?;
-    let (real_feats, real_preds) = features_and_predictions(&classifier, &real)?;
+    // The held-out images, and the tokenizer's reconstructions of them (its ceiling), a batch
+    // at a time.
+    let (mut real_feats, mut real_preds, mut real_labels) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut recon_feats, mut recon_preds) = (Vec::new(), Vec::new());
+    each_image_batch(val, device, |x, labels| {
+        let (f, p) = features_and_predictions(&classifier, x)?;
+        real_feats.extend(f);
+        real_preds.extend(p);
+        real_labels.extend_from_slice(labels);
+        let recon = {
+            let _ng = mvar_engine::no_grad();
+            vae.idx_to_img(&vae.img_to_idx(x)?)?
+        };
+        let (f, p) = features_and_predictions(&classifier, &recon)?;
+        recon_feats.extend(f);
+        recon_preds.extend(p);
+        Ok(())
+    })?;
     let real_accuracy = top1_accuracy(&real_preds, &real_labels);
     let fd = frechet_distance_of(
         &gen_feats,
@@ -343,19 +363,6 @@ fn sample_quality(
         dim,
     )?;
 
-    // The tokenizer's ceiling: its reconstructions of the held-out images.
-    let recon = {
-        let _ng = mvar_engine::no_grad();
-        let n = real_labels.len();
-        let mut parts = Vec::new();
-        for start in (0..n).step_by(64) {
-            let x = mvar_ops::narrow(&real, 0, start, 64.min(n - start))?;
-            parts.push(vae.idx_to_img(&vae.img_to_idx(&x)?)?);
-        }
-        let refs: Vec<&mvar_engine::Tensor> = parts.iter().collect();
-        mvar_ops::concat(&refs, 0)?
-    };
-    let (recon_feats, recon_preds) = features_and_predictions(&classifier, &recon)?;
     let recon_accuracy = top1_accuracy(&recon_preds, &real_labels);
     let fd_recon = frechet_distance_of(
         &recon_feats,

@@ -2,36 +2,42 @@
 //! `main_cache.py` does, so transformer training reads token rows, not images.
 //!
 //! File layout (little endian), `<tokenizer>/cache/<split>-<key>.tokens`:
-//! - `MVARTOK1` (8 bytes), header length `h` (u64), header JSON (`h` bytes, see [`Header`]),
+//! - `MVARTOK2` (8 bytes), header length `h` (u64), header JSON (`h` bytes, see [`Header`]),
 //!   zero padding to a multiple of 8;
 //! - labels: i64 [n];
-//! - targets: i32 [n, seq_len] (the token index of every scale, coarse to fine);
-//! - teacher-forcing inputs: f32 [n, xin_len, cvae] (what `VqVae::idx_to_var_input` makes).
+//! - targets: i32 [n, seq_len] (the token index of every scale, coarse to fine).
 //!
 //! Rows 0..N are the centre crops of the images, rows N..2N (with flips) their mirrors. The key
-//! hashes the tokenizer's weights and config, the data set's pixels and labels and the flip
-//! setting: any change makes a new file. The file is written to a temporary name and renamed,
-//! so an interrupted build never leaves a cache that looks complete; a cache whose size does not
-//! match its header is rebuilt.
+//! hashes the tokenizer's weights and config, the data set's fingerprint and the flip setting:
+//! any change makes a new file. The teacher-forcing inputs are not stored: a batch makes them
+//! from its tokens with the tokenizer (`VqVae::idx_to_var_input`, as the official trainer does
+//! every step), so a row takes 4 bytes a token instead of 4 (1 + Cvae) (ImageNet at 256 px with
+//! flips: 7 GB instead of 230 GB). The file is written while the images are tokenized, a batch
+//! at a time, so neither the images nor the tokens of the whole data set are held in memory,
+//! to a temporary name and renamed, so an interrupted build never leaves a cache that looks
+//! complete; a cache whose size does not match its header, or of the earlier format, is rebuilt.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::common::io;
 use memmap2::Mmap;
 use mvar_engine::{Device, Error, Result, Tensor};
 use mvar_models::data::{Fnv64, ImageDataset};
 use mvar_models::VqVae;
+use mvar_ops as ops;
 use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 8] = b"MVARTOK1";
+const MAGIC: &[u8; 8] = b"MVARTOK2";
+/// The first format's magic (targets and f32 teacher-forcing inputs): read as stale.
+const MAGIC_V1: &[u8; 8] = b"MVARTOK1";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Header {
     key: String,
     rows: usize,
     seq_len: usize,
-    xin_len: usize,
-    cvae: usize,
 }
 
 pub struct TokenCache {
@@ -40,11 +46,15 @@ pub struct TokenCache {
     header: Header,
     labels: Vec<i64>,
     targets_at: usize,
-    inputs_at: usize,
 }
 
 fn read_or_empty(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_default()
+}
+
+/// Where the targets start after a header of `hlen` bytes and `rows` labels.
+fn targets_offset(hlen: usize, rows: usize) -> usize {
+    (16 + hlen).div_ceil(8) * 8 + 8 * rows
 }
 
 impl TokenCache {
@@ -89,43 +99,79 @@ impl TokenCache {
         flips: bool,
         device: &Device,
     ) -> Result<()> {
-        let (gt, x_in, labels) = crate::common::tokenize(vae, data, flips, device)?;
-        let (rows, seq_len) = (gt.dims()[0], gt.dims()[1]);
-        let (xin_len, cvae) = (x_in.dims()[1], x_in.dims()[2]);
+        let seq_len: usize = vae.config.v_patch_nums.iter().map(|p| p * p).sum();
+        let passes = if flips { 2 } else { 1 };
+        let rows = passes * data.len();
         let header = Header {
             key: key.to_string(),
             rows,
             seq_len,
-            xin_len,
-            cvae,
         };
         let json = serde_json::to_vec(&header).map_err(|e| Error::Format {
             what: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        let mut bytes =
-            Vec::with_capacity(32 + json.len() + rows * (8 + 4 * seq_len + 4 * xin_len * cvae));
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&json);
-        while bytes.len() % 8 != 0 {
-            bytes.push(0);
-        }
-        for l in &labels {
-            bytes.extend_from_slice(&l.to_le_bytes());
-        }
-        for t in gt.to_vec::<i64>()? {
-            let t = i32::try_from(t).map_err(|_| {
-                Error::invalid("token cache", format!("token {t} does not fit in i32"))
-            })?;
-            bytes.extend_from_slice(&t.to_le_bytes());
-        }
-        for v in x_in.to_dtype(mvar_engine::DType::F32)?.to_vec::<f32>()? {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+        println!(
+            "token cache: tokenizing {rows} rows ({} images{}) into {}",
+            data.len(),
+            if flips { " and their mirrors" } else { "" },
+            path.display()
+        );
+        let started = Instant::now();
+        let mut reported = Instant::now();
         // A per-process temporary name and a rename: concurrent builders of the same cache
         // each publish a complete file.
-        mvar_models::checkpoint::write_atomic(path, &bytes)
+        mvar_models::checkpoint::write_atomic_with(path, |w| {
+            let put = |w: &mut dyn Write, bytes: &[u8]| w.write_all(bytes).map_err(io(path));
+            put(w, MAGIC)?;
+            put(w, &(json.len() as u64).to_le_bytes())?;
+            put(w, &json)?;
+            put(
+                w,
+                &vec![0u8; targets_offset(json.len(), 0) - 16 - json.len()],
+            )?;
+            for _ in 0..passes {
+                for i in 0..data.len() {
+                    put(w, &(data.label(i) as i64).to_le_bytes())?;
+                }
+            }
+            let mut written = 0usize;
+            crate::common::tokenize_each(vae, data, flips, device, |gt| {
+                if gt.dims() != [gt.dims()[0], seq_len] {
+                    return Err(Error::shape(
+                        "token cache",
+                        gt.shape().to_string(),
+                        format!("[B, {seq_len}]"),
+                    ));
+                }
+                let mut bytes = Vec::with_capacity(gt.elem_count() * 4);
+                for t in gt.to_vec::<i64>()? {
+                    let t = i32::try_from(t).map_err(|_| {
+                        Error::invalid("token cache", format!("token {t} does not fit in i32"))
+                    })?;
+                    bytes.extend_from_slice(&t.to_le_bytes());
+                }
+                put(w, &bytes)?;
+                written += gt.dims()[0];
+                if reported.elapsed().as_secs_f64() >= 10.0 {
+                    reported = Instant::now();
+                    let rate = written as f64 / started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "token cache {}: {written} of {rows} rows ({rate:.0} images/s, about {:.0} s left)",
+                        path.display(),
+                        (rows - written) as f64 / rate.max(1e-9)
+                    );
+                }
+                Ok(())
+            })?;
+            if written != rows {
+                return Err(Error::invalid(
+                    "token cache",
+                    format!("tokenized {written} rows; expected {rows}"),
+                ));
+            }
+            Ok(())
+        })
     }
 
     fn open(path: &Path, key: &str) -> Result<TokenCache> {
@@ -138,6 +184,11 @@ impl TokenCache {
         // mapped bytes do not change under us; the size is checked against the header before
         // any row is read.
         let map = unsafe { Mmap::map(&file) }.map_err(io(path))?;
+        if map.len() >= 8 && &map[..8] == MAGIC_V1 {
+            return Err(bad(
+                "a token cache of the earlier format (with teacher-forcing inputs)".into(),
+            ));
+        }
         if map.len() < 16 || &map[..8] != MAGIC {
             return Err(bad("not an mvar token cache (bad magic)".into()));
         }
@@ -150,15 +201,20 @@ impl TokenCache {
         if header.key != key {
             return Err(bad(format!("made for key {}, expected {key}", header.key)));
         }
-        let labels_at = (16 + hlen).div_ceil(8) * 8;
-        let targets_at = labels_at + 8 * header.rows;
-        let inputs_at = targets_at + 4 * header.rows * header.seq_len;
-        let end = inputs_at + 4 * header.rows * header.xin_len * header.cvae;
-        if map.len() != end {
+        let targets_at = targets_offset(hlen, header.rows);
+        let labels_at = targets_at - 8 * header.rows;
+        let end = header
+            .rows
+            .checked_mul(header.seq_len)
+            .and_then(|n| n.checked_mul(4))
+            .and_then(|n| n.checked_add(targets_at));
+        if end != Some(map.len()) {
             return Err(bad(format!(
-                "{} bytes, expected {end} for {} rows (truncated?)",
+                "{} bytes, expected {} for {} rows of {} tokens (truncated?)",
                 map.len(),
-                header.rows
+                end.map_or("more than fit".into(), |e| e.to_string()),
+                header.rows,
+                header.seq_len
             )));
         }
         let labels = map[labels_at..targets_at]
@@ -171,7 +227,6 @@ impl TokenCache {
             header,
             labels,
             targets_at,
-            inputs_at,
         })
     }
 
@@ -189,9 +244,16 @@ impl TokenCache {
         self.header.seq_len
     }
 
-    /// Rows `rows`: (targets i64 [B, seq_len], teacher-forcing inputs f32 [B, xin_len, cvae],
-    /// labels), read from the mapped file.
-    pub fn batch(&self, rows: &[usize], device: &Device) -> Result<(Tensor, Tensor, Vec<i64>)> {
+    /// Rows `rows`: (targets i64 [B, seq_len], teacher-forcing inputs f32 [B, seq_len - first
+    /// scale, cvae], labels): the targets read from the mapped file, the inputs made from them
+    /// by `vae` (the cache's tokenizer) on `device`, in f32 and without gradients whatever
+    /// scope the caller is in.
+    pub fn batch(
+        &self,
+        rows: &[usize],
+        vae: &VqVae,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor, Vec<i64>)> {
         let h = &self.header;
         if let Some(&bad) = rows.iter().find(|&&r| r >= h.rows) {
             return Err(Error::IndexOutOfRange {
@@ -201,9 +263,19 @@ impl TokenCache {
                 size: h.rows,
             });
         }
+        let pns = &vae.config.v_patch_nums;
+        if pns.iter().map(|p| p * p).sum::<usize>() != h.seq_len {
+            return Err(Error::invalid(
+                "TokenCache::batch",
+                format!(
+                    "{} holds rows of {} tokens; the tokenizer's pyramid {pns:?} has {}",
+                    self.path.display(),
+                    h.seq_len,
+                    pns.iter().map(|p| p * p).sum::<usize>()
+                ),
+            ));
+        }
         let mut targets = Vec::with_capacity(rows.len() * h.seq_len);
-        let mut inputs = Vec::with_capacity(rows.len() * h.xin_len * h.cvae);
-        let in_row = h.xin_len * h.cvae;
         for &r in rows {
             let t0 = self.targets_at + 4 * r * h.seq_len;
             targets.extend(
@@ -211,20 +283,25 @@ impl TokenCache {
                     .chunks_exact(4)
                     .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64),
             );
-            let x0 = self.inputs_at + 4 * r * in_row;
-            inputs.extend(
-                self.map[x0..x0 + 4 * in_row]
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default())),
-            );
         }
         let labels = rows.iter().map(|&r| self.labels[r]).collect();
-        Ok((
-            Tensor::from_vec(targets, [rows.len(), h.seq_len], device)?,
-            Tensor::from_vec(inputs, [rows.len(), h.xin_len, h.cvae], device)?,
-            labels,
-        ))
+        let targets = Tensor::from_vec(targets, [rows.len(), h.seq_len], device)?;
+        let inputs = teacher_forcing_inputs(vae, &targets)?;
+        Ok((targets, inputs, labels))
     }
+}
+
+/// The teacher-forcing inputs of token rows [B, L] (all scales, coarse to fine), in f32.
+pub fn teacher_forcing_inputs(vae: &VqVae, targets: &Tensor) -> Result<Tensor> {
+    let _no_grad = mvar_engine::no_grad();
+    let _f32 = mvar_engine::autocast(None)?;
+    let mut maps = Vec::with_capacity(vae.config.v_patch_nums.len());
+    let mut at = 0;
+    for &pn in &vae.config.v_patch_nums {
+        maps.push(ops::narrow(targets, 1, at, pn * pn)?);
+        at += pn * pn;
+    }
+    vae.idx_to_var_input(&maps)
 }
 
 #[cfg(test)]
@@ -271,19 +348,64 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         vae.save(&dir.join("tokenizer.safetensors")).unwrap();
         let dev = Device::Cpu;
-        let (gt, x_in, labels) = crate::common::tokenize(&vae, &data, true, &dev).unwrap();
+        let mut parts = Vec::new();
+        crate::common::tokenize_each(&vae, &data, true, &dev, |gt| {
+            parts.push(gt.clone());
+            Ok(())
+        })
+        .unwrap();
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        let gt = ops::concat(&refs, 0).unwrap();
+        // The inputs straight from the images' token maps, not through the cache's rows.
+        let (images, _) = data
+            .batch(
+                &(0..6).collect::<Vec<_>>(),
+                mvar_models::data::Crop::Center,
+                false,
+                &mut mvar_engine::Generator::new(0),
+                &dev,
+            )
+            .unwrap();
+        let x_in = vae
+            .idx_to_var_input(&vae.img_to_idx(&images).unwrap())
+            .unwrap();
+        let labels: Vec<i64> = (0..12).map(|r| data.label(r % 6) as i64).collect();
         let (cache, built) =
             TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
         assert!(built);
         assert_eq!(cache.len(), 12);
-        let (g, x, l) = cache.batch(&(0..12).collect::<Vec<_>>(), &dev).unwrap();
+        let (g, x, l) = cache
+            .batch(&(0..12).collect::<Vec<_>>(), &vae, &dev)
+            .unwrap();
         assert_eq!(g.to_vec::<i64>().unwrap(), gt.to_vec::<i64>().unwrap());
-        assert_eq!(x.to_vec::<f32>().unwrap(), x_in.to_vec::<f32>().unwrap());
+        assert_eq!(x.dims(), &[12, 4, 4]);
+        assert_eq!(
+            ops::narrow(&x, 0, 0, 6).unwrap().to_vec::<f32>().unwrap(),
+            x_in.to_vec::<f32>().unwrap()
+        );
         assert_eq!(l, labels);
-        let (g2, _, l2) = cache.batch(&[7, 2], &dev).unwrap();
+        // Rows in any order, and the inputs made in f32 inside a bf16 autocast scope.
+        let (g2, x2, l2) = {
+            let _bf16 = mvar_engine::autocast(Some(mvar_engine::DType::BF16)).unwrap();
+            cache.batch(&[7, 2], &vae, &dev).unwrap()
+        };
         assert_eq!(l2, vec![labels[7], labels[2]]);
         assert_eq!(g2.dims(), &[2, cache.seq_len()]);
-        assert!(cache.batch(&[12], &dev).is_err());
+        assert_eq!(x2.dtype(), mvar_engine::DType::F32);
+        assert_eq!(
+            ops::narrow(&x2, 0, 1, 1).unwrap().to_vec::<f32>().unwrap(),
+            ops::narrow(&x_in, 0, 2, 1)
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap()
+        );
+        assert!(cache.batch(&[12], &vae, &dev).is_err());
+        // A tokenizer of another pyramid cannot read these rows.
+        let mut other = vae.config.clone();
+        other.v_patch_nums = vec![1, 3];
+        let other = VqVae::new(other, &dev, 1).unwrap();
+        let e = cache.batch(&[0], &other, &dev).unwrap_err().to_string();
+        assert!(e.contains("rows of 5 tokens"), "{e}");
         let path = cache.path().to_path_buf();
         drop(cache);
         let (_, built) = TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
@@ -298,9 +420,26 @@ mod tests {
             TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
         assert!(built, "a truncated cache is rebuilt");
         assert_eq!(again.len(), 12);
+        drop(again);
+        // A cache of the first format (same name) is rebuilt.
+        let mut v1 = std::fs::read(&path).unwrap();
+        v1[..8].copy_from_slice(MAGIC_V1);
+        std::fs::write(&path, v1).unwrap();
+        let err = TokenCache::open(&path, "x").err().unwrap().to_string();
+        assert!(err.contains("earlier format"), "{err}");
+        let (again, built) =
+            TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
+        assert!(built, "a first-format cache is rebuilt");
+        assert_eq!(again.batch(&[3], &vae, &dev).unwrap().2, vec![labels[3]]);
         let (_, built) =
             TokenCache::open_or_build(&dir, "train", &vae, &data, false, &dev).unwrap();
         assert!(built, "another flip setting is another cache");
+        // No temporary files left beside the caches.
+        let names: Vec<String> = std::fs::read_dir(dir.join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| n.ends_with(".tokens")), "{names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

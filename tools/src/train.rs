@@ -261,9 +261,10 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let (cache, built) =
         TokenCache::open_or_build(&args.tokenizer, &args.split, &vae, &train, true, device)?;
     println!(
-        "data: {} images of {} classes at {side}x{side}; {} token cache {} ({} sequences of {} tokens, with and without flips, {:.1}s)",
+        "data: {} images of {} classes at {side}x{side}{}; {} token cache {} ({} sequences of {} tokens, with and without flips, {:.1}s)",
         train.len(),
         train.classes().len(),
+        crate::common::storage_note(&train),
         if built { "wrote the" } else { "reusing the" },
         cache.path().display(),
         cache.len(),
@@ -539,7 +540,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         }
     }
     if let Some(v) = validation.as_mut().filter(|_| !args.resume) {
-        println!("{}", v.run(&trainer, device)?);
+        println!("{}", v.run(&trainer, &vae, device)?);
     }
     let start = Instant::now();
     let first = trainer.step_count();
@@ -550,7 +551,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
         let idx = batch_indices(n, args.batch, args.seed, step);
-        let (g, x, lab) = cache.batch(&idx, device)?;
+        let (g, x, lab) = cache.batch(&idx, &vae, device)?;
         let s = match trainer.step(&lab, &g, &x, &mut rng) {
             Ok(s) => s,
             Err(e) => {
@@ -620,7 +621,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             .as_mut()
             .filter(|_| s.step % args.eval_every == 0 || s.step == args.steps)
         {
-            progress.println(v.run(&trainer, device)?);
+            progress.println(v.run(&trainer, &vae, device)?);
             if let Some(best) = v
                 .best
                 .filter(|b| args.early_stop > 0 && b.evals_since >= args.early_stop)
@@ -833,11 +834,18 @@ impl Validation {
     /// Scores the model as it is now (in the training precision, no gradients, nothing drawn
     /// from the training's generator, so the training curve is the same with or without it),
     /// appends the figures to val.jsonl and returns the line to print.
-    fn run(&mut self, trainer: &ArTrainer, device: &Device) -> Result<String> {
+    fn run(&mut self, trainer: &ArTrainer, vae: &VqVae, device: &Device) -> Result<String> {
         let t0 = Instant::now();
         let figures: HeldOut = {
             let _precision = mvar_engine::autocast(trainer.config.autocast)?;
-            teacher_forced(&trainer.model, &self.cache, &self.rows, self.batch, device)?
+            teacher_forced(
+                &trainer.model,
+                &self.cache,
+                vae,
+                &self.rows,
+                self.batch,
+                device,
+            )?
         };
         let step = trainer.step_count();
         let list = |f: fn(&ScaleEval) -> f64| {

@@ -178,12 +178,13 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     let train = load_training_split(&args.data, &args.split, args.side, args.preprocess)?;
     let val = load_split(&args.data, &args.val_split, args.side, args.preprocess)?;
     println!(
-        "data: {} training images, {} classes{} ({:.1}s)",
+        "data: {} training images, {} classes{}{} ({:.1}s)",
         train.len(),
         train.classes().len(),
         val.as_ref()
             .map(|v| format!(", {} validation images", v.len()))
             .unwrap_or_default(),
+        crate::common::storage_note(&train),
         t0.elapsed().as_secs_f64()
     );
     std::fs::create_dir_all(&args.out).map_err(|e| Error::Io {

@@ -325,6 +325,78 @@ fn kill_9_then_resume_continues_the_tokenizer_curve_bit_for_bit() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// Image folders past the memory budget (`MVAR_DATA_MEMORY_MB`) are streamed from their files:
+/// the tokenizer's and the transformer's curves are the ones of the same folders held in
+/// memory, bit for bit, and the token cache made from a streamed folder is the held one's.
+#[test]
+fn streamed_image_folders_train_the_curves_of_held_ones() {
+    let root = scratch("streamed");
+    let data = split_data(&root);
+    let tokenizer = |out: &Path, budget_mb: &str| {
+        let mut c = mvar();
+        c.env("MVAR_DATA_MEMORY_MB", budget_mb)
+            .arg("train-tokenizer")
+            .args(TOKENIZER_FLAGS)
+            .args(["--vocab", "16", "--steps", "6", "--eval-every", "4"])
+            .args(["--log-every", "1000", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(out);
+        ok(&mut c)
+    };
+    let held_log = tokenizer(&root.join("tok-held"), "64");
+    assert!(!held_log.contains("streamed from"), "{held_log}");
+    let streamed_log = tokenizer(&root.join("tok-streamed"), "0");
+    assert!(
+        streamed_log.contains("streamed from the image files"),
+        "{streamed_log}"
+    );
+    assert_eq!(
+        metric_lines(&root.join("tok-streamed")),
+        metric_lines(&root.join("tok-held"))
+    );
+    assert_eq!(
+        val_lines(&root.join("tok-streamed")),
+        val_lines(&root.join("tok-held"))
+    );
+    let tok = root.join("tok-held");
+    let transformer = |out: &Path, budget_mb: &str| {
+        let mut c = train_cmd(&data, &tok, out, 12);
+        c.env("MVAR_DATA_MEMORY_MB", budget_mb)
+            .args(["--eval-every", "5"]);
+        ok(&mut c)
+    };
+    let streamed_log = transformer(&root.join("streamed"), "0");
+    assert!(
+        streamed_log.contains("streamed from the image files")
+            && streamed_log.contains("wrote the token cache"),
+        "{streamed_log}"
+    );
+    let held_log = transformer(&root.join("held"), "64");
+    assert!(
+        held_log.contains("reusing the token cache"),
+        "the held folder has the streamed one's fingerprint: {held_log}"
+    );
+    assert_eq!(
+        metric_lines(&root.join("streamed")),
+        metric_lines(&root.join("held"))
+    );
+    assert_eq!(
+        val_lines(&root.join("streamed")),
+        val_lines(&root.join("held"))
+    );
+    fails(
+        mvar()
+            .env("MVAR_DATA_MEMORY_MB", "lots")
+            .args(["train-tokenizer", "--steps", "1", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(root.join("bad-budget")),
+        &["MVAR_DATA_MEMORY_MB", "\"lots\"", "MiB"],
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// Scoring the held-out split during training: before the first step, every --eval-every steps
 /// and after the last, per token and per scale, into val.jsonl and the loss plot; the training
 /// curve is the same bit for bit with or without it. A held-out split of other classes is

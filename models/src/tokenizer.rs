@@ -312,14 +312,15 @@ impl TokenizerTrainer {
     }
 
     /// PSNR of the clamped reconstruction through the token maps (what VAR sees) and codebook
-    /// usage per scale, over the whole data set (centre crops, no flips).
+    /// usage per scale, over the images `rows` of a data set (centre crops, no flips).
     pub fn evaluate(
         &self,
         data: &ImageDataset,
+        rows: &[usize],
         batch: usize,
         device: &Device,
     ) -> Result<EvalStats> {
-        evaluate(&self.vae, data, batch, device)
+        evaluate(&self.vae, data, rows, batch, device)
     }
 }
 
@@ -327,6 +328,7 @@ impl TokenizerTrainer {
 pub fn evaluate(
     vae: &VqVae,
     data: &ImageDataset,
+    rows: &[usize],
     batch: usize,
     device: &Device,
 ) -> Result<EvalStats> {
@@ -337,8 +339,7 @@ pub fn evaluate(
     let mut sq_sum = 0.0;
     let mut count = 0usize;
     let mut rng = Generator::new(0);
-    let indices: Vec<usize> = (0..data.len()).collect();
-    for chunk in indices.chunks(batch.max(1)) {
+    for chunk in rows.chunks(batch.max(1)) {
         let (x, _) = data.batch(chunk, Crop::Center, false, &mut rng, device)?;
         let idx = vae.img_to_idx(&x)?;
         for (si, ids) in idx.iter().enumerate() {
@@ -357,7 +358,7 @@ pub fn evaluate(
             .iter()
             .map(|u| u.iter().filter(|&&b| b).count() as f64 / v as f64)
             .collect(),
-        images: data.len(),
+        images: rows.len(),
     })
 }
 

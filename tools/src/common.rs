@@ -80,6 +80,15 @@ pub fn load_training_split(
     }
 }
 
+/// `k` of `n` rows spread evenly (all of them when `k` is 0 or at least `n`): an image folder
+/// lists its classes in turn, so the first `k` would be a few classes.
+pub fn spread_rows(n: usize, k: usize) -> Vec<usize> {
+    if k == 0 || k >= n {
+        return (0..n).collect();
+    }
+    (0..k).map(|i| i * n / k).collect()
+}
+
 /// The permutation of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the
 /// same order.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {

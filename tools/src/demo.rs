@@ -201,6 +201,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         split: "train".into(),
         val_split: "test".into(),
         eval_every: 500,
+        val_images: 0,
         out: tok_dir.clone(),
         steps: args.tokenizer_steps,
         batch: 16,

@@ -264,7 +264,14 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
         100.0 * token_accuracy,
         100.0 / info.var.vocab_size as f64
     );
-    let psnr = mvar_models::tokenizer::evaluate(&vae, &val, 64, device)?.psnr;
+    let psnr = mvar_models::tokenizer::evaluate(
+        &vae,
+        &val,
+        &(0..val.len()).collect::<Vec<_>>(),
+        64,
+        device,
+    )?
+    .psnr;
     println!("tokenizer reconstruction PSNR {psnr:.2} dB");
 
     let sample_quality = match &args.classifier {

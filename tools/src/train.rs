@@ -14,8 +14,8 @@ use mvar_models::trainer::{ArTrainConfig, ArTrainer};
 use mvar_models::{MvarConfig, VarConfig, VqVae, VqVaeConfig};
 
 use crate::common::{
-    batch_indices, build_model, io, load_split, load_tokenizer, load_training_split, ModelInfo,
-    PreprocessArg,
+    batch_indices, build_model, io, load_split, load_tokenizer, load_training_split, spread_rows,
+    ModelInfo, PreprocessArg,
 };
 use crate::eval::{teacher_forced, HeldOut};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
@@ -764,14 +764,6 @@ fn held_out_cache(
         }
     );
     Ok(Some(cache))
-}
-
-/// `k` of `n` rows spread evenly (all of them when `k` is 0 or at least `n`).
-fn spread_rows(n: usize, k: usize) -> Vec<usize> {
-    if k == 0 || k >= n {
-        return (0..n).collect();
-    }
-    (0..k).map(|i| i * n / k).collect()
 }
 
 /// Scores the held-out split during training.

@@ -11,7 +11,7 @@ use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, TrainingState};
 use mvar_models::data::{grid, save_png, Crop};
 
-use crate::common::{batch_indices, load_split, load_training_split, PreprocessArg};
+use crate::common::{batch_indices, load_split, load_training_split, spread_rows, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use mvar_models::tokenizer::{evaluate, EvalStats, TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::{VqVae, VqVaeConfig};
@@ -35,6 +35,10 @@ pub struct TrainTokenizerArgs {
     /// only after the last, into report.json).
     #[arg(long, default_value_t = 500)]
     pub eval_every: u64,
+    /// At most this many images per evaluation (held-out, and the training split's figure in
+    /// report.json), spread evenly over the split; 0: all.
+    #[arg(long, default_value_t = 1000)]
+    pub val_images: usize,
     /// Output folder for checkpoints, metrics and images.
     #[arg(long, default_value = "runs/tokenizer")]
     pub out: PathBuf,
@@ -301,7 +305,9 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
                           eval_seconds: &mut f64|
      -> Result<String> {
         let t0 = Instant::now();
-        let e = evaluate(&trainer.vae, val.as_ref().unwrap_or(&train), 64, device)?;
+        let held_out = val.as_ref().unwrap_or(&train);
+        let rows = spread_rows(held_out.len(), args.val_images);
+        let e = evaluate(&trainer.vae, held_out, &rows, 64, device)?;
         *eval_seconds = t0.elapsed().as_secs_f64();
         let step = trainer.step_count();
         log.write(&format!(
@@ -472,7 +478,13 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
         let Some(ds) = ds else { continue };
         let e = match last_val.take().filter(|_| name == "val") {
             Some((_, e)) => e,
-            None => evaluate(&trainer.vae, ds, 64, device)?,
+            None => evaluate(
+                &trainer.vae,
+                ds,
+                &spread_rows(ds.len(), args.val_images),
+                64,
+                device,
+            )?,
         };
         let usage: Vec<String> = e
             .usage

@@ -338,7 +338,7 @@ fn streamed_image_folders_train_the_curves_of_held_ones() {
             .arg("train-tokenizer")
             .args(TOKENIZER_FLAGS)
             .args(["--vocab", "16", "--steps", "6", "--eval-every", "4"])
-            .args(["--log-every", "1000", "--data"])
+            .args(["--val-images", "5", "--log-every", "1000", "--data"])
             .arg(&data)
             .arg("--out")
             .arg(out);
@@ -359,6 +359,13 @@ fn streamed_image_folders_train_the_curves_of_held_ones() {
         val_lines(&root.join("tok-streamed")),
         val_lines(&root.join("tok-held"))
     );
+    // --val-images: 5 of the 12 held-out images per evaluation, and of the training split's.
+    let val = val_lines(&root.join("tok-held"));
+    assert!(val.iter().all(|v| v["images"] == 5), "{val:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("tok-held/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["train"]["images"], 5, "{report}");
     let tok = root.join("tok-held");
     let transformer = |out: &Path, budget_mb: &str| {
         let mut c = train_cmd(&data, &tok, out, 12);

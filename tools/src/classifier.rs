@@ -15,7 +15,7 @@ use mvar_models::classifier::{Classifier, ClassifierConfig};
 use mvar_models::data::{Crop, ImageDataset};
 use mvar_ops::{self as ops, AdamW, AdamWConfig};
 
-use crate::common::{batch_indices, io, load_split, load_training_split, read_json, PreprocessArg};
+use crate::common::{io, load_split, load_training_split, read_json, DataOrder, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 
 #[derive(Args, Debug, Clone)]
@@ -260,9 +260,10 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
     let mut last_saved = step;
     let start = Instant::now();
     let progress = Progress::new("classifier", first, args.steps);
+    let mut order = DataOrder::new(train.len(), args.seed);
     while step < args.steps {
         step += 1;
-        let idx = batch_indices(train.len(), args.batch, args.seed, step);
+        let idx = order.batch(args.batch, step);
         // Random crops (when the images are larger than --side) and mirrors.
         let (x, y) = train.batch(&idx, Crop::Random, true, &mut rng, device)?;
         let lr = lr_at(args.lr, step, args.steps);

@@ -14,7 +14,7 @@ use mvar_models::trainer::{ArTrainConfig, ArTrainer};
 use mvar_models::{MvarConfig, VarConfig, VqVae, VqVaeConfig};
 
 use crate::common::{
-    batch_indices, build_model, io, load_split, load_tokenizer, load_training_split, spread_rows,
+    build_model, io, load_split, load_tokenizer, load_training_split, spread_rows, DataOrder,
     ModelInfo, PreprocessArg,
 };
 use crate::eval::{teacher_forced, HeldOut};
@@ -548,9 +548,10 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let mut last_saved = first;
     // The step count planned before an early stop.
     let mut stopped_early = None;
+    let mut order = DataOrder::new(n, args.seed);
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
-        let idx = batch_indices(n, args.batch, args.seed, step);
+        let idx = order.batch(args.batch, step);
         let (g, x, lab) = cache.batch(&idx, &vae, device)?;
         let s = match trainer.step(&lab, &g, &x, &mut rng) {
             Ok(s) => s,

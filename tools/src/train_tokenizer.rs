@@ -11,7 +11,7 @@ use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, TrainingState};
 use mvar_models::data::{grid, save_png, Crop};
 
-use crate::common::{batch_indices, load_split, load_training_split, spread_rows, PreprocessArg};
+use crate::common::{load_split, load_training_split, spread_rows, DataOrder, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
 use mvar_models::tokenizer::{evaluate, EvalStats, TokenizerTrainConfig, TokenizerTrainer};
 use mvar_models::{VqVae, VqVaeConfig};
@@ -341,9 +341,10 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     const REPLAN_EVERY: u64 = 50;
     let cap = args.steps;
     let mut steady_from: Option<(u64, Instant)> = None;
+    let mut order = DataOrder::new(train.len(), args.seed);
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
-        let idx = batch_indices(train.len(), args.batch, args.seed, step);
+        let idx = order.batch(args.batch, step);
         let (x, _) = train.batch(&idx, Crop::Random, !args.no_flip, &mut rng, device)?;
         let s = match trainer.step(&x, &mut rng) {
             Ok(s) => s,

@@ -398,6 +398,17 @@ impl ImageDataset {
         matches!(self.store, Store::Files(_))
     }
 
+    /// For a streamed folder, the estimate of its decoded pixels that the memory budget was
+    /// held against, in bytes; None for a held data set.
+    pub fn streamed_size_estimate(&self) -> Option<u64> {
+        match self.store {
+            Store::Files(preprocess) => {
+                Some(estimated_decoded_bytes(self.len(), self.side, preprocess))
+            }
+            Store::Decoded(_) => None,
+        }
+    }
+
     /// Image `i` as stored or as a batch would decode it: (height, width, HWC bytes).
     fn pixels(&self, i: usize) -> Result<std::borrow::Cow<'_, Pixels>> {
         use std::borrow::Cow;
@@ -831,6 +842,8 @@ mod tests {
         let held = load(Loading::Memory).unwrap();
         let streamed = load(Loading::Stream).unwrap();
         assert!(!held.is_streamed() && streamed.is_streamed());
+        assert_eq!(held.streamed_size_estimate(), None);
+        assert_eq!(streamed.streamed_size_estimate(), Some(5 * 4 * 18 * 18));
         assert_eq!(streamed.len(), 5);
         assert_eq!(held.fingerprint(), streamed.fingerprint());
         // The estimate: 5 images of 4 x 18^2 bytes each.

@@ -47,22 +47,15 @@ pub fn load_split(
 
 /// What the data lines say of a data set streamed from its files (nothing when it is held).
 pub fn storage_note(data: &ImageDataset) -> String {
-    if data.is_streamed() {
-        format!(
-            ", streamed from the image files (decoded they would pass {} MiB, {})",
-            data_memory_budget_mb(),
-            mvar_models::data::DATA_MEMORY_ENV
-        )
-    } else {
-        String::new()
-    }
-}
-
-/// The memory budget of image folders in MiB, as the data sets read it.
-fn data_memory_budget_mb() -> u64 {
-    match mvar_models::data::Loading::from_env() {
-        Ok(mvar_models::data::Loading::WithinBudget(bytes)) => bytes >> 20,
-        _ => mvar_models::data::DEFAULT_DATA_MEMORY_MB,
+    match data.streamed_size_estimate() {
+        Some(bytes) => format!(
+            ", streamed from the image files (about {:.1} GB decoded, over {}={})",
+            bytes as f64 / 1e9,
+            mvar_models::data::DATA_MEMORY_ENV,
+            std::env::var(mvar_models::data::DATA_MEMORY_ENV)
+                .unwrap_or_else(|_| mvar_models::data::DEFAULT_DATA_MEMORY_MB.to_string())
+        ),
+        None => String::new(),
     }
 }
 

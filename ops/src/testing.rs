@@ -123,10 +123,19 @@ pub fn check_gradients(
             numeric[j] = (eval(cfg.eps)? - eval(-cfg.eps)?) / (2.0 * cfg.eps);
         }
         let scale = numeric.iter().fold(floor, |m, v| m.max(v.abs()));
+        // f64::max drops a NaN operand, so a NaN difference (a NaN or infinite output or
+        // gradient) would vanish from the fold: it counts as an infinite error instead.
         let err = analytic
             .iter()
             .zip(&numeric)
-            .map(|(a, n)| (a - n).abs())
+            .map(|(a, n)| {
+                let d = (a - n).abs();
+                if d.is_nan() {
+                    f64::INFINITY
+                } else {
+                    d
+                }
+            })
             .fold(0.0, f64::max)
             / scale;
         errors.push(err);

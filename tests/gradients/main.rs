@@ -204,4 +204,19 @@ fn the_check_fails_wrong_gradients_even_small_ones() {
             missing.errors
         );
     }
+    // A NaN gradient, and a NaN output (NaN finite differences), fail: f64::max would drop
+    // them from the error's fold.
+    let nan = run(1.0, f64::NAN);
+    assert!(!nan.passed(), "a NaN gradient passed: {:?}", nan.errors);
+    let nan_out = check_gradients(
+        |x| mvar::ops::mul_scalar(&op(x, 1.0, 1.0)?, f64::NAN),
+        &inputs,
+        GradCheck::default(),
+    )
+    .expect("check runs");
+    assert!(
+        !nan_out.passed(),
+        "a NaN output passed: {:?}",
+        nan_out.errors
+    );
 }

@@ -324,11 +324,7 @@ mod tests {
         let steps = m.step_logits(&vae, &labels, &idx).unwrap();
         let refs: Vec<&Tensor> = steps.iter().collect();
         let infer = ops::concat(&refs, 1).unwrap().to_vec_f32().unwrap();
-        let err = train
-            .iter()
-            .zip(&infer)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let err = mvar_ops::testing::max_abs_diff_f32(&train, &infer);
         assert!(err < 2e-5, "{err}");
         assert!(train.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
     }

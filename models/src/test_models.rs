@@ -62,11 +62,7 @@ pub(crate) fn check_more_smooth(sample: impl Fn(crate::SampleConfig, u64) -> cra
     };
     let (a, b) = (sample(greedy, 3), sample(smooth, 3));
     assert_eq!(ints(&a), ints(&b));
-    let worst = floats(&a)
-        .iter()
-        .zip(floats(&b))
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let worst = mvar_ops::testing::max_abs_diff_f32(&floats(&a), &floats(&b));
     let scale = floats(&a).iter().map(|x| x.abs()).fold(0.0f32, f32::max);
     assert!(
         scale > 1e-3 && worst <= 1e-5 * scale.max(1.0),

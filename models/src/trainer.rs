@@ -555,11 +555,7 @@ mod tests {
                     );
                     assert_eq!((a.accuracy, &a.scales), (b.accuracy, &b.scales));
                 }
-                let worst = w_whole
-                    .iter()
-                    .zip(&w_parts)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0f32, f32::max);
+                let worst = mvar_ops::testing::max_abs_diff_f32(&w_whole, &w_parts);
                 assert!(
                     worst < 1e-5,
                     "mvar {mvar} micro {micro}: weights differ by {worst}"

@@ -1364,11 +1364,7 @@ mod tests {
         let cached = var.cached_logits(&vae, &labels, &idx).unwrap();
         let cat: Vec<&Tensor> = cached.iter().collect();
         let kv = ops::concat(&cat, 1).unwrap().to_vec_f32().unwrap();
-        let err = tf
-            .iter()
-            .zip(&kv)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let err = mvar_ops::testing::max_abs_diff_f32(&tf, &kv);
         assert!(err < 2e-5, "{err}");
         assert!(tf.iter().map(|v| v.abs()).fold(0.0f32, f32::max) > 0.1);
     }

@@ -146,6 +146,41 @@ pub fn check_gradients(
     })
 }
 
+/// |a - b| for comparing a result with a reference: 0 when they are equal (equal infinities
+/// too) or both NaN, +inf when only one is NaN or they are infinities of opposite signs; never
+/// NaN, so a largest-difference fold cannot lose a NaN result (`f64::max` drops a NaN operand,
+/// and a NaN compares false with any tolerance).
+pub fn abs_diff(a: f64, b: f64) -> f64 {
+    if a == b || (a.is_nan() && b.is_nan()) {
+        0.0
+    } else {
+        let d = (a - b).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        }
+    }
+}
+
+/// The largest [`abs_diff`] of two slices of one length (0 for empty ones).
+pub fn max_abs_diff(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "max_abs_diff: lengths");
+    got.iter()
+        .zip(want)
+        .map(|(&a, &b)| abs_diff(a, b))
+        .fold(0.0, f64::max)
+}
+
+/// [`max_abs_diff`] of f32 values.
+pub fn max_abs_diff_f32(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "max_abs_diff_f32: lengths");
+    got.iter()
+        .zip(want)
+        .map(|(&a, &b)| abs_diff(a as f64, b as f64))
+        .fold(0.0, f64::max) as f32
+}
+
 /// The case count of a property test: `PROPTEST_CASES` when set (a soak run), else `default`
 /// (what CI runs). Our configs set their own counts, which would otherwise override the variable.
 pub fn proptest_cases(default: u32) -> u32 {
@@ -158,4 +193,27 @@ pub fn proptest_cases(default: u32) -> u32 {
 /// A random f64 tensor on the CPU (for tests).
 pub fn randn_f64(shape: &[usize], rng: &mut Generator) -> Result<Tensor> {
     Tensor::randn(shape.to_vec(), 0.0, 1.0, DType::F64, &Device::Cpu, rng)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_never_lose_a_nan() {
+        let inf = f64::INFINITY;
+        assert_eq!(abs_diff(1.0, 1.5), 0.5);
+        assert_eq!(abs_diff(-inf, -inf), 0.0);
+        assert_eq!(abs_diff(f64::NAN, f64::NAN), 0.0);
+        assert_eq!(abs_diff(f64::NAN, 1.0), inf);
+        assert_eq!(abs_diff(2.0, f64::NAN), inf);
+        assert_eq!(abs_diff(inf, -inf), inf);
+        assert_eq!(max_abs_diff(&[1.0, f64::NAN, 3.0], &[1.0, 2.0, 3.5]), inf);
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.25, 2.0]), 0.25);
+        assert_eq!(
+            max_abs_diff_f32(&[f32::NAN, 1.0], &[0.0, 1.0]),
+            f32::INFINITY
+        );
+        assert_eq!(max_abs_diff(&[], &[]), 0.0);
+    }
 }

@@ -22,7 +22,7 @@ fn vals(t: &Tensor) -> Vec<f32> {
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    mvar::ops::testing::max_abs_diff_f32(a, b) / scale
 }
 
 #[test]

@@ -164,11 +164,7 @@ fn values(dev: &CudaDevice, b: CudaBuffer, dims: &[usize]) -> Vec<f64> {
 fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
     let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
     assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-        / scale
+    mvar::ops::testing::max_abs_diff(got, want) / scale
 }
 
 /// The tiling (several images a tile, one image in runs of positions, one position a tile)

@@ -102,11 +102,7 @@ fn run_on(
 /// turn rounding noise of 1e-7 into a relative error of 1.
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-        / scale
+    mvar::ops::testing::max_abs_diff(got, want) / scale
 }
 
 /// Runs `f` (which receives the device, to place any index or mask tensors it captured) on the

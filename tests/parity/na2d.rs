@@ -198,10 +198,7 @@ fn run_family(
 
 fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
     let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
+    mvar::ops::testing::max_abs_diff(got, want) / scale
 }
 
 /// The tuned families against the naive kernel, on the GPU only, and a check that the tuned

@@ -396,12 +396,7 @@ fn layer_norm_warp_kernel_matches_the_block_kernel_and_the_cpu() {
             let (yb, sb) = run(LayerNormKernel::Block).unwrap();
             let (yb, sb) = (host(yb, rows * d), host(sb, 2 * rows));
             let tol = crate::tolerance(dtype);
-            let err = |got: &[f64], want: &[f64]| {
-                got.iter()
-                    .zip(want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f64::max)
-            };
+            let err = mvar::ops::testing::max_abs_diff;
             assert!(
                 err(&yb, &want) <= tol * 4.0,
                 "block [{rows},{d}] {dtype}: {:e}",
@@ -434,7 +429,7 @@ fn layer_norm_warp_kernel_matches_the_block_kernel_and_the_cpu() {
                     let rel = sw
                         .iter()
                         .zip(&sb)
-                        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                        .map(|(&a, &b)| mvar::ops::testing::abs_diff(a, b) / b.abs().max(1.0))
                         .fold(0.0, f64::max);
                     assert!(rel <= 1e-5, "statistics [{rows},{d}] {dtype}: {rel:e}");
                 }

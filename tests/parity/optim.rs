@@ -18,11 +18,7 @@ use crate::{config, gpu, parity, randn};
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-        / scale
+    mvar::ops::testing::max_abs_diff(a, b) / scale
 }
 
 fn f64s(t: &Tensor) -> Vec<f64> {

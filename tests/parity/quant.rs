@@ -441,11 +441,7 @@ fn phi_accumulate_fused_matches_the_unfused_ops_on_the_gpu() {
             .unwrap()
             .to_vec::<f32>()
             .unwrap();
-        let err = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let err = mvar::ops::testing::max_abs_diff_f32(&got, &want);
         assert!(
             err <= 1e-5 * scale,
             "{origin:?}: fused vs unfused on the GPU differ by {err}"

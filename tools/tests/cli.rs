@@ -1724,7 +1724,8 @@ fn imported_official_weights_sample_as_the_official_code() {
                     for (x, y, p) in png.enumerate_pixels() {
                         for c in 0..3 {
                             let v = px[((i * 3 + c) * s + y as usize) * s + x as usize] * 255.0;
-                            worst = worst.max((p[c] as f32 - v).abs());
+                            let d = mvar_ops::testing::abs_diff(p[c] as f64, v as f64);
+                            worst = worst.max(d as f32);
                         }
                     }
                     // Rounding to 8 bits costs 0.5, plus the fixture README's f32 image

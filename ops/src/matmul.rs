@@ -20,7 +20,10 @@ use mvar_engine::cuda::blas::{self, GemmShape};
 use mvar_engine::cuda::ops::elementwise as ew;
 use mvar_engine::cuda::{CudaBuffer, CudaDevice};
 
-use crate::util::{autocast_run, dispatch, out_tensor, require_float, same_device, same_dtype};
+use crate::util::{
+    autocast_run, dispatch, out_tensor, require_float, same_device, same_dtype, written_vec,
+};
+use std::mem::MaybeUninit;
 
 mod bf16_cpu;
 pub use bf16_cpu::describe as cpu_bf16_gemm;
@@ -117,9 +120,9 @@ impl FloatKernel for Gemm {
         let p = &self.0;
         let (m, k, n) = (p.m, p.k, p.n);
         let batches = p.batch.elem_count();
-        let mut out = vec![T::zero(); batches * m * n];
-        if m * n == 0 {
-            return Ok(vec![out]);
+        if m * n == 0 || k == 0 {
+            // An empty inner dimension: every output element is the empty sum.
+            return Ok(vec![vec![T::zero(); batches * m * n]]);
         }
         let (a, b) = (x[0], x[1]);
         // Row/column strides of the logical (m x k) and (k x n) operands.
@@ -135,18 +138,25 @@ impl FloatKernel for Gemm {
         };
         let small = m * n * k < SMALL_GEMM_FLOPS;
         let threads = rayon::current_num_threads();
-        let one_product = |bi: usize, dst: &mut [T], par: Parallelism| {
+        let one_product = |bi: usize, dst: &mut [MaybeUninit<T>], par: Parallelism| {
             let ai = p.operand_index(&p.a_batch, bi) * m * k;
             let bj = p.operand_index(&p.b_batch, bi) * k * n;
             let (a_mat, b_mat) = (&a[ai..ai + m * k], &b[bj..bj + k * n]);
+            assert_eq!(dst.len(), m * n);
+            // Debug builds (the tests) start from NaN, so that an element the GEMM did not
+            // write shows in every result instead of whatever the allocator left there.
+            #[cfg(debug_assertions)]
+            dst.fill(MaybeUninit::new(T::from_f64(f64::NAN)));
             // SAFETY: the pointers cover exactly m*k, k*n and m*n elements with the strides
-            // given (row-major, or its transpose), and dst does not alias the operands.
+            // given (row-major, or its transpose), and dst does not alias the operands. With
+            // `read_dst` false the GEMM only writes dst (dst := A B), every element of it since
+            // m, n and k are not 0, so it may start uninitialised.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    dst.as_mut_ptr(),
+                    dst.as_mut_ptr() as *mut T,
                     1,
                     n as isize,
                     false,
@@ -165,27 +175,29 @@ impl FloatKernel for Gemm {
                 )
             }
         };
-        if k == 0 {
-            return Ok(vec![out]);
-        }
         // Independent products parallelise perfectly, so with a product per thread or more the
         // batch is split across the threads; a product's own threading (a fork-join per packed
-        // panel) only pays for one or a few large products.
-        if batches > 1 && (small || batches >= threads) {
-            out.par_chunks_mut(m * n)
-                .enumerate()
-                .for_each(|(bi, dst)| one_product(bi, dst, Parallelism::None));
-        } else {
-            let par = if small || threads == 1 {
-                Parallelism::None
+        // panel) only pays for one or a few large products. No zero fill first: the GEMM
+        // writes every element (its cost was a write pass over the output, e.g. 134 MB for
+        // MVAR-d4's logits at batch 32).
+        let fill = |out: &mut [MaybeUninit<T>]| {
+            if batches > 1 && (small || batches >= threads) {
+                out.par_chunks_mut(m * n)
+                    .enumerate()
+                    .for_each(|(bi, dst)| one_product(bi, dst, Parallelism::None));
             } else {
-                Parallelism::Rayon(threads)
-            };
-            for (bi, dst) in out.chunks_mut(m * n).enumerate() {
-                one_product(bi, dst, par);
+                let par = if small || threads == 1 {
+                    Parallelism::None
+                } else {
+                    Parallelism::Rayon(threads)
+                };
+                for (bi, dst) in out.chunks_mut(m * n).enumerate() {
+                    one_product(bi, dst, par);
+                }
             }
-        }
-        Ok(vec![out])
+        };
+        // SAFETY: the chunks of m * n tile the output, and each product writes its whole chunk.
+        Ok(vec![unsafe { written_vec(batches * m * n, fill) }])
     }
 }
 

@@ -207,13 +207,12 @@ impl MatmulPlan {
     fn run_bf16(&self, a: &[bf16], b: &[bf16], kernel: bf16_cpu::MicroKernel) -> Vec<bf16> {
         let (m, k, n) = (self.m, self.k, self.n);
         let batches = self.batch.elem_count();
-        let mut out = vec![bf16::ZERO; batches * m * n];
         if m * n == 0 {
-            return out;
+            return Vec::new();
         }
         let (a_rs, a_cs) = if self.trans_a { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if self.trans_b { (1, k) } else { (n, 1) };
-        let one_product = |bi: usize, dst: &mut [bf16], parallel: bool| {
+        let one_product = |bi: usize, dst: &mut [MaybeUninit<bf16>], parallel: bool| {
             let ai = self.operand_index(&self.a_batch, bi) * m * k;
             let bj = self.operand_index(&self.b_batch, bi) * k * n;
             let a_mat = bf16_cpu::Strided {
@@ -226,19 +225,26 @@ impl MatmulPlan {
                 rs: b_rs,
                 cs: b_cs,
             };
+            // As in `Gemm::run`: NaN first in debug builds, so a missed element shows.
+            #[cfg(debug_assertions)]
+            dst.fill(MaybeUninit::new(bf16::NAN));
             bf16_cpu::gemm(m, n, k, a_mat, b_mat, dst, kernel, parallel);
         };
         let small = m * n * k < SMALL_GEMM_FLOPS;
-        if batches > 1 && (small || batches >= rayon::current_num_threads()) {
-            out.par_chunks_mut(m * n)
-                .enumerate()
-                .for_each(|(bi, dst)| one_product(bi, dst, false));
-        } else {
-            for (bi, dst) in out.chunks_mut(m * n).enumerate() {
-                one_product(bi, dst, true);
+        let fill = |out: &mut [MaybeUninit<bf16>]| {
+            if batches > 1 && (small || batches >= rayon::current_num_threads()) {
+                out.par_chunks_mut(m * n)
+                    .enumerate()
+                    .for_each(|(bi, dst)| one_product(bi, dst, false));
+            } else {
+                for (bi, dst) in out.chunks_mut(m * n).enumerate() {
+                    one_product(bi, dst, true);
+                }
             }
-        }
-        out
+        };
+        // SAFETY: the chunks of m * n tile the output, and `bf16_cpu::gemm` writes every
+        // element of its chunk.
+        unsafe { written_vec(batches * m * n, fill) }
     }
 }
 

@@ -37,6 +37,7 @@
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 /// Rows of A (and of C) per micro-kernel call.
 pub(crate) const MR: usize = 12;
@@ -374,7 +375,8 @@ impl SharedPtr {
 }
 
 /// C = A B, C row-major m x n in `out`, with the given micro-kernel; on the rayon pool when
-/// `parallel` and the product is large enough.
+/// `parallel` and the product is large enough. Every element of `out` is written (the tiles
+/// cover it; an empty k writes zeros), so it may start uninitialised.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     m: usize,
@@ -382,7 +384,7 @@ pub(crate) fn gemm(
     k: usize,
     a: Strided<'_>,
     b: Strided<'_>,
-    out: &mut [bf16],
+    out: &mut [MaybeUninit<bf16>],
     kernel: MicroKernel,
     parallel: bool,
 ) {
@@ -391,7 +393,7 @@ pub(crate) fn gemm(
         return;
     }
     if k == 0 {
-        out.fill(bf16::ZERO);
+        out.fill(MaybeUninit::new(bf16::ZERO));
         return;
     }
     a.check(m, k, "A");
@@ -449,7 +451,7 @@ pub(crate) fn gemm(
         }
     }
     let tiles_n = n.div_ceil(nc);
-    let out_ptr = SharedPtr(out.as_mut_ptr());
+    let out_ptr = SharedPtr(out.as_mut_ptr() as *mut bf16);
 
     let task = |t: usize| {
         let (ti, tj) = (t / tiles_n, t % tiles_n);
@@ -668,9 +670,13 @@ mod tests {
         kernel: MicroKernel,
         parallel: bool,
     ) -> Vec<bf16> {
-        let mut out = vec![bf16::from_f32(7.0); m * n];
+        // Not a value any product here gives, so an element left unwritten shows.
+        let mut out = vec![MaybeUninit::new(bf16::from_f32(7.0)); m * n];
         gemm(m, n, k, a, b, &mut out, kernel, parallel);
-        out
+        // SAFETY: initialised above (and written over by the GEMM).
+        out.into_iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect()
     }
 
     /// Geometries around the tile sizes: rows around MR and MC, columns around NR and NC, k odd

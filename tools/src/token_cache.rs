@@ -84,21 +84,6 @@ impl TokenCache {
             mvar_models::data::Loading::Memory => u64::MAX,
             mvar_models::data::Loading::Stream => 0,
         };
-        let (mut cache, built) =
-            Self::open_or_build_tokens(tokenizer_dir, split, vae, data, flips, device)?;
-        cache.hold_inputs_within(budget, vae, device)?;
-        Ok((cache, built))
-    }
-
-    /// The tokens of [`TokenCache::open_or_build`], without held inputs.
-    fn open_or_build_tokens(
-        tokenizer_dir: &Path,
-        split: &str,
-        vae: &VqVae,
-        data: &ImageDataset,
-        flips: bool,
-        device: &Device,
-    ) -> Result<(TokenCache, bool)> {
         let mut h = Fnv64::new();
         h.write(&read_or_empty(&tokenizer_dir.join("tokenizer.json")));
         h.write(&read_or_empty(&tokenizer_dir.join("tokenizer.safetensors")));
@@ -111,15 +96,24 @@ impl TokenCache {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let path = dir.join(format!("{safe_split}-{key}.tokens"));
-        if path.is_file() {
-            match Self::open(&path, &key) {
-                Ok(c) => return Ok((c, false)),
-                Err(e) => eprintln!("rebuilding the token cache: {e}"),
+        let opened = match path.is_file().then(|| Self::open(&path, &key)) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                eprintln!("rebuilding the token cache: {e}");
+                None
             }
-        }
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Self::build(&path, &key, vae, data, flips, device)?;
-        Ok((Self::open(&path, &key)?, true))
+            None => None,
+        };
+        let (mut cache, built) = match opened {
+            Some(c) => (c, false),
+            None => {
+                std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+                Self::build(&path, &key, vae, data, flips, device)?;
+                (Self::open(&path, &key)?, true)
+            }
+        };
+        cache.hold_inputs_within(budget, vae, device)?;
+        Ok((cache, built))
     }
 
     fn build(
@@ -474,7 +468,8 @@ mod tests {
         // Inputs held (they fit the default budget) or made per batch: the same values.
         assert!(cache.inputs.is_some());
         let (mut per_batch, built) =
-            TokenCache::open_or_build_tokens(&dir, "train", &vae, &data, true, &dev).unwrap();
+            TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
+        per_batch.hold_inputs_within(0, &vae, &dev).unwrap();
         assert!(!built && per_batch.inputs.is_none());
         let some = [7, 2, 0, 11, 7];
         let held = cache.batch(&some, &vae, &dev).unwrap();

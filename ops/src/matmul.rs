@@ -138,15 +138,16 @@ impl FloatKernel for Gemm {
         };
         let small = m * n * k < SMALL_GEMM_FLOPS;
         let threads = rayon::current_num_threads();
-        let one_product = |bi: usize, dst: &mut [MaybeUninit<T>], par: Parallelism| {
+        let one_product = |bi: usize, dst: &mut [MaybeUninit<T>], threaded: bool| {
             let ai = p.operand_index(&p.a_batch, bi) * m * k;
             let bj = p.operand_index(&p.b_batch, bi) * k * n;
             let (a_mat, b_mat) = (&a[ai..ai + m * k], &b[bj..bj + k * n]);
             assert_eq!(dst.len(), m * n);
-            // Debug builds (the tests) start from NaN, so that an element the GEMM did not
-            // write shows in every result instead of whatever the allocator left there.
-            #[cfg(debug_assertions)]
-            dst.fill(MaybeUninit::new(T::from_f64(f64::NAN)));
+            let par = if threaded && threads > 1 {
+                Parallelism::Rayon(threads)
+            } else {
+                Parallelism::None
+            };
             // SAFETY: the pointers cover exactly m*k, k*n and m*n elements with the strides
             // given (row-major, or its transpose), and dst does not alias the operands. With
             // `read_dst` false the GEMM only writes dst (dst := A B), every element of it since
@@ -175,29 +176,41 @@ impl FloatKernel for Gemm {
                 )
             }
         };
-        // Independent products parallelise perfectly, so with a product per thread or more the
-        // batch is split across the threads; a product's own threading (a fork-join per packed
-        // panel) only pays for one or a few large products. No zero fill first: the GEMM
-        // writes every element (its cost was a write pass over the output, e.g. 134 MB for
-        // MVAR-d4's logits at batch 32).
+        // No zero fill first: the GEMM writes every element (its cost was a write pass over
+        // the output, e.g. 134 MB for MVAR-d4's logits at batch 32).
         let fill = |out: &mut [MaybeUninit<T>]| {
-            if batches > 1 && (small || batches >= threads) {
-                out.par_chunks_mut(m * n)
-                    .enumerate()
-                    .for_each(|(bi, dst)| one_product(bi, dst, Parallelism::None));
-            } else {
-                let par = if small || threads == 1 {
-                    Parallelism::None
-                } else {
-                    Parallelism::Rayon(threads)
-                };
-                for (bi, dst) in out.chunks_mut(m * n).enumerate() {
-                    one_product(bi, dst, par);
-                }
-            }
+            each_product(out, m * n, small, T::from_f64(f64::NAN), one_product)
         };
         // SAFETY: the chunks of m * n tile the output, and each product writes its whole chunk.
         Ok(vec![unsafe { written_vec(batches * m * n, fill) }])
+    }
+}
+
+/// Runs `one(batch entry, its m x n output, whether to thread the product)` over every product
+/// of `out` (products of `mn` elements): independent products parallelise perfectly, so with a
+/// product per thread or more (or small ones) the batch is split across the threads; a
+/// product's own threading (a fork-join per packed panel) only pays for one or a few large
+/// products. Debug builds (the tests) fill `nan` first, so an element a kernel did not write
+/// shows in every result instead of whatever the allocator left there.
+fn each_product<T: Copy + Send + Sync>(
+    out: &mut [MaybeUninit<T>],
+    mn: usize,
+    small: bool,
+    nan: T,
+    one: impl Fn(usize, &mut [MaybeUninit<T>], bool) + Sync,
+) {
+    if cfg!(debug_assertions) {
+        out.fill(MaybeUninit::new(nan));
+    }
+    let batches = out.len() / mn;
+    if batches > 1 && (small || batches >= rayon::current_num_threads()) {
+        out.par_chunks_mut(mn)
+            .enumerate()
+            .for_each(|(bi, dst)| one(bi, dst, false));
+    } else {
+        for (bi, dst) in out.chunks_mut(mn).enumerate() {
+            one(bi, dst, !small);
+        }
     }
 }
 
@@ -225,23 +238,11 @@ impl MatmulPlan {
                 rs: b_rs,
                 cs: b_cs,
             };
-            // As in `Gemm::run`: NaN first in debug builds, so a missed element shows.
-            #[cfg(debug_assertions)]
-            dst.fill(MaybeUninit::new(bf16::NAN));
             bf16_cpu::gemm(m, n, k, a_mat, b_mat, dst, kernel, parallel);
         };
         let small = m * n * k < SMALL_GEMM_FLOPS;
-        let fill = |out: &mut [MaybeUninit<bf16>]| {
-            if batches > 1 && (small || batches >= rayon::current_num_threads()) {
-                out.par_chunks_mut(m * n)
-                    .enumerate()
-                    .for_each(|(bi, dst)| one_product(bi, dst, false));
-            } else {
-                for (bi, dst) in out.chunks_mut(m * n).enumerate() {
-                    one_product(bi, dst, true);
-                }
-            }
-        };
+        let fill =
+            |out: &mut [MaybeUninit<bf16>]| each_product(out, m * n, small, bf16::NAN, one_product);
         // SAFETY: the chunks of m * n tile the output, and `bf16_cpu::gemm` writes every
         // element of its chunk.
         unsafe { written_vec(batches * m * n, fill) }

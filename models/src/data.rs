@@ -55,13 +55,22 @@ pub const DATA_MEMORY_ENV: &str = "MVAR_DATA_MEMORY_MB";
 
 /// The budget when [`DATA_MEMORY_ENV`] is not set: 4 GiB of decoded pixels (ImageNet's 50 000
 /// validation images at 256 px take about 16 GB, a 32 px CIFAR-10 about 0.2 GB).
-pub const DEFAULT_DATA_MEMORY_MB: u64 = 4096;
+const DEFAULT_DATA_MEMORY_MB: u64 = 4096;
 
 impl Loading {
     /// [`Loading::WithinBudget`] of `MVAR_DATA_MEMORY_MB` MiB (default 4096; 0 streams every
     /// folder). A value that is not a whole number is an error naming the variable.
     pub fn from_env() -> Result<Loading> {
         Self::from_budget_var(std::env::var(DATA_MEMORY_ENV).ok().as_deref())
+    }
+
+    /// The most decoded bytes held in memory: all for Memory, none for Stream.
+    pub fn budget_bytes(self) -> u64 {
+        match self {
+            Loading::Memory => u64::MAX,
+            Loading::Stream => 0,
+            Loading::WithinBudget(bytes) => bytes,
+        }
     }
 
     /// [`Loading::from_env`] of the variable's value (None: not set).
@@ -200,21 +209,15 @@ impl ImageDataset {
             });
         }
         let files_digest = Some(folder_digest(root, &files, preprocess, side)?);
-        let stream = match loading {
-            Loading::Memory => false,
-            Loading::Stream => true,
-            Loading::WithinBudget(bytes) => {
-                estimated_decoded_bytes(files.len(), side, preprocess) > bytes
-            }
-        };
+        let stream =
+            estimated_decoded_bytes(files.len(), side, preprocess) > loading.budget_bytes();
         let store = if stream {
             Store::Files(preprocess)
         } else {
-            let target = resize_target(side);
             Store::Decoded(
                 files
                     .par_iter()
-                    .map(|(p, _)| decode_file(p, preprocess, side, target))
+                    .map(|(p, _)| decode_file(p, preprocess, side))
                     .collect::<Vec<Result<Pixels>>>()
                     .into_iter()
                     // In file order, so that the error names the first bad image, whichever
@@ -418,7 +421,6 @@ impl ImageDataset {
                 &self.paths[i],
                 *preprocess,
                 self.side,
-                resize_target(self.side),
             )?)),
         }
     }
@@ -531,10 +533,10 @@ fn resize_target(side: usize) -> u32 {
     (side as f64 * 1.125).round() as u32
 }
 
-/// One image file, preprocessed as `preprocess` says.
-fn decode_file(path: &Path, preprocess: Preprocess, side: usize, target: u32) -> Result<Pixels> {
+/// One image file, preprocessed as `preprocess` says for crops of `side`.
+fn decode_file(path: &Path, preprocess: Preprocess, side: usize) -> Result<Pixels> {
     match preprocess {
-        Preprocess::Official => decode_resized(path, target),
+        Preprocess::Official => decode_resized(path, resize_target(side)),
         Preprocess::Exact => decode_exact(path, side),
     }
 }
@@ -926,6 +928,9 @@ mod tests {
             Loading::from_budget_var(Some("12")).unwrap(),
             Loading::WithinBudget(12 << 20)
         );
+        assert_eq!(Loading::Memory.budget_bytes(), u64::MAX);
+        assert_eq!(Loading::Stream.budget_bytes(), 0);
+        assert_eq!(Loading::WithinBudget(7).budget_bytes(), 7);
         let e = Loading::from_budget_var(Some("4G"))
             .unwrap_err()
             .to_string();

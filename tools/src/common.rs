@@ -52,8 +52,8 @@ pub fn storage_note(data: &ImageDataset) -> String {
             ", streamed from the image files (about {:.1} GB decoded, over {}={})",
             bytes as f64 / 1e9,
             mvar_models::data::DATA_MEMORY_ENV,
-            std::env::var(mvar_models::data::DATA_MEMORY_ENV)
-                .unwrap_or_else(|_| mvar_models::data::DEFAULT_DATA_MEMORY_MB.to_string())
+            // The data set was loaded with this budget, so the variable parses.
+            mvar_models::data::Loading::from_env().map_or(0, |l| l.budget_bytes() >> 20)
         ),
         None => String::new(),
     }

@@ -79,11 +79,7 @@ impl TokenCache {
         flips: bool,
         device: &Device,
     ) -> Result<(TokenCache, bool)> {
-        let budget = match mvar_models::data::Loading::from_env()? {
-            mvar_models::data::Loading::WithinBudget(bytes) => bytes,
-            mvar_models::data::Loading::Memory => u64::MAX,
-            mvar_models::data::Loading::Stream => 0,
-        };
+        let budget = mvar_models::data::Loading::from_env()?.budget_bytes();
         let mut h = Fnv64::new();
         h.write(&read_or_empty(&tokenizer_dir.join("tokenizer.json")));
         h.write(&read_or_empty(&tokenizer_dir.join("tokenizer.safetensors")));

@@ -14,7 +14,7 @@ use half::{bf16, f16};
 #[cfg(test)]
 use mvar_engine::DType;
 use mvar_engine::{CpuStorage, Device, Error, Result, Tensor};
-use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::tensor::Dtype as StDtype;
 
 fn format_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Format {
@@ -117,8 +117,10 @@ fn to_bytes(t: &Tensor) -> Result<(StDtype, Vec<u8>)> {
     })
 }
 
-/// Serialises named tensors (any device) to safetensors bytes.
-pub fn serialize(
+/// Serialises named tensors (any device) to safetensors bytes, all at once through the crate:
+/// the reference the streamed [`write_safetensors`] is tested against.
+#[cfg(test)]
+fn serialize(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
@@ -126,6 +128,7 @@ pub fn serialize(
         .iter()
         .map(|(n, t)| to_bytes(t).map(|(d, b)| (n.clone(), d, t.dims().to_vec(), b)))
         .collect::<Result<_>>()?;
+    use safetensors::tensor::TensorView;
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
         .map(|(n, d, s, b)| {
@@ -185,7 +188,7 @@ pub fn write_atomic_with(
 }
 
 /// Writes named tensors to a safetensors file atomically, one tensor's bytes at a time: the
-/// file is [`serialize`]'s, byte for byte, but only one tensor is copied to the host and
+/// file is the safetensors crate's serialisation, byte for byte, but only one tensor is copied to the host and
 /// converted at once, so a training checkpoint (weights and both AdamW moments: 3.7 GB for
 /// VAR-d16) is not assembled in memory, twice, first.
 pub fn write_safetensors(

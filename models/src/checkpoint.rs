@@ -188,9 +188,9 @@ pub fn write_atomic_with(
 }
 
 /// Writes named tensors to a safetensors file atomically, one tensor's bytes at a time: the
-/// file is the safetensors crate's serialisation, byte for byte, but only one tensor is copied to the host and
-/// converted at once, so a training checkpoint (weights and both AdamW moments: 3.7 GB for
-/// VAR-d16) is not assembled in memory, twice, first.
+/// file is the safetensors crate's serialisation, byte for byte, but only one tensor is copied
+/// to the host and converted at once, so a training checkpoint (weights and both AdamW
+/// moments: 3.7 GB for VAR-d16) is not assembled in memory, twice, first.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],

@@ -15,16 +15,22 @@ pub const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
 /// Makes glibc's malloc keep freed activations for reuse, once per process (the first CPU op
 /// calls it). By default glibc gives a freed block above its mmap threshold (128 KiB at first)
-/// straight back to the kernel and trims free memory above twice that off the heap top, so the
-/// next allocation of that size page-faults on every 4 KiB page. A training step frees and
-/// re-allocates hundreds of multi-MB tensors: on the 2-vCPU CI machine this was half of a 3x3
-/// conv's forward + backward at [32,32,32,32] (38.8 -> 20.9 ms) and raised the demo tokenizer
-/// from 2.9-3.4 to 3.6-3.7 steps/s and MVAR-d4 by 3-6 %, with 3x less system time. Blocks of
-/// 32 MiB and more (glibc's largest threshold) were still mapped and unmapped one by one: an
-/// f32 add of a bias to [2048,4096] (VAR-d16's MLP during sampling) took 12 ms, 10x its time
-/// with the block reused, so no block is mapped on its own any more (`M_MMAP_MAX` 0); VAR-d16
-/// sampling on the CPU went from 11.1 to 9.6 s a batch, with the same peak memory
-/// (docs/performance.md). `MVAR_MALLOC_TUNING=0` leaves malloc as it is; other C libraries are left alone.
+/// straight back to the kernel and trims the free memory at the heap top once it passes twice
+/// that, so the next allocation of that size page-faults on every 4 KiB page. A training step
+/// frees and re-allocates hundreds of multi-MB tensors: on the 2-vCPU CI machine this was half of
+/// a 3x3 conv's forward + backward at [32,32,32,32] (38.8 -> 20.9 ms) and raised the demo
+/// tokenizer from 2.9-3.4 to 3.6-3.7 steps/s and MVAR-d4 by 3-6 %, with 3x less system time.
+/// Blocks of 32 MiB and more (glibc's largest threshold) were still mapped and unmapped one by
+/// one: an f32 add of a bias to [2048,4096] (VAR-d16's MLP during sampling) took 12 ms, 10x its
+/// time with the block reused, so no block is mapped on its own any more (`M_MMAP_MAX` 0);
+/// VAR-d16 sampling on the CPU went from 11.1 to 9.6 s a batch, with the same peak memory.
+/// The heap top is never trimmed: a trim threshold is when glibc trims, not how much it keeps
+/// (it trims down to a small pad), so a threshold of 256 MiB still gave back and faulted in
+/// again most of each step's activations once they passed it: an MVAR-d4 step at batch 32
+/// (1 GiB of activations) ran 0.74-0.96 s with 0.34-4.0 M page faults a run (as the free
+/// blocks fell), 0.74-0.76 s with 0.34 M without trimming (docs/performance.md). The process then holds its peak heap until it
+/// exits, as a caching allocator would; the peak itself is unchanged.
+/// `MVAR_MALLOC_TUNING=0` leaves malloc as it is; other C libraries are left alone.
 pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -32,12 +38,12 @@ pub fn tune_allocator() {
         if std::env::var("MVAR_MALLOC_TUNING").as_deref() != Ok("0") {
             // glibc's largest mmap threshold (where M_MMAP_MAX 0 below has no effect).
             const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-            // Up to this much freed memory at the top of an arena stays mapped for reuse.
-            const TRIM_THRESHOLD: libc::c_int = 256 << 20;
-            // SAFETY: mallopt only changes malloc's parameters, and both values are in range.
+            // glibc's "never trim" (mallopt(3)): freed memory at a heap top stays mapped.
+            const TRIM_NEVER: libc::c_int = -1;
+            // SAFETY: mallopt only changes malloc's parameters, and every value is one it documents.
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_NEVER);
                 // Every block from the arenas' heaps; a thread arena's heap holds at most 64
                 // MiB, and glibc serves a larger request from the main arena.
                 libc::mallopt(libc::M_MMAP_MAX, 0);

@@ -114,6 +114,19 @@ pub struct ImageDataset {
     files_digest: Option<u64>,
 }
 
+/// The images of one batch as stored, before cropping ([`ImageDataset::decode`]).
+pub struct DecodedImages<'a> {
+    indices: Vec<usize>,
+    images: Vec<std::borrow::Cow<'a, Pixels>>,
+}
+
+impl DecodedImages<'_> {
+    /// The data set's indices of these images, in batch order.
+    pub fn indices(&self) -> &[usize] {
+        &self.indices
+    }
+}
+
 fn io_err(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
@@ -443,7 +456,7 @@ impl ImageDataset {
 
     /// Images `indices` as [B, 3, side, side] in [-1, 1] on `device`, and their labels (i64 [B]).
     /// `rng` picks crop offsets and flips (one draw per image, in order) when `crop` is Random
-    /// or `flip` is set.
+    /// or `flip` is set. [`ImageDataset::decode`] then [`ImageDataset::batch_from`].
     pub fn batch(
         &self,
         indices: &[usize],
@@ -452,7 +465,14 @@ impl ImageDataset {
         rng: &mut Generator,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let s = self.side;
+        self.batch_from(&self.decode(indices)?, crop, flip, rng, device)
+    }
+
+    /// The stored images `indices`, before cropping: borrowed from a held data set, decoded from
+    /// the files of a streamed one (in parallel, the work of a batch that needs no random draw,
+    /// so that it can run ahead of the step that uses it). An index out of range, or an
+    /// unreadable image (streamed), is an error naming the first such of the batch.
+    pub fn decode(&self, indices: &[usize]) -> Result<DecodedImages<'_>> {
         if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
             return Err(Error::IndexOutOfRange {
                 op: "ImageDataset::batch",
@@ -461,15 +481,41 @@ impl ImageDataset {
                 size: self.len(),
             });
         }
-        let draws = rng.uniform(indices.len() * 3, 0.0, 1.0);
-        // Streamed images are decoded here, in parallel; in index order so that an error names
-        // the first unreadable image of the batch.
-        let stored = indices
+        // In index order, so that an error names the first unreadable image of the batch.
+        let images = indices
             .par_iter()
             .map(|&i| self.pixels(i))
             .collect::<Vec<_>>()
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
+        Ok(DecodedImages {
+            indices: indices.to_vec(),
+            images,
+        })
+    }
+
+    /// [`ImageDataset::batch`] of images this data set decoded ([`ImageDataset::decode`]).
+    pub fn batch_from(
+        &self,
+        decoded: &DecodedImages<'_>,
+        crop: Crop,
+        flip: bool,
+        rng: &mut Generator,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = self.side;
+        let indices = &decoded.indices[..];
+        let stored = &decoded.images;
+        // Images another data set decoded could be out of range or smaller than the crop.
+        let fits =
+            indices.iter().all(|&i| i < self.len()) && stored.iter().all(|p| p.0 >= s && p.1 >= s);
+        if !fits {
+            return Err(Error::invalid(
+                "ImageDataset::batch_from",
+                format!("images decoded by another data set: expected this one's (its {} images of at least {s} x {s})", self.len()),
+            ));
+        }
+        let draws = rng.uniform(indices.len() * 3, 0.0, 1.0);
         let mut out = vec![0f32; indices.len() * 3 * s * s];
         out.par_chunks_mut(3 * s * s)
             .zip(stored.par_iter().enumerate())
@@ -506,6 +552,82 @@ impl ImageDataset {
             device,
         )?;
         Ok((imgs, labels))
+    }
+}
+
+/// Decodes the next batch's images of a streamed data set on another thread while a step runs,
+/// so that the step after finds them decoded: on a GPU the CPU mostly waits for a step's kernels,
+/// and reading, decoding and resizing the next batch's files fits in that wait. Only the
+/// decoding runs ahead; the random draws (crops, flips) stay in the order of the steps, so the
+/// batches are the same bit for bit. A held data set has nothing to decode: its images are
+/// borrowed, and `while_running` just runs the step.
+pub struct DecodeAhead<'d> {
+    data: &'d ImageDataset,
+    /// The indices decoded ahead, and what decoding them gave.
+    ahead: Option<(Vec<usize>, Result<DecodedImages<'d>>)>,
+}
+
+impl<'d> DecodeAhead<'d> {
+    pub fn new(data: &'d ImageDataset) -> Self {
+        DecodeAhead { data, ahead: None }
+    }
+
+    /// The images `indices`: those decoded ahead when they are these (or the error decoding
+    /// them gave), else decoded now.
+    pub fn take(&mut self, indices: &[usize]) -> Result<DecodedImages<'d>> {
+        match self.ahead.take() {
+            Some((ahead, decoded)) if ahead == indices => decoded,
+            _ => self.data.decode(indices),
+        }
+    }
+
+    /// Runs `work`, decoding `next` (the next batch's indices, if there is one) on another
+    /// thread meanwhile when the data set is streamed. The decoding runs on the rayon pool, as
+    /// it would in the step.
+    pub fn while_running<R>(&mut self, next: Option<Vec<usize>>, work: impl FnOnce() -> R) -> R {
+        let data = self.data;
+        match next.filter(|_| data.is_streamed()) {
+            None => work(),
+            Some(next) => std::thread::scope(|scope| {
+                let decoding = scope.spawn(move || {
+                    let decoded = data.decode(&next);
+                    (next, decoded)
+                });
+                let out = work();
+                let ahead = decoding
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                self.ahead = Some(ahead);
+                out
+            }),
+        }
+    }
+}
+
+impl ImageDataset {
+    /// The images `rows` in order, centre-cropped and unflipped, `batch` at a time: `each` gets
+    /// the images [b, 3, side, side] and their rows. Only one batch is held at a
+    /// time, and for a streamed data set the next one is decoded while `each` works on this one
+    /// ([`DecodeAhead`]), so a set of any size is read once, at the pace of `each`.
+    pub fn each_centre_batch(
+        &self,
+        rows: &[usize],
+        batch: usize,
+        device: &Device,
+        mut each: impl FnMut(&Tensor, &[usize]) -> Result<()>,
+    ) -> Result<()> {
+        let chunks: Vec<&[usize]> = rows.chunks(batch.max(1)).collect();
+        let mut ahead = DecodeAhead::new(self);
+        // Centre crops without flips use none of this generator's draws.
+        let mut unused = Generator::new(0);
+        for (k, &chunk) in chunks.iter().enumerate() {
+            let decoded = ahead.take(chunk)?;
+            let (x, _) = self.batch_from(&decoded, Crop::Center, false, &mut unused, device)?;
+            drop(decoded);
+            let next = chunks.get(k + 1).map(|c| c.to_vec());
+            ahead.while_running(next, || each(&x, chunk))?;
+        }
+        Ok(())
     }
 }
 
@@ -911,6 +1033,107 @@ mod tests {
             load(Loading::Stream).unwrap().fingerprint(),
             "the preprocessing is part of the fingerprint"
         );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn decoding_ahead_gives_the_same_batches() {
+        let root = std::env::temp_dir().join(format!("mvar-ahead-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (k, class) in ["a", "b"].iter().enumerate() {
+            std::fs::create_dir_all(root.join(class)).unwrap();
+            for i in 0..4u32 {
+                let shade = (40 * i + 100 * k as u32) as u8;
+                write_png(
+                    &root.join(format!("{class}/{i}.png")),
+                    20 + 3 * i,
+                    18 + 5 * i,
+                    [shade, 255 - shade, 7 * i as u8],
+                );
+            }
+        }
+        let load = |loading| ImageDataset::load_folder_as(&root, 16, Preprocess::Official, loading);
+        let held = load(Loading::Memory).unwrap();
+        let streamed = load(Loading::Stream).unwrap();
+        let steps: Vec<Vec<usize>> = vec![vec![3, 0, 7], vec![5, 5, 1], vec![2, 6, 4], vec![0]];
+        // Batches cut one after the other as a training loop cuts them: the next batch's images
+        // decoded while "a step" runs (here, a draw from the same generator, as a step's code
+        // restarts would), or each cut whole when it is reached.
+        let run = |ds: &ImageDataset, ahead_of_time: bool| {
+            let mut g = Generator::new(11);
+            let mut ahead = DecodeAhead::new(ds);
+            let mut out = Vec::new();
+            for (k, idx) in steps.iter().enumerate() {
+                let (x, y) = if ahead_of_time {
+                    let decoded = ahead.take(idx).unwrap();
+                    ds.batch_from(&decoded, Crop::Random, true, &mut g, &Device::Cpu)
+                        .unwrap()
+                } else {
+                    ds.batch(idx, Crop::Random, true, &mut g, &Device::Cpu)
+                        .unwrap()
+                };
+                let next = steps.get(k + 1).cloned().filter(|_| ahead_of_time);
+                let step_draw = ahead.while_running(next, || g.next_u32s(1));
+                out.push((
+                    x.to_vec::<f32>().unwrap(),
+                    y.to_vec::<i64>().unwrap(),
+                    step_draw,
+                ));
+            }
+            out
+        };
+        let plain = run(&held, false);
+        assert_eq!(run(&held, true), plain);
+        assert_eq!(run(&streamed, true), plain);
+        assert_eq!(run(&streamed, false), plain);
+        // Asked for other images than it decoded ahead, it decodes those.
+        let mut ahead = DecodeAhead::new(&streamed);
+        ahead.while_running(Some(vec![1, 2]), || ());
+        assert_eq!(ahead.take(&[4, 1]).unwrap().indices(), &[4, 1]);
+        // The centre batches of a whole pass, next one decoded ahead: those of `batch`.
+        let rows = [6, 1, 0, 5, 3, 2, 7];
+        for ds in [&held, &streamed] {
+            let mut seen = Vec::new();
+            ds.each_centre_batch(&rows, 3, &Device::Cpu, |x, chunk| {
+                let mut g = Generator::new(0);
+                let (want, _) = ds.batch(chunk, Crop::Center, false, &mut g, &Device::Cpu)?;
+                assert_eq!(x.to_vec::<f32>()?, want.to_vec::<f32>()?);
+                seen.extend_from_slice(chunk);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, rows);
+        }
+        // Images decoded by another data set (a smaller side: smaller images) are refused.
+        let small =
+            ImageDataset::load_folder_as(&root, 8, Preprocess::Official, Loading::Memory).unwrap();
+        let e = held
+            .batch_from(
+                &small.decode(&[0]).unwrap(),
+                Crop::Center,
+                false,
+                &mut Generator::new(0),
+                &Device::Cpu,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another data set"), "{e}");
+        // An unreadable image decoded ahead is an error naming it when its batch is taken,
+        // not before; the step that ran meanwhile is unaffected.
+        std::fs::write(root.join("b/9.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        let streamed = load(Loading::Stream).unwrap();
+        let broken = (0..streamed.len())
+            .find(|&i| streamed.path(i).ends_with("b/9.png"))
+            .unwrap();
+        let mut ahead = DecodeAhead::new(&streamed);
+        assert_eq!(ahead.while_running(Some(vec![0, broken]), || 5), 5);
+        let e = ahead.take(&[0, broken]).err().unwrap().to_string();
+        assert!(e.contains("9.png") && e.contains("unreadable image"), "{e}");
+        let e = streamed
+            .each_centre_batch(&[0, 1, broken], 2, &Device::Cpu, |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("9.png"), "{e}");
         let _ = std::fs::remove_dir_all(&root);
     }
 

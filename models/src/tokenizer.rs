@@ -17,7 +17,7 @@
 use mvar_engine::{no_grad, Device, Error, Generator, ParamStore, Result, Tensor};
 use mvar_ops::{self as ops, AdamW, AdamWConfig};
 
-use crate::data::{Crop, ImageDataset};
+use crate::data::ImageDataset;
 use crate::VqVae;
 
 #[derive(Debug, Clone)]
@@ -338,20 +338,19 @@ pub fn evaluate(
     let mut used = vec![vec![false; v]; sn];
     let mut sq_sum = 0.0;
     let mut count = 0usize;
-    let mut rng = Generator::new(0);
-    for chunk in rows.chunks(batch.max(1)) {
-        let (x, _) = data.batch(chunk, Crop::Center, false, &mut rng, device)?;
-        let idx = vae.img_to_idx(&x)?;
+    data.each_centre_batch(rows, batch, device, |x, _| {
+        let idx = vae.img_to_idx(x)?;
         for (si, ids) in idx.iter().enumerate() {
             for id in ids.to_vec::<i64>()? {
                 used[si][id as usize] = true;
             }
         }
         let rec = vae.idx_to_img(&idx)?;
-        let err = ops::mul_scalar(&ops::sub(&rec, &x)?, 0.5)?;
+        let err = ops::mul_scalar(&ops::sub(&rec, x)?, 0.5)?;
         sq_sum += ops::sum_all(&ops::square(&err)?)?.to_f64()?;
         count += x.elem_count();
-    }
+        Ok(())
+    })?;
     Ok(EvalStats {
         psnr: psnr_from_mse(sq_sum / count.max(1) as f64),
         usage: used

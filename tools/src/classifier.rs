@@ -12,7 +12,7 @@ use clap::Args;
 use mvar_engine::{no_grad, Device, Error, Generator, Result, Tensor};
 use mvar_models::checkpoint::{load_training, save_training, write_atomic, TrainingState};
 use mvar_models::classifier::{Classifier, ClassifierConfig};
-use mvar_models::data::{Crop, ImageDataset};
+use mvar_models::data::{Crop, DecodeAhead, ImageDataset};
 use mvar_ops::{self as ops, AdamW, AdamWConfig};
 
 use crate::common::{io, load_split, load_training_split, read_json, DataOrder, PreprocessArg};
@@ -108,20 +108,18 @@ pub fn features_and_predictions(
 }
 
 /// The images of a data set in order, centre-cropped, 64 at a time: `each` gets a batch
-/// [b, 3, S, S] and its labels. Only one batch is held (and, for a streamed data set, decoded)
-/// at a time, so a held-out set of any size fits.
+/// [b, 3, S, S] and its labels. Only one batch is held at a time (for a streamed data set, the
+/// next one is decoded meanwhile), so a held-out set of any size fits.
 pub fn each_image_batch(
     data: &ImageDataset,
     device: &Device,
     mut each: impl FnMut(&Tensor, &[i64]) -> Result<()>,
 ) -> Result<()> {
     let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(64) {
-        let (x, _) = data.batch(chunk, Crop::Center, false, &mut Generator::new(0), device)?;
-        let labels: Vec<i64> = chunk.iter().map(|&i| data.label(i) as i64).collect();
-        each(&x, &labels)?;
-    }
-    Ok(())
+    data.each_centre_batch(&idx, 64, device, |x, rows| {
+        let labels: Vec<i64> = rows.iter().map(|&i| data.label(i) as i64).collect();
+        each(x, &labels)
+    })
 }
 
 /// Top-1 accuracy of `classifier` over a data set.
@@ -261,17 +259,35 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
     let start = Instant::now();
     let progress = Progress::new("classifier", first, args.steps);
     let mut order = DataOrder::new(train.len(), args.seed);
+    let mut ahead = DecodeAhead::new(&train);
     while step < args.steps {
         step += 1;
         let idx = order.batch(args.batch, step);
         // Random crops (when the images are larger than --side) and mirrors.
-        let (x, y) = train.batch(&idx, Crop::Random, true, &mut rng, device)?;
+        let decoded = ahead.take(&idx)?;
+        let (x, y) = train.batch_from(&decoded, Crop::Random, true, &mut rng, device)?;
+        drop(decoded);
         let lr = lr_at(args.lr, step, args.steps);
         opt.config.lr = lr;
-        classifier.params.zero_grad();
-        let logits = classifier.logits(&x)?;
-        let loss = ops::mean_all(&ops::cross_entropy(&logits, &y, None, 0.0)?)?;
-        let loss_value = loss.to_f64()?;
+        // A streamed folder's next batch is decoded while this step runs.
+        let next = (step < args.steps).then(|| order.batch(args.batch, step + 1));
+        let (loss_value, accuracy) = ahead.while_running(next, || -> Result<(f64, f64)> {
+            classifier.params.zero_grad();
+            let logits = classifier.logits(&x)?;
+            let loss = ops::mean_all(&ops::cross_entropy(&logits, &y, None, 0.0)?)?;
+            let loss_value = loss.to_f64()?;
+            if !loss_value.is_finite() {
+                return Ok((loss_value, f64::NAN));
+            }
+            let accuracy = {
+                let _ng = no_grad();
+                let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
+                top1_accuracy(&pred, &y.to_vec::<i64>()?)
+            };
+            loss.backward()?;
+            opt.step(&classifier.params)?;
+            Ok((loss_value, accuracy))
+        })?;
         if !loss_value.is_finite() {
             progress.finish();
             return Err(Error::invalid(
@@ -282,13 +298,6 @@ pub fn run(mut args: TrainClassifierArgs, device: &Device) -> Result<()> {
                 ),
             ));
         }
-        let accuracy = {
-            let _ng = no_grad();
-            let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
-            top1_accuracy(&pred, &y.to_vec::<i64>()?)
-        };
-        loss.backward()?;
-        opt.step(&classifier.params)?;
         metrics.write(&format!(
             "{{\"step\":{step},\"loss\":{loss_value},\"accuracy\":{accuracy},\"lr\":{lr}}}"
         ))?;

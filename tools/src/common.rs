@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use mvar_engine::{no_grad, Device, Error, Generator, Result, Tensor};
-use mvar_models::data::{Crop, ImageDataset, Preprocess};
+use mvar_models::data::{ImageDataset, Preprocess};
 use mvar_models::{Mvar, MvarConfig, Var, VarConfig, VqVae, VqVaeConfig};
 use mvar_ops as ops;
 use serde::{Deserialize, Serialize};
@@ -397,7 +397,8 @@ pub fn tokenizer_dir(model_dir: &Path, info: &ModelInfo) -> std::path::PathBuf {
 /// batch at a time: `each` gets the targets i64 [b, L] of each batch of images, in order, first
 /// every image, then (with flips) every mirror, so that row N + i is image i mirrored. This is
 /// the official token cache (`main_cache.py`): the transformer then trains on tokens, not
-/// images; only one batch of images is decoded (for a streamed data set) and held at a time.
+/// images; only one batch of images is held at a time (for a streamed data set, the next one is
+/// decoded while this one is tokenized).
 pub fn tokenize_each(
     vae: &VqVae,
     data: &ImageDataset,
@@ -412,13 +413,18 @@ pub fn tokenize_each(
     } else {
         vec![false]
     } {
-        for chunk in idx.chunks(64) {
-            let (x, _) = data.batch(chunk, Crop::Center, false, &mut Generator::new(0), device)?;
-            let x = if flip { mirror(&x)? } else { x };
-            let maps = vae.img_to_idx(&x)?;
+        data.each_centre_batch(&idx, 64, device, |x, _| {
+            let mirrored;
+            let x = if flip {
+                mirrored = mirror(x)?;
+                &mirrored
+            } else {
+                x
+            };
+            let maps = vae.img_to_idx(x)?;
             let refs: Vec<&Tensor> = maps.iter().collect();
-            each(&ops::concat(&refs, 1)?)?;
-        }
+            each(&ops::concat(&refs, 1)?)
+        })?;
     }
     Ok(())
 }

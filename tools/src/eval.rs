@@ -387,14 +387,11 @@ fn sample_quality(
                 .into_iter()
                 .take(labels.len())
                 .collect();
-            let (x, _) = train.batch(
-                &pick,
-                mvar_models::data::Crop::Center,
-                false,
-                &mut Generator::new(0),
-                device,
-            )?;
-            let (f, _) = features_and_predictions(&classifier, &x)?;
+            let mut f = Vec::new();
+            train.each_centre_batch(&pick, 128, device, |x, _| {
+                f.extend(features_and_predictions(&classifier, x)?.0);
+                Ok(())
+            })?;
             frechet_distance_of(&f, pick.len(), &real_feats, real_labels.len(), dim)?
         }
         _ => f64::NAN,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use mvar_engine::{Device, Error, Generator, Result};
 use mvar_models::checkpoint::{load_training, save_training, TrainingState};
-use mvar_models::data::{grid, save_png, Crop};
+use mvar_models::data::{grid, save_png, Crop, DecodeAhead};
 
 use crate::common::{load_split, load_training_split, spread_rows, DataOrder, PreprocessArg};
 use crate::progress::{interrupted, memory_text, Metrics, Progress};
@@ -342,11 +342,16 @@ pub fn run(mut args: TrainTokenizerArgs, device: &Device) -> Result<()> {
     let cap = args.steps;
     let mut steady_from: Option<(u64, Instant)> = None;
     let mut order = DataOrder::new(train.len(), args.seed);
+    let mut ahead = DecodeAhead::new(&train);
     while trainer.step_count() < args.steps {
         let step = trainer.step_count() + 1;
         let idx = order.batch(args.batch, step);
-        let (x, _) = train.batch(&idx, Crop::Random, !args.no_flip, &mut rng, device)?;
-        let s = match trainer.step(&x, &mut rng) {
+        let decoded = ahead.take(&idx)?;
+        let (x, _) = train.batch_from(&decoded, Crop::Random, !args.no_flip, &mut rng, device)?;
+        drop(decoded);
+        // A streamed folder's next batch is decoded while this step runs.
+        let next = (step < args.steps).then(|| order.batch(args.batch, step + 1));
+        let s = match ahead.while_running(next, || trainer.step(&x, &mut rng)) {
             Ok(s) => s,
             Err(e) => {
                 progress.finish();

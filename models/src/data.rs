@@ -93,12 +93,22 @@ impl Loading {
     }
 }
 
-/// Where a batch's pixels come from.
+/// Where a batch's pixels come from, and what the data set's fingerprint digests of them.
 enum Store {
     /// Decoded and resized once: RGB, row-major HWC, each at least `side` on both axes.
-    Decoded(Vec<Pixels>),
-    /// Decoded from `paths` (with this preprocessing) each time a batch reads them.
-    Files(Preprocess),
+    /// `files_digest`: for an image folder, the digest of its file list (relative paths, sizes,
+    /// modification times) and preprocessing, so that its fingerprint needs no pixels and is
+    /// the one it has streamed; None: the fingerprint digests the pixels.
+    Decoded {
+        images: Vec<Pixels>,
+        files_digest: Option<u64>,
+    },
+    /// Decoded from `paths` (with this preprocessing) each time a batch reads them; an image
+    /// folder's, so there is always a file digest.
+    Files {
+        preprocess: Preprocess,
+        files_digest: u64,
+    },
 }
 
 /// Resized RGB images with class labels.
@@ -108,10 +118,6 @@ pub struct ImageDataset {
     classes: Vec<String>,
     paths: Vec<PathBuf>,
     side: usize,
-    /// For an image folder, the digest of its file list (relative paths, sizes, modification
-    /// times) and preprocessing, so that its fingerprint needs no pixels and is the same whether
-    /// the folder is held or streamed. None: the fingerprint digests the held pixels.
-    files_digest: Option<u64>,
 }
 
 /// The images of one batch as stored, before cropping ([`ImageDataset::decode`]).
@@ -221,14 +227,17 @@ impl ImageDataset {
                 msg: "no images found; expected root/<class>/<image>.png|jpg".into(),
             });
         }
-        let files_digest = Some(folder_digest(root, &files, preprocess, side)?);
+        let files_digest = folder_digest(root, &files, preprocess, side)?;
         let stream =
             estimated_decoded_bytes(files.len(), side, preprocess) > loading.budget_bytes();
         let store = if stream {
-            Store::Files(preprocess)
+            Store::Files {
+                preprocess,
+                files_digest,
+            }
         } else {
-            Store::Decoded(
-                files
+            Store::Decoded {
+                images: files
                     .par_iter()
                     .map(|(p, _)| decode_file(p, preprocess, side))
                     .collect::<Vec<Result<Pixels>>>()
@@ -236,7 +245,8 @@ impl ImageDataset {
                     // In file order, so that the error names the first bad image, whichever
                     // thread saw it.
                     .collect::<Result<_>>()?,
-            )
+                files_digest: Some(files_digest),
+            }
         };
         Ok(ImageDataset {
             store,
@@ -244,7 +254,6 @@ impl ImageDataset {
             paths: files.into_iter().map(|(p, _)| p).collect(),
             classes,
             side,
-            files_digest,
         })
     }
 
@@ -323,8 +332,10 @@ impl ImageDataset {
         let n = decoded.len();
         let (labels, images): (Vec<usize>, Vec<_>) = decoded.into_iter().unzip();
         Ok(ImageDataset {
-            store: Store::Decoded(images),
-            files_digest: None,
+            store: Store::Decoded {
+                images,
+                files_digest: None,
+            },
             labels,
             classes,
             paths: (0..n)
@@ -360,8 +371,10 @@ impl ImageDataset {
         }
         let n = images.len();
         Ok(ImageDataset {
-            store: Store::Decoded(images.into_iter().map(|v| (side, side, v)).collect()),
-            files_digest: None,
+            store: Store::Decoded {
+                images: images.into_iter().map(|v| (side, side, v)).collect(),
+                files_digest: None,
+            },
             labels,
             classes,
             paths: (0..n)
@@ -386,17 +399,25 @@ impl ImageDataset {
         for &label in &self.labels {
             h.write_u64(label as u64);
         }
-        match (&self.store, self.files_digest) {
-            (_, Some(files)) => h.write_u64(files),
-            (Store::Decoded(images), None) => {
+        match &self.store {
+            Store::Decoded {
+                files_digest: Some(files),
+                ..
+            }
+            | Store::Files {
+                files_digest: files,
+                ..
+            } => h.write_u64(*files),
+            Store::Decoded {
+                images,
+                files_digest: None,
+            } => {
                 for (hgt, wid, px) in images {
                     h.write_u64(*hgt as u64);
                     h.write_u64(*wid as u64);
                     h.write(px);
                 }
             }
-            // Streamed data sets are image folders, which always have a file digest.
-            (Store::Files(_), None) => h.write_u64(u64::MAX),
         }
         h.finish()
     }
@@ -411,17 +432,17 @@ impl ImageDataset {
 
     /// Whether batches decode their images from the files (see [`Loading`]).
     pub fn is_streamed(&self) -> bool {
-        matches!(self.store, Store::Files(_))
+        matches!(self.store, Store::Files { .. })
     }
 
     /// For a streamed folder, the estimate of its decoded pixels that the memory budget was
     /// held against, in bytes; None for a held data set.
     pub fn streamed_size_estimate(&self) -> Option<u64> {
         match self.store {
-            Store::Files(preprocess) => {
+            Store::Files { preprocess, .. } => {
                 Some(estimated_decoded_bytes(self.len(), self.side, preprocess))
             }
-            Store::Decoded(_) => None,
+            Store::Decoded { .. } => None,
         }
     }
 
@@ -429,8 +450,8 @@ impl ImageDataset {
     fn pixels(&self, i: usize) -> Result<std::borrow::Cow<'_, Pixels>> {
         use std::borrow::Cow;
         match &self.store {
-            Store::Decoded(images) => Ok(Cow::Borrowed(&images[i])),
-            Store::Files(preprocess) => Ok(Cow::Owned(decode_file(
+            Store::Decoded { images, .. } => Ok(Cow::Borrowed(&images[i])),
+            Store::Files { preprocess, .. } => Ok(Cow::Owned(decode_file(
                 &self.paths[i],
                 *preprocess,
                 self.side,
@@ -638,8 +659,10 @@ pub fn load_image(path: &Path, side: usize, device: &Device) -> Result<Tensor> {
         return Err(Error::invalid("load_image", "image side 0"));
     }
     let one = ImageDataset {
-        store: Store::Decoded(vec![decode_resized(path, resize_target(side))?]),
-        files_digest: None,
+        store: Store::Decoded {
+            images: vec![decode_resized(path, resize_target(side))?],
+            files_digest: None,
+        },
         labels: vec![0],
         paths: vec![path.to_path_buf()],
         classes: vec!["image".into()],

@@ -521,6 +521,68 @@ mod tests {
     }
 
     #[test]
+    fn the_draw_is_the_literal_draw_over_the_survivors() {
+        // The module's step 3 spelled out over `survivors`: weights exp(x - max) of the kept
+        // logits, the first index whose running sum passes u * total, else the last kept one.
+        let literal = |row: &[f64], u: f64, top_k: usize, top_p: f64| {
+            let keep = survivors(row, top_k, top_p);
+            let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = row
+                .iter()
+                .zip(&keep)
+                .map(|(&x, &k)| if k { (x - m).exp() } else { 0.0 })
+                .collect();
+            let target = u * w.iter().sum::<f64>();
+            let mut acc = 0.0;
+            for (i, &x) in w.iter().enumerate() {
+                acc += x;
+                if x > 0.0 && acc > target {
+                    return i as i64;
+                }
+            }
+            w.iter().rposition(|&x| x > 0.0).unwrap_or(0) as i64
+        };
+        let mut g = Generator::new(77);
+        // The evaluation filter on rows of a trained model's spread, small rows with many ties,
+        // and rows spread so wide that kept logits' weights underflow to 0.
+        for (rows, v, spread, top_k, top_p) in [
+            (16, 4096, 3.0, 900, 0.96),
+            (16, 4096, 3.0, 0, 0.5),
+            (64, 40, 0.25, 7, 0.9),
+            (64, 40, 0.25, 0, 1e-9),
+            (64, 40, 0.25, 0, 1.0),
+            (32, 64, 400.0, 20, 0.96),
+            (32, 64, 400.0, 0, 0.0),
+        ] {
+            let x: Vec<f64> = g
+                .normal(rows * v, 0.0, 1.0)
+                .into_iter()
+                .map(|y| {
+                    if spread < 1.0 {
+                        (y / spread).round() * spread
+                    } else {
+                        y * spread
+                    }
+                })
+                .collect();
+            let u = g.uniform(rows, 0.0, 1.0);
+            let t = Tensor::from_vec(x.clone(), [rows, v], &Device::Cpu).unwrap();
+            let got = sample_top_k_top_p(&t, &u, top_k, top_p)
+                .unwrap()
+                .to_vec::<i64>()
+                .unwrap();
+            for r in 0..rows {
+                let row = &x[r * v..(r + 1) * v];
+                assert_eq!(
+                    got[r],
+                    literal(row, u[r], top_k, top_p),
+                    "v {v} spread {spread} k {top_k} p {top_p} row {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn no_rows_give_no_tokens_and_an_empty_filter() {
         for v in [0, 5] {
             let t = Tensor::from_vec(Vec::<f32>::new(), [0, v], &Device::Cpu).unwrap();

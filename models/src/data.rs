@@ -637,6 +637,21 @@ impl ImageDataset {
         device: &Device,
         mut each: impl FnMut(&Tensor, &[usize]) -> Result<()>,
     ) -> Result<()> {
+        self.each_centre_batch_while(rows, batch, device, |x, chunk| {
+            each(x, chunk).map(|()| true)
+        })
+        .map(|_| ())
+    }
+
+    /// [`ImageDataset::each_centre_batch`] until `each` returns false (a pass that can be
+    /// interrupted between batches): whether every batch was done.
+    pub fn each_centre_batch_while(
+        &self,
+        rows: &[usize],
+        batch: usize,
+        device: &Device,
+        mut each: impl FnMut(&Tensor, &[usize]) -> Result<bool>,
+    ) -> Result<bool> {
         let chunks: Vec<&[usize]> = rows.chunks(batch.max(1)).collect();
         let mut ahead = DecodeAhead::new(self);
         // Centre crops without flips use none of this generator's draws.
@@ -646,9 +661,11 @@ impl ImageDataset {
             let (x, _) = self.batch_from(&decoded, Crop::Center, false, &mut unused, device)?;
             drop(decoded);
             let next = chunks.get(k + 1).map(|c| c.to_vec());
-            ahead.while_running(next, || each(&x, chunk))?;
+            if !ahead.while_running(next, || each(&x, chunk))? {
+                return Ok(false);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -393,27 +393,34 @@ pub fn tokenizer_dir(model_dir: &Path, info: &ModelInfo) -> std::path::PathBuf {
     }
 }
 
-/// Token maps of every image of a data set, centre-cropped and (when `flips`) mirrored too, a
-/// batch at a time: `each` gets the targets i64 [b, L] of each batch of images, in order, first
+/// Images the token cache's tokenizing pass ([`tokenize_each`]) takes at once.
+pub const TOKENIZE_BATCH: usize = 64;
+
+/// Token maps of every image of a data set, centre-cropped and (when `flips`) mirrored too,
+/// `batch` images at a time: `each` gets the targets i64 [b, L] of each batch of images, in order, first
 /// every image, then (with flips) every mirror, so that row N + i is image i mirrored. This is
 /// the official token cache (`main_cache.py`): the transformer then trains on tokens, not
 /// images; only one batch of images is held at a time (for a streamed data set, the next one is
-/// decoded while this one is tokenized).
+/// decoded while this one is tokenized). It starts at row `from_row` (0, or where an
+/// interrupted pass stopped) and stops when `each` returns false; whether it reached the last
+/// row. The batches start at multiples of `batch` in each pass, so a pass continued from such a
+/// row cuts the batches an uninterrupted one cuts.
 pub fn tokenize_each(
     vae: &VqVae,
     data: &ImageDataset,
     flips: bool,
+    from_row: usize,
+    batch: usize,
     device: &Device,
-    mut each: impl FnMut(&Tensor) -> Result<()>,
-) -> Result<()> {
+    mut each: impl FnMut(&Tensor) -> Result<bool>,
+) -> Result<bool> {
     let _ng = no_grad();
-    let idx: Vec<usize> = (0..data.len()).collect();
-    for flip in if flips {
-        vec![false, true]
-    } else {
-        vec![false]
-    } {
-        data.each_centre_batch(&idx, 64, device, |x, _| {
+    let n = data.len();
+    let passes: &[bool] = if flips { &[false, true] } else { &[false] };
+    for (pass, &flip) in passes.iter().enumerate() {
+        let start = from_row.saturating_sub(pass * n).min(n);
+        let idx: Vec<usize> = (start..n).collect();
+        let done = data.each_centre_batch_while(&idx, batch, device, |x, _| {
             let mirrored;
             let x = if flip {
                 mirrored = mirror(x)?;
@@ -425,8 +432,11 @@ pub fn tokenize_each(
             let refs: Vec<&Tensor> = maps.iter().collect();
             each(&ops::concat(&refs, 1)?)
         })?;
+        if !done {
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Images [B, 3, H, W] mirrored horizontally.

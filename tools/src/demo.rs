@@ -188,6 +188,16 @@ fn time_transformer_step(
     Ok(t.elapsed().as_secs_f64() / cycle as f64)
 }
 
+/// Whether Ctrl-C stopped the phase that just ended (it wrote its checkpoint): then the demo
+/// ends there rather than starting the next phase on an unfinished model.
+fn stopped() -> bool {
+    let stopped = crate::progress::interrupted();
+    if stopped {
+        println!("demo: stopped by Ctrl-C; run it again with the same flags to start over");
+    }
+    stopped
+}
+
 pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
     let tok_dir = args.out.join("tokenizer");
     let model_dir = args.out.join(if args.model == Kind::Mvar {
@@ -273,6 +283,9 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         plan.tokenizer_minutes, plan.note
     );
     crate::train_tokenizer::run(tok_args, device)?;
+    if stopped() {
+        return Ok(());
+    }
     println!(
         "== 2/5 {} ({:.1} min budget)",
         if args.model == Kind::Mvar {
@@ -283,6 +296,9 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         plan.transformer_minutes
     );
     crate::train::run(model_args, device)?;
+    if stopped() {
+        return Ok(());
+    }
     let classifier_dir = args.out.join("classifier");
     println!(
         "== 3/5 evaluation classifier ({:.1} min budget)",
@@ -311,6 +327,9 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         },
         device,
     )?;
+    if stopped() {
+        return Ok(());
+    }
     println!("== 4/5 evaluation");
     let report = crate::eval::evaluate(
         &EvalArgs {

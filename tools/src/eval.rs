@@ -220,14 +220,20 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
     }
 
     // Teacher-forced figures on the held-out token maps (no flips: the images as they are).
-    let (cache, _) = TokenCache::open_or_build(
+    let Some((cache, _)) = TokenCache::open_or_build(
         &tokenizer_dir(&args.ckpt, &info),
         &args.split,
         &vae,
         &val,
         false,
         device,
-    )?;
+    )?
+    else {
+        return Err(Error::invalid(
+            "mvar eval",
+            "interrupted while building the held-out token cache (the same command continues it)",
+        ));
+    };
     let HeldOut {
         scales,
         loss: val_loss,

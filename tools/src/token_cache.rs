@@ -14,10 +14,22 @@
 //! every step), so a row takes 4 bytes a token instead of 4 (1 + Cvae) (ImageNet at 256 px with
 //! flips: 7 GB instead of 230 GB). The file is written while the images are tokenized, a batch
 //! at a time, so neither the images nor the tokens of the whole data set are held in memory,
-//! to a temporary name and renamed, so an interrupted build never leaves a cache that looks
-//! complete; a cache whose size does not match its header, or of the earlier format, is rebuilt.
+//! under a partial name (`.<name>.partial`) that is renamed when every row is in, so a cache
+//! never looks complete before it is; a cache whose size does not match its header, or of the
+//! earlier format, is rebuilt.
+//!
+//! Building it can take hours (ImageNet's 2.56 M rows with mirrors), so an interrupted build
+//! (Ctrl-C, which stops it after the batch in hand; a crash; `kill -9`) is continued by the next
+//! one instead of begun again: the partial file is the cache's own layout, its rows in order,
+//! and a build that finds one with the same header and labels keeps its whole rows, back to the
+//! last batch boundary of its pass (so the batches, and the bytes, are those of an
+//! uninterrupted build), and tokenizes from there. The partial file is locked while it is
+//! written: a second process building the same cache waits for the first and then reads its
+//! cache (or continues its partial file, when the first was interrupted). Partial files of the
+//! split's earlier keys (another tokenizer, changed data) are removed when a build starts.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -57,6 +69,71 @@ struct HeldInputs {
     cvae: usize,
 }
 
+/// Where a build keeps its rows until every one is in: `.<name>.partial` beside the cache.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+/// The row a build continues from: 0 unless the partial `file` starts with this build's
+/// `prefix` (header and labels); then its whole rows (at most `rows`), back to the start of the
+/// batch of `batch` images (in its pass of `images` rows) that the last of them belongs to,
+/// unless every row is in.
+fn resume_row(
+    file: &File,
+    prefix: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    images: usize,
+    batch: usize,
+) -> std::io::Result<usize> {
+    let len = file.metadata()?.len() as usize;
+    if len < prefix.len() || row_bytes == 0 || images == 0 {
+        return Ok(0);
+    }
+    let mut head = vec![0u8; prefix.len()];
+    let mut reader = file;
+    reader.seek(SeekFrom::Start(0))?;
+    reader.read_exact(&mut head)?;
+    if head != prefix {
+        return Ok(0);
+    }
+    let whole = ((len - prefix.len()) / row_bytes).min(rows);
+    if whole == rows {
+        return Ok(rows);
+    }
+    let (pass, within) = (whole / images, whole % images);
+    Ok(pass * images + within / batch.max(1) * batch.max(1))
+}
+
+/// Removes the partial files of `split`'s other caches in `dir` (an earlier tokenizer or data
+/// set), unless a build holds them.
+fn remove_stale_partials(dir: &Path, split: &str, path: &Path) {
+    let ours = partial_path(path);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with(&format!(".{split}-")) && name.ends_with(".tokens.partial");
+        if !stale || entry.path() == ours {
+            continue;
+        }
+        if let Ok(f) = File::open(entry.path()) {
+            if f.try_lock().is_ok() {
+                eprintln!(
+                    "token cache: removing {} (an earlier cache's unfinished build)",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 fn read_or_empty(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_default()
 }
@@ -68,9 +145,11 @@ fn targets_offset(hlen: usize, rows: usize) -> usize {
 
 impl TokenCache {
     /// Opens the cache of (`tokenizer_dir`, `data`, `flips`), building it first when it is
-    /// missing, stale or damaged. Returns the cache and whether it was built now. When the
-    /// teacher-forcing inputs of all rows fit the memory budget of the data
-    /// (`MVAR_DATA_MEMORY_MB`), they are made now and held, else each batch makes its own.
+    /// missing, stale or damaged (continuing an interrupted build). Returns the cache and
+    /// whether it was built now, or None when Ctrl-C stopped the build (what was tokenized is
+    /// kept for the next one, which a line on stderr says). When the teacher-forcing inputs of
+    /// all rows fit the memory budget of the data (`MVAR_DATA_MEMORY_MB`), they are made now
+    /// and held, else each batch makes its own.
     pub fn open_or_build(
         tokenizer_dir: &Path,
         split: &str,
@@ -78,7 +157,7 @@ impl TokenCache {
         data: &ImageDataset,
         flips: bool,
         device: &Device,
-    ) -> Result<(TokenCache, bool)> {
+    ) -> Result<Option<(TokenCache, bool)>> {
         let budget = mvar_models::data::Loading::from_env()?.budget_bytes();
         let mut h = Fnv64::new();
         h.write(&read_or_empty(&tokenizer_dir.join("tokenizer.json")));
@@ -104,14 +183,33 @@ impl TokenCache {
             Some(c) => (c, false),
             None => {
                 std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-                Self::build(&path, &key, vae, data, flips, device)?;
+                remove_stale_partials(&dir, &safe_split, &path);
+                let complete = Self::build(
+                    &path,
+                    &key,
+                    vae,
+                    data,
+                    flips,
+                    device,
+                    crate::common::TOKENIZE_BATCH,
+                    |_| crate::progress::interrupted(),
+                )?;
+                if !complete {
+                    return Ok(None);
+                }
                 (Self::open(&path, &key)?, true)
             }
         };
         cache.hold_inputs_within(budget, vae, device)?;
-        Ok((cache, built))
+        Ok(Some((cache, built)))
     }
 
+    /// Tokenizes `data` into the cache file `path` (module docs), `batch` images at a time,
+    /// continuing a partial file of an interrupted build. `stop(rows)` is asked after each batch
+    /// with the rows now in the file; when it says yes, the file is synced and kept under its
+    /// partial name and the result is false. True: the cache is complete at `path` (built now,
+    /// or by another process this one waited for).
+    #[allow(clippy::too_many_arguments)]
     fn build(
         path: &Path,
         key: &str,
@@ -119,7 +217,9 @@ impl TokenCache {
         data: &ImageDataset,
         flips: bool,
         device: &Device,
-    ) -> Result<()> {
+        batch: usize,
+        mut stop: impl FnMut(usize) -> bool,
+    ) -> Result<bool> {
         let seq_len: usize = vae.config.v_patch_nums.iter().map(|p| p * p).sum();
         let passes = if flips { 2 } else { 1 };
         let rows = passes * data.len();
@@ -132,67 +232,121 @@ impl TokenCache {
             what: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        println!(
-            "token cache: tokenizing {rows} rows ({} images{}) into {}",
-            data.len(),
-            if flips { " and their mirrors" } else { "" },
-            path.display()
-        );
+        // Everything before the rows: magic, header, padding, labels.
+        let mut prefix = Vec::with_capacity(targets_offset(json.len(), rows));
+        prefix.extend_from_slice(MAGIC);
+        prefix.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        prefix.extend_from_slice(&json);
+        prefix.resize(targets_offset(json.len(), 0), 0);
+        for _ in 0..passes {
+            for i in 0..data.len() {
+                prefix.extend_from_slice(&(data.label(i) as i64).to_le_bytes());
+            }
+        }
+        let row_bytes = 4 * seq_len;
+        let partial = partial_path(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&partial)
+            .map_err(io(&partial))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                eprintln!(
+                    "token cache: another process is building {}; waiting for it",
+                    path.display()
+                );
+                file.lock().map_err(io(&partial))?;
+            }
+            Err(TryLockError::Error(e)) => return Err(io(&partial)(e)),
+        }
+        // A process this one waited for may have finished the cache.
+        if Self::open(path, key).is_ok() {
+            let _ = std::fs::remove_file(&partial);
+            return Ok(true);
+        }
+        let kept =
+            resume_row(&file, &prefix, row_bytes, rows, data.len(), batch).map_err(io(&partial))?;
+        let mut file = file;
+        if kept == 0 {
+            file.set_len(0).map_err(io(&partial))?;
+            file.seek(SeekFrom::Start(0)).map_err(io(&partial))?;
+            file.write_all(&prefix).map_err(io(&partial))?;
+            println!(
+                "token cache: tokenizing {rows} rows ({} images{}) into {}",
+                data.len(),
+                if flips { " and their mirrors" } else { "" },
+                path.display()
+            );
+        } else {
+            let end = (prefix.len() + kept * row_bytes) as u64;
+            file.set_len(end).map_err(io(&partial))?;
+            file.seek(SeekFrom::Start(end)).map_err(io(&partial))?;
+            println!(
+                "token cache: continuing {} from row {kept} of {rows}",
+                partial.display()
+            );
+        }
         let started = Instant::now();
         let mut reported = Instant::now();
-        // A per-process temporary name and a rename: concurrent builders of the same cache
-        // each publish a complete file.
-        mvar_models::checkpoint::write_atomic_with(path, |w| {
-            let put = |w: &mut dyn Write, bytes: &[u8]| w.write_all(bytes).map_err(io(path));
-            put(w, MAGIC)?;
-            put(w, &(json.len() as u64).to_le_bytes())?;
-            put(w, &json)?;
-            put(
-                w,
-                &vec![0u8; targets_offset(json.len(), 0) - 16 - json.len()],
-            )?;
-            for _ in 0..passes {
-                for i in 0..data.len() {
-                    put(w, &(data.label(i) as i64).to_le_bytes())?;
-                }
-            }
-            let mut written = 0usize;
-            crate::common::tokenize_each(vae, data, flips, device, |gt| {
-                if gt.dims() != [gt.dims()[0], seq_len] {
-                    return Err(Error::shape(
-                        "token cache",
-                        gt.shape().to_string(),
-                        format!("[B, {seq_len}]"),
-                    ));
-                }
-                let mut bytes = Vec::with_capacity(gt.elem_count() * 4);
-                for t in gt.to_vec::<i64>()? {
-                    let t = i32::try_from(t).map_err(|_| {
-                        Error::invalid("token cache", format!("token {t} does not fit in i32"))
-                    })?;
-                    bytes.extend_from_slice(&t.to_le_bytes());
-                }
-                put(w, &bytes)?;
-                written += gt.dims()[0];
-                if reported.elapsed().as_secs_f64() >= 10.0 {
-                    reported = Instant::now();
-                    let rate = written as f64 / started.elapsed().as_secs_f64();
-                    eprintln!(
-                        "token cache {}: {written} of {rows} rows ({rate:.0} images/s, about {:.0} s left)",
-                        path.display(),
-                        (rows - written) as f64 / rate.max(1e-9)
-                    );
-                }
-                Ok(())
-            })?;
-            if written != rows {
-                return Err(Error::invalid(
+        let mut written = kept;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        let complete = crate::common::tokenize_each(vae, data, flips, kept, batch, device, |gt| {
+            if gt.dims() != [gt.dims()[0], seq_len] {
+                return Err(Error::shape(
                     "token cache",
-                    format!("tokenized {written} rows; expected {rows}"),
+                    gt.shape().to_string(),
+                    format!("[B, {seq_len}]"),
                 ));
             }
-            Ok(())
-        })
+            let mut bytes = Vec::with_capacity(gt.elem_count() * 4);
+            for t in gt.to_vec::<i64>()? {
+                let t = i32::try_from(t).map_err(|_| {
+                    Error::invalid("token cache", format!("token {t} does not fit in i32"))
+                })?;
+                bytes.extend_from_slice(&t.to_le_bytes());
+            }
+            w.write_all(&bytes).map_err(io(&partial))?;
+            written += gt.dims()[0];
+            if reported.elapsed().as_secs_f64() >= 10.0 {
+                reported = Instant::now();
+                // What a crash would keep: the rows so far, on disk.
+                w.flush().map_err(io(&partial))?;
+                w.get_ref().sync_data().map_err(io(&partial))?;
+                let rate = (written - kept) as f64 / started.elapsed().as_secs_f64();
+                eprintln!(
+                    "token cache {}: {written} of {rows} rows ({rate:.0} images/s, about {:.0} s left)",
+                    path.display(),
+                    (rows - written) as f64 / rate.max(1e-9)
+                );
+            }
+            Ok(!stop(written))
+        })?;
+        w.flush().map_err(io(&partial))?;
+        drop(w);
+        file.sync_all().map_err(io(&partial))?;
+        if !complete {
+            eprintln!(
+                "token cache: stopped at row {written} of {rows}; {} keeps them, and the next run continues from there",
+                partial.display()
+            );
+            return Ok(false);
+        }
+        if written != rows {
+            return Err(Error::invalid(
+                "token cache",
+                format!("tokenized {written} rows; expected {rows}"),
+            ));
+        }
+        // Renamed while still locked: a process waiting for the lock then finds the cache.
+        std::fs::rename(&partial, path).map_err(io(path))?;
+        if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
+            let _ = dir.sync_all();
+        }
+        Ok(true)
     }
 
     fn open(path: &Path, key: &str) -> Result<TokenCache> {
@@ -410,9 +564,9 @@ mod tests {
         vae.save(&dir.join("tokenizer.safetensors")).unwrap();
         let dev = Device::Cpu;
         let mut parts = Vec::new();
-        crate::common::tokenize_each(&vae, &data, true, &dev, |gt| {
+        crate::common::tokenize_each(&vae, &data, true, 0, 64, &dev, |gt| {
             parts.push(gt.clone());
-            Ok(())
+            Ok(true)
         })
         .unwrap();
         let refs: Vec<&Tensor> = parts.iter().collect();
@@ -431,8 +585,9 @@ mod tests {
             .idx_to_var_input(&vae.img_to_idx(&images).unwrap())
             .unwrap();
         let labels: Vec<i64> = (0..12).map(|r| data.label(r % 6) as i64).collect();
-        let (cache, built) =
-            TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
+        let (cache, built) = TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev)
+            .unwrap()
+            .unwrap();
         assert!(built);
         assert_eq!(cache.len(), 12);
         let (g, x, l) = cache
@@ -464,7 +619,9 @@ mod tests {
         // Inputs held (they fit the default budget) or made per batch: the same values.
         assert!(cache.inputs.is_some());
         let (mut per_batch, built) =
-            TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
+            TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev)
+                .unwrap()
+                .unwrap();
         per_batch.hold_inputs_within(0, &vae, &dev).unwrap();
         assert!(!built && per_batch.inputs.is_none());
         let some = [7, 2, 0, 11, 7];
@@ -492,7 +649,9 @@ mod tests {
         assert!(e.contains("rows of 5 tokens"), "{e}");
         let path = cache.path().to_path_buf();
         drop(cache);
-        let (_, built) = TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
+        let (_, built) = TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev)
+            .unwrap()
+            .unwrap();
         assert!(!built, "an intact cache is reused");
         let len = std::fs::metadata(&path).unwrap().len();
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -500,8 +659,9 @@ mod tests {
         drop(f);
         let err = TokenCache::open(&path, "x").err().unwrap().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
-        let (again, built) =
-            TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
+        let (again, built) = TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev)
+            .unwrap()
+            .unwrap();
         assert!(built, "a truncated cache is rebuilt");
         assert_eq!(again.len(), 12);
         drop(again);
@@ -511,12 +671,14 @@ mod tests {
         std::fs::write(&path, v1).unwrap();
         let err = TokenCache::open(&path, "x").err().unwrap().to_string();
         assert!(err.contains("earlier format"), "{err}");
-        let (again, built) =
-            TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev).unwrap();
+        let (again, built) = TokenCache::open_or_build(&dir, "train", &vae, &data, true, &dev)
+            .unwrap()
+            .unwrap();
         assert!(built, "a first-format cache is rebuilt");
         assert_eq!(again.batch(&[3], &vae, &dev).unwrap().2, vec![labels[3]]);
-        let (_, built) =
-            TokenCache::open_or_build(&dir, "train", &vae, &data, false, &dev).unwrap();
+        let (_, built) = TokenCache::open_or_build(&dir, "train", &vae, &data, false, &dev)
+            .unwrap()
+            .unwrap();
         assert!(built, "another flip setting is another cache");
         // No temporary files left beside the caches.
         let names: Vec<String> = std::fs::read_dir(dir.join("cache"))
@@ -524,6 +686,113 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| n.ends_with(".tokens")), "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_interrupted_build_is_continued_to_the_same_file() {
+        let (vae, data) = tiny();
+        let dir = std::env::temp_dir().join(format!("mvar-tokresume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = Device::Cpu;
+        let build = |path: &Path, key: &str, batch: usize, stop_at: usize| {
+            TokenCache::build(path, key, &vae, &data, true, &dev, batch, |rows| {
+                rows >= stop_at
+            })
+            .unwrap()
+        };
+        // 12 rows (6 images and their mirrors), batches of 4 in each pass: 0-3, 4-5 | 6-9, 10-11.
+        let whole = dir.join("whole.tokens");
+        assert!(build(&whole, "k", 4, usize::MAX));
+        let want = std::fs::read(&whole).unwrap();
+        let row_bytes = 4 * 5;
+        let rows_at = want.len() - 12 * row_bytes;
+        let path = dir.join("train-k.tokens");
+        let partial = partial_path(&path);
+        // Stopped after the first batch (4 rows), then after the first of the mirrors' (10):
+        // each time the partial file holds the rows so far and no cache exists.
+        for (stop_at, rows_in) in [(1, 4), (7, 10)] {
+            assert!(!build(&path, "k", 4, stop_at));
+            assert!(!path.exists());
+            let got = std::fs::read(&partial).unwrap();
+            assert_eq!(
+                got,
+                want[..rows_at + rows_in * row_bytes],
+                "stopped at {stop_at}"
+            );
+        }
+        // A crash mid-write: a torn row, and rows past a batch boundary, are not trusted.
+        let mut torn = std::fs::read(&partial).unwrap();
+        torn.extend_from_slice(&[7; 13]);
+        std::fs::write(&partial, &torn).unwrap();
+        let file = File::open(&partial).unwrap();
+        let prefix = &want[..rows_at];
+        // 10 whole rows: the mirrors' batch 6-9 is whole, row 10 starts an unfinished batch.
+        assert_eq!(resume_row(&file, prefix, row_bytes, 12, 6, 4).unwrap(), 10);
+        assert_eq!(resume_row(&file, prefix, row_bytes, 12, 6, 3).unwrap(), 9);
+        let mut other_labels = prefix.to_vec();
+        other_labels[rows_at - 8] ^= 1;
+        assert_eq!(
+            resume_row(&file, &other_labels, row_bytes, 12, 6, 4).unwrap(),
+            0
+        );
+        drop(file);
+        assert!(build(&path, "k", 4, usize::MAX));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            want,
+            "continued = uninterrupted"
+        );
+        assert!(!partial.exists());
+        // A partial file of another header (another key) is begun again, not continued.
+        assert!(!build(&path.with_file_name("train-j.tokens"), "j", 4, 1));
+        let other = partial_path(&path.with_file_name("train-j.tokens"));
+        std::fs::rename(&other, &partial).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(build(&path, "k", 4, usize::MAX));
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        // A second builder waits for the one holding the partial file, then reads its cache.
+        std::fs::remove_file(&path).unwrap();
+        let holder = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&partial)
+            .unwrap();
+        holder.lock().unwrap();
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| build(&path, "k", 4, 1));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert!(
+                !waiting.is_finished(),
+                "the second builder waits for the lock"
+            );
+            // The first builder finishes: its cache in place, then the lock released.
+            std::fs::write(&path, &want).unwrap();
+            holder.unlock().unwrap();
+            assert!(
+                waiting.join().unwrap(),
+                "it found the first builder's cache"
+            );
+        });
+        assert!(!partial.exists());
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        // Through open_or_build: a partial file of the split's other key is removed when a
+        // build starts, and a finished cache stands.
+        let toks = dir.join("tok");
+        std::fs::create_dir_all(toks.join("cache")).unwrap();
+        vae.save(&toks.join("tokenizer.safetensors")).unwrap();
+        let stale = toks.join("cache/.train-0123456789abcdef.tokens.partial");
+        std::fs::write(&stale, b"unfinished").unwrap();
+        let keep = toks.join("cache/.test-0123456789abcdef.tokens.partial");
+        std::fs::write(&keep, b"another split's").unwrap();
+        let (cache, built) = TokenCache::open_or_build(&toks, "train", &vae, &data, true, &dev)
+            .unwrap()
+            .unwrap();
+        assert!(built && !stale.exists() && keep.exists());
+        let cached = std::fs::read(cache.path()).unwrap();
+        assert_eq!(cached[cached.len() - 12 * row_bytes..], want[rows_at..]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

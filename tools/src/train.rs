@@ -258,8 +258,12 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     let pns = vae.config.v_patch_nums.clone();
     let side = pns.last().copied().unwrap_or(1) * vae.config.downsample();
     let train = load_training_split(&args.data, &args.split, side, args.preprocess)?;
-    let (cache, built) =
-        TokenCache::open_or_build(&args.tokenizer, &args.split, &vae, &train, true, device)?;
+    let Some((cache, built)) =
+        TokenCache::open_or_build(&args.tokenizer, &args.split, &vae, &train, true, device)?
+    else {
+        // Ctrl-C: the rows tokenized so far are kept, and the same command continues them.
+        return Ok(());
+    };
     println!(
         "data: {} images of {} classes at {side}x{side}{}; {} token cache {} ({} sequences of {} tokens, with and without flips, {:.1}s)",
         train.len(),
@@ -276,6 +280,10 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
     } else {
         held_out_cache(&args, &vae, train.classes(), side, device)?
     };
+    if interrupted() {
+        // While the held-out cache was built (its rows so far are kept, as the training one's).
+        return Ok(());
+    }
     if args.early_stop > 0 && held_out.is_none() {
         return Err(Error::invalid(
             "mvar train",
@@ -750,8 +758,11 @@ fn held_out_cache(
             ),
         ));
     }
-    let (cache, _) =
-        TokenCache::open_or_build(&args.tokenizer, &args.val_split, vae, &val, false, device)?;
+    let Some((cache, _)) =
+        TokenCache::open_or_build(&args.tokenizer, &args.val_split, vae, &val, false, device)?
+    else {
+        return Ok(None);
+    };
     println!(
         "validation: {} of the {} held-out images of the {:?} split, before the first step, every {} steps and after the last, into val.jsonl{}",
         spread_rows(cache.len(), args.val_images).len(),

@@ -18,7 +18,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 pub const INTERRUPTED_EXIT: i32 = 130;
 
 /// Installs the Ctrl-C handler: the first Ctrl-C asks the step loop to write a checkpoint and
-/// stop; a second one exits at once.
+/// stop (a token cache build: to keep its rows for the next run); a second one exits at once.
 pub fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
@@ -26,7 +26,7 @@ pub fn install_interrupt_handler() {
             std::process::exit(INTERRUPTED_EXIT);
         }
         eprintln!(
-            "\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to exit now)"
+            "\ninterrupt: finishing the step or batch in hand and keeping what was done (Ctrl-C again to exit now)"
         );
     });
 }

@@ -309,12 +309,13 @@ impl TokenCache {
                 })?;
                 bytes.extend_from_slice(&t.to_le_bytes());
             }
+            // Each batch whole in the file (a killed process loses only the batch in hand),
+            // and on disk every 10 s (a machine that goes down loses at most those).
             w.write_all(&bytes).map_err(io(&partial))?;
+            w.flush().map_err(io(&partial))?;
             written += gt.dims()[0];
             if reported.elapsed().as_secs_f64() >= 10.0 {
                 reported = Instant::now();
-                // What a crash would keep: the rows so far, on disk.
-                w.flush().map_err(io(&partial))?;
                 w.get_ref().sync_data().map_err(io(&partial))?;
                 let rate = (written - kept) as f64 / started.elapsed().as_secs_f64();
                 eprintln!(

@@ -25,8 +25,9 @@
 //! last batch boundary of its pass (so the batches, and the bytes, are those of an
 //! uninterrupted build), and tokenizes from there. The partial file is locked while it is
 //! written: a second process building the same cache waits for the first and then reads its
-//! cache (or continues its partial file, when the first was interrupted). Partial files of the
-//! split's earlier keys (another tokenizer, changed data) are removed when a build starts.
+//! cache (or continues its partial file, when the first was interrupted). A build names the
+//! partial files of the split's other keys (another tokenizer, changed data) with their sizes,
+//! and leaves them.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -109,29 +110,27 @@ fn resume_row(
     Ok(pass * images + within / batch.max(1) * batch.max(1))
 }
 
-/// Removes the partial files of `split`'s other caches in `dir` (an earlier tokenizer or data
-/// set), unless a build holds them.
-fn remove_stale_partials(dir: &Path, split: &str, path: &Path) {
+/// The partial files of `split`'s other caches in `dir` (an unfinished build for an earlier
+/// state of the tokenizer or the data, or for another data set with this split's name), with
+/// their sizes: a build names them, since they can be gigabytes, but leaves them, since only the
+/// user knows whether that other build will be continued.
+fn other_partials(dir: &Path, split: &str, path: &Path) -> Vec<(PathBuf, u64)> {
     let ours = partial_path(path);
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let stale = name.starts_with(&format!(".{split}-")) && name.ends_with(".tokens.partial");
-        if !stale || entry.path() == ours {
-            continue;
-        }
-        if let Ok(f) = File::open(entry.path()) {
-            if f.try_lock().is_ok() {
-                eprintln!(
-                    "token cache: removing {} (an earlier cache's unfinished build)",
-                    entry.path().display()
-                );
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
+    let mut found: Vec<(PathBuf, u64)> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!(".{split}-"))
+                && name.ends_with(".tokens.partial")
+                && e.path() != ours
+        })
+        .map(|e| (e.path(), e.metadata().map_or(0, |m| m.len())))
+        .collect();
+    found.sort();
+    found
 }
 
 fn read_or_empty(path: &Path) -> Vec<u8> {
@@ -183,7 +182,13 @@ impl TokenCache {
             Some(c) => (c, false),
             None => {
                 std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-                remove_stale_partials(&dir, &safe_split, &path);
+                for (other, bytes) in other_partials(&dir, &safe_split, &path) {
+                    eprintln!(
+                        "token cache: {} ({:.1} MB) is an unfinished build of another cache of this split (an earlier tokenizer or data set); delete it if that build will not be continued",
+                        other.display(),
+                        bytes as f64 / 1e6
+                    );
+                }
                 let complete = Self::build(
                     &path,
                     &key,
@@ -779,8 +784,7 @@ mod tests {
         });
         assert!(!partial.exists());
         assert_eq!(std::fs::read(&path).unwrap(), want);
-        // Through open_or_build: a partial file of the split's other key is removed when a
-        // build starts, and a finished cache stands.
+        // Through open_or_build: a partial file of the split's other key is named, not removed.
         let toks = dir.join("tok");
         std::fs::create_dir_all(toks.join("cache")).unwrap();
         vae.save(&toks.join("tokenizer.safetensors")).unwrap();
@@ -791,7 +795,11 @@ mod tests {
         let (cache, built) = TokenCache::open_or_build(&toks, "train", &vae, &data, true, &dev)
             .unwrap()
             .unwrap();
-        assert!(built && !stale.exists() && keep.exists());
+        assert!(built && stale.exists() && keep.exists());
+        assert_eq!(
+            other_partials(&toks.join("cache"), "train", cache.path()),
+            vec![(stale.clone(), 10)]
+        );
         let cached = std::fs::read(cache.path()).unwrap();
         assert_eq!(cached[cached.len() - 12 * row_bytes..], want[rows_at..]);
         std::fs::remove_dir_all(&dir).unwrap();

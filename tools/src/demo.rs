@@ -331,7 +331,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         return Ok(());
     }
     println!("== 4/5 evaluation");
-    let report = crate::eval::evaluate(
+    let Some(report) = crate::eval::evaluate(
         &EvalArgs {
             ckpt: model_dir.clone(),
             classifier: Some(classifier_dir.clone()),
@@ -345,7 +345,11 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
             out: None,
         },
         device,
-    )?;
+    )?
+    else {
+        stopped();
+        return Ok(());
+    };
     println!("== 5/5 plots");
     let tok = smooth(&read_metric(&tok_dir.join("metrics.jsonl"), "loss"), 20);
     let info: crate::common::ModelInfo = crate::common::read_json(&model_dir.join("model.json"))?;

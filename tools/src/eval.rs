@@ -187,8 +187,9 @@ pub fn run(args: EvalArgs, device: &Device) -> Result<()> {
     evaluate(&args, device).map(|_| ())
 }
 
-/// Runs the evaluation, prints it and writes the JSON report; returns it.
-pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
+/// Runs the evaluation, prints it and writes the JSON report; returns it, or None when Ctrl-C
+/// stopped the held-out token cache's build (its rows so far are kept for the next run).
+pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<Option<EvalReport>> {
     const OP: &str = "mvar eval";
     if args.per_class == 0 {
         return Err(Error::invalid(OP, "--per-class 0"));
@@ -229,10 +230,7 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
         device,
     )?
     else {
-        return Err(Error::invalid(
-            "mvar eval",
-            "interrupted while building the held-out token cache (the same command continues it)",
-        ));
+        return Ok(None);
     };
     let HeldOut {
         scales,
@@ -313,7 +311,7 @@ pub fn evaluate(args: &EvalArgs, device: &Device) -> Result<EvalReport> {
         out.display(),
         t0.elapsed().as_secs_f64()
     );
-    Ok(report)
+    Ok(Some(report))
 }
 
 fn sample_quality(

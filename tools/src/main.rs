@@ -108,12 +108,7 @@ fn main() {
     }
     if let Err(e) = result {
         eprintln!("error: {e}");
-        // An error after Ctrl-C (a pass that was stopped) exits as the interrupt does.
-        std::process::exit(if progress::interrupted() {
-            progress::INTERRUPTED_EXIT
-        } else {
-            1
-        });
+        std::process::exit(1);
     }
     if progress::interrupted() {
         std::process::exit(progress::INTERRUPTED_EXIT);

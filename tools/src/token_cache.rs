@@ -561,12 +561,18 @@ mod tests {
         (vae, data)
     }
 
+    /// An empty folder of this test process's own under the temporary directory.
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mvar-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn cache_round_trips_and_rebuilds_when_damaged() {
         let (vae, data) = tiny();
-        let dir = std::env::temp_dir().join(format!("mvar-tokcache-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("tokcache");
         vae.save(&dir.join("tokenizer.safetensors")).unwrap();
         let dev = Device::Cpu;
         let mut parts = Vec::new();
@@ -698,9 +704,7 @@ mod tests {
     #[test]
     fn an_interrupted_build_is_continued_to_the_same_file() {
         let (vae, data) = tiny();
-        let dir = std::env::temp_dir().join(format!("mvar-tokresume-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("tokresume");
         let dev = Device::Cpu;
         let build = |path: &Path, key: &str, batch: usize, stop_at: usize| {
             TokenCache::build(path, key, &vae, &data, true, &dev, batch, |rows| {

@@ -848,6 +848,31 @@ pub fn save_rgb8_png(path: &Path, rgb: &[u8], h: usize, w: usize) -> Result<()> 
     crate::checkpoint::write_atomic(path, &bytes)
 }
 
+/// [`save_rgb8_png`] of `paths.len()` images of h x w held one after the other in `rgb`, encoded
+/// and written in parallel (a sampled batch: each PNG's encoding and fsync are its own); an
+/// error names the first image, in order, that could not be written.
+pub fn save_rgb8_pngs(paths: &[PathBuf], rgb: &[u8], h: usize, w: usize) -> Result<()> {
+    let per_image = 3 * h * w;
+    if rgb.len() != paths.len() * per_image {
+        return Err(Error::invalid(
+            "save_png",
+            format!(
+                "{} bytes for {} images of {h}x{w}: expected {}",
+                rgb.len(),
+                paths.len(),
+                paths.len() * per_image
+            ),
+        ));
+    }
+    paths
+        .par_iter()
+        .enumerate()
+        .map(|(j, path)| save_rgb8_png(path, &rgb[j * per_image..(j + 1) * per_image], h, w))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Tiles images [N, 3, S, S] in [-1, 1] into a grid of `cols` columns (1-pixel gaps), as
 /// (CHW pixels, height, width), for [`save_png`].
 pub fn grid(images: &Tensor, cols: usize) -> Result<(Vec<f32>, usize, usize)> {
@@ -1285,5 +1310,37 @@ mod tests {
         let back = image::open(&path).unwrap().to_rgb8();
         assert_eq!(back.dimensions(), (11, 11));
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_batch_of_pngs_is_written_in_parallel_image_by_image() {
+        let dir = std::env::temp_dir().join(format!("mvar-pngs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (n, h, w) = (5, 3, 4);
+        let rgb: Vec<u8> = (0..n * 3 * h * w).map(|i| (i * 7 % 251) as u8).collect();
+        let paths: Vec<PathBuf> = (0..n).map(|j| dir.join(format!("{j}.png"))).collect();
+        save_rgb8_pngs(&paths, &rgb, h, w).unwrap();
+        for (j, path) in paths.iter().enumerate() {
+            let back = image::open(path).unwrap().to_rgb8();
+            assert_eq!(back.dimensions(), (w as u32, h as u32));
+            assert_eq!(back.as_raw()[..], rgb[j * 3 * h * w..(j + 1) * 3 * h * w]);
+        }
+        let e = save_rgb8_pngs(&paths[..4], &rgb, h, w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("for 4 images of 3x4"), "{e}");
+        // A path that cannot be written (its folder is a file) is an error naming it.
+        let blocked: Vec<PathBuf> = (0..n)
+            .map(|j| match j {
+                2 | 4 => dir.join("0.png").join(format!("{j}.png")),
+                _ => dir.join(format!("again-{j}.png")),
+            })
+            .collect();
+        let e = save_rgb8_pngs(&blocked, &rgb, h, w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&dir.join("0.png").display().to_string()), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

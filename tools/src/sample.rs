@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use mvar_engine::{Device, Error, Generator, Result, Tensor};
-use mvar_models::data::{grid, rgb8_from_chw, save_png, save_rgb8_png};
+use mvar_models::data::{grid, rgb8_from_chw, save_png, save_rgb8_pngs};
 use mvar_models::npz::NpzImageWriter;
 use mvar_models::trainer::ArModel;
 use mvar_models::{SampleConfig, SampleOutput, VqVae};
@@ -317,16 +317,19 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<()> {
             let imgs = vae.fhat_to_img(&out.f_hat)?.to_device(&Device::Cpu)?;
             let rgb = rgb8_from_chw(&imgs.to_vec_f32()?, side, side);
             if pngs {
-                for (j, &label) in chunk.iter().enumerate() {
-                    let name = info
-                        .classes
-                        .get(label as usize)
-                        .cloned()
-                        .unwrap_or_else(|| label.to_string());
-                    let path = args.out.join(format!("{:04}-{name}.png", done + j));
-                    let pixels = &rgb[j * 3 * side * side..(j + 1) * 3 * side * side];
-                    save_rgb8_png(&path, pixels, side, side)?;
-                }
+                let paths: Vec<PathBuf> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &label)| {
+                        let name = info
+                            .classes
+                            .get(label as usize)
+                            .cloned()
+                            .unwrap_or_else(|| label.to_string());
+                        args.out.join(format!("{:04}-{name}.png", done + j))
+                    })
+                    .collect();
+                save_rgb8_pngs(&paths, &rgb, side, side)?;
             }
             if let Some(w) = npz.as_mut() {
                 w.append(&rgb)?;

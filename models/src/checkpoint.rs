@@ -95,25 +95,14 @@ pub fn parse_safetensors(bytes: &[u8]) -> std::result::Result<BTreeMap<String, T
     Ok(out)
 }
 
-fn to_bytes(t: &Tensor) -> Result<(StDtype, Vec<u8>)> {
+/// A tensor's data as little-endian bytes on the host (its safetensors dtype: [`st_dtype`]).
+fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match t.to_cpu_storage()? {
-        CpuStorage::F32(v) => (
-            StDtype::F32,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        CpuStorage::F64(v) => (
-            StDtype::F64,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        CpuStorage::BF16(v) => (
-            StDtype::BF16,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        CpuStorage::I64(v) => (
-            StDtype::I64,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        CpuStorage::U8(v) => (StDtype::U8, v),
+        CpuStorage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        CpuStorage::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        CpuStorage::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        CpuStorage::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        CpuStorage::U8(v) => v,
     })
 }
 
@@ -126,7 +115,7 @@ fn serialize(
 ) -> Result<Vec<u8>> {
     let owned: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, t)| to_bytes(t).map(|(d, b)| (n.clone(), d, t.dims().to_vec(), b)))
+        .map(|(n, t)| to_bytes(t).map(|b| (n.clone(), st_dtype(t.dtype()), t.dims().to_vec(), b)))
         .collect::<Result<_>>()?;
     use safetensors::tensor::TensorView;
     let views: Vec<(String, TensorView<'_>)> = owned
@@ -201,7 +190,7 @@ pub fn write_safetensors(
         w.write_all(&header).map_err(|e| io_err(path, e))?;
         for i in order {
             let (name, t) = &tensors[i];
-            let (_, bytes) = to_bytes(t)?;
+            let bytes = to_bytes(t)?;
             if bytes.len() != t.elem_count() * t.dtype().size_in_bytes() {
                 return Err(Error::invalid(
                     "write_safetensors",

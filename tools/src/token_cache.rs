@@ -266,7 +266,12 @@ impl TokenCache {
                 );
                 file.lock().map_err(io(&partial))?;
             }
-            Err(TryLockError::Error(e)) => return Err(io(&partial)(e)),
+            // A file system without locks (some network ones): the build goes on unlocked, as
+            // builds did before there was a lock.
+            Err(TryLockError::Error(e)) => eprintln!(
+                "token cache: cannot lock {} ({e}); building it unlocked (do not build this cache from two processes at once)",
+                partial.display()
+            ),
         }
         // A process this one waited for may have finished the cache.
         if Self::open(path, key).is_ok() {

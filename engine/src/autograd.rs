@@ -14,6 +14,13 @@
 //!   are freed during the backward pass, not at its end; running backward twice through one graph
 //!   is therefore an error that says so.
 //! - Backward rules run in no-grad mode: gradients are not themselves differentiable.
+//! - A node recorded with a [`GradBand`] (narrow, and so split) says that its output is a band of
+//!   its input along one axis. Its gradient is held back as that band instead of being padded
+//!   with zeros to the input's size; when the input's own node is reached, bands that tile the
+//!   input exactly (q, k and v split from one qkv tensor) become one concatenation, and any other
+//!   bands are padded by their own backward and added as before. The sum is the same either way
+//!   (a band's gradient plus zeros elsewhere), without two full-size zero fills and adds per
+//!   split.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -58,6 +65,99 @@ pub(crate) struct Node {
     op: &'static str,
     inputs: Vec<Option<(GradEdge, Shape, DType)>>,
     backward: Mutex<Option<Box<dyn Backward>>>,
+    band: Option<GradBand>,
+    /// The shape of the node's output (of the gradient it receives).
+    out_shape: Shape,
+}
+
+/// A node's output is `input[.., start..start + len, ..]` along `axis` of its one input (see
+/// [`Tensor::record_band`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradBand {
+    pub axis: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// The gradient gathered for a node before it runs: a full-size sum and the bands held back.
+#[derive(Default)]
+struct Pending {
+    sum: Option<Tensor>,
+    bands: Vec<HeldBand>,
+}
+
+/// A band node's gradient, with its backward (the zero padding) in case the bands do not tile.
+struct HeldBand {
+    band: GradBand,
+    grad: Tensor,
+    backward: Box<dyn Backward>,
+    /// The band node's op and the dtype of its input (which its padded gradient must have).
+    op: &'static str,
+    dtype: DType,
+}
+
+impl Pending {
+    fn add(&mut self, g: Tensor) -> Result<()> {
+        self.sum = Some(match self.sum.take() {
+            Some(old) => old.add_same_shape(&g)?,
+            None => g,
+        });
+        Ok(())
+    }
+
+    /// The whole gradient of a tensor of `shape`: the bands, concatenated when they tile it
+    /// along one axis (else each padded by its backward), plus the full-size sum.
+    fn resolve(mut self, shape: &Shape) -> Result<Option<Tensor>> {
+        if self.bands.is_empty() {
+            return Ok(self.sum);
+        }
+        self.bands.sort_by_key(|b| (b.band.axis, b.band.start));
+        let axis = self.bands[0].band.axis;
+        let mut end = 0;
+        let tiles = self.bands.iter().all(|b| {
+            let mut part = shape.dims().to_vec();
+            let fits = b.band.axis == axis
+                && b.grad.dtype() == b.dtype
+                && axis < part.len()
+                && b.band.start == end
+                && b.grad.dims().len() == part.len()
+                && {
+                    part[axis] = b.band.len;
+                    b.grad.dims() == part.as_slice()
+                };
+            end += b.band.len;
+            fits
+        }) && shape.dims().get(axis) == Some(&end);
+        if tiles {
+            let parts: Vec<&Tensor> = self.bands.iter().map(|b| &b.grad).collect();
+            let whole = Tensor::concat_for_grad(&parts, axis)?;
+            self.add(whole)?;
+            return Ok(self.sum);
+        }
+        for held in std::mem::take(&mut self.bands) {
+            let padded = held.backward.backward(&held.grad)?;
+            let [g] = <[Option<Tensor>; 1]>::try_from(padded).map_err(|v| {
+                Error::Autograd(format!(
+                    "`{}` backward returned {} gradients for its one input",
+                    held.op,
+                    v.len()
+                ))
+            })?;
+            let Some(g) = g else { continue };
+            if g.shape() != shape || g.dtype() != held.dtype {
+                return Err(Error::Autograd(format!(
+                    "`{}` backward gave its input a gradient of shape {} {}; expected {} {}",
+                    held.op,
+                    g.shape(),
+                    g.dtype(),
+                    shape,
+                    held.dtype
+                )));
+            }
+            self.add(g)?;
+        }
+        Ok(self.sum)
+    }
 }
 
 /// Dropping a long chain of nodes recursively would overflow the stack (a transformer's graph is
@@ -148,7 +248,24 @@ impl Tensor {
         if !is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
             return out;
         }
-        attach_node(&out, op, inputs, Box::new(make_backward()))
+        attach_node(&out, op, inputs, Box::new(make_backward()), None)
+    }
+
+    /// [`Tensor::record`] for an op whose output is `band` of its one `input` (narrow): the
+    /// tape may hold its gradient back as that band and concatenate it with the input's other
+    /// bands instead of running `make_backward`'s (which must pad the band with zeros to the
+    /// input's shape, and is run when the bands do not tile the input).
+    pub fn record_band<B: Backward + 'static>(
+        out: Tensor,
+        op: &'static str,
+        input: &Tensor,
+        band: GradBand,
+        make_backward: impl FnOnce() -> B,
+    ) -> Tensor {
+        if !is_grad_enabled() || !input.requires_grad() {
+            return out;
+        }
+        attach_node(&out, op, &[input], Box::new(make_backward()), Some(band))
     }
 
     /// Back-propagates from this one-element tensor into every leaf that requires grad.
@@ -187,11 +304,14 @@ impl Tensor {
         let _phase = crate::profile::backward_phase();
         let _span = crate::profile::span(|| "backward".into());
         let order = topological_order(&root);
-        let mut pending: HashMap<u64, Tensor> = HashMap::new();
-        pending.insert(root.id, grad);
+        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        pending.entry(root.id).or_default().add(grad)?;
         for node in order {
             // A node that no gradient reached (its consumers all returned None) has nothing to do.
-            let Some(g) = pending.remove(&node.id) else {
+            let Some(p) = pending.remove(&node.id) else {
+                continue;
+            };
+            let Some(g) = p.resolve(&node.out_shape)? else {
                 continue;
             };
             let backward = node
@@ -206,6 +326,19 @@ impl Tensor {
                         node.op
                     ))
                 })?;
+            // A band of a node's output: held back for that node (see the module's rules).
+            if let (Some(band), [Some((GradEdge::Node(target), _, dtype))]) =
+                (node.band, node.inputs.as_slice())
+            {
+                pending.entry(target.id).or_default().bands.push(HeldBand {
+                    band,
+                    grad: g,
+                    backward,
+                    op: node.op,
+                    dtype: *dtype,
+                });
+                continue;
+            }
             let grads = backward.backward(&g)?;
             if grads.len() != node.inputs.len() {
                 return Err(Error::Autograd(format!(
@@ -231,13 +364,7 @@ impl Tensor {
                 }
                 match edge {
                     GradEdge::Leaf(leaf) => leaf.accumulate(g)?,
-                    GradEdge::Node(n) => {
-                        let merged = match pending.remove(&n.id) {
-                            Some(old) => old.add_same_shape(&g)?,
-                            None => g,
-                        };
-                        pending.insert(n.id, merged);
-                    }
+                    GradEdge::Node(n) => pending.entry(n.id).or_default().add(g)?,
                 }
             }
         }
@@ -321,7 +448,13 @@ where
             .map(|(t, &w)| if w { t.grad() } else { None })
             .collect())
     };
-    Ok(attach_node(&out, "recomputed", inputs, Box::new(backward)))
+    Ok(attach_node(
+        &out,
+        "recomputed",
+        inputs,
+        Box::new(backward),
+        None,
+    ))
 }
 
 /// `out` as the output of a new node `op` over `inputs` (one edge per input) with `backward`.
@@ -330,6 +463,7 @@ fn attach_node(
     op: &'static str,
     inputs: &[&Tensor],
     backward: Box<dyn Backward>,
+    band: Option<GradBand>,
 ) -> Tensor {
     let edges = inputs
         .iter()
@@ -340,6 +474,8 @@ fn attach_node(
         op,
         inputs: edges,
         backward: Mutex::new(Some(backward)),
+        band,
+        out_shape: out.shape().clone(),
     };
     out.with_grad_edge(GradEdge::Node(Arc::new(node)))
 }

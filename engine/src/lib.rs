@@ -18,7 +18,9 @@ mod storage;
 mod tensor;
 
 pub use autocast::{autocast, autocast_dtype, AutocastGuard};
-pub use autograd::{is_grad_enabled, no_grad, recomputed, with_no_grad, Backward, NoGradGuard};
+pub use autograd::{
+    is_grad_enabled, no_grad, recomputed, with_no_grad, Backward, GradBand, NoGradGuard,
+};
 pub use device::Device;
 pub use dtype::{exp_f32, tanh_f32, DType, Float, WithDType};
 pub use error::{Error, Result};

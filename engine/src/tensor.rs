@@ -635,6 +635,87 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// `parts` (one dtype and device, equal but for `axis`) concatenated along `axis`: how the
+    /// tape joins the gradients of bands that tile a tensor (see [`crate::GradBand`]), which is
+    /// why it lives here and not with the concat op.
+    pub(crate) fn concat_for_grad(parts: &[&Tensor], axis: usize) -> Result<Tensor> {
+        let first = parts[0];
+        let mut dims = first.dims().to_vec();
+        dims[axis] = parts.iter().map(|p| p.dims()[axis]).sum();
+        let shape = Shape::new(dims);
+        let _profile = crate::profile::scope("concat", || {
+            parts
+                .iter()
+                .map(|p| p.shape().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
+        let (outer, _, inner) = first.shape().split_at_axis(axis);
+        let sizes: Vec<usize> = parts.iter().map(|p| p.dims()[axis]).collect();
+        let storages: Vec<_> = parts.iter().map(|p| p.storage()).collect();
+        let joined = match first.device() {
+            Device::Cpu => {
+                let cpu: Vec<&CpuStorage> = storages
+                    .iter()
+                    .map(|s| match &**s {
+                        Storage::Cpu(c) => Ok(c),
+                        _ => Err(cuda_on_cpu("concat")),
+                    })
+                    .collect::<Result<_>>()?;
+                fn join<T: Copy + Send + Sync>(
+                    xs: &[&[T]],
+                    outer: usize,
+                    sizes: &[usize],
+                    inner: usize,
+                ) -> Vec<T> {
+                    let total: usize = sizes.iter().sum();
+                    let mut out = Vec::with_capacity(outer * total * inner);
+                    for o in 0..outer {
+                        for (x, &n) in xs.iter().zip(sizes) {
+                            out.extend_from_slice(&x[o * n * inner..(o + 1) * n * inner]);
+                        }
+                    }
+                    out
+                }
+                macro_rules! join_as {
+                    ($variant:ident) => {{
+                        let xs: Vec<&[_]> = cpu
+                            .iter()
+                            .map(|c| match c {
+                                CpuStorage::$variant(v) => Ok(v.as_slice()),
+                                other => Err(Error::dtype("concat", other.dtype(), "one dtype")),
+                            })
+                            .collect::<Result<_>>()?;
+                        CpuStorage::$variant(join(&xs, outer, &sizes, inner))
+                    }};
+                }
+                Storage::Cpu(match cpu[0] {
+                    CpuStorage::F32(_) => join_as!(F32),
+                    CpuStorage::BF16(_) => join_as!(BF16),
+                    CpuStorage::F64(_) => join_as!(F64),
+                    CpuStorage::I64(_) => join_as!(I64),
+                    CpuStorage::U8(_) => join_as!(U8),
+                })
+            }
+            Device::Cuda(dev) => {
+                let bufs: Vec<&mvar_cuda::CudaBuffer> = storages
+                    .iter()
+                    .map(|s| match &**s {
+                        Storage::Cuda(b) => Ok(b),
+                        _ => Err(cuda_on_cpu("concat")),
+                    })
+                    .collect::<Result<_>>()?;
+                Storage::Cuda(mvar_cuda::ops::index::concat(
+                    dev, &bufs, outer, &sizes, inner,
+                )?)
+            }
+        };
+        drop(storages);
+        Tensor::from_storage(joined, shape, first.device())
+    }
+}
+
 fn zip_add<T: Copy + std::ops::Add<Output = T> + Send + Sync>(x: &[T], y: &[T]) -> Vec<T> {
     use rayon::prelude::*;
     if x.len() >= crate::cpu::PARALLEL_MIN_ELEMS {

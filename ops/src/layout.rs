@@ -5,7 +5,7 @@
 //! in the engine.
 
 use mvar_engine::cuda::ops::index as cu;
-use mvar_engine::{Error, Result, Shape, Tensor, WithDType};
+use mvar_engine::{Error, GradBand, Result, Shape, Tensor, WithDType};
 
 use crate::util::{copy_op, out_tensor, same_device, strided_copy, CopyKernel};
 
@@ -140,22 +140,35 @@ pub fn narrow(x: &Tensor, axis: isize, start: usize, len: usize) -> Result<Tenso
     })?;
     let out = out_tensor(out, out_dims, x.device())?;
     let in_shape = x.shape().clone();
-    Ok(Tensor::record(out, "narrow", &[x], move || {
-        move |g: &Tensor| {
-            let k = Band {
-                outer,
-                n,
-                inner,
-                start,
-                len,
-                extract: false,
-            };
-            let dx = copy_op("narrow", &[g], &k, |dev, b| {
-                Ok(vec![cu::narrow_backward(dev, b[0], band)?])
-            })?;
-            Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
-        }
-    }))
+    // The gradient is this band of x's: the tape may join it with x's other bands (a split's)
+    // instead of padding it with zeros here.
+    let grad_band = GradBand {
+        axis: ax,
+        start,
+        len,
+    };
+    Ok(Tensor::record_band(
+        out,
+        "narrow",
+        x,
+        grad_band,
+        move || {
+            move |g: &Tensor| {
+                let k = Band {
+                    outer,
+                    n,
+                    inner,
+                    start,
+                    len,
+                    extract: false,
+                };
+                let dx = copy_op("narrow", &[g], &k, |dev, b| {
+                    Ok(vec![cu::narrow_backward(dev, b[0], band)?])
+                })?;
+                Ok(vec![Some(out_tensor(dx, in_shape, g.device())?)])
+            }
+        },
+    ))
 }
 
 struct Concat {

@@ -478,3 +478,99 @@ fn recomputed_runs_again_under_the_autocast_state_of_its_forward() {
     );
     assert_eq!(x.grad().unwrap().to_vec::<f32>().unwrap(), vec![2.0, 4.0]);
 }
+
+/// `x[.., start..start + len, ..]` along `axis` through index_select, whose backward (a
+/// scatter-add into zeros) is not the tape's band path: the oracle for the narrows below.
+fn band_by_index(x: &Tensor, axis: usize, start: usize, len: usize) -> Tensor {
+    let idx: Vec<i64> = (start as i64..(start + len) as i64).collect();
+    let idx = Tensor::from_vec(idx, len, &Device::Cpu).unwrap();
+    ops::index_select(x, axis as isize, &idx).unwrap()
+}
+
+/// Gradients through narrows and splits of a computed tensor (so that the tape holds their
+/// gradients back as bands of its node's): bands that tile it (concatenated), with a full-size
+/// path beside them, with a gap (a part the loss does not use), overlapping, on two axes, a
+/// narrow of a narrow, and the attention's qkv split after a permute; in f64 and bf16. Each
+/// against the same graph with the bands taken by index_select.
+#[test]
+fn band_gradients_equal_the_padded_sum_however_the_bands_fall() {
+    type Bands = &'static [(usize, usize, usize)];
+    // (axis, start, len) of each band of y = 2 x, x of shape [4, 6, 3].
+    let cases: [(&str, Bands, bool); 7] = [
+        ("tiling", &[(1, 0, 2), (1, 2, 3), (1, 5, 1)], false),
+        ("tiling beside a full path", &[(1, 2, 4), (1, 0, 2)], true),
+        ("a gap", &[(1, 0, 2), (1, 5, 1)], false),
+        ("overlapping", &[(1, 0, 4), (1, 2, 4)], true),
+        ("two axes", &[(0, 0, 2), (1, 3, 3), (0, 2, 2)], false),
+        ("one band of all", &[(2, 0, 3)], false),
+        (
+            "repeated band",
+            &[(0, 1, 2), (0, 1, 2), (0, 0, 1), (0, 3, 1)],
+            false,
+        ),
+    ];
+    for dtype in [DType::F64, DType::BF16] {
+        for (what, bands, full_path) in cases {
+            let run = |by_index: bool| -> Vec<f64> {
+                let vals: Vec<f64> = (0..72).map(|i| ((i * 7) % 11) as f64 - 5.0).collect();
+                let x = t(&vals, &[4, 6, 3])
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .with_grad()
+                    .unwrap();
+                let y = ops::mul_scalar(&x, 2.0).unwrap();
+                let mut loss = if full_path {
+                    ops::sum_all(&ops::square(&y).unwrap()).unwrap()
+                } else {
+                    ops::sum_all(&ops::mul_scalar(&y, 0.0).unwrap()).unwrap()
+                };
+                for (i, &(axis, start, len)) in bands.iter().enumerate() {
+                    let part = if by_index {
+                        band_by_index(&y, axis, start, len)
+                    } else {
+                        ops::narrow(&y, axis as isize, start, len).unwrap()
+                    };
+                    let weights: Vec<f64> = (0..part.elem_count())
+                        .map(|k| ((k + i) % 5) as f64 - 2.0)
+                        .collect();
+                    let w = t(&weights, part.dims()).to_dtype(dtype).unwrap();
+                    let term = ops::sum_all(&part.mul(&w).unwrap()).unwrap();
+                    loss = loss.add(&term).unwrap();
+                }
+                loss.backward().unwrap();
+                let g = x.grad().unwrap();
+                assert_eq!(g.dtype(), dtype, "{what}");
+                g.to_vec_f64().unwrap()
+            };
+            assert_eq!(run(false), run(true), "{what} ({dtype:?})");
+        }
+    }
+
+    // A narrow of a narrow, and q, k, v split from one tensor after a permute, as attention
+    // does: [B, T, 3, H, D] -> [3, B, H, T, D] -> three [1, B, H, T, D].
+    let vals: Vec<f64> = (0..2 * 5 * 3 * 2 * 4)
+        .map(|i| ((i * 5) % 13) as f64 / 4.0 - 1.5)
+        .collect();
+    let run = |by_index: bool| -> Vec<f64> {
+        let x = t(&vals, &[2, 5, 3, 2, 4]).with_grad().unwrap();
+        let qkv = ops::permute(&ops::mul_scalar(&x, 3.0).unwrap(), &[2, 0, 3, 1, 4]).unwrap();
+        let parts: Vec<Tensor> = if by_index {
+            (0..3).map(|i| band_by_index(&qkv, 0, i, 1)).collect()
+        } else {
+            ops::split(&qkv, &[1, 1, 1], 0).unwrap()
+        };
+        let (q, k, v) = (&parts[0], &parts[1], &parts[2]);
+        let inner = if by_index {
+            band_by_index(&band_by_index(v, 4, 1, 3), 4, 1, 1)
+        } else {
+            ops::narrow(&ops::narrow(v, 4, 1, 3).unwrap(), 4, 1, 1).unwrap()
+        };
+        let loss = ops::sum_all(&q.mul(k).unwrap().add(&ops::square(v).unwrap()).unwrap())
+            .unwrap()
+            .add(&ops::sum_all(&ops::mul_scalar(&inner, 7.0).unwrap()).unwrap())
+            .unwrap();
+        loss.backward().unwrap();
+        x.grad().unwrap().to_vec_f64().unwrap()
+    };
+    assert_eq!(run(false), run(true), "qkv split");
+}

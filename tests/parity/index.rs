@@ -110,6 +110,28 @@ proptest! {
             },
             &[randn(&s, seed ^ 7)],
         )?;
+        // Split from a computed tensor: the tape joins the parts' gradients (bands that tile
+        // it) by a concatenation on the device; and overlapping narrows of one, whose padded
+        // gradients it adds.
+        parity(
+            "split of a computed tensor",
+            |_, x| {
+                let y = ops::mul_scalar(&x[0], 2.0)?;
+                let parts = ops::split(&y, &sizes, ax as isize)?;
+                ops::concat(&[&parts[1], &y, &parts[0]], ax as isize)
+            },
+            &[randn(&s, seed ^ 8)],
+        )?;
+        parity(
+            "overlapping narrows of a computed tensor",
+            |_, x| {
+                let y = ops::mul_scalar(&x[0], 2.0)?;
+                let a = ops::narrow(&y, ax as isize, 0, n - n / 3)?;
+                let b = ops::narrow(&y, ax as isize, n / 3, n - n / 3)?;
+                ops::concat(&[&a, &b], ax as isize)
+            },
+            &[randn(&s, seed ^ 9)],
+        )?;
     }
 
     #[test]

@@ -589,6 +589,9 @@ impl Tensor {
                 "two tensors of one shape, dtype and device",
             ));
         }
+        let _profile = crate::profile::scope("gradient sum", || {
+            format!("{} {}", self.shape(), other.shape())
+        });
         let (a, b) = (self.storage(), other.storage());
         let sum = match (&*a, &*b) {
             (Storage::Cpu(x), Storage::Cpu(y)) => match (x, y) {

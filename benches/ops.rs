@@ -491,6 +491,30 @@ fn layout(c: &mut Criterion) {
                 });
             }
         }
+        if d.is_cpu() {
+            // MVAR-d4's qkv split at batch 32 (255 tokens): one part cut out of the permuted
+            // qkv tensor, and the three parts' gradients joined back (the tape's concat).
+            let qkv4 = randn(&[3, 32, 4, 255, 64], DType::F32, &d, 6);
+            let part = randn(&[1, 32, 4, 255, 64], DType::F32, &d, 7);
+            g.throughput(Throughput::Bytes(bytes(2 * part.elem_count(), DType::F32)));
+            bench(
+                &mut g,
+                &d,
+                format!("{t}/narrow qkv [3,32,4,255,64] f32"),
+                || {
+                    ops::narrow(&qkv4, 0, 1, 1).unwrap();
+                },
+            );
+            g.throughput(Throughput::Bytes(bytes(2 * qkv4.elem_count(), DType::F32)));
+            bench(
+                &mut g,
+                &d,
+                format!("{t}/concat qkv 3x[1,32,4,255,64] f32"),
+                || {
+                    ops::concat(&[&part, &part, &part], 0).unwrap();
+                },
+            );
+        }
         let table = randn(&[4096, 32], DType::F32, &d, 2);
         let ids = Tensor::from_vec(
             (0..8 * 680)

@@ -258,6 +258,21 @@ fn convert_slice<A: Copy + Sync, B: Copy + Send>(src: &[A], f: impl Fn(A) -> B +
     out
 }
 
+/// `xs` (each [outer, sizes[i], inner], row-major) concatenated along their middle axis: the
+/// concat op's CPU kernel and the tape's join of a split's gradients. One thread: the copies
+/// are memory-bound, and splitting them over the two vCPUs of the machines measured gained
+/// nothing (docs/performance.md, 2026-12-07 (6)).
+pub fn concat_along<T: Copy>(xs: &[&[T]], outer: usize, sizes: &[usize], inner: usize) -> Vec<T> {
+    let total: usize = sizes.iter().sum();
+    let mut out = Vec::with_capacity(outer * total * inner);
+    for o in 0..outer {
+        for (x, &n) in xs.iter().zip(sizes) {
+            out.extend_from_slice(&x[o * n * inner..(o + 1) * n * inner]);
+        }
+    }
+    out
+}
+
 /// Every element of a bf16 slice as f32 ([`bf16_to_f32`]).
 pub fn widen_bf16(src: &[bf16]) -> Vec<f32> {
     convert_slice(src, bf16_to_f32)

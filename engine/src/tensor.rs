@@ -666,21 +666,6 @@ impl Tensor {
                         _ => Err(cuda_on_cpu("concat")),
                     })
                     .collect::<Result<_>>()?;
-                fn join<T: Copy + Send + Sync>(
-                    xs: &[&[T]],
-                    outer: usize,
-                    sizes: &[usize],
-                    inner: usize,
-                ) -> Vec<T> {
-                    let total: usize = sizes.iter().sum();
-                    let mut out = Vec::with_capacity(outer * total * inner);
-                    for o in 0..outer {
-                        for (x, &n) in xs.iter().zip(sizes) {
-                            out.extend_from_slice(&x[o * n * inner..(o + 1) * n * inner]);
-                        }
-                    }
-                    out
-                }
                 macro_rules! join_as {
                     ($variant:ident) => {{
                         let xs: Vec<&[_]> = cpu
@@ -690,7 +675,7 @@ impl Tensor {
                                 other => Err(Error::dtype("concat", other.dtype(), "one dtype")),
                             })
                             .collect::<Result<_>>()?;
-                        CpuStorage::$variant(join(&xs, outer, &sizes, inner))
+                        CpuStorage::$variant(crate::cpu::concat_along(&xs, outer, &sizes, inner))
                     }};
                 }
                 Storage::Cpu(match cpu[0] {

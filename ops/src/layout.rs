@@ -4,6 +4,7 @@
 //! docs/architecture.md for why there are no strided views). Reshape, which needs no copy, lives
 //! in the engine.
 
+use mvar_engine::cpu::concat_along;
 use mvar_engine::cuda::ops::index as cu;
 use mvar_engine::{Error, GradBand, Result, Shape, Tensor, WithDType};
 
@@ -178,14 +179,7 @@ struct Concat {
 }
 impl CopyKernel for Concat {
     fn run<T: WithDType + Default>(&self, x: &[&[T]]) -> Result<Vec<T>> {
-        let total: usize = self.sizes.iter().sum();
-        let mut out = Vec::with_capacity(self.outer * total * self.inner);
-        for o in 0..self.outer {
-            for (xi, &n) in x.iter().zip(&self.sizes) {
-                out.extend_from_slice(&xi[o * n * self.inner..(o + 1) * n * self.inner]);
-            }
-        }
-        Ok(out)
+        Ok(concat_along(x, self.outer, &self.sizes, self.inner))
     }
 }
 

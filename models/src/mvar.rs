@@ -203,7 +203,7 @@ impl Mvar {
             });
         }
         let lab = Tensor::from_vec(all.clone(), [all.len()], var.device())?;
-        let cond = var.class_cond(&lab)?;
+        let cond = var.conditioning(&lab)?;
         let full = *c.patch_nums.last().unwrap_or(&1);
         let mut f_hat = Tensor::zeros([bsz, c.cvae, full, full], DType::F32, var.device())?;
         let mut next_in: Option<Tensor> = None;
@@ -211,7 +211,7 @@ impl Mvar {
         for (si, &pn) in c.patch_nums.iter().enumerate() {
             let _span = mvar_engine::profile::span(|| format!("MVAR scale {si} ({pn}x{pn})"));
             let tokens = match &next_in {
-                None => var.start_tokens(&cond)?,
+                None => var.start_tokens(&cond.cond)?,
                 Some(ni) => {
                     let t = var.scale_tokens(si, ni)?;
                     if cfg.is_some() {

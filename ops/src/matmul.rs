@@ -31,6 +31,16 @@ pub use bf16_cpu::describe as cpu_bf16_gemm;
 /// A matrix product of one batch entry is "small" below this many multiply-adds.
 const SMALL_GEMM_FLOPS: usize = 1 << 21;
 
+/// Below this many rows of A, a product with B transposed (a linear layer, x @ w^T) is written
+/// column-major and transposed after. Into a row-major C the `gemm` crate computes C^T = B^T
+/// A^T, in which w (row-major [n, k]) is the operand it packs, all of it, for only m columns of
+/// use: a copy of the whole weight per call. Column-major, w is the operand it streams unpacked
+/// and only the few rows of A are packed. Measured on the 2-vCPU Zen 5 (docs/performance.md,
+/// 2026-12-07 (6)): [8, 1024] @ [6144, 1024]^T 12.8 -> 1.2 ms, [200, 1024] @ [3072, 1024]^T
+/// 13.1 -> 7.4 ms, [384, 1024] @ [4096, 1024]^T 22.4 -> 17.7 ms, about even at 512 rows; the
+/// same bits either way in every shape tried (the same kernel, the other way round).
+const SKINNY_ROWS: usize = 512;
+
 /// Shapes of a (possibly transposed) batched product.
 #[derive(Clone, Debug)]
 struct MatmulPlan {
@@ -148,6 +158,40 @@ impl FloatKernel for Gemm {
             } else {
                 Parallelism::None
             };
+            if p.trans_b && m < SKINNY_ROWS && m < n {
+                let mut col_major = vec![T::zero(); m * n];
+                // SAFETY: as below, with C column-major (row stride 1, column stride m) in a
+                // buffer of m*n elements.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        col_major.as_mut_ptr(),
+                        m as isize,
+                        1,
+                        false,
+                        a_mat.as_ptr(),
+                        a_cs,
+                        a_rs,
+                        b_mat.as_ptr(),
+                        b_cs,
+                        b_rs,
+                        T::zero(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
+                }
+                for (i, row) in dst.chunks_mut(n).enumerate() {
+                    for (j, d) in row.iter_mut().enumerate() {
+                        d.write(col_major[j * m + i]);
+                    }
+                }
+                return;
+            }
             // SAFETY: the pointers cover exactly m*k, k*n and m*n elements with the strides
             // given (row-major, or its transpose), and dst does not alias the operands. With
             // `read_dst` false the GEMM only writes dst (dst := A B), every element of it since
@@ -377,6 +421,66 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 mod tests {
     use super::*;
     use mvar_engine::{DType, Device, Generator};
+
+    /// Products with B transposed and few rows of A (written column-major, then transposed)
+    /// against a plain f64 triple loop over the same values, below, at and above
+    /// `SKINNY_ROWS`, with more and fewer columns than rows, batched with a broadcast B, and
+    /// with A transposed too.
+    #[test]
+    fn skinny_products_with_b_transposed_match_a_plain_f64_loop() {
+        let _g = mvar_engine::no_grad();
+        let mut rng = Generator::new(8);
+        let cases: [(&[usize], &[usize], bool); 8] = [
+            (&[1, 64], &[300, 64], false),
+            (&[8, 96], &[600, 96], false),
+            (&[37, 200], &[129, 200], false),
+            (&[511, 40], &[1000, 40], false),
+            (&[512, 40], &[1000, 40], false),
+            (&[300, 40], &[20, 40], false),
+            (&[3, 5, 64], &[70, 64], false),
+            (&[2, 64, 9], &[2, 33, 64], true),
+        ];
+        for (sa, sb, ta) in cases {
+            let a =
+                Tensor::randn(sa.to_vec(), 0.0, 1.0, DType::F32, &Device::Cpu, &mut rng).unwrap();
+            let b =
+                Tensor::randn(sb.to_vec(), 0.0, 1.0, DType::F32, &Device::Cpu, &mut rng).unwrap();
+            let got = matmul_t(&a, &b, ta, true).unwrap();
+            let (av, bv) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+            let (ra, ca) = (sa[sa.len() - 2], sa[sa.len() - 1]);
+            let (m, k) = if ta { (ca, ra) } else { (ra, ca) };
+            let n = sb[sb.len() - 2];
+            let batches = got.elem_count() / (m * n);
+            let mut want = Vec::with_capacity(got.elem_count());
+            for bi in 0..batches {
+                let a_off = if sa.len() == 3 { bi * m * k } else { 0 };
+                let b_off = if sb.len() == 3 { bi * n * k } else { 0 };
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f64 = (0..k)
+                            .map(|p| {
+                                let x = if ta {
+                                    av[a_off + p * m + i]
+                                } else {
+                                    av[a_off + i * k + p]
+                                };
+                                x * bv[b_off + j * k + p]
+                            })
+                            .sum();
+                        want.push(dot);
+                    }
+                }
+            }
+            assert_eq!(got.elem_count(), want.len(), "{sa:?} {sb:?}");
+            let k = k as f64;
+            for (i, (g, w)) in got.to_vec_f64().unwrap().iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 * k.sqrt() * (1.0 + w.abs()),
+                    "{sa:?} {sb:?} ta {ta}: element {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
 
     /// bf16 products (on AVX512-BF16 CPUs the native kernel, else the widened path) against
     /// the f32 product of the same values rounded once: within one bf16 step of it, over

@@ -1112,8 +1112,7 @@ impl Var {
         self.modulated_logits(&h, &cond.head)
     }
 
-    /// The start tokens or the next-scale input of scale `si`.
-
+    /// The start tokens (the condition plus the start and level positions), [B, first_l, C].
     pub(crate) fn start_tokens(&self, cond: &Tensor) -> Result<Tensor> {
         let (b, c) = (cond.dims()[0], self.config.width());
         ops::add(

@@ -158,52 +158,31 @@ impl FloatKernel for Gemm {
             } else {
                 Parallelism::None
             };
-            if p.trans_b && m < SKINNY_ROWS && m < n {
-                let mut col_major = vec![T::zero(); m * n];
-                // SAFETY: as below, with C column-major (row stride 1, column stride m) in a
-                // buffer of m*n elements.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        col_major.as_mut_ptr(),
-                        m as isize,
-                        1,
-                        false,
-                        a_mat.as_ptr(),
-                        a_cs,
-                        a_rs,
-                        b_mat.as_ptr(),
-                        b_cs,
-                        b_rs,
-                        T::zero(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        par,
-                    )
-                }
-                for (i, row) in dst.chunks_mut(n).enumerate() {
-                    for (j, d) in row.iter_mut().enumerate() {
-                        d.write(col_major[j * m + i]);
-                    }
-                }
-                return;
-            }
+            // Few rows times a transposed B: C written column-major into `col_major`, then
+            // transposed into dst (see SKINNY_ROWS); else straight into dst, row-major.
+            let skinny = p.trans_b && m < SKINNY_ROWS && m < n;
+            let mut col_major = if skinny {
+                vec![T::zero(); m * n]
+            } else {
+                Vec::new()
+            };
+            let (c, c_cs, c_rs) = if skinny {
+                (col_major.as_mut_ptr(), m as isize, 1)
+            } else {
+                (dst.as_mut_ptr() as *mut T, 1, n as isize)
+            };
             // SAFETY: the pointers cover exactly m*k, k*n and m*n elements with the strides
-            // given (row-major, or its transpose), and dst does not alias the operands. With
-            // `read_dst` false the GEMM only writes dst (dst := A B), every element of it since
-            // m, n and k are not 0, so it may start uninitialised.
+            // given (row-major, or its transpose; C row- or column-major), and C does not alias
+            // the operands. With `read_dst` false the GEMM only writes C (C := A B), every
+            // element of it since m, n and k are not 0, so dst may start uninitialised.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    dst.as_mut_ptr() as *mut T,
-                    1,
-                    n as isize,
+                    c,
+                    c_cs,
+                    c_rs,
                     false,
                     a_mat.as_ptr(),
                     a_cs,
@@ -218,6 +197,13 @@ impl FloatKernel for Gemm {
                     false,
                     par,
                 )
+            }
+            if skinny {
+                for (i, row) in dst.chunks_mut(n).enumerate() {
+                    for (j, d) in row.iter_mut().enumerate() {
+                        d.write(col_major[j * m + i]);
+                    }
+                }
             }
         };
         // No zero fill first: the GEMM writes every element (its cost was a write pass over

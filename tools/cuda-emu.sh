@@ -26,6 +26,15 @@
 # MVAR_EMU_FMA=1 (or auto: where the CPU can) builds the kernels with FMA contraction, as NVRTC
 # does (see below).
 #
+# MVAR_EMU_KERNELS=skip is the host-cost mode: launches and GEMMs are checked and counted but not
+# run (device copies and memsets neither), device memory starts zeroed, so a program's host side
+# runs alone on meaningless finite data. The wall time of, say, `mvar bench --what train` is then
+# what the engine's host code costs per step on this CPU (not the real driver's cost per launch);
+# at exit the emulator prints the launches, GEMM calls, synchronisations and copies it saw
+# (MVAR_EMU_STATS=1 prints them in the normal mode too):
+#
+#   MVAR_EMU_KERNELS=skip tools/cuda-emu.sh target/release/mvar bench --model mvar-d16 --what train
+#
 # Needs g++ (C++20). Libraries go to target/cuda-emu/lib, built modules to target/cuda-emu/modules.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -2,7 +2,11 @@
 // (the one GEMM mvar issues) on the CPU, column-major as cuBLAS defines it, for f32 and bf16 data
 // with f32 accumulation (the rounding of each output to bf16 as the GPU stores it). TF32 compute
 // is computed in full f32: the emulator checks the layout arithmetic, not TF32 rounding.
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 #include <algorithm>
 #include <initializer_list>
@@ -55,6 +59,24 @@ void store(void* p, int type, int64_t i, float v) {
     }
 }
 
+bool kernels_skipped() {
+    static const bool skip = [] {
+        const char* k = getenv("MVAR_EMU_KERNELS");
+        return k && std::string(k) == "skip";
+    }();
+    return skip;
+}
+
+std::atomic<unsigned long long> g_gemm_calls{0};
+
+struct StatsAtExit {
+    ~StatsAtExit() {
+        const char* st = getenv("MVAR_EMU_STATS");
+        if (!kernels_skipped() && !(st && std::string(st) == "1")) return;
+        fprintf(stderr, "mvar CUDA emulator: %llu cuBLAS GEMM calls\n", g_gemm_calls.load());
+    }
+} g_stats_at_exit;
+
 }  // namespace
 
 API cublasStatus_t cublasCreate_v2(void** handle) {
@@ -99,6 +121,9 @@ API cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int transa, int tran
     if (lda < (transa == CUBLAS_OP_N ? (m > 1 ? m : 1) : (k > 1 ? k : 1))) return CUBLAS_STATUS_INVALID_VALUE;
     if (ldb < (transb == CUBLAS_OP_N ? (k > 1 ? k : 1) : (n > 1 ? n : 1))) return CUBLAS_STATUS_INVALID_VALUE;
     if (ldc < (m > 1 ? m : 1)) return CUBLAS_STATUS_INVALID_VALUE;
+    // MVAR_EMU_KERNELS=skip (driver.cpp's host-cost mode): checked, counted, not computed.
+    ++g_gemm_calls;
+    if (kernels_skipped()) return CUBLAS_STATUS_SUCCESS;
     const float al = *static_cast<const float*>(alpha);
     const float be = *static_cast<const float*>(beta);
     // op(A) packed as m rows of k and op(B) as n columns of k, so every output is a dot product

@@ -13,11 +13,18 @@
 //   state per OS thread).
 // - A module image is the kernel source behind compile.h's magic (what the emulated NVRTC
 //   returns); it is built with g++ and dlopen'ed.
+// - MVAR_EMU_KERNELS=skip (host-cost mode): launches are checked as always but no kernel runs, and
+//   fresh device memory is zeroed instead of NaN-filled, so a program runs its whole host side
+//   (the engine's dispatch, tape, allocator and launch code) on data that stays finite and
+//   meaningless. Its wall time is then what the host spends per step, less the real driver's own
+//   cost per launch; at exit the emulator prints how many launches, synchronisations and copies
+//   there were (MVAR_EMU_STATS=1 prints the same line in the normal mode).
 #include <dlfcn.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -72,6 +79,32 @@ struct Function {
 struct Event {
     std::chrono::steady_clock::time_point at;
 };
+
+// MVAR_EMU_KERNELS=skip: see the file's header.
+bool kernels_skipped() {
+    static const bool skip = [] {
+        const char* k = getenv("MVAR_EMU_KERNELS");
+        return k && std::string(k) == "skip";
+    }();
+    return skip;
+}
+
+// What the program asked of the device, printed at exit in the host-cost mode or with
+// MVAR_EMU_STATS=1.
+std::atomic<unsigned long long> g_launches{0}, g_syncs{0}, g_to_host{0}, g_to_device{0}, g_allocs{0}, g_frees{0},
+    g_alloc_bytes{0};
+
+struct StatsAtExit {
+    ~StatsAtExit() {
+        const char* st = getenv("MVAR_EMU_STATS");
+        if (!kernels_skipped() && !(st && std::string(st) == "1")) return;
+        fprintf(stderr,
+                "mvar CUDA emulator%s: %llu kernel launches, %llu synchronisations (stream, context, event), "
+                "%llu copies to the host, %llu to the device, %llu allocations (%.1f GiB) and %llu frees of device memory\n",
+                kernels_skipped() ? " (kernels skipped)" : "", g_launches.load(), g_syncs.load(), g_to_host.load(),
+                g_to_device.load(), g_allocs.load(), g_alloc_bytes.load() / 1073741824.0, g_frees.load());
+    }
+} g_stats_at_exit;
 
 std::mutex g_lock;  // the memory table
 struct Mapping {
@@ -152,8 +185,12 @@ CUresult alloc(CUdeviceptr* p, size_t bytes) {
     }
     // Fresh device memory holds garbage on a GPU (a reused block, what a previous process left):
     // NaN here, so a kernel that reads an output it never wrote, or counts on zeroed memory that
-    // nobody cleared, fails instead of seeing the zeros of a fresh mapping.
-    std::memset((void*)*p, 0xff, rounded);
+    // nobody cleared, fails instead of seeing the zeros of a fresh mapping. With the kernels
+    // skipped nothing is computed, and the zeros of the fresh mapping keep the host's checks (a
+    // NaN loss) quiet; not touching the pages keeps the mapping's cost out of the host's time.
+    if (!kernels_skipped()) std::memset((void*)*p, 0xff, rounded);
+    ++g_allocs;
+    g_alloc_bytes += bytes;
     g_allocations[*p] = Mapping{bytes, base, mapped};
     g_used += bytes;
     return CUDA_SUCCESS;
@@ -164,6 +201,7 @@ CUresult release(CUdeviceptr p) {
     auto it = g_allocations.find(p);
     if (it == g_allocations.end()) return CUDA_ERROR_INVALID_VALUE;
     g_used -= it->second.bytes;
+    ++g_frees;
     munmap(it->second.base, it->second.mapped);
     g_allocations.erase(it);
     return CUDA_SUCCESS;
@@ -250,7 +288,10 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-API CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+API CUresult cuCtxSynchronize() {
+    ++g_syncs;
+    return CUDA_SUCCESS;
+}
 
 // ------------------------------------------------------------------------------------------------
 // streams and events
@@ -264,7 +305,10 @@ API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned int, int) {
     return CUDA_SUCCESS;
 }
 API CUresult cuStreamDestroy_v2(CUstream) { return CUDA_SUCCESS; }
-API CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+API CUresult cuStreamSynchronize(CUstream) {
+    ++g_syncs;
+    return CUDA_SUCCESS;
+}
 API CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
 API CUresult cuStreamWaitEvent(CUstream, void*, unsigned int) { return CUDA_SUCCESS; }
 
@@ -282,7 +326,10 @@ API CUresult cuEventRecord(void* e, CUstream) {
     return CUDA_SUCCESS;
 }
 API CUresult cuEventRecordWithFlags(void* e, CUstream s, unsigned int) { return cuEventRecord(e, s); }
-API CUresult cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+API CUresult cuEventSynchronize(void*) {
+    ++g_syncs;
+    return CUDA_SUCCESS;
+}
 API CUresult cuEventQuery(void*) { return CUDA_SUCCESS; }
 API CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
     if (!start || !end) return CUDA_ERROR_INVALID_HANDLE;
@@ -318,14 +365,18 @@ API CUresult cuMemFreeHost(void* p) {
 }
 
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    ++g_to_device;
     std::memcpy((void*)dst, src, n);
     return CUDA_SUCCESS;
 }
 API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    ++g_to_host;
     std::memcpy(dst, (const void*)src, n);
     return CUDA_SUCCESS;
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    // Device work, which the host-cost mode leaves out like the kernels.
+    if (kernels_skipped()) return CUDA_SUCCESS;
     std::memmove((void*)dst, (const void*)src, n);
     return CUDA_SUCCESS;
 }
@@ -339,11 +390,13 @@ API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CU
     return cuMemcpyDtoD_v2(dst, src, n);
 }
 API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    if (kernels_skipped()) return CUDA_SUCCESS;
     std::memset((void*)dst, v, n);
     return CUDA_SUCCESS;
 }
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(dst, v, n); }
 API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned int v, size_t n) {
+    if (kernels_skipped()) return CUDA_SUCCESS;
     unsigned int* p = (unsigned int*)dst;
     for (size_t i = 0; i < n; ++i) p[i] = v;
     return CUDA_SUCCESS;
@@ -437,6 +490,8 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
                 fn->name.c_str(), shared, fn->max_dynamic_shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
+    ++g_launches;
+    if (kernels_skipped()) return CUDA_SUCCESS;
     t_running_kernel = fn->name.c_str();
     if (fn->module->set_max_dynamic_shared) fn->module->set_max_dynamic_shared((size_t)fn->max_dynamic_shared);
     int r = fn->module->launch(fn->name.c_str(), gx, gy, gz, bx, by, bz, shared, params);

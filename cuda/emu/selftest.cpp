@@ -538,6 +538,52 @@ int main(int argc, char** argv) {
                "with MVAR_EMU_GUARD=front a read just before a device buffer faults");
         expect(in_child("front", [](volatile unsigned char* p) { return p[0] == 0xff && p[99] == 0xff; }) == "ok",
                "with MVAR_EMU_GUARD=front the buffer itself is readable");
+
+        // The host-cost mode (MVAR_EMU_KERNELS=skip): a kernel that writes its output, launched
+        // through the driver, writes it in the normal mode and leaves it alone when skipped;
+        // fresh memory is zero there and a memset does not reach it. 0: as expected.
+        auto launch_in_child = [&](bool skip) {
+            fflush(stdout);
+            pid_t pid = fork();
+            if (pid == 0) {
+                int devnull = open("/dev/null", O_WRONLY);
+                if (devnull >= 0) dup2(devnull, 2);
+                if (skip) setenv("MVAR_EMU_KERNELS", "skip", 1);
+                void* h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+                if (!h) _exit(3);
+                auto sym = [&](const char* name) { return dlsym(h, name); };
+                auto init = reinterpret_cast<int (*)(unsigned)>(sym("cuInit"));
+                auto alloc = reinterpret_cast<int (*)(unsigned long long*, size_t)>(sym("cuMemAlloc_v2"));
+                auto memset8 = reinterpret_cast<int (*)(unsigned long long, unsigned char, size_t)>(sym("cuMemsetD8_v2"));
+                auto load = reinterpret_cast<int (*)(void**, const void*)>(sym("cuModuleLoadData"));
+                auto get = reinterpret_cast<int (*)(void**, void*, const char*)>(sym("cuModuleGetFunction"));
+                auto go = reinterpret_cast<int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                                   unsigned, void*, void**, void**)>(sym("cuLaunchKernel"));
+                const std::string image = mvar_emu_build::kMagic +
+                                          "__global__ void write_seven(float* out) { out[threadIdx.x] = 7.0f; }\n";
+                unsigned long long p = 0, q = 0;
+                void *module = nullptr, *f = nullptr;
+                if (!init || !alloc || !memset8 || !load || !get || !go || init(0) != 0 || alloc(&p, 256) != 0 ||
+                    alloc(&q, 256) != 0 || load(&module, image.c_str()) != 0 || get(&f, module, "write_seven") != 0)
+                    _exit(3);
+                const float fresh = reinterpret_cast<float*>(p)[5];
+                if (memset8(q, 0x3f, 256) != 0) _exit(3);
+                const unsigned char set = reinterpret_cast<unsigned char*>(q)[9];
+                float* out = reinterpret_cast<float*>(p);
+                void* params[] = {&out};
+                if (go(f, 1, 1, 1, 32, 1, 1, 0, nullptr, params, nullptr) != 0) _exit(3);
+                const bool wrote = out[5] == 7.0f;
+                const bool right = skip ? fresh == 0.0f && set == 0 && !wrote
+                                        : std::isnan(fresh) && set == 0x3f && wrote;
+                _exit(right ? 0 : 4);
+            }
+            int status = 0;
+            waitpid(pid, &status, 0);
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 5;
+        };
+        expect(launch_in_child(false) == 0, "a launch through the driver runs the kernel; memory starts NaN, memsets land");
+        expect(launch_in_child(true) == 0,
+               "MVAR_EMU_KERNELS=skip: the launch is accepted and runs nothing; memory starts zero, memsets do not land");
     }
 
     printf("%s\n", failures ? "emulator self-test FAILED" : "emulator self-test passed");

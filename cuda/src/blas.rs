@@ -1,6 +1,6 @@
 //! Matrix products on cuBLAS.
 //!
-//! Row-major C[b] (m x n) = op(A[b]) (m x k) * op(B[b]) (k x n), where op transposes an operand
+//! Row-major C\[b\] (m x n) = op(A\[b\]) (m x k) * op(B\[b\]) (k x n), where op transposes an operand
 //! stored transposed. cuBLAS is column-major; a row-major matrix read as column-major is its
 //! transpose, so we ask cuBLAS for C^T = op(B)^T op(A)^T, which lands in memory as row-major C.
 //! Operand by operand (the leading dimension is the stored row length):

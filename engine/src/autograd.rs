@@ -1,6 +1,6 @@
 //! The autograd tape.
 //!
-//! An op whose inputs require grad records a [`Node`] on its output: the op's name, one edge per
+//! An op whose inputs require grad records a `Node` on its output: the op's name, one edge per
 //! input (to the input's own node, or to the leaf slot that will receive its gradient), and the
 //! op's [`Backward`] object, which holds exactly the buffers the backward needs (not the inputs
 //! themselves: a node never keeps an input's storage alive unless its backward asked for it).

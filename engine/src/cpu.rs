@@ -18,10 +18,10 @@ pub const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 /// straight back to the kernel and trims the free memory at the heap top once it passes twice
 /// that, so the next allocation of that size page-faults on every 4 KiB page. A training step
 /// frees and re-allocates hundreds of multi-MB tensors: on the 2-vCPU CI machine this was half of
-/// a 3x3 conv's forward + backward at [32,32,32,32] (38.8 -> 20.9 ms) and raised the demo
+/// a 3x3 conv's forward + backward at \[32,32,32,32\] (38.8 -> 20.9 ms) and raised the demo
 /// tokenizer from 2.9-3.4 to 3.6-3.7 steps/s and MVAR-d4 by 3-6 %, with 3x less system time.
 /// Blocks of 32 MiB and more (glibc's largest threshold) were still mapped and unmapped one by
-/// one: an f32 add of a bias to [2048,4096] (VAR-d16's MLP during sampling) took 12 ms, 10x its
+/// one: an f32 add of a bias to \[2048,4096\] (VAR-d16's MLP during sampling) took 12 ms, 10x its
 /// time with the block reused, so no block is mapped on its own any more (`M_MMAP_MAX` 0);
 /// VAR-d16 sampling on the CPU went from 11.1 to 9.6 s a batch, with the same peak memory.
 /// The heap top is never trimmed: a trim threshold is when glibc trims, not how much it keeps
@@ -258,7 +258,7 @@ fn convert_slice<A: Copy + Sync, B: Copy + Send>(src: &[A], f: impl Fn(A) -> B +
     out
 }
 
-/// `xs` (each [outer, sizes[i], inner], row-major) concatenated along their middle axis: the
+/// `xs` (each [outer, sizes\[i\], inner], row-major) concatenated along their middle axis: the
 /// concat op's CPU kernel and the tape's join of a split's gradients. One thread: the copies
 /// are memory-bound, and splitting them over the two vCPUs of the machines measured gained
 /// nothing (docs/performance.md, 2026-12-07 (6)).

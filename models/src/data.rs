@@ -475,7 +475,7 @@ impl ImageDataset {
         &self.paths[i]
     }
 
-    /// Images `indices` as [B, 3, side, side] in [-1, 1] on `device`, and their labels (i64 [B]).
+    /// Images `indices` as [B, 3, side, side] in [-1, 1] on `device`, and their labels (i64 \[B\]).
     /// `rng` picks crop offsets and flips (one draw per image, in order) when `crop` is Random
     /// or `flip` is set. [`ImageDataset::decode`] then [`ImageDataset::batch_from`].
     pub fn batch(

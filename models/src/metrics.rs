@@ -20,7 +20,7 @@ use mvar_ops as ops;
 
 use crate::trainer::ArModel;
 
-/// Mean [dim] and covariance [dim * dim] (row-major, unbiased: divided by n - 1) of `n` rows of
+/// Mean \[dim\] and covariance [dim * dim] (row-major, unbiased: divided by n - 1) of `n` rows of
 /// `dim` values each, given row-major in `rows`.
 pub fn mean_and_covariance(rows: &[f64], n: usize, dim: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     const OP: &str = "mean_and_covariance";
@@ -73,7 +73,7 @@ pub fn mean_and_covariance(rows: &[f64], n: usize, dim: usize) -> Result<(Vec<f6
 
 /// Eigenvalues and eigenvectors of the symmetric `dim x dim` matrix `a` (row-major; only its
 /// symmetric part (A + A^T) / 2 is used) by cyclic Jacobi rotations: sweeps over all pairs
-/// (p, q), each rotation zeroing a[p][q], until the off-diagonal mass is below 1e-14 of the
+/// (p, q), each rotation zeroing `a[p][q]`, until the off-diagonal mass is below 1e-14 of the
 /// total (or 100 sweeps). Returns (eigenvalues, V) with V row-major and eigenvector k in
 /// column k, so that A = V diag(l) V^T.
 pub fn symmetric_eigen(a: &[f64], dim: usize) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -242,7 +242,7 @@ pub struct ScaleEval {
 }
 
 /// Teacher-forced cross-entropy and top-1 accuracy per scale, without gradients, drop-path or
-/// label dropout: `labels` [M] (true classes), `gt` the target tokens i64 [M, L], `x_in` the
+/// label dropout: `labels` \[M\] (true classes), `gt` the target tokens i64 [M, L], `x_in` the
 /// teacher-forcing input [M, L - first_l, Cvae] (as `common::tokenize` / the trainer take them),
 /// in batches of `batch` sequences. VAR runs its block-causal forward over all scales; MVAR runs
 /// each of its training segments (block-diagonal first segment, then one neighbourhood-attention

@@ -216,7 +216,7 @@ impl ArTrainer {
         }
     }
 
-    /// One optimisation step. `labels` [B] (before label dropout), `gt` the target tokens
+    /// One optimisation step. `labels` \[B\] (before label dropout), `gt` the target tokens
     /// i64 [B, L], `x_in` the teacher-forcing input [B, L - first_l, Cvae]; `rng` draws label
     /// dropout and drop-path.
     pub fn step(

@@ -896,7 +896,7 @@ impl Var {
     }
 
     /// Teacher-forced logits of the tokens of `scales` [B, T, V] with the given token mixing.
-    /// `labels` [B] i64 (already dropped to the null class where wanted); `x_in` the full
+    /// `labels` \[B\] i64 (already dropped to the null class where wanted); `x_in` the full
     /// teacher-forcing input [B, L - first_l, Cvae]; `rng` enables drop-path (training).
     pub fn forward_segment(
         &self,

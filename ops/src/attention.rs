@@ -20,7 +20,7 @@
 //!
 //! The products run through `gemm` (single-threaded per (b, h)), and the (b, h) pairs run in
 //! parallel with rayon. Under the block masks they run per scale over the keys that scale sees
-//! ([`RowBlock`]), so masked pairs cost nothing: over the 10-scale 256-px pyramid VAR's
+//! (`RowBlock`), so masked pairs cost nothing: over the 10-scale 256-px pyramid VAR's
 //! block-causal attention computes 62 % of the dense scores, MVAR's segment of scales 0..8 a
 //! quarter. bf16 is computed in f32 (see `mvar_engine::cpu`); the log-sum-exp is kept in f64
 //! whatever the dtype, because rounding it to bf16 would put an error of up to 0.4 % on every

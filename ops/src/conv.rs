@@ -1,18 +1,18 @@
 //! 2-D convolution (cross-correlation, as PyTorch's `F.conv2d`), NCHW, no groups, no dilation.
 //!
 //! `conv2d(x, w, bias, (sh, sw), pad)`: x [N, Cin, H, W], w [Cout, Cin, kh, kw] (PyTorch layout),
-//! bias [Cout]; output [N, Cout, Ho, Wo] with Ho = (H + top + bottom - kh) / sh + 1 (floor) and
+//! bias \[Cout\]; output [N, Cout, Ho, Wo] with Ho = (H + top + bottom - kh) / sh + 1 (floor) and
 //! the same for Wo, and
 //!
-//!   y[n, co, oy, ox] = bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * xp[n, ci, oy*sh + ky, ox*sw + kx]
+//!   y[n, co, oy, ox] = bias\[co\] + sum_{ci, ky, kx} w[co, ci, ky, kx] * xp[n, ci, oy*sh + ky, ox*sw + kx]
 //!
 //! where xp is x with `top`/`bottom` zero rows and `left`/`right` zero columns added. The padding
 //! may differ per side: the VQVAE downsampler pads only right and bottom.
 //!
 //! Computed as im2col + GEMM per sample: cols [K, P] with K = Cin*kh*kw (row r = (ci, ky, kx),
-//! row-major) and P = Ho*Wo, then y[n] = W [Cout, K] @ cols. The columns are built tile by tile
+//! row-major) and P = Ho*Wo, then y\[n\] = W [Cout, K] @ cols. The columns are built tile by tile
 //! (a range of output positions at a time) so the buffer stays small whatever the image size; a
-//! 1x1 stride-1 unpadded conv skips im2col, since x[n] seen as [Cin, H*W] already is cols.
+//! 1x1 stride-1 unpadded conv skips im2col, since x\[n\] seen as [Cin, H*W] already is cols.
 //!
 //! Backward, per sample and tile: dW += dY cols^T, dbias = sum of dY over batch and positions,
 //! and dx: for stride 1 (padding below the kernel) a forward conv of dY with the flipped,
@@ -766,7 +766,7 @@ pub fn set_cpu_winograd(enabled: bool) {
     winograd::ENABLED.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// 2-D convolution of x [N, Cin, H, W] with w [Cout, Cin, kh, kw] plus bias [Cout]: see the
+/// 2-D convolution of x [N, Cin, H, W] with w [Cout, Cin, kh, kw] plus bias \[Cout\]: see the
 /// module docs for the exact formula and output size. Zero padding per side; a kernel larger
 /// than the padded input is an error. Differentiable in x, w and bias.
 pub fn conv2d(

@@ -376,7 +376,7 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<
     }))
 }
 
-/// x @ w^T + b with PyTorch's weight layout w [out, in] and bias [out].
+/// x @ w^T + b with PyTorch's weight layout w [out, in] and bias \[out\].
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     if w.rank() != 2 || x.rank() < 1 || x.dims()[x.rank() - 1] != w.dims()[1] {
         return Err(Error::shape(

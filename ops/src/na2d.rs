@@ -30,7 +30,7 @@
 //! - naive: per (query, key) pair a dot product of D and an axpy of D, straight from the
 //!   formulas; the reference the tiled variant is tested against.
 //! - tiled: the products run as short vector loops with no horizontal sums. k and v are first
-//!   transposed per map row to [D, Y + pad] (zero padding: [`padded_y`]), so the k keys of one
+//!   transposed per map row to [D, Y + pad] (zero padding: `padded_y`), so the k keys of one
 //!   window row are contiguous for every d: a window row's k scores are LANES-wide multiplies
 //!   and adds per d (lanes past k are computed and dropped: 8 lanes for k = 7), with CHAINS
 //!   independent partial sums over d so the adds do not wait on each other. A query row's

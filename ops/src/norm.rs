@@ -37,7 +37,7 @@
 //! it instead of the input frees one activation per call, which a transformer block otherwise
 //! holds until its backward. Row sums accumulate in f64, the elementwise arithmetic runs in the
 //! kernel's type. On the GPU the statistics are computed in f32 and stay on the device (a
-//! detached f32 tensor kept by the backward closure, see [`Saved`]).
+//! detached f32 tensor kept by the backward closure, see `Saved`).
 
 use std::sync::Mutex;
 

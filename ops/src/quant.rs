@@ -1,6 +1,6 @@
 //! Vector quantisation: the nearest codebook entry of every row.
 //!
-//! idx[i] = argmin_v ( ||z_i||^2 + ||e_v||^2 - 2 z_i . e_v ), ties to the lowest index (as
+//! idx\[i\] = argmin_v ( ||z_i||^2 + ||e_v||^2 - 2 z_i . e_v ), ties to the lowest index (as
 //! torch.argmin), which is how the official quantizer writes the squared L2 distance. The CPU
 //! reference forms the cross term with the GEMM in the input dtype, as PyTorch's addmm does, and
 //! the norms and the sum in f64. Not differentiable (an index). On CUDA a tiled search
@@ -126,7 +126,7 @@ fn nearest_in_row<T: Float>(row: &[T], z_sq: f64, e_sq: &[f64]) -> usize {
 }
 
 /// Index of the nearest row of `codebook` [V, C] for every row of `z` [N, C] (squared L2), as
-/// i64 [N].
+/// i64 \[N\].
 pub fn nearest_code(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     const OP: &str = "nearest_code";
     require_float(OP, z)?;
@@ -269,7 +269,7 @@ pub fn nearest_code_maps(z: &Tensor, book: &Codebook) -> Result<Tensor> {
 // one quantizer scale's update of f_hat or of the residual
 
 /// A quantizer Phi for [`phi_accumulate`]: Phi(u) = (1 - ratio) u + ratio (conv3x3(u) + bias),
-/// the convolution with zero padding 1 (weight [C, C, 3, 3], bias [C]).
+/// the convolution with zero padding 1 (weight [C, C, 3, 3], bias \[C\]).
 #[derive(Clone, Copy)]
 pub struct Phi<'a> {
     pub weight: &'a Tensor,
@@ -360,7 +360,7 @@ fn step_dims(
     Ok((b, c, v, h, w))
 }
 
-/// acc + sign * Phi(bicubic_up(codes)) with codes = table[idx] as a map [B, C, ph, pw]:
+/// acc + sign * Phi(bicubic_up(codes)) with codes = table\[idx\] as a map [B, C, ph, pw]:
 /// one scale's step of the multi-scale residual quantizer, adding to f_hat (sign +1) or taking
 /// from the residual (sign -1). acc is [B, C, h, w], idx i64 [B, ph*pw] (row-major), table
 /// [V, C]; the upsampling is bicubic_upsample to [h, w] (none when the scale is the full map)

@@ -3,7 +3,7 @@
 //! CPU and the GPU draw the same tokens from the same random numbers.
 //!
 //! Per row x[0..V) and its uniform u:
-//! 1. top-k: keep x[i] >= the k-th largest value (ties at it all kept); k = 0 or k >= V keeps
+//! 1. top-k: keep x\[i\] >= the k-th largest value (ties at it all kept); k = 0 or k >= V keeps
 //!    every logit.
 //! 2. top-p (when top_p > 0): order the kept logits ascending, ties by index; with
 //!    p_i = exp(x_i - m) / Z over the kept (m the maximum), drop the prefix of that order whose
@@ -160,7 +160,7 @@ fn not_finite(op: &'static str, row: usize, code: usize, rows: usize, v: usize) 
     )
 }
 
-/// One token per row of `logits` [R, V] (f32, bf16 or f64), i64 [R] on the logits' device, drawn
+/// One token per row of `logits` [R, V] (f32, bf16 or f64), i64 \[R\] on the logits' device, drawn
 /// with `uniform[r]` in [0, 1) for row r (module docs). On CUDA the tuned kernel runs.
 pub fn sample_top_k_top_p(
     logits: &Tensor,

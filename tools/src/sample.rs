@@ -35,7 +35,7 @@ pub struct SampleArgs {
     pub precision: crate::train::Precision,
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
-    /// Also write the token maps to tokens.safetensors in --out: `label_B` (i64 [N]) and
+    /// Also write the token maps to tokens.safetensors in --out: `label_B` (i64, one per image) and
     /// `idx.{si}` (i64 [N, pn^2] per scale, row-major), as the official fixtures name them.
     #[arg(long)]
     pub tokens: bool,

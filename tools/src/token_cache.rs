@@ -4,7 +4,7 @@
 //! File layout (little endian), `<tokenizer>/cache/<split>-<key>.tokens`:
 //! - `MVARTOK2` (8 bytes), header length `h` (u64), header JSON (`h` bytes, see [`Header`]),
 //!   zero padding to a multiple of 8;
-//! - labels: i64 [n];
+//! - labels: i64, one per image;
 //! - targets: i32 [n, seq_len] (the token index of every scale, coarse to fine).
 //!
 //! Rows 0..N are the centre crops of the images, rows N..2N (with flips) their mirrors. The key

@@ -18,7 +18,7 @@ use mvar_models::{VqVae, VqVaeConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainTokenizerArgs {
-    /// Image folder (root/<class>/<image>) or CIFAR-style binary folder (<split>.bin).
+    /// Image folder (`root/<class>/<image>`) or CIFAR-style binary folder (`<split>.bin`).
     #[arg(long, default_value = "data/cifar10-subset")]
     pub data: PathBuf,
     /// How images are brought to the model's side.

@@ -580,9 +580,9 @@ pub fn expand(
     copy_with_layout(dev, x, out_dims, layout, "broadcast_to")
 }
 
-/// out[i] = x[sum_k index_k(i) * strides[k]] over `out_dims`: a permute, or any strided read.
+/// out\[i\] = x[sum_k index_k(i) * strides\[k\]] over `out_dims`: a permute, or any strided read.
 /// When the innermost axis is a contiguous run (stride 1) of whole words and every other stride
-/// is too ([`copy_word`]), the copy moves words: a permute of [B, T, 3, H, 64] bf16 heads moves
+/// is too (`copy_word`), the copy moves words: a permute of [B, T, 3, H, 64] bf16 heads moves
 /// 16 bytes per thread and offset computation instead of 2.
 pub fn strided_copy(
     dev: &CudaDevice,

@@ -13,7 +13,7 @@
 //! shared memory. A budget bounds that per block: when a block's rows do not fit, it loops over
 //! stages of as many rows as fit (balanced, so the last stage is not a sliver). The simt
 //! kernels take [`SMEM_BUDGET`]; the mma kernels the multiprocessor's shared memory divided
-//! among the blocks their registers let run on it at once ([`mma_blocks_per_sm`]), so that
+//! among the blocks their registers let run on it at once (`mma_blocks_per_sm`), so that
 //! shared memory does not cut that count further. The mma kernels stage through `cp.async`
 //! (every copy of a stage in flight at once); [`NaStaging`] (`MVAR_NA_STAGING`) also offers
 //! staging through registers as before, and a ring of rows per 16-column strip of a map that

@@ -199,7 +199,7 @@ impl GroupNormShape {
     }
 }
 
-/// Group norm of `x` [batch, channels, spatial] with `weight`, `bias` [channels] (x's kind).
+/// Group norm of `x` [batch, channels, spatial] with `weight`, `bias` \[channels\] (x's kind).
 /// Returns (y, stats) with stats f32 [batch * groups, 2] holding (mean, rstd) per group row.
 pub fn group_norm_forward(
     dev: &CudaDevice,
@@ -371,7 +371,7 @@ fn l2_group_launch(rows: usize, lanes: usize) -> LaunchConfig {
     }
 }
 
-/// x / max(||x||, eps) over d for `x` [rows, d]. Returns (y, norms) with norms f32 [rows]. Rows
+/// x / max(||x||, eps) over d for `x` [rows, d]. Returns (y, norms) with norms f32 \[rows\]. Rows
 /// of up to 32 16-byte vectors (attention heads) run in the grouped kernels, a group of lanes
 /// per row; others (and all with `MVAR_LN_KERNEL=block`) in the block-per-row kernel.
 pub fn l2_normalize_forward(

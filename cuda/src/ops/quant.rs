@@ -72,7 +72,7 @@ pub enum RowLayout {
     Planes(usize),
 }
 
-/// ||e_v||^2 in f32 for every row of the codebook `e` [v, c] (f32 [v]): what [`nearest_code`]
+/// ||e_v||^2 in f32 for every row of the codebook `e` [v, c] (f32 \[v\]): what [`nearest_code`]
 /// computes first, for a caller that searches one codebook several times.
 pub fn code_norms(
     dev: &CudaDevice,
@@ -105,7 +105,7 @@ pub fn code_norms(
     Ok(norms)
 }
 
-/// Index (i64 [n]) of the nearest row of the codebook `e` [v, c] for every row of `z` (n rows of
+/// Index (i64 \[n\]) of the nearest row of the codebook `e` [v, c] for every row of `z` (n rows of
 /// c channels in `layout`): argmin over codes of ||e_v||^2 - 2 z . e_v in f32 (the argmin of the
 /// squared distance), the lowest index among equal minima. f32 or bf16 (one kind for both);
 /// v >= 1. `norms` are [`code_norms`] of e when the caller has them (else computed here). The
@@ -258,7 +258,7 @@ pub struct StepShape {
 }
 
 /// Phi's mix for [`phi_accumulate`]: Phi(u) = keep * u + ratio * (conv3x3(u) + bias) with the
-/// weight [C, C, 3, 3] and an optional bias [C] (keep = 1 - ratio as the caller rounds it), or
+/// weight [C, C, 3, 3] and an optional bias \[C\] (keep = 1 - ratio as the caller rounds it), or
 /// the identity.
 pub enum PhiMix<'a> {
     Identity,
@@ -270,7 +270,7 @@ pub enum PhiMix<'a> {
     },
 }
 
-/// acc + sign * Phi(bicubic_up(table[idx])) (`kernels/quant_step.cu`): one scale's update of
+/// acc + sign * Phi(bicubic_up(table\[idx\])) (`kernels/quant_step.cu`): one scale's update of
 /// f_hat (sign +1) or of the residual (sign -1) in two launches. acc [B, C, h, w] and the table
 /// [V, C] are f32 or bf16 (one kind, Phi's weights too); idx is i64 [B, ph*pw] with every entry
 /// in [0, V), which the caller checks (on the host, or by taking [`nearest_code`]'s output): the

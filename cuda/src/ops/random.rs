@@ -85,7 +85,7 @@ pub fn keep_mask(
     Ok(out)
 }
 
-/// out[i] = mask[i / group] ? x[i] * scale : 0, for f32 or bf16 `x` and a u8 `mask` with a
+/// out\[i\] = mask[i / group] ? x\[i\] * scale : 0, for f32 or bf16 `x` and a u8 `mask` with a
 /// decision for every group of `group` elements.
 pub fn mask_scale(
     dev: &CudaDevice,

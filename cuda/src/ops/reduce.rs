@@ -33,7 +33,7 @@ pub fn row_threads(n: usize) -> u32 {
     want.clamp(32, ROW_THREADS_MAX as usize) as u32
 }
 
-/// One block per row (grid-striding beyond [`MAX_BLOCKS`] rows) of `n` elements.
+/// One block per row (grid-striding beyond `MAX_BLOCKS` rows) of `n` elements.
 pub fn row_launch(rows: usize, n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1),

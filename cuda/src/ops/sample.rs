@@ -65,7 +65,7 @@ fn checked_logits(
     Ok((sizes, total))
 }
 
-/// Tokens i64 [rows] drawn from `logits` [rows, v] (f32 or bf16) with `uniform[r]` for row r,
+/// Tokens i64 \[rows\] drawn from `logits` [rows, v] (f32 or bf16) with `uniform[r]` for row r,
 /// keeping the `top_k` largest logits (0: all) and then the top-`top_p` probability mass (0: all),
 /// as `ops::sample_top_k_top_p` defines it. A row with a non-finite logit gets -1 - (the index
 /// of the first one); the caller turns that into an error.
@@ -124,7 +124,7 @@ pub fn sample_top_k_top_p(
 }
 
 /// The logits of `logits` [rows, v] (f32 or bf16) that `sample_top_k_top_p` could draw, the
-/// others set to -inf (kept ones copied bit for bit), and a status i64 [rows]: 0, or -1 - (the
+/// others set to -inf (kept ones copied bit for bit), and a status i64 \[rows\]: 0, or -1 - (the
 /// index of the row's first non-finite logit), whose row of the output is not written. `kernel`
 /// is one of the block-per-row kernels (there is no naive filter).
 pub fn filter_top_k_top_p(

@@ -313,9 +313,9 @@ fn check_weights(
     }
 }
 
-/// Per-row cross-entropy of `logits` [rows, classes] (f32/bf16) against i64 `targets` [rows],
-/// times `weights` [rows] (logits' kind) when given, with label smoothing `smoothing`. Returns
-/// (loss [rows] of the logits' kind, log-sum-exp [rows] in f32 for the backward).
+/// Per-row cross-entropy of `logits` [rows, classes] (f32/bf16) against i64 `targets` \[rows\],
+/// times `weights` \[rows\] (logits' kind) when given, with label smoothing `smoothing`. Returns
+/// (loss \[rows\] of the logits' kind, log-sum-exp \[rows\] in f32 for the backward).
 ///
 /// The caller checks that every target lies in [0, classes) before calling (a kernel cannot
 /// report it); a target outside gives a NaN loss, never an out-of-bounds read.
@@ -404,8 +404,8 @@ pub fn cross_entropy_forward_with(
     Ok((loss, lse))
 }
 
-/// d logits [rows, classes] of [`cross_entropy_forward`] from the incoming gradient `g` [rows]
-/// and the saved f32 log-sum-exp `lse` [rows].
+/// d logits [rows, classes] of [`cross_entropy_forward`] from the incoming gradient `g` \[rows\]
+/// and the saved f32 log-sum-exp `lse` \[rows\].
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_backward(
     dev: &CudaDevice,

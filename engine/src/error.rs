@@ -61,6 +61,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is the GPU running out of memory (after the caching allocator gave its
+    /// cache back and tried again): what a smaller batch may avoid.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Cuda(mvar_cuda::CudaError::OutOfMemory { .. }))
+    }
+
     pub fn shape(op: &'static str, got: impl Into<String>, expected: impl Into<String>) -> Self {
         Error::ShapeMismatch {
             op,

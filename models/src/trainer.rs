@@ -74,6 +74,11 @@ pub struct ArTrainConfig {
     /// loss, the gradient and the learning-rate rule stay the whole batch's (up to summation
     /// order, and drop-path masks drawn per pass). 0: the whole batch in one pass.
     pub micro_batch: usize,
+    /// Find the passes that fit (`--micro-batch auto`): when a pass runs out of GPU memory, the
+    /// step starts again (the random draws as they were, the gradients zeroed) with passes of
+    /// half as many sequences, and `micro_batch` keeps that size for the steps after. A pass of
+    /// one sequence that does not fit is the error it was.
+    pub shrink_on_oom: bool,
     /// Activation recomputation ([`Var::set_recompute_blocks`]): the blocks' activations are
     /// recomputed in the backward instead of kept, for about one more forward per step; the
     /// gradients are the same.
@@ -95,6 +100,7 @@ impl Default for ArTrainConfig {
             label_smoothing: 0.0,
             autocast: None,
             micro_batch: 0,
+            shrink_on_oom: false,
             recompute_blocks: false,
         }
     }
@@ -177,6 +183,9 @@ pub struct ArTrainer {
     pub opt: AdamW,
     pub config: ArTrainConfig,
     step: u64,
+    /// Tests: passes of more sequences than this fail as if out of GPU memory.
+    #[cfg(test)]
+    fail_passes_over: Option<usize>,
 }
 
 impl ArTrainer {
@@ -197,6 +206,8 @@ impl ArTrainer {
             opt,
             config,
             step: 0,
+            #[cfg(test)]
+            fail_passes_over: None,
         })
     }
 
@@ -218,8 +229,42 @@ impl ArTrainer {
 
     /// One optimisation step. `labels` \[B\] (before label dropout), `gt` the target tokens
     /// i64 [B, L], `x_in` the teacher-forcing input [B, L - first_l, Cvae]; `rng` draws label
-    /// dropout and drop-path.
+    /// dropout and drop-path. With `shrink_on_oom`, a step that runs out of GPU memory runs
+    /// again in smaller passes (see [`ArTrainConfig::shrink_on_oom`]).
     pub fn step(
+        &mut self,
+        labels: &[i64],
+        gt: &Tensor,
+        x_in: &Tensor,
+        rng: &mut Generator,
+    ) -> Result<ArStepStats> {
+        let draws_at_start = rng.state();
+        loop {
+            match self.try_step(labels, gt, x_in, rng) {
+                Err(e) if self.config.shrink_on_oom && e.is_out_of_memory() => {
+                    let pass = self.pass_size(labels.len());
+                    if pass <= 1 {
+                        return Err(e);
+                    }
+                    // Nothing was updated: the next try zeroes the gradients the failed one
+                    // accumulated and draws the same label dropout and drop-path again.
+                    self.config.micro_batch = pass.div_ceil(2);
+                    *rng = Generator::from_state(draws_at_start);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Sequences per pass for a batch of `b`.
+    fn pass_size(&self, b: usize) -> usize {
+        match self.config.micro_batch {
+            0 => b.max(1),
+            m => m.min(b.max(1)),
+        }
+    }
+
+    fn try_step(
         &mut self,
         labels: &[i64],
         gt: &Tensor,
@@ -249,10 +294,7 @@ impl ArTrainer {
         let be = var.config.begin_ends();
         let (bg, ed) = (be[scales.start].0, be[scales.end - 1].1);
         let b = labels.len();
-        let pass = match self.config.micro_batch {
-            0 => b.max(1),
-            m => m,
-        };
+        let pass = self.pass_size(b);
         let (mut loss_v, mut correct, mut counted) = (0.0, 0usize, 0usize);
         for first in (0..b).step_by(pass) {
             let n = pass.min(b - first);
@@ -294,6 +336,20 @@ impl ArTrainer {
             drop(forward);
             loss_v += v;
             loss.backward()?;
+            #[cfg(test)]
+            if self.fail_passes_over.is_some_and(|most| n > most) {
+                // A stand-in for the GPU running out of memory in this pass, after its backward
+                // has added to the gradients.
+                return Err(mvar_engine::cuda::CudaError::OutOfMemory {
+                    during: "a test pass".into(),
+                    requested_bytes: 1,
+                    free_bytes: 0,
+                    total_bytes: 0,
+                    in_use_bytes: 0,
+                    cached_bytes: 0,
+                }
+                .into());
+            }
             let _ng = no_grad();
             let pred = ops::argmax(&logits, -1, false)?.to_vec::<i64>()?;
             let want = target.to_vec::<i64>()?;
@@ -562,6 +618,73 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_step_out_of_gpu_memory_runs_again_in_halved_passes() {
+        let (vae, mut tcfg) = tiny_models();
+        // Label dropout and drop-path on: a retry must draw what the first try drew.
+        tcfg.cond_drop_rate = 0.5;
+        tcfg.drop_path_rate = 0.3;
+        let mut g = Generator::new(23);
+        let b = 7;
+        let idx: Vec<Tensor> = [1usize, 2, 3]
+            .iter()
+            .map(|&pn| {
+                let ids: Vec<i64> = g
+                    .next_u32s(b * pn * pn)
+                    .into_iter()
+                    .map(|w| (w % 16) as i64)
+                    .collect();
+                Tensor::from_vec(ids, [b, pn * pn], &Device::Cpu).unwrap()
+            })
+            .collect();
+        let refs: Vec<&Tensor> = idx.iter().collect();
+        let gt = ops::concat(&refs, 1).unwrap();
+        let x_in = vae.idx_to_var_input(&idx).unwrap();
+        let labels = [0i64, 1, 2, 0, 1, 2, 2];
+        let run = |micro_batch: usize, shrink: bool, fail_over: Option<usize>| {
+            let model = ArModel::Var(
+                Var::new(tcfg.clone(), &Device::Cpu, 5, crate::Mixing::BlockCausal).unwrap(),
+            );
+            let cfg = ArTrainConfig {
+                base_lr: 1e-2,
+                batch: 256,
+                total_steps: 4,
+                warmup_steps: 1,
+                micro_batch,
+                shrink_on_oom: shrink,
+                ..Default::default()
+            };
+            let mut tr = ArTrainer::new(model, cfg).unwrap();
+            tr.fail_passes_over = fail_over;
+            let mut rng = Generator::new(2);
+            let stats: Result<Vec<ArStepStats>> = (0..2)
+                .map(|_| tr.step(&labels, &gt, &x_in, &mut rng))
+                .collect();
+            let weights: Vec<f32> = tr
+                .model
+                .var()
+                .params
+                .iter()
+                .flat_map(|(_, p)| p.to_vec_f32().unwrap())
+                .collect();
+            (stats, weights, tr.config.micro_batch, rng.state())
+        };
+        // Passes of 7 and then 4 sequences fail; 2 fit: the steps are those of passes of 2,
+        // to the bit, and the trainer keeps passes of 2.
+        let (want, w_want, _, rng_want) = run(2, false, None);
+        let (got, w_got, kept, rng_got) = run(0, true, Some(2));
+        assert_eq!(got.unwrap(), want.unwrap());
+        assert_eq!(w_got, w_want);
+        assert_eq!(kept, 2);
+        assert_eq!(rng_got, rng_want);
+        // Without the setting, or once a pass of one sequence fails, the error is the GPU's.
+        let (no_shrink, ..) = run(0, false, Some(2));
+        assert!(no_shrink.unwrap_err().is_out_of_memory());
+        let (one_too_many, _, kept, _) = run(0, true, Some(0));
+        assert!(one_too_many.unwrap_err().is_out_of_memory());
+        assert_eq!(kept, 1);
     }
 
     #[test]

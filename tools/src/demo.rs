@@ -255,7 +255,7 @@ pub fn run(args: DemoArgs, device: &Device) -> Result<()> {
         steps: args.model_steps,
         epochs: Some(args.model_epochs),
         batch: 32,
-        micro_batch: 0,
+        micro_batch: crate::train::MicroBatch::Auto,
         recompute_activations: false,
         base_lr: 8e-3,
         warmup: 50,

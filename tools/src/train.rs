@@ -82,6 +82,38 @@ impl std::str::FromStr for ModelName {
     }
 }
 
+/// `--micro-batch`: sequences per pass (0: the whole batch in one pass) or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MicroBatch {
+    Passes(usize),
+    /// The whole batch, halved while a step runs out of GPU memory.
+    Auto,
+}
+
+impl MicroBatch {
+    /// The passes a run starts with (0: the whole batch).
+    pub fn passes(self) -> usize {
+        match self {
+            MicroBatch::Passes(n) => n,
+            MicroBatch::Auto => 0,
+        }
+    }
+}
+
+impl std::str::FromStr for MicroBatch {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(MicroBatch::Auto),
+            _ => s.parse().map(MicroBatch::Passes).map_err(|_| {
+                format!(
+                    "{s:?}: expected a number of sequences per pass (0: the whole batch) or auto"
+                )
+            }),
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// var (block-causal, KV-cache sampling) or mvar (scale- and spatial-Markov), optionally with
@@ -136,8 +168,10 @@ pub struct TrainArgs {
     /// Gradient accumulation: run each step's --batch as passes of this many sequences whose
     /// gradients add up before the update, so a batch that does not fit in memory trains with
     /// the memory of one pass; the loss and the learning-rate rule stay --batch's. 0: one pass.
-    #[arg(long, default_value_t = 0)]
-    pub micro_batch: usize,
+    /// auto: one pass until a step runs out of GPU memory, then passes of half as many
+    /// sequences (again as needed), the step run again from the same random draws
+    #[arg(long, default_value = "auto")]
+    pub micro_batch: MicroBatch,
     /// Activation recomputation (gradient checkpointing): keep only each transformer block's
     /// input and run the block again in the backward, for a fraction of the memory at the cost
     /// of about one more forward per step; the gradients are the same.
@@ -232,7 +266,8 @@ pub(crate) fn trainer_config(args: &TrainArgs, device: &Device) -> ArTrainConfig
         weight_decay: args.weight_decay,
         weight_decay_end: args.weight_decay,
         autocast: args.precision.autocast(device),
-        micro_batch: args.micro_batch,
+        micro_batch: args.micro_batch.passes(),
+        shrink_on_oom: args.micro_batch == MicroBatch::Auto,
         recompute_blocks: args.recompute_activations,
         ..ArTrainConfig::default()
     }
@@ -439,8 +474,11 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             args.seed = seed;
         }
         // The passes a batch runs in decide the drop-path draws and the summation order.
+        // With `auto` the passes it had come down to, and it may halve them again.
         if let Some(mb) = state.extra.get("micro_batch").and_then(|v| v.parse().ok()) {
-            args.micro_batch = mb;
+            if args.micro_batch != MicroBatch::Auto {
+                args.micro_batch = MicroBatch::Passes(mb);
+            }
             trainer.config.micro_batch = mb;
         }
         trainer.config.total_steps = args.steps;
@@ -526,7 +564,7 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
             )?,
             rows: spread_rows(held_out.len(), args.val_images),
             cache: held_out,
-            batch: match args.micro_batch {
+            batch: match trainer.config.micro_batch {
                 0 => args.batch,
                 m => m.min(args.batch),
             },
@@ -561,8 +599,22 @@ pub fn run(mut args: TrainArgs, device: &Device) -> Result<()> {
         let step = trainer.step_count() + 1;
         let idx = order.batch(args.batch, step);
         let (g, x, lab) = cache.batch(&idx, &vae, device)?;
+        let passes_before = trainer.config.micro_batch;
         let s = match trainer.step(&lab, &g, &x, &mut rng) {
-            Ok(s) => s,
+            Ok(s) => {
+                let now = trainer.config.micro_batch;
+                if now != passes_before {
+                    let before = match passes_before {
+                        0 => args.batch,
+                        m => m.min(args.batch),
+                    };
+                    progress.println(format!(
+                        "step {step}: out of GPU memory in passes of {before} sequences; passes of \
+                         {now} from here on (--micro-batch auto)"
+                    ));
+                }
+                s
+            }
             Err(e) => {
                 progress.finish();
                 return Err(Error::invalid(

@@ -1265,6 +1265,61 @@ fn running_out_of_gpu_memory_says_what_was_asked_and_free() {
 }
 
 #[test]
+fn micro_batch_auto_trains_in_the_passes_that_fit_the_gpu() {
+    // Needs a GPU of a known, small memory: the CUDA emulator, whose size is set per process
+    // (MVAR_EMU_MEMORY_MB). On the CPU nothing runs out of GPU memory, and a real GPU has what
+    // it has.
+    if device() != "cuda" {
+        eprintln!("skipped: the CPU has no GPU memory to run out of");
+        return;
+    }
+    if !text(&mvar().arg("info").output().unwrap()).contains("mvar CUDA emulator") {
+        eprintln!("skipped: not the CUDA emulator, whose memory size the test sets");
+        return;
+    }
+    let (data, tok) = tokenizer();
+    let root = scratch("micro-auto");
+    // 80 MiB: 32 of them the cuBLAS workspace; a batch of 256 of this model needs more than 96
+    // in one pass, passes of 64 need less than 64 (measured on the emulator, 2026-12-08).
+    let train = |micro: &str, out: &str| {
+        let mut c = mvar();
+        c.env("MVAR_EMU_MEMORY_MB", "80")
+            .args(["train", "--model", "var", "--depth", "1", "--width", "128"])
+            .args(["--heads", "2", "--batch", "256", "--steps", "2"])
+            .args(["--checkpoint-every", "10", "--log-every", "1000"])
+            .args(["--micro-batch", micro])
+            .arg("--data")
+            .arg(data)
+            .arg("--tokenizer")
+            .arg(tok)
+            .arg("--out")
+            .arg(root.join(out));
+        c
+    };
+    let t = ok(&mut train("auto", "auto"));
+    let line = t
+        .lines()
+        .find(|l| l.contains("out of GPU memory in passes of 256 sequences"))
+        .unwrap_or_else(|| panic!("no line on the passes that did not fit:\n{t}"));
+    let found: usize = line
+        .split("passes of ")
+        .nth(2)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pass size in {line:?}"));
+    assert!((1..256).contains(&found), "{line}");
+    // The steps are those of a run given that pass size from the start, to the bit: the step
+    // that ran out of memory left no gradient and no random draw behind. The checkpoint keeps
+    // the size for a resumed run.
+    ok(&mut train(&found.to_string(), "fixed"));
+    assert_eq!(
+        metric_lines(&root.join("auto")),
+        metric_lines(&root.join("fixed"))
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn a_truncated_array_data_set_is_named() {
     // Raw arrays have one fixed image size: a file that is not a whole number of records has
     // a truncated or foreign image in it.

@@ -534,13 +534,20 @@ mod tests {
         assert!(bf16_losses[19] < 0.8 * bf16_losses[0], "{bf16_losses:?}");
     }
 
-    #[test]
-    fn micro_batches_add_up_to_the_whole_batch() {
-        let (vae, mut tcfg) = tiny_models();
-        // Without label dropout and drop-path the passes see exactly the whole batch's inputs.
-        tcfg.cond_drop_rate = 0.0;
-        tcfg.drop_path_rate = 0.0;
-        let mut g = Generator::new(21);
+    /// Every parameter's values, in the store's order.
+    fn all_weights(tr: &ArTrainer) -> Vec<f32> {
+        tr.model
+            .var()
+            .params
+            .iter()
+            .flat_map(|(_, p)| p.to_vec_f32().unwrap())
+            .collect()
+    }
+
+    /// Labels, target tokens and teacher-forcing input of 7 random token maps of the tiny
+    /// models' 1, 2, 3 pyramid (16 codes).
+    fn seven_token_maps(vae: &crate::VqVae, seed: u64) -> ([i64; 7], Tensor, Tensor) {
+        let mut g = Generator::new(seed);
         let b = 7;
         let idx: Vec<Tensor> = [1usize, 2, 3]
             .iter()
@@ -556,7 +563,16 @@ mod tests {
         let refs: Vec<&Tensor> = idx.iter().collect();
         let gt = ops::concat(&refs, 1).unwrap();
         let x_in = vae.idx_to_var_input(&idx).unwrap();
-        let labels = [0i64, 1, 2, 0, 1, 2, 2];
+        ([0, 1, 2, 0, 1, 2, 2], gt, x_in)
+    }
+
+    #[test]
+    fn micro_batches_add_up_to_the_whole_batch() {
+        let (vae, mut tcfg) = tiny_models();
+        // Without label dropout and drop-path the passes see exactly the whole batch's inputs.
+        tcfg.cond_drop_rate = 0.0;
+        tcfg.drop_path_rate = 0.0;
+        let (labels, gt, x_in) = seven_token_maps(&vae, 21);
         let mvar_cfg = crate::MvarConfig {
             refine_step: 2,
             kernel_size: 3,
@@ -588,13 +604,7 @@ mod tests {
                 let stats: Vec<ArStepStats> = (0..2)
                     .map(|_| tr.step(&labels, &gt, &x_in, &mut rng).unwrap())
                     .collect();
-                let weights: Vec<f32> = tr
-                    .model
-                    .var()
-                    .params
-                    .iter()
-                    .flat_map(|(_, p)| p.to_vec_f32().unwrap())
-                    .collect();
+                let weights = all_weights(&tr);
                 (stats, weights)
             };
             let (whole, w_whole) = run(0);
@@ -626,23 +636,7 @@ mod tests {
         // Label dropout and drop-path on: a retry must draw what the first try drew.
         tcfg.cond_drop_rate = 0.5;
         tcfg.drop_path_rate = 0.3;
-        let mut g = Generator::new(23);
-        let b = 7;
-        let idx: Vec<Tensor> = [1usize, 2, 3]
-            .iter()
-            .map(|&pn| {
-                let ids: Vec<i64> = g
-                    .next_u32s(b * pn * pn)
-                    .into_iter()
-                    .map(|w| (w % 16) as i64)
-                    .collect();
-                Tensor::from_vec(ids, [b, pn * pn], &Device::Cpu).unwrap()
-            })
-            .collect();
-        let refs: Vec<&Tensor> = idx.iter().collect();
-        let gt = ops::concat(&refs, 1).unwrap();
-        let x_in = vae.idx_to_var_input(&idx).unwrap();
-        let labels = [0i64, 1, 2, 0, 1, 2, 2];
+        let (labels, gt, x_in) = seven_token_maps(&vae, 23);
         let run = |micro_batch: usize, shrink: bool, fail_over: Option<usize>| {
             let model = ArModel::Var(
                 Var::new(tcfg.clone(), &Device::Cpu, 5, crate::Mixing::BlockCausal).unwrap(),
@@ -662,13 +656,7 @@ mod tests {
             let stats: Result<Vec<ArStepStats>> = (0..2)
                 .map(|_| tr.step(&labels, &gt, &x_in, &mut rng))
                 .collect();
-            let weights: Vec<f32> = tr
-                .model
-                .var()
-                .params
-                .iter()
-                .flat_map(|(_, p)| p.to_vec_f32().unwrap())
-                .collect();
+            let weights = all_weights(&tr);
             (stats, weights, tr.config.micro_batch, rng.state())
         };
         // Passes of 7 and then 4 sequences fail; 2 fit: the steps are those of passes of 2,

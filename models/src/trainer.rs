@@ -229,8 +229,8 @@ impl ArTrainer {
 
     /// One optimisation step. `labels` \[B\] (before label dropout), `gt` the target tokens
     /// i64 [B, L], `x_in` the teacher-forcing input [B, L - first_l, Cvae]; `rng` draws label
-    /// dropout and drop-path. With `shrink_on_oom`, a step that runs out of GPU memory runs
-    /// again in smaller passes (see [`ArTrainConfig::shrink_on_oom`]).
+    /// dropout and drop-path. With `shrink_on_oom`, passes that run out of GPU memory run again
+    /// smaller (see [`ArTrainConfig::shrink_on_oom`]); the update runs once, after they fit.
     pub fn step(
         &mut self,
         labels: &[i64],
@@ -238,22 +238,63 @@ impl ArTrainer {
         x_in: &Tensor,
         rng: &mut Generator,
     ) -> Result<ArStepStats> {
+        let it = self.step;
+        let _span = mvar_engine::profile::span(|| format!("train step {}", it + 1));
+        let scales = self.scales_for(it);
+        let l = self.model.var().config.total_tokens();
+        if gt.dims() != [labels.len(), l] {
+            return Err(Error::shape(
+                "train step",
+                format!("targets {}", gt.shape()),
+                format!("[{}, {l}]", labels.len()),
+            ));
+        }
+        let _autocast = mvar_engine::autocast(self.config.autocast)?;
+        let be = self.model.var().config.begin_ends();
+        let (bg, ed) = (be[scales.start].0, be[scales.end - 1].1);
         let draws_at_start = rng.state();
-        loop {
-            match self.try_step(labels, gt, x_in, rng) {
+        let (loss_v, correct, counted) = loop {
+            match self.passes(labels, gt, x_in, rng, &scales, (bg, ed)) {
                 Err(e) if self.config.shrink_on_oom && e.is_out_of_memory() => {
                     let pass = self.pass_size(labels.len());
                     if pass <= 1 {
                         return Err(e);
                     }
-                    // Nothing was updated: the next try zeroes the gradients the failed one
+                    // Only the passes ran: the next try zeroes the gradients this one
                     // accumulated and draws the same label dropout and drop-path again.
                     self.config.micro_batch = pass.div_ceil(2);
                     *rng = Generator::from_state(draws_at_start);
                 }
-                result => return result,
+                result => break result?,
             }
+        };
+        let var = self.model.var();
+        let _update = mvar_engine::profile::span(|| "clip and AdamW".into());
+        let grad_norm = ops::clip_grad_norm(&var.params, self.config.clip)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "the gradient norm is {grad_norm} at step {}; stopping before the update",
+                    it + 1
+                ),
+            ));
         }
+        let lr = self.config.lr_at(it);
+        self.opt.config.lr = lr;
+        self.opt.config.weight_decay = self.config.wd_at(it);
+        self.opt.step(&var.params)?;
+        self.step += 1;
+        let accuracy = correct as f64 / counted.max(1) as f64;
+        Ok(ArStepStats {
+            step: self.step,
+            loss: loss_v,
+            token_loss: loss_v * l as f64 / (ed - bg) as f64,
+            accuracy,
+            lr,
+            grad_norm,
+            scales,
+        })
     }
 
     /// Sequences per pass for a batch of `b`.
@@ -264,35 +305,27 @@ impl ArTrainer {
         }
     }
 
-    fn try_step(
-        &mut self,
+    /// The forward and backward passes of a step (the gradients zeroed first, then added up
+    /// over the passes): (the loss, tokens predicted right, tokens counted).
+    fn passes(
+        &self,
         labels: &[i64],
         gt: &Tensor,
         x_in: &Tensor,
         rng: &mut Generator,
-    ) -> Result<ArStepStats> {
+        scales: &Range<usize>,
+        (bg, ed): (usize, usize),
+    ) -> Result<(f64, usize, usize)> {
         let it = self.step;
-        let _span = mvar_engine::profile::span(|| format!("train step {}", it + 1));
-        let scales = self.scales_for(it);
         let var = self.model.var();
         let device: Device = var.device().clone();
         let l = var.config.total_tokens();
-        if gt.dims() != [labels.len(), l] {
-            return Err(Error::shape(
-                "train step",
-                format!("targets {}", gt.shape()),
-                format!("[{}, {l}]", labels.len()),
-            ));
-        }
         // The tokenizer is frozen: its output is data here, never a path for gradients.
         let x_in = &x_in.detach();
         let dropped = var.drop_labels(labels, var.config.cond_drop_rate, rng);
         let lab = Tensor::from_vec(dropped, [labels.len()], &device)?;
         var.params.zero_grad();
         var.set_recompute_blocks(self.config.recompute_blocks);
-        let _autocast = mvar_engine::autocast(self.config.autocast)?;
-        let be = var.config.begin_ends();
-        let (bg, ed) = (be[scales.start].0, be[scales.end - 1].1);
         let b = labels.len();
         let pass = self.pass_size(b);
         let (mut loss_v, mut correct, mut counted) = (0.0, 0usize, 0usize);
@@ -356,32 +389,7 @@ impl ArTrainer {
             correct += pred.iter().zip(&want).filter(|(a, b)| a == b).count();
             counted += want.len();
         }
-        let _update = mvar_engine::profile::span(|| "clip and AdamW".into());
-        let grad_norm = ops::clip_grad_norm(&var.params, self.config.clip)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "the gradient norm is {grad_norm} at step {}; stopping before the update",
-                    it + 1
-                ),
-            ));
-        }
-        let lr = self.config.lr_at(it);
-        self.opt.config.lr = lr;
-        self.opt.config.weight_decay = self.config.wd_at(it);
-        self.opt.step(&var.params)?;
-        self.step += 1;
-        let accuracy = correct as f64 / counted.max(1) as f64;
-        Ok(ArStepStats {
-            step: self.step,
-            loss: loss_v,
-            token_loss: loss_v * l as f64 / (ed - bg) as f64,
-            accuracy,
-            lr,
-            grad_norm,
-            scales,
-        })
+        Ok((loss_v, correct, counted))
     }
 }
 

@@ -5,13 +5,13 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <string>
 #include <cstring>
 #include <algorithm>
 #include <initializer_list>
 #include <thread>
 #include <vector>
+
+#include "host_cost.h"
 
 typedef int cublasStatus_t;
 enum {
@@ -59,20 +59,13 @@ void store(void* p, int type, int64_t i, float v) {
     }
 }
 
-bool kernels_skipped() {
-    static const bool skip = [] {
-        const char* k = getenv("MVAR_EMU_KERNELS");
-        return k && std::string(k) == "skip";
-    }();
-    return skip;
-}
+using mvar_emu_host_cost::kernels_skipped;
 
 std::atomic<unsigned long long> g_gemm_calls{0};
 
 struct StatsAtExit {
     ~StatsAtExit() {
-        const char* st = getenv("MVAR_EMU_STATS");
-        if (!kernels_skipped() && !(st && std::string(st) == "1")) return;
+        if (!mvar_emu_host_cost::stats_wanted()) return;
         fprintf(stderr, "mvar CUDA emulator: %llu cuBLAS GEMM calls\n", g_gemm_calls.load());
     }
 } g_stats_at_exit;

@@ -35,6 +35,7 @@
 #include <string>
 
 #include "compile.h"
+#include "host_cost.h"
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -80,14 +81,7 @@ struct Event {
     std::chrono::steady_clock::time_point at;
 };
 
-// MVAR_EMU_KERNELS=skip: see the file's header.
-bool kernels_skipped() {
-    static const bool skip = [] {
-        const char* k = getenv("MVAR_EMU_KERNELS");
-        return k && std::string(k) == "skip";
-    }();
-    return skip;
-}
+using mvar_emu_host_cost::kernels_skipped;
 
 // What the program asked of the device, printed at exit in the host-cost mode or with
 // MVAR_EMU_STATS=1.
@@ -96,8 +90,7 @@ std::atomic<unsigned long long> g_launches{0}, g_syncs{0}, g_to_host{0}, g_to_de
 
 struct StatsAtExit {
     ~StatsAtExit() {
-        const char* st = getenv("MVAR_EMU_STATS");
-        if (!kernels_skipped() && !(st && std::string(st) == "1")) return;
+        if (!mvar_emu_host_cost::stats_wanted()) return;
         fprintf(stderr,
                 "mvar CUDA emulator%s: %llu kernel launches, %llu synchronisations (stream, context, event), "
                 "%llu copies to the host, %llu to the device, %llu allocations (%.1f GiB) and %llu frees of device memory\n",
